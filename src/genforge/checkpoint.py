@@ -1,0 +1,415 @@
+"""Hugging Face checkpoints in and out: weight maps per family, safetensors only.
+
+A weight map is a list of `Rule`s, each naming one Hugging Face tensor and the genforge
+parameters it holds. Most rules are renames; GPT-2 stores linear weights transposed (its
+`Conv1D`), and GPT-2 and Phi-3 fuse several projections into one tensor, which a rule lists
+as several parts concatenated along the output dimension. The same rules drive loading and
+export, so a round trip is exact by construction.
+
+Weights are read with `safetensors` only; a directory holding nothing but pickled
+`pytorch_model.bin` files is refused, because unpickling can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Config, ConfigError, SUPPORTED_FAMILIES
+from .model import RotaryEmbedding, Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint genforge cannot read or write; the message says what was wrong."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Hugging Face tensor `hf` holding genforge parameters `parts`, concatenated along
+    dim 0 in that order; `transpose` for weights stored (in, out) like GPT-2's Conv1D.
+    Templates use `{i}` for the layer and `{e}` for the expert index."""
+
+    hf: str
+    parts: tuple[str, ...]
+    transpose: bool = False
+
+
+def _renames(pairs: dict[str, str]) -> list[Rule]:
+    return [Rule(hf, (gf,)) for gf, hf in pairs.items()]
+
+
+def _with_bias(pairs: dict[str, str]) -> dict[str, str]:
+    """Each `.weight` rename together with the `.bias` beside it (used where present)."""
+    out = {}
+    for gf, hf in pairs.items():
+        out[gf + ".weight"] = hf + ".weight"
+        out[gf + ".bias"] = hf + ".bias"
+    return out
+
+
+_LLAMA_LAYER = "model.layers.{i}"
+_LLAMA_ATTENTION = _renames(
+    _with_bias({f"blocks.{{i}}.attn.{p}": f"{_LLAMA_LAYER}.self_attn.{p}_proj" for p in "qkvo"})
+    | {
+        "blocks.{i}.attn.q_norm.weight": f"{_LLAMA_LAYER}.self_attn.q_norm.weight",
+        "blocks.{i}.attn.k_norm.weight": f"{_LLAMA_LAYER}.self_attn.k_norm.weight",
+    }
+)
+_LLAMA_FRAME = _renames(
+    {
+        "embed_tokens.weight": "model.embed_tokens.weight",
+        "blocks.{i}.attn_norm.weight": f"{_LLAMA_LAYER}.input_layernorm.weight",
+        "blocks.{i}.mlp_norm.weight": f"{_LLAMA_LAYER}.post_attention_layernorm.weight",
+        "final_norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+)
+_LLAMA_MLP = _renames(_with_bias({f"blocks.{{i}}.mlp.{p}": f"{_LLAMA_LAYER}.mlp.{p}_proj" for p in ("gate", "up", "down")}))
+_LLAMA = _LLAMA_FRAME + _LLAMA_ATTENTION + _LLAMA_MLP
+
+_MIXTRAL = (
+    _LLAMA_FRAME
+    + _LLAMA_ATTENTION
+    + _renames(
+        {
+            "blocks.{i}.mlp.router.weight": f"{_LLAMA_LAYER}.block_sparse_moe.gate.weight",
+            "blocks.{i}.mlp.experts.{e}.gate.weight": f"{_LLAMA_LAYER}.block_sparse_moe.experts.{{e}}.w1.weight",
+            "blocks.{i}.mlp.experts.{e}.down.weight": f"{_LLAMA_LAYER}.block_sparse_moe.experts.{{e}}.w2.weight",
+            "blocks.{i}.mlp.experts.{e}.up.weight": f"{_LLAMA_LAYER}.block_sparse_moe.experts.{{e}}.w3.weight",
+        }
+    )
+)
+
+_PHI3 = _LLAMA_FRAME + [
+    Rule(f"{_LLAMA_LAYER}.self_attn.qkv_proj.weight", ("blocks.{i}.attn.q.weight", "blocks.{i}.attn.k.weight", "blocks.{i}.attn.v.weight")),
+    Rule(f"{_LLAMA_LAYER}.self_attn.o_proj.weight", ("blocks.{i}.attn.o.weight",)),
+    Rule(f"{_LLAMA_LAYER}.mlp.gate_up_proj.weight", ("blocks.{i}.mlp.gate.weight", "blocks.{i}.mlp.up.weight")),
+    Rule(f"{_LLAMA_LAYER}.mlp.down_proj.weight", ("blocks.{i}.mlp.down.weight",)),
+]
+
+_GPT2_LAYER = "transformer.h.{i}"
+_GPT2 = (
+    _renames(
+        {
+            "embed_tokens.weight": "transformer.wte.weight",
+            "embed_positions.weight": "transformer.wpe.weight",
+            "lm_head.weight": "lm_head.weight",
+        }
+        | _with_bias(
+            {
+                "blocks.{i}.attn_norm": f"{_GPT2_LAYER}.ln_1",
+                "blocks.{i}.mlp_norm": f"{_GPT2_LAYER}.ln_2",
+                "final_norm": "transformer.ln_f",
+            }
+        )
+    )
+    + [
+        Rule(f"{_GPT2_LAYER}.attn.c_attn.weight", ("blocks.{i}.attn.q.weight", "blocks.{i}.attn.k.weight", "blocks.{i}.attn.v.weight"), transpose=True),
+        Rule(f"{_GPT2_LAYER}.attn.c_attn.bias", ("blocks.{i}.attn.q.bias", "blocks.{i}.attn.k.bias", "blocks.{i}.attn.v.bias")),
+        Rule(f"{_GPT2_LAYER}.attn.c_proj.weight", ("blocks.{i}.attn.o.weight",), transpose=True),
+        Rule(f"{_GPT2_LAYER}.attn.c_proj.bias", ("blocks.{i}.attn.o.bias",)),
+        Rule(f"{_GPT2_LAYER}.mlp.c_fc.weight", ("blocks.{i}.mlp.up.weight",), transpose=True),
+        Rule(f"{_GPT2_LAYER}.mlp.c_fc.bias", ("blocks.{i}.mlp.up.bias",)),
+        Rule(f"{_GPT2_LAYER}.mlp.c_proj.weight", ("blocks.{i}.mlp.down.weight",), transpose=True),
+        Rule(f"{_GPT2_LAYER}.mlp.c_proj.bias", ("blocks.{i}.mlp.down.bias",)),
+    ]
+)
+
+_BERT_LAYER = "bert.encoder.layer.{i}"
+_BERT = _renames(
+    {
+        "embed_tokens.weight": "bert.embeddings.word_embeddings.weight",
+        "embed_positions.weight": "bert.embeddings.position_embeddings.weight",
+        "embed_types.weight": "bert.embeddings.token_type_embeddings.weight",
+    }
+    | _with_bias(
+        {
+            "embed_norm": "bert.embeddings.LayerNorm",
+            "blocks.{i}.attn.q": f"{_BERT_LAYER}.attention.self.query",
+            "blocks.{i}.attn.k": f"{_BERT_LAYER}.attention.self.key",
+            "blocks.{i}.attn.v": f"{_BERT_LAYER}.attention.self.value",
+            "blocks.{i}.attn.o": f"{_BERT_LAYER}.attention.output.dense",
+            "blocks.{i}.attn_norm": f"{_BERT_LAYER}.attention.output.LayerNorm",
+            "blocks.{i}.mlp.up": f"{_BERT_LAYER}.intermediate.dense",
+            "blocks.{i}.mlp.down": f"{_BERT_LAYER}.output.dense",
+            "blocks.{i}.mlp_norm": f"{_BERT_LAYER}.output.LayerNorm",
+        }
+    )
+)
+
+WEIGHT_MAPS: dict[str, list[Rule]] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "phi3": _PHI3,
+    "mixtral": _MIXTRAL,
+    "gpt2": _GPT2,
+    "bert": _BERT,
+}
+# The base-model prefix of each family's CausalLM/MaskedLM checkpoints. Bare base-model
+# checkpoints (a `BertModel` such as all-MiniLM, a `GPT2Model`) store names without it.
+_BASE_PREFIX = {family: "model." for family in WEIGHT_MAPS} | {"gpt2": "transformer.", "bert": "bert."}
+# Tensors that some checkpoints carry and genforge has no use for.
+_IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$|^bert\.pooler\.|^pooler\.|^cls\.|position_ids$)")
+
+
+@dataclass(frozen=True)
+class _Binding:
+    hf: str
+    parts: tuple[str, ...]
+    transpose: bool
+
+
+def _bindings(model: Transformer) -> list[_Binding]:
+    """Every concrete Hugging Face tensor of `model`, with the parameters it holds."""
+    rules = WEIGHT_MAPS[model.config.family]
+    params = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
+    bound: dict[str, _Binding] = {}
+    covered: set[str] = set()
+    for rule in rules:
+        first = re.compile(re.escape(rule.parts[0]).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
+        for name in params:
+            match = first.match(name)
+            if not match:
+                continue
+            fill = match.groupdict()
+            parts = tuple(part.format(**fill) for part in rule.parts)
+            if not all(part in params for part in parts):
+                continue
+            bound[rule.hf.format(**fill)] = _Binding(rule.hf.format(**fill), parts, rule.transpose)
+            covered.update(parts)
+    missing = set(params) - covered
+    if missing:  # a genforge bug, not a user error: the weight map forgot a parameter
+        raise AssertionError(f"weight map for {model.config.family} does not cover {sorted(missing)}")
+    return list(bound.values())
+
+
+# ------------------------------------------------------------------------------------ load
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config_dict: dict | None = None, device: str | torch.device = "cpu") -> torch.dtype:
+    """float32 by default on CPU (bf16 matmul is slow there); "auto" takes the checkpoint's."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise CheckpointError(f"dtype {dtype} is not supported; accepted: {', '.join(DTYPES)}")
+        return dtype
+    if dtype is None:
+        dtype = "float32" if torch.device(device).type == "cpu" else "auto"
+    if dtype == "auto":
+        dtype = (config_dict or {}).get("dtype") or (config_dict or {}).get("torch_dtype") or "float32"
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is not a safetensors index (expected a 'weight_map'): {err}") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise CheckpointError(f"{index} names shards that are missing: {', '.join(absent)}")
+        return files
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(
+            f"{directory} holds only pickled weights (*.bin / *.pt). genforge loads safetensors only, because "
+            "unpickling can run arbitrary code; convert once with transformers: "
+            "AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+        )
+    raise CheckpointError(f"no weights in {directory}: expected model.safetensors or model.safetensors.index.json")
+
+
+def read_config(directory: str | Path) -> Config:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory; expected a Hugging Face model directory")
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{directory} has no config.json; expected a Hugging Face model directory")
+    try:
+        return Config.from_file(config_path)
+    except KeyError as err:
+        raise CheckpointError(f"{config_path} lacks the field {err}") from None
+
+
+def load_model(
+    directory: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Transformer:
+    """Load a Hugging Face model directory (config.json + safetensors) into a genforge model."""
+    directory = Path(directory)
+    try:
+        config = read_config(directory)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+    dtype = resolve_dtype(dtype, config.hf_extra, device)
+    files = _weight_files(directory)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    bindings = _bindings(model)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    base = _BASE_PREFIX[config.family]
+
+    available: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, name in file)
+    for file in files:
+        with safe_open(file, framework="pt") as reader:
+            for key in reader.keys():
+                available[_canonical(key, base)] = (file, key)
+    missing = [b.hf for b in bindings if b.hf not in available]
+    if missing:
+        raise CheckpointError(
+            f"{directory} lacks {len(missing)} tensor(s) a {config.family} model with this config.json needs: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
+    known = {b.hf for b in bindings} | {"lm_head.weight"}  # a tied head may still be stored
+    unused = sorted(k for k in available if k not in known and not _IGNORED.search(k))
+    if unused:
+        raise CheckpointError(
+            f"{directory} has tensors genforge's {config.family} weight map does not place: "
+            f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}. Is config.json the right one for these weights?"
+        )
+    by_file: dict[Path, list[_Binding]] = defaultdict(list)
+    for binding in bindings:
+        by_file[available[binding.hf][0]].append(binding)
+    state: dict[str, torch.Tensor] = {}
+    for file, group in by_file.items():
+        with safe_open(file, framework="pt", device="cpu") as reader:
+            for binding in group:
+                tensor = _checked_float(reader.get_tensor(available[binding.hf][1]), binding.hf)
+                for name, piece in zip(binding.parts, _split(tensor, binding, expected)):
+                    state[name] = piece.to(device=device, dtype=dtype).contiguous()
+
+    if config.tie_word_embeddings and model.lm_head is not None:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.rotary = RotaryEmbedding(config).to(device) if config.position == "rope" else None
+    return model.eval()
+
+
+def _canonical(key: str, base: str) -> str:
+    key = key.replace(".gamma", ".weight").replace(".beta", ".bias")  # pre-2019 BERT names
+    if key.startswith(base) or key.startswith("lm_head.") or key.startswith("cls."):
+        return key
+    return base + key
+
+
+def _checked_float(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        raise CheckpointError(
+            f"tensor {name} has dtype {tensor.dtype}; genforge loads float32, float16 or bfloat16 weights "
+            "(quantized checkpoints need their own loader)"
+        )
+    return tensor
+
+
+def _split(tensor: torch.Tensor, binding: _Binding, expected: dict[str, torch.Size]) -> Iterable[torch.Tensor]:
+    if binding.transpose:
+        if tensor.dim() != 2:
+            raise CheckpointError(f"tensor {binding.hf} should be 2-D, has shape {tuple(tensor.shape)}")
+        tensor = tensor.t()
+    shapes = [expected[p] for p in binding.parts]
+    want = (sum(s[0] for s in shapes), *shapes[0][1:])
+    if tuple(tensor.shape) != want:
+        raise CheckpointError(
+            f"tensor {binding.hf} has shape {tuple(tensor.shape)}, expected {want} from config.json"
+            f"{' (stored transposed, as GPT-2 Conv1D weights are)' if binding.transpose else ''}"
+        )
+    return tensor.split([s[0] for s in shapes], dim=0)
+
+
+# ---------------------------------------------------------------------------------- export
+def save_model(
+    model: Transformer,
+    directory: str | Path,
+    tokenizer=None,
+    max_shard_bytes: int = 5 * 2**30,
+    generation_config: dict | None = None,
+) -> Path:
+    """Write `model` as a Hugging Face directory transformers loads (config.json, safetensors,
+    generation_config.json, and the tokenizer's files when given).
+
+    The directory is assembled beside the target and renamed into place, so an interrupted
+    export never leaves a half-written model where a good one was.
+    """
+    config = model.config
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        params = dict(model.named_parameters())
+        tensors = {}
+        for binding in _bindings(model):
+            tensor = torch.cat([params[p].detach() for p in binding.parts], dim=0)
+            tensors[binding.hf] = (tensor.t() if binding.transpose else tensor).contiguous().cpu()
+        _write_shards(tensors, staging, max_shard_bytes)
+        hf_config = config.to_hf()
+        hf_config["dtype"] = {v: k for k, v in DTYPES.items()}[model.dtype]
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        generation.update(generation_config or {})
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        if directory.exists():
+            backup = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(directory, backup)
+            os.replace(staging, directory)
+            shutil.rmtree(backup)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata=metadata)
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, start=1):
+        filename = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / filename, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+__all__ = ["CheckpointError", "Rule", "WEIGHT_MAPS", "SUPPORTED_FAMILIES", "load_model", "save_model", "read_config", "resolve_dtype"]

@@ -1,0 +1,202 @@
+"""The `genforge` command: a thin view over the library.
+
+Each subcommand parses its flags, calls one library function and prints what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True, highlight=False)
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (defaults: plain sampling at temperature 1)")
+    group.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    group.add_argument("--min-new-tokens", type=int, default=0, help="keep end-of-sequence out until this many tokens")
+    group.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy decoding")
+    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass (1: off)")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0: off)")
+    group.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass (1: off)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (1: off)")
+    group.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, -2..2")
+    group.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, -2..2")
+    group.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
+    group.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                       help="add BIAS to token ID's logit (repeatable; -inf bans it)")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    group.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
+                       help="stop at this token id (repeatable)")
+    group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+
+
+def _sampling_params(args):
+    from .generate.processors import SamplingParams
+
+    bias = {}
+    for item in args.logit_bias:
+        token, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--logit-bias takes ID=BIAS, got {item!r}")
+        bias[int(token)] = float(value)
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, logit_bias=bias or None,
+        min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens, stop=args.stop,
+        stop_token_ids=args.stop_token_id, seed=args.seed,
+    )
+
+
+def _load(args):
+    from .checkpoint import load_model
+    from .tokenizer import Tokenizer
+
+    with console.status(f"loading {args.model}"):
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        tokenizer = Tokenizer.from_dir(args.model)
+    return model, tokenizer
+
+
+def cmd_generate(args) -> int:
+    from .generate.generator import stream
+
+    params = _sampling_params(args)  # validate before loading anything
+    model, tokenizer = _load(args)
+    texts = args.prompt
+    if args.chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+    prompts = [tokenizer.encode(t, add_special_tokens=not args.chat) for t in texts]
+    outputs = [""] * len(prompts)
+    reasons = [None] * len(prompts)
+    for event in stream(model, prompts, params, tokenizer=tokenizer):
+        if len(prompts) == 1:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        outputs[event.row] += event.text
+        reasons[event.row] = event.finish_reason or reasons[event.row]
+    if len(prompts) == 1:
+        sys.stdout.write("\n")
+    else:
+        for prompt, out in zip(args.prompt, outputs):
+            print(json.dumps({"prompt": prompt, "completion": out}, ensure_ascii=False))
+    console.print(f"[dim]finish reasons: {', '.join(str(r) for r in reasons)}[/dim]")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .generate.generator import stream
+
+    params = _sampling_params(args)
+    model, tokenizer = _load(args)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{args.model} has no chat template; use `genforge generate` for plain completion")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    console.print("[dim]chatting with %s — /reset clears the history, /exit or Ctrl-D quits[/dim]" % args.model)
+    while True:
+        try:
+            user = input("you> ")
+        except EOFError:
+            break
+        if user.strip() in ("/exit", "/quit"):
+            break
+        if user.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": user})
+        prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
+        sys.stdout.write("assistant> ")
+        reply = ""
+        for event in stream(model, [prompt], params, tokenizer=tokenizer):
+            reply += event.text
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import load_model, save_model
+    from .tokenizer import Tokenizer
+
+    model = load_model(args.model, dtype=args.dtype)
+    tokenizer = Tokenizer.from_dir(args.model) if (Path(args.model) / "tokenizer.json").exists() else None
+    out = save_model(model, args.out, tokenizer=tokenizer, max_shard_bytes=int(args.max_shard_mb * 2**20))
+    console.print(f"wrote {model.config.family} model ({model.config.num_parameters() / 1e6:.1f}M parameters, "
+                  f"{model.dtype}) to {out}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from .quickstart import run
+
+    run(Path(args.out), console=Console(highlight=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genforge",
+        description="genforge: load Hugging Face checkpoints into readable, verified models and generate with them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    quick = sub.add_parser("quickstart", help="run the embedded demo: semantic search and streamed generation",
+                           description="Embed stdlib module docs with all-MiniLM-L6-v2 through genforge's BERT and "
+                                       "search them; build, export, reload and stream from a small Llama-style model.")
+    quick.add_argument("--out", default="genforge-out/quickstart", help="where to write the demo model")
+    quick.set_defaults(func=cmd_quickstart)
+
+    def model_flags(p):
+        p.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, "
+                                                      "tokenizer.json)")
+        p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto (checkpoint's)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+
+    gen = sub.add_parser("generate", help="complete one or more prompts", description="Generate text from prompts; a "
+                         "single prompt streams to stdout, several print one JSON line each.")
+    model_flags(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
+    _add_sampling_flags(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with streamed replies",
+                          description="Chat in the terminal; turns are rendered with the model's chat template.")
+    model_flags(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_flags(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    convert = sub.add_parser("convert", help="load a model and export it as a Hugging Face directory",
+                             description="Round-trip a checkpoint through genforge: change dtype or re-shard.")
+    convert.add_argument("--model", required=True, help="source Hugging Face model directory")
+    convert.add_argument("--out", required=True, help="target directory (replaced atomically)")
+    convert.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (keep the checkpoint's)")
+    convert.add_argument("--max-shard-mb", type=float, default=5120, help="split weights into shards of this size")
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[bold red]error:[/bold red] {err}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[dim]interrupted[/dim]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Autoregressive generation with a KV cache: batched, streamed, stoppable.
+
+One loop serves every sampling setting. Each step runs the model on the newest token of
+every unfinished row (the whole prompt on the first step), turns the last logits into the
+next token through the logits processors (`processors.py`), and checks the stop
+conditions: an end-of-sequence or stop token id, a stop string, or `max_new_tokens`.
+Rows of a batch are left-padded so that every row's newest token sits in the same column;
+a row that finishes leaves the batch at once, so it costs no further compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from ..cache import ContiguousKVCache
+from ..model import Transformer
+from .processors import DecodeContext, SamplingParams, apply_processors, build_processors, sample_next_token
+
+
+@dataclass
+class Completion:
+    """What generation produced for one prompt."""
+
+    token_ids: list[int] = field(default_factory=list)  # generated tokens, stop token included
+    text: str | None = None  # decoded generation, cut before any stop string (needs a tokenizer)
+    finish_reason: str | None = None  # "stop" (eos, stop token or stop string) or "length"
+
+
+@dataclass
+class StreamEvent:
+    """One generated token of one row, and the text it completed (may be empty while a
+    multi-byte character is still incomplete)."""
+
+    row: int
+    token_id: int
+    text: str
+    finish_reason: str | None
+
+
+def _as_prompt_lists(prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    elif prompts and isinstance(prompts[0], int):
+        prompts = [prompts]
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given; pass a list of token-id lists")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (a BOS token will do)")
+    return prompts
+
+
+def stream(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor,
+    params: SamplingParams | None = None,
+    tokenizer=None,
+    eos_token_ids: Sequence[int] | None = None,
+) -> Iterator[StreamEvent]:
+    """Yield a `StreamEvent` per generated token, for a batch of prompts given as token ids.
+
+    Stop strings need `tokenizer`; eos ids default to the tokenizer's and the model config's.
+    """
+    params = params or SamplingParams()
+    prompts = _as_prompt_lists(prompts)
+    config = model.config
+    if not config.causal:
+        raise ValueError(f"{config.family} is an encoder; generation needs a causal language model")
+    eos = _eos_ids(eos_token_ids, tokenizer, config) | set(params.stop_token_ids or ())
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to detect them; pass tokenizer=")
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary (0..{config.vocab_size - 1}): {bad[:5]}")
+    longest = max(len(p) for p in prompts)
+    # No max_new_tokens means "until the context is full", as in the OpenAI API.
+    max_new_tokens = params.max_new_tokens or config.max_position_embeddings - longest
+    capacity = longest + max_new_tokens
+    if max_new_tokens < 1 or capacity > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {capacity} exceeds the model's "
+            f"context of {config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
+        )
+    processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size)
+    generator = torch.Generator(device=model.device)
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+
+    device, batch = model.device, len(prompts)
+    # Token history and attention mask, preallocated: each step writes one column.
+    tokens = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p) : longest] = torch.tensor(p)
+        mask[i, longest - len(p) : longest] = 1
+    cache = ContiguousKVCache(config, batch, capacity, dtype=model.dtype, device=device)
+    detokenizers = [_stop_watcher(tokenizer, params) for _ in range(batch)]
+    rows = list(range(batch))  # original row index of each active batch position
+    length = longest
+
+    with torch.inference_mode():
+        step_input = tokens[:, :longest]
+        for step in range(max_new_tokens):
+            out = model(step_input, attention_mask=mask[:, :length], cache=cache, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            context = DecodeContext(input_ids=tokens[:, :length], prompt_length=longest, attention_mask=mask[:, :length])
+            logits = apply_processors(logits, context, processors)
+            next_tokens = sample_next_token(logits, params, generator)
+            tokens[:, length] = next_tokens
+            mask[:, length] = 1
+            length += 1
+
+            finished = []
+            for pos, token in enumerate(next_tokens.tolist()):
+                text, hit_stop = detokenizers[pos].push(token)
+                reason = None
+                if token in eos or hit_stop:
+                    reason = "stop"
+                elif step == max_new_tokens - 1:
+                    reason = "length"
+                if reason and not hit_stop:
+                    text += detokenizers[pos].flush()
+                yield StreamEvent(rows[pos], token, text, reason)
+                if reason:
+                    finished.append(pos)
+            if len(finished) == len(rows):
+                return
+            if finished:
+                keep = torch.tensor([p for p in range(len(rows)) if p not in finished], device=device)
+                cache.select(keep)
+                tokens, mask = tokens.index_select(0, keep), mask.index_select(0, keep)
+                rows = [rows[p] for p in keep.tolist()]
+                detokenizers = [detokenizers[p] for p in keep.tolist()]
+            step_input = tokens[:, length - 1 : length]
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor,
+    params: SamplingParams | None = None,
+    tokenizer=None,
+    eos_token_ids: Sequence[int] | None = None,
+) -> list[Completion]:
+    """Generate for a batch of prompts (token-id lists); one `Completion` per prompt."""
+    prompts = _as_prompt_lists(prompts)
+    params = params or SamplingParams()
+    completions = [Completion(text="" if tokenizer is not None else None) for _ in prompts]
+    for event in stream(model, prompts, params, tokenizer, eos_token_ids):
+        done = completions[event.row]
+        done.token_ids.append(event.token_id)
+        if tokenizer is not None:
+            done.text += event.text
+        done.finish_reason = event.finish_reason
+    return completions
+
+
+def _eos_ids(explicit, tokenizer, config) -> set[int]:
+    if explicit is not None:
+        return set(explicit)
+    ids: set[int] = set()
+    for source in (config.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return ids
+
+
+class _StopWatcher:
+    """Detokenizes one row incrementally and cuts its text at the first stop string.
+
+    Text that could be the start of a stop string is held back until it is clearly not one,
+    so a streamed client never sees part of a stop string.
+    """
+
+    def __init__(self, tokenizer, params: SamplingParams) -> None:
+        self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.stops = [s for s in (params.stop or []) if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token: int) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        self.pending += self.decoder.step(token)
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                self.stopped = True
+                text, self.pending = self.pending[:at], ""
+                return text, True
+        hold = max((_overlap(self.pending, stop) for stop in self.stops), default=0)
+        text, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return text, False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending + self.decoder.finish(), ""
+        return text
+
+
+class _NoText:
+    def push(self, token: int) -> tuple[str, bool]:
+        return "", False
+
+    def flush(self) -> str:
+        return ""
+
+
+def _stop_watcher(tokenizer, params):
+    return _StopWatcher(tokenizer, params) if tokenizer is not None else _NoText()
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

@@ -1,0 +1,1049 @@
+"""Logits processors: pure functions ``(logits, ctx) -> logits`` that compose as a list.
+
+Every processor here is a small frozen dataclass whose ``__call__(logits, ctx)`` takes the
+next-token logits ``(batch, vocab)`` plus a :class:`DecodeContext` (the tokens so far) and
+returns new logits. Processors never modify their inputs in place; one that has nothing to
+do may return ``logits`` itself, so callers that want to write into the result must clone.
+
+The simple generator builds one list per request with :func:`build_processors`; the
+continuous-batching engine builds one list per batch with :func:`build_batch_processors`,
+where every numeric knob may be a 1-D tensor holding one value per row. Per-row values use
+a neutral setting to mean "off for this row" (temperature 1, top_k 0, top_p 1, min_p 0,
+typical_p 1, repetition_penalty 1, penalties 0, ngram size 0, min_new_tokens 0).
+
+Semantics follow ``transformers.generation.logits_process`` (5.23) operation for operation,
+so the results are bitwise equal on the same float32 inputs (the tests check this); the
+differences are deliberate and listed on each class:
+
+- padding: positions where ``ctx.attention_mask == 0`` are ignored by the penalties and by
+  the n-gram ban. transformers' ``generate`` does the same for the repetition penalty (it
+  passes the left-padding length as ``prompt_ignore_length``) but its n-gram processor
+  counts n-grams that run through pad tokens;
+- "off" values (``TopK(0)``, ``TopP(1)``, ``TypicalP(1)``) are accepted as no-ops instead of
+  raising, so that a per-row tensor can switch a filter off for some rows;
+- presence/frequency penalties (OpenAI) do not exist in transformers;
+- ``build_processors`` also keeps ``stop_token_ids`` out until ``min_new_tokens`` are
+  generated (vLLM's ``min_tokens``), where transformers only keeps out EOS.
+
+Hot path: everything is vectorised over batch and vocab; the only Python loops are over
+distinct n-gram sizes and, in the sampler, over per-request generators. Data-dependent
+checks (``.any()``, ``.max()``) run once at construction, never per token, except the
+single "is any token left?" check in :func:`sample_next_token`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Any, NamedTuple, Protocol, Union
+
+import torch
+
+__all__ = [
+    "DecodeContext",
+    "LogitsProcessor",
+    "Temperature",
+    "TopK",
+    "TopP",
+    "MinP",
+    "TypicalP",
+    "RepetitionPenalty",
+    "PresenceFrequencyPenalty",
+    "NoRepeatNGram",
+    "LogitBias",
+    "MinNewTokens",
+    "SamplingParams",
+    "build_processors",
+    "build_batch_processors",
+    "apply_processors",
+    "sample_next_token",
+    "make_generator",
+    "TokenLogprobs",
+    "token_logprobs",
+]
+
+# A knob given once for the whole batch (Python number) or once per row (1-D tensor).
+PerRow = Union[float, torch.Tensor]
+PerRowInt = Union[int, torch.Tensor]
+
+_NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------
+# Validation helpers: all run at construction time so bad input fails before generation.
+# --------------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool)
+
+
+def _finite(v: Any) -> Any:
+    return torch.isfinite(v) if isinstance(v, torch.Tensor) else math.isfinite(v)
+
+
+def _check(
+    name: str,
+    value: Any,
+    ok: Callable[[Any], Any],
+    requirement: str,
+    *,
+    integer: bool = False,
+    hint: str = "",
+) -> Any:
+    """Normalise a scalar or per-row knob and raise ``ValueError`` if ``ok`` fails.
+
+    Scalars become ``int``/``float``. Tensors must be 1-D and become int64 or float64:
+    float64 keeps Python-float precision, so arithmetic such as ``1 - top_p`` rounds to the
+    logits dtype exactly the way transformers' Python-scalar arithmetic does.
+    """
+    suffix = f" {hint}" if hint else ""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.numel() == 0:
+            raise ValueError(
+                f"{name} given per row must be a non-empty 1-D tensor (one value per batch row), "
+                f"got shape {tuple(value.shape)}"
+            )
+        if integer:
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{name} given per row must be an integer tensor, got {value.dtype}")
+            value = value.long()
+        else:
+            value = value.double()
+        bad = ~ok(value)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()[:5].tolist()
+            raise ValueError(
+                f"{name} must be {requirement}; rows {rows} have {value[bad][:5].tolist()}.{suffix}"
+            )
+        return value
+    if integer:
+        if not _is_int(value):
+            raise ValueError(f"{name} must be an integer {requirement}, got {value!r}.{suffix}")
+        value = int(value)
+    else:
+        if not _is_real(value):
+            raise ValueError(f"{name} must be a number {requirement}, got {value!r}.{suffix}")
+        value = float(value)
+    if not ok(value):
+        raise ValueError(f"{name} must be {requirement}, got {value!r}.{suffix}")
+    return value
+
+
+def _check_min_tokens_to_keep(value: Any) -> int:
+    return _check("min_tokens_to_keep", value, lambda v: v >= 1, ">= 1", integer=True)
+
+
+def _rows(value: Any, logits: torch.Tensor, name: str) -> Any:
+    """A scalar as is, or a per-row tensor as ``(batch, 1)`` in the logits' dtype and device."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"{name} has {value.shape[0]} per-row values but the logits have {logits.shape[0]} rows"
+        )
+    dtype = logits.dtype if value.is_floating_point() else value.dtype
+    return value.to(device=logits.device, dtype=dtype).unsqueeze(1)
+
+
+def _ids_or_spare(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Map ids outside ``[0, vocab)`` to the spare column ``vocab`` of a ``vocab + 1`` wide mask.
+
+    The embedding vocab can be larger than the LM head's (transformers clamps the same way);
+    such ids can never be generated, so they must not penalise anything.
+    """
+    return torch.where((ids < 0) | (ids >= vocab_size), vocab_size, ids)
+
+
+# --------------------------------------------------------------------------------------
+# Context
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeContext:
+    """What a processor may look at besides the logits.
+
+    Attributes:
+        input_ids: ``(batch, seq)`` int64, every token so far: prompt then generated.
+        prompt_length: how many leading columns are prompt (left padding included). An
+            ``int`` for the usual left-padded batch; a ``(batch,)`` tensor when rows started
+            generating at different columns (engine batches). Generated tokens of row ``i``
+            are the columns ``>= prompt_length[i]``.
+        attention_mask: optional ``(batch, seq)``, 0 at padding. Penalties and n-gram bans
+            skip masked positions. The n-gram ban assumes the last column is each row's
+            newest real token (left padding), which is how both generators lay out batches.
+    """
+
+    input_ids: torch.Tensor
+    prompt_length: PerRowInt
+    attention_mask: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        ids = self.input_ids
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be a (batch, seq) tensor, got "
+                f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}"
+            )
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got {ids.dtype}")
+        batch, seq = ids.shape
+        plen = self.prompt_length
+        if isinstance(plen, torch.Tensor):
+            if plen.shape != (batch,) or plen.is_floating_point():
+                raise ValueError(
+                    f"prompt_length per row must be an integer tensor of shape ({batch},), "
+                    f"got {plen.dtype} {tuple(plen.shape)}"
+                )
+        elif not _is_int(plen) or not 0 <= plen <= seq:
+            raise ValueError(f"prompt_length must be an int in [0, {seq}] (the sequence length), got {plen!r}")
+        mask = self.attention_mask
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, got {got}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def num_generated(self) -> PerRowInt:
+        """Generated tokens so far: an ``int``, or ``(batch,)`` if ``prompt_length`` is per row."""
+        if isinstance(self.prompt_length, torch.Tensor):
+            return self.seq_len - self.prompt_length.to(self.input_ids.device)
+        return self.seq_len - self.prompt_length
+
+    def valid_mask(self) -> torch.Tensor | None:
+        """``(batch, seq)`` bool, False at padding; None when there is no padding."""
+        return None if self.attention_mask is None else self.attention_mask != 0
+
+    def generated_ids(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The generated part of ``input_ids`` and a validity mask for it (None = all valid).
+
+        With an ``int`` prompt length this is a cheap column slice; per-row prompt lengths
+        keep all columns and mask the prompt ones out.
+        """
+        ids, valid = self.input_ids, self.valid_mask()
+        if isinstance(self.prompt_length, torch.Tensor):
+            cols = torch.arange(self.seq_len, device=ids.device)
+            gen = cols[None, :] >= self.prompt_length.to(ids.device)[:, None]
+            return ids, gen if valid is None else gen & valid
+        p = self.prompt_length
+        return ids[:, p:], None if valid is None else valid[:, p:]
+
+
+class LogitsProcessor(Protocol):
+    """Anything callable as ``(logits (batch, vocab), ctx) -> logits`` without side effects."""
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor: ...
+
+
+def _cache_field() -> Any:
+    # Device copies of constant index/bias tensors, memoised so the hot path does not
+    # re-upload them every token. Memoisation does not change results, so "pure" still holds.
+    return field(default_factory=dict, init=False, repr=False, compare=False)
+
+
+# --------------------------------------------------------------------------------------
+# Warpers (applied only when sampling)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Temperature:
+    """Softmax temperature: ``logits / T`` (the Boltzmann temperature, Ackley, Hinton &
+    Sejnowski 1985). T < 1 sharpens the distribution, T > 1 flattens it.
+
+    T must be > 0. Greedy decoding is ``SamplingParams(temperature=0)``: the sampler takes the
+    argmax and :func:`build_processors` leaves this processor out. Matches transformers'
+    ``TemperatureLogitsWarper``.
+    """
+
+    temperature: PerRow
+
+    def __post_init__(self) -> None:
+        t = _check(
+            "temperature",
+            self.temperature,
+            lambda v: (v > 0) & _finite(v),
+            "a finite number > 0",
+            hint="For greedy decoding use temperature=0 in SamplingParams; the sampler then takes "
+            "the argmax and no Temperature processor is built.",
+        )
+        object.__setattr__(self, "temperature", t)
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        return logits / _rows(self.temperature, logits, "temperature")
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Top-k filtering (Fan, Lewis & Dauphin 2018): keep the k highest logits, -inf the rest.
+
+    As in transformers' ``TopKLogitsWarper``, a token tied with the k-th value is kept, so more
+    than k tokens can survive; ``k = max(top_k, min_tokens_to_keep)``. Uses ``torch.topk``
+    (no full sort). ``top_k = 0`` keeps everything (transformers raises instead).
+    """
+
+    top_k: PerRowInt
+    min_tokens_to_keep: int = 1
+    _kmax: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
+        k = _check("top_k", self.top_k, lambda v: v >= 0, ">= 0 (0 disables top-k)", integer=True)
+        object.__setattr__(self, "min_tokens_to_keep", m)
+        object.__setattr__(self, "top_k", k)
+        # The largest k that topk() must return; fixed here so the hot path never syncs.
+        kmax = int(k.max()) if isinstance(k, torch.Tensor) else k
+        object.__setattr__(self, "_kmax", max(kmax, m) if kmax > 0 else 0)
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        if self._kmax == 0:
+            return logits
+        vocab = logits.shape[-1]
+        kmax = min(self._kmax, vocab)
+        values = torch.topk(logits, kmax, dim=-1).values  # sorted, descending
+        if not isinstance(self.top_k, torch.Tensor):
+            threshold = values[..., -1:]
+            return logits.masked_fill(logits < threshold, _NEG_INF)
+        k = _rows(self.top_k, logits, "top_k")
+        enabled = k > 0
+        k = k.clamp(min=self.min_tokens_to_keep, max=kmax)
+        threshold = values.gather(-1, k - 1)
+        return logits.masked_fill((logits < threshold) & enabled, _NEG_INF)
+
+
+@dataclass(frozen=True)
+class TopP:
+    """Nucleus (top-p) sampling (Holtzman et al. 2019, "The Curious Case of Neural Text
+    Degeneration"): keep the smallest set of most likely tokens whose probability reaches p.
+
+    Same operations as transformers' ``TopPLogitsWarper`` (ascending sort, remove tokens whose
+    cumulative probability is <= 1 - p, always keep the ``min_tokens_to_keep`` most likely), so
+    ties at the boundary resolve identically. Needs one full sort per call. ``top_p = 1`` is a
+    no-op for that row.
+    """
+
+    top_p: PerRow
+    min_tokens_to_keep: int = 1
+
+    def __post_init__(self) -> None:
+        m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
+        p = _check("top_p", self.top_p, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 disables top-p)")
+        object.__setattr__(self, "min_tokens_to_keep", m)
+        object.__setattr__(self, "top_p", p)
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        if not isinstance(self.top_p, torch.Tensor) and self.top_p >= 1:
+            return logits
+        sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+        cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # 1 - p computed before the cast to the logits dtype, as transformers does with a
+        # Python float, so the threshold rounds identically.
+        sorted_remove = cumulative_probs <= _rows(1 - self.top_p, logits, "top_p")
+        sorted_remove[..., -self.min_tokens_to_keep :] = False  # our own fresh tensor
+        if isinstance(self.top_p, torch.Tensor):
+            sorted_remove &= _rows(self.top_p, logits, "top_p") < 1
+        remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+        return logits.masked_fill(remove, _NEG_INF)
+
+
+@dataclass(frozen=True)
+class MinP:
+    """Min-p sampling (Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling for Creative
+    and Coherent LLM Outputs"): drop tokens whose probability is below ``min_p`` times the
+    top token's probability, so the cut tightens when the model is confident.
+
+    Matches transformers' ``MinPLogitsWarper``; ``min_p = 0`` is a no-op.
+    """
+
+    min_p: PerRow
+    min_tokens_to_keep: int = 1
+
+    def __post_init__(self) -> None:
+        m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
+        p = _check("min_p", self.min_p, lambda v: (v >= 0) & (v <= 1), "in [0, 1] (0 disables min-p)")
+        object.__setattr__(self, "min_tokens_to_keep", m)
+        object.__setattr__(self, "min_p", p)
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        probs = torch.softmax(logits, dim=-1)
+        top_probs = probs.amax(dim=-1, keepdim=True)
+        remove = probs < _rows(self.min_p, logits, "min_p") * top_probs
+        k = min(self.min_tokens_to_keep, probs.shape[-1])
+        remove = remove.scatter(-1, torch.topk(probs, k, dim=-1).indices, False)
+        return logits.masked_fill(remove, _NEG_INF)
+
+
+@dataclass(frozen=True)
+class TypicalP:
+    """Locally typical sampling (Meister et al. 2022, "Locally Typical Sampling"): keep the
+    tokens whose surprisal ``-log p`` is closest to the distribution's entropy, until their
+    probability mass reaches ``typical_p``. The most likely token can be dropped.
+
+    Matches transformers' ``TypicalLogitsWarper``; ``typical_p = 1`` is a no-op (transformers
+    raises for 1). Needs one full sort per call.
+    """
+
+    typical_p: PerRow
+    min_tokens_to_keep: int = 1
+
+    def __post_init__(self) -> None:
+        m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
+        p = _check(
+            "typical_p", self.typical_p, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 disables typical-p)"
+        )
+        object.__setattr__(self, "min_tokens_to_keep", m)
+        object.__setattr__(self, "typical_p", p)
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        if not isinstance(self.typical_p, torch.Tensor) and self.typical_p >= 1:
+            return logits
+        mass = _rows(self.typical_p, logits, "typical_p")
+        log_probs = torch.log_softmax(logits, dim=-1)
+        p = log_probs.exp()
+        entropy = -(log_probs * p).nansum(-1, keepdim=True)  # nansum: -inf * 0 at masked tokens
+        shifted = torch.abs(-log_probs - entropy)
+        sorted_scores, sorted_indices = torch.sort(shifted, descending=False)
+        cumulative_probs = logits.gather(-1, sorted_indices).softmax(dim=-1).cumsum(dim=-1)
+        last_ind = (cumulative_probs < mass).sum(dim=1).clamp(max=sorted_scores.shape[-1] - 1)
+        sorted_remove = sorted_scores > sorted_scores.gather(1, last_ind.view(-1, 1))
+        sorted_remove[..., : self.min_tokens_to_keep] = False  # our own fresh tensor
+        if isinstance(mass, torch.Tensor):
+            sorted_remove &= mass < 1
+        remove = sorted_remove.scatter(1, sorted_indices, sorted_remove)
+        return logits.masked_fill(remove, _NEG_INF)
+
+
+# --------------------------------------------------------------------------------------
+# Penalties and bans (applied for greedy and sampling alike)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepetitionPenalty:
+    """Repetition penalty from CTRL (Keskar et al. 2019): every token already present in the
+    prompt or the generated text has its logit divided by ``penalty`` if positive and
+    multiplied by it if negative, once however often it occurred. > 1 discourages repeats.
+
+    Matches transformers' ``RepetitionPenaltyLogitsProcessor``. Positions with
+    ``attention_mask == 0`` are ignored, which is what transformers' ``generate`` does for left
+    padding (``prompt_ignore_length``) but a bare transformers processor does not.
+    """
+
+    penalty: PerRow
+
+    def __post_init__(self) -> None:
+        p = _check(
+            "repetition_penalty",
+            self.penalty,
+            lambda v: (v > 0) & _finite(v),
+            "a finite number > 0 (1 disables it; > 1 discourages repeats)",
+        )
+        object.__setattr__(self, "penalty", p)
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        ids = _ids_or_spare(ctx.input_ids, vocab)
+        valid = ctx.valid_mask()
+        if valid is not None:
+            ids = ids.masked_fill(~valid, vocab)
+        seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+        seen = seen.scatter_(1, ids, True)[:, :vocab]  # scatter_ into our own fresh tensor
+        penalty = _rows(self.penalty, logits, "repetition_penalty")
+        penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+        return torch.where(seen, penalised, logits)
+
+
+@dataclass(frozen=True)
+class PresenceFrequencyPenalty:
+    """OpenAI presence and frequency penalties (OpenAI API reference, "frequency_penalty" and
+    "presence_penalty"; also vLLM):
+
+        logits[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty
+
+    where ``count[j]`` is how often token j occurs in the *generated* tokens (not the prompt),
+    ignoring padded positions. Positive values discourage repetition. Not in transformers.
+    """
+
+    presence_penalty: PerRow = 0.0
+    frequency_penalty: PerRow = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = _check(name, getattr(self, name), _finite, "finite")
+            object.__setattr__(self, name, v)
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        ids, valid = ctx.generated_ids()
+        if ids.shape[1] == 0:
+            return logits
+        ids = _ids_or_spare(ids, vocab)
+        if valid is not None:
+            ids = ids.masked_fill(~valid, vocab)
+        counts = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
+        counts = counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))[:, :vocab]
+        frequency = _rows(self.frequency_penalty, logits, "frequency_penalty")
+        presence = _rows(self.presence_penalty, logits, "presence_penalty")
+        return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
+@dataclass(frozen=True)
+class NoRepeatNGram:
+    """No-repeat n-gram blocking (Paulus, Xiong & Socher 2017 used trigram blocking at test
+    time; fairseq and transformers generalise it): a token that would complete an n-gram
+    already present in the sequence (prompt included) gets -inf.
+
+    Vectorised like transformers' ``NoRepeatNGramLogitsProcessor``: the last n-1 tokens are
+    compared against every window at once. Difference: windows that touch a padded position
+    (``attention_mask == 0``) are ignored, where transformers matches n-grams made of pad
+    tokens. ``ngram_size`` may be per row (0 = off); each distinct size costs one pass.
+    """
+
+    ngram_size: PerRowInt
+    _sizes: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        n = _check("no_repeat_ngram_size", self.ngram_size, lambda v: v >= 0, ">= 0 (0 disables it)", integer=True)
+        object.__setattr__(self, "ngram_size", n)
+        sizes = sorted(set(n.tolist())) if isinstance(n, torch.Tensor) else [n]
+        object.__setattr__(self, "_sizes", tuple(s for s in sizes if s > 0))
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        vocab = logits.shape[-1]
+        ids, seq = ctx.input_ids, ctx.seq_len
+        valid = ctx.valid_mask()
+        per_row = _rows(self.ngram_size, logits, "no_repeat_ngram_size")
+        banned = None
+        for n in self._sizes:
+            if seq < n:  # no complete n-gram yet
+                continue
+            # Only an n-gram whose first n-1 tokens equal the current suffix can be completed
+            # by the next token, so match that suffix against every window. The window that
+            # starts at the suffix itself needs one more token, so it never bans its successor.
+            prefix = ids[:, seq + 1 - n :]
+            windows = ids.unfold(dimension=1, size=n, step=1)
+            matches = (windows[..., :-1] == prefix.unsqueeze(1)).all(dim=-1)
+            if valid is not None:
+                matches &= valid.unfold(dimension=1, size=n, step=1).all(dim=-1)
+            if isinstance(per_row, torch.Tensor):
+                matches &= per_row == n
+            if banned is None:
+                banned = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+            # Non-matching windows write into the spare column, so they cannot unban anything.
+            banned.scatter_(1, torch.where(matches, _ids_or_spare(windows[..., -1], vocab), vocab), True)
+        if banned is None:
+            return logits
+        return logits.masked_fill(banned[:, :vocab], _NEG_INF)
+
+
+def _normalise_bias(bias: Any, where: str) -> dict[int, float]:
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"{where} must be a mapping token_id -> bias, got {type(bias).__name__}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        # JSON object keys are strings (OpenAI sends {"50256": -100}); accept decimal strings.
+        if isinstance(key, str) and key.strip().isdigit():
+            key = int(key)
+        if not _is_int(key) or key < 0:
+            raise ValueError(f"{where} keys must be token ids (integers >= 0), got {key!r}")
+        if not _is_real(value) or math.isnan(value) or value == math.inf:
+            raise ValueError(
+                f"{where}[{key}] must be a finite number, or -inf to ban the token; got {value!r}"
+            )
+        out[int(key)] = float(value)
+    return out
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    """Additive per-token bias, OpenAI ``logit_bias`` style: ``logits[:, id] += bias[id]``.
+
+    A bias of ``-inf`` bans a token outright (see :meth:`ban`); OpenAI's API clamps values to
+    [-100, 100], which is the server's job, not this processor's. ``bias`` is one mapping for
+    every row, or a sequence with one mapping (or None) per row. Give ``vocab_size`` to reject
+    out-of-vocabulary ids at construction; otherwise they are rejected at the first call.
+    Matches transformers' ``SequenceBiasLogitsProcessor`` for single-token sequences.
+    """
+
+    bias: Mapping[int, float] | Sequence[Mapping[int, float] | None]
+    vocab_size: int | None = None
+    _max_id: int = field(init=False, repr=False, compare=False, default=-1)
+    _cache: dict = _cache_field()
+
+    def __post_init__(self) -> None:
+        if self.vocab_size is not None:
+            _check("vocab_size", self.vocab_size, lambda v: v > 0, "> 0", integer=True)
+        if isinstance(self.bias, Mapping):
+            bias: Any = _normalise_bias(self.bias, "logit_bias")
+            ids = list(bias)
+        elif isinstance(self.bias, Sequence) and not isinstance(self.bias, str):
+            bias = tuple(
+                _normalise_bias(row if row is not None else {}, f"logit_bias for row {i}")
+                for i, row in enumerate(self.bias)
+            )
+            ids = [i for row in bias for i in row]
+        else:
+            raise ValueError(
+                f"logit_bias must be a mapping token_id -> bias or a sequence of them (one per row), "
+                f"got {type(self.bias).__name__}"
+            )
+        object.__setattr__(self, "bias", bias)
+        object.__setattr__(self, "_max_id", max(ids, default=-1))
+        if self.vocab_size is not None:
+            self._check_vocab(self.vocab_size)
+
+    @classmethod
+    def ban(cls, token_ids: Sequence[int], vocab_size: int | None = None) -> LogitBias:
+        """A bias that makes ``token_ids`` impossible (-inf) in every row."""
+        return cls({int(t): _NEG_INF for t in token_ids}, vocab_size)
+
+    def _check_vocab(self, vocab_size: int) -> None:
+        if self._max_id >= vocab_size:
+            rows = [self.bias] if isinstance(self.bias, dict) else self.bias
+            bad = sorted({t for row in rows for t in row if t >= vocab_size})
+            raise ValueError(
+                f"logit_bias has token ids outside the vocabulary of size {vocab_size}: {bad[:10]}"
+            )
+
+    def _dense(self, logits: torch.Tensor) -> torch.Tensor:
+        batch, vocab = logits.shape
+        per_row = not isinstance(self.bias, dict)
+        if per_row and len(self.bias) != batch:
+            raise ValueError(f"logit_bias has {len(self.bias)} per-row entries but the logits have {batch} rows")
+        key = (logits.device, logits.dtype, vocab)
+        dense = self._cache.get(key)
+        if dense is None:
+            self._check_vocab(vocab)
+            rows = self.bias if per_row else [self.bias]
+            dense = torch.zeros(len(rows), vocab, dtype=torch.float32)
+            for r, row in enumerate(rows):
+                if row:
+                    dense[r, list(row)] = torch.tensor(list(row.values()), dtype=torch.float32)
+            dense = dense.to(device=logits.device, dtype=logits.dtype)
+            self._cache[key] = dense
+        return dense
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        if self._max_id < 0:
+            return logits
+        # A dense add like transformers: x + 0.0 leaves other tokens unchanged.
+        return logits + self._dense(logits)
+
+
+def _normalise_token_ids(ids: Any, name: str) -> tuple[int, ...]:
+    if _is_int(ids):
+        ids = [ids]
+    if isinstance(ids, torch.Tensor):
+        ids = ids.flatten().tolist()
+    if not isinstance(ids, Sequence) or isinstance(ids, str):
+        raise ValueError(f"{name} must be an int or a sequence of ints, got {type(ids).__name__}")
+    out = []
+    for t in ids:
+        if not _is_int(t) or t < 0:
+            raise ValueError(f"{name} must hold token ids (integers >= 0), got {t!r}")
+        out.append(int(t))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class MinNewTokens:
+    """Minimum generation length: while fewer than ``min_new_tokens`` tokens have been
+    generated (prompt excluded), the end tokens in ``eos_token_ids`` get -inf.
+
+    Matches transformers' ``MinNewTokensLengthLogitsProcessor`` (its
+    ``prompt_length_to_skip`` is ``ctx.prompt_length``). ``eos_token_ids`` is one set for every
+    row, or a sequence of sets (one per row) when requests stop on different ids.
+    """
+
+    min_new_tokens: PerRowInt
+    eos_token_ids: Sequence[int] | Sequence[Sequence[int]] | int
+    _cache: dict = _cache_field()
+
+    def __post_init__(self) -> None:
+        n = _check("min_new_tokens", self.min_new_tokens, lambda v: v >= 0, ">= 0", integer=True)
+        object.__setattr__(self, "min_new_tokens", n)
+        ids = self.eos_token_ids
+        nested = (
+            isinstance(ids, Sequence)
+            and not isinstance(ids, str)
+            and len(ids) > 0
+            and all(isinstance(x, (Sequence, torch.Tensor)) and not isinstance(x, str) for x in ids)
+        )
+        if nested:
+            ids = tuple(_normalise_token_ids(row, f"eos_token_ids[{i}]") for i, row in enumerate(ids))
+        else:
+            ids = _normalise_token_ids(ids, "eos_token_ids")
+        object.__setattr__(self, "eos_token_ids", ids)
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(vocab,)`` or ``(batch, vocab)`` bool: True at the suppressed ids."""
+        batch, vocab = logits.shape
+        per_row = len(self.eos_token_ids) > 0 and isinstance(self.eos_token_ids[0], tuple)
+        if per_row and len(self.eos_token_ids) != batch:
+            raise ValueError(
+                f"eos_token_ids has {len(self.eos_token_ids)} per-row entries but the logits have {batch} rows"
+            )
+        key = (logits.device, vocab)
+        mask = self._cache.get(key)
+        if mask is None:
+            rows = self.eos_token_ids if per_row else [self.eos_token_ids]
+            mask = torch.zeros(len(rows), vocab, dtype=torch.bool)
+            for r, row in enumerate(rows):
+                in_vocab = [t for t in row if t < vocab]  # like torch.isin: others never match
+                mask[r, in_vocab] = True
+            mask = mask.to(logits.device)
+            self._cache[key] = mask if per_row else mask[0]
+            mask = self._cache[key]
+        return mask
+
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        generated = ctx.num_generated()
+        minimum = self.min_new_tokens
+        if not isinstance(generated, torch.Tensor) and not isinstance(minimum, torch.Tensor):
+            if generated >= minimum:
+                return logits
+            return logits.masked_fill(self._mask(logits), _NEG_INF)
+        if isinstance(minimum, torch.Tensor):
+            minimum = minimum.to(logits.device)
+        active = torch.as_tensor(generated < minimum, device=logits.device).reshape(-1, 1)
+        return logits.masked_fill(active & self._mask(logits), _NEG_INF)
+
+
+# --------------------------------------------------------------------------------------
+# Sampling parameters and list builders
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    """Everything a request says about how to pick tokens (OpenAI / vLLM vocabulary).
+
+    ``temperature = 0`` means greedy (argmax). Neutral defaults switch each knob off:
+    ``top_k = 0``, ``top_p = 1``, ``min_p = 0``, ``typical_p = 1``, ``repetition_penalty = 1``,
+    penalties 0, ``no_repeat_ngram_size = 0``. ``max_new_tokens = None`` leaves the limit to the
+    caller (the model's context length). ``stop`` strings are matched on decoded text by the
+    generator; ``stop_token_ids`` end generation like EOS. Validated on construction.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    logit_bias: dict[int, float] | None = None
+    min_new_tokens: int = 0
+    max_new_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        c = _check
+        self.temperature = c(
+            "temperature", self.temperature, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0 (0 = greedy)"
+        )
+        self.top_k = c("top_k", self.top_k, lambda v: v >= 0, ">= 0 (0 disables top-k)", integer=True)
+        self.top_p = c("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 disables top-p)")
+        self.min_p = c("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 disables min-p)")
+        self.typical_p = c("typical_p", self.typical_p, lambda v: 0 < v <= 1, "in (0, 1] (1 disables typical-p)")
+        self.repetition_penalty = c(
+            "repetition_penalty",
+            self.repetition_penalty,
+            lambda v: v > 0 and math.isfinite(v),
+            "a finite number > 0 (1 disables it)",
+        )
+        # OpenAI accepts [-2, 2] for both; larger magnitudes mostly produce garbage.
+        for name in ("presence_penalty", "frequency_penalty"):
+            setattr(self, name, c(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)"))
+        self.no_repeat_ngram_size = c(
+            "no_repeat_ngram_size", self.no_repeat_ngram_size, lambda v: v >= 0, ">= 0 (0 disables it)", integer=True
+        )
+        if self.logit_bias is not None:
+            self.logit_bias = _normalise_bias(self.logit_bias, "logit_bias")
+        self.min_new_tokens = c("min_new_tokens", self.min_new_tokens, lambda v: v >= 0, ">= 0", integer=True)
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = c("max_new_tokens", self.max_new_tokens, lambda v: v >= 1, ">= 1 or None", integer=True)
+            if self.min_new_tokens > self.max_new_tokens:
+                raise ValueError(
+                    f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
+                )
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop  # OpenAI allows a bare string
+        if stop is None:
+            stop = []
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(stop)
+        self.stop_token_ids = list(_normalise_token_ids(self.stop_token_ids or [], "stop_token_ids"))
+        if self.seed is not None:
+            self.seed = c("seed", self.seed, lambda v: True, "or None", integer=True)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def build_processors(
+    params: SamplingParams,
+    eos_token_ids: int | Sequence[int] | None = None,
+    *,
+    vocab_size: int | None = None,
+) -> list[LogitsProcessor]:
+    """The processors for one request, in the order transformers' ``generate`` applies them.
+
+    Order (transformers 5.23 ``_get_logits_processor``, with the OpenAI penalties placed next
+    to the repetition penalty):
+
+        LogitBias -> RepetitionPenalty -> PresenceFrequencyPenalty -> NoRepeatNGram ->
+        MinNewTokens -> [sampling only] Temperature -> TopK -> TopP -> MinP -> TypicalP
+
+    Knobs at their neutral value are left out. Greedy requests (``temperature == 0``) get no
+    warpers, as with transformers' ``do_sample=False``: typical-p could otherwise remove the
+    argmax. ``MinNewTokens`` keeps out ``eos_token_ids`` and ``params.stop_token_ids``. Pass
+    ``vocab_size`` to reject out-of-vocabulary ``logit_bias`` ids here rather than at the
+    first decode step.
+    """
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    eos = _normalise_token_ids(eos_token_ids if eos_token_ids is not None else [], "eos_token_ids")
+    processors: list[LogitsProcessor] = []
+    if params.logit_bias:
+        processors.append(LogitBias(params.logit_bias, vocab_size))
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenalty(params.repetition_penalty))
+    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+        processors.append(PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty))
+    if params.no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGram(params.no_repeat_ngram_size))
+    enders = tuple(dict.fromkeys(eos + tuple(params.stop_token_ids)))
+    if params.min_new_tokens > 0 and enders:
+        processors.append(MinNewTokens(params.min_new_tokens, enders))
+    if params.greedy:
+        return processors
+    if params.temperature != 1.0:
+        processors.append(Temperature(params.temperature))
+    if params.top_k != 0:
+        processors.append(TopK(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopP(params.top_p))
+    if params.min_p > 0.0:
+        processors.append(MinP(params.min_p))
+    if params.typical_p < 1.0:
+        processors.append(TypicalP(params.typical_p))
+    return processors
+
+
+def build_batch_processors(
+    params: Sequence[SamplingParams],
+    eos_token_ids: int | Sequence[int] | None = None,
+    *,
+    vocab_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> list[LogitsProcessor]:
+    """One processor list for a batch whose rows carry different :class:`SamplingParams`.
+
+    Row ``i`` of the result equals ``apply_processors(row_i, ctx_i, build_processors(params[i]))``
+    (same order, same formulas, per-row tensors instead of scalars; rows that do not use a knob
+    get its neutral value). Greedy rows get neutral warper values; the sampler argmaxes them
+    when given per-row temperatures (``[p.temperature for p in params]``). ``device`` is where
+    the per-row tensors live (the logits' device, to avoid a copy per token).
+    """
+    params = list(params)
+    if not params or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError("params must be a non-empty sequence of SamplingParams, one per batch row")
+    eos = _normalise_token_ids(eos_token_ids if eos_token_ids is not None else [], "eos_token_ids")
+
+    def rows(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    def floats(get: Callable[[SamplingParams], float]) -> torch.Tensor:
+        return rows([float(get(p)) for p in params], torch.float64)
+
+    def ints(get: Callable[[SamplingParams], int]) -> torch.Tensor:
+        return rows([int(get(p)) for p in params], torch.int64)
+
+    processors: list[LogitsProcessor] = []
+    if any(p.logit_bias for p in params):
+        processors.append(LogitBias([p.logit_bias or {} for p in params], vocab_size))
+    if any(p.repetition_penalty != 1.0 for p in params):
+        processors.append(RepetitionPenalty(floats(lambda p: p.repetition_penalty)))
+    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
+        processors.append(
+            PresenceFrequencyPenalty(floats(lambda p: p.presence_penalty), floats(lambda p: p.frequency_penalty))
+        )
+    if any(p.no_repeat_ngram_size > 0 for p in params):
+        processors.append(NoRepeatNGram(ints(lambda p: p.no_repeat_ngram_size)))
+    enders = [tuple(dict.fromkeys(eos + tuple(p.stop_token_ids))) for p in params]
+    min_new = [p.min_new_tokens if e else 0 for p, e in zip(params, enders)]  # nothing to keep out: off
+    if any(min_new):
+        processors.append(MinNewTokens(rows(min_new, torch.int64), enders))
+
+    def sampled(p: SamplingParams) -> bool:
+        return not p.greedy
+
+    if any(sampled(p) and p.temperature != 1.0 for p in params):
+        processors.append(Temperature(floats(lambda p: p.temperature if sampled(p) else 1.0)))
+    if any(sampled(p) and p.top_k != 0 for p in params):
+        processors.append(TopK(ints(lambda p: p.top_k if sampled(p) else 0)))
+    if any(sampled(p) and p.top_p < 1.0 for p in params):
+        processors.append(TopP(floats(lambda p: p.top_p if sampled(p) else 1.0)))
+    if any(sampled(p) and p.min_p > 0.0 for p in params):
+        processors.append(MinP(floats(lambda p: p.min_p if sampled(p) else 0.0)))
+    if any(sampled(p) and p.typical_p < 1.0 for p in params):
+        processors.append(TypicalP(floats(lambda p: p.typical_p if sampled(p) else 1.0)))
+    return processors
+
+
+def apply_processors(
+    logits: torch.Tensor, ctx: DecodeContext, processors: Sequence[LogitsProcessor]
+) -> torch.Tensor:
+    """Run ``processors`` left to right; the input ``logits`` are never modified."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a floating (batch, vocab) tensor, got {got}")
+    if logits.shape[0] != ctx.batch_size:
+        raise ValueError(f"logits have {logits.shape[0]} rows but the context has {ctx.batch_size}")
+    for processor in processors:
+        logits = processor(logits, ctx)
+    return logits
+
+
+# --------------------------------------------------------------------------------------
+# Sampling and log-probabilities
+# --------------------------------------------------------------------------------------
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device``: seeded for reproducible sampling, random if None."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
+
+
+def _temperatures(spec: Any, batch: int) -> float | list[float]:
+    if isinstance(spec, SamplingParams):
+        return spec.temperature
+    if isinstance(spec, torch.Tensor):
+        if spec.dim() == 0:
+            return float(spec)
+        spec = spec.tolist()
+    if _is_real(spec):
+        if not spec >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {spec!r}")
+        return float(spec)
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        temps = [p.temperature if isinstance(p, SamplingParams) else p for p in spec]
+        if len(temps) != batch or not all(_is_real(t) and t >= 0 for t in temps):
+            raise ValueError(f"per-row temperatures must be {batch} numbers >= 0, got {list(spec)!r}")
+        return [float(t) for t in temps]
+    raise ValueError(
+        f"expected SamplingParams, a temperature, or one temperature per row; got {type(spec).__name__}"
+    )
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    params_or_temperature: SamplingParams | float | Sequence[float] | torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from *processed* logits; returns ``(batch,)`` int64.
+
+    Temperature 0 means greedy: ``argmax`` (first index on ties, like transformers). Otherwise
+    ``torch.multinomial(softmax(logits))``, exactly transformers' sampling step. The logits
+    must already carry the temperature (the :class:`Temperature` processor applied it); the
+    temperature here only decides greedy versus sampled, per row when given per row.
+
+    ``generator`` is one ``torch.Generator`` (on the logits' device) for the batch, or one per
+    row so that each seeded request draws the same tokens whatever else shares its batch.
+    Raises ``ValueError`` if a row has every token at -inf (costs one host sync).
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("logits must be a (batch, vocab) tensor")
+    batch = logits.shape[0]
+    temps = _temperatures(params_or_temperature, batch)
+    dead = ~(logits > _NEG_INF).any(dim=-1)
+    if bool(dead.any()):
+        raise ValueError(
+            f"rows {dead.nonzero().flatten().tolist()[:10]} have every token masked to -inf; "
+            "the bans, biases and filters leave nothing to choose"
+        )
+    greedy_rows = [temps == 0] * batch if isinstance(temps, float) else [t == 0 for t in temps]
+    if all(greedy_rows):
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1)  # float32 at least, for bf16/fp16 logits
+    if generator is None or isinstance(generator, torch.Generator):
+        sampled = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    else:
+        generators = list(generator)
+        if len(generators) != batch:
+            raise ValueError(f"got {len(generators)} generators for {batch} rows")
+        # A loop over rows, not vocab: each request advances only its own generator.
+        sampled = torch.cat(
+            [
+                probs[i].argmax().view(1)
+                if greedy_rows[i]
+                else torch.multinomial(probs[i], num_samples=1, generator=generators[i])
+                for i in range(batch)
+            ]
+        )
+    if any(greedy_rows):
+        greedy = torch.tensor(greedy_rows, device=logits.device)
+        sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
+    return sampled
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities for the OpenAI ``logprobs`` / ``top_logprobs`` fields.
+
+    ``logprobs``: ``(batch,)`` of the chosen tokens; ``top_logprobs`` / ``top_token_ids``:
+    ``(batch, top_n)``, most likely first.
+    """
+
+    logprobs: torch.Tensor
+    top_logprobs: torch.Tensor
+    top_token_ids: torch.Tensor
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0) -> TokenLogprobs:
+    """``log_softmax(logits)`` at the chosen ``tokens`` plus the ``top_n`` most likely tokens.
+
+    Pass the *raw* model logits (before any processor). That is vLLM V1's default
+    (``logprobs_mode="raw_logprobs"``) and what OpenAI returns (logprobs do not move with
+    temperature or penalties); processed logits would report -inf for every token a filter
+    removed, which makes ``top_logprobs`` useless. The function itself is agnostic: hand it
+    processed logits if you want the sampling distribution instead.
+
+    Computed as ``logit - logsumexp`` in float32, so no full ``(batch, vocab)`` log-softmax
+    is materialised.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("logits must be a (batch, vocab) tensor")
+    tokens = torch.as_tensor(tokens, device=logits.device).long().reshape(-1)
+    if tokens.shape[0] != logits.shape[0]:
+        raise ValueError(f"got {tokens.shape[0]} tokens for {logits.shape[0]} rows")
+    if not _is_int(top_n) or not 0 <= top_n <= logits.shape[-1]:
+        raise ValueError(f"top_n must be an int in [0, {logits.shape[-1]}] (the vocab size), got {top_n!r}")
+    scores = logits.float()
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    chosen = scores.gather(-1, tokens.unsqueeze(1)) - lse
+    top_values, top_ids = torch.topk(scores, top_n, dim=-1)
+    return TokenLogprobs(chosen.squeeze(1), top_values - lse, top_ids)

@@ -1,0 +1,456 @@
+"""The transformer, read top to bottom.
+
+One module serves every family in `config.py`: decoder-only language models (GPT-2, Llama,
+Mistral, Qwen, Gemma, Phi-3, Mixtral; Radford et al. 2019, Touvron et al. 2023, Jiang et al.
+2023/2024) and the BERT encoder (Devlin et al. 2019). The differences are config fields:
+
+    embeddings   tokens (+ learned positions) (+ segment types) (x multiplier) (+ norm)
+    block        pre-norm:  x + attn(norm(x)),  then  x + mlp(norm(x))
+                 post-norm: norm(x + attn(x)),  then  norm(x + mlp(x))        (BERT)
+    attention    scaled dot-product (Vaswani et al. 2017) through torch's fused SDPA kernel,
+                 MHA / GQA / MQA, RoPE (Su et al. 2021) or learned positions, causal or
+                 bidirectional, optional sliding window (Mistral) and q/k norm (Qwen3)
+    mlp          plain (GELU) or gated (SwiGLU / GeGLU, Shazeer 2020), or a mixture of
+                 gated experts with top-k routing (Shazeer et al. 2017, Mixtral)
+    head         final norm + linear to the vocabulary, tied or not to the embeddings
+
+The model keeps no state between calls: keys and values live in the cache object the caller
+passes (see `cache.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import Config
+
+
+# ---------------------------------------------------------------------------------- norms
+class Norm(nn.Module):
+    """LayerNorm (Ba et al. 2016) or RMSNorm (Zhang & Sennrich 2019).
+
+    RMSNorm is computed in float32 whatever the weights' dtype, as the reference models do,
+    because the mean of squares loses precision in half precision. Gemma stores its weight
+    as an offset from one (`weight_offset=1`).
+    """
+
+    def __init__(self, size: int, kind: str, eps: float, weight_offset: float = 0.0) -> None:
+        super().__init__()
+        self.kind, self.eps, self.weight_offset = kind, eps, weight_offset
+        self.weight = nn.Parameter(torch.full((size,), 1.0 - weight_offset))
+        self.bias = nn.Parameter(torch.zeros(size)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:
+            return (normed * (self.weight.float() + self.weight_offset)).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------- positions
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021) with long-context scaling.
+
+    Each pair of channels is rotated by an angle proportional to the position. Scaling
+    changes the per-channel frequencies: "linear" divides them all (position interpolation,
+    Chen et al. 2023), "llama3" divides only the low frequencies with a smooth ramp between,
+    and "yarn" (Peng et al. 2023) blends interpolated and original frequencies per channel and
+    rescales attention by `attention_factor`.
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        dim = config.rotary_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.attention_factor = 1.0
+        scaling = config.rope_scaling or {}
+        rope_type = config.rope_type
+        if rope_type == "linear":
+            inv_freq = inv_freq / scaling["factor"]
+        elif rope_type == "llama3":
+            inv_freq = _llama3_frequencies(inv_freq, scaling)
+        elif rope_type == "yarn":
+            inv_freq, self.attention_factor = _yarn_frequencies(inv_freq, dim, config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin tables (batch, 1, seq, rotary_dim) for integer `positions` (batch, seq)."""
+        angles = positions[..., None].float() * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    context = s["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are interpolated, short ones kept, and a linear ramp
+    # in between avoids a discontinuity.
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def _yarn_frequencies(inv_freq: torch.Tensor, dim: int, config: Config) -> tuple[torch.Tensor, float]:
+    s = config.rope_scaling
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor") or config.max_position_embeddings / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attention_factor = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def channel_for(rotations: float) -> float:
+        # The channel whose wavelength fits `rotations` times into the original context.
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(config.rope_theta))
+
+    low, high = channel_for(s.get("beta_fast") or 32), channel_for(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the original frequency), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention_factor)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` channels of every head; the rest pass through."""
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# ------------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (GQA, Ainslie et al. 2023).
+
+    `num_kv_heads == num_heads` is classic MHA, `num_kv_heads == 1` multi-query attention
+    (Shazeer 2019); SDPA's `enable_gqa` shares each key/value head with its query group
+    without materialising copies.
+    """
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, config.num_heads, config.num_kv_heads, hd
+        self.q = nn.Linear(d, config.num_heads * hd, bias=config.qkv_bias)
+        self.k = nn.Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
+        self.v = nn.Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
+        self.o = nn.Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
+        self.q_norm = Norm(hd, "rmsnorm", config.norm_eps) if config.qk_norm else None
+        self.k_norm = Norm(hd, "rmsnorm", config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q(x).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def build_attention_mask(
+    query_slots: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    num_keys: int,
+    causal: bool,
+    window: int | None,
+) -> torch.Tensor | None:
+    """Boolean mask (batch or 1, 1, queries, keys); True where a query may attend.
+
+    `query_slots` are the cache positions of the new tokens; key i sits at cache position i.
+    Causal: a query sees keys at or before its own slot; a window of w keeps only the last w
+    of those (Beltagy et al. 2020; Mistral). `key_valid` (batch, keys) is False on padding.
+    """
+    keys = torch.arange(num_keys, device=query_slots.device)
+    allowed = torch.ones(query_slots.shape[-1], num_keys, dtype=torch.bool, device=query_slots.device)
+    if causal:
+        allowed = keys[None, :] <= query_slots[:, None]
+    if window is not None:
+        allowed = allowed & (keys[None, :] > query_slots[:, None] - window)
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :].bool()
+        # A padding query can see nothing; let it see everything instead so softmax stays
+        # finite. Its output is never used.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed
+
+
+# ------------------------------------------------------------------------------------- MLP
+ACTIVATION_FUNCTIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: plain `down(act(up(x)))` or gated
+    `down(act(gate(x)) * up(x))` (GLU variants, Shazeer 2020)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        d, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate = nn.Linear(d, inner, bias=bias) if config.gated_mlp else None
+        self.up = nn.Linear(d, inner, bias=bias)
+        self.down = nn.Linear(inner, d, bias=bias)
+        self.act = ACTIVATION_FUNCTIONS[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is None:
+            return self.down(self.act(self.up(x)))
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class MixtureOfExperts(nn.Module):
+    """Sparse mixture of gated-MLP experts with top-k routing (Shazeer et al. 2017; Mixtral).
+
+    The router scores every expert per token; the top k are run and their outputs mixed with
+    the softmax weights renormalised over the chosen k. Router logits are returned so training
+    can add the load-balancing loss (`load_balancing_loss`).
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_token
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        router_logits = self.router(tokens)
+        weights, chosen = torch.softmax(router_logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        # Loop over experts, not tokens: each expert runs once on the tokens routed to it.
+        for expert_index in chosen.unique().tolist():
+            token_rows, slot = torch.where(chosen == expert_index)
+            expert_out = self.experts[expert_index](tokens[token_rows])
+            out.index_add_(0, token_rows, expert_out * weights[token_rows, slot, None])
+        return out.view(shape), router_logits
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
+    """Switch Transformer auxiliary loss (Fedus et al. 2021, eqs. 4-6) over all MoE layers'
+    tokens: num_experts * sum_i (share of routing slots sent to expert i) * (mean router
+    probability of i). It is smallest (top_k) when routing is uniform and grows as the router
+    concentrates on few experts."""
+    logits = torch.cat(router_logits, dim=0).float()
+    probs = torch.softmax(logits, dim=-1)
+    chosen = probs.topk(top_k, dim=-1).indices
+    routed_fraction = F.one_hot(chosen, num_experts).float().sum(dim=1).mean(dim=0)
+    return num_experts * torch.sum(routed_fraction * probs.mean(dim=0))
+
+
+# ----------------------------------------------------------------------------------- block
+class Block(nn.Module):
+    """One transformer layer: attention and MLP, each wrapped in a residual connection."""
+
+    def __init__(self, config: Config, layer: int) -> None:
+        super().__init__()
+        norm = lambda: Norm(config.hidden_size, config.norm, config.norm_eps, config.norm_weight_offset)  # noqa: E731
+        self.post_norm = config.post_norm
+        self.attn_norm = norm()
+        self.attn = Attention(config, layer)
+        self.mlp_norm = norm()
+        self.mlp = MixtureOfExperts(config) if config.num_experts else MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _mlp(self, x: torch.Tensor, router_logits: list) -> torch.Tensor:
+        out = self.mlp(x)
+        if isinstance(out, tuple):
+            out, logits = out
+            router_logits.append(logits)
+        return self.dropout(out)
+
+    def forward(self, x, rope, mask, is_causal, cache, router_logits: list) -> torch.Tensor:
+        if self.post_norm:
+            x = self.attn_norm(x + self.dropout(self.attn(x, rope, mask, is_causal, cache)))
+            return self.mlp_norm(x + self._mlp(x, router_logits))
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, is_causal, cache))
+        return x + self._mlp(self.mlp_norm(x), router_logits)
+
+
+# ----------------------------------------------------------------------------------- model
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (batch, kept positions, vocab); None for a headless encoder
+    hidden_states: torch.Tensor  # final hidden states (batch, seq, hidden), after the final norm
+    router_logits: list[torch.Tensor]  # one (tokens, experts) tensor per MoE layer
+
+
+class Transformer(nn.Module):
+    """A whole transformer: embeddings, `num_layers` blocks, final norm and LM head."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, d) if config.position == "learned" else None
+        self.embed_types = nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
+        self.embed_norm = Norm(d, config.norm, config.norm_eps) if config.embedding_norm else None
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        # Post-norm encoders end on a normed residual; pre-norm decoders need one more norm.
+        self.final_norm = None if config.post_norm else Norm(d, config.norm, config.norm_eps, config.norm_weight_offset)
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if config.causal else None
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # GPT-2's initialisation: N(0, 0.02) weights, zero biases; norms start at identity.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        if self.lm_head is not None and self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """Run the model on `input_ids` (batch, seq).
+
+        attention_mask: (batch, past + seq), 1 for real tokens and 0 for padding, covering the
+            cached positions too. Positions are counted from the first real token of each row,
+            so a left-padded row gets the same logits as the same row alone.
+        cache: keys/values of earlier positions; the new ones are appended to it.
+        logits_to_keep: 0 for logits at every position, n for only the last n (generation
+            needs one, and the vocabulary projection is the largest matmul of a decode step).
+        """
+        config = self.config
+        batch, seq = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (batch, past + seq):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new) = "
+                f"({batch}, {past + seq})"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
+        if config.position == "learned" and int(position_ids.max()) >= config.max_position_embeddings:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond this model's {config.max_position_embeddings} "
+                "learned positions; shorten the input"
+            )
+
+        x = self.embed_tokens(input_ids)
+        if config.embedding_multiplier != 1.0:
+            x = x * torch.tensor(config.embedding_multiplier, dtype=x.dtype)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(position_ids)
+        if self.embed_types is not None:
+            x = x + self.embed_types(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.embed_dropout(x)
+        rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
+
+        masks = self._masks(attention_mask, past, seq, input_ids.device)
+        router_logits: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            mask, is_causal = masks[config.window_of_layer(i)]
+            x = block(x, rope, mask, is_causal, cache, router_logits)
+        if cache is not None:
+            cache.advance(seq)
+
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        logits = None
+        if self.lm_head is not None:
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return ModelOutput(logits=logits, hidden_states=x, router_logits=router_logits)
+
+    def _masks(self, attention_mask, past: int, seq: int, device) -> dict:
+        """The (mask, is_causal) pair for each distinct window in the model.
+
+        The common cases need no mask tensor at all: an unpadded prompt is plain causal
+        attention, and one new token after an unpadded past may see every key.
+        """
+        config = self.config
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        key_valid = attention_mask if padded else None
+        slots = torch.arange(past, past + seq, device=device)
+        masks = {}
+        for window in {config.window_of_layer(i) for i in range(config.num_layers)}:
+            window_matters = window is not None and past + seq > window
+            if not padded and not window_matters:
+                if not config.causal or seq == 1:
+                    masks[window] = (None, False)
+                    continue
+                if past == 0:
+                    masks[window] = (None, True)
+                    continue
+            masks[window] = (build_attention_mask(slots, key_valid, past + seq, config.causal, window), False)
+        return masks
+

@@ -1,0 +1,156 @@
+"""Parity with transformers for every family: logits, cached decoding, export round trip."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import reference_models
+from genforge.cache import ContiguousKVCache
+from genforge.checkpoint import load_model, save_model
+
+FAMILIES = list(reference_models.FAMILIES)
+
+
+def padded_batch(seed=0, lengths=(23, 9, 16)):
+    g = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, longest - n :] = torch.randint(3, reference_models.VOCAB, (n,), generator=g)
+        mask[row, longest - n :] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_batch_logits_match_transformers(family, hf_model_dir):
+    hf, directory = hf_model_dir(family)
+    model = load_model(directory)
+    ids, mask = padded_batch()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padded_rows_equal_rows_alone(family, hf_model_dir):
+    model = load_model(hf_model_dir(family)[1])
+    ids, mask = padded_batch(seed=1)
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask).logits
+        for row in range(ids.shape[0]):
+            real = mask[row].bool()
+            alone = model(ids[row : row + 1, real]).logits[0]
+            torch.testing.assert_close(batched[row, real], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_matches_full_forward(family, hf_model_dir):
+    """Prefill in two chunks, then one token at a time, through a padded batch."""
+    model = load_model(hf_model_dir(family)[1])
+    ids, mask = padded_batch(seed=2)
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        cache = ContiguousKVCache(model.config, ids.shape[0], ids.shape[1])
+        pieces = [model(ids[:, :7], attention_mask=mask[:, :7], cache=cache).logits,
+                  model(ids[:, 7:12], attention_mask=mask[:, :12], cache=cache).logits]
+        for t in range(12, ids.shape[1]):
+            pieces.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
+    stepped = torch.cat(pieces, dim=1)
+    real = mask.bool()
+    assert (stepped[real] - full[real]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_round_trip_through_transformers(family, hf_model_dir, tmp_path):
+    hf, directory = hf_model_dir(family)
+    model = load_model(directory)
+    out = save_model(model, tmp_path / "export", max_shard_bytes=20_000)  # force several shards
+    assert (out / "model.safetensors.index.json").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids, _ = padded_batch(lengths=(17,))
+    with torch.no_grad():
+        assert (reloaded(ids).logits - hf(ids).logits).abs().max() <= 1e-4
+        assert torch.equal(load_model(out)(ids).logits, model(ids).logits)
+
+
+def test_export_replaces_directory_atomically(hf_model_dir, tmp_path):
+    model = load_model(hf_model_dir("llama")[1])
+    target = tmp_path / "model"
+    save_model(model, target)
+    (target / "stale.txt").write_text("from the previous export")
+    save_model(model, target)
+    assert not (target / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_bf16_load_runs(hf_model_dir):
+    model = load_model(hf_model_dir("llama")[1], dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    ids, _ = padded_batch(lengths=(5,))
+    assert torch.isfinite(model(ids).logits.float()).all()
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_unsupported_model_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "rwkv"}))
+    with pytest.raises(ValueError, match=r"'rwkv' is not supported; supported: .*llama.*mixtral"):
+        load_model(tmp_path)
+
+
+def test_missing_files_are_named(tmp_path, hf_model_dir):
+    with pytest.raises(ValueError, match="not a directory"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text((hf_model_dir("llama")[1] / "config.json").read_text())
+    with pytest.raises(ValueError, match="expected model.safetensors or model.safetensors.index.json"):
+        load_model(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="safetensors only"):
+        load_model(tmp_path)
+
+
+def test_wrong_shape_names_the_tensor(tmp_path, hf_model_dir):
+    _, directory = hf_model_dir("llama")
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 100
+    for f in directory.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.\w+_proj\.weight has shape .* expected"):
+        load_model(tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path, hf_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    _, directory = hf_model_dir("qwen2")
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"lacks 1 tensor.*model\.layers\.1\.self_attn\.k_proj\.bias"):
+        load_model(tmp_path)
+
+
+def test_unknown_dtype(hf_model_dir):
+    with pytest.raises(ValueError, match="unknown dtype 'float8'; accepted: float32, float16, bfloat16"):
+        load_model(hf_model_dir("llama")[1], dtype="float8")
+
+
+def test_integer_tensor_is_refused(tmp_path, hf_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    _, directory = hf_model_dir("llama")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"model\.norm\.weight has dtype torch.int8"):
+        load_model(tmp_path)
