@@ -356,6 +356,11 @@ def save_model(
     export never leaves a half-written model where a good one was.
     """
     config = model.config
+    if getattr(model, "packed_for_inference", False):
+        raise CheckpointError(
+            "this model was packed for CPU inference and its weights are no longer exportable; "
+            "export the model as loaded, before genforge.inference.pack_for_cpu_inference"
+        )
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))

@@ -57,10 +57,11 @@ def _sampling_params(args):
 
 def _load(args):
     from .checkpoint import load_model
+    from .inference import pack_for_cpu_inference
     from .tokenizer import Tokenizer
 
     with console.status(f"loading {args.model}"):
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = pack_for_cpu_inference(load_model(args.model, dtype=args.dtype, device=args.device))
         tokenizer = Tokenizer.from_dir(args.model)
     return model, tokenizer
 

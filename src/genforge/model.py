@@ -49,8 +49,7 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         if self.weight_offset:
             return (normed * (self.weight.float() + self.weight_offset)).to(x.dtype)
         return self.weight * normed.to(x.dtype)
@@ -163,6 +162,10 @@ class Attention(nn.Module):
         self.q_norm = Norm(hd, "rmsnorm", config.norm_eps) if config.qk_norm else None
         self.k_norm = Norm(hd, "rmsnorm", config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        # One matmul for q, k and v together, set by `inference.pack_for_cpu_inference`:
+        # a decode step is dominated by per-call costs once the weights stream fast.
+        self.qkv: nn.Module | None = None
+        self.qkv_sizes = (config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd)
 
     def forward(
         self,
@@ -173,9 +176,10 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
+        q = q.view(batch, seq, self.num_heads, self.head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -242,8 +246,12 @@ class MLP(nn.Module):
         self.up = nn.Linear(d, inner, bias=bias)
         self.down = nn.Linear(inner, d, bias=bias)
         self.act = ACTIVATION_FUNCTIONS[config.activation]
+        self.gate_up: nn.Module | None = None  # gate and up in one matmul, set like Attention.qkv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
         if self.gate is None:
             return self.down(self.act(self.up(x)))
         return self.down(self.act(self.gate(x)) * self.up(x))

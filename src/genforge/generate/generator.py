@@ -87,6 +87,9 @@ def stream(
             f"context of {config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
         )
     processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size)
+    # Embedding tables are often padded past the tokenizer's vocabulary (to a multiple of 64
+    # or 128); those rows were never trained and have no text, so they must never be sampled.
+    text_vocab = min(config.vocab_size, tokenizer.vocab_size) if tokenizer is not None else config.vocab_size
     generator = torch.Generator(device=model.device)
     if params.seed is not None:
         generator.manual_seed(params.seed)
@@ -110,6 +113,8 @@ def stream(
         for step in range(max_new_tokens):
             out = model(step_input, attention_mask=mask[:, :length], cache=cache, logits_to_keep=1)
             logits = out.logits[:, -1].float()
+            if text_vocab < config.vocab_size:
+                logits[:, text_vocab:] = float("-inf")
             context = DecodeContext(input_ids=tokens[:, :length], prompt_length=longest, attention_mask=mask[:, :length])
             logits = apply_processors(logits, context, processors)
             next_tokens = sample_next_token(logits, params, generator)

@@ -1,0 +1,199 @@
+"""Decode throughput: genforge against transformers `generate`, and against the bandwidth roofline.
+
+Two model shapes with random weights in fp32: GPT-2 124M and SmolLM 135M (a Llama). For each,
+a 128-token prompt and 128 greedy new tokens at batch 1 and batch 8, on `--threads` threads.
+Both libraries run in the same process, alternating, and the median of `--repeats` runs is
+kept. Greedy outputs are compared too, so the speed is for the same tokens.
+
+Roofline: a decode step at batch 1 must read every weight once, so its time is at least
+weight bytes / memory bandwidth. The bandwidth is measured here with a large matrix-vector
+product (the operation a decode step is made of), and the script reports
+achieved decode tokens/s x weight bytes / bandwidth.
+
+    python benchmarks/decode.py            # writes benchmarks/results/decode.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from genforge.checkpoint import load_model
+from genforge.generate.generator import stream
+from genforge.generate.processors import SamplingParams
+from genforge.inference import PackedLinear, can_pack, pack_for_cpu_inference
+
+SHAPES = {
+    "gpt2-124m": transformers.GPT2Config(n_positions=1024),
+    "smollm-135m": transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(), "os": platform.platform()}
+
+
+def gemv_bandwidth(repeats: int = 20) -> dict[str, float]:
+    """Bytes/s of fp32 matrix-vector products over a 256 MB matrix (far larger than any cache),
+    through each kernel available: MKL's `torch.mv` and oneDNN with a pre-packed weight. The
+    roofline uses the fastest, so no implementation can look better than the memory allows."""
+    weight, x = torch.randn(16384, 4096), torch.randn(1, 4096)
+    kernels = {"mkl_mv": lambda: torch.mv(weight, x[0])}
+    if can_pack(torch.nn.Linear(1, 1)):
+        packed = PackedLinear(torch.nn.Linear(4096, 16384, bias=False))
+        packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 128)
+        kernels["onednn_packed"] = lambda: packed(x)
+    measured = {}
+    for name, kernel in kernels.items():
+        for _ in range(3):
+            kernel()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kernel()
+            times.append(time.perf_counter() - start)
+        measured[name] = weight.numel() * 4 / statistics.median(times)
+    return measured
+
+
+def hf_generate(model, prompts, new_tokens):
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, prompts.shape[1]:]
+
+
+def genforge_generate(model, prompts, new_tokens, timings=None):
+    """Greedy tokens; `timings` gets (time to first token, time of the remaining steps)."""
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
+    tokens = [[] for _ in range(prompts.shape[0])]
+    start = time.perf_counter()
+    first = None
+    for event in stream(model, prompts.tolist(), params, eos_token_ids=[]):
+        tokens[event.row].append(event.token_id)
+        if first is None and event.row == prompts.shape[0] - 1:
+            first = time.perf_counter()
+    if timings is not None:
+        timings.append((first - start, time.perf_counter() - first))
+    return torch.tensor(tokens)
+
+
+def weight_bytes(model) -> int:
+    """Bytes a batch-1 decode step reads: every matrix, norm and bias once, the vocabulary
+    matrix once (it is the LM head even when tied), and a single row of each embedding."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.startswith("embed_") and not (name == "embed_tokens.weight" and model.config.tie_word_embeddings):
+            total += p.shape[-1] * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run(shape: str, batches, prompt_len: int, new_tokens: int, repeats: int, bandwidth: float) -> list[dict]:
+    config = SHAPES[shape]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        ours = load_model(directory)
+    weights = weight_bytes(ours)  # counted before packing hides the matrices in opaque buffers
+    pack_for_cpu_inference(ours)
+    rows = []
+    for batch in batches:
+        prompts = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            same = torch.equal(hf_generate(hf, prompts, 8), genforge_generate(ours, prompts, 8))
+        hf_times, gf_times, steps = [], [], []
+        for _ in range(repeats):  # alternate, so drifting machine load hits both alike
+            with torch.inference_mode():
+                start = time.perf_counter()
+                hf_generate(hf, prompts, new_tokens)
+                hf_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                genforge_generate(ours, prompts, new_tokens, steps)
+                gf_times.append(time.perf_counter() - start)
+        hf_tps = batch * new_tokens / statistics.median(hf_times)
+        gf_tps = batch * new_tokens / statistics.median(gf_times)
+        decode_step = statistics.median(rest for _, rest in steps) / (new_tokens - 1)
+        roofline_step = weights / bandwidth
+        row = {
+            "model": shape, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+            "transformers_tokens_per_s": round(hf_tps, 2), "genforge_tokens_per_s": round(gf_tps, 2),
+            "speedup": round(gf_tps / hf_tps, 3), "greedy_tokens_identical": same,
+            "genforge_decode_step_ms": round(decode_step * 1e3, 2),
+            "roofline_step_ms": round(roofline_step * 1e3, 2),
+            "roofline_fraction": round(roofline_step / decode_step, 3) if batch == 1 else None,
+            "weight_mb": round(weights / 1e6, 1),
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 1 and 8)")
+    parser.add_argument("--model", action="append", choices=list(SHAPES), help="shapes (default all)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    kernels = gemv_bandwidth()
+    bandwidth = max(kernels.values())
+    print(f"GEMV bandwidth: {', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in kernels.items())} on {machine()}", flush=True)
+    rows = []
+    for shape in args.model or list(SHAPES):
+        rows += run(shape, args.batch or [1, 8], args.prompt_tokens, args.new_tokens, args.repeats, bandwidth)
+    result = {"machine": machine(), "gemv_bandwidth_gb_s": {k: round(v / 1e9, 2) for k, v in kernels.items()},
+              "results": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"Decode benchmark on {result['machine']['cpu']}, {args.threads} threads, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; fp32, random weights, greedy, {args.prompt_tokens}-token prompt, "
+        f"{args.new_tokens} new tokens; median of {args.repeats}. Roofline at the fastest measured GEMV bandwidth, "
+        f"{bandwidth / 1e9:.1f} GB/s ({', '.join(f'{k} {v / 1e9:.1f}' for k, v in kernels.items())}).",
+        "",
+        "| model | batch | transformers tok/s | genforge tok/s | speedup | decode step ms | roofline ms | roofline % | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fraction = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] else "-"
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['transformers_tokens_per_s']:.1f} | {r['genforge_tokens_per_s']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['genforge_decode_step_ms']} | {r['roofline_step_ms']} | {fraction} | "
+            f"{r['greedy_tokens_identical']} |"
+        )
+    (out / "decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
