@@ -27,3 +27,32 @@ def hf_model_dir(tmp_path_factory):
         return built[name]
 
     return get
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    """A tiny random Llama saved with the real all-MiniLM WordPiece tokenizer and a chat
+    template. Its embedding table is padded past the tokenizer's 30522 tokens, and the padded
+    rows are made the most likely outputs: they must still never be generated."""
+    from genforge.checkpoint import save_model
+    from genforge.config import Config
+    from genforge.encoder import default_encoder_path
+    from genforge.model import Transformer
+    from genforge.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(default_encoder_path())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = Config(family="llama", vocab_size=30592, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, max_position_embeddings=256, eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    with torch.no_grad():  # padded rows aligned with the final hidden state of the prompt "x"
+        hidden = model(torch.tensor([tokenizer.encode("x")])).hidden_states[0, -1]
+        model.lm_head.weight[tokenizer.vocab_size:] = hidden * 10
+    return save_model(model, tmp_path_factory.mktemp("tiny") / "model", tokenizer=tokenizer)

@@ -90,3 +90,54 @@ def test_bad_input_is_refused_before_work(hf_model_dir):
         generate(model, [[5], []], SamplingParams(max_new_tokens=2))
     with pytest.raises(ValueError, match="stop strings need a tokenizer"):
         generate(model, [[5]], SamplingParams(max_new_tokens=2, stop=["x"]))
+
+
+# ------------------------------------------------------------------- text: stops and streaming
+@pytest.fixture(scope="module")
+def text_model(text_model_dir):
+    from genforge.tokenizer import Tokenizer
+
+    return load_model(text_model_dir), Tokenizer.from_dir(text_model_dir)
+
+
+def test_stop_string_cuts_the_text_and_never_streams_part_of_it(text_model):
+    model, tokenizer = text_model
+    prompt = [tokenizer.encode("paged attention")]
+    free = generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=30), tokenizer=tokenizer,
+                    eos_token_ids=[])[0]
+    words = free.text.split()
+    stop = " ".join(words[3:5])  # a stop string that spans tokens, in the middle of the text
+    params = SamplingParams(temperature=0, max_new_tokens=30, stop=[stop])
+    events = list(stream(model, prompt, params, tokenizer=tokenizer, eos_token_ids=[]))
+    text = "".join(e.text for e in events)
+    # Equality also proves no streamed piece carried the start of the stop string.
+    assert text == free.text[: free.text.index(stop)]
+    assert events[-1].finish_reason == "stop"
+    assert len(events) < 30
+
+
+def test_streamed_text_equals_decoded_tokens(text_model):
+    model, tokenizer = text_model
+    params = SamplingParams(temperature=1.0, seed=11, max_new_tokens=40)
+    [done] = generate(model, [tokenizer.encode("hello")], params, tokenizer=tokenizer, eos_token_ids=[])
+    assert done.text == tokenizer.decode(done.token_ids, skip_special_tokens=True)
+    assert done.finish_reason == "length"
+
+
+def test_padded_embedding_rows_are_never_sampled(text_model):
+    model, tokenizer = text_model
+    assert model.config.vocab_size > tokenizer.vocab_size
+    done = generate(model, [tokenizer.encode("x")], SamplingParams(temperature=0, max_new_tokens=20),
+                    tokenizer=tokenizer, eos_token_ids=[])[0]
+    assert all(t < tokenizer.vocab_size for t in done.token_ids)
+    # Without the tokenizer the model's own vocabulary is the limit, and a padded row wins.
+    raw = generate(model, [tokenizer.encode("x")], SamplingParams(temperature=0, max_new_tokens=1), eos_token_ids=[])[0]
+    assert raw.token_ids[0] >= tokenizer.vocab_size
+
+
+def test_eos_from_the_tokenizer_ends_generation(text_model):
+    model, tokenizer = text_model
+    params = SamplingParams(temperature=0, max_new_tokens=20, logit_bias={tokenizer.sep_token_id: 100.0})
+    [done] = generate(model, [tokenizer.encode("x")], params, tokenizer=tokenizer)
+    assert done.token_ids == [tokenizer.sep_token_id]
+    assert done.finish_reason == "stop" and done.text == ""

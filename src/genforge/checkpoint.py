@@ -253,6 +253,17 @@ def read_config(directory: str | Path) -> Config:
         raise CheckpointError(f"{config_path} lacks the field {err}") from None
 
 
+def read_generation_config(directory: str | Path) -> dict:
+    """The checkpoint's `generation_config.json` (sampling defaults, eos ids), or {}."""
+    path = Path(directory) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from None
+
+
 def load_model(
     directory: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -417,4 +428,4 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-__all__ = ["CheckpointError", "Rule", "WEIGHT_MAPS", "SUPPORTED_FAMILIES", "load_model", "save_model", "read_config", "resolve_dtype"]
+__all__ = ["CheckpointError", "Rule", "WEIGHT_MAPS", "SUPPORTED_FAMILIES", "load_model", "save_model", "read_config", "read_generation_config", "resolve_dtype"]

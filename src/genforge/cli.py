@@ -15,19 +15,28 @@ from rich.console import Console
 console = Console(stderr=True, highlight=False)
 
 
+# Sampling flags that fall back to the checkpoint's generation_config.json when not given.
+_FROM_GENERATION_CONFIG = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+                           "no_repeat_ngram_size")
+
+
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling (defaults: plain sampling at temperature 1)")
+    group = parser.add_argument_group(
+        "sampling",
+        "Unset flags take the model's generation_config.json values (do_sample false there means greedy), "
+        "else plain sampling at temperature 1 with every filter off.",
+    )
     group.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
     group.add_argument("--min-new-tokens", type=int, default=0, help="keep end-of-sequence out until this many tokens")
-    group.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy decoding")
-    group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass (1: off)")
-    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability (0: off)")
-    group.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass (1: off)")
-    group.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens (1: off)")
+    group.add_argument("--temperature", type=float, help="softmax temperature; 0 is greedy decoding")
+    group.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
+    group.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with this mass (1: off)")
+    group.add_argument("--min-p", type=float, help="drop tokens below min_p x the top probability (0: off)")
+    group.add_argument("--typical-p", type=float, help="locally typical sampling mass (1: off)")
+    group.add_argument("--repetition-penalty", type=float, help="CTRL penalty on seen tokens (1: off)")
     group.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, -2..2")
     group.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, -2..2")
-    group.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size")
+    group.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
     group.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
                        help="add BIAS to token ID's logit (repeatable; -inf bans it)")
     group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
@@ -36,7 +45,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
 
 
-def _sampling_params(args):
+def _sampling_params(args, generation_config: dict):
     from .generate.processors import SamplingParams
 
     bias = {}
@@ -45,14 +54,32 @@ def _sampling_params(args):
         if not sep:
             raise ValueError(f"--logit-bias takes ID=BIAS, got {item!r}")
         bias[int(token)] = float(value)
+    chosen = {}
+    for name in _FROM_GENERATION_CONFIG:
+        value = getattr(args, name)
+        if value is None and generation_config.get(name) is not None:
+            value = generation_config[name]
+        if value is not None:
+            chosen[name] = value
+    if args.temperature is None and generation_config.get("do_sample") is False:
+        chosen["temperature"] = 0.0
     return SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, logit_bias=bias or None,
-        min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens, stop=args.stop,
-        stop_token_ids=args.stop_token_id, seed=args.seed,
+        **chosen, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        logit_bias=bias or None, min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens,
+        stop=args.stop, stop_token_ids=args.stop_token_id, seed=args.seed,
     )
+
+
+def _eos_ids(model, tokenizer, generation_config: dict) -> list[int]:
+    """Every id that ends a turn: config.json's, generation_config.json's and the tokenizer's
+    (Llama-3 instruct models, for one, end turns with an id only generation_config lists)."""
+    ids = set()
+    for source in (model.config.eos_token_id, generation_config.get("eos_token_id"), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)
 
 
 def _load(args):
@@ -69,15 +96,19 @@ def _load(args):
 def cmd_generate(args) -> int:
     from .generate.generator import stream
 
-    params = _sampling_params(args)  # validate before loading anything
+    from .checkpoint import read_generation_config
+
+    generation_config = read_generation_config(args.model)
+    params = _sampling_params(args, generation_config)  # validate before loading the weights
     model, tokenizer = _load(args)
+    eos = _eos_ids(model, tokenizer, generation_config)
     texts = args.prompt
     if args.chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
     prompts = [tokenizer.encode(t, add_special_tokens=not args.chat) for t in texts]
     outputs = [""] * len(prompts)
     reasons = [None] * len(prompts)
-    for event in stream(model, prompts, params, tokenizer=tokenizer):
+    for event in stream(model, prompts, params, tokenizer=tokenizer, eos_token_ids=eos):
         if len(prompts) == 1:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -95,8 +126,12 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     from .generate.generator import stream
 
-    params = _sampling_params(args)
+    from .checkpoint import read_generation_config
+
+    generation_config = read_generation_config(args.model)
+    params = _sampling_params(args, generation_config)
     model, tokenizer = _load(args)
+    eos = _eos_ids(model, tokenizer, generation_config)
     if tokenizer.chat_template is None:
         raise ValueError(f"{args.model} has no chat template; use `genforge generate` for plain completion")
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -115,7 +150,7 @@ def cmd_chat(args) -> int:
         prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         sys.stdout.write("assistant> ")
         reply = ""
-        for event in stream(model, [prompt], params, tokenizer=tokenizer):
+        for event in stream(model, [prompt], params, tokenizer=tokenizer, eos_token_ids=eos):
             reply += event.text
             sys.stdout.write(event.text)
             sys.stdout.flush()
