@@ -154,3 +154,17 @@ def test_integer_tensor_is_refused(tmp_path, hf_model_dir):
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
     with pytest.raises(ValueError, match=r"model\.norm\.weight has dtype torch.int8"):
         load_model(tmp_path)
+
+
+def test_moe_load_balancing_loss_matches_transformers(hf_model_dir):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from genforge.model import load_balancing_loss
+
+    model = load_model(hf_model_dir("mixtral")[1])
+    ids, _ = padded_batch(lengths=(12, 12))
+    out = model(ids)
+    assert len(out.router_logits) == model.config.num_layers
+    expected = load_balancing_loss_func(tuple(out.router_logits), model.config.num_experts, model.config.num_experts_per_token)
+    got = load_balancing_loss(out.router_logits, model.config.num_experts, model.config.num_experts_per_token)
+    torch.testing.assert_close(got, expected)
