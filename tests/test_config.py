@@ -46,3 +46,17 @@ def test_window_per_layer():
     config = llama(sliding_window=8, layer_types=("full", "sliding"))
     assert [config.window_of_layer(i) for i in range(2)] == [None, 8]
     assert llama(sliding_window=8).window_of_layer(0) == 8
+
+
+def test_legacy_rope_keys_are_read_and_not_written_back():
+    legacy = dict(model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=8, max_position_embeddings=131072, rope_theta=500000.0, torch_dtype="bfloat16",
+                  rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=8192))
+    config = Config.from_hf(legacy)
+    assert config.rope_theta == 500000.0 and config.rope_type == "llama3"
+    assert config.rope_scaling["original_max_position_embeddings"] == 8192
+    written = config.to_hf()
+    assert "rope_scaling" not in written and "rope_theta" not in written and "torch_dtype" not in written
+    assert written["rope_parameters"]["rope_theta"] == 500000.0
+    assert Config.from_hf(written).rope_scaling == config.rope_scaling

@@ -204,7 +204,10 @@ class Config:
             pad_token_id=self.pad_token_id,
             tie_word_embeddings=self.tie_word_embeddings,
         )
-        out.pop("transformers_version", None)
+        # Keys of older transformers releases that the fields above now express; keeping
+        # them could contradict what the writer wrote.
+        for stale in ("transformers_version", "rope_theta", "rope_scaling", "torch_dtype"):
+            out.pop(stale, None)
         return out
 
 
@@ -415,8 +418,6 @@ def _write_llama_like(cfg: Config) -> dict[str, Any]:
         hidden_act=_HF_ACTIVATION[cfg.activation],
         **_write_rope(cfg),
     )
-    out.pop("rope_theta", None)
-    out.pop("rope_scaling", None)
     if cfg.family in ("llama", "gemma", "qwen3"):
         out["attention_bias"] = cfg.qkv_bias
     if cfg.family == "llama":
