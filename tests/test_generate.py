@@ -116,11 +116,16 @@ def test_stop_string_cuts_the_text_and_never_streams_part_of_it(text_model):
     assert len(events) < 30
 
 
-def test_streamed_text_equals_decoded_tokens(text_model):
+def test_streamed_text_is_the_continuation_of_the_prompt(text_model):
+    """WordPiece starts a decode without a space: the completion keeps the one it has after
+    the prompt, so prompt text + completion text == the whole sequence decoded."""
     model, tokenizer = text_model
     params = SamplingParams(temperature=1.0, seed=11, max_new_tokens=40)
-    [done] = generate(model, [tokenizer.encode("hello")], params, tokenizer=tokenizer, eos_token_ids=[])
-    assert done.text == tokenizer.decode(done.token_ids, skip_special_tokens=True)
+    prompt = tokenizer.encode("hello world", add_special_tokens=False)
+    [done] = generate(model, [prompt], params, tokenizer=tokenizer, eos_token_ids=[])
+    whole = tokenizer.decode(prompt + done.token_ids, skip_special_tokens=True)
+    assert "hello world" + done.text == whole
+    assert done.text.startswith(" ")  # a new word after the prompt
     assert done.finish_reason == "length"
 
 

@@ -395,6 +395,16 @@ class IncrementalDecoder:
         self._slide(text)
         return piece
 
+    def prime(self, context_ids: Iterable[int]) -> None:
+        """Continue after `context_ids` (a prompt): their text counts as already sent.
+
+        A continuation decoded on its own can lose the spacing it has after the prompt (a
+        SentencePiece or WordPiece word at the start of a decode gets no leading space), so a
+        completion's text is decode(prompt + generated) minus decode(prompt), as here.
+        """
+        self._window = self._tokenizer._check_ids(context_ids)[-self.CONTEXT :]
+        self._sent = len(self._decode(self._window))
+
     def finish(self) -> str:
         """Return whatever is still held back and reset for a new sequence."""
         rest = self._decode(self._window)[self._sent:]

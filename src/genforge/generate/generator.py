@@ -25,7 +25,8 @@ class Completion:
     """What generation produced for one prompt."""
 
     token_ids: list[int] = field(default_factory=list)  # generated tokens, stop token included
-    text: str | None = None  # decoded generation, cut before any stop string (needs a tokenizer)
+    # decode(prompt + generated) minus decode(prompt), cut before any stop string (needs a tokenizer)
+    text: str | None = None
     finish_reason: str | None = None  # "stop" (eos, stop token or stop string) or "length"
 
 
@@ -104,7 +105,7 @@ def stream(
         tokens[i, longest - len(p) : longest] = torch.tensor(p)
         mask[i, longest - len(p) : longest] = 1
     cache = ContiguousKVCache(config, batch, capacity, dtype=model.dtype, device=device)
-    detokenizers = [_stop_watcher(tokenizer, params) for _ in range(batch)]
+    detokenizers = [_stop_watcher(tokenizer, params, prompt) for prompt in prompts]
     rows = list(range(batch))  # original row index of each active batch position
     length = longest
 
@@ -185,8 +186,9 @@ class _StopWatcher:
     so a streamed client never sees part of a stop string.
     """
 
-    def __init__(self, tokenizer, params: SamplingParams) -> None:
+    def __init__(self, tokenizer, params: SamplingParams, prompt: list[int]) -> None:
         self.decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+        self.decoder.prime(prompt)
         self.stops = [s for s in (params.stop or []) if s]
         self.pending = ""
         self.stopped = False
@@ -218,8 +220,8 @@ class _NoText:
         return ""
 
 
-def _stop_watcher(tokenizer, params):
-    return _StopWatcher(tokenizer, params) if tokenizer is not None else _NoText()
+def _stop_watcher(tokenizer, params, prompt):
+    return _StopWatcher(tokenizer, params, prompt) if tokenizer is not None else _NoText()
 
 
 def _overlap(text: str, stop: str) -> int:
