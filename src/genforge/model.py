@@ -205,7 +205,7 @@ def build_attention_mask(
     num_keys: int,
     causal: bool,
     window: int | None,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """Boolean mask (batch or 1, 1, queries, keys); True where a query may attend.
 
     `query_slots` are the cache positions of the new tokens; key i sits at cache position i.
