@@ -70,18 +70,6 @@ def _sampling_params(args, generation_config: dict):
     )
 
 
-def _eos_ids(model, tokenizer, generation_config: dict) -> list[int]:
-    """Every id that ends a turn: config.json's, generation_config.json's and the tokenizer's
-    (Llama-3 instruct models, for one, end turns with an id only generation_config lists)."""
-    ids = set()
-    for source in (model.config.eos_token_id, generation_config.get("eos_token_id"), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return sorted(ids)
-
-
 def _load(args):
     from .checkpoint import load_model
     from .inference import pack_for_cpu_inference
@@ -97,11 +85,13 @@ def cmd_generate(args) -> int:
     from .generate.generator import stream
 
     from .checkpoint import read_generation_config
+    from .generate.generator import end_of_sequence_ids
 
     generation_config = read_generation_config(args.model)
     params = _sampling_params(args, generation_config)  # validate before loading the weights
     model, tokenizer = _load(args)
-    eos = _eos_ids(model, tokenizer, generation_config)
+    # Llama-3 instruct models, for one, end turns with an id only generation_config lists.
+    eos = sorted(end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id")))
     texts = args.prompt
     if args.chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
@@ -127,11 +117,13 @@ def cmd_chat(args) -> int:
     from .generate.generator import stream
 
     from .checkpoint import read_generation_config
+    from .generate.generator import end_of_sequence_ids
 
     generation_config = read_generation_config(args.model)
     params = _sampling_params(args, generation_config)
     model, tokenizer = _load(args)
-    eos = _eos_ids(model, tokenizer, generation_config)
+    # Llama-3 instruct models, for one, end turns with an id only generation_config lists.
+    eos = sorted(end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id")))
     if tokenizer.chat_template is None:
         raise ValueError(f"{args.model} has no chat template; use `genforge generate` for plain completion")
     history = [{"role": "system", "content": args.system}] if args.system else []

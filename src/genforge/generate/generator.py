@@ -41,7 +41,7 @@ class StreamEvent:
     finish_reason: str | None
 
 
-def _as_prompt_lists(prompts) -> list[list[int]]:
+def as_prompt_lists(prompts) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
     elif prompts and isinstance(prompts[0], int):
@@ -67,11 +67,12 @@ def stream(
     Stop strings need `tokenizer`; eos ids default to the tokenizer's and the model config's.
     """
     params = params or SamplingParams()
-    prompts = _as_prompt_lists(prompts)
+    prompts = as_prompt_lists(prompts)
     config = model.config
     if not config.causal:
         raise ValueError(f"{config.family} is an encoder; generation needs a causal language model")
-    eos = _eos_ids(eos_token_ids, tokenizer, config) | set(params.stop_token_ids or ())
+    eos = end_of_sequence_ids(config, tokenizer, override=eos_token_ids)
+    eos |= set(params.stop_token_ids or ())
     if params.stop and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to detect them; pass tokenizer=")
     for i, p in enumerate(prompts):
@@ -155,7 +156,7 @@ def generate(
     eos_token_ids: Sequence[int] | None = None,
 ) -> list[Completion]:
     """Generate for a batch of prompts (token-id lists); one `Completion` per prompt."""
-    prompts = _as_prompt_lists(prompts)
+    prompts = as_prompt_lists(prompts)
     params = params or SamplingParams()
     completions = [Completion(text="" if tokenizer is not None else None) for _ in prompts]
     for event in stream(model, prompts, params, tokenizer, eos_token_ids):
@@ -167,11 +168,14 @@ def generate(
     return completions
 
 
-def _eos_ids(explicit, tokenizer, config) -> set[int]:
-    if explicit is not None:
-        return set(explicit)
+def end_of_sequence_ids(config, tokenizer=None, *more, override=None) -> set[int]:
+    """Every id that ends a sequence: the model config's, the tokenizer's, and any `more` (an
+    id or a list of ids, such as generation_config.json's `eos_token_id`). A caller's explicit
+    list (`override`, [] for none) replaces them all."""
+    if override is not None:
+        return set(override)
     ids: set[int] = set()
-    for source in (config.eos_token_id, getattr(tokenizer, "eos_token_id", None)):
+    for source in (config.eos_token_id, getattr(tokenizer, "eos_token_id", None), *more):
         if isinstance(source, int):
             ids.add(source)
         elif source:
