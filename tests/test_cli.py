@@ -87,3 +87,57 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert "timeit" in out  # "measure how long a snippet of code takes" finds the timeit module
     assert "logits identical" in out
     assert (tmp_path / "demo" / "model.safetensors").exists()
+
+
+def test_beam_strategy_prints_ranked_hypotheses(text_model_dir, capsys):
+    from genforge.generate.beam import beam_search
+    from genforge.generate.generator import continuation_text, only_text_tokens
+    from genforge.generate.processors import build_processors
+
+    assert main(["generate", "--model", str(text_model_dir), "--prompt", "kv cache", "--strategy", "beam",
+                 "--num-beams", "3", "--num-return-sequences", "2", "--max-new-tokens", "5"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 2 and lines[0]["score"] >= lines[1]["score"]
+    tokenizer = Tokenizer.from_dir(text_model_dir)
+    prompt = tokenizer.encode("kv cache")
+    model = load_model(text_model_dir)
+    eos = [tokenizer.sep_token_id]
+    # The padded embedding rows are banned, as the CLI bans them.
+    bans = build_processors(only_text_tokens(SamplingParams(temperature=0), model.config.vocab_size, tokenizer), eos)
+    [expected] = beam_search(model, [prompt], num_beams=3, max_new_tokens=5, num_return_sequences=2,
+                             eos_token_ids=eos, processors=bans)
+    assert [line["completion"] for line in lines] == [continuation_text(tokenizer, prompt, h.token_ids) for h in expected]
+
+
+def test_prompt_lookup_greedy_equals_plain_greedy(text_model_dir, capsys):
+    args = ["generate", "--model", str(text_model_dir), "--prompt", "a b a b a b", "--temperature", "0",
+            "--max-new-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--strategy", "prompt-lookup"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "acceptance rate" in captured.err
+
+
+def test_speculative_with_the_model_as_its_own_draft(text_model_dir, capsys):
+    args = ["generate", "--model", str(text_model_dir), "--prompt", "draft", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--strategy", "speculative", "--draft", str(text_model_dir)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "acceptance rate 1.00" in captured.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy", "speculative"], "needs --draft"),
+    (["--draft", "x"], "only by --strategy speculative"),
+    (["--strategy", "beam", "--stop", "x"], "--stop is supported by --strategy sample only"),
+    (["--num-beam-groups", "2"], "for --strategy diverse-beam"),
+])
+def test_strategy_flag_mistakes_are_refused_before_loading(flags, message, capsys, tmp_path):
+    # The model directory does not exist: the flag error must come first.
+    (tmp_path / "generation_config.json").write_text("{}")
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -81,14 +81,30 @@ def _load(args):
     return model, tokenizer
 
 
-def cmd_generate(args) -> int:
-    from .generate.generator import stream
+STRATEGIES = ("sample", "beam", "diverse-beam", "speculative", "prompt-lookup")
 
+
+def _check_strategy_flags(args) -> None:
+    """Refuse flag combinations that would be silently ignored, before loading anything."""
+    if args.strategy == "speculative" and not args.draft:
+        raise ValueError("--strategy speculative needs --draft DIR, a smaller model with the same vocabulary")
+    if args.draft and args.strategy != "speculative":
+        raise ValueError("--draft is used only by --strategy speculative")
+    if args.strategy != "sample" and args.stop:
+        raise ValueError(f"--stop is supported by --strategy sample only; use --stop-token-id with {args.strategy}")
+    if args.strategy in ("speculative", "prompt-lookup") and len(args.prompt) > 1:
+        raise ValueError(f"--strategy {args.strategy} decodes one prompt at a time; pass a single --prompt")
+    if args.num_beam_groups > 1 and args.strategy != "diverse-beam":
+        raise ValueError("--num-beam-groups is for --strategy diverse-beam")
+
+
+def cmd_generate(args) -> int:
     from .checkpoint import read_generation_config
-    from .generate.generator import end_of_sequence_ids
+    from .generate.generator import continuation_text, end_of_sequence_ids, only_text_tokens
 
     generation_config = read_generation_config(args.model)
     params = _sampling_params(args, generation_config)  # validate before loading the weights
+    _check_strategy_flags(args)
     model, tokenizer = _load(args)
     # Llama-3 instruct models, for one, end turns with an id only generation_config lists.
     eos = sorted(end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id")))
@@ -96,6 +112,22 @@ def cmd_generate(args) -> int:
     if args.chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
     prompts = [tokenizer.encode(t, add_special_tokens=not args.chat) for t in texts]
+    if args.strategy == "sample":
+        return _stream_samples(args, model, tokenizer, prompts, params, eos)
+    params = only_text_tokens(params, model.config.vocab_size, tokenizer)
+    rows = _run_strategy(args, model, prompts, params, eos)  # (prompt index, token ids, extra fields)
+    for index, token_ids, extra in rows:
+        text = continuation_text(tokenizer, prompts[index], token_ids)
+        if len(rows) == 1:
+            print(text)
+        else:
+            print(json.dumps({"prompt": args.prompt[index], "completion": text, **extra}, ensure_ascii=False))
+    return 0
+
+
+def _stream_samples(args, model, tokenizer, prompts, params, eos) -> int:
+    from .generate.generator import stream
+
     outputs = [""] * len(prompts)
     reasons = [None] * len(prompts)
     for event in stream(model, prompts, params, tokenizer=tokenizer, eos_token_ids=eos):
@@ -111,6 +143,47 @@ def cmd_generate(args) -> int:
             print(json.dumps({"prompt": prompt, "completion": out}, ensure_ascii=False))
     console.print(f"[dim]finish reasons: {', '.join(str(r) for r in reasons)}[/dim]")
     return 0
+
+
+def _run_strategy(args, model, prompts, params, eos) -> list[tuple[int, list[int], dict]]:
+    if args.strategy in ("beam", "diverse-beam"):
+        from .generate.beam import beam_search
+        from .generate.processors import build_processors
+
+        # Beam search ranks whole sequences by log-probability; only the penalties and bans
+        # of the processors apply (temperature and truncation are for sampling).
+        processors = build_processors(_deterministic(params), eos, vocab_size=model.config.vocab_size)
+        beams = beam_search(
+            model, prompts, num_beams=args.num_beams, max_new_tokens=params.max_new_tokens,
+            length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+            num_return_sequences=args.num_return_sequences, eos_token_ids=eos, processors=processors,
+            num_beam_groups=args.num_beam_groups if args.strategy == "diverse-beam" else 1,
+            diversity_penalty=args.diversity_penalty if args.strategy == "diverse-beam" else 0.0,
+        )
+        return [(i, h.token_ids, {"score": round(h.score, 6), "finish_reason": h.finish_reason})
+                for i, hypotheses in enumerate(beams) for h in hypotheses]
+    from .generate.speculative import prompt_lookup_generate, speculative_generate
+
+    if args.strategy == "speculative":
+        from .checkpoint import load_model
+        from .inference import pack_for_cpu_inference
+
+        draft = pack_for_cpu_inference(load_model(args.draft, dtype=args.dtype, device=args.device))
+        done = speculative_generate(model, draft, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
+                                    eos_token_ids=eos)
+    else:
+        done = prompt_lookup_generate(model, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
+                                      eos_token_ids=eos)
+    stats = done.stats
+    console.print(f"[dim]{stats.generated} tokens in {stats.target_forwards} target passes; acceptance rate "
+                  f"{stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target pass[/dim]")
+    return [(0, done.token_ids, {"finish_reason": done.finish_reason})]
+
+
+def _deterministic(params):
+    import dataclasses
+
+    return dataclasses.replace(params, temperature=0.0)
 
 
 def cmd_chat(args) -> int:
@@ -170,6 +243,13 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _early_stopping(value: str):
+    table = {"true": True, "false": False, "never": "never"}
+    if value.lower() not in table:
+        raise argparse.ArgumentTypeError(f"expected true, false or never, got {value!r}")
+    return table[value.lower()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genforge",
@@ -195,6 +275,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     _add_sampling_flags(gen)
+    strategy = gen.add_argument_group("decoding strategy")
+    strategy.add_argument("--strategy", choices=STRATEGIES, default="sample",
+                          help="sample: token by token with the sampling flags (temperature 0 is greedy), streamed; "
+                               "beam / diverse-beam: beam search; speculative: a --draft model proposes tokens the "
+                               "target verifies (same output distribution); prompt-lookup: drafts copied from the "
+                               "prompt")
+    strategy.add_argument("--num-beams", type=int, default=4, help="beams (beam strategies)")
+    strategy.add_argument("--length-penalty", type=float, default=1.0,
+                          help="beam score = log-prob / length**penalty; > 0 favours longer outputs")
+    strategy.add_argument("--early-stopping", default=False, type=_early_stopping,
+                          help="beam: true (stop at num_beams finished), false (heuristic) or never")
+    strategy.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print per prompt")
+    strategy.add_argument("--num-beam-groups", type=int, default=1, help="diverse-beam: groups of beams")
+    strategy.add_argument("--diversity-penalty", type=float, default=0.5,
+                          help="diverse-beam: Hamming penalty on tokens chosen by earlier groups")
+    strategy.add_argument("--draft", default=None, help="speculative: draft model directory")
+    strategy.add_argument("--num-draft-tokens", type=int, default=4, help="speculative / prompt-lookup: k per round")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with streamed replies",

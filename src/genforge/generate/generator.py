@@ -10,6 +10,7 @@ a row that finishes leaves the batch at once, so it costs no further compute.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -88,10 +89,8 @@ def stream(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {capacity} exceeds the model's "
             f"context of {config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
         )
+    params = only_text_tokens(params, config.vocab_size, tokenizer)
     processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size)
-    # Embedding tables are often padded past the tokenizer's vocabulary (to a multiple of 64
-    # or 128); those rows were never trained and have no text, so they must never be sampled.
-    text_vocab = min(config.vocab_size, tokenizer.vocab_size) if tokenizer is not None else config.vocab_size
     generator = torch.Generator(device=model.device)
     if params.seed is not None:
         generator.manual_seed(params.seed)
@@ -115,8 +114,6 @@ def stream(
         for step in range(max_new_tokens):
             out = model(step_input, attention_mask=mask[:, :length], cache=cache, logits_to_keep=1)
             logits = out.logits[:, -1].float()
-            if text_vocab < config.vocab_size:
-                logits[:, text_vocab:] = float("-inf")
             context = DecodeContext(input_ids=tokens[:, :length], prompt_length=longest, attention_mask=mask[:, :length])
             logits = apply_processors(logits, context, processors)
             next_tokens = sample_next_token(logits, params, generator)
@@ -166,6 +163,26 @@ def generate(
             done.text += event.text
         done.finish_reason = event.finish_reason
     return completions
+
+
+def only_text_tokens(params: SamplingParams, model_vocab_size: int, tokenizer) -> SamplingParams:
+    """`params` with a ban on the ids past the tokenizer's vocabulary.
+
+    Embedding tables are often padded past the tokenizer (to a multiple of 64 or 128); those
+    rows were never trained and have no text, so they must never be chosen.
+    """
+    if tokenizer is None or tokenizer.vocab_size >= model_vocab_size:
+        return params
+    bans = dict.fromkeys(range(tokenizer.vocab_size, model_vocab_size), float("-inf"))
+    return dataclasses.replace(params, logit_bias={**bans, **(params.logit_bias or {})})
+
+
+def continuation_text(tokenizer, prompt: Sequence[int], token_ids: Sequence[int]) -> str:
+    """decode(prompt + token_ids) minus decode(prompt): the text of a completion, spaced as it
+    is after the prompt (special tokens skipped)."""
+    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    decoder.prime(prompt)
+    return "".join(decoder.step(t) for t in token_ids) + decoder.finish()
 
 
 def end_of_sequence_ids(config, tokenizer=None, *more, override=None) -> set[int]:
