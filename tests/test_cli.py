@@ -141,3 +141,30 @@ def test_strategy_flag_mistakes_are_refused_before_loading(flags, message, capsy
     (tmp_path / "generation_config.json").write_text("{}")
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_metrics_matches_the_library(tmp_path, capsys):
+    import sacrebleu
+
+    predictions = ["the cat sat on the mat", "a quick brown fox"]
+    references = ["the cat is on the mat", "the quick brown fox"]
+    (tmp_path / "pred.txt").write_text("\n".join(predictions) + "\n")
+    (tmp_path / "ref.txt").write_text("\n".join(references) + "\n")
+    assert main(["eval", "metrics", "--pred", str(tmp_path / "pred.txt"), "--ref", str(tmp_path / "ref.txt"),
+                 "--metrics", "bleu,rouge", "--out", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(predictions, [references]).score)
+    assert "| bleu |" in capsys.readouterr().out
+    (tmp_path / "short.txt").write_text("only one line\n")
+    assert main(["eval", "metrics", "--pred", str(tmp_path / "pred.txt"), "--ref", str(tmp_path / "short.txt")]) == 2
+    assert "has 2 lines but" in capsys.readouterr().err
+    assert main(["eval", "metrics", "--pred", str(tmp_path / "pred.txt"), "--metrics", "blue"]) == 2
+    assert "accepted: bleu" in capsys.readouterr().err
+
+
+def test_eval_ppl_prints_perplexity(text_model_dir, tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("the key value cache stores past keys and values. " * 8)
+    assert main(["eval", "ppl", "--model", str(text_model_dir), "--text", str(tmp_path / "text.txt"),
+                 "--max-length", "32", "--stride", "16"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] > 1 and result["windows"] > 1

@@ -243,6 +243,63 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _read_lines(path: str, what: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{what} file {path} does not exist") from None
+    return text.rstrip("\n").split("\n") if text else []
+
+
+def cmd_eval_metrics(args) -> int:
+    from .evaluate import METRICS, bertscore, compute
+
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    accepted = [*METRICS, "bertscore"]
+    unknown = [n for n in names if n not in accepted]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; accepted: {', '.join(accepted)}")
+    predictions = _read_lines(args.pred, "--pred")
+    reference_sets = [_read_lines(path, "--ref") for path in args.ref]
+    for path, refs in zip(args.ref, reference_sets):
+        if len(refs) != len(predictions):
+            raise ValueError(f"{args.pred} has {len(predictions)} lines but {path} has {len(refs)}; "
+                             "each reference file needs one line per prediction")
+    references = [list(row) for row in zip(*reference_sets)] if reference_sets else None
+    report = {}
+    plain = [n for n in names if n != "bertscore"]
+    for name, result in compute(plain, predictions, references).items():
+        report[name] = {"score": result.score, "details": result.details, "settings": result.settings}
+    if "bertscore" in names:
+        if references is None:
+            raise ValueError("bertscore needs --ref")
+        result = bertscore(predictions, references)
+        report["bertscore"] = {"score": result.score, "details": result.mean, "settings": result.settings}
+    print("| metric | score | details |\n|---|---|---|")
+    for name, entry in report.items():
+        details = ", ".join(f"{k} {v:.4g}" for k, v in entry["details"].items() if isinstance(v, (int, float)))
+        print(f"| {name} | {entry['score']:.4f} | {details} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        console.print(f"[dim]wrote {args.out}[/dim]")
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from .checkpoint import load_model
+    from .evaluate import perplexity_of_text
+    from .tokenizer import Tokenizer
+
+    text = Path(args.text).read_text(encoding="utf-8")
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = Tokenizer.from_dir(args.model)
+    result = perplexity_of_text(model, tokenizer, text, max_length=args.max_length, stride=args.stride)
+    print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
+                      "scored_tokens": result.num_scored_tokens, "windows": result.num_windows,
+                      **result.settings}, indent=2))
+    return 0
+
+
 def _early_stopping(value: str):
     table = {"true": True, "false": False, "never": "never"}
     if value.lower() not in table:
@@ -308,6 +365,24 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (keep the checkpoint's)")
     convert.add_argument("--max-shard-mb", type=float, default=5120, help="split weights into shards of this size")
     convert.set_defaults(func=cmd_convert)
+    evaluate = sub.add_parser("eval", help="evaluate text or models", description="Evaluation commands.")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+    metrics = eval_sub.add_parser("metrics", help="reference-based metrics over prediction/reference files",
+                                  description="Score predictions (one per line) against references (one file per "
+                                              "reference set, one line per prediction). Prints a Markdown table.")
+    metrics.add_argument("--pred", required=True, help="predictions, one per line")
+    metrics.add_argument("--ref", action="append", default=[], help="references, one per line (repeatable)")
+    metrics.add_argument("--metrics", default="bleu,chrf,rouge",
+                         help="comma-separated: bleu, chrf, rouge, squad, distinct_n, self_bleu, bertscore")
+    metrics.add_argument("--out", default=None, help="also write the full results (settings included) as JSON")
+    metrics.set_defaults(func=cmd_eval_metrics)
+    ppl = eval_sub.add_parser("ppl", help="perplexity of a model over a text file",
+                              description="Strided-window perplexity of a causal model over a text file.")
+    model_flags(ppl)
+    ppl.add_argument("--text", required=True, help="UTF-8 text file")
+    ppl.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
+    ppl.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
+    ppl.set_defaults(func=cmd_eval_ppl)
     return parser
 
 
