@@ -18,7 +18,14 @@ import torch
 
 from ..cache import ContiguousKVCache
 from ..model import Transformer
-from .processors import DecodeContext, SamplingParams, apply_processors, build_processors, sample_next_token
+from .processors import (
+    DecodeContext,
+    LogitsProcessor,
+    SamplingParams,
+    apply_processors,
+    build_processors,
+    sample_next_token,
+)
 
 
 @dataclass
@@ -62,10 +69,13 @@ def stream(
     params: SamplingParams | None = None,
     tokenizer=None,
     eos_token_ids: Sequence[int] | None = None,
+    extra_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[StreamEvent]:
     """Yield a `StreamEvent` per generated token, for a batch of prompts given as token ids.
 
     Stop strings need `tokenizer`; eos ids default to the tokenizer's and the model config's.
+    `extra_processors` run after the ones `params` builds (e.g. a `watermark.Watermark`,
+    which belongs after the sampling filters).
     """
     params = params or SamplingParams()
     prompts = as_prompt_lists(prompts)
@@ -91,6 +101,7 @@ def stream(
         )
     params = only_text_tokens(params, config.vocab_size, tokenizer)
     processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size)
+    processors += list(extra_processors)
     generator = torch.Generator(device=model.device)
     if params.seed is not None:
         generator.manual_seed(params.seed)
@@ -151,12 +162,14 @@ def generate(
     params: SamplingParams | None = None,
     tokenizer=None,
     eos_token_ids: Sequence[int] | None = None,
+    extra_processors: Sequence[LogitsProcessor] = (),
 ) -> list[Completion]:
-    """Generate for a batch of prompts (token-id lists); one `Completion` per prompt."""
+    """Generate for a batch of prompts (token-id lists); one `Completion` per prompt.
+    `extra_processors`: as in `stream`."""
     prompts = as_prompt_lists(prompts)
     params = params or SamplingParams()
     completions = [Completion(text="" if tokenizer is not None else None) for _ in prompts]
-    for event in stream(model, prompts, params, tokenizer, eos_token_ids):
+    for event in stream(model, prompts, params, tokenizer, eos_token_ids, extra_processors):
         done = completions[event.row]
         done.token_ids.append(event.token_id)
         if tokenizer is not None:
