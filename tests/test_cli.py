@@ -168,3 +168,29 @@ def test_eval_ppl_prints_perplexity(text_model_dir, tmp_path, capsys):
                  "--max-length", "32", "--stride", "16"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["perplexity"] > 1 and result["windows"] > 1
+
+
+def test_watermarked_generation_is_detected(text_model_dir, tmp_path, capsys):
+    base = ["generate", "--model", str(text_model_dir), "--prompt", "x", "--max-new-tokens", "80", "--seed", "5"]
+    assert main(base + ["--watermark", "42", "--watermark-delta", "8"]) == 0
+    (tmp_path / "marked.txt").write_text(capsys.readouterr().out)
+    assert main(base) == 0
+    (tmp_path / "plain.txt").write_text(capsys.readouterr().out)
+    verdicts = {}
+    for name in ("marked", "plain"):
+        assert main(["watermark", "detect", "--model", str(text_model_dir), "--text", str(tmp_path / f"{name}.txt"),
+                     "--key", "42"]) == 0
+        verdicts[name] = json.loads(capsys.readouterr().out)
+    assert verdicts["marked"]["watermarked"] and not verdicts["plain"]["watermarked"]
+
+
+def test_contrastive_strategies_run_from_the_cli(text_model_dir, capsys):
+    base = ["generate", "--model", str(text_model_dir), "--prompt", "x y", "--max-new-tokens", "6", "--temperature", "0"]
+    assert main(base) == 0
+    greedy = capsys.readouterr().out
+    assert main(base + ["--strategy", "contrastive", "--penalty-alpha", "0"]) == 0
+    assert capsys.readouterr().out == greedy  # alpha 0 is greedy
+    assert main(base + ["--strategy", "contrastive-decoding", "--amateur", str(text_model_dir)]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(base + ["--strategy", "contrastive-decoding"]) == 2
+    assert "needs --amateur" in capsys.readouterr().err

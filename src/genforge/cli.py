@@ -81,7 +81,7 @@ def _load(args):
     return model, tokenizer
 
 
-STRATEGIES = ("sample", "beam", "diverse-beam", "speculative", "prompt-lookup")
+STRATEGIES = ("sample", "beam", "diverse-beam", "contrastive", "contrastive-decoding", "speculative", "prompt-lookup")
 
 
 def _check_strategy_flags(args) -> None:
@@ -96,6 +96,12 @@ def _check_strategy_flags(args) -> None:
         raise ValueError(f"--strategy {args.strategy} decodes one prompt at a time; pass a single --prompt")
     if args.num_beam_groups > 1 and args.strategy != "diverse-beam":
         raise ValueError("--num-beam-groups is for --strategy diverse-beam")
+    if args.strategy == "contrastive-decoding" and not args.amateur:
+        raise ValueError("--strategy contrastive-decoding needs --amateur DIR, a weaker model with the same vocabulary")
+    if args.amateur and args.strategy != "contrastive-decoding":
+        raise ValueError("--amateur is used only by --strategy contrastive-decoding")
+    if args.watermark is not None and args.strategy != "sample":
+        raise ValueError("--watermark applies to --strategy sample")
 
 
 def cmd_generate(args) -> int:
@@ -113,7 +119,12 @@ def cmd_generate(args) -> int:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
     prompts = [tokenizer.encode(t, add_special_tokens=not args.chat) for t in texts]
     if args.strategy == "sample":
-        return _stream_samples(args, model, tokenizer, prompts, params, eos)
+        extra = []
+        if args.watermark is not None:
+            from .generate.watermark import Watermark
+
+            extra.append(Watermark(key=args.watermark, gamma=args.watermark_gamma, delta=args.watermark_delta))
+        return _stream_samples(args, model, tokenizer, prompts, params, eos, extra)
     params = only_text_tokens(params, model.config.vocab_size, tokenizer)
     rows = _run_strategy(args, model, prompts, params, eos)  # (prompt index, token ids, extra fields)
     for index, token_ids, extra in rows:
@@ -125,12 +136,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _stream_samples(args, model, tokenizer, prompts, params, eos) -> int:
+def _stream_samples(args, model, tokenizer, prompts, params, eos, extra_processors) -> int:
     from .generate.generator import stream
 
     outputs = [""] * len(prompts)
     reasons = [None] * len(prompts)
-    for event in stream(model, prompts, params, tokenizer=tokenizer, eos_token_ids=eos):
+    for event in stream(model, prompts, params, tokenizer=tokenizer, eos_token_ids=eos,
+                        extra_processors=extra_processors):
         if len(prompts) == 1:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -162,13 +174,26 @@ def _run_strategy(args, model, prompts, params, eos) -> list[tuple[int, list[int
         )
         return [(i, h.token_ids, {"score": round(h.score, 6), "finish_reason": h.finish_reason})
                 for i, hypotheses in enumerate(beams) for h in hypotheses]
+    if args.strategy in ("contrastive", "contrastive-decoding"):
+        from .generate import contrastive
+        from .generate.processors import build_processors
+
+        # Only the penalties and bans of the processors apply: these strategies choose by score.
+        bans = build_processors(_deterministic(params), eos, vocab_size=model.config.vocab_size)
+        if args.strategy == "contrastive":
+            done = contrastive.contrastive_search(model, prompts, args.penalty_alpha, params.top_k or 4,
+                                                  params.max_new_tokens, eos_token_ids=eos, processors=bans)
+        else:
+            amateur = _load_model_only(args, args.amateur)
+            done = contrastive.contrastive_decoding(model, amateur, prompts, alpha=args.plausibility_alpha,
+                                                    max_new_tokens=params.max_new_tokens,
+                                                    temperature=params.temperature, seed=params.seed,
+                                                    eos_token_ids=eos, processors=bans)
+        return [(i, c.token_ids, {"finish_reason": c.finish_reason}) for i, c in enumerate(done)]
     from .generate.speculative import prompt_lookup_generate, speculative_generate
 
     if args.strategy == "speculative":
-        from .checkpoint import load_model
-        from .inference import pack_for_cpu_inference
-
-        draft = pack_for_cpu_inference(load_model(args.draft, dtype=args.dtype, device=args.device))
+        draft = _load_model_only(args, args.draft)
         done = speculative_generate(model, draft, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
                                     eos_token_ids=eos)
     else:
@@ -178,6 +203,13 @@ def _run_strategy(args, model, prompts, params, eos) -> list[tuple[int, list[int
     console.print(f"[dim]{stats.generated} tokens in {stats.target_forwards} target passes; acceptance rate "
                   f"{stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target pass[/dim]")
     return [(0, done.token_ids, {"finish_reason": done.finish_reason})]
+
+
+def _load_model_only(args, directory):
+    from .checkpoint import load_model
+    from .inference import pack_for_cpu_inference
+
+    return pack_for_cpu_inference(load_model(directory, dtype=args.dtype, device=args.device))
 
 
 def _deterministic(params):
@@ -300,6 +332,21 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def cmd_watermark_detect(args) -> int:
+    from .checkpoint import read_config
+    from .generate.watermark import detect_watermark
+    from .tokenizer import Tokenizer
+
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else sys.stdin.read()
+    vocab_size = read_config(args.model).vocab_size
+    ids = Tokenizer.from_dir(args.model).encode(text, add_special_tokens=False)
+    result = detect_watermark(ids, vocab_size, key=args.key, gamma=args.gamma, z_threshold=args.z_threshold)
+    print(json.dumps({"watermarked": result.is_watermarked, "z_score": round(result.z_score, 3),
+                      "p_value": result.p_value, "green": result.num_green, "scored": result.num_scored,
+                      "green_fraction": round(result.green_fraction, 4)}, indent=2))
+    return 0
+
+
 def _early_stopping(value: str):
     table = {"true": True, "false": False, "never": "never"}
     if value.lower() not in table:
@@ -347,8 +394,18 @@ def build_parser() -> argparse.ArgumentParser:
     strategy.add_argument("--num-beam-groups", type=int, default=1, help="diverse-beam: groups of beams")
     strategy.add_argument("--diversity-penalty", type=float, default=0.5,
                           help="diverse-beam: Hamming penalty on tokens chosen by earlier groups")
+    strategy.add_argument("--penalty-alpha", type=float, default=0.6,
+                          help="contrastive: weight of the degeneration penalty (0 is greedy); uses --top-k (default 4)")
+    strategy.add_argument("--amateur", default=None, help="contrastive-decoding: the amateur model directory")
+    strategy.add_argument("--plausibility-alpha", type=float, default=0.1,
+                          help="contrastive-decoding: keep tokens with p_expert >= alpha x the top probability")
     strategy.add_argument("--draft", default=None, help="speculative: draft model directory")
     strategy.add_argument("--num-draft-tokens", type=int, default=4, help="speculative / prompt-lookup: k per round")
+    mark = gen.add_argument_group("watermark (Kirchenbauer et al. 2023)")
+    mark.add_argument("--watermark", type=int, default=None, metavar="KEY",
+                      help="bias a keyed green list of tokens; detect later with `genforge watermark detect`")
+    mark.add_argument("--watermark-gamma", type=float, default=0.25, help="fraction of the vocabulary that is green")
+    mark.add_argument("--watermark-delta", type=float, default=2.0, help="logit bias added to green tokens")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with streamed replies",
@@ -365,6 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (keep the checkpoint's)")
     convert.add_argument("--max-shard-mb", type=float, default=5120, help="split weights into shards of this size")
     convert.set_defaults(func=cmd_convert)
+    watermark = sub.add_parser("watermark", help="detect a green-list watermark in text",
+                               description="Watermark tools (Kirchenbauer et al. 2023).")
+    watermark_sub = watermark.add_subparsers(dest="watermark_command", required=True, metavar="WATERMARK_COMMAND")
+    detect = watermark_sub.add_parser("detect", help="z-test for the green-list watermark",
+                                      description="Re-tokenize the text with the model's tokenizer and count green "
+                                                  "tokens; prints the z-score, p-value and verdict as JSON.")
+    detect.add_argument("--model", required=True, help="the model directory (its tokenizer and vocabulary size)")
+    detect.add_argument("--text", default=None, help="text file (default: standard input)")
+    detect.add_argument("--key", type=int, required=True, help="the key used with --watermark")
+    detect.add_argument("--gamma", type=float, default=0.25, help="green fraction used when generating")
+    detect.add_argument("--z-threshold", type=float, default=4.0, help="z-score above which text is called marked")
+    detect.set_defaults(func=cmd_watermark_detect)
+
     evaluate = sub.add_parser("eval", help="evaluate text or models", description="Evaluation commands.")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
     metrics = eval_sub.add_parser("metrics", help="reference-based metrics over prediction/reference files",

@@ -225,6 +225,7 @@ def contrastive_decoding(
     temperature: float = 0.0,
     seed: int | None = None,
     eos_token_ids: Sequence[int] | None = None,
+    processors: Sequence[LogitsProcessor] = (),
 ) -> list[Completion]:
     """Contrastive decoding (Li et al. 2023) of `expert` against `amateur` for a batch of
     prompts; one `Completion` per prompt.
@@ -236,6 +237,8 @@ def contrastive_decoding(
     temperature: 0 (default) takes the best score; > 0 samples from
         softmax(score / temperature), reproducibly with `seed`.
     eos_token_ids: default the expert config's; `[]` to stop only at `max_new_tokens`.
+    processors: applied to the expert's logits before scoring (penalties, bans: a banned
+        token has expert probability 0 and so falls outside the plausible set).
 
     The models must share a tokenizer; genforge checks what it can, the vocabulary size.
     """
@@ -274,6 +277,9 @@ def contrastive_decoding(
                 m(step_input, attention_mask=mask[:, :length], cache=c, logits_to_keep=1).logits[:, -1]
                 for m, c in zip(models, caches)
             )
+            if processors:
+                context = DecodeContext(tokens[:, :length], longest, mask[:, :length])
+                expert_logits = apply_processors(expert_logits.float(), context, processors)
             scores = contrastive_decoding_scores(expert_logits, amateur_logits, alpha, amateur_temperature)
             if temperature > 0:
                 probs = torch.softmax(scores / temperature, dim=-1)
