@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--pred", required=True, help="predictions, one per line")
     metrics.add_argument("--ref", action="append", default=[], help="references, one per line (repeatable)")
     metrics.add_argument("--metrics", default="bleu,chrf,rouge",
-                         help="comma-separated: bleu, chrf, rouge, squad, distinct_n, self_bleu, bertscore")
+                         help="comma-separated: bleu, chrf, rouge, meteor, squad, distinct_n, self_bleu, bertscore")
     metrics.add_argument("--out", default=None, help="also write the full results (settings included) as JSON")
     metrics.set_defaults(func=cmd_eval_metrics)
     ppl = eval_sub.add_parser("ppl", help="perplexity of a model over a text file",

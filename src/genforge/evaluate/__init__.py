@@ -1,6 +1,8 @@
-"""Evaluation: reference-based text metrics, BERTScore, perplexity, classification and
-calibration. See docs/evaluation.md for each metric's definition, settings and the
-reference implementation it is checked against."""
+"""Evaluation: reference-based text metrics (BLEU, chrF, ROUGE, METEOR, SQuAD), BERTScore,
+perplexity, classification and calibration, pass@k with sandboxed code execution, LLM-as-judge
+aggregation (position swap, Bradley-Terry, Elo, Cohen's kappa) and A/B statistics. See
+docs/evaluation.md for each metric's definition, settings and the reference implementation it
+is checked against."""
 
 from .bertscore import BERTScorer, BERTScoreResult, IdfWeights, bertscore
 from .classification import (
@@ -27,7 +29,42 @@ from .metrics import (
     squad,
     token_f1_score,
 )
+from .code_eval import (
+    CodeEvalResult,
+    ExecutionResult,
+    evaluate_code,
+    mean_pass_at_k,
+    network_isolation,
+    pass_at_k,
+    run_candidate,
+)
+from .judge import (
+    Battle,
+    JudgedBattles,
+    PairJudgment,
+    Ratings,
+    bradley_terry,
+    cohen_kappa,
+    combine_orders,
+    elo_ratings,
+    judge_all,
+    judge_pair,
+    pairwise_prompt,
+    parse_verdict,
+)
+from .meteor import NoSynonyms, meteor, use_wordnet, wordnet_source
 from .perplexity import PerplexityResult, perplexity, perplexity_of_text, strided_windows
+from .stats import (
+    ConfidenceInterval,
+    HypothesisTestResult,
+    SampleSize,
+    bootstrap_ci,
+    bootstrap_difference_ci,
+    power_two_proportions,
+    sample_size_two_proportions,
+    two_proportion_ztest,
+    welch_t_test,
+)
 
 __all__ = [
     "METRICS", "ROUGE_TYPES", "BERTScoreResult", "BERTScorer", "CalibrationBin", "CalibrationResult", "IdfWeights",
@@ -35,4 +72,15 @@ __all__ = [
     "classification_metrics", "compute", "distinct_n", "exact_match_score", "expected_calibration_error",
     "normalize_answer", "perplexity", "perplexity_of_text", "reliability_diagram", "rouge", "self_bleu", "squad",
     "strided_windows", "token_f1_score",
+    # METEOR
+    "NoSynonyms", "meteor", "use_wordnet", "wordnet_source",
+    # pass@k and the code sandbox
+    "CodeEvalResult", "ExecutionResult", "evaluate_code", "mean_pass_at_k", "network_isolation", "pass_at_k",
+    "run_candidate",
+    # LLM-as-judge
+    "Battle", "JudgedBattles", "PairJudgment", "Ratings", "bradley_terry", "cohen_kappa", "combine_orders",
+    "elo_ratings", "judge_all", "judge_pair", "pairwise_prompt", "parse_verdict",
+    # A/B statistics
+    "ConfidenceInterval", "HypothesisTestResult", "SampleSize", "bootstrap_ci", "bootstrap_difference_ci",
+    "power_two_proportions", "sample_size_two_proportions", "two_proportion_ztest", "welch_t_test",
 ]

@@ -313,11 +313,18 @@ def self_bleu(predictions: Sequence[str], *, tokenize: str = "13a", max_ngram_or
 
 
 # ------------------------------------------------------------------------------ dispatcher
+def _meteor(predictions, references) -> MetricResult:
+    from .meteor import meteor  # meteor.py builds on this module: import it when used
+
+    return meteor(predictions, references)
+
+
 # name -> (function, needs references)
 METRICS: dict[str, tuple[Callable[..., MetricResult], bool]] = {
     "bleu": (bleu, True),
     "chrf": (chrf, True),
     "rouge": (rouge, True),
+    "meteor": (_meteor, True),
     "squad": (squad, True),
     "distinct_n": (distinct_n, False),
     "self_bleu": (self_bleu, False),
@@ -331,8 +338,8 @@ def compute(
 ) -> dict[str, MetricResult]:
     """Several metrics by name with their default settings: `{name: MetricResult}`.
 
-    Accepted names are the keys of `METRICS`: bleu, chrf, rouge, squad, distinct_n,
-    self_bleu. References are needed only by the reference-based ones. Call the functions
+    Accepted names are the keys of `METRICS`: bleu, chrf, rouge, meteor, squad,
+    distinct_n, self_bleu. References are needed only by the reference-based ones. Call the functions
     themselves to change settings.
     """
     names = [names] if isinstance(names, str) else list(names)
