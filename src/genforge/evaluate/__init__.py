@@ -1,6 +1,7 @@
 """Evaluation: reference-based text metrics (BLEU, chrF, ROUGE, METEOR, SQuAD), BERTScore,
 perplexity, classification and calibration, pass@k with sandboxed code execution, LLM-as-judge
-aggregation (position swap, Bradley-Terry, Elo, Cohen's kappa) and A/B statistics. See
+aggregation (position swap, Bradley-Terry, Elo, Cohen's kappa), A/B statistics and a benchmark
+harness for lm-evaluation-harness task YAML files. See
 docs/evaluation.md for each metric's definition, settings and the reference implementation it
 is checked against."""
 
@@ -37,6 +38,18 @@ from .code_eval import (
     network_isolation,
     pass_at_k,
     run_candidate,
+)
+from .harness import (
+    OUTPUT_TYPES,
+    Task,
+    TaskResult,
+    evaluate,
+    evaluate_task,
+    load_task,
+    loglikelihood,
+    loglikelihood_rolling,
+    results_table,
+    write_results,
 )
 from .judge import (
     Battle,
@@ -77,6 +90,9 @@ __all__ = [
     # pass@k and the code sandbox
     "CodeEvalResult", "ExecutionResult", "evaluate_code", "mean_pass_at_k", "network_isolation", "pass_at_k",
     "run_candidate",
+    # benchmark harness (lm-eval task YAML); genforge.evaluate.lm_eval_model registers genforge with lm_eval
+    "OUTPUT_TYPES", "Task", "TaskResult", "evaluate", "evaluate_task", "load_task", "loglikelihood",
+    "loglikelihood_rolling", "results_table", "write_results",
     # LLM-as-judge
     "Battle", "JudgedBattles", "PairJudgment", "Ratings", "bradley_terry", "cohen_kappa", "combine_orders",
     "elo_ratings", "judge_all", "judge_pair", "pairwise_prompt", "parse_verdict",
