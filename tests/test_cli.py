@@ -194,3 +194,22 @@ def test_contrastive_strategies_run_from_the_cli(text_model_dir, capsys):
     assert capsys.readouterr().out.strip()
     assert main(base + ["--strategy", "contrastive-decoding"]) == 2
     assert "needs --amateur" in capsys.readouterr().err
+
+
+def test_eval_harness_writes_the_library_results(text_model_dir, tmp_path, capsys):
+    from genforge.evaluate import evaluate
+
+    docs = [{"question": "Which pet?", "choices": ["cat", "dog"], "label": 0},
+            {"question": "Which animal?", "choices": ["a", "elephant"], "label": 1}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "task.yaml").write_text(
+        "task: pets\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: label\n"
+        "doc_to_choice: choices\n")
+    assert main(["eval", "harness", "--model", str(text_model_dir), "--tasks", str(tmp_path / "task.yaml"),
+                 "--out", str(tmp_path / "results")]) == 0
+    assert "| pets |" in capsys.readouterr().out
+    written = json.loads((tmp_path / "results" / "results.json").read_text())
+    expected = evaluate(load_model(text_model_dir), Tokenizer.from_dir(text_model_dir), [tmp_path / "task.yaml"])
+    assert written["pets"] == json.loads(json.dumps(expected["pets"].to_dict(False)))
+    assert main(["eval", "harness", "--model", str(text_model_dir), "--tasks", str(tmp_path / "missing.yaml")]) == 2

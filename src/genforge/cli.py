@@ -347,6 +347,25 @@ def cmd_watermark_detect(args) -> int:
     return 0
 
 
+def cmd_eval_harness(args) -> int:
+    from .checkpoint import load_model
+    from .evaluate import evaluate, results_table, write_results
+    from .evaluate.harness import load_task
+    from .inference import pack_for_cpu_inference
+    from .tokenizer import Tokenizer
+
+    tasks = [load_task(path) for path in args.tasks]  # every task file is checked before the model loads
+    model = pack_for_cpu_inference(load_model(args.model, dtype=args.dtype, device=args.device))
+    tokenizer = Tokenizer.from_dir(args.model)
+    results = evaluate(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                       batch_size=args.batch_size)
+    print(results_table(results))
+    if args.out:
+        json_path, md_path = write_results(results, args.out)
+        console.print(f"[dim]wrote {json_path} and {md_path}[/dim]")
+    return 0
+
+
 def _early_stopping(value: str):
     table = {"true": True, "false": False, "never": "never"}
     if value.lower() not in table:
@@ -453,6 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
     ppl.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
     ppl.set_defaults(func=cmd_eval_ppl)
+    harness = eval_sub.add_parser("harness", help="run lm-evaluation-harness-style YAML tasks on a model",
+                                  description="Run tasks written in lm-evaluation-harness's YAML conventions over "
+                                              "local JSONL data; prints a Markdown table (see docs/evaluation.md).")
+    model_flags(harness)
+    harness.add_argument("--tasks", nargs="+", required=True, help="task YAML files")
+    harness.add_argument("--num-fewshot", type=int, default=None, help="override each task's num_fewshot")
+    harness.add_argument("--limit", type=int, default=None, help="evaluate only the first N docs of each task")
+    harness.add_argument("--batch-size", type=int, default=8, help="contexts scored per forward pass")
+    harness.add_argument("--out", default=None, help="directory for results.json and results.md")
+    harness.set_defaults(func=cmd_eval_harness)
     return parser
 
 
