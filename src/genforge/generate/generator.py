@@ -74,8 +74,8 @@ def stream(
     """Yield a `StreamEvent` per generated token, for a batch of prompts given as token ids.
 
     Stop strings need `tokenizer`; eos ids default to the tokenizer's and the model config's.
-    `extra_processors` run after the ones `params` builds (e.g. a `watermark.Watermark`,
-    which belongs after the sampling filters).
+    `extra_processors` (a `watermark.Watermark`, a `constrained` grammar) run after the
+    penalties `params` builds and before its temperature and truncation filters.
     """
     params = params or SamplingParams()
     prompts = as_prompt_lists(prompts)
@@ -100,8 +100,8 @@ def stream(
             f"context of {config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
         )
     params = only_text_tokens(params, config.vocab_size, tokenizer)
-    processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size)
-    processors += list(extra_processors)
+    processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size,
+                                  before_sampling=extra_processors)
     generator = torch.Generator(device=model.device)
     if params.seed is not None:
         generator.manual_seed(params.seed)

@@ -804,6 +804,7 @@ def build_processors(
     eos_token_ids: int | Sequence[int] | None = None,
     *,
     vocab_size: int | None = None,
+    before_sampling: Sequence[LogitsProcessor] = (),
 ) -> list[LogitsProcessor]:
     """The processors for one request, in the order transformers' ``generate`` applies them.
 
@@ -818,6 +819,10 @@ def build_processors(
     argmax. ``MinNewTokens`` keeps out ``eos_token_ids`` and ``params.stop_token_ids``. Pass
     ``vocab_size`` to reject out-of-vocabulary ``logit_bias`` ids here rather than at the
     first decode step.
+
+    ``before_sampling`` processors (grammar constraints, watermarks) go after the penalties and
+    before temperature and the truncation filters, where transformers puts its watermark: a
+    truncation filter that ran first could keep only tokens a constraint then forbids.
     """
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -834,6 +839,7 @@ def build_processors(
     enders = tuple(dict.fromkeys(eos + tuple(params.stop_token_ids)))
     if params.min_new_tokens > 0 and enders:
         processors.append(MinNewTokens(params.min_new_tokens, enders))
+    processors.extend(before_sampling)
     if params.greedy:
         return processors
     if params.temperature != 1.0:
