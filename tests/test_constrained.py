@@ -198,3 +198,16 @@ def test_sampling_filters_in_params_run_after_the_constraint(bpe_model, bpe_toke
     outs = generate(bpe_model, [prompt] * ROWS, params, tokenizer=bpe_tokenizer,
                     extra_processors=[ChoiceConstraint(CHOICES, bpe_tokenizer)])
     assert all(o.text in CHOICES for o in outs)
+
+
+def test_cli_choices_and_regex(bpe_model, bpe_tokenizer, tmp_path, capsys):
+    from genforge.cli import main
+
+    directory = save_model(bpe_model, tmp_path / "m", tokenizer=bpe_tokenizer)
+    base = ["generate", "--model", str(directory), "--prompt", "answer:", "--max-new-tokens", "40", "--seed", "1"]
+    assert main(base + ["--choices", *CHOICES]) == 0
+    assert capsys.readouterr().out.strip() in CHOICES
+    assert main(base + ["--regex", "[0-9]{3}"]) == 0
+    assert re.fullmatch("[0-9]{3}", capsys.readouterr().out.strip())
+    assert main(base + ["--regex", "a", "--choices", "x"]) == 2
+    assert "one output constraint at a time" in capsys.readouterr().err

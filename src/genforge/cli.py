@@ -102,6 +102,14 @@ def _check_strategy_flags(args) -> None:
         raise ValueError("--amateur is used only by --strategy contrastive-decoding")
     if args.watermark is not None and args.strategy != "sample":
         raise ValueError("--watermark applies to --strategy sample")
+    given = [flag for flag, value in (("--json-schema", args.json_schema), ("--regex", args.regex),
+                                      ("--choices", args.choices)) if value]
+    if len(given) > 1:
+        raise ValueError(f"use one output constraint at a time, got {' and '.join(given)}")
+    if given and args.strategy != "sample":
+        raise ValueError(f"{given[0]} applies to --strategy sample")
+    if args.json_schema and not Path(args.json_schema).is_file():
+        raise ValueError(f"--json-schema {args.json_schema} is not a file")
 
 
 def cmd_generate(args) -> int:
@@ -119,7 +127,7 @@ def cmd_generate(args) -> int:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
     prompts = [tokenizer.encode(t, add_special_tokens=not args.chat) for t in texts]
     if args.strategy == "sample":
-        extra = []
+        extra = _constraints(args, tokenizer, eos)
         if args.watermark is not None:
             from .generate.watermark import Watermark
 
@@ -203,6 +211,18 @@ def _run_strategy(args, model, prompts, params, eos) -> list[tuple[int, list[int
     console.print(f"[dim]{stats.generated} tokens in {stats.target_forwards} target passes; acceptance rate "
                   f"{stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target pass[/dim]")
     return [(0, done.token_ids, {"finish_reason": done.finish_reason})]
+
+
+def _constraints(args, tokenizer, eos) -> list:
+    from .generate import constrained
+
+    if args.json_schema:
+        return [constrained.JsonSchemaConstraint(Path(args.json_schema).read_text(), tokenizer, eos_token_ids=eos)]
+    if args.regex:
+        return [constrained.RegexConstraint(args.regex, tokenizer, eos_token_ids=eos)]
+    if args.choices:
+        return [constrained.ChoiceConstraint(args.choices, tokenizer, eos_token_ids=eos)]
+    return []
 
 
 def _load_model_only(args, directory):
@@ -420,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="contrastive-decoding: keep tokens with p_expert >= alpha x the top probability")
     strategy.add_argument("--draft", default=None, help="speculative: draft model directory")
     strategy.add_argument("--num-draft-tokens", type=int, default=4, help="speculative / prompt-lookup: k per round")
+    shape = gen.add_argument_group("constrained output (through llguidance; needs a byte-level BPE tokenizer)")
+    shape.add_argument("--json-schema", default=None, metavar="FILE", help="output is JSON valid under this schema")
+    shape.add_argument("--regex", default=None, help="output matches this regular expression in full")
+    shape.add_argument("--choices", nargs="+", default=None, help="output is exactly one of these strings")
     mark = gen.add_argument_group("watermark (Kirchenbauer et al. 2023)")
     mark.add_argument("--watermark", type=int, default=None, metavar="KEY",
                       help="bias a keyed green list of tokens; detect later with `genforge watermark detect`")
