@@ -213,3 +213,45 @@ def test_eval_harness_writes_the_library_results(text_model_dir, tmp_path, capsy
     expected = evaluate(load_model(text_model_dir), Tokenizer.from_dir(text_model_dir), [tmp_path / "task.yaml"])
     assert written["pets"] == json.loads(json.dumps(expected["pets"].to_dict(False)))
     assert main(["eval", "harness", "--model", str(text_model_dir), "--tasks", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_eval_judge_ranks_models_and_reports_kappa(tmp_path, capsys):
+    from genforge.evaluate import Battle, bradley_terry
+
+    # strong beats medium beats weak, mostly.
+    battles = ([("strong", "weak", "A")] * 8 + [("strong", "weak", "B")] * 2 + [("medium", "weak", "A")] * 6
+               + [("medium", "weak", "tie")] * 2 + [("strong", "medium", "A")] * 5 + [("strong", "medium", "B")] * 3)
+    lines = [json.dumps({"model_a": a, "model_b": b, "winner": w}) for a, b, w in battles]
+    (tmp_path / "battles.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "human.jsonl").write_text("\n".join(lines) + "\n")  # humans agree on every battle
+    assert main(["eval", "judge", "--battles", str(tmp_path / "battles.jsonl"), "--human",
+                 str(tmp_path / "human.jsonl")]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "rating" not in line]
+    expected = bradley_terry([Battle(*b) for b in battles])
+    assert rows == expected.ranking() == ["strong", "medium", "weak"]
+    assert "Cohen's kappa 1.000" in out
+    (tmp_path / "bad.jsonl").write_text('{"model_a": "x"}\n')
+    assert main(["eval", "judge", "--battles", str(tmp_path / "bad.jsonl")]) == 2
+    assert "needs model_a, model_b and winner" in capsys.readouterr().err
+
+
+def test_eval_ab_picks_the_test_by_score_type(tmp_path, capsys):
+    from scipy import stats
+
+    (tmp_path / "a.txt").write_text("\n".join(["1"] * 40 + ["0"] * 60))
+    (tmp_path / "b.txt").write_text("\n".join(["1"] * 60 + ["0"] * 40))
+    assert main(["eval", "ab", "--a", str(tmp_path / "a.txt"), "--b", str(tmp_path / "b.txt")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["effect_b_minus_a"] == pytest.approx(0.2) and result["significant"]
+    chi2 = stats.chi2_contingency([[40, 60], [60, 40]], correction=False)
+    assert result["p_value"] == pytest.approx(chi2.pvalue)  # z^2 is Pearson's chi-square
+    scores_a, scores_b = [0.1, 0.4, 0.35, 0.8, 0.5], [0.6, 0.7, 0.55, 0.9, 0.65, 0.75]
+    (tmp_path / "a.txt").write_text("\n".join(map(str, scores_a)))
+    (tmp_path / "b.txt").write_text("\n".join(map(str, scores_b)))
+    assert main(["eval", "ab", "--a", str(tmp_path / "a.txt"), "--b", str(tmp_path / "b.txt")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["p_value"] == pytest.approx(stats.ttest_ind(scores_b, scores_a, equal_var=False).pvalue)
+    assert main(["eval", "ab", "--sample-size", "0.65", "0.85"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_per_arm"] > 50
+    assert main(["eval", "ab", "--a", str(tmp_path / "a.txt")]) == 2

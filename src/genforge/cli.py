@@ -386,6 +386,67 @@ def cmd_eval_harness(args) -> int:
     return 0
 
 
+def _read_jsonl(path: str, what: str) -> list[dict]:
+    rows = []
+    for number, line in enumerate(_read_lines(path, what), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not JSON: {err}") from None
+    return rows
+
+
+def cmd_eval_judge(args) -> int:
+    from .evaluate import Battle, bradley_terry, cohen_kappa, elo_ratings
+
+    rows = _read_jsonl(args.battles, "--battles")
+    missing = [i for i, r in enumerate(rows, 1) if not {"model_a", "model_b", "winner"} <= set(r)]
+    if missing or not rows:
+        raise ValueError(f"{args.battles}: every line needs model_a, model_b and winner (A, B or tie); "
+                         f"{'no battles' if not rows else f'line {missing[0]} lacks one'}")
+    battles = [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
+    fit = bradley_terry if args.method == "bradley-terry" else elo_ratings
+    ratings = fit(battles, bootstrap=args.bootstrap, seed=args.seed)
+    print(f"| model | {args.method} rating | {'95% interval' if args.bootstrap else ''} |\n|---|---:|---|")
+    for model in ratings.ranking():
+        low_high = ratings.intervals.get(model) if ratings.intervals else None
+        interval = f"{low_high[0]:.1f} .. {low_high[1]:.1f}" if low_high else ""
+        print(f"| {model} | {ratings.ratings[model]:.1f} | {interval} |")
+    if args.human:
+        human = [r["winner"] for r in _read_jsonl(args.human, "--human")]
+        if len(human) != len(battles):
+            raise ValueError(f"{args.human} has {len(human)} labels for {len(battles)} battles; give one per line")
+        kappa = cohen_kappa([b.winner for b in battles], human)
+        print(f"\nagreement with human labels: Cohen's kappa {kappa.score:.3f}")
+    return 0
+
+
+def cmd_eval_ab(args) -> int:
+    from .evaluate import bootstrap_difference_ci, sample_size_two_proportions, two_proportion_ztest, welch_t_test
+
+    if args.sample_size:
+        p_a, p_b = args.sample_size
+        plan = sample_size_two_proportions(p_a, p_b, alpha=args.alpha, power=args.power)
+        print(json.dumps({"rate_a": p_a, "rate_b": p_b, "alpha": args.alpha, "power": args.power,
+                          **{k: v for k, v in vars(plan).items() if isinstance(v, (int, float, str))}}, indent=2))
+        return 0
+    if not (args.a and args.b):
+        raise ValueError("give --a and --b (per-item scores, one number per line), or --sample-size RATE_A RATE_B")
+    a, b = ([float(x) for x in _read_lines(path, flag) if x.strip()] for path, flag in ((args.a, "--a"), (args.b, "--b")))
+    binary = set(a) | set(b) <= {0.0, 1.0}
+    if binary:  # pass/fail per item: compare the two rates
+        test = two_proportion_ztest(int(sum(a)), len(a), int(sum(b)), len(b))
+    else:
+        test = welch_t_test(a, b)
+    interval = bootstrap_difference_ci(a, b, seed=args.seed)
+    print(json.dumps({"test": test.name, "effect_b_minus_a": test.effect, "statistic": test.statistic,
+                      "p_value": test.p_value, "significant": test.significant(args.alpha),
+                      "confidence_interval": test.confidence_interval,
+                      "bootstrap_interval": [interval.low, interval.high], "n_a": len(a), "n_b": len(b)}, indent=2))
+    return 0
+
+
 def _early_stopping(value: str):
     table = {"true": True, "false": False, "never": "never"}
     if value.lower() not in table:
@@ -506,6 +567,29 @@ def build_parser() -> argparse.ArgumentParser:
     harness.add_argument("--batch-size", type=int, default=8, help="contexts scored per forward pass")
     harness.add_argument("--out", default=None, help="directory for results.json and results.md")
     harness.set_defaults(func=cmd_eval_harness)
+    judge = eval_sub.add_parser("judge", help="ratings from pairwise judgments",
+                                description="Aggregate pairwise battles (JSONL lines {model_a, model_b, winner: "
+                                            "A|B|tie}, e.g. from genforge.evaluate.judge_all) into Bradley-Terry or "
+                                            "Elo ratings, optionally with bootstrap intervals and agreement with "
+                                            "human labels.")
+    judge.add_argument("--battles", required=True, help="JSONL battles")
+    judge.add_argument("--method", choices=("bradley-terry", "elo"), default="bradley-terry")
+    judge.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for 95%% intervals (0: none)")
+    judge.add_argument("--seed", type=int, default=0)
+    judge.add_argument("--human", default=None, help="JSONL with a human 'winner' per battle, same order: Cohen's kappa")
+    judge.set_defaults(func=cmd_eval_judge)
+    ab = eval_sub.add_parser("ab", help="A/B test two systems' per-item scores",
+                             description="Compare per-item scores of system A and B (one number per line). 0/1 scores "
+                                         "get a two-proportion z-test, others Welch's t-test; both get a bootstrap "
+                                         "interval for B - A. --sample-size plans how many items a test needs.")
+    ab.add_argument("--a", default=None, help="scores of system A")
+    ab.add_argument("--b", default=None, help="scores of system B")
+    ab.add_argument("--alpha", type=float, default=0.05, help="significance level")
+    ab.add_argument("--power", type=float, default=0.8, help="power, for --sample-size")
+    ab.add_argument("--sample-size", type=float, nargs=2, metavar=("RATE_A", "RATE_B"), default=None,
+                    help="items per arm to tell these two pass rates apart")
+    ab.add_argument("--seed", type=int, default=0)
+    ab.set_defaults(func=cmd_eval_ab)
     return parser
 
 
