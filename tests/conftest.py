@@ -13,6 +13,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 import reference_models  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all per-op overhead: a second intra-op thread only adds
+    synchronisation, and costs several times over when other processes share the cores.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def hf_model_dir(tmp_path_factory):
     """A function: family name -> (transformers model, directory it was saved to)."""

@@ -30,14 +30,7 @@ from genforge.model import Transformer
 PROMPTS = [[5, 9, 33, 12, 7, 9, 40], [17, 3, 88], [60, 61, 62, 63, 2, 44, 45, 8, 9, 10]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all per-op overhead: a second intra-op thread only adds
-    synchronisation, and costs several times over when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from genforge.generate.self_consistency import extract_final_answer, majority_vo
 from genforge.tokenizer import Tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all per-op overhead: a second intra-op thread only adds
-    synchronisation, and costs several times over when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -114,16 +114,6 @@ def tiny_pair():
     return tiny_model(0), tiny_model(1)
 
 
-@pytest.fixture
-def one_thread():
-    """Thousands of forwards of a 16-wide model are all per-op overhead: a second intra-op
-    thread only adds synchronisation, and costs 5x when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def next_token_distribution(model, contexts, params, prompt_length):
     """The processed distribution the plain generator samples from, after each context."""
     processors = build_processors(params, eos_token_ids=[], vocab_size=model.config.vocab_size)

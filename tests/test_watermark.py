@@ -18,15 +18,7 @@ VOCAB = 2000
 NEW_TOKENS = 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of forwards of a 32-wide model are all per-op overhead: a second intra-op
-    thread only adds synchronisation, and costs several times over when other processes
-    share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
