@@ -1,0 +1,493 @@
+"""The training loop: pretraining today, and the loop fine-tuning will reuse.
+
+One optimizer step = `grad_accum` micro-batches, each forward/backward, their losses
+weighted by their share of the step's target tokens so that accumulation equals one large
+batch; then global-norm clipping, AdamW and the warmup-cosine schedule (see `optim.py`).
+Checkpoints hold everything a step depends on (weights, optimizer, scheduler, sampler
+position, RNG states), so `resume=True` continues the same run bit for bit on CPU.
+Gradient checkpointing (Chen et al. 2016) recomputes each block's activations in backward.
+MFU (model FLOPs utilisation, Chowdhery et al. 2022) uses the 6 * parameters FLOPs per token
+estimate of Kaplan et al. 2020.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+from safetensors.torch import load_file, save_model as save_weights
+
+from ..checkpoint import save_model
+from ..model import Transformer
+from .data import ShuffleSampler, TokenDataset
+from .losses import causal_lm_loss, count_target_tokens, moe_auxiliary_loss
+from .optim import build_optimizer, build_scheduler, clip_gradients
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINT_FILES = ("model.safetensors", "trainer_state.pt", "state.json")
+# Settings that decide which data each step sees; a resume must not change them.
+_RESUME_INVARIANTS = ("batch_size", "grad_accum", "seed", "seq_len")
+
+
+class TrainError(ValueError):
+    """A training run that cannot start or resume as asked."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run's numbers depend on, plus where its files go."""
+
+    out_dir: str | Path
+    max_steps: int
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.0
+    aux_loss_coef: float = 0.01  # MoE load balancing; Switch Transformer uses 1e-2
+    eval_every: int = 0  # 0: evaluate only at the end (when there is validation data)
+    eval_batches: int = 4
+    save_every: int = 0  # 0: checkpoint only at the end
+    seed: int = 0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+    peak_flops: float | None = None  # the device's peak FLOP/s, for MFU; None: MFU not shown
+    progress: bool = True
+    export: bool = True  # write the final model as a Hugging Face directory
+    seq_len: int | None = field(default=None, init=False)  # taken from the dataset
+
+    def validate(self) -> None:
+        positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "eval_batches": self.eval_batches}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise TrainError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "save_every", "warmup_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise TrainError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.warmup_steps > self.max_steps:
+            raise TrainError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"precision {self.precision!r} is not supported; accepted: {', '.join(PRECISIONS)}")
+        if self.precision != "fp32" and torch.device(self.device).type != "cuda":
+            raise TrainError(
+                f"precision {self.precision!r} needs a CUDA device (bf16 matmul is very slow on CPU and fp16 "
+                "needs a GradScaler on GPU); use precision='fp32' on CPU"
+            )
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise TrainError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise TrainError(f"peak_flops must be > 0 or None, got {self.peak_flops}")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[tuple[int, float]]  # (step, training loss) for every step this call ran
+    evals: list[dict]  # {"step", "val_loss", "val_ppl"}
+    export_dir: Path | None
+
+
+class Trainer:
+    """Train a genforge `Transformer` on a `TokenDataset`.
+
+    Files under `config.out_dir`: `checkpoints/step-XXXXXXXX/` (+ `checkpoints/latest.json`),
+    `metrics.jsonl` (one JSON object per step and per evaluation), `loss_curve.png`, and at
+    the end `model/`, a Hugging Face directory with the tokenizer when one is given.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        train_data: TokenDataset,
+        config: TrainConfig,
+        val_data: TokenDataset | None = None,
+        tokenizer=None,
+    ) -> None:
+        config.validate()
+        if not isinstance(train_data, TokenDataset):
+            raise TrainError(f"train_data must be a genforge.train.TokenDataset, got {type(train_data).__name__}")
+        if not model.config.causal:
+            raise TrainError("this trainer trains causal (decoder) models; masked-LM training of encoders is not built yet")
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            if data is None:
+                continue
+            if data.max_token_id >= model.config.vocab_size:
+                raise TrainError(
+                    f"{name} has token id {data.max_token_id} but the model's vocab_size is "
+                    f"{model.config.vocab_size}; ids must be < vocab_size"
+                )
+            if data.seq_len > model.config.max_position_embeddings:
+                raise TrainError(
+                    f"{name} seq_len {data.seq_len} exceeds the model's max_position_embeddings "
+                    f"{model.config.max_position_embeddings}"
+                )
+        config.seq_len = train_data.seq_len
+        self.model, self.train_data, self.val_data, self.config, self.tokenizer = model, train_data, val_data, config, tokenizer
+        self.out_dir = Path(config.out_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.device = torch.device(config.device)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.adam_eps)
+        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+        self.sampler = ShuffleSampler(len(train_data), seed=config.seed)
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.step = 0
+        self.num_parameters = sum(p.numel() for p in model.parameters())
+
+    # ------------------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self.config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _micro_loss(self, batch: torch.Tensor, total_tokens: int) -> torch.Tensor:
+        """This micro-batch's share of the step's loss: sum over its tokens / the step's tokens."""
+        with self._autocast():
+            output = self.model(batch)
+            loss = causal_lm_loss(output.logits, batch, label_smoothing=self.config.label_smoothing, reduction="sum")
+            loss = loss / total_tokens
+            aux = moe_auxiliary_loss(output, self.model.config)
+            if aux is not None:
+                loss = loss + self.config.aux_loss_coef * aux * (count_target_tokens(batch) / total_tokens)
+        return loss
+
+    def train_step(self, batches: list[torch.Tensor]) -> dict:
+        """One optimizer step over `batches` (the micro-batches of this step)."""
+        self.model.train()
+        total_tokens = sum(count_target_tokens(b) for b in batches)
+        step_loss = 0.0
+        for batch in batches:
+            loss = self._micro_loss(batch.to(self.device), total_tokens)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            step_loss += float(loss.detach())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_gradients(self.model, self.config.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        # Throughput counts every input token, as tokens/s and MFU are usually reported.
+        tokens = sum(b.numel() for b in batches)
+        return {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+
+    def _next_batches(self) -> list[torch.Tensor]:
+        return [self.train_data.batch(self.sampler.take(self.config.batch_size)) for _ in range(self.config.grad_accum)]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean next-token loss over the first `eval_batches` batches of the validation data
+        (in order, so every evaluation sees the same tokens) and its perplexity."""
+        if self.val_data is None:
+            raise TrainError("no val_data was given to this Trainer, so there is nothing to evaluate")
+        was_training = self.model.training
+        self.model.eval()
+        total, tokens = 0.0, 0
+        size = self.config.batch_size
+        for start in range(0, min(len(self.val_data), size * self.config.eval_batches), size):
+            batch = self.val_data.sequences[start : start + size].to(self.device)
+            with self._autocast():
+                logits = self.model(batch).logits
+            total += float(causal_lm_loss(logits, batch, reduction="sum"))
+            tokens += count_target_tokens(batch)
+        self.model.train(was_training)
+        val_loss = total / tokens
+        return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+
+    # ---------------------------------------------------------------------------- the loop
+    def train(self, resume: bool = False, on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
+        """Run until `max_steps`. resume=True first restores the latest checkpoint in
+        `out_dir`; resume=False refuses an `out_dir` that already holds a run, so nothing
+        earlier is overwritten. `on_checkpoint(step, path)` runs after each checkpoint."""
+        if resume:
+            self.load_checkpoint()
+        else:
+            if self.checkpoint_dir.exists() or self.metrics_path.exists():
+                raise TrainError(
+                    f"{self.out_dir} already holds a training run; pass resume=True to continue it, "
+                    "or choose an empty out_dir"
+                )
+            torch.manual_seed(self.config.seed)
+            random.seed(self.config.seed)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        losses, evals = [], []
+        restore = self._enable_gradient_checkpointing() if config.gradient_checkpointing else None
+        try:
+            with self._progress() as (progress, task):
+                progress.update(task, completed=self.step)
+                while self.step < config.max_steps:
+                    started = time.perf_counter()
+                    record = self.train_step(self._next_batches())
+                    elapsed = max(time.perf_counter() - started, 1e-9)
+                    record["tokens_per_s"] = record["tokens"] / elapsed
+                    if config.peak_flops:
+                        record["mfu"] = 6 * self.num_parameters * record["tokens_per_s"] / config.peak_flops
+                    losses.append((self.step, record["loss"]))
+                    self._append_metrics(record)
+                    mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+                    progress.update(task, completed=self.step,
+                                    status=f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s{mfu}")
+                    last = self.step == config.max_steps
+                    if self.val_data is not None and ((config.eval_every and self.step % config.eval_every == 0) or last):
+                        result = self.evaluate()
+                        evals.append(result)
+                        self._append_metrics(result)
+                    if (config.save_every and self.step % config.save_every == 0) or last:
+                        path = self.save_checkpoint()
+                        self.write_loss_curve()
+                        if on_checkpoint is not None:
+                            on_checkpoint(self.step, path)
+        finally:
+            if restore is not None:
+                restore()
+        export_dir = None
+        if config.export:
+            export_dir = save_model(self.model, self.out_dir / "model", self.tokenizer)
+        return TrainResult(step=self.step, losses=losses, evals=evals, export_dir=export_dir)
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        progress = Progress(
+            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(), disable=not self.config.progress,
+        )
+
+        @contextlib.contextmanager
+        def running():
+            with progress:
+                yield progress, progress.add_task("train", total=self.config.max_steps, status="")
+
+        return running()
+
+    def _enable_gradient_checkpointing(self) -> Callable[[], None]:
+        """Wrap each block's forward in non-reentrant activation checkpointing; returns an undo.
+
+        Non-reentrant checkpointing keeps the autograd graph of the block's outputs, so the
+        router logits a MoE block appends to its list still carry gradients; the RNG state is
+        stashed and replayed, so dropout masks match between forward and recompute.
+        """
+        blocks = list(self.model.blocks)
+        for block in blocks:
+            original = block.forward
+
+            def checkpointed(*args, _original=original, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _original(*args, **kwargs)
+                return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+            block.forward = checkpointed
+
+        def restore() -> None:
+            for block in blocks:
+                block.__dict__.pop("forward", None)
+
+        return restore
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write `checkpoints/step-XXXXXXXX/` atomically (assembled beside it, then renamed),
+        then point `checkpoints/latest.json` at it (also by rename)."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoint_dir / f"step-{self.step:08d}"
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoint_dir))
+        try:
+            save_weights(self.model, str(staging / "model.safetensors"))
+            trainer_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python_rng": random.getstate(),
+            }
+            torch.save(trainer_state, staging / "trainer_state.pt")
+            state = {
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+                "config": {k: getattr(self.config, k) for k in _RESUME_INVARIANTS},
+            }
+            (staging / "state.json").write_text(json.dumps(state, indent=2))
+            for path in staging.iterdir():
+                _fsync(path)
+            if final.exists():  # a re-run of the same step: swap, never delete first
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(staging, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _atomic_write_text(self.checkpoint_dir / "latest.json", json.dumps({"step": self.step, "dir": final.name}))
+        return final
+
+    def load_checkpoint(self) -> int:
+        """Restore the latest checkpoint; every file is read and checked before anything
+        in the trainer changes, so a bad checkpoint leaves the run as it was."""
+        latest = self.checkpoint_dir / "latest.json"
+        if not latest.exists():
+            raise TrainError(f"cannot resume: no checkpoint in {self.checkpoint_dir} (expected latest.json); "
+                             "train with resume=False to start a new run")
+        try:
+            pointer = json.loads(latest.read_text())
+            directory = self.checkpoint_dir / pointer["dir"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise TrainError(f"cannot resume: {latest} is corrupt ({err})") from None
+        absent = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
+        if absent:
+            raise TrainError(f"cannot resume: checkpoint {directory} is missing {', '.join(absent)}")
+        try:
+            weights = load_file(directory / "model.safetensors", device=str(self.device))
+            trainer_state = torch.load(directory / "trainer_state.pt", map_location=self.device, weights_only=True)
+            state = json.loads((directory / "state.json").read_text())
+        # Any failure to read means the files are damaged; the readers raise many types
+        # (SafetensorError, UnpicklingError, zipfile and JSON errors), so all are caught here.
+        except Exception as err:  # noqa: BLE001
+            raise TrainError(f"cannot resume: checkpoint {directory} is corrupt ({type(err).__name__}: {err})") from None
+        current = self.model.state_dict()
+        # A tied head and embedding are one tensor stored once; either name may hold it.
+        by_storage: dict[int, set[str]] = {}
+        for name, tensor in current.items():
+            by_storage.setdefault(tensor.data_ptr(), set()).add(name)
+        missing = sorted(n for names in by_storage.values() if not names & set(weights) for n in names)
+        unexpected = sorted(set(weights) - set(current))
+        if missing or unexpected:
+            raise TrainError(
+                f"cannot resume: checkpoint {directory} does not fit this model "
+                f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
+            )
+        mismatched = [n for n, t in current.items() if n in weights and weights[n].shape != t.shape]
+        if mismatched:
+            raise TrainError(f"cannot resume: checkpoint {directory} has other shapes for {mismatched[:4]}")
+        saved = state.get("config", {})
+        changed = [f"{k}: {saved.get(k)} -> {getattr(self.config, k)}" for k in _RESUME_INVARIANTS
+                   if saved.get(k) != getattr(self.config, k)]
+        if changed:
+            raise TrainError(f"cannot resume: settings that decide the data order changed ({'; '.join(changed)})")
+        if int(state["step"]) > self.config.max_steps:
+            raise TrainError(f"cannot resume: checkpoint is at step {state['step']}, beyond max_steps={self.config.max_steps}")
+        # Everything read and checked: apply.
+        self.sampler.load_state_dict(state["sampler"])
+        with torch.no_grad():
+            for names in by_storage.values():
+                source = weights[min(names & set(weights))]
+                for name in names:
+                    current[name].copy_(source)
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        self.scheduler.load_state_dict(trainer_state["scheduler"])
+        if self.scaler is not None and trainer_state.get("scaler"):
+            self.scaler.load_state_dict(trainer_state["scaler"])
+        torch.set_rng_state(trainer_state["torch_rng"].cpu())
+        if trainer_state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
+        random.setstate(_as_python_rng_state(trainer_state["python_rng"]))
+        self.step = int(state["step"])
+        self._truncate_metrics(self.step)
+        return self.step
+
+    # ---------------------------------------------------------------------------- metrics
+    def _append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records a killed run wrote after its last checkpoint, so the log has each step once."""
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        _atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def write_loss_curve(self) -> Path | None:
+        """Plot training (and validation) loss from metrics.jsonl to loss_curve.png, atomically."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        records = self.read_metrics()
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if not train:
+            return None
+        # Figure + the Agg canvas directly: no pyplot global state, no display needed.
+        figure = Figure(figsize=(6, 4))
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        axes.plot(*zip(*train), label="train")
+        if val:
+            axes.plot(*zip(*val), marker="o", label="val")
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss (nats/token)")
+        axes.legend()
+        figure.tight_layout()
+        path = self.out_dir / "loss_curve.png"
+        fd, tmp = tempfile.mkstemp(prefix=".loss_curve.", suffix=".png", dir=self.out_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                figure.savefig(f, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _as_python_rng_state(state) -> tuple:
+    version, internal, gauss = state
+    return (int(version), tuple(int(x) for x in internal), gauss)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["PRECISIONS", "TrainConfig", "TrainError", "TrainResult", "Trainer"]
