@@ -255,3 +255,21 @@ def test_eval_ab_picks_the_test_by_score_type(tmp_path, capsys):
     assert main(["eval", "ab", "--sample-size", "0.65", "0.85"]) == 0
     assert json.loads(capsys.readouterr().out)["n_per_arm"] > 50
     assert main(["eval", "ab", "--a", str(tmp_path / "a.txt")]) == 2
+
+
+def test_pretrain_trains_exports_and_resumes(text_model_dir, tmp_path, capsys):
+    import shutil
+
+    corpus = "the key value cache keeps past keys and values so decoding is fast. " * 40
+    (tmp_path / "corpus.txt").write_text(corpus)
+    base = ["pretrain", "--model", str(text_model_dir), "--text", str(tmp_path / "corpus.txt"), "--out",
+            str(tmp_path / "run"), "--seq-len", "16", "--batch-size", "2", "--warmup", "1", "--eval-every", "2",
+            "--save-every", "2", "--val-fraction", "0.2", "--lr", "1e-3"]
+    assert main(base + ["--steps", "2"]) == 0
+    assert "trained to step 2" in capsys.readouterr().err
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert main(base + ["--steps", "2"]) == 2  # an existing run is never overwritten without --resume
+    shutil.rmtree(tmp_path / "run" / "model")
+    assert main(base + ["--steps", "4", "--resume"]) == 0
+    assert "trained to step 4" in capsys.readouterr().err
+    assert main(base + ["--steps", "0"]) == 2

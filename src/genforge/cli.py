@@ -447,6 +447,31 @@ def cmd_eval_ab(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .checkpoint import load_model, read_config
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+    from .train import TokenDataset, TrainConfig, Trainer
+
+    config = TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
+                         gradient_checkpointing=args.gradient_checkpointing, peak_flops=args.peak_flops,
+                         seed=args.seed, device=args.device)
+    config.validate()  # before the text is tokenized and the model built
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    tokenizer = Tokenizer.from_dir(args.tokenizer or args.model)
+    ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)
+    split = int(len(ids) * (1 - args.val_fraction))
+    model = load_model(args.model) if args.init_weights else Transformer(read_config(args.model))
+    result = Trainer(model, TokenDataset(ids[:split], args.seq_len), config,
+                     val_data=TokenDataset(ids[split:], args.seq_len), tokenizer=tokenizer).train(resume=args.resume)
+    final = result.evals[-1] if result.evals else {}
+    console.print(f"trained to step {result.step}; val loss {final.get('val_loss', float('nan')):.4f}, "
+                  f"perplexity {final.get('val_ppl', float('nan')):.2f}; model in {result.export_dir}")
+    return 0
+
+
 def _early_stopping(value: str):
     table = {"true": True, "false": False, "never": "never"}
     if value.lower() not in table:
@@ -526,6 +551,32 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (keep the checkpoint's)")
     convert.add_argument("--max-shard-mb", type=float, default=5120, help="split weights into shards of this size")
     convert.set_defaults(func=cmd_convert)
+    pretrain = sub.add_parser("pretrain", help="train a causal LM on a text file",
+                              description="Causal-LM training with AdamW, warmup + cosine decay, clipping, "
+                                          "accumulation, periodic evaluation and atomic checkpoints; --resume "
+                                          "continues exactly. Writes metrics.jsonl, loss_curve.png and the final "
+                                          "model (a Hugging Face directory) under --out. See docs/training.md.")
+    pretrain.add_argument("--model", required=True,
+                          help="directory with config.json: the architecture (its weights too with --init-weights)")
+    pretrain.add_argument("--init-weights", action="store_true", help="start from the directory's weights")
+    pretrain.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    pretrain.add_argument("--text", required=True, help="UTF-8 training text; the last --val-fraction is held out")
+    pretrain.add_argument("--out", required=True, help="run directory (checkpoints, metrics, plot, model)")
+    pretrain.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pretrain.add_argument("--device", default="cpu")
+    for flag, kind, default, text in (
+        ("--steps", int, 1000, "optimizer steps"), ("--seq-len", int, 256, "tokens per sequence"),
+        ("--batch-size", int, 8, "sequences per micro-batch"), ("--grad-accum", int, 1, "micro-batches per step"),
+        ("--lr", float, 3e-4, "peak learning rate"), ("--warmup", int, 100, "linear warmup steps"),
+        ("--eval-every", int, 100, "steps between evaluations (0: at the end)"),
+        ("--save-every", int, 100, "steps between checkpoints (0: at the end)"),
+        ("--val-fraction", float, 0.05, "share of the text held out for validation"), ("--seed", int, 0, "seed"),
+        ("--peak-flops", float, None, "the device's peak FLOP/s, to show MFU"),
+    ):
+        pretrain.add_argument(flag, type=kind, default=default, help=text)
+    pretrain.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    pretrain.set_defaults(func=cmd_pretrain)
+
     watermark = sub.add_parser("watermark", help="detect a green-list watermark in text",
                                description="Watermark tools (Kirchenbauer et al. 2023).")
     watermark_sub = watermark.add_subparsers(dest="watermark_command", required=True, metavar="WATERMARK_COMMAND")
