@@ -22,7 +22,8 @@ def test_binary_metrics_hand_computed():
     assert result["precision"] == pytest.approx(1.0)
     assert result["recall"] == pytest.approx(3 / 4)
     assert result["f1"] == pytest.approx(6 / 7)  # 2 * 1 * 0.75 / 1.75
-    # (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = 6 / sqrt(3*4*2*3)
+    # Matthews: the determinant of the confusion matrix over the root of the product of its
+    # four margins (predicted positive 3, actual positive 4, actual negative 2, predicted negative 3).
     assert result["mcc"] == pytest.approx(6 / np.sqrt(72))
     assert result.score == result["accuracy"]
 
