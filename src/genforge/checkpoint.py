@@ -13,10 +13,7 @@ Weights are read with `safetensors` only; a directory holding nothing but pickle
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import staged_directory
 from .config import Config, ConfigError, SUPPORTED_FAMILIES
 from .model import RotaryEmbedding, Transformer
 
@@ -373,9 +371,7 @@ def save_model(
             "export the model as loaded, before genforge.inference.pack_for_cpu_inference"
         )
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with staged_directory(directory) as staging:
         params = dict(model.named_parameters())
         tensors = {}
         for binding in _bindings(model):
@@ -390,17 +386,6 @@ def save_model(
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer is not None:
             tokenizer.save(staging)
-        if directory.exists():
-            backup = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(directory, backup)
-            os.replace(staging, directory)
-            shutil.rmtree(backup)
-        else:
-            os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -14,7 +14,6 @@ import functools
 import json
 import operator
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ import jinja2.nodes
 import jinja2.sandbox
 import jinja2.utils
 import tokenizers
+
+from .atomic import atomic_write_text
 
 __all__ = ["Tokenizer", "IncrementalDecoder", "TokenizerError", "ChatTemplateError"]
 
@@ -327,7 +328,7 @@ class Tokenizer:
         path.mkdir(parents=True, exist_ok=True)
         state = json.loads(self._backend.to_str())
         state.update(self._saved_limits)
-        _atomic_write(path / TOKENIZER_FILE, json.dumps(state, ensure_ascii=False, indent=2))
+        atomic_write_text(path / TOKENIZER_FILE, json.dumps(state, ensure_ascii=False, indent=2))
 
         managed = {"added_tokens_decoder", "additional_special_tokens", "extra_special_tokens", "chat_template"}
         config = {k: v for k, v in self._config.items()
@@ -344,17 +345,17 @@ class Tokenizer:
         if template is not None:
             config["chat_template"] = (template if isinstance(template, str)
                                        else [{"name": k, "template": v} for k, v in template.items()])
-        _atomic_write(path / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2))
         # transformers reads these files in preference to tokenizer_config.json: keep any that exist in sync.
         if (path / SPECIAL_TOKENS_MAP_FILE).is_file():
             legacy = {**self.special_tokens_map, "extra_special_tokens": config.get("extra_special_tokens", [])}
-            _atomic_write(path / SPECIAL_TOKENS_MAP_FILE, json.dumps(legacy, ensure_ascii=False, indent=2))
+            atomic_write_text(path / SPECIAL_TOKENS_MAP_FILE, json.dumps(legacy, ensure_ascii=False, indent=2))
         if (path / CHAT_TEMPLATE_FILE).is_file():
             default = template.get("default") if isinstance(template, dict) else template
             if default is None:
                 (path / CHAT_TEMPLATE_FILE).unlink()
             else:
-                _atomic_write(path / CHAT_TEMPLATE_FILE, default)
+                atomic_write_text(path / CHAT_TEMPLATE_FILE, default)
 
 
 class IncrementalDecoder:
@@ -460,16 +461,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    # Write next to the target then rename, so a crash never leaves a half-written file behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _token_content(value: Any, key: str = "special token") -> str | None:

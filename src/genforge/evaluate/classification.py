@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .metrics import MetricError, MetricResult
 
 AVERAGES = ("binary", "micro", "macro", "weighted")
@@ -200,14 +200,8 @@ def reliability_diagram(result: CalibrationResult, path: str | os.PathLike, *, t
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
              title=title or f"Reliability diagram (ECE {result.ece:.3f}, {len(result.bins)} bins)")
     axes.legend(loc="upper left")
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
     return path
 
 

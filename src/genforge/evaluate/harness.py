@@ -35,7 +35,6 @@ import os
 import random
 import re
 import string
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,6 +44,7 @@ import jinja2.sandbox
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_write_text
 from ..generate.generator import generate
 from ..generate.processors import SamplingParams
 from ..model import Transformer
@@ -649,10 +649,7 @@ def write_results(results: Mapping[str, TaskResult], directory: str | os.PathLik
     data = {name: r.to_dict(include_samples) for name, r in results.items()}
     paths = directory / "results.json", directory / "results.md"
     for path, text in zip(paths, (json.dumps(data, indent=2, ensure_ascii=False) + "\n", results_table(results))):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return paths
 
 

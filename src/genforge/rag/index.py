@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from ..atomic import staged_directory
 from .chunking import Chunk
 
 FORMAT_VERSION = 1
@@ -147,10 +145,7 @@ class HybridIndex:
         """Write the index to `directory`, replacing any index there only once all is written."""
         import faiss
 
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with staged_directory(directory) as tmp:
             np.save(tmp / "embeddings.npy", self.embeddings, allow_pickle=False)
             faiss.write_index(self.faiss_index, str(tmp / "dense.faiss"))
             self.bm25.save(str(tmp / "bm25"))
@@ -159,16 +154,6 @@ class HybridIndex:
                         "dense_index": self.dense_kind, "chunks": len(self.chunks)}
             # The manifest is written last: a directory without one is never a finished index.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, directory: str | Path, embedder: Embedder | str) -> "HybridIndex":

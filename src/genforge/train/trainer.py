@@ -13,13 +13,10 @@ estimate of Kaplan et al. 2020.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ import torch
 import torch.utils.checkpoint
 from safetensors.torch import load_file, save_model as save_weights
 
+from ..atomic import atomic_path, atomic_write_text, staged_directory
 from ..checkpoint import save_model
 from ..model import Transformer
 from .data import ShuffleSampler, TokenDataset
@@ -318,8 +316,7 @@ class Trainer:
         then point `checkpoints/latest.json` at it (also by rename)."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         final = self.checkpoint_dir / f"step-{self.step:08d}"
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.checkpoint_dir))
-        try:
+        with staged_directory(final) as staging:  # a re-run of the same step swaps, never deletes first
             save_weights(self.model, str(staging / "model.safetensors"))
             trainer_state = {
                 "optimizer": self.optimizer.state_dict(),
@@ -338,18 +335,7 @@ class Trainer:
             (staging / "state.json").write_text(json.dumps(state, indent=2))
             for path in staging.iterdir():
                 _fsync(path)
-            if final.exists():  # a re-run of the same step: swap, never delete first
-                old = final.with_name(f".{final.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(staging, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        _atomic_write_text(self.checkpoint_dir / "latest.json", json.dumps({"step": self.step, "dir": final.name}))
+        atomic_write_text(self.checkpoint_dir / "latest.json", json.dumps({"step": self.step, "dir": final.name}))
         return final
 
     def load_checkpoint(self) -> int:
@@ -427,7 +413,7 @@ class Trainer:
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        _atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+        atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -456,14 +442,8 @@ class Trainer:
         axes.legend()
         figure.tight_layout()
         path = self.out_dir / "loss_curve.png"
-        fd, tmp = tempfile.mkstemp(prefix=".loss_curve.", suffix=".png", dir=self.out_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                figure.savefig(f, format="png")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as temporary:
+            figure.savefig(temporary, format="png")
         return path
 
 
@@ -477,17 +457,6 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["PRECISIONS", "TrainConfig", "TrainError", "TrainResult", "Trainer"]
