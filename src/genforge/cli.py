@@ -6,6 +6,7 @@ Each subcommand parses its flags, calls one library function and prints what hap
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -641,7 +642,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="items per arm to tell these two pass rates apart")
     ab.add_argument("--seed", type=int, default=0)
     ab.set_defaults(func=cmd_eval_ab)
+
+    # Each subsystem keeps its own commands beside its code (train/cli.py, rag/cli.py,
+    # serve/cli.py); they follow the same rule as this file: parse, call the library, print.
+    for module in _SUBSYSTEM_COMMANDS:
+        importlib.import_module(module).add_commands(sub)
     return parser
+
+
+_SUBSYSTEM_COMMANDS = ("genforge.train.cli", "genforge.rag.cli", "genforge.serve.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
