@@ -67,3 +67,45 @@ def text_model_dir(tmp_path_factory):
         hidden = model(torch.tensor([tokenizer.encode("x")])).hidden_states[0, -1]
         model.lm_head.weight[tokenizer.vocab_size:] = hidden * 10
     return save_model(model, tmp_path_factory.mktemp("tiny") / "model", tokenizer=tokenizer)
+
+
+def _bpe_corpus() -> str:
+    # Some prose (the standard library's json module docs) plus the symbols JSON needs.
+    import json as json_module
+
+    text = open(json_module.__file__, encoding="utf-8").read()[:6000]
+    return text + ' {"name": "x", "age": 12, "tags": ["a", "b"]} 0123456789 [] {} "" : , true false null -1.5e3 '
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A tiny byte-level BPE tokenizer (the all-MiniLM WordPiece one is not byte-level)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from genforge.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<bos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([_bpe_corpus()], trainer)
+    return Tokenizer(backend, {"eos_token": "<eos>", "bos_token": "<bos>"})
+
+
+@pytest.fixture(scope="session")
+def bpe_model(bpe_tokenizer, tmp_path_factory):
+    """A random tiny Llama over that tokenizer, embedding padded past its vocabulary to 448 rows."""
+    from genforge.checkpoint import load_model, save_model
+    from genforge.config import Config
+    from genforge.model import Transformer
+
+    config = Config(family="llama", vocab_size=448, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, max_position_embeddings=256, eos_token_id=bpe_tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = Transformer(config)
+    directory = save_model(model, tmp_path_factory.mktemp("bpe") / "model", tokenizer=bpe_tokenizer)
+    return load_model(directory)
+
+

@@ -35,42 +35,6 @@ PATTERN = r"[a-z]{2,6}-[0-9]{1,4}(\.[0-9]{2})?"
 CHOICES = ["yes", "no", "maybe", "yes!", "don't know"]
 
 
-def _corpus() -> str:
-    # Some prose (the standard library's json module docs) plus the symbols JSON needs.
-    import json as json_module
-
-    text = open(json_module.__file__, encoding="utf-8").read()[:6000]
-    return text + ' {"name": "x", "age": 12, "tags": ["a", "b"]} 0123456789 [] {} "" : , true false null -1.5e3 '
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    """A tiny byte-level BPE tokenizer (the all-MiniLM WordPiece one is not byte-level)."""
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<bos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator([_corpus()], trainer)
-    return Tokenizer(backend, {"eos_token": "<eos>", "bos_token": "<bos>"})
-
-
-@pytest.fixture(scope="module")
-def bpe_model(bpe_tokenizer, tmp_path_factory):
-    """A random tiny Llama over that tokenizer, embedding padded past its vocabulary to 448 rows."""
-    from genforge.model import Transformer
-
-    config = Config(family="llama", vocab_size=448, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, max_position_embeddings=256, eos_token_id=bpe_tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = Transformer(config)
-    directory = save_model(model, tmp_path_factory.mktemp("bpe") / "model", tokenizer=bpe_tokenizer)
-    return load_model(directory)
-
-
 def _sample(model, tokenizer, constraint, seed):
     # Sampling composes: temperature and top-k from SamplingParams run after the constraint.
     prompt = [tokenizer.bos_token_id] + tokenizer.encode("answer:", add_special_tokens=False)

@@ -200,25 +200,28 @@ class Attention(nn.Module):
 
 
 def build_attention_mask(
-    query_slots: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
     key_valid: torch.Tensor | None,
-    num_keys: int,
     causal: bool,
     window: int | None,
 ) -> torch.Tensor:
     """Boolean mask (batch or 1, 1, queries, keys); True where a query may attend.
 
-    `query_slots` are the cache positions of the new tokens; key i sits at cache position i.
-    Causal: a query sees keys at or before its own slot; a window of w keeps only the last w
-    of those (Beltagy et al. 2020; Mistral). `key_valid` (batch, keys) is False on padding.
+    Positions are token positions in each row's sequence, (batch or 1, queries) and (batch or
+    1, keys). Comparing positions rather than cache slots lets the keys lie in any order: a
+    left-padded contiguous cache and the engine's gathered paged blocks (past tokens, unused
+    block tail, then the new tokens) get the same rule. Causal: a query sees keys at or
+    before its own position; a window of w keeps only the last w of those (Beltagy et al.
+    2020; Mistral). `key_valid` (batch, keys) is False on padding and unused slots.
     """
-    keys = torch.arange(num_keys, device=query_slots.device)
-    allowed = torch.ones(query_slots.shape[-1], num_keys, dtype=torch.bool, device=query_slots.device)
+    q, k = query_positions[:, :, None], key_positions[:, None, :]
+    allowed = torch.ones(q.shape[0], q.shape[1], k.shape[2], dtype=torch.bool, device=q.device)
     if causal:
-        allowed = keys[None, :] <= query_slots[:, None]
+        allowed = k <= q
     if window is not None:
-        allowed = allowed & (keys[None, :] > query_slots[:, None] - window)
-    allowed = allowed[None, None]
+        allowed = allowed & (k > q - window)
+    allowed = allowed[:, None]
     if key_valid is not None:
         allowed = allowed & key_valid[:, None, None, :].bool()
         # A padding query can see nothing; let it see everything instead so softmax stays
@@ -424,7 +427,7 @@ class Transformer(nn.Module):
         x = self.embed_dropout(x)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
 
-        masks = self._masks(attention_mask, past, seq, input_ids.device)
+        masks = self._masks(attention_mask, position_ids, past, seq, input_ids.device)
         router_logits: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             mask, is_causal = masks[config.window_of_layer(i)]
@@ -439,16 +442,20 @@ class Transformer(nn.Module):
             logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         return ModelOutput(logits=logits, hidden_states=x, router_logits=router_logits)
 
-    def _masks(self, attention_mask, past: int, seq: int, device) -> dict:
+    def _masks(self, attention_mask, position_ids, past: int, seq: int, device) -> dict:
         """The (mask, is_causal) pair for each distinct window in the model.
 
         The common cases need no mask tensor at all: an unpadded prompt is plain causal
-        attention, and one new token after an unpadded past may see every key.
+        attention, and one new token after an unpadded past may see every key. With padding,
+        key positions are counted along the mask, as `position_ids` are for the queries.
         """
         config = self.config
         padded = attention_mask is not None and not bool(attention_mask.all())
-        key_valid = attention_mask if padded else None
-        slots = torch.arange(past, past + seq, device=device)
+        if padded:
+            key_valid = attention_mask
+            key_positions = attention_mask.long().cumsum(-1) - 1
+        else:
+            key_valid, key_positions = None, torch.arange(past + seq, device=device)[None]
         masks = {}
         for window in {config.window_of_layer(i) for i in range(config.num_layers)}:
             window_matters = window is not None and past + seq > window
@@ -459,6 +466,7 @@ class Transformer(nn.Module):
                 if past == 0:
                     masks[window] = (None, True)
                     continue
-            masks[window] = (build_attention_mask(slots, key_valid, past + seq, config.causal, window), False)
+            mask = build_attention_mask(position_ids, key_positions, key_valid, config.causal, window)
+            masks[window] = (mask, False)
         return masks
 

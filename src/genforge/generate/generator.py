@@ -213,8 +213,8 @@ def end_of_sequence_ids(config, tokenizer=None, *more, override=None) -> set[int
     return ids
 
 
-class _StopWatcher:
-    """Detokenizes one row incrementally and cuts its text at the first stop string.
+class StopStringWatcher:
+    """Detokenizes one sequence incrementally and cuts its text at the first stop string.
 
     Text that could be the start of a stop string is held back until it is clearly not one,
     so a streamed client never sees part of a stop string.
@@ -231,12 +231,11 @@ class _StopWatcher:
         if self.stopped:
             return "", True
         self.pending += self.decoder.step(token)
-        for stop in self.stops:
-            at = self.pending.find(stop)
-            if at >= 0:
-                self.stopped = True
-                text, self.pending = self.pending[:at], ""
-                return text, True
+        hits = [at for at in (self.pending.find(stop) for stop in self.stops) if at >= 0]
+        if hits:
+            self.stopped = True
+            text, self.pending = self.pending[: min(hits)], ""
+            return text, True
         hold = max((_overlap(self.pending, stop) for stop in self.stops), default=0)
         text, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         return text, False
@@ -255,7 +254,7 @@ class _NoText:
 
 
 def _stop_watcher(tokenizer, params, prompt):
-    return _StopWatcher(tokenizer, params, prompt) if tokenizer is not None else _NoText()
+    return StopStringWatcher(tokenizer, params, prompt) if tokenizer is not None else _NoText()
 
 
 def _overlap(text: str, stop: str) -> int:

@@ -1,0 +1,488 @@
+"""The serving engine: many requests, one model, one paged KV cache.
+
+`Engine` is synchronous and single-threaded: `add_request`, then `step()` until done. Each
+step asks the scheduler (`scheduler.py`) which sequences run and with how many tokens,
+runs the model over them through the paged cache (`paged_cache.py`), samples the next token
+of every sequence whose chunk reached its newest token with the same logits processors the
+simple generator uses (`generate/processors.py`), and reports what each request gained.
+Sequences that run one token (decodes, and the last token of a prompt) share one batched
+forward pass; prompt chunks run one forward pass each, so no decode is padded to a
+prompt's length.
+
+`AsyncEngine` drives one `Engine` per served model from a background thread and hands the
+outputs to asyncio consumers, which is what the HTTP server needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+import torch
+
+from ..generate.generator import StopStringWatcher, end_of_sequence_ids, only_text_tokens
+from ..generate.processors import (
+    DecodeContext,
+    LogitsProcessor,
+    SamplingParams,
+    apply_processors,
+    build_batch_processors,
+    build_processors,
+    make_generator,
+    sample_next_token,
+    token_logprobs,
+)
+from ..model import Transformer
+from .blocks import BlockManager
+from .paged_cache import PagedKVCache
+from .scheduler import ScheduledChunk, Scheduler, Sequence as CacheSequence
+
+
+# ------------------------------------------------------------------------------ records
+@dataclass
+class Request:
+    """One completion request, already tokenized."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # max_new_tokens must be set
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    processors: Sequence[LogitsProcessor] = ()  # per-request extras (constraints), before the sampling filters
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    """What one request gained in one step (or how it ended)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str  # new text; stop strings cut, text that may begin one held back
+    logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    arrival_time: float
+    first_token_time: float | None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+
+
+@dataclass(eq=False)
+class _RequestState:
+    request: Request
+    watcher: StopStringWatcher
+    generator: torch.Generator | None
+    eos: frozenset[int]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    num_generated: int = 0
+
+
+# ------------------------------------------------------------------------------- engine
+class Engine:
+    """Continuous batching over a paged KV cache for one model."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        enable_prefix_caching: bool = True,
+        eos_token_ids: Sequence[int] | None = None,
+        max_model_len: int | None = None,
+        kv_cache_memory: int = 2 << 30,
+    ) -> None:
+        config = model.config
+        if not config.causal:
+            raise ValueError("the engine serves causal language models; encoders are served by /v1/embeddings")
+        self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.eos_token_ids = frozenset(end_of_sequence_ids(config, tokenizer, override=eos_token_ids))
+        per_block = PagedKVCache.bytes_per_block(config, block_size, model.dtype)
+        least = math.ceil(self.max_model_len / block_size)  # one sequence of the longest length must fit
+        if num_blocks is None:
+            wanted = math.ceil(max_num_seqs * self.max_model_len / block_size)
+            num_blocks = max(least, min(wanted, kv_cache_memory // per_block))
+        if num_blocks < least:
+            raise ValueError(
+                f"num_blocks={num_blocks} of {block_size} tokens cannot hold one sequence of max_model_len="
+                f"{self.max_model_len}; use at least {least} blocks or a smaller max_model_len"
+            )
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.cache = PagedKVCache(config, num_blocks, block_size, model.dtype, model.device)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self._sequences: dict[str, CacheSequence] = {}
+        self._arrivals = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # -------------------------------------------------------------------- requests
+    def check_request(self, request: Request) -> None:
+        """Raise ValueError, with a message meant for the user, if the request cannot run."""
+        if not isinstance(request.params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise ValueError("the prompt is empty; send at least one token")
+        vocab = self.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        limit = request.params.max_new_tokens
+        if limit is None:
+            raise ValueError("params.max_new_tokens must be set")
+        if len(prompt) + limit > self.max_model_len:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt)} prompt "
+                f"tokens and {limit} completion tokens were requested ({len(prompt) + limit} in total); "
+                "shorten the prompt or lower max_tokens"
+            )
+        if request.logprobs is not None and not 0 <= request.logprobs <= min(20, vocab):
+            raise ValueError(f"logprobs must be between 0 and {min(20, vocab)}, got {request.logprobs}")
+        if request.params.logit_bias and max(request.params.logit_bias) >= vocab:
+            raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab}")
+        if request.request_id in self._sequences:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+
+    def add_request(self, request: Request) -> None:
+        self.check_request(request)
+        params = only_text_tokens(request.params, self.config.vocab_size, self.tokenizer)
+        if params is not request.params:
+            request = dataclasses.replace(request, params=params)
+        state = _RequestState(
+            request=request,
+            watcher=StopStringWatcher(self.tokenizer, params, request.prompt_token_ids),
+            generator=None if params.greedy else make_generator(params.seed, self.model.device),
+            eos=frozenset(params.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_token_ids),
+        )
+        self._arrivals += 1
+        seq = CacheSequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
+                            self._arrivals, payload=state)
+        self._sequences[request.request_id] = seq
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += len(request.prompt_token_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks at once; returns its final output, or None if unknown."""
+        seq = self._sequences.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        return self._output(seq, [], "", None, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        counters = self.blocks.counters
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used,
+            prefix_cache_queries=counters.queries, prefix_cache_hits=counters.hits,
+            preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+        )
+
+    # ------------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        last_logits: list[tuple[ScheduledChunk, torch.Tensor]] = []
+        singles = [c for c in chunks if c.num_tokens == 1]
+        if singles:
+            logits = self._forward(singles, 1)
+            last_logits.extend(zip(singles, logits))
+        for chunk in chunks:
+            if chunk.num_tokens > 1:
+                logits = self._forward([chunk], chunk.num_tokens)
+                last_logits.append((chunk, logits[0]))
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed += chunk.num_tokens
+            self.blocks.cache_full_blocks(seq.token_ids, seq.block_table, seq.num_computed, seq.block_hashes)
+        completing = [(c.seq, logits) for c, logits in last_logits if c.seq.num_computed == len(c.seq.token_ids)]
+        return self._sample(completing) if completing else []
+
+    def _forward(self, chunks: list[ScheduledChunk], num_new: int) -> torch.Tensor:
+        """Last-position logits (len(chunks), vocab) of `num_new` new tokens per sequence."""
+        seqs = [c.seq for c in chunks]
+        view = self.cache.batch([s.block_table for s in seqs], [s.num_computed for s in seqs], num_new)
+        ids = torch.tensor([s.token_ids[s.num_computed : s.num_computed + num_new] for s in seqs],
+                           dtype=torch.long, device=self.model.device)
+        out = self.model(ids, attention_mask=view.attention_mask, position_ids=view.position_ids, cache=view,
+                         logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _sample(self, completing: list[tuple[CacheSequence, torch.Tensor]]) -> list[RequestOutput]:
+        seqs = [s for s, _ in completing]
+        states: list[_RequestState] = [s.payload for s in seqs]
+        raw = torch.stack([logits for _, logits in completing]).float()
+        processed = self._process(raw, seqs, states)
+        tokens = sample_next_token(processed, [st.request.params.temperature for st in states],
+                                   [st.generator for st in states]).tolist()
+        wanted = [st.request.logprobs for st in states]
+        top_n = max((k for k in wanted if k is not None), default=None)
+        logprobs = token_logprobs(raw, torch.tensor(tokens), top_n) if top_n is not None else None
+
+        now = time.monotonic()
+        outputs = []
+        for row, (seq, state, token) in enumerate(zip(seqs, states, tokens)):
+            seq.token_ids.append(token)
+            state.num_generated += 1
+            self.generation_tokens_total += 1
+            if state.first_token_time is None:
+                state.first_token_time = now
+            text, hit_stop = state.watcher.push(token)
+            reason = None
+            if token in state.eos or hit_stop:
+                reason = "stop"
+            elif state.num_generated >= state.request.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
+                reason = "length"
+            if reason is not None and not hit_stop:
+                text += state.watcher.flush()
+            entry = None
+            if wanted[row] is not None:
+                k = wanted[row]
+                top = list(zip(logprobs.top_token_ids[row, :k].tolist(), logprobs.top_logprobs[row, :k].tolist()))
+                entry = [TokenLogprob(token, float(logprobs.logprobs[row]), top)]
+            if reason is not None:
+                self._sequences.pop(seq.request_id, None)
+                self.scheduler.remove(seq)
+            outputs.append(self._output(seq, [token], text, entry, reason))
+        return outputs
+
+    def _process(self, raw: torch.Tensor, seqs: list[CacheSequence], states: list[_RequestState]) -> torch.Tensor:
+        """Apply each request's logits processors. Rows without per-request extras share one
+        batched processor list; rows with extras (constraints) run their own list."""
+        params = [st.request.params for st in states]
+        plain = [i for i, st in enumerate(states) if not st.request.processors]
+        special = [i for i, st in enumerate(states) if st.request.processors]
+        processed = raw.clone() if special else raw
+        if plain:
+            processors = build_batch_processors([params[i] for i in plain], sorted(self.eos_token_ids),
+                                                vocab_size=raw.shape[-1], device=raw.device)
+            if processors:
+                ctx = self._context([seqs[i] for i in plain], raw.device)
+                rows = apply_processors(raw[plain], ctx, processors)
+                if not special:
+                    return rows
+                processed[plain] = rows
+        for i in special:
+            state = states[i]
+            processors = build_processors(params[i], sorted(state.eos), vocab_size=raw.shape[-1],
+                                          before_sampling=state.request.processors)
+            processed[i] = apply_processors(raw[i : i + 1], self._context([seqs[i]], raw.device), processors)[0]
+        return processed
+
+    @staticmethod
+    def _context(seqs: list[CacheSequence], device) -> DecodeContext:
+        """Left-padded token history of these sequences, for penalties and constraints."""
+        width = max(len(s.token_ids) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        prompt_length = torch.empty(len(seqs), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            n = len(s.token_ids)
+            ids[row, width - n :] = torch.tensor(s.token_ids)
+            mask[row, width - n :] = 1
+            prompt_length[row] = width - n + s.num_prompt_tokens
+        return DecodeContext(ids.to(device), prompt_length.to(device), mask.to(device))
+
+    def _output(self, seq: CacheSequence, tokens: list[int], text: str, logprobs, reason: str | None) -> RequestOutput:
+        state: _RequestState = seq.payload
+        return RequestOutput(
+            request_id=seq.request_id, token_ids=tokens, text=text, logprobs=logprobs,
+            finished=reason is not None, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=state.num_generated, cached_prompt_tokens=seq.num_cached_prompt,
+            arrival_time=state.arrival_time, first_token_time=state.first_token_time,
+        )
+
+
+# ------------------------------------------------------------------------ async driver
+class EngineShutdown(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class _EngineLoop:
+    """One engine driven by a background thread. Requests and aborts arrive through a
+    queue, so the engine itself is only ever touched by its own thread."""
+
+    def __init__(self, name: str, engine: Engine) -> None:
+        self.engine = engine
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.consumers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.wake = threading.Event()
+        self.stopping = False
+        self.in_flight = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"genforge-engine-{name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, command: tuple) -> None:
+        self.commands.put(command)
+        self.wake.set()
+
+    def _deliver(self, output: RequestOutput) -> None:
+        consumer = self.consumers.get(output.request_id)
+        if consumer is None:
+            return
+        loop, outputs = consumer
+        if output.finished:
+            self.consumers.pop(output.request_id, None)
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+        except RuntimeError:  # the consumer's event loop is closed
+            pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        for loop, outputs in list(self.consumers.values()):
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, error)
+            except RuntimeError:
+                pass
+        self.consumers.clear()
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            while True:
+                try:
+                    command = self.commands.get_nowait()
+                except queue.Empty:
+                    break
+                kind, payload = command
+                if kind == "add":
+                    try:
+                        engine.add_request(payload)
+                    except ValueError as err:
+                        consumer = self.consumers.pop(payload.request_id, None)
+                        if consumer:
+                            consumer[0].call_soon_threadsafe(consumer[1].put_nowait, err)
+                elif kind == "abort":
+                    output = engine.abort(payload)
+                    if output is not None:
+                        self._deliver(output)
+                elif kind == "stop":
+                    for request_id in list(engine._sequences):
+                        output = engine.abort(request_id)
+                        if output is not None:
+                            self._deliver(output)
+                    return
+            if engine.has_unfinished():
+                try:
+                    outputs = engine.step()
+                except Exception as err:  # a real fault: fail every request rather than hang them
+                    self.error = err
+                    for request_id in list(engine._sequences):
+                        engine.abort(request_id)
+                    self._fail_all(err)
+                    continue
+                for output in outputs:
+                    self._deliver(output)
+            else:
+                self.wake.wait(timeout=0.5)
+                self.wake.clear()
+
+
+class AsyncEngine:
+    """Serve several models, each with its own engine thread, to asyncio consumers."""
+
+    def __init__(self, engines: dict[str, Engine]) -> None:
+        if not engines:
+            raise ValueError("AsyncEngine needs at least one engine")
+        self._loops = {name: _EngineLoop(name, engine) for name, engine in engines.items()}
+        self._accepting = True
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._loops)
+
+    def engine(self, model: str) -> Engine:
+        return self._lookup(model).engine
+
+    def _lookup(self, model: str) -> _EngineLoop:
+        if model not in self._loops:
+            raise KeyError(f"model {model!r} is not served here; available: {', '.join(self._loops)}")
+        return self._loops[model]
+
+    async def generate(self, model: str, request: Request) -> AsyncIterator[RequestOutput]:
+        """Stream the outputs of one request. Raises ValueError before the first output if the
+        request is invalid, and aborts the request if the consumer stops early."""
+        runner = self._lookup(model)
+        if not self._accepting:
+            raise EngineShutdown("the server is shutting down")
+        runner.engine.check_request(request)
+        outputs: asyncio.Queue = asyncio.Queue()
+        runner.consumers[request.request_id] = (asyncio.get_running_loop(), outputs)
+        runner.in_flight += 1
+        runner.submit(("add", request))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            runner.in_flight -= 1
+            if not finished:
+                runner.consumers.pop(request.request_id, None)
+                runner.submit(("abort", request.request_id))
+
+    def abort(self, model: str, request_id: str) -> None:
+        self._lookup(model).submit(("abort", request_id))
+
+    def stats(self, model: str) -> EngineStats:
+        return self._lookup(model).engine.stats()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(loop.in_flight for loop in self._loops.values())
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting requests, let the running ones finish (up to `drain_timeout`
+        seconds), then abort what is left and stop the engine threads."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for runner in self._loops.values():
+            runner.submit(("stop", None))
+        for runner in self._loops.values():
+            await asyncio.to_thread(runner.thread.join, 5.0)

@@ -1,0 +1,88 @@
+"""The paged KV cache: block storage, and the per-forward view the model talks to.
+
+`PagedKVCache` holds every layer's keys and values in one pool of fixed-size blocks,
+(num_blocks * block_size, kv_heads, head_dim) per layer, so any slot of any block can be
+written or gathered with one indexing call. The block manager (`blocks.py`) decides which
+blocks each sequence owns; this module only moves tensors.
+
+`PagedBatch` is what one forward pass of the model sees through the cache seam (`cache.py`):
+`update(layer, k, v)` writes the new tokens' keys and values into their slots, then gathers
+each row's blocks into a dense (batch, kv_heads, width, head_dim) tensor for attention.
+A row's gathered keys are its tokens in order (past, then the new ones), followed by the
+unused tail of its last block and by padding up to the widest row; the attention mask
+marks only the real tokens, and the model compares token positions rather than slots, so
+the tail is never attended to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config
+
+
+class PagedKVCache:
+    """Key and value pools of `num_blocks` blocks of `block_size` slots for every layer."""
+
+    def __init__(self, config: Config, num_blocks: int, block_size: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
+        shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.device = torch.device(device)
+
+    @staticmethod
+    def bytes_per_block(config: Config, block_size: int, dtype: torch.dtype) -> int:
+        """Memory of one block over all layers, keys and values."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+    def batch(self, block_tables: list[list[int]], num_computed: list[int], num_new: int) -> "PagedBatch":
+        """The view for one forward pass: row i has `num_computed[i]` tokens cached and
+        `num_new` new ones, all held in the blocks `block_tables[i]`."""
+        return PagedBatch(self, block_tables, num_computed, num_new)
+
+
+class PagedBatch:
+    """One forward pass's view of the paged cache (the `KVCache` protocol of `cache.py`)."""
+
+    def __init__(self, cache: PagedKVCache, block_tables: list[list[int]], num_computed: list[int], num_new: int) -> None:
+        size = cache.block_size
+        totals = [n + num_new for n in num_computed]
+        for table, total in zip(block_tables, totals):
+            if len(table) * size < total:
+                raise ValueError(f"block table of {len(table)} blocks cannot hold {total} tokens")
+        width_blocks = max(-(-t // size) for t in totals)
+        device = cache.device
+        self.cache = cache
+        # Padding rows of the block table point at block 0; the mask hides whatever is there.
+        table = torch.zeros(len(block_tables), width_blocks, dtype=torch.long)
+        for i, blocks in enumerate(block_tables):
+            used = -(-totals[i] // size)
+            table[i, :used] = torch.tensor(blocks[:used], dtype=torch.long)
+        slots_of_block = table[:, :, None] * size + torch.arange(size)
+        self.gather_slots = slots_of_block.reshape(len(block_tables), -1).to(device)  # (batch, width)
+        starts = torch.tensor(num_computed, dtype=torch.long)
+        new_positions = starts[:, None] + torch.arange(num_new)  # (batch, num_new)
+        self.write_slots = self.gather_slots.gather(1, new_positions.to(device)).reshape(-1)
+        width = width_blocks * size
+        self.position_ids = new_positions.to(device)
+        self.attention_mask = (torch.arange(width)[None, :] < torch.tensor(totals)[:, None]).to(device)
+        # The model takes `length` as the number of cached columns before the new tokens;
+        # here the new tokens are inside the gathered width, so the columns add up to it.
+        self.length = width - num_new
+        self.num_new = num_new
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool_k, pool_v = self.cache.keys[layer], self.cache.values[layer]
+        batch, heads, new, dim = keys.shape
+        pool_k.index_copy_(0, self.write_slots, keys.transpose(1, 2).reshape(batch * new, heads, dim))
+        pool_v.index_copy_(0, self.write_slots, values.transpose(1, 2).reshape(batch * new, heads, dim))
+        # (batch, width, heads, dim) -> (batch, heads, width, dim) as a strided view: SDPA
+        # reads it without another copy.
+        return pool_k[self.gather_slots].transpose(1, 2), pool_v[self.gather_slots].transpose(1, 2)
+
+    def advance(self, num_new: int) -> None:
+        """Nothing to do: the engine counts each sequence's computed tokens itself."""

@@ -1,0 +1,135 @@
+"""Continuous batching: which sequences run in the next forward pass, and with how many tokens.
+
+Iteration-level scheduling (Orca, Yu et al. 2022): the batch is re-formed at every step, so
+a finished request leaves at once and a waiting one joins at once, instead of the whole
+batch waiting for its longest member. Each step has a token budget. Running sequences go
+first (a decoding sequence costs one token); waiting ones are admitted in arrival order
+while blocks, budget and batch slots remain. A prompt longer than what is left of the
+budget is prefilled in chunks over several steps (chunked prefill, Agrawal et al. 2023), so
+a long prompt never stalls the running decodes. When a running sequence needs a block and
+none is free, the most recently admitted sequence is preempted: its blocks are freed and it
+goes back to the front of the waiting queue to be recomputed later (vLLM's recompute
+preemption; with prefix caching most of it is found again).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .blocks import BlockManager
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens and its place in the cache."""
+
+    request_id: str
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    arrival: int  # admission order, for FCFS and preemption
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hash chain of its published full blocks
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at (first) admission
+    payload: Any = None  # the engine's per-request state
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens to compute this step, from seq.num_computed on
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the newest token, so the step yields a new token."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -------------------------------------------------------------------------- step
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        # Running sequences, oldest first; preempt from the newest end when blocks run out.
+        queue = sorted(self.running, key=lambda s: s.arrival)
+        while queue and budget > 0:
+            seq = queue.pop(0)
+            count = min(seq.num_uncomputed, budget)
+            while not self._reserve(seq, count):
+                if queue:
+                    self._preempt(queue.pop())
+                else:
+                    self._preempt(seq)
+                    seq = None
+                    break
+            if seq is not None:
+                chunks.append(ScheduledChunk(seq, count))
+                budget -= count
+        # Then waiting sequences, in order, while there is room.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self._take_cached_prefix(seq)
+            count = min(seq.num_uncomputed, budget)
+            if not self._reserve(seq, count):
+                break  # wait for blocks to free up; later requests must not overtake it
+            self.waiting.popleft()
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, count))
+            budget -= count
+        return chunks
+
+    def _take_cached_prefix(self, seq: Sequence) -> None:
+        # At least the last token is computed again: its logits give the next token.
+        blocks, hashes = self.blocks.cached_prefix(seq.token_ids, len(seq.token_ids) - 1)
+        seq.block_table, seq.block_hashes = blocks, hashes
+        seq.num_computed = len(blocks) * self.blocks.block_size
+        if seq.num_cached_prompt == 0:
+            seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt_tokens)
+
+    def _reserve(self, seq: Sequence, count: int) -> bool:
+        """Give `seq` enough blocks for `count` more tokens; False (nothing taken) if too few are free."""
+        missing = self.blocks.blocks_needed(seq.num_computed + count) - len(seq.block_table)
+        if missing > self.blocks.num_free:
+            return False
+        seq.block_table.extend(self.blocks.allocate() for _ in range(max(0, missing)))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0

@@ -1,0 +1,389 @@
+"""The serving engine: paged cache, continuous batching, prefix caching, preemption.
+
+The reference for every output is genforge's simple generator (`generate`), itself checked
+token for token against transformers' `generate` in test_generate.py: a request served
+among many must return exactly what it returns alone.
+"""
+
+import asyncio
+import json
+import random
+
+import pytest
+import torch
+
+from genforge.checkpoint import load_model
+from genforge.config import Config
+from genforge.generate.constrained import JsonSchemaConstraint
+from genforge.generate.generator import generate
+from genforge.generate.processors import SamplingParams, token_logprobs
+from genforge.model import Transformer
+from genforge.serve.blocks import BlockManager, OutOfBlocks
+from genforge.serve.engine import AsyncEngine, Engine, Request
+from genforge.serve.paged_cache import PagedKVCache
+from genforge.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+VOCAB = 300
+
+
+class NumberTokenizer:
+    """Token i reads "<i>"; enough for engines that need no real text."""
+
+    eos_token_id = None
+    vocab_size = VOCAB
+
+    def stream_decoder(self, skip_special_tokens=False):
+        class Decoder:
+            def prime(self, ids):
+                pass
+
+            def step(self, token):
+                return f"<{token}>"
+
+            def finish(self):
+                return ""
+
+        return Decoder()
+
+
+def tiny_model(family="llama", seed=0, **overrides) -> Transformer:
+    fields = dict(family=family, vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=128, max_position_embeddings=256, eos_token_id=None)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return Transformer(Config(**fields)).eval()
+
+
+def random_prompts(count, seed=0, longest=60):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, longest))] for _ in range(count)]
+    limits = [rng.randint(1, 40) for _ in range(count)]
+    return prompts, limits
+
+
+def run_to_end(engine: Engine) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            entry = results.setdefault(out.request_id, {"tokens": [], "text": "", "logprobs": []})
+            entry["tokens"] += out.token_ids
+            entry["text"] += out.text
+            entry["logprobs"] += out.logprobs or []
+            if out.finished:
+                entry["reason"], entry["usage"] = out.finish_reason, (out.prompt_tokens, out.completion_tokens)
+    return results
+
+
+def greedy(n):
+    return SamplingParams(temperature=0, max_new_tokens=n)
+
+
+def reference(model, prompt, params, tokenizer=None, eos=()):
+    return generate(model, [prompt], params, tokenizer=tokenizer, eos_token_ids=list(eos))[0]
+
+
+# ------------------------------------------------------------------------- block manager
+def test_block_manager_counts_references_and_evicts_least_recently_released():
+    blocks = BlockManager(num_blocks=3, block_size=2)
+    tokens = [1, 2, 3, 4]
+    table = [blocks.allocate(), blocks.allocate()]
+    hashes: list[int] = []
+    blocks.cache_full_blocks(tokens, table, num_computed=4, hashes=hashes)
+    assert len(hashes) == 2 and blocks.num_free == 1
+
+    shared, shared_hashes = blocks.cached_prefix(tokens + [5], max_tokens=5)
+    assert shared == table and shared_hashes == hashes
+    assert blocks.ref_counts[table[0]] == 2
+    blocks.free(shared)
+    blocks.free(table)
+    assert blocks.num_free == 3 and blocks.num_used == 0
+
+    # Cached blocks survive being released until allocation needs them, oldest release first.
+    again, _ = blocks.cached_prefix(tokens, max_tokens=4)
+    assert again == table
+    blocks.free(again)
+    assert [blocks.allocate() for _ in range(2)] == [2, table[0]]
+    assert blocks.cached_prefix(tokens, max_tokens=4)[0] == []  # the first block's entry was evicted
+    blocks.allocate()
+    with pytest.raises(OutOfBlocks):
+        blocks.allocate()
+    with pytest.raises(RuntimeError, match="freed more often"):
+        blocks.free([0, 0, 0])
+
+
+def test_prefix_hash_depends_on_everything_before_the_block():
+    blocks = BlockManager(num_blocks=4, block_size=2)
+    table = [blocks.allocate(), blocks.allocate()]
+    blocks.cache_full_blocks([1, 2, 3, 4], table, 4, [])
+    # Same second block after a different first block: no hit.
+    assert blocks.cached_prefix([9, 9, 3, 4], max_tokens=4)[0] == []
+    assert blocks.counters.queries == 1 and blocks.counters.hits == 0
+
+
+def test_paged_batch_gives_the_same_attention_as_a_contiguous_cache():
+    model = tiny_model()
+    cache = PagedKVCache(model.config, num_blocks=16, block_size=4)
+    prompt = torch.randint(0, VOCAB, (1, 11))
+    # Blocks deliberately out of order in the pool.
+    table = [9, 2, 14]
+    with torch.inference_mode():
+        view = cache.batch([table], [0], 11)
+        paged = model(prompt, attention_mask=view.attention_mask, position_ids=view.position_ids, cache=view).logits
+        plain = model(prompt).logits
+        torch.testing.assert_close(paged, plain, atol=1e-5, rtol=1e-5)
+        step = torch.tensor([[7]])
+        view = cache.batch([table], [11], 1)
+        paged_next = model(step, attention_mask=view.attention_mask, position_ids=view.position_ids, cache=view)
+        plain_next = model(torch.cat([prompt, step], 1)).logits[:, -1]
+        torch.testing.assert_close(paged_next.logits[:, -1], plain_next, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ batching
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", {}),
+    ("mistral", {"sliding_window": 8}),  # windows compare token positions, not cache slots
+    ("gpt2", {"num_kv_heads": 4}),  # learned positions
+])
+def test_32_concurrent_greedy_requests_equal_each_request_alone(family, overrides):
+    model = tiny_model(family, **overrides)
+    prompts, limits = random_prompts(32)
+    engine = Engine(model, NumberTokenizer(), block_size=8, num_blocks=128, max_num_seqs=32, max_num_batched_tokens=96)
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        engine.add_request(Request(str(i), prompt, greedy(limit)))
+    results = run_to_end(engine)
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        expected = reference(model, prompt, greedy(limit))
+        assert results[str(i)]["tokens"] == expected.token_ids, f"request {i}"
+        assert results[str(i)]["reason"] == "length"
+        assert results[str(i)]["usage"] == (len(prompt), limit)
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_preemption_and_chunked_prefill_keep_outputs_exact():
+    model = tiny_model()
+    prompts, limits = random_prompts(24, seed=1)
+    # Few blocks and a small budget: sequences get preempted and prompts split into chunks.
+    engine = Engine(model, NumberTokenizer(), block_size=4, num_blocks=64, max_num_seqs=16, max_num_batched_tokens=20)
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        engine.add_request(Request(str(i), prompt, greedy(limit)))
+    scheduled_tokens = []
+    original = engine.scheduler.schedule
+
+    def watched():
+        chunks = original()
+        scheduled_tokens.append(sum(c.num_tokens for c in chunks))
+        return chunks
+
+    engine.scheduler.schedule = watched
+    results = run_to_end(engine)
+    assert engine.stats().preemptions > 0
+    assert max(scheduled_tokens) <= 20
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        assert results[str(i)]["tokens"] == reference(model, prompt, greedy(limit)).token_ids, f"request {i}"
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_decodes_continue():
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer(), block_size=8, max_num_batched_tokens=16)
+    engine.add_request(Request("short", [1, 2, 3], greedy(30)))
+    engine.step()  # the short request's prompt
+    engine.add_request(Request("long", list(range(5, 165)), greedy(3)))
+    decoded_while_long_prefills = 0
+    for _ in range(5):
+        outs = engine.step()
+        decoded_while_long_prefills += sum(o.request_id == "short" for o in outs)
+        assert not any(o.request_id == "long" for o in outs)  # still in its prefill chunks
+    assert decoded_while_long_prefills == 5
+    results = run_to_end(engine)
+    assert results["long"]["tokens"] == reference(model, list(range(5, 165)), greedy(3)).token_ids
+
+
+def test_prefix_cache_reuses_blocks_of_a_shared_prompt():
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer(), block_size=8)
+    shared = list(range(10, 90))  # ten full blocks
+    engine.add_request(Request("first", shared + [1, 2], greedy(5)))
+    first = run_to_end(engine)["first"]["tokens"]
+    hits = engine.stats().prefix_cache_hits
+    engine.add_request(Request("second", shared + [3], greedy(5)))
+    first_step = engine.step()
+    assert engine.stats().prefix_cache_hits - hits == 10
+    assert first_step[0].cached_prompt_tokens == 80
+    second = first_step[0].token_ids + run_to_end(engine)["second"]["tokens"]
+    assert first == reference(model, shared + [1, 2], greedy(5)).token_ids
+    assert second == reference(model, shared + [3], greedy(5)).token_ids
+
+
+def test_identical_prompts_recompute_their_last_block():
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer(), block_size=4)
+    prompt = list(range(16))  # exactly four full blocks
+    for name in ("a", "b"):
+        engine.add_request(Request(name, prompt, greedy(6)))
+        run_to_end(engine)
+    engine.add_request(Request("c", prompt, greedy(6)))
+    assert run_to_end(engine)["c"]["tokens"] == reference(model, prompt, greedy(6)).token_ids
+
+
+# ------------------------------------------------------------------------ sampling
+def test_seeded_sampling_is_independent_of_the_batch_and_matches_generate():
+    model = tiny_model()
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_new_tokens=12, seed=7)
+    prompt = [5, 6, 7, 8]
+    alone = Engine(model, NumberTokenizer())
+    alone.add_request(Request("x", prompt, params))
+    expected = run_to_end(alone)["x"]["tokens"]
+    busy = Engine(model, NumberTokenizer())
+    prompts, _ = random_prompts(8, seed=3)
+    for i, p in enumerate(prompts):
+        busy.add_request(Request(f"other{i}", p, SamplingParams(temperature=1.0, max_new_tokens=10, seed=i)))
+    busy.add_request(Request("x", prompt, params))
+    assert run_to_end(busy)["x"]["tokens"] == expected
+    assert expected == reference(model, prompt, params).token_ids
+
+
+def test_penalties_and_bias_per_request_match_generate():
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer())
+    settings = {
+        "rep": SamplingParams(temperature=0, repetition_penalty=1.8, max_new_tokens=15),
+        "freq": SamplingParams(temperature=0, frequency_penalty=1.5, presence_penalty=0.5, max_new_tokens=15),
+        "ngram": SamplingParams(temperature=0, no_repeat_ngram_size=2, max_new_tokens=15),
+        "bias": SamplingParams(temperature=0, logit_bias={3: 100.0}, max_new_tokens=4),
+        "plain": greedy(15),
+    }
+    prompts = {name: [10 + i, 20, 30 + 2 * i] for i, name in enumerate(settings)}
+    for name, params in settings.items():
+        engine.add_request(Request(name, prompts[name], params))
+    results = run_to_end(engine)
+    for name, params in settings.items():
+        assert results[name]["tokens"] == reference(model, prompts[name], params).token_ids, name
+    assert results["bias"]["tokens"] == [3, 3, 3, 3]
+
+
+def test_logprobs_are_the_raw_model_log_softmax():
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer())
+    prompt = [4, 5, 6]
+    engine.add_request(Request("x", prompt, SamplingParams(temperature=0.7, max_new_tokens=3, seed=1), logprobs=3))
+    result = run_to_end(engine)["x"]
+    ids = prompt + result["tokens"]
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
+    expected = token_logprobs(logits, torch.tensor(result["tokens"]), top_n=3)
+    for i, entry in enumerate(result["logprobs"]):
+        assert entry.token_id == result["tokens"][i]
+        assert entry.logprob == pytest.approx(float(expected.logprobs[i]), abs=1e-4)
+        assert [t for t, _ in entry.top] == expected.top_token_ids[i].tolist()
+
+
+# ------------------------------------------------------------------- stop and abort
+def test_stop_token_eos_and_stop_strings(text_model_dir):
+    model, tokenizer = load_model(text_model_dir), Tokenizer.from_dir(text_model_dir)
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("the weather today is", add_special_tokens=False)
+    free = reference(model, prompt, greedy(20), tokenizer=tokenizer, eos=[])
+    assert len(free.token_ids) == 20
+    stop_token = free.token_ids[5]
+    stop_text = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    engine.add_request(Request("eos", prompt, greedy(20), ignore_eos=False))
+    engine.add_request(Request("stop_id", prompt, SamplingParams(temperature=0, max_new_tokens=20,
+                                                                 stop_token_ids=[stop_token])))
+    engine.add_request(Request("stop_str", prompt, SamplingParams(temperature=0, max_new_tokens=20, stop=[stop_text])))
+    results = run_to_end(engine)
+    assert results["stop_id"]["tokens"] == free.token_ids[: free.token_ids.index(stop_token) + 1]
+    assert results["stop_id"]["reason"] == "stop"
+    assert results["stop_str"]["reason"] == "stop"
+    assert results["stop_str"]["text"] == free.text[: free.text.index(stop_text)]
+    expected = reference(model, prompt, greedy(20), tokenizer=tokenizer)
+    assert results["eos"]["tokens"] == expected.token_ids and results["eos"]["text"] == expected.text
+
+
+def test_abort_frees_blocks_at_once():
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer(), block_size=4)
+    engine.add_request(Request("x", list(range(40)), greedy(50)))
+    engine.add_request(Request("y", list(range(5)), greedy(50)))
+    engine.step()
+    assert engine.stats().kv_blocks_used > 0
+    final = engine.abort("x")
+    assert final.finished and final.finish_reason == "abort"
+    assert engine.abort("nope") is None
+    engine.abort("y")
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished()
+
+
+def test_bad_requests_are_refused_before_any_work():
+    engine = Engine(tiny_model(), NumberTokenizer())
+    with pytest.raises(ValueError, match="maximum context length is 256 tokens, but 250 prompt tokens and 10"):
+        engine.add_request(Request("x", [1] * 250, greedy(10)))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request(Request("x", [], greedy(1)))
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):
+        engine.add_request(Request("x", [300], greedy(1)))
+    with pytest.raises(ValueError, match="max_new_tokens must be set"):
+        engine.add_request(Request("x", [1], SamplingParams()))
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        Engine(tiny_model(), NumberTokenizer(), block_size=16, num_blocks=3)
+    assert not engine.has_unfinished()
+
+
+def test_json_schema_constraint_per_request_matches_generate(bpe_model, bpe_tokenizer):
+    model, tokenizer = bpe_model, bpe_tokenizer
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("answer:", add_special_tokens=False)
+    params = [SamplingParams(temperature=1.0, top_k=8, max_new_tokens=40, seed=seed) for seed in range(4)]
+    for seed in range(4):
+        engine.add_request(Request(f"c{seed}", prompt, params[seed], processors=[JsonSchemaConstraint(schema, tokenizer)]))
+    engine.add_request(Request("free", prompt, params[0]))
+    results = run_to_end(engine)
+    for seed in range(4):
+        entry = results[f"c{seed}"]
+        expected = generate(model, [prompt], params[seed], tokenizer=tokenizer,
+                            extra_processors=[JsonSchemaConstraint(schema, tokenizer)])[0]
+        assert entry["tokens"] == expected.token_ids and entry["reason"] == "stop"
+        assert set(json.loads(entry["text"])) == {"n"}
+    assert results["free"]["tokens"] != results["c0"]["tokens"]  # the constraint, not the seed, shaped them
+
+
+# ---------------------------------------------------------------------------- async
+def test_async_engine_streams_cancels_and_drains():
+    model = tiny_model()
+    engines = {"a": Engine(model, NumberTokenizer()), "b": Engine(tiny_model(seed=1), NumberTokenizer())}
+    served = AsyncEngine(engines)
+
+    async def collect(model_name, request_id, prompt, limit):
+        tokens = []
+        async for out in served.generate(model_name, Request(request_id, prompt, greedy(limit))):
+            tokens += out.token_ids
+        return tokens
+
+    async def cancel_early():
+        stream = served.generate("a", Request("cancelled", [1, 2, 3], greedy(200)))
+        async for out in stream:
+            break
+        await stream.aclose()
+
+    async def main():
+        results = await asyncio.gather(collect("a", "r1", [1, 2, 3], 10), collect("b", "r2", [1, 2, 3], 10),
+                                       cancel_early())
+        with pytest.raises(ValueError, match="maximum context length"):
+            await collect("a", "too-long", [1] * 300, 5)
+        with pytest.raises(KeyError, match="available: a, b"):
+            await collect("zzz", "r3", [1], 1)
+        slow = asyncio.create_task(collect("a", "drained", [4, 5], 30))
+        await asyncio.sleep(0.05)
+        await served.shutdown(drain_timeout=30)
+        return results, await slow
+
+    (first, second, _), drained = asyncio.run(main())
+    assert first == reference(model, [1, 2, 3], greedy(10)).token_ids
+    assert second == reference(engines["b"].model, [1, 2, 3], greedy(10)).token_ids
+    assert len(drained) == 30  # shutdown let the in-flight request finish
+    for engine in engines.values():
+        assert engine.stats().kv_blocks_used == 0
