@@ -96,9 +96,18 @@ def clip_gradients(model: nn.Module, max_norm: float | None) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
+    if any(_is_sharded(p) for p in params):
+        # FSDP shards (DTensors): torch's clip reduces the shards' norms across ranks; an
+        # infinite max_norm leaves the gradients as they are (a factor of exactly 1).
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        return float(norm.full_tensor() if _is_sharded(norm) else norm)
     if max_norm is None:
         return float(torch.norm(torch.stack([p.grad.detach().norm(2) for p in params]), 2))
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "full_tensor")  # a DTensor, as FSDP2 makes parameters and their norms
 
 
 __all__ = ["split_parameter_groups", "build_optimizer", "warmup_cosine_lr", "build_scheduler", "clip_gradients"]

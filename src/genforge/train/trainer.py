@@ -8,6 +8,15 @@ position, RNG states), so `resume=True` continues the same run bit for bit on CP
 Gradient checkpointing (Chen et al. 2016) recomputes each block's activations in backward.
 MFU (model FLOPs utilisation, Chowdhery et al. 2022) uses the 6 * parameters FLOPs per token
 estimate of Kaplan et al. 2020.
+
+Decoders train on the causal LM objective; a BERT encoder with a masked-LM head trains on
+masked LM (Devlin et al. 2019), its batches corrupted by `mask_tokens` with a generator
+seeded by (seed, step, micro-batch), so the masks need no saved state to resume exactly.
+
+Under `torchrun` (see `distributed.py`) every rank draws the same global batch from the same
+sampler and trains on its own contiguous slice; each rank's loss is its share of the global
+token sum, scaled by the world size because DDP/FSDP average gradients, so the step equals
+the single-process step on the whole batch. Rank 0 alone writes files.
 """
 
 from __future__ import annotations
@@ -30,13 +39,20 @@ from ..atomic import atomic_path, atomic_write_text, staged_directory
 from ..checkpoint import save_model
 from ..model import Transformer
 from .data import ShuffleSampler, TokenDataset
-from .losses import causal_lm_loss, count_target_tokens, moe_auxiliary_loss
+from .distributed import (
+    DistributedContext, all_reduce_sum, barrier, broadcast_object, no_gradient_sync, rank_slice, wrap_model,
+)
+from .losses import (
+    IGNORE_INDEX, causal_lm_loss, count_masked_targets, count_target_tokens, mask_tokens, masked_lm_loss,
+    moe_auxiliary_loss,
+)
 from .optim import build_optimizer, build_scheduler, clip_gradients
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_FILES = ("model.safetensors", "trainer_state.pt", "state.json")
 # Settings that decide which data each step sees; a resume must not change them.
 _RESUME_INVARIANTS = ("batch_size", "grad_accum", "seed", "seq_len")
+_MASKED_RESUME_INVARIANTS = ("mlm_probability", "mask_token_id")
 
 
 class TrainError(ValueError):
@@ -70,6 +86,12 @@ class TrainConfig:
     peak_flops: float | None = None  # the device's peak FLOP/s, for MFU; None: MFU not shown
     progress: bool = True
     export: bool = True  # write the final model as a Hugging Face directory
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    # Masked LM (encoders): the share of tokens chosen, the [MASK] id (default: the
+    # tokenizer's), and ids never chosen (default: the tokenizer's special tokens).
+    mlm_probability: float = 0.15
+    mask_token_id: int | None = None
+    special_token_ids: tuple[int, ...] | None = None
     seq_len: int | None = field(default=None, init=False)  # taken from the dataset
 
     def validate(self) -> None:
@@ -95,6 +117,8 @@ class TrainConfig:
             raise TrainError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise TrainError(f"peak_flops must be > 0 or None, got {self.peak_flops}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise TrainError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
 
 
 @dataclass
@@ -120,12 +144,24 @@ class Trainer:
         config: TrainConfig,
         val_data: TokenDataset | None = None,
         tokenizer=None,
+        distributed: DistributedContext | None = None,
     ) -> None:
         config.validate()
         if not isinstance(train_data, TokenDataset):
             raise TrainError(f"train_data must be a genforge.train.TokenDataset, got {type(train_data).__name__}")
-        if not model.config.causal:
-            raise TrainError("this trainer trains causal (decoder) models; masked-LM training of encoders is not built yet")
+        self.distributed = distributed if distributed is not None else DistributedContext.current()
+        world = self.distributed.world_size
+        if config.batch_size % world:
+            raise TrainError(
+                f"batch_size {config.batch_size} is the global micro-batch and must split evenly over the "
+                f"{world} processes; use a multiple of {world}"
+            )
+        if config.fsdp and not self.distributed.enabled:
+            raise TrainError("fsdp=True shards the model over several processes; launch with torchrun "
+                             "(WORLD_SIZE > 1) or leave fsdp off")
+        self.masked = not model.config.causal
+        if self.masked:
+            self._setup_masking(model, config, tokenizer)
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             if data is None:
                 continue
@@ -145,14 +181,33 @@ class Trainer:
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.device = torch.device(config.device)
+        self.num_parameters = sum(p.numel() for p in model.parameters())
         self.model.to(self.device)
+        # The module the step calls: the model itself, its DDP wrapper, or the model sharded
+        # in place by FSDP. `self.model` stays the plain module (checkpointing, evaluation).
+        self.engine = wrap_model(self.model, self.distributed, fsdp=config.fsdp)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.adam_eps)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.sampler = ShuffleSampler(len(train_data), seed=config.seed)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.step = 0
-        self.num_parameters = sum(p.numel() for p in model.parameters())
 
+    def _setup_masking(self, model: Transformer, config: TrainConfig, tokenizer) -> None:
+        if model.lm_head is None:
+            raise TrainError(
+                "this encoder has no masked-LM head to train; build it with Config(masked_lm_head=True) or load "
+                "a BertForMaskedLM checkpoint"
+            )
+        if config.mask_token_id is None:
+            config.mask_token_id = getattr(tokenizer, "mask_token_id", None)
+        if config.mask_token_id is None:
+            raise TrainError("masked-LM training needs a [MASK] id: pass a tokenizer with a mask token or set "
+                             "TrainConfig.mask_token_id")
+        if not 0 <= config.mask_token_id < model.config.vocab_size:
+            raise TrainError(f"mask_token_id {config.mask_token_id} is not below vocab_size {model.config.vocab_size}")
+        if config.special_token_ids is None:
+            config.special_token_ids = tuple(getattr(tokenizer, "all_special_ids", None) or ())
+        config.special_token_ids = tuple(int(i) for i in config.special_token_ids)
     # ------------------------------------------------------------------------------ steps
     def _autocast(self):
         if self.config.precision == "fp32":
@@ -160,26 +215,64 @@ class Trainer:
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _micro_loss(self, batch: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    def _count_targets(self, labels: torch.Tensor) -> int:
+        return count_masked_targets(labels) if self.masked else count_target_tokens(labels)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        objective = masked_lm_loss if self.masked else causal_lm_loss
+        return objective(logits, labels, label_smoothing=label_smoothing, reduction="sum")
+
+    def _micro_loss(self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
         """This micro-batch's share of the step's loss: sum over its tokens / the step's tokens."""
         with self._autocast():
-            output = self.model(batch)
-            loss = causal_lm_loss(output.logits, batch, label_smoothing=self.config.label_smoothing, reduction="sum")
-            loss = loss / total_tokens
+            output = self.engine(inputs)
+            loss = self._loss(output.logits, labels, self.config.label_smoothing) / total_tokens
             aux = moe_auxiliary_loss(output, self.model.config)
             if aux is not None:
-                loss = loss + self.config.aux_loss_coef * aux * (count_target_tokens(batch) / total_tokens)
+                loss = loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
         return loss
 
-    def train_step(self, batches: list[torch.Tensor]) -> dict:
-        """One optimizer step over `batches` (the micro-batches of this step)."""
-        self.model.train()
-        total_tokens = sum(count_target_tokens(b) for b in batches)
+    def mask_batch(self, batch: torch.Tensor, stream: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked-LM inputs and labels for `batch`, from a generator seeded by (seed, stream,
+        index): the same batch at the same step gets the same masks on every rank and on resume."""
+        key = ((self.config.seed * 1_000_003 + stream) * 1_000_003 + index) % (2**63)
+        generator = torch.Generator().manual_seed(key)
+        return mask_tokens(batch, self.config.mask_token_id, self.model.config.vocab_size,
+                           self.config.mlm_probability, self.config.special_token_ids, generator)
+
+    def _as_pairs(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, labels) per micro-batch; a bare tensor is its own labels (causal LM) or is masked here."""
+        pairs = []
+        for micro, batch in enumerate(batches):
+            if isinstance(batch, torch.Tensor):
+                batch = self.mask_batch(batch, self.step, micro) if self.masked else (batch, batch)
+            pairs.append(tuple(batch))
+        return pairs
+
+    def train_step(self, batches: list) -> dict:
+        """One optimizer step over `batches`, the micro-batches of this step: tensors of ids, or
+        (inputs, labels) pairs. Under torchrun they are the global micro-batches (every rank
+        passes the same ones) and each rank trains on its slice."""
+        self.engine.train()
+        pairs = self._as_pairs(batches)
+        total_tokens = sum(self._count_targets(labels) for _, labels in pairs)
+        if total_tokens == 0:
+            raise TrainError("this step's batches have no target tokens (every label is ignored); nothing to learn")
+        world = self.distributed.world_size
+        share = rank_slice(pairs[0][0].shape[0], self.distributed)
         step_loss = 0.0
-        for batch in batches:
-            loss = self._micro_loss(batch.to(self.device), total_tokens)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        for micro, (inputs, labels) in enumerate(pairs):
+            last = micro == len(pairs) - 1
+            inputs, labels = inputs[share].to(self.device), labels[share].to(self.device)
+            with contextlib.nullcontext() if last else no_gradient_sync(self.engine, self.distributed, self.config.fsdp):
+                loss = self._micro_loss(inputs, labels, total_tokens)
+                # DDP and FSDP average gradients over ranks; scaling by the world size turns
+                # that average into the sum of the ranks' shares, the whole batch's gradient.
+                scaled = loss * world if world > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             step_loss += float(loss.detach())
+        if world > 1:
+            (step_loss,) = all_reduce_sum([step_loss], self.distributed, self.device)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.model, self.config.grad_clip)
@@ -192,30 +285,46 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        # Throughput counts every input token, as tokens/s and MFU are usually reported.
-        tokens = sum(b.numel() for b in batches)
+        # Throughput counts every input token of the global batch, as tokens/s and MFU are usually reported.
+        tokens = sum(inputs.numel() for inputs, _ in pairs)
         return {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
     def _next_batches(self) -> list[torch.Tensor]:
+        """The step's global micro-batches; every rank draws the same ones from its own sampler copy."""
         return [self.train_data.batch(self.sampler.take(self.config.batch_size)) for _ in range(self.config.grad_accum)]
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean next-token loss over the first `eval_batches` batches of the validation data
-        (in order, so every evaluation sees the same tokens) and its perplexity."""
+        """Mean loss per target token over the first `eval_batches` batches of the validation
+        data (in order, and for masked LM with fixed masks, so every evaluation scores the same
+        targets) and its perplexity. Under torchrun each rank scores its rows and the sums
+        are added up."""
         if self.val_data is None:
             raise TrainError("no val_data was given to this Trainer, so there is nothing to evaluate")
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.engine.training
+        self.engine.eval()
         total, tokens = 0.0, 0
-        size = self.config.batch_size
-        for start in range(0, min(len(self.val_data), size * self.config.eval_batches), size):
-            batch = self.val_data.sequences[start : start + size].to(self.device)
+        size, rank, world = self.config.batch_size, self.distributed.rank, self.distributed.world_size
+        for number, start in enumerate(range(0, min(len(self.val_data), size * self.config.eval_batches), size)):
+            batch = self.val_data.sequences[start : start + size]
+            inputs, labels = self.mask_batch(batch, -1, number) if self.masked else (batch, batch)
+            rows = slice(rank, None, world)  # a short last batch may leave a rank nothing
+            mine_in, mine_labels = inputs[rows].to(self.device), labels[rows].to(self.device)
+            if mine_in.shape[0] == 0:
+                if not self.config.fsdp:
+                    continue
+                # FSDP gathers weights collectively: this rank must still run a forward.
+                mine_in = inputs[:1].to(self.device)
+                mine_labels = torch.full_like(mine_in, IGNORE_INDEX)
             with self._autocast():
-                logits = self.model(batch).logits
-            total += float(causal_lm_loss(logits, batch, reduction="sum"))
-            tokens += count_target_tokens(batch)
-        self.model.train(was_training)
+                logits = (self.engine if self.config.fsdp else self.model)(mine_in).logits
+            if self._count_targets(mine_labels):
+                total += float(self._loss(logits, mine_labels))
+                tokens += self._count_targets(mine_labels)
+        total, tokens = all_reduce_sum([total, float(tokens)], self.distributed, self.device)
+        self.engine.train(was_training)
+        if tokens == 0:
+            raise TrainError("the validation batches hold no target tokens to score")
         val_loss = total / tokens
         return {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
 
@@ -224,17 +333,21 @@ class Trainer:
         """Run until `max_steps`. resume=True first restores the latest checkpoint in
         `out_dir`; resume=False refuses an `out_dir` that already holds a run, so nothing
         earlier is overwritten. `on_checkpoint(step, path)` runs after each checkpoint."""
+        main = self.distributed.is_main
         if resume:
             self.load_checkpoint()
         else:
-            if self.checkpoint_dir.exists() or self.metrics_path.exists():
+            taken = self.checkpoint_dir.exists() or self.metrics_path.exists()
+            # Rank 0's view decides for all, so every rank raises or none does.
+            if broadcast_object(taken, self.distributed):
                 raise TrainError(
                     f"{self.out_dir} already holds a training run; pass resume=True to continue it, "
                     "or choose an empty out_dir"
                 )
             torch.manual_seed(self.config.seed)
             random.seed(self.config.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         config = self.config
         losses, evals = [], []
         restore = self._enable_gradient_checkpointing() if config.gradient_checkpointing else None
@@ -246,8 +359,9 @@ class Trainer:
                     record = self.train_step(self._next_batches())
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     record["tokens_per_s"] = record["tokens"] / elapsed
-                    if config.peak_flops:
-                        record["mfu"] = 6 * self.num_parameters * record["tokens_per_s"] / config.peak_flops
+                    if config.peak_flops:  # peak_flops is per device; the job has world_size of them
+                        record["mfu"] = (6 * self.num_parameters * record["tokens_per_s"]
+                                         / (config.peak_flops * self.distributed.world_size))
                     losses.append((self.step, record["loss"]))
                     self._append_metrics(record)
                     mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
@@ -260,23 +374,47 @@ class Trainer:
                         self._append_metrics(result)
                     if (config.save_every and self.step % config.save_every == 0) or last:
                         path = self.save_checkpoint()
-                        self.write_loss_curve()
+                        if main:
+                            self.write_loss_curve()
                         if on_checkpoint is not None:
                             on_checkpoint(self.step, path)
         finally:
             if restore is not None:
                 restore()
-        export_dir = None
+        export_dir = self.out_dir / "model" if config.export else None
         if config.export:
-            export_dir = save_model(self.model, self.out_dir / "model", self.tokenizer)
+            full = self._full_state_dict() if config.fsdp else None  # collective: every rank joins
+            if main:
+                save_model(self._plain_model(full), export_dir, self.tokenizer)
+            barrier(self.distributed)
         return TrainResult(step=self.step, losses=losses, evals=evals, export_dir=export_dir)
+
+    def _full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        """Every parameter whole (FSDP gathers the shards; a collective all ranks join): on CPU
+        and on rank 0 only, the others getting {}, or with every_rank=True on every rank."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+        return get_model_state_dict(self.model, options=options)
+
+    def _plain_model(self, full_state: dict | None) -> Transformer:
+        """The model with ordinary tensors: itself, or (FSDP) a CPU copy built from the gathered weights."""
+        if full_state is None:
+            return self.model
+        plain = Transformer(self.model.config)
+        state = dict(full_state)
+        if plain.lm_head is not None and self.model.config.tie_word_embeddings:
+            state.setdefault("lm_head.weight", state["embed_tokens.weight"])
+        plain.load_state_dict(state, strict=True)
+        plain.tie_weights()
+        return plain
 
     def _progress(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         progress = Progress(
             TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(), disable=not self.config.progress,
+            TimeRemainingColumn(), disable=not (self.config.progress and self.distributed.is_main),
         )
 
         @contextlib.contextmanager
@@ -313,13 +451,30 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         """Write `checkpoints/step-XXXXXXXX/` atomically (assembled beside it, then renamed),
-        then point `checkpoints/latest.json` at it (also by rename)."""
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        then point `checkpoints/latest.json` at it (also by rename). Under torchrun rank 0
+        writes; with FSDP every rank first joins in gathering the shards."""
         final = self.checkpoint_dir / f"step-{self.step:08d}"
+        if self.config.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            full = self._full_state_dict()
+            model_to_save = self._plain_model(full) if self.distributed.is_main else None
+            optimizer_state = get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            model_to_save, optimizer_state = self.model, self.optimizer.state_dict()
+        if self.distributed.is_main:
+            self._write_checkpoint(final, model_to_save, optimizer_state)
+        barrier(self.distributed)  # no rank runs ahead of a checkpoint it might need to resume from
+        return final
+
+    def _write_checkpoint(self, final: Path, model: Transformer, optimizer_state: dict) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with staged_directory(final) as staging:  # a re-run of the same step swaps, never deletes first
-            save_weights(self.model, str(staging / "model.safetensors"))
+            save_weights(model, str(staging / "model.safetensors"))
             trainer_state = {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
+                "optimizer_format": "fsdp-full" if self.config.fsdp else "torch",
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "torch_rng": torch.get_rng_state(),
@@ -330,13 +485,16 @@ class Trainer:
             state = {
                 "step": self.step,
                 "sampler": self.sampler.state_dict(),
-                "config": {k: getattr(self.config, k) for k in _RESUME_INVARIANTS},
+                "config": {k: getattr(self.config, k) for k in self._resume_invariants()},
+                "world_size": self.distributed.world_size,
             }
             (staging / "state.json").write_text(json.dumps(state, indent=2))
             for path in staging.iterdir():
                 _fsync(path)
         atomic_write_text(self.checkpoint_dir / "latest.json", json.dumps({"step": self.step, "dir": final.name}))
-        return final
+
+    def _resume_invariants(self) -> tuple[str, ...]:
+        return _RESUME_INVARIANTS + (_MASKED_RESUME_INVARIANTS if self.masked else ())
 
     def load_checkpoint(self) -> int:
         """Restore the latest checkpoint; every file is read and checked before anything
@@ -361,7 +519,13 @@ class Trainer:
         # (SafetensorError, UnpicklingError, zipfile and JSON errors), so all are caught here.
         except Exception as err:  # noqa: BLE001
             raise TrainError(f"cannot resume: checkpoint {directory} is corrupt ({type(err).__name__}: {err})") from None
-        current = self.model.state_dict()
+        fsdp = self.config.fsdp
+        saved_format = trainer_state.get("optimizer_format", "torch")
+        if saved_format != ("fsdp-full" if fsdp else "torch"):
+            raise TrainError(f"cannot resume: checkpoint {directory} was written "
+                             f"{'with' if saved_format == 'fsdp-full' else 'without'} FSDP; resume the same way")
+        # FSDP: the gathered weights, in a plain copy whose tied names share one tensor as here.
+        current = self._plain_model(self._full_state_dict(every_rank=True)).state_dict() if fsdp else self.model.state_dict()
         # A tied head and embedding are one tensor stored once; either name may hold it.
         by_storage: dict[int, set[str]] = {}
         for name, tensor in current.items():
@@ -377,7 +541,7 @@ class Trainer:
         if mismatched:
             raise TrainError(f"cannot resume: checkpoint {directory} has other shapes for {mismatched[:4]}")
         saved = state.get("config", {})
-        changed = [f"{k}: {saved.get(k)} -> {getattr(self.config, k)}" for k in _RESUME_INVARIANTS
+        changed = [f"{k}: {saved.get(k)} -> {getattr(self.config, k)}" for k in self._resume_invariants()
                    if saved.get(k) != getattr(self.config, k)]
         if changed:
             raise TrainError(f"cannot resume: settings that decide the data order changed ({'; '.join(changed)})")
@@ -385,12 +549,22 @@ class Trainer:
             raise TrainError(f"cannot resume: checkpoint is at step {state['step']}, beyond max_steps={self.config.max_steps}")
         # Everything read and checked: apply.
         self.sampler.load_state_dict(state["sampler"])
-        with torch.no_grad():
-            for names in by_storage.values():
-                source = weights[min(names & set(weights))]
-                for name in names:
-                    current[name].copy_(source)
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+            )
+
+            full = {name: weights[min(names & set(weights))] for names in by_storage.values() for name in names}
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, full, options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, trainer_state["optimizer"], options=options)
+        else:
+            with torch.no_grad():
+                for names in by_storage.values():
+                    source = weights[min(names & set(weights))]
+                    for name in names:
+                        current[name].copy_(source)
+            self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         if self.scaler is not None and trainer_state.get("scaler"):
             self.scaler.load_state_dict(trainer_state["scaler"])
@@ -399,11 +573,15 @@ class Trainer:
             torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
         random.setstate(_as_python_rng_state(trainer_state["python_rng"]))
         self.step = int(state["step"])
-        self._truncate_metrics(self.step)
+        if self.distributed.is_main:
+            self._truncate_metrics(self.step)
+        barrier(self.distributed)
         return self.step
 
     # ---------------------------------------------------------------------------- metrics
     def _append_metrics(self, record: dict) -> None:
+        if not self.distributed.is_main:
+            return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

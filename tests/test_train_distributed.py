@@ -1,0 +1,151 @@
+"""Data-parallel training on CPU with the gloo backend, two processes spawned by the test:
+the loss curve, validation losses and final weights equal one process on the same global
+batch (within 1e-5); only rank 0 writes files; a run stopped at a checkpoint resumes under
+DDP to the same curve; FSDP gives the same curve too."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from genforge.config import Config
+from genforge.model import Transformer
+from genforge.train import TokenDataset, TrainConfig, Trainer, TrainError
+from genforge.train.distributed import DistributedContext, destroy_distributed, init_distributed, rank_slice
+
+SEQ_LEN = 16
+STEPS = 4
+
+
+def tiny_model(**overrides):
+    fields = dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=48, max_position_embeddings=64)
+    fields.update(overrides)
+    torch.manual_seed(0)
+    return Transformer(Config(**fields))
+
+
+def build_trainer(out_dir, **overrides):
+    """The same run for one process and for each rank (each rank builds the same model and data)."""
+    generator = torch.Generator().manual_seed(0)
+    train = TokenDataset(torch.randint(3, 64, (48 * SEQ_LEN,), generator=generator), SEQ_LEN)
+    val = TokenDataset(torch.randint(3, 64, (6 * SEQ_LEN,), generator=generator), SEQ_LEN)
+    settings = dict(out_dir=out_dir, max_steps=STEPS, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, seed=5,
+                    progress=False, eval_every=2, eval_batches=2, save_every=2, export=True)
+    settings.update(overrides)
+    return Trainer(tiny_model(), train, TrainConfig(**settings), val_data=val)
+
+
+class StopHere(Exception):
+    pass
+
+
+def _rank_main(rank, world, port, out_dir, overrides, stop_at, resume):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    context, device = init_distributed("cpu")
+    assert context.world_size == world and context.rank == rank and device == "cpu"
+    try:
+        trainer = build_trainer(out_dir, **overrides)
+
+        def stop(step, path):
+            if step == stop_at:
+                raise StopHere
+
+        try:
+            trainer.train(resume=resume, on_checkpoint=stop)
+        except StopHere:
+            pass
+    finally:
+        destroy_distributed()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(out_dir, world=2, stop_at=None, resume=False, **overrides):
+    mp.spawn(_rank_main, args=(world, _free_port(), str(out_dir), overrides, stop_at, resume), nprocs=world, join=True)
+
+
+def records(out_dir):
+    return [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, one_thread):
+    out = tmp_path_factory.mktemp("single")
+    trainer = build_trainer(out)
+    trainer.train()
+    return out, records(out)
+
+
+def assert_same_run(out, reference_out, reference_records):
+    ours = records(out)
+    # Rank 0 alone writes: each step and each evaluation appears once.
+    assert [(r["step"], "loss" in r) for r in ours] == [(r["step"], "loss" in r) for r in reference_records]
+    for a, b in zip(ours, reference_records):
+        key = "loss" if "loss" in a else "val_loss"
+        assert abs(a[key] - b[key]) <= 1e-5, (a, b)
+    mine = load_file(Path(out, "model", "model.safetensors"))
+    theirs = load_file(Path(reference_out, "model", "model.safetensors"))
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path, single):
+    run_ranks(tmp_path / "ddp")
+    assert_same_run(tmp_path / "ddp", *single)
+    assert json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000004" / "state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_resume_continues_the_same_curve(tmp_path, single):
+    out = tmp_path / "resumed"
+    run_ranks(out, stop_at=2)
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 2
+    run_ranks(out, resume=True)
+    assert_same_run(out, *single)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process(tmp_path, single):
+    run_ranks(tmp_path / "fsdp", fsdp=True)
+    assert_same_run(tmp_path / "fsdp", *single)
+
+
+def test_rank_slices_cover_the_global_batch_once():
+    rows = [list(range(8))[rank_slice(8, DistributedContext(rank=r, world_size=4))] for r in range(4)]
+    assert rows == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError, match="split evenly"):
+        rank_slice(6, DistributedContext(rank=0, world_size=4))
+
+
+def test_distributed_settings_are_checked_before_work(tmp_path):
+    with pytest.raises(TrainError, match="multiple of 3"):
+        build_trainer(tmp_path, batch_size=4).__class__(
+            tiny_model(), TokenDataset(torch.arange(64) % 60 + 3, SEQ_LEN),
+            TrainConfig(out_dir=tmp_path, max_steps=1, batch_size=4), distributed=DistributedContext(world_size=3))
+    with pytest.raises(TrainError, match="torchrun"):
+        build_trainer(tmp_path, fsdp=True)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_torchrun_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        init_distributed("cpu")
+    with pytest.raises(ValueError, match="accepted: cpu, cuda"):
+        init_distributed("mps")
