@@ -1,29 +1,53 @@
-"""Indexes over chunks: BM25 (Robertson & Zaragoza 2009) through `bm25s`, and dense vectors
-through FAISS (Johnson et al. 2017): exact inner product over unit vectors (cosine), or HNSW
-(Malkov & Yashunin 2018) when an approximate graph search is wanted.
+"""Indexes over chunks: BM25 (Robertson & Zaragoza 2009) through `bm25s`, and dense vectors in a
+vector store: FAISS (Johnson et al. 2017) in this process, or Milvus (Wang et al. 2021,
+"Milvus: A Purpose-Built Vector Data Management System") locally as Milvus Lite or on a server.
+
+Dense index kinds (the same three names for both backends):
+
+- `flat`: exact inner product over unit vectors (cosine). Every query touches every vector.
+- `hnsw`: a hierarchical navigable small-world graph (Malkov & Yashunin 2018); approximate,
+  with query time roughly logarithmic in the corpus size.
+- `ivf`: an inverted file (Jégou, Douze & Schmid 2011, "Product quantization for nearest
+  neighbor search", section on the coarse quantizer): k-means splits the vectors into `nlist`
+  cells and a query scans only the `nprobe` nearest cells.
 
 Embeddings come from an `Embedder` (by default genforge's `SentenceEncoder` running
 all-MiniLM-L6-v2) and are cached by content hash, so re-indexing unchanged chunks embeds
-nothing. An index is a directory written atomically (built in a temporary sibling, then
-renamed into place) with a manifest naming the embedding model; loading it with a different
-model is refused, because vectors from two models live in unrelated spaces.
+nothing. Every chunk carries a stable integer id, which is what the vector store holds, so
+documents can be added, replaced and deleted without rebuilding the dense index; BM25 is
+re-fitted from the stored chunk texts after each change, because bm25s has no incremental add
+(its scores depend on corpus-wide document frequencies and the average length anyway).
+
+An index is a directory written atomically (built in a temporary sibling, then renamed into
+place) with a manifest naming the embedding model; loading it with a different model is
+refused, because vectors from two models live in unrelated spaces.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
+from collections import OrderedDict
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from ..atomic import staged_directory
 from .chunking import Chunk
 
-FORMAT_VERSION = 1
-DENSE_KINDS = ("flat", "hnsw")
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # version 1 (no chunk ids) is converted on load
+DENSE_KINDS = ("flat", "hnsw", "ivf")
+BACKENDS = ("faiss", "milvus")
 MANIFEST = "manifest.json"
+# FAISS warns below 39 training points per k-means centroid: fewer leave cells poorly placed.
+IVF_POINTS_PER_LIST = 39
+
+FilterValue = str | int | float | bool
+Filters = Mapping[str, "FilterValue | Sequence[FilterValue]"]
 
 
 class RagIndexError(ValueError):
@@ -85,89 +109,619 @@ class EmbeddingCache:
         return np.stack([self.vectors[h] for h in hashes]).astype(np.float32)
 
 
+class QueryCache:
+    """Results of repeated identical searches, least recently used evicted first.
+
+    Keys include the index version, and the cache empties itself when it sees a new version,
+    so a result computed before an add, update or delete is never returned after it."""
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        if max_entries < 0:
+            raise ValueError(f"query cache size must be >= 0 (0 disables it), got {max_entries}")
+        self.max_entries = max_entries
+        self.entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self.version: int | None = None
+        self.hits = self.misses = 0
+
+    def get_or_compute(self, version: int, key: Hashable, compute: Callable[[], Any]) -> Any:
+        if version != self.version:
+            self.entries.clear()
+            self.version = version
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        value = compute()
+        if self.max_entries:
+            self.entries[key] = value
+            if len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+        return value
+
+
+# -- metadata filters ------------------------------------------------------------------------
+
+def check_filters(filters: Filters | None) -> dict[str, tuple[FilterValue, ...]] | None:
+    """Validate a filter and normalise it to {key: allowed values}.
+
+    A filter maps a field to one value (equality) or a list of values ("in"); all fields must
+    match. Fields: `source` (the document path), `extension` (its suffix, e.g. ".md") and any
+    key of the chunk's metadata (e.g. `format`, `title`, `item`)."""
+    if filters is None:
+        return None
+    if not isinstance(filters, Mapping):
+        raise RagIndexError(f"filters must be a dict {{field: value or list of values}}, got {type(filters).__name__}")
+    out = {}
+    for key, value in filters.items():
+        if not isinstance(key, str) or not key.replace("_", "").isalnum():
+            raise RagIndexError(f"filter field {key!r} is not accepted; use a metadata key made of letters, digits and '_', "
+                                "or 'source' / 'extension'")
+        values = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (value,)
+        if not values:
+            raise RagIndexError(f"filter on {key!r} lists no values; give at least one")
+        for v in values:
+            if not isinstance(v, (str, int, float, bool)):
+                raise RagIndexError(f"filter on {key!r}: value {v!r} is a {type(v).__name__}; accepted: str, int, float, bool "
+                                    "or a list of them")
+        out[key] = values
+    return out
+
+
+def chunk_field(chunk: Chunk, key: str) -> Any:
+    if key == "source":
+        return chunk.source
+    if key == "extension":
+        return Path(chunk.source).suffix.lower()
+    return chunk.metadata.get(key, _MISSING)
+
+
+_MISSING = object()
+
+
+def _same(value: Any, wanted: FilterValue) -> bool:
+    # bool is an int in Python; keep True from matching 1 so that both backends agree.
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return value is wanted
+    return value == wanted
+
+
+def chunk_matches(chunk: Chunk, filters: Mapping[str, tuple[FilterValue, ...]]) -> bool:
+    """Whether a chunk passes a checked filter (every field equal to one of its values)."""
+    for key, allowed in filters.items():
+        value = chunk_field(chunk, key)
+        if value is _MISSING or not any(_same(value, a) for a in allowed):
+            return False
+    return True
+
+
+# -- vector stores ---------------------------------------------------------------------------
+
+class VectorStore(Protocol):
+    """Dense vectors under stable int64 ids; what `HybridIndex` needs from a backend."""
+
+    backend: str
+    kind: str
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, chunks: Sequence[Chunk]) -> None: ...
+    def remove(self, ids: np.ndarray) -> None: ...
+    def search(self, query: np.ndarray, k: int, filters: Mapping[str, tuple] | None,
+               allowed_ids: np.ndarray | None) -> list[tuple[int, float]]: ...
+    def count(self) -> int: ...
+
+
+def default_nlist(n: int) -> int:
+    """sqrt(n) cells, the usual starting point, but never fewer than 39 training points per cell."""
+    return max(1, min(int(round(math.sqrt(n))), n // IVF_POINTS_PER_LIST))
+
+
+class FaissStore:
+    """A FAISS index holding ids: `IndexIDMap2` over flat or HNSW storage, or an `IndexIVFFlat`
+    (which keeps ids in its inverted lists itself)."""
+
+    backend = "faiss"
+
+    def __init__(self, index, kind: str) -> None:
+        import faiss
+
+        self.index, self.kind = index, kind
+        # The graph degree M is kept so that a rebuilt graph (after deletes) matches the original.
+        self.hnsw_m = faiss.downcast_index(index.index).hnsw.nb_neighbors(1) if kind == "hnsw" else None
+
+    @classmethod
+    def create(cls, vectors: np.ndarray, ids: np.ndarray, kind: str, hnsw_m: int = 32, ivf_nlist: int | None = None,
+               ivf_nprobe: int | None = None, hnsw_ef_search: int = 128) -> "FaissStore":
+        import faiss
+
+        dim = vectors.shape[1]
+        if kind == "flat":
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        elif kind == "hnsw":
+            graph = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            graph.hnsw.efSearch = hnsw_ef_search  # a wide beam: recall close to exact on corpora of this size
+            index = faiss.IndexIDMap2(graph)
+        else:
+            n = len(vectors)
+            nlist = ivf_nlist if ivf_nlist is not None else default_nlist(n)
+            if nlist < 1:
+                raise RagIndexError(f"IVF nlist must be >= 1, got {nlist}")
+            if n < nlist:
+                raise RagIndexError(f"IVF with nlist={nlist} needs at least {nlist} vectors to train its k-means quantizer "
+                                    f"(better {IVF_POINTS_PER_LIST * nlist}); got {n}. Use a smaller ivf_nlist, or dense='flat'")
+            quantizer = faiss.IndexFlatIP(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(np.ascontiguousarray(vectors, np.float32))
+            index.nprobe = min(nlist, ivf_nprobe if ivf_nprobe is not None else max(1, nlist // 8))
+        store = cls(index, kind)
+        store.add(ids, vectors, ())
+        return store
+
+    @property
+    def nprobe(self) -> int | None:
+        return int(self.index.nprobe) if self.kind == "ivf" else None
+
+    def set_search_options(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        import faiss
+
+        if nprobe is not None:
+            if self.kind != "ivf":
+                raise RagIndexError(f"nprobe applies to dense='ivf' indexes, this one is {self.kind!r}")
+            if not 1 <= nprobe <= self.index.nlist:
+                raise RagIndexError(f"nprobe must be in [1, nlist={self.index.nlist}], got {nprobe}")
+            self.index.nprobe = nprobe
+        if ef_search is not None:
+            if self.kind != "hnsw":
+                raise RagIndexError(f"ef_search applies to dense='hnsw' indexes, this one is {self.kind!r}")
+            if ef_search < 1:
+                raise RagIndexError(f"ef_search must be >= 1, got {ef_search}")
+            faiss.downcast_index(self.index.index).hnsw.efSearch = ef_search
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, chunks: Sequence[Chunk]) -> None:
+        if len(ids):
+            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
+
+    def remove(self, ids: np.ndarray) -> None:
+        import faiss
+
+        ids = np.asarray(ids, np.int64)
+        if not len(ids):
+            return
+        if self.kind != "hnsw":
+            self.index.remove_ids(faiss.IDSelectorBatch(ids))
+            return
+        # An HNSW graph cannot drop nodes; rebuild it from the vectors it stores (no re-embedding).
+        graph = faiss.downcast_index(self.index.index)
+        kept_ids = faiss.vector_to_array(self.index.id_map)
+        keep = ~np.isin(kept_ids, ids)
+        vectors = graph.reconstruct_n(0, graph.ntotal)[keep] if graph.ntotal else np.zeros((0, graph.d), np.float32)
+        fresh = faiss.IndexHNSWFlat(graph.d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        fresh.hnsw.efSearch = graph.hnsw.efSearch
+        self.index = faiss.IndexIDMap2(fresh)
+        self.add(kept_ids[keep], vectors, ())
+
+    def search(self, query: np.ndarray, k: int, filters=None, allowed_ids: np.ndarray | None = None) -> list[tuple[int, float]]:
+        import faiss
+
+        k = min(k, self.index.ntotal)
+        if k <= 0:
+            return []
+        params = None
+        if allowed_ids is not None:
+            if not len(allowed_ids):
+                return []
+            # An id selector prunes inside the search itself, so k results come back whenever k
+            # chunks pass the filter (over-fetching and filtering afterwards could come up short).
+            selector = faiss.IDSelectorBatch(np.asarray(allowed_ids, np.int64))
+            if self.kind == "ivf":
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
+            elif self.kind == "hnsw":
+                params = faiss.SearchParametersHNSW(sel=selector, efSearch=faiss.downcast_index(self.index.index).hnsw.efSearch)
+            else:
+                params = faiss.SearchParameters(sel=selector)
+            # `selector` stays referenced in this frame until the search returns (FAISS holds a raw pointer).
+        scores, ids = self.index.search(np.ascontiguousarray(query.reshape(1, -1), np.float32), k, params=params)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def count(self) -> int:
+        return int(self.index.ntotal)
+
+    def save(self, directory: Path) -> dict:
+        import faiss
+
+        faiss.write_index(self.index, str(directory / "dense.faiss"))
+        return {"backend": "faiss", "kind": self.kind}
+
+    @classmethod
+    def load(cls, directory: Path, spec: dict) -> "FaissStore":
+        import faiss
+
+        return cls(faiss.read_index(str(directory / "dense.faiss")), spec["kind"])
+
+    def close(self) -> None:
+        pass
+
+
+def _open_milvus(spec: dict, token: str | None, create: dict | None = None):
+    try:
+        from .milvus import MilvusStore
+    except ImportError as err:  # pragma: no cover - pymilvus is a dependency; this guards broken installs
+        raise RagIndexError(f"the milvus backend needs pymilvus (and milvus-lite for a local .db file): {err}") from None
+    if create is not None:
+        return MilvusStore.create(spec["uri"], token=token, collection=spec.get("collection"), **create)
+    return MilvusStore.open(spec["uri"], token=token, collection=spec["collection"], kind=spec["kind"],
+                            dimension=spec["dimension"], search_params=spec.get("search_params"))
+
+
 def _bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
     import bm25s
 
     return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
 
 
-class HybridIndex:
-    """Chunks with a BM25 index and a FAISS index over their embeddings, kept in the same order."""
+def _fit_bm25(chunks: Sequence[Chunk]):
+    import bm25s
 
-    def __init__(self, chunks: list[Chunk], embeddings: np.ndarray, model: str, dense_kind: str, bm25, faiss_index) -> None:
-        self.chunks, self.embeddings, self.model = chunks, embeddings, model
-        self.dense_kind, self.bm25, self.faiss_index = dense_kind, bm25, faiss_index
+    if not chunks:
+        return None
+    bm25 = bm25s.BM25()
+    bm25.index(_bm25_tokens([c.text for c in chunks]), show_progress=False)
+    return bm25
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: how re-indexing tells a changed file from an unchanged one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    # Unit length makes inner product equal cosine similarity, whatever the model does.
+    vectors = np.asarray(vectors, np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+
+
+class HybridIndex:
+    """Chunks with a BM25 index and a dense vector store over their embeddings.
+
+    `chunks`, `embeddings` and `ids` are kept in the same order; search results name chunks by
+    their position in that order. `ids` are the stable ids the vector store holds: positions
+    shift when chunks are deleted, ids never do. `version` counts changes (it keys the query
+    cache); `file_hashes` maps each indexed source file to the SHA-256 of its bytes."""
+
+    def __init__(self, chunks: list[Chunk], embeddings: np.ndarray, model: str, dense_kind: str, bm25, faiss_index=None,
+                 *, ids: np.ndarray | None = None, store: VectorStore | None = None,
+                 file_hashes: dict[str, str] | None = None, query_cache_size: int = 1024) -> None:
+        import faiss
+
+        self.chunks, self.embeddings, self.model = list(chunks), np.asarray(embeddings, np.float32), model
+        self.dense_kind, self.bm25 = dense_kind, bm25
+        self.ids = np.arange(len(self.chunks), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+        if store is None:
+            if faiss_index is None:
+                raise RagIndexError("HybridIndex needs a vector store (or a FAISS index)")
+            if isinstance(faiss_index, (faiss.IndexIDMap2, faiss.IndexIVF)):
+                store = FaissStore(faiss_index, dense_kind)
+            else:
+                # A bare index (format 1) numbers vectors by position and cannot delete without
+                # renumbering; re-insert the stored vectors under ids (no re-embedding).
+                store = FaissStore.create(self.embeddings, self.ids, dense_kind)
+        self.store = store
+        self.file_hashes = dict(file_hashes or {})
+        self.version = 0
+        self.query_cache = QueryCache(query_cache_size)
+        self.last_build_embedded = 0
+        self._positions: dict[int, int] | None = None
+
+    @property
+    def faiss_index(self):
+        """The FAISS index of a FAISS-backed index (None for Milvus)."""
+        return self.store.index if isinstance(self.store, FaissStore) else None
+
+    @property
+    def backend(self) -> str:
+        return self.store.backend
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
     def build(cls, chunks: Sequence[Chunk], embedder: Embedder, dense: str = "flat",
-              cache: EmbeddingCache | None = None, hnsw_m: int = 32) -> "HybridIndex":
-        """Index chunks for BM25 and dense search; `cache` (e.g. `old_index.embedding_cache()`)
-        supplies vectors for chunks whose text has not changed."""
-        import bm25s
+              cache: EmbeddingCache | None = None, hnsw_m: int = 32, *, backend: str = "faiss",
+              ivf_nlist: int | None = None, ivf_nprobe: int | None = None, ivf_fallback: bool = True,
+              milvus_uri: str | None = None, milvus_token: str | None = None,
+              milvus_collection: str | None = None, file_hashes: dict[str, str] | None = None) -> "HybridIndex":
+        """Index chunks for BM25 and dense search.
 
+        `cache` (e.g. `old_index.embedding_cache()`) supplies vectors for chunks whose text has not
+        changed. `dense` is flat, hnsw or ivf; for ivf, `ivf_nlist` defaults to sqrt(n) capped so
+        each cell trains on >= 39 vectors, and `ivf_nprobe` to nlist/8. A corpus too small to
+        train even one cell per 39 vectors falls back to exact search with a warning
+        (`ivf_fallback=False` raises instead). `backend="milvus"` keeps the vectors in Milvus at
+        `milvus_uri`: a path ending in `.db` (Milvus Lite, no server) or `http(s)://host:19530`."""
         if dense not in DENSE_KINDS:
             raise RagIndexError(f"dense index kind {dense!r} is not supported; accepted: {', '.join(DENSE_KINDS)}")
+        if backend not in BACKENDS:
+            raise RagIndexError(f"vector backend {backend!r} is not supported; accepted: {', '.join(BACKENDS)}")
+        if backend == "milvus" and not milvus_uri:
+            raise RagIndexError("backend='milvus' needs milvus_uri: a local file ending in .db (Milvus Lite) "
+                                "or a server URI such as http://localhost:19530")
+        if hnsw_m < 2:
+            raise RagIndexError(f"hnsw_m (graph degree) must be >= 2, got {hnsw_m}")
         chunks = list(chunks)
         if not chunks:
             raise RagIndexError("no chunks to index; load and chunk at least one readable document first")
+        if dense == "ivf" and ivf_nlist is None and len(chunks) < 2 * IVF_POINTS_PER_LIST:
+            message = (f"{len(chunks)} chunks are too few to train an IVF quantizer (at least {2 * IVF_POINTS_PER_LIST} "
+                       "give two cells of 39); exact search is as fast at this size")
+            if not ivf_fallback:
+                raise RagIndexError(message + "; use dense='flat'")
+            warnings.warn(message + "; using dense='flat'", stacklevel=2)
+            dense = "flat"
         cache = cache if cache is not None else EmbeddingCache(embedder.name)
-        vectors = cache.embed([c.embedding_text for c in chunks], embedder)
-        # Unit length makes inner product equal cosine similarity, whatever the model does.
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
-        bm25 = bm25s.BM25()
-        bm25.index(_bm25_tokens([c.text for c in chunks]), show_progress=False)
-        index = cls(chunks, vectors, embedder.name, dense, bm25, _faiss_index(vectors, dense, hnsw_m))
-        index.last_build_embedded = cache.misses
+        misses = cache.misses
+        vectors = _unit_rows(cache.embed([c.embedding_text for c in chunks], embedder))
+        ids = np.arange(len(chunks), dtype=np.int64)
+        if backend == "faiss":
+            store = FaissStore.create(vectors, ids, dense, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist, ivf_nprobe=ivf_nprobe)
+        else:
+            store = _open_milvus({"uri": milvus_uri, "collection": milvus_collection}, milvus_token,
+                                 create={"dimension": vectors.shape[1], "kind": dense, "hnsw_m": hnsw_m,
+                                         "ivf_nlist": ivf_nlist, "ivf_nprobe": ivf_nprobe, "count": len(chunks)})
+            store.add(ids, vectors, chunks)
+        index = cls(chunks, vectors, embedder.name, dense, _fit_bm25(chunks), store=store, ids=ids, file_hashes=file_hashes)
+        index.last_build_embedded = cache.misses - misses
         return index
+
+    @classmethod
+    def build_from_paths(cls, paths: Iterable[str | Path] | str | Path, embedder: Embedder, strategy: str = "auto",
+                         chunk_options: Mapping[str, Any] | None = None, **build_options) -> tuple["HybridIndex", list]:
+        """Load files and folders, chunk them and build; records each file's hash so that a
+        later `sync` re-reads only what changed. Returns (index, skipped files with reasons)."""
+        from .chunking import chunk_document
+        from .loaders import load_documents
+
+        documents, skipped = load_documents(paths)
+        chunks = [c for d in documents for c in chunk_document(d, strategy, **dict(chunk_options or {}))]
+        hashes = {d.source: file_digest(d.source) for d in documents}
+        return cls.build(chunks, embedder, file_hashes=hashes, **build_options), skipped
 
     def embedding_cache(self) -> EmbeddingCache:
         return EmbeddingCache(self.model, {c.content_hash: v for c, v in zip(self.chunks, self.embeddings)})
 
-    # -- search ------------------------------------------------------------------------------
-    def dense_search(self, query_vector: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """(chunk position, cosine) for the k nearest chunks."""
-        q = np.asarray(query_vector, np.float32).reshape(1, -1)
-        q = q / max(float(np.linalg.norm(q)), 1e-12)
-        scores, ids = self.faiss_index.search(q, min(k, len(self.chunks)))
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+    # -- incremental updates -----------------------------------------------------------------
+    def _changed(self) -> None:
+        self.bm25 = _fit_bm25(self.chunks)
+        self._positions = None
+        self.version += 1
 
-    def sparse_search(self, query: str, k: int) -> list[tuple[int, float]]:
-        """(chunk position, BM25 score) for the k best chunks with a positive score."""
-        tokens = _bm25_tokens([query])
-        if not tokens[0]:
-            return []
-        ids, scores = self.bm25.retrieve(tokens, k=min(k, len(self.chunks)), show_progress=False)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if s > 0]
+    def _append(self, chunks: list[Chunk], embedder: Embedder, cache: EmbeddingCache) -> int:
+        if embedder.name != self.model:
+            raise RagIndexError(f"this index holds vectors of {self.model!r}; chunks cannot be added with {embedder.name!r}")
+        misses = cache.misses
+        vectors = _unit_rows(cache.embed([c.embedding_text for c in chunks], embedder)) if chunks else \
+            np.zeros((0, self.embeddings.shape[1]), np.float32)
+        if vectors.shape[1] != self.embeddings.shape[1]:
+            raise RagIndexError(f"the embedder gives {vectors.shape[1]}-dim vectors; this index holds {self.embeddings.shape[1]}-dim")
+        start = int(self.ids.max()) + 1 if len(self.ids) else 0
+        start = max(start, getattr(self, "_next_id", 0))
+        ids = np.arange(start, start + len(chunks), dtype=np.int64)
+        self._next_id = start + len(chunks)
+        self.store.add(ids, vectors, chunks)
+        self.chunks.extend(chunks)
+        self.embeddings = np.concatenate([self.embeddings, vectors]) if len(self.embeddings) else vectors
+        self.ids = np.concatenate([self.ids, ids])
+        return cache.misses - misses
+
+    def _drop(self, mask: np.ndarray) -> int:
+        if not mask.any():
+            return 0
+        self._next_id = max(getattr(self, "_next_id", 0), int(self.ids.max()) + 1)  # never reuse an id
+        self.store.remove(self.ids[mask])
+        self.chunks = [c for c, gone in zip(self.chunks, mask) if not gone]
+        self.embeddings, self.ids = self.embeddings[~mask], self.ids[~mask]
+        return int(mask.sum())
+
+    def add(self, chunks: Sequence[Chunk], embedder: Embedder, cache: EmbeddingCache | None = None) -> int:
+        """Add chunks in place (vectors appended to the store, BM25 re-fitted). Returns how many
+        were embedded: chunks whose text the index or `cache` already holds embed nothing."""
+        cache = cache if cache is not None else self.embedding_cache()
+        embedded = self._append(list(chunks), embedder, cache)
+        self._changed()
+        return embedded
+
+    def delete(self, sources: Iterable[str] | str) -> int:
+        """Remove every chunk of the given source paths (document ids); returns how many."""
+        sources = {sources} if isinstance(sources, str) else set(sources)
+        removed = self._drop(np.array([c.source in sources for c in self.chunks], bool))
+        for s in sources:
+            self.file_hashes.pop(s, None)
+        if removed:
+            self._changed()
+        return removed
+
+    def upsert(self, chunks: Sequence[Chunk], embedder: Embedder, cache: EmbeddingCache | None = None) -> dict[str, int]:
+        """Replace the chunks of every source that `chunks` come from with `chunks`.
+
+        Chunks identical to one already indexed keep their id and vector; the rest of that
+        source's old chunks are deleted and the new ones added, embedding only texts not seen
+        before. Returns counts: kept, added, removed, embedded."""
+        chunks = list(chunks)
+        sources = {c.source for c in chunks}
+        known = self.embedding_cache()
+        if cache is not None:
+            known.vectors.update(cache.vectors)
+        new_keys = {json.dumps(c.to_dict(), sort_keys=True) for c in chunks}
+        mask = np.zeros(len(self.chunks), bool)
+        kept = set()
+        for pos, c in enumerate(self.chunks):
+            if c.source in sources:
+                key = json.dumps(c.to_dict(), sort_keys=True)
+                if key in new_keys and key not in kept:
+                    kept.add(key)
+                else:
+                    mask[pos] = True
+        fresh = [c for c in chunks if json.dumps(c.to_dict(), sort_keys=True) not in kept]
+        removed = self._drop(mask)
+        embedded = self._append(fresh, embedder, known)
+        if removed or fresh:
+            self._changed()
+        return {"kept": len(kept), "added": len(fresh), "removed": removed, "embedded": embedded}
+
+    def sync(self, paths: Iterable[str | Path] | str | Path, embedder: Embedder, strategy: str = "auto",
+             chunk_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Bring the index in line with files and folders on disk, by content hash.
+
+        New files are added, files whose bytes changed are re-chunked and upserted (unchanged
+        chunks in them embed nothing), and indexed files under the given folders (or given by
+        name) that no longer exist are deleted. A file that became unreadable is deleted from
+        the index and reported in `skipped`. Returns lists of added, changed, removed and skipped
+        paths, the number unchanged, and how many chunks were embedded."""
+        from .chunking import chunk_document
+        from .loaders import load_documents
+
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        files: list[Path] = []
+        roots: list[Path] = []
+        missing = []
+        for p in map(Path, paths):
+            if p.is_dir():
+                roots.append(p.resolve())
+                files.extend(sorted(f for f in p.rglob("*") if f.is_file()))
+            elif p.is_file():
+                files.append(p)
+            else:
+                missing.append(p)
+                roots.append(p.resolve())  # a given file that is gone: its chunks go too
+        indexed = {c.source for c in self.chunks} | set(self.file_hashes)
+        by_resolved = {Path(s).resolve(): s for s in indexed}
+        on_disk = {f.resolve() for f in files}
+        report: dict[str, Any] = {"added": [], "changed": [], "removed": [], "skipped": [], "unchanged": 0, "embedded": 0}
+        todo: list[Path] = []
+        digests: dict[str, str] = {}
+        for f in files:
+            source = by_resolved.get(f.resolve(), str(f))
+            digest = file_digest(f)
+            if source not in indexed:
+                report["added"].append(source)
+            elif self.file_hashes.get(source) != digest:
+                report["changed"].append(source)
+            else:
+                report["unchanged"] += 1
+                continue
+            todo.append(Path(source))
+            digests[source] = digest
+        gone = [s for r, s in by_resolved.items() if r not in on_disk and any(r == root or root in r.parents for root in roots)]
+        documents, skipped = load_documents(todo) if todo else ([], [])
+        # An unreadable file is only reported (and retried next time); if it was indexed, its
+        # old chunks go, since they no longer describe the file.
+        report["skipped"] = skipped
+        unreadable = {s for s, _ in skipped}
+        report["added"] = [s for s in report["added"] if s not in unreadable]
+        report["changed"] = [s for s in report["changed"] if s not in unreadable]
+        removed_sources = sorted(set(gone) | (unreadable & indexed))
+        report["removed"] = removed_sources
+        version = self.version
+        if removed_sources:
+            self.delete(removed_sources)
+        new_chunks = [c for d in documents for c in chunk_document(d, strategy, **dict(chunk_options or {}))]
+        if new_chunks:
+            counts = self.upsert(new_chunks, embedder)
+            report["embedded"] = counts["embedded"]
+        for d in documents:
+            self.file_hashes[d.source] = digests[d.source]
+        # A changed file that now chunks to nothing leaves no chunks behind.
+        emptied = {d.source for d in documents} - {c.source for c in new_chunks}
+        if emptied:
+            self.delete(emptied)
+        if self.version == version and (documents or removed_sources):
+            self.version += 1
+        return report
+
+    # -- search ------------------------------------------------------------------------------
+    def _position_of(self, chunk_id: int) -> int:
+        if self._positions is None:
+            self._positions = {int(i): p for p, i in enumerate(self.ids)}
+        return self._positions[chunk_id]
+
+    def _allowed_ids(self, filters) -> np.ndarray:
+        return self.ids[[p for p, c in enumerate(self.chunks) if chunk_matches(c, filters)]]
+
+    def dense_search(self, query_vector: np.ndarray, k: int, filters: Filters | None = None) -> list[tuple[int, float]]:
+        """(chunk position, cosine) for the k nearest chunks that pass `filters`."""
+        checked = check_filters(filters)
+        q = np.asarray(query_vector, np.float32).reshape(-1)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        key = ("dense", q.tobytes(), k, _filter_key(checked))
+
+        def compute():
+            allowed = self._allowed_ids(checked) if checked is not None and self.store.backend == "faiss" else None
+            found = self.store.search(q, min(k, len(self.chunks)), checked, allowed)
+            return [(self._position_of(i), s) for i, s in found]
+
+        return list(self.query_cache.get_or_compute(self.version, key, compute))
+
+    def sparse_search(self, query: str, k: int, filters: Filters | None = None) -> list[tuple[int, float]]:
+        """(chunk position, BM25 score) for the k best chunks with a positive score that pass `filters`."""
+        checked = check_filters(filters)
+
+        def compute():
+            tokens = _bm25_tokens([query])
+            if not tokens[0] or self.bm25 is None:
+                return []
+            mask = None
+            if checked is not None:
+                # bm25s scores every document anyway; the mask zeroes those the filter rejects.
+                mask = np.array([chunk_matches(c, checked) for c in self.chunks], np.float32)
+                if not mask.any():
+                    return []
+            ids, scores = self.bm25.retrieve(tokens, k=min(k, len(self.chunks)), show_progress=False, weight_mask=mask)
+            return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if s > 0]
+
+        return list(self.query_cache.get_or_compute(self.version, ("sparse", query, k, _filter_key(checked)), compute))
+
+    def cached(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """The query-result cache for callers (e.g. a retriever caching whole fused results):
+        `compute()` runs once per key until the index changes."""
+        return self.query_cache.get_or_compute(self.version, ("user", key), compute)
+
+    def set_search_options(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """IVF cells scanned per query (`nprobe`) or the HNSW beam width (`ef_search`)."""
+        self.store.set_search_options(nprobe=nprobe, ef_search=ef_search)
+        self.version += 1  # results may change
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
-        """Write the index to `directory`, replacing any index there only once all is written."""
-        import faiss
-
+        """Write the index to `directory`, replacing any index there only once all is written.
+        With the Milvus backend the vectors live in Milvus; the directory holds the rest and
+        the collection's address."""
         with staged_directory(directory) as tmp:
             np.save(tmp / "embeddings.npy", self.embeddings, allow_pickle=False)
-            faiss.write_index(self.faiss_index, str(tmp / "dense.faiss"))
-            self.bm25.save(str(tmp / "bm25"))
+            np.save(tmp / "ids.npy", self.ids, allow_pickle=False)
+            dense = self.store.save(tmp)
+            if self.bm25 is not None:
+                self.bm25.save(str(tmp / "bm25"))
             (tmp / "chunks.jsonl").write_text("".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in self.chunks))
             manifest = {"format_version": FORMAT_VERSION, "embedding_model": self.model, "dimension": int(self.embeddings.shape[1]),
-                        "dense_index": self.dense_kind, "chunks": len(self.chunks)}
+                        "dense_index": self.dense_kind, "dense_store": dense, "chunks": len(self.chunks),
+                        "next_id": max(getattr(self, "_next_id", 0), int(self.ids.max()) + 1 if len(self.ids) else 0),
+                        "file_hashes": self.file_hashes}
             # The manifest is written last: a directory without one is never a finished index.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, embedder: Embedder | str) -> "HybridIndex":
+    def load(cls, directory: str | Path, embedder: Embedder | str, milvus_token: str | None = None) -> "HybridIndex":
         """Load an index, refusing one whose vectors came from another embedding model."""
         import bm25s
-        import faiss
 
         directory = Path(directory)
         manifest_path = directory / MANIFEST
         if not manifest_path.exists():
             raise RagIndexError(f"{directory} is not a genforge RAG index (no {MANIFEST}); build one with HybridIndex.build(...).save(dir)")
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise RagIndexError(f"{directory}: index format {manifest.get('format_version')} is not supported; accepted: {FORMAT_VERSION}")
+        if manifest.get("format_version") not in READABLE_FORMATS:
+            raise RagIndexError(f"{directory}: index format {manifest.get('format_version')} is not supported; "
+                                f"accepted: {', '.join(map(str, READABLE_FORMATS))}")
         model = embedder if isinstance(embedder, str) else embedder.name
         if manifest["embedding_model"] != model:
             raise RagIndexError(
@@ -179,18 +733,29 @@ class HybridIndex:
             raise RagIndexError(f"{directory} holds {manifest['dimension']}-dim vectors; the embedder gives {embedder.dimension}")
         chunks = [Chunk(**json.loads(line)) for line in (directory / "chunks.jsonl").read_text().splitlines() if line]
         embeddings = np.load(directory / "embeddings.npy", allow_pickle=False)
-        bm25 = bm25s.BM25.load(str(directory / "bm25"))
-        return cls(chunks, embeddings, model, manifest["dense_index"], bm25, faiss.read_index(str(directory / "dense.faiss")))
+        bm25 = bm25s.BM25.load(str(directory / "bm25")) if (directory / "bm25").exists() else None
+        kind = manifest["dense_index"]
+        if manifest["format_version"] == 1:
+            import faiss
+
+            return cls(chunks, embeddings, model, kind, bm25, faiss.read_index(str(directory / "dense.faiss")))
+        ids = np.load(directory / "ids.npy", allow_pickle=False)
+        spec = manifest["dense_store"]
+        if spec["backend"] == "faiss":
+            store = FaissStore.load(directory, spec)
+        else:
+            store = _open_milvus(spec, milvus_token)
+        if store.count() != len(chunks):
+            raise RagIndexError(f"{directory}: the {spec['backend']} vector store holds {store.count()} vectors but the index "
+                                f"has {len(chunks)} chunks; it was changed without saving this directory. Rebuild the index.")
+        index = cls(chunks, embeddings, model, kind, bm25, store=store, ids=ids, file_hashes=manifest.get("file_hashes"))
+        index._next_id = int(manifest.get("next_id", 0))
+        return index
+
+    def close(self) -> None:
+        """Release the vector store's connection (a Milvus Lite database is closed)."""
+        self.store.close()
 
 
-def _faiss_index(vectors: np.ndarray, kind: str, hnsw_m: int):
-    import faiss
-
-    dim = vectors.shape[1]
-    if kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    else:
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 128  # a wide beam: recall close to exact on corpora of this size
-    index.add(np.ascontiguousarray(vectors, np.float32))
-    return index
+def _filter_key(filters: Mapping[str, tuple] | None) -> Hashable:
+    return None if filters is None else tuple(sorted((k, tuple(map(repr, v))) for k, v in filters.items()))
