@@ -144,7 +144,18 @@ _BERT = _renames(
             "blocks.{i}.mlp_norm": f"{_BERT_LAYER}.output.LayerNorm",
         }
     )
+    # BertForMaskedLM's head; its decoder weight is the word embedding matrix when tied.
+    | {
+        "lm_transform.dense.weight": "cls.predictions.transform.dense.weight",
+        "lm_transform.dense.bias": "cls.predictions.transform.dense.bias",
+        "lm_transform.norm.weight": "cls.predictions.transform.LayerNorm.weight",
+        "lm_transform.norm.bias": "cls.predictions.transform.LayerNorm.bias",
+        "lm_head.weight": "cls.predictions.decoder.weight",
+        "lm_head.bias": "cls.predictions.bias",
+    }
 )
+
+_BERT_HEAD_BIAS, _BERT_DECODER_BIAS = "cls.predictions.bias", "cls.predictions.decoder.bias"
 
 WEIGHT_MAPS: dict[str, list[Rule]] = {
     "llama": _LLAMA,
@@ -287,13 +298,17 @@ def load_model(
         with safe_open(file, framework="pt") as reader:
             for key in reader.keys():
                 available[_canonical(key, base)] = (file, key)
+    if not config.tie_word_embeddings and _BERT_DECODER_BIAS in available:
+        # An untied BertForMaskedLM adds its decoder's own bias; cls.predictions.bias is then unused.
+        available[_BERT_HEAD_BIAS] = available[_BERT_DECODER_BIAS]
     missing = [b.hf for b in bindings if b.hf not in available]
     if missing:
         raise CheckpointError(
             f"{directory} lacks {len(missing)} tensor(s) a {config.family} model with this config.json needs: "
             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
         )
-    known = {b.hf for b in bindings} | {"lm_head.weight"}  # a tied head may still be stored
+    # A tied head may still be stored (and BERT's decoder bias is a second name for cls.predictions.bias).
+    known = {b.hf for b in bindings} | {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
     unused = sorted(k for k in available if k not in known and not _IGNORED.search(k))
     if unused:
         raise CheckpointError(
@@ -377,6 +392,9 @@ def save_model(
         for binding in _bindings(model):
             tensor = torch.cat([params[p].detach() for p in binding.parts], dim=0)
             tensors[binding.hf] = (tensor.t() if binding.transpose else tensor).contiguous().cpu()
+        if _BERT_HEAD_BIAS in tensors and "cls.predictions.decoder.weight" in tensors:
+            # Untied, transformers reads the decoder's own bias: write the same values under both names.
+            tensors[_BERT_DECODER_BIAS] = tensors[_BERT_HEAD_BIAS].clone()
         _write_shards(tensors, staging, max_shard_bytes)
         hf_config = config.to_hf()
         hf_config["dtype"] = {v: k for k, v in DTYPES.items()}[model.dtype]

@@ -78,6 +78,7 @@ class Config:
     tie_word_embeddings: bool = False
     embedding_multiplier: float = 1.0  # Gemma scales embeddings by sqrt(hidden_size)
     embedding_norm: bool = False  # BERT normalises the summed embeddings
+    masked_lm_head: bool = False  # encoder with BertForMaskedLM's prediction head (cls.predictions)
 
     dropout: float = 0.0
     bos_token_id: int | None = None
@@ -119,6 +120,8 @@ class Config:
                     f"layer_types must list 'full' or 'sliding' for each of the {self.num_layers} layers, "
                     f"got {self.layer_types}"
                 )
+        if self.masked_lm_head and self.causal:
+            raise ConfigError("masked_lm_head is the head of a bidirectional encoder; a causal model has an LM head")
         if self.num_experts and not 0 < self.num_experts_per_token <= self.num_experts:
             raise ConfigError(
                 f"num_experts_per_token must be in 1..{self.num_experts}, got {self.num_experts_per_token}"
@@ -350,7 +353,9 @@ def _read_bert(hf):
         position="learned",
         type_vocab_size=hf.get("type_vocab_size", 2),
         embedding_norm=True,
-        tie_word_embeddings=True,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        # BertModel checkpoints (sentence encoders) have no head; BertForMaskedLM ones do.
+        masked_lm_head="BertForMaskedLM" in (hf.get("architectures") or ()),
     )
 
 
@@ -465,7 +470,10 @@ def _write_bert(cfg: Config) -> dict[str, Any]:
 
 def _with_architecture(writer):
     def write(cfg: Config) -> dict[str, Any]:
-        return {**writer(cfg), "architectures": [_CAUSAL_LM_CLASS[cfg.family]]}
+        architecture = _CAUSAL_LM_CLASS[cfg.family]
+        if cfg.family == "bert" and not cfg.masked_lm_head:
+            architecture = "BertModel"  # a headless encoder: no cls.predictions weights to load
+        return {**writer(cfg), "architectures": [architecture]}
 
     return write
 

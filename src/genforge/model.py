@@ -331,6 +331,20 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------- model
+class MaskedLMTransform(nn.Module):
+    """The transform of BERT's masked-LM prediction head (Devlin et al. 2019): a dense layer,
+    the model's activation and a LayerNorm between the encoder output and the vocabulary."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACTIVATION_FUNCTIONS[config.activation]
+        self.norm = Norm(config.hidden_size, "layernorm", config.norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(x)))
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # (batch, kept positions, vocab); None for a headless encoder
@@ -355,6 +369,11 @@ class Transformer(nn.Module):
         # Post-norm encoders end on a normed residual; pre-norm decoders need one more norm.
         self.final_norm = None if config.post_norm else Norm(d, config.norm, config.norm_eps, config.norm_weight_offset)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if config.causal else None
+        # BERT's masked-LM head (BertForMaskedLM's `cls.predictions`): dense + activation +
+        # LayerNorm, then a vocabulary projection with its own bias, tied to the embeddings.
+        self.lm_transform = MaskedLMTransform(config) if config.masked_lm_head else None
+        if config.masked_lm_head:
+            self.lm_head = nn.Linear(d, config.vocab_size, bias=True)
         self.apply(self._init_weights)
         self.tie_weights()
 
@@ -439,7 +458,10 @@ class Transformer(nn.Module):
             x = self.final_norm(x)
         logits = None
         if self.lm_head is not None:
-            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+            head_input = x[:, -logits_to_keep:] if logits_to_keep else x
+            if self.lm_transform is not None:
+                head_input = self.lm_transform(head_input)
+            logits = self.lm_head(head_input)
         return ModelOutput(logits=logits, hidden_states=x, router_logits=router_logits)
 
     def _masks(self, attention_mask, position_ids, past: int, seq: int, device) -> dict:
