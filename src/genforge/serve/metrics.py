@@ -1,0 +1,122 @@
+"""Prometheus metrics of the server, in the exposition format ``prometheus_client`` writes.
+
+Two kinds of numbers:
+
+- state read from the engine at scrape time (``AsyncEngine.stats``): running and waiting
+  requests, KV-cache blocks in use, prefix-cache queries and hits, preemptions, and the
+  engine's own prompt and generation token totals. A custom collector reads them when
+  Prometheus scrapes, so they are never stale and cost nothing between scrapes;
+- latency distributions observed by the API from each request's ``RequestOutput``
+  timestamps: time to first token (TTFT), time per output token after the first (TPOT),
+  and end-to-end latency, the three numbers serving papers and vLLM's benchmark report.
+
+Every app gets its own ``CollectorRegistry``, so several servers in one process (tests)
+do not clash on metric names.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["ServerMetrics", "CONTENT_TYPE_LATEST"]
+
+# Seconds. TTFT and e2e span a few milliseconds (tiny models, cached prefixes) to minutes.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class _EngineCollector:
+    """Reads ``engine.stats(model)`` for every served model when scraped."""
+
+    def __init__(self, engine, models) -> None:
+        self.engine = engine
+        self.models = list(models)
+
+    def describe(self):
+        return []  # the metrics are dynamic; an empty describe keeps registration from calling collect early
+
+    def collect(self):
+        gauges = {
+            "running": GaugeMetricFamily("genforge_requests_running", "Sequences in the running batch",
+                                         labels=["model"]),
+            "waiting": GaugeMetricFamily("genforge_requests_waiting", "Sequences waiting for KV-cache blocks",
+                                         labels=["model"]),
+            "used": GaugeMetricFamily("genforge_kv_cache_blocks_used", "KV-cache blocks in use", labels=["model"]),
+            "total": GaugeMetricFamily("genforge_kv_cache_blocks_total", "KV-cache blocks", labels=["model"]),
+            "usage": GaugeMetricFamily("genforge_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
+                                       labels=["model"]),
+            "hit_rate": GaugeMetricFamily("genforge_prefix_cache_hit_rate",
+                                          "Prefix-cache hits over queries since start, in blocks", labels=["model"]),
+        }
+        counters = {
+            "queries": CounterMetricFamily("genforge_prefix_cache_queries", "Prefix-cache block lookups",
+                                           labels=["model"]),
+            "hits": CounterMetricFamily("genforge_prefix_cache_hits", "Prefix-cache block hits", labels=["model"]),
+            "preemptions": CounterMetricFamily("genforge_preemptions", "Sequences preempted for lack of blocks",
+                                               labels=["model"]),
+            "prompt": CounterMetricFamily("genforge_prompt_tokens", "Prompt tokens processed", labels=["model"]),
+            "generation": CounterMetricFamily("genforge_generation_tokens", "Tokens generated", labels=["model"]),
+        }
+        for model in self.models:
+            s = self.engine.stats(model)
+            gauges["running"].add_metric([model], s.running)
+            gauges["waiting"].add_metric([model], s.waiting)
+            gauges["used"].add_metric([model], s.kv_blocks_used)
+            gauges["total"].add_metric([model], s.kv_blocks_total)
+            gauges["usage"].add_metric([model], s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
+            queries = s.prefix_cache_queries
+            gauges["hit_rate"].add_metric([model], s.prefix_cache_hits / queries if queries else 0.0)
+            counters["queries"].add_metric([model], queries)
+            counters["hits"].add_metric([model], s.prefix_cache_hits)
+            counters["preemptions"].add_metric([model], s.preemptions)
+            counters["prompt"].add_metric([model], s.prompt_tokens_total)
+            counters["generation"].add_metric([model], s.generation_tokens_total)
+        yield from gauges.values()
+        yield from counters.values()
+
+
+class ServerMetrics:
+    """The metrics of one app: engine state plus the API's latency histograms and counters."""
+
+    def __init__(self, engine=None, models=(), registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        if engine is not None:
+            self.registry.register(_EngineCollector(engine, models))
+        self.ttft = Histogram("genforge_time_to_first_token_seconds", "Arrival to first generated token",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("genforge_time_per_output_token_seconds",
+                              "Mean time per generated token after the first, per request",
+                              ["model"], buckets=_TPOT_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("genforge_e2e_request_latency_seconds", "Arrival to the last token",
+                             ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.finished = Counter("genforge_requests_finished", "Finished sequences by finish reason",
+                                ["model", "finish_reason"], registry=self.registry)
+        self.request_prompt_tokens = Counter("genforge_request_prompt_tokens", "Prompt tokens of finished sequences",
+                                             ["model"], registry=self.registry)
+        self.request_generation_tokens = Counter("genforge_request_generation_tokens",
+                                                 "Generated tokens of finished sequences",
+                                                 ["model"], registry=self.registry)
+        self.http_requests = Counter("genforge_http_requests", "HTTP requests answered, by route and status",
+                                     ["route", "status"], registry=self.registry)
+        self.queue = Gauge("genforge_api_sequences_in_flight", "Sequences admitted by the API and not yet finished",
+                           registry=self.registry)
+
+    def observe_finished(self, model: str, output, finish_time: float | None = None) -> None:
+        """Record a sequence's latencies from its last ``RequestOutput`` (``finished`` set)."""
+        finish_time = time.monotonic() if finish_time is None else finish_time
+        self.e2e.labels(model).observe(max(0.0, finish_time - output.arrival_time))
+        if output.first_token_time is not None:
+            self.ttft.labels(model).observe(max(0.0, output.first_token_time - output.arrival_time))
+            if output.completion_tokens > 1:
+                per_token = (finish_time - output.first_token_time) / (output.completion_tokens - 1)
+                self.tpot.labels(model).observe(max(0.0, per_token))
+        self.finished.labels(model, output.finish_reason or "unknown").inc()
+        self.request_prompt_tokens.labels(model).inc(output.prompt_tokens)
+        self.request_generation_tokens.labels(model).inc(output.completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
