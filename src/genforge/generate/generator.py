@@ -116,7 +116,7 @@ def stream(
         tokens[i, longest - len(p) : longest] = torch.tensor(p)
         mask[i, longest - len(p) : longest] = 1
     cache = ContiguousKVCache(config, batch, capacity, dtype=model.dtype, device=device)
-    detokenizers = [_stop_watcher(tokenizer, params, prompt) for prompt in prompts]
+    detokenizers = [stop_watcher(tokenizer, params, prompt) for prompt in prompts]
     rows = list(range(batch))  # original row index of each active batch position
     length = longest
 
@@ -253,7 +253,8 @@ class _NoText:
         return ""
 
 
-def _stop_watcher(tokenizer, params, prompt):
+def stop_watcher(tokenizer, params, prompt):
+    """A `StopStringWatcher`, or a watcher that yields no text when there is no tokenizer."""
     return StopStringWatcher(tokenizer, params, prompt) if tokenizer is not None else _NoText()
 
 

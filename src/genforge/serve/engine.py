@@ -26,7 +26,7 @@ from typing import AsyncIterator, Sequence
 
 import torch
 
-from ..generate.generator import StopStringWatcher, end_of_sequence_ids, only_text_tokens
+from ..generate.generator import end_of_sequence_ids, only_text_tokens, stop_watcher
 from ..generate.processors import (
     DecodeContext,
     LogitsProcessor,
@@ -97,7 +97,7 @@ class EngineStats:
 @dataclass(eq=False)
 class _RequestState:
     request: Request
-    watcher: StopStringWatcher
+    watcher: object  # generate.generator.stop_watcher: push(token) -> (text, hit_stop), flush()
     generator: torch.Generator | None
     eos: frozenset[int]
     arrival_time: float = field(default_factory=time.monotonic)
@@ -112,7 +112,7 @@ class Engine:
     def __init__(
         self,
         model: Transformer,
-        tokenizer,
+        tokenizer=None,  # None: token ids only, no text
         *,
         block_size: int = 16,
         num_blocks: int | None = None,
@@ -171,6 +171,8 @@ class Engine:
             raise ValueError(f"logprobs must be between 0 and {min(20, vocab)}, got {request.logprobs}")
         if request.params.logit_bias and max(request.params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab}")
+        if request.params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine was built without one")
         if request.request_id in self._sequences:
             raise ValueError(f"request id {request.request_id!r} is already running")
 
@@ -181,7 +183,7 @@ class Engine:
             request = dataclasses.replace(request, params=params)
         state = _RequestState(
             request=request,
-            watcher=StopStringWatcher(self.tokenizer, params, request.prompt_token_ids),
+            watcher=stop_watcher(self.tokenizer, params, request.prompt_token_ids),
             generator=None if params.greedy else make_generator(params.seed, self.model.device),
             eos=frozenset(params.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_token_ids),
         )

@@ -62,12 +62,13 @@ class PagedBatch:
         for i, blocks in enumerate(block_tables):
             used = -(-totals[i] // size)
             table[i, :used] = torch.tensor(blocks[:used], dtype=torch.long)
-        slots_of_block = table[:, :, None] * size + torch.arange(size)
-        self.gather_slots = slots_of_block.reshape(len(block_tables), -1).to(device)  # (batch, width)
+        self.gather_blocks = table.reshape(-1).to(device)
         starts = torch.tensor(num_computed, dtype=torch.long)
         new_positions = starts[:, None] + torch.arange(num_new)  # (batch, num_new)
-        self.write_slots = self.gather_slots.gather(1, new_positions.to(device)).reshape(-1)
+        slots = table.gather(1, new_positions // size) * size + new_positions % size
+        self.write_slots = slots.reshape(-1).to(device)
         width = width_blocks * size
+        self.batch_size, self.width = len(block_tables), width
         self.position_ids = new_positions.to(device)
         self.attention_mask = (torch.arange(width)[None, :] < torch.tensor(totals)[:, None]).to(device)
         # The model takes `length` as the number of cached columns before the new tokens;
@@ -80,9 +81,16 @@ class PagedBatch:
         batch, heads, new, dim = keys.shape
         pool_k.index_copy_(0, self.write_slots, keys.transpose(1, 2).reshape(batch * new, heads, dim))
         pool_v.index_copy_(0, self.write_slots, values.transpose(1, 2).reshape(batch * new, heads, dim))
-        # (batch, width, heads, dim) -> (batch, heads, width, dim) as a strided view: SDPA
-        # reads it without another copy.
-        return pool_k[self.gather_slots].transpose(1, 2), pool_v[self.gather_slots].transpose(1, 2)
+        return self._gather(pool_k), self._gather(pool_v)
+
+    def _gather(self, pool: torch.Tensor) -> torch.Tensor:
+        # Whole blocks are contiguous runs of memory, so selecting blocks (not slots) copies
+        # a few large pieces; several times faster on CPU. The result is viewed as (batch,
+        # width, heads, dim) and transposed to (batch, heads, width, dim) without another
+        # copy: SDPA reads the strided layout directly.
+        _, heads, dim = pool.shape
+        blocks = pool.view(self.cache.num_blocks, -1).index_select(0, self.gather_blocks)
+        return blocks.view(self.batch_size, self.width, heads, dim).transpose(1, 2)
 
     def advance(self, num_new: int) -> None:
         """Nothing to do: the engine counts each sequence's computed tokens itself."""

@@ -1,0 +1,268 @@
+"""Serving benchmark: genforge's engine against static batching and one-at-a-time serving.
+
+Modelled on vLLM's serving benchmark with its "random" dataset: requests arrive as a
+Poisson process at each rate (inf = all at once), at most `--max-concurrency` in flight;
+prompt and output lengths are drawn uniformly in len * [1 - range_ratio, 1 + range_ratio];
+outputs run to their drawn length (no early EOS), so every system does the same work.
+Three systems run on the same model weights and the same workload, in this process:
+
+- genforge: the continuous-batching engine over the paged KV cache (`genforge.serve.Engine`);
+- static: transformers `generate`, padded batches of whatever requests are waiting (up to
+  the concurrency), each batch run to its longest output before the next starts;
+- sequential: transformers `generate` on one request at a time.
+
+Reported per system and rate: time to first token (TTFT), time per output token after the
+first (TPOT), inter-token latency (ITL) and end-to-end latency, p50 and p99; request
+throughput and output tokens/s. Static batching's tokens are timed as it produces them
+(a logits processor records each step), which flatters it: a real static server answers
+only when the batch ends.
+
+    python benchmarks/serve.py                      # default: a random 4-layer Llama
+    python benchmarks/serve.py --model DIR --num-requests 200 --rates 2,8,inf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass
+class Workload:
+    arrivals: list[float]  # seconds after the start
+    prompts: list[list[int]]
+    output_lengths: list[int]
+
+
+@dataclass
+class Trace:
+    """Per request: arrival and the time each output token appeared (seconds from start)."""
+
+    arrival: list[float]
+    token_times: list[list[float]] = field(default_factory=list)
+
+
+def make_workload(num: int, rate: float, input_len: int, output_len: int, range_ratio: float, vocab: int,
+                  seed: int) -> Workload:
+    rng = random.Random(seed)
+
+    def length(mean: int) -> int:
+        return rng.randint(max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio))))
+
+    arrivals, now = [], 0.0
+    for _ in range(num):
+        arrivals.append(now)
+        if math.isfinite(rate):
+            now += rng.expovariate(rate)
+    prompts = [[rng.randrange(vocab) for _ in range(length(input_len))] for _ in range(num)]
+    return Workload(arrivals, prompts, [length(output_len) for _ in range(num)])
+
+
+# ------------------------------------------------------------------------------ systems
+def run_genforge(model, workload: Workload, max_concurrency: int, token_budget: int) -> Trace:
+    from genforge.generate.processors import SamplingParams
+    from genforge.serve.engine import Engine, Request
+
+    engine = Engine(model, None, max_num_seqs=max_concurrency, max_num_batched_tokens=token_budget,
+                    eos_token_ids=[])
+    trace = Trace(list(workload.arrivals), [[] for _ in workload.prompts])
+    pending = list(range(len(workload.prompts)))
+    in_flight = 0
+    start = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - start
+        while pending and workload.arrivals[pending[0]] <= now and in_flight < max_concurrency:
+            i = pending.pop(0)
+            params = SamplingParams(temperature=0, max_new_tokens=workload.output_lengths[i])
+            engine.add_request(Request(str(i), workload.prompts[i], params))
+            in_flight += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, workload.arrivals[pending[0]] - now))
+            continue
+        outputs = engine.step()
+        stamp = time.perf_counter() - start
+        for out in outputs:
+            trace.token_times[int(out.request_id)].extend([stamp] * len(out.token_ids))
+            in_flight -= out.finished
+    return trace
+
+
+class _StepClock:
+    """A transformers logits processor that only records when each decoding step happens."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.times = start, []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter() - self.start)
+        return scores
+
+
+def _hf_generate(model, prompts: list[list[int]], new_tokens: int, clock: _StepClock) -> None:
+    from transformers import LogitsProcessorList
+
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
+                       eos_token_id=None)
+
+
+def run_static(hf_model, workload: Workload, max_batch: int) -> Trace:
+    """Padded batches of the waiting requests, each run to its longest output."""
+    trace = Trace(list(workload.arrivals), [[] for _ in workload.prompts])
+    pending = list(range(len(workload.prompts)))
+    start = time.perf_counter()
+    while pending:
+        now = time.perf_counter() - start
+        if workload.arrivals[pending[0]] > now:
+            time.sleep(workload.arrivals[pending[0]] - now)
+            now = time.perf_counter() - start
+        batch = [i for i in pending if workload.arrivals[i] <= now][:max_batch]
+        pending = [i for i in pending if i not in batch]
+        clock = _StepClock(start)
+        _hf_generate(hf_model, [workload.prompts[i] for i in batch],
+                     max(workload.output_lengths[i] for i in batch), clock)
+        for i in batch:
+            trace.token_times[i] = clock.times[: workload.output_lengths[i]]
+    return trace
+
+
+def run_sequential(hf_model, workload: Workload) -> Trace:
+    return run_static(hf_model, workload, max_batch=1)
+
+
+# ---------------------------------------------------------------------------- metrics
+def summarize(trace: Trace) -> dict:
+    """vLLM's serving metrics from per-token timestamps."""
+    ttft, tpot, itl, e2e = [], [], [], []
+    for arrival, times in zip(trace.arrival, trace.token_times):
+        ttft.append(times[0] - arrival)
+        e2e.append(times[-1] - arrival)
+        if len(times) > 1:
+            tpot.append((times[-1] - times[0]) / (len(times) - 1))
+            itl.extend(np.diff(times).tolist())
+    makespan = max(t[-1] for t in trace.token_times) - min(trace.arrival)
+    tokens = sum(len(t) for t in trace.token_times)
+
+    def pct(values, q):
+        return float(np.percentile(values, q) * 1000) if values else float("nan")
+
+    result = {"requests": len(trace.arrival), "output_tokens": tokens, "duration_s": makespan,
+              "request_throughput": len(trace.arrival) / makespan, "output_tokens_per_s": tokens / makespan}
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
+        result[f"{name}_p50_ms"], result[f"{name}_p99_ms"] = pct(values, 50), pct(values, 99)
+    return result
+
+
+# -------------------------------------------------------------------------------- main
+def default_model_dir(tmp: Path, seed: int) -> Path:
+    """A random Llama (4 layers, d=256, vocab 8192): small enough for a CPU run, shaped like a real one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+    directory = tmp / "model"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Machine: {results['machine']}; model: {results['model']}; {results['workload']}", "",
+             "| rate (req/s) | system | out tok/s | req/s | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms "
+             "| e2e p50/p99 ms | genforge / system |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rate, systems in results["runs"].items():
+        ours = systems["genforge"]["output_tokens_per_s"]
+        for name, r in systems.items():
+            lines.append(
+                f"| {rate} | {name} | {r['output_tokens_per_s']:.0f} | {r['request_throughput']:.2f} "
+                f"| {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} "
+                f"| {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} "
+                f"| {ours / r['output_tokens_per_s']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="Hugging Face model directory (default: a random 4-layer Llama)")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--rates", default="4,inf", help="comma-separated request rates in req/s; inf = all at once")
+    parser.add_argument("--max-concurrency", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--range-ratio", type=float, default=0.9)
+    parser.add_argument("--token-budget", type=int, default=512, help="genforge's max batched tokens per step")
+    parser.add_argument("--systems", default="genforge,static,sequential")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "serve"), help="results path without extension")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    from genforge.checkpoint import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(args.model) if args.model else default_model_dir(Path(tmp), args.seed)
+        ours = load_model(directory).eval()
+        theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    systems = args.systems.split(",")
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                   f"torch {torch.__version__}, Python {platform.python_version()}",
+        "model": args.model or "random Llama d=256 L=4 vocab=8192",
+        "workload": (f"{args.num_requests} requests, input {args.input_len} and output {args.output_len} tokens "
+                     f"+-{args.range_ratio:.0%}, max concurrency {args.max_concurrency}, greedy, fp32"),
+        "runs": {},
+    }
+    for rate_text in args.rates.split(","):
+        rate = float(rate_text)
+        workload = make_workload(args.num_requests, rate, args.input_len, args.output_len, args.range_ratio,
+                                 ours.config.vocab_size, args.seed)
+        runs = {}
+        for name in systems:
+            if name == "genforge":
+                trace = run_genforge(ours, workload, args.max_concurrency, args.token_budget)
+            elif name == "static":
+                trace = run_static(theirs, workload, args.max_concurrency)
+            elif name == "sequential":
+                trace = run_sequential(theirs, workload)
+            else:
+                parser.error(f"unknown system {name!r}; accepted: genforge, static, sequential")
+            runs[name] = summarize(trace)
+            print(f"rate {rate_text:>4} {name:>10}: {runs[name]['output_tokens_per_s']:7.1f} output tok/s, "
+                  f"TTFT p50 {runs[name]['ttft_p50_ms']:.0f} ms", flush=True)
+        results["runs"][rate_text] = runs
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
