@@ -387,3 +387,25 @@ def test_async_engine_streams_cancels_and_drains():
     assert len(drained) == 30  # shutdown let the in-flight request finish
     for engine in engines.values():
         assert engine.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("budget", [512, 7])  # whole prompt at once, and in chunks of 7 (and a chunk of 1)
+def test_prompt_logprobs_score_every_prompt_token(budget):
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer(), block_size=4, max_num_batched_tokens=budget)
+    prompt = list(range(3, 25))
+    engine.add_request(Request("warm", prompt, greedy(2)))  # puts the prompt's blocks in the prefix cache
+    run_to_end(engine)
+    engine.add_request(Request("x", prompt, greedy(1), prompt_logprobs=2))
+    first = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            first = first or out
+    scored = first.prompt_logprobs
+    assert len(scored) == len(prompt) and scored[0] is None
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt])).logits[0, :-1]
+    expected = token_logprobs(logits, torch.tensor(prompt[1:]), top_n=2)
+    assert [e.token_id for e in scored[1:]] == prompt[1:]
+    torch.testing.assert_close(torch.tensor([e.logprob for e in scored[1:]]), expected.logprobs, atol=1e-4, rtol=0)
+    assert [[t for t, _ in e.top] for e in scored[1:]] == expected.top_token_ids.tolist()

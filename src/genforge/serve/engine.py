@@ -55,6 +55,11 @@ class Request:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     processors: Sequence[LogitsProcessor] = ()  # per-request extras (constraints), before the sampling filters
     ignore_eos: bool = False
+    # None: none; k >= 0: the logprob of every prompt token after the first, given the tokens
+    # before it, and the top k there (the OpenAI completions `echo` with `logprobs`, which
+    # lm-evaluation-harness uses to score continuations). Such a request computes its whole
+    # prompt: cached prefix blocks have no logits to give.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -79,6 +84,8 @@ class RequestOutput:
     cached_prompt_tokens: int
     arrival_time: float
     first_token_time: float | None
+    # In the first output only, when asked for: one entry per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -103,6 +110,7 @@ class _RequestState:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_generated: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # filled during prefill, sent once
 
 
 # ------------------------------------------------------------------------------- engine
@@ -167,8 +175,10 @@ class Engine:
                 f"tokens and {limit} completion tokens were requested ({len(prompt) + limit} in total); "
                 "shorten the prompt or lower max_tokens"
             )
-        if request.logprobs is not None and not 0 <= request.logprobs <= min(20, vocab):
-            raise ValueError(f"logprobs must be between 0 and {min(20, vocab)}, got {request.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(request, name)
+            if value is not None and not 0 <= value <= min(20, vocab):
+                raise ValueError(f"{name} must be between 0 and {min(20, vocab)}, got {value}")
         if request.params.logit_bias and max(request.params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab}")
         if request.params.stop and self.tokenizer is None:
@@ -188,8 +198,10 @@ class Engine:
             eos=frozenset(params.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_token_ids),
         )
         self._arrivals += 1
+        if request.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]
         seq = CacheSequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
-                            self._arrivals, payload=state)
+                            self._arrivals, payload=state, reuse_cached_prefix=request.prompt_logprobs is None)
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(request.prompt_token_ids)
@@ -224,12 +236,18 @@ class Engine:
         last_logits: list[tuple[ScheduledChunk, torch.Tensor]] = []
         singles = [c for c in chunks if c.num_tokens == 1]
         if singles:
-            logits = self._forward(singles, 1)
+            logits = self._forward(singles, 1, keep_all=False)[:, -1]
             last_logits.extend(zip(singles, logits))
+            for chunk, row in zip(singles, logits):
+                if chunk.seq.payload.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(chunk, row[None])
         for chunk in chunks:
             if chunk.num_tokens > 1:
-                logits = self._forward([chunk], chunk.num_tokens)
-                last_logits.append((chunk, logits[0]))
+                state: _RequestState = chunk.seq.payload
+                logits = self._forward([chunk], chunk.num_tokens, keep_all=state.prompt_logprobs is not None)[0]
+                if state.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(chunk, logits)
+                last_logits.append((chunk, logits[-1]))
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed += chunk.num_tokens
@@ -237,15 +255,33 @@ class Engine:
         completing = [(c.seq, logits) for c, logits in last_logits if c.seq.num_computed == len(c.seq.token_ids)]
         return self._sample(completing) if completing else []
 
-    def _forward(self, chunks: list[ScheduledChunk], num_new: int) -> torch.Tensor:
-        """Last-position logits (len(chunks), vocab) of `num_new` new tokens per sequence."""
+    def _forward(self, chunks: list[ScheduledChunk], num_new: int, keep_all: bool) -> torch.Tensor:
+        """Logits (len(chunks), num_new or 1, vocab) of `num_new` new tokens per sequence: at
+        every new position if `keep_all`, else at the last one."""
         seqs = [c.seq for c in chunks]
         view = self.cache.batch([s.block_table for s in seqs], [s.num_computed for s in seqs], num_new)
         ids = torch.tensor([s.token_ids[s.num_computed : s.num_computed + num_new] for s in seqs],
                            dtype=torch.long, device=self.model.device)
         out = self.model(ids, attention_mask=view.attention_mask, position_ids=view.position_ids, cache=view,
-                         logits_to_keep=1)
-        return out.logits[:, -1]
+                         logits_to_keep=0 if keep_all else 1)
+        return out.logits
+
+    def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
+        """Score the prompt tokens this chunk's logits predict (those after its positions)."""
+        seq, state = chunk.seq, chunk.seq.payload
+        # Position p's logits predict token p + 1. After a preemption the prompt is computed
+        # again; tokens already scored are not scored twice.
+        first = max(seq.num_computed + 1, len(state.prompt_logprobs))
+        last = min(seq.num_computed + chunk.num_tokens + 1, seq.num_prompt_tokens)
+        targets = seq.token_ids[first:last]
+        if not targets:
+            return
+        k = state.request.prompt_logprobs
+        rows = logits[first - 1 - seq.num_computed : last - 1 - seq.num_computed]
+        scored = token_logprobs(rows.float(), torch.tensor(targets), k)
+        for i, token in enumerate(targets):
+            top = list(zip(scored.top_token_ids[i].tolist(), scored.top_logprobs[i].tolist()))
+            state.prompt_logprobs.append(TokenLogprob(token, float(scored.logprobs[i]), top))
 
     def _sample(self, completing: list[tuple[CacheSequence, torch.Tensor]]) -> list[RequestOutput]:
         seqs = [s for s, _ in completing]
@@ -282,7 +318,10 @@ class Engine:
             if reason is not None:
                 self._sequences.pop(seq.request_id, None)
                 self.scheduler.remove(seq)
-            outputs.append(self._output(seq, [token], text, entry, reason))
+            output = self._output(seq, [token], text, entry, reason)
+            if state.prompt_logprobs is not None and state.num_generated == 1:
+                output.prompt_logprobs = state.prompt_logprobs
+            outputs.append(output)
         return outputs
 
     def _process(self, raw: torch.Tensor, seqs: list[CacheSequence], states: list[_RequestState]) -> torch.Tensor:

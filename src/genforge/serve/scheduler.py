@@ -34,6 +34,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at (first) admission
     payload: Any = None  # the engine's per-request state
+    reuse_cached_prefix: bool = True  # False when every prompt position's logits are wanted
 
     @property
     def num_uncomputed(self) -> int:
@@ -97,7 +98,7 @@ class Scheduler:
         # Then waiting sequences, in order, while there is room.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and seq.reuse_cached_prefix:
                 self._take_cached_prefix(seq)
             count = min(seq.num_uncomputed, budget)
             if not self._reserve(seq, count):
