@@ -444,6 +444,18 @@ def test_client_disconnect_cancels_the_request(server):
     assert server.engine.stats(MODEL).generation_tokens_total < 10_000
 
 
+def test_client_disconnect_cancels_a_non_streamed_request(loaded):
+    engine = _engine(loaded)
+    with LiveServer(create_app(engine, tokenizers={MODEL: loaded[1]})) as live:
+        body = {"model": MODEL, "prompt": "wait for me", "max_tokens": 120, "ignore_eos": True}
+        with pytest.raises(httpx2.TimeoutException):  # the client gives up and closes the connection
+            httpx2.post(live.url + "/v1/completions", json=body, timeout=httpx2.Timeout(10, read=0.05))
+        stats = _wait_idle(engine)
+        assert stats.kv_blocks_used == 0 and stats.running == 0
+        # A step takes milliseconds, so an abort that works stops well short of the 120 tokens asked for.
+        assert stats.generation_tokens_total < 120
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(loaded):
     engine = _engine(loaded)
     live = LiveServer(create_app(engine, tokenizers={MODEL: loaded[1]})).__enter__()

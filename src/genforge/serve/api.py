@@ -317,6 +317,9 @@ def create_app(
     app.state.metrics = metrics
     app.state.queue = queue
     app.state.engine = engine
+    app.openapi = _openapi_with_openai_errors(app, {"CompletionRequest": generation_models,
+                                                     "ChatCompletionRequest": generation_models,
+                                                     "EmbeddingRequest": list(embedding_models)})
 
     # ------------------------------------------------------------------ error handlers
 
@@ -327,24 +330,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        # Union members add their type to the location ("prompt.str"); drop those for the param name.
-        param = ".".join(p for p in loc if not p.startswith(("str", "list[", "dict[", "function-")) and p != "int") or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
-            message = f"unrecognized request argument {param!r}"
-        elif first.get("type") == "missing":
-            message = f"missing required argument {param!r}"
-        elif first.get("type") in ("json_invalid", "model_attributes_type", "dict_type") and not loc:
-            message = "the request body must be a JSON object"
-        else:
-            message = f"invalid value for {param!r}: {message}" if param else message
-        more = len(err.errors()) - 1
-        if more > 0:
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        error = _bad(message, param)
-        return await _openai_error(request, error)
+        return await _openai_error(request, _validation_to_openai(err.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
@@ -634,10 +620,17 @@ def create_app(
                 choice.finish_reason = output.finish_reason
                 metrics.observe_finished(prepared.model, output)
 
+        async def collect() -> None:
+            async for index, output in fanout:
+                record(index, output)
+
+        # Until the response starts, a client disconnect is noticed by watching the connection
+        # (once streaming, Starlette cancels the response itself when the client goes away).
+        watcher = asyncio.ensure_future(_disconnected(request))
         try:
-            # Wait for the first output before answering, so that a request the engine refuses
-            # still gets its 400 rather than a 200 stream that carries an error.
-            first = await _until(fanout.__anext__(), request, deadline)
+            # A stream waits for the first output before answering, so that a request the engine
+            # refuses still gets its 400 rather than a 200 stream that carries an error.
+            first = await _race(collect() if not prepared.stream else fanout.__anext__(), watcher, deadline)
         except BaseException as err:
             release()
             await fanout.aclose()
@@ -646,24 +639,12 @@ def create_app(
             if isinstance(err, StopAsyncIteration):
                 raise OpenAIError(500, "the engine returned no output", "server_error") from None
             raise _engine_error(err, request_timeout) from None
+        finally:
+            watcher.cancel()
 
         if not prepared.stream:
-            try:
-                index, output = first
-                record(index, output)
-                while True:
-                    try:
-                        index, output = await _until(fanout.__anext__(), request, deadline)
-                    except StopAsyncIteration:
-                        break
-                    record(index, output)
-            except _ClientGone:
-                return Response(status_code=499)
-            except BaseException as err:
-                raise _engine_error(err, request_timeout) from None
-            finally:
-                release()
-                await fanout.aclose()
+            release()
+            await fanout.aclose()
             _check_aborted(choices)
             metrics.http_requests.labels(request.url.path, "200").inc()
             return _full_response(kind, request_id, prepared, choices, tokenizers[prepared.model])
@@ -704,7 +685,8 @@ def create_app(
                         entry["logprobs"] = lp
                         yield chunk([entry])
                     try:
-                        item = await _until(fanout.__anext__(), None, deadline)
+                        async with asyncio.timeout_at(deadline):
+                            item = await fanout.__anext__()
                     except StopAsyncIteration:
                         break
                 if prepared.include_usage:
@@ -731,6 +713,81 @@ def create_app(
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+# Type tags pydantic adds to the location of an error inside a union ("prompt.constrained-str").
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
+
+
+def _param_path(loc: Sequence[Any]) -> tuple[str | None, bool]:
+    """An error location as OpenAI names params (``messages[0].role``), and whether it went
+    through a union member."""
+    path, tagged = "", False
+    for part in loc:
+        if part == "body" and not path:
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not part.isidentifier() or part in _TYPE_TAGS:
+            tagged = True
+        else:
+            path += ("." if path else "") + part
+    return path or None, tagged
+
+
+def _validation_to_openai(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
+    """FastAPI's validation errors (its 422) as one OpenAI 400 that names the first bad param."""
+    if not errors:
+        return _bad("invalid request")
+    first = errors[0]
+    param, tagged = _param_path(first.get("loc", ()))
+    kind = first.get("type")
+    if kind == "extra_forbidden":
+        return _bad(f"unrecognized request argument {param!r}", param)
+    if kind == "missing":
+        return _bad(f"missing required argument {param!r}", param)
+    if param is None:
+        return _bad("the request body must be a JSON object with the request's arguments")
+    if tagged:  # a union: none of its forms matched; say what each wanted
+        top = param.split(".")[0].split("[")[0]
+        reasons = list(dict.fromkeys(e.get("msg", "") for e in errors if _param_path(e.get("loc", ()))[0]
+                                     and _param_path(e.get("loc", ()))[0].startswith(top)))
+        return _bad(f"invalid value for {top!r}: no accepted form matched ({'; '.join(reasons[:4])})", top)
+    return _bad(f"invalid value for {param!r}: {first.get('msg', 'invalid')}", param)
+
+
+def _openapi_with_openai_errors(app: FastAPI, served: Mapping[str, Sequence[str]]) -> Callable[[], dict]:
+    """The generated OpenAPI schema, with FastAPI's 422 replaced by the 400 this server answers,
+    the error responses documented in OpenAI's shape, and the ``model`` field of each request
+    listing the models this server serves (``served``: request schema name -> model names)."""
+    original = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        error = {"description": "error", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["message", "type", "param", "code"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+        for item in schema.get("paths", {}).values():
+            for operation in item.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                for status in ("400", "401", "404", "429") if operation.get("requestBody") or \
+                        operation.get("parameters") else ("401", "429"):
+                    responses[status] = error
+        components = schema.get("components", {}).get("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        for name, models in served.items():
+            if models and name in components:
+                components[name]["properties"]["model"]["enum"] = list(models)
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
 
 
 def _inner_engine(engine, model: str):
@@ -766,27 +823,21 @@ def _decode_prompt(tokenizer, ids: list[int], index: int, param: str = "prompt")
     return tokenizer.decode(ids)
 
 
-async def _until(awaitable, request: Request | None, deadline: float | None):
-    """Await ``awaitable``, giving up when the client disconnects or the deadline passes."""
+async def _race(awaitable, watcher: asyncio.Future, deadline: float | None):
+    """Await ``awaitable``, giving up when ``watcher`` (the client's disconnect) completes
+    first (``_ClientGone``) or the deadline passes (``TimeoutError``)."""
     task = asyncio.ensure_future(awaitable)
-    waiters = [task]
-    watcher = None
-    if request is not None:
-        watcher = asyncio.ensure_future(_disconnected(request))
-        waiters.append(watcher)
     timeout = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
     try:
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([task, watcher], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         task.cancel()
         raise
-    finally:
-        if watcher is not None:
-            watcher.cancel()
     if task in done:
         return task.result()
     task.cancel()
-    if watcher is not None and watcher in done:
+    await asyncio.gather(task, return_exceptions=True)
+    if watcher in done:
         raise _ClientGone()
     raise TimeoutError()
 
