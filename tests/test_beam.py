@@ -91,6 +91,28 @@ def test_processors_apply_to_log_probs_as_in_transformers(processor, hf_kwargs, 
     torch.testing.assert_close(torch.tensor([h.score for h in ours]), torch.tensor(expected_scores), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_sampling_matches_transformers_with_the_same_seed(seed, hf_model_dir):
+    from genforge.generate.processors import Temperature, TopK
+
+    hf, directory = hf_model_dir("llama")
+    model = load_model(directory)
+    prompt = prompts(seed)[0]
+    eos = eos_that_occurs(model, prompt)
+    torch.manual_seed(seed)  # transformers draws from the global generator
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, num_beams=3, temperature=0.7,
+                      top_k=20, top_p=1.0, pad_token_id=0, eos_token_id=eos, num_return_sequences=3,
+                      output_scores=True, return_dict_in_generate=True, max_new_tokens=NEW_TOKENS)
+    lengths = (out.beam_indices >= 0).sum(dim=-1).tolist()
+    expected = [out.sequences[i, len(prompt) : len(prompt) + n].tolist() for i, n in enumerate(lengths)]
+    ours = beam_search(model, [prompt], 3, NEW_TOKENS, num_return_sequences=3, eos_token_ids=[eos],
+                       processors=[Temperature(0.7), TopK(20)], do_sample=True,
+                       generator=torch.Generator().manual_seed(seed))[0]
+    assert [h.token_ids for h in ours] == expected
+    assert [h.score for h in ours] == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
+
+
 def test_extra_candidates_keep_beams_running_when_eos_ids_crowd_the_top(hf_model_dir):
     # With the three likeliest first tokens all eos, 2 * num_beams candidates would leave too
     # few running beams; transformers keeps (1 + eos ids) * num_beams candidates instead.

@@ -445,6 +445,42 @@ def generate_until(
     return outputs
 
 
+class LocalLanguageModel:
+    """The harness's view of a genforge model: the three request kinds of lm-eval's `LM`.
+
+    Anything with these three methods can be evaluated (`endpoint.EndpointLanguageModel`
+    scores a model behind an OpenAI-compatible server the same way).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, batch_size: int = 8) -> None:
+        _check_model(model)
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.description = {"family": model.config.family, "vocab_size": model.config.vocab_size,
+                            "context": model.config.max_position_embeddings}
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return loglikelihood(self.model, self.tokenizer, requests, batch_size=self.batch_size)
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        return loglikelihood_rolling(self.model, self.tokenizer, texts)
+
+    def generate_until(self, contexts: Sequence[str], **options: Any) -> list[str]:
+        return generate_until(self.model, self.tokenizer, contexts, batch_size=self.batch_size, **options)
+
+
+def _language_model(model: Any, tokenizer: Tokenizer | None, batch_size: int) -> Any:
+    if isinstance(model, Transformer):
+        if tokenizer is None:
+            raise MetricError("a genforge model needs its tokenizer; pass tokenizer=")
+        return LocalLanguageModel(model, tokenizer, batch_size)
+    if all(callable(getattr(model, name, None)) for name in ("loglikelihood", "loglikelihood_rolling",
+                                                                 "generate_until")):
+        return model
+    raise MetricError(f"cannot evaluate a {type(model).__name__}: pass a genforge Transformer (with its tokenizer) "
+                      "or an object with loglikelihood, loglikelihood_rolling and generate_until "
+                      "(e.g. genforge.evaluate.endpoint.EndpointLanguageModel)")
+
+
 # ------------------------------------------------------------------------------- evaluation
 @dataclass
 class TaskResult:
@@ -477,8 +513,8 @@ def mean_stderr(values: Sequence[float]) -> float | None:
 
 
 def evaluate_task(
-    model: Transformer,
-    tokenizer: Tokenizer,
+    model: Transformer | Any,
+    tokenizer: Tokenizer | None,
     task: Task | str | os.PathLike,
     *,
     num_fewshot: int | None = None,
@@ -487,11 +523,13 @@ def evaluate_task(
 ) -> TaskResult:
     """Run one task (a `Task` or the path of its YAML) against `model` and return its metrics.
 
+    model: a genforge `Transformer` (with `tokenizer`), or any object with the harness's three
+    request kinds, such as `EndpointLanguageModel` (then `tokenizer` may be None).
     num_fewshot: overrides the task's; limit: evaluate only the first `limit` docs.
     """
     if not isinstance(task, Task):
         task = load_task(task)
-    _check_model(model)
+    lm = _language_model(model, tokenizer, batch_size)
     shots = task.num_fewshot if num_fewshot is None else num_fewshot
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
         raise MetricError(f"num_fewshot must be an integer >= 0, got {shots!r}")
@@ -505,7 +543,7 @@ def evaluate_task(
         wanted = ["exact_match"]
     run = {"multiple_choice": _run_multiple_choice, "loglikelihood": _run_loglikelihood,
            "loglikelihood_rolling": _run_rolling, "generate_until": _run_generate}[task.output_type]
-    per_doc, corpus, samples, extra = run(model, tokenizer, task, docs, contexts, batch_size)
+    per_doc, corpus, samples, extra = run(lm, task, docs, contexts)
     metrics, stderr = {}, {}
     for name in wanted:
         if name in per_doc:
@@ -518,20 +556,19 @@ def evaluate_task(
     settings = {
         "output_type": task.output_type, "num_fewshot": shots, "fewshot_seed": task.fewshot_seed,
         "target_delimiter": task.target_delimiter, "fewshot_delimiter": task.fewshot_delimiter, "limit": limit,
-        "batch_size": batch_size, "model": {"family": model.config.family, "vocab_size": model.config.vocab_size,
-                                            "context": model.config.max_position_embeddings},
+        "batch_size": batch_size, "model": dict(lm.description),
         **task.source, **extra,
     }
     return TaskResult(task.name, metrics, stderr, len(docs), settings, samples)
 
 
-def _run_multiple_choice(model, tokenizer, task, docs, contexts, batch_size):
+def _run_multiple_choice(lm, task, docs, contexts):
     requests, spans = [], []
     for doc, context in zip(docs, contexts):
         choices = task.choices(doc)
         spans.append((len(requests), choices, task.gold_index(doc)))
         requests += [(context, task.target_delimiter + c) for c in choices]
-    scores = loglikelihood(model, tokenizer, requests, batch_size=batch_size)
+    scores = lm.loglikelihood(requests)
     acc, acc_norm, samples = [], [], []
     for (start, choices, gold), context in zip(spans, contexts):
         lls = [ll for ll, _ in scores[start:start + len(choices)]]
@@ -544,9 +581,9 @@ def _run_multiple_choice(model, tokenizer, task, docs, contexts, batch_size):
     return {"acc": acc, "acc_norm": acc_norm}, None, samples, {}
 
 
-def _run_loglikelihood(model, tokenizer, task, docs, contexts, batch_size):
+def _run_loglikelihood(lm, task, docs, contexts):
     targets = [task.target_delimiter + task.target_text(doc) for doc in docs]
-    scores = loglikelihood(model, tokenizer, list(zip(contexts, targets)), batch_size=batch_size)
+    scores = lm.loglikelihood(list(zip(contexts, targets)))
     lls = [ll for ll, _ in scores]
     samples = [{"prompt": c, "target": t, "loglikelihood": ll, "is_greedy": g}
                for c, t, (ll, g) in zip(contexts, targets, scores)]
@@ -555,9 +592,9 @@ def _run_loglikelihood(model, tokenizer, task, docs, contexts, batch_size):
     return {"acc": [float(g) for _, g in scores]}, corpus, samples, {}
 
 
-def _run_rolling(model, tokenizer, task, docs, contexts, batch_size):
+def _run_rolling(lm, task, docs, contexts):
     texts = [task.target_text(doc) for doc in docs]
-    lls = loglikelihood_rolling(model, tokenizer, texts)
+    lls = lm.loglikelihood_rolling(texts)
     words = sum(len(re.split(r"\s+", t)) for t in texts)  # lm-eval's word count
     num_bytes = sum(len(t.encode("utf-8")) for t in texts)
     total = sum(lls)
@@ -567,7 +604,7 @@ def _run_rolling(model, tokenizer, task, docs, contexts, batch_size):
     return {}, values.__getitem__, samples, {"words": words, "bytes": num_bytes}
 
 
-def _run_generate(model, tokenizer, task, docs, contexts, batch_size):
+def _run_generate(lm, task, docs, contexts):
     kwargs = dict(task.generation_kwargs)
     until = kwargs.pop("until", [task.fewshot_delimiter])  # lm-eval's default stop
     until = [until] if isinstance(until, str) else list(until)
@@ -577,8 +614,7 @@ def _run_generate(model, tokenizer, task, docs, contexts, batch_size):
     if not do_sample:
         temperature = 0.0
     targets = [task.target_text(doc) for doc in docs]  # bad targets fail before generation runs
-    outputs = generate_until(model, tokenizer, contexts, until=until, max_gen_toks=max_gen_toks,
-                             temperature=temperature, batch_size=batch_size, **kwargs)
+    outputs = lm.generate_until(contexts, until=until, max_gen_toks=max_gen_toks, temperature=temperature, **kwargs)
     options = {m["metric"]: m for m in task.metric_list}
     em = options.get("exact_match", {})
     exact = [float(_normalise(o, em) == _normalise(t, em)) for o, t in zip(outputs, targets)]
@@ -611,8 +647,8 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def evaluate(
-    model: Transformer,
-    tokenizer: Tokenizer,
+    model: Transformer | Any,
+    tokenizer: Tokenizer | None,
     tasks: Sequence[Task | str | os.PathLike] | Task | str | os.PathLike,
     *,
     num_fewshot: int | None = None,
@@ -654,7 +690,7 @@ def write_results(results: Mapping[str, TaskResult], directory: str | os.PathLik
 
 
 __all__ = [
-    "OUTPUT_TYPES", "TASK_METRICS", "Task", "TaskResult", "encode_pair", "evaluate", "evaluate_task", "generate_until",
+    "OUTPUT_TYPES", "TASK_METRICS", "LocalLanguageModel", "Task", "TaskResult", "encode_pair", "evaluate", "evaluate_task", "generate_until",
     "load_task", "loglikelihood", "loglikelihood_rolling", "mean_stderr", "prefix_token_id", "results_table",
     "write_results",
 ]

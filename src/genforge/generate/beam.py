@@ -124,6 +124,8 @@ def beam_search(
     processors: Sequence[LogitsProcessor] = (),
     num_beam_groups: int = 1,
     diversity_penalty: float = 0.0,
+    do_sample: bool = False,
+    generator: torch.Generator | None = None,
 ) -> list[list[BeamHypothesis]]:
     """Beam search for a batch of prompts (token-id lists, left-padded internally).
 
@@ -132,6 +134,9 @@ def beam_search(
     `processors` run on the log-probabilities of every step (e.g. `NoRepeatNGram(3)`,
     `RepetitionPenalty(1.2)`, `MinNewTokens(...)`), as transformers applies its processors in
     beam search. `num_beam_groups > 1` with `diversity_penalty > 0` is diverse beam search.
+    `do_sample=True` is beam sampling: the candidates are drawn without replacement with
+    probability softmax(beam score + log-prob) instead of taken by rank (put the temperature
+    and top-k/top-p warpers in `processors`, as transformers does; seed `generator`).
     See the module docstring for the exact semantics.
     """
     prompts = as_prompt_lists(prompt_ids)
@@ -141,6 +146,9 @@ def beam_search(
         model, prompts, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences, eos,
         num_beam_groups, diversity_penalty,
     )
+    if do_sample and num_beam_groups > 1:
+        raise ValueError("beam sampling (do_sample=True) and diverse beam search (num_beam_groups > 1) do not combine; "
+                         "use one or the other")
     device, batch = model.device, len(prompts)
     longest = max(len(p) for p in prompts)
     capacity = longest + max_new_tokens
@@ -191,7 +199,7 @@ def beam_search(
                 source_beams.append(
                     _step_group(
                         group, group_log_probs, step, column, max_new_tokens, eos_tensor, num_candidates,
-                        length_penalty, early_stopping,
+                        length_penalty, early_stopping, generator if do_sample else None, do_sample,
                     )
                 )
             # Cache row of (prompt, group, beam) is prompt * num_beams + group * group_size + beam.
@@ -231,6 +239,8 @@ def _step_group(
     num_candidates: int,
     length_penalty: float,
     early_stopping: bool | str,
+    generator: torch.Generator | None = None,
+    do_sample: bool = False,
 ) -> torch.Tensor:
     """One step of one group (`log_probs`: (prompts, beams, vocab), processed). Updates the
     running beams and the finished pool in place; returns (prompts, beams), the beam each new
@@ -239,7 +249,11 @@ def _step_group(
     `_update_finished_beams`) so that ties resolve identically."""
     prompts, num_beams, vocab = log_probs.shape
     totals = (log_probs + group.running_scores[:, :, None]).reshape(prompts, num_beams * vocab)
-    candidate_scores, flat_index = torch.topk(totals, k=num_candidates)
+    if do_sample:  # beam sampling: draw the candidates, without replacement, in proportion to exp(total)
+        flat_index = torch.multinomial(torch.softmax(totals, dim=-1), num_samples=num_candidates, generator=generator)
+        candidate_scores = torch.gather(totals, 1, flat_index)
+    else:
+        candidate_scores, flat_index = torch.topk(totals, k=num_candidates)
     candidate_beam, candidate_token = flat_index // vocab, flat_index % vocab
     candidate_tokens = torch.take_along_dim(group.running_tokens, candidate_beam[:, :, None], dim=1)
     candidate_tokens[:, :, column] = candidate_token
