@@ -264,10 +264,15 @@ def test_metadata_filters_in_every_faiss_kind_and_bm25():
         index = HybridIndex.build(chunks, emb, dense=kind, cache=flat.embedding_cache())
         if kind == "ivf":
             index.set_search_options(nprobe=index.faiss_index.nlist)
+        # A FAISS id selector inside the search (limit 0), and exact scoring of the few chunks
+        # that pass (the default for filters passing <= 2048 chunks): the same answers.
+        for limit in (0, 2048):
+            index.filtered_exact_limit = limit
+            for filters, keep in cases:
+                got = ranked_ids(index, index.dense_search(q, 10, filters=filters))
+                want = exact_dense(flat, q, 10, keep)
+                assert got == want, (kind, limit, filters)
         for filters, keep in cases:
-            got = ranked_ids(index, index.dense_search(q, 10, filters=filters))
-            want = exact_dense(flat, q, 10, keep)
-            assert got == want, (kind, filters)
             assert all(keep(index.chunks[p]) for p, _ in index.sparse_search("question w5 w9", 10, filters=filters))
     # BM25 under a filter: the unfiltered scores of the passing chunks, best first.
     everything = dict(flat.sparse_search("question w5 w9 w11", len(chunks)))

@@ -45,6 +45,8 @@ BACKENDS = ("faiss", "milvus")
 MANIFEST = "manifest.json"
 # FAISS warns below 39 training points per k-means centroid: fewer leave cells poorly placed.
 IVF_POINTS_PER_LIST = 39
+# A filter passing at most this many chunks is answered by exact scoring of just those chunks.
+FILTERED_EXACT_LIMIT = 2048
 
 FilterValue = str | int | float | bool
 Filters = Mapping[str, "FilterValue | Sequence[FilterValue]"]
@@ -412,6 +414,7 @@ class HybridIndex:
         self.file_hashes = dict(file_hashes or {})
         self.version = 0
         self.query_cache = QueryCache(query_cache_size)
+        self.filtered_exact_limit = FILTERED_EXACT_LIMIT
         self.last_build_embedded = 0
         self._positions: dict[int, int] | None = None
 
@@ -644,8 +647,8 @@ class HybridIndex:
             self._positions = {int(i): p for p, i in enumerate(self.ids)}
         return self._positions[chunk_id]
 
-    def _allowed_ids(self, filters) -> np.ndarray:
-        return self.ids[[p for p, c in enumerate(self.chunks) if chunk_matches(c, filters)]]
+    def _allowed_positions(self, filters) -> np.ndarray:
+        return np.array([p for p, c in enumerate(self.chunks) if chunk_matches(c, filters)], np.int64)
 
     def dense_search(self, query_vector: np.ndarray, k: int, filters: Filters | None = None) -> list[tuple[int, float]]:
         """(chunk position, cosine) for the k nearest chunks that pass `filters`."""
@@ -655,7 +658,16 @@ class HybridIndex:
         key = ("dense", q.tobytes(), k, _filter_key(checked))
 
         def compute():
-            allowed = self._allowed_ids(checked) if checked is not None and self.store.backend == "faiss" else None
+            allowed = None
+            if checked is not None and self.store.backend == "faiss":
+                positions = self._allowed_positions(checked)
+                if len(positions) <= self.filtered_exact_limit:
+                    # Few chunks pass: scoring them directly is exact and cheaper than steering an
+                    # approximate index around the rest (HNSW and IVF lose recall under a tight filter).
+                    scores = self.embeddings[positions] @ q
+                    order = np.argsort(-scores, kind="stable")[:k]
+                    return [(int(positions[o]), float(scores[o])) for o in order]
+                allowed = self.ids[positions]
             found = self.store.search(q, min(k, len(self.chunks)), checked, allowed)
             return [(self._position_of(i), s) for i, s in found]
 
