@@ -554,3 +554,96 @@ def test_soak_with_cancellations_leaves_every_block_free(loaded):
     # Had the cancelled requests run on, they alone would have generated 200 x 60 tokens.
     assert stats.generation_tokens_total < 800 * 11 + 200 * 60 // 2
     print(f"soak: 1000 requests in {elapsed:.1f} s")
+
+
+# ------------------------------------------------------------------------- bench and CLI
+
+
+def test_bench_statistics_on_known_records():
+    from genforge.serve.bench import RequestRecord, poisson_offsets, random_workload, summarize
+
+    records = [RequestRecord(prompt_tokens=10, output_tokens=5, ttft=0.1, itl=[0.02, 0.03], e2e=0.5, ok=True),
+               RequestRecord(prompt_tokens=20, output_tokens=1, ttft=0.3, itl=[], e2e=0.3, ok=True),
+               RequestRecord(error="HTTP 500")]
+    summary = summarize(records, duration=2.0)
+    assert summary["completed"] == 2 and summary["failed"] == 1
+    assert summary["request_throughput"] == pytest.approx(1.0)
+    assert summary["output_tokens_per_s"] == pytest.approx(3.0)
+    assert summary["tpot"]["mean_ms"] == pytest.approx(100.0)  # (0.5 - 0.1) / 4; one token has no TPOT
+    assert summary["ttft"]["p50_ms"] == pytest.approx(200.0)
+    assert summary["itl"]["p50_ms"] == pytest.approx(25.0)
+    assert summary["e2e"]["p99_ms"] == pytest.approx(300 + 0.99 * 200)  # linear interpolation
+    offsets = poisson_offsets(4000, rate=20.0, seed=1)
+    gaps = torch.diff(torch.tensor([0.0, *offsets]))
+    assert gaps.mean().item() == pytest.approx(1 / 20, rel=0.05) and (gaps >= 0).all()
+    assert poisson_offsets(3, float("inf")) == [0.0, 0.0, 0.0]
+    work = random_workload(200, input_len=10, output_len=20, range_ratio=0.5, seed=0)
+    assert {len(w.prompt.split()) for w in work} <= set(range(5, 16))
+    assert min(w.max_tokens for w in work) >= 10 and max(w.max_tokens for w in work) <= 30
+
+
+@pytest.mark.slow
+def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path):
+    """`genforge serve` in a subprocess (API key, named model), `genforge bench serve` against it,
+    then SIGTERM mid-request: the request finishes and the server exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from genforge.cli import main
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "GENFORGE_API_KEYS": "secret"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "genforge.cli", "serve", "--model", f"served={model_dir}", "--port", str(port),
+         "--max-num-seqs", "16", "--block-size", "8", "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx2.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx2.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="secret", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["served"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        out = tmp_path / "bench"
+        os.environ["GENFORGE_API_KEYS"] = "secret"
+        try:
+            code = main(["bench", "serve", "--url", url, "--rates", "20,inf", "--num-requests", "12",
+                         "--input-len", "8", "--output-len", "6", "--out", str(out)])
+        finally:
+            del os.environ["GENFORGE_API_KEYS"]
+        assert code == 0
+        report = json.loads((out / "serve_bench.json").read_text())
+        assert report["settings"]["model"] == "served"
+        for result in report["results"]:
+            assert result["completed"] == 12 and result["failed"] == 0
+            # ignore_eos: every request generated exactly its max_tokens, all between 3 and 9.
+            assert 12 * 3 <= result["total_output_tokens"] <= 12 * 9
+            assert result["ttft"]["p50_ms"] > 0 and result["output_tokens_per_s"] > 0
+        assert "| served @ 20/s |" in (out / "serve_bench.md").read_text()
+        # SIGTERM while a request streams: the request still finishes, then the process exits.
+        stream = client.completions.create(model="served", prompt="drain", max_tokens=80, stream=True,
+                                           extra_body={"ignore_eos": True})
+        chunks = [next(iter(stream))]
+        process.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        # uvicorn re-raises the signal it caught once it has shut down cleanly.
+        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in process.stdout.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -32,6 +32,7 @@ import logging
 import math
 import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -950,3 +951,41 @@ def _full_response(kind: str, request_id: str, prepared: _Prepared, choices: Seq
     body["choices"] = out
     body["usage"] = _usage(prepared, choices)
     return body
+
+
+def app_from_directories(
+    models: Mapping[str, Any],
+    *,
+    embedding_models: Mapping[str, Any] | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    engine_options: Mapping[str, Any] | None = None,
+    **app_options: Any,
+) -> FastAPI:
+    """Load each model directory (``name -> dir``) into an ``Engine``, each embedding model
+    into a ``SentenceEncoder``, and build the app over them (``app_options`` go to
+    :func:`create_app`). End-of-sequence ids include generation_config.json's, as
+    ``genforge generate`` does (Llama 3 instruct ends turns with an id only it lists)."""
+    from ..checkpoint import load_model, read_generation_config
+    from ..encoder import SentenceEncoder
+    from ..generate.generator import end_of_sequence_ids
+    from ..inference import pack_for_cpu_inference
+    from ..tokenizer import Tokenizer
+    from .engine import AsyncEngine, Engine
+
+    if not models:
+        raise ValueError("serve at least one generation model")
+    for name, directory in {**models, **(embedding_models or {})}.items():
+        if not (Path(directory) / "config.json").is_file():
+            raise ValueError(f"model {name!r}: {directory} is not a model directory (no config.json)")
+    engines, tokenizers = {}, {}
+    for name, directory in models.items():
+        model = load_model(directory, dtype=dtype, device=device)
+        if str(model.device) == "cpu":
+            model = pack_for_cpu_inference(model)
+        tokenizer = Tokenizer.from_dir(directory)
+        eos = end_of_sequence_ids(model.config, tokenizer, read_generation_config(directory).get("eos_token_id"))
+        engines[name] = Engine(model, tokenizer, eos_token_ids=sorted(eos), **dict(engine_options or {}))
+        tokenizers[name] = tokenizer
+    encoders = {name: SentenceEncoder(directory, device=device) for name, directory in (embedding_models or {}).items()}
+    return create_app(AsyncEngine(engines), tokenizers=tokenizers, embedding_models=encoders, **app_options)
