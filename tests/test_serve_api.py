@@ -647,3 +647,33 @@ def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_echo_scores_the_prompt(client, loaded):
+    """echo + logprobs + max_tokens 0: the prompt's own logprobs (how lm-evaluation-harness scores)."""
+    model, tokenizer = loaded
+    prompt = "import json as j"
+    ids = tokenizer.encode(prompt)
+    done = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    choice = done.choices[0]
+    assert choice.text == prompt and done.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert lp.tokens == [tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(expected[i - 1, ids[i]].item(), abs=1e-4)
+    assert lp.text_offset[0] == 0 and lp.text_offset[-1] == len(prompt) - len(lp.tokens[-1])
+    # With generation: the prompt, then the continuation, streamed the same way.
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=0, temperature=0)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert whole.choices[0].text == prompt + plain.choices[0].text
+    assert len(whole.choices[0].logprobs.tokens) == len(ids) + 4
+    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=0,
+                                              temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+    assert streamed[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+    assert _error(info, 400)["param"] == "max_tokens"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import math
 import time
@@ -128,6 +129,9 @@ class CompletionRequest(_SamplingFields):
     prompt: (NonEmptyStr | Annotated[list[TokenId], Field(min_length=1)]
              | Annotated[list[NonEmptyStr], Field(min_length=1)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    # 0 is allowed with echo: the prompt is scored, nothing is generated (how lm-evaluation-harness
+    # asks for a continuation's log-likelihood).
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: StrictBool = False
     suffix: StrictStr | None = None
@@ -233,6 +237,7 @@ class _Choice:
     """What one sequence has produced so far."""
 
     prompt_index: int
+    prompt_logprobs: list[Any] | None = None
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
@@ -256,6 +261,8 @@ class _Prepared:
     ignore_eos: bool
     stream: bool
     include_usage: bool
+    echo: bool = False  # the response text (and logprobs) starts with the prompt's
+    score_only: bool = False  # max_tokens 0 with echo: the one token generated is dropped
 
 
 # ----------------------------------------------------------------------------------------- the app
@@ -412,8 +419,8 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request, _: str = Depends(admit)):
         model = generation_model(body.model)
         tokenizer = tokenizers[model]
-        if body.echo:
-            raise _bad("echo is not supported", "echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise _bad("max_tokens must be >= 1 (0 is only for echo, to score the prompt)", "max_tokens")
         if body.suffix:
             raise _bad("suffix (fill-in-the-middle) is not supported by /v1/completions", "suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -431,6 +438,7 @@ def create_app(
             prompts = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
             texts = [_decode_prompt(tokenizer, p, i) for i, p in enumerate(prompts)]
         prepared = await _prepare(model, body, prompts, texts, body.logprobs, None, "prompt")
+        prepared.echo, prepared.score_only = body.echo, body.max_tokens == 0
         return await run("text_completion", prepared, request)
 
     @app.post("/v1/chat/completions")
@@ -530,6 +538,8 @@ def create_app(
             if not ids:
                 raise _bad(f"prompt {i} is empty after tokenization; give at least one token", prompt_param)
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if max_tokens == 0:  # echo only: generate one token to run the prompt, then drop it
+            max_tokens = 1
         for i, ids in enumerate(prompts):
             where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
             if len(ids) >= limit:
@@ -595,7 +605,8 @@ def create_app(
         engine_requests = [
             EngineRequest(request_id=f"{request_id}-{k}", prompt_token_ids=prepared.prompts[k // prepared.n],
                           params=prepared.params[k], logprobs=prepared.logprobs,
-                          processors=prepared.processors[k], ignore_eos=prepared.ignore_eos)
+                          processors=prepared.processors[k], ignore_eos=prepared.ignore_eos,
+                          prompt_logprobs=prepared.logprobs if prepared.echo else None)
             for k in range(sequences)
         ]
         choices = [_Choice(prompt_index=k // prepared.n) for k in range(sequences)]
@@ -609,17 +620,25 @@ def create_app(
                 finished_queue = True
                 queue.leave(sequences)
 
-        def record(index: int, output) -> None:
+        def record(index: int, output):
+            """Add an engine output to its choice; returns it as the client should see it."""
             choice = choices[index]
+            if getattr(output, "prompt_logprobs", None) is not None:
+                choice.prompt_logprobs = output.prompt_logprobs
+            if output.finished:
+                choice.finish_reason = output.finish_reason
+                metrics.observe_finished(prepared.model, output)
+            if prepared.score_only:  # the token generated only to run the prompt is not shown
+                output = dataclasses.replace(output, token_ids=[], text="", logprobs=None, completion_tokens=0,
+                                             finish_reason="length" if output.finished else None)
+                choice.finish_reason = output.finish_reason
             choice.text += output.text
             choice.token_ids.extend(output.token_ids)
             if output.logprobs:
                 choice.logprobs.extend(output.logprobs)
             choice.prompt_tokens, choice.completion_tokens = output.prompt_tokens, output.completion_tokens
             choice.cached_tokens = output.cached_prompt_tokens
-            if output.finished:
-                choice.finish_reason = output.finish_reason
-                metrics.observe_finished(prepared.model, output)
+            return output
 
         async def collect() -> None:
             async for index, output in fanout:
@@ -665,10 +684,21 @@ def create_app(
                 if kind == "chat.completion":  # OpenAI opens every choice with the role alone
                     yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None} for k in range(sequences)])
+                echoed: set[int] = set()
                 item = first
                 while True:
                     index, output = item
-                    record(index, output)
+                    output = record(index, output)
+                    if prepared.echo and index not in echoed:
+                        # The prompt first, with its logprobs, which come with a choice's first output.
+                        echoed.add(index)
+                        choice = choices[index]
+                        lp = None
+                        if prepared.logprobs is not None:
+                            lp = _prompt_logprobs_payload(prepared.prompts[choice.prompt_index],
+                                                          choice.prompt_logprobs, tokenizer)
+                        yield chunk([{"index": index, "text": prepared.prompt_texts[choice.prompt_index],
+                                      "logprobs": lp, "finish_reason": None}])
                     if output.text or output.finished or output.logprobs:
                         entry: dict[str, Any] = {"index": index, "finish_reason": output.finish_reason
                                                  if output.finished else None}
@@ -930,6 +960,26 @@ def _logprobs_payload(kind: str, entries, tokenizer, text_offset: int = 0) -> di
             "text_offset": offsets}
 
 
+def _prompt_logprobs_payload(prompt_ids: Sequence[int], entries, tokenizer) -> dict:
+    """The completions logprobs lists for an echoed prompt: its first token has no logprob
+    (nothing comes before it), as in OpenAI's responses. ``entries`` None: tokens only."""
+    tokens = [_token_text(tokenizer, t) for t in prompt_ids]
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    token_logprobs: list[float | None] = [None] * len(tokens)
+    top: list[dict | None] = [None] * len(tokens)
+    for i, entry in enumerate(entries or []):
+        if entry is not None and i < len(tokens):
+            token_logprobs[i] = _finite(entry.logprob)
+            alternatives: dict[str, float] = {}
+            for tid, lp in entry.top:
+                alternatives.setdefault(_token_text(tokenizer, tid), _finite(lp))
+            top[i] = alternatives
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
 def _finite(value: float) -> float:
     # JSON has no -Infinity; OpenAI reports impossible tokens as -9999.0.
     return float(value) if math.isfinite(value) else -9999.0
@@ -941,8 +991,15 @@ def _full_response(kind: str, request_id: str, prepared: _Prepared, choices: Seq
     out = []
     for index, choice in enumerate(choices):
         lp = None
+        prompt_text = prepared.prompt_texts[choice.prompt_index]
         if prepared.logprobs is not None:
-            lp = _logprobs_payload(kind, choice.logprobs, tokenizer, len(prepared.prompt_texts[choice.prompt_index]))
+            lp = _logprobs_payload(kind, choice.logprobs, tokenizer, len(prompt_text))
+            if prepared.echo:
+                head = _prompt_logprobs_payload(prepared.prompts[choice.prompt_index], choice.prompt_logprobs,
+                                                tokenizer)
+                lp = {key: head[key] + lp[key] for key in lp}
+        if prepared.echo:
+            choice.text = prompt_text + choice.text
         if kind == "chat.completion":
             out.append({"index": index, "message": {"role": "assistant", "content": choice.text, "refusal": None},
                         "logprobs": lp, "finish_reason": choice.finish_reason})
