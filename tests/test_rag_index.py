@@ -328,3 +328,31 @@ def test_format_1_index_is_read_and_converted(tmp_path):
     q = emb.embed(["rotary position angles"])[0]
     assert ranked_ids(old, old.dense_search(q, 3)) == ranked_ids(index, index.dense_search(q, 3))
     assert old.delete("topics.md") == len(chunks) and old.dense_search(q, 3) == [] and old.sparse_search("rotary", 3) == []
+
+
+def test_updates_with_another_model_or_bad_options_are_refused_before_any_change():
+    emb = HashEmbedder()
+    chunks = synthetic_chunks(n_docs=2)
+    index = HybridIndex.build(chunks, emb)
+    before = (len(index.chunks), index.version, index.store.count())
+    other = HashEmbedder("another-model")
+    for update in (lambda: index.add(chunks[:1], other), lambda: index.upsert(chunks[:3], other),
+                   lambda: index.sync([], other)):
+        with pytest.raises(RagIndexError, match="holds vectors of 'hash-bow-64'.*'another-model'"):
+            update()
+    assert (len(index.chunks), index.version, index.store.count()) == before
+    with pytest.raises(RagIndexError, match="nprobe must be >= 1"):
+        HybridIndex.build(chunks, emb, dense="ivf", ivf_nprobe=0)
+    with pytest.raises(RagIndexError, match="ef_search applies to dense='hnsw'"):
+        index.set_search_options(ef_search=64)
+
+
+def test_upsert_matches_duplicates_as_a_multiset():
+    emb = HashEmbedder()
+    a = Chunk("same words here", "docs/dup.md", 0, 15)
+    b = Chunk("other words", "docs/dup.md", 16, 27)
+    index = HybridIndex.build([a, b], emb)
+    # The new version holds `a` twice (e.g. a repeated paragraph) and drops `b`.
+    counts = index.upsert([a, Chunk(**a.to_dict())], emb)
+    assert counts == {"kept": 1, "added": 1, "removed": 1, "embedded": 0}
+    assert [c.text for c in index.chunks] == ["same words here", "same words here"] and index.store.count() == 2

@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol, Sequence
 
@@ -250,6 +250,8 @@ class FaissStore:
             if n < nlist:
                 raise RagIndexError(f"IVF with nlist={nlist} needs at least {nlist} vectors to train its k-means quantizer "
                                     f"(better {IVF_POINTS_PER_LIST * nlist}); got {n}. Use a smaller ivf_nlist, or dense='flat'")
+            if ivf_nprobe is not None and ivf_nprobe < 1:
+                raise RagIndexError(f"IVF nprobe must be >= 1, got {ivf_nprobe}")
             quantizer = faiss.IndexFlatIP(dim)
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(np.ascontiguousarray(vectors, np.float32))
@@ -417,6 +419,8 @@ class HybridIndex:
         self.filtered_exact_limit = FILTERED_EXACT_LIMIT
         self.last_build_embedded = 0
         self._positions: dict[int, int] | None = None
+        # The next id to hand out; it only grows, so a deleted chunk's id is never reused.
+        self.next_id = int(self.ids.max()) + 1 if len(self.ids) else 0
 
     @property
     def faiss_index(self):
@@ -498,18 +502,19 @@ class HybridIndex:
         self._positions = None
         self.version += 1
 
-    def _append(self, chunks: list[Chunk], embedder: Embedder, cache: EmbeddingCache) -> int:
+    def _check_embedder(self, embedder: Embedder) -> None:
+        # Checked before any change, so a refused update leaves the index as it was.
         if embedder.name != self.model:
             raise RagIndexError(f"this index holds vectors of {self.model!r}; chunks cannot be added with {embedder.name!r}")
+
+    def _append(self, chunks: list[Chunk], embedder: Embedder, cache: EmbeddingCache) -> int:
         misses = cache.misses
         vectors = _unit_rows(cache.embed([c.embedding_text for c in chunks], embedder)) if chunks else \
             np.zeros((0, self.embeddings.shape[1]), np.float32)
         if vectors.shape[1] != self.embeddings.shape[1]:
             raise RagIndexError(f"the embedder gives {vectors.shape[1]}-dim vectors; this index holds {self.embeddings.shape[1]}-dim")
-        start = int(self.ids.max()) + 1 if len(self.ids) else 0
-        start = max(start, getattr(self, "_next_id", 0))
-        ids = np.arange(start, start + len(chunks), dtype=np.int64)
-        self._next_id = start + len(chunks)
+        ids = np.arange(self.next_id, self.next_id + len(chunks), dtype=np.int64)
+        self.next_id += len(chunks)
         self.store.add(ids, vectors, chunks)
         self.chunks.extend(chunks)
         self.embeddings = np.concatenate([self.embeddings, vectors]) if len(self.embeddings) else vectors
@@ -519,7 +524,6 @@ class HybridIndex:
     def _drop(self, mask: np.ndarray) -> int:
         if not mask.any():
             return 0
-        self._next_id = max(getattr(self, "_next_id", 0), int(self.ids.max()) + 1)  # never reuse an id
         self.store.remove(self.ids[mask])
         self.chunks = [c for c, gone in zip(self.chunks, mask) if not gone]
         self.embeddings, self.ids = self.embeddings[~mask], self.ids[~mask]
@@ -528,6 +532,7 @@ class HybridIndex:
     def add(self, chunks: Sequence[Chunk], embedder: Embedder, cache: EmbeddingCache | None = None) -> int:
         """Add chunks in place (vectors appended to the store, BM25 re-fitted). Returns how many
         were embedded: chunks whose text the index or `cache` already holds embed nothing."""
+        self._check_embedder(embedder)
         cache = cache if cache is not None else self.embedding_cache()
         embedded = self._append(list(chunks), embedder, cache)
         self._changed()
@@ -549,27 +554,35 @@ class HybridIndex:
         Chunks identical to one already indexed keep their id and vector; the rest of that
         source's old chunks are deleted and the new ones added, embedding only texts not seen
         before. Returns counts: kept, added, removed, embedded."""
+        self._check_embedder(embedder)
         chunks = list(chunks)
         sources = {c.source for c in chunks}
         known = self.embedding_cache()
         if cache is not None:
             known.vectors.update(cache.vectors)
-        new_keys = {json.dumps(c.to_dict(), sort_keys=True) for c in chunks}
+        # Match old and new chunks as multisets of their full contents: an old chunk equal to a
+        # new one stays (id and vector kept); every other old chunk of these sources goes.
+        wanted = Counter(json.dumps(c.to_dict(), sort_keys=True) for c in chunks)
         mask = np.zeros(len(self.chunks), bool)
-        kept = set()
         for pos, c in enumerate(self.chunks):
             if c.source in sources:
                 key = json.dumps(c.to_dict(), sort_keys=True)
-                if key in new_keys and key not in kept:
-                    kept.add(key)
+                if wanted[key] > 0:
+                    wanted[key] -= 1
                 else:
                     mask[pos] = True
-        fresh = [c for c in chunks if json.dumps(c.to_dict(), sort_keys=True) not in kept]
+        fresh = []
+        for c in chunks:
+            key = json.dumps(c.to_dict(), sort_keys=True)
+            if wanted[key] > 0:  # what is left over after matching is new
+                wanted[key] -= 1
+                fresh.append(c)
+        kept = len(chunks) - len(fresh)
         removed = self._drop(mask)
         embedded = self._append(fresh, embedder, known)
         if removed or fresh:
             self._changed()
-        return {"kept": len(kept), "added": len(fresh), "removed": removed, "embedded": embedded}
+        return {"kept": kept, "added": len(fresh), "removed": removed, "embedded": embedded}
 
     def sync(self, paths: Iterable[str | Path] | str | Path, embedder: Embedder, strategy: str = "auto",
              chunk_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -583,6 +596,7 @@ class HybridIndex:
         from .chunking import chunk_document
         from .loaders import load_documents
 
+        self._check_embedder(embedder)
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         files: list[Path] = []
         roots: list[Path] = []
@@ -716,7 +730,7 @@ class HybridIndex:
             (tmp / "chunks.jsonl").write_text("".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in self.chunks))
             manifest = {"format_version": FORMAT_VERSION, "embedding_model": self.model, "dimension": int(self.embeddings.shape[1]),
                         "dense_index": self.dense_kind, "dense_store": dense, "chunks": len(self.chunks),
-                        "next_id": max(getattr(self, "_next_id", 0), int(self.ids.max()) + 1 if len(self.ids) else 0),
+                        "next_id": self.next_id,
                         "file_hashes": self.file_hashes}
             # The manifest is written last: a directory without one is never a finished index.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -761,7 +775,7 @@ class HybridIndex:
             raise RagIndexError(f"{directory}: the {spec['backend']} vector store holds {store.count()} vectors but the index "
                                 f"has {len(chunks)} chunks; it was changed without saving this directory. Rebuild the index.")
         index = cls(chunks, embeddings, model, kind, bm25, store=store, ids=ids, file_hashes=manifest.get("file_hashes"))
-        index._next_id = int(manifest.get("next_id", 0))
+        index.next_id = max(index.next_id, int(manifest.get("next_id", 0)))
         return index
 
     def close(self) -> None:
