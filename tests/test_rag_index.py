@@ -356,3 +356,25 @@ def test_upsert_matches_duplicates_as_a_multiset():
     counts = index.upsert([a, Chunk(**a.to_dict())], emb)
     assert counts == {"kept": 1, "added": 1, "removed": 1, "embedded": 0}
     assert [c.text for c in index.chunks] == ["same words here", "same words here"] and index.store.count() == 2
+
+
+def test_hnsw_deletes_are_tombstones_until_compaction(tmp_path):
+    emb = HashEmbedder()
+    chunks = synthetic_chunks(n_docs=10, items=20)  # 200 chunks in 10 sources of 20
+    index = HybridIndex.build(chunks, emb, dense="hnsw")
+    store = index.store
+    gone = index.chunks[5]
+    q = index.embeddings[5]  # the deleted chunk's own vector: exact search would rank it first
+    assert index.delete(gone.source) == 20
+    # 10% deleted: the graph keeps the nodes as waypoints, results never show them.
+    assert store.index.ntotal == 200 and len(store.tombstones) == 20 and store.count() == 180
+    hits = index.dense_search(q, 10)
+    assert len(hits) == 10 and all(index.chunks[p].source != gone.source for p, _ in hits)
+    index.save(tmp_path / "idx")
+    loaded = HybridIndex.load(tmp_path / "idx", emb)
+    assert len(loaded.store.tombstones) == 20 and loaded.dense_search(q, 10) == hits
+    # Past a quarter of the graph the tombstones are compacted away.
+    loaded.delete([c.source for c in loaded.chunks[:60:20]])  # three more sources: 80 of 200
+    assert loaded.store.index.ntotal == 120 == loaded.store.count() and len(loaded.store.tombstones) == 0
+    # The rebuilt graph finds the exact scores (which of two tied chunks comes first may differ).
+    assert [s for _, s in ranked_ids(loaded, loaded.dense_search(q, 5))] == [s for _, s in exact_dense(loaded, q, 5)]

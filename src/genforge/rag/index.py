@@ -219,16 +219,23 @@ def default_nlist(n: int) -> int:
 
 class FaissStore:
     """A FAISS index holding ids: `IndexIDMap2` over flat or HNSW storage, or an `IndexIVFFlat`
-    (which keeps ids in its inverted lists itself)."""
+    (which keeps ids in its inverted lists itself).
+
+    Flat and IVF delete in place (`remove_ids`). An HNSW graph cannot drop a node, so a deleted
+    HNSW vector becomes a tombstone: it stays in the graph as a waypoint but an id selector keeps
+    it out of results. When tombstones pass a quarter of the graph it is rebuilt from the
+    vectors it stores (no re-embedding), because a graph of mostly dead nodes wastes the search."""
 
     backend = "faiss"
+    COMPACT_FRACTION = 0.25
 
-    def __init__(self, index, kind: str) -> None:
+    def __init__(self, index, kind: str, tombstones: Iterable[int] = ()) -> None:
         import faiss
 
         self.index, self.kind = index, kind
         # The graph degree M is kept so that a rebuilt graph (after deletes) matches the original.
         self.hnsw_m = faiss.downcast_index(index.index).hnsw.nb_neighbors(1) if kind == "hnsw" else None
+        self.tombstones = np.array(sorted(set(int(i) for i in tombstones)), np.int64)
 
     @classmethod
     def create(cls, vectors: np.ndarray, ids: np.ndarray, kind: str, hnsw_m: int = 32, ivf_nlist: int | None = None,
@@ -293,29 +300,45 @@ class FaissStore:
         if self.kind != "hnsw":
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
             return
-        # An HNSW graph cannot drop nodes; rebuild it from the vectors it stores (no re-embedding).
+        self.tombstones = np.union1d(self.tombstones, ids)
+        if len(self.tombstones) > self.COMPACT_FRACTION * self.index.ntotal:
+            self.compact()
+
+    def compact(self) -> None:
+        """Rebuild an HNSW graph without its tombstones."""
+        import faiss
+
+        if self.kind != "hnsw" or not len(self.tombstones):
+            return
         graph = faiss.downcast_index(self.index.index)
         kept_ids = faiss.vector_to_array(self.index.id_map)
-        keep = ~np.isin(kept_ids, ids)
+        keep = ~np.isin(kept_ids, self.tombstones)
         vectors = graph.reconstruct_n(0, graph.ntotal)[keep] if graph.ntotal else np.zeros((0, graph.d), np.float32)
         fresh = faiss.IndexHNSWFlat(graph.d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         fresh.hnsw.efSearch = graph.hnsw.efSearch
         self.index = faiss.IndexIDMap2(fresh)
+        self.tombstones = np.zeros(0, np.int64)
         self.add(kept_ids[keep], vectors, ())
 
     def search(self, query: np.ndarray, k: int, filters=None, allowed_ids: np.ndarray | None = None) -> list[tuple[int, float]]:
         import faiss
 
-        k = min(k, self.index.ntotal)
+        k = min(k, self.count())
         if k <= 0:
             return []
         params = None
+        selector = None
         if allowed_ids is not None:
             if not len(allowed_ids):
                 return []
             # An id selector prunes inside the search itself, so k results come back whenever k
             # chunks pass the filter (over-fetching and filtering afterwards could come up short).
+            # The caller passes live ids only, so tombstones are excluded too.
             selector = faiss.IDSelectorBatch(np.asarray(allowed_ids, np.int64))
+        elif len(self.tombstones):
+            dead = faiss.IDSelectorBatch(self.tombstones)
+            selector = faiss.IDSelectorNot(dead)
+        if selector is not None:
             if self.kind == "ivf":
                 params = faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
             elif self.kind == "hnsw":
@@ -327,19 +350,23 @@ class FaissStore:
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
     def count(self) -> int:
-        return int(self.index.ntotal)
+        """Live vectors (tombstones not counted)."""
+        return int(self.index.ntotal) - len(self.tombstones)
 
     def save(self, directory: Path) -> dict:
         import faiss
 
         faiss.write_index(self.index, str(directory / "dense.faiss"))
-        return {"backend": "faiss", "kind": self.kind}
+        if len(self.tombstones):
+            np.save(directory / "dense_tombstones.npy", self.tombstones, allow_pickle=False)
+        return {"backend": "faiss", "kind": self.kind, "tombstones": len(self.tombstones)}
 
     @classmethod
     def load(cls, directory: Path, spec: dict) -> "FaissStore":
         import faiss
 
-        return cls(faiss.read_index(str(directory / "dense.faiss")), spec["kind"])
+        tombstones = np.load(directory / "dense_tombstones.npy", allow_pickle=False) if spec.get("tombstones") else ()
+        return cls(faiss.read_index(str(directory / "dense.faiss")), spec["kind"], tombstones)
 
     def close(self) -> None:
         pass
