@@ -379,6 +379,10 @@ def test_models_health_and_metrics(client, server):
     assert count and count[0] >= 1
     generated = [s.value for s in families["genforge_generation_tokens"].samples if s.name.endswith("_total")]
     assert generated[0] >= 3
+    answered = {(s.labels["route"], s.labels["status"]): s.value for s in families["genforge_http_requests"].samples
+                if s.name.endswith("_total")}
+    assert answered[("/v1/completions", "200")] >= 1
+    assert all(route.startswith("/v1/") or route in ("unmatched", "/health", "/metrics") for route, _ in answered)
 
 
 # ------------------------------------------------------------------------ keys, limits, queue

@@ -174,9 +174,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 class EmbeddingRequest(_Schema):
     model: NonEmptyStr
-    input: (StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+    # OpenAI's limit: 2048 inputs per request.
+    input: (StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=2048)]
             | Annotated[list[TokenId], Field(min_length=1)]
-            | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+            | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=2048)])
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: StrictStr | None = None
@@ -333,7 +334,7 @@ def create_app(
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, err: OpenAIError):
-        metrics.http_requests.labels(request.url.path, str(err.status)).inc()
+        metrics.http_requests.labels(_route(request), str(err.status)).inc()
         return err.response()
 
     @app.exception_handler(RequestValidationError)
@@ -353,7 +354,7 @@ def create_app(
     async def _fault(request: Request, err: Exception):
         log.exception("internal error on %s", request.url.path)
         error = OpenAIError(500, f"internal server error ({type(err).__name__})", "server_error")
-        metrics.http_requests.labels(request.url.path, "500").inc()
+        metrics.http_requests.labels(_route(request), "500").inc()
         return error.response()
 
     # ------------------------------------------------------------------ admission
@@ -666,7 +667,7 @@ def create_app(
             release()
             await fanout.aclose()
             _check_aborted(choices)
-            metrics.http_requests.labels(request.url.path, "200").inc()
+            metrics.http_requests.labels(_route(request), "200").inc()
             return _full_response(kind, request_id, prepared, choices, tokenizers[prepared.model])
 
         async def events():
@@ -724,7 +725,7 @@ def create_app(
                     yield _sse({"id": request_id, "object": chunk_type, "created": created_at,
                                 "model": prepared.model, "system_fingerprint": None, "choices": [],
                                 "usage": _usage(prepared, choices)})
-                metrics.http_requests.labels(request.url.path, "200").inc()
+                metrics.http_requests.labels(_route(request), "200").inc()
             except OpenAIError as err:
                 yield _sse(err.body())
             except (asyncio.CancelledError, GeneratorExit):
@@ -819,6 +820,13 @@ def _openapi_with_openai_errors(app: FastAPI, served: Mapping[str, Sequence[str]
         return schema
 
     return openapi
+
+
+def _route(request: Request) -> str:
+    """The route template a request matched (``/v1/models/{model_id}``), for metric labels: raw
+    paths would give every probed URL its own time series."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
 
 
 def _inner_engine(engine, model: str):
