@@ -256,6 +256,39 @@ def test_several_prompts_and_token_id_prompts(client, loaded):
     assert by_ids.choices[0].text == done.choices[2].text
 
 
+def test_concurrent_greedy_requests_each_match_the_request_alone(server, loaded):
+    """32 requests of mixed lengths at once through the server: batching changes nothing."""
+    tokenizer = loaded[1]
+    words = _corpus().split()
+    prompts = [" ".join(words[i * 5 : i * 5 + 2 + (i * 7) % 23]) for i in range(32)]
+    limits = [3 + (i * 5) % 17 for i in range(32)]
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        async with client:
+            return await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, max_tokens=n,
+                                                                    temperature=0)
+                                          for p, n in zip(prompts, limits)))
+
+    for prompt, limit, done in zip(prompts, limits, asyncio.run(main())):
+        expected = _reference(loaded, tokenizer.encode(prompt), limit)
+        assert done.choices[0].text == expected.text
+        assert done.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_a_shared_prefix_is_reported_as_cached_tokens(server, loaded):
+    tokenizer = loaded[1]
+    prefix = " ".join(_corpus().split()[:12])  # several 8-token blocks
+    first = server.client().completions.create(model=MODEL, prompt=prefix + " first", max_tokens=4, temperature=0)
+    second = server.client().completions.create(model=MODEL, prompt=prefix + " second", max_tokens=4, temperature=0)
+    shared = len(tokenizer.encode(prefix))
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 8 <= cached <= shared and cached % 8 == 0  # whole blocks of the common prefix
+    alone = _reference(loaded, tokenizer.encode(prefix + " second"), 4)
+    assert second.choices[0].text == alone.text
+    assert first.usage.prompt_tokens_details.cached_tokens < cached
+
+
 # ------------------------------------------------------------------------------------- chat
 
 
@@ -274,6 +307,18 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, loaded):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
     assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
+def test_chat_streams_n_choices_each_opened_by_its_role(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, temperature=1.0, seed=5, n=2, stream=True))
+    roles = {c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"}
+    assert roles == {0, 1}
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5, temperature=1.0, seed=5, n=2)
+    for k in range(2):
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == k)
+        assert text == whole.choices[k].message.content
 
 
 def test_chat_logprobs_shape(client):

@@ -682,9 +682,10 @@ def create_app(
                              "system_fingerprint": None, "choices": choice_list, **usage_field})
 
             try:
-                if kind == "chat.completion":  # OpenAI opens every choice with the role alone
-                    yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None} for k in range(sequences)])
+                if kind == "chat.completion":  # OpenAI opens every choice with the role alone, one chunk each
+                    for k in range(sequences):
+                        yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None}])
                 echoed: set[int] = set()
                 item = first
                 while True:
