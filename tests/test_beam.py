@@ -200,3 +200,25 @@ def test_bad_arguments_are_rejected_before_any_work(kwargs, message, hf_model_di
     arguments = dict(prompt_ids=[3, 4, 5], num_beams=4, max_new_tokens=8) | kwargs
     with pytest.raises(ValueError, match=message):
         beam_search(model, **arguments)
+
+
+def test_stop_strings_end_hypotheses_and_cut_their_text(text_model_dir):
+    from genforge.tokenizer import Tokenizer
+
+    model, tokenizer = load_model(text_model_dir), Tokenizer.from_dir(text_model_dir)
+    prompt = tokenizer.encode("the weather today is", add_special_tokens=False)
+    free = beam_search(model, [prompt], 3, NEW_TOKENS, eos_token_ids=[], tokenizer=tokenizer)[0][0]
+    assert free.finish_reason == "length" and free.text
+    stop = free.text.split()[len(free.text.split()) // 2]
+    stopped = beam_search(model, [prompt], 3, NEW_TOKENS, eos_token_ids=[], tokenizer=tokenizer,
+                          stop_strings=[stop], num_return_sequences=3)[0]
+    for hypothesis in stopped:
+        full = tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True)
+        if hypothesis.finish_reason == "stop":  # ended at the token that completed the stop string
+            assert stop in full and stop not in tokenizer.decode(hypothesis.token_ids[:-1], skip_special_tokens=True)
+            assert stop not in hypothesis.text
+        else:
+            assert len(hypothesis.token_ids) == NEW_TOKENS and stop not in full
+    assert any(h.finish_reason == "stop" for h in stopped)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        beam_search(model, [prompt], 3, 4, stop_strings=["x"])

@@ -231,3 +231,19 @@ def test_draft_models_that_cannot_serve_the_target_are_rejected(target, tiny_pai
 def test_bad_lookup_sizes_are_rejected(kwargs, message, target):
     with pytest.raises(ValueError, match=message):
         prompt_lookup_generate(target, PROMPT, GREEDY_64, **kwargs)
+
+
+def test_stop_strings_cut_text_and_stop_like_generate(text_model_dir):
+    from genforge.tokenizer import Tokenizer
+
+    model, tokenizer = load_model(text_model_dir), Tokenizer.from_dir(text_model_dir)
+    prompt = tokenizer.encode("the weather today is", add_special_tokens=False)
+    free = generate(model, [prompt], SamplingParams(temperature=0, max_new_tokens=24), tokenizer=tokenizer,
+                    eos_token_ids=[])[0]
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
+    params = SamplingParams(temperature=0, max_new_tokens=24, stop=[stop])
+    expected = generate(model, [prompt], params, tokenizer=tokenizer, eos_token_ids=[])[0]
+    for out in (speculative_generate(model, copy.deepcopy(model), prompt, params, tokenizer=tokenizer, eos_token_ids=[]),
+                prompt_lookup_generate(model, prompt, params, tokenizer=tokenizer, eos_token_ids=[])):
+        assert out.finish_reason == "stop" and out.text == expected.text == free.text[: free.text.index(stop)]
+        assert out.token_ids == expected.token_ids

@@ -50,8 +50,8 @@ import torch
 
 from ..cache import ContiguousKVCache
 from ..model import Transformer
-from .generator import as_prompt_lists, end_of_sequence_ids
-from .processors import DecodeContext, LogitsProcessor, apply_processors
+from .generator import as_prompt_lists, continuation_text, end_of_sequence_ids
+from .processors import DecodeContext, LogitBias, LogitsProcessor, apply_processors
 
 __all__ = ["BeamHypothesis", "beam_search"]
 
@@ -68,7 +68,8 @@ class BeamHypothesis:
 
     token_ids: list[int]  # generated tokens (prompt excluded), the eos token included
     score: float  # sum of token log-probabilities / len(token_ids) ** length_penalty
-    finish_reason: str  # "stop" (ended on an eos id) or "length" (reached max_new_tokens)
+    finish_reason: str  # "stop" (an eos id or a stop string) or "length" (reached max_new_tokens)
+    text: str | None = None  # with a tokenizer: the continuation's text, cut before any stop string
 
 
 @dataclass
@@ -126,6 +127,8 @@ def beam_search(
     diversity_penalty: float = 0.0,
     do_sample: bool = False,
     generator: torch.Generator | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
 ) -> list[list[BeamHypothesis]]:
     """Beam search for a batch of prompts (token-id lists, left-padded internally).
 
@@ -137,6 +140,8 @@ def beam_search(
     `do_sample=True` is beam sampling: the candidates are drawn without replacement with
     probability softmax(beam score + log-prob) instead of taken by rank (put the temperature
     and top-k/top-p warpers in `processors`, as transformers does; seed `generator`).
+    `stop_strings` (with `tokenizer`) end a candidate whose generated text comes to contain one,
+    as an eos id would; with a tokenizer each hypothesis also carries its `text`, cut there.
     See the module docstring for the exact semantics.
     """
     prompts = as_prompt_lists(prompt_ids)
@@ -146,6 +151,9 @@ def beam_search(
         model, prompts, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences, eos,
         num_beam_groups, diversity_penalty,
     )
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else [t for t in stop_strings if t]
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to detect them; pass tokenizer=")
     if do_sample and num_beam_groups > 1:
         raise ValueError("beam sampling (do_sample=True) and diverse beam search (num_beam_groups > 1) do not combine; "
                          "use one or the other")
@@ -167,6 +175,17 @@ def beam_search(
     prompt_of_row = list(range(batch))  # original prompt index of each active prompt
     results: list[list[BeamHypothesis] | None] = [None] * batch
 
+    def hits_stop_string(candidate_tokens: torch.Tensor, column: int) -> torch.Tensor:
+        """(prompts, candidates) bool: the candidate's generated text now holds a stop string."""
+        texts = tokenizer.decode_batch(candidate_tokens[:, :, longest : column + 1].reshape(-1, column + 1 - longest)
+                                       .tolist(), skip_special_tokens=True)
+        hit = [any(stop in text for stop in stop_strings) for text in texts]
+        return torch.tensor(hit, device=candidate_tokens.device).view(candidate_tokens.shape[:2])
+
+    stop_check = hits_stop_string if stop_strings else None
+    if tokenizer is not None and tokenizer.vocab_size < config.vocab_size:
+        # Padded embedding rows past the tokenizer have no text; never choose them.
+        processors = [LogitBias.ban(range(tokenizer.vocab_size, config.vocab_size), config.vocab_size), *processors]
     cache = ContiguousKVCache(config, batch, capacity, dtype=model.dtype, device=device)
     with torch.inference_mode():
         # The prompt is run once per prompt, not once per beam; the cache rows are then repeated.
@@ -199,7 +218,7 @@ def beam_search(
                 source_beams.append(
                     _step_group(
                         group, group_log_probs, step, column, max_new_tokens, eos_tensor, num_candidates,
-                        length_penalty, early_stopping, generator if do_sample else None, do_sample,
+                        length_penalty, early_stopping, generator if do_sample else None, do_sample, stop_check,
                     )
                 )
             # Cache row of (prompt, group, beam) is prompt * num_beams + group * group_size + beam.
@@ -215,7 +234,8 @@ def beam_search(
                     done &= _is_settled(group, early_stopping)
             finished_rows = done.nonzero().flatten().tolist()
             for row in finished_rows:
-                results[prompt_of_row[row]] = _best_hypotheses(groups, row, longest, num_return_sequences, eos)
+                results[prompt_of_row[row]] = _best_hypotheses(groups, row, longest, num_return_sequences, eos,
+                                                               tokenizer, stop_strings, prompts[prompt_of_row[row]])
             if len(finished_rows) == active:
                 break
             if finished_rows:
@@ -241,6 +261,7 @@ def _step_group(
     early_stopping: bool | str,
     generator: torch.Generator | None = None,
     do_sample: bool = False,
+    stop_check=None,
 ) -> torch.Tensor:
     """One step of one group (`log_probs`: (prompts, beams, vocab), processed). Updates the
     running beams and the finished pool in place; returns (prompts, beams), the beam each new
@@ -258,6 +279,8 @@ def _step_group(
     candidate_tokens = torch.take_along_dim(group.running_tokens, candidate_beam[:, :, None], dim=1)
     candidate_tokens[:, :, column] = candidate_token
     ends = torch.isin(candidate_token, eos)
+    if stop_check is not None:
+        ends |= stop_check(candidate_tokens, column)
     if step == max_new_tokens - 1:
         ends = torch.ones_like(ends)
 
@@ -321,7 +344,8 @@ def _token_counts(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def _best_hypotheses(
-    groups: list[_BeamGroup], row: int, prompt_columns: int, how_many: int, eos: list[int]
+    groups: list[_BeamGroup], row: int, prompt_columns: int, how_many: int, eos: list[int],
+    tokenizer=None, stop_strings: Sequence[str] = (), prompt: Sequence[int] = (),
 ) -> list[BeamHypothesis]:
     """The best `how_many` real hypotheses of one prompt, over every group's pool."""
     scores = torch.cat([g.finished_scores[row] for g in groups])
@@ -336,7 +360,13 @@ def _best_hypotheses(
             continue
         token_ids = tokens[i, prompt_columns : prompt_columns + int(lengths[i])].tolist()
         reason = "stop" if token_ids[-1] in eos else "length"
-        best.append(BeamHypothesis(token_ids=token_ids, score=float(scores[i]), finish_reason=reason))
+        text = None
+        if tokenizer is not None:
+            text = continuation_text(tokenizer, prompt, token_ids)
+            cuts = [text.find(stop) for stop in stop_strings if stop in text]
+            if cuts:
+                text, reason = text[: min(cuts)], "stop"
+        best.append(BeamHypothesis(token_ids=token_ids, score=float(scores[i]), finish_reason=reason, text=text))
         if len(best) == how_many:
             break
     return best

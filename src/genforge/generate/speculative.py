@@ -51,7 +51,7 @@ import torch
 
 from ..cache import ContiguousKVCache
 from ..model import Transformer
-from .generator import as_prompt_lists, end_of_sequence_ids
+from .generator import as_prompt_lists, end_of_sequence_ids, only_text_tokens, stop_watcher
 from .processors import (
     DecodeContext,
     LogitsProcessor,
@@ -95,8 +95,9 @@ class SpeculativeCompletion:
     """What speculative decoding produced for one prompt."""
 
     token_ids: list[int] = field(default_factory=list)  # generated tokens, stop token included
-    finish_reason: str | None = None  # "stop" (eos or stop token) or "length"
+    finish_reason: str | None = None  # "stop" (eos, stop token or stop string) or "length"
     stats: SpeculativeStats = field(default_factory=SpeculativeStats)
+    text: str | None = None  # with a tokenizer: the continuation's text, cut before any stop string
 
 
 # ------------------------------------------------------------------------------ the tokens
@@ -231,11 +232,13 @@ def speculative_generate(
     *,
     num_draft_tokens: int = 4,
     eos_token_ids: Sequence[int] | None = None,
+    tokenizer=None,
 ) -> SpeculativeCompletion:
     """Generate for one prompt with `draft` proposing `num_draft_tokens` tokens per round and
     `target` verifying them (speculative sampling; module docstring). The output is
     distributed as `generator.generate(target, ...)` with the same `params` (identical tokens
-    for temperature 0). eos ids default to the target config's."""
+    for temperature 0). eos ids default to the target config's. Stop strings and `text` need
+    `tokenizer`."""
     params = params or SamplingParams()
     _check_model(target, "target")
     _check_model(draft, "draft")
@@ -247,11 +250,11 @@ def speculative_generate(
         )
     if draft.device != target.device:
         raise ValueError(f"draft is on {draft.device} but target on {target.device}; put both on one device")
-    prompt, eos, max_new_tokens = _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens)
+    prompt, eos, max_new_tokens = _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens, tokenizer)
     _check_context(draft, "draft", len(prompt), max_new_tokens)
     stats = SpeculativeStats()
     proposer = _DraftModel(draft, len(prompt) + max_new_tokens, stats)
-    return _speculate(target, proposer, prompt, params, num_draft_tokens, eos, max_new_tokens, stats)
+    return _speculate(target, proposer, prompt, params, num_draft_tokens, eos, max_new_tokens, stats, tokenizer)
 
 
 def prompt_lookup_generate(
@@ -263,11 +266,12 @@ def prompt_lookup_generate(
     max_ngram_size: int = 3,
     min_ngram_size: int = 1,
     eos_token_ids: Sequence[int] | None = None,
+    tokenizer=None,
 ) -> SpeculativeCompletion:
     """Generate for one prompt with prompt-lookup (n-gram) drafts of up to `num_draft_tokens`
     tokens, matched on the last `max_ngram_size` down to `min_ngram_size` tokens of the context.
     Same output distribution as `generator.generate(target, ...)` (identical tokens for
-    temperature 0)."""
+    temperature 0). Stop strings and `text` need `tokenizer`."""
     params = params or SamplingParams()
     _check_model(target, "target")
     for name, value in (("max_ngram_size", max_ngram_size), ("min_ngram_size", min_ngram_size)):
@@ -275,10 +279,10 @@ def prompt_lookup_generate(
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if min_ngram_size > max_ngram_size:
         raise ValueError(f"min_ngram_size ({min_ngram_size}) must not exceed max_ngram_size ({max_ngram_size})")
-    prompt, eos, max_new_tokens = _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens)
+    prompt, eos, max_new_tokens = _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens, tokenizer)
     stats = SpeculativeStats()
     proposer = _PromptLookup(max_ngram_size, min_ngram_size, target.config.vocab_size)
-    return _speculate(target, proposer, prompt, params, num_draft_tokens, eos, max_new_tokens, stats)
+    return _speculate(target, proposer, prompt, params, num_draft_tokens, eos, max_new_tokens, stats, tokenizer)
 
 
 def _speculate(
@@ -290,8 +294,12 @@ def _speculate(
     eos: set[int],
     max_new_tokens: int,
     stats: SpeculativeStats,
+    tokenizer=None,
 ) -> SpeculativeCompletion:
     config, device = target.config, target.device
+    watcher = stop_watcher(tokenizer, params, prompt)
+    text: list[str] = []
+    params = only_text_tokens(params, config.vocab_size, tokenizer)
     processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size)
     rule = _TokenRule(params, processors, len(prompt), device)
     cache = ContiguousKVCache(config, 1, len(prompt) + max_new_tokens, dtype=target.dtype, device=device)
@@ -323,14 +331,19 @@ def _speculate(
             new_tokens = drafts[:accepted] + [next_token]
             for token in new_tokens:
                 generated.append(token)
-                if token in eos:
+                piece, hit_stop = watcher.push(token)
+                text.append(piece)
+                if token in eos or hit_stop:
                     completion.finish_reason = "stop"
-                    break
-                if len(generated) == max_new_tokens:
+                elif len(generated) == max_new_tokens:
                     completion.finish_reason = "length"
+                if completion.finish_reason:
+                    if not hit_stop:
+                        text.append(watcher.flush())
                     break
             stats.generated = len(generated)
             if completion.finish_reason:
+                completion.text = "".join(text) if tokenizer is not None else None
                 return completion
             tokens = torch.cat((tokens, tokens.new_tensor(new_tokens)))
             # Roll back past the first rejected draft; the new target token is not cached yet.
@@ -378,7 +391,7 @@ def _check_context(model: Transformer, role: str, prompt_length: int, max_new_to
         )
 
 
-def _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens) -> tuple[list[int], set[int], int]:
+def _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens, tokenizer) -> tuple[list[int], set[int], int]:
     """Validate everything about one request before any compute; returns the prompt, the end
     token ids and the number of tokens to generate."""
     if not isinstance(params, SamplingParams):
@@ -393,10 +406,8 @@ def _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens) 
     bad = [t for t in prompt if not isinstance(t, Integral) or not 0 <= t < config.vocab_size]
     if bad:
         raise ValueError(f"the prompt has token ids outside the vocabulary (0..{config.vocab_size - 1}): {bad[:5]}")
-    if params.stop:
-        raise ValueError(
-            "stop strings need a tokenizer, and speculative decoding works on token ids only; use stop_token_ids"
-        )
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to detect them; pass tokenizer=")
     eos = end_of_sequence_ids(config, override=eos_token_ids) | set(params.stop_token_ids)
     bad_eos = sorted(t for t in eos if not 0 <= t < config.vocab_size)
     if bad_eos:
