@@ -182,6 +182,23 @@ def seeds_part(rounds: int, depth: int, k: int) -> dict:
         }
         same = sum([p for p, _ in dense(q)] == [p for p, _ in dense(q, lite)] for q in QUERIES)
         lite.close()
+    # Incremental updates against the same corpus: one edited chunk in one file, then a whole
+    # file deleted, each timed (BM25 re-fit included) next to what a full rebuild costs.
+    source = chunks[len(chunks) // 2].source
+    edited = [c for c in chunks if c.source == source]
+    edited[0] = type(edited[0])(**{**edited[0].to_dict(), "text": edited[0].text + " (revised)"})
+    t = time.perf_counter()
+    counts = index.upsert(edited, embedder)
+    upsert_s = time.perf_counter() - t
+    t = time.perf_counter()
+    removed = index.delete(source)
+    delete_s = time.perf_counter() - t
+    result["incremental_updates"] = {
+        "upsert one file, one chunk edited": {"ms": round(upsert_s * 1e3, 1), "chunks_in_file": len(edited),
+                                              "embedded": counts["embedded"]},
+        "delete one file": {"ms": round(delete_s * 1e3, 1), "chunks_removed": removed},
+        "full build, for comparison": {"ms": round(build_s * 1e3, 1), "embedded": n},
+    }
     cached = HybridIndex.build(chunks, embedder, cache=index.embedding_cache())
     vectors: dict[str, np.ndarray] = {}
 
@@ -274,6 +291,10 @@ def markdown(result: dict) -> str:
                 f"dense top-k for {s['faiss_vs_milvus_same_top_k']} queries.", "",
                 "| query | p50 ms | p99 ms | mean ms |", "|---|---|---|---|"]
         out += [f"| {name} | {v['p50_ms']} | {v['p99_ms']} | {v['mean_ms']} |" for name, v in s["query_latency"].items()]
+    if s:
+        out += ["", "| incremental update (seeds index) | ms | detail |", "|---|---|---|"]
+        for name, v in s["incremental_updates"].items():
+            out.append(f"| {name} | {v['ms']} | {', '.join(f'{k}={x}' for k, x in v.items() if k != 'ms')} |")
     sc = result.get("scale")
     if sc:
         out += ["", f"Scale: {sc['n']:,} synthetic {sc['dim']}-dim unit vectors ({sc['data']}), "
