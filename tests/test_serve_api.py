@@ -341,10 +341,11 @@ def test_response_format_json_schema_is_valid_json(client):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
               "required": ["ok", "color"], "additionalProperties": False}
     done = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "answer"}], max_tokens=48, temperature=0,
+        model=MODEL, messages=[{"role": "user", "content": "answer"}], max_tokens=48, temperature=1.0, seed=1, n=3,
         response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
-    assert done.choices[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(done.choices[0].message.content), schema)
+    for choice in done.choices:  # each sequence has its own grammar state
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), schema)
     loose = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "answer"}], max_tokens=48, temperature=1.0, seed=3,
         response_format={"type": "json_object"})

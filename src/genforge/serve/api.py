@@ -468,11 +468,11 @@ def create_app(
         except ValueError as err:  # ChatTemplateError: the template refused the conversation
             raise _bad(f"the chat template cannot render these messages: {err}", "messages") from None
         prompt = tokenizer.encode(text, add_special_tokens=False)
-        processors_for = None
+        constraints = None
         if body.response_format is not None and body.response_format.type != "text":
-            processors_for = await _response_format(model, body.response_format)
+            constraints = await _response_format(model, body.response_format, body.n)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        prepared = await _prepare(model, body, [prompt], [text], logprobs, processors_for, "messages")
+        prepared = await _prepare(model, body, [prompt], [text], logprobs, constraints, "messages")
         return await run("chat.completion", prepared, request)
 
     @app.post("/v1/embeddings")
@@ -508,7 +508,8 @@ def create_app(
 
     # ------------------------------------------------------------------ preparation
 
-    async def _response_format(model: str, response_format: ResponseFormat):
+    async def _response_format(model: str, response_format: ResponseFormat, count: int) -> list:
+        """``count`` JSON-schema constraints, one per sequence: each keeps its own grammar state."""
         from ..generate.constrained import JsonSchemaConstraint
 
         if response_format.type == "json_object":
@@ -520,15 +521,16 @@ def create_app(
         tokenizer = tokenizers[model]
 
         def build():
-            return JsonSchemaConstraint(schema, tokenizer, eos_token_ids=eos[model])
+            return [JsonSchemaConstraint(schema, tokenizer, eos_token_ids=eos[model]) for _ in range(count)]
 
         try:  # compiling the grammar (and, the first time, the token trie) takes a while: not on the loop
-            await asyncio.to_thread(build)
+            return await asyncio.to_thread(build)
         except ValueError as err:
             raise _bad(f"response_format cannot be used: {err}", "response_format") from None
-        return build  # a constraint keeps per-sequence state, so each sequence gets its own
 
-    async def _prepare(model, body, prompts, texts, logprobs, processors_for, prompt_param) -> _Prepared:
+    async def _prepare(model, body, prompts, texts, logprobs, constraints, prompt_param) -> _Prepared:
+        """Validate and turn a request into per-sequence engine parameters; ``constraints``:
+        one logits processor per sequence (``response_format``), or None."""
         limit = context[model]
         vocabulary = len(tokenizers[model])
         for i, ids in enumerate(prompts):
@@ -585,7 +587,7 @@ def create_app(
                     ))
                 except ValueError as err:
                     raise _bad(str(err)) from None
-                processors.append([processors_for()] if processors_for is not None else [])
+                processors.append([constraints[len(processors)]] if constraints is not None else [])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream_options is not None and not body.stream:
             raise _bad("stream_options is only allowed with stream: true", "stream_options")
