@@ -163,8 +163,10 @@ def test_ivf_with_too_few_vectors_falls_back_or_explains():
     assert index.dense_kind == "flat"
     with pytest.raises(RagIndexError, match="too few to train an IVF quantizer.*use dense='flat'"):
         HybridIndex.build(chunks, emb, dense="ivf", ivf_fallback=False)
+    calls = len(emb.calls)
     with pytest.raises(RagIndexError, match="nlist=10 needs at least 10 vectors"):
         HybridIndex.build(chunks, emb, dense="ivf", ivf_nlist=10)
+    assert len(emb.calls) == calls  # refused before any embedding work
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])

@@ -140,8 +140,12 @@ def test_bad_uris_and_filter_expressions():
         with pytest.raises(RagIndexError, match="ending in .db"):
             check_uri(bad)
     assert check_uri("http://milvus:19530") == "http://milvus:19530"
+    emb = HashEmbedder()
     with pytest.raises(RagIndexError, match="needs milvus_uri"):
-        HybridIndex.build(synthetic_chunks(n_docs=1), HashEmbedder(), backend="milvus")
+        HybridIndex.build(synthetic_chunks(n_docs=1), emb, backend="milvus")
+    with pytest.raises(RagIndexError, match="'vectors.sqlite' is not accepted"):
+        HybridIndex.build(synthetic_chunks(n_docs=1), emb, backend="milvus", milvus_uri="vectors.sqlite")
+    assert emb.calls == []  # refused before any embedding work
     # Strings are quoted with escapes; JSON keys with "in" become or-ed equalities.
     assert filter_expression({"source": ('a"b\\c', "d"), "item": (1, 2), "flag": (True,)}) == (
         'source in ["a\\"b\\\\c", "d"] and (metadata["item"] == 1 or metadata["item"] == 2) and (metadata["flag"] == true)')

@@ -469,9 +469,9 @@ class HybridIndex:
 
         `cache` (e.g. `old_index.embedding_cache()`) supplies vectors for chunks whose text has not
         changed. `dense` is flat, hnsw or ivf; for ivf, `ivf_nlist` defaults to sqrt(n) capped so
-        each cell trains on >= 39 vectors, and `ivf_nprobe` to nlist/8. A corpus too small to
-        train even one cell per 39 vectors falls back to exact search with a warning
-        (`ivf_fallback=False` raises instead). `backend="milvus"` keeps the vectors in Milvus at
+        each cell trains on >= 39 vectors, and `ivf_nprobe` to nlist/8. Fewer than 78 chunks (two
+        cells of 39) fall back to exact search with a warning (`ivf_fallback=False` raises
+        instead). Options are checked before anything is embedded. `backend="milvus"` keeps the vectors in Milvus at
         `milvus_uri`: a path ending in `.db` (Milvus Lite, no server) or `http(s)://host:19530`."""
         if dense not in DENSE_KINDS:
             raise RagIndexError(f"dense index kind {dense!r} is not supported; accepted: {', '.join(DENSE_KINDS)}")
@@ -482,9 +482,19 @@ class HybridIndex:
                                 "or a server URI such as http://localhost:19530")
         if hnsw_m < 2:
             raise RagIndexError(f"hnsw_m (graph degree) must be >= 2, got {hnsw_m}")
+        if backend == "milvus":
+            from .milvus import check_uri
+
+            check_uri(milvus_uri)
         chunks = list(chunks)
         if not chunks:
             raise RagIndexError("no chunks to index; load and chunk at least one readable document first")
+        if ivf_nprobe is not None and ivf_nprobe < 1:
+            raise RagIndexError(f"IVF nprobe must be >= 1, got {ivf_nprobe}")
+        if dense == "ivf" and ivf_nlist is not None and not 1 <= ivf_nlist <= len(chunks):
+            raise RagIndexError(f"IVF with nlist={ivf_nlist} needs at least {ivf_nlist} vectors to train its k-means "
+                                f"quantizer (better {IVF_POINTS_PER_LIST * ivf_nlist}); got {len(chunks)}. "
+                                "Use a smaller ivf_nlist, or dense='flat'")
         if dense == "ivf" and ivf_nlist is None and len(chunks) < 2 * IVF_POINTS_PER_LIST:
             message = (f"{len(chunks)} chunks are too few to train an IVF quantizer (at least {2 * IVF_POINTS_PER_LIST} "
                        "give two cells of 39); exact search is as fast at this size")
