@@ -454,6 +454,32 @@ def test_api_keys_and_rate_limit(loaded):
         good.models.list()
 
 
+def test_limits_building_blocks():
+    from genforge.serve.limits import AdmissionQueue, KeyChecker, TokenBucketLimiter, parse_rate_limit
+
+    assert parse_rate_limit("60/min").rate == pytest.approx(1.0)
+    assert parse_rate_limit("5/s", burst=2).capacity == 2
+    assert parse_rate_limit("120").per_seconds == 60.0  # a bare number is per minute
+    for bad in ("fast", "10/fortnight", "0/s", "-3/min"):
+        with pytest.raises(ValueError, match="rate limit"):
+            parse_rate_limit(bad)
+    clock = [0.0]
+    bucket = TokenBucketLimiter(parse_rate_limit("2/s", burst=3), clock=lambda: clock[0])
+    assert [bucket.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.acquire("a") == pytest.approx(0.5)  # empty: the next token comes in half a second
+    clock[0] = 0.5
+    assert bucket.acquire("a") == 0.0 and bucket.acquire("b") == 0.0
+    keys = KeyChecker(["alpha", "beta"])
+    assert keys.check("Bearer beta") == "beta" and keys.check("bearer  alpha ") == "alpha"
+    assert keys.check("Bearer gamma") is None and keys.check("Basic alpha") is None and keys.check(None) is None
+    queue = AdmissionQueue(3)
+    assert queue.try_enter(2) and not queue.try_enter(2) and queue.try_enter(1)
+    queue.leave(3)
+    assert queue.in_flight == 0
+    with pytest.raises(ValueError):
+        AdmissionQueue(0)
+
+
 def test_full_queue_is_429(loaded):
     app = create_app(_engine(loaded), tokenizers={MODEL: loaded[1]}, max_queue=2)
     with LiveServer(app) as live:
@@ -533,8 +559,12 @@ def test_graceful_shutdown_finishes_in_flight_requests(loaded):
 def test_embeddings_match_the_sentence_encoder(loaded):
     from genforge.encoder import SentenceEncoder
 
+    from genforge.rag.index import EncoderEmbedder
+
     encoder = SentenceEncoder()
-    app = create_app(_engine(loaded), tokenizers={MODEL: loaded[1]}, embedding_models={"minilm": encoder})
+    rag_embedder = EncoderEmbedder(max_tokens=16)  # the RAG index's embedder, with a shorter window
+    app = create_app(_engine(loaded), tokenizers={MODEL: loaded[1]},
+                     embedding_models={"minilm": encoder, "rag": rag_embedder})
     with LiveServer(app) as live:
         client = live.client()
         texts = ["a cat sat on the mat", "retrieval needs embeddings"]
@@ -545,6 +575,9 @@ def test_embeddings_match_the_sentence_encoder(loaded):
         assert done.usage.prompt_tokens == sum(len(ids) for ids in encoder.tokenizer.encode_batch(texts))
         floats = client.embeddings.create(model="minilm", input="one", encoding_format="float")
         assert len(floats.data[0].embedding) == encoder.dimension
+        long_text = ["a sentence long enough to be cut at sixteen tokens by the retrieval embedder " * 2]
+        via_rag = client.embeddings.create(model="rag", input=long_text, encoding_format="float")
+        assert via_rag.data[0].embedding == pytest.approx(rag_embedder.embed(long_text)[0].tolist(), abs=1e-6)
         with pytest.raises(openai.NotFoundError):
             client.embeddings.create(model=MODEL, input="x")
         with pytest.raises(openai.BadRequestError):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -293,7 +294,7 @@ def create_app(
     (None: unbounded). ``request_timeout``: seconds a request may take (None: no limit).
     ``max_model_len`` and ``eos_token_ids`` default to what each engine reports.
     """
-    embedding_models = dict(embedding_models or {})
+    embedding_models = {name: _Embedder.of(name, encoder) for name, encoder in (embedding_models or {}).items()}
     generation_models = list(engine.models)
     missing = [m for m in generation_models if m not in tokenizers]
     if missing:
@@ -482,7 +483,7 @@ def create_app(
             served = ", ".join(embedding_models) or "none"
             raise OpenAIError(404, f"the embedding model {body.model!r} does not exist{hint}; served: {served}",
                               "not_found_error", "model", "model_not_found")
-        encoder = embedding_models[body.model]
+        encoder: _Embedder = embedding_models[body.model]
         inputs = body.input
         if isinstance(inputs, str):
             texts = [inputs]
@@ -497,7 +498,7 @@ def create_app(
                        "cannot be served (omit it)", "dimensions")
         usage = sum(len(ids) for ids in encoder.tokenizer.encode_batch(texts))
         async with embed_lock:  # one forward pass at a time: the encoder is not thread-safe
-            vectors = await asyncio.to_thread(lambda: np.asarray(encoder.encode(texts), dtype=np.float32))
+            vectors = await asyncio.to_thread(encoder.embed, texts)
         data = []
         for i, row in enumerate(vectors):
             value = base64.b64encode(row.tobytes()).decode() if body.encoding_format == "base64" else row.tolist()
@@ -825,6 +826,29 @@ def _openapi_with_openai_errors(app: FastAPI, served: Mapping[str, Sequence[str]
     return openapi
 
 
+@dataclass
+class _Embedder:
+    """One shape for the two kinds of embedding model: ``genforge.encoder.SentenceEncoder``
+    (``encode`` -> tensor) and ``genforge.rag.index.EncoderEmbedder`` (``embed`` -> array)."""
+
+    model: Any
+    tokenizer: Any
+    dimension: int
+
+    @classmethod
+    def of(cls, name: str, model: Any) -> _Embedder:
+        tokenizer = getattr(model, "tokenizer", None) or getattr(getattr(model, "encoder", None), "tokenizer", None)
+        if tokenizer is None or not (hasattr(model, "encode") or hasattr(model, "embed")):
+            raise ValueError(f"embedding model {name!r} must be a genforge SentenceEncoder or EncoderEmbedder "
+                             f"(encode/embed and a tokenizer), got {type(model).__name__}")
+        return cls(model, tokenizer, int(model.dimension))
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if hasattr(self.model, "encode"):
+            return np.asarray(self.model.encode(texts), dtype=np.float32)
+        return np.asarray(self.model.embed(texts), dtype=np.float32)
+
+
 def _route(request: Request) -> str:
     """The route template a request matched (``/v1/models/{model_id}``), for metric labels: raw
     paths would give every probed URL its own time series."""
@@ -919,8 +943,6 @@ def _check_aborted(choices: Sequence[_Choice]) -> None:
 
 
 def _sse(payload: dict) -> str:
-    import json
-
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 

@@ -75,6 +75,9 @@ def cmd_serve(args) -> int:
                                    engine_options=engine_options, api_keys=keys, rate_limit=rate_limit,
                                    max_queue=args.max_queue, request_timeout=args.timeout,
                                    drain_timeout=args.drain_timeout)
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning: listening on {args.host} without API keys: anyone who can reach the port "
+                      "can use the models (--api-key or GENFORGE_API_KEYS)[/yellow]")
     console.print(f"serving {', '.join([*models, *embedders])} on http://{args.host}:{args.port}/v1 "
                   f"({'API keys required' if keys else 'no API key needed'}); Ctrl-C or SIGTERM drains and stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
