@@ -656,6 +656,10 @@ def test_bench_statistics_on_known_records():
     assert summary["ttft"]["p50_ms"] == pytest.approx(200.0)
     assert summary["itl"]["p50_ms"] == pytest.approx(25.0)
     assert summary["e2e"]["p99_ms"] == pytest.approx(300 + 0.99 * 200)  # linear interpolation
+    traced = RequestRecord.from_token_times(1.0, [1.1, 1.12, 1.15, 1.5], prompt_tokens=7)
+    assert traced.ttft == pytest.approx(0.1) and traced.e2e == pytest.approx(0.5)
+    assert traced.itl == pytest.approx([0.02, 0.03, 0.35]) and traced.tpot == pytest.approx(0.4 / 3)
+    assert not RequestRecord.from_token_times(1.0, []).ok
     offsets = poisson_offsets(4000, rate=20.0, seed=1)
     gaps = torch.diff(torch.tensor([0.0, *offsets]))
     assert gaps.mean().item() == pytest.approx(1 / 20, rel=0.05) and (gaps >= 0).all()

@@ -52,6 +52,16 @@ class RequestRecord:
     ok: bool = False
     error: str | None = None
 
+    @classmethod
+    def from_token_times(cls, arrival: float, token_times: Sequence[float], prompt_tokens: int = 0) -> RequestRecord:
+        """A record from when a request arrived and when each of its tokens appeared (same clock),
+        as an in-process benchmark sees them; a request with no tokens counts as failed."""
+        if not token_times:
+            return cls(prompt_tokens=prompt_tokens, error="no tokens")
+        times = list(token_times)
+        return cls(prompt_tokens=prompt_tokens, output_tokens=len(times), ttft=times[0] - arrival,
+                   itl=[b - a for a, b in zip(times, times[1:])], e2e=times[-1] - arrival, ok=True)
+
     @property
     def tpot(self) -> float | None:
         if not self.ok or self.ttft is None or self.e2e is None or self.output_tokens < 2:
