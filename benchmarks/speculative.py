@@ -1,0 +1,219 @@
+"""Speculative decoding on trained models: genforge against transformers' assisted generation.
+
+Random weights make speculation meaningless (a random draft never agrees with a random
+target), so this script first trains its own pair with genforge's trainer on the Python
+standard library's source, which is on every machine: a byte-level BPE tokenizer, a target
+(6 layers, d=384) and a draft (2 layers, d=128) over the same tokenizer. The models are
+cached under --cache, so later runs go straight to the measurement.
+
+Then, for held-out prompts (the first tokens of stdlib files not trained on), greedy
+continuations are timed in the same process, alternating:
+
+- genforge: the target alone (`generate`), speculative decoding with the draft for several
+  k, and prompt lookup;
+- transformers: the target alone (`generate`), assisted generation with the same draft
+  (`assistant_model`, `num_assistant_tokens`, constant schedule) and prompt lookup
+  (`prompt_lookup_num_tokens`).
+
+Greedy outputs must be identical to the target's own (checked). Reported: tokens/s, speedup
+over the same library's target-alone run, acceptance rate and tokens per target forward.
+
+    python benchmarks/speculative.py     # writes benchmarks/results/speculative.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from genforge.checkpoint import load_model
+from genforge.config import Config
+from genforge.generate.generator import generate
+from genforge.generate.processors import SamplingParams
+from genforge.generate.speculative import prompt_lookup_generate, speculative_generate
+from genforge.model import Transformer
+from genforge.tokenizer import Tokenizer
+from genforge.train import TokenDataset, TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SIZES = {
+    "target": dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1024),
+    "draft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384),
+}
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
+
+
+def train_tokenizer(files: list[Path], directory: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator((f.read_text(encoding="utf-8", errors="replace") for f in files), trainer)
+    tokenizer = Tokenizer(backend, {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
+    tokenizer.save(directory)
+    return tokenizer
+
+
+def train(name: str, tokenizer: Tokenizer, ids: list[int], out: Path, steps: int) -> Path:
+    config = Config(family="llama", vocab_size=tokenizer.vocab_size, max_position_embeddings=512,
+                    eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **SIZES[name])
+    torch.manual_seed(0)
+    model = Transformer(config)
+    run = TrainConfig(out_dir=out / f"{name}-run", max_steps=steps, batch_size=16, lr=2e-3, warmup_steps=steps // 20,
+                      eval_every=0, save_every=0, progress=True)
+    split = int(len(ids) * 0.98)
+    result = Trainer(model, TokenDataset(ids[:split], 256), run, val_data=TokenDataset(ids[split:], 256),
+                     tokenizer=tokenizer).train()
+    final = result.evals[-1] if result.evals else {}
+    print(f"{name}: val loss {final.get('val_loss', float('nan')):.3f} after {steps} steps", flush=True)
+    return result.export_dir
+
+
+def prepare(cache: Path, steps: dict[str, int]) -> tuple[Path, Path]:
+    target_dir, draft_dir = cache / "target-run" / "model", cache / "draft-run" / "model"
+    if target_dir.exists() and draft_dir.exists():
+        return target_dir, draft_dir
+    files = stdlib_files()
+    training = files[: int(len(files) * 0.9)]
+    cache.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(training, cache / "tokenizer")
+    ids: list[int] = []
+    for f in training:
+        ids += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+        ids.append(tokenizer.eos_token_id)
+    print(f"training on {len(ids):,} tokens of stdlib source", flush=True)
+    return train("target", tokenizer, ids, cache, steps["target"]), train("draft", tokenizer, ids, cache, steps["draft"])
+
+
+def held_out_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
+    files = stdlib_files()
+    held_out = files[int(len(files) * 0.9):]
+    prompts = []
+    for f in held_out:
+        ids = tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
+        if len(ids) >= length:
+            prompts.append(ids[:length])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def timed(function) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function()
+    return time.perf_counter() - start, result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default=str(ROOT / ".cache" / "speculative"), help="where the trained pair is kept")
+    parser.add_argument("--target-steps", type=int, default=600)
+    parser.add_argument("--draft-steps", type=int, default=600)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--ks", default="2,4,6")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "speculative"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    target_dir, draft_dir = prepare(Path(args.cache), {"target": args.target_steps, "draft": args.draft_steps})
+    tokenizer = Tokenizer.from_dir(target_dir)
+    target, draft = load_model(target_dir).eval(), load_model(draft_dir).eval()
+    hf_target = transformers.AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    hf_draft = transformers.AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+    prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_len)
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens)
+    ks = [int(k) for k in args.ks.split(",")]
+
+    def hf(prompt, **kwargs):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = hf_target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     eos_token_id=None, pad_token_id=0, **kwargs)
+        return out[0, len(prompt):].tolist()
+
+    systems = {
+        "genforge target alone": lambda p: (generate(target, [p], params, eos_token_ids=[])[0].token_ids, None),
+        **{f"genforge speculative k={k}": (lambda p, k=k: _spec(speculative_generate(
+            target, draft, p, params, num_draft_tokens=k, eos_token_ids=[]))) for k in ks},
+        "genforge prompt lookup k=10": lambda p: _spec(prompt_lookup_generate(target, p, params, eos_token_ids=[])),
+        "transformers target alone": lambda p: (hf(p), None),
+        **{f"transformers assisted k={k}": (lambda p, k=k: (hf(p, assistant_model=hf_draft), None)) for k in ks},
+        "transformers prompt lookup k=10": lambda p: (hf(p, prompt_lookup_num_tokens=10), None),
+    }
+    totals = {name: 0.0 for name in systems}
+    stats = {name: [] for name in systems}
+    reference = {}
+    for i, prompt in enumerate(prompts):
+        for name, run in systems.items():
+            if name.startswith("transformers assisted"):
+                k = int(name.rsplit("=", 1)[1])
+                hf_draft.generation_config.num_assistant_tokens = k
+                hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
+                hf_draft.generation_config.assistant_confidence_threshold = 0.0
+            seconds, (tokens, stat) = timed(lambda: run(prompt))
+            totals[name] += seconds
+            if stat:
+                stats[name].append(stat)
+            expected = reference.setdefault(i, tokens)
+            if tokens != expected:
+                print(f"warning: {name} differs from the target's greedy output on prompt {i}", flush=True)
+        print(f"prompt {i + 1}/{len(prompts)} done", flush=True)
+
+    generated = args.new_tokens * len(prompts)
+    rows = []
+    for name in systems:
+        library = name.split()[0]
+        base = totals[f"{library} target alone"]
+        entry = {"system": name, "tokens_per_s": generated / totals[name], "speedup": base / totals[name]}
+        if stats[name]:
+            entry["acceptance_rate"] = statistics.mean(s["acceptance_rate"] for s in stats[name])
+            entry["tokens_per_target_forward"] = statistics.mean(s["tokens_per_target_forward"] for s in stats[name])
+        rows.append(entry)
+    results = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, torch "
+                          f"{torch.__version__}, transformers {transformers.__version__}",
+               "setup": f"{len(prompts)} held-out stdlib prompts of {args.prompt_len} tokens, {args.new_tokens} greedy "
+                        f"tokens; target {SIZES['target']}, draft {SIZES['draft']}", "rows": rows}
+    lines = [f"Machine: {results['machine']}. {results['setup']}.", "",
+             "| system | tokens/s | speedup over own target alone | acceptance | tokens per target forward |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r.get('acceptance_rate', float('nan')):.2f} | {r.get('tokens_per_target_forward', float('nan')):.2f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _spec(completion):
+    s = completion.stats
+    return completion.token_ids, {"acceptance_rate": s.acceptance_rate,
+                                  "tokens_per_target_forward": s.tokens_per_target_forward}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
