@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import random
 import sys
@@ -34,8 +33,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from genforge.serve.bench import RequestRecord, markdown_report, poisson_offsets, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -63,13 +63,8 @@ def make_workload(num: int, rate: float, input_len: int, output_len: int, range_
     def length(mean: int) -> int:
         return rng.randint(max(1, int(mean * (1 - range_ratio))), max(1, int(mean * (1 + range_ratio))))
 
-    arrivals, now = [], 0.0
-    for _ in range(num):
-        arrivals.append(now)
-        if math.isfinite(rate):
-            now += rng.expovariate(rate)
     prompts = [[rng.randrange(vocab) for _ in range(length(input_len))] for _ in range(num)]
-    return Workload(arrivals, prompts, [length(output_len) for _ in range(num)])
+    return Workload(poisson_offsets(num, rate, seed), prompts, [length(output_len) for _ in range(num)])
 
 
 # ------------------------------------------------------------------------------ systems
@@ -152,26 +147,12 @@ def run_sequential(hf_model, workload: Workload) -> Trace:
 
 
 # ---------------------------------------------------------------------------- metrics
-def summarize(trace: Trace) -> dict:
-    """vLLM's serving metrics from per-token timestamps."""
-    ttft, tpot, itl, e2e = [], [], [], []
-    for arrival, times in zip(trace.arrival, trace.token_times):
-        ttft.append(times[0] - arrival)
-        e2e.append(times[-1] - arrival)
-        if len(times) > 1:
-            tpot.append((times[-1] - times[0]) / (len(times) - 1))
-            itl.extend(np.diff(times).tolist())
-    makespan = max(t[-1] for t in trace.token_times) - min(trace.arrival)
-    tokens = sum(len(t) for t in trace.token_times)
-
-    def pct(values, q):
-        return float(np.percentile(values, q) * 1000) if values else float("nan")
-
-    result = {"requests": len(trace.arrival), "output_tokens": tokens, "duration_s": makespan,
-              "request_throughput": len(trace.arrival) / makespan, "output_tokens_per_s": tokens / makespan}
-    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
-        result[f"{name}_p50_ms"], result[f"{name}_p99_ms"] = pct(values, 50), pct(values, 99)
-    return result
+def summarize_trace(trace: Trace, workload: Workload) -> dict:
+    """vLLM's serving metrics (genforge.serve.bench.summarize) from per-token timestamps."""
+    records = [RequestRecord.from_token_times(arrival, times, len(prompt))
+               for arrival, times, prompt in zip(trace.arrival, trace.token_times, workload.prompts)]
+    duration = max(t[-1] for t in trace.token_times) - min(trace.arrival)
+    return summarize(records, duration)
 
 
 # -------------------------------------------------------------------------------- main
@@ -188,19 +169,14 @@ def default_model_dir(tmp: Path, seed: int) -> Path:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}; model: {results['model']}; {results['workload']}", "",
-             "| rate (req/s) | system | out tok/s | req/s | TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms "
-             "| e2e p50/p99 ms | genforge / system |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    runs = []
     for rate, systems in results["runs"].items():
         ours = systems["genforge"]["output_tokens_per_s"]
-        for name, r in systems.items():
-            lines.append(
-                f"| {rate} | {name} | {r['output_tokens_per_s']:.0f} | {r['request_throughput']:.2f} "
-                f"| {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f} "
-                f"| {r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['e2e_p50_ms']:.0f} / {r['e2e_p99_ms']:.0f} "
-                f"| {ours / r['output_tokens_per_s']:.2f}x |")
-    return "\n".join(lines) + "\n"
+        for name, summary in systems.items():
+            ratio = ours / summary["output_tokens_per_s"]
+            runs.append({**summary, "rate": rate, "label": f"{name} (genforge {ratio:.2f}x)"})
+    header = f"Machine: {results['machine']}. Model: {results['model']}. Workload: {results['workload']}.\n\n"
+    return header + markdown_report(runs, title="genforge engine vs static batching vs one at a time")
 
 
 def main(argv=None) -> int:
@@ -252,9 +228,9 @@ def main(argv=None) -> int:
                 trace = run_sequential(theirs, workload)
             else:
                 parser.error(f"unknown system {name!r}; accepted: genforge, static, sequential")
-            runs[name] = summarize(trace)
+            runs[name] = summarize_trace(trace, workload)
             print(f"rate {rate_text:>4} {name:>10}: {runs[name]['output_tokens_per_s']:7.1f} output tok/s, "
-                  f"TTFT p50 {runs[name]['ttft_p50_ms']:.0f} ms", flush=True)
+                  f"TTFT p50 {runs[name]['ttft']['p50_ms']:.0f} ms", flush=True)
         results["runs"][rate_text] = runs
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
