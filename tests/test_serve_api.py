@@ -408,6 +408,12 @@ def test_unknown_model_is_404_and_bad_json_is_400(client, server):
     assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
     response = httpx2.get(server.url + "/v1/nothing-here", timeout=10)
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+    response = httpx2.get(server.url + "/v1/completions", timeout=10)
+    assert response.status_code == 405 and "POST" in response.json()["error"]["message"]
+    image = [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": image}], max_tokens=2)
+    assert _error(info, 400)["param"] == "messages[0].content[0]"
 
 
 def test_models_health_and_metrics(client, server):

@@ -139,14 +139,17 @@ class CompletionRequest(_SamplingFields):
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
 
 
-class TextPart(_Schema):
-    type: Literal["text"]
-    text: StrictStr
+class ContentPart(BaseModel):
+    # Any part parses, so that an image or audio part gets a clear "not supported" rather than
+    # a schema mismatch; only text parts are served.
+    model_config = ConfigDict(extra="allow")
+    type: StrictStr
+    text: StrictStr | None = None
 
 
 class ChatMessage(_Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
 
 
@@ -345,8 +348,14 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         kinds = {404: "not_found_error", 405: "invalid_request_error"}
-        message = f"{request.method} {request.url.path} is not a route of this server" if err.status_code in (404, 405) \
-            else str(err.detail)
+        if err.status_code == 404:
+            message = f"{request.method} {request.url.path} is not a route of this server"
+        elif err.status_code == 405:
+            headers = {k.lower(): v for k, v in (getattr(err, "headers", None) or {}).items()}
+            allowed = headers.get("allow", "another method")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allowed}"
+        else:
+            message = str(err.detail)
         error = OpenAIError(err.status_code, message, kinds.get(err.status_code, "invalid_request_error"),
                             headers=getattr(err, "headers", None))
         return await _openai_error(request, error)
@@ -456,9 +465,14 @@ def create_app(
         if tokenizer.chat_template is None:
             raise _bad(f"the model {model!r} has no chat template; use /v1/completions", "messages")
         messages = []
-        for message in body.messages:
+        for i, message in enumerate(body.messages):
             content = message.content
             if isinstance(content, list):
+                for j, part in enumerate(content):
+                    if part.type != "text" or part.text is None:
+                        raise _bad(f"content part of type {part.type!r} is not supported: this server serves text "
+                                   "models; send {\"type\": \"text\", \"text\": ...} parts",
+                                   f"messages[{i}].content[{j}]")
                 content = "".join(part.text for part in content)
             entry = {"role": message.role, "content": content or ""}
             if message.name is not None:
