@@ -29,6 +29,7 @@ from genforge.generate.processors import SamplingParams
 from genforge.model import Transformer
 from genforge.serve.api import create_app
 from genforge.serve.engine import AsyncEngine, Engine
+from genforge.serve.engine import Request as EngineRequest
 from genforge.serve.limits import RateLimit
 from genforge.tokenizer import Tokenizer
 
@@ -513,6 +514,15 @@ def test_timeout_is_408_and_frees_the_blocks(loaded):
             live.client().completions.create(model=MODEL, prompt="x", max_tokens=120, extra_body={"ignore_eos": True})
         assert _error(info, 408)["type"] == "timeout_error"
         assert _wait_idle(engine).kv_blocks_used == 0
+        # Streamed: a 408 if the first token is late, else an error event in the stream, then [DONE].
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 120, "ignore_eos": True, "stream": True}
+        with httpx2.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        if response.status_code == 200:
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "timeout_error"
+        else:
+            assert response.status_code == 408
+        assert _wait_idle(engine).kv_blocks_used == 0
 
 
 def test_client_disconnect_cancels_the_request(server):
@@ -556,7 +566,16 @@ def test_graceful_shutdown_finishes_in_flight_requests(loaded):
     caller.join(timeout=30)
     assert result["chunks"][-1].finish_reason == "length"
     assert "".join(c.text for c in result["chunks"])
-    assert all(not loop.thread.is_alive() for loop in engine._loops.values())
+    assert engine.in_flight == 0
+    # The lifespan shut the engine down: it takes no new requests.
+    request = EngineRequest("late", loaded[1].encode("late"), SamplingParams(max_new_tokens=2))
+
+    async def late():
+        async for _ in engine.generate(MODEL, request):
+            pass
+
+    with pytest.raises(RuntimeError, match="shutting down"):
+        asyncio.run(late())
 
 
 # ------------------------------------------------------------------------------- embeddings
