@@ -9,7 +9,6 @@ and the model's own forward pass gives the logprobs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 import threading

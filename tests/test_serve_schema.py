@@ -16,13 +16,14 @@ from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
-from test_serve_api import MODEL, LiveServer, _engine  # noqa: E402  (tests/ is on sys.path via conftest)
+# tests/ is on sys.path (conftest); the API tests' model fixtures are shared by importing them.
+from test_serve_api import MODEL, LiveServer, _engine, loaded, model_dir  # noqa: E402,F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")
-def live_app(model_dir, loaded):
+def live_app(loaded):  # noqa: F811 (the fixture imported above)
     from genforge.serve.api import create_app
 
     app = create_app(_engine(loaded), tokenizers={MODEL: loaded[1]}, request_timeout=20.0)
@@ -33,10 +34,6 @@ def live_app(model_dir, loaded):
 @pytest.fixture(scope="module")
 def api_schema(live_app):
     return schemathesis.openapi.from_url(live_app.url + "/openapi.json")
-
-
-# The fixtures the API tests define, shared here.
-from test_serve_api import loaded, model_dir  # noqa: E402,F401
 
 
 def test_no_request_gets_a_server_error(api_schema):
