@@ -34,10 +34,10 @@ import logging
 import math
 import time
 import uuid
-from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np

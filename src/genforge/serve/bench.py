@@ -140,10 +140,9 @@ def markdown_report(results: Sequence[dict], title: str = "Serving benchmark") -
     def ms(value):
         return "-" if value is None else f"{value:.1f}"
 
-    lines = [f"## {title}", "",
-             "| run | rate (req/s) | done | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
-             "ITL p50 | ITL p99 | e2e p50 | e2e p99 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| run | rate (req/s) | done | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
+              "ITL p50 | ITL p99 | e2e p50 | e2e p99 |")
+    lines = [f"## {title}", "", header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
             f"| {r.get('label', '')} | {r.get('rate', '')} | {r['completed']}/{r['requests']} | "
@@ -151,8 +150,8 @@ def markdown_report(results: Sequence[dict], title: str = "Serving benchmark") -
             f"{ms(r['ttft']['p50_ms'])} | {ms(r['ttft']['p99_ms'])} | {ms(r['tpot']['p50_ms'])} | "
             f"{ms(r['tpot']['p99_ms'])} | {ms(r['itl']['p50_ms'])} | {ms(r['itl']['p99_ms'])} | "
             f"{ms(r['e2e']['p50_ms'])} | {ms(r['e2e']['p99_ms'])} |")
-    lines += ["", "Latencies in milliseconds. TTFT: time to first token; TPOT: time per output token after the "
-                  "first; ITL: gap between streamed chunks; e2e: whole request."]
+    lines += ["", ("Latencies in milliseconds. TTFT: time to first token; TPOT: time per output token after the "
+                   "first; ITL: gap between streamed chunks; e2e: whole request.")]
     return "\n".join(lines) + "\n"
 
 
