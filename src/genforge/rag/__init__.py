@@ -1,15 +1,80 @@
-"""Retrieval-augmented generation: documents -> chunks -> BM25 + dense indexes -> hybrid retrieval.
+"""Retrieval-augmented generation: documents -> chunks -> BM25 + dense indexes -> hybrid retrieval
+(expanded, re-ranked) -> grounded answers with checked citations, in conversations.
 
 See docs/rag.md for the pipeline, the retrieval options and their measured quality.
 """
 
-from .chunking import Chunk, chunk_document, fixed_token_chunks, markdown_chunks, qa_chunks, recursive_chunks, sentence_chunks
-from .loaders import Document, load_documents
+from .answer import (
+                       NOT_COVERED,
+                       Answer,
+                       AnswerConfig,
+                       Answerer,
+                       Citation,
+                       SupportChecker,
+)
+from .chunking import (
+                       Chunk,
+                       chunk_document,
+                       fixed_token_chunks,
+                       markdown_chunks,
+                       qa_chunks,
+                       recursive_chunks,
+                       sentence_chunks,
+)
+from .expand import Generator, GenforgeGenerator, OpenAIGenerator
 from .index import EmbeddingCache, EncoderEmbedder, HybridIndex, RagIndexError
-from .retrieve import Retriever, mmr, reciprocal_rank_fusion, weighted_score_fusion
+from .loaders import Document, load_documents
+from .rerank import CrossEncoderReranker, LateInteractionReranker, TokenEmbedder, maxsim
+from .retrieve import (
+                       Hit,
+                       Retriever,
+                       adaptive_cutoff,
+                       default_docs_index,
+                       index_documents,
+                       mmr,
+                       open_retriever,
+                       reciprocal_rank_fusion,
+                       weighted_score_fusion,
+)
+from .sessions import SessionStore, ask_in_session, rewrite_followup
 
 __all__ = [
-    "Chunk", "Document", "EmbeddingCache", "EncoderEmbedder", "HybridIndex", "RagIndexError", "Retriever",
-    "chunk_document", "fixed_token_chunks", "load_documents", "markdown_chunks", "mmr", "qa_chunks",
-    "reciprocal_rank_fusion", "recursive_chunks", "sentence_chunks", "weighted_score_fusion",
+                       "NOT_COVERED",
+                       "Answer",
+                       "AnswerConfig",
+                       "Answerer",
+                       "Chunk",
+                       "Citation",
+                       "CrossEncoderReranker",
+                       "Document",
+                       "EmbeddingCache",
+                       "EncoderEmbedder",
+                       "Generator",
+                       "GenforgeGenerator",
+                       "Hit",
+                       "HybridIndex",
+                       "LateInteractionReranker",
+                       "OpenAIGenerator",
+                       "RagIndexError",
+                       "Retriever",
+                       "SessionStore",
+                       "SupportChecker",
+                       "TokenEmbedder",
+                       "adaptive_cutoff",
+                       "ask_in_session",
+                       "chunk_document",
+                       "default_docs_index",
+                       "fixed_token_chunks",
+                       "index_documents",
+                       "load_documents",
+                       "markdown_chunks",
+                       "maxsim",
+                       "mmr",
+                       "open_retriever",
+                       "qa_chunks",
+                       "reciprocal_rank_fusion",
+                       "recursive_chunks",
+                       "rewrite_followup",
+                       "sentence_chunks",
+                       "weighted_score_fusion",
 ]

@@ -1,4 +1,5 @@
-"""Dense, sparse and hybrid retrieval, result fusion, and maximal marginal relevance.
+"""Dense, sparse and hybrid retrieval, result fusion, MMR, query expansion, re-ranking,
+adaptive k and multi-hop retrieval.
 
 - Reciprocal rank fusion (Cormack, Clarke & Büttcher 2009): score(d) = sum over rankings of
   1 / (k + rank(d)), ranks from 1, k = 60 as in the paper. It needs no score calibration,
@@ -8,12 +9,20 @@
 - MMR (Carbonell & Goldstein 1998): pick, one at a time, the candidate maximising
   lambda * sim(query, d) - (1 - lambda) * max sim(d, already picked), trading relevance for
   diversity.
+- Query expansion (`expand.py`): pseudo-relevance feedback (RM3 for BM25, Rocchio for the
+  dense vector), HyDE and multi-query when a generator is configured.
+- Re-ranking (`rerank.py`): ColBERT-style late interaction (MaxSim) or a cross-encoder over
+  the top candidates.
+- Adaptive k: keep hits scoring at least a fraction of the best hit's score, so a sharp
+  question gets few passages and a broad one more.
+- Multi-hop: retrieve, rewrite the question from what was found, retrieve again, fuse.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +31,7 @@ from .index import Embedder, HybridIndex
 
 FUSIONS = ("rrf", "weighted")
 MODES = ("dense", "sparse", "hybrid")
+EXPANSIONS = ("prf", "hyde", "multi_query")
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hashable]], k: int = 60) -> list[tuple[Hashable, float]]:
@@ -74,20 +84,50 @@ def mmr(query_vector: np.ndarray, candidate_vectors: np.ndarray, k: int, lambda_
     return picked
 
 
+def adaptive_cutoff(scores: Sequence[float], ratio: float, min_k: int = 1) -> int:
+    """How many of the (best-first) scores to keep: those at least `ratio` x the best score.
+
+    A relative threshold adapts k to the query: one clear winner keeps one passage, several
+    close ones keep them all. It assumes non-negative, comparable scores (cosine, weighted
+    fusion, a re-ranker's); with RRF scores, which shrink slowly with rank, it keeps more.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"adaptive-k ratio must be in [0, 1], got {ratio}")
+    if min_k < 0:
+        raise ValueError(f"min_k must be >= 0, got {min_k}")
+    scores = list(scores)
+    if not scores:
+        return 0
+    best = scores[0]
+    if best <= 0:
+        return min(len(scores), max(min_k, 1))
+    keep = sum(1 for s in scores if s >= ratio * best)
+    return min(len(scores), max(keep, min_k))
+
+
 @dataclass
 class Hit:
     chunk: Chunk
     score: float
     position: int  # the chunk's position in the index
+    hop: int = 0  # multi-hop: the hop that first found the chunk
+    details: dict = field(default_factory=dict)  # component scores (e.g. "rerank", "first_stage")
 
 
 class Retriever:
-    """Queries a `HybridIndex`: dense (cosine), sparse (BM25) or hybrid (fused), optionally diversified by MMR."""
+    """Queries a `HybridIndex`: dense (cosine), sparse (BM25) or hybrid (fused), optionally
+    expanded (PRF, HyDE, multi-query), re-ranked, diversified by MMR and cut by adaptive k.
 
-    def __init__(self, index: HybridIndex, embedder: Embedder) -> None:
+    `generator` (anything with `complete(prompt, max_tokens) -> str`, see `expand.Generator`)
+    enables HyDE, multi-query and generative multi-hop rewrites; `reranker` (see `rerank.py`)
+    is used when `search(..., rerank=True)`.
+    """
+
+    def __init__(self, index: HybridIndex, embedder: Embedder, generator=None, reranker=None) -> None:
         if embedder.name != index.model:
             raise ValueError(f"index was built with {index.model!r}; the query embedder is {embedder.name!r}")
         self.index, self.embedder = index, embedder
+        self.generator, self.reranker = generator, reranker
         self._query_vectors: dict[str, np.ndarray] = {}
 
     def embed_query(self, query: str) -> np.ndarray:
@@ -100,28 +140,256 @@ class Retriever:
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", fusion: str = "rrf",
                weights: tuple[float, float] = (0.5, 0.5), depth: int = 50, rrf_k: int = 60,
-               mmr_lambda: float | None = None) -> list[Hit]:
-        """Top-k chunks. Hybrid fuses the top-`depth` of each retriever; `mmr_lambda` re-orders the
-        fused candidates by MMR for diversity (None leaves relevance order)."""
+               mmr_lambda: float | None = None, expansion: str | None = None, rerank: bool = False,
+               rerank_depth: int = 20, rerank_fusion: str = "replace", min_score_ratio: float | None = None,
+               filters=None) -> list[Hit]:
+        """Top-k chunks.
+
+        Hybrid fuses the top-`depth` of each retriever. `expansion` is "prf" (RM3 + Rocchio
+        pseudo-relevance feedback), "hyde" or "multi_query" (both need a generator). `rerank`
+        re-scores the top `rerank_depth` candidates with the retriever's re-ranker, replacing
+        the first-stage order (`rerank_fusion="replace"`) or fusing both orders by RRF ("rrf").
+        `mmr_lambda` re-orders by MMR for diversity (None leaves relevance order).
+        `min_score_ratio` turns on adaptive k: hits scoring under that fraction of the best
+        are dropped (at most k are returned either way). `filters` ({metadata key: value or
+        values}) restricts every stage to matching chunks (see `HybridIndex.dense_search`).
+        """
+        if not query or not query.strip():
+            raise ValueError("the query is empty; give the question or keywords to search for")
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
         if mode not in MODES:
             raise ValueError(f"retrieval mode {mode!r} is not supported; accepted: {', '.join(MODES)}")
         if fusion not in FUSIONS:
             raise ValueError(f"fusion {fusion!r} is not supported; accepted: {', '.join(FUSIONS)}")
-        depth = max(depth, k)
-        qvec = self.embed_query(query) if mode != "sparse" or mmr_lambda is not None else None
-        if mode == "dense":
-            ranked = self.index.dense_search(qvec, depth)
-        elif mode == "sparse":
-            ranked = self.index.sparse_search(query, depth)
+        if expansion is not None and expansion not in EXPANSIONS:
+            raise ValueError(f"query expansion {expansion!r} is not supported; accepted: {', '.join(EXPANSIONS)} or None")
+        if expansion in ("hyde", "multi_query") and self.generator is None:
+            raise ValueError(f"expansion {expansion!r} needs a generator; pass Retriever(..., generator=...) or use 'prf'")
+        if rerank and self.reranker is None:
+            raise ValueError("rerank=True needs a re-ranker; pass Retriever(..., reranker=LateInteractionReranker() or CrossEncoderReranker(dir))")
+        if rerank_fusion not in ("rrf", "replace"):
+            raise ValueError(f"rerank_fusion {rerank_fusion!r} is not supported; accepted: rrf, replace")
+        if mmr_lambda is not None and not 0.0 <= mmr_lambda <= 1.0:
+            raise ValueError(f"MMR lambda must be in [0, 1], got {mmr_lambda}")
+        depth = max(depth, k, rerank_depth if rerank else 0)
+        options = dict(mode=mode, fusion=fusion, weights=weights, depth=depth, rrf_k=rrf_k, filters=filters)
+        if expansion is None:
+            ranked = self.rank(query, **options)
+        elif expansion == "prf":
+            from .expand import prf_rank
+
+            ranked = prf_rank(self, query, **options)
+        elif expansion == "hyde":
+            from .expand import hyde_vector
+
+            ranked = self.rank(query, query_vector=hyde_vector(self, query), **options)
         else:
-            dense = self.index.dense_search(qvec, depth)
-            sparse = self.index.sparse_search(query, depth)
-            if fusion == "rrf":
-                ranked = reciprocal_rank_fusion([[i for i, _ in dense], [i for i, _ in sparse]], k=rrf_k)
-            else:
-                ranked = weighted_score_fusion([dict(dense), dict(sparse)], weights)
+            from .expand import multi_queries
+
+            rankings = [self.rank(q, **options) for q in multi_queries(self.generator, query)]
+            ranked = reciprocal_rank_fusion([[i for i, _ in r] for r in rankings], k=rrf_k)[:depth]
+        details: dict[int, dict] = {}
+        if rerank:
+            ranked, details = self._rerank(query, ranked, rerank_depth, rerank_fusion, rrf_k)
         if mmr_lambda is not None:
             positions = [i for i, _ in ranked]
-            order = mmr(qvec, self.index.embeddings[positions], k, mmr_lambda)
+            order = mmr(self.embed_query(query), self.index.embeddings[positions], k, mmr_lambda)
             ranked = [ranked[j] for j in order]
-        return [Hit(self.index.chunks[i], s, i) for i, s in ranked[:k]]
+        ranked = ranked[:k]
+        if min_score_ratio is not None:
+            ranked = ranked[: adaptive_cutoff([s for _, s in ranked], min_score_ratio)]
+        return [Hit(self.index.chunks[i], float(s), i, details=details.get(i, {})) for i, s in ranked]
+
+    def rank(self, query: str, mode: str = "hybrid", fusion: str = "rrf", weights: tuple[float, float] = (0.5, 0.5),
+             depth: int = 50, rrf_k: int = 60, query_vector: np.ndarray | None = None,
+             sparse_scores: list[tuple[int, float]] | None = None, filters=None) -> list[tuple[int, float]]:
+        """(chunk position, score) best first: the first stage, without re-ranking. `query_vector`
+        replaces the query's embedding (HyDE, Rocchio); `sparse_scores` replaces BM25's list (RM3)."""
+        dense = sparse = None
+        # Filters are passed only when given, so an index without filter support still serves.
+        extra = {"filters": filters} if filters else {}
+        if mode != "sparse":
+            qvec = self.embed_query(query) if query_vector is None else query_vector
+            dense = self.index.dense_search(qvec, depth, **extra)
+        if mode != "dense":
+            sparse = sparse_scores if sparse_scores is not None else self.index.sparse_search(query, depth, **extra)
+        if mode == "dense":
+            return dense
+        if mode == "sparse":
+            return sparse
+        if fusion == "rrf":
+            return reciprocal_rank_fusion([[i for i, _ in dense], [i for i, _ in sparse]], k=rrf_k)
+        return weighted_score_fusion([dict(dense), dict(sparse)], weights)
+
+    def _rerank(self, query: str, ranked: list[tuple[int, float]], depth: int, how: str, rrf_k: int):
+        head, rest = ranked[:depth], ranked[depth:]
+        if not head:
+            return ranked, {}
+        scores = np.asarray(self.reranker.score(query, [self.index.chunks[i] for i, _ in head]), np.float64)
+        order = np.argsort(-scores, kind="stable")
+        by_rerank = [head[j][0] for j in order]
+        details = {i: {"first_stage": float(s), "rerank": float(r)} for (i, s), r in zip(head, scores)}
+        if how == "replace":
+            reranked = [(head[j][0], float(scores[j])) for j in order]
+        else:
+            # RRF of the two orders: the re-ranker refines the first stage instead of overruling it,
+            # which matters when the re-ranker was not trained for this corpus.
+            reranked = reciprocal_rank_fusion([[i for i, _ in head], by_rerank], k=rrf_k)
+        # Candidates past the re-ranking depth keep their first-stage order, below every re-ranked one.
+        floor = min(s for _, s in reranked)
+        return list(reranked) + [(i, floor - 1e-9 * (n + 1)) for n, (i, _) in enumerate(rest)], details
+
+    def confidence(self, query: str, hits: Sequence[Hit]) -> float:
+        """Retrieval confidence: the best cosine between the query and the retrieved chunks.
+
+        Fused and BM25 scores are not comparable across queries; the cosine of a unit-length
+        embedding is, which is what a "not covered" threshold needs (see answer.py).
+        """
+        if not hits:
+            return 0.0
+        q = np.asarray(self.embed_query(query), np.float64)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        vectors = np.asarray(self.index.embeddings[[h.position for h in hits]], np.float64)
+        vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+        return float((vectors @ q).max())
+
+    def multi_hop(self, query: str, hops: int = 2, k: int = 10, **options) -> tuple[list[Hit], list[str]]:
+        """Multi-hop retrieval: search, rewrite the question from what was found, search again.
+
+        The rewrite comes from the generator when one is configured (it is asked for the next
+        search query given the passages), else it is extractive: the question plus the most
+        telling terms of the top passages that the question lacks (`expand.extractive_rewrite`).
+        Every hop's list is fused by RRF, the original question's first. Returns the fused hits
+        (each tagged with the hop that first found it) and the queries that were run.
+        """
+        from .expand import extractive_rewrite, generative_rewrite
+
+        if hops < 1:
+            raise ValueError(f"hops must be >= 1, got {hops}")
+        queries, lists, first_hop = [query], [], {}
+        for hop in range(hops):
+            hits = self.search(queries[-1], k=max(k, 10), **options)
+            lists.append([h.position for h in hits])
+            for h in hits:
+                first_hop.setdefault(h.position, hop)
+            if hop == hops - 1:
+                break
+            rewrite = (generative_rewrite(self.generator, query, hits[:3]) if self.generator is not None
+                       else extractive_rewrite(self, query, hits[:3]))
+            if not rewrite or rewrite in queries:
+                break
+            queries.append(rewrite)
+        fused = reciprocal_rank_fusion(lists, k=options.get("rrf_k", 60))[:k]
+        return [Hit(self.index.chunks[i], float(s), i, hop=first_hop[i]) for i, s in fused], queries
+
+
+def index_documents(paths: Sequence[str | Path], embedder: Embedder, strategy: str = "auto",
+                    **build_options) -> tuple[HybridIndex, list[tuple[str, str]]]:
+    """Load, chunk and index files and folders; returns the index and the skipped files with reasons."""
+    if not paths:
+        raise ValueError("no paths given; pass files or folders of .txt, .md, .html, .pdf or .docx documents")
+    index, skipped = HybridIndex.build_from_paths([Path(p) for p in paths], embedder, strategy, **build_options)
+    return index, skipped
+
+
+# -- opening indexes, and the embedded index over genforge's own docs ---------------------------
+
+def embedder_for_index(directory: str | Path, encoder: str | Path | None = None) -> Embedder:
+    """The `EncoderEmbedder` matching the model named in an index's manifest (same encoder and
+    token window), so that queries land in the index's vector space."""
+    import json
+    import re as _re
+
+    from .index import MANIFEST, EncoderEmbedder, RagIndexError
+
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.is_file():
+        raise RagIndexError(f"{directory} is not a genforge RAG index (no {MANIFEST}); build one with `genforge rag index`")
+    model = json.loads(manifest_path.read_text())["embedding_model"]
+    window = _re.search(r"/max(\d+)$", model)
+    embedder = EncoderEmbedder(encoder, max_tokens=int(window.group(1)) if window else None)
+    if embedder.name != model:
+        hint = "pass --encoder with the encoder directory it was built with" if encoder is None else "rebuild the index"
+        raise RagIndexError(f"{directory} was built with embedding model {model!r}; the encoder at hand is "
+                            f"{embedder.name!r}; {hint}")
+    return embedder
+
+
+def cache_dir() -> Path:
+    """genforge's user cache: $GENFORGE_CACHE_DIR, else $XDG_CACHE_HOME/genforge, else ~/.cache/genforge."""
+    import os
+
+    if os.environ.get("GENFORGE_CACHE_DIR"):
+        return Path(os.environ["GENFORGE_CACHE_DIR"])
+    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "genforge"
+
+
+def docs_dir() -> Path:
+    """genforge's own documentation folder ($GENFORGE_DOCS overrides; else the checkout's docs/)."""
+    import os
+
+    directory = Path(os.environ["GENFORGE_DOCS"]) if os.environ.get("GENFORGE_DOCS") else Path(__file__).resolve().parents[3] / "docs"
+    if not directory.is_dir() or not any(directory.glob("*.md")):
+        raise FileNotFoundError(f"genforge's docs folder was not found at {directory} (it ships with a source checkout); "
+                                "set GENFORGE_DOCS to it, or pass --index DIR built with `genforge rag index`")
+    return directory
+
+
+def default_docs_index(embedder: Embedder | None = None, docs: str | Path | None = None) -> tuple[HybridIndex, Embedder]:
+    """The embedded index over genforge's docs, built on first use into the user cache.
+
+    Its directory name carries a digest of the docs' bytes and the embedding model, so an edited
+    page or another model means a new index; it is written atomically (`HybridIndex.save`), so
+    two processes racing to build it leave one complete index, and older versions are removed.
+    """
+    import hashlib
+    import shutil
+
+    from .index import EncoderEmbedder
+
+    docs = Path(docs) if docs is not None else docs_dir()
+    embedder = embedder or EncoderEmbedder()
+    files = sorted(p for p in docs.rglob("*") if p.is_file() and p.suffix in (".md", ".markdown", ".txt"))
+    chunking = {"max_chars": 1500}
+    digest = hashlib.sha256(f"{embedder.name}|markdown|{chunking}".encode())
+    for p in files:
+        digest.update(str(p.relative_to(docs)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    root = cache_dir() / "rag"
+    target = root / f"docs-{digest.hexdigest()[:16]}"
+    if (target / "manifest.json").is_file():
+        return HybridIndex.load(target, embedder), embedder
+    # Markdown sections (not "auto"): numbered lists in the docs would pass for Q&A items.
+    index, _ = index_documents(files, embedder, "markdown", chunk_options=chunking)
+    index.save(target)
+    for old in root.glob("docs-*"):
+        if old != target and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return index, embedder
+
+
+def open_retriever(index_dir: str | Path | None = None, encoder: str | Path | None = None, generator=None,
+                   reranker=None) -> Retriever:
+    """A `Retriever` over a saved index (its embedder chosen from its manifest), or over the
+    embedded docs index when `index_dir` is None."""
+    if index_dir is None:
+        index, embedder = default_docs_index()
+    else:
+        embedder = embedder_for_index(index_dir, encoder)
+        index = HybridIndex.load(index_dir, embedder)
+    return Retriever(index, embedder, generator=generator, reranker=reranker)
+
+
+def make_reranker(spec: str | None):
+    """A re-ranker from a short spec: None, "late" (MaxSim over MiniLM token vectors) or a
+    cross-encoder directory."""
+    if spec is None:
+        return None
+    from .rerank import CrossEncoderReranker, LateInteractionReranker
+
+    if spec == "late":
+        return LateInteractionReranker()
+    if Path(spec).is_dir():
+        return CrossEncoderReranker(spec)
+    raise ValueError(f"re-ranker {spec!r} is neither 'late' (MaxSim late interaction) nor a cross-encoder directory")

@@ -1,0 +1,240 @@
+"""Query expansion and question rewriting, and the generators that some of them use.
+
+- Pseudo-relevance feedback: the top documents of a first pass are taken as relevant and the
+  query is moved toward them. For BM25, RM3 (Abdul-Jaleel et al. 2004, "UMass at TREC 2004"):
+  a relevance model P(t|R) = sum over feedback docs of P(t|D) * weight(D), mixed with the query
+  model, lambda * P(t|Q) + (1 - lambda) * P(t|R), over the top terms; BM25 is additive over
+  query terms, so the expanded score is that mixture's weighted sum of per-term BM25 scores.
+  For the dense vector, Rocchio (1971): q' = alpha * q + beta * centroid(feedback docs).
+- HyDE (Gao et al. 2022, "Precise Zero-Shot Dense Retrieval without Relevance Labels"): a
+  generator writes a passage that would answer the question; its embedding, averaged with the
+  question's, is the dense query.
+- Multi-query: a generator writes several phrasings of the question; each is retrieved and the
+  lists are fused by reciprocal rank fusion.
+- Rewrites for multi-hop retrieval: the generator proposes the next search query from the
+  passages found, or, without one, an extractive rewrite appends the telling terms of the
+  passages that the question lacks.
+
+A `Generator` is anything with `complete(prompt, max_tokens) -> str`: `GenforgeGenerator`
+runs a genforge model through `genforge.generate.generator`, `OpenAIGenerator` any
+OpenAI-compatible endpoint through the official `openai` client.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .retrieve import Hit, Retriever
+
+
+class Generator(Protocol):
+    """Text in, text out: the one thing RAG needs from a language model."""
+
+    def complete(self, prompt: str, max_tokens: int = 256) -> str: ...
+
+
+class GenforgeGenerator:
+    """A genforge causal model directory as a `Generator` (greedy decoding, chat template when
+    the tokenizer has one)."""
+
+    def __init__(self, directory: str | Path, device: str = "cpu", dtype: str | None = None) -> None:
+        from ..checkpoint import load_model
+        from ..tokenizer import Tokenizer
+
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise ValueError(f"{directory} is not a model directory (no config.json); pass a genforge or Hugging Face checkpoint")
+        self.model = load_model(directory, dtype=dtype, device=device)
+        if not self.model.config.causal:
+            raise ValueError(f"{directory} is an encoder ({self.model.config.family}); answers need a causal language model")
+        self.tokenizer = Tokenizer.from_dir(directory)
+
+    def complete(self, prompt: str, max_tokens: int = 256) -> str:
+        from ..generate.generator import end_of_sequence_ids, generate, only_text_tokens
+        from ..generate.processors import SamplingParams
+
+        chat = getattr(self.tokenizer, "chat_template", None)
+        text = (self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+                if chat else prompt)
+        ids = self.tokenizer.encode(text, add_special_tokens=not chat)
+        # Keep the prompt inside the context window, cutting its start (the question comes last).
+        room = self.model.config.max_position_embeddings - max_tokens
+        if room <= 0:
+            raise ValueError(f"max_tokens={max_tokens} leaves no room for a prompt in a "
+                             f"{self.model.config.max_position_embeddings}-token context")
+        ids = ids[-room:]
+        params = only_text_tokens(SamplingParams(temperature=0.0, max_new_tokens=max_tokens),
+                                  self.model.config.vocab_size, self.tokenizer)
+        eos = sorted(end_of_sequence_ids(self.model.config, self.tokenizer))
+        return generate(self.model, [ids], params, tokenizer=self.tokenizer, eos_token_ids=eos)[0].text or ""
+
+
+class OpenAIGenerator:
+    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, genforge's own server) as a `Generator`.
+
+    `client` may be given directly (an `openai.OpenAI` or anything with the same
+    `chat.completions.create`); otherwise one is made from `base_url` and `api_key`.
+    """
+
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, client=None,
+                 temperature: float = 0.0) -> None:
+        if not model:
+            raise ValueError("OpenAIGenerator needs the endpoint's model name")
+        if client is None:
+            try:
+                import openai
+            except ImportError:
+                raise ImportError("an OpenAI-compatible endpoint is called through the official client: pip install openai") from None
+            client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed")
+        self.client, self.model, self.temperature = client, model, temperature
+
+    def complete(self, prompt: str, max_tokens: int = 256) -> str:
+        response = self.client.chat.completions.create(
+            model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=self.temperature)
+        return response.choices[0].message.content or ""
+
+
+# -- pseudo-relevance feedback ---------------------------------------------------------------
+
+def _terms(texts: Sequence[str]) -> list[list[str]]:
+    """BM25's own tokenisation (bm25s, English stop words out), so feedback terms are index terms."""
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
+
+
+def relevance_model(query: str, feedback: Sequence[str], weights: Sequence[float], fb_terms: int = 10,
+                    original_weight: float = 0.5) -> dict[str, float]:
+    """RM3's expanded query model {term: weight}, weights summing to 1.
+
+    P(t|R) = sum_D weight(D) * tf(t, D) / |D| over the feedback documents (weights normalised),
+    cut to its `fb_terms` best terms and renormalised; then mixed with the query's own model
+    (uniform over its terms) as original_weight * P(t|Q) + (1 - original_weight) * P(t|R).
+    """
+    if not 0.0 <= original_weight <= 1.0:
+        raise ValueError(f"original_weight must be in [0, 1], got {original_weight}")
+    query_terms = _terms([query])[0]
+    weights = np.asarray(weights, np.float64)
+    weights = weights / weights.sum() if len(weights) and weights.sum() > 0 else np.full(len(feedback), 1.0 / max(len(feedback), 1))
+    rel: Counter = Counter()
+    for tokens, w in zip(_terms(feedback) if feedback else [], weights):
+        if tokens:
+            for term, count in Counter(tokens).items():
+                rel[term] += w * count / len(tokens)
+    top = dict(rel.most_common(fb_terms))
+    total = sum(top.values())
+    model: dict[str, float] = {}
+    for term in query_terms:
+        model[term] = model.get(term, 0.0) + original_weight / len(query_terms)
+    for term, p in top.items():
+        model[term] = model.get(term, 0.0) + (1 - original_weight) * p / total
+    return model
+
+
+def rm3_scores(bm25, model: dict[str, float], depth: int) -> list[tuple[int, float]]:
+    """(chunk position, score) for the weighted query `model` over a bm25s index: sum_t w_t * BM25(t, d)."""
+    vocab = getattr(bm25, "vocab_dict", None) or {}
+    total = None
+    for term, weight in model.items():
+        if vocab and term not in vocab:
+            continue  # a term the index never saw scores 0 everywhere
+        scores = np.asarray(bm25.get_scores([term]), np.float64)
+        total = weight * scores if total is None else total + weight * scores
+    if total is None:
+        return []
+    order = np.argsort(-total, kind="stable")[:depth]
+    return [(int(i), float(total[i])) for i in order if total[i] > 0]
+
+
+def prf_rank(retriever: Retriever, query: str, fb_docs: int = 5, fb_terms: int = 10, original_weight: float = 0.5,
+             rocchio_beta: float = 0.5, **options) -> list[tuple[int, float]]:
+    """Pseudo-relevance feedback: a first pass, then RM3 for BM25 and Rocchio for the dense vector."""
+    first = retriever.rank(query, **options)[:fb_docs]
+    if not first:
+        return first
+    positions = [i for i, _ in first]
+    chunks = [retriever.index.chunks[i] for i in positions]
+    # Rank-based document weights: fused scores are not probabilities, ranks are comparable.
+    weights = [1.0 / (r + 1) for r in range(len(positions))]
+    mode, depth = options.get("mode", "hybrid"), options.get("depth", 50)
+    sparse = None
+    if mode != "dense":
+        model = relevance_model(query, [c.text for c in chunks], weights, fb_terms, original_weight)
+        sparse = rm3_scores(retriever.index.bm25, model, depth if not options.get("filters") else len(retriever.index.chunks))
+        if options.get("filters"):
+            from .index import check_filters, chunk_matches
+
+            wanted = check_filters(options["filters"])
+            sparse = [(i, s) for i, s in sparse if chunk_matches(retriever.index.chunks[i], wanted)][:depth]
+    qvec = None
+    if mode != "sparse":
+        q = np.asarray(retriever.embed_query(query), np.float64)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        docs = np.asarray(retriever.index.embeddings[positions], np.float64)
+        centroid = (docs * np.asarray(weights)[:, None]).sum(0) / sum(weights)
+        qvec = (q + rocchio_beta * centroid).astype(np.float32)
+    return retriever.rank(query, query_vector=qvec, sparse_scores=sparse, **options)
+
+
+# -- generator-based expansion ---------------------------------------------------------------
+
+HYDE_PROMPT = ("Write a short passage, two or three sentences, that answers the question below as a "
+               "reference text would.\n\nQuestion: {question}\n\nPassage:")
+MULTI_QUERY_PROMPT = ("Write {n} different search queries that would find passages answering the question "
+                      "below. Use different words from the question. One query per line, nothing else.\n\n"
+                      "Question: {question}\n\nQueries:")
+REWRITE_PROMPT = ("Question: {question}\n\nPassages found so far:\n{passages}\n\nWrite one search query that "
+                  "would find the missing information needed to answer the question. Reply with the query only.")
+
+
+def hyde_vector(retriever: Retriever, query: str, max_tokens: int = 160) -> np.ndarray:
+    """The mean of the question's unit embedding and the generated passage's (HyDE)."""
+    passage = retriever.generator.complete(HYDE_PROMPT.format(question=query), max_tokens=max_tokens).strip()
+    q = np.asarray(retriever.embed_query(query), np.float64)
+    vectors = [q / max(float(np.linalg.norm(q)), 1e-12)]
+    if passage:
+        p = np.asarray(retriever.embedder.embed([passage])[0], np.float64)
+        vectors.append(p / max(float(np.linalg.norm(p)), 1e-12))
+    return np.mean(vectors, axis=0).astype(np.float32)
+
+
+def multi_queries(generator: Generator, query: str, n: int = 3, max_tokens: int = 120) -> list[str]:
+    """The question followed by up to `n` distinct generated phrasings of it."""
+    reply = generator.complete(MULTI_QUERY_PROMPT.format(n=n, question=query), max_tokens=max_tokens)
+    out, seen = [query], {query.strip().lower()}
+    for line in reply.splitlines():
+        # Models number or bullet their lists; the markers are not part of the query.
+        line = re.sub(r"^\s*(?:[-*•]|\d+[.)])\s*", "", line).strip().strip('"')
+        if line and line.lower() not in seen:
+            seen.add(line.lower())
+            out.append(line)
+        if len(out) > n:
+            break
+    return out
+
+
+def generative_rewrite(generator: Generator, question: str, hits: Sequence[Hit], max_tokens: int = 48) -> str:
+    passages = "\n".join(f"[{n}] {h.chunk.text[:500]}" for n, h in enumerate(hits, 1))
+    reply = generator.complete(REWRITE_PROMPT.format(question=question, passages=passages), max_tokens=max_tokens)
+    lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
+    return lines[0].strip('"') if lines else ""
+
+
+def extractive_rewrite(retriever: Retriever, question: str, hits: Sequence[Hit], n_terms: int = 6) -> str:
+    """The question plus the terms that weigh most in the found passages' relevance model and
+    that the question does not already contain (a bridge to what the passages talk about)."""
+    if not hits:
+        return ""
+    model = relevance_model(question, [h.chunk.text for h in hits], [1.0 / (r + 1) for r in range(len(hits))],
+                            fb_terms=n_terms + 8, original_weight=0.0)
+    asked = set(_terms([question])[0])
+    extra = [t for t, _ in sorted(model.items(), key=lambda kv: -kv[1]) if t not in asked][:n_terms]
+    return f"{question} {' '.join(extra)}".strip() if extra else ""
