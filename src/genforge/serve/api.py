@@ -546,6 +546,8 @@ def create_app(
     async def _prepare(model, body, prompts, texts, logprobs, constraints, prompt_param) -> _Prepared:
         """Validate and turn a request into per-sequence engine parameters; ``constraints``:
         one logits processor per sequence (``response_format``), or None."""
+        if body.stream_options is not None and not body.stream:
+            raise _bad("stream_options is only allowed with stream: true", "stream_options")
         limit = context[model]
         vocabulary = len(tokenizers[model])
         for i, ids in enumerate(prompts):
@@ -604,8 +606,6 @@ def create_app(
                     raise _bad(str(err)) from None
                 processors.append([constraints[len(processors)]] if constraints is not None else [])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream_options is not None and not body.stream:
-            raise _bad("stream_options is only allowed with stream: true", "stream_options")
         return _Prepared(model, prompts, texts, params, body.n, logprobs, processors, body.ignore_eos,
                          body.stream, include_usage)
 
@@ -647,8 +647,9 @@ def create_app(
                 choice.finish_reason = output.finish_reason
                 metrics.observe_finished(prepared.model, output)
             if prepared.score_only:  # the token generated only to run the prompt is not shown
+                reason = output.finish_reason if output.finish_reason == "abort" else "length"
                 output = dataclasses.replace(output, token_ids=[], text="", logprobs=None, completion_tokens=0,
-                                             finish_reason="length" if output.finished else None)
+                                             finish_reason=reason if output.finished else None)
                 choice.finish_reason = output.finish_reason
             choice.text += output.text
             choice.token_ids.extend(output.token_ids)
