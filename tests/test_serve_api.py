@@ -440,6 +440,38 @@ def test_models_health_and_metrics(client, server):
 # ------------------------------------------------------------------------ keys, limits, queue
 
 
+class _FailingEngine:
+    """An AsyncEngine whose streams break after their first output: a fault of the server."""
+
+    def __init__(self, engine):
+        self.inner = engine
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def generate(self, model, request):
+        stream = self.inner.generate(model, request)
+        try:
+            yield await stream.__anext__()
+            raise RuntimeError("the device fell over")
+        finally:
+            await stream.aclose()
+
+
+def test_a_server_fault_is_500_in_openai_shape(loaded):
+    engine = _engine(loaded)
+    with LiveServer(create_app(_FailingEngine(engine), tokenizers={MODEL: loaded[1]})) as live:
+        with pytest.raises(openai.InternalServerError) as info:
+            live.client().completions.create(model=MODEL, prompt="x", max_tokens=20, extra_body={"ignore_eos": True})
+        assert _error(info, 500)["type"] == "server_error"
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 20, "ignore_eos": True, "stream": True}
+        with httpx2.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as response:
+            events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert response.status_code == 200  # the first token went out before the fault
+        assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+        assert _wait_idle(engine).kv_blocks_used == 0
+
+
 def test_api_keys_and_rate_limit(loaded):
     clock = [0.0]
     app = create_app(_engine(loaded), tokenizers={MODEL: loaded[1]}, api_keys=["k1", "k2"],

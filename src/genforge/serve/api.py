@@ -751,6 +751,10 @@ def create_app(
                 raise  # the client went away: the finally below aborts the engine requests
             except Exception as err:  # the headers are sent: report in-band
                 error = _engine_error(err, request_timeout)
+                if not isinstance(error, OpenAIError):  # a real fault: logged, and a 500-shaped event
+                    log.error("internal error while streaming %s", request_id, exc_info=err)
+                    error = OpenAIError(500, f"internal server error ({type(err).__name__})", "server_error")
+                    metrics.http_requests.labels(_route(request), "500").inc()
                 yield _sse(error.body())
             finally:
                 release()
