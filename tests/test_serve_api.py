@@ -278,9 +278,16 @@ def test_concurrent_greedy_requests_each_match_the_request_alone(server, loaded)
 
 def test_a_shared_prefix_is_reported_as_cached_tokens(server, loaded):
     tokenizer = loaded[1]
+    def hits():
+        text = httpx2.get(server.url + "/metrics", timeout=10).text
+        family = {f.name: f for f in text_string_to_metric_families(text)}["genforge_prefix_cache_hits"]
+        return next(s.value for s in family.samples if s.name.endswith("_total"))
+
     prefix = " ".join(_corpus().split()[:12])  # several 8-token blocks
     first = server.client().completions.create(model=MODEL, prompt=prefix + " first", max_tokens=4, temperature=0)
+    before = hits()
     second = server.client().completions.create(model=MODEL, prompt=prefix + " second", max_tokens=4, temperature=0)
+    assert hits() > before  # the prefix-cache hit counter /metrics exports rose
     shared = len(tokenizer.encode(prefix))
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert 8 <= cached <= shared and cached % 8 == 0  # whole blocks of the common prefix
