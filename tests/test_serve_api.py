@@ -733,7 +733,7 @@ def test_bench_statistics_on_known_records():
 
 
 @pytest.mark.slow
-def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path):
+def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path, monkeypatch):
     """`genforge serve` in a subprocess (API key, named model), `genforge bench serve` against it,
     then SIGTERM mid-request: the request finishes and the server exits."""
     import os
@@ -768,12 +768,9 @@ def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         out = tmp_path / "bench"
-        os.environ["GENFORGE_API_KEYS"] = "secret"
-        try:
-            code = main(["bench", "serve", "--url", url, "--rates", "20,inf", "--num-requests", "12",
-                         "--input-len", "8", "--output-len", "6", "--out", str(out)])
-        finally:
-            del os.environ["GENFORGE_API_KEYS"]
+        monkeypatch.setenv("GENFORGE_API_KEYS", "secret")  # bench serve reads the key from there too
+        code = main(["bench", "serve", "--url", url, "--rates", "20,inf", "--num-requests", "12",
+                     "--input-len", "8", "--output-len", "6", "--out", str(out)])
         assert code == 0
         report = json.loads((out / "serve_bench.json").read_text())
         assert report["settings"]["model"] == "served"
