@@ -44,10 +44,13 @@ def causal_lm_loss(
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    targets = labels[:, 1:].reshape(-1)
+    # Shift the labels, not the logits: position t is scored against label t+1 and the last
+    # position against nothing (ignore_index), so the (batch x seq x vocab) logits are used as
+    # they are instead of being copied into a shifted contiguous tensor (and back in backward).
+    targets = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
     return F.cross_entropy(
-        shifted_logits, targets, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction,
     )
 
 
