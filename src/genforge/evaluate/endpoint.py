@@ -44,8 +44,8 @@ class EndpointLanguageModel:
     def __init__(self, base_url: str, model: str, tokenizer: Tokenizer, *, api_key: str | None = None,
                  max_length: int = 2048, concurrency: int = 8, timeout: float = 600.0,
                  prefix_token_id: int | None = None) -> None:
-        if concurrency < 1 or max_length < 2:
-            raise MetricError("concurrency must be >= 1 and max_length >= 2")
+        if concurrency < 1 or max_length < 3:
+            raise MetricError("concurrency must be >= 1 and max_length >= 3")
         self.client = _client(base_url, api_key, timeout)
         self.model, self.tokenizer = model, tokenizer
         self.max_length, self.concurrency = max_length, concurrency
@@ -62,6 +62,12 @@ class EndpointLanguageModel:
             raise MetricError("an empty context needs a BOS or EOS token to condition on; the tokenizer names "
                               "neither, so pass prefix_token_id=")
         return self.prefix_token_id
+
+    @property
+    def _prompt_room(self) -> int:
+        # Scoring asks for one generated token (max_tokens=0 is not accepted everywhere), so a
+        # scored prompt may fill the context but for that one position.
+        return self.max_length - 1
 
     def _echo(self, ids: list[int]) -> tuple[list[float | None], list[dict[str, float] | None], list[str]]:
         """Log-probabilities of the prompt's own tokens (the first has none)."""
@@ -85,7 +91,7 @@ class EndpointLanguageModel:
                 continuation_ids = self.tokenizer.encode(continuation, add_special_tokens=False)
             if not continuation_ids:
                 raise MetricError(f"the continuation {continuation!r} has no tokens to score")
-            ids = (context_ids + continuation_ids)[-self.max_length:]
+            ids = (context_ids + continuation_ids)[-self._prompt_room:]
             logprobs, tops, tokens = self._echo(ids)
             n = len(continuation_ids)
             greedy = all(top is not None and max(top, key=top.get) == token
@@ -104,8 +110,8 @@ class EndpointLanguageModel:
                 raise MetricError(f"text has no tokens to score: {text!r}")
             total, start = 0.0, 1  # ids[start:] are still to be scored
             while start < len(ids):
-                context = max(1, start - self.max_length // 2) if start > 1 else 0
-                window = ids[context : context + self.max_length]
+                context = max(1, start - self._prompt_room // 2) if start > 1 else 0
+                window = ids[context : context + self._prompt_room]
                 logprobs, _, _ = self._echo(window)
                 scored_from = start - context
                 total += sum(logprobs[scored_from:])
