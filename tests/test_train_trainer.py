@@ -202,3 +202,34 @@ def test_bad_input_is_rejected_before_work(tmp_path):
     with pytest.raises(TrainError, match="max_steps"):
         make_trainer(tmp_path, max_steps=0)
     assert not Path(tmp_path, "checkpoints").exists()
+
+
+def test_pretrain_command_reads_prepared_shards(text_model_dir, tmp_path, capsys):
+    """`genforge pretrain --data DIR` trains on `genforge data prepare` output (memory-mapped
+    shards through load_prepared) and exports the model with its tokenizer."""
+    import importlib
+    import pydoc
+
+    from genforge.cli import main
+    from genforge.train.prepare import prepare
+
+    sources = tmp_path / "docs"
+    sources.mkdir()
+    for name in ("json", "csv", "textwrap", "heapq"):  # real prose: the stdlib's own documentation
+        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+        for start in range(0, len(text), 3000):
+            (sources / f"{name}-{start}.txt").write_text(text[start : start + 3000])
+    prepare([sources], text_model_dir, tmp_path / "prepared", seq_len=SEQ_LEN, val_fraction=0.3)
+    run = tmp_path / "run"
+    flags = ["--model", str(text_model_dir), "--out", str(run), "--steps", "2", "--batch-size", "2", "--warmup", "0",
+             "--eval-every", "0", "--save-every", "0"]
+    assert main(["pretrain", "--data", str(tmp_path / "prepared"), *flags]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2] and any("val_loss" in r for r in records)
+    assert (run / "model" / "tokenizer.json").exists()
+    assert "trained to step 2" in capsys.readouterr().err
+    # Both sources, or neither, is a clear error before any work.
+    assert main(["pretrain", "--data", str(tmp_path / "prepared"), "--text", "x.txt", *flags[:2], "--out",
+                 str(tmp_path / "other")]) == 2
+    assert "exactly one of --text" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
