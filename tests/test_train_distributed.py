@@ -30,7 +30,7 @@ def tiny_model(**overrides):
     return Transformer(Config(**fields))
 
 
-def build_trainer(out_dir, **overrides):
+def build_trainer(out_dir, model=None, **overrides):
     """The same run for one process and for each rank (each rank builds the same model and data)."""
     generator = torch.Generator().manual_seed(0)
     train = TokenDataset(torch.randint(3, 64, (48 * SEQ_LEN,), generator=generator), SEQ_LEN)
@@ -38,7 +38,7 @@ def build_trainer(out_dir, **overrides):
     settings = dict(out_dir=out_dir, max_steps=STEPS, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, seed=5,
                     progress=False, eval_every=2, eval_batches=2, save_every=2, export=True)
     settings.update(overrides)
-    return Trainer(tiny_model(), train, TrainConfig(**settings), val_data=val)
+    return Trainer(model if model is not None else tiny_model(), train, TrainConfig(**settings), val_data=val)
 
 
 class StopHere(Exception):
@@ -119,9 +119,42 @@ def test_ddp_resume_continues_the_same_curve(tmp_path, single):
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one_process(tmp_path, single):
-    run_ranks(tmp_path / "fsdp", fsdp=True)
-    assert_same_run(tmp_path / "fsdp", *single)
+def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, single):
+    out = tmp_path / "fsdp"
+    run_ranks(out, stop_at=2, fsdp=True)
+    with pytest.raises(TrainError, match="written with FSDP"):  # a sharded run's state resumes only sharded
+        build_trainer(out).train(resume=True)
+    run_ranks(out, resume=True, fsdp=True)
+    assert_same_run(out, *single)
+
+
+def tiny_encoder():
+    torch.manual_seed(0)
+    return Transformer(Config(family="bert", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                              intermediate_size=48, max_position_embeddings=64, causal=False, post_norm=True,
+                              norm="layernorm", activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
+                              mlp_bias=True, position="learned", type_vocab_size=2, embedding_norm=True,
+                              tie_word_embeddings=True, masked_lm_head=True))
+
+
+def _masked_rank_main(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    try:
+        build_trainer(out_dir, model=tiny_encoder(), mask_token_id=4, special_token_ids=(0, 1, 2, 3, 4)).train()
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.slow
+def test_masked_lm_under_ddp_matches_one_process(tmp_path, one_thread):
+    """Masks are drawn for the global batch before it is sliced, so ranks see the single run's masks."""
+    reference = tmp_path / "single"
+    build_trainer(reference, model=tiny_encoder(), mask_token_id=4, special_token_ids=(0, 1, 2, 3, 4)).train()
+    mp.spawn(_masked_rank_main, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2, join=True)
+    assert_same_run(tmp_path / "ddp", reference, records(reference))
 
 
 def test_rank_slices_cover_the_global_batch_once():
