@@ -24,6 +24,7 @@ from genforge.train.prepare import (
     repeated_ngram_ratio,
     symbol_ratio,
     token_dtype,
+    content_key,
     val_fraction_of,
     word_shingles,
 )
@@ -191,8 +192,7 @@ def test_shards_round_trip_with_split_and_dtype(tmp_path, tokenizer_dir):
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     expected = {"train": [], "val": []}
     for name in sorted(docs):
-        doc_id = str(folder / f"{name}.txt")
-        split = "val" if val_fraction_of(doc_id, 7) < 0.25 else "train"
+        split = "val" if val_fraction_of(content_key(docs[name]), 7) < 0.25 else "train"
         expected[split].extend(tokenizer.encode(docs[name], add_special_tokens=False) + [tokenizer.eos_token_id])
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 1000
     assert meta["tokenizer"]["sha256"] == tokenizer_sha256(tokenizer_dir) == tokenizer_sha256(tmp_path / "out" / "tokenizer")
@@ -210,11 +210,13 @@ def test_shards_round_trip_with_split_and_dtype(tmp_path, tokenizer_dir):
         assert len(dataset) == len(reference) and dataset.dropped_tokens == reference.dropped_tokens
         assert torch.equal(dataset.sequences[0 : len(dataset)], reference.sequences)
         assert dataset.max_token_id == max(expected[split]) == meta["splits"][split]["max_token_id"]
-    # Another seed splits differently; the same seed the same way.
-    again = prepare([folder], tokenizer_dir, tmp_path / "again", val_fraction=0.25, seed=7, seq_len=16)
+    # Another seed splits differently; the same seed the same way, even from another location
+    # (the draw hashes the text, not the path).
     other = prepare([folder], tokenizer_dir, tmp_path / "other", val_fraction=0.25, seed=8, seq_len=16)
-    assert again.meta["splits"]["val"]["tokens"] == meta["splits"]["val"]["tokens"]
     assert other.meta["splits"]["val"]["tokens"] != meta["splits"]["val"]["tokens"]
+    moved = prepare([folder.rename(tmp_path / "moved")], tokenizer_dir, tmp_path / "again", val_fraction=0.25, seed=7,
+                    seq_len=16, shard_tokens=500)
+    assert moved.meta["splits"] == meta["splits"]
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 
@@ -348,7 +350,7 @@ def test_cli_prepares_and_reports_errors(tmp_path, tokenizer_dir, capsys):
     folder = write_docs(tmp_path / "src", {f"d{i}": random_document(rng, 60) for i in range(20)})
     (folder / "d0_copy.txt").write_text((folder / "d0.txt").read_text())
     assert main(["data", "prepare", str(folder), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out"),
-                 "--val-fraction", "0.2", "--seq-len", "16", "--max-symbol-ratio", "off"]) == 0
+                 "--val-fraction", "0.4", "--seq-len", "16", "--max-symbol-ratio", "off"]) == 0, capsys.readouterr().err
     err = " ".join(capsys.readouterr().err.split())
     assert "1 exact and 0 near duplicates removed, 20 kept" in err
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
@@ -357,3 +359,16 @@ def test_cli_prepares_and_reports_errors(tmp_path, tokenizer_dir, capsys):
     assert "already exists" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(SystemExit):
         main(["data", "prepare", str(folder), "--tokenizer", "t", "--out", "o", "--max-symbol-ratio", "1.5"])
+
+
+def test_documents_are_read_lazily_and_long_files_only_up_to_the_limit(tmp_path):
+    from genforge.train.prepare import iter_documents
+
+    (tmp_path / "big.txt").write_text("word " * 400_000)  # 2 MB
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "first"}) + "\n" + "{not json\n")
+    [doc] = list(iter_documents([tmp_path / "big.txt"], max_chars=1000))
+    assert len(doc.text) == 1001  # enough to know it is too long, no more
+    documents = iter_documents([tmp_path / "rows.jsonl"])
+    assert next(documents).text == "first"  # the broken second line is not read yet
+    with pytest.raises(DataError, match=r"rows\.jsonl:2 is not valid JSON"):
+        next(documents)

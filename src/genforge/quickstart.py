@@ -7,13 +7,29 @@
 2. Generation: a small Llama-style decoder is built, exported as a Hugging Face directory,
    loaded back through the checkpoint loader (checked bit-for-bit), and sampled from with a
    streamed output. Its weights are random, so the text is noise until it is trained.
+3. Pretraining from scratch, the main job: a bounded, deterministic sample of the standard
+   library's Python source trains a byte-level BPE tokenizer, goes through `genforge data
+   prepare` (quality filters, exact and MinHash near-duplicate removal, train/val shards), and
+   trains a small Llama-style model with `genforge.train.Trainer` (fp32, about 3 minutes on
+   2 CPU cores). Its validation loss is printed next to a unigram baseline on the same tokens
+   (the loss of predicting every token from its training frequency alone), the loss curve is
+   saved, and samples are printed under three decoders (greedy, nucleus sampling, contrastive
+   search).
+
+`fast=True` (or GENFORGE_QUICKSTART_FAST=1) shrinks step 3 to a few seconds of training on a
+smaller sample, for tests.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
+import hashlib
+import math
+import os
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,10 +124,246 @@ def streamed_generation(out: Path, console: Console) -> None:
     console.print(f"\n[dim]{count} tokens in {elapsed:.2f}s ({count / elapsed:.0f} tokens/s)[/dim]")
 
 
-def run(out: Path, console: Console | None = None) -> None:
+@dataclass(frozen=True)
+class PretrainPlan:
+    """Sizes of the quickstart's pretraining job."""
+
+    corpus_bytes: int  # source text taken from the standard library
+    vocab_size: int
+    seq_len: int
+    batch_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    train_seconds: float  # budget the step count is calibrated to
+    min_steps: int
+    max_steps: int
+    lr: float
+    sample_tokens: int
+
+
+# FULL_PLAN: a 1M-parameter model trained for as many steps as fit in ~165 s here (several hundred
+# on two idle cores, fewer on a busy machine; docs/training.md has measured numbers). In this
+# few-hundred-step regime a small model at a high learning rate ends lower than a larger one: at
+# 100 steps, hidden 128 with lr 1e-2 reached val 6.18 against 6.28 for hidden 192 with lr 8e-3
+# and 6.38 with lr 3e-3, at ~60% of the step time. A 2048-token vocabulary keeps the embedding
+# and softmax, the costliest parts at this size, small. FAST_PLAN: a fixed, tiny run for tests.
+FULL_PLAN = PretrainPlan(corpus_bytes=4_000_000, vocab_size=2048, seq_len=128, batch_size=16, hidden_size=128,
+                         num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=336, train_seconds=165.0,
+                         min_steps=100, max_steps=3000, lr=1e-2, sample_tokens=48)
+FAST_PLAN = PretrainPlan(corpus_bytes=600_000, vocab_size=512, seq_len=64, batch_size=16, hidden_size=64,
+                         num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176, train_seconds=0.0,
+                         min_steps=160, max_steps=160, lr=1e-2, sample_tokens=16)
+# Openings of code the corpus is full of. None ends in a space: byte-level BPE tokens carry their
+# leading space (" name"), so a prompt ending in one would ask for a split the model rarely saw.
+SAMPLE_PROMPTS = ("import os\nimport sys\n", "def read_", "class Error(")
+_SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "turtledemo", "pydoc_data"}
+
+
+def stdlib_source_files(max_bytes: int) -> list[Path]:
+    """A deterministic sample of the standard library's `.py` files, about `max_bytes` in all.
+
+    Files are ordered by a hash of their path inside the library (not alphabetically, so the
+    sample mixes packages instead of taking whole ones) and taken until the budget is reached;
+    test suites and bundled third-party code are left out. The same Python version gives the
+    same sample on every machine.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"the Python standard library was not found at {root}")
+    candidates = []
+    for path in root.rglob("*.py"):
+        relative = path.relative_to(root)
+        if _SKIPPED_DIRS & set(relative.parts[:-1]) or relative.name.startswith("test_"):
+            continue
+        key = hashlib.blake2b(relative.as_posix().encode(), digest_size=8).hexdigest()
+        candidates.append((key, path))
+    chosen, total = [], 0
+    for _, path in sorted(candidates):
+        if total >= max_bytes:
+            break
+        size = path.stat().st_size
+        if size == 0:
+            continue
+        chosen.append(path)
+        total += size
+    return sorted(chosen)
+
+
+def unigram_cross_entropy(train_counts: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean negative log-likelihood (nats/token) of `targets` under the unigram model of
+    `train_counts` with add-one (Laplace) smoothing: the loss of a model that ignores context."""
+    probabilities = (train_counts.double() + 1) / (train_counts.sum().double() + train_counts.numel())
+    return float(-probabilities.log()[targets.flatten()].mean())
+
+
+def pretrain_from_scratch(out: Path, console: Console, fast: bool = False) -> dict:
+    """Step 3: tokenizer, data, training, baseline, samples; returns the numbers it printed."""
+    import numpy as np
+
+    from .config import Config
+    from .generate.contrastive import contrastive_search
+    from .generate.generator import continuation_text, generate
+    from .generate.processors import SamplingParams
+    from .model import Transformer
+    from .train import TrainConfig, Trainer
+    from .train.data import load_prepared
+    from .train.prepare import DedupSettings, QualityFilters, prepare
+    from .train.tokenizer_training import train_tokenizer
+
+    plan = FAST_PLAN if fast else FULL_PLAN
+    started = time.perf_counter()
+    files = stdlib_source_files(plan.corpus_bytes)
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    console.print(f"\n[bold]3. Pretraining from scratch{' (fast)' if fast else ''}[/bold]: {len(files)} standard-library "
+                  f"source files ({megabytes:.1f} MB) from {sysconfig.get_paths()['stdlib']}")
+
+    # Tokenizer: byte-level BPE, so any source text encodes without unknown tokens.
+    tokenizer_dir = out / "pretrain" / "tokenizer"
+    trained = train_tokenizer(files=files, kind="bpe", vocab_size=plan.vocab_size, out_dir=tokenizer_dir,
+                              model_max_length=plan.seq_len, overwrite=True)
+    console.print(f"  tokenizer: byte-level BPE, {trained.vocab_size} tokens, trained on {trained.characters:,} "
+                  f"characters -> {tokenizer_dir}")
+
+    # Data: code repeats more than prose, so the repetition rules are looser than the defaults.
+    data_dir = out / "pretrain" / "data"
+    prepared = prepare(files, tokenizer_dir, data_dir, filters=QualityFilters(max_duplicate_line_ratio=0.6),
+                       dedup=DedupSettings(threshold=0.8), val_fraction=0.05 if not fast else 0.1, seed=0,
+                       seq_len=plan.seq_len, overwrite=True)
+    meta = prepared.meta
+    docs, removed = meta["documents"], {k: v for k, v in meta["filters"]["removed"].items() if v}
+    console.print(f"  data: {docs['read']} documents, filtered {sum(removed.values())} {removed or ''}, "
+                  f"{docs['exact_duplicates']} exact and {docs['near_duplicates']} near duplicates removed "
+                  f"(MinHash LSH, Jaccard >= 0.8); train {meta['splits']['train']['tokens']:,} tokens, "
+                  f"val {meta['splits']['val']['tokens']:,} tokens ({meta['dtype']} shards in {data_dir})")
+    duplicates = (data_dir / "duplicates.jsonl").read_text().splitlines()
+    if duplicates:
+        import json
+
+        first = json.loads(duplicates[0])
+        console.print(f"  [dim]e.g. {Path(first['id']).name} ~ {Path(first['duplicate_of']).name} "
+                      f"(estimated Jaccard {first['jaccard']:.2f})[/dim]")
+    train_data, val_data = load_prepared(data_dir)
+
+    tokenizer = trained.tokenizer
+    config = Config(
+        family="llama", vocab_size=tokenizer.vocab_size, hidden_size=plan.hidden_size, num_layers=plan.num_layers,
+        num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads, intermediate_size=plan.intermediate_size,
+        max_position_embeddings=plan.seq_len, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Transformer(config)
+    steps, threads, timings = _calibrate_steps(model, train_data, plan)
+    run_dir = out / "pretrain" / "run"
+    if run_dir.exists():  # the quickstart always starts its run afresh
+        import shutil
+
+        shutil.rmtree(run_dir)
+    eval_batches = max(1, min(4, len(val_data) // plan.batch_size))
+    train_config = TrainConfig(
+        out_dir=run_dir, max_steps=steps, batch_size=plan.batch_size, lr=plan.lr, warmup_steps=max(1, steps // 20),
+        eval_every=max(1, steps // 5), eval_batches=eval_batches, save_every=0, seed=0, precision="fp32",
+        progress=console.is_terminal,
+    )
+    console.print(f"  model: {config.num_parameters() / 1e6:.1f}M-parameter Llama-style decoder ({plan.num_layers} layers, "
+                  f"hidden {plan.hidden_size}, GQA {plan.num_heads}/{plan.num_kv_heads}); {steps} steps of "
+                  f"{plan.batch_size}x{plan.seq_len} tokens, AdamW lr {plan.lr:g} warmup-cosine, fp32 on "
+                  f"{threads} CPU thread(s) (the faster here of {' and '.join(map(str, sorted(timings)))})")
+    train_started = time.perf_counter()
+    result = Trainer(model, train_data, train_config, val_data=val_data, tokenizer=tokenizer).train()
+    train_seconds = time.perf_counter() - train_started
+    final = result.evals[-1]
+
+    # The baseline on exactly the tokens Trainer.evaluate scored: the first eval_batches *
+    # batch_size val sequences, every position after the first.
+    counts = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
+    for shard in meta["splits"]["train"]["shards"]:
+        array = np.load(data_dir / shard["file"], mmap_mode="r")
+        counts += torch.from_numpy(np.bincount(array, minlength=tokenizer.vocab_size).astype(np.int64))
+    scored = val_data.sequences[0 : min(len(val_data), plan.batch_size * eval_batches)][:, 1:]
+    baseline = unigram_cross_entropy(counts, scored)
+    console.print(f"  trained {result.step} steps in {train_seconds:.0f}s "
+                  f"({result.step * plan.batch_size * plan.seq_len / train_seconds:,.0f} tokens/s)")
+    table = Table("on the same val tokens", "loss (nats/token)", "perplexity")
+    table.add_row("unigram baseline (train frequencies)", f"{baseline:.3f}", f"{math.exp(baseline):.1f}")
+    table.add_row(f"model after {result.step} steps", f"{final['val_loss']:.3f}", f"{final['val_ppl']:.1f}")
+    console.print(table)
+    curve = run_dir / "loss_curve.png"
+    console.print(f"  val loss {final['val_loss']:.3f} vs unigram baseline {baseline:.3f} "
+                  f"({'below' if final['val_loss'] < baseline else 'NOT below'} it by {baseline - final['val_loss']:.3f}); "
+                  f"loss curve: {curve}; model: {result.export_dir}")
+
+    model.eval()
+    samples = {}
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in SAMPLE_PROMPTS]
+    settings = {
+        "greedy": lambda: [c.token_ids for c in generate(model, prompts, SamplingParams(
+            temperature=0, max_new_tokens=plan.sample_tokens), eos_token_ids=[])],
+        "top-p 0.9, temperature 0.8": lambda: [c.token_ids for c in generate(model, prompts, SamplingParams(
+            temperature=0.8, top_p=0.9, max_new_tokens=plan.sample_tokens, seed=0), eos_token_ids=[])],
+        "contrastive search (alpha 0.6, k 4)": lambda: [c.token_ids for c in contrastive_search(
+            model, prompts, penalty_alpha=0.6, top_k=4, max_new_tokens=plan.sample_tokens, eos_token_ids=[])],
+    }
+    with torch.inference_mode():
+        for name, decode in settings.items():
+            outputs = decode()
+            samples[name] = [prompt + continuation_text(tokenizer, ids, out_ids)
+                             for prompt, ids, out_ids in zip(SAMPLE_PROMPTS, prompts, outputs)]
+    for name, texts in samples.items():
+        console.print(f"\n  [bold]{name}[/bold]")
+        for text in texts:
+            console.print("  | " + text.replace("\n", "\n  | "), markup=False, highlight=False)
+    console.print(f"\n  [dim]step 3 took {time.perf_counter() - started:.0f}s[/dim]")
+    return {"val_loss": final["val_loss"], "val_ppl": final["val_ppl"], "unigram_loss": baseline, "steps": result.step,
+            "train_seconds": train_seconds, "samples": samples, "loss_curve": curve, "model_dir": result.export_dir,
+            "meta": meta}
+
+
+def _calibrate_steps(model, train_data, plan: PretrainPlan) -> tuple[int, int, dict[int, float]]:
+    """(steps, threads, seconds per step by thread count): the thread count that trains fastest here, and the steps that fit the
+    plan's time budget at that speed, from timing optimizer steps of a throwaway copy.
+
+    Both are measured rather than assumed because a busy machine changes them: when other
+    processes hold the cores, two spinning intra-op threads can be far slower than one.
+    """
+    import tempfile
+
+    from .train import TrainConfig, Trainer
+
+    available = torch.get_num_threads()
+    timings = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        probe = Trainer(copy.deepcopy(model), train_data,
+                        TrainConfig(out_dir=scratch, max_steps=10, batch_size=plan.batch_size, progress=False))
+        batch = [train_data.batch(range(plan.batch_size))]
+        probe.train_step(batch)  # warm-up: allocator, kernels, optimizer state
+        for threads in sorted({available, 1}, reverse=True):
+            torch.set_num_threads(threads)
+            begin = time.perf_counter()
+            for _ in range(2):  # two steps each: one is at the mercy of a single scheduling hiccup
+                probe.train_step(batch)
+            timings[threads] = (time.perf_counter() - begin) / 2
+    threads = min(timings, key=timings.get)
+    torch.set_num_threads(threads)
+    # Evaluations, the checkpoint and the export add roughly a tenth to the training time here.
+    steps = int(plan.train_seconds / (timings[threads] * 1.1))
+    return max(plan.min_steps, min(plan.max_steps, steps)), threads, timings
+
+
+def run(out: Path, console: Console | None = None, fast: bool | None = None) -> dict:
+    """All three steps; `fast` (default: the GENFORGE_QUICKSTART_FAST environment variable)
+    shrinks the pretraining step for tests. Returns step 3's numbers."""
     console = console or Console()
+    if fast is None:
+        fast = os.environ.get("GENFORGE_QUICKSTART_FAST", "").lower() not in ("", "0", "false", "no")
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 8)))
     semantic_search(console)
-    streamed_generation(out, console)
+    streamed_generation(out, console)  # replaces `out` as a whole, so it runs before step 3 writes inside it
+    numbers = pretrain_from_scratch(Path(out), console, fast=fast)
     console.print("\n[green]quickstart done.[/green] Next: `genforge generate --model DIR --prompt ...` on any "
-                  "Hugging Face checkpoint of a supported family.")
+                  "Hugging Face checkpoint of a supported family, or `genforge tokenizer train` / `genforge data "
+                  "prepare` / `genforge pretrain` on your own text.")
+    return numbers

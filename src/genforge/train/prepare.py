@@ -15,8 +15,9 @@ The pipeline, one document at a time (so corpora larger than memory stream throu
    to an earlier kept document is at least `threshold` is dropped (LSH proposes candidates, the
    signatures confirm them). The index holds signatures, never texts. Lee et al. 2022 show such
    deduplication lowers memorization and train/val overlap.
-5. **Split** train/val by document with a seeded hash of the document's id (stable whatever the
-   order or size of the corpus), after deduplication, so no document has a copy on the other side.
+5. **Split** train/val by document with a seeded hash of the document's text (stable whatever the
+   location, order or size of the corpus), after deduplication, so no document has a copy on the
+   other side.
 6. **Tokenize** in batches with a trained tokenizer; each document is followed by the
    tokenizer's end-of-text (or separator) token so the model learns where documents end.
 7. **Write shards** `train-00000.npy`, ..., `val-00000.npy`: flat token-id arrays, uint16 when
@@ -352,9 +353,19 @@ class _ShardWriter:
         return self.shards
 
 
-def val_fraction_of(doc_id: str, seed: int) -> float:
-    """A uniform number in [0, 1) fixed by (seed, document id): the split draw of a document."""
-    digest = hashlib.blake2b(f"{seed}\0{doc_id}".encode(), digest_size=8).digest()
+def content_key(text: str) -> bytes:
+    """A 128-bit BLAKE2 hash of the text without its surrounding whitespace: the identity used for
+    exact deduplication and for the split draw."""
+    return hashlib.blake2b(text.strip().encode("utf-8", errors="surrogatepass"), digest_size=16).digest()
+
+
+def val_fraction_of(key: bytes, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, content key): the split draw of a document.
+
+    It depends on the text alone, not on its path or position, so the same corpus splits the
+    same way wherever it is stored and in whatever order it is read.
+    """
+    digest = hashlib.blake2b(seed.to_bytes(8, "little", signed=True) + key, digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
@@ -468,8 +479,8 @@ def prepare(
                     removed[failure] += 1
                     filtered_log.write(json.dumps({"id": doc.id, "rule": failure}) + "\n")
                     continue
+                key = content_key(doc.text)
                 if dedup.exact:
-                    key = hashlib.blake2b(doc.text.strip().encode(), digest_size=16).digest()
                     if key in exact_seen:
                         counts["exact_duplicates"] += 1
                         duplicate_log.write(json.dumps({"id": doc.id, "kind": "exact", "duplicate_of": exact_seen[key],
@@ -485,7 +496,7 @@ def prepare(
                 if dedup.exact:  # recorded only once kept, so "duplicate_of" always names a kept document
                     exact_seen[key] = doc.id
                 counts["kept"] += 1
-                split = "val" if val_fraction > 0 and val_fraction_of(doc.id, seed) < val_fraction else "train"
+                split = "val" if val_fraction > 0 and val_fraction_of(key, seed) < val_fraction else "train"
                 batch.append((split, doc.text))
                 if len(batch) >= batch_documents:
                     flush()
@@ -541,6 +552,6 @@ def prepare(
 
 __all__ = [
     "Document", "resolve_sources", "iter_documents", "QualityFilters", "duplicate_line_ratio", "repeated_ngram_ratio",
-    "symbol_ratio", "DedupSettings", "word_shingles", "NearDuplicateIndex", "token_dtype", "val_fraction_of",
+    "symbol_ratio", "DedupSettings", "word_shingles", "NearDuplicateIndex", "token_dtype", "content_key", "val_fraction_of",
     "PrepareResult", "prepare", "META_FILE",
 ]
