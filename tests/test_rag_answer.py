@@ -137,3 +137,45 @@ def test_genforge_generator_refuses_a_non_model_directory(tmp_path):
 
     with pytest.raises(ValueError, match="no config.json"):
         GenforgeGenerator(tmp_path)
+
+
+def test_openai_generator_through_the_official_client():
+    """The real `openai` client against a local stand-in endpoint: the request it sends and the
+    reply it parses are the wire format any OpenAI-compatible server speaks."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from genforge.rag.expand import OpenAIGenerator
+
+    seen = []
+
+    class Endpoint(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            body = json.dumps({"id": "c1", "object": "chat.completion", "created": 0, "model": "m",
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": "Blocks hold the cache [1]."}}],
+                               "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        generator = OpenAIGenerator("m", base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="k")
+        assert generator.complete("where is the cache?", max_tokens=9) == "Blocks hold the cache [1]."
+    finally:
+        server.shutdown()
+        server.server_close()
+    path, request = seen[0]
+    assert path == "/v1/chat/completions"
+    assert request["model"] == "m" and request["max_tokens"] == 9
+    assert request["messages"] == [{"role": "user", "content": "where is the cache?"}]

@@ -102,3 +102,23 @@ def test_default_docs_index_is_built_once_and_cites_the_docs(tmp_path, monkeypat
     assert main(["rag", "search", "reciprocal rank fusion", "--json", "-k", "1"]) == 0
     assert Path(json.loads(capsys.readouterr().out)["source"]).name == "rag.md"
     assert (built[0] / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert main(["rag", "ask", "how does paged attention work?", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["covered"] and all(Path(c["source"]).suffix == ".md" for c in answer["citations"])
+    assert any("paged" in s["text"].lower() for s in answer["sentences"])
+
+
+def test_index_and_search_on_milvus_lite(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in PAGES.items():
+        (corpus / name).write_text(text)
+    out = tmp_path / "idx"
+    assert main(["rag", "index", str(corpus), "--index", str(out), "--max-tokens", "128",
+                 "--backend", "milvus", "--milvus-uri", str(tmp_path / "rag.db")]) == 0
+    capsys.readouterr()
+    assert main(["rag", "search", "low rank adapters", "--index", str(out), "-k", "1", "--json"]) == 0
+    assert Path(json.loads(capsys.readouterr().out)["source"]).name == "lora.md"
+    assert main(["rag", "ask", "what does LoRA train?", "--index", str(out), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["covered"] and Path(answer["citations"][0]["source"]).name == "lora.md"

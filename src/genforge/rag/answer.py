@@ -56,7 +56,9 @@ _STOP = frozenset(["a", "an", "the", "and", "or", "but", "if", "of", "to", "in",
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 _CITE = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
 # Labels and list markers that open a unit of a chunk but are no part of what it says.
-_LEAD = re.compile(r"(?:\s|\d+[.)](?=\s|$)|[-*•>#]+|\*\*[^*]{0,20}\*\*:?|(?:Q|A|Question|Answer)\s*:)+")
+_LEAD = re.compile(r"(?:\s|\d+[.)](?=\s|$)|[-*•>#]+(?=\s)|\*\*(?:Q|A|Question|Answer)\s*:?\*\*:?|(?:Q|A|Question|Answer)\s*:)+")
+# Abbreviations after which a full stop does not end a sentence.
+_ABBREVIATION = re.compile(r"(?:\bet al|\be\.g|\bi\.e|\bvs|\bcf|\bFig|\bEq|\bSec)\.[\"')\]]*$")
 
 
 def content_words(text: str) -> list[str]:
@@ -132,7 +134,7 @@ class Answer:
                 "sentences": [asdict(s) for s in self.sentences], "citations": [asdict(c) for c in self.citations]}
 
 
-_LIST_LINE = re.compile(r"^\s*(?:[-*•>|#]|\d+[.)]\s|(?:Q|A|Question|Answer)\s*:|\*\*)")
+_LIST_LINE = re.compile(r"[ \t]*(?:[-*•>|#]|\d+[.)]\s|(?:Q|A|Question|Answer)\s*:|\*\*)")
 
 
 def chunk_units(chunk: Chunk) -> list[tuple[int, int]]:
@@ -143,7 +145,14 @@ def chunk_units(chunk: Chunk) -> list[tuple[int, int]]:
     are left out (they are not claims an answer can quote)."""
     text = chunk.text
     units = []
+    spans: list[tuple[int, int]] = []
     for s, e in sentence_spans(text):
+        # "Kwon et al. 2023" is one sentence: rejoin a span that ends in an abbreviation.
+        if spans and _ABBREVIATION.search(text, spans[-1][0], spans[-1][1]) and "\n\n" not in text[spans[-1][1] : s]:
+            spans[-1] = (spans[-1][0], e)
+        else:
+            spans.append((s, e))
+    for s, e in spans:
         cuts, pos = [s], s
         for line in text[s:e].split("\n")[:-1]:
             pos += len(line) + 1
