@@ -130,11 +130,17 @@ class TrainResult:
 
 
 class Trainer:
-    """Train a genforge `Transformer` on a `TokenDataset`.
+    """Train a genforge `Transformer` on a `TokenDataset`: a decoder on the causal LM
+    objective, an encoder built with `masked_lm_head=True` on masked LM (the tokenizer, or
+    `config.mask_token_id`, gives the [MASK] id).
 
     Files under `config.out_dir`: `checkpoints/step-XXXXXXXX/` (+ `checkpoints/latest.json`),
     `metrics.jsonl` (one JSON object per step and per evaluation), `loss_curve.png`, and at
     the end `model/`, a Hugging Face directory with the tokenizer when one is given.
+
+    `distributed`: this process's place in a torchrun job (default: the process group already
+    joined, see `distributed.init_distributed`, else a single process). Every rank builds the
+    same Trainer; rank 0 writes the files.
     """
 
     def __init__(
