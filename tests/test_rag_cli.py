@@ -92,7 +92,14 @@ def test_bad_input_is_refused_before_loading(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_docs_index_is_built_once_and_cites_the_docs(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from genforge.rag.retrieve import docs_dir
+
     monkeypatch.setenv("GENFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    # A snapshot of the real docs, so that an edit made meanwhile cannot change the digest mid-test.
+    shutil.copytree(docs_dir(), tmp_path / "docs")
+    monkeypatch.setenv("GENFORGE_DOCS", str(tmp_path / "docs"))
     assert main(["rag", "ask", "which file formats can the document loaders read?", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["covered"] and any(Path(c["source"]).name == "rag.md" for c in answer["citations"])
@@ -122,3 +129,12 @@ def test_index_and_search_on_milvus_lite(tmp_path, capsys):
     assert main(["rag", "ask", "what does LoRA train?", "--index", str(out), "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert answer["covered"] and Path(answer["citations"][0]["source"]).name == "lora.md"
+
+
+def test_search_with_late_interaction_reranking(index_dir, capsys):
+    assert main(["rag", "search", "where is the key value cache kept", "--index", str(index_dir), "-k", "2",
+                 "--rerank", "late", "--json"]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert Path(hits[0]["source"]).name == "paging.md"
+    # Re-ranked scores are MaxSim per query token: cosine-scaled, not fused scores.
+    assert 0 < hits[1]["score"] <= hits[0]["score"] <= 1

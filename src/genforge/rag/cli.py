@@ -33,11 +33,13 @@ def _generator(args):
 
 
 def _retriever(args, generator=None):
-    from .retrieve import make_reranker, open_retriever
+    from .retrieve import open_retriever
 
-    reranker = make_reranker(getattr(args, "rerank", None))  # a bad spec fails before any model loads
+    spec = getattr(args, "rerank", None)
+    if spec is not None and spec != "late" and not os.path.isdir(spec):  # fail before any model loads
+        raise ValueError(f"--rerank {spec!r} is neither 'late' (MaxSim late interaction) nor a cross-encoder directory")
     with _console().status("opening the index" if args.index else "opening genforge's docs index (built on first use)"):
-        return open_retriever(args.index, args.encoder, generator=generator, reranker=reranker)
+        return open_retriever(args.index, args.encoder, generator=generator, reranker=spec)
 
 
 def _search_options(args) -> dict:

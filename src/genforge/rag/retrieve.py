@@ -372,24 +372,29 @@ def default_docs_index(embedder: Embedder | None = None, docs: str | Path | None
 def open_retriever(index_dir: str | Path | None = None, encoder: str | Path | None = None, generator=None,
                    reranker=None) -> Retriever:
     """A `Retriever` over a saved index (its embedder chosen from its manifest), or over the
-    embedded docs index when `index_dir` is None."""
+    embedded docs index when `index_dir` is None. `reranker` is a re-ranker or a spec for
+    `make_reranker` ("late" shares the index's encoder instead of loading a second copy)."""
+    if isinstance(reranker, str) and reranker != "late":
+        reranker = make_reranker(reranker)  # a bad spec fails before the index loads
     if index_dir is None:
         index, embedder = default_docs_index()
     else:
         embedder = embedder_for_index(index_dir, encoder)
         index = HybridIndex.load(index_dir, embedder)
+    if reranker == "late":
+        reranker = make_reranker("late", getattr(embedder, "encoder", None))
     return Retriever(index, embedder, generator=generator, reranker=reranker)
 
 
-def make_reranker(spec: str | None):
-    """A re-ranker from a short spec: None, "late" (MaxSim over MiniLM token vectors) or a
-    cross-encoder directory."""
+def make_reranker(spec: str | None, encoder=None):
+    """A re-ranker from a short spec: None, "late" (MaxSim over token vectors of `encoder`, by
+    default the offline MiniLM) or a cross-encoder directory."""
     if spec is None:
         return None
-    from .rerank import CrossEncoderReranker, LateInteractionReranker
+    from .rerank import CrossEncoderReranker, LateInteractionReranker, TokenEmbedder
 
     if spec == "late":
-        return LateInteractionReranker()
+        return LateInteractionReranker(TokenEmbedder(encoder))
     if Path(spec).is_dir():
         return CrossEncoderReranker(spec)
     raise ValueError(f"re-ranker {spec!r} is neither 'late' (MaxSim late interaction) nor a cross-encoder directory")
