@@ -206,6 +206,7 @@ def test_shards_round_trip_with_split_and_dtype(tmp_path, tokenizer_dir):
         assert meta["splits"][split]["tokens"] == len(expected[split])
     train, val = load_prepared(tmp_path / "out")
     for dataset, split in ((train, "train"), (val, "val")):
+        assert all(isinstance(chunk, np.memmap) for chunk in dataset.sequences.chunks)  # on disk, not in memory
         reference = TokenDataset(expected[split], 16)
         assert len(dataset) == len(reference) and dataset.dropped_tokens == reference.dropped_tokens
         assert torch.equal(dataset.sequences[0 : len(dataset)], reference.sequences)
