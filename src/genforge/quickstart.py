@@ -227,14 +227,16 @@ def pretrain_from_scratch(out: Path, console: Console, fast: bool = False) -> di
     console.print(f"  tokenizer: byte-level BPE, {trained.vocab_size} tokens, trained on {trained.characters:,} "
                   f"characters -> {tokenizer_dir}")
 
-    # Data: code repeats more than prose, so the repetition rules are looser than the defaults.
+    # Data: code repeats lines more than prose (closing brackets, `return None`), hence a looser
+    # duplicate-line rule than the default.
     data_dir = out / "pretrain" / "data"
     prepared = prepare(files, tokenizer_dir, data_dir, filters=QualityFilters(max_duplicate_line_ratio=0.6),
                        dedup=DedupSettings(threshold=0.8), val_fraction=0.05 if not fast else 0.1, seed=0,
                        seq_len=plan.seq_len, overwrite=True)
     meta = prepared.meta
     docs, removed = meta["documents"], {k: v for k, v in meta["filters"]["removed"].items() if v}
-    console.print(f"  data: {docs['read']} documents, filtered {sum(removed.values())} {removed or ''}, "
+    by_rule = f" {removed}" if removed else ""
+    console.print(f"  data: {docs['read']} documents, filtered {sum(removed.values())}{by_rule}, "
                   f"{docs['exact_duplicates']} exact and {docs['near_duplicates']} near duplicates removed "
                   f"(MinHash LSH, Jaccard >= 0.8); train {meta['splits']['train']['tokens']:,} tokens, "
                   f"val {meta['splits']['val']['tokens']:,} tokens ({meta['dtype']} shards in {data_dir})")
