@@ -131,10 +131,17 @@ def test_index_and_search_on_milvus_lite(tmp_path, capsys):
     assert answer["covered"] and Path(answer["citations"][0]["source"]).name == "lora.md"
 
 
-def test_search_with_late_interaction_reranking(index_dir, capsys):
-    assert main(["rag", "search", "where is the key value cache kept", "--index", str(index_dir), "-k", "2",
-                 "--rerank", "late", "--json"]) == 0
+def test_search_with_late_interaction_reranking(index_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GENFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    command = ["rag", "search", "where is the key value cache kept", "--index", str(index_dir), "-k", "2",
+               "--rerank", "late", "--json"]
+    assert main(command) == 0
     hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert Path(hits[0]["source"]).name == "paging.md"
     # Re-ranked scores are MaxSim per query token: cosine-scaled, not fused scores.
     assert 0 < hits[1]["score"] <= hits[0]["score"] <= 1
+    (cache,) = (tmp_path / "cache" / "rag").glob("late-tokens-*.npz")
+    stamp = cache.stat().st_mtime_ns
+    assert main(command) == 0  # every passage cached: nothing new to write
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == hits
+    assert cache.stat().st_mtime_ns == stamp

@@ -42,6 +42,12 @@ def _retriever(args, generator=None):
         return open_retriever(args.index, args.encoder, generator=generator, reranker=spec)
 
 
+def _save_reranker_cache(retriever) -> None:
+    save = getattr(retriever.reranker, "save_cache", None)
+    if save is not None:
+        save()
+
+
 def _search_options(args) -> dict:
     options = dict(mode=args.mode, fusion=args.fusion, expansion=args.expansion,
                    min_score_ratio=args.min_score_ratio)
@@ -88,6 +94,7 @@ def cmd_search(args) -> int:
             _console().print(f"[dim]queries: {' → '.join(queries)}[/dim]")
     else:
         hits = retriever.search(args.query, k=args.k, **options)
+    _save_reranker_cache(retriever)
     for rank, h in enumerate(hits, 1):
         row = {"rank": rank, "score": round(h.score, 6), "source": h.chunk.source, "start": h.chunk.start,
                "end": h.chunk.end, "title": h.chunk.title, "heading_path": h.chunk.heading_path}
@@ -113,6 +120,7 @@ def cmd_ask(args) -> int:
             answer = ask_in_session(store, args.session, args.question, answerer, generator)
     else:
         answer = answerer.ask(args.question)
+    _save_reranker_cache(answerer.retriever)
     if args.json:
         print(json.dumps(answer.to_dict(), ensure_ascii=False))
     else:
@@ -136,6 +144,7 @@ def cmd_eval(args) -> int:
     queries, qrels = load_queries(args.queries), load_qrels(args.qrels)  # checked before any model loads
     retriever = _retriever(args)
     table = evaluate_retriever(retriever, queries, qrels, doc_id_kind=args.doc_id, k=args.k)
+    _save_reranker_cache(retriever)
     print(format_table(table))
     result = {"retrieval": table}
     if args.answers:

@@ -132,10 +132,29 @@ class TokenEmbedder:
 
 class LateInteractionReranker:
     """Re-scores candidates by MaxSim over contextual token vectors, divided by the number of
-    query tokens (the same order as the sum, on a cosine scale)."""
+    query tokens (the same order as the sum, on a cosine scale).
 
-    def __init__(self, token_embedder: TokenEmbedder | None = None) -> None:
+    `cache_path` (a .npz) keeps passage token vectors across runs: read here when it exists,
+    written by `save_cache()` when new passages were encoded."""
+
+    def __init__(self, token_embedder: TokenEmbedder | None = None, cache_path: str | Path | None = None) -> None:
         self.tokens = token_embedder or TokenEmbedder()
+        self.cache_path = Path(cache_path) if cache_path is not None else None
+        if self.cache_path is not None and self.cache_path.is_file():
+            try:
+                self.tokens.load_cache(self.cache_path)
+            except (ValueError, OSError, KeyError):
+                pass  # a cache for another window or a damaged file is only a lost speed-up
+        self._saved_misses = self.tokens.misses
+
+    def save_cache(self) -> bool:
+        """Write the passage cache to `cache_path` if passages were encoded since; True if written."""
+        if self.cache_path is None or self.tokens.misses == self._saved_misses:
+            return False
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        self.tokens.save_cache(self.cache_path)
+        self._saved_misses = self.tokens.misses
+        return True
 
     def score(self, query: str, chunks: Sequence[Chunk]) -> np.ndarray:
         if not chunks:

@@ -382,7 +382,14 @@ def open_retriever(index_dir: str | Path | None = None, encoder: str | Path | No
         embedder = embedder_for_index(index_dir, encoder)
         index = HybridIndex.load(index_dir, embedder)
     if reranker == "late":
-        reranker = make_reranker("late", getattr(embedder, "encoder", None))
+        import hashlib
+
+        from .rerank import LateInteractionReranker, TokenEmbedder
+
+        # Passage token vectors persist in the user cache, keyed by the embedding model.
+        key = hashlib.sha256(embedder.name.encode()).hexdigest()[:16]
+        reranker = LateInteractionReranker(TokenEmbedder(getattr(embedder, "encoder", None)),
+                                           cache_path=cache_dir() / "rag" / f"late-tokens-{key}.npz")
     return Retriever(index, embedder, generator=generator, reranker=reranker)
 
 
