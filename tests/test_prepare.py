@@ -253,6 +253,7 @@ def test_token_dataset_over_memory_mapped_chunks_equals_the_in_memory_one(tmp_pa
     assert lazy.max_token_id == eager.max_token_id
     assert torch.equal(lazy.sequences[0:20], eager.sequences)
     assert torch.equal(lazy.sequences[3], eager.sequences[3]) and torch.equal(lazy.sequences[-1], eager.sequences[-1])
+    assert torch.equal(lazy.sequences[torch.tensor(7)], eager.sequences[torch.tensor(7)])
     picks = [19, 5, 5, 0, 6]
     assert torch.equal(lazy.batch(picks), eager.batch(picks)) and lazy.batch(picks).dtype == torch.long
     single = TokenDataset(np.load(paths[2], mmap_mode="r"), 100)  # ids[301:800]: 4 sequences and 99 left over

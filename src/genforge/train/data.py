@@ -142,6 +142,8 @@ class _LazySequences:
 
     def __getitem__(self, key) -> torch.Tensor:
         count = self.shape[0]
+        if isinstance(key, (torch.Tensor, np.ndarray)) and key.ndim == 0:
+            key = int(key)  # a scalar index selects one sequence, as with a tensor
         if isinstance(key, slice):
             rows = range(*key.indices(count))
         elif isinstance(key, torch.Tensor):
