@@ -133,7 +133,7 @@ def test_speculative_with_the_model_as_its_own_draft(text_model_dir, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--strategy", "speculative"], "needs --draft"),
     (["--draft", "x"], "only by --strategy speculative"),
-    (["--strategy", "beam", "--stop", "x"], "--stop is supported by --strategy sample only"),
+    (["--strategy", "contrastive", "--stop", "x"], "--stop is not supported by --strategy contrastive"),
     (["--num-beam-groups", "2"], "for --strategy diverse-beam"),
 ])
 def test_strategy_flag_mistakes_are_refused_before_loading(flags, message, capsys, tmp_path):
@@ -273,3 +273,21 @@ def test_pretrain_trains_exports_and_resumes(text_model_dir, tmp_path, capsys):
     assert main(base + ["--steps", "4", "--resume"]) == 0
     assert "trained to step 4" in capsys.readouterr().err
     assert main(base + ["--steps", "0"]) == 2
+
+
+def test_generate_beam_sampling_and_stop_strings_for_beam_and_prompt_lookup(text_model_dir, capsys):
+    base = ["generate", "--model", str(text_model_dir), "--prompt", "the weather today is", "--max-new-tokens", "12"]
+    assert main(base + ["--strategy", "beam", "--num-beams", "3"]) == 0
+    free = capsys.readouterr().out.strip()
+    stop = free.split()[len(free.split()) // 2]
+    for strategy in (["--strategy", "beam", "--num-beams", "3"], ["--strategy", "prompt-lookup"]):
+        assert main(base + strategy + ["--stop", stop]) == 0
+        assert stop not in capsys.readouterr().out
+    assert main(base + ["--strategy", "beam", "--num-beams", "3", "--do-sample", "--temperature", "0.9",
+                        "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert main(base + ["--strategy", "beam", "--num-beams", "3", "--do-sample", "--temperature", "0.9",
+                        "--seed", "1"]) == 0
+    assert capsys.readouterr().out == first  # seeded beam sampling repeats
+    assert main(base + ["--strategy", "contrastive", "--stop", "x"]) == 2
+    assert main(base + ["--do-sample"]) == 2

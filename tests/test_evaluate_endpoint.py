@@ -2,11 +2,13 @@
 server gives the numbers the harness gives on the same model in-process, and an endpoint
 judge returns the verdicts its replies name."""
 
+import copy
 import json
 
 import pytest
 import torch
 
+from genforge.cli import main
 from genforge.evaluate.endpoint import EndpointLanguageModel, endpoint_judge
 from genforge.evaluate.harness import LocalLanguageModel, evaluate_task
 from genforge.evaluate.judge import judge_all
@@ -104,48 +106,78 @@ def test_an_endpoint_that_does_not_echo_is_reported(served, bpe_tokenizer, monke
         lm.loglikelihood([("a", "b")])
 
 
-def test_endpoint_judge_reads_the_verdicts_of_a_chat_endpoint(bpe_tokenizer):
-    """A chat endpoint whose model always answers "[[A]]": the position swap turns every pair
-    into a tie, which is what a judge with total position bias deserves."""
-    import asyncio
+class AlwaysA:
+    """Stands in for AsyncEngine: every request gets the reply "[[A]]"."""
 
-    class AlwaysA:
-        """Stands in for AsyncEngine: every request gets the reply "[[A]]"."""
+    models = [MODEL]
 
-        models = [MODEL]
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.reply = tokenizer.encode("[[A]]", add_special_tokens=False)
 
-        def __init__(self):
-            self.reply = bpe_tokenizer.encode("[[A]]", add_special_tokens=False)
+    def engine(self, model):
+        return type("E", (), {"max_model_len": 4096, "eos_token_ids": frozenset({self.tokenizer.eos_token_id})})
 
-        def engine(self, model):
-            return type("E", (), {"max_model_len": 4096, "eos_token_ids": frozenset({bpe_tokenizer.eos_token_id})})
+    async def generate(self, model, request):
+        from genforge.serve.engine import RequestOutput
 
-        async def generate(self, model, request):
-            from genforge.serve.engine import RequestOutput
+        yield RequestOutput(request.request_id, self.reply, self.tokenizer.decode(self.reply), None, True, "stop",
+                            len(request.prompt_token_ids), len(self.reply), 0, 0.0, 0.0)
 
-            text = bpe_tokenizer.decode(self.reply)
-            await asyncio.sleep(0)
-            yield RequestOutput(request.request_id, self.reply, text, None, True, "stop", len(request.prompt_token_ids),
-                                len(self.reply), 0, 0.0, 0.0)
+    def abort(self, model, request_id):
+        pass
 
-        def abort(self, model, request_id):
-            pass
+    def stats(self, model):
+        from genforge.serve.engine import EngineStats
 
-        def stats(self, model):
-            from genforge.serve.engine import EngineStats
+        return EngineStats(0, 0, 1, 0, 0, 0, 0, 0, 0)
 
-            return EngineStats(0, 0, 1, 0, 0, 0, 0, 0, 0)
+    async def shutdown(self, drain_timeout=30.0):
+        pass
 
-        async def shutdown(self, drain_timeout=30.0):
-            pass
 
-    tokenizer = bpe_tokenizer
+@pytest.fixture(scope="module")
+def always_a(bpe_tokenizer):
+    """A chat endpoint whose model always answers "[[A]]"."""
+    tokenizer = copy.copy(bpe_tokenizer)
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    try:
-        with LiveServer(create_app(AlwaysA(), tokenizers={MODEL: tokenizer})) as live:
-            judge = endpoint_judge(live.url + "/v1", MODEL)
-            assert judge("q", "one", "two") == "A"
-            battles = judge_all(judge, ["q1", "q2"], {"m1": ["a", "b"], "m2": ["c", "d"]})
-    finally:
-        tokenizer.chat_template = None
+    with LiveServer(create_app(AlwaysA(tokenizer), tokenizers={MODEL: tokenizer})) as live:
+        yield live
+
+
+def test_endpoint_judge_reads_the_verdicts_of_a_chat_endpoint(always_a):
+    # The position swap turns every pair into a tie: what a judge with total position bias deserves.
+    judge = endpoint_judge(always_a.url + "/v1", MODEL)
+    assert judge("q", "one", "two") == "A"
+    battles = judge_all(judge, ["q1", "q2"], {"m1": ["a", "b"], "m2": ["c", "d"]})
     assert [b.winner for b in battles.battles] == ["tie", "tie"] and battles.consistency == 0.0
+
+
+def test_cli_judges_answers_through_an_endpoint(always_a, tmp_path, capsys):
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question": f"q{i}", "answers": {"m1": "a", "m2": "b", "m3": "c"}}) + "\n"
+                               for i in range(2)))
+    battles = tmp_path / "battles.jsonl"
+    code = main(["eval", "judge", "--answers", str(answers), "--endpoint", always_a.url + "/v1", "--judge-model", MODEL,
+                 "--battles", str(battles)])
+    assert code == 0
+    written = [json.loads(line) for line in battles.read_text().splitlines()]
+    assert len(written) == 6 and {b["winner"] for b in written} == {"tie"}
+    assert "| m1 |" in capsys.readouterr().out
+
+
+def test_cli_runs_harness_tasks_against_an_endpoint(served, bpe_model, bpe_tokenizer, tmp_path, capsys):
+    docs = [{"q": f"item {i}", "choices": ["true", "false"], "label": i % 2} for i in range(4)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    task = tmp_path / "mc.yaml"
+    task.write_text("task: mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n"
+                    "test_split: test\noutput_type: multiple_choice\ndoc_to_text: 'Q: {{q}}\\nA:'\n"
+                    "doc_to_target: label\ndoc_to_choice: choices\n")
+    bpe_tokenizer.save(tmp_path / "tokenizer")
+    assert main(["eval", "harness", "--endpoint", served.url + "/v1", "--served-model", MODEL, "--tokenizer",
+                 str(tmp_path / "tokenizer"), "--max-length", str(CONTEXT), "--tasks", str(task),
+                 "--out", str(tmp_path / "out")]) == 0
+    remote = json.loads((tmp_path / "out" / "results.json").read_text())["mc"]["metrics"]
+    assert remote == pytest.approx(evaluate_task(bpe_model, bpe_tokenizer, task).metrics, abs=1e-6)
+    assert main(["eval", "harness", "--tasks", str(task)]) == 2  # neither --model nor --endpoint
+    assert main(["eval", "harness", "--tasks", str(task), "--endpoint", served.url + "/v1"]) == 2  # no tokenizer

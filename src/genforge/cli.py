@@ -91,8 +91,10 @@ def _check_strategy_flags(args) -> None:
         raise ValueError("--strategy speculative needs --draft DIR, a smaller model with the same vocabulary")
     if args.draft and args.strategy != "speculative":
         raise ValueError("--draft is used only by --strategy speculative")
-    if args.strategy != "sample" and args.stop:
-        raise ValueError(f"--stop is supported by --strategy sample only; use --stop-token-id with {args.strategy}")
+    if args.stop and args.strategy not in ("sample", "beam", "diverse-beam", "speculative", "prompt-lookup"):
+        raise ValueError(f"--stop is not supported by --strategy {args.strategy}; use --stop-token-id")
+    if args.do_sample and args.strategy != "beam":
+        raise ValueError("--do-sample (beam sampling) is for --strategy beam; --strategy sample always samples")
     if args.strategy in ("speculative", "prompt-lookup") and len(args.prompt) > 1:
         raise ValueError(f"--strategy {args.strategy} decodes one prompt at a time; pass a single --prompt")
     if args.num_beam_groups > 1 and args.strategy != "diverse-beam":
@@ -135,9 +137,11 @@ def cmd_generate(args) -> int:
             extra.append(Watermark(key=args.watermark, gamma=args.watermark_gamma, delta=args.watermark_delta))
         return _stream_samples(args, model, tokenizer, prompts, params, eos, extra)
     params = only_text_tokens(params, model.config.vocab_size, tokenizer)
-    rows = _run_strategy(args, model, prompts, params, eos)  # (prompt index, token ids, extra fields)
+    rows = _run_strategy(args, model, tokenizer, prompts, params, eos)  # (prompt index, token ids, extra fields)
     for index, token_ids, extra in rows:
-        text = continuation_text(tokenizer, prompts[index], token_ids)
+        text = extra.pop("text", None)
+        if text is None:
+            text = continuation_text(tokenizer, prompts[index], token_ids)
         if len(rows) == 1:
             print(text)
         else:
@@ -166,22 +170,27 @@ def _stream_samples(args, model, tokenizer, prompts, params, eos, extra_processo
     return 0
 
 
-def _run_strategy(args, model, prompts, params, eos) -> list[tuple[int, list[int], dict]]:
+def _run_strategy(args, model, tokenizer, prompts, params, eos) -> list[tuple[int, list[int], dict]]:
     if args.strategy in ("beam", "diverse-beam"):
         from .generate.beam import beam_search
-        from .generate.processors import build_processors
+        from .generate.processors import build_processors, make_generator
 
         # Beam search ranks whole sequences by log-probability; only the penalties and bans
-        # of the processors apply (temperature and truncation are for sampling).
-        processors = build_processors(_deterministic(params), eos, vocab_size=model.config.vocab_size)
+        # of the processors apply, unless beam sampling draws the candidates (then the
+        # temperature and truncation warpers shape what it draws from, as in transformers).
+        sampled = args.do_sample and not params.greedy
+        processors = build_processors(params if sampled else _deterministic(params), eos,
+                                      vocab_size=model.config.vocab_size)
         beams = beam_search(
             model, prompts, num_beams=args.num_beams, max_new_tokens=params.max_new_tokens,
             length_penalty=args.length_penalty, early_stopping=args.early_stopping,
             num_return_sequences=args.num_return_sequences, eos_token_ids=eos, processors=processors,
             num_beam_groups=args.num_beam_groups if args.strategy == "diverse-beam" else 1,
             diversity_penalty=args.diversity_penalty if args.strategy == "diverse-beam" else 0.0,
+            do_sample=sampled, generator=make_generator(params.seed) if sampled else None,
+            stop_strings=params.stop, tokenizer=tokenizer,
         )
-        return [(i, h.token_ids, {"score": round(h.score, 6), "finish_reason": h.finish_reason})
+        return [(i, h.token_ids, {"score": round(h.score, 6), "finish_reason": h.finish_reason, "text": h.text})
                 for i, hypotheses in enumerate(beams) for h in hypotheses]
     if args.strategy in ("contrastive", "contrastive-decoding"):
         from .generate import contrastive
@@ -204,14 +213,14 @@ def _run_strategy(args, model, prompts, params, eos) -> list[tuple[int, list[int
     if args.strategy == "speculative":
         draft = _load_model_only(args, args.draft)
         done = speculative_generate(model, draft, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
-                                    eos_token_ids=eos)
+                                    eos_token_ids=eos, tokenizer=tokenizer)
     else:
         done = prompt_lookup_generate(model, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
-                                      eos_token_ids=eos)
+                                      eos_token_ids=eos, tokenizer=tokenizer)
     stats = done.stats
     console.print(f"[dim]{stats.generated} tokens in {stats.target_forwards} target passes; acceptance rate "
                   f"{stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target pass[/dim]")
-    return [(0, done.token_ids, {"finish_reason": done.finish_reason})]
+    return [(0, done.token_ids, {"finish_reason": done.finish_reason, "text": done.text})]
 
 
 def _constraints(args, tokenizer, eos) -> list:
@@ -375,9 +384,22 @@ def cmd_eval_harness(args) -> int:
     from .inference import pack_for_cpu_inference
     from .tokenizer import Tokenizer
 
+    if bool(args.model) == bool(args.endpoint):
+        raise ValueError("give either --model DIR (run in-process) or --endpoint URL with --served-model and "
+                         "--tokenizer (an OpenAI-compatible server)")
     tasks = [load_task(path) for path in args.tasks]  # every task file is checked before the model loads
-    model = pack_for_cpu_inference(load_model(args.model, dtype=args.dtype, device=args.device))
-    tokenizer = Tokenizer.from_dir(args.model)
+    if args.endpoint:
+        from .evaluate.endpoint import EndpointLanguageModel
+
+        if not args.served_model or not args.tokenizer:
+            raise ValueError("--endpoint needs --served-model NAME and --tokenizer DIR (the served model's tokenizer, "
+                             "to split contexts and continuations into the tokens it scores)")
+        model = EndpointLanguageModel(args.endpoint, args.served_model, Tokenizer.from_dir(args.tokenizer),
+                                      api_key=args.api_key, max_length=args.max_length, concurrency=args.concurrency)
+        tokenizer = None
+    else:
+        model = pack_for_cpu_inference(load_model(args.model, dtype=args.dtype, device=args.device))
+        tokenizer = Tokenizer.from_dir(args.model)
     results = evaluate(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                        batch_size=args.batch_size)
     print(results_table(results))
@@ -401,12 +423,18 @@ def _read_jsonl(path: str, what: str) -> list[dict]:
 def cmd_eval_judge(args) -> int:
     from .evaluate import Battle, bradley_terry, cohen_kappa, elo_ratings
 
-    rows = _read_jsonl(args.battles, "--battles")
-    missing = [i for i, r in enumerate(rows, 1) if not {"model_a", "model_b", "winner"} <= set(r)]
-    if missing or not rows:
-        raise ValueError(f"{args.battles}: every line needs model_a, model_b and winner (A, B or tie); "
-                         f"{'no battles' if not rows else f'line {missing[0]} lacks one'}")
-    battles = [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
+    if args.answers:
+        battles = _judge_answers(args)
+    else:
+        if not args.battles:
+            raise ValueError("give --battles FILE (judged battles), or --answers FILE with --endpoint and "
+                             "--judge-model to have a model judge them")
+        rows = _read_jsonl(args.battles, "--battles")
+        missing = [i for i, r in enumerate(rows, 1) if not {"model_a", "model_b", "winner"} <= set(r)]
+        if missing or not rows:
+            raise ValueError(f"{args.battles}: every line needs model_a, model_b and winner (A, B or tie); "
+                             f"{'no battles' if not rows else f'line {missing[0]} lacks one'}")
+        battles = [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
     fit = bradley_terry if args.method == "bradley-terry" else elo_ratings
     ratings = fit(battles, bootstrap=args.bootstrap, seed=args.seed)
     print(f"| model | {args.method} rating | {'95% interval' if args.bootstrap else ''} |\n|---|---:|---|")
@@ -421,6 +449,31 @@ def cmd_eval_judge(args) -> int:
         kappa = cohen_kappa([b.winner for b in battles], human)
         print(f"\nagreement with human labels: Cohen's kappa {kappa.score:.3f}")
     return 0
+
+
+def _judge_answers(args) -> list:
+    """Battles from an LLM judge behind an OpenAI-compatible endpoint, both orders per pair."""
+    from .atomic import atomic_write_text
+    from .evaluate import judge_all
+    from .evaluate.endpoint import endpoint_judge
+
+    if not args.endpoint or not args.judge_model:
+        raise ValueError("--answers needs --endpoint URL and --judge-model NAME (the chat model that judges)")
+    rows = _read_jsonl(args.answers, "--answers")
+    if not rows or not all(isinstance(r.get("question"), str) and isinstance(r.get("answers"), dict) for r in rows):
+        raise ValueError(f"{args.answers}: every line needs question (a string) and answers ({{model: answer}})")
+    models = list(rows[0]["answers"])
+    if any(list(r["answers"]) != models for r in rows):
+        raise ValueError(f"{args.answers}: every line must answer with the same models, in the same order: {models}")
+    judge = endpoint_judge(args.endpoint, args.judge_model, api_key=args.api_key)
+    judged = judge_all(judge, [r["question"] for r in rows], {m: [r["answers"][m] for r in rows] for m in models})
+    console.print(f"[dim]{len(judged.battles)} battles; both orders agreed on {judged.consistency:.0%} "
+                  "(the rest count as ties)[/dim]")
+    if args.battles:
+        lines = [json.dumps({"model_a": b.model_a, "model_b": b.model_b, "winner": b.winner}) for b in judged.battles]
+        atomic_write_text(Path(args.battles), "\n".join(lines) + "\n")
+        console.print(f"[dim]wrote {args.battles}[/dim]")
+    return judged.battles
 
 
 def cmd_eval_ab(args) -> int:
@@ -596,6 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     strategy.add_argument("--early-stopping", default=False, type=_early_stopping,
                           help="beam: true (stop at num_beams finished), false (heuristic) or never")
     strategy.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print per prompt")
+    strategy.add_argument("--do-sample", action="store_true",
+                          help="beam: beam sampling, drawing candidates through --temperature/--top-k/--top-p")
     strategy.add_argument("--num-beam-groups", type=int, default=1, help="diverse-beam: groups of beams")
     strategy.add_argument("--diversity-penalty", type=float, default=0.5,
                           help="diverse-beam: Hamming penalty on tokens chosen by earlier groups")
@@ -741,7 +796,16 @@ def build_parser() -> argparse.ArgumentParser:
     harness = eval_sub.add_parser("harness", help="run lm-evaluation-harness-style YAML tasks on a model",
                                   description="Run tasks written in lm-evaluation-harness's YAML conventions over "
                                               "local JSONL data; prints a Markdown table (see docs/evaluation.md).")
-    model_flags(harness)
+    harness.add_argument("--model", default=None, help="Hugging Face model directory, run in-process")
+    harness.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto")
+    harness.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    remote = harness.add_argument_group("a model behind an OpenAI-compatible server (genforge serve, vLLM, ...)")
+    remote.add_argument("--endpoint", default=None, help="base URL, e.g. http://localhost:8000/v1")
+    remote.add_argument("--served-model", default=None, help="the model name the server knows")
+    remote.add_argument("--tokenizer", default=None, help="directory with the served model's tokenizer.json")
+    remote.add_argument("--api-key", default=None, help="Bearer key (default: none)")
+    remote.add_argument("--max-length", type=int, default=2048, help="the served model's context length")
+    remote.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     harness.add_argument("--tasks", nargs="+", required=True, help="task YAML files")
     harness.add_argument("--num-fewshot", type=int, default=None, help="override each task's num_fewshot")
     harness.add_argument("--limit", type=int, default=None, help="evaluate only the first N docs of each task")
@@ -750,10 +814,18 @@ def build_parser() -> argparse.ArgumentParser:
     harness.set_defaults(func=cmd_eval_harness)
     judge = eval_sub.add_parser("judge", help="ratings from pairwise judgments",
                                 description="Aggregate pairwise battles (JSONL lines {model_a, model_b, winner: "
-                                            "A|B|tie}, e.g. from genforge.evaluate.judge_all) into Bradley-Terry or "
-                                            "Elo ratings, optionally with bootstrap intervals and agreement with "
-                                            "human labels.")
-    judge.add_argument("--battles", required=True, help="JSONL battles")
+                                            "A|B|tie}) into Bradley-Terry or Elo ratings, optionally with bootstrap "
+                                            "intervals and agreement with human labels; or first have an LLM judge "
+                                            "behind an OpenAI-compatible endpoint produce the battles (--answers).")
+    judge.add_argument("--battles", default=None,
+                       help="JSONL battles to rate (with --answers: where to write the judged battles)")
+    judge.add_argument("--answers", default=None,
+                       help="JSONL lines {question, answers: {model: answer}} for an LLM judge to compare pairwise, "
+                            "in both orders (needs --endpoint and --judge-model)")
+    judge.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL of the judge, e.g. "
+                                                        "http://localhost:8000/v1")
+    judge.add_argument("--judge-model", default=None, help="the judge's model name on that server")
+    judge.add_argument("--api-key", default=None, help="Bearer key for the endpoint")
     judge.add_argument("--method", choices=("bradley-terry", "elo"), default="bradley-terry")
     judge.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for 95%% intervals (0: none)")
     judge.add_argument("--seed", type=int, default=0)
