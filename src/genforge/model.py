@@ -491,4 +491,3 @@ class Transformer(nn.Module):
             mask = build_attention_mask(position_ids, key_positions, key_valid, config.causal, window)
             masks[window] = (mask, False)
         return masks
-
