@@ -615,7 +615,8 @@ def _early_stopping(value: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genforge",
-        description="genforge: load Hugging Face checkpoints into readable, verified models and generate with them.",
+        description="genforge: the generative-AI stack in one codebase: train, load Hugging Face checkpoints, "
+                    "decode, serve (OpenAI-compatible), retrieve with citations and evaluate. Each command has --help.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
