@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import describe
 
 from genforge.checkpoint import load_model
 from genforge.generate.generator import stream
@@ -43,16 +43,7 @@ SHAPES = {
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "os": platform.platform()}
+    return describe(transformers=transformers.__version__)
 
 
 def gemv_bandwidth(repeats: int = 20) -> dict[str, float]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from genforge.rag.chunking import chunk_document
+from machine import describe
 from genforge.rag.index import EncoderEmbedder, FaissStore, HybridIndex, QueryCache, _fit_bm25
 from genforge.rag.loaders import load_documents
 from genforge.rag.retrieve import reciprocal_rank_fusion
@@ -74,16 +74,7 @@ QUERIES = [
 def machine() -> dict:
     import faiss
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
-            "torch": torch.__version__, "faiss": faiss.__version__, "python": platform.python_version(), "os": platform.platform()}
+    return {**describe(faiss=faiss.__version__), "faiss_threads": faiss.omp_get_max_threads()}
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from genforge.serve.bench import RequestRecord, markdown_report, poisson_offsets, summarize
+from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -175,7 +175,8 @@ def markdown(results: dict) -> str:
         for name, summary in systems.items():
             ratio = ours / summary["output_tokens_per_s"]
             runs.append({**summary, "rate": rate, "label": f"{name} (genforge {ratio:.2f}x)"})
-    header = f"Machine: {results['machine']}. Model: {results['model']}. Workload: {results['workload']}.\n\n"
+    machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
+    header = f"Machine: {machine}. Model: {results['model']}. Workload: {results['workload']}.\n\n"
     return header + markdown_report(runs, title="genforge engine vs static batching vs one at a time")
 
 
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    import transformers
     from transformers import AutoModelForCausalLM
 
     from genforge.checkpoint import load_model
@@ -207,8 +209,7 @@ def main(argv=None) -> int:
         theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     systems = args.systems.split(",")
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                   f"torch {torch.__version__}, Python {platform.python_version()}",
+        "machine": describe(transformers=transformers.__version__),
         "model": args.model or "random Llama d=256 L=4 vocab=8192",
         "workload": (f"{args.num_requests} requests, input {args.input_len} and output {args.output_len} tokens "
                      f"+-{args.range_ratio:.0%}, max concurrency {args.max_concurrency}, greedy, fp32"),

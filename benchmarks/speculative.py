@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import sysconfig
@@ -43,6 +42,7 @@ from genforge.generate.speculative import prompt_lookup_generate, speculative_ge
 from genforge.model import Transformer
 from genforge.tokenizer import Tokenizer
 from genforge.train import TokenDataset, TrainConfig, Trainer
+from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -191,11 +191,11 @@ def main(argv=None) -> int:
             entry["acceptance_rate"] = statistics.mean(s["acceptance_rate"] for s in stats[name])
             entry["tokens_per_target_forward"] = statistics.mean(s["tokens_per_target_forward"] for s in stats[name])
         rows.append(entry)
-    results = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, torch "
-                          f"{torch.__version__}, transformers {transformers.__version__}",
+    results = {"machine": describe(transformers=transformers.__version__),
                "setup": f"{len(prompts)} held-out stdlib prompts of {args.prompt_len} tokens, {args.new_tokens} greedy "
                         f"tokens; target {SIZES['target']}, draft {SIZES['draft']}", "rows": rows}
-    lines = [f"Machine: {results['machine']}. {results['setup']}.", "",
+    machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
+    lines = [f"Machine: {machine}. {results['setup']}.", "",
              "| system | tokens/s | speedup over own target alone | acceptance | tokens per target forward |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import describe
 
 from genforge.atomic import atomic_write_text
 from genforge.checkpoint import load_model
@@ -51,16 +51,7 @@ def llama_config(args) -> transformers.LlamaConfig:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "os": platform.platform()}
+    return describe(transformers=transformers.__version__)
 
 
 def matmul_peak(size: int = 1024, repeats: int = 5) -> float:

@@ -1,0 +1,29 @@
+"""What machine a benchmark ran on: every results file records it next to its numbers."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(**versions: str) -> dict:
+    """CPU, cores, torch threads, GPU if any, and the versions of torch, Python and `versions`
+    (the peer libraries the benchmark compares against)."""
+    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, **versions, "python": platform.python_version(), "os": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
