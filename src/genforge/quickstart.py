@@ -264,10 +264,12 @@ def pretrain_from_scratch(out: Path, console: Console, fast: bool = False) -> di
         import shutil
 
         shutil.rmtree(run_dir)
-    eval_batches = max(1, min(4, len(val_data) // plan.batch_size))
+    # Score the whole val split (up to 16 batches): its files differ a lot (a code-page table is far
+    # more predictable than a parser), so a first-batches-only score would hinge on which came first.
+    eval_batches = max(1, min(16, math.ceil(len(val_data) / plan.batch_size)))
     train_config = TrainConfig(
         out_dir=run_dir, max_steps=steps, batch_size=plan.batch_size, lr=plan.lr, warmup_steps=max(1, steps // 20),
-        eval_every=max(1, steps // 5), eval_batches=eval_batches, save_every=0, seed=0, precision="fp32",
+        eval_every=max(1, steps // 4), eval_batches=eval_batches, save_every=0, seed=0, precision="fp32",
         progress=console.is_terminal,
     )
     console.print(f"  model: {config.num_parameters() / 1e6:.1f}M-parameter Llama-style decoder ({plan.num_layers} layers, "
