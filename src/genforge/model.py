@@ -488,6 +488,9 @@ class Transformer(nn.Module):
                 if past == 0:
                     masks[window] = (None, True)
                     continue
-            mask = build_attention_mask(position_ids, key_positions, key_valid, config.causal, window)
-            masks[window] = (mask, False)
+            allowed = build_attention_mask(position_ids, key_positions, key_valid, config.causal, window)
+            # An additive float mask, made once per forward: SDPA would convert a boolean one
+            # again in every layer.
+            bias = torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill_(~allowed, float("-inf"))
+            masks[window] = (bias, False)
         return masks

@@ -32,6 +32,16 @@ class PagedKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
         self.device = torch.device(device)
+        # Reused destinations of the per-layer gathers (one for keys, one for values). A fresh
+        # multi-megabyte tensor per layer and step costs page faults that take longer than the
+        # copy itself; every layer's gathered keys are consumed by its attention before the
+        # next layer gathers, so two buffers serve all layers.
+        self._gathered: list[torch.Tensor] = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
+
+    def gather_buffer(self, which: int, numel: int) -> torch.Tensor:
+        if self._gathered[which].numel() < numel:
+            self._gathered[which] = torch.empty(numel, dtype=self._gathered[which].dtype, device=self.device)
+        return self._gathered[which][:numel]
 
     @staticmethod
     def bytes_per_block(config: Config, block_size: int, dtype: torch.dtype) -> int:
@@ -81,16 +91,18 @@ class PagedBatch:
         batch, heads, new, dim = keys.shape
         pool_k.index_copy_(0, self.write_slots, keys.transpose(1, 2).reshape(batch * new, heads, dim))
         pool_v.index_copy_(0, self.write_slots, values.transpose(1, 2).reshape(batch * new, heads, dim))
-        return self._gather(pool_k), self._gather(pool_v)
+        return self._gather(pool_k, 0), self._gather(pool_v, 1)
 
-    def _gather(self, pool: torch.Tensor) -> torch.Tensor:
+    def _gather(self, pool: torch.Tensor, which: int) -> torch.Tensor:
         # Whole blocks are contiguous runs of memory, so selecting blocks (not slots) copies
         # a few large pieces; several times faster on CPU. The result is viewed as (batch,
         # width, heads, dim) and transposed to (batch, heads, width, dim) without another
         # copy: SDPA reads the strided layout directly.
         _, heads, dim = pool.shape
-        blocks = pool.view(self.cache.num_blocks, -1).index_select(0, self.gather_blocks)
-        return blocks.view(self.batch_size, self.width, heads, dim).transpose(1, 2)
+        rows = pool.view(self.cache.num_blocks, -1)
+        out = self.cache.gather_buffer(which, self.gather_blocks.numel() * rows.shape[1]).view(-1, rows.shape[1])
+        torch.index_select(rows, 0, self.gather_blocks, out=out)
+        return out.view(self.batch_size, self.width, heads, dim).transpose(1, 2)
 
     def advance(self, num_new: int) -> None:
         """Nothing to do: the engine counts each sequence's computed tokens itself."""
