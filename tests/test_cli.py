@@ -82,7 +82,7 @@ def test_generation_config_supplies_unset_flags(text_model_dir, tmp_path, capsys
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path, capsys):
-    assert main(["quickstart", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["quickstart", "--fast", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "timeit" in out  # "measure how long a snippet of code takes" finds the timeit module
     assert "logits identical" in out
