@@ -202,10 +202,12 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from genforge.checkpoint import load_model
+    from genforge.inference import pack_for_cpu_inference
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(args.model) if args.model else default_model_dir(Path(tmp), args.seed)
-        ours = load_model(directory).eval()
+        # As `genforge serve` runs it on CPU: oneDNN-packed linear layers (genforge.inference).
+        ours = pack_for_cpu_inference(load_model(directory).eval())
         theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     systems = args.systems.split(",")
     results = {
