@@ -409,3 +409,24 @@ def test_prompt_logprobs_score_every_prompt_token(budget):
     assert [e.token_id for e in scored[1:]] == prompt[1:]
     torch.testing.assert_close(torch.tensor([e.logprob for e in scored[1:]]), expected.logprobs, atol=1e-4, rtol=0)
     assert [[t for t, _ in e.top] for e in scored[1:]] == expected.top_token_ids.tolist()
+
+
+def test_decode_batches_split_by_length_and_stay_exact():
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer(), block_size=4)
+    prompts = [[7] * 3 for _ in range(6)] + [list(range(10, 130)) for _ in range(2)]
+    for i, p in enumerate(prompts):
+        engine.add_request(Request(str(i), p, greedy(6)))
+    groups = []
+    original = engine._decode_groups
+
+    def watched(singles):
+        result = original(singles)
+        groups.append([len(g) for g in result])
+        return result
+
+    engine._decode_groups = watched
+    results = run_to_end(engine)
+    assert [6, 2] in groups  # six short rows apart from the two long ones
+    for i, p in enumerate(prompts):
+        assert results[str(i)]["tokens"] == reference(model, p, greedy(6)).token_ids
