@@ -458,3 +458,17 @@ def test_mismatched_shapes_raise(logits, ctx):
         LogitBias({1200: 1.0})(logits, ctx)  # no vocab_size given: caught at the first call
     with pytest.raises(ValueError, match="generators for 4 rows"):
         sample_next_token(logits, 1.0, [make_generator(0)])
+
+
+def test_extreme_temperature_and_penalty_stay_finite_and_sample():
+    from genforge.generate.processors import RepetitionPenalty, Temperature
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    ctx = DecodeContext(input_ids=torch.tensor([[3, 0]]), prompt_length=0)
+    for processor in (Temperature(5e-324), RepetitionPenalty(5e-324)):
+        out = processor(logits, ctx)
+        assert not out.isnan().any() and not (out == float("inf")).any()
+        token = sample_next_token(out, 1.0, torch.Generator().manual_seed(0))
+        assert int(token) in (0, 2, 3)  # a positive logit, never the one pushed to -inf
+    with pytest.raises(ValueError, match="NaN logits"):
+        sample_next_token(torch.tensor([[float("nan"), 0.0]]), 1.0)

@@ -430,3 +430,22 @@ def test_decode_batches_split_by_length_and_stay_exact():
     assert [6, 2] in groups  # six short rows apart from the two long ones
     for i, p in enumerate(prompts):
         assert results[str(i)]["tokens"] == reference(model, p, greedy(6)).token_ids
+
+
+def test_a_request_that_cannot_be_sampled_fails_alone():
+    from genforge.generate.processors import LogitBias
+
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer())
+    engine.add_request(Request("fine", [1, 2, 3], greedy(5)))
+    # A per-request processor that bans every token: nothing is left to choose.
+    engine.add_request(Request("doomed", [4, 5], SamplingParams(temperature=1.0, max_new_tokens=5),
+                               processors=[LogitBias.ban(range(VOCAB), VOCAB)]))
+    results = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).append(out)
+    assert results["doomed"][-1].error and "every token masked" in results["doomed"][-1].error
+    assert results["doomed"][-1].finish_reason == "error"
+    assert sum(len(o.token_ids) for o in results["fine"]) == 5
+    assert engine.stats().kv_blocks_used == 0

@@ -152,6 +152,12 @@ def _rows(value: Any, logits: torch.Tensor, name: str) -> Any:
     return value.to(device=logits.device, dtype=dtype).unsqueeze(1)
 
 
+def _no_positive_overflow(logits: torch.Tensor) -> torch.Tensor:
+    """Clamp +inf (a tiny temperature or penalty divided a logit past the float range) to the
+    largest finite value: softmax of +inf is NaN, while -inf stays a ban."""
+    return logits.clamp(max=torch.finfo(logits.dtype).max)
+
+
 def _ids_or_spare(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Map ids outside ``[0, vocab)`` to the spare column ``vocab`` of a ``vocab + 1`` wide mask.
 
@@ -283,7 +289,7 @@ class Temperature:
         object.__setattr__(self, "temperature", t)
 
     def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        return logits / _rows(self.temperature, logits, "temperature")
+        return _no_positive_overflow(logits / _rows(self.temperature, logits, "temperature"))
 
 
 @dataclass(frozen=True)
@@ -462,7 +468,7 @@ class RepetitionPenalty:
         seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
         seen = seen.scatter_(1, ids, True)[:, :vocab]  # scatter_ into our own fresh tensor
         penalty = _rows(self.penalty, logits, "repetition_penalty")
-        penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+        penalised = _no_positive_overflow(torch.where(logits < 0, logits * penalty, logits / penalty))
         return torch.where(seen, penalised, logits)
 
 
@@ -986,6 +992,10 @@ def sample_next_token(
         raise ValueError("logits must be a (batch, vocab) tensor")
     batch = logits.shape[0]
     temps = _temperatures(params_or_temperature, batch)
+    broken = logits.isnan().any(dim=-1)
+    if bool(broken.any()):
+        raise ValueError(f"rows {broken.nonzero().flatten().tolist()[:10]} have NaN logits; the sampling parameters "
+                         "push the logits out of the float range")
     dead = ~(logits > _NEG_INF).any(dim=-1)
     if bool(dead.any()):
         raise ValueError(

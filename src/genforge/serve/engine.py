@@ -78,7 +78,7 @@ class RequestOutput:
     text: str  # new text; stop strings cut, text that may begin one held back
     logprobs: list[TokenLogprob] | None
     finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort"
+    finish_reason: str | None  # "stop", "length", "abort" or "error"
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
@@ -86,6 +86,9 @@ class RequestOutput:
     first_token_time: float | None
     # In the first output only, when asked for: one entry per prompt token, None for the first.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Set (with finished=True) when this request's own settings made its next token impossible
+    # to choose; the other requests in the batch go on.
+    error: str | None = None
 
 
 @dataclass
@@ -300,6 +303,22 @@ class Engine:
             state.prompt_logprobs.append(TokenLogprob(token, float(scored.logprobs[i]), top))
 
     def _sample(self, completing: list[tuple[CacheSequence, torch.Tensor]]) -> list[RequestOutput]:
+        """Choose each completing sequence's next token. If the batch cannot be sampled (one
+        request's processors left nothing to choose, or broke the logits), the rows are
+        sampled one by one so that only the requests at fault fail."""
+        try:
+            return self._sample_batch(completing)
+        except (ValueError, RuntimeError) as err:
+            if len(completing) > 1:
+                return [output for item in completing for output in self._sample([item])]
+            seq = completing[0][0]
+            self._sequences.pop(seq.request_id, None)
+            self.scheduler.remove(seq)
+            output = self._output(seq, [], "", None, "error")
+            output.error = f"generation failed: {err}"
+            return [output]
+
+    def _sample_batch(self, completing: list[tuple[CacheSequence, torch.Tensor]]) -> list[RequestOutput]:
         seqs = [s for s, _ in completing]
         states: list[_RequestState] = [s.payload for s in seqs]
         raw = torch.stack([logits for _, logits in completing]).float()
@@ -418,8 +437,9 @@ class _EngineLoop:
         loop, outputs = consumer
         if output.finished:
             self.consumers.pop(output.request_id, None)
+        item = ValueError(output.error) if output.error else output
         try:
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
         except RuntimeError:  # the consumer's event loop is closed
             pass
 
