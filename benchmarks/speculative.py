@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--ks", default="2,4,6")
+    parser.add_argument("--ks", default="2,4,8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "speculative"))
     args = parser.parse_args(argv)
