@@ -35,23 +35,12 @@ def causal_lm_loss(
     count. reduction "mean" averages over counted tokens; "sum" lets a caller weight
     micro-batches by their token counts.
     """
-    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
-        raise ValueError(
-            f"logits must be (batch, seq, vocab) and labels (batch, seq) with the same batch and seq; "
-            f"got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
-        )
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     # Shift the labels, not the logits: position t is scored against label t+1 and the last
     # position against nothing (ignore_index), so the (batch x seq x vocab) logits are used as
     # they are instead of being copied into a shifted contiguous tensor (and back in backward).
-    targets = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index,
-        label_smoothing=label_smoothing, reduction=reduction,
-    )
+    if labels.dim() == 2:
+        labels = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
+    return masked_lm_loss(logits, labels, ignore_index, label_smoothing, reduction)
 
 
 def count_target_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
