@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from genforge.rag.chunking import (chunk_document, fixed_token_chunks, markdown_chunks, qa_chunks,
+from genforge.rag.chunking import (Chunk, chunk_document, fixed_token_chunks, markdown_chunks, qa_chunks,
                                    recursive_chunks, sentence_chunks)
 from genforge.rag.loaders import Document, load_documents
 
@@ -79,6 +79,31 @@ def test_qa_formats_on_small_documents():
     assert [c.title for c in chunks] == ["What is a cache?", "Why batch requests?"]
     _assert_offsets(doc, chunks)
     assert qa_chunks(Document("Just a paragraph.\n", "p.txt")) == []
+
+
+def test_numbered_list_is_not_taken_for_qa_items():
+    steps = "# Setup\n\nDo this in order:\n\n1. Install the package.\n2. Build the index.\n3. Run a query.\n"
+    doc = Document(steps, "setup.md")
+    assert qa_chunks(doc) == []
+    assert [c.heading_path for c in chunk_document(doc)] == [["Setup"]]
+    questions = "1. What is a cache?\nA store.\n2. Why batch?\nTo share work.\n3. When to stop?\nAt the end.\n"
+    assert [c.title for c in qa_chunks(Document(questions, "q.txt"))] == ["What is a cache?", "Why batch?", "When to stop?"]
+
+
+def test_embedding_text_drops_layout_and_keeps_context():
+    text = "### 7. What is a cache?\n**Answer:** A store of results.\n\n1. fast\n2. small"
+    chunk = Chunk(text, "c.md", 0, len(text), title="What is a cache?", heading_path=["Book", "Systems"],
+                  metadata={"item": 7, "question": "What is a cache?"})
+    # The heading path leads, the labels and item numbers are gone, the words stay in order.
+    assert chunk.embedding_text == "Book\nSystems\nWhat is a cache?\nA store of results.\nfast\nsmall"
+    qa = "12. Q: Why batch requests?\n\nA:\n\nTo share work."
+    assert Chunk(qa, "c.txt", 0, len(qa), title="Why batch requests?").embedding_text == "Why batch requests?\nTo share work."
+    # A markdown section is not prefixed with the heading it starts with.
+    section = "## Part A\n\nAlpha text."
+    assert Chunk(section, "g.md", 0, len(section), title="Part A", heading_path=["Guide", "Part A"]).embedding_text == \
+        "Guide\nPart A\nAlpha text."
+    # The content hash follows what is embedded, so a changed rule re-embeds.
+    assert chunk.content_hash != Chunk(text, "c.md", 0, len(text)).content_hash
 
 
 TEXT = ("# Guide\n\nIntro sentence one. Intro sentence two!\n\n## Part A\n\nAlpha text here. More alpha?\n\n"

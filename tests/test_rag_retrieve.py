@@ -210,3 +210,74 @@ def test_rerank_replaces_or_fuses_the_first_stage_order(tiny):
     # RRF of [a, b, c] and [c, b, a]: a and c get 1/61 + 1/63 = 0.032266 each (a first: seen first),
     # b gets 2/62 = 0.032258; the fourth keeps its place below every re-ranked candidate.
     assert [h.position for h in fused] == [first[0], first[2], first[1], first[3]]
+
+
+def test_duplicate_questions_rank_together():
+    from genforge.rag.retrieve import group_duplicate_questions, question_key
+
+    def item(question, n):
+        return Chunk(f"{question} answer {n}", "faq.txt", 0, 10, title=question, metadata={"item": n, "question": question})
+
+    chunks = [item("What is BPE (Byte Pair Encoding)?", 0), item("What is LoRA?", 1),
+              item("What is Byte Pair Encoding (BPE)?", 2), item("What is the KV cache?", 3),
+              Chunk("plain text", "notes.md", 0, 10, title="What is LoRA?")]
+    # Order, case, punctuation and filler words do not change the question; content words do.
+    assert question_key(chunks[0]) == question_key(chunks[2]) == frozenset({"bpe", "byte", "pair", "encoding"})
+    assert question_key(chunks[4]) is None  # not a Q&A item
+    ranked = [(1, 0.9), (0, 0.8), (4, 0.7), (3, 0.6)]
+    # BPE's twin (2) was not retrieved at all: it is pulled in right after its sibling, with the group's score.
+    assert group_duplicate_questions(ranked, chunks) == [(1, 0.9), (0, 0.8), (2, 0.8), (4, 0.7), (3, 0.6)]
+    # Twins both retrieved: the lower one moves up next to the higher, keeping its own order in the group.
+    assert group_duplicate_questions([(2, 0.9), (3, 0.5), (0, 0.4)], chunks) == [(2, 0.9), (0, 0.9), (3, 0.5)]
+    # Past `depth`, groups are not expanded.
+    assert group_duplicate_questions([(3, 0.9), (0, 0.4)], chunks, depth=1) == [(3, 0.9), (0, 0.4)]
+
+
+def test_search_groups_duplicates_by_default(tiny):
+    from genforge.rag import HybridIndex, Retriever
+
+    embedder = HashEmbedder()
+    chunks = tiny_chunks()
+    # Two items asking the same question with differently worded answers; the query matches one.
+    chunks.append(Chunk("Paged attention keeps cache blocks in a table.", "faq.txt", 0, 46, title="What is paged attention?",
+                        metadata={"item": 1, "question": "What is paged attention?"}))
+    chunks.append(Chunk("It was introduced by vLLM for serving.", "faq.txt", 47, 85, title="what is PAGED attention",
+                        metadata={"item": 2, "question": "what is PAGED attention"}))
+    retriever = Retriever(HybridIndex.build(chunks, embedder), embedder)
+    query = "table of cache blocks"
+    kept = [h.chunk.metadata["item"] for h in retriever.search(query, k=4, duplicates="keep")]
+    grouped = [h.chunk.metadata["item"] for h in retriever.search(query, k=4)]
+    assert 1 in kept[:2] and 2 not in kept[:3]
+    assert grouped[grouped.index(1) + 1] == 2
+    with pytest.raises(ValueError, match="accepted: group, keep"):
+        retriever.search(query, duplicates="merge")
+
+
+def test_inflected_forms_only():
+    from genforge.rag.retrieve import inflected_forms
+
+    for a, b in [("cache", "cached"), ("caching", "cache"), ("key", "keys"), ("merges", "merging"), ("query", "queries")]:
+        assert inflected_forms(a, b) and inflected_forms(b, a)
+    for a, b in [("token", "tokenizer"), ("preferred", "preference"), ("cache", "cache"), ("is", "its")]:
+        assert not inflected_forms(a, b)
+
+
+def test_word_forms_let_bm25_match_another_inflection(tiny):
+    # "trained" and "adapter" appear in the corpus only as "trains" / "training" and "adapters".
+    query = "trained adapter"
+    plain = tiny.index.sparse_search(query, 5)
+    forms = tiny.word_form_search(query, 5)
+    assert plain == []
+    lora = {n for n, c in enumerate(tiny.index.chunks) if c.source == "lora.md"}
+    assert {i for i, _ in forms} == lora
+    # Each query word scores by its best form: the sum of per-form maxima, computed by hand.
+    bm25 = tiny.index.bm25
+    for position, score in forms:
+        by_hand = sum(max(float(bm25.get_scores([f])[position]) for f in group if f in bm25.vocab_dict)
+                      for group in (["trains", "training"], ["adapters"]))
+        assert score == pytest.approx(by_hand)
+    # Filters apply, and a query with no other forms in the index is plain BM25.
+    assert tiny.word_form_search(query, 5, filters={"source": "paged.md"}) == []
+    assert tiny.word_form_search("paged attention", 5) == tiny.index.sparse_search("paged attention", 5)
+    assert tiny.search(query, k=2, mode="sparse", word_forms=False) == []
+    assert {h.position for h in tiny.search(query, k=2, mode="sparse")} == lora

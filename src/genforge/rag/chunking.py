@@ -26,6 +26,11 @@ from .loaders import Document
 
 STRATEGIES = ("fixed", "sentence", "recursive", "markdown", "qa")
 
+# Layout that is not content: an item number or Markdown heading marks at the start of a line,
+# question/answer labels, bold/italic markers.
+_LAYOUT_LABEL = re.compile(r"^[ \t]*(?:#{1,6}[ \t]+)?(?:\d+[.)][ \t]*)?(?:\*\*)?(?:Q|Question|A|Answer)(?:\*\*)?[ \t]*:(?:\*\*)?"
+                           r"|^[ \t]*#{1,6}[ \t]+(?:\d+[.)][ \t]+)?|^[ \t]*\d+[.)][ \t]+(?=\S)|\*\*|__", re.M)
+
 
 @dataclass
 class Chunk:
@@ -52,7 +57,19 @@ class Chunk:
 
     @property
     def embedding_text(self) -> str:
-        return self.text
+        """What the dense encoder sees: the heading path, then the text with its layout labels
+        removed (item numbers, "Q:"/"A:" and "Answer:" labels, heading hashes, emphasis marks).
+
+        The labels carry no meaning but spend the encoder's short window (128 tokens for
+        all-MiniLM-L6-v2) and pull every item of a collection towards one another; the heading
+        path ties the later pieces of a long section, and items of a titled section, to their
+        topic. `text` itself is untouched, so offsets and citations are unchanged."""
+        body = _LAYOUT_LABEL.sub(" ", self.text)
+        body = re.sub(r"[ \t]*\n\s*", "\n", body).strip()
+        context = [h for h in self.heading_path if h and h not in body[: len(h) + 40]]
+        if self.title and self.title not in body:
+            context.append(self.title)
+        return "\n".join(context + [body]) if context else body
 
     def to_dict(self) -> dict:
         return {"text": self.text, "source": self.source, "start": self.start, "end": self.end,
@@ -210,6 +227,10 @@ def _item_starts(text: str) -> tuple[str, list[re.Match]]:
                     run.append(m)
                     expected = n + 1
             found = run
+            # A plain numbered list (steps, bullet points of a Markdown page) is not a Q&A
+            # collection: its items must read as questions, most of them ending in "?".
+            if sum("?" in m.group(2) for m in found) * 2 < len(found):
+                found = []
         if len(found) >= 2:
             return kind, found
     return "", []

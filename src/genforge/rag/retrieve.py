@@ -24,12 +24,18 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import re
+
 import numpy as np
 
 from .chunking import Chunk
 from .index import Embedder, HybridIndex
 
 FUSIONS = ("rrf", "weighted")
+DUPLICATES = ("group", "keep")
+# Words that do not tell two questions apart ("What is X?" and "What is the X?" ask the same thing).
+_QUESTION_FILLER = frozenset("a an the is are was were what whats which how do does did of in on for to and or vs versus "
+                             "explain describe define can you".split())
 MODES = ("dense", "sparse", "hybrid")
 EXPANSIONS = ("prf", "hyde", "multi_query")
 
@@ -105,6 +111,71 @@ def adaptive_cutoff(scores: Sequence[float], ratio: float, min_k: int = 1) -> in
     return min(len(scores), max(keep, min_k))
 
 
+_INFLECTIONS = frozenset({"", "s", "es", "e", "ed", "d", "ing", "y", "ies", "ied"})
+
+
+def inflected_forms(a: str, b: str) -> bool:
+    """Whether two distinct words differ only by an English inflectional ending past their
+    common prefix (cache / cached / caching, key / keys, merge / merging), not by a derivational
+    one (token / tokenizer, prefer / preference)."""
+    if a == b:
+        return False
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n >= 3 and a[n:] in _INFLECTIONS and b[n:] in _INFLECTIONS
+
+
+def question_key(chunk: Chunk) -> frozenset[str] | None:
+    """The identity of a Q&A item's question: its content words, order and case ignored, or None
+    for chunks that are not Q&A items (or whose question has no content word).
+
+    "What is Byte Pair Encoding (BPE)?" and "What is BPE (Byte Pair Encoding)?" share a key;
+    "What is DPO?" and "What is DPO's advantage over PPO?" do not."""
+    if "question" not in chunk.metadata:
+        return None
+    words = frozenset(re.findall(r"\w+", str(chunk.metadata["question"]).lower())) - _QUESTION_FILLER
+    return words or None
+
+
+def group_duplicate_questions(ranked: Sequence[tuple[int, float]], chunks: Sequence[Chunk],
+                              depth: int | None = None) -> list[tuple[int, float]]:
+    """Duplicate-aware ranking: chunks answering the same question rank next to each other.
+
+    A corpus of Q&A collections often asks one question several times (a chat export repeating
+    a block with a reworded answer, two documents covering the same interview question). The
+    answers differ in wording, so a query phrased like one of them can rank its twins far apart,
+    although relevance belongs to the question: whatever makes one answer relevant makes the
+    others relevant too (the cluster hypothesis, van Rijsbergen 1979, in its strongest form).
+    Each group of items with the same `question_key` is placed where its best member ranks,
+    members in their own score order (members missing from `ranked` are pulled in from `chunks`
+    just after them); the score a member reports is the group's best, so downstream cut-offs
+    treat twins alike. Non-Q&A chunks keep their place. `depth` bounds how far down the list
+    groups are expanded (None: everywhere).
+    """
+    keys: dict[frozenset[str], list[int]] = {}
+    for position, chunk in enumerate(chunks):
+        key = question_key(chunk)
+        if key is not None:
+            keys.setdefault(key, []).append(position)
+    own = dict(ranked)
+    out: list[tuple[int, float]] = []
+    placed: set[int] = set()
+    for n, (position, score) in enumerate(ranked):
+        if position in placed:
+            continue
+        key = question_key(chunks[position])
+        members = [position]
+        if key is not None and (depth is None or n < depth):
+            # Ranked twins by their own scores, then unranked twins in corpus order.
+            twins = [p for p in keys[key] if p != position and p not in placed]
+            members += sorted(twins, key=lambda p: (p not in own, -own.get(p, 0.0)))
+        for p in members:
+            placed.add(p)
+            out.append((p, score))
+    return out
+
+
 @dataclass
 class Hit:
     chunk: Chunk
@@ -142,7 +213,7 @@ class Retriever:
                weights: tuple[float, float] = (0.5, 0.5), depth: int = 50, rrf_k: int = 60,
                mmr_lambda: float | None = None, expansion: str | None = None, rerank: bool = False,
                rerank_depth: int = 20, rerank_fusion: str = "replace", min_score_ratio: float | None = None,
-               filters=None) -> list[Hit]:
+               filters=None, duplicates: str = "group", word_forms: bool = True) -> list[Hit]:
         """Top-k chunks.
 
         Hybrid fuses the top-`depth` of each retriever. `expansion` is "prf" (RM3 + Rocchio
@@ -172,8 +243,11 @@ class Retriever:
             raise ValueError(f"rerank_fusion {rerank_fusion!r} is not supported; accepted: rrf, replace")
         if mmr_lambda is not None and not 0.0 <= mmr_lambda <= 1.0:
             raise ValueError(f"MMR lambda must be in [0, 1], got {mmr_lambda}")
+        if duplicates not in DUPLICATES:
+            raise ValueError(f"duplicates {duplicates!r} is not supported; accepted: {', '.join(DUPLICATES)}")
         depth = max(depth, k, rerank_depth if rerank else 0)
-        options = dict(mode=mode, fusion=fusion, weights=weights, depth=depth, rrf_k=rrf_k, filters=filters)
+        options = dict(mode=mode, fusion=fusion, weights=weights, depth=depth, rrf_k=rrf_k, filters=filters,
+                       word_forms=word_forms)
         if expansion is None:
             ranked = self.rank(query, **options)
         elif expansion == "prf":
@@ -192,6 +266,8 @@ class Retriever:
         details: dict[int, dict] = {}
         if rerank:
             ranked, details = self._rerank(query, ranked, rerank_depth, rerank_fusion, rrf_k)
+        if duplicates == "group":
+            ranked = group_duplicate_questions(ranked, self.index.chunks, depth=k)
         if mmr_lambda is not None:
             positions = [i for i, _ in ranked]
             order = mmr(self.embed_query(query), self.index.embeddings[positions], k, mmr_lambda)
@@ -203,9 +279,11 @@ class Retriever:
 
     def rank(self, query: str, mode: str = "hybrid", fusion: str = "rrf", weights: tuple[float, float] = (0.5, 0.5),
              depth: int = 50, rrf_k: int = 60, query_vector: np.ndarray | None = None,
-             sparse_scores: list[tuple[int, float]] | None = None, filters=None) -> list[tuple[int, float]]:
+             sparse_scores: list[tuple[int, float]] | None = None, filters=None,
+             word_forms: bool = True) -> list[tuple[int, float]]:
         """(chunk position, score) best first: the first stage, without re-ranking. `query_vector`
-        replaces the query's embedding (HyDE, Rocchio); `sparse_scores` replaces BM25's list (RM3)."""
+        replaces the query's embedding (HyDE, Rocchio); `sparse_scores` replaces BM25's list (RM3).
+        `word_forms` lets BM25 match other inflected forms of the query's words (`word_form_search`)."""
         dense = sparse = None
         # Filters are passed only when given, so an index without filter support still serves.
         extra = {"filters": filters} if filters else {}
@@ -213,7 +291,10 @@ class Retriever:
             qvec = self.embed_query(query) if query_vector is None else query_vector
             dense = self.index.dense_search(qvec, depth, **extra)
         if mode != "dense":
-            sparse = sparse_scores if sparse_scores is not None else self.index.sparse_search(query, depth, **extra)
+            if sparse_scores is None:
+                sparse_scores = (self.word_form_search(query, depth, filters) if word_forms
+                                 else self.index.sparse_search(query, depth, **extra))
+            sparse = sparse_scores
         if mode == "dense":
             return dense
         if mode == "sparse":
@@ -221,6 +302,61 @@ class Retriever:
         if fusion == "rrf":
             return reciprocal_rank_fusion([[i for i, _ in dense], [i for i, _ in sparse]], k=rrf_k)
         return weighted_score_fusion([dict(dense), dict(sparse)], weights)
+
+    def word_form_search(self, query: str, depth: int, filters=None) -> list[tuple[int, float]]:
+        """BM25 where each query word also matches the other inflected forms of it that the index
+        holds ("caching" matches "cache" and "cached", "keys" matches "key"):
+        score(d) = sum over query words w of max over forms f of w of BM25(f, d).
+
+        The BM25 index matches exact tokens and does not stem its documents; stemming only the
+        query would miss every document word in another form. Grouping the indexed words by their
+        English Snowball stem (Porter 1980) and scoring a query word by its best-matching form
+        gets the effect of stemming both sides without rebuilding the index. The maximum, not the
+        sum, keeps a document that uses two forms of one word from counting it twice. Only
+        inflections count (`inflected_forms`): Snowball also strips derivational suffixes, and
+        "tokens" matching "tokenizer", or "preferred" matching "preference", drew queries off
+        their topic on the seeds corpus. A query with no word in another form runs as plain BM25.
+        """
+        from .index import _bm25_tokens, check_filters, chunk_matches
+
+        forms = self._word_forms()
+        words = _bm25_tokens([query])[0] if forms else []
+        groups = [[w] + [v for v in forms.get(self._stemmer.stem(w), ()) if inflected_forms(w, v)] for w in words]
+        bm25 = self.index.bm25
+        if bm25 is None or not any(len(g) > 1 for g in groups):
+            return self.index.sparse_search(query, depth, **({"filters": filters} if filters else {}))
+
+        def compute():
+            vocab = getattr(bm25, "vocab_dict", None) or {}
+            total = np.zeros(len(self.index.chunks), np.float64)
+            for group in groups:
+                known = [f for f in group if f in vocab]
+                if known:
+                    total += np.max([np.asarray(bm25.get_scores([f]), np.float64) for f in known], axis=0)
+            if filters:
+                wanted = check_filters(filters)
+                total *= np.array([chunk_matches(c, wanted) for c in self.index.chunks], np.float64)
+            order = np.argsort(-total, kind="stable")[:depth]
+            return [(int(i), float(total[i])) for i in order if total[i] > 0]
+
+        key = ("word_forms", query, depth, repr(sorted((filters or {}).items(), key=str)))
+        return list(self.index.cached(key, compute))
+
+    def _word_forms(self) -> dict[str, tuple[str, ...]]:
+        # {stem: indexed words with that stem}, rebuilt when the index changes.
+        version = self.index.version
+        if getattr(self, "_forms_version", None) != version:
+            vocab = getattr(self.index.bm25, "vocab_dict", None) or {}
+            from nltk.stem.snowball import SnowballStemmer
+
+            self._stemmer = SnowballStemmer("english")
+            forms: dict[str, list[str]] = {}
+            for word in vocab:
+                if isinstance(word, str) and word.isalpha():
+                    forms.setdefault(self._stemmer.stem(word), []).append(word)
+            self._forms = {s: tuple(sorted(w)) for s, w in forms.items()}
+            self._forms_version = version
+        return self._forms
 
     def _rerank(self, query: str, ranked: list[tuple[int, float]], depth: int, how: str, rrf_k: int):
         head, rest = ranked[:depth], ranked[depth:]
