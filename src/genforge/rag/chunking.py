@@ -25,6 +25,9 @@ from typing import Any, Callable
 from .loaders import Document
 
 STRATEGIES = ("fixed", "sentence", "recursive", "markdown", "qa")
+# Bumped whenever `Chunk.embedding_text` changes, so caches keyed on it (the embedded docs index)
+# are rebuilt; 2: layout labels removed and the heading path prefixed.
+EMBEDDING_TEXT_VERSION = 2
 
 # Layout that is not content: an item number or Markdown heading marks at the start of a line,
 # question/answer labels, bold/italic markers.

@@ -16,6 +16,10 @@ adaptive k and multi-hop retrieval.
 - Adaptive k: keep hits scoring at least a fraction of the best hit's score, so a sharp
   question gets few passages and a broad one more.
 - Multi-hop: retrieve, rewrite the question from what was found, retrieve again, fuse.
+- Duplicate-aware ranking (`group_duplicate_questions`, on by default): Q&A items asking the
+  same question rank together, where the best of them ranks.
+- Word forms (`Retriever.word_form_search`, on by default): BM25 lets each query word match its
+  inflected forms in the index, scored by the best one, since the index is not stemmed.
 """
 
 from __future__ import annotations
@@ -489,7 +493,9 @@ def default_docs_index(embedder: Embedder | None = None, docs: str | Path | None
     embedder = embedder or EncoderEmbedder()
     files = sorted(p for p in docs.rglob("*") if p.is_file() and p.suffix in (".md", ".markdown", ".txt"))
     chunking = {"max_chars": 1500}
-    digest = hashlib.sha256(f"{embedder.name}|markdown|{chunking}".encode())
+    from .chunking import EMBEDDING_TEXT_VERSION
+
+    digest = hashlib.sha256(f"{embedder.name}|markdown|{chunking}|text{EMBEDDING_TEXT_VERSION}".encode())
     for p in files:
         digest.update(str(p.relative_to(docs)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
     root = cache_dir() / "rag"
