@@ -3,7 +3,7 @@
 Random weights make speculation meaningless (a random draft never agrees with a random
 target), so this script first trains its own pair with genforge's trainer on the Python
 standard library's source, which is on every machine: a byte-level BPE tokenizer, a target
-(6 layers, d=384) and a draft (2 layers, d=128) over the same tokenizer. The models are
+(6 layers, d=256) and a draft (1 layer, d=128) over the same tokenizer. The models are
 cached under --cache, so later runs go straight to the measurement.
 
 Then, for held-out prompts (the first tokens of stdlib files not trained on), greedy
@@ -47,8 +47,8 @@ from machine import describe
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SIZES = {
-    "target": dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=2, intermediate_size=1024),
-    "draft": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384),
+    "target": dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=688),
+    "draft": dict(hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=384),
 }
 
 
@@ -77,7 +77,7 @@ def train(name: str, tokenizer: Tokenizer, ids: list[int], out: Path, steps: int
                     eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **SIZES[name])
     torch.manual_seed(0)
     model = Transformer(config)
-    run = TrainConfig(out_dir=out / f"{name}-run", max_steps=steps, batch_size=16, lr=2e-3, warmup_steps=steps // 20,
+    run = TrainConfig(out_dir=out / f"{name}-run", max_steps=steps, batch_size=8, lr=2e-3, warmup_steps=steps // 20,
                       eval_every=0, save_every=0, progress=True)
     split = int(len(ids) * 0.98)
     result = Trainer(model, TokenDataset(ids[:split], 256), run, val_data=TokenDataset(ids[split:], 256),
@@ -125,8 +125,8 @@ def timed(function) -> tuple[float, object]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "speculative"), help="where the trained pair is kept")
-    parser.add_argument("--target-steps", type=int, default=600)
-    parser.add_argument("--draft-steps", type=int, default=600)
+    parser.add_argument("--target-steps", type=int, default=250)
+    parser.add_argument("--draft-steps", type=int, default=250)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=96)
