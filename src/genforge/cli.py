@@ -410,14 +410,9 @@ def cmd_eval_harness(args) -> int:
 
 
 def _read_jsonl(path: str, what: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(_read_lines(path, what), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not JSON: {err}") from None
-    return rows
+    from .jsonl import json_objects
+
+    return [row for _, row in json_objects(_read_lines(path, what), path)]
 
 
 def cmd_eval_judge(args) -> int:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..generate.generator import generate
+from ..jsonl import json_objects
 from ..generate.processors import SamplingParams
 from ..model import Transformer
 from ..tokenizer import Tokenizer
@@ -274,19 +275,7 @@ def _data_file(task_path: Path, name: Any) -> Path:
 
 
 def _read_jsonl(file: Path) -> list[dict[str, Any]]:
-    docs = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise MetricError(f"{file}:{number} is not valid JSON ({error.msg}); the file must hold one JSON object "
-                              "per line") from None
-        if not isinstance(doc, dict):
-            raise MetricError(f"{file}:{number} holds a {type(doc).__name__}; each line must be a JSON object")
-        docs.append(doc)
-    return docs
+    return [doc for _, doc in json_objects(file.read_text(encoding="utf-8").splitlines(), str(file), MetricError)]
 
 
 # ------------------------------------------------------------------------------- model requests

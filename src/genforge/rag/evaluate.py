@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from ..jsonl import json_objects
+
 DEFAULT_METRICS = ("recall@5", "mrr", "ndcg@10")
 
 
@@ -130,13 +132,11 @@ def load_queries(path) -> dict[str, str]:
         queries = {str(k): str(v) for k, v in data.items()}
     elif path.suffix == ".jsonl":
         queries = {}
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                qid, q = row.get("id", row.get("query_id")), row.get("text", row.get("query"))
-                if qid is None or q is None:
-                    raise ValueError(f"{path}:{n}: each line needs 'id' (or 'query_id') and 'text' (or 'query')")
-                queries[str(qid)] = str(q)
+        for n, row in json_objects(text.splitlines(), str(path)):
+            qid, q = row.get("id", row.get("query_id")), row.get("text", row.get("query"))
+            if qid is None or q is None:
+                raise ValueError(f"{path}:{n}: each line needs 'id' (or 'query_id') and 'text' (or 'query')")
+            queries[str(qid)] = str(q)
     elif path.suffix in (".tsv", ".txt"):
         queries = {}
         for n, line in enumerate(text.splitlines(), 1):

@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import staged_directory
+from ..jsonl import json_objects
 from .data import DataError
 
 FORMAT = "genforge-token-shards"
@@ -117,18 +118,10 @@ def iter_documents(files: Sequence[Path], text_field: str = "text", max_chars: i
         path = Path(path)
         if path.name.endswith(".jsonl"):
             with open(path, encoding="utf-8", errors="replace") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{path}:{number} is not valid JSON ({err.msg}); each line of a .jsonl "
-                                        "file must be one JSON object") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                        fields = sorted(record) if isinstance(record, dict) else type(record).__name__
-                        raise DataError(f"{path}:{number} has no string field {text_field!r} (found: {fields}); "
-                                        "choose the field with --text-field")
+                for number, record in json_objects(handle, str(path), DataError):
+                    if not isinstance(record.get(text_field), str):
+                        raise DataError(f"{path}:{number} has no string field {text_field!r} (found: "
+                                        f"{sorted(record)}); choose the field with --text-field")
                     yield Document(f"{path}:{number}", record[text_field], index)
         else:
             with open(path, encoding="utf-8", errors="replace") as handle:
