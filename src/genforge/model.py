@@ -405,6 +405,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         token_type_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        compute_logits: bool = True,
     ) -> ModelOutput:
         """Run the model on `input_ids` (batch, seq).
 
@@ -414,6 +415,8 @@ class Transformer(nn.Module):
         cache: keys/values of earlier positions; the new ones are appended to it.
         logits_to_keep: 0 for logits at every position, n for only the last n (generation
             needs one, and the vocabulary projection is the largest matmul of a decode step).
+        compute_logits: False skips the LM head and returns `logits=None`, for a loss that
+            applies the head itself chunk by chunk (`train.losses.fused_linear_cross_entropy`).
         """
         config = self.config
         batch, seq = input_ids.shape
@@ -457,7 +460,7 @@ class Transformer(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         logits = None
-        if self.lm_head is not None:
+        if self.lm_head is not None and compute_logits:
             head_input = x[:, -logits_to_keep:] if logits_to_keep else x
             if self.lm_transform is not None:
                 head_input = self.lm_transform(head_input)
