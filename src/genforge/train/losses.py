@@ -6,6 +6,11 @@ optional label smoothing (Szegedy et al. 2016); the masked language-model object
 `masked_lm_loss` scores the model's guesses at the chosen positions; and the
 mixture-of-experts load-balancing auxiliary term (Fedus et al. 2021) from
 `genforge.model.load_balancing_loss`.
+
+`fused_linear_cross_entropy` applies the LM head and the cross-entropy together, a slice of
+tokens at a time, so the (tokens x vocab) logits never exist whole (Wijmans et al. 2024, "Cut
+Your Losses in Large-Vocabulary Language Models"; the fused linear cross-entropy of Liger-Kernel,
+Hsu et al. 2024).
 """
 
 from __future__ import annotations
@@ -39,8 +44,16 @@ def causal_lm_loss(
     # position against nothing (ignore_index), so the (batch x seq x vocab) logits are used as
     # they are instead of being copied into a shifted contiguous tensor (and back in backward).
     if labels.dim() == 2:
-        labels = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
+        labels = shift_labels(labels, ignore_index)
     return masked_lm_loss(logits, labels, ignore_index, label_smoothing, reduction)
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(batch, seq) labels moved one place left, `ignore_index` in the last column: position t's
+    target is label t+1, so the causal objective becomes a per-position (masked-LM-like) one."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (batch, seq), got shape {tuple(labels.shape)}")
+    return torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)), dim=1)
 
 
 def count_target_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> int:
@@ -127,6 +140,186 @@ def count_masked_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
     return int((labels != ignore_index).sum())
 
 
+# Tokens per slice of the fused loss. Measured on this 2-core EPYC (1 MiB L2 per core) with
+# benchmarks/train.py's head (1024 tokens, hidden 256, vocab 8192, fp32), see
+# docs/training.md: CHUNK_MEASUREMENT_PLACEHOLDER
+FUSED_CHUNK_TOKENS = 256
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_tokens: int = FUSED_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """`F.cross_entropy(F.linear(hidden, weight, bias), labels, ...)` without the logits.
+
+    The LM head and the softmax cross-entropy run together over `chunk_tokens` tokens at a
+    time (Wijmans et al. 2024, "Cut Your Losses"; Liger-Kernel's fused linear cross-entropy):
+    each slice's logits are made, turned into the loss and into the gradient of the logits
+    (softmax minus the smoothed one-hot target), and that gradient is pushed through the head
+    at once, into d(hidden), d(weight) and d(bias). So the forward already holds every
+    gradient; the loss is a leaf of the graph whose backward only scales them by its incoming
+    gradient. Peak memory is one slice of logits instead of (tokens x vocab) of them, three
+    times over (logits, log-probabilities, their gradient).
+
+    `hidden` (..., hidden_size) and `labels` (...) are aligned position by position (no shift:
+    for the causal objective pass `shift_labels(labels)` and the hidden states as they are).
+    Positions whose label is `ignore_index` cost nothing: they are dropped before the head.
+    `label_smoothing` follows `F.cross_entropy`: loss = (1 - e) * NLL + e * mean over the
+    vocabulary of -log p. reduction "mean" divides by the counted tokens (NaN when there are
+    none, as `F.cross_entropy` gives), "sum" does not. Under autocast the head runs in the
+    autocast dtype and the softmax in fp32, as the unfused `causal_lm_loss` path does.
+    A tied head (the same tensor as the input embedding) gets this gradient added to the
+    embedding's by autograd, as with any shared parameter.
+    """
+    _check_fused_inputs(hidden, weight, labels, bias, label_smoothing, reduction, chunk_tokens)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+            raise ValueError(
+                f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share one dtype outside autocast"
+            )
+        compute_dtype = weight.dtype
+    wanted = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    return _FusedLinearCrossEntropy.apply(
+        hidden, weight, bias, labels, ignore_index, float(label_smoothing), reduction, chunk_tokens, compute_dtype,
+        tuple(wanted),
+    )
+
+
+def _check_fused_inputs(hidden, weight, labels, bias, label_smoothing, reduction, chunk_tokens) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (vocab, hidden_size), got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be (..., hidden_size) with hidden_size {weight.shape[1]} (weight is "
+            f"{tuple(weight.shape)}), got shape {tuple(hidden.shape)}"
+        )
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])} (one label per position, "
+            f"no shift), got {tuple(labels.shape)}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 (or int32) token ids, got {labels.dtype}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be (vocab,) = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise ValueError(f"hidden and weight must be floating point, got {hidden.dtype} and {weight.dtype}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and every gradient; backward scales them (see
+    `fused_linear_cross_entropy`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_tokens,
+                compute_dtype, wanted):
+        want_hidden, want_weight, want_bias = wanted
+        vocab, width = weight.shape
+        flat_hidden = hidden.reshape(-1, width)
+        flat_labels = labels.reshape(-1)
+        counted = flat_labels != ignore_index
+        rows = counted.nonzero().squeeze(1)
+        count = rows.numel()
+        targets = flat_labels.index_select(0, rows).long()
+        if count and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+            bad = targets[(targets < 0) | (targets >= vocab)][0]
+            raise ValueError(f"label {int(bad)} is outside the vocabulary [0, {vocab}) and is not ignore_index "
+                             f"({ignore_index})")
+        dense = count == flat_hidden.shape[0]
+        # Only counted positions reach the head: the causal shift's last column and (masked
+        # LM) the ~85% unmasked positions would only be multiplied by zero.
+        chosen = flat_hidden if dense else flat_hidden.index_select(0, rows)
+        # Autocast is off in here; the casts it would make are made by hand, once.
+        with torch.autocast(hidden.device.type, enabled=False):
+            head_in = chosen.to(compute_dtype)
+            head = weight.to(compute_dtype)
+            head_bias = bias.to(compute_dtype) if bias is not None else None
+            grad_chosen = torch.empty_like(head_in) if want_hidden else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+            grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_bias else None
+            smooth, target_weight = label_smoothing / vocab, 1.0 - label_smoothing
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            need_grad = want_hidden or want_weight or want_bias
+            for start in range(0, count, chunk_tokens):
+                stop = min(start + chunk_tokens, count)
+                part, part_targets = head_in[start:stop], targets[start:stop]
+                logits = part @ head.t() if head_bias is None else torch.addmm(head_bias, part, head.t())
+                logits = logits.float()  # the softmax in fp32, as the unfused path upcasts
+                picked = logits.gather(1, part_targets[:, None]).squeeze(1)
+                # log-sum-exp by hand, keeping exp(logits - max) in place: it becomes the softmax.
+                peak = logits.amax(dim=1, keepdim=True)
+                row_loss = -target_weight * picked
+                if label_smoothing:
+                    row_loss = row_loss - smooth * logits.sum(dim=1)
+                logits.sub_(peak).exp_()
+                norm = logits.sum(dim=1, keepdim=True)
+                row_loss = row_loss + (peak + norm.log()).squeeze(1)
+                total += row_loss.sum()
+                if not need_grad:
+                    continue
+                # d loss / d logits = softmax - (1 - e) one_hot(target) - e / vocab.
+                grad_logits = logits.div_(norm)
+                if label_smoothing:
+                    grad_logits.sub_(smooth)
+                grad_logits.scatter_add_(1, part_targets[:, None],
+                                         grad_logits.new_full((stop - start, 1), -target_weight))
+                grad_logits = grad_logits.to(compute_dtype)
+                if want_hidden:
+                    torch.mm(grad_logits, head, out=grad_chosen[start:stop])
+                if want_weight:
+                    if compute_dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits.t(), part)
+                    else:  # low-precision products, summed over slices in fp32
+                        grad_weight += (grad_logits.t() @ part).float()
+                if want_bias:
+                    grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
+        scale = 1.0 / count if reduction == "mean" and count else 1.0
+        if reduction == "mean" and not count:
+            total = total.new_tensor(float("nan"))
+        else:
+            total = total * scale
+        grads = [None, None, None]
+        if want_hidden:
+            if dense:
+                grads[0] = grad_chosen.to(hidden.dtype).view(hidden.shape)
+            else:
+                full = torch.zeros(flat_hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                full.index_copy_(0, rows, grad_chosen.to(hidden.dtype))
+                grads[0] = full.view(hidden.shape)
+        if want_weight:
+            grads[1] = grad_weight
+        if want_bias:
+            grads[2] = grad_bias
+        ctx.scale = scale
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads))
+        ctx.present = tuple(g is not None for g in grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        factor = grad_output * ctx.scale
+        out = []
+        for tensor, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes):
+            out.append((tensor * factor).to(dtype) if present else None)
+        return (*out, None, None, None, None, None, None, None)
+
+
 def moe_auxiliary_loss(output: ModelOutput, config) -> torch.Tensor | None:
     """The load-balancing loss of a mixture-of-experts model's routers, or None without experts."""
     if not config.num_experts or not output.router_logits:
@@ -135,6 +328,6 @@ def moe_auxiliary_loss(output: ModelOutput, config) -> torch.Tensor | None:
 
 
 __all__ = [
-    "IGNORE_INDEX", "causal_lm_loss", "count_masked_targets", "count_target_tokens", "mask_tokens", "masked_lm_loss",
-    "moe_auxiliary_loss",
+    "FUSED_CHUNK_TOKENS", "IGNORE_INDEX", "causal_lm_loss", "count_masked_targets", "count_target_tokens",
+    "fused_linear_cross_entropy", "mask_tokens", "masked_lm_loss", "moe_auxiliary_loss", "shift_labels",
 ]

@@ -43,8 +43,8 @@ from .distributed import (
     DistributedContext, all_reduce_sum, barrier, broadcast_object, no_gradient_sync, rank_slice, wrap_model,
 )
 from .losses import (
-    IGNORE_INDEX, causal_lm_loss, count_masked_targets, count_target_tokens, mask_tokens, masked_lm_loss,
-    moe_auxiliary_loss,
+    IGNORE_INDEX, causal_lm_loss, count_masked_targets, count_target_tokens, fused_linear_cross_entropy, mask_tokens,
+    masked_lm_loss, moe_auxiliary_loss, shift_labels,
 )
 from .optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -228,11 +228,42 @@ class Trainer:
         objective = masked_lm_loss if self.masked else causal_lm_loss
         return objective(logits, labels, label_smoothing=label_smoothing, reduction="sum")
 
+    @property
+    def _fused_head(self) -> bool:
+        """Whether the step applies the LM head inside the loss (`fused_linear_cross_entropy`).
+        Not under FSDP: its parameters are whole only inside the sharded module's forward, so
+        there the model computes the logits and the unfused loss scores them."""
+        return not self.config.fsdp
+
+    def _head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        """The summed loss from the final hidden states: the LM head and cross-entropy fused,
+        never holding the (tokens x vocab) logits. Labels are aligned with the inputs, as
+        for `_loss`."""
+        model = self.model
+        if self.masked:
+            # Only the ~15% chosen positions are scored: the masked-LM transform (dense, GELU,
+            # LayerNorm) runs on those alone instead of on every position.
+            chosen = labels != IGNORE_INDEX
+            hidden, labels = hidden[chosen], labels[chosen]
+            if model.lm_transform is not None:
+                hidden = model.lm_transform(hidden)
+        else:
+            labels = shift_labels(labels)
+        return fused_linear_cross_entropy(hidden, model.lm_head.weight, labels, bias=model.lm_head.bias,
+                                          label_smoothing=label_smoothing, reduction="sum")
+
     def _micro_loss(self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
         """This micro-batch's share of the step's loss: sum over its tokens / the step's tokens."""
         with self._autocast():
-            output = self.engine(inputs)
-            loss = self._loss(output.logits, labels, self.config.label_smoothing) / total_tokens
+            if self._fused_head:
+                # The wrapped forward (DDP) stops at the final hidden states; the head's
+                # weights are used in the loss, and their gradients reach DDP's hooks by the
+                # ordinary accumulation, as the embedding's do.
+                output = self.engine(inputs, compute_logits=False)
+                loss = self._head_loss(output.hidden_states, labels, self.config.label_smoothing) / total_tokens
+            else:
+                output = self.engine(inputs)
+                loss = self._loss(output.logits, labels, self.config.label_smoothing) / total_tokens
             aux = moe_auxiliary_loss(output, self.model.config)
             if aux is not None:
                 loss = loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
@@ -323,10 +354,15 @@ class Trainer:
                 mine_in = inputs[:1].to(self.device)
                 mine_labels = torch.full_like(mine_in, IGNORE_INDEX)
             with self._autocast():
-                logits = (self.engine if self.config.fsdp else self.model)(mine_in).logits
-            if self._count_targets(mine_labels):
-                total += float(self._loss(logits, mine_labels))
-                tokens += self._count_targets(mine_labels)
+                if self._fused_head:
+                    hidden = self.model(mine_in, compute_logits=False).hidden_states
+                    score = lambda: self._head_loss(hidden, mine_labels)  # noqa: E731
+                else:
+                    logits = self.engine(mine_in).logits
+                    score = lambda: self._loss(logits, mine_labels)  # noqa: E731
+                if self._count_targets(mine_labels):
+                    total += float(score())
+                    tokens += self._count_targets(mine_labels)
         total, tokens = all_reduce_sum([total, float(tokens)], self.distributed, self.device)
         self.engine.train(was_training)
         if tokens == 0:
