@@ -9,6 +9,11 @@ Gradient checkpointing (Chen et al. 2016) recomputes each block's activations in
 MFU (model FLOPs utilisation, Chowdhery et al. 2022) uses the 6 * parameters FLOPs per token
 estimate of Kaplan et al. 2020.
 
+The model stops at its final hidden states and the LM head is applied inside the loss,
+slice by slice (`fused_linear_cross_entropy`, after Wijmans et al. 2024), so the step never
+holds the (tokens x vocabulary) logits; under FSDP, whose parameters are whole only inside the
+sharded forward, the model computes the logits and the unfused loss scores them.
+
 Decoders train on the causal LM objective; a BERT encoder with a masked-LM head trains on
 masked LM (Devlin et al. 2019), its batches corrupted by `mask_tokens` with a generator
 seeded by (seed, step, micro-batch), so the masks need no saved state to resume exactly.
@@ -353,16 +358,17 @@ class Trainer:
                 # FSDP gathers weights collectively: this rank must still run a forward.
                 mine_in = inputs[:1].to(self.device)
                 mine_labels = torch.full_like(mine_in, IGNORE_INDEX)
+            counted = self._count_targets(mine_labels)
             with self._autocast():
                 if self._fused_head:
                     hidden = self.model(mine_in, compute_logits=False).hidden_states
-                    score = lambda: self._head_loss(hidden, mine_labels)  # noqa: E731
-                else:
+                    loss = self._head_loss(hidden, mine_labels) if counted else None
+                else:  # FSDP: every rank joins the sharded forward, even with nothing to score
                     logits = self.engine(mine_in).logits
-                    score = lambda: self._loss(logits, mine_labels)  # noqa: E731
-                if self._count_targets(mine_labels):
-                    total += float(score())
-                    tokens += self._count_targets(mine_labels)
+                    loss = self._loss(logits, mine_labels) if counted else None
+            if loss is not None:
+                total += float(loss)
+                tokens += counted
         total, tokens = all_reduce_sum([total, float(tokens)], self.distributed, self.device)
         self.engine.train(was_training)
         if tokens == 0:
