@@ -247,3 +247,19 @@ def test_stop_strings_cut_text_and_stop_like_generate(text_model_dir):
                 prompt_lookup_generate(model, prompt, params, tokenizer=tokenizer, eos_token_ids=[])):
         assert out.finish_reason == "stop" and out.text == expected.text == free.text[: free.text.index(stop)]
         assert out.token_ids == expected.token_ids
+
+
+def test_processors_see_each_position_context():
+    """Row i of the target's k + 1 positions continues the context plus the first i drafts, and
+    the draft model's single position continues all drafts so far: a presence penalty must
+    push down exactly the tokens of that row's context."""
+    from genforge.generate.speculative import _TokenRule
+
+    params = SamplingParams(temperature=1.0, presence_penalty=1.0)
+    rule = _TokenRule(params, build_processors(params, vocab_size=8), prompt_length=1, device=torch.device("cpu"))
+    tokens, drafts = torch.tensor([1]), [2, 3]
+    target_rows = rule.process(torch.zeros(3, 8), tokens, drafts)
+    penalised = [set(torch.nonzero(row < 0).flatten().tolist()) for row in target_rows]
+    assert penalised == [set(), {2}, {2, 3}]  # the prompt (token 1) is not penalised
+    (draft_row,) = rule.process(torch.zeros(1, 8), tokens, drafts)
+    assert set(torch.nonzero(draft_row < 0).flatten().tolist()) == {2, 3}

@@ -49,6 +49,9 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.weight_offset:
+            # The same arithmetic as below in one call: a decode step runs this twice per layer.
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         if self.weight_offset:
             return (normed * (self.weight.float() + self.weight_offset)).to(x.dtype)
@@ -82,9 +85,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin tables (batch, 1, seq, rotary_dim) for integer `positions` (batch, seq)."""
+        """cos and sin tables (batch, seq, 1, rotary_dim) for integer `positions` (batch, seq),
+        shaped to broadcast over the heads of (batch, seq, heads, head_dim) queries and keys."""
         angles = positions[..., None].float() * self.inv_freq
-        angles = torch.cat((angles, angles), dim=-1)[:, None]
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None]
         return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
 
 
@@ -165,7 +169,6 @@ class Attention(nn.Module):
         # One matmul for q, k and v together, set by `inference.pack_for_cpu_inference`:
         # a decode step is dominated by per-call costs once the weights stream fast.
         self.qkv: nn.Module | None = None
-        self.qkv_sizes = (config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd)
 
     def forward(
         self,
@@ -176,15 +179,19 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
-        q = q.view(batch, seq, self.num_heads, self.head_dim)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        if self.qkv is not None:
+            qkv = self.qkv(x).view(batch, seq, heads + 2 * kv_heads, self.head_dim)
+            q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)
+        else:
+            q, k, v = (projection(x).view(batch, seq, -1, self.head_dim) for projection in (self.q, self.k, self.v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            # One rotation over the query and key heads together: half the small calls of a
+            # decode step's position encoding.
+            q, k = apply_rope(torch.cat((q, k), dim=2), *rope).split((heads, kv_heads), dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = F.scaled_dot_product_attention(

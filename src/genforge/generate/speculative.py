@@ -113,14 +113,21 @@ class _TokenRule:
         self.device = device
         self.generator = make_generator(params.seed, device)
 
-    def process(self, logits: torch.Tensor, contexts: list[torch.Tensor]) -> torch.Tensor:
-        """Processed float32 logits (positions, vocab); row i continues `contexts[i]`."""
+    def process(self, logits: torch.Tensor, tokens: torch.Tensor, drafts: list[int]) -> torch.Tensor:
+        """Processed float32 logits (positions, vocab) for the last positions of `tokens`
+        followed by `drafts`: the last row continues all of `drafts`, each row before it one
+        draft fewer (the draft model scores one position, the target len(drafts) + 1)."""
         logits = logits.float()
-        if not self.processors:
+        if not self.processors:  # the common greedy case: no per-row contexts to build
             return logits
+        proposal = tokens.new_tensor(drafts)
+        first = len(drafts) + 1 - logits.shape[0]
         rows = [
-            apply_processors(logits[i : i + 1], DecodeContext(context[None], self.prompt_length), self.processors)
-            for i, context in enumerate(contexts)
+            apply_processors(
+                logits[i : i + 1], DecodeContext(torch.cat((tokens, proposal[: first + i]))[None], self.prompt_length),
+                self.processors,
+            )
+            for i in range(logits.shape[0])
         ]
         return torch.cat(rows)
 
@@ -160,13 +167,14 @@ class _DraftModel:
     def propose(self, tokens, limit, rule, eos):
         drafts: list[int] = []
         distributions = []
-        context = tokens
+        # The first draft step feeds whatever the last round accepted that the draft cache
+        # does not hold yet; later steps feed the previous draft alone. The loop runs once per
+        # drafted token, so it does no more than the draft model and the choice need.
+        fed = tokens[None, self.cache.length :]
         for _ in range(limit):
-            # The first draft step also feeds whatever the last round accepted that the draft
-            # cache does not hold yet; later steps feed one token.
-            logits = self.model(context[None, self.cache.length :], cache=self.cache, logits_to_keep=1).logits[0]
+            logits = self.model(fed, cache=self.cache, logits_to_keep=1).logits[0]
             self.stats.draft_forwards += 1
-            processed = rule.process(logits, [context])
+            processed = rule.process(logits, tokens, drafts)
             if rule.greedy:
                 token = int(processed[0].argmax())
             else:
@@ -174,9 +182,9 @@ class _DraftModel:
                 token = rule.draw(q)
                 distributions.append(q)
             drafts.append(token)
-            context = torch.cat((context, context.new_tensor([token])))
             if token in eos:  # nothing after an end token is ever used
                 break
+            fed = tokens.new_tensor([[token]])
         return drafts, (torch.stack(distributions) if distributions else None)
 
     def keep(self, length):
@@ -319,8 +327,7 @@ def _speculate(
             logits = target(fed[None], cache=cache, logits_to_keep=len(drafts) + 1).logits[0]
             stats.target_forwards += 1
             stats.drafted += len(drafts)
-            contexts = [torch.cat((tokens, proposal[:i])) for i in range(len(drafts) + 1)]
-            processed = rule.process(logits, contexts)
+            processed = rule.process(logits, tokens, drafts)
             if rule.greedy:
                 accepted, next_token = _verify_greedy(drafts, processed)
             else:
