@@ -15,6 +15,7 @@ Hsu et al. 2024).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -254,29 +255,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Autocast is off in here; the casts it would make are made by hand, once.
         with torch.autocast(hidden.device.type, enabled=False):
             head_in = chosen.to(compute_dtype)
-            head = weight.to(compute_dtype)
-            head_bias = bias.to(compute_dtype) if bias is not None else None
+            products = _HeadProducts(weight.to(compute_dtype), bias.to(compute_dtype) if bias is not None else None,
+                                     min(chunk_tokens, count), want_hidden)
             grad_chosen = torch.empty_like(head_in) if want_hidden else None
-            # Written whole by the first slice (and zero when no position counts).
-            grad_weight = (torch.empty if count else torch.zeros)(weight.shape, dtype=torch.float32,
-                                                                  device=weight.device) if want_weight else None
             grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_bias else None
             smooth, target_weight = label_smoothing / vocab, 1.0 - label_smoothing
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             need_grad = want_hidden or want_weight or want_bias
-            # One slice's logits, reused: a fresh multi-MB tensor per slice costs page faults.
-            slice_logits = torch.empty(min(chunk_tokens, count), vocab, dtype=compute_dtype, device=hidden.device)
-            slice_fp32 = slice_logits if compute_dtype == torch.float32 else torch.empty_like(slice_logits, dtype=torch.float32)
             for start in range(0, count, chunk_tokens):
                 stop = min(start + chunk_tokens, count)
                 part, part_targets = head_in[start:stop], targets[start:stop]
-                logits = slice_logits[: stop - start]
-                if head_bias is None:
-                    torch.mm(part, head.t(), out=logits)
-                else:
-                    torch.addmm(head_bias, part, head.t(), out=logits)
-                # the softmax in fp32, as the unfused path upcasts
-                logits = slice_fp32[: stop - start].copy_(logits) if logits.dtype != torch.float32 else logits
+                logits = products.logits(part).float()  # the softmax in fp32, as the unfused path upcasts
                 picked = logits.gather(1, part_targets[:, None]).squeeze(1)
                 # log-sum-exp by hand, keeping exp(logits - max) in place: it becomes the softmax.
                 peak = logits.amax(dim=1, keepdim=True)
@@ -297,18 +286,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                                          grad_logits.new_full((stop - start, 1), -target_weight))
                 grad_logits = grad_logits.to(compute_dtype)
                 if want_hidden:
-                    torch.mm(grad_logits, head, out=grad_chosen[start:stop])
+                    products.hidden_grad(grad_logits, out=grad_chosen[start:stop])
                 if want_weight:
-                    if start == 0 and compute_dtype == torch.float32:
-                        torch.mm(grad_logits.t(), part, out=grad_weight)
-                    elif start == 0:
-                        grad_weight.copy_(grad_logits.t() @ part)
-                    elif compute_dtype == torch.float32:
-                        grad_weight.addmm_(grad_logits.t(), part)
-                    else:  # low-precision products, summed over slices in fp32
-                        grad_weight += grad_logits.t() @ part
+                    products.add_weight_grad(grad_logits, part)
                 if want_bias:
                     grad_bias += grad_logits.sum(dim=0, dtype=torch.float32)
+            grad_weight = products.weight_grad() if want_weight else None
         scale = 1.0 / count if reduction == "mean" and count else 1.0
         if reduction == "mean" and not count:
             total = total.new_tensor(float("nan"))
@@ -337,8 +320,71 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         factor = grad_output * ctx.scale
         out = []
         for tensor, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes):
-            out.append((tensor * factor).to(dtype) if present else None)
+            if not present:
+                out.append(None)
+            elif tensor.dtype == dtype:
+                # Into a fresh row-major tensor: the weight gradient may be a transposed view.
+                out.append(torch.mul(tensor, factor, out=torch.empty(tensor.shape, dtype=dtype, device=tensor.device)))
+            else:
+                out.append((tensor * factor).to(dtype))
         return (*out, None, None, None, None, None, None, None)
+
+
+class _HeadProducts:
+    """The three products of the LM head for one slice of tokens: logits = x W^T (+ b),
+    d(x) = d(logits) W and d(W) += d(logits)^T x, summed over slices in fp32.
+
+    On CPU in fp32 they go through oneDNN (`mkldnn._linear_pointwise`, also used by
+    `genforge.inference`): torch's fp32 matmul calls MKL, which on AMD CPUs runs its AVX2 code
+    even where AVX-512 is there, and measured 2.4x slower for these shapes on the 2-core EPYC
+    this was developed on (one 512-token slice, hidden 256, vocab 8192, one thread: logits 26 ms
+    MKL vs 10 ms oneDNN; d(x) 23 vs 10; d(W) 25 vs 11). Same fp32 arithmetic, another
+    summation order. Elsewhere (GPU, half precision) torch's own matmul is used.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, want_hidden: bool) -> None:
+        self.weight, self.bias = weight, bias
+        self.onednn = (weight.device.type == "cpu" and weight.dtype == torch.float32
+                       and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+        self.grad_weight: torch.Tensor | None = None
+        if self.onednn:
+            self.linear = functools.partial(torch.ops.mkldnn._linear_pointwise, attr="none", scalars=[], algorithm="")
+            # d(x) = d(logits) W is a linear layer whose weight is W^T: made row-major once per call.
+            self.weight_t = weight.t().contiguous() if want_hidden else None
+        else:
+            # One slice's logits, reused: a fresh multi-MB tensor per slice costs page faults.
+            self.buffer = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn:
+            return self.linear(x, self.weight, self.bias)
+        out = self.buffer[: x.shape[0]]
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+
+    def hidden_grad(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
+        if self.onednn:
+            out.copy_(self.linear(grad_logits, self.weight_t, None))
+        else:
+            torch.mm(grad_logits, self.weight, out=out)
+
+    def add_weight_grad(self, grad_logits: torch.Tensor, x: torch.Tensor) -> None:
+        if self.onednn:
+            # d(W)^T = x^T d(logits) as a linear layer over the views (no transposed copies);
+            # held as (hidden, vocab) and handed out transposed.
+            product = self.linear(x.t(), grad_logits.t(), None)
+        else:
+            product = grad_logits.t() @ x
+        if self.grad_weight is None:
+            self.grad_weight = product.float()
+        else:
+            self.grad_weight += product
+
+    def weight_grad(self) -> torch.Tensor:
+        if self.grad_weight is None:  # no position counted
+            return torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+        return self.grad_weight.t() if self.onednn else self.grad_weight
 
 
 def moe_auxiliary_loss(output: ModelOutput, config) -> torch.Tensor | None:
