@@ -83,10 +83,24 @@ def _loss_and_grads(loss_fn, tensors, scale=1.7):
     return loss.detach(), grads
 
 
+@pytest.fixture(params=["onednn", "torch-mm"])
+def head_products(request, monkeypatch):
+    """Both ways the fused head multiplies on CPU fp32: oneDNN (where present) and torch's mm."""
+    from genforge.train import losses
+
+    if request.param == "torch-mm":
+        monkeypatch.setattr(losses.torch.backends.mkldnn, "is_available", lambda: False)
+    elif not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    product = losses._HeadProducts(torch.zeros(4, 3), None, rows=2, want_hidden=True)
+    assert product.onednn == (request.param == "onednn")
+    return request.param
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_head_loss_and_gradients_match_the_unfused_ones(reduction, smoothing, bias):
+def test_fused_head_loss_and_gradients_match_the_unfused_ones(reduction, smoothing, bias, head_products):
     hidden, weight, head_bias, labels = _head_case(bias=bias)
     tensors = (hidden, weight, head_bias)
     # 13 * 3 = 39 positions, 26 counted: chunks of 4 leave a short last one
@@ -104,7 +118,7 @@ def test_fused_head_loss_and_gradients_match_the_unfused_ones(reduction, smoothi
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 26, 1000])
-def test_fused_head_result_does_not_depend_on_the_chunk_size(chunk):
+def test_fused_head_result_does_not_depend_on_the_chunk_size(chunk, head_products):
     hidden, weight, head_bias, labels = _head_case(seed=1)
     tensors = (hidden, weight, head_bias)
     reference = _loss_and_grads(lambda: _unfused(hidden, weight, head_bias, labels, label_smoothing=0.05), tensors)
@@ -123,7 +137,7 @@ def test_fused_causal_loss_follows_the_label_shift_convention():
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-6)
 
 
-def test_fused_head_with_tied_embedding_accumulates_both_gradients():
+def test_fused_head_with_tied_embedding_accumulates_both_gradients(head_products):
     torch.manual_seed(3)
     vocab, width = 40, 12
     ids = torch.randint(0, vocab, (2, 9))
@@ -148,7 +162,7 @@ def test_fused_head_with_tied_embedding_accumulates_both_gradients():
     assert our_grad[ids.unique()].abs().sum(dim=1).min() > 0
 
 
-def test_fused_head_with_every_label_ignored():
+def test_fused_head_with_every_label_ignored(head_products):
     hidden, weight, head_bias, labels = _head_case(seed=5)
     labels.fill_(-100)
     tensors = (hidden, weight, head_bias)
