@@ -161,11 +161,13 @@ def test_32_concurrent_greedy_requests_equal_each_request_alone(family, override
     assert engine.stats().kv_blocks_used == 0
 
 
-def test_preemption_and_chunked_prefill_keep_outputs_exact():
+@pytest.mark.parametrize("resident_kv_memory", [None, 0])  # resident buffers, and gathering blocks
+def test_preemption_and_chunked_prefill_keep_outputs_exact(resident_kv_memory):
     model = tiny_model()
     prompts, limits = random_prompts(24, seed=1)
     # Few blocks and a small budget: sequences get preempted and prompts split into chunks.
-    engine = Engine(model, NumberTokenizer(), block_size=4, num_blocks=64, max_num_seqs=16, max_num_batched_tokens=20)
+    engine = Engine(model, NumberTokenizer(), block_size=4, num_blocks=64, max_num_seqs=16, max_num_batched_tokens=20,
+                    resident_kv_memory=resident_kv_memory)
     for i, (prompt, limit) in enumerate(zip(prompts, limits)):
         engine.add_request(Request(str(i), prompt, greedy(limit)))
     scheduled_tokens = []
@@ -413,7 +415,8 @@ def test_prompt_logprobs_score_every_prompt_token(budget):
 
 def test_decode_batches_split_by_length_and_stay_exact():
     model = tiny_model()
-    engine = Engine(model, NumberTokenizer(), block_size=4)
+    # Splitting saves gathering work, so it applies when blocks are gathered (no resident buffers).
+    engine = Engine(model, NumberTokenizer(), block_size=4, resident_kv_memory=0)
     prompts = [[7] * 3 for _ in range(6)] + [list(range(10, 130)) for _ in range(2)]
     for i, p in enumerate(prompts):
         engine.add_request(Request(str(i), p, greedy(6)))
@@ -449,3 +452,138 @@ def test_a_request_that_cannot_be_sampled_fails_alone():
     assert results["doomed"][-1].finish_reason == "error"
     assert sum(len(o.token_ids) for o in results["fine"]) == 5
     assert engine.stats().kv_blocks_used == 0
+
+
+# ------------------------------------------------------------------ resident buffers
+def assert_resident_rows_equal_blocks(engine: Engine) -> None:
+    """Every running sequence holds a slot; slots are 0..n-1; each slot's filled positions
+    equal the keys and values its blocks hold."""
+    resident, cache, size = engine.resident, engine.cache, engine.blocks.block_size
+    running = engine.scheduler.running
+    assert set(resident.slot_of) == set(running)
+    assert sorted(resident.slot_of.values()) == list(range(len(running)))
+    for seq in running:
+        slot, n = resident.slot_of[seq], seq.num_computed
+        assert resident.lengths[slot] == n and resident.owners[slot] is seq
+        positions = torch.arange(n)
+        pool_slots = torch.tensor(seq.block_table)[positions // size] * size + positions % size
+        for layer in range(engine.config.num_layers):
+            for pool, buffer in ((cache.keys[layer], resident.keys[layer]), (cache.values[layer], resident.values[layer])):
+                assert torch.equal(buffer[slot, :, :n], pool[pool_slots].transpose(0, 1)), (seq.request_id, layer)
+
+
+def test_resident_rows_equal_the_blocks_through_admissions_preemptions_and_aborts():
+    model = tiny_model()
+    prompts, limits = random_prompts(20, seed=5)
+    shared = list(range(40, 64))  # a prefix the later requests find in the prefix cache
+    engine = Engine(model, NumberTokenizer(), block_size=4, num_blocks=64, max_num_seqs=12, max_num_batched_tokens=24,
+                    resident_kv_memory=1 << 24)  # more than the tiny pool, so every step uses them
+    for i, (prompt, limit) in enumerate(zip(prompts, limits)):
+        engine.add_request(Request(str(i), (shared + prompt) if i % 3 == 0 else prompt, greedy(limit)))
+    results: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            results.setdefault(out.request_id, []).extend(out.token_ids)
+        steps += 1
+        if steps in (3, 9):  # abort whatever runs in the middle of the slots
+            middle = engine.scheduler.running[len(engine.scheduler.running) // 2]
+            engine.abort(middle.request_id)
+            results.pop(middle.request_id, None)
+        assert_resident_rows_equal_blocks(engine)
+    stats = engine.stats()
+    assert stats.preemptions > 0 and stats.prefix_cache_hits > 0
+    assert len(results) == 18
+    for name, tokens in results.items():
+        i = int(name)
+        prompt = (shared + prompts[i]) if i % 3 == 0 else prompts[i]
+        assert tokens == reference(model, prompt, greedy(limits[i])).token_ids, name
+    # Finished: no slot, no resident memory, no block in use.
+    assert engine.resident.memory == 0 and not engine.resident.slot_of
+    assert stats.kv_blocks_used == 0
+
+
+def test_resident_buffers_fall_back_to_gathering_when_over_their_memory_limit():
+    model = tiny_model()
+    per_token = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * 4
+    # Room for 4 rows of 64 positions: a few short requests fit, 8 long ones do not.
+    engine = Engine(model, NumberTokenizer(), block_size=8, resident_kv_memory=4 * 64 * per_token)
+    short = [[3, 4, 5], [6, 7]]
+    long = [list(range(i, i + 50)) for i in range(8)]
+    tokens: dict[str, list[int]] = {}
+
+    def step():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+
+    for i, p in enumerate(short):
+        engine.add_request(Request(f"s{i}", p, greedy(4)))
+    step()
+    assert len(engine.resident.slot_of) == 2 and engine.resident.memory <= engine.resident.memory_limit
+    while engine.has_unfinished():
+        step()
+    for i, p in enumerate(long):
+        engine.add_request(Request(f"l{i}", p, greedy(6 + 3 * i)))
+    step()
+    assert engine.resident.memory == 0  # too many long rows: this step gathered blocks
+    resumed = False
+    while engine.has_unfinished():
+        step()
+        if engine.resident.slot_of:  # few enough left: slots filled from the blocks again
+            resumed = True
+            assert_resident_rows_equal_blocks(engine)
+    assert resumed
+    for name, p in [(f"s{i}", p) for i, p in enumerate(short)] + [(f"l{i}", p) for i, p in enumerate(long)]:
+        expected = reference(model, p, greedy(6 + 3 * int(name[1:]) if name[0] == "l" else 4)).token_ids
+        assert tokens[name] == expected, name
+    with pytest.raises(ValueError, match="resident_kv_memory must be >= 0"):
+        Engine(model, NumberTokenizer(), resident_kv_memory=-1)
+
+
+def test_resident_kv_moves_the_last_slot_into_a_freed_one_and_grows_keeping_contents():
+    from genforge.serve.paged_cache import ResidentKV
+
+    config = tiny_model().config
+    cache = PagedKVCache(config, num_blocks=8, block_size=4)
+    for tensor in cache.keys + cache.values:
+        tensor.copy_(torch.randn_like(tensor))
+    resident = ResidentKV(config, memory_limit=1 << 20)
+    owners = ["a", "b", "c"]
+    tables = {"a": [5], "b": [2, 7], "c": [1, 3, 6]}
+    counts = {"a": 3, "b": 6, "c": 10}
+    for name in owners:
+        resident.admit(name, cache, tables[name], counts[name])
+    assert resident.num_slots == 4 and resident.capacity == 16  # powers of two
+
+    def expected(name, layer):
+        rows = cache.keys[layer].view(8, 4, config.num_kv_heads, config.head_dim)[tables[name]]
+        return rows.flatten(0, 1)[: counts[name]].transpose(0, 1)
+
+    resident.release("a")
+    assert resident.slot_of == {"c": 0, "b": 1} and resident.lengths == [10, 6]
+    resident.reserve(5, 40)  # grows both ways
+    assert resident.num_slots == 8 and resident.capacity == 64
+    for name in ("b", "c"):
+        slot = resident.slot_of[name]
+        for layer in range(config.num_layers):
+            assert torch.equal(resident.keys[layer][slot, :, : counts[name]], expected(name, layer))
+    assert not resident.fits(64, 64)
+    with pytest.raises(ValueError, match="exceed"):
+        resident.reserve(64, 64)
+    with pytest.raises(ValueError, match="already has a resident slot"):
+        resident.admit("b", cache, tables["b"], 6)
+    resident.release("b")
+    resident.release("c")
+    resident.release("unknown")  # releasing what holds no slot is a no-op
+    assert resident.memory == 0 and resident.num_slots == 0
+
+
+def test_nan_logits_fail_the_plain_greedy_request_with_a_clear_error():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    engine = Engine(model, NumberTokenizer())
+    engine.add_request(Request("x", [1, 2, 3], greedy(5)))
+    out = engine.step()[0]
+    assert out.finish_reason == "error" and "NaN" in out.error
+    assert engine.stats().kv_blocks_used == 0 and engine.resident.memory == 0

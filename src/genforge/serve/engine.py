@@ -40,7 +40,7 @@ from ..generate.processors import (
 )
 from ..model import Transformer
 from .blocks import BlockManager
-from .paged_cache import PagedKVCache
+from .paged_cache import PagedKVCache, ResidentKV
 from .scheduler import ScheduledChunk, Scheduler, Sequence as CacheSequence
 
 
@@ -114,6 +114,9 @@ class _RequestState:
     first_token_time: float | None = None
     num_generated: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled during prefill, sent once
+    # Greedy with no logits processor at all: the next token is the raw logits' argmax, so the
+    # row skips the processor pipeline (see Engine._sample_batch).
+    plain_greedy: bool = False
 
 
 # ------------------------------------------------------------------------------- engine
@@ -133,6 +136,7 @@ class Engine:
         eos_token_ids: Sequence[int] | None = None,
         max_model_len: int | None = None,
         kv_cache_memory: int = 2 << 30,
+        resident_kv_memory: int | None = None,
     ) -> None:
         config = model.config
         if not config.causal:
@@ -150,9 +154,17 @@ class Engine:
                 f"num_blocks={num_blocks} of {block_size} tokens cannot hold one sequence of max_model_len="
                 f"{self.max_model_len}; use at least {least} blocks or a smaller max_model_len"
             )
+        if resident_kv_memory is not None and resident_kv_memory < 0:
+            raise ValueError(f"resident_kv_memory must be >= 0 bytes (0 turns resident buffers off), "
+                             f"got {resident_kv_memory}")
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache(config, num_blocks, block_size, model.dtype, model.device)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        # Running sequences' keys and values, also kept contiguous so attention needs no gather
+        # (paged_cache.ResidentKV). By default it may hold as much as the block pool.
+        if resident_kv_memory is None:
+            resident_kv_memory = num_blocks * per_block
+        self.resident = ResidentKV(config, resident_kv_memory, model.dtype, model.device) if resident_kv_memory else None
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, on_release=self._on_release)
         self._sequences: dict[str, CacheSequence] = {}
         self._arrivals = 0
         self.prompt_tokens_total = 0
@@ -200,6 +212,9 @@ class Engine:
             generator=None if params.greedy else make_generator(params.seed, self.model.device),
             eos=frozenset(params.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_token_ids),
         )
+        # The same test the batched pipeline applies: no processor for this row's settings.
+        state.plain_greedy = params.greedy and not request.processors and not build_batch_processors(
+            [params], sorted(self.eos_token_ids), vocab_size=self.config.vocab_size)
         self._arrivals += 1
         if request.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
@@ -236,8 +251,13 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        resident = self._prepare_resident(chunks)
         last_logits: list[tuple[ScheduledChunk, torch.Tensor]] = []
-        for group in self._decode_groups([c for c in chunks if c.num_tokens == 1]):
+        singles = [c for c in chunks if c.num_tokens == 1]
+        if resident:
+            # In slot order, so that the batch's rows are the slots as they lie in memory.
+            singles.sort(key=lambda c: self.resident.slot_of[c.seq])
+        for group in ([singles] if singles else []) if resident else self._decode_groups(singles):
             logits = self._forward(group, 1, keep_all=False)[:, -1]
             last_logits.extend(zip(group, logits))
             for chunk, row in zip(group, logits):
@@ -256,6 +276,30 @@ class Engine:
             self.blocks.cache_full_blocks(seq.token_ids, seq.block_table, seq.num_computed, seq.block_hashes)
         completing = [(c.seq, logits) for c, logits in last_logits if c.seq.num_computed == len(c.seq.token_ids)]
         return self._sample(completing) if completing else []
+
+    def _on_release(self, seq: CacheSequence) -> None:
+        if self.resident is not None:
+            self.resident.release(seq)
+
+    def _prepare_resident(self, chunks: list[ScheduledChunk]) -> bool:
+        """Make sure every running sequence holds a resident slot wide enough for this step;
+        False (and no resident buffers at all) when they would not fit in their memory limit,
+        so that this step gathers blocks instead."""
+        resident = self.resident
+        if resident is None:
+            return False
+        running = self.scheduler.running
+        longest = max(c.seq.num_computed + c.num_tokens for c in chunks)
+        if not resident.fits(len(running), longest):
+            resident.clear()
+            return False
+        resident.reserve(len(running), longest)
+        for seq in running:
+            if seq not in resident.slot_of:
+                # Admitted, resumed after preemption, or back from the gathering fallback: its
+                # computed tokens (a cached prefix, say) are copied from the blocks once.
+                resident.admit(seq, self.cache, seq.block_table, seq.num_computed)
+        return True
 
     def _decode_groups(self, singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
         """One-token sequences, in one batch or split in two by length.
@@ -278,12 +322,23 @@ class Engine:
         """Logits (len(chunks), num_new or 1, vocab) of `num_new` new tokens per sequence: at
         every new position if `keep_all`, else at the last one."""
         seqs = [c.seq for c in chunks]
-        view = self.cache.batch([s.block_table for s in seqs], [s.num_computed for s in seqs], num_new)
-        ids = torch.tensor([s.token_ids[s.num_computed : s.num_computed + num_new] for s in seqs],
-                           dtype=torch.long, device=self.model.device)
+        tables, computed = [s.block_table for s in seqs], [s.num_computed for s in seqs]
+        new_ids = [s.token_ids[s.num_computed : s.num_computed + num_new] for s in seqs]
+        resident = self.resident is not None and bool(self.resident.slot_of)
+        if not resident:
+            view = self.cache.batch(tables, computed, num_new)
+            ids = torch.tensor(new_ids, dtype=torch.long, device=self.model.device)
+        else:
+            view = self.resident.batch(self.cache, seqs, tables, computed, num_new)
+            # Rows of slots between this pass's sequences ride along on token 0; their
+            # outputs are dropped and nothing of theirs is written.
+            rows = [[0] * num_new for _ in range(view.batch_size)]
+            for row, tokens in zip(view.member_rows, new_ids):
+                rows[row] = tokens
+            ids = torch.tensor(rows, dtype=torch.long, device=self.model.device)
         out = self.model(ids, attention_mask=view.attention_mask, position_ids=view.position_ids, cache=view,
                          logits_to_keep=0 if keep_all else 1)
-        return out.logits
+        return view.select_members(out.logits) if resident else out.logits
 
     def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
         """Score the prompt tokens this chunk's logits predict (those after its positions)."""
@@ -322,9 +377,7 @@ class Engine:
         seqs = [s for s, _ in completing]
         states: list[_RequestState] = [s.payload for s in seqs]
         raw = torch.stack([logits for _, logits in completing]).float()
-        processed = self._process(raw, seqs, states)
-        tokens = sample_next_token(processed, [st.request.params.temperature for st in states],
-                                   [st.generator for st in states]).tolist()
+        tokens = self._choose(raw, seqs, states)
         wanted = [st.request.logprobs for st in states]
         top_n = max((k for k in wanted if k is not None), default=None)
         logprobs = token_logprobs(raw, torch.tensor(tokens), top_n) if top_n is not None else None
@@ -358,6 +411,32 @@ class Engine:
                 output.prompt_logprobs = state.prompt_logprobs
             outputs.append(output)
         return outputs
+
+    def _choose(self, raw: torch.Tensor, seqs: list[CacheSequence], states: list[_RequestState]) -> list[int]:
+        """The next token of every row: one argmax over the plain greedy rows, the processor
+        pipeline and sampler for the rest."""
+        plain = [i for i, st in enumerate(states) if st.plain_greedy]
+        tokens: list[int] = [0] * len(states)
+        if plain:
+            rows = raw if len(plain) == len(states) else raw[plain]
+            chosen = rows.argmax(dim=-1)
+            # argmax picks a NaN if there is one, and -inf only if the whole row is -inf:
+            # checking the chosen values checks the rows (NaN > -inf is False too).
+            if not bool((rows.gather(1, chosen[:, None]) > float("-inf")).all()):
+                raise ValueError("the model's logits are NaN or -inf; nothing can be chosen")
+            for i, token in zip(plain, chosen.tolist()):
+                tokens[i] = token
+            if len(plain) == len(states):
+                return tokens
+        rest = [i for i, st in enumerate(states) if not st.plain_greedy]
+        rest_states = [states[i] for i in rest]
+        rows = raw if len(rest) == len(states) else raw[rest]
+        processed = self._process(rows, [seqs[i] for i in rest], rest_states)
+        sampled = sample_next_token(processed, [st.request.params.temperature for st in rest_states],
+                                    [st.generator for st in rest_states]).tolist()
+        for i, token in zip(rest, sampled):
+            tokens[i] = token
+        return tokens
 
     def _process(self, raw: torch.Tensor, seqs: list[CacheSequence], states: list[_RequestState]) -> torch.Tensor:
         """Apply each request's logits processors. Rows without per-request extras share one

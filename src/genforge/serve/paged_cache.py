@@ -106,3 +106,210 @@ class PagedBatch:
 
     def advance(self, num_new: int) -> None:
         """Nothing to do: the engine counts each sequence's computed tokens itself."""
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class ResidentKV:
+    """Contiguous per-sequence copies of the running sequences' keys and values.
+
+    Gathering every row's blocks into a dense tensor, per layer and per step, copies the
+    whole attended past of the batch each time a token is generated; for small models on
+    a CPU that copy costs as much as the rest of the decode step. A resident buffer keeps
+    each running sequence's keys and values in its own row ("slot") of one dense tensor
+    per layer, (slots, kv_heads, capacity, head_dim), written alongside the blocks. Attention
+    then reads a slice of it directly: a decode step writes one token per row and copies
+    nothing else.
+
+    The blocks stay the source of truth (prefix caching shares them, preemption and abort
+    free them); a slot is filled from the blocks once, when a sequence is admitted or
+    resumed, and dropped when the scheduler releases the sequence. Occupied slots are
+    always `0 .. len(owners) - 1`: releasing a slot moves the last occupied one into it,
+    so a batch of running sequences spans few unused rows. Both dimensions grow by powers
+    of two as needed, and never beyond `memory_limit` bytes (over all layers, keys and
+    values); the caller falls back to gathering blocks when `fits` says no.
+    """
+
+    def __init__(self, config: Config, memory_limit: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        if memory_limit < 0:
+            raise ValueError(f"memory_limit must be >= 0 bytes, got {memory_limit}")
+        self.memory_limit = memory_limit
+        self.num_layers, self.num_kv_heads, self.head_dim = config.num_layers, config.num_kv_heads, config.head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        element = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.owners: list[object] = []  # slot -> the sequence it holds
+        self.lengths: list[int] = []  # slot -> how many of its positions hold real keys and values
+        self.slot_of: dict[object, int] = {}
+
+    # --------------------------------------------------------------------- capacity
+    @property
+    def num_slots(self) -> int:
+        """Allocated rows (occupied or not)."""
+        return self.keys[0].shape[0] if self.keys else 0
+
+    @property
+    def capacity(self) -> int:
+        """Allocated positions per row."""
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def memory(self) -> int:
+        """Bytes held now, over all layers, keys and values."""
+        return self.num_slots * self.capacity * self.bytes_per_token
+
+    def fits(self, rows: int, length: int) -> bool:
+        """Whether `rows` sequences of up to `length` positions fit in `memory_limit`."""
+        need_rows, need_length = max(rows, self.num_slots), max(length, self.capacity)
+        return _next_power_of_two(need_rows) * _next_power_of_two(need_length) * self.bytes_per_token <= self.memory_limit
+
+    @torch.inference_mode()  # the buffers are made and updated inside the engine's step
+    def reserve(self, rows: int, length: int) -> None:
+        """Grow (never shrink) to at least `rows` slots of `length` positions, keeping contents."""
+        if rows <= self.num_slots and length <= self.capacity:
+            return
+        if not self.fits(rows, length):
+            raise ValueError(f"{rows} resident rows of {length} positions exceed the {self.memory_limit}-byte limit")
+        new_rows = _next_power_of_two(max(rows, self.num_slots))
+        new_length = _next_power_of_two(max(length, self.capacity))
+        shape = (new_rows, self.num_kv_heads, new_length, self.head_dim)
+        old_rows, old_length = self.num_slots, self.capacity
+        # Zeros, not empty: rows outside a batch's sequences are read (and ignored) by
+        # attention, and must not hold NaN bit patterns.
+        grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.num_layers)]
+        if self.keys:
+            for new, old in zip(grown, self.keys + self.values):
+                new[:old_rows, :, :old_length] = old
+        self.keys, self.values = grown[: self.num_layers], grown[self.num_layers :]
+
+    def clear(self) -> None:
+        """Drop every slot and the memory behind them."""
+        self.keys, self.values, self.owners, self.lengths = [], [], [], []
+        self.slot_of.clear()
+
+    # ---------------------------------------------------------------------- slots
+    @torch.inference_mode()  # the buffers are made and updated inside the engine's step
+    def admit(self, owner: object, cache: PagedKVCache, block_table: list[int], num_tokens: int) -> int:
+        """Give `owner` the next free slot, filled with its first `num_tokens` keys and values
+        from the blocks `block_table`; returns the slot."""
+        if owner in self.slot_of:
+            raise ValueError("this sequence already has a resident slot")
+        slot = len(self.owners)
+        self.reserve(slot + 1, max(num_tokens, 1))
+        if num_tokens:
+            size = cache.block_size
+            used = torch.tensor(block_table[: -(-num_tokens // size)], dtype=torch.long, device=cache.device)
+            for layer in range(self.num_layers):
+                for pool, resident in ((cache.keys[layer], self.keys[layer]), (cache.values[layer], self.values[layer])):
+                    blocks = pool.view(cache.num_blocks, size, self.num_kv_heads, self.head_dim)
+                    tokens = blocks.index_select(0, used).flatten(0, 1)[:num_tokens]
+                    resident[slot, :, :num_tokens] = tokens.transpose(0, 1)
+        self.owners.append(owner)
+        self.lengths.append(num_tokens)
+        self.slot_of[owner] = slot
+        return slot
+
+    @torch.inference_mode()  # the buffers are made and updated inside the engine's step
+    def release(self, owner: object) -> None:
+        """Free `owner`'s slot (if it has one); the last occupied slot moves into it."""
+        slot = self.slot_of.pop(owner, None)
+        if slot is None:
+            return
+        last = len(self.owners) - 1
+        if slot != last:
+            moved, length = self.owners[last], self.lengths[last]
+            for tensor in self.keys + self.values:
+                tensor[slot, :, :length] = tensor[last, :, :length]
+            self.owners[slot], self.lengths[slot] = moved, length
+            self.slot_of[moved] = slot
+        self.owners.pop()
+        self.lengths.pop()
+        if not self.owners:
+            self.clear()  # nothing runs: give the memory back
+
+    def batch(self, cache: PagedKVCache, owners: list[object], block_tables: list[list[int]],
+              num_computed: list[int], num_new: int) -> "ResidentBatch":
+        """The view for one forward pass over these sequences (each must hold a slot)."""
+        return ResidentBatch(cache, self, [self.slot_of[o] for o in owners], block_tables, num_computed, num_new)
+
+
+class ResidentBatch:
+    """One forward pass's view of resident buffers (the `KVCache` protocol of `cache.py`).
+
+    The batch's rows are the slots `first .. last` of the resident buffers, in order, so
+    that attention reads one slice of them without a copy. The sequences in this pass hold
+    some of those slots; any other slot in the range is a passenger: its row is computed
+    and thrown away, and nothing of it is written. `member_rows` says which rows belong to
+    the pass's sequences, in the order they were given; `select_members` takes them out of
+    the model's output.
+    """
+
+    def __init__(self, cache: PagedKVCache, resident: ResidentKV, slots: list[int], block_tables: list[list[int]],
+                 num_computed: list[int], num_new: int) -> None:
+        size = cache.block_size
+        for table, done in zip(block_tables, num_computed):
+            if len(table) * size < done + num_new:
+                raise ValueError(f"block table of {len(table)} blocks cannot hold {done + num_new} tokens")
+        first, last = min(slots), max(slots)
+        rows = last - first + 1
+        device = cache.device
+        self.cache, self.resident, self.first = cache, resident, first
+        self.member_rows = [s - first for s in slots]
+        totals = [1] * rows  # passengers see one column of their own row
+        starts = [0] * rows
+        for row, done in zip(self.member_rows, num_computed):
+            totals[row], starts[row] = done + num_new, done
+        width = max(totals)
+        if width > resident.capacity:
+            raise ValueError(f"resident buffers hold {resident.capacity} positions, {width} needed; reserve first")
+        # Pool slots and flat resident indices of the members' new tokens, computed in Python:
+        # a decode step has one per row, and small tensors built op by op cost more.
+        pool_slots, resident_index = [], []
+        capacity, heads = resident.capacity, resident.num_kv_heads
+        for slot, table, done in zip(slots, block_tables, num_computed):
+            for p in range(done, done + num_new):
+                pool_slots.append(table[p // size] * size + p % size)
+            for h in range(heads):
+                base = (slot * heads + h) * capacity + done
+                resident_index.extend(range(base, base + num_new))
+        self.write_slots = torch.tensor(pool_slots, dtype=torch.long, device=device)
+        self.resident_index = torch.tensor(resident_index, dtype=torch.long, device=device)
+        self.members = torch.tensor(self.member_rows, dtype=torch.long, device=device)
+        # True when row i is the i-th sequence given: no reordering of the new keys and
+        # values before writing them, nor of the logits after.
+        self.in_order = self.member_rows == list(range(rows))
+        positions = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(num_new)
+        self.position_ids = positions.to(device)
+        self.attention_mask = (torch.arange(width)[None, :] < torch.tensor(totals)[:, None]).to(device)
+        self.batch_size, self.width, self.num_new = rows, width, num_new
+        self.length = width - num_new
+        self._num_computed = num_computed
+        self._rows = slice(first, last + 1)
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        resident = self.resident
+        heads, dim = resident.num_kv_heads, resident.head_dim
+        if not self.in_order:
+            keys, values = keys.index_select(0, self.members), values.index_select(0, self.members)
+        outputs = []
+        for new, pool, buffer in ((keys, self.cache.keys[layer], resident.keys[layer]),
+                                  (values, self.cache.values[layer], resident.values[layer])):
+            # The blocks stay the source of truth; the resident row is a copy for attention.
+            pool.index_copy_(0, self.write_slots, new.transpose(1, 2).reshape(-1, heads, dim))
+            buffer.view(-1, dim).index_copy_(0, self.resident_index, new.reshape(-1, dim))
+            outputs.append(buffer[self._rows, :, : self.width])
+        return outputs[0], outputs[1]
+
+    def select_members(self, output: torch.Tensor) -> torch.Tensor:
+        """The rows of a (rows, ...) output that belong to the given sequences, in their order."""
+        return output if self.in_order else output.index_select(0, self.members)
+
+    def advance(self, num_new: int) -> None:
+        """Record how far each member's resident row is filled."""
+        for row, done in zip(self.member_rows, self._num_computed):
+            self.resident.lengths[self.first + row] = done + num_new

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .blocks import BlockManager
 
@@ -53,10 +53,14 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 on_release: Callable[[Sequence], None] | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.blocks = blocks
+        # Called whenever a sequence's blocks are freed (finish, abort, preemption), before
+        # its state is reset, so that copies of its keys and values elsewhere go too.
+        self.on_release = on_release
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -102,7 +106,11 @@ class Scheduler:
                 self._take_cached_prefix(seq)
             count = min(seq.num_uncomputed, budget)
             if not self._reserve(seq, count):
-                break  # wait for blocks to free up; later requests must not overtake it
+                # Wait for blocks to free up; later requests must not overtake it. The cached
+                # prefix blocks it just took go back (they stay in the prefix cache): held by
+                # waiting sequences, they could leave nothing free and nothing running.
+                self._release(seq)
+                break
             self.waiting.popleft()
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, count))
@@ -132,5 +140,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
+        if self.on_release is not None:
+            self.on_release(seq)
         self.blocks.free(seq.block_table)
         seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
