@@ -129,6 +129,19 @@ def test_fused_head_result_does_not_depend_on_the_chunk_size(chunk, head_product
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-5)
 
 
+def test_fused_head_takes_strided_inputs(head_products):
+    hidden, weight, head_bias, labels = _head_case(seed=8)
+    strided_hidden = hidden.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (seq, batch) storage
+    strided_weight = weight.detach().t().contiguous().t().requires_grad_()  # column-major
+    tensors = (strided_hidden, strided_weight, head_bias)
+    ours = _loss_and_grads(lambda: fused_linear_cross_entropy(strided_hidden, strided_weight, labels, bias=head_bias,
+                                                              chunk_tokens=7), tensors)
+    reference = _loss_and_grads(lambda: _unfused(strided_hidden, strided_weight, head_bias, labels), tensors)
+    torch.testing.assert_close(ours[0], reference[0], atol=1e-5, rtol=1e-6)
+    for mine, theirs in zip(ours[1], reference[1]):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-5)
+
+
 def test_fused_causal_loss_follows_the_label_shift_convention():
     hidden, weight, _, labels = _head_case(seed=2, bias=False)
     with torch.no_grad():

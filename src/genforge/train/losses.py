@@ -254,8 +254,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         chosen = flat_hidden if dense else flat_hidden.index_select(0, rows)
         # Autocast is off in here; the casts it would make are made by hand, once.
         with torch.autocast(hidden.device.type, enabled=False):
-            head_in = chosen.to(compute_dtype)
-            products = _HeadProducts(weight.to(compute_dtype), bias.to(compute_dtype) if bias is not None else None,
+            # Row-major operands: oneDNN falls back to a reference kernel, ~100x slower, on some
+            # strided layouts (no copy when they already are).
+            head_in = chosen.to(compute_dtype).contiguous()
+            products = _HeadProducts(weight.to(compute_dtype).contiguous(),
+                                     bias.to(compute_dtype) if bias is not None else None,
                                      min(chunk_tokens, count), want_hidden)
             grad_chosen = torch.empty_like(head_in) if want_hidden else None
             grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_bias else None
