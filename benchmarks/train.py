@@ -21,7 +21,8 @@ torch's default path (MKL) and oneDNN: on AMD CPUs MKL runs AVX2 code, about hal
 oneDNN's AVX-512 code reaches, and genforge's loss uses oneDNN.
 The loss of the first step is compared too: both sides train the same model on the same data.
 
-    python benchmarks/train.py         # writes benchmarks/results/train.{json,md}
+    python benchmarks/train.py               # writes benchmarks/results/train.{json,md}
+    python benchmarks/train.py --loss-only   # the LM head and loss alone, printed
 """
 
 from __future__ import annotations
@@ -151,6 +152,50 @@ def run(args) -> dict:
     return result
 
 
+def loss_only(args) -> str:
+    """The LM head and loss alone, forward and backward, on the benchmark's shapes (batch x
+    seq_len hidden states, vocab x hidden head): genforge's fused loss, the same model's unfused
+    path (`F.linear` + `causal_lm_loss`), and transformers' (`lm_head` + `loss_function`). Best
+    of `--repeats` rounds of `--steps` calls each, interleaved; a markdown table."""
+    import torch.nn.functional as F
+
+    from genforge.train.losses import causal_lm_loss, fused_linear_cross_entropy, shift_labels
+
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(args.batch, args.seq_len, args.hidden, generator=generator)
+    head = torch.nn.Linear(args.hidden, args.vocab, bias=False)
+    labels = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=generator)
+    reference = transformers.LlamaForCausalLM(llama_config(args))
+
+    def backward(loss_of) -> None:
+        states = hidden.clone().requires_grad_()
+        loss_of(states).backward()
+        head.weight.grad = None
+
+    sides = {
+        "genforge fused": lambda h: fused_linear_cross_entropy(h, head.weight, shift_labels(labels)),
+        "genforge unfused": lambda h: causal_lm_loss(F.linear(h, head.weight), labels),
+        "transformers": lambda h: reference.loss_function(head(h), labels, vocab_size=args.vocab),
+    }
+    best = {name: float("inf") for name in sides}
+    for name, loss_of in sides.items():
+        backward(loss_of)  # warm-up
+    for round_number in range(args.repeats):
+        order = list(sides.items()) if round_number % 2 == 0 else list(sides.items())[::-1]
+        for name, loss_of in order:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                backward(loss_of)
+            best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
+    lines = [f"LM head + loss, forward and backward: {args.batch * args.seq_len} tokens, hidden {args.hidden}, "
+             f"vocab {args.vocab}, fp32, {args.threads} threads; best of {args.repeats} rounds of {args.steps}.", "",
+             "| | best (ms) | vs transformers |", "|---|---:|---:|"]
+    for name, seconds in best.items():
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {best['transformers'] / seconds:.2f}x |")
+    return "\n".join(lines + [""])
+
+
 def markdown(result: dict) -> str:
     s, m = result["settings"], result["machine"]
     lines = [
@@ -187,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where train.{json,md} go")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--loss-only", action="store_true",
+                        help="time the LM head and loss alone (fused, unfused, transformers); print only")
     args = parser.parse_args(argv)
+    if args.loss_only:
+        print(loss_only(args))
+        return 0
     result = run(args)
-    out = {k: v for k, v in vars(args).items() if k not in ("out", "no_write")}
+    out = {k: v for k, v in vars(args).items() if k not in ("out", "no_write", "loss_only")}
     result["settings"] = out
     text = markdown(result)
     print(text)
