@@ -293,7 +293,17 @@ class Engine:
         if not resident.fits(len(running), longest):
             resident.clear()
             return False
-        resident.reserve(len(running), longest)
+        # Growing means a fresh allocation (page faults) and a copy, so ask at once for what
+        # this batch will come to: as many rows as sequences may run, each as long as its
+        # request may grow. Failing that, what this step needs.
+        rows = min(self.scheduler.max_num_seqs, len(running) + len(self.scheduler.waiting))
+        final = max(len(s.token_ids) + s.payload.request.params.max_new_tokens - s.payload.num_generated
+                    for s in running)
+        final = min(max(final, longest), self.max_model_len)
+        if resident.fits(rows, final):
+            resident.reserve(rows, final)
+        else:
+            resident.reserve(len(running), longest)
         for seq in running:
             if seq not in resident.slot_of:
                 # Admitted, resumed after preemption, or back from the gathering fallback: its
