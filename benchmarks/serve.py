@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -176,14 +177,19 @@ def markdown(results: dict) -> str:
             ratio = ours / summary["output_tokens_per_s"]
             runs.append({**summary, "rate": rate, "label": f"{name} (genforge {ratio:.2f}x)"})
     machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
-    header = f"Machine: {machine}. Model: {results['model']}. Workload: {results['workload']}.\n\n"
+    header = f"Machine: {machine}. Model: {results['model']}. Workload: {results['workload']}."
+    if "load_average" in results:
+        load = results["load_average"]
+        header += (f" Torch threads: {results['threads']}; 1-minute load average {load['before']} before the run and "
+                   f"{load['after']} after.")
+    header += "\n\n"
     return header + markdown_report(runs, title="genforge engine vs static batching vs one at a time")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face model directory (default: a random 4-layer Llama)")
-    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--num-requests", type=int, default=48)
     parser.add_argument("--rates", default="4,inf", help="comma-separated request rates in req/s; inf = all at once")
     parser.add_argument("--max-concurrency", type=int, default=32)
     parser.add_argument("--input-len", type=int, default=128)
@@ -217,6 +223,7 @@ def main(argv=None) -> int:
                      f"+-{args.range_ratio:.0%}, max concurrency {args.max_concurrency}, greedy, fp32"),
         "runs": {},
     }
+    load_before = os.getloadavg()[0]
     for rate_text in args.rates.split(","):
         rate = float(rate_text)
         workload = make_workload(args.num_requests, rate, args.input_len, args.output_len, args.range_ratio,
@@ -235,6 +242,10 @@ def main(argv=None) -> int:
             print(f"rate {rate_text:>4} {name:>10}: {runs[name]['output_tokens_per_s']:7.1f} output tok/s, "
                   f"TTFT p50 {runs[name]['ttft']['p50_ms']:.0f} ms", flush=True)
         results["runs"][rate_text] = runs
+    # Other jobs on a shared machine slow every system; the 1-minute load average before and
+    # after says how busy it was (the ratios are within one run).
+    results["load_average"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
+    results["threads"] = torch.get_num_threads()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

@@ -12,6 +12,12 @@ A row's gathered keys are its tokens in order (past, then the new ones), followe
 unused tail of its last block and by padding up to the widest row; the attention mask
 marks only the real tokens, and the model compares token positions rather than slots, so
 the tail is never attended to.
+
+`ResidentKV` keeps a second, contiguous copy of the running sequences' keys and values, one
+row ("slot") per sequence, written in the same pass as the blocks; `ResidentBatch` is the
+view that writes both and hands attention a slice of the resident rows, so a decode step
+copies nothing but its new tokens. The engine uses it whenever the batch fits in its memory
+limit and gathers blocks (`PagedBatch`) otherwise.
 """
 
 from __future__ import annotations
