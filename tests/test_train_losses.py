@@ -180,9 +180,10 @@ def test_fused_head_with_every_label_ignored(head_products):
     labels.fill_(-100)
     tensors = (hidden, weight, head_bias)
     for reduction in ("mean", "sum"):
-        ours, our_grads = _loss_and_grads(lambda: fused_linear_cross_entropy(
+        ours, our_grads = _loss_and_grads(lambda reduction=reduction: fused_linear_cross_entropy(
             hidden, weight, labels, bias=head_bias, reduction=reduction), tensors)
-        theirs, _ = _loss_and_grads(lambda: _unfused(hidden, weight, head_bias, labels, reduction=reduction), tensors)
+        theirs, _ = _loss_and_grads(
+            lambda reduction=reduction: _unfused(hidden, weight, head_bias, labels, reduction=reduction), tensors)
         # mean over no tokens is NaN, as F.cross_entropy says; the sum is 0; no gradient either way
         torch.testing.assert_close(ours, theirs, equal_nan=True)
         assert all(not g.any() for g in our_grads)
@@ -204,7 +205,7 @@ def test_fused_head_without_gradients_gives_the_loss_only():
 
 
 def test_fused_head_under_autocast_does_what_the_unfused_path_does():
-    hidden, weight, head_bias, labels = _head_case(seed=7, bias=False)
+    hidden, weight, _, labels = _head_case(seed=7, bias=False)
     tensors = (hidden, weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, our_grads = _loss_and_grads(lambda: fused_linear_cross_entropy(hidden, weight, shift_labels(labels),
