@@ -19,6 +19,7 @@ only when the batch ends.
 
     python benchmarks/serve.py                      # default: a random 4-layer Llama
     python benchmarks/serve.py --model DIR --num-requests 200 --rates 2,8,inf
+    python benchmarks/serve.py --profile-step --threads 1   # where one 32-row decode step goes
 """
 
 from __future__ import annotations
@@ -69,12 +70,13 @@ def make_workload(num: int, rate: float, input_len: int, output_len: int, range_
 
 
 # ------------------------------------------------------------------------------ systems
-def run_genforge(model, workload: Workload, max_concurrency: int, token_budget: int) -> Trace:
+def run_genforge(model, workload: Workload, max_concurrency: int, token_budget: int,
+                 resident_kv_memory: int | None = None) -> Trace:
     from genforge.generate.processors import SamplingParams
     from genforge.serve.engine import Engine, Request
 
     engine = Engine(model, None, max_num_seqs=max_concurrency, max_num_batched_tokens=token_budget,
-                    eos_token_ids=[])
+                    eos_token_ids=[], resident_kv_memory=resident_kv_memory)
     trace = Trace(list(workload.arrivals), [[] for _ in workload.prompts])
     pending = list(range(len(workload.prompts)))
     in_flight = 0
@@ -147,6 +149,76 @@ def run_sequential(hf_model, workload: Workload) -> Trace:
     return run_static(hf_model, workload, max_batch=1)
 
 
+# --------------------------------------------------------------------------- profiling
+def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | None, seed: int) -> dict[str, float]:
+    """Thread CPU milliseconds per decode step, by part, with `num_rows` running decodes.
+
+    Requests with prompts of 13-243 tokens are prefilled, then decode 100 steps before the
+    measured ones. Each part is timed by wrapping the function that does it (the engine's
+    scheduler, cache views and sampling; the model's mask building; SDPA; the gather of
+    blocks; the packed linear layers), so the parts are exclusive of each other except that
+    "model forward" contains the model's parts; "other model ops" is what remains of it.
+    """
+    import torch.nn.functional as F
+
+    from genforge.generate.processors import SamplingParams
+    from genforge.inference import PackedLinear
+    from genforge.model import Transformer
+    from genforge.serve.engine import Engine, Request
+    from genforge.serve.paged_cache import PagedBatch
+
+    rng = random.Random(seed)
+    engine = Engine(model, None, max_num_seqs=num_rows, max_num_batched_tokens=512, eos_token_ids=[],
+                    resident_kv_memory=resident_kv_memory)
+    for i in range(num_rows):
+        prompt = [rng.randrange(model.config.vocab_size) for _ in range(rng.randint(13, 243))]
+        engine.add_request(Request(str(i), prompt, SamplingParams(temperature=0, max_new_tokens=100 + 2 * steps)))
+    while engine.scheduler.waiting or any(s.num_uncomputed > 1 for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(100):
+        engine.step()
+
+    spent: dict[str, float] = {}
+    restore = []
+
+    def timed(owner, name: str, part: str) -> None:
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[part] = spent.get(part, 0.0) + time.thread_time() - start
+
+        restore.append((owner, name, original))
+        setattr(owner, name, wrapper)
+
+    timed(engine.scheduler, "schedule", "scheduler")
+    timed(engine.cache, "batch", "cache view")
+    if engine.resident is not None:
+        timed(engine.resident, "batch", "cache view")
+    timed(engine, "_sample", "sampling and outputs")
+    timed(Transformer, "_masks", "attention mask")
+    timed(F, "scaled_dot_product_attention", "attention (SDPA)")
+    timed(PagedBatch, "_gather", "gather")
+    timed(PackedLinear, "forward", "linear layers")
+    timed(Transformer, "forward", "model forward")
+    try:
+        start = time.thread_time()
+        for _ in range(steps):
+            engine.step()
+        total = time.thread_time() - start
+    finally:
+        for owner, name, original in reversed(restore):
+            setattr(owner, name, original)
+    per_step = {part: 1e3 * seconds / steps for part, seconds in spent.items()}
+    inside = sum(per_step.get(p, 0.0) for p in ("attention (SDPA)", "gather", "linear layers", "attention mask"))
+    per_step["other model ops"] = per_step.pop("model forward", 0.0) - inside
+    per_step["whole step"] = 1e3 * total / steps
+    return per_step
+
+
 # ---------------------------------------------------------------------------- metrics
 def summarize_trace(trace: Trace, workload: Workload) -> dict:
     """vLLM's serving metrics (genforge.serve.bench.summarize) from per-token timestamps."""
@@ -200,7 +272,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "serve"), help="results path without extension")
+    parser.add_argument("--profile-step", action="store_true",
+                        help="instead of the benchmark: print where one decode step with --max-concurrency rows goes")
+    parser.add_argument("--resident-kv-memory", type=int, default=None,
+                        help="genforge's resident K/V buffer limit in bytes (default: the block pool's size; "
+                             "0: gather blocks every step)")
     args = parser.parse_args(argv)
+    if args.resident_kv_memory is not None and args.resident_kv_memory < 0:
+        parser.error("--resident-kv-memory must be >= 0 bytes")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -215,6 +294,14 @@ def main(argv=None) -> int:
         # As `genforge serve` runs it on CPU: oneDNN-packed linear layers (genforge.inference).
         ours = pack_for_cpu_inference(load_model(directory).eval())
         theirs = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    if args.profile_step:
+        steps = 60
+        parts = profile_step(ours, args.max_concurrency, steps, args.resident_kv_memory, args.seed)
+        print(f"one decode step with {args.max_concurrency} rows, thread CPU ms (mean of {steps} steps, "
+              f"{torch.get_num_threads()} threads):")
+        for part, ms in sorted(parts.items(), key=lambda item: -item[1]):
+            print(f"  {part:<22} {ms:7.2f}")
+        return 0
     systems = args.systems.split(",")
     results = {
         "machine": describe(transformers=transformers.__version__),
@@ -231,7 +318,7 @@ def main(argv=None) -> int:
         runs = {}
         for name in systems:
             if name == "genforge":
-                trace = run_genforge(ours, workload, args.max_concurrency, args.token_budget)
+                trace = run_genforge(ours, workload, args.max_concurrency, args.token_budget, args.resident_kv_memory)
             elif name == "static":
                 trace = run_static(theirs, workload, args.max_concurrency)
             elif name == "sequential":
