@@ -491,6 +491,9 @@ def test_resident_rows_equal_the_blocks_through_admissions_preemptions_and_abort
             engine.abort(middle.request_id)
             results.pop(middle.request_id, None)
         assert_resident_rows_equal_blocks(engine)
+        # Waiting sequences hold no blocks: holding cached prefix blocks while waiting once
+        # left nothing free and nothing running, forever.
+        assert all(not seq.block_table for seq in engine.scheduler.waiting)
     stats = engine.stats()
     assert stats.preemptions > 0 and stats.prefix_cache_hits > 0
     assert len(results) == 18

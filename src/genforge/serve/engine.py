@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import math
 import queue
 import threading
@@ -297,8 +298,9 @@ class Engine:
         # this batch will come to: as many rows as sequences may run, each as long as its
         # request may grow. Failing that, what this step needs.
         rows = min(self.scheduler.max_num_seqs, len(running) + len(self.scheduler.waiting))
+        coming = itertools.islice(self.scheduler.waiting, rows - len(running))
         final = max(len(s.token_ids) + s.payload.request.params.max_new_tokens - s.payload.num_generated
-                    for s in running)
+                    for s in itertools.chain(running, coming))
         final = min(max(final, longest), self.max_model_len)
         if resident.fits(rows, final):
             resident.reserve(rows, final)
