@@ -7,7 +7,9 @@ of every sequence whose chunk reached its newest token with the same logits proc
 simple generator uses (`generate/processors.py`), and reports what each request gained.
 Sequences that run one token (decodes, and the last token of a prompt) share one batched
 forward pass; prompt chunks run one forward pass each, so no decode is padded to a
-prompt's length.
+prompt's length. Attention reads each running sequence's keys and values from its resident
+row (`paged_cache.ResidentKV`), a contiguous copy kept beside the blocks, so a decode step
+gathers nothing; when the batch would not fit the resident memory limit, blocks are gathered.
 
 `AsyncEngine` drives one `Engine` per served model from a background thread and hands the
 outputs to asyncio consumers, which is what the HTTP server needs.
@@ -116,7 +118,7 @@ class _RequestState:
     num_generated: int = 0
     prompt_logprobs: list[TokenLogprob | None] | None = None  # filled during prefill, sent once
     # Greedy with no logits processor at all: the next token is the raw logits' argmax, so the
-    # row skips the processor pipeline (see Engine._sample_batch).
+    # row skips the processor pipeline (see Engine._choose).
     plain_greedy: bool = False
 
 
@@ -259,7 +261,7 @@ class Engine:
             # In slot order, so that the batch's rows are the slots as they lie in memory.
             singles.sort(key=lambda c: self.resident.slot_of[c.seq])
         for group in ([singles] if singles else []) if resident else self._decode_groups(singles):
-            logits = self._forward(group, 1, keep_all=False)[:, -1]
+            logits = self._forward(group, 1, keep_all=False, resident=resident)[:, -1]
             last_logits.extend(zip(group, logits))
             for chunk, row in zip(group, logits):
                 if chunk.seq.payload.prompt_logprobs is not None:
@@ -267,7 +269,8 @@ class Engine:
         for chunk in chunks:
             if chunk.num_tokens > 1:
                 state: _RequestState = chunk.seq.payload
-                logits = self._forward([chunk], chunk.num_tokens, keep_all=state.prompt_logprobs is not None)[0]
+                logits = self._forward([chunk], chunk.num_tokens, keep_all=state.prompt_logprobs is not None,
+                                       resident=resident)[0]
                 if state.prompt_logprobs is not None:
                     self._record_prompt_logprobs(chunk, logits)
                 last_logits.append((chunk, logits[-1]))
@@ -314,7 +317,7 @@ class Engine:
         return True
 
     def _decode_groups(self, singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
-        """One-token sequences, in one batch or split in two by length.
+        """One-token sequences, in one batch or split in two by length (when gathering blocks).
 
         Each row of a batch attends over (and gathers) as many cache slots as its longest
         row, so short and long sequences together waste attention work; when splitting the
@@ -330,13 +333,13 @@ class Engine:
         cost, split = min((k * widths[k - 1] + (len(ordered) - k) * widths[-1], k) for k in range(1, len(ordered)))
         return [ordered[:split], ordered[split:]] if cost < 2 * whole / 3 else [singles]
 
-    def _forward(self, chunks: list[ScheduledChunk], num_new: int, keep_all: bool) -> torch.Tensor:
+    def _forward(self, chunks: list[ScheduledChunk], num_new: int, keep_all: bool, resident: bool) -> torch.Tensor:
         """Logits (len(chunks), num_new or 1, vocab) of `num_new` new tokens per sequence: at
-        every new position if `keep_all`, else at the last one."""
+        every new position if `keep_all`, else at the last one. `resident`: attend over the
+        sequences' resident rows (each holds a slot), else over their gathered blocks."""
         seqs = [c.seq for c in chunks]
         tables, computed = [s.block_table for s in seqs], [s.num_computed for s in seqs]
         new_ids = [s.token_ids[s.num_computed : s.num_computed + num_new] for s in seqs]
-        resident = self.resident is not None and bool(self.resident.slot_of)
         if not resident:
             view = self.cache.batch(tables, computed, num_new)
             ids = torch.tensor(new_ids, dtype=torch.long, device=self.model.device)

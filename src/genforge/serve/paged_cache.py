@@ -239,7 +239,7 @@ class ResidentKV:
             self.clear()  # nothing runs: give the memory back
 
     def batch(self, cache: PagedKVCache, owners: list[object], block_tables: list[list[int]],
-              num_computed: list[int], num_new: int) -> "ResidentBatch":
+              num_computed: list[int], num_new: int) -> ResidentBatch:
         """The view for one forward pass over these sequences (each must hold a slot)."""
         return ResidentBatch(cache, self, [self.slot_of[o] for o in owners], block_tables, num_computed, num_new)
 

@@ -15,8 +15,9 @@ preemption; with prefix caching most of it is found again).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .blocks import BlockManager
 
