@@ -591,3 +591,40 @@ def test_nan_logits_fail_the_plain_greedy_request_with_a_clear_error():
     out = engine.step()[0]
     assert out.finish_reason == "error" and "NaN" in out.error
     assert engine.stats().kv_blocks_used == 0 and engine.resident.memory == 0
+
+
+def test_resident_decode_passes_cut_around_very_long_rows_and_stay_exact():
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer(), block_size=8)
+    short = [[7 + i, 8, 9] for i in range(20)]
+    long = [list(range(10, 240)), list(range(20, 250))]
+    prompts = short[:10] + long[:1] + short[10:] + long[1:]  # a long row in the middle of the slots
+    for i, p in enumerate(prompts):
+        engine.add_request(Request(str(i), p, greedy(6)))
+    cuts = []
+
+    def watch(engine):
+        original = engine._resident_groups
+
+        def watched(singles):
+            groups = original(singles)
+            cuts.append([len(g) for g in groups])
+            assert sorted(c.seq.request_id for g in groups for c in g) == sorted(c.seq.request_id for c in singles)
+            return groups
+
+        engine._resident_groups = watched
+
+    watch(engine)
+    results = run_to_end(engine)
+    # Twenty 3-token rows do not read 240 positions each: the long rows get passes of their own.
+    assert any(len(groups) > 1 for groups in cuts)
+    for i, p in enumerate(prompts):
+        assert results[str(i)]["tokens"] == reference(model, p, greedy(6)).token_ids, i
+    # Rows of similar length stay in one pass.
+    engine = Engine(model, NumberTokenizer(), block_size=8)
+    for i, p in enumerate(short):
+        engine.add_request(Request(str(i), p, greedy(3)))
+    cuts.clear()
+    watch(engine)
+    run_to_end(engine)
+    assert [20] in cuts and all(groups in ([], [20]) for groups in cuts)

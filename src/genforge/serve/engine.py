@@ -257,10 +257,8 @@ class Engine:
         resident = self._prepare_resident(chunks)
         last_logits: list[tuple[ScheduledChunk, torch.Tensor]] = []
         singles = [c for c in chunks if c.num_tokens == 1]
-        if resident:
-            # In slot order, so that the batch's rows are the slots as they lie in memory.
-            singles.sort(key=lambda c: self.resident.slot_of[c.seq])
-        for group in ([singles] if singles else []) if resident else self._decode_groups(singles):
+        groups = self._resident_groups(singles) if resident else self._decode_groups(singles)
+        for group in groups:
             logits = self._forward(group, 1, keep_all=False, resident=resident)[:, -1]
             last_logits.extend(zip(group, logits))
             for chunk, row in zip(group, logits):
@@ -315,6 +313,53 @@ class Engine:
                 # computed tokens (a cached prefix, say) are copied from the blocks once.
                 resident.admit(seq, self.cache, seq.block_table, seq.num_computed)
         return True
+
+    def _resident_groups(self, singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+        """One-token sequences in slot order, cut into runs of neighbouring slots when that pays.
+
+        A pass over resident rows reads every row in its slot range up to the longest one's
+        length, so one very long row makes all the others read as far. Each extra pass costs
+        about one more read of the weights, counted here in the tokens of keys and values
+        that read would fetch. The cheapest cut is found by dynamic programming over the
+        slot order (it is not re-sorted: rows stay where they lie in memory).
+        """
+        slot_of = self.resident.slot_of
+        ordered = sorted(singles, key=lambda c: slot_of[c.seq])
+        count = len(ordered)
+        if count < 2:
+            return [ordered] if ordered else []
+        slots = [slot_of[c.seq] for c in ordered]
+        widths = [c.seq.num_computed + 1 for c in ordered]
+        per_pass = self._pass_cost_in_tokens
+        if (slots[-1] - slots[0] + 1) * max(widths) - sum(widths) <= per_pass:
+            return [ordered]  # even a perfect cut would not save one pass's cost
+        best = [0.0] + [math.inf] * count  # best[j]: cheapest cover of the first j rows
+        cut = [0] * (count + 1)
+        for j in range(1, count + 1):
+            widest = 0
+            for i in range(j - 1, -1, -1):  # the last run is rows i .. j-1
+                widest = max(widest, widths[i])
+                cost = best[i] + per_pass + (slots[j - 1] - slots[i] + 1) * widest
+                if cost < best[j]:
+                    best[j], cut[j] = cost, i
+        groups = []
+        j = count
+        while j > 0:
+            groups.append(ordered[cut[j] : j])
+            j = cut[j]
+        return groups[::-1]
+
+    @property
+    def _pass_cost_in_tokens(self) -> float:
+        """The model's weights in tokens of resident keys and values (all layers): what one
+        more forward pass reads, in the unit attention reads."""
+        if not hasattr(self, "_pass_tokens"):
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            weights += sum(b.numel() * b.element_size() for b in self.model.buffers())
+            # Twice the weights: a pass also pays each of its many small operations once
+            # (measured on CPU: about as much again as streaming the weights of a small model).
+            self._pass_tokens = 2 * weights / self.resident.bytes_per_token
+        return self._pass_tokens
 
     def _decode_groups(self, singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
         """One-token sequences, in one batch or split in two by length (when gathering blocks).
