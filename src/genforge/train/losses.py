@@ -15,13 +15,14 @@ Hsu et al. 2024).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..model import ModelOutput, load_balancing_loss
+from ..onednn import available as onednn_available
+from ..onednn import matmul_nt
 
 IGNORE_INDEX = -100
 
@@ -337,8 +338,8 @@ class _HeadProducts:
     """The three products of the LM head for one slice of tokens: logits = x W^T (+ b),
     d(x) = d(logits) W and d(W) += d(logits)^T x, summed over slices in fp32.
 
-    On CPU in fp32 they go through oneDNN (`mkldnn._linear_pointwise`, also used by
-    `genforge.inference`): torch's fp32 matmul calls MKL, which on AMD CPUs runs its AVX2 code
+    On CPU in fp32 they go through oneDNN (`genforge.onednn.matmul_nt`, as the model's linear
+    layers do): torch's fp32 matmul calls MKL, which on AMD CPUs runs its AVX2 code
     even where AVX-512 is there, and measured 2.4x slower for these shapes on the 2-core EPYC
     this was developed on (one 512-token slice, hidden 256, vocab 8192, one thread: logits 26 ms
     MKL vs 10 ms oneDNN; d(x) 23 vs 10; d(W) 25 vs 11). Same fp32 arithmetic, another
@@ -347,11 +348,10 @@ class _HeadProducts:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, want_hidden: bool) -> None:
         self.weight, self.bias = weight, bias
-        self.onednn = (weight.device.type == "cpu" and weight.dtype == torch.float32
-                       and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+        self.onednn = weight.device.type == "cpu" and weight.dtype == torch.float32 and onednn_available()
         self.grad_weight: torch.Tensor | None = None
         if self.onednn:
-            self.linear = functools.partial(torch.ops.mkldnn._linear_pointwise, attr="none", scalars=[], algorithm="")
+            self.linear = matmul_nt
             # d(x) = d(logits) W is a linear layer whose weight is W^T: made row-major once per call.
             self.weight_t = weight.t().contiguous() if want_hidden else None
         else:
