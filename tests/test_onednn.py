@@ -81,6 +81,27 @@ def test_output_and_gradients_equal_f_linear(shape, bias, layout, onednn_calls):
 
 
 @needs_onednn
+def test_second_order_gradients_equal_f_linears():
+    """create_graph=True (a gradient penalty): oneDNN's operator has no derivative of its own, so
+    differentiating the backward must not silently give zeros."""
+    x, weight, b, _ = _case(10, (4, ROWS // 4))
+
+    def second_order(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, b)]
+        out = fn(*leaves)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+        grad_x.square().sum().backward()
+        return out, [t.grad for t in leaves]
+
+    ours, our_grads = second_order(onednn.linear)
+    assert type(ours.grad_fn).__name__ == "_OneDNNLinearBackward"
+    _, reference_grads = second_order(F.linear)
+    for mine, theirs in zip(our_grads, reference_grads):
+        assert theirs.abs().max() > 0
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
 def test_column_major_weight_and_strided_bias():
     x, weight, b, upstream = _case(1, (ROWS,))
     weight = weight.t().contiguous().t()

@@ -105,27 +105,35 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         want_x, want_weight, _ = ctx.needs_input_grad
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
-        weight = weight.contiguous()
-        out = matmul_nt(flat, weight, bias.contiguous() if bias is not None else None)
-        ctx.save_for_backward(flat if want_weight else None, weight if want_x else None)
-        ctx.input_shape = x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
+        # The inputs themselves are saved, not their row-major copies: a backward that builds a
+        # graph (create_graph=True) must reach them to differentiate the gradients again.
+        ctx.save_for_backward(x if want_weight else None, weight if want_x else None)
+        return _forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         want_x, want_weight, want_bias = ctx.needs_input_grad
-        grad = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        if torch.is_grad_enabled():
+            # create_graph=True (higher-order gradients, e.g. a gradient penalty): oneDNN's
+            # operator has no derivative of its own, so the same formulas in differentiable ops.
+            return (
+                grad_out @ weight if want_x else None,
+                grad.t() @ x.reshape(-1, x.shape[-1]) if want_weight else None,
+                grad.sum(dim=0) if want_bias else None,
+            )
+        grad = grad.contiguous()
         grad_x = grad_weight = grad_bias = None
         if want_x:
             # d(x) = d(y) W: a linear layer whose weight is W^T, made row-major (one copy of W,
             # small beside the product; a transposed weight risks oneDNN's reference kernel).
-            grad_x = matmul_nt(grad, weight.t().contiguous()).view(ctx.input_shape)
+            grad_x = matmul_nt(grad, weight.t().contiguous()).view(*grad_out.shape[:-1], weight.shape[1])
         if want_weight:
             # d(W) = d(y)^T x as (d(y)^T)(x^T)^T: both operands are plain transposes of row-major
             # tensors (a fast layout, no copies) and the result comes out row-major, (out, in),
             # so autograd accumulates it into .grad without another copy.
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
             grad_weight = matmul_nt(grad.t(), flat.t())
         if want_bias:
             grad_bias = grad.sum(dim=0)
