@@ -2,15 +2,18 @@
 
 Random weights make speculation meaningless (a random draft never agrees with a random
 target), so this script first trains its own pair with genforge's trainer on the Python
-standard library's source, which is on every machine: a byte-level BPE tokenizer, a target
-(6 layers, d=256) and a draft (1 layer, d=128) over the same tokenizer. The models are
-cached under --cache, so later runs go straight to the measurement.
+standard library's source, which is on every machine: a byte-level BPE tokenizer (2,048
+tokens), a target (6 layers, d=256) and a draft (1 layer, d=128) over the same tokenizer. The
+draft is then distilled on text sampled from the target (`prepare`). Each stage is cached
+under --cache (about 25 minutes of training on 2 cores the first time), so later runs go
+straight to the measurement. Both genforge models are packed for CPU inference, as
+`genforge generate` loads them.
 
 Then, for held-out prompts (the first tokens of stdlib files not trained on), greedy
 continuations are timed in the same process, alternating:
 
 - genforge: the target alone (`generate`), speculative decoding with the draft for several
-  k, and prompt lookup;
+  k (and once with a dynamic draft length, `draft_confidence`), and prompt lookup;
 - transformers: the target alone (`generate`), assisted generation with the same draft
   (`assistant_model`, `num_assistant_tokens`, constant schedule) and prompt lookup
   (`prompt_lookup_num_tokens`).
@@ -24,7 +27,9 @@ over the same library's target-alone run, acceptance rate and tokens per target 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import random
 import statistics
 import sys
 import sysconfig
@@ -39,17 +44,27 @@ from genforge.config import Config
 from genforge.generate.generator import generate
 from genforge.generate.processors import SamplingParams
 from genforge.generate.speculative import prompt_lookup_generate, speculative_generate
+from genforge.inference import pack_for_cpu_inference
 from genforge.model import Transformer
 from genforge.tokenizer import Tokenizer
 from genforge.train import TokenDataset, TrainConfig, Trainer
+from genforge.train.tokenizer_training import train_tokenizer as genforge_train_tokenizer
 from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+VOCAB_SIZE = 2048
+# A draft must cost a small fraction of a target step to pay off (the speed-up is bounded by
+# tokens per round / (k x draft cost + verify cost)); at these sizes a draft step is ~1/5 of a
+# target step, most of it fixed per-call cost. A larger target (8 layers, d=384) was tried: in
+# the ~25 CPU-minutes this script can spend, it trained no better than the draft.
 SIZES = {
     "target": dict(hidden_size=256, num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=688),
     "draft": dict(hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=384),
 }
+# Peak learning rates: small models take large ones (the quickstart's 128-wide model trains best
+# at 1e-2); the wider, deeper target gets a lower one.
+LEARNING_RATES = {"target": 4e-3, "draft": 1e-2, "distill": 3e-3}
 
 
 def stdlib_files() -> list[Path]:
@@ -58,49 +73,74 @@ def stdlib_files() -> list[Path]:
 
 
 def train_tokenizer(files: list[Path], directory: Path) -> Tokenizer:
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator((f.read_text(encoding="utf-8", errors="replace") for f in files), trainer)
-    tokenizer = Tokenizer(backend, {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
-    tokenizer.save(directory)
-    return tokenizer
+    """genforge's byte-level BPE trainer. A 2,048-token vocabulary suits a one-megabyte corpus
+    and keeps both LM heads small, so a draft step costs little next to a target step."""
+    genforge_train_tokenizer(files=files, kind="bpe", vocab_size=VOCAB_SIZE, out_dir=directory, overwrite=True)
+    return Tokenizer.from_dir(directory)
 
 
-def train(name: str, tokenizer: Tokenizer, ids: list[int], out: Path, steps: int) -> Path:
+def train(name: str, tokenizer: Tokenizer, ids: list[int], out: Path, steps: int,
+          start: Transformer | None = None, lr: float | None = None) -> Transformer:
     config = Config(family="llama", vocab_size=tokenizer.vocab_size, max_position_embeddings=512,
-                    eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **SIZES[name])
+                    eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                    **SIZES[name.split("-")[0]])
     torch.manual_seed(0)
-    model = Transformer(config)
-    run = TrainConfig(out_dir=out / f"{name}-run", max_steps=steps, batch_size=8, lr=2e-3, warmup_steps=steps // 20,
-                      eval_every=0, save_every=0, progress=True)
+    model = start if start is not None else Transformer(config)
+    run = TrainConfig(out_dir=out / f"{name}-{steps}-steps", max_steps=steps, batch_size=8, lr=lr or LEARNING_RATES[name],
+                      warmup_steps=steps // 20, eval_every=0, save_every=0, progress=True)
     split = int(len(ids) * 0.98)
     result = Trainer(model, TokenDataset(ids[:split], 256), run, val_data=TokenDataset(ids[split:], 256),
                      tokenizer=tokenizer).train()
     final = result.evals[-1] if result.evals else {}
     print(f"{name}: val loss {final.get('val_loss', float('nan')):.3f} after {steps} steps", flush=True)
-    return result.export_dir
+    return load_model(result.export_dir)
+
+
+def target_samples(target: Transformer, ids: list[int], sequences: int, prompt_len: int = 32,
+                   new_tokens: int = 224) -> list[int]:
+    """Text sampled from the target (temperature 1) after random windows of the training data:
+    the corpus for distilling the draft."""
+    rng = random.Random(0)
+    prompts = [ids[s: s + prompt_len] for s in (rng.randrange(len(ids) - prompt_len) for _ in range(sequences))]
+    packed = pack_for_cpu_inference(copy.deepcopy(target))
+    samples: list[int] = []
+    for i in range(0, sequences, 64):
+        params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=i)
+        for prompt, out in zip(prompts[i: i + 64], generate(packed, prompts[i: i + 64], params, eos_token_ids=[])):
+            samples += prompt + out.token_ids
+    return samples
 
 
 def prepare(cache: Path, steps: dict[str, int]) -> tuple[Path, Path]:
-    target_dir, draft_dir = cache / "target-run" / "model", cache / "draft-run" / "model"
+    """Train (or reuse) the pair: the target on the stdlib source; the draft on the same text,
+    then distilled on text the target samples (sequence-level knowledge distillation, Kim &
+    Rush 2016; for speculative drafts, Zhou et al. 2024, "DistillSpec"), so that it predicts
+    the target's tokens rather than the corpus's."""
+    # Sizes, vocabulary and step counts name the directories: a cached pair is only reused for
+    # the same training.
+    cache = cache / f"vocab{VOCAB_SIZE}-target{SIZES['target']['num_layers']}x{SIZES['target']['hidden_size']}"
+    target_dir = cache / f"target-{steps['target']}-steps" / "model"
+    plain_draft_dir = cache / f"draft-{steps['draft']}-steps" / "model"
+    draft_dir = cache / f"draft-distilled-{steps['distill']}-steps" / "model"
     if target_dir.exists() and draft_dir.exists():
         return target_dir, draft_dir
     files = stdlib_files()
     training = files[: int(len(files) * 0.9)]
     cache.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(training, cache / "tokenizer")
+    tokenizer_dir = cache / "tokenizer"
+    tokenizer = Tokenizer.from_dir(tokenizer_dir) if tokenizer_dir.exists() else train_tokenizer(training, tokenizer_dir)
     ids: list[int] = []
     for f in training:
         ids += tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)
         ids.append(tokenizer.eos_token_id)
     print(f"training on {len(ids):,} tokens of stdlib source", flush=True)
-    return train("target", tokenizer, ids, cache, steps["target"]), train("draft", tokenizer, ids, cache, steps["draft"])
+    # Each stage is kept, so an interrupted preparation resumes at the stage it was in.
+    target = load_model(target_dir) if target_dir.exists() else train("target", tokenizer, ids, cache, steps["target"])
+    draft = load_model(plain_draft_dir) if plain_draft_dir.exists() else train("draft", tokenizer, ids, cache, steps["draft"])
+    samples = target_samples(target, ids, sequences=1024)
+    print(f"distilling the draft on {len(samples):,} tokens sampled from the target", flush=True)
+    train("draft-distilled", tokenizer, samples, cache, steps["distill"], start=draft, lr=LEARNING_RATES["distill"])
+    return target_dir, draft_dir
 
 
 def held_out_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[int]]:
@@ -125,20 +165,26 @@ def timed(function) -> tuple[float, object]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "speculative"), help="where the trained pair is kept")
-    parser.add_argument("--target-steps", type=int, default=250)
-    parser.add_argument("--draft-steps", type=int, default=250)
+    parser.add_argument("--target-steps", type=int, default=600)
+    parser.add_argument("--draft-steps", type=int, default=600)
+    parser.add_argument("--distill-steps", type=int, default=400)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--ks", default="2,4,8")
+    parser.add_argument("--draft-confidence", type=float, default=0.05,
+                        help="for one extra run at the largest k: stop drafting below this draft probability "
+                             "(this small draft's median confidence is about that)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "speculative"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    target_dir, draft_dir = prepare(Path(args.cache), {"target": args.target_steps, "draft": args.draft_steps})
+    target_dir, draft_dir = prepare(Path(args.cache), {"target": args.target_steps, "draft": args.draft_steps,
+                                                    "distill": args.distill_steps})
     tokenizer = Tokenizer.from_dir(target_dir)
-    target, draft = load_model(target_dir).eval(), load_model(draft_dir).eval()
+    # Packed for CPU inference, as `genforge generate` loads them (genforge.inference).
+    target, draft = (pack_for_cpu_inference(load_model(d).eval()) for d in (target_dir, draft_dir))
     hf_target = transformers.AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     hf_draft = transformers.AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
     prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_len)
@@ -157,6 +203,9 @@ def main(argv=None) -> int:
         "genforge target alone": lambda p: (generate(target, [p], params, eos_token_ids=[])[0].token_ids, None),
         **{f"genforge speculative k={k}": (lambda p, k=k: _spec(speculative_generate(
             target, draft, p, params, num_draft_tokens=k, eos_token_ids=[]))) for k in ks},
+        f"genforge speculative k={max(ks)}, draft confidence {args.draft_confidence:g}": lambda p: _spec(
+            speculative_generate(target, draft, p, params, num_draft_tokens=max(ks),
+                                 draft_confidence=args.draft_confidence, eos_token_ids=[])),
         "genforge prompt lookup k=10": lambda p: _spec(prompt_lookup_generate(target, p, params, eos_token_ids=[])),
         "transformers target alone": lambda p: (hf(p), None),
         **{f"transformers assisted k={k}": (lambda p, k=k: (hf(p, assistant_model=hf_draft), None)) for k in ks},

@@ -128,11 +128,17 @@ def test_speculative_with_the_model_as_its_own_draft(text_model_dir, capsys):
     captured = capsys.readouterr()
     assert captured.out == plain
     assert "acceptance rate 1.00" in captured.err
+    # Every draft of a model drafting for itself is accepted, however unsure: same text.
+    assert main(args + ["--strategy", "speculative", "--draft", str(text_model_dir), "--draft-confidence", "0.9"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    assert "acceptance rate 1.00" in captured.err
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--strategy", "speculative"], "needs --draft"),
     (["--draft", "x"], "only by --strategy speculative"),
+    (["--draft-confidence", "0.5"], "only by --strategy speculative"),
     (["--strategy", "contrastive", "--stop", "x"], "--stop is not supported by --strategy contrastive"),
     (["--num-beam-groups", "2"], "for --strategy diverse-beam"),
 ])

@@ -147,20 +147,24 @@ def marginals(model, prompt, params, positions):
     return result
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, max_new_tokens=3),
-                                    SamplingParams(temperature=0.7, top_k=5, max_new_tokens=3)],
-                         ids=["plain", "temperature-top-k"])
-def test_speculative_sampling_follows_the_target_distribution(params, tiny_pair, one_thread):
+@pytest.mark.parametrize("params, draft_confidence", [
+    (SamplingParams(temperature=1.0, max_new_tokens=3), 0.0),
+    (SamplingParams(temperature=0.7, top_k=5, max_new_tokens=3), 0.0),
+    (SamplingParams(temperature=1.0, max_new_tokens=3), 0.3),
+], ids=["plain", "temperature-top-k", "dynamic-draft-length"])
+def test_speculative_sampling_follows_the_target_distribution(params, draft_confidence, tiny_pair, one_thread):
     # k = 2 and 3 tokens: the first round drafts two, so token 1 is an accepted draft or a
     # residual draw, token 2 the same after an acceptance (or a second round's), and token 3
-    # the bonus token after two acceptances.
+    # the bonus token after two acceptances. With a draft confidence, a round may stop after
+    # one draft: where it stops depends on the draft's own draws only, which must not bias
+    # the output.
     target, draft = tiny_pair
     prompt = [1, 5, 2, 7, 1, 5]
     drawn = []
     for seed in range(DRAWS):
         params.seed = seed
         drawn.append(speculative_generate(target, draft, prompt, params, num_draft_tokens=2,
-                                          eos_token_ids=[]).token_ids)
+                                          draft_confidence=draft_confidence, eos_token_ids=[]).token_ids)
     for position, expected in enumerate(marginals(target, prompt, params, 3)):
         assert chi_square_p([tokens[position] for tokens in drawn], expected) > 0.001, position
     # The test has the power to tell the draft's distribution apart.
@@ -263,3 +267,30 @@ def test_processors_see_each_position_context():
     assert penalised == [set(), {2}, {2, 3}]  # the prompt (token 1) is not penalised
     (draft_row,) = rule.process(torch.zeros(1, 8), tokens, drafts)
     assert set(torch.nonzero(draft_row < 0).flatten().tolist()) == {2, 3}
+
+
+def test_draft_confidence_shortens_rounds_without_changing_greedy_output(target, drafts):
+    expected = target_greedy(target, GREEDY_64).token_ids
+    # The median confidence of the draft's greedy choices along the output: about half the
+    # drafts fall below it, so rounds of every length occur.
+    with torch.inference_mode():
+        logits = drafts["near"](torch.tensor([PROMPT + expected])).logits[0, len(PROMPT) - 1 :].float()
+    median = float(torch.softmax(logits, dim=-1).max(dim=-1).values.median())
+    always = speculative_generate(target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4, eos_token_ids=[])
+    unsure = speculative_generate(target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4,
+                                  draft_confidence=median, eos_token_ids=[])
+    # A probability is never above 1: every round stops after its first draft.
+    single = speculative_generate(target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4,
+                                  draft_confidence=1.0, eos_token_ids=[])
+    assert always.token_ids == unsure.token_ids == single.token_ids == expected
+    assert single.stats.drafted == single.stats.draft_forwards == single.stats.target_forwards
+    assert single.stats.drafted < unsure.stats.drafted < always.stats.drafted
+    sampled = speculative_generate(target, drafts["near"], PROMPT, SamplingParams(temperature=1.0, seed=3, max_new_tokens=32),
+                                   num_draft_tokens=4, draft_confidence=1.0, eos_token_ids=[])
+    assert sampled.stats.drafted == sampled.stats.target_forwards
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, "high", True])
+def test_bad_draft_confidence_is_rejected(value, target, drafts):
+    with pytest.raises(ValueError, match=r"draft_confidence must be a probability in \[0, 1\]"):
+        speculative_generate(target, drafts["near"], PROMPT, GREEDY_64, draft_confidence=value)

@@ -89,8 +89,8 @@ def _check_strategy_flags(args) -> None:
     """Refuse flag combinations that would be silently ignored, before loading anything."""
     if args.strategy == "speculative" and not args.draft:
         raise ValueError("--strategy speculative needs --draft DIR, a smaller model with the same vocabulary")
-    if args.draft and args.strategy != "speculative":
-        raise ValueError("--draft is used only by --strategy speculative")
+    if (args.draft or args.draft_confidence) and args.strategy != "speculative":
+        raise ValueError("--draft and --draft-confidence are used only by --strategy speculative")
     if args.stop and args.strategy not in ("sample", "beam", "diverse-beam", "speculative", "prompt-lookup"):
         raise ValueError(f"--stop is not supported by --strategy {args.strategy}; use --stop-token-id")
     if args.do_sample and args.strategy != "beam":
@@ -213,7 +213,7 @@ def _run_strategy(args, model, tokenizer, prompts, params, eos) -> list[tuple[in
     if args.strategy == "speculative":
         draft = _load_model_only(args, args.draft)
         done = speculative_generate(model, draft, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
-                                    eos_token_ids=eos, tokenizer=tokenizer)
+                                    draft_confidence=args.draft_confidence, eos_token_ids=eos, tokenizer=tokenizer)
     else:
         done = prompt_lookup_generate(model, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
                                       eos_token_ids=eos, tokenizer=tokenizer)
@@ -664,6 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="contrastive-decoding: keep tokens with p_expert >= alpha x the top probability")
     strategy.add_argument("--draft", default=None, help="speculative: draft model directory")
     strategy.add_argument("--num-draft-tokens", type=int, default=4, help="speculative / prompt-lookup: k per round")
+    strategy.add_argument("--draft-confidence", type=float, default=0.0,
+                          help="speculative: stop a round's drafting after a draft token the draft model gives less "
+                               "than this probability (dynamic draft length; 0 always drafts k; speed only)")
     shape = gen.add_argument_group("constrained output (through llguidance; needs a byte-level BPE tokenizer)")
     shape.add_argument("--json-schema", default=None, metavar="FILE", help="output is JSON valid under this schema")
     shape.add_argument("--regex", default=None, help="output matches this regular expression in full")

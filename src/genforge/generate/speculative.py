@@ -159,10 +159,11 @@ class _Proposer(Protocol):
 class _DraftModel:
     """Drafts by sampling a smaller model autoregressively."""
 
-    def __init__(self, model: Transformer, capacity: int, stats: SpeculativeStats) -> None:
+    def __init__(self, model: Transformer, capacity: int, stats: SpeculativeStats, min_confidence: float = 0.0) -> None:
         self.model = model
         self.cache = ContiguousKVCache(model.config, 1, capacity, dtype=model.dtype, device=model.device)
         self.stats = stats
+        self.min_confidence = min_confidence
 
     def propose(self, tokens, limit, rule, eos):
         drafts: list[int] = []
@@ -177,12 +178,16 @@ class _DraftModel:
             processed = rule.process(logits, tokens, drafts)
             if rule.greedy:
                 token = int(processed[0].argmax())
+                confidence = float(torch.exp(processed[0, token] - processed[0].logsumexp(-1))) if self.min_confidence else 1.0
             else:
                 q = rule.probabilities(processed)[0]
                 token = rule.draw(q)
                 distributions.append(q)
+                confidence = float(q[token])
             drafts.append(token)
-            if token in eos:  # nothing after an end token is ever used
+            # An unsure draft is likely to be rejected, and so is everything drafted after it:
+            # stop here rather than pay for more draft steps and a wider verification.
+            if token in eos or confidence < self.min_confidence:
                 break
             fed = tokens.new_tensor([[token]])
         return drafts, (torch.stack(distributions) if distributions else None)
@@ -239,6 +244,7 @@ def speculative_generate(
     params: SamplingParams | None = None,
     *,
     num_draft_tokens: int = 4,
+    draft_confidence: float = 0.0,
     eos_token_ids: Sequence[int] | None = None,
     tokenizer=None,
 ) -> SpeculativeCompletion:
@@ -246,7 +252,12 @@ def speculative_generate(
     `target` verifying them (speculative sampling; module docstring). The output is
     distributed as `generator.generate(target, ...)` with the same `params` (identical tokens
     for temperature 0). eos ids default to the target config's. Stop strings and `text` need
-    `tokenizer`."""
+    `tokenizer`.
+
+    `draft_confidence` ends a round's drafting early, after a draft token whose probability
+    under the (processed) draft distribution is below it: a dynamic draft length, as
+    transformers' `assistant_confidence_threshold`. 0 always drafts `num_draft_tokens`. It
+    changes only the speed, never the output distribution."""
     params = params or SamplingParams()
     _check_model(target, "target")
     _check_model(draft, "draft")
@@ -260,8 +271,10 @@ def speculative_generate(
         raise ValueError(f"draft is on {draft.device} but target on {target.device}; put both on one device")
     prompt, eos, max_new_tokens = _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens, tokenizer)
     _check_context(draft, "draft", len(prompt), max_new_tokens)
+    if isinstance(draft_confidence, bool) or not isinstance(draft_confidence, (int, float)) or not 0 <= draft_confidence <= 1:
+        raise ValueError(f"draft_confidence must be a probability in [0, 1], got {draft_confidence!r}")
     stats = SpeculativeStats()
-    proposer = _DraftModel(draft, len(prompt) + max_new_tokens, stats)
+    proposer = _DraftModel(draft, len(prompt) + max_new_tokens, stats, draft_confidence)
     return _speculate(target, proposer, prompt, params, num_draft_tokens, eos, max_new_tokens, stats, tokenizer)
 
 
