@@ -66,7 +66,7 @@ class Norm(nn.Module):
         if self.kind == "layernorm":
             return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not self.weight_offset:
-            # The same arithmetic as below in one call: a decode step runs this twice per layer.
+            # The same arithmetic as below in one call, without the separate weight product.
             return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
         normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
         if self.weight_offset:
