@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("--draft-confidence", type=float, default=0.05,
                         help="for one extra run at the largest k: stop drafting below this draft probability "
                              "(this small draft's median confidence is about that)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over all prompts and systems")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "speculative"))
     args = parser.parse_args(argv)
@@ -211,31 +212,38 @@ def main(argv=None) -> int:
         **{f"transformers assisted k={k}": (lambda p, k=k: (hf(p, assistant_model=hf_draft), None)) for k in ks},
         "transformers prompt lookup k=10": lambda p: (hf(p, prompt_lookup_num_tokens=10), None),
     }
-    totals = {name: 0.0 for name in systems}
+    # Each repeat times every system on every prompt; the order of the systems flips every
+    # repeat, so drifting machine speed does not always favour the same ones. Ratios are taken
+    # within a repeat, then the median over repeats is reported with its range.
+    totals = {name: [0.0] * args.repeats for name in systems}
     stats = {name: [] for name in systems}
     reference = {}
-    for i, prompt in enumerate(prompts):
-        for name, run in systems.items():
-            if name.startswith("transformers assisted"):
-                k = int(name.rsplit("=", 1)[1])
-                hf_draft.generation_config.num_assistant_tokens = k
-                hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
-                hf_draft.generation_config.assistant_confidence_threshold = 0.0
-            seconds, (tokens, stat) = timed(lambda: run(prompt))
-            totals[name] += seconds
-            if stat:
-                stats[name].append(stat)
-            expected = reference.setdefault(i, tokens)
-            if tokens != expected:
-                print(f"warning: {name} differs from the target's greedy output on prompt {i}", flush=True)
-        print(f"prompt {i + 1}/{len(prompts)} done", flush=True)
+    for repeat in range(args.repeats):
+        order = list(systems.items()) if repeat % 2 == 0 else list(systems.items())[::-1]
+        for i, prompt in enumerate(prompts):
+            for name, run in order:
+                if name.startswith("transformers assisted"):
+                    k = int(name.rsplit("=", 1)[1])
+                    hf_draft.generation_config.num_assistant_tokens = k
+                    hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
+                    hf_draft.generation_config.assistant_confidence_threshold = 0.0
+                seconds, (tokens, stat) = timed(lambda: run(prompt))
+                totals[name][repeat] += seconds
+                if stat and repeat == 0:
+                    stats[name].append(stat)
+                expected = reference.setdefault(i, tokens)
+                if tokens != expected:
+                    print(f"warning: {name} differs from the target's greedy output on prompt {i}", flush=True)
+        print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
 
     generated = args.new_tokens * len(prompts)
     rows = []
     for name in systems:
-        library = name.split()[0]
-        base = totals[f"{library} target alone"]
-        entry = {"system": name, "tokens_per_s": generated / totals[name], "speedup": base / totals[name]}
+        base = totals[f"{name.split()[0]} target alone"]
+        speedups = sorted(b / t for b, t in zip(base, totals[name]))
+        entry = {"system": name, "tokens_per_s": generated / statistics.median(totals[name]),
+                 "speedup": statistics.median(speedups), "speedup_min": speedups[0], "speedup_max": speedups[-1],
+                 "seconds_per_repeat": totals[name]}
         if stats[name]:
             entry["acceptance_rate"] = statistics.mean(s["acceptance_rate"] for s in stats[name])
             entry["tokens_per_target_forward"] = statistics.mean(s["tokens_per_target_forward"] for s in stats[name])
@@ -244,12 +252,13 @@ def main(argv=None) -> int:
                "setup": f"{len(prompts)} held-out stdlib prompts of {args.prompt_len} tokens, {args.new_tokens} greedy "
                         f"tokens; target {SIZES['target']}, draft {SIZES['draft']}", "rows": rows}
     machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
-    lines = [f"Machine: {machine}. {results['setup']}.", "",
-             "| system | tokens/s | speedup over own target alone | acceptance | tokens per target forward |",
+    lines = [f"Machine: {machine}. {results['setup']}. Median of {args.repeats} repeats (speed-up range in brackets).",
+             "", "| system | tokens/s | speedup over own target alone | acceptance | tokens per target forward |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-                     f"{r.get('acceptance_rate', float('nan')):.2f} | {r.get('tokens_per_target_forward', float('nan')):.2f} |")
+        lines.append(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x "
+                     f"({r['speedup_min']:.2f}-{r['speedup_max']:.2f}) | {r.get('acceptance_rate', float('nan')):.2f} | "
+                     f"{r.get('tokens_per_target_forward', float('nan')):.2f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
