@@ -204,8 +204,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            # One rotation over the query and key heads together: half the small calls of a
-            # decode step's position encoding.
+            # One rotation over the query and key heads together instead of one each: a decode
+            # step is a chain of small calls, and this is six of them instead of ten.
             q, k = apply_rope(torch.cat((q, k), dim=2), *rope).split((heads, kv_heads), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
