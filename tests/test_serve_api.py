@@ -712,7 +712,7 @@ def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path, monkeypatch
     env = {**os.environ, "GENFORGE_API_KEYS": "secret"}
     process = subprocess.Popen(
         [sys.executable, "-m", "genforge.cli", "serve", "--model", f"served={model_dir}", "--port", str(port),
-         "--max-num-seqs", "16", "--block-size", "8", "--log-level", "warning"],
+         "--max-num-seqs", "16", "--block-size", "8", "--resident-kv-mib", "4", "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -786,3 +786,10 @@ def test_echo_scores_the_prompt(client, loaded):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
     assert _error(info, 400)["param"] == "max_tokens"
+
+
+def test_serve_refuses_a_negative_resident_memory_before_loading(model_dir, capsys):
+    from genforge.cli import main
+
+    assert main(["serve", "--model", str(model_dir), "--resident-kv-mib", "-1"]) == 2
+    assert "--resident-kv-mib must be >= 0" in capsys.readouterr().err

@@ -70,6 +70,10 @@ def cmd_serve(args) -> int:
                       "enable_prefix_caching": not args.no_prefix_caching}
     if args.max_model_len is not None:
         engine_options["max_model_len"] = args.max_model_len
+    if args.resident_kv_mib is not None:
+        if args.resident_kv_mib < 0:
+            raise ValueError(f"--resident-kv-mib must be >= 0 (0 turns resident buffers off), got {args.resident_kv_mib}")
+        engine_options["resident_kv_memory"] = int(args.resident_kv_mib * 2**20)
     with console.status(f"loading {', '.join(models)}"):
         app = app_from_directories(models, embedding_models=embedders, dtype=args.dtype, device=args.device,
                                    engine_options=engine_options, api_keys=keys, rate_limit=rate_limit,
@@ -157,6 +161,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="context length served (default and maximum: the model's)")
     engine.add_argument("--no-prefix-caching", action="store_true",
                         help="do not share KV blocks between requests with a common prefix")
+    engine.add_argument("--resident-kv-mib", type=float, default=None,
+                        help="memory for contiguous per-sequence copies of running sequences' keys and values, "
+                             "so decode steps read them without gathering blocks (default: as much as the block "
+                             "pool; 0 turns them off and gathers blocks every step)")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmark commands.")
