@@ -282,6 +282,25 @@ def test_logprobs_are_the_raw_model_log_softmax():
         assert [t for t, _ in entry.top] == expected.top_token_ids[i].tolist()
 
 
+def test_padded_vocabulary_ids_are_never_chosen():
+    """An embedding table padded past the tokenizer (320 rows for 300 tokens), whose padding
+    rows would win every argmax: greedy rows (taken by one argmax over the text ids, no
+    processor) must choose exactly what `generate` with the tokenizer's ban chooses."""
+    model = tiny_model(vocab_size=VOCAB + 20)
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] = model.lm_head.weight[:VOCAB].abs().max() * 50
+    engine = Engine(model, NumberTokenizer())
+    prompts, _ = random_prompts(3, seed=4)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(Request(str(i), prompt, greedy(12)))
+    assert all(seq.payload.plain_greedy for seq in engine._sequences.values())
+    results = run_to_end(engine)
+    for i, prompt in enumerate(prompts):
+        tokens = results[str(i)]["tokens"]
+        assert tokens == reference(model, prompt, greedy(12), tokenizer=NumberTokenizer()).token_ids
+        assert max(tokens) < VOCAB
+
+
 # ------------------------------------------------------------------- stop and abort
 def test_stop_token_eos_and_stop_strings(text_model_dir):
     model, tokenizer = load_model(text_model_dir), Tokenizer.from_dir(text_model_dir)

@@ -145,6 +145,9 @@ class Engine:
         if not config.causal:
             raise ValueError("the engine serves causal language models; encoders are served by /v1/embeddings")
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
+        # Ids past the tokenizer's vocabulary are embedding padding and never chosen: a plain
+        # greedy row takes its argmax over the text ids only, instead of a ban processor.
+        self.text_vocab_size = min(tokenizer.vocab_size, config.vocab_size) if tokenizer is not None else config.vocab_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.eos_token_ids = frozenset(end_of_sequence_ids(config, tokenizer, override=eos_token_ids))
         per_block = PagedKVCache.bytes_per_block(config, block_size, model.dtype)
@@ -206,7 +209,8 @@ class Engine:
 
     def add_request(self, request: Request) -> None:
         self.check_request(request)
-        params = only_text_tokens(request.params, self.config.vocab_size, self.tokenizer)
+        asked = request.params
+        params = only_text_tokens(asked, self.config.vocab_size, self.tokenizer)
         if params is not request.params:
             request = dataclasses.replace(request, params=params)
         state = _RequestState(
@@ -215,9 +219,10 @@ class Engine:
             generator=None if params.greedy else make_generator(params.seed, self.model.device),
             eos=frozenset(params.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_token_ids),
         )
-        # The same test the batched pipeline applies: no processor for this row's settings.
+        # The same test the batched pipeline applies: no processor for this row's settings (the
+        # padded-vocabulary ban aside, which `_choose` applies by slicing).
         state.plain_greedy = params.greedy and not request.processors and not build_batch_processors(
-            [params], sorted(self.eos_token_ids), vocab_size=self.config.vocab_size)
+            [asked], sorted(self.eos_token_ids), vocab_size=self.config.vocab_size)
         self._arrivals += 1
         if request.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
@@ -478,7 +483,7 @@ class Engine:
         plain = [i for i, st in enumerate(states) if st.plain_greedy]
         tokens: list[int] = [0] * len(states)
         if plain:
-            rows = raw if len(plain) == len(states) else raw[plain]
+            rows = (raw if len(plain) == len(states) else raw[plain])[:, : self.text_vocab_size]
             chosen = rows.argmax(dim=-1)
             # argmax picks a NaN if there is one, and -inf only if the whole row is -inf:
             # checking the chosen values checks the rows (NaN > -inf is False too).
