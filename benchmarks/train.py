@@ -39,6 +39,7 @@ import torch
 import transformers
 from machine import describe
 
+from genforge import onednn
 from genforge.atomic import atomic_write_text
 from genforge.checkpoint import load_model
 from genforge.train import TokenDataset, TrainConfig, Trainer
@@ -66,8 +67,8 @@ def matmul_peak(size: int = 1024, repeats: int = 5) -> dict[str, float]:
     quietest moments as the best steps."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     products = {"mkl": lambda: a @ b}
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        products["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    if onednn.available():
+        products["onednn"] = lambda: onednn.matmul_nt(a, b)
     rates = {}
     for name, product in products.items():
         for _ in range(2):

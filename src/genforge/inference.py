@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .onednn import matmul_nt
+
 # oneDNN picks a blocking for the expected number of rows; 128 serves 1-row decode steps,
 # small batches and prefills alike (measured within 10% of the best hint for each).
 _ROWS_HINT = 128
@@ -35,7 +37,7 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return matmul_nt(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

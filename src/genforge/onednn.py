@@ -41,7 +41,8 @@ def available() -> bool:
 
 
 def matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`a @ b.T (+ bias)` for 2-D CPU fp32 `a` (m, k) and `b` (n, k) through oneDNN.
+    """`a @ b.T (+ bias)` for CPU fp32 `a` (..., k) and `b` (n, k) through oneDNN; `b` may also
+    be a weight pre-packed by `torch.ops.mkldnn._reorder_linear_weight` (`inference.PackedLinear`).
 
     The operands may be row-major or the plain transpose of a row-major tensor (`t.t()`);
     other strided layouts, and a transposed `b` together with a bias, can send oneDNN to its
