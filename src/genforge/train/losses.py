@@ -11,10 +11,17 @@ mixture-of-experts load-balancing auxiliary term (Fedus et al. 2021) from
 tokens at a time, so the (tokens x vocab) logits never exist whole (Wijmans et al. 2024, "Cut
 Your Losses in Large-Vocabulary Language Models"; the fused linear cross-entropy of Liger-Kernel,
 Hsu et al. 2024).
+
+`distillation_loss` is knowledge distillation on soft targets (Hinton, Vinyals & Dean 2015,
+"Distilling the Knowledge in a Neural Network"): a divergence between the teacher's and the
+student's next-token distributions at a temperature, with the alternatives DistillSpec (Zhou et
+al. 2024) compares for speculative-decoding drafts (reverse KL, total variation distance) and
+the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -390,6 +397,110 @@ class _HeadProducts:
         return self.grad_weight.t() if self.onednn else self.grad_weight
 
 
+DISTILLATION_KINDS = ("forward_kl", "reverse_kl", "tvd", "jsd")
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Knowledge distillation on soft targets: a divergence between the teacher's and the
+    student's distributions at each position, times `temperature ** 2`.
+
+    With p = softmax(teacher_logits / T) and q = softmax(student_logits / T), per position:
+
+    - "forward_kl": KL(p || q) = sum p (log p - log q), Hinton, Vinyals & Dean 2015. At T = 1
+      it is the cross-entropy against the teacher's distribution minus the teacher's entropy,
+      so it pulls the student to cover everything the teacher puts mass on.
+    - "reverse_kl": KL(q || p), mode seeking: the student may drop the teacher's small modes.
+    - "tvd": total variation distance 1/2 sum |p - q|. For greedy speculative decoding
+      (and for sampling at T = 1) a draft token is accepted with probability 1 - TVD at that
+      position (Leviathan et al. 2023), so this targets the acceptance rate directly
+      (DistillSpec, Zhou et al. 2024).
+    - "jsd": the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024),
+      beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q; beta = 0.5 is
+      the ordinary JSD. `beta` is used by this kind only and must be in (0, 1).
+
+    The T^2 factor (Hinton et al. 2015, section 2) keeps the soft-target gradients at the same
+    scale whatever the temperature (they shrink as 1/T^2), so a mix with the hard-target
+    cross-entropy keeps its balance when T changes; it is applied to every kind.
+
+    `student_logits` and `teacher_logits` are (..., vocab) with the same shape, aligned position
+    by position (no shift: both score the same next token). Positions whose `labels` entry
+    equals `ignore_index` do not count (padding, prompt tokens, the causal shift's last
+    column); without `labels` every position counts. reduction "mean" averages over counted
+    positions (NaN when none are), "sum" adds them, "none" returns the per-position values
+    (0 at ignored positions). Computed in fp32 whatever the logits' dtype. Gradients reach
+    whichever inputs require them; a frozen teacher's logits are usually detached.
+    """
+    if not student_logits.is_floating_point() or not teacher_logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got student {student_logits.dtype} and teacher "
+                         f"{teacher_logits.dtype}")
+    if student_logits.dim() < 1 or teacher_logits.dim() != student_logits.dim():
+        raise ValueError(f"student and teacher logits must both be (..., vocab) with the same number of dimensions, "
+                         f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(f"student and teacher must share the vocabulary: the student has {student_logits.shape[-1]} "
+                         f"logits per position, the teacher {teacher_logits.shape[-1]}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits must have the same shape (one distribution each per position), "
+                         f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if labels is not None and labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels must have the logits' leading shape {tuple(student_logits.shape[:-1])} (one per "
+                         f"position, no shift), got {tuple(labels.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
+            or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if kind not in DISTILLATION_KINDS:
+        raise ValueError(f"unknown distillation kind {kind!r}; accepted: {', '.join(DISTILLATION_KINDS)}")
+    if kind == "jsd" and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1) for the generalized JSD, got {beta!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+    vocab = student_logits.shape[-1]
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.reshape(-1, vocab)
+    counted = None
+    if labels is not None:
+        counted = labels.reshape(-1) != ignore_index
+        # Ignored positions never reach the softmax: the causal shift's last column alone is
+        # 1/seq of the work, a masked-LM batch's unchosen positions most of it.
+        if not bool(counted.all()):
+            student, teacher = student[counted], teacher[counted]
+        else:
+            counted = None
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+    if kind == "forward_kl":
+        per_position = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    elif kind == "reverse_kl":
+        per_position = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    elif kind == "tvd":
+        per_position = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    else:
+        # log m by log-sum-exp, so a token one side gives ~0 probability stays finite.
+        log_m = torch.logsumexp(torch.stack((log_p + math.log(beta), log_q + math.log(1.0 - beta))), dim=0)
+        per_position = (beta * F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+                        + (1.0 - beta) * F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1))
+    per_position = per_position * (temperature * temperature)
+    if reduction == "sum":
+        return per_position.sum()
+    if reduction == "mean":
+        return per_position.mean() if per_position.numel() else per_position.new_tensor(float("nan"))
+    if counted is None:
+        return per_position.view(student_logits.shape[:-1])
+    full = per_position.new_zeros(counted.shape)
+    full[counted] = per_position
+    return full.view(student_logits.shape[:-1])
+
+
 def moe_auxiliary_loss(output: ModelOutput, config) -> torch.Tensor | None:
     """The load-balancing loss of a mixture-of-experts model's routers, or None without experts."""
     if not config.num_experts or not output.router_logits:
@@ -398,6 +509,6 @@ def moe_auxiliary_loss(output: ModelOutput, config) -> torch.Tensor | None:
 
 
 __all__ = [
-    "FUSED_CHUNK_ELEMENTS", "IGNORE_INDEX", "causal_lm_loss", "count_masked_targets", "count_target_tokens",
-    "fused_linear_cross_entropy", "mask_tokens", "masked_lm_loss", "moe_auxiliary_loss", "shift_labels",
+    "DISTILLATION_KINDS", "FUSED_CHUNK_ELEMENTS", "IGNORE_INDEX", "causal_lm_loss", "count_masked_targets",
+    "count_target_tokens", "distillation_loss", "fused_linear_cross_entropy", "mask_tokens", "masked_lm_loss", "moe_auxiliary_loss", "shift_labels",
 ]

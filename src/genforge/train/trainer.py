@@ -14,6 +14,13 @@ slice by slice (`fused_linear_cross_entropy`, after Wijmans et al. 2024), so the
 holds the (tokens x vocabulary) logits; under FSDP, whose parameters are whole only inside the
 sharded forward, the model computes the logits and the unfused loss scores them.
 
+Knowledge distillation (Hinton, Vinyals & Dean 2015): given a frozen `teacher` sharing the
+vocabulary, a decoder's step loss becomes alpha * KD + (1 - alpha) * cross-entropy, the KD term
+a divergence between the teacher's and the student's next-token distributions at a
+temperature (`losses.distillation_loss`; forward KL, reverse KL, total variation distance as in
+DistillSpec, Zhou et al. 2024, or GKD's generalized JSD, Agarwal et al. 2024). The teacher runs in
+eval mode without gradients and is no part of the checkpoints.
+
 Decoders train on the causal LM objective; a BERT encoder with a masked-LM head trains on
 masked LM (Devlin et al. 2019), its batches corrupted by `mask_tokens` with a generator
 seeded by (seed, step, micro-batch), so the masks need no saved state to resume exactly.
@@ -48,8 +55,8 @@ from .distributed import (
     DistributedContext, all_reduce_sum, barrier, broadcast_object, no_gradient_sync, rank_slice, wrap_model,
 )
 from .losses import (
-    IGNORE_INDEX, causal_lm_loss, count_masked_targets, count_target_tokens, fused_linear_cross_entropy, mask_tokens,
-    masked_lm_loss, moe_auxiliary_loss, shift_labels,
+    DISTILLATION_KINDS, FUSED_CHUNK_ELEMENTS, IGNORE_INDEX, causal_lm_loss, count_masked_targets, count_target_tokens,
+    distillation_loss, fused_linear_cross_entropy, mask_tokens, masked_lm_loss, moe_auxiliary_loss, shift_labels,
 )
 from .optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -97,6 +104,13 @@ class TrainConfig:
     mlm_probability: float = 0.15
     mask_token_id: int | None = None
     special_token_ids: tuple[int, ...] | None = None
+    # Knowledge distillation, used only when the Trainer is given a teacher: the loss is
+    # distill_alpha * KD + (1 - distill_alpha) * cross-entropy (see `losses.distillation_loss`;
+    # distill_beta is the generalized JSD's mixing weight).
+    distill_alpha: float = 0.5
+    distill_temperature: float = 1.0
+    distill_kind: str = "forward_kl"
+    distill_beta: float = 0.5
     seq_len: int | None = field(default=None, init=False)  # taken from the dataset
 
     def validate(self) -> None:
@@ -124,6 +138,15 @@ class TrainConfig:
             raise TrainError(f"peak_flops must be > 0 or None, got {self.peak_flops}")
         if not 0.0 < self.mlm_probability < 1.0:
             raise TrainError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        if not isinstance(self.distill_alpha, (int, float)) or not 0.0 <= self.distill_alpha <= 1.0:
+            raise TrainError(f"distill_alpha (the soft-target share of the loss) must be in [0, 1], got {self.distill_alpha!r}")
+        if (not isinstance(self.distill_temperature, (int, float)) or not math.isfinite(self.distill_temperature)
+                or self.distill_temperature <= 0):
+            raise TrainError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature!r}")
+        if self.distill_kind not in DISTILLATION_KINDS:
+            raise TrainError(f"distill_kind {self.distill_kind!r} is not supported; accepted: {', '.join(DISTILLATION_KINDS)}")
+        if not isinstance(self.distill_beta, (int, float)) or not 0.0 < self.distill_beta < 1.0:
+            raise TrainError(f"distill_beta (the generalized JSD's mixing weight) must be in (0, 1), got {self.distill_beta!r}")
 
 
 @dataclass
@@ -143,6 +166,11 @@ class Trainer:
     `metrics.jsonl` (one JSON object per step and per evaluation), `loss_curve.png`, and at
     the end `model/`, a Hugging Face directory with the tokenizer when one is given.
 
+    `teacher`: a frozen decoder over the same vocabulary whose next-token distributions the
+    model is distilled towards (knowledge distillation, see `TrainConfig.distill_*`). It is put
+    in eval mode with its parameters frozen, runs without gradients, and is never saved;
+    `evaluate()` still reports the plain validation loss.
+
     `distributed`: this process's place in a torchrun job (default: the process group already
     joined, see `distributed.init_distributed`, else a single process). Every rank builds the
     same Trainer; rank 0 writes the files.
@@ -156,6 +184,7 @@ class Trainer:
         val_data: TokenDataset | None = None,
         tokenizer=None,
         distributed: DistributedContext | None = None,
+        teacher: Transformer | None = None,
     ) -> None:
         config.validate()
         if not isinstance(train_data, TokenDataset):
@@ -186,6 +215,8 @@ class Trainer:
                     f"{name} seq_len {data.seq_len} exceeds the model's max_position_embeddings "
                     f"{model.config.max_position_embeddings}"
                 )
+        if teacher is not None:
+            self._check_teacher(model, teacher, train_data)
         config.seq_len = train_data.seq_len
         self.model, self.train_data, self.val_data, self.config, self.tokenizer = model, train_data, val_data, config, tokenizer
         self.out_dir = Path(config.out_dir)
@@ -194,6 +225,9 @@ class Trainer:
         self.device = torch.device(config.device)
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.model.to(self.device)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.to(self.device).eval().requires_grad_(False)
         # The module the step calls: the model itself, its DDP wrapper, or the model sharded
         # in place by FSDP. `self.model` stays the plain module (checkpointing, evaluation).
         self.engine = wrap_model(self.model, self.distributed, fsdp=config.fsdp)
@@ -202,6 +236,25 @@ class Trainer:
         self.sampler = ShuffleSampler(len(train_data), seed=config.seed)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.step = 0
+
+    @staticmethod
+    def _check_teacher(model: Transformer, teacher: Transformer, train_data: TokenDataset) -> None:
+        """Everything distillation needs of the teacher, checked before any work is done."""
+        if not isinstance(teacher, Transformer):
+            raise TrainError(f"teacher must be a genforge Transformer, got {type(teacher).__name__}")
+        if teacher is model:
+            raise TrainError("the teacher must be another model than the one being trained")
+        if not model.config.causal or not teacher.config.causal or teacher.lm_head is None:
+            raise TrainError("knowledge distillation here trains a causal decoder from a causal decoder with an LM "
+                             "head; masked-LM encoders are not supported as student or teacher")
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise TrainError(
+                f"the teacher's vocab_size ({teacher.config.vocab_size}) differs from the model's "
+                f"({model.config.vocab_size}); distillation compares distributions over one shared vocabulary"
+            )
+        if train_data.seq_len > teacher.config.max_position_embeddings:
+            raise TrainError(f"train_data seq_len {train_data.seq_len} exceeds the teacher's max_position_embeddings "
+                             f"{teacher.config.max_position_embeddings}")
 
     def _setup_masking(self, model: Transformer, config: TrainConfig, tokenizer) -> None:
         if model.lm_head is None:
@@ -259,6 +312,8 @@ class Trainer:
 
     def _micro_loss(self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
         """This micro-batch's share of the step's loss: sum over its tokens / the step's tokens."""
+        if self.teacher is not None:
+            return self._distill_micro_loss(inputs, labels, total_tokens)
         with self._autocast():
             if self._fused_head:
                 # The wrapped forward (DDP) stops at the final hidden states; the head's
@@ -273,6 +328,69 @@ class Trainer:
             if aux is not None:
                 loss = loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
         return loss
+
+    def _distill_micro_loss(self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
+        """alpha * KD + (1 - alpha) * cross-entropy for this micro-batch, each summed over its
+        target positions and divided by the step's tokens. A term whose weight is 0 is still
+        computed, without gradients, for the metrics (so alpha = 0 is the plain step exactly).
+        Adds the two terms' shares to `self._distill_parts` (cross-entropy, KD)."""
+        config = self.config
+        alpha = float(config.distill_alpha)
+        grad = torch.is_grad_enabled()
+        targets = shift_labels(labels)
+        with self._autocast():
+            with torch.no_grad():
+                teacher_out = self.teacher(inputs, compute_logits=not self._fused_head)
+            if self._fused_head:
+                output = self.engine(inputs, compute_logits=False)
+                with torch.set_grad_enabled(grad and alpha < 1.0):
+                    hard = self._head_loss(output.hidden_states, labels, config.label_smoothing)
+                with torch.set_grad_enabled(grad and alpha > 0.0):
+                    soft = self._kd_from_hidden(output.hidden_states, teacher_out.hidden_states, targets)
+            else:  # FSDP: the sharded forward makes the student's logits
+                output = self.engine(inputs)
+                with torch.set_grad_enabled(grad and alpha < 1.0):
+                    hard = self._loss(output.logits, labels, config.label_smoothing)
+                with torch.set_grad_enabled(grad and alpha > 0.0):
+                    soft = self._kd(output.logits, teacher_out.logits, targets)
+            loss = ((1.0 - alpha) * hard + alpha * soft) / total_tokens
+            aux = moe_auxiliary_loss(output, self.model.config)
+            if aux is not None:
+                loss = loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
+        self._distill_parts[0] += float(hard.detach()) / total_tokens
+        self._distill_parts[1] += float(soft.detach()) / total_tokens
+        return loss
+
+    def _kd(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets=None) -> torch.Tensor:
+        config = self.config
+        return distillation_loss(student_logits, teacher_logits, targets, temperature=config.distill_temperature,
+                                 kind=config.distill_kind, beta=config.distill_beta, reduction="sum")
+
+    def _kd_slice(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher.lm_head(teacher_hidden)
+        return self._kd(self.model.lm_head(student_hidden), teacher_logits)
+
+    def _kd_from_hidden(self, hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed KD term from both models' final hidden states, through their LM heads a
+        slice of counted positions at a time (`FUSED_CHUNK_ELEMENTS` logits per slice). With
+        more than one slice each is checkpointed (its logits remade in backward), so the step
+        holds one slice of (positions x vocabulary) logits, not all of them."""
+        counted = targets != IGNORE_INDEX
+        student, teacher = hidden[counted], teacher_hidden[counted]
+        rows = student.shape[0]
+        chunk = max(1, FUSED_CHUNK_ELEMENTS // self.model.config.vocab_size)
+        if rows <= chunk:
+            return self._kd_slice(student, teacher)
+        total = None
+        for start in range(0, rows, chunk):
+            part_s, part_t = student[start:start + chunk], teacher[start:start + chunk]
+            if torch.is_grad_enabled():
+                part = torch.utils.checkpoint.checkpoint(self._kd_slice, part_s, part_t, use_reentrant=False)
+            else:
+                part = self._kd_slice(part_s, part_t)
+            total = part if total is None else total + part
+        return total
 
     def mask_batch(self, batch: torch.Tensor, stream: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked-LM inputs and labels for `batch`, from a generator seeded by (seed, stream,
@@ -303,6 +421,7 @@ class Trainer:
         world = self.distributed.world_size
         share = rank_slice(pairs[0][0].shape[0], self.distributed)
         step_loss = 0.0
+        self._distill_parts = [0.0, 0.0]  # cross-entropy and KD shares, for the metrics
         for micro, (inputs, labels) in enumerate(pairs):
             last = micro == len(pairs) - 1
             inputs, labels = inputs[share].to(self.device), labels[share].to(self.device)
@@ -313,8 +432,9 @@ class Trainer:
                 scaled = loss * world if world > 1 else loss
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             step_loss += float(loss.detach())
+        parts = self._distill_parts if self.teacher is not None else []
         if world > 1:
-            (step_loss,) = all_reduce_sum([step_loss], self.distributed, self.device)
+            step_loss, *parts = all_reduce_sum([step_loss, *parts], self.distributed, self.device)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.model, self.config.grad_clip)
@@ -329,7 +449,10 @@ class Trainer:
         self.step += 1
         # Throughput counts every input token of the global batch, as tokens/s and MFU are usually reported.
         tokens = sum(inputs.numel() for inputs, _ in pairs)
-        return {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        record = {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        if self.teacher is not None:
+            record["ce_loss"], record["kd_loss"] = parts
+        return record
 
     def _next_batches(self) -> list[torch.Tensor]:
         """The step's global micro-batches; every rank draws the same ones from its own sampler copy."""
