@@ -6,6 +6,7 @@ among many must return exactly what it returns alone.
 """
 
 import asyncio
+import itertools
 import json
 import random
 
@@ -612,38 +613,89 @@ def test_nan_logits_fail_the_plain_greedy_request_with_a_clear_error():
     assert engine.stats().kv_blocks_used == 0 and engine.resident.memory == 0
 
 
-def test_resident_decode_passes_cut_around_very_long_rows_and_stay_exact():
+def watch_runs(engine: Engine) -> list:
+    """Record the attention runs (`row_runs`) of every resident view the engine makes."""
+    seen = []
+    original = engine.resident.batch
+
+    def watched(*args, **kwargs):
+        view = original(*args, **kwargs)
+        seen.append(view.row_runs)
+        return view
+
+    engine.resident.batch = watched
+    return seen
+
+
+def test_resident_attention_runs_cut_around_very_long_rows_and_stay_exact():
     model = tiny_model()
     engine = Engine(model, NumberTokenizer(), block_size=8)
+    # On a model this small one more attention call costs more than reading every row's keys
+    # (that is the right call: it never cuts); a cost of 100 tokens shows the cutting itself.
+    engine.resident.run_cost = 100
     short = [[7 + i, 8, 9] for i in range(20)]
-    long = [list(range(10, 240)), list(range(20, 250))]
-    prompts = short[:10] + long[:1] + short[10:] + long[1:]  # a long row in the middle of the slots
+    long = [list(range(10 + i, 210 + i)) for i in range(6)]
+    prompts = [p for i in range(6) for p in (*short[2 * i : 2 * i + 2], long[i])]  # short, short, long, ...
     for i, p in enumerate(prompts):
         engine.add_request(Request(str(i), p, greedy(6)))
-    cuts = []
-
-    def watch(engine):
-        original = engine._resident_groups
-
-        def watched(singles):
-            groups = original(singles)
-            cuts.append([len(g) for g in groups])
-            assert sorted(c.seq.request_id for g in groups for c in g) == sorted(c.seq.request_id for c in singles)
-            return groups
-
-        engine._resident_groups = watched
-
-    watch(engine)
+    seen = watch_runs(engine)
+    moved = []
+    original = engine.resident.reorder_by_length
+    engine.resident.reorder_by_length = lambda: moved.append(original()) or moved[-1]
     results = run_to_end(engine)
-    # Twenty 3-token rows do not read 240 positions each: the long rows get passes of their own.
-    assert any(len(groups) > 1 for groups in cuts)
+    assert any(moved)  # the long rows were moved next to each other, longest first...
+    decode_runs = [runs for runs in seen if runs is not None]
+    # ...so the twelve 3-token rows stop reading 200 positions each: one run for the long rows.
+    assert any(len(runs) == 2 and runs[0][0] == slice(0, 6) and runs[0][1] > 200 and runs[1][1] < 20
+               for runs in decode_runs)
     for i, p in enumerate(prompts):
         assert results[str(i)]["tokens"] == reference(model, p, greedy(6)).token_ids, i
-    # Rows of similar length stay in one pass.
+    # Rows of similar length stay in one run, and nothing moves.
     engine = Engine(model, NumberTokenizer(), block_size=8)
+    engine.resident.run_cost = 100
     for i, p in enumerate(short):
         engine.add_request(Request(str(i), p, greedy(3)))
-    cuts.clear()
-    watch(engine)
+    seen = watch_runs(engine)
     run_to_end(engine)
-    assert [20] in cuts and all(groups in ([], [20]) for groups in cuts)
+    assert seen and all(runs is None for runs in seen)
+
+
+def test_cheapest_runs_is_the_best_cut_and_reordering_keeps_every_row():
+    from genforge.serve.paged_cache import ResidentKV, cheapest_runs
+
+    rng = random.Random(0)
+    for _ in range(200):
+        widths = [rng.choice([1, 5, 40, 41, 200]) for _ in range(rng.randint(1, 8))]
+        run_cost = rng.choice([0, 3, 30, 500])
+        cost, runs = cheapest_runs(widths, run_cost)
+        assert runs[0][0] == 0 and runs[-1][1] == len(widths)
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert cost == sum(run_cost + (b - a) * max(widths[a:b]) for a, b in runs)
+        # Brute force over every set of cut points.
+        brute = min(
+            sum(run_cost + (b - a) * max(widths[a:b]) for a, b in zip((0, *cuts), (*cuts, len(widths))))
+            for r in range(len(widths)) for cuts in itertools.combinations(range(1, len(widths)), r)
+        )
+        assert cost == brute
+    # Reordering moves each row's keys and values with it.
+    config = tiny_model().config
+    cache = PagedKVCache(config, num_blocks=16, block_size=4)
+    for pool in cache.keys + cache.values:
+        pool.copy_(torch.randn(pool.shape))
+    resident = ResidentKV(config, memory_limit=1 << 22)
+    resident.run_cost = 20  # one run costs 128 tokens as they lie, 100 sorted: the move pays
+    tables = {"a": [0], "b": [1, 2, 3, 4, 5, 6], "c": [7], "d": [8, 9, 10, 11, 12, 13, 14]}
+    counts = {"a": 3, "b": 22, "c": 2, "d": 27}
+    for name in "abcd":
+        resident.admit(name, cache, tables[name], counts[name])
+    assert resident.reorder_by_length()
+    assert resident.owners == ["d", "b", "a", "c"] and resident.lengths == [27, 22, 3, 2]
+    assert resident.slot_of == {"d": 0, "b": 1, "a": 2, "c": 3}
+    assert not resident.reorder_by_length()  # nothing changed since
+    for name in "abcd":
+        slot, n = resident.slot_of[name], counts[name]
+        used = torch.tensor(tables[name])
+        for layer in range(config.num_layers):
+            blocks = cache.keys[layer].view(16, 4, config.num_kv_heads, config.head_dim)
+            expected = blocks.index_select(0, used).flatten(0, 1)[:n].transpose(0, 1)
+            assert torch.equal(resident.keys[layer][slot, :, :n], expected)

@@ -23,6 +23,12 @@ class KVCache(Protocol):
     model places new tokens after them. `update` stores the new keys/values of one layer and
     returns all of that layer's keys/values (batch, kv_heads, length + new, head_dim).
     `advance` is called once per forward pass, after every layer has been updated.
+
+    A cache may also have `row_runs`: None, or a list of (rows, width) pairs, `rows` a slice
+    of the batch, that cover the batch in order. Attention then runs once per run over only
+    the first `width` keys of its rows; the caller promises that no row of a run attends
+    beyond `width` (its mask is False there). Rows of very different lengths stop paying for
+    the longest one's keys.
     """
 
     length: int

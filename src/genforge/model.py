@@ -210,7 +210,21 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = F.scaled_dot_product_attention(
+        runs = getattr(cache, "row_runs", None)
+        if runs is None:
+            out = self._attend(q, k, v, mask, is_causal)
+        else:
+            # The cache holds rows of very different lengths (the serving engine's running
+            # sequences): each run of rows reads keys only as far as its own longest row.
+            out = torch.cat([
+                self._attend(q[rows], k[rows, :, :width], v[rows, :, :width],
+                             None if mask is None else mask[rows, ..., :width], is_causal)
+                for rows, width in runs
+            ])
+        return self.o(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
             q,
             k,
             v,
@@ -219,7 +233,6 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 def build_attention_mask(

@@ -9,7 +9,9 @@ Sequences that run one token (decodes, and the last token of a prompt) share one
 forward pass; prompt chunks run one forward pass each, so no decode is padded to a
 prompt's length. Attention reads each running sequence's keys and values from its resident
 row (`paged_cache.ResidentKV`), a contiguous copy kept beside the blocks, so a decode step
-gathers nothing; when the batch would not fit the resident memory limit, blocks are gathered.
+gathers nothing; the rows are kept in order of length, and attention reads each run of alike
+rows only as far as its longest. When the batch would not fit the resident memory limit,
+blocks are gathered.
 
 `AsyncEngine` drives one `Engine` per served model from a background thread and hands the
 outputs to asyncio consumers, which is what the HTTP server needs.
@@ -262,7 +264,7 @@ class Engine:
         resident = self._prepare_resident(chunks)
         last_logits: list[tuple[ScheduledChunk, torch.Tensor]] = []
         singles = [c for c in chunks if c.num_tokens == 1]
-        groups = self._resident_groups(singles) if resident else self._decode_groups(singles)
+        groups = ([singles] if singles else []) if resident else self._decode_groups(singles)
         for group in groups:
             logits = self._forward(group, 1, keep_all=False, resident=resident)[:, -1]
             last_logits.extend(zip(group, logits))
@@ -317,54 +319,9 @@ class Engine:
                 # Admitted, resumed after preemption, or back from the gathering fallback: its
                 # computed tokens (a cached prefix, say) are copied from the blocks once.
                 resident.admit(seq, self.cache, seq.block_table, seq.num_computed)
+        # Neighbouring rows of similar length let attention cut the batch into cheap runs.
+        resident.reorder_by_length()
         return True
-
-    def _resident_groups(self, singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
-        """One-token sequences in slot order, cut into runs of neighbouring slots when that pays.
-
-        A pass over resident rows reads every row in its slot range up to the longest one's
-        length, so one very long row makes all the others read as far. Each extra pass costs
-        about one more read of the weights, counted here in the tokens of keys and values
-        that read would fetch. The cheapest cut is found by dynamic programming over the
-        slot order (it is not re-sorted: rows stay where they lie in memory).
-        """
-        slot_of = self.resident.slot_of
-        ordered = sorted(singles, key=lambda c: slot_of[c.seq])
-        count = len(ordered)
-        if count < 2:
-            return [ordered] if ordered else []
-        slots = [slot_of[c.seq] for c in ordered]
-        widths = [c.seq.num_computed + 1 for c in ordered]
-        per_pass = self._pass_cost_in_tokens
-        if (slots[-1] - slots[0] + 1) * max(widths) - sum(widths) <= per_pass:
-            return [ordered]  # even a perfect cut would not save one pass's cost
-        best = [0.0] + [math.inf] * count  # best[j]: cheapest cover of the first j rows
-        cut = [0] * (count + 1)
-        for j in range(1, count + 1):
-            widest = 0
-            for i in range(j - 1, -1, -1):  # the last run is rows i .. j-1
-                widest = max(widest, widths[i])
-                cost = best[i] + per_pass + (slots[j - 1] - slots[i] + 1) * widest
-                if cost < best[j]:
-                    best[j], cut[j] = cost, i
-        groups = []
-        j = count
-        while j > 0:
-            groups.append(ordered[cut[j] : j])
-            j = cut[j]
-        return groups[::-1]
-
-    @property
-    def _pass_cost_in_tokens(self) -> float:
-        """The model's weights in tokens of resident keys and values (all layers): what one
-        more forward pass reads, in the unit attention reads."""
-        if not hasattr(self, "_pass_tokens"):
-            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            weights += sum(b.numel() * b.element_size() for b in self.model.buffers())
-            # Twice the weights: a pass also pays each of its many small operations once
-            # (measured on CPU: about as much again as streaming the weights of a small model).
-            self._pass_tokens = 2 * weights / self.resident.bytes_per_token
-        return self._pass_tokens
 
     def _decode_groups(self, singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
         """One-token sequences, in one batch or split in two by length (when gathering blocks).

@@ -18,9 +18,16 @@ row ("slot") per sequence, written in the same pass as the blocks; `ResidentBatc
 view that writes both and hands attention a slice of the resident rows, so a decode step
 copies nothing but its new tokens. The engine uses it whenever the batch fits in its memory
 limit and gathers blocks (`PagedBatch`) otherwise.
+
+Rows of one batch differ in length, and a dense attention call over them reads every row as
+far as the longest. `ResidentBatch` therefore cuts its rows into runs of neighbouring slots
+(`cheapest_runs`), each attended over its own width (the cache's `row_runs`, `cache.py`), and
+`ResidentKV` keeps its slots in order of length so that neighbours are alike.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -118,6 +125,45 @@ def _next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+# What one more attention call costs, as bytes of keys and values it could have read instead:
+# about 20 us per call on the 2-core CPU genforge is measured on, where attention reads
+# 25-45 GB/s (`benchmarks/serve.py --profile-step`).
+ATTENTION_CALL_BYTES = 512 * 1024
+# A reorder of the resident rows must pay for its copying within this many decode steps: rows
+# keep their order while they all grow by one token a step, until the next admission or
+# release, and at 32 running sequences of ~100 new tokens one of those comes every few steps.
+REORDER_PAYBACK_STEPS = 8
+
+
+def cheapest_runs(widths: list[int], run_cost: float) -> tuple[float, list[tuple[int, int]]]:
+    """Cut rows, in order, into runs [start, end) minimising the keys read plus the calls made.
+
+    A run reads every one of its rows as far as its widest, so its cost is `run_cost` (one
+    more attention call, in the same unit as widths: tokens) plus rows x widest. Solved
+    exactly by dynamic programming over the cut points (O(n^2); n is at most the number of
+    running sequences). Returns the total cost and the runs.
+    """
+    count = len(widths)
+    whole = run_cost + count * max(widths, default=0)
+    if count < 2 or whole - run_cost - sum(widths) <= run_cost:
+        return whole, [(0, count)]  # even a perfect cut would not save one call
+    best = [0.0] + [math.inf] * count  # best[j]: cheapest cover of the first j rows
+    cut = [0] * (count + 1)
+    for j in range(1, count + 1):
+        widest = 0
+        for i in range(j - 1, -1, -1):  # the last run is rows i .. j-1
+            widest = max(widest, widths[i])
+            cost = best[i] + run_cost + (j - i) * widest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs = []
+    j = count
+    while j > 0:
+        runs.append((cut[j], j))
+        j = cut[j]
+    return best[count], runs[::-1]
+
+
 class ResidentKV:
     """Contiguous per-sequence copies of the running sequences' keys and values.
 
@@ -133,9 +179,12 @@ class ResidentKV:
     free them); a slot is filled from the blocks once, when a sequence is admitted or
     resumed, and dropped when the scheduler releases the sequence. Occupied slots are
     always `0 .. len(owners) - 1`: releasing a slot moves the last occupied one into it,
-    so a batch of running sequences spans few unused rows. Both dimensions grow by powers
-    of two as needed, and never beyond `memory_limit` bytes (over all layers, keys and
-    values); the caller falls back to gathering blocks when `fits` says no.
+    so a batch of running sequences spans few unused rows. After admissions and releases,
+    `reorder_by_length` puts the slots in order of length, longest first, when the keys it
+    saves attention from reading pay for the copying; rows then stay in order, since every
+    running sequence grows by one token a step. Both dimensions grow by powers of two as
+    needed, and never beyond `memory_limit` bytes (over all layers, keys and values); the
+    caller falls back to gathering blocks when `fits` says no.
     """
 
     def __init__(self, config: Config, memory_limit: int, dtype: torch.dtype = torch.float32,
@@ -152,6 +201,10 @@ class ResidentKV:
         self.owners: list[object] = []  # slot -> the sequence it holds
         self.lengths: list[int] = []  # slot -> how many of its positions hold real keys and values
         self.slot_of: dict[object, int] = {}
+        # One more attention call, in tokens of keys and values (all layers): `cheapest_runs`.
+        self.run_cost = config.num_layers * ATTENTION_CALL_BYTES / self.bytes_per_token
+        self._reordered_since_change = True
+        self._runs_memo: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])
 
     # --------------------------------------------------------------------- capacity
     @property
@@ -197,6 +250,7 @@ class ResidentKV:
         """Drop every slot and the memory behind them."""
         self.keys, self.values, self.owners, self.lengths = [], [], [], []
         self.slot_of.clear()
+        self._reordered_since_change = True
 
     # ---------------------------------------------------------------------- slots
     @torch.inference_mode()  # the buffers are made and updated inside the engine's step
@@ -218,6 +272,7 @@ class ResidentKV:
         self.owners.append(owner)
         self.lengths.append(num_tokens)
         self.slot_of[owner] = slot
+        self.note_change()
         return slot
 
     @torch.inference_mode()  # the buffers are made and updated inside the engine's step
@@ -235,8 +290,59 @@ class ResidentKV:
             self.slot_of[moved] = slot
         self.owners.pop()
         self.lengths.pop()
+        self.note_change()
         if not self.owners:
             self.clear()  # nothing runs: give the memory back
+
+    # ------------------------------------------------------------------ slot order
+    def note_change(self) -> None:
+        """Rows were admitted, released or grew unevenly (a prompt chunk): their order may no
+        longer be the best one."""
+        self._reordered_since_change = False
+
+    def reorder_by_length(self) -> bool:
+        """Sort the occupied slots longest first if that pays; True if they moved.
+
+        Paying means: the keys attention would no longer read, over `REORDER_PAYBACK_STEPS`
+        steps of runs cut by `cheapest_runs`, outweigh reading and writing the rows that
+        move. Checked once after each `note_change` (rows keep their order in between).
+        """
+        if self._reordered_since_change:
+            return False
+        self._reordered_since_change = True
+        lengths = self.lengths
+        order = sorted(range(len(lengths)), key=lambda slot: -lengths[slot])
+        moving = [i for i, slot in enumerate(order) if slot != i]
+        if not moving:
+            return False
+        now, _ = cheapest_runs(lengths, self.run_cost)
+        sorted_cost, _ = cheapest_runs([lengths[slot] for slot in order], self.run_cost)
+        copied = 2 * sum(lengths[order[i]] for i in moving)
+        if (now - sorted_cost) * REORDER_PAYBACK_STEPS <= copied:
+            return False
+        self._move(order, moving)
+        return True
+
+    @torch.inference_mode()  # the buffers are made and updated inside the engine's step
+    def _move(self, order: list[int], moving: list[int]) -> None:
+        """Slot i takes the contents of slot order[i], for the slots i in `moving`."""
+        destinations = torch.tensor(moving, dtype=torch.long, device=self.device)
+        sources = torch.tensor([order[i] for i in moving], dtype=torch.long, device=self.device)
+        width = max(self.lengths[order[i]] for i in moving)
+        for tensor in self.keys + self.values:
+            # Indexing with a tensor reads into a new tensor first, so overlapping moves are safe.
+            tensor[destinations, :, :width] = tensor[sources, :, :width]
+        self.owners = [self.owners[slot] for slot in order]
+        self.lengths = [self.lengths[slot] for slot in order]
+        self.slot_of = {owner: slot for slot, owner in enumerate(self.owners)}
+
+    def runs(self, widths: list[int]) -> list[tuple[int, int]]:
+        """`cheapest_runs` of rows this wide, remembered: a batch whose rows all grew by the
+        same number of tokens since the last call has the same cheapest cut."""
+        key = tuple(w - widths[0] for w in widths)
+        if key != self._runs_memo[0]:
+            self._runs_memo = (key, cheapest_runs(widths, self.run_cost)[1])
+        return self._runs_memo[1]
 
     def batch(self, cache: PagedKVCache, owners: list[object], block_tables: list[list[int]],
               num_computed: list[int], num_new: int) -> ResidentBatch:
@@ -292,6 +398,8 @@ class ResidentBatch:
         positions = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(num_new)
         self.position_ids = positions.to(device)
         self.attention_mask = (torch.arange(width)[None, :] < torch.tensor(totals)[:, None]).to(device)
+        runs = resident.runs(totals)
+        self.row_runs = None if len(runs) == 1 else [(slice(a, b), max(totals[a:b])) for a, b in runs]
         self.batch_size, self.width, self.num_new = rows, width, num_new
         self.length = width - num_new
         self._num_computed = num_computed
@@ -319,3 +427,5 @@ class ResidentBatch:
         """Record how far each member's resident row is filled."""
         for row, done in zip(self.member_rows, self._num_computed):
             self.resident.lengths[self.first + row] = done + num_new
+        if num_new > 1:  # a prompt chunk: this row grew faster than the others
+            self.resident.note_change()
