@@ -522,8 +522,8 @@ def test_resident_rows_equal_the_blocks_through_admissions_preemptions_and_abort
         i = int(name)
         prompt = (shared + prompts[i]) if i % 3 == 0 else prompts[i]
         assert tokens == reference(model, prompt, greedy(limits[i])).token_ids, name
-    # Finished: no slot, no resident memory, no block in use.
-    assert engine.resident.memory == 0 and not engine.resident.slot_of
+    # Finished: no slot and no block in use; the resident memory is kept for the next requests.
+    assert not engine.resident.slot_of and 0 < engine.resident.memory <= engine.resident.memory_limit
     assert stats.kv_blocks_used == 0
 
 
@@ -564,7 +564,7 @@ def test_resident_buffers_fall_back_to_gathering_when_over_their_memory_limit():
         Engine(model, NumberTokenizer(), resident_kv_memory=-1)
 
 
-def test_resident_kv_moves_the_last_slot_into_a_freed_one_and_grows_keeping_contents():
+def test_resident_kv_moves_the_last_slot_into_a_freed_one_grows_keeping_contents_and_stays_when_idle():
     from genforge.serve.paged_cache import ResidentKV
 
     config = tiny_model().config
@@ -599,6 +599,13 @@ def test_resident_kv_moves_the_last_slot_into_a_freed_one_and_grows_keeping_cont
     resident.release("b")
     resident.release("c")
     resident.release("unknown")  # releasing what holds no slot is a no-op
+    assert not resident.owners and not resident.slot_of
+    assert resident.num_slots == 8 and resident.capacity == 64  # kept for the next sequences
+    resident.admit("c", cache, tables["c"], counts["c"])
+    assert resident.slot_of == {"c": 0}
+    for layer in range(config.num_layers):
+        assert torch.equal(resident.keys[layer][0, :, : counts["c"]], expected("c", layer))
+    resident.clear()
     assert resident.memory == 0 and resident.num_slots == 0
 
 
@@ -610,7 +617,7 @@ def test_nan_logits_fail_the_plain_greedy_request_with_a_clear_error():
     engine.add_request(Request("x", [1, 2, 3], greedy(5)))
     out = engine.step()[0]
     assert out.finish_reason == "error" and "NaN" in out.error
-    assert engine.stats().kv_blocks_used == 0 and engine.resident.memory == 0
+    assert engine.stats().kv_blocks_used == 0 and not engine.resident.slot_of
 
 
 def watch_runs(engine: Engine) -> list:
