@@ -205,6 +205,7 @@ class ResidentKV:
         self.run_cost = config.num_layers * ATTENTION_CALL_BYTES / self.bytes_per_token
         self._reordered_since_change = True
         self._runs_memo: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])
+        self._spare: torch.Tensor | None = None  # one row, for `_move`
 
     # --------------------------------------------------------------------- capacity
     @property
@@ -251,6 +252,7 @@ class ResidentKV:
         not fit `memory_limit` and it gathers blocks instead)."""
         self.keys, self.values, self.owners, self.lengths = [], [], [], []
         self.slot_of.clear()
+        self._spare = None
         self._reordered_since_change = True
 
     # ---------------------------------------------------------------------- slots
@@ -328,15 +330,34 @@ class ResidentKV:
 
     @torch.inference_mode()  # the buffers are made and updated inside the engine's step
     def _move(self, order: list[int], moving: list[int]) -> None:
-        """Slot i takes the contents of slot order[i], for the slots i in `moving`."""
-        destinations = torch.tensor(moving, dtype=torch.long, device=self.device)
-        sources = torch.tensor([order[i] for i in moving], dtype=torch.long, device=self.device)
-        width = max(self.lengths[order[i]] for i in moving)
+        """Slot i takes the contents of slot order[i], for the slots i in `moving`.
+
+        The permutation is followed cycle by cycle through one spare row, each row copied
+        once and only as far as it is filled: a temporary copy of all moving rows would be
+        fresh memory, and on CPU its page faults cost more than the copying.
+        """
+        lengths = self.lengths
+        cycles, seen = [], set()
+        for start in moving:
+            if start in seen:
+                continue
+            cycle = [start]
+            while order[cycle[-1]] != start:
+                cycle.append(order[cycle[-1]])
+            seen.update(cycle)
+            cycles.append(cycle)
+        if self._spare is None or self._spare.shape != self.keys[0].shape[1:]:
+            self._spare = torch.empty(self.keys[0].shape[1:], dtype=self.dtype, device=self.device)
+        spare = self._spare
         for tensor in self.keys + self.values:
-            # Indexing with a tensor reads into a new tensor first, so overlapping moves are safe.
-            tensor[destinations, :, :width] = tensor[sources, :, :width]
+            for cycle in cycles:  # slot cycle[j] takes slot cycle[j + 1]'s row; the last takes the first's
+                first = lengths[cycle[0]]
+                spare[:, :first] = tensor[cycle[0], :, :first]
+                for destination, source in zip(cycle, cycle[1:]):
+                    tensor[destination, :, : lengths[source]] = tensor[source, :, : lengths[source]]
+                tensor[cycle[-1], :, :first] = spare[:, :first]
         self.owners = [self.owners[slot] for slot in order]
-        self.lengths = [self.lengths[slot] for slot in order]
+        self.lengths = [lengths[slot] for slot in order]
         self.slot_of = {owner: slot for slot, owner in enumerate(self.owners)}
 
     def runs(self, widths: list[int]) -> list[tuple[int, int]]:
