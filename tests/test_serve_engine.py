@@ -676,7 +676,7 @@ def test_cheapest_runs_is_the_best_cut_and_reordering_keeps_every_row():
         run_cost = rng.choice([0, 3, 30, 500])
         cost, runs = cheapest_runs(widths, run_cost)
         assert runs[0][0] == 0 and runs[-1][1] == len(widths)
-        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
         assert cost == sum(run_cost + (b - a) * max(widths[a:b]) for a, b in runs)
         # Brute force over every set of cut points.
         brute = min(

@@ -27,6 +27,7 @@ far as the longest. `ResidentBatch` therefore cuts its rows into runs of neighbo
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -353,7 +354,7 @@ class ResidentKV:
             for cycle in cycles:  # slot cycle[j] takes slot cycle[j + 1]'s row; the last takes the first's
                 first = lengths[cycle[0]]
                 spare[:, :first] = tensor[cycle[0], :, :first]
-                for destination, source in zip(cycle, cycle[1:]):
+                for destination, source in itertools.pairwise(cycle):
                     tensor[destination, :, : lengths[source]] = tensor[source, :, : lengths[source]]
                 tensor[cycle[-1], :, :first] = spare[:, :first]
         self.owners = [self.owners[slot] for slot in order]
