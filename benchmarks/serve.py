@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -254,20 +255,37 @@ def default_model_dir(tmp: Path, seed: int) -> Path:
     return directory
 
 
+def median_run(repeats: dict[str, list[dict]], name: str) -> dict:
+    """The repeat of `name` with the median output tokens/s, with every repeat's throughput and,
+    when genforge ran too, genforge's speed-up over it in each repeat (the same repeat's runs)."""
+    runs = repeats[name]
+    chosen = sorted(runs, key=lambda r: r["output_tokens_per_s"])[(len(runs) - 1) // 2]
+    entry = {**chosen, "output_tokens_per_s_repeats": [r["output_tokens_per_s"] for r in runs]}
+    if "genforge" in repeats:
+        entry["genforge_speedup_repeats"] = [g["output_tokens_per_s"] / r["output_tokens_per_s"]
+                                             for g, r in zip(repeats["genforge"], runs)]
+    return entry
+
+
 def markdown(results: dict) -> str:
     runs = []
     for rate, systems in results["runs"].items():
-        ours = systems["genforge"]["output_tokens_per_s"]
         for name, summary in systems.items():
-            ratio = ours / summary["output_tokens_per_s"]
-            runs.append({**summary, "rate": rate, "label": f"{name} (genforge {ratio:.2f}x)"})
+            label = name
+            ratios = sorted(summary.get("genforge_speedup_repeats", []))
+            if ratios:
+                label += f" (genforge {statistics.median(ratios):.2f}x"
+                label += f", {ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ")"
+            runs.append({**summary, "rate": rate, "label": label})
     machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
     header = f"Machine: {machine}. Model: {results['model']}. Workload: {results['workload']}."
     if "load_average" in results:
         load = results["load_average"]
         header += (f" Torch threads: {results['threads']}; 1-minute load average {load['before']} before the run and "
                    f"{load['after']} after.")
-    header += "\n\n"
+    header += (f" Each system ran {results.get('repeats', 1)} times per rate, alternating; a row is its run with"
+               " the median output tokens/s, and the label gives genforge's speed-up over it: the median of"
+               " the per-repeat ratios, with their range.\n\n")
     return header + markdown_report(runs, title="genforge engine vs static batching vs one at a time")
 
 
@@ -284,6 +302,8 @@ def main(argv=None) -> int:
     parser.add_argument("--systems", default="genforge,static,sequential")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of every system per rate (medians are reported)")
     parser.add_argument("--out", default=str(RESULTS / "serve"), help="results path without extension")
     parser.add_argument("--profile-step", action="store_true",
                         help="instead of the benchmark: print where one decode step with --max-concurrency rows goes")
@@ -293,6 +313,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.resident_kv_memory is not None and args.resident_kv_memory < 0:
         parser.error("--resident-kv-memory must be >= 0 bytes")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -338,23 +360,28 @@ def main(argv=None) -> int:
         rate = float(rate_text)
         workload = make_workload(args.num_requests, rate, args.input_len, args.output_len, args.range_ratio,
                                  ours.config.vocab_size, args.seed)
-        runs = {}
-        for name in systems:
-            if name == "genforge":
-                engine = warmed_engine(ours, warmup, args.max_concurrency, args.token_budget, args.resident_kv_memory)
-                trace = run_genforge(engine, workload, args.max_concurrency)
-            elif name == "static":
-                trace = run_static(theirs, workload, args.max_concurrency)
-            else:
-                trace = run_sequential(theirs, workload)
-            runs[name] = summarize_trace(trace, workload)
-            print(f"rate {rate_text:>4} {name:>10}: {runs[name]['output_tokens_per_s']:7.1f} output tok/s, "
-                  f"TTFT p50 {runs[name]['ttft']['p50_ms']:.0f} ms", flush=True)
-        results["runs"][rate_text] = runs
+        repeats: dict[str, list[dict]] = {name: [] for name in systems}
+        for repeat in range(args.repeats):
+            # The order flips every repeat, so a drifting machine does not always favour the same system.
+            for name in systems if repeat % 2 == 0 else systems[::-1]:
+                if name == "genforge":
+                    engine = warmed_engine(ours, warmup, args.max_concurrency, args.token_budget,
+                                           args.resident_kv_memory)
+                    trace = run_genforge(engine, workload, args.max_concurrency)
+                elif name == "static":
+                    trace = run_static(theirs, workload, args.max_concurrency)
+                else:
+                    trace = run_sequential(theirs, workload)
+                summary = summarize_trace(trace, workload)
+                repeats[name].append(summary)
+                print(f"rate {rate_text:>4} repeat {repeat + 1} {name:>10}: {summary['output_tokens_per_s']:7.1f} "
+                      f"output tok/s, TTFT p50 {summary['ttft']['p50_ms']:.0f} ms", flush=True)
+        results["runs"][rate_text] = {name: median_run(repeats, name) for name in systems}
     # Other jobs on a shared machine slow every system; the 1-minute load average before and
     # after says how busy it was (the ratios are within one run).
     results["load_average"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     results["threads"] = torch.get_num_threads()
+    results["repeats"] = args.repeats
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
