@@ -145,3 +145,44 @@ def test_search_with_late_interaction_reranking(index_dir, tmp_path, monkeypatch
     assert main(command) == 0  # every passage cached: nothing new to write
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == hits
     assert cache.stat().st_mtime_ns == stamp
+
+
+def test_docs_are_found_where_a_wheel_install_puts_them(tmp_path, monkeypatch):
+    import sysconfig
+
+    from genforge.rag import retrieve
+
+    installed = tmp_path / "prefix" / "share" / "genforge" / "docs"
+    installed.mkdir(parents=True)
+    (installed / "rag.md").write_text("# RAG\n")
+    monkeypatch.delenv("GENFORGE_DOCS", raising=False)
+    # A wheel install: the module lives in site-packages, with no checkout around it.
+    monkeypatch.setattr(retrieve, "__file__", str(tmp_path / "site-packages" / "genforge" / "rag" / "retrieve.py"))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, scheme=None: str(tmp_path / "prefix"))
+    assert retrieve.docs_dir() == installed
+    (installed / "rag.md").unlink()
+    with pytest.raises(FileNotFoundError, match="GENFORGE_DOCS"):
+        retrieve.docs_dir()
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_every_doc(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    # Built from a copy: setuptools builds in the source tree and would leave build/ behind.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for name in ("src", "docs"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                    "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("genforge-*.whl")
+    shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/data/share/genforge/docs/" in n}
+    assert shipped == {p.name for p in (root / "docs").glob("*.md")}

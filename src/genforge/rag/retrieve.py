@@ -467,14 +467,22 @@ def cache_dir() -> Path:
 
 
 def docs_dir() -> Path:
-    """genforge's own documentation folder ($GENFORGE_DOCS overrides; else the checkout's docs/)."""
+    """genforge's own documentation folder: $GENFORGE_DOCS if set; else the checkout's docs/
+    (an editable install); else where a wheel install put them (<prefix>/share/genforge/docs)."""
     import os
+    import sysconfig
 
-    directory = Path(os.environ["GENFORGE_DOCS"]) if os.environ.get("GENFORGE_DOCS") else Path(__file__).resolve().parents[3] / "docs"
-    if not directory.is_dir() or not any(directory.glob("*.md")):
-        raise FileNotFoundError(f"genforge's docs folder was not found at {directory} (it ships with a source checkout); "
-                                "set GENFORGE_DOCS to it, or pass --index DIR built with `genforge rag index`")
-    return directory
+    if os.environ.get("GENFORGE_DOCS"):
+        candidates = [Path(os.environ["GENFORGE_DOCS"])]
+    else:
+        schemes = (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user"))
+        candidates = [Path(__file__).resolve().parents[3] / "docs"]
+        candidates += [Path(sysconfig.get_path("data", scheme)) / "share" / "genforge" / "docs" for scheme in schemes]
+    for directory in candidates:
+        if directory.is_dir() and any(directory.glob("*.md")):
+            return directory
+    raise FileNotFoundError(f"genforge's docs folder was not found (looked in {', '.join(map(str, candidates))}); "
+                            "set GENFORGE_DOCS to it, or pass --index DIR built with `genforge rag index`")
 
 
 def default_docs_index(embedder: Embedder | None = None, docs: str | Path | None = None) -> tuple[HybridIndex, Embedder]:
