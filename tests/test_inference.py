@@ -150,3 +150,48 @@ def test_generate_on_a_packed_model_uses_both_kernels_and_matches(hf_model_dir, 
     # The prefill (57 rows) packs every layer but the LM head, which sees only the last
     # position of each row; the 11 decode steps (3 rows) take F.linear in every layer.
     assert ran == {"packed": layers - 1, "plain": 11 * layers + 1}
+
+
+# --- generate's greedy fast path (generator.greedy_next_token) ---
+
+def test_greedy_next_token_is_sample_next_token_at_temperature_zero():
+    from genforge.generate.generator import greedy_next_token
+    from genforge.generate.processors import sample_next_token
+
+    generator = torch.Generator().manual_seed(3)
+    # Few distinct values: many ties, where both must pick the first index.
+    logits = torch.randint(0, 4, (16, 50), generator=generator).float()
+    logits[3, :] = float("-inf")
+    logits[3, 7] = 0.0
+    logits[5, 9] = float("inf")
+    assert torch.equal(greedy_next_token(logits), sample_next_token(logits, 0.0))
+
+
+@pytest.mark.parametrize("bad", ["nan", "all -inf"])
+def test_greedy_next_token_rejects_what_sample_next_token_rejects(bad):
+    from genforge.generate.generator import greedy_next_token
+    from genforge.generate.processors import sample_next_token
+
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
+    if bad == "nan":
+        logits[2, 17] = float("nan")
+    else:
+        logits[2] = float("-inf")
+    with pytest.raises(ValueError) as fast:
+        greedy_next_token(logits)
+    with pytest.raises(ValueError) as reference:
+        sample_next_token(logits, 0.0)
+    assert str(fast.value) == str(reference.value)
+    assert "rows [2]" in str(fast.value)
+
+
+def test_generate_with_and_without_left_padding_agree(hf_model_dir):
+    # Equal-length prompts run without an attention mask; the same prompts beside a shorter
+    # one run left-padded with it. Each row's tokens must not depend on which.
+    model = pack_for_cpu_inference(load_model(hf_model_dir("llama")[1]))
+    ids = torch.randint(3, reference_models.VOCAB, (3, 12), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    alone = [c.token_ids for c in generate(model, ids[:2], params, eos_token_ids=[])]
+    padded = [c.token_ids for c in generate(model, ids[:2] + [ids[2][:5]], params, eos_token_ids=[])]
+    assert alone == padded[:2]
+    assert [c.token_ids for c in generate(model, [ids[2][:5]], params, eos_token_ids=[])] == padded[2:]

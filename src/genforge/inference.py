@@ -40,21 +40,26 @@ _ROWS_HINT = 128
 #     near 50-60k (384x128 x 2 rows 19.8 / 19.9, 256x256 x 1 24.1 / 21.6, 128x768 x 1 43 / 28);
 #   - whole decode steps, where a layer's weight was last touched a step ago (1 thread, 1 row,
 #     10th percentile over thousands of steps alternating the cut every step, ms):
-#       model (linear weights)      cut: 0      60k    150k   200k   300k   400k   600k
-#       d=128 x 1 layer  (1.8 MB)        0.316  0.265  0.240  0.239  0.245  0.221  0.214
-#       d=128 x 4 layers (4.0 MB)        0.979  0.772  0.696  0.665  0.708  0.659  0.611
-#       d=256 x 2 layers (7.5 MB)        0.668  0.630  0.606  0.611  0.571  0.689  0.744
-#       d=256 x 6 layers (18.6 MB)       1.986  1.759  1.829  1.909  1.889  2.248  2.303
+#       model (linear weights)      cut: 0      60k    100k   150k   200k   300k   400k
+#       d=128 x 1 layer  (1.8 MB)        0.316  0.265  0.243  0.240  0.239  0.245  0.221
+#       d=128 x 4 layers (4.0 MB)        0.979  0.772  0.729  0.696  0.665  0.708  0.659
+#       d=256 x 2 layers (7.5 MB)        0.668  0.630  0.611  0.606  0.611  0.571  0.689
+#       d=256 x 6 layers (18.6 MB)       1.986  1.759  1.780  1.829  1.909  1.889  2.248
 #     (llama-shaped, 4 heads / 2 kv heads, vocabulary 2048; the speculative benchmark's draft
-#     and target are the first and last). Up to ~150-300k every model gains or holds; above,
-#     the d=256 models' 1376-wide MLP (352k) and 2048-word head (524k) lose 15-30%, while the
-#     small models' gains beyond 150k are within the noise (repeat runs move by ~5%). With 2
-#     and 4 rows, cuts from 100k to 300k are within 5% of each other, 3-13% faster than 0 on
-#     the d=128 models and within 2% of it on d=256 x 6. 150k keeps every measured model at or
-#     near its best (the draft's step 0.28 -> 0.23 ms); the 8-layer d=384 target (51 MB) and
-#     the layers of SmolLM-135M and GPT-2 (every product >= 332k, after q, k, v are fused) keep
-#     the packed path: decoding them is unchanged.
-SMALL_PRODUCT_MULTIPLY_ADDS = 150_000
+#     and target are the first and last). The d=256 models lose 15-30% once their 1376-wide
+#     MLP (352k) goes to F.linear, so the cut belongs well under that; repeat runs move by ~5%,
+#     so a longer run settled the rest. Cuts 0 / 100k / 150k, 20 s each:
+#       draft, d=128 x 1 (trained)       0.285 / 0.235 / 0.234
+#       d=128 x 4                        0.833 / 0.619 / 0.602
+#       d=256 x 2                        0.559 / 0.541 / 0.540
+#       target, d=256 x 6 (trained)      1.754 / 1.770 / 1.854
+#     100k takes nearly all of the small models' gain and leaves the target as it was (its
+#     256x512 q/k/v at 131k, streamed from L3, is where F.linear starts to lose). With 2 and 4
+#     rows (1 thread), cuts from 100k to 200k were within 5% of each other, 3-13% faster than 0
+#     on the d=128 models and within 2% of 0 on the target. The 8-layer d=384 target (51 MB),
+#     SmolLM-135M and GPT-2 (smallest products 147k, 332k and 590k once q, k, v are fused)
+#     keep the packed path everywhere: decoding them is unchanged.
+SMALL_PRODUCT_MULTIPLY_ADDS = 100_000
 
 
 class PackedLinear(nn.Module):
@@ -69,7 +74,7 @@ class PackedLinear(nn.Module):
 
     Memory: the plain weight is kept only by a layer with in x out under the threshold, the
     only layers where some row count can take that path; such a layer holds its weight twice
-    (plain and packed, under 150k floats = 600 KB each). A plain weight that is shared with
+    (plain and packed, under 100k floats = 400 KB each). A plain weight that is shared with
     another module (an LM head tied to the embeddings) costs nothing more. Larger layers keep
     the packed copy only.
     """
