@@ -7,10 +7,10 @@ genforge is developed on, while the same product through oneDNN with the weight 
 in its blocked layout reaches 30-37 GB/s for batches 1 to 8 and is ~2.5x faster for a
 128-token prefill (numbers from `benchmarks/decode.py`'s machine). `pack_for_cpu_inference`
 swaps every `nn.Linear` for such a packed copy. oneDNN's fixed cost per call (~13 us) loses to
-`F.linear` on small products, so a `PackedLinear` sends those to `F.linear` on a plain copy of
-the weight (`SMALL_PRODUCT_MULTIPLY_ADDS`): the decode steps of small models, such as a
-speculative-decoding draft, are made of them. Either way only the summation order changes; the
-outputs agree with the unpacked model to fp32 rounding.
+`F.linear` on small products, so a `PackedLinear` sends those to `F.linear` on the row-major
+weight, kept beside the packed one (`SMALL_PRODUCT_MULTIPLY_ADDS`): the decode steps of small
+models, such as a speculative-decoding draft, are made of them. Either way only the summation
+order changes; the outputs agree with the unpacked model to fp32 rounding.
 
 Packed weights are opaque: a packed model cannot be trained, wrapped with adapters or
 exported. Do those first.

@@ -173,8 +173,9 @@ def greedy_next_token(logits: torch.Tensor) -> torch.Tensor:
     made on the chosen logits alone: argmax picks a NaN wherever a row has one, and -inf only
     where a row is all -inf, so those are the rows it rejects. Raises its `ValueError` then.
 
-    Why: its checks scan the whole (batch, vocab) tensor four times and sync twice per step, a
-    fifth of the non-model time of a small model's decode step.
+    Why: its checks scan the whole (batch, vocab) tensor four times and sync twice; at batch 1
+    and a 2048-word vocabulary it takes ~23 us a step, this ~8 us, and the whole loop around
+    the model ~12 us (it was ~35 us before the fast paths of `stream`).
     """
     next_tokens = logits.argmax(dim=-1)
     chosen = logits.gather(1, next_tokens[:, None]).view(-1).tolist()
