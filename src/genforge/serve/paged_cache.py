@@ -204,7 +204,7 @@ class ResidentKV:
         self.slot_of: dict[object, int] = {}
         # One more attention call, in tokens of keys and values (all layers): `cheapest_runs`.
         self.run_cost = config.num_layers * ATTENTION_CALL_BYTES / self.bytes_per_token
-        self._reordered_since_change = True
+        self._order_checked = True
         self._runs_memo: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])
         self._spare: torch.Tensor | None = None  # one row, for `_move`
 
@@ -254,7 +254,7 @@ class ResidentKV:
         self.keys, self.values, self.owners, self.lengths = [], [], [], []
         self.slot_of.clear()
         self._spare = None
-        self._reordered_since_change = True
+        self._order_checked = True
 
     # ---------------------------------------------------------------------- slots
     @torch.inference_mode()  # the buffers are made and updated inside the engine's step
@@ -304,7 +304,7 @@ class ResidentKV:
     def note_change(self) -> None:
         """Rows were admitted, released or grew unevenly (a prompt chunk): their order may no
         longer be the best one."""
-        self._reordered_since_change = False
+        self._order_checked = False
 
     def reorder_by_length(self) -> bool:
         """Sort the occupied slots longest first if that pays; True if they moved.
@@ -313,9 +313,9 @@ class ResidentKV:
         steps of runs cut by `cheapest_runs`, outweigh reading and writing the rows that
         move. Checked once after each `note_change` (rows keep their order in between).
         """
-        if self._reordered_since_change:
+        if self._order_checked:
             return False
-        self._reordered_since_change = True
+        self._order_checked = True
         lengths = self.lengths
         order = sorted(range(len(lengths)), key=lambda slot: -lengths[slot])
         moving = [i for i, slot in enumerate(order) if slot != i]
