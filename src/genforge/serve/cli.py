@@ -163,8 +163,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         help="do not share KV blocks between requests with a common prefix")
     engine.add_argument("--resident-kv-mib", type=float, default=None,
                         help="memory for contiguous per-sequence copies of running sequences' keys and values, "
-                             "so decode steps read them without gathering blocks (default: as much as the block "
-                             "pool; 0 turns them off and gathers blocks every step)")
+                             "so decode steps read them without gathering blocks; grown as the batch needs and "
+                             "kept once grown (default: as much as the block pool; 0 turns them off and gathers "
+                             "blocks every step)")
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmark commands.")
