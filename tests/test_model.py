@@ -168,3 +168,25 @@ def test_moe_load_balancing_loss_matches_transformers(hf_model_dir):
     expected = load_balancing_loss_func(tuple(out.router_logits), model.config.num_experts, model.config.num_experts_per_token)
     got = load_balancing_loss(out.router_logits, model.config.num_experts, model.config.num_experts_per_token)
     torch.testing.assert_close(got, expected)
+
+
+def test_dropout_applies_in_training_only():
+    from genforge.config import Config
+    from genforge.model import Transformer
+
+    fields = dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    plain = Transformer(Config(**fields))
+    dropped = Transformer(Config(**fields, dropout=0.5))
+    dropped.load_state_dict(plain.state_dict())
+    ids = torch.randint(0, 64, (2, 9))
+    dropped.train()
+    torch.manual_seed(1)
+    first = dropped(ids).logits
+    torch.manual_seed(2)
+    assert not torch.allclose(first, dropped(ids).logits)  # embedding and residual dropout draw masks
+    torch.manual_seed(1)
+    assert torch.equal(first, dropped(ids).logits)  # ...from the global generator
+    dropped.eval()
+    torch.testing.assert_close(dropped(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)

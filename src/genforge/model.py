@@ -358,20 +358,24 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp_norm = norm()
         self.mlp = MixtureOfExperts(config) if config.num_experts else MLP(config)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        # Not a call at all outside training: a decode step is a chain of small calls.
+        return F.dropout(x, self.dropout, training=True) if self.training and self.dropout else x
 
     def _mlp(self, x: torch.Tensor, router_logits: list) -> torch.Tensor:
         out = self.mlp(x)
         if isinstance(out, tuple):
             out, logits = out
             router_logits.append(logits)
-        return self.dropout(out)
+        return self._dropout(out)
 
     def forward(self, x, rope, mask, is_causal, cache, router_logits: list) -> torch.Tensor:
         if self.post_norm:
-            x = self.attn_norm(x + self.dropout(self.attn(x, rope, mask, is_causal, cache)))
+            x = self.attn_norm(x + self._dropout(self.attn(x, rope, mask, is_causal, cache)))
             return self.mlp_norm(x + self._mlp(x, router_logits))
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, is_causal, cache))
+        x = x + self._dropout(self.attn(self.attn_norm(x), rope, mask, is_causal, cache))
         return x + self._mlp(self.mlp_norm(x), router_logits)
 
 
@@ -408,7 +412,7 @@ class Transformer(nn.Module):
         self.embed_positions = nn.Embedding(config.max_position_embeddings, d) if config.position == "learned" else None
         self.embed_types = nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
         self.embed_norm = Norm(d, config.norm, config.norm_eps) if config.embedding_norm else None
-        self.embed_dropout = nn.Dropout(config.dropout)
+        self.embed_dropout = config.dropout
         self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         # Post-norm encoders end on a normed residual; pre-norm decoders need one more norm.
@@ -491,7 +495,8 @@ class Transformer(nn.Module):
             x = x + self.embed_types(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = self.embed_dropout(x)
+        if self.training and self.embed_dropout:
+            x = F.dropout(x, self.embed_dropout, training=True)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
 
         masks = self._masks(attention_mask, position_ids, past, seq, input_ids.device)
