@@ -4,10 +4,13 @@ Random weights make speculation meaningless (a random draft never agrees with a 
 target), so this script first trains its own pair with genforge's trainer on the Python
 standard library's source, which is on every machine: a byte-level BPE tokenizer (2,048
 tokens), a target (6 layers, d=256) and a draft (1 layer, d=128) over the same tokenizer. The
-draft is then distilled on text sampled from the target (`prepare`). Each stage is cached
-under --cache (about 25 minutes of training on 2 cores the first time), so later runs go
-straight to the measurement. Both genforge models are packed for CPU inference, as
-`genforge generate` loads them.
+draft is then distilled from the target (`prepare`): on text the target samples, trained
+towards the target's whole next-token distribution at every position (token-level knowledge
+distillation with genforge's Trainer and the target as teacher; the `--distill-*` options;
+alpha 0 is the older hard-target distillation on the samples alone). Each stage is cached
+under --cache in a directory named by its settings (about 25 minutes of training on 2 cores
+the first time), so later runs go straight to the measurement. Both genforge models are
+packed for CPU inference, as `genforge generate` loads them.
 
 Then, for held-out prompts (the first tokens of stdlib files not trained on), greedy
 continuations are timed in the same process, alternating:
@@ -22,6 +25,12 @@ Greedy outputs must be identical to the target's own (checked). Reported: tokens
 over the same library's target-alone run, acceptance rate and tokens per target forward.
 
     python benchmarks/speculative.py     # writes benchmarks/results/speculative.{json,md}
+
+`--acceptance-only` skips the timing: it prepares the pair for the given distillation settings
+and prints genforge's acceptance rate and tokens per target forward at each k (greedy, so
+deterministic and independent of machine load), for choosing the distillation settings:
+
+    python benchmarks/speculative.py --acceptance-only --threads 1 --distill-kind tvd --ks 4,8
 """
 
 from __future__ import annotations
@@ -38,7 +47,9 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
+from genforge.atomic import atomic_path
 from genforge.checkpoint import load_model
 from genforge.config import Config
 from genforge.generate.generator import generate
@@ -47,7 +58,7 @@ from genforge.generate.speculative import prompt_lookup_generate, speculative_ge
 from genforge.inference import pack_for_cpu_inference
 from genforge.model import Transformer
 from genforge.tokenizer import Tokenizer
-from genforge.train import TokenDataset, TrainConfig, Trainer
+from genforge.train import DISTILLATION_KINDS, TokenDataset, TrainConfig, Trainer
 from genforge.train.tokenizer_training import train_tokenizer as genforge_train_tokenizer
 from machine import describe
 
@@ -65,6 +76,14 @@ SIZES = {
 # Peak learning rates: small models take large ones (the quickstart's 128-wide model trains best
 # at 1e-2); the wider, deeper target gets a lower one.
 LEARNING_RATES = {"target": 4e-3, "draft": 1e-2, "distill": 3e-3}
+# The draft's distillation, chosen by acceptance on the held-out prompts (docs/decoding.md, "How
+# the draft is distilled"): the divergence, its temperature, the soft-target share of the loss,
+# the text it is distilled on and that text's sampling temperature, learning rate, sample count.
+DISTILL = {"kind": "forward_kl", "temperature": 1.0, "alpha": 1.0, "data": "samples", "sample_temperature": 1.0,
+           "lr": LEARNING_RATES["distill"], "sequences": 1024}
+# What the draft is distilled on: text sampled from the target, the target's training text, both,
+# or text the (undistilled) draft samples itself (on-policy data, as in DistillSpec and GKD).
+DISTILL_DATA = ("samples", "corpus", "both", "draft-samples")
 
 
 def stdlib_files() -> list[Path]:
@@ -80,48 +99,90 @@ def train_tokenizer(files: list[Path], directory: Path) -> Tokenizer:
 
 
 def train(name: str, tokenizer: Tokenizer, ids: list[int], out: Path, steps: int,
-          start: Transformer | None = None, lr: float | None = None) -> Transformer:
+          start: Transformer | None = None, lr: float | None = None, teacher: Transformer | None = None,
+          distill: dict | None = None, directory: str | None = None) -> Transformer:
     config = Config(family="llama", vocab_size=tokenizer.vocab_size, max_position_embeddings=512,
                     eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                     **SIZES[name.split("-")[0]])
     torch.manual_seed(0)
     model = start if start is not None else Transformer(config)
-    run = TrainConfig(out_dir=out / f"{name}-{steps}-steps", max_steps=steps, batch_size=8, lr=lr or LEARNING_RATES[name],
-                      warmup_steps=steps // 20, eval_every=0, save_every=0, progress=True)
+    soft = {}
+    if teacher is not None:
+        soft = dict(distill_kind=distill["kind"], distill_temperature=distill["temperature"],
+                    distill_alpha=distill["alpha"])
+    run = TrainConfig(out_dir=out / (directory or f"{name}-{steps}-steps"), max_steps=steps, batch_size=8,
+                      lr=lr or LEARNING_RATES[name], warmup_steps=steps // 20, eval_every=0, save_every=0, progress=True,
+                      **soft)
     split = int(len(ids) * 0.98)
     result = Trainer(model, TokenDataset(ids[:split], 256), run, val_data=TokenDataset(ids[split:], 256),
-                     tokenizer=tokenizer).train()
+                     tokenizer=tokenizer, teacher=teacher).train()
     final = result.evals[-1] if result.evals else {}
     print(f"{name}: val loss {final.get('val_loss', float('nan')):.3f} after {steps} steps", flush=True)
     return load_model(result.export_dir)
 
 
 def target_samples(target: Transformer, ids: list[int], sequences: int, prompt_len: int = 32,
-                   new_tokens: int = 224) -> list[int]:
-    """Text sampled from the target (temperature 1) after random windows of the training data:
-    the corpus for distilling the draft."""
+                   new_tokens: int = 224, temperature: float = 1.0) -> list[int]:
+    """Text sampled from the target (at `temperature`) after random windows of the training
+    data: the corpus for distilling the draft."""
     rng = random.Random(0)
     prompts = [ids[s: s + prompt_len] for s in (rng.randrange(len(ids) - prompt_len) for _ in range(sequences))]
     packed = pack_for_cpu_inference(copy.deepcopy(target))
     samples: list[int] = []
     for i in range(0, sequences, 64):
-        params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, seed=i)
+        params = SamplingParams(temperature=temperature, max_new_tokens=new_tokens, seed=i)
         for prompt, out in zip(prompts[i: i + 64], generate(packed, prompts[i: i + 64], params, eos_token_ids=[])):
             samples += prompt + out.token_ids
     return samples
 
 
-def prepare(cache: Path, steps: dict[str, int]) -> tuple[Path, Path]:
+def distilled_draft_name(steps: int, distill: dict) -> str:
+    """The distilled draft's directory, named by everything its training depends on. alpha 0
+    (hard targets only) keeps the name the older, teacher-less distillation used: the same
+    training exactly, so its cached draft stays in use."""
+    data = "" if distill["data"] == "samples" else f"-on-{distill['data']}"
+    if distill["data"] != "corpus" and distill["sample_temperature"] != 1.0:
+        data += f"-samples-t{distill['sample_temperature']:g}"
+    if distill["data"] != "corpus" and distill["sequences"] != 1024:
+        data += f"-{distill['sequences']}-sequences"
+    if distill["lr"] != LEARNING_RATES["distill"]:
+        data += f"-lr{distill['lr']:g}"
+    if distill["alpha"] == 0:
+        return f"draft-distilled{data}-{steps}-steps"
+    return f"draft-kd-{distill['kind']}-T{distill['temperature']:g}-alpha{distill['alpha']:g}{data}-{steps}-steps"
+
+
+def cached_target_samples(cache: Path, target: Transformer, ids: list[int], sequences: int,
+                          temperature: float = 1.0, name: str = "target") -> list[int]:
+    """`target_samples` (from `target`, or another model named by `name`), kept in `cache`
+    (safetensors): every distillation setting trains on the same sampled text, which costs
+    minutes to make."""
+    suffix = "" if temperature == 1.0 else f"-t{temperature:g}"
+    path = cache / f"{name}-samples-{sequences}-sequences{suffix}.safetensors"
+    if path.exists():
+        return load_file(path)["ids"].tolist()
+    samples = target_samples(target, ids, sequences, temperature=temperature)
+    with atomic_path(path) as temporary:
+        save_file({"ids": torch.tensor(samples, dtype=torch.int32)}, str(temporary))
+    return samples
+
+
+def prepare(cache: Path, steps: dict[str, int], distill: dict | None = None) -> tuple[Path, Path]:
     """Train (or reuse) the pair: the target on the stdlib source; the draft on the same text,
-    then distilled on text the target samples (sequence-level knowledge distillation, Kim &
-    Rush 2016; for speculative drafts, Zhou et al. 2024, "DistillSpec"), so that it predicts
-    the target's tokens rather than the corpus's."""
-    # Sizes, vocabulary and step counts name the directories: a cached pair is only reused for
-    # the same training.
+    then distilled from the target on text the target samples (sequence-level knowledge
+    distillation, Kim & Rush 2016) with the target as teacher: the draft learns the target's
+    whole next-token distribution at every position (token-level knowledge distillation,
+    Hinton et al. 2015; for speculative drafts, Zhou et al. 2024, "DistillSpec"), so that it
+    predicts the target's tokens rather than the corpus's. `distill`: kind, temperature and
+    alpha of the loss (default `DISTILL`)."""
+    distill = dict(DISTILL, **(distill or {}))
+    # Sizes, vocabulary, step counts and distillation settings name the directories: a cached
+    # pair is only reused for the same training.
     cache = cache / f"vocab{VOCAB_SIZE}-target{SIZES['target']['num_layers']}x{SIZES['target']['hidden_size']}"
     target_dir = cache / f"target-{steps['target']}-steps" / "model"
     plain_draft_dir = cache / f"draft-{steps['draft']}-steps" / "model"
-    draft_dir = cache / f"draft-distilled-{steps['distill']}-steps" / "model"
+    draft_name = distilled_draft_name(steps["distill"], distill)
+    draft_dir = cache / draft_name / "model"
     if target_dir.exists() and draft_dir.exists():
         return target_dir, draft_dir
     files = stdlib_files()
@@ -137,9 +198,20 @@ def prepare(cache: Path, steps: dict[str, int]) -> tuple[Path, Path]:
     # Each stage is kept, so an interrupted preparation resumes at the stage it was in.
     target = load_model(target_dir) if target_dir.exists() else train("target", tokenizer, ids, cache, steps["target"])
     draft = load_model(plain_draft_dir) if plain_draft_dir.exists() else train("draft", tokenizer, ids, cache, steps["draft"])
-    samples = target_samples(target, ids, sequences=1024)
-    print(f"distilling the draft on {len(samples):,} tokens sampled from the target", flush=True)
-    train("draft-distilled", tokenizer, samples, cache, steps["distill"], start=draft, lr=LEARNING_RATES["distill"])
+    if distill["data"] == "corpus":
+        samples = ids
+    elif distill["data"] == "draft-samples":
+        samples = cached_target_samples(cache, draft, ids, sequences=distill["sequences"], temperature=distill["sample_temperature"],
+                                        name=f"draft-{steps['draft']}-steps")
+    else:
+        samples = cached_target_samples(cache, target, ids, sequences=distill["sequences"], temperature=distill["sample_temperature"])
+        if distill["data"] == "both":
+            samples = samples + ids
+    # The teacher only runs forward, so it is packed for inference as generation packs it.
+    teacher = pack_for_cpu_inference(copy.deepcopy(target)) if distill["alpha"] > 0 else None
+    print(f"distilling the draft on {len(samples):,} tokens ({distill['data']}; {draft_name})", flush=True)
+    train("draft-distilled", tokenizer, samples, cache, steps["distill"], start=draft, lr=distill["lr"],
+          teacher=teacher, distill=distill, directory=draft_name)
     return target_dir, draft_dir
 
 
@@ -168,6 +240,20 @@ def main(argv=None) -> int:
     parser.add_argument("--target-steps", type=int, default=600)
     parser.add_argument("--draft-steps", type=int, default=600)
     parser.add_argument("--distill-steps", type=int, default=400)
+    parser.add_argument("--distill-kind", choices=DISTILLATION_KINDS, default=DISTILL["kind"],
+                        help="divergence between the target's and the draft's next-token distributions")
+    parser.add_argument("--distill-temperature", type=float, default=DISTILL["temperature"])
+    parser.add_argument("--distill-alpha", type=float, default=DISTILL["alpha"],
+                        help="share of the soft-target term in the draft's loss (0: hard targets only)")
+    parser.add_argument("--distill-data", choices=DISTILL_DATA, default=DISTILL["data"],
+                        help="what the draft is distilled on: text sampled from the target, its training text, or both")
+    parser.add_argument("--distill-sample-temperature", type=float, default=DISTILL["sample_temperature"],
+                        help="temperature of the target's samples the draft is distilled on")
+    parser.add_argument("--distill-sequences", type=int, default=DISTILL["sequences"],
+                        help="how many sequences of 256 tokens are sampled to distill on")
+    parser.add_argument("--distill-lr", type=float, default=DISTILL["lr"], help="peak learning rate of the distillation")
+    parser.add_argument("--acceptance-only", action="store_true",
+                        help="print acceptance and tokens per target forward at each k, without timing anything")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=96)
     parser.add_argument("--new-tokens", type=int, default=96)
@@ -181,11 +267,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    if min(args.distill_temperature, args.distill_sample_temperature, args.distill_lr, args.distill_sequences) <= 0 \
+            or not 0 <= args.distill_alpha <= 1:
+        parser.error("--distill-temperature, --distill-sample-temperature, --distill-lr and --distill-sequences "
+                     "must be > 0 and --distill-alpha in [0, 1]")
+    distill = {"kind": args.distill_kind, "temperature": args.distill_temperature, "alpha": args.distill_alpha,
+               "data": args.distill_data, "sample_temperature": args.distill_sample_temperature, "lr": args.distill_lr,
+               "sequences": args.distill_sequences}
     target_dir, draft_dir = prepare(Path(args.cache), {"target": args.target_steps, "draft": args.draft_steps,
-                                                    "distill": args.distill_steps})
+                                                    "distill": args.distill_steps}, distill)
     tokenizer = Tokenizer.from_dir(target_dir)
     # Packed for CPU inference, as `genforge generate` loads them (genforge.inference).
     target, draft = (pack_for_cpu_inference(load_model(d).eval()) for d in (target_dir, draft_dir))
+    if args.acceptance_only:
+        return report_acceptance(target, draft, held_out_prompts(tokenizer, args.prompts, args.prompt_len),
+                                 [int(k) for k in args.ks.split(",")], args, draft_dir)
     hf_target = transformers.AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     hf_draft = transformers.AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
     prompts = held_out_prompts(tokenizer, args.prompts, args.prompt_len)
@@ -264,6 +360,27 @@ def main(argv=None) -> int:
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return 0
+
+
+def report_acceptance(target, draft, prompts, ks, args, draft_dir: Path) -> int:
+    """Acceptance rate and tokens per target forward of greedy speculative decoding at each k
+    (and at the largest k with `--draft-confidence`), averaged over the prompts as the timed
+    run averages them, and draft forwards per generated token (the other side of the cost);
+    one JSON line."""
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens)
+    settings = [(k, None) for k in ks] + [(max(ks), args.draft_confidence)]
+    row = {"draft": draft_dir.parent.name}
+    for k, confidence in settings:
+        runs = [speculative_generate(target, draft, p, params, num_draft_tokens=k, eos_token_ids=[],
+                                     **({"draft_confidence": confidence} if confidence else {})).stats
+                for p in prompts]
+        name = f"k={k}" + (f" confidence {confidence:g}" if confidence else "")
+        row[name] = {"acceptance_rate": round(statistics.mean(s.acceptance_rate for s in runs), 4),
+                     "tokens_per_target_forward": round(statistics.mean(s.tokens_per_target_forward for s in runs), 4),
+                     "draft_forwards_per_token": round(sum(s.draft_forwards for s in runs)
+                                                       / sum(s.generated for s in runs), 4)}
+    print(json.dumps(row), flush=True)
     return 0
 
 

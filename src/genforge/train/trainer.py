@@ -226,6 +226,7 @@ class Trainer:
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.model.to(self.device)
         self.teacher = teacher
+        self._distill_parts = [0.0, 0.0]  # a step's cross-entropy and KD shares (with a teacher), for the metrics
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
         # The module the step calls: the model itself, its DDP wrapper, or the model sharded
