@@ -308,3 +308,47 @@ def test_a_teacher_that_cannot_teach_this_student_is_refused_before_training(tmp
 def test_bad_distillation_settings_are_refused(tmp_path, change, message):
     with pytest.raises(TrainError, match=message):
         make(tmp_path, teacher=sharp_teacher(), **change)
+
+
+# ------------------------------------------------------------------------- several processes
+def _distill_rank(rank, world, port, out_dir, fsdp):
+    import os
+
+    from genforge.train.distributed import destroy_distributed, init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    init_distributed("cpu")
+    try:
+        make(out_dir, teacher=sharp_teacher(), fsdp=fsdp, **DISTRIBUTED_RUN).train()
+    finally:
+        destroy_distributed()
+
+
+DISTRIBUTED_RUN = dict(max_steps=3, grad_accum=2, distill_alpha=0.6, distill_temperature=1.5, distill_kind="forward_kl")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_distil_as_one_does(tmp_path, fsdp, one_thread):
+    """Under torchrun each rank runs the teacher on its own rows; DDP (fused head) and FSDP (the
+    model makes the logits, the unfused KD scores them) give the single process's run."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    make(tmp_path / "single", teacher=sharp_teacher(), **DISTRIBUTED_RUN).train()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_distill_rank, args=(2, port, str(tmp_path / "ranks"), fsdp), nprocs=2, join=True)
+
+    def records(directory):
+        return [r for r in map(json.loads, Path(directory, "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    single, ranks = records(tmp_path / "single"), records(tmp_path / "ranks")
+    assert [r["step"] for r in ranks] == [r["step"] for r in single] == [1, 2, 3]
+    for ours, theirs in zip(ranks, single):
+        for key in ("loss", "ce_loss", "kd_loss"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (key, ours, theirs)
