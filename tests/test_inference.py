@@ -152,10 +152,10 @@ def test_generate_on_a_packed_model_uses_both_kernels_and_matches(hf_model_dir, 
     assert ran == {"packed": layers - 1, "plain": 11 * layers + 1}
 
 
-# --- generate's greedy fast path (generator.greedy_next_token) ---
+# --- the greedy fast path (processors.greedy_next_token) ---
 
 def test_greedy_next_token_is_sample_next_token_at_temperature_zero():
-    from genforge.generate.generator import greedy_next_token
+    from genforge.generate.processors import greedy_next_token
     from genforge.generate.processors import sample_next_token
 
     generator = torch.Generator().manual_seed(3)
@@ -169,7 +169,7 @@ def test_greedy_next_token_is_sample_next_token_at_temperature_zero():
 
 @pytest.mark.parametrize("bad", ["nan", "all -inf"])
 def test_greedy_next_token_rejects_what_sample_next_token_rejects(bad):
-    from genforge.generate.generator import greedy_next_token
+    from genforge.generate.processors import greedy_next_token
     from genforge.generate.processors import sample_next_token
 
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))

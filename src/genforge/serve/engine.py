@@ -39,6 +39,7 @@ from ..generate.processors import (
     apply_processors,
     build_batch_processors,
     build_processors,
+    greedy_next_token,
     make_generator,
     sample_next_token,
     token_logprobs,
@@ -441,12 +442,7 @@ class Engine:
         tokens: list[int] = [0] * len(states)
         if plain:
             rows = (raw if len(plain) == len(states) else raw[plain])[:, : self.text_vocab_size]
-            chosen = rows.argmax(dim=-1)
-            # argmax picks a NaN if there is one, and -inf only if the whole row is -inf:
-            # checking the chosen values checks the rows (NaN > -inf is False too).
-            if not bool((rows.gather(1, chosen[:, None]) > float("-inf")).all()):
-                raise ValueError("the model's logits are NaN or -inf; nothing can be chosen")
-            for i, token in zip(plain, chosen.tolist()):
+            for i, token in zip(plain, greedy_next_token(rows).tolist()):
                 tokens[i] = token
             if len(plain) == len(states):
                 return tokens

@@ -325,10 +325,14 @@ class Trainer:
             else:
                 output = self.engine(inputs)
                 loss = self._loss(output.logits, labels, self.config.label_smoothing) / total_tokens
-            aux = moe_auxiliary_loss(output, self.model.config)
-            if aux is not None:
-                loss = loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
-        return loss
+            return self._with_router_loss(loss, output, labels, total_tokens)
+
+    def _with_router_loss(self, loss: torch.Tensor, output, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
+        """`loss` plus this micro-batch's share of the MoE load-balancing loss (if any)."""
+        aux = moe_auxiliary_loss(output, self.model.config)
+        if aux is None:
+            return loss
+        return loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
 
     def _distill_micro_loss(self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
         """alpha * KD + (1 - alpha) * cross-entropy for this micro-batch, each summed over its
@@ -354,10 +358,8 @@ class Trainer:
                     hard = self._loss(output.logits, labels, config.label_smoothing)
                 with torch.set_grad_enabled(grad and alpha > 0.0):
                     soft = self._kd(output.logits, teacher_out.logits, targets)
-            loss = ((1.0 - alpha) * hard + alpha * soft) / total_tokens
-            aux = moe_auxiliary_loss(output, self.model.config)
-            if aux is not None:
-                loss = loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
+            loss = self._with_router_loss(((1.0 - alpha) * hard + alpha * soft) / total_tokens, output, labels,
+                                          total_tokens)
         self._distill_parts[0] += float(hard.detach()) / total_tokens
         self._distill_parts[1] += float(soft.detach()) / total_tokens
         return loss
