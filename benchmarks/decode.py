@@ -10,6 +10,14 @@ weight bytes / memory bandwidth. The bandwidth is measured here with a large mat
 product (the operation a decode step is made of), and the script reports
 achieved decode tokens/s x weight bytes / bandwidth.
 
+Kernel floor: a forward pass's matrix products and attention calls alone, run back to back on
+the model's own packed weights (for a decode step, over caches of the mean decode length; for
+the prefill, over the prompt), with nothing else a pass does (norms, rotations, residual adds,
+cache writes, Python). It separates what the
+kernels cost from what genforge adds around them, and bounds what any implementation built on
+these kernels can reach: the "ceiling" columns are the tokens/s and speed-up of a run whose
+prefill and every decode step took their floors.
+
     python benchmarks/decode.py            # writes benchmarks/results/decode.{json,md}
 """
 
@@ -24,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import transformers
 from machine import describe
 
@@ -102,6 +111,41 @@ def weight_bytes(model) -> int:
     return total
 
 
+def kernel_floor(model, batch: int, new: int, context: int, repeats: int = 30) -> float:
+    """Seconds of one forward pass's kernels alone (see the module docstring): every packed
+    linear layer of the model on `batch` rows of `new` tokens (the LM head on the last token
+    only, as generation asks), and one attention call per layer of those queries over
+    `context` positions (causal when it is the whole prompt), each layer with a cache of its
+    own so that it streams from memory as a real cache does. For one new token, the query
+    heads sharing a key/value head are folded into one call, as the model does."""
+    config = model.config
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    inputs = [torch.randn(batch, 1 if m is model.lm_head else new, m.in_features) for m in linears]
+    kv_shape = (batch, config.num_kv_heads, context, config.head_dim)
+    caches = [(torch.randn(kv_shape), torch.randn(kv_shape)) for _ in range(config.num_layers)]
+    if new == 1:
+        query = torch.randn(batch, config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim)
+    else:
+        query = torch.randn(batch, config.num_heads, new, config.head_dim)
+    gqa = new > 1 and config.num_kv_heads != config.num_heads
+
+    def forward() -> None:
+        for linear, x in zip(linears, inputs):
+            linear(x)
+        for keys, values in caches:
+            F.scaled_dot_product_attention(query, keys, values, is_causal=new > 1, enable_gqa=gqa)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            forward()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def run(shape: str, batches, prompt_len: int, new_tokens: int, repeats: int) -> list[dict]:
     config = SHAPES[shape]
     torch.manual_seed(0)
@@ -128,11 +172,18 @@ def run(shape: str, batches, prompt_len: int, new_tokens: int, repeats: int) -> 
         hf_tps = batch * new_tokens / statistics.median(hf_times)
         gf_tps = batch * new_tokens / statistics.median(gf_times)
         decode_step = statistics.median(rest for _, rest in steps) / (new_tokens - 1)
+        floor = kernel_floor(ours, batch, 1, prompt_len + new_tokens // 2)
+        prefill_floor = kernel_floor(ours, batch, prompt_len, prompt_len, repeats=5)
+        ceiling_tps = batch * new_tokens / (prefill_floor + (new_tokens - 1) * floor)
         row = {
             "model": shape, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
             "transformers_tokens_per_s": round(hf_tps, 2), "genforge_tokens_per_s": round(gf_tps, 2),
             "speedup": round(gf_tps / hf_tps, 3), "greedy_tokens_identical": same,
             "genforge_decode_step_ms": round(decode_step * 1e3, 2),
+            "genforge_prefill_ms": round(statistics.median(first for first, _ in steps) * 1e3, 1),
+            "kernel_floor_prefill_ms": round(prefill_floor * 1e3, 1),
+            "kernel_floor_step_ms": round(floor * 1e3, 2), "ceiling_tokens_per_s": round(ceiling_tps, 2),
+            "ceiling_speedup": round(ceiling_tps / hf_tps, 3),
             "weight_mb": round(weights / 1e6, 1), "weight_bytes": weights,
         }
         print(json.dumps(row), flush=True)
@@ -185,14 +236,17 @@ def main() -> int:
         f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in kernels.items())}; the readings ranged "
         f"{min(max(m.values()) for m in measurements) / 1e9:.1f}-{bandwidth / 1e9:.1f}).",
         "",
-        "| model | batch | transformers tok/s | genforge tok/s | speedup | decode step ms | roofline ms | roofline % | same tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | transformers tok/s | genforge tok/s | speedup | decode step ms | kernel floor ms | "
+        "ceiling speedup | roofline ms | roofline % | ceiling roofline % | same tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fraction = f"{100 * r['roofline_fraction']:.0f}%" if r["roofline_fraction"] else "-"
+        at_floor = f"{100 * r['roofline_step_ms'] / r['kernel_floor_step_ms']:.0f}%" if r["roofline_fraction"] else "-"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['transformers_tokens_per_s']:.1f} | {r['genforge_tokens_per_s']:.1f} | "
-            f"{r['speedup']:.2f}x | {r['genforge_decode_step_ms']} | {r['roofline_step_ms']} | {fraction} | "
+            f"{r['speedup']:.2f}x | {r['genforge_decode_step_ms']} | {r['kernel_floor_step_ms']} | "
+            f"{r['ceiling_speedup']:.2f}x | {r['roofline_step_ms']} | {fraction} | {at_floor} | "
             f"{r['greedy_tokens_identical']} |"
         )
     (out / "decode.md").write_text("\n".join(lines) + "\n")

@@ -17,6 +17,11 @@ throughput and output tokens/s. Static batching's tokens are timed as it produce
 (a logits processor records each step), which flatters it: a real static server answers
 only when the batch ends.
 
+With every request waiting at once (rate inf), genforge serves the workload once more,
+untimed, with its two kernels (attention through SDPA, and the packed linear layers) timed:
+a run made of those kernels alone bounds what any engine built on them could reach, and the
+report gives that ceiling as a multiple of static batching's median run.
+
 Before any timing, each system serves a warm-up workload (other prompts, all at once), as
 a server that has been running would have: allocator, oneDNN primitive caches and, for
 genforge, the engine's resident key/value buffers are warm. genforge gets a fresh engine per
@@ -37,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,6 +170,52 @@ def run_sequential(hf_model, workload: Workload) -> Trace:
 
 
 # --------------------------------------------------------------------------- profiling
+@contextmanager
+def timed_calls(targets, clock=time.perf_counter):
+    """Wrap each (owner, attribute, part) of `targets` so that its calls add their duration
+    (by `clock`) to the yielded dict under `part`; the originals are put back on exit."""
+    spent: dict[str, float] = {}
+    restore = []
+    for owner, name, part in targets:
+        original = getattr(owner, name)
+
+        def wrapper(*args, _original=original, _part=part, **kwargs):
+            start = clock()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spent[_part] = spent.get(_part, 0.0) + clock() - start
+
+        restore.append((owner, name, original))
+        setattr(owner, name, wrapper)
+    try:
+        yield spent
+    finally:
+        for owner, name, original in reversed(restore):
+            setattr(owner, name, original)
+
+
+def kernel_seconds(model, workload: Workload, warmup: Workload, args) -> dict[str, float]:
+    """Seconds that a genforge run of `workload` spends inside its two kernels: attention
+    (SDPA) and the packed linear layers, from an extra, untimed run with both wrapped.
+
+    Every output token must attend over its context and pass through every layer whatever
+    the schedule (another schedule cuts the same work into other calls), so with the requests
+    all waiting at once this is close to a floor for any engine built on these kernels.
+    """
+    import torch.nn.functional as F
+
+    from genforge.inference import PackedLinear
+
+    engine = warmed_engine(model, warmup, args.max_concurrency, args.token_budget, args.resident_kv_memory)
+    targets = [(F, "scaled_dot_product_attention", "attention"), (PackedLinear, "forward", "linear layers")]
+    with timed_calls(targets) as spent:
+        start = time.perf_counter()
+        run_genforge(engine, workload, args.max_concurrency)
+        whole = time.perf_counter() - start
+    return {**{part: round(seconds, 3) for part, seconds in spent.items()}, "whole run": round(whole, 3)}
+
+
 def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | None, seed: int) -> dict[str, float]:
     """Thread CPU milliseconds per decode step, by part, with `num_rows` running decodes.
 
@@ -192,40 +244,17 @@ def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | Non
     for _ in range(100):
         engine.step()
 
-    spent: dict[str, float] = {}
-    restore = []
-
-    def timed(owner, name: str, part: str) -> None:
-        original = getattr(owner, name)
-
-        def wrapper(*args, **kwargs):
-            start = time.thread_time()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                spent[part] = spent.get(part, 0.0) + time.thread_time() - start
-
-        restore.append((owner, name, original))
-        setattr(owner, name, wrapper)
-
-    timed(engine.scheduler, "schedule", "scheduler")
-    timed(engine.cache, "batch", "cache view")
+    targets = [(engine.scheduler, "schedule", "scheduler"), (engine.cache, "batch", "cache view"),
+               (engine, "_sample", "sampling and outputs"), (Transformer, "_masks", "attention mask"),
+               (F, "scaled_dot_product_attention", "attention (SDPA)"), (PagedBatch, "_gather", "gather"),
+               (PackedLinear, "forward", "linear layers"), (Transformer, "forward", "model forward")]
     if engine.resident is not None:
-        timed(engine.resident, "batch", "cache view")
-    timed(engine, "_sample", "sampling and outputs")
-    timed(Transformer, "_masks", "attention mask")
-    timed(F, "scaled_dot_product_attention", "attention (SDPA)")
-    timed(PagedBatch, "_gather", "gather")
-    timed(PackedLinear, "forward", "linear layers")
-    timed(Transformer, "forward", "model forward")
-    try:
+        targets.append((engine.resident, "batch", "cache view"))
+    with timed_calls(targets, time.thread_time) as spent:
         start = time.thread_time()
         for _ in range(steps):
             engine.step()
         total = time.thread_time() - start
-    finally:
-        for owner, name, original in reversed(restore):
-            setattr(owner, name, original)
     per_step = {part: 1e3 * seconds / steps for part, seconds in spent.items()}
     inside = sum(per_step.get(p, 0.0) for p in ("attention (SDPA)", "gather", "linear layers", "attention mask"))
     per_step["other model ops"] = per_step.pop("model forward", 0.0) - inside
@@ -286,7 +315,15 @@ def markdown(results: dict) -> str:
     header += (f" Each system ran {results.get('repeats', 1)} times per rate, alternating; a row is its run with"
                " the median output tokens/s, and the label gives genforge's speed-up over it: the median of"
                " the per-repeat ratios, with their range.\n\n")
-    return header + markdown_report(runs, title="genforge engine vs static batching vs one at a time")
+    report = header + markdown_report(runs, title="genforge engine vs static batching vs one at a time")
+    for rate, kernels in results.get("kernel_seconds", {}).items():
+        kernel = kernels["attention"] + kernels["linear layers"]
+        report += (f"\nKernel floor at rate {rate}: in an extra run of the same workload, genforge spent "
+                   f"{kernels['attention']:.2f} s in attention (SDPA) and {kernels['linear layers']:.2f} s in its "
+                   f"linear layers, of {kernels['whole run']:.2f} s. A run made of those kernels alone, with "
+                   f"nothing around them, would take {kernel:.2f} s: "
+                   f"{kernels['ceiling_speedup_over_static']:.2f}x the median static batching run.\n")
+    return report
 
 
 def main(argv=None) -> int:
@@ -377,6 +414,14 @@ def main(argv=None) -> int:
                 print(f"rate {rate_text:>4} repeat {repeat + 1} {name:>10}: {summary['output_tokens_per_s']:7.1f} "
                       f"output tok/s, TTFT p50 {summary['ttft']['p50_ms']:.0f} ms", flush=True)
         results["runs"][rate_text] = {name: median_run(repeats, name) for name in systems}
+        if rate == float("inf") and {"genforge", "static"} <= set(systems):
+            kernels = kernel_seconds(ours, workload, warmup, args)
+            static = results["runs"][rate_text]["static"]
+            static_seconds = static["duration_s"]
+            kernels["ceiling_speedup_over_static"] = round(
+                static_seconds / (kernels["attention"] + kernels["linear layers"]), 2)
+            results.setdefault("kernel_seconds", {})[rate_text] = kernels
+            print(f"rate {rate_text:>4} genforge kernels: {kernels}", flush=True)
     # Other jobs on a shared machine slow every system; the 1-minute load average before and
     # after says how busy it was (the ratios are within one run).
     results["load_average"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
