@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import describe
 
 from genforge.rag.chunking import chunk_document
-from machine import describe
 from genforge.rag.index import EncoderEmbedder, FaissStore, HybridIndex, QueryCache, _fit_bm25
 from genforge.rag.loaders import load_documents
 from genforge.rag.retrieve import reciprocal_rank_fusion

@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from machine import describe
 
 from genforge.serve.bench import RequestRecord, markdown_report, poisson_offsets, summarize
-from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

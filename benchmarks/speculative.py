@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from machine import describe
 from safetensors.torch import load_file, save_file
 
 from genforge.atomic import atomic_path
@@ -60,7 +61,6 @@ from genforge.model import Transformer
 from genforge.tokenizer import Tokenizer
 from genforge.train import DISTILLATION_KINDS, TokenDataset, TrainConfig, Trainer
 from genforge.train.tokenizer_training import train_tokenizer as genforge_train_tokenizer
-from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
                     hf_draft.generation_config.num_assistant_tokens = k
                     hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
                     hf_draft.generation_config.assistant_confidence_threshold = 0.0
-                seconds, (tokens, stat) = timed(lambda: run(prompt))
+                seconds, (tokens, stat) = timed(lambda run=run, prompt=prompt: run(prompt))
                 totals[name][repeat] += seconds
                 if stat and repeat == 0:
                     stats[name].append(stat)

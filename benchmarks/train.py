@@ -180,7 +180,7 @@ def loss_only(args) -> str:
         "transformers": lambda h: reference.loss_function(head(h), labels, vocab_size=args.vocab),
     }
     best = {name: float("inf") for name in sides}
-    for name, loss_of in sides.items():
+    for loss_of in sides.values():
         backward(loss_of)  # warm-up
     for round_number in range(args.repeats):
         order = list(sides.items()) if round_number % 2 == 0 else list(sides.items())[::-1]

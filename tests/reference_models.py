@@ -45,7 +45,7 @@ def build(name: str, seed: int = 0, dtype=torch.float32):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init leaves norms at 1 and biases at 0; perturb them so a wrong mapping shows.
     with torch.no_grad():
-        for pname, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()

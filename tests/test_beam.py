@@ -2,9 +2,9 @@
 properties, bad input."""
 
 import pytest
+import reference_models
 import torch
 
-import reference_models
 from genforge.checkpoint import load_model
 from genforge.generate.beam import beam_search
 from genforge.generate.generator import generate

@@ -6,8 +6,7 @@ import re
 import pytest
 import torch
 
-from genforge.checkpoint import load_model, save_model
-from genforge.config import Config
+from genforge.checkpoint import save_model
 from genforge.generate.constrained import (
     ChoiceConstraint,
     JsonSchemaConstraint,

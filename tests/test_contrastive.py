@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-import reference_models
 from genforge.checkpoint import load_model
 from genforge.config import Config
 from genforge.generate.contrastive import (

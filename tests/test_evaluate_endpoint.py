@@ -6,7 +6,7 @@ import copy
 import json
 
 import pytest
-import torch
+from live_server import LiveServer
 
 from genforge.cli import main
 from genforge.evaluate.endpoint import EndpointLanguageModel, endpoint_judge
@@ -15,7 +15,6 @@ from genforge.evaluate.judge import judge_all
 from genforge.evaluate.metrics import MetricError
 from genforge.serve.api import create_app
 from genforge.serve.engine import AsyncEngine, Engine
-from live_server import LiveServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

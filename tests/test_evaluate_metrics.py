@@ -97,7 +97,7 @@ def test_rouge_equals_rouge_score_mean(references, use_stemmer):
     ]
     result = rouge(PREDICTIONS, references, use_stemmer=use_stemmer)
     for kind in types:
-        mean = lambda attr: sum(getattr(s[kind], attr) for s in per_example) / len(per_example)  # noqa: E731
+        mean = lambda attr, kind=kind: sum(getattr(s[kind], attr) for s in per_example) / len(per_example)  # noqa: E731
         assert result[kind] == pytest.approx(mean("fmeasure"))
         assert result[f"{kind}_precision"] == pytest.approx(mean("precision"))
         assert result[f"{kind}_recall"] == pytest.approx(mean("recall"))

@@ -3,9 +3,9 @@
 import math
 
 import pytest
+import reference_models
 import torch
 
-import reference_models
 from genforge.checkpoint import load_model
 from genforge.evaluate import MetricError, perplexity, perplexity_of_text, strided_windows
 

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from genforge.generate.fim import FIM_STYLES, find_fim_tokens, fim_prompt
+from genforge.generate.fim import FIM_STYLES, fim_prompt, find_fim_tokens
 from genforge.tokenizer import Tokenizer
 
 CODE = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n" * 20

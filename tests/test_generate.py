@@ -1,9 +1,9 @@
 """Generation: greedy parity with transformers, sampling reproducibility, stops, streaming."""
 
 import pytest
+import reference_models
 import torch
 
-import reference_models
 from genforge.checkpoint import load_model
 from genforge.generate.generator import generate, stream
 from genforge.generate.processors import SamplingParams

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+import reference_models
 import torch
 import transformers
 
-import reference_models
 from genforge.cache import ContiguousKVCache
 from genforge.checkpoint import load_model, save_model
 

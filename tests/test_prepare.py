@@ -19,12 +19,12 @@ from genforge.train.prepare import (
     DedupSettings,
     NearDuplicateIndex,
     QualityFilters,
+    content_key,
     duplicate_line_ratio,
     prepare,
     repeated_ngram_ratio,
     symbol_ratio,
     token_dtype,
-    content_key,
     val_fraction_of,
     word_shingles,
 )

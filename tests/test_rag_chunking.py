@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from genforge.rag.chunking import (Chunk, chunk_document, fixed_token_chunks, markdown_chunks, qa_chunks,
-                                   recursive_chunks, sentence_chunks)
+from genforge.rag.chunking import (
+    Chunk,
+    chunk_document,
+    fixed_token_chunks,
+    markdown_chunks,
+    qa_chunks,
+    recursive_chunks,
+    sentence_chunks,
+)
 from genforge.rag.loaders import Document, load_documents
 
 SEEDS = Path("/work/shared/seeds")

@@ -167,11 +167,10 @@ def test_docs_are_found_where_a_wheel_install_puts_them(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_wheel_carries_every_doc(tmp_path):
+    import shutil
     import subprocess
     import sys
     import zipfile
-
-    import shutil
 
     root = Path(__file__).resolve().parents[1]
     # Built from a copy: setuptools builds in the source tree and would leave build/ behind.

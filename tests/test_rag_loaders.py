@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from genforge.rag.loaders import load_document, load_documents, UnreadableDocument
+from genforge.rag.loaders import UnreadableDocument, load_document, load_documents
 
 
 def _write_pdf(path, encrypt: bool) -> None:

@@ -16,11 +16,12 @@ import pytest
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from genforge.rag.chunking import Chunk, chunk_document  # noqa: E402
-from genforge.rag.index import HybridIndex, RagIndexError  # noqa: E402
-from genforge.rag.loaders import load_documents  # noqa: E402
-from genforge.rag.milvus import MilvusStore, check_uri, filter_expression  # noqa: E402
-from test_rag_index import HashEmbedder, synthetic_chunks  # noqa: E402
+from test_rag_index import HashEmbedder, synthetic_chunks
+
+from genforge.rag.chunking import Chunk, chunk_document
+from genforge.rag.index import HybridIndex, RagIndexError
+from genforge.rag.loaders import load_documents
+from genforge.rag.milvus import check_uri, filter_expression
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 if not SEEDS.is_dir():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
+from genforge.rag.chunking import Chunk
 from genforge.rag.retrieve import mmr, reciprocal_rank_fusion, weighted_score_fusion
 
 
@@ -39,11 +42,6 @@ def test_mmr_prefers_a_diverse_second_pick():
 
 
 # -- a tiny corpus with a deterministic embedder: retrieval logic without a model -------------
-
-import hashlib
-
-from genforge.rag.chunking import Chunk
-
 CORPUS = [
     ("paged.md", "Paged attention stores the key value cache in fixed size blocks, like virtual memory pages."),
     ("paged.md", "The block table maps each sequence to its physical cache blocks so memory is not fragmented."),

@@ -4,13 +4,11 @@ then one sampled run on a tiny model with a real tokenizer."""
 import re
 
 import pytest
-import torch
 
 from genforge.checkpoint import load_model
 from genforge.generate.processors import SamplingParams
 from genforge.generate.self_consistency import extract_final_answer, majority_vote, self_consistency, vote_on_texts
 from genforge.tokenizer import Tokenizer
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,6 +19,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from live_server import LiveServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from genforge.checkpoint import load_model, save_model
@@ -31,7 +32,6 @@ from genforge.serve.engine import AsyncEngine, Engine
 from genforge.serve.engine import Request as EngineRequest
 from genforge.serve.limits import RateLimit
 from genforge.tokenizer import Tokenizer
-from live_server import LiveServer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -583,7 +583,6 @@ def test_graceful_shutdown_finishes_in_flight_requests(loaded):
 
 def test_embeddings_match_the_sentence_encoder(loaded):
     from genforge.encoder import SentenceEncoder
-
     from genforge.rag.index import EncoderEmbedder
 
     encoder = SentenceEncoder()

@@ -387,7 +387,7 @@ def test_async_engine_streams_cancels_and_drains():
 
     async def cancel_early():
         stream = served.generate("a", Request("cancelled", [1, 2, 3], greedy(200)))
-        async for out in stream:
+        async for _ in stream:
             break
         await stream.aclose()
 

@@ -4,10 +4,10 @@ sampled distribution equal to the target's (chi-square), statistics, bad input."
 import copy
 
 import pytest
+import reference_models
 import torch
 from scipy.stats import chisquare
 
-import reference_models
 from genforge.checkpoint import load_model
 from genforge.config import Config
 from genforge.generate.generator import generate

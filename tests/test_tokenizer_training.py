@@ -94,7 +94,7 @@ def test_files_and_jsonl_train_the_same_tokenizer_as_texts(tmp_path):
     (tmp_path / "rest.jsonl").write_text("".join(json.dumps({"body": d, "n": i}) + "\n" for i, d in enumerate(docs[60:])))
     from_files = train_tokenizer(files=[folder, tmp_path / "rest.jsonl"], text_field="body", vocab_size=330,
                                  out_dir=tmp_path / "a")
-    from_texts = train_tokenizer(iter(docs), vocab_size=330, out_dir=tmp_path / "b")  # a one-pass generator
+    train_tokenizer(iter(docs), vocab_size=330, out_dir=tmp_path / "b")  # a one-pass generator
     assert from_files.documents == 120 and from_files.characters == sum(map(len, docs))
     assert tokenizer_sha256(tmp_path / "a") == tokenizer_sha256(tmp_path / "b") == from_files.sha256
     assert "zzzz" not in Tokenizer.from_dir(tmp_path / "a").get_vocab()

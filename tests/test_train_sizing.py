@@ -17,8 +17,15 @@ from genforge.config import Config
 from genforge.model import Transformer
 from genforge.train import TokenDataset
 from genforge.train.sizing import (
-    ChinchillaLaw, SizingError, chinchilla_optimal, fit_power_law, gradient_noise_scale, language_model_noise_scale,
-    noise_scale_from_norms, plot_power_law, training_flops,
+    ChinchillaLaw,
+    SizingError,
+    chinchilla_optimal,
+    fit_power_law,
+    gradient_noise_scale,
+    language_model_noise_scale,
+    noise_scale_from_norms,
+    plot_power_law,
+    training_flops,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +55,7 @@ def test_fitted_law_optimum_is_the_numerical_minimum():
     assert law.loss(70e9, 1.4e12) == pytest.approx(1.94, abs=0.01)
     for flops in (1e18, 1e21, 5.76e23, 1e26):
         plan = chinchilla_optimal(flops)
-        numeric = minimize_scalar(lambda log_n: law.loss(math.exp(log_n), flops / (6 * math.exp(log_n))),
+        numeric = minimize_scalar(lambda log_n, flops=flops: law.loss(math.exp(log_n), flops / (6 * math.exp(log_n))),
                                   bounds=(math.log(1e3), math.log(1e15)), method="bounded",
                                   options={"xatol": 1e-10})
         assert plan.parameters == pytest.approx(math.exp(numeric.x), rel=1e-4)

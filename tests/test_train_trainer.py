@@ -3,7 +3,6 @@ parity, learning, gradient accumulation, gradient checkpointing and bad input.""
 
 import copy
 import json
-import os
 import signal
 import subprocess
 import sys

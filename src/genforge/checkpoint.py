@@ -15,16 +15,16 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import staged_directory
-from .config import Config, ConfigError, SUPPORTED_FAMILIES
+from .config import SUPPORTED_FAMILIES, Config, ConfigError
 from .model import RotaryEmbedding, Transformer
 
 

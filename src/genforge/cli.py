@@ -249,10 +249,8 @@ def _deterministic(params):
 
 
 def cmd_chat(args) -> int:
-    from .generate.generator import stream
-
     from .checkpoint import read_generation_config
-    from .generate.generator import end_of_sequence_ids
+    from .generate.generator import end_of_sequence_ids, stream
 
     generation_config = read_generation_config(args.model)
     params = _sampling_params(args, generation_config)
@@ -262,7 +260,7 @@ def cmd_chat(args) -> int:
     if tokenizer.chat_template is None:
         raise ValueError(f"{args.model} has no chat template; use `genforge generate` for plain completion")
     history = [{"role": "system", "content": args.system}] if args.system else []
-    console.print("[dim]chatting with %s — /reset clears the history, /exit or Ctrl-D quits[/dim]" % args.model)
+    console.print(f"[dim]chatting with {args.model} — /reset clears the history, /exit or Ctrl-D quits[/dim]")
     while True:
         try:
             user = input("you> ")

@@ -163,7 +163,7 @@ class Config:
 
     # ----------------------------------------------------------------- Hugging Face config.json
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "Config":
+    def from_hf(cls, hf: dict[str, Any]) -> Config:
         """Read a Hugging Face `config.json` dict."""
         model_type = hf.get("model_type")
         reader = _HF_READERS.get(model_type)
@@ -182,7 +182,7 @@ class Config:
         return cls(**common, **fields)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Config":
+    def from_file(cls, path: str | Path) -> Config:
         path = Path(path)
         try:
             hf = json.loads(path.read_text())

@@ -108,10 +108,10 @@ class PackedLinear(nn.Module):
 
 def _concatenated(*linears: nn.Linear) -> nn.Linear:
     """One nn.Linear computing all of `linears` side by side along the output."""
-    fused = nn.Linear(linears[0].in_features, sum(l.out_features for l in linears), bias=linears[0].bias is not None)
-    fused.weight.data = torch.cat([l.weight.detach() for l in linears])
+    fused = nn.Linear(linears[0].in_features, sum(linear.out_features for linear in linears), bias=linears[0].bias is not None)
+    fused.weight.data = torch.cat([linear.weight.detach() for linear in linears])
     if fused.bias is not None:
-        fused.bias.data = torch.cat([l.bias.detach() for l in linears])
+        fused.bias.data = torch.cat([linear.bias.detach() for linear in linears])
     return fused
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 
 def json_objects(lines: Iterable[str], where: str, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -206,10 +206,10 @@ class Tokenizer:
         token_id = self._backend.token_to_id(token)
         return token_id if token_id is not None else self._backend.token_to_id(self.unk_token or "")
 
-    def _special(name: str) -> property:  # noqa: N805 (a class-body helper, deleted below)
+    def _special(name: str) -> property:  # a class-body helper, deleted below
         return property(lambda self: self.special_tokens_map.get(name), doc=f"The {name} string, or None.")
 
-    def _special_id(name: str) -> property:  # noqa: N805
+    def _special_id(name: str) -> property:
         return property(lambda self: self._id_or_unk(self.special_tokens_map.get(name)), doc=f"The {name} id.")
 
     bos_token, bos_token_id = _special("bos_token"), _special_id("bos_token")

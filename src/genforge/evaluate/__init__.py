@@ -14,22 +14,6 @@ from .classification import (
     expected_calibration_error,
     reliability_diagram,
 )
-from .metrics import (
-    METRICS,
-    ROUGE_TYPES,
-    MetricError,
-    MetricResult,
-    bleu,
-    chrf,
-    compute,
-    distinct_n,
-    exact_match_score,
-    normalize_answer,
-    rouge,
-    self_bleu,
-    squad,
-    token_f1_score,
-)
 from .code_eval import (
     CodeEvalResult,
     ExecutionResult,
@@ -66,6 +50,22 @@ from .judge import (
     parse_verdict,
 )
 from .meteor import NoSynonyms, meteor, use_wordnet, wordnet_source
+from .metrics import (
+    METRICS,
+    ROUGE_TYPES,
+    MetricError,
+    MetricResult,
+    bleu,
+    chrf,
+    compute,
+    distinct_n,
+    exact_match_score,
+    normalize_answer,
+    rouge,
+    self_bleu,
+    squad,
+    token_f1_score,
+)
 from .perplexity import PerplexityResult, perplexity, perplexity_of_text, strided_windows
 from .stats import (
     ConfidenceInterval,

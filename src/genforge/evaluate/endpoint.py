@@ -15,8 +15,9 @@ protocol, so one client covers them all:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..tokenizer import Tokenizer
 from .harness import DEFAULT_MAX_GEN_TOKS, encode_pair

@@ -35,9 +35,10 @@ import os
 import random
 import re
 import string
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.sandbox
@@ -46,8 +47,8 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..generate.generator import generate
-from ..jsonl import json_objects
 from ..generate.processors import SamplingParams
+from ..jsonl import json_objects
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ._progress import progress
@@ -107,8 +108,10 @@ class Task:
             if isinstance(value, str):
                 try:  # a template such as "{{options}}" renders a list's repr
                     value = ast.literal_eval(value)
-                except (ValueError, SyntaxError):
-                    raise MetricError(f"task {self.name!r}: doc_to_choice gave {value!r}, not a list of choices")
+                except (ValueError, SyntaxError) as err:
+                    raise MetricError(
+                        f"task {self.name!r}: doc_to_choice gave {value!r}, not a list of choices"
+                    ) from err
             if not isinstance(value, (list, tuple)):
                 raise MetricError(f"task {self.name!r}: doc_to_choice must give a list, got {type(value).__name__}")
             choices = [str(c) for c in value]

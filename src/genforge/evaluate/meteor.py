@@ -27,8 +27,9 @@ import io
 import os
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .metrics import MetricError, MetricResult, _check_pairs
 
@@ -90,7 +91,7 @@ def _open_reader(directory: Path):
 
     class _FolderWordNet(WordNetCorpusReader):
         # Debian leaves `lexnames` out; the list is fixed for WordNet 3.0, so serve it from memory.
-        def open(self, file):  # noqa: A003 (NLTK's name)
+        def open(self, file):  # NLTK's name
             if file == "lexnames" and not (directory / "lexnames").is_file():
                 return io.StringIO(lexnames_text())
             return super().open(file)
@@ -134,7 +135,7 @@ def use_wordnet(path: str | os.PathLike) -> Path:
     try:
         reader = _open_reader(directory)
         reader.synsets("dog")  # reads the index and one data file: a broken database fails here, not mid-metric
-    except Exception as err:  # noqa: BLE001 (NLTK raises many kinds; all mean "not readable")
+    except Exception as err:  # NLTK raises many kinds; all mean "not readable"
         raise MetricError(f"use_wordnet: NLTK could not read WordNet in {str(directory)!r}: "
                           f"{type(err).__name__}: {err}") from err
     with _lock:

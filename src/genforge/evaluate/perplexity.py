@@ -18,8 +18,9 @@ fewer than `stride`; the corpus mean weights each token equally.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -17,8 +17,9 @@ and `alternative="greater"` tests whether B is higher. The distributions come fr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -42,9 +42,9 @@ count for the penalty of later groups) until every group of its prompt is done.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Sequence
 
 import torch
 

@@ -35,8 +35,8 @@ softmax(score / temperature). Both models advance over their own KV caches.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

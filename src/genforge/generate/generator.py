@@ -11,8 +11,8 @@ a row that finishes leaves the batch at once, so it costs no further compute.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 

@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
-from typing import Any, NamedTuple, Protocol, Union
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -66,8 +66,8 @@ __all__ = [
 ]
 
 # A knob given once for the whole batch (Python number) or once per row (1-D tensor).
-PerRow = Union[float, torch.Tensor]
-PerRowInt = Union[int, torch.Tensor]
+PerRow = float | torch.Tensor
+PerRowInt = int | torch.Tensor
 
 _NEG_INF = float("-inf")
 

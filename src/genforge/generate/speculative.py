@@ -43,9 +43,10 @@ tokens its cache lacks. Batch size is 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 

@@ -30,8 +30,9 @@ import json
 import math
 import warnings
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -239,7 +240,7 @@ class FaissStore:
 
     @classmethod
     def create(cls, vectors: np.ndarray, ids: np.ndarray, kind: str, hnsw_m: int = 32, ivf_nlist: int | None = None,
-               ivf_nprobe: int | None = None, hnsw_ef_search: int = 128) -> "FaissStore":
+               ivf_nprobe: int | None = None, hnsw_ef_search: int = 128) -> FaissStore:
         import faiss
 
         dim = vectors.shape[1]
@@ -362,7 +363,7 @@ class FaissStore:
         return {"backend": "faiss", "kind": self.kind, "tombstones": len(self.tombstones)}
 
     @classmethod
-    def load(cls, directory: Path, spec: dict) -> "FaissStore":
+    def load(cls, directory: Path, spec: dict) -> FaissStore:
         import faiss
 
         tombstones = np.load(directory / "dense_tombstones.npy", allow_pickle=False) if spec.get("tombstones") else ()
@@ -464,7 +465,7 @@ class HybridIndex:
               cache: EmbeddingCache | None = None, hnsw_m: int = 32, *, backend: str = "faiss",
               ivf_nlist: int | None = None, ivf_nprobe: int | None = None, ivf_fallback: bool = True,
               milvus_uri: str | None = None, milvus_token: str | None = None,
-              milvus_collection: str | None = None, file_hashes: dict[str, str] | None = None) -> "HybridIndex":
+              milvus_collection: str | None = None, file_hashes: dict[str, str] | None = None) -> HybridIndex:
         """Index chunks for BM25 and dense search.
 
         `cache` (e.g. `old_index.embedding_cache()`) supplies vectors for chunks whose text has not
@@ -519,7 +520,7 @@ class HybridIndex:
 
     @classmethod
     def build_from_paths(cls, paths: Iterable[str | Path] | str | Path, embedder: Embedder, strategy: str = "auto",
-                         chunk_options: Mapping[str, Any] | None = None, **build_options) -> tuple["HybridIndex", list]:
+                         chunk_options: Mapping[str, Any] | None = None, **build_options) -> tuple[HybridIndex, list]:
         """Load files and folders, chunk them and build; records each file's hash so that a
         later `sync` re-reads only what changed. Returns (index, skipped files with reasons)."""
         from .chunking import chunk_document
@@ -773,7 +774,7 @@ class HybridIndex:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, embedder: Embedder | str, milvus_token: str | None = None) -> "HybridIndex":
+    def load(cls, directory: str | Path, embedder: Embedder | str, milvus_token: str | None = None) -> HybridIndex:
         """Load an index, refusing one whose vectors came from another embedding model."""
         import bm25s
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .chunking import Chunk
-from .index import IVF_POINTS_PER_LIST, DENSE_KINDS, RagIndexError, default_nlist
+from .index import DENSE_KINDS, IVF_POINTS_PER_LIST, RagIndexError, default_nlist
 
 DEFAULT_COLLECTION = "genforge_chunks"
 SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://")
@@ -103,7 +104,7 @@ class MilvusStore:
     @classmethod
     def create(cls, uri: str, dimension: int, kind: str = "flat", token: str | None = None, collection: str | None = None,
                hnsw_m: int = 32, ivf_nlist: int | None = None, ivf_nprobe: int | None = None,
-               count: int | None = None, hnsw_ef_search: int = 128) -> "MilvusStore":
+               count: int | None = None, hnsw_ef_search: int = 128) -> MilvusStore:
         """A new, empty collection (an existing one of that name is dropped: building replaces)."""
         from pymilvus import DataType
 
@@ -141,7 +142,7 @@ class MilvusStore:
 
     @classmethod
     def open(cls, uri: str, collection: str, kind: str, dimension: int, token: str | None = None,
-             search_params: dict | None = None) -> "MilvusStore":
+             search_params: dict | None = None) -> MilvusStore:
         """An existing collection, checked for the vector dimension the index expects."""
         uri = check_uri(uri)
         client = cls._connect(uri, token)

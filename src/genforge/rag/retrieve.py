@@ -24,11 +24,10 @@ adaptive k and multi-hop retrieval.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import re
 
 import numpy as np
 

@@ -16,8 +16,8 @@ only when no never-used block is left.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 
 class OutOfBlocks(RuntimeError):

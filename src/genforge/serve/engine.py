@@ -26,8 +26,8 @@ import math
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
 
 import torch
 
@@ -47,7 +47,8 @@ from ..generate.processors import (
 from ..model import Transformer
 from .blocks import BlockManager
 from .paged_cache import PagedKVCache, ResidentKV
-from .scheduler import ScheduledChunk, Scheduler, Sequence as CacheSequence
+from .scheduler import ScheduledChunk, Scheduler
+from .scheduler import Sequence as CacheSequence
 
 
 # ------------------------------------------------------------------------------ records

@@ -63,7 +63,7 @@ class PagedKVCache:
         element = torch.empty((), dtype=dtype).element_size()
         return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
 
-    def batch(self, block_tables: list[list[int]], num_computed: list[int], num_new: int) -> "PagedBatch":
+    def batch(self, block_tables: list[list[int]], num_computed: list[int], num_new: int) -> PagedBatch:
         """The view for one forward pass: row i has `num_computed[i]` tokens cached and
         `num_new` new ones, all held in the blocks `block_tables[i]`."""
         return PagedBatch(self, block_tables, num_computed, num_new)

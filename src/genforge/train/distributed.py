@@ -47,7 +47,7 @@ class DistributedContext:
         return self.rank == 0
 
     @classmethod
-    def current(cls) -> "DistributedContext":
+    def current(cls) -> DistributedContext:
         """The context of the process group this process has joined, or a single process."""
         if dist.is_available() and dist.is_initialized():
             return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),

@@ -132,37 +132,37 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], irreducible: 
     without e starts from the exact log-log line; with e it starts there too, with e = 0."""
     from scipy.optimize import curve_fit
 
-    c, l = np.asarray(compute, dtype=float), np.asarray(loss, dtype=float)
-    if c.shape != l.shape or c.ndim != 1:
-        raise SizingError(f"compute and loss must be equal-length lists, got {c.shape} and {l.shape}")
+    c, losses = np.asarray(compute, dtype=float), np.asarray(loss, dtype=float)
+    if c.shape != losses.shape or c.ndim != 1:
+        raise SizingError(f"compute and loss must be equal-length lists, got {c.shape} and {losses.shape}")
     needed = 4 if irreducible else 3
     if len(c) < needed:
         raise SizingError(f"fitting {'a·C^-b + e' if irreducible else 'a·C^-b'} needs at least {needed} points, got {len(c)}")
-    if (c <= 0).any() or (l <= 0).any() or not (np.isfinite(c).all() and np.isfinite(l).all()):
+    if (c <= 0).any() or (losses <= 0).any() or not (np.isfinite(c).all() and np.isfinite(losses).all()):
         raise SizingError("compute and loss values must be finite and > 0")
     if len(np.unique(c)) < 2:
         raise SizingError("the points need at least two different compute values")
     # Work in units of the smallest compute so the optimiser sees numbers near 1.
     scale = c.min()
     x = np.log(c / scale)
-    slope, intercept = np.polyfit(x, np.log(l), 1)
+    slope, intercept = np.polyfit(x, np.log(losses), 1)
     if irreducible:
         def model(x, log_a, b, e):
             return np.log(np.exp(log_a - b * x) + e)
 
         start = (intercept, max(-slope, 1e-3), 0.0)
-        bounds = ([-np.inf, 0.0, 0.0], [np.inf, np.inf, float(l.min())])
-        (log_a, b, e), _ = curve_fit(model, x, np.log(l), p0=start, bounds=bounds, maxfev=20000)
+        bounds = ([-np.inf, 0.0, 0.0], [np.inf, np.inf, float(losses.min())])
+        (log_a, b, e), _ = curve_fit(model, x, np.log(losses), p0=start, bounds=bounds, maxfev=20000)
     else:
         def model(x, log_a, b):
             return log_a - b * x
 
-        (log_a, b), _ = curve_fit(model, x, np.log(l), p0=(intercept, -slope))
+        (log_a, b), _ = curve_fit(model, x, np.log(losses), p0=(intercept, -slope))
         e = 0.0
     # Back to raw compute units: a · (C/scale)^-b = (a · scale^b) · C^-b.
     fit = PowerLawFit(a=float(math.exp(log_a) * scale**b), b=float(b), e=float(e), r2=0.0)
-    residual = np.log(l) - np.log(fit.predict(c))
-    spread = np.log(l) - np.log(l).mean()
+    residual = np.log(losses) - np.log(fit.predict(c))
+    spread = np.log(losses) - np.log(losses).mean()
     fit.r2 = float(1.0 - (residual**2).sum() / max((spread**2).sum(), 1e-300))
     return fit
 

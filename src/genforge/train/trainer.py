@@ -45,18 +45,35 @@ from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
-from safetensors.torch import load_file, save_model as save_weights
+from safetensors.torch import load_file
+from safetensors.torch import save_model as save_weights
 
 from ..atomic import atomic_path, atomic_write_text, staged_directory
 from ..checkpoint import save_model
 from ..model import Transformer
 from .data import ShuffleSampler, TokenDataset
 from .distributed import (
-    DistributedContext, all_reduce_sum, barrier, broadcast_object, no_gradient_sync, rank_slice, wrap_model,
+    DistributedContext,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    no_gradient_sync,
+    rank_slice,
+    wrap_model,
 )
 from .losses import (
-    DISTILLATION_KINDS, FUSED_CHUNK_ELEMENTS, IGNORE_INDEX, causal_lm_loss, count_masked_targets, count_target_tokens,
-    distillation_loss, fused_linear_cross_entropy, mask_tokens, masked_lm_loss, moe_auxiliary_loss, shift_labels,
+    DISTILLATION_KINDS,
+    FUSED_CHUNK_ELEMENTS,
+    IGNORE_INDEX,
+    causal_lm_loss,
+    count_masked_targets,
+    count_target_tokens,
+    distillation_loss,
+    fused_linear_cross_entropy,
+    mask_tokens,
+    masked_lm_loss,
+    moe_auxiliary_loss,
+    shift_labels,
 )
 from .optim import build_optimizer, build_scheduler, clip_gradients
 
@@ -691,7 +708,7 @@ class Trainer:
             state = json.loads((directory / "state.json").read_text())
         # Any failure to read means the files are damaged; the readers raise many types
         # (SafetensorError, UnpicklingError, zipfile and JSON errors), so all are caught here.
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             raise TrainError(f"cannot resume: checkpoint {directory} is corrupt ({type(err).__name__}: {err})") from None
         fsdp = self.config.fsdp
         saved_format = trainer_state.get("optimizer_format", "torch")
@@ -725,7 +742,9 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if fsdp:
             from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
             )
 
             full = {name: weights[min(names & set(weights))] for names in by_storage.values() for name in names}
