@@ -269,7 +269,7 @@ def scale_part(n: int, dim: int, queries: int, k: int) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     out = [f"RAG benchmark on {m['cpu']} ({m['cores']} cores shared with other jobs: numbers are noisy), torch threads "
-           f"{m['torch_threads']} for indexing and 1 for single queries, FAISS {m['faiss']} with {m['faiss_threads']} threads, Python {m['python']}.", ""]
+           f"{m['threads']} for indexing and 1 for single queries, FAISS {m['faiss']} with {m['faiss_threads']} threads, Python {m['python']}.", ""]
     s = result.get("seeds")
     if s:
         out += [f"Seeds corpus: {s['documents']} files, {s['chunks']} Q&A chunks, {s['embedding_model']}.", "",

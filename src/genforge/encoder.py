@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_model
+from .inference import pack_for_cpu_inference
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,12 @@ class SentenceEncoder:
 
     def __init__(self, directory: str | Path | None = None, device: str = "cpu") -> None:
         directory = Path(directory) if directory is not None else default_encoder_path()
-        self.model = load_model(directory, device=device)
-        if self.model.config.causal:
-            raise ValueError(f"{directory} is a {self.model.config.family} decoder; sentence embeddings need an encoder")
+        model = load_model(directory, device=device)
+        if model.config.causal:
+            raise ValueError(f"{directory} is a {model.config.family} decoder; sentence embeddings need an encoder")
+        # Only ever run forward: on CPU its products go through oneDNN's packed weights
+        # (`genforge.inference`), which embeds a query in about 0.6x the time.
+        self.model = pack_for_cpu_inference(model)
         self.tokenizer = Tokenizer.from_dir(directory)
         self.pooling, self.normalize = _sentence_transformers_head(directory)
         st_config = directory / "sentence_bert_config.json"
