@@ -55,6 +55,18 @@ def machine() -> dict:
     return describe(transformers=transformers.__version__)
 
 
+def median_seconds(run, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of `run()` over `repeats` calls, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def gemv_bandwidth(repeats: int = 20) -> dict[str, float]:
     """Bytes/s of fp32 matrix-vector products over a 256 MB matrix (far larger than any cache),
     through each kernel available: MKL's `torch.mv` and oneDNN with a pre-packed weight. The
@@ -65,17 +77,7 @@ def gemv_bandwidth(repeats: int = 20) -> dict[str, float]:
         packed = PackedLinear(torch.nn.Linear(4096, 16384, bias=False))
         packed.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 128)
         kernels["onednn_packed"] = lambda: packed(x)
-    measured = {}
-    for name, kernel in kernels.items():
-        for _ in range(3):
-            kernel()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            kernel()
-            times.append(time.perf_counter() - start)
-        measured[name] = weight.numel() * 4 / statistics.median(times)
-    return measured
+    return {name: weight.numel() * 4 / median_seconds(kernel, repeats) for name, kernel in kernels.items()}
 
 
 def hf_generate(model, prompts, new_tokens):
@@ -136,14 +138,7 @@ def kernel_floor(model, batch: int, new: int, context: int, repeats: int = 30) -
             F.scaled_dot_product_attention(query, keys, values, is_causal=new > 1, enable_gqa=gqa)
 
     with torch.inference_mode():
-        for _ in range(3):
-            forward()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            forward()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return median_seconds(forward, repeats)
 
 
 def run(shape: str, batches, prompt_len: int, new_tokens: int, repeats: int) -> list[dict]:
