@@ -122,7 +122,12 @@ def kernel_floor(model, batch: int, new: int, context: int, repeats: int = 30) -
     heads sharing a key/value head are folded into one call, as the model does."""
     config = model.config
     linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    inputs = [torch.randn(batch, 1 if m is model.lm_head else new, m.in_features) for m in linears]
+    # One input per width, reused: a real pass's activations were just written and sit in
+    # cache, and only the weights should stream from memory.
+    widths = {m.in_features for m in linears}
+    activations = {width: torch.randn(batch, new, width) for width in widths}
+    head_input = torch.randn(batch, 1, model.lm_head.in_features)
+    inputs = [head_input if m is model.lm_head else activations[m.in_features] for m in linears]
     kv_shape = (batch, config.num_kv_heads, context, config.head_dim)
     caches = [(torch.randn(kv_shape), torch.randn(kv_shape)) for _ in range(config.num_layers)]
     if new == 1:
