@@ -16,7 +16,8 @@ the prefill, over the prompt), with nothing else a pass does (norms, rotations, 
 cache writes, Python). It separates what the
 kernels cost from what genforge adds around them, and bounds what any implementation built on
 these kernels can reach: the "ceiling" columns are the tokens/s and speed-up of a run whose
-prefill and every decode step took their floors.
+prefill and every decode step took their floors. The floors are measured in every repeat, after
+the two libraries' runs, and their medians kept, as for the runs themselves.
 
     python benchmarks/decode.py            # writes benchmarks/results/decode.{json,md}
 """
@@ -113,7 +114,7 @@ def weight_bytes(model) -> int:
     return total
 
 
-def kernel_floor(model, batch: int, new: int, context: int, repeats: int = 30) -> float:
+def kernel_floor(model, batch: int, new: int, context: int, repeats: int) -> float:
     """Seconds of one forward pass's kernels alone (see the module docstring): every packed
     linear layer of the model on `batch` rows of `new` tokens (the LM head on the last token
     only, as generation asks), and one attention call per layer of those queries over
@@ -160,8 +161,9 @@ def run(shape: str, batches, prompt_len: int, new_tokens: int, repeats: int) -> 
         prompts = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
             same = torch.equal(hf_generate(hf, prompts, 8), genforge_generate(ours, prompts, 8))
-        hf_times, gf_times, steps = [], [], []
-        for _ in range(repeats):  # alternate, so drifting machine load hits both alike
+        hf_times, gf_times, steps, floors, prefill_floors = [], [], [], [], []
+        # Alternate, so that a machine changing pace hits both libraries and the floors alike.
+        for _ in range(repeats):
             with torch.inference_mode():
                 start = time.perf_counter()
                 hf_generate(hf, prompts, new_tokens)
@@ -169,11 +171,12 @@ def run(shape: str, batches, prompt_len: int, new_tokens: int, repeats: int) -> 
                 start = time.perf_counter()
                 genforge_generate(ours, prompts, new_tokens, steps)
                 gf_times.append(time.perf_counter() - start)
+            floors.append(kernel_floor(ours, batch, 1, prompt_len + new_tokens // 2, repeats=10))
+            prefill_floors.append(kernel_floor(ours, batch, prompt_len, prompt_len, repeats=2))
         hf_tps = batch * new_tokens / statistics.median(hf_times)
         gf_tps = batch * new_tokens / statistics.median(gf_times)
         decode_step = statistics.median(rest for _, rest in steps) / (new_tokens - 1)
-        floor = kernel_floor(ours, batch, 1, prompt_len + new_tokens // 2)
-        prefill_floor = kernel_floor(ours, batch, prompt_len, prompt_len, repeats=5)
+        floor, prefill_floor = statistics.median(floors), statistics.median(prefill_floors)
         ceiling_tps = batch * new_tokens / (prefill_floor + (new_tokens - 1) * floor)
         row = {
             "model": shape, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
