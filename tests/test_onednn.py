@@ -10,7 +10,8 @@ from torch import nn
 
 from genforge import onednn
 from genforge.config import Config
-from genforge.model import Linear, Transformer
+from genforge.model import Transformer
+from genforge.onednn import OneDNNLinear, use_onednn
 
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this torch build has no oneDNN")
 
@@ -222,9 +223,11 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_model_gradients_equal_those_through_torch_matmul(name, monkeypatch, onednn_calls):
     torch.manual_seed(0)
-    model = Transformer(CONFIGS[name])
+    plain = Transformer(CONFIGS[name])
+    model = use_onednn(copy.deepcopy(plain))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is Linear for m in linears)
+    assert linears and all(type(m) is OneDNNLinear for m in linears)
+    assert list(model.state_dict()) == list(plain.state_dict())  # the swap keeps every key
     reference = copy.deepcopy(model)
     assert list(model.state_dict()) == list(reference.state_dict())
     ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(1))

@@ -58,8 +58,8 @@ def test_parameter_groups_exclude_norms_biases_embeddings(tied):
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert "embed_tokens.weight" in no_decay_names
     assert all(("norm" in n or n.endswith(".bias") or n.startswith("embed")) for n in no_decay_names)
-    assert "blocks.0.attn.q.bias" in no_decay_names and "final_norm.weight" in no_decay_names
-    assert "blocks.0.attn.q.weight" in decay_names and "blocks.1.mlp.down.weight" in decay_names
+    assert "blocks.0.attn.qkv.bias" in no_decay_names and "final_norm.weight" in no_decay_names
+    assert "blocks.0.attn.qkv.weight" in decay_names and "blocks.1.mlp.down.weight" in decay_names
     assert ("lm_head.weight" in decay_names) == (not tied)
     # Every parameter in exactly one group, a tied tensor once.
     assert len(decay_names) + len(no_decay_names) == len(list(model.parameters()))

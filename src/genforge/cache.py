@@ -24,14 +24,15 @@ class KVCache(Protocol):
     returns all of that layer's keys/values (batch, kv_heads, length + new, head_dim).
     `advance` is called once per forward pass, after every layer has been updated.
 
-    A cache may also have `row_runs`: None, or a list of (rows, width) pairs, `rows` a slice
-    of the batch, that cover the batch in order. Attention then runs once per run over only
-    the first `width` keys of its rows; the caller promises that no row of a run attends
-    beyond `width` (its mask is False there). Rows of very different lengths stop paying for
-    the longest one's keys.
+    `row_runs` is None (attend over every row's keys at once), or a list of (rows, width)
+    pairs, `rows` a slice of the batch, that cover the batch in order. Attention then runs once
+    per run over only the first `width` keys of its rows; the cache promises that no row of a
+    run attends beyond `width` (its mask is False there). Rows of very different lengths (the
+    serving engine's running sequences) stop paying for the longest one's keys.
     """
 
     length: int
+    row_runs: list[tuple[slice, int]] | None
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -44,6 +45,8 @@ class ContiguousKVCache:
     Preallocation keeps decoding free of the quadratic `torch.cat` copying a growing cache
     would do; `capacity` is prompt length plus the tokens to generate.
     """
+
+    row_runs = None  # the rows grow together: one attention call over all of them
 
     def __init__(
         self,

@@ -1,10 +1,12 @@
 """Hugging Face checkpoints in and out: weight maps per family, safetensors only.
 
-A weight map is a list of `Rule`s, each naming one Hugging Face tensor and the genforge
-parameters it holds. Most rules are renames; GPT-2 stores linear weights transposed (its
-`Conv1D`), and GPT-2 and Phi-3 fuse several projections into one tensor, which a rule lists
-as several parts concatenated along the output dimension. The same rules drive loading and
-export, so a round trip is exact by construction.
+A weight map is a list of `Rule`s, each naming one genforge parameter and the Hugging Face
+tensors it holds. Most rules are renames. genforge computes queries, keys and values in one
+product (`qkv`), and a gated MLP's gate and up projections in another (`gate_up`): where a
+family stores those as separate tensors (Llama's q_proj, k_proj, v_proj), the rule lists them
+as parts concatenated along the output dimension; where it already fuses them (GPT-2's
+c_attn, Phi-3's qkv_proj) the rule is a rename. GPT-2 stores linear weights transposed (its
+`Conv1D`). The same rules drive loading and export, so a round trip is exact by construction.
 
 Weights are read with `safetensors` only; a directory holding nothing but pickled
 `pytorch_model.bin` files is refused, because unpickling can run arbitrary code.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,19 +34,32 @@ class CheckpointError(ValueError):
     """A checkpoint genforge cannot read or write; the message says what was wrong."""
 
 
+def qkv_sizes(config: Config) -> tuple[int, ...]:
+    """Output rows of the query, key and value parts of a fused `qkv` projection."""
+    kv = config.num_kv_heads * config.head_dim
+    return config.num_heads * config.head_dim, kv, kv
+
+
+def gate_up_sizes(config: Config) -> tuple[int, ...]:
+    """Output rows of the gate and up parts of a fused `gate_up` projection."""
+    return config.intermediate_size, config.intermediate_size
+
+
 @dataclass(frozen=True)
 class Rule:
-    """One Hugging Face tensor `hf` holding genforge parameters `parts`, concatenated along
-    dim 0 in that order; `transpose` for weights stored (in, out) like GPT-2's Conv1D.
-    Templates use `{i}` for the layer and `{e}` for the expert index."""
+    """genforge parameter `gf` holds the Hugging Face tensors `hf`, concatenated along dim 0
+    in that order, `sizes(config)` rows each where there are several; `transpose` for weights
+    stored (in, out) like GPT-2's Conv1D. Templates use `{i}` for the layer and `{e}` for the
+    expert index."""
 
-    hf: str
-    parts: tuple[str, ...]
+    gf: str
+    hf: tuple[str, ...]
+    sizes: Callable[[Config], tuple[int, ...]] | None = None
     transpose: bool = False
 
 
 def _renames(pairs: dict[str, str]) -> list[Rule]:
-    return [Rule(hf, (gf,)) for gf, hf in pairs.items()]
+    return [Rule(gf, (hf,)) for gf, hf in pairs.items()]
 
 
 def _with_bias(pairs: dict[str, str]) -> dict[str, str]:
@@ -56,13 +71,21 @@ def _with_bias(pairs: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def _joined(gf: str, hf: list[str], sizes: Callable[[Config], tuple[int, ...]]) -> list[Rule]:
+    """The weight and bias of the fused projection `gf` from the separate projections `hf`."""
+    return [Rule(f"{gf}.{kind}", tuple(f"{h}.{kind}" for h in hf), sizes) for kind in ("weight", "bias")]
+
+
 _LLAMA_LAYER = "model.layers.{i}"
-_LLAMA_ATTENTION = _renames(
-    _with_bias({f"blocks.{{i}}.attn.{p}": f"{_LLAMA_LAYER}.self_attn.{p}_proj" for p in "qkvo"})
-    | {
-        "blocks.{i}.attn.q_norm.weight": f"{_LLAMA_LAYER}.self_attn.q_norm.weight",
-        "blocks.{i}.attn.k_norm.weight": f"{_LLAMA_LAYER}.self_attn.k_norm.weight",
-    }
+_LLAMA_ATTENTION = (
+    _joined("blocks.{i}.attn.qkv", [f"{_LLAMA_LAYER}.self_attn.{p}_proj" for p in "qkv"], qkv_sizes)
+    + _renames(
+        _with_bias({"blocks.{i}.attn.o": f"{_LLAMA_LAYER}.self_attn.o_proj"})
+        | {
+            "blocks.{i}.attn.q_norm.weight": f"{_LLAMA_LAYER}.self_attn.q_norm.weight",
+            "blocks.{i}.attn.k_norm.weight": f"{_LLAMA_LAYER}.self_attn.k_norm.weight",
+        }
+    )
 )
 _LLAMA_FRAME = _renames(
     {
@@ -73,28 +96,32 @@ _LLAMA_FRAME = _renames(
         "lm_head.weight": "lm_head.weight",
     }
 )
-_LLAMA_MLP = _renames(_with_bias({f"blocks.{{i}}.mlp.{p}": f"{_LLAMA_LAYER}.mlp.{p}_proj" for p in ("gate", "up", "down")}))
+_LLAMA_MLP = _joined("blocks.{i}.mlp.gate_up", [f"{_LLAMA_LAYER}.mlp.{p}_proj" for p in ("gate", "up")],
+                     gate_up_sizes) + _renames(_with_bias({"blocks.{i}.mlp.down": f"{_LLAMA_LAYER}.mlp.down_proj"}))
 _LLAMA = _LLAMA_FRAME + _LLAMA_ATTENTION + _LLAMA_MLP
 
+_MIXTRAL_EXPERT = f"{_LLAMA_LAYER}.block_sparse_moe.experts.{{e}}"
 _MIXTRAL = (
     _LLAMA_FRAME
     + _LLAMA_ATTENTION
+    + [Rule("blocks.{i}.mlp.experts.{e}.gate_up.weight", (f"{_MIXTRAL_EXPERT}.w1.weight", f"{_MIXTRAL_EXPERT}.w3.weight"),
+            gate_up_sizes)]
     + _renames(
         {
             "blocks.{i}.mlp.router.weight": f"{_LLAMA_LAYER}.block_sparse_moe.gate.weight",
-            "blocks.{i}.mlp.experts.{e}.gate.weight": f"{_LLAMA_LAYER}.block_sparse_moe.experts.{{e}}.w1.weight",
-            "blocks.{i}.mlp.experts.{e}.down.weight": f"{_LLAMA_LAYER}.block_sparse_moe.experts.{{e}}.w2.weight",
-            "blocks.{i}.mlp.experts.{e}.up.weight": f"{_LLAMA_LAYER}.block_sparse_moe.experts.{{e}}.w3.weight",
+            "blocks.{i}.mlp.experts.{e}.down.weight": f"{_MIXTRAL_EXPERT}.w2.weight",
         }
     )
 )
 
-_PHI3 = _LLAMA_FRAME + [
-    Rule(f"{_LLAMA_LAYER}.self_attn.qkv_proj.weight", ("blocks.{i}.attn.q.weight", "blocks.{i}.attn.k.weight", "blocks.{i}.attn.v.weight")),
-    Rule(f"{_LLAMA_LAYER}.self_attn.o_proj.weight", ("blocks.{i}.attn.o.weight",)),
-    Rule(f"{_LLAMA_LAYER}.mlp.gate_up_proj.weight", ("blocks.{i}.mlp.gate.weight", "blocks.{i}.mlp.up.weight")),
-    Rule(f"{_LLAMA_LAYER}.mlp.down_proj.weight", ("blocks.{i}.mlp.down.weight",)),
-]
+_PHI3 = _LLAMA_FRAME + _renames(
+    {
+        "blocks.{i}.attn.qkv.weight": f"{_LLAMA_LAYER}.self_attn.qkv_proj.weight",
+        "blocks.{i}.attn.o.weight": f"{_LLAMA_LAYER}.self_attn.o_proj.weight",
+        "blocks.{i}.mlp.gate_up.weight": f"{_LLAMA_LAYER}.mlp.gate_up_proj.weight",
+        "blocks.{i}.mlp.down.weight": f"{_LLAMA_LAYER}.mlp.down_proj.weight",
+    }
+)
 
 _GPT2_LAYER = "transformer.h.{i}"
 _GPT2 = (
@@ -113,19 +140,24 @@ _GPT2 = (
         )
     )
     + [
-        Rule(f"{_GPT2_LAYER}.attn.c_attn.weight", ("blocks.{i}.attn.q.weight", "blocks.{i}.attn.k.weight", "blocks.{i}.attn.v.weight"), transpose=True),
-        Rule(f"{_GPT2_LAYER}.attn.c_attn.bias", ("blocks.{i}.attn.q.bias", "blocks.{i}.attn.k.bias", "blocks.{i}.attn.v.bias")),
-        Rule(f"{_GPT2_LAYER}.attn.c_proj.weight", ("blocks.{i}.attn.o.weight",), transpose=True),
-        Rule(f"{_GPT2_LAYER}.attn.c_proj.bias", ("blocks.{i}.attn.o.bias",)),
-        Rule(f"{_GPT2_LAYER}.mlp.c_fc.weight", ("blocks.{i}.mlp.up.weight",), transpose=True),
-        Rule(f"{_GPT2_LAYER}.mlp.c_fc.bias", ("blocks.{i}.mlp.up.bias",)),
-        Rule(f"{_GPT2_LAYER}.mlp.c_proj.weight", ("blocks.{i}.mlp.down.weight",), transpose=True),
-        Rule(f"{_GPT2_LAYER}.mlp.c_proj.bias", ("blocks.{i}.mlp.down.bias",)),
+        Rule(f"blocks.{{i}}.{gf}.weight", (f"{_GPT2_LAYER}.{hf}.weight",), transpose=True)
+        for gf, hf in (("attn.qkv", "attn.c_attn"), ("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                       ("mlp.down", "mlp.c_proj"))
     ]
+    + _renames(
+        {
+            "blocks.{i}.attn.qkv.bias": f"{_GPT2_LAYER}.attn.c_attn.bias",
+            "blocks.{i}.attn.o.bias": f"{_GPT2_LAYER}.attn.c_proj.bias",
+            "blocks.{i}.mlp.up.bias": f"{_GPT2_LAYER}.mlp.c_fc.bias",
+            "blocks.{i}.mlp.down.bias": f"{_GPT2_LAYER}.mlp.c_proj.bias",
+        }
+    )
 )
 
 _BERT_LAYER = "bert.encoder.layer.{i}"
-_BERT = _renames(
+_BERT = _joined(
+    "blocks.{i}.attn.qkv", [f"{_BERT_LAYER}.attention.self.{p}" for p in ("query", "key", "value")], qkv_sizes
+) + _renames(
     {
         "embed_tokens.weight": "bert.embeddings.word_embeddings.weight",
         "embed_positions.weight": "bert.embeddings.position_embeddings.weight",
@@ -134,9 +166,6 @@ _BERT = _renames(
     | _with_bias(
         {
             "embed_norm": "bert.embeddings.LayerNorm",
-            "blocks.{i}.attn.q": f"{_BERT_LAYER}.attention.self.query",
-            "blocks.{i}.attn.k": f"{_BERT_LAYER}.attention.self.key",
-            "blocks.{i}.attn.v": f"{_BERT_LAYER}.attention.self.value",
             "blocks.{i}.attn.o": f"{_BERT_LAYER}.attention.output.dense",
             "blocks.{i}.attn_norm": f"{_BERT_LAYER}.attention.output.LayerNorm",
             "blocks.{i}.mlp.up": f"{_BERT_LAYER}.intermediate.dense",
@@ -177,32 +206,27 @@ _IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$|^bert\.po
 
 @dataclass(frozen=True)
 class _Binding:
-    hf: str
-    parts: tuple[str, ...]
+    gf: str
+    hf: tuple[str, ...]
+    sizes: tuple[int, ...] | None  # rows of each part, where there are several
     transpose: bool
 
 
 def _bindings(model: Transformer) -> list[_Binding]:
-    """Every concrete Hugging Face tensor of `model`, with the parameters it holds."""
-    rules = WEIGHT_MAPS[model.config.family]
-    params = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
+    """Every parameter of `model`, with the concrete Hugging Face tensors it holds."""
+    config = model.config
+    names = [name for name, _ in model.named_parameters()]  # a tied lm_head appears once, as embed_tokens
     bound: dict[str, _Binding] = {}
-    covered: set[str] = set()
-    for rule in rules:
-        first = re.compile(re.escape(rule.parts[0]).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
-        for name in params:
-            match = first.match(name)
-            if not match:
-                continue
-            fill = match.groupdict()
-            parts = tuple(part.format(**fill) for part in rule.parts)
-            if not all(part in params for part in parts):
-                continue
-            bound[rule.hf.format(**fill)] = _Binding(rule.hf.format(**fill), parts, rule.transpose)
-            covered.update(parts)
-    missing = set(params) - covered
+    for rule in WEIGHT_MAPS[config.family]:
+        pattern = re.compile(re.escape(rule.gf).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
+        for name in names:
+            match = pattern.match(name)
+            if match:
+                hf = tuple(part.format(**match.groupdict()) for part in rule.hf)
+                bound[name] = _Binding(name, hf, rule.sizes(config) if rule.sizes else None, rule.transpose)
+    missing = set(names) - set(bound)
     if missing:  # a genforge bug, not a user error: the weight map forgot a parameter
-        raise AssertionError(f"weight map for {model.config.family} does not cover {sorted(missing)}")
+        raise AssertionError(f"weight map for {config.family} does not cover {sorted(missing)}")
     return list(bound.values())
 
 
@@ -301,30 +325,31 @@ def load_model(
     if not config.tie_word_embeddings and _BERT_DECODER_BIAS in available:
         # An untied BertForMaskedLM adds its decoder's own bias; cls.predictions.bias is then unused.
         available[_BERT_HEAD_BIAS] = available[_BERT_DECODER_BIAS]
-    missing = [b.hf for b in bindings if b.hf not in available]
+    missing = [name for b in bindings for name in b.hf if name not in available]
     if missing:
         raise CheckpointError(
             f"{directory} lacks {len(missing)} tensor(s) a {config.family} model with this config.json needs: "
             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
         )
     # A tied head may still be stored (and BERT's decoder bias is a second name for cls.predictions.bias).
-    known = {b.hf for b in bindings} | {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    known = {name for b in bindings for name in b.hf} | {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
     unused = sorted(k for k in available if k not in known and not _IGNORED.search(k))
     if unused:
         raise CheckpointError(
             f"{directory} has tensors genforge's {config.family} weight map does not place: "
             f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}. Is config.json the right one for these weights?"
         )
-    by_file: dict[Path, list[_Binding]] = defaultdict(list)
+    by_file: dict[Path, list[str]] = defaultdict(list)
     for binding in bindings:
-        by_file[available[binding.hf][0]].append(binding)
-    state: dict[str, torch.Tensor] = {}
+        for name in binding.hf:
+            by_file[available[name][0]].append(name)
+    pieces: dict[str, torch.Tensor] = {}
     for file, group in by_file.items():
         with safe_open(file, framework="pt", device="cpu") as reader:
-            for binding in group:
-                tensor = _checked_float(reader.get_tensor(available[binding.hf][1]), binding.hf)
-                for name, piece in zip(binding.parts, _split(tensor, binding, expected)):
-                    state[name] = piece.to(device=device, dtype=dtype).contiguous()
+            for name in group:
+                pieces[name] = _checked_float(reader.get_tensor(available[name][1]), name)
+    state = {b.gf: _joined_tensor(b, pieces, expected[b.gf]).to(device=device, dtype=dtype).contiguous()
+             for b in bindings}
 
     if config.tie_word_embeddings and model.lm_head is not None:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -350,19 +375,24 @@ def _checked_float(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return tensor
 
 
-def _split(tensor: torch.Tensor, binding: _Binding, expected: dict[str, torch.Size]) -> Iterable[torch.Tensor]:
-    if binding.transpose:
-        if tensor.dim() != 2:
-            raise CheckpointError(f"tensor {binding.hf} should be 2-D, has shape {tuple(tensor.shape)}")
-        tensor = tensor.t()
-    shapes = [expected[p] for p in binding.parts]
-    want = (sum(s[0] for s in shapes), *shapes[0][1:])
-    if tuple(tensor.shape) != want:
-        raise CheckpointError(
-            f"tensor {binding.hf} has shape {tuple(tensor.shape)}, expected {want} from config.json"
-            f"{' (stored transposed, as GPT-2 Conv1D weights are)' if binding.transpose else ''}"
-        )
-    return tensor.split([s[0] for s in shapes], dim=0)
+def _joined_tensor(binding: _Binding, pieces: dict[str, torch.Tensor], expected: torch.Size) -> torch.Tensor:
+    """The parameter `binding.gf` from its Hugging Face parts, each checked against config.json."""
+    sizes = binding.sizes or (expected[0],)
+    parts = []
+    for name, rows in zip(binding.hf, sizes, strict=True):
+        tensor = pieces[name]
+        if binding.transpose:
+            if tensor.dim() != 2:
+                raise CheckpointError(f"tensor {name} should be 2-D, has shape {tuple(tensor.shape)}")
+            tensor = tensor.t()
+        want = (rows, *expected[1:])
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(tensor.shape)}, expected {want} from config.json"
+                f"{' (stored transposed, as GPT-2 Conv1D weights are)' if binding.transpose else ''}"
+            )
+        parts.append(tensor)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # ---------------------------------------------------------------------------------- export
@@ -390,8 +420,9 @@ def save_model(
         params = dict(model.named_parameters())
         tensors = {}
         for binding in _bindings(model):
-            tensor = torch.cat([params[p].detach() for p in binding.parts], dim=0)
-            tensors[binding.hf] = (tensor.t() if binding.transpose else tensor).contiguous().cpu()
+            parts = params[binding.gf].detach().split(binding.sizes or len(params[binding.gf]))
+            for name, tensor in zip(binding.hf, parts, strict=True):
+                tensors[name] = (tensor.t() if binding.transpose else tensor).contiguous().cpu()
         if _BERT_HEAD_BIAS in tensors and "cls.predictions.decoder.weight" in tensors:
             # Untied, transformers reads the decoder's own bias: write the same values under both names.
             tensors[_BERT_DECODER_BIAS] = tensors[_BERT_HEAD_BIAS].clone()

@@ -15,7 +15,10 @@ Mistral, Qwen, Gemma, Phi-3, Mixtral; Radford et al. 2019, Touvron et al. 2023, 
     head         final norm + linear to the vocabulary, tied or not to the embeddings
 
 The model keeps no state between calls: keys and values live in the cache object the caller
-passes (see `cache.py`).
+passes (see `cache.py`). Its linear layers are plain `nn.Linear`, with queries, keys and values
+in one product (`qkv`) and a gated MLP's gate and up in another (`gate_up`); whatever computes a
+linear layer differently (oneDNN, packed weights, adapters, quantized weights) is put in place
+afterwards by `swap.swap_linears`, under the same state-dict keys.
 """
 
 from __future__ import annotations
@@ -27,24 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import onednn
 from .cache import KVCache
 from .config import Config
-
-
-# --------------------------------------------------------------------------------- linear
-class Linear(nn.Linear):
-    """`nn.Linear` whose products go through oneDNN on CPU fp32 (`genforge.onednn.linear`).
-
-    Why: torch's fp32 matmul calls MKL, which runs AVX2 code on AMD CPUs; oneDNN's AVX-512 code
-    does a training step's products in 0.4-0.5x the time on the 2-core EPYC this is developed
-    on (`benchmarks/train.py`, one thread: a step from 0.57 to 0.45 s). Elsewhere (GPU, half
-    precision, autocast, small products) it is `F.linear`. Still an `nn.Linear`: same parameters
-    and state-dict keys, and whatever wraps or replaces linear layers still finds it.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return onednn.linear(x, self.weight, self.bias)
 
 
 # ---------------------------------------------------------------------------------- norms
@@ -175,16 +162,13 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, config.head_dim
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, config.num_heads, config.num_kv_heads, hd
-        self.q = Linear(d, config.num_heads * hd, bias=config.qkv_bias)
-        self.k = Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
-        self.v = Linear(d, config.num_kv_heads * hd, bias=config.qkv_bias)
-        self.o = Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
+        # Queries, keys and values in one product (the layout of litgpt and gpt-fast): fewer,
+        # larger calls. The checkpoint weight maps join and split Hugging Face's q/k/v tensors.
+        self.qkv = nn.Linear(d, (config.num_heads + 2 * config.num_kv_heads) * hd, bias=config.qkv_bias)
+        self.o = nn.Linear(config.num_heads * hd, d, bias=config.attn_out_bias)
         self.q_norm = Norm(hd, "rmsnorm", config.norm_eps) if config.qk_norm else None
         self.k_norm = Norm(hd, "rmsnorm", config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
-        # One matmul for q, k and v together, set by `inference.pack_for_cpu_inference`:
-        # a decode step is dominated by per-call costs once the weights stream fast.
-        self.qkv: nn.Module | None = None
 
     def forward(
         self,
@@ -196,11 +180,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        if self.qkv is not None:
-            qkv = self.qkv(x).view(batch, seq, heads + 2 * kv_heads, self.head_dim)
-            q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)
-        else:
-            q, k, v = (projection(x).view(batch, seq, -1, self.head_dim) for projection in (self.q, self.k, self.v))
+        qkv = self.qkv(x).view(batch, seq, heads + 2 * kv_heads, self.head_dim)
+        q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -210,7 +191,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        runs = getattr(cache, "row_runs", None)
+        runs = cache.row_runs if cache is not None else None
         if runs is None:
             out = self._attend(q, k, v, mask, is_causal)
         else:
@@ -290,19 +271,17 @@ class MLP(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         d, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate = Linear(d, inner, bias=bias) if config.gated_mlp else None
-        self.up = Linear(d, inner, bias=bias)
-        self.down = Linear(inner, d, bias=bias)
+        # A gated MLP computes its gate and up projections in one product, gate first.
+        self.gate_up = nn.Linear(d, 2 * inner, bias=bias) if config.gated_mlp else None
+        self.up = None if config.gated_mlp else nn.Linear(d, inner, bias=bias)
+        self.down = nn.Linear(inner, d, bias=bias)
         self.act = ACTIVATION_FUNCTIONS[config.activation]
-        self.gate_up: nn.Module | None = None  # gate and up in one matmul, set like Attention.qkv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None:
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(self.act(gate) * up)
-        if self.gate is None:
+        if self.gate_up is None:
             return self.down(self.act(self.up(x)))
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up)
 
 
 class MixtureOfExperts(nn.Module):
@@ -316,7 +295,7 @@ class MixtureOfExperts(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_token
-        self.router = Linear(config.hidden_size, config.num_experts, bias=False)
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,7 +365,7 @@ class MaskedLMTransform(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.act = ACTIVATION_FUNCTIONS[config.activation]
         self.norm = Norm(config.hidden_size, "layernorm", config.norm_eps)
 
@@ -417,12 +396,12 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         # Post-norm encoders end on a normed residual; pre-norm decoders need one more norm.
         self.final_norm = None if config.post_norm else Norm(d, config.norm, config.norm_eps, config.norm_weight_offset)
-        self.lm_head = Linear(d, config.vocab_size, bias=False) if config.causal else None
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if config.causal else None
         # BERT's masked-LM head (BertForMaskedLM's `cls.predictions`): dense + activation +
         # LayerNorm, then a vocabulary projection with its own bias, tied to the embeddings.
         self.lm_transform = MaskedLMTransform(config) if config.masked_lm_head else None
         if config.masked_lm_head:
-            self.lm_head = Linear(d, config.vocab_size, bias=True)
+            self.lm_head = nn.Linear(d, config.vocab_size, bias=True)
         self.apply(self._init_weights)
         self.tie_weights()
 

@@ -4,9 +4,7 @@ A linear layer `y = x W^T + b` is three matrix products in training: the output,
 and d(W) = d(y)^T x (d(b) is a sum over rows). On CPU, torch's fp32 `F.linear` and `matmul`
 call MKL, which on AMD processors picks its AVX2 code even where AVX-512 is present; oneDNN
 (Intel's deep-learning primitives library, shipped inside torch as `mkldnn`) runs its AVX-512
-code there. On the 2-core AMD EPYC (Zen 5) genforge is developed on, one thread: a 1024^3
-product reaches 73-99 GFLOP/s with MKL and ~215 with oneDNN, and the products of a training
-step's linear layers (1024 rows, widths 128-688) take 0.4-0.5x MKL's time.
+code there, about twice as fast on a training step's products (measurements: docs/training.md).
 
 `linear(x, weight, bias)` is `F.linear` with its products sent to oneDNN where that pays: a CPU
 fp32 product outside CPU autocast, large enough (see `MIN_MULTIPLY_ADDS`), with oneDNN present.
@@ -15,20 +13,24 @@ Both compute the same fp32 products with another summation order; results agree 
 rounding, and each path is deterministic for a given shape and thread count.
 
 `matmul_nt(a, b, bias)` (a b^T + bias) is the raw oneDNN product, also used by the fused LM
-head of `genforge.train.losses`.
+head of `genforge.train.losses`. `use_onednn(model)` installs `OneDNNLinear` layers through the
+Linear seam (`genforge.swap`); the trainer calls it on CPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["MIN_MULTIPLY_ADDS", "available", "linear", "matmul_nt", "uses_onednn"]
+from .swap import swap_linears
 
-# Below this many multiply-adds (rows x in x out) a oneDNN call loses to MKL: it costs ~10 us
-# more per call (primitive lookup), which dominates a decode step's small products. Measured on
-# the 2-core EPYC, one thread: 16 x 256 x 256 (1.0M) is a tie (25.5 vs 26.3 us), 8 x 256 x 688
-# (1.4M) and 32 x 256 x 256 (2.1M) favour oneDNN, 8 x 256 x 256 (0.5M) favours MKL (16 vs 22 us).
+__all__ = ["MIN_MULTIPLY_ADDS", "OneDNNLinear", "available", "linear", "matmul_nt", "use_onednn", "uses_onednn"]
+
+# Below this many multiply-adds (rows x in x out) a oneDNN call's fixed cost (primitive lookup)
+# loses to MKL; the crossover is measured in docs/training.md.
 MIN_MULTIPLY_ADDS = 1 << 20
 
 
@@ -139,3 +141,33 @@ class _OneDNNLinear(torch.autograd.Function):
         if want_bias:
             grad_bias = grad.sum(dim=0)
         return grad_x, grad_weight, grad_bias
+
+
+class OneDNNLinear(nn.Linear):
+    """An `nn.Linear` whose products go through `linear` (oneDNN on CPU fp32, `F.linear`
+    elsewhere). Same parameters and state-dict keys as the layer it replaces."""
+
+    @classmethod
+    def wrapping(cls, layer: nn.Linear) -> OneDNNLinear:
+        """A OneDNNLinear sharing `layer`'s weight and bias (the same Parameter objects, so tied
+        weights and an optimizer built earlier still see them)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layer.in_features, layer.out_features
+        new.weight, new.bias = layer.weight, layer.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn(model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> nn.Module:
+    """Send the products of `model`'s plain `nn.Linear` layers (those `include`/`exclude`
+    select, see `genforge.swap`) through oneDNN, in place, and return the model. Layers of
+    another kind (already swapped, adapters, quantized) are left as they are."""
+
+    def onednn_layer(layer: nn.Linear, name: str) -> nn.Module:
+        return OneDNNLinear.wrapping(layer) if type(layer) is nn.Linear else layer
+
+    swap_linears(model, onednn_layer, include, exclude)
+    return model

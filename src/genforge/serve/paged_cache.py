@@ -72,6 +72,8 @@ class PagedKVCache:
 class PagedBatch:
     """One forward pass's view of the paged cache (the `KVCache` protocol of `cache.py`)."""
 
+    row_runs = None  # the gathered keys are as wide as the longest row; one attention call
+
     def __init__(self, cache: PagedKVCache, block_tables: list[list[int]], num_computed: list[int], num_new: int) -> None:
         size = cache.block_size
         totals = [n + num_new for n in num_computed]

@@ -51,6 +51,7 @@ from safetensors.torch import save_model as save_weights
 from ..atomic import atomic_path, atomic_write_text, staged_directory
 from ..checkpoint import save_model
 from ..model import Transformer
+from ..onednn import use_onednn
 from .data import ShuffleSampler, TokenDataset
 from .distributed import (
     DistributedContext,
@@ -246,6 +247,12 @@ class Trainer:
         self._distill_parts = [0.0, 0.0]  # a step's cross-entropy and KD shares (with a teacher), for the metrics
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
+        if self.device.type == "cpu":
+            # torch's CPU fp32 matmul is MKL's AVX2 code on AMD CPUs; oneDNN's is about twice as
+            # fast on a step's products (docs/training.md). Same parameters, same state dict.
+            for module in (model, teacher):
+                if module is not None:
+                    use_onednn(module)
         # The module the step calls: the model itself, its DDP wrapper, or the model sharded
         # in place by FSDP. `self.model` stays the plain module (checkpointing, evaluation).
         self.engine = wrap_model(self.model, self.distributed, fsdp=config.fsdp)
