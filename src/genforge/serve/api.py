@@ -13,8 +13,8 @@ ending with ``data: [DONE]``); with ``stream_options.include_usage`` a last chun
 ``usage`` and every other chunk ``"usage": null``, as OpenAI does.
 
 Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
-400 for invalid parameters (FastAPI's 422 is turned into 400, naming the field), 400 for a
-prompt that does not fit the context (both numbers are given), 401 for a missing or
+400 for invalid parameters (FastAPI's 422 is turned into 400, naming the field) or a body
+that is not a JSON object, 400 for a prompt that does not fit the context (both numbers are given), 401 for a missing or
 unknown API key, 404 for an unknown model, 408 when a request runs past the timeout, 429
 when a key's rate limit is spent (``Retry-After`` says when to retry) or the queue is full,
 503 while shutting down, and 500 only for faults of the server itself.
@@ -22,6 +22,11 @@ when a key's rate limit is spent (``Retry-After`` says when to retry) or the que
 Beyond OpenAI's parameters the sampling extensions vLLM accepts are understood too:
 ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
 ``stop_token_ids``.
+
+This module only wires the app: `create_app` builds one `state.ServerState` and thin routes
+over it. The pieces, each usable alone: `schemas` (request bodies), `errors` (OpenAIError and
+what maps to it), `preparation` (a body to engine parameters), `payloads` (response shapes and
+stream chunks), `runner` (the run and stream of one request), `embeddings`.
 """
 
 from __future__ import annotations

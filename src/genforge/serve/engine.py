@@ -190,7 +190,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache(config, num_blocks, block_size, model.dtype, model.device)
         # Running sequences' keys and values, also kept contiguous so attention needs no gather
-        # (paged_cache.ResidentKV). By default it may hold as much as the block pool.
+        # (resident.ResidentKV). By default it may hold as much as the block pool.
         if resident_kv_memory is None:
             resident_kv_memory = num_blocks * per_block
         self.resident = ResidentKV(config, resident_kv_memory, model.dtype, model.device) if resident_kv_memory else None
