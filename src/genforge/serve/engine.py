@@ -194,7 +194,8 @@ class Engine:
         if resident_kv_memory is None:
             resident_kv_memory = num_blocks * per_block
         self.resident = ResidentKV(config, resident_kv_memory, model.dtype, model.device) if resident_kv_memory else None
-        self.scheduler: Scheduler[RequestState] = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, on_release=self._on_release)
+        self.scheduler: Scheduler[RequestState] = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                                                            on_release=self._on_release)
         self._sequences: dict[str, EngineSequence] = {}
         # The processor list of the last batch of rows without per-request extras, and those
         # rows' states in order: the list depends only on which requests the rows are.
@@ -257,7 +258,7 @@ class Engine:
         if request.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
         seq = EngineSequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
-                            self._arrivals, reuse_cached_prefix=request.prompt_logprobs is None, state=state)
+                             self._arrivals, reuse_cached_prefix=request.prompt_logprobs is None, state=state)
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(request.prompt_token_ids)
