@@ -385,6 +385,40 @@ def test_unknown_model_is_404_and_bad_json_is_400(client, server):
     assert _error(info, 400)["param"] == "messages[0].content[0]"
 
 
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/v1/embeddings"])
+def test_a_body_that_is_not_json_or_is_empty_is_400_saying_so(server, route):
+    def post(content, content_type="application/json"):
+        headers = {"content-type": content_type} if content_type else {}
+        response = httpx2.post(server.url + route, content=content, timeout=10, headers=headers)
+        assert response.status_code == 400, response.text
+        return response.json()["error"]
+
+    error = post(b"{not json")
+    assert error["message"].startswith("the request body is not valid JSON: ") and "character 1" in error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    assert post(b"\xff\xfe")["message"].startswith("the request body is not valid JSON")
+    for content_type in ("application/json", None):
+        error = post(b"", content_type)
+        assert error["message"] == "the request body is empty; send a JSON object with the request's arguments"
+    for body in (b"[1, 2]", b"null", b'"text"'):
+        assert post(body)["message"] == "the request body must be a JSON object with the request's arguments"
+
+
+def test_a_chat_message_without_the_content_its_role_needs_is_400_naming_it(client, server):
+    for messages, where in (([{"role": "user"}], 0), ([{"role": "system", "content": "be brief"}, {"role": "user"}], 1),
+                            ([{"role": "user", "content": "hi"}, {"role": "tool", "content": None}], 1)):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+        error = _error(info, 400)
+        role = messages[where]["role"]
+        assert error["message"] == f"messages[{where}]: a '{role}' message needs 'content'"
+        assert error["param"] == f"messages[{where}].content"
+    # An assistant turn may come without content (OpenAI's assistant turns with tool calls do).
+    done = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "again"}])
+    assert done.choices[0].finish_reason in ("stop", "length")
+
+
 def test_models_health_and_metrics(client, server):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx2.get(server.url + "/health", timeout=10).json()["status"] == "ok"

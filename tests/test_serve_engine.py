@@ -267,6 +267,34 @@ def test_penalties_and_bias_per_request_match_generate():
     assert results["bias"]["tokens"] == [3, 3, 3, 3]
 
 
+def test_a_steady_batch_builds_its_processors_once(monkeypatch):
+    import genforge.serve.engine as engine_module
+
+    model = tiny_model()
+    engine = Engine(model, NumberTokenizer())
+    settings = {
+        "sampled": SamplingParams(temperature=0.8, top_k=40, max_new_tokens=12, seed=1),
+        "penalised": SamplingParams(temperature=0, repetition_penalty=1.8, frequency_penalty=0.5, max_new_tokens=12),
+        "short": SamplingParams(temperature=0, no_repeat_ngram_size=2, min_new_tokens=2, max_new_tokens=5),
+    }
+    prompts = {name: [10 + i, 20, 30 + 2 * i] for i, name in enumerate(settings)}
+    for name, params in settings.items():
+        engine.add_request(Request(name, prompts[name], params))
+    built = []
+    original = engine_module.build_batch_processors
+
+    def counted(params, *args, **kwargs):
+        built.append(len(params))
+        return original(params, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "build_batch_processors", counted)
+    results = run_to_end(engine)
+    # All three rows for five steps, then the two left until the end: two batches, two builds.
+    assert built == [3, 2]
+    for name, params in settings.items():
+        assert results[name]["tokens"] == reference(model, prompts[name], params).token_ids, name
+
+
 def test_logprobs_are_the_raw_model_log_softmax():
     model = tiny_model()
     engine = Engine(model, NumberTokenizer())
@@ -294,7 +322,7 @@ def test_padded_vocabulary_ids_are_never_chosen():
     prompts, _ = random_prompts(3, seed=4)
     for i, prompt in enumerate(prompts):
         engine.add_request(Request(str(i), prompt, greedy(12)))
-    assert all(seq.payload.plain_greedy for seq in engine._sequences.values())
+    assert all(seq.state.plain_greedy for seq in engine._sequences.values())
     results = run_to_end(engine)
     for i, prompt in enumerate(prompts):
         tokens = results[str(i)]["tokens"]
@@ -336,6 +364,27 @@ def test_abort_frees_blocks_at_once():
     assert engine.abort("nope") is None
     engine.abort("y")
     assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished()
+
+
+def test_abort_all_stops_every_request_and_frees_their_blocks():
+    engine = Engine(tiny_model(), NumberTokenizer(), block_size=4)
+    for name, prompt in (("x", list(range(40))), ("y", list(range(5))), ("z", [1, 2])):
+        engine.add_request(Request(name, prompt, greedy(50)))
+    engine.step()
+    finals = engine.abort_all()
+    assert sorted(out.request_id for out in finals) == ["x", "y", "z"]
+    assert all(out.finished and out.finish_reason == "abort" for out in finals)
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished()
+    assert engine.abort_all() == []
+
+
+def test_a_request_longer_than_the_context_is_a_context_length_error():
+    from genforge.generate.request import ContextLengthError
+
+    engine = Engine(tiny_model(), NumberTokenizer())
+    with pytest.raises(ContextLengthError, match="maximum context length is 256 tokens"):
+        engine.add_request(Request("x", [1] * 250, greedy(10)))
+    engine.add_request(Request("x", [1] * 250, greedy(6)))  # exactly fits
 
 
 def test_bad_requests_are_refused_before_any_work():
@@ -409,6 +458,40 @@ def test_async_engine_streams_cancels_and_drains():
     assert len(drained) == 30  # shutdown let the in-flight request finish
     for engine in engines.values():
         assert engine.stats().kv_blocks_used == 0
+
+
+def test_async_engine_touches_its_engine_only_from_the_engine_thread():
+    import threading
+
+    engine = Engine(tiny_model(), NumberTokenizer())
+    served = AsyncEngine({"a": engine})
+    callers = set()
+    for name in ("check_request", "add_request", "abort", "abort_all", "step", "stats", "has_unfinished"):
+        method = getattr(engine, name)
+
+        def watched(*args, _method=method, **kwargs):
+            callers.add(threading.current_thread().name)
+            return _method(*args, **kwargs)
+
+        setattr(engine, name, watched)
+
+    async def main():
+        tokens = []
+        async for out in served.generate("a", Request("r", [1, 2, 3], greedy(5))):
+            tokens += out.token_ids
+            served.stats("a")
+        with pytest.raises(ValueError, match="maximum context length"):
+            async for _ in served.generate("a", Request("long", [1] * 300, greedy(5))):
+                pass
+        stream = served.generate("a", Request("cut", [4, 5], greedy(100)))
+        await stream.__anext__()
+        await stream.aclose()
+        await served.shutdown()
+        return tokens
+
+    assert asyncio.run(main()) == reference(engine.model, [1, 2, 3], greedy(5)).token_ids
+    assert callers == {"genforge-engine-a"}
+    assert served.stats("a").kv_blocks_used == 0 and served.stats("a").generation_tokens_total >= 6
 
 
 @pytest.mark.parametrize("budget", [512, 7])  # whole prompt at once, and in chunks of 7 (and a chunk of 1)
@@ -565,7 +648,7 @@ def test_resident_buffers_fall_back_to_gathering_when_over_their_memory_limit():
 
 
 def test_resident_kv_moves_the_last_slot_into_a_freed_one_grows_keeping_contents_and_stays_when_idle():
-    from genforge.serve.paged_cache import ResidentKV
+    from genforge.serve.resident import ResidentKV
 
     config = tiny_model().config
     cache = PagedKVCache(config, num_blocks=8, block_size=4)
@@ -668,7 +751,8 @@ def test_resident_attention_runs_cut_around_very_long_rows_and_stay_exact():
 
 
 def test_cheapest_runs_is_the_best_cut_and_reordering_keeps_every_row():
-    from genforge.serve.paged_cache import ResidentKV, cheapest_runs
+    from genforge.serve.resident import ResidentKV
+    from genforge.serve.runs import cheapest_runs
 
     rng = random.Random(0)
     for _ in range(200):

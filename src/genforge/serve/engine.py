@@ -8,10 +8,11 @@ simple generator uses (`generate/processors.py`), and reports what each request 
 Sequences that run one token (decodes, and the last token of a prompt) share one batched
 forward pass; prompt chunks run one forward pass each, so no decode is padded to a
 prompt's length. Attention reads each running sequence's keys and values from its resident
-row (`paged_cache.ResidentKV`), a contiguous copy kept beside the blocks, so a decode step
+row (`resident.ResidentKV`), a contiguous copy kept beside the blocks, so a decode step
 gathers nothing; the rows are kept in order of length, and attention reads each run of alike
 rows only as far as its longest. When the batch would not fit the resident memory limit,
-blocks are gathered.
+blocks are gathered, and decodes of very different lengths run as separate forward passes.
+A batch's logits processors are built when its rows change, not at every step.
 
 `AsyncEngine` drives one `Engine` per served model from a background thread and hands the
 outputs to asyncio consumers, which is what the HTTP server needs.
@@ -44,9 +45,12 @@ from ..generate.processors import (
     sample_next_token,
     token_logprobs,
 )
+from ..generate.request import ContextLengthError
 from ..model import Transformer
 from .blocks import BlockManager
-from .paged_cache import PagedKVCache, ResidentKV
+from .paged_cache import PagedKVCache
+from .resident import ResidentKV
+from .runs import cheapest_runs
 from .scheduler import ScheduledChunk, Scheduler
 from .scheduler import Sequence as CacheSequence
 
@@ -112,7 +116,9 @@ class EngineStats:
 
 
 @dataclass(eq=False)
-class _RequestState:
+class RequestState:
+    """The engine's record of one running request, carried by its scheduler sequence."""
+
     request: Request
     watcher: object  # generate.generator.stop_watcher: push(token) -> (text, hit_stop), flush()
     generator: torch.Generator | None
@@ -124,6 +130,20 @@ class _RequestState:
     # Greedy with no logits processor at all: the next token is the raw logits' argmax, so the
     # row skips the processor pipeline (see Engine._choose).
     plain_greedy: bool = False
+    # Its own processor list when the request brings extra processors (constraints), built once:
+    # it depends only on the request, and reads the tokens so far from the step's context.
+    processors: list[LogitsProcessor] | None = None
+
+
+# A scheduler sequence as the engine runs it: tokens, blocks, and the request's state.
+EngineSequence = CacheSequence[RequestState]
+
+
+# A gathered decode batch is cut into several forward passes only from this many rows, and
+# one more pass is counted as this share of gathering and attending the whole padded batch
+# (docs/serving.md, "Where a decode step goes": the model's other work is about a third).
+MIN_ROWS_TO_SPLIT = 4
+FORWARD_PASS_SHARE = 1 / 3
 
 
 # ------------------------------------------------------------------------------- engine
@@ -170,12 +190,16 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache(config, num_blocks, block_size, model.dtype, model.device)
         # Running sequences' keys and values, also kept contiguous so attention needs no gather
-        # (paged_cache.ResidentKV). By default it may hold as much as the block pool.
+        # (resident.ResidentKV). By default it may hold as much as the block pool.
         if resident_kv_memory is None:
             resident_kv_memory = num_blocks * per_block
         self.resident = ResidentKV(config, resident_kv_memory, model.dtype, model.device) if resident_kv_memory else None
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, on_release=self._on_release)
-        self._sequences: dict[str, CacheSequence] = {}
+        self.scheduler: Scheduler[RequestState] = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
+                                                            on_release=self._on_release)
+        self._sequences: dict[str, EngineSequence] = {}
+        # The processor list of the last batch of rows without per-request extras, and those
+        # rows' states in order: the list depends only on which requests the rows are.
+        self._batch_processors: tuple[tuple[RequestState, ...], list[LogitsProcessor]] = ((), [])
         self._arrivals = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -195,7 +219,7 @@ class Engine:
         if limit is None:
             raise ValueError("params.max_new_tokens must be set")
         if len(prompt) + limit > self.max_model_len:
-            raise ValueError(
+            raise ContextLengthError(
                 f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt)} prompt "
                 f"tokens and {limit} completion tokens were requested ({len(prompt) + limit} in total); "
                 "shorten the prompt or lower max_tokens"
@@ -217,7 +241,7 @@ class Engine:
         params = only_text_tokens(asked, self.config.vocab_size, self.tokenizer)
         if params is not request.params:
             request = dataclasses.replace(request, params=params)
-        state = _RequestState(
+        state = RequestState(
             request=request,
             watcher=stop_watcher(self.tokenizer, params, request.prompt_token_ids),
             generator=None if params.greedy else make_generator(params.seed, self.model.device),
@@ -227,11 +251,14 @@ class Engine:
         # padded-vocabulary ban aside, which `_choose` applies by slicing).
         state.plain_greedy = params.greedy and not request.processors and not build_batch_processors(
             [asked], sorted(self.eos_token_ids), vocab_size=self.config.vocab_size)
+        if request.processors:
+            state.processors = build_processors(params, sorted(state.eos), vocab_size=self.config.vocab_size,
+                                                before_sampling=request.processors)
         self._arrivals += 1
         if request.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
-        seq = CacheSequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
-                            self._arrivals, payload=state, reuse_cached_prefix=request.prompt_logprobs is None)
+        seq = EngineSequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
+                             self._arrivals, reuse_cached_prefix=request.prompt_logprobs is None, state=state)
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(request.prompt_token_ids)
@@ -243,6 +270,10 @@ class Engine:
             return None
         self.scheduler.remove(seq)
         return self._output(seq, [], "", None, "abort")
+
+    def abort_all(self) -> list[RequestOutput]:
+        """Stop every request and free its blocks; returns their final outputs."""
+        return [output for request_id in list(self._sequences) if (output := self.abort(request_id)) is not None]
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -271,11 +302,11 @@ class Engine:
             logits = self._forward(group, 1, keep_all=False, resident=resident)[:, -1]
             last_logits.extend(zip(group, logits))
             for chunk, row in zip(group, logits):
-                if chunk.seq.payload.prompt_logprobs is not None:
+                if chunk.seq.state.prompt_logprobs is not None:
                     self._record_prompt_logprobs(chunk, row[None])
         for chunk in chunks:
             if chunk.num_tokens > 1:
-                state: _RequestState = chunk.seq.payload
+                state: RequestState = chunk.seq.state
                 logits = self._forward([chunk], chunk.num_tokens, keep_all=state.prompt_logprobs is not None,
                                        resident=resident)[0]
                 if state.prompt_logprobs is not None:
@@ -288,7 +319,7 @@ class Engine:
         completing = [(c.seq, logits) for c, logits in last_logits if c.seq.num_computed == len(c.seq.token_ids)]
         return self._sample(completing) if completing else []
 
-    def _on_release(self, seq: CacheSequence) -> None:
+    def _on_release(self, seq: EngineSequence) -> None:
         if self.resident is not None:
             self.resident.release(seq)
 
@@ -309,7 +340,7 @@ class Engine:
         # request may grow. Failing that, what this step needs.
         rows = min(self.scheduler.max_num_seqs, len(running) + len(self.scheduler.waiting))
         coming = itertools.islice(self.scheduler.waiting, rows - len(running))
-        final = max(len(s.token_ids) + s.payload.request.params.max_new_tokens - s.payload.num_generated
+        final = max(len(s.token_ids) + s.state.request.params.max_new_tokens - s.state.num_generated
                     for s in itertools.chain(running, coming))
         final = min(max(final, longest), self.max_model_len)
         if resident.fits(rows, final):
@@ -326,21 +357,21 @@ class Engine:
         return True
 
     def _decode_groups(self, singles: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
-        """One-token sequences, in one batch or split in two by length (when gathering blocks).
+        """One-token sequences, in one forward pass or, when gathering blocks, cut by length
+        into several (`runs.cheapest_runs`).
 
-        Each row of a batch attends over (and gathers) as many cache slots as its longest
-        row, so short and long sequences together waste attention work; when splitting the
-        batch at the best length saves more than a third of the slots, two forward passes
-        beat one.
+        Each row of a gathered batch attends over (and gathers) as many cache slots as its
+        longest row, so short and long sequences together waste gathering and attention; a
+        pass over fewer rows saves that at the price of running the model once more.
         """
-        if len(singles) < 4:
+        if len(singles) < MIN_ROWS_TO_SPLIT:
             return [singles] if singles else []
         size = self.blocks.block_size
         ordered = sorted(singles, key=lambda c: c.seq.num_computed)
         widths = [c.seq.num_computed // size + 1 for c in ordered]  # blocks each row spans
-        whole = len(ordered) * widths[-1]
-        cost, split = min((k * widths[k - 1] + (len(ordered) - k) * widths[-1], k) for k in range(1, len(ordered)))
-        return [ordered[:split], ordered[split:]] if cost < 2 * whole / 3 else [singles]
+        pass_cost = len(ordered) * widths[-1] * FORWARD_PASS_SHARE
+        _, runs = cheapest_runs(widths, pass_cost)
+        return [singles] if len(runs) == 1 else [ordered[a:b] for a, b in runs]
 
     def _forward(self, chunks: list[ScheduledChunk], num_new: int, keep_all: bool, resident: bool) -> torch.Tensor:
         """Logits (len(chunks), num_new or 1, vocab) of `num_new` new tokens per sequence: at
@@ -366,7 +397,7 @@ class Engine:
 
     def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
         """Score the prompt tokens this chunk's logits predict (those after its positions)."""
-        seq, state = chunk.seq, chunk.seq.payload
+        seq, state = chunk.seq, chunk.seq.state
         # Position p's logits predict token p + 1. After a preemption the prompt is computed
         # again; tokens already scored are not scored twice.
         first = max(seq.num_computed + 1, len(state.prompt_logprobs))
@@ -381,7 +412,7 @@ class Engine:
             top = list(zip(scored.top_token_ids[i].tolist(), scored.top_logprobs[i].tolist()))
             state.prompt_logprobs.append(TokenLogprob(token, float(scored.logprobs[i]), top))
 
-    def _sample(self, completing: list[tuple[CacheSequence, torch.Tensor]]) -> list[RequestOutput]:
+    def _sample(self, completing: list[tuple[EngineSequence, torch.Tensor]]) -> list[RequestOutput]:
         """Choose each completing sequence's next token. If the batch cannot be sampled (one
         request's processors left nothing to choose, or broke the logits), the rows are
         sampled one by one so that only the requests at fault fail."""
@@ -397,9 +428,9 @@ class Engine:
             output.error = f"generation failed: {err}"
             return [output]
 
-    def _sample_batch(self, completing: list[tuple[CacheSequence, torch.Tensor]]) -> list[RequestOutput]:
+    def _sample_batch(self, completing: list[tuple[EngineSequence, torch.Tensor]]) -> list[RequestOutput]:
         seqs = [s for s, _ in completing]
-        states: list[_RequestState] = [s.payload for s in seqs]
+        states: list[RequestState] = [s.state for s in seqs]
         raw = torch.stack([logits for _, logits in completing]).float()
         tokens = self._choose(raw, seqs, states)
         wanted = [st.request.logprobs for st in states]
@@ -436,7 +467,7 @@ class Engine:
             outputs.append(output)
         return outputs
 
-    def _choose(self, raw: torch.Tensor, seqs: list[CacheSequence], states: list[_RequestState]) -> list[int]:
+    def _choose(self, raw: torch.Tensor, seqs: list[EngineSequence], states: list[RequestState]) -> list[int]:
         """The next token of every row: one argmax over the plain greedy rows, the processor
         pipeline and sampler for the rest."""
         plain = [i for i, st in enumerate(states) if st.plain_greedy]
@@ -457,16 +488,14 @@ class Engine:
             tokens[i] = token
         return tokens
 
-    def _process(self, raw: torch.Tensor, seqs: list[CacheSequence], states: list[_RequestState]) -> torch.Tensor:
+    def _process(self, raw: torch.Tensor, seqs: list[EngineSequence], states: list[RequestState]) -> torch.Tensor:
         """Apply each request's logits processors. Rows without per-request extras share one
         batched processor list; rows with extras (constraints) run their own list."""
-        params = [st.request.params for st in states]
-        plain = [i for i, st in enumerate(states) if not st.request.processors]
-        special = [i for i, st in enumerate(states) if st.request.processors]
+        plain = [i for i, st in enumerate(states) if st.processors is None]
+        special = [i for i, st in enumerate(states) if st.processors is not None]
         processed = raw.clone() if special else raw
         if plain:
-            processors = build_batch_processors([params[i] for i in plain], sorted(self.eos_token_ids),
-                                                vocab_size=raw.shape[-1], device=raw.device)
+            processors = self._processors_for([states[i] for i in plain], raw)
             if processors:
                 ctx = self._context([seqs[i] for i in plain], raw.device)
                 rows = apply_processors(raw[plain], ctx, processors)
@@ -474,14 +503,22 @@ class Engine:
                     return rows
                 processed[plain] = rows
         for i in special:
-            state = states[i]
-            processors = build_processors(params[i], sorted(state.eos), vocab_size=raw.shape[-1],
-                                          before_sampling=state.request.processors)
-            processed[i] = apply_processors(raw[i : i + 1], self._context([seqs[i]], raw.device), processors)[0]
+            processed[i] = apply_processors(raw[i : i + 1], self._context([seqs[i]], raw.device),
+                                            states[i].processors)[0]
         return processed
 
+    def _processors_for(self, states: list[RequestState], raw: torch.Tensor) -> list[LogitsProcessor]:
+        """The batched processor list of these rows, built again only when the rows change:
+        it holds each row's settings, and reads the tokens so far from the step's context."""
+        rows = tuple(states)
+        if rows != self._batch_processors[0]:
+            processors = build_batch_processors([st.request.params for st in states], sorted(self.eos_token_ids),
+                                                vocab_size=raw.shape[-1], device=raw.device)
+            self._batch_processors = (rows, processors)
+        return self._batch_processors[1]
+
     @staticmethod
-    def _context(seqs: list[CacheSequence], device) -> DecodeContext:
+    def _context(seqs: list[EngineSequence], device) -> DecodeContext:
         """Left-padded token history of these sequences, for penalties and constraints."""
         width = max(len(s.token_ids) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -494,8 +531,8 @@ class Engine:
             prompt_length[row] = width - n + s.num_prompt_tokens
         return DecodeContext(ids.to(device), prompt_length.to(device), mask.to(device))
 
-    def _output(self, seq: CacheSequence, tokens: list[int], text: str, logprobs, reason: str | None) -> RequestOutput:
-        state: _RequestState = seq.payload
+    def _output(self, seq: EngineSequence, tokens: list[int], text: str, logprobs, reason: str | None) -> RequestOutput:
+        state: RequestState = seq.state
         return RequestOutput(
             request_id=seq.request_id, token_ids=tokens, text=text, logprobs=logprobs,
             finished=reason is not None, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
@@ -511,14 +548,15 @@ class EngineShutdown(RuntimeError):
 
 class _EngineLoop:
     """One engine driven by a background thread. Requests and aborts arrive through a
-    queue, so the engine itself is only ever touched by its own thread."""
+    queue, and the engine's stats leave as a snapshot taken after every step, so the engine
+    itself is only ever touched by its own thread."""
 
     def __init__(self, name: str, engine: Engine) -> None:
         self.engine = engine
+        self.stats = engine.stats()  # replaced (never mutated) by the engine thread
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.consumers: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.wake = threading.Event()
-        self.stopping = False
         self.in_flight = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=f"genforge-engine-{name}", daemon=True)
@@ -532,63 +570,76 @@ class _EngineLoop:
         consumer = self.consumers.get(output.request_id)
         if consumer is None:
             return
-        loop, outputs = consumer
         if output.finished:
             self.consumers.pop(output.request_id, None)
-        item = ValueError(output.error) if output.error else output
-        try:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is closed
-            pass
+        _send(consumer, ValueError(output.error) if output.error else output)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        consumer = self.consumers.pop(request_id, None)
+        if consumer is not None:
+            _send(consumer, error)
 
     def _fail_all(self, error: BaseException) -> None:
-        for loop, outputs in list(self.consumers.values()):
-            try:
-                loop.call_soon_threadsafe(outputs.put_nowait, error)
-            except RuntimeError:
-                pass
+        for consumer in list(self.consumers.values()):
+            _send(consumer, error)
         self.consumers.clear()
 
     def _run(self) -> None:
-        engine = self.engine
-        while True:
-            while True:
-                try:
-                    command = self.commands.get_nowait()
-                except queue.Empty:
-                    break
-                kind, payload = command
-                if kind == "add":
-                    try:
-                        engine.add_request(payload)
-                    except ValueError as err:
-                        consumer = self.consumers.pop(payload.request_id, None)
-                        if consumer:
-                            consumer[0].call_soon_threadsafe(consumer[1].put_nowait, err)
-                elif kind == "abort":
-                    output = engine.abort(payload)
-                    if output is not None:
-                        self._deliver(output)
-                elif kind == "stop":
-                    for request_id in list(engine._sequences):
-                        output = engine.abort(request_id)
-                        if output is not None:
-                            self._deliver(output)
-                    return
-            if engine.has_unfinished():
-                try:
-                    outputs = engine.step()
-                except Exception as err:  # a real fault: fail every request rather than hang them
-                    self.error = err
-                    for request_id in list(engine._sequences):
-                        engine.abort(request_id)
-                    self._fail_all(err)
-                    continue
-                for output in outputs:
-                    self._deliver(output)
+        while self._run_commands():
+            if self.engine.has_unfinished():
+                self._step()
             else:
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
+
+    def _step(self) -> None:
+        engine = self.engine
+        try:
+            outputs = engine.step()
+        except Exception as err:  # a real fault: fail every request rather than hang them
+            self.error = err
+            engine.abort_all()
+            self.stats = engine.stats()
+            self._fail_all(err)
+            return
+        self.stats = engine.stats()  # before the outputs: whoever sees an output sees its stats
+        for output in outputs:
+            self._deliver(output)
+
+    def _run_commands(self) -> bool:
+        """Carry out the queued commands; False once told to stop."""
+        engine = self.engine
+        while True:
+            try:
+                kind, payload = self.commands.get_nowait()
+            except queue.Empty:
+                return True
+            if kind == "add":
+                try:
+                    engine.add_request(payload)
+                except Exception as err:  # refused (ValueError), or a fault: the consumer answers
+                    self._fail(payload.request_id, err)
+                self.stats = engine.stats()
+            elif kind == "abort":
+                output = engine.abort(payload)
+                self.stats = engine.stats()
+                if output is not None:
+                    self._deliver(output)
+            elif kind == "stop":
+                outputs = engine.abort_all()
+                self.stats = engine.stats()
+                for output in outputs:
+                    self._deliver(output)
+                return False
+
+
+def _send(consumer: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item: object) -> None:
+    """Hand an output or error to a consumer on its event loop's thread."""
+    loop, outputs = consumer
+    try:
+        loop.call_soon_threadsafe(outputs.put_nowait, item)
+    except RuntimeError:  # the consumer's event loop is closed
+        pass
 
 
 class AsyncEngine:
@@ -605,6 +656,8 @@ class AsyncEngine:
         return list(self._loops)
 
     def engine(self, model: str) -> Engine:
+        """The engine serving `model`, for its constants (`max_model_len`, `eos_token_ids`):
+        only its own thread calls its methods."""
         return self._lookup(model).engine
 
     def _lookup(self, model: str) -> _EngineLoop:
@@ -614,11 +667,13 @@ class AsyncEngine:
 
     async def generate(self, model: str, request: Request) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of one request. Raises ValueError before the first output if the
-        request is invalid, and aborts the request if the consumer stops early."""
+        request is invalid (`ContextLengthError` if it does not fit the context), and aborts the
+        request if the consumer stops early."""
         runner = self._lookup(model)
         if not self._accepting:
             raise EngineShutdown("the server is shutting down")
-        runner.engine.check_request(request)
+        if request.request_id in runner.consumers:
+            raise ValueError(f"request id {request.request_id!r} is already running")
         outputs: asyncio.Queue = asyncio.Queue()
         runner.consumers[request.request_id] = (asyncio.get_running_loop(), outputs)
         runner.in_flight += 1
@@ -644,7 +699,8 @@ class AsyncEngine:
         self._lookup(model).submit(("abort", request_id))
 
     def stats(self, model: str) -> EngineStats:
-        return self._lookup(model).engine.stats()
+        """The engine's stats as of its latest step or command."""
+        return self._lookup(model).stats
 
     @property
     def in_flight(self) -> int:

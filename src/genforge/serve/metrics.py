@@ -28,7 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["ServerMetrics", "CONTENT_TYPE_LATEST"]
+__all__ = ["ServerMetrics", "CONTENT_TYPE_LATEST", "route_label"]
 
 # Seconds. TTFT and e2e span a few milliseconds (tiny models, cached prefixes) to minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -126,3 +126,10 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def route_label(request) -> str:
+    """The route template a request matched (``/v1/models/{model_id}``), for metric labels: raw
+    paths would give every probed URL its own time series."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

@@ -17,14 +17,17 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Generic, TypeVar
 
 from .blocks import BlockManager
 
+State = TypeVar("State")
+
 
 @dataclass(eq=False)
-class Sequence:
-    """One request's tokens and its place in the cache."""
+class Sequence(Generic[State]):
+    """One request's tokens and its place in the cache; `state` is its owner's per-request
+    record (the engine's `RequestState`), which the scheduler carries and never reads."""
 
     request_id: str
     token_ids: list[int]  # prompt, then generated tokens
@@ -34,8 +37,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)  # hash chain of its published full blocks
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at (first) admission
-    payload: Any = None  # the engine's per-request state
     reuse_cached_prefix: bool = True  # False when every prompt position's logits are wanted
+    state: State = field(kw_only=True)
 
     @property
     def num_uncomputed(self) -> int:
@@ -43,8 +46,8 @@ class Sequence:
 
 
 @dataclass
-class ScheduledChunk:
-    seq: Sequence
+class ScheduledChunk(Generic[State]):
+    seq: Sequence[State]
     num_tokens: int  # tokens to compute this step, from seq.num_computed on
 
     @property
@@ -53,9 +56,9 @@ class ScheduledChunk:
         return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
 
 
-class Scheduler:
+class Scheduler(Generic[State]):
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 on_release: Callable[[Sequence], None] | None = None) -> None:
+                 on_release: Callable[[Sequence[State]], None] | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.blocks = blocks
@@ -63,14 +66,14 @@ class Scheduler:
         # its state is reset, so that copies of its keys and values elsewhere go too.
         self.on_release = on_release
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Sequence[State]] = deque()
+        self.running: list[Sequence[State]] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence[State]) -> None:
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: Sequence[State]) -> None:
         """Take a sequence out (finished or aborted) and free its blocks at once."""
         if seq in self.running:
             self.running.remove(seq)
@@ -82,9 +85,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -------------------------------------------------------------------------- step
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self) -> list[ScheduledChunk[State]]:
         budget = self.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        chunks: list[ScheduledChunk[State]] = []
         # Running sequences, oldest first; preempt from the newest end when blocks run out.
         queue = sorted(self.running, key=lambda s: s.arrival)
         while queue and budget > 0:
@@ -118,7 +121,7 @@ class Scheduler:
             budget -= count
         return chunks
 
-    def _take_cached_prefix(self, seq: Sequence) -> None:
+    def _take_cached_prefix(self, seq: Sequence[State]) -> None:
         # At least the last token is computed again: its logits give the next token.
         blocks, hashes = self.blocks.cached_prefix(seq.token_ids, len(seq.token_ids) - 1)
         seq.block_table, seq.block_hashes = blocks, hashes
@@ -126,7 +129,7 @@ class Scheduler:
         if seq.num_cached_prompt == 0:
             seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt_tokens)
 
-    def _reserve(self, seq: Sequence, count: int) -> bool:
+    def _reserve(self, seq: Sequence[State], count: int) -> bool:
         """Give `seq` enough blocks for `count` more tokens; False (nothing taken) if too few are free."""
         missing = self.blocks.blocks_needed(seq.num_computed + count) - len(seq.block_table)
         if missing > self.blocks.num_free:
@@ -134,13 +137,13 @@ class Scheduler:
         seq.block_table.extend(self.blocks.allocate() for _ in range(max(0, missing)))
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence[State]) -> None:
         self.running.remove(seq)
         self._release(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence[State]) -> None:
         if self.on_release is not None:
             self.on_release(seq)
         self.blocks.free(seq.block_table)
