@@ -68,7 +68,6 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
-
 def cmd_eval_harness(args) -> int:
     from ..checkpoint import load_model
     from ..inference import pack_for_cpu_inference
@@ -186,8 +185,6 @@ def cmd_eval_ab(args) -> int:
                       "confidence_interval": test.confidence_interval,
                       "bootstrap_interval": [interval.low, interval.high], "n_a": len(a), "n_b": len(b)}, indent=2))
     return 0
-
-
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

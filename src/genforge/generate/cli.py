@@ -302,7 +302,6 @@ def cmd_convert(args) -> int:
     return 0
 
 
-
 def cmd_watermark_detect(args) -> int:
     from ..checkpoint import read_config
     from ..tokenizer import Tokenizer
@@ -318,14 +317,11 @@ def cmd_watermark_detect(args) -> int:
     return 0
 
 
-
 def _early_stopping(value: str):
     table = {"true": True, "false": False, "never": "never"}
     if value.lower() not in table:
         raise argparse.ArgumentTypeError(f"expected true, false or never, got {value!r}")
     return table[value.lower()]
-
-
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

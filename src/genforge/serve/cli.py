@@ -118,7 +118,7 @@ def cmd_bench_serve(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this subsystem's subcommands to the top-level parser."""
+    """Add `genforge serve` and `bench` to the top-level parser."""
     serve = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
         description="Serve one or more models over the OpenAI API: /v1/completions, /v1/chat/completions, "

@@ -189,10 +189,8 @@ def cmd_size_noise_scale(args) -> int:
     return 0
 
 
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this subsystem's subcommands to the top-level parser."""
+    """Add `genforge tokenizer`, `data`, `pretrain` and `size` to the top-level parser."""
     tokenizer = sub.add_parser("tokenizer", help="train tokenizers", description="Tokenizer tools.")
     tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     train = tokenizer_sub.add_parser(
