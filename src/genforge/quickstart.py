@@ -22,6 +22,7 @@ smaller sample, for tests.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import hashlib
@@ -371,3 +372,25 @@ def run(out: Path, console: Console | None = None, fast: bool | None = None) -> 
                   "Hugging Face checkpoint of a supported family, or `genforge tokenizer train` / `genforge data "
                   "prepare` / `genforge pretrain` on your own text.")
     return numbers
+
+
+def cmd_quickstart(args) -> int:
+    # Its own console on stdout: the walk-through, tables included, is the command's output.
+    run(Path(args.out), console=Console(highlight=False), fast=True if args.fast else None)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add `genforge quickstart` to the top-level parser."""
+    quick = sub.add_parser("quickstart", help="the main job on embedded data: search, generate, train a model from "
+                                              "text in ~3 minutes",
+                           description="Three steps, no download: (1) embed stdlib module docs with all-MiniLM-L6-v2 "
+                                       "through genforge's BERT and search them; (2) build, export, reload and stream "
+                                       "from a small Llama-style model; (3) on the Python standard library's source, "
+                                       "train a BPE tokenizer, prepare and dedup shards, pretrain a small Llama for "
+                                       "about 3 minutes, report validation perplexity against a unigram baseline, "
+                                       "save the loss curve and print samples from three decoding settings.")
+    quick.add_argument("--out", default="genforge-out/quickstart", help="where the models, shards and plots go")
+    quick.add_argument("--fast", action="store_true",
+                       help="a tiny, seconds-long pretraining step (also GENFORGE_QUICKSTART_FAST=1)")
+    quick.set_defaults(func=cmd_quickstart)

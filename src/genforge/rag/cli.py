@@ -1,4 +1,4 @@
-"""`genforge rag index|search|ask|eval`, registered by `genforge.cli.build_parser`.
+"""`genforge rag index|search|ask|eval`, registered by `genforge.cli`.
 
 A view over `genforge.rag`: each command parses its flags, calls the library and prints.
 Without --index, search and ask use the embedded index over genforge's own docs, built into
@@ -10,13 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-
-def _console():
-    from ..cli import console
-
-    return console
+from ..console import console
 
 
 def _generator(args):
@@ -38,7 +33,7 @@ def _retriever(args, generator=None):
     spec = getattr(args, "rerank", None)
     if spec is not None and spec != "late" and not os.path.isdir(spec):  # fail before any model loads
         raise ValueError(f"--rerank {spec!r} is neither 'late' (MaxSim late interaction) nor a cross-encoder directory")
-    with _console().status("opening the index" if args.index else "opening genforge's docs index (built on first use)"):
+    with console.status("opening the index" if args.index else "opening genforge's docs index (built on first use)"):
         return open_retriever(args.index, args.encoder, generator=generator, reranker=spec)
 
 
@@ -70,7 +65,6 @@ def cmd_index(args) -> int:
 
     if args.backend == "milvus" and not args.milvus_uri:
         raise ValueError("--backend milvus needs --milvus-uri: a local .db file (Milvus Lite) or http://host:19530")
-    console = _console()
     embedder = EncoderEmbedder(args.encoder, max_tokens=args.max_tokens)
     build = {"dense": args.dense}
     if args.backend != "faiss":
@@ -91,7 +85,7 @@ def cmd_search(args) -> int:
     if args.hops > 1:
         hits, queries = retriever.multi_hop(args.query, hops=args.hops, k=args.k, **options)
         if not args.json:
-            _console().print(f"[dim]queries: {' → '.join(queries)}[/dim]")
+            console.print(f"[dim]queries: {' → '.join(queries)}[/dim]")
     else:
         hits = retriever.search(args.query, k=args.k, **options)
     _save_reranker_cache(retriever)
@@ -125,10 +119,10 @@ def cmd_ask(args) -> int:
         print(json.dumps(answer.to_dict(), ensure_ascii=False))
     else:
         if answer.query != answer.question:
-            _console().print(f"[dim]searched for: {answer.query}[/dim]")
+            console.print(f"[dim]searched for: {answer.query}[/dim]")
         print(answer.render())
         if answer.unsupported:
-            _console().print(f"[yellow]{len(answer.unsupported)} sentence(s) not supported by their citations[/yellow]")
+            console.print(f"[yellow]{len(answer.unsupported)} sentence(s) not supported by their citations[/yellow]")
     return 0
 
 
@@ -247,9 +241,3 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--answers", action="store_true", help="also answer each query: citation precision, faithfulness")
     ev.add_argument("--out", default=None, help="write the results as JSON")
     ev.set_defaults(func=cmd_eval)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from ..cli import main
-
-    sys.exit(main(["rag", *sys.argv[1:]]))

@@ -1,5 +1,5 @@
-"""`genforge` commands of this subsystem, registered by `genforge.cli.build_parser`:
-`genforge serve` (the OpenAI-compatible server) and `genforge bench serve` (its load test)."""
+"""`genforge serve` (the OpenAI-compatible server) and `genforge bench serve` (its load test),
+registered by `genforge.cli`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 import math
 import os
 from pathlib import Path
+
+from ..console import console
 
 
 def _named_dirs(values: list[str], flag: str) -> dict[str, str]:
@@ -49,12 +51,10 @@ def _rates(text: str) -> list[float]:
 
 def cmd_serve(args) -> int:
     import uvicorn
-    from rich.console import Console
 
     from .api import app_from_directories
     from .limits import parse_rate_limit
 
-    console = Console(stderr=True, highlight=False)
     models = _named_dirs(args.model, "--model")
     embedders = _named_dirs(args.embedding_model, "--embedding-model")
     rate_limit = parse_rate_limit(args.rate_limit, args.rate_limit_burst) if args.rate_limit else None
@@ -90,12 +90,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    from rich.console import Console
-
     from ..atomic import atomic_write_text
     from .bench import benchmark_serving, markdown_report
 
-    console = Console(stderr=True, highlight=False)
     rates = _rates(args.rates)
     key = args.api_key or next((k.strip() for k in os.environ.get("GENFORGE_API_KEYS", "").split(",") if k.strip()),
                                None)
@@ -121,7 +118,7 @@ def cmd_bench_serve(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this subsystem's subcommands to the top-level parser."""
+    """Add `genforge serve` and `bench` to the top-level parser."""
     serve = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
         description="Serve one or more models over the OpenAI API: /v1/completions, /v1/chat/completions, "

@@ -1,14 +1,13 @@
-"""`genforge` commands of this subsystem, registered by `genforge.cli.build_parser`:
-`genforge tokenizer train` and `genforge data prepare`. They parse, call the library, print."""
+"""`genforge tokenizer train`, `data prepare`, `pretrain` and `size ...`, registered by `genforge.cli`:
+the commands of training, from a corpus to a trained model. They parse, call the library, print."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from rich.console import Console
-
-console = Console(stderr=True, highlight=False)
+from ..console import console
 
 
 def _fraction_or_off(value: str) -> float | None:
@@ -86,8 +85,112 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def _training_data(args, tokenizer, seq_len_default: int = 256):
+    """(train, val) TokenDatasets from --data (prepared shards) or --text (tokenized here)."""
+    from . import TokenDataset
+    from .data import load_prepared
+
+    if (args.text is None) == (args.data is None):
+        raise ValueError("give exactly one of --text FILE (tokenized here) or --data DIR (from `genforge data prepare`)")
+    if args.data is not None:
+        return load_prepared(args.data, seq_len=args.seq_len)
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
+    if tokenizer is None:
+        raise ValueError("--text needs a tokenizer: pass --tokenizer DIR or a --model directory with tokenizer.json")
+    ids = tokenizer.encode(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)
+    split = int(len(ids) * (1 - args.val_fraction))
+    seq_len = args.seq_len or seq_len_default
+    return TokenDataset(ids[:split], seq_len), TokenDataset(ids[split:], seq_len)
+
+
+def _optional_tokenizer(args):
+    from ..tokenizer import Tokenizer
+
+    directory = Path(args.tokenizer or args.model)
+    if args.tokenizer is None and not (directory / "tokenizer.json").exists():
+        return None  # --data training needs no tokenizer; the export then carries none
+    return Tokenizer.from_dir(directory)
+
+
+def cmd_pretrain(args) -> int:
+    import torch
+
+    from ..checkpoint import load_model, read_config
+    from ..model import Transformer
+    from . import TrainConfig, Trainer
+    from .distributed import destroy_distributed, init_distributed
+
+    config = TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
+                         gradient_checkpointing=args.gradient_checkpointing, peak_flops=args.peak_flops,
+                         seed=args.seed, device=args.device, precision=args.precision, fsdp=args.fsdp,
+                         mlm_probability=args.mlm_probability)
+    config.validate()  # before the text is tokenized and the model built
+    # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA) and take this rank's GPU.
+    context, config.device = init_distributed(args.device)
+    try:
+        tokenizer = _optional_tokenizer(args)
+        train_data, val_data = _training_data(args, tokenizer)
+        torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
+        model = load_model(args.model) if args.init_weights else Transformer(read_config(args.model))
+        result = Trainer(model, train_data, config, val_data=val_data, tokenizer=tokenizer,
+                         distributed=context).train(resume=args.resume)
+    finally:
+        destroy_distributed()
+    if context.is_main:
+        final = result.evals[-1] if result.evals else {}
+        console.print(f"trained to step {result.step}; val loss {final.get('val_loss', float('nan')):.4f}, "
+                      f"perplexity {final.get('val_ppl', float('nan')):.2f}; model in {result.export_dir}")
+    return 0
+
+
+def cmd_size_chinchilla(args) -> int:
+    from .sizing import chinchilla_optimal, training_flops
+
+    flops = args.flops
+    if flops is None:
+        if args.parameters is None or args.tokens is None:
+            raise ValueError("give --flops, or --parameters and --tokens to compute the budget from")
+        flops = training_flops(args.parameters, args.tokens)
+    methods = ("fit", "rule") if args.method == "both" else (args.method,)
+    plans = [chinchilla_optimal(flops, m, args.tokens_per_parameter).as_dict() for m in methods]
+    print(json.dumps({"flops": flops, "plans": plans}, indent=2))
+    return 0
+
+
+def cmd_size_fit(args) -> int:
+    from .sizing import fit_power_law, plot_power_law, points_from_runs, read_points
+
+    if bool(args.points) == bool(args.runs):
+        raise ValueError("give --points CSV (columns compute,loss) or --runs DIR [DIR ...] (finished pretrain runs)")
+    compute, loss = read_points(args.points) if args.points else points_from_runs(args.runs)
+    fit = fit_power_law(compute, loss, irreducible=args.irreducible)
+    out = {"fit": fit.as_dict(), "points": [{"compute": c, "loss": v} for c, v in zip(compute, loss)]}
+    if args.extrapolate:
+        out["predicted_loss"] = {str(c): float(fit.predict(c)) for c in args.extrapolate}
+    if args.plot:
+        out["plot"] = str(plot_power_law(fit, compute, loss, args.plot, max(args.extrapolate or [0]) or None))
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_size_noise_scale(args) -> int:
+    from ..checkpoint import load_model
+    from .sizing import language_model_noise_scale
+
+    tokenizer = _optional_tokenizer(args)
+    train_data, _ = _training_data(args, tokenizer, seq_len_default=128)
+    model = load_model(args.model, device=args.device)
+    estimate = language_model_noise_scale(model, train_data, args.small, args.big, args.trials, args.seed, args.device)
+    out = estimate.as_dict() | {"seq_len": train_data.seq_len,
+                                "critical_batch_tokens": estimate.critical_batch * train_data.seq_len}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add this subsystem's subcommands to the top-level parser."""
+    """Add `genforge tokenizer`, `data`, `pretrain` and `size` to the top-level parser."""
     tokenizer = sub.add_parser("tokenizer", help="train tokenizers", description="Tokenizer tools.")
     tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     train = tokenizer_sub.add_parser(
@@ -164,3 +267,79 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dedup.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (more: finer estimates, slower)")
     dedup.add_argument("--shingle-size", type=int, default=5, help="words per shingle")
     prep.set_defaults(func=cmd_data_prepare)
+
+    pretrain = sub.add_parser("pretrain", help="pretrain a model on text or prepared shards (torchrun for several)",
+                              description="Causal-LM training for decoders, masked-LM for a BERT encoder with a "
+                                          "masked-LM head, with AdamW, warmup + cosine decay, clipping, "
+                                          "accumulation, periodic evaluation and atomic checkpoints; --resume "
+                                          "continues exactly. Writes metrics.jsonl, loss_curve.png and the final "
+                                          "model (a Hugging Face directory) under --out. Under torchrun "
+                                          "(torchrun --nproc_per_node N -m genforge.cli pretrain ...) it trains "
+                                          "data-parallel: DDP, or FSDP with --fsdp. See docs/training.md.")
+    pretrain.add_argument("--model", required=True,
+                          help="directory with config.json: the architecture (its weights too with --init-weights)")
+    pretrain.add_argument("--init-weights", action="store_true", help="start from the directory's weights")
+    pretrain.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    pretrain.add_argument("--text", default=None, help="UTF-8 training text; the last --val-fraction is held out")
+    pretrain.add_argument("--data", default=None, help="a `genforge data prepare` directory (memory-mapped shards)")
+    pretrain.add_argument("--out", required=True, help="run directory (checkpoints, metrics, plot, model)")
+    pretrain.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pretrain.add_argument("--device", default="cpu")
+    for flag, kind, default, text in (
+        ("--steps", int, 1000, "optimizer steps"),
+        ("--seq-len", int, None, "tokens per sequence (default: 256 with --text, the prepared one with --data)"),
+        ("--batch-size", int, 8, "sequences per micro-batch, over all processes under torchrun"), ("--grad-accum", int, 1, "micro-batches per step"),
+        ("--lr", float, 3e-4, "peak learning rate"), ("--warmup", int, 100, "linear warmup steps"),
+        ("--eval-every", int, 100, "steps between evaluations (0: at the end)"),
+        ("--save-every", int, 100, "steps between checkpoints (0: at the end)"),
+        ("--val-fraction", float, 0.05, "share of the text held out for validation"), ("--seed", int, 0, "seed"),
+        ("--peak-flops", float, None, "the device's peak FLOP/s, to show MFU"),
+    ):
+        pretrain.add_argument(flag, type=kind, default=default, help=text)
+    pretrain.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    pretrain.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                          help="autocast dtype on CUDA (fp16 with a GradScaler); fp32 on CPU")
+    pretrain.add_argument("--fsdp", action="store_true",
+                          help="under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP")
+    pretrain.add_argument("--mlm-probability", type=float, default=0.15,
+                          help="masked LM (encoders): share of tokens chosen for prediction")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    size = sub.add_parser("size", help="sizing tools: compute-optimal size, scaling-law fit, critical batch size",
+                          description="Plan a run before spending its compute (see docs/training.md).")
+    size_sub = size.add_subparsers(dest="size_command", required=True, metavar="SIZE_COMMAND")
+    chinchilla = size_sub.add_parser("chinchilla", help="compute-optimal parameters and tokens for a FLOP budget",
+                                     description="Hoffmann et al. 2022: the closed-form optimum of the fitted loss "
+                                                 "L(N,D) = E + A/N^a + B/D^b under C = 6ND ('fit'), and the ~20 "
+                                                 "tokens per parameter rule ('rule'). Prints JSON.")
+    chinchilla.add_argument("--flops", type=float, default=None, help="training compute budget C in FLOPs")
+    chinchilla.add_argument("--parameters", type=float, default=None, help="with --tokens: C = 6 x parameters x tokens")
+    chinchilla.add_argument("--tokens", type=float, default=None, help="with --parameters")
+    chinchilla.add_argument("--method", choices=("fit", "rule", "both"), default="both")
+    chinchilla.add_argument("--tokens-per-parameter", type=float, default=20.0, help="for --method rule")
+    chinchilla.set_defaults(func=cmd_size_chinchilla)
+    fit = size_sub.add_parser("fit", help="fit L(C) = a*C^-b (+ e) to measured (compute, loss) points",
+                              description="Least squares on log loss with scipy; prints the fit as JSON and "
+                                          "optionally plots it.")
+    fit.add_argument("--points", default=None, help="CSV with a header and columns compute,loss")
+    fit.add_argument("--runs", nargs="+", default=None, help="finished `genforge pretrain` run directories")
+    fit.add_argument("--irreducible", action="store_true", help="fit an irreducible loss term e too")
+    fit.add_argument("--plot", default=None, help="write a log-log PNG of points and fit here")
+    fit.add_argument("--extrapolate", type=float, nargs="+", default=None, metavar="FLOPS",
+                     help="print the predicted loss at these compute budgets")
+    fit.set_defaults(func=cmd_size_fit)
+    noise = size_sub.add_parser("noise-scale", help="gradient noise scale (critical batch size) of a model on data",
+                                description="McCandlish et al. 2018: squared gradient norms at two batch sizes "
+                                            "give |G|^2 and tr(Sigma); B_simple = tr(Sigma)/|G|^2. Prints JSON.")
+    noise.add_argument("--model", required=True, help="causal model directory (config.json + safetensors)")
+    noise.add_argument("--tokenizer", default=None, help="tokenizer directory for --text (default: --model)")
+    noise.add_argument("--text", default=None, help="UTF-8 text to sample batches from")
+    noise.add_argument("--data", default=None, help="a `genforge data prepare` directory")
+    noise.add_argument("--val-fraction", type=float, default=0.05, help=argparse.SUPPRESS)
+    noise.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128 with --text)")
+    noise.add_argument("--small", type=int, default=2, help="small batch size, in sequences")
+    noise.add_argument("--big", type=int, default=16, help="big batch size, in sequences")
+    noise.add_argument("--trials", type=int, default=8, help="gradient pairs averaged")
+    noise.add_argument("--seed", type=int, default=0)
+    noise.add_argument("--device", default="cpu")
+    noise.set_defaults(func=cmd_size_noise_scale)
