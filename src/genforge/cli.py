@@ -47,7 +47,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_params(args, generation_config: dict):
-    from .generate.processors import SamplingParams
+    from .generate.sampling import SamplingParams
 
     bias = {}
     for item in args.logit_bias:
@@ -117,7 +117,8 @@ def _check_strategy_flags(args) -> None:
 
 def cmd_generate(args) -> int:
     from .checkpoint import read_generation_config
-    from .generate.generator import continuation_text, end_of_sequence_ids, only_text_tokens
+    from .generate.generator import continuation_text, only_text_tokens
+    from .generate.request import end_of_sequence_ids
 
     generation_config = read_generation_config(args.model)
     params = _sampling_params(args, generation_config)  # validate before loading the weights
@@ -173,7 +174,8 @@ def _stream_samples(args, model, tokenizer, prompts, params, eos, extra_processo
 def _run_strategy(args, model, tokenizer, prompts, params, eos) -> list[tuple[int, list[int], dict]]:
     if args.strategy in ("beam", "diverse-beam"):
         from .generate.beam import beam_search
-        from .generate.processors import build_processors, make_generator
+        from .generate.processors import build_processors
+        from .generate.sampling import make_generator
 
         # Beam search ranks whole sequences by log-probability; only the penalties and bans
         # of the processors apply, unless beam sampling draws the candidates (then the
@@ -250,7 +252,8 @@ def _deterministic(params):
 
 def cmd_chat(args) -> int:
     from .checkpoint import read_generation_config
-    from .generate.generator import end_of_sequence_ids, stream
+    from .generate.generator import stream
+    from .generate.request import end_of_sequence_ids
 
     generation_config = read_generation_config(args.model)
     params = _sampling_params(args, generation_config)

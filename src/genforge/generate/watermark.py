@@ -51,7 +51,8 @@ from numbers import Integral, Real
 
 import torch
 
-from .processors import DecodeContext, PerRow, _cache_field, _check, _rows
+from .processors import DecodeContext, PerRow, _cache_field, _rows
+from .validation import check_knob
 
 __all__ = ["Watermark", "WatermarkDetection", "detect_watermark", "green_token_mask"]
 
@@ -102,7 +103,7 @@ def _threshold(gamma: float) -> int:
 def _check_gamma(gamma) -> float:
     if isinstance(gamma, torch.Tensor):
         raise ValueError("gamma must be one number for the whole batch: detection needs to know it")
-    return _check(
+    return check_knob(
         "gamma",
         gamma,
         lambda v: 0 < v < 1,
@@ -155,7 +156,7 @@ class Watermark:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_words", _key_words(self.key))
         object.__setattr__(self, "gamma", _check_gamma(self.gamma))
-        delta = _check(
+        delta = check_knob(
             "delta",
             self.delta,
             lambda v: (v >= 0) & (v < math.inf),

@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate.processors import SamplingParams
+from ..generate.sampling import SamplingParams
 from .limits import AdmissionQueue, KeyChecker, RateLimit, TokenBucketLimiter
 from .metrics import CONTENT_TYPE_LATEST, ServerMetrics
 
@@ -1077,7 +1077,7 @@ def app_from_directories(
     ``genforge generate`` does (Llama 3 instruct ends turns with an id only it lists)."""
     from ..checkpoint import load_model, read_generation_config
     from ..encoder import SentenceEncoder
-    from ..generate.generator import end_of_sequence_ids
+    from ..generate.request import end_of_sequence_ids
     from ..inference import pack_for_cpu_inference
     from ..tokenizer import Tokenizer
     from .engine import AsyncEngine, Engine
