@@ -253,14 +253,16 @@ def _share_newest_position(cache: ContiguousKVCache, source_rows: torch.Tensor, 
 @dataclass(frozen=True)
 class ContrastiveDecodingOptions:
     """The knobs of contrastive decoding (see `contrastive_decoding`); the `amateur` is the
-    weaker model. Temperature and seed are the request's."""
+    weaker model, which the knobs can be checked without. Temperature and seed are the
+    request's."""
 
-    amateur: Transformer
+    amateur: Transformer | None = None
     alpha: float = 0.1
     amateur_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        decoder_config(self.amateur, "amateur")
+        if self.amateur is not None:
+            decoder_config(self.amateur, "amateur")
         _check_alpha(self.alpha)
         _check_positive("amateur_temperature", self.amateur_temperature)
 
@@ -311,6 +313,9 @@ def run_contrastive_decoding(
     and seed choose how a token is picked from the scores; its penalties and bans apply to the
     expert's logits, then `processors`. Stop strings are not detected."""
     amateur, alpha, amateur_temperature = options.amateur, options.alpha, options.amateur_temperature
+    if amateur is None:
+        raise DecodeRequestError("contrastive decoding needs an amateur model: a weaker model with the expert's "
+                                 "vocabulary, as ContrastiveDecodingOptions(amateur=...)")
     if expert.config.vocab_size != amateur.config.vocab_size:
         raise DecodeRequestError(
             f"the expert's vocabulary has {expert.config.vocab_size} tokens but the amateur's has "

@@ -244,14 +244,16 @@ def _lookup_continuation(tokens: torch.Tensor, limit: int, max_ngram_size: int, 
 # ------------------------------------------------------------------------------ the loop
 @dataclass(frozen=True)
 class SpeculativeOptions:
-    """The draft model and how many tokens it proposes per round (see `speculative_generate`)."""
+    """The draft model and how many tokens it proposes per round (see `speculative_generate`).
+    The knobs can be checked before the draft is loaded; decoding needs it."""
 
-    draft: Transformer
+    draft: Transformer | None = None
     num_draft_tokens: int = 4
     draft_confidence: float = 0.0
 
     def __post_init__(self) -> None:
-        decoder_config(self.draft, "draft model")
+        if self.draft is not None:
+            decoder_config(self.draft, "draft model")
         _validate_num_draft_tokens(self.num_draft_tokens)
         confidence = self.draft_confidence
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
@@ -329,6 +331,9 @@ def prompt_lookup_generate(
 def run_speculative(target: Transformer, request: DecodeRequest, options: SpeculativeOptions) -> SpeculativeCompletion:
     """`speculative_generate` on a resolved request of one prompt."""
     draft = options.draft
+    if draft is None:
+        raise DecodeRequestError("speculative decoding needs a draft model: a smaller model with the target's "
+                                 "vocabulary, as SpeculativeOptions(draft=...)")
     if draft.config.vocab_size != target.config.vocab_size:
         raise DecodeRequestError(
             f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
