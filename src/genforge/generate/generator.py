@@ -66,7 +66,7 @@ def stream(
     eos = set(request.eos_token_ids)
     longest, max_new_tokens, capacity = request.longest_prompt, request.max_new_tokens, request.capacity
     processors = request.logits_processors(extra_processors)
-    # Greedy decoding draws no random numbers, and seeding from the OS has a cost.
+    # Greedy decoding draws no random numbers, and seeding from the OS has a cost (docs/decoding.md).
     generator = None if params.greedy else make_generator(params.seed, model.device)
 
     device, batch = model.device, len(prompts)

@@ -214,8 +214,8 @@ def greedy_next_token(logits: torch.Tensor) -> torch.Tensor:
 
     Its checks look at the chosen logits alone: argmax picks a NaN wherever a row has one, and
     -inf only where the whole row is -inf, so a chosen value above -inf clears its row. A
-    decode step of a small model pays for every full scan of the logits (~23 us for the full
-    checks at batch 1 and 2,048 words, ~8 us for this).
+    decode step of a small model pays for every full scan of the logits (measured in
+    docs/decoding.md, "What decoding costs").
     """
     chosen = logits.argmax(dim=-1)
     if not bool((logits.gather(1, chosen[:, None]) > _NEG_INF).all()):  # NaN > -inf is False too

@@ -29,9 +29,8 @@ words of the key. The reasons:
   independently of the others, so under "not watermarked" the green count of T distinct
   pairs is Binomial(T, gamma) exactly, which is what the z-test assumes. A green list is
   therefore about, not exactly, ``gamma * |V|`` tokens (within ~0.5% at 50k tokens);
-- *fast enough on the hot path*: about 0.4 ms per row per step at a 50k vocabulary on one
-  CPU core (14 ms for a batch of 32), memory-bound and within 2x of the cost of merely adding
-  a (batch, vocab) bias; seeding a generator and drawing a permutation per row is about as
+- *fast enough on the hot path*: memory-bound, like adding a (batch, vocab) bias (measured
+  in docs/decoding.md); seeding a generator and drawing a permutation per row is about as
   fast on CPU but device-dependent.
 
 Membership does not depend on the vocabulary size, so text stays detectable when the
