@@ -20,6 +20,7 @@ from genforge.generate.request import (
     DecodeRequest,
     DecodeRequestError,
     as_prompt_lists,
+    batch_logits_processors,
     end_of_sequence_ids,
 )
 from genforge.generate.sampling import SamplingParams
@@ -106,6 +107,27 @@ def test_the_limit_equals_the_old_ban_by_logit_bias(model):
     new = apply_processors(logits, ctx, request.logits_processors())
     torch.testing.assert_close(new, old, rtol=0, atol=0)
     assert (new[:, 50:] == float("-inf")).all()
+
+
+def test_a_batch_of_requests_is_processed_as_each_alone(model):
+    """The serving engine's batch: one list, each row with its own params, end ids and stop ids."""
+    narrow = StubTokenizer(vocab_size=50, eos_token_id=7)
+    rows = [
+        DecodeRequest.resolve(model, [3, 4, 5], SamplingParams(temperature=0.7, top_k=5, min_new_tokens=3), tokenizer=narrow),
+        DecodeRequest.resolve(model, [6, 7, 8], SamplingParams(temperature=0, repetition_penalty=1.4, min_new_tokens=2,
+                                                               stop_token_ids=[11]), tokenizer=narrow, eos_token_ids=[]),
+        DecodeRequest.resolve(model, [9, 9, 9], SamplingParams(top_p=0.8, logit_bias={4: -2.0}), tokenizer=narrow),
+    ]
+    logits = torch.randn(3, VOCAB)
+    ctx = DecodeContext(torch.tensor([[3, 4, 5, 12], [6, 7, 8, 13], [9, 9, 9, 14]]), prompt_length=3)
+    batched = apply_processors(logits, ctx, batch_logits_processors(rows))
+    for i, request in enumerate(rows):
+        alone = apply_processors(logits[i : i + 1], DecodeContext(ctx.input_ids[i : i + 1], 3),
+                                 request.logits_processors())
+        torch.testing.assert_close(batched[i : i + 1], alone, rtol=0, atol=0)
+    assert batched[1, 11] == float("-inf") and batched[1, 7] > float("-inf")  # row 1 ends on 11 only
+    with pytest.raises(DecodeRequestError, match="resolved for one model and tokenizer"):
+        batch_logits_processors([rows[0], DecodeRequest.resolve(model, [3], SamplingParams())])
 
 
 def test_generate_takes_a_resolved_request(model):

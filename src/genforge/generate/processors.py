@@ -760,7 +760,7 @@ def build_processors(
 
 def build_batch_processors(
     params: Sequence[SamplingParams],
-    eos_token_ids: int | Sequence[int] | None = None,
+    eos_token_ids: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
     *,
     vocab_size: int | None = None,
     device: torch.device | str | None = None,
@@ -770,16 +770,22 @@ def build_batch_processors(
     Row ``i`` of the result equals ``apply_processors(row_i, ctx_i, build_processors(params[i]))``
     (the same table, per-row tensors instead of scalars; rows that do not use a knob get its
     neutral value). Greedy rows get neutral warper values; the sampler argmaxes them when given
-    per-row temperatures (``[p.temperature for p in params]``). ``device`` is where the per-row
-    tensors live (the logits' device, to avoid a copy per token).
+    per-row temperatures (``[p.temperature for p in params]``). ``eos_token_ids`` is one list
+    for every row or one list per row. ``device`` is where the per-row tensors live (the
+    logits' device, to avoid a copy per token).
     """
     params = list(params)
     if not params or not all(isinstance(p, SamplingParams) for p in params):
         raise ValueError("params must be a non-empty sequence of SamplingParams, one per batch row")
-    eos = normalise_token_ids(eos_token_ids if eos_token_ids is not None else [], "eos_token_ids")
+    if isinstance(eos_token_ids, Sequence) and eos_token_ids and not is_int(eos_token_ids[0]):
+        if len(eos_token_ids) != len(params):
+            raise ValueError(f"eos_token_ids has {len(eos_token_ids)} per-row lists for {len(params)} rows")
+        eos = [normalise_token_ids(ids, f"eos_token_ids[{i}]") for i, ids in enumerate(eos_token_ids)]
+    else:
+        eos = [normalise_token_ids(eos_token_ids if eos_token_ids is not None else [], "eos_token_ids")] * len(params)
     processors: list[LogitsProcessor] = []
     for stage in _STAGES:
-        rows = [stage.values(p, eos) for p in params]
+        rows = [stage.values(p, row_eos) for p, row_eos in zip(params, eos)]
         if all(values == stage.neutral for values in rows):
             continue
         columns = [pack([values[i] for values in rows], device) for i, pack in enumerate(stage.per_row)]

@@ -13,8 +13,9 @@ Resolving a request settles, before any work:
 - ``max_new_tokens``: the caller's, or what the context leaves after the longest prompt;
 - the context limit: prompt plus new tokens must fit (``ContextLengthError``);
 - the vocabulary limit: ids the model can score but the tokenizer has no text for (padded
-  embedding rows) are never chosen. ``DecodeRequest.logits_processors`` is the one place that
-  applies it, as a ``VocabularyLimit`` processor first in every strategy's list;
+  embedding rows) are never chosen. ``DecodeRequest.logits_processors`` (and
+  ``batch_logits_processors`` for a batch of requests) is the one place that applies it, as a
+  ``VocabularyLimit`` processor first in every strategy's list;
 - what the serving engine also asks: stop strings need a tokenizer, ``logit_bias`` ids and the
   ``logprobs`` counts are in range.
 """
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from .processors import LogitsProcessor, VocabularyLimit, build_processors
+from .processors import LogitsProcessor, VocabularyLimit, build_batch_processors, build_processors
 from .sampling import SamplingParams
 from .validation import is_int
 
@@ -38,6 +39,7 @@ __all__ = [
     "ContextLengthError",
     "DecodeRequest",
     "as_prompt_lists",
+    "batch_logits_processors",
     "decoder_config",
     "end_of_sequence_ids",
 ]
@@ -204,6 +206,25 @@ class DecodeRequest:
         if self.vocab_limit < self.vocab_size:
             processors.insert(0, VocabularyLimit(self.vocab_limit))
         return processors
+
+
+def batch_logits_processors(
+    requests: Sequence[DecodeRequest], device: torch.device | str | None = None
+) -> list[LogitsProcessor]:
+    """One processor list for a batch of requests to one model (the serving engine's batch):
+    row i equals `requests[i].logits_processors()` applied to it alone. The vocabulary limit
+    comes first, as there; `processors.build_batch_processors` gives the rest, with per-row
+    values on `device`."""
+    if not requests:
+        raise DecodeRequestError("a batch needs at least one request")
+    first = requests[0]
+    if any((r.vocab_size, r.vocab_limit) != (first.vocab_size, first.vocab_limit) for r in requests):
+        raise DecodeRequestError("the requests of one batch must be resolved for one model and tokenizer")
+    processors = build_batch_processors([r.params for r in requests], [r.eos_token_ids for r in requests],
+                                        vocab_size=first.vocab_size, device=device)
+    if first.vocab_limit < first.vocab_size:
+        processors.insert(0, VocabularyLimit(first.vocab_limit))
+    return processors
 
 
 def as_prompt_lists(prompts) -> list[list[int]]:
