@@ -39,7 +39,7 @@ from machine import describe
 
 from genforge.checkpoint import load_model
 from genforge.generate.generator import stream
-from genforge.generate.processors import SamplingParams
+from genforge.generate.sampling import SamplingParams
 from genforge.inference import PackedLinear, can_pack, pack_for_cpu_inference
 
 SHAPES = {

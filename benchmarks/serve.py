@@ -94,7 +94,7 @@ def warmed_engine(model, warmup: Workload, max_concurrency: int, token_budget: i
 
 
 def run_genforge(engine, workload: Workload, max_concurrency: int) -> Trace:
-    from genforge.generate.processors import SamplingParams
+    from genforge.generate.sampling import SamplingParams
     from genforge.serve.engine import Request
 
     trace = Trace(list(workload.arrivals), [[] for _ in workload.prompts])
@@ -229,7 +229,7 @@ def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | Non
     """
     import torch.nn.functional as F
 
-    from genforge.generate.processors import SamplingParams
+    from genforge.generate.sampling import SamplingParams
     from genforge.inference import PackedLinear
     from genforge.model import Transformer
     from genforge.serve.engine import Engine, Request

@@ -54,7 +54,7 @@ from genforge.atomic import atomic_path
 from genforge.checkpoint import load_model
 from genforge.config import Config
 from genforge.generate.generator import generate
-from genforge.generate.processors import SamplingParams
+from genforge.generate.sampling import SamplingParams
 from genforge.generate.speculative import prompt_lookup_generate, speculative_generate
 from genforge.inference import pack_for_cpu_inference
 from genforge.model import Transformer

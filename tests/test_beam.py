@@ -8,7 +8,8 @@ import torch
 from genforge.checkpoint import load_model
 from genforge.generate.beam import beam_search
 from genforge.generate.generator import generate
-from genforge.generate.processors import NoRepeatNGram, RepetitionPenalty, SamplingParams
+from genforge.generate.processors import NoRepeatNGram, RepetitionPenalty
+from genforge.generate.sampling import SamplingParams
 
 NEW_TOKENS = 16
 

@@ -8,7 +8,7 @@ import torch
 from genforge.checkpoint import load_model
 from genforge.cli import build_parser, main
 from genforge.generate.generator import generate
-from genforge.generate.processors import SamplingParams
+from genforge.generate.sampling import SamplingParams
 from genforge.inference import pack_for_cpu_inference
 from genforge.tokenizer import Tokenizer
 

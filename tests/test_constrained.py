@@ -13,7 +13,8 @@ from genforge.generate.constrained import (
     RegexConstraint,
 )
 from genforge.generate.generator import generate
-from genforge.generate.processors import DecodeContext, SamplingParams
+from genforge.generate.processors import DecodeContext
+from genforge.generate.sampling import SamplingParams
 from genforge.tokenizer import Tokenizer
 
 SEEDS = range(3)

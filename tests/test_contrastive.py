@@ -23,7 +23,8 @@ from genforge.generate.contrastive import (
     contrastive_search_scores,
 )
 from genforge.generate.generator import generate
-from genforge.generate.processors import LogitBias, SamplingParams
+from genforge.generate.processors import LogitBias
+from genforge.generate.sampling import SamplingParams
 from genforge.model import Transformer
 
 PROMPTS = [[5, 9, 33, 12, 7, 9, 40], [17, 3, 88], [60, 61, 62, 63, 2, 44, 45, 8, 9, 10]]

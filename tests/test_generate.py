@@ -6,7 +6,7 @@ import torch
 
 from genforge.checkpoint import load_model
 from genforge.generate.generator import generate, stream
-from genforge.generate.processors import SamplingParams
+from genforge.generate.sampling import SamplingParams
 
 FAMILIES = list(reference_models.FAMILIES)
 

@@ -6,7 +6,7 @@ import torch
 
 from genforge.checkpoint import load_model, save_model
 from genforge.generate.generator import generate
-from genforge.generate.processors import SamplingParams
+from genforge.generate.sampling import SamplingParams
 from genforge.inference import SMALL_PRODUCT_MULTIPLY_ADDS, PackedLinear, can_pack, pack_for_cpu_inference
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.nn.Linear(2, 2)), reason="needs oneDNN (x86 CPU build of torch)")
@@ -155,7 +155,7 @@ def test_generate_on_a_packed_model_uses_both_kernels_and_matches(hf_model_dir, 
 # --- the greedy fast path (processors.greedy_next_token) ---
 
 def test_greedy_next_token_is_sample_next_token_at_temperature_zero():
-    from genforge.generate.processors import greedy_next_token, sample_next_token
+    from genforge.generate.sampling import greedy_next_token, sample_next_token
 
     generator = torch.Generator().manual_seed(3)
     # Few distinct values: many ties, where both must pick the first index.
@@ -168,7 +168,7 @@ def test_greedy_next_token_is_sample_next_token_at_temperature_zero():
 
 @pytest.mark.parametrize("bad", ["nan", "all -inf"])
 def test_greedy_next_token_rejects_what_sample_next_token_rejects(bad):
-    from genforge.generate.processors import greedy_next_token, sample_next_token
+    from genforge.generate.sampling import greedy_next_token, sample_next_token
 
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0))
     if bad == "nan":

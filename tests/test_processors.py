@@ -16,7 +16,6 @@ from genforge.generate.processors import (
     NoRepeatNGram,
     PresenceFrequencyPenalty,
     RepetitionPenalty,
-    SamplingParams,
     Temperature,
     TopK,
     TopP,
@@ -24,10 +23,8 @@ from genforge.generate.processors import (
     apply_processors,
     build_batch_processors,
     build_processors,
-    make_generator,
-    sample_next_token,
-    token_logprobs,
 )
+from genforge.generate.sampling import SamplingParams, make_generator, sample_next_token, token_logprobs
 
 BATCH, VOCAB, SEQ, PROMPT = 4, 1000, 14, 9
 EOS = 3

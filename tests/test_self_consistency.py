@@ -6,7 +6,7 @@ import re
 import pytest
 
 from genforge.checkpoint import load_model
-from genforge.generate.processors import SamplingParams
+from genforge.generate.sampling import SamplingParams
 from genforge.generate.self_consistency import extract_final_answer, majority_vote, self_consistency, vote_on_texts
 from genforge.tokenizer import Tokenizer
 

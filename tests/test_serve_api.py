@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from genforge.checkpoint import load_model, save_model
 from genforge.config import Config
 from genforge.generate.generator import generate
-from genforge.generate.processors import SamplingParams
+from genforge.generate.sampling import SamplingParams
 from genforge.model import Transformer
 from genforge.serve.api import create_app
 from genforge.serve.engine import AsyncEngine, Engine

@@ -17,7 +17,7 @@ from genforge.checkpoint import load_model
 from genforge.config import Config
 from genforge.generate.constrained import JsonSchemaConstraint
 from genforge.generate.generator import generate
-from genforge.generate.processors import SamplingParams, token_logprobs
+from genforge.generate.sampling import SamplingParams, token_logprobs
 from genforge.model import Transformer
 from genforge.serve.blocks import BlockManager, OutOfBlocks
 from genforge.serve.engine import AsyncEngine, Engine, Request

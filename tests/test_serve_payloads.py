@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from genforge.generate.processors import SamplingParams
+from genforge.generate.sampling import SamplingParams
 from genforge.serve.engine import RequestOutput, TokenLogprob
 from genforge.serve.errors import OpenAIError
 from genforge.serve.payloads import (

@@ -11,7 +11,8 @@ from scipy.stats import chisquare
 from genforge.checkpoint import load_model
 from genforge.config import Config
 from genforge.generate.generator import generate
-from genforge.generate.processors import DecodeContext, SamplingParams, apply_processors, build_processors
+from genforge.generate.processors import DecodeContext, apply_processors, build_processors
+from genforge.generate.sampling import SamplingParams
 from genforge.generate.speculative import prompt_lookup_generate, speculative_generate
 from genforge.model import Transformer
 

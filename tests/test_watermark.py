@@ -10,7 +10,8 @@ from scipy.stats import norm
 
 from genforge.cache import ContiguousKVCache
 from genforge.config import Config
-from genforge.generate.processors import DecodeContext, Temperature, TopK, apply_processors, sample_next_token
+from genforge.generate.processors import DecodeContext, Temperature, TopK, apply_processors
+from genforge.generate.sampling import sample_next_token
 from genforge.generate.watermark import Watermark, detect_watermark, green_token_mask
 from genforge.model import Transformer
 
@@ -216,7 +217,7 @@ def test_green_lists_are_identical_on_cuda():
 def test_generate_accepts_a_watermark_as_an_extra_processor(text_model_dir):
     from genforge.checkpoint import load_model
     from genforge.generate.generator import generate
-    from genforge.generate.processors import SamplingParams
+    from genforge.generate.sampling import SamplingParams
     from genforge.generate.watermark import Watermark, detect_watermark
 
     model = load_model(text_model_dir)

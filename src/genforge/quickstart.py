@@ -89,7 +89,7 @@ def streamed_generation(out: Path, console: Console) -> None:
     from .config import Config
     from .encoder import default_encoder_path
     from .generate.generator import stream
-    from .generate.processors import SamplingParams
+    from .generate.sampling import SamplingParams
     from .model import Transformer
     from .tokenizer import Tokenizer
 
@@ -207,7 +207,7 @@ def pretrain_from_scratch(out: Path, console: Console, fast: bool = False) -> di
     from .config import Config
     from .generate.contrastive import contrastive_search
     from .generate.generator import continuation_text, generate
-    from .generate.processors import SamplingParams
+    from .generate.sampling import SamplingParams
     from .model import Transformer
     from .train import TrainConfig, Trainer
     from .train.data import load_prepared

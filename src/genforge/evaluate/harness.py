@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
 from ..generate.generator import generate
-from ..generate.processors import SamplingParams
+from ..generate.sampling import SamplingParams
 from ..jsonl import json_objects
 from ..model import Transformer
 from ..tokenizer import Tokenizer

@@ -50,10 +50,11 @@ import torch
 
 from ..cache import ContiguousKVCache
 from ..model import Transformer
-from .generator import as_prompt_lists, continuation_text, end_of_sequence_ids
-from .processors import DecodeContext, LogitBias, LogitsProcessor, apply_processors
+from .generator import continuation_text
+from .processors import DecodeContext, LogitsProcessor, apply_processors
+from .request import DecodeRequest, DecodeRequestError
 
-__all__ = ["BeamHypothesis", "beam_search"]
+__all__ = ["BeamHypothesis", "BeamOptions", "beam_search", "run_beam_search"]
 
 # transformers' "ruled out" score. It is added (not assigned) and kept finite so that ranking
 # among ruled-out candidates stays deterministic and identical to the reference.
@@ -112,11 +113,64 @@ class _BeamGroup:
             setattr(self, name, value.index_select(0, rows))
 
 
+@dataclass(frozen=True)
+class BeamOptions:
+    """The knobs of beam search, checked when built (see `beam_search` for each)."""
+
+    num_beams: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    num_beam_groups: int = 1
+    diversity_penalty: float = 0.0
+    do_sample: bool = False
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+                raise DecodeRequestError(f"{name} must be an integer >= 1, got {value!r}")
+
+        for name in ("num_beams", "num_return_sequences", "num_beam_groups"):
+            positive_int(name)
+        if self.num_return_sequences > self.num_beams:
+            raise DecodeRequestError(
+                f"num_return_sequences ({self.num_return_sequences}) must not exceed num_beams ({self.num_beams}): "
+                "beam search keeps only num_beams finished hypotheses"
+            )
+        if self.num_beams % self.num_beam_groups:
+            raise DecodeRequestError(
+                f"num_beams ({self.num_beams}) must be a multiple of num_beam_groups ({self.num_beam_groups})"
+            )
+        penalty = self.length_penalty
+        if not isinstance(penalty, Real) or isinstance(penalty, bool) or not math.isfinite(penalty):
+            raise DecodeRequestError(
+                f"length_penalty must be a finite number (> 0 favours longer, < 0 shorter sequences), got {penalty!r}"
+            )
+        stopping = self.early_stopping
+        if not any(stopping is v if isinstance(v, bool) else stopping == v for v in EARLY_STOPPING_VALUES):
+            raise DecodeRequestError(f"early_stopping must be True, False or 'never', got {stopping!r}")
+        diversity = self.diversity_penalty
+        if not isinstance(diversity, Real) or isinstance(diversity, bool) or not (
+            math.isfinite(diversity) and diversity >= 0
+        ):
+            raise DecodeRequestError(f"diversity_penalty must be a finite number >= 0, got {diversity!r}")
+        if diversity and self.num_beam_groups == 1:
+            raise DecodeRequestError(
+                "diversity_penalty needs num_beam_groups > 1: it pushes each group away from the earlier ones"
+            )
+        if self.do_sample and self.num_beam_groups > 1:
+            raise DecodeRequestError(
+                "beam sampling (do_sample=True) and diverse beam search (num_beam_groups > 1) do not combine; "
+                "use one or the other"
+            )
+
+
 def beam_search(
     model: Transformer,
     prompt_ids: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor,
     num_beams: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     *,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
@@ -133,7 +187,8 @@ def beam_search(
     """Beam search for a batch of prompts (token-id lists, left-padded internally).
 
     Returns, per prompt, the `num_return_sequences` best finished hypotheses, best first.
-    `eos_token_ids` default to the model config's; pass `[]` to only stop at `max_new_tokens`.
+    `max_new_tokens` None runs to the end of the context. `eos_token_ids` default to the model
+    config's and the tokenizer's; pass `[]` to only stop at `max_new_tokens`.
     `processors` run on the log-probabilities of every step (e.g. `NoRepeatNGram(3)`,
     `RepetitionPenalty(1.2)`, `MinNewTokens(...)`), as transformers applies its processors in
     beam search. `num_beam_groups > 1` with `diversity_penalty > 0` is diverse beam search.
@@ -144,19 +199,34 @@ def beam_search(
     as an eos id would; with a tokenizer each hypothesis also carries its `text`, cut there.
     See the module docstring for the exact semantics.
     """
-    prompts = as_prompt_lists(prompt_ids)
-    config = model.config
-    eos = sorted(end_of_sequence_ids(config, override=eos_token_ids))
-    _check_arguments(
-        model, prompts, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences, eos,
-        num_beam_groups, diversity_penalty,
-    )
+    options = BeamOptions(num_beams, length_penalty, early_stopping, num_return_sequences, num_beam_groups,
+                          diversity_penalty, do_sample)
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else [t for t in stop_strings if t]
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer to detect them; pass tokenizer=")
-    if do_sample and num_beam_groups > 1:
-        raise ValueError("beam sampling (do_sample=True) and diverse beam search (num_beam_groups > 1) do not combine; "
-                         "use one or the other")
+    request = DecodeRequest.resolve(model, prompt_ids, max_new_tokens=max_new_tokens, stop=stop_strings,
+                                    tokenizer=tokenizer, eos_token_ids=eos_token_ids)
+    return run_beam_search(model, request, options, processors=processors, generator=generator)
+
+
+def run_beam_search(
+    model: Transformer,
+    request: DecodeRequest,
+    options: BeamOptions,
+    *,
+    processors: Sequence[LogitsProcessor] = (),
+    generator: torch.Generator | None = None,
+) -> list[list[BeamHypothesis]]:
+    """`beam_search` on a resolved request. The request's own processors apply (its penalties
+    and bans; its temperature and truncation filters too when `options.do_sample`), then
+    `processors`; its stop strings and eos ids end hypotheses."""
+    prompts, tokenizer = request.prompts, request.tokenizer
+    num_beams, max_new_tokens = options.num_beams, request.max_new_tokens
+    num_beam_groups, diversity_penalty = options.num_beam_groups, options.diversity_penalty
+    length_penalty, early_stopping = options.length_penalty, options.early_stopping
+    do_sample, num_return_sequences = options.do_sample, options.num_return_sequences
+    stop_strings = request.params.stop
+    eos = list(request.eos_token_ids)
+    processors = request.logits_processors(processors, sampling=do_sample)
+    config = model.config
     device, batch = model.device, len(prompts)
     longest = max(len(p) for p in prompts)
     capacity = longest + max_new_tokens
@@ -183,9 +253,6 @@ def beam_search(
         return torch.tensor(hit, device=candidate_tokens.device).view(candidate_tokens.shape[:2])
 
     stop_check = hits_stop_string if stop_strings else None
-    if tokenizer is not None and tokenizer.vocab_size < config.vocab_size:
-        # Padded embedding rows past the tokenizer have no text; never choose them.
-        processors = [LogitBias.ban(range(tokenizer.vocab_size, config.vocab_size), config.vocab_size), *processors]
     cache = ContiguousKVCache(config, batch, capacity, dtype=model.dtype, device=device)
     with torch.inference_mode():
         # The prompt is run once per prompt, not once per beam; the cache rows are then repeated.
@@ -370,55 +437,3 @@ def _best_hypotheses(
         if len(best) == how_many:
             break
     return best
-
-
-def _check_arguments(
-    model, prompts, num_beams, max_new_tokens, length_penalty, early_stopping, num_return_sequences, eos,
-    num_beam_groups, diversity_penalty,
-) -> None:
-    """Every argument checked before any compute, each error saying what is accepted."""
-    config = model.config
-    if not config.causal:
-        raise ValueError(f"{config.family} is an encoder; beam search needs a causal language model")
-
-    def positive_int(name: str, value) -> None:
-        if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-    positive_int("num_beams", num_beams)
-    positive_int("max_new_tokens", max_new_tokens)
-    positive_int("num_return_sequences", num_return_sequences)
-    positive_int("num_beam_groups", num_beam_groups)
-    if num_return_sequences > num_beams:
-        raise ValueError(
-            f"num_return_sequences ({num_return_sequences}) must not exceed num_beams ({num_beams}): "
-            "beam search keeps only num_beams finished hypotheses"
-        )
-    if num_beams % num_beam_groups:
-        raise ValueError(f"num_beams ({num_beams}) must be a multiple of num_beam_groups ({num_beam_groups})")
-    if not isinstance(length_penalty, Real) or isinstance(length_penalty, bool) or not math.isfinite(length_penalty):
-        raise ValueError(
-            "length_penalty must be a finite number (> 0 favours longer, < 0 shorter sequences), "
-            f"got {length_penalty!r}"
-        )
-    if not any(early_stopping is v if isinstance(v, bool) else early_stopping == v for v in EARLY_STOPPING_VALUES):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    if not isinstance(diversity_penalty, Real) or isinstance(diversity_penalty, bool) or not (
-        math.isfinite(diversity_penalty) and diversity_penalty >= 0
-    ):
-        raise ValueError(f"diversity_penalty must be a finite number >= 0, got {diversity_penalty!r}")
-    if diversity_penalty and num_beam_groups == 1:
-        raise ValueError("diversity_penalty needs num_beam_groups > 1: it pushes each group away from the earlier ones")
-    bad_eos = [t for t in eos if not 0 <= t < config.vocab_size]
-    if bad_eos:
-        raise ValueError(f"eos_token_ids {bad_eos} are outside the vocabulary (0..{config.vocab_size - 1})")
-    for i, p in enumerate(prompts):
-        bad = [t for t in p if not isinstance(t, Integral) or not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary (0..{config.vocab_size - 1}): {bad[:5]}")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
-        )

@@ -53,7 +53,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _sampling_params(args, generation_config: dict):
-    from .processors import SamplingParams
+    from .sampling import SamplingParams
 
     bias = {}
     for item in args.logit_bias:
@@ -123,7 +123,8 @@ def _check_strategy_flags(args) -> None:
 
 def cmd_generate(args) -> int:
     from ..checkpoint import read_generation_config
-    from .generator import continuation_text, end_of_sequence_ids, only_text_tokens
+    from .generator import continuation_text, only_text_tokens
+    from .request import end_of_sequence_ids
 
     generation_config = read_generation_config(args.model)
     params = _sampling_params(args, generation_config)  # validate before loading the weights
@@ -179,7 +180,8 @@ def _stream_samples(args, model, tokenizer, prompts, params, eos, extra_processo
 def _run_strategy(args, model, tokenizer, prompts, params, eos) -> list[tuple[int, list[int], dict]]:
     if args.strategy in ("beam", "diverse-beam"):
         from .beam import beam_search
-        from .processors import build_processors, make_generator
+        from .processors import build_processors
+        from .sampling import make_generator
 
         # Beam search ranks whole sequences by log-probability; only the penalties and bans
         # of the processors apply, unless beam sampling draws the candidates (then the
@@ -256,7 +258,8 @@ def _deterministic(params):
 
 def cmd_chat(args) -> int:
     from ..checkpoint import read_generation_config
-    from .generator import end_of_sequence_ids, stream
+    from .generator import stream
+    from .request import end_of_sequence_ids
 
     generation_config = read_generation_config(args.model)
     params = _sampling_params(args, generation_config)

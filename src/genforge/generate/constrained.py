@@ -62,8 +62,8 @@ _NEG_INF = float("-inf")
 # opt back in with {"x-guidance": {"whitespace_flexible": true}}.
 _JSON_DEFAULTS = {"whitespace_flexible": False}
 
-# Building the token trie costs about a second for a 150k vocabulary; constraints over the
-# same tokenizer share it. Weak keys: the cache never keeps a tokenizer alive.
+# Building the token trie is slow for a large vocabulary (docs/decoding.md); constraints over
+# the same tokenizer share it. Weak keys: the cache never keeps a tokenizer alive.
 _LLTOKENIZERS: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], llguidance.LLTokenizer]] = (
     weakref.WeakKeyDictionary()
 )

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 import torch
@@ -43,13 +44,19 @@ import torch.nn.functional as F
 
 from ..cache import ContiguousKVCache
 from ..model import Transformer
-from .generator import Completion, as_prompt_lists, end_of_sequence_ids
-from .processors import DecodeContext, LogitsProcessor, apply_processors, make_generator
+from .generator import Completion
+from .processors import DecodeContext, LogitsProcessor, apply_processors
+from .request import DecodeRequest, DecodeRequestError, decoder_config
+from .sampling import SamplingParams, make_generator
 
 __all__ = [
+    "ContrastiveSearchOptions",
+    "ContrastiveDecodingOptions",
     "contrastive_search",
+    "run_contrastive_search",
     "contrastive_search_scores",
     "contrastive_decoding",
+    "run_contrastive_decoding",
     "contrastive_decoding_scores",
 ]
 
@@ -123,12 +130,24 @@ def contrastive_decoding_scores(
 
 
 # --------------------------------------------------------------------------- contrastive search
+@dataclass(frozen=True)
+class ContrastiveSearchOptions:
+    """The knobs of contrastive search (see `contrastive_search`). `top_k` None takes the
+    request's `params.top_k`, or 4 where that is 0 (off)."""
+
+    penalty_alpha: float = 0.6
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_alpha(self.penalty_alpha, "penalty_alpha")
+
+
 def contrastive_search(
     model: Transformer,
     prompt_ids: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor,
     penalty_alpha: float,
     top_k: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     *,
     eos_token_ids: Sequence[int] | None = None,
     processors: Sequence[LogitsProcessor] = (),
@@ -139,18 +158,35 @@ def contrastive_search(
     penalty_alpha: weight of the degeneration penalty in [0, 1]; 0 is greedy decoding.
         0.6 with top_k 4 to 10 is a common setting.
     top_k: candidates per step (>= 1); each costs one row of the step's forward.
+    max_new_tokens: None runs to the end of the context.
     eos_token_ids: default the model config's; `[]` to stop only at `max_new_tokens`.
     processors: run on each step's logits before the softmax that gives p(v) (penalties,
         bans, biases from `processors.py`), where transformers' version applied them too.
     """
-    prompts = as_prompt_lists(prompt_ids)
-    config = model.config
-    eos = end_of_sequence_ids(config, override=eos_token_ids)
-    _check_alpha(penalty_alpha, "penalty_alpha")
-    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= top_k <= config.vocab_size:
-        raise ValueError(f"top_k must be an integer in [1, {config.vocab_size}] (the vocabulary size), got {top_k!r}")
-    _check_decoder(model, "model", prompts, max_new_tokens, eos)
+    options = ContrastiveSearchOptions(penalty_alpha, top_k)
+    request = DecodeRequest.resolve(model, prompt_ids, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids)
+    return run_contrastive_search(model, request, options, processors=processors)
 
+
+def run_contrastive_search(
+    model: Transformer,
+    request: DecodeRequest,
+    options: ContrastiveSearchOptions,
+    *,
+    processors: Sequence[LogitsProcessor] = (),
+) -> list[Completion]:
+    """`contrastive_search` on a resolved request: its penalties and bans apply (not its
+    temperature or truncation filters: the search chooses by score), then `processors`. Stop
+    strings are not detected."""
+    config = model.config
+    top_k = (request.params.top_k or 4) if options.top_k is None else options.top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, Integral) or not 1 <= top_k <= config.vocab_size:
+        raise DecodeRequestError(
+            f"top_k must be an integer in [1, {config.vocab_size}] (the vocabulary size), got {top_k!r}"
+        )
+    penalty_alpha = options.penalty_alpha
+    processors = request.logits_processors(processors, sampling=False)
+    prompts, max_new_tokens, eos = request.prompts, request.max_new_tokens, set(request.eos_token_ids)
     device, batch, k = model.device, len(prompts), int(top_k)
     tokens, mask, longest = _left_padded(prompts, max_new_tokens, device)
     capacity = tokens.shape[1]
@@ -214,12 +250,29 @@ def _share_newest_position(cache: ContiguousKVCache, source_rows: torch.Tensor, 
 
 
 # -------------------------------------------------------------------------- contrastive decoding
+@dataclass(frozen=True)
+class ContrastiveDecodingOptions:
+    """The knobs of contrastive decoding (see `contrastive_decoding`); the `amateur` is the
+    weaker model, which the knobs can be checked without. Temperature and seed are the
+    request's."""
+
+    amateur: Transformer | None = None
+    alpha: float = 0.1
+    amateur_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.amateur is not None:
+            decoder_config(self.amateur, "amateur")
+        _check_alpha(self.alpha)
+        _check_positive("amateur_temperature", self.amateur_temperature)
+
+
 def contrastive_decoding(
     expert: Transformer,
     amateur: Transformer,
     prompt_ids: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor,
     alpha: float = 0.1,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = 64,
     *,
     amateur_temperature: float = 1.0,
     temperature: float = 0.0,
@@ -233,6 +286,7 @@ def contrastive_decoding(
     alpha: the plausibility cut in [0, 1]; tokens below `alpha` times the expert's top
         probability are never chosen. 0.1 is the paper's value; 1 keeps only the expert's top
         token (greedy decoding of the expert); 0 removes the constraint (not advised).
+    max_new_tokens: None runs to the end of the context.
     amateur_temperature: Li et al.'s tau, > 0, tuned per model family (0.5 to 1).
     temperature: 0 (default) takes the best score; > 0 samples from
         softmax(score / temperature), reproducibly with `seed`.
@@ -242,25 +296,40 @@ def contrastive_decoding(
 
     The models must share a tokenizer; genforge checks what it can, the vocabulary size.
     """
-    prompts = as_prompt_lists(prompt_ids)
-    eos = end_of_sequence_ids(expert.config, override=eos_token_ids)
-    _check_alpha(alpha)
-    _check_positive("amateur_temperature", amateur_temperature)
-    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (0 <= temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = pick the best score), got {temperature!r}")
+    options = ContrastiveDecodingOptions(amateur, alpha, amateur_temperature)
+    params = SamplingParams(temperature=temperature, seed=seed, max_new_tokens=max_new_tokens)
+    request = DecodeRequest.resolve(expert, prompt_ids, params, eos_token_ids=eos_token_ids, role="expert")
+    return run_contrastive_decoding(expert, request, options, processors=processors)
+
+
+def run_contrastive_decoding(
+    expert: Transformer,
+    request: DecodeRequest,
+    options: ContrastiveDecodingOptions,
+    *,
+    processors: Sequence[LogitsProcessor] = (),
+) -> list[Completion]:
+    """`contrastive_decoding` on a resolved request (made for the expert). Its temperature
+    and seed choose how a token is picked from the scores; its penalties and bans apply to the
+    expert's logits, then `processors`. Stop strings are not detected."""
+    amateur, alpha, amateur_temperature = options.amateur, options.alpha, options.amateur_temperature
+    if amateur is None:
+        raise DecodeRequestError("contrastive decoding needs an amateur model: a weaker model with the expert's "
+                                 "vocabulary, as ContrastiveDecodingOptions(amateur=...)")
     if expert.config.vocab_size != amateur.config.vocab_size:
-        raise ValueError(
+        raise DecodeRequestError(
             f"the expert's vocabulary has {expert.config.vocab_size} tokens but the amateur's has "
             f"{amateur.config.vocab_size}; contrastive decoding compares the two distributions token by token, "
             "so both models must use the same tokenizer and vocabulary size"
         )
     if expert.device != amateur.device:
-        raise ValueError(
+        raise DecodeRequestError(
             f"the expert is on {expert.device} but the amateur on {amateur.device}; put them on one device"
         )
-    _check_decoder(expert, "expert", prompts, max_new_tokens, eos)
-    _check_decoder(amateur, "amateur", prompts, max_new_tokens, eos)
-
+    request.check_model(amateur, "amateur")
+    temperature, seed = request.params.temperature, request.params.seed
+    processors = request.logits_processors(processors, sampling=False)
+    prompts, max_new_tokens, eos = request.prompts, request.max_new_tokens, set(request.eos_token_ids)
     device, batch = expert.device, len(prompts)
     generator = make_generator(seed, device) if temperature > 0 else None
     tokens, mask, longest = _left_padded(prompts, max_new_tokens, device)
@@ -352,26 +421,3 @@ def _check_alpha(alpha, name: str = "alpha") -> None:
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_decoder(model: Transformer, role: str, prompts: list[list[int]], max_new_tokens, eos: set[int]) -> None:
-    config = model.config
-    if not config.causal:
-        raise ValueError(f"the {role} is a {config.family} encoder; decoding needs a causal language model")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    bad_eos = sorted(t for t in eos if not 0 <= t < config.vocab_size)
-    if bad_eos:
-        raise ValueError(f"eos_token_ids {bad_eos} are outside the vocabulary (0..{config.vocab_size - 1})")
-    for i, p in enumerate(prompts):
-        bad = [t for t in p if not isinstance(t, Integral) or not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt {i} has token ids outside the vocabulary (0..{config.vocab_size - 1}): {bad[:5]}"
-            )
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the {role}'s context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
-        )

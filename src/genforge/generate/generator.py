@@ -18,14 +18,9 @@ import torch
 
 from ..cache import ContiguousKVCache
 from ..model import Transformer
-from .processors import (
-    DecodeContext,
-    LogitsProcessor,
-    SamplingParams,
-    apply_processors,
-    build_processors,
-    sample_next_token,
-)
+from .processors import DecodeContext, LogitsProcessor, apply_processors
+from .request import DecodeRequest, DecodeRequestError
+from .sampling import SamplingParams, make_generator, sample_next_token
 
 
 @dataclass
@@ -49,23 +44,9 @@ class StreamEvent:
     finish_reason: str | None
 
 
-def as_prompt_lists(prompts) -> list[list[int]]:
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
-    elif prompts and isinstance(prompts[0], int):
-        prompts = [prompts]
-    prompts = [list(p) for p in prompts]
-    if not prompts:
-        raise ValueError("no prompts given; pass a list of token-id lists")
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (a BOS token will do)")
-    return prompts
-
-
 def stream(
     model: Transformer,
-    prompts: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor,
+    prompts: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor | DecodeRequest,
     params: SamplingParams | None = None,
     tokenizer=None,
     eos_token_ids: Sequence[int] | None = None,
@@ -74,42 +55,19 @@ def stream(
     """Yield a `StreamEvent` per generated token, for a batch of prompts given as token ids.
 
     Stop strings need `tokenizer`; eos ids default to the tokenizer's and the model config's.
-    `extra_processors` (a `watermark.Watermark`, a `constrained` grammar) run after the
-    penalties `params` builds and before its temperature and truncation filters.
+    `prompts` may also be a resolved `DecodeRequest`, which holds the params, tokenizer and
+    eos ids (give none of them then). `extra_processors` (a `watermark.Watermark`, a
+    `constrained` grammar) run after the penalties `params` builds and before its temperature
+    and truncation filters.
     """
-    params = params or SamplingParams()
-    prompts = as_prompt_lists(prompts)
+    request = _request(model, prompts, params, tokenizer, eos_token_ids)
+    params, tokenizer, prompts = request.params, request.tokenizer, request.prompts
     config = model.config
-    if not config.causal:
-        raise ValueError(f"{config.family} is an encoder; generation needs a causal language model")
-    eos = end_of_sequence_ids(config, tokenizer, override=eos_token_ids)
-    eos |= set(params.stop_token_ids or ())
-    if params.stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer to detect them; pass tokenizer=")
-    for i, p in enumerate(prompts):
-        bad = [t for t in p if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary (0..{config.vocab_size - 1}): {bad[:5]}")
-    longest = max(len(p) for p in prompts)
-    # No max_new_tokens means "until the context is full", as in the OpenAI API.
-    max_new_tokens = params.max_new_tokens or config.max_position_embeddings - longest
-    capacity = longest + max_new_tokens
-    if max_new_tokens < 1 or capacity > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = {capacity} exceeds the model's "
-            f"context of {config.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens"
-        )
-    params = only_text_tokens(params, config.vocab_size, tokenizer)
-    processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size,
-                                  before_sampling=extra_processors)
-    greedy = params.temperature == 0
-    generator = None
-    if not greedy:  # greedy decoding draws no random numbers; seeding from the OS costs ~0.1 ms
-        generator = torch.Generator(device=model.device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
+    eos = set(request.eos_token_ids)
+    longest, max_new_tokens, capacity = request.longest_prompt, request.max_new_tokens, request.capacity
+    processors = request.logits_processors(extra_processors)
+    # Greedy decoding draws no random numbers, and seeding from the OS has a cost (docs/decoding.md).
+    generator = None if params.greedy else make_generator(params.seed, model.device)
 
     device, batch = model.device, len(prompts)
     # Without left padding the model needs no attention mask: positions count from the first
@@ -168,31 +126,44 @@ def stream(
 
 def generate(
     model: Transformer,
-    prompts: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor,
+    prompts: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor | DecodeRequest,
     params: SamplingParams | None = None,
     tokenizer=None,
     eos_token_ids: Sequence[int] | None = None,
     extra_processors: Sequence[LogitsProcessor] = (),
 ) -> list[Completion]:
-    """Generate for a batch of prompts (token-id lists); one `Completion` per prompt.
-    `extra_processors`: as in `stream`."""
-    prompts = as_prompt_lists(prompts)
-    params = params or SamplingParams()
-    completions = [Completion(text="" if tokenizer is not None else None) for _ in prompts]
-    for event in stream(model, prompts, params, tokenizer, eos_token_ids, extra_processors):
+    """Generate for a batch of prompts (token-id lists, or a resolved `DecodeRequest`); one
+    `Completion` per prompt. `extra_processors`: as in `stream`."""
+    request = _request(model, prompts, params, tokenizer, eos_token_ids)
+    texts = request.tokenizer is not None
+    completions = [Completion(text="" if texts else None) for _ in request.prompts]
+    for event in stream(model, request, extra_processors=extra_processors):
         done = completions[event.row]
         done.token_ids.append(event.token_id)
-        if tokenizer is not None:
+        if texts:
             done.text += event.text
         done.finish_reason = event.finish_reason
     return completions
 
 
-def only_text_tokens(params: SamplingParams, model_vocab_size: int, tokenizer) -> SamplingParams:
-    """`params` with a ban on the ids past the tokenizer's vocabulary.
+def _request(model, prompts, params, tokenizer, eos_token_ids) -> DecodeRequest:
+    """`prompts` when it is already a request; else the request the arguments make."""
+    if not isinstance(prompts, DecodeRequest):
+        return DecodeRequest.resolve(model, prompts, params or SamplingParams(), tokenizer=tokenizer,
+                                     eos_token_ids=eos_token_ids)
+    given = [name for name, value in (("params", params), ("tokenizer", tokenizer), ("eos_token_ids", eos_token_ids))
+             if value is not None]
+    if given:
+        raise DecodeRequestError(f"{' and '.join(given)} given with a resolved DecodeRequest, which holds them "
+                                 "already; give them to DecodeRequest.resolve")
+    return prompts
 
-    Embedding tables are often padded past the tokenizer (to a multiple of 64 or 128); those
-    rows were never trained and have no text, so they must never be chosen.
+
+def only_text_tokens(params: SamplingParams, model_vocab_size: int, tokenizer) -> SamplingParams:
+    """`params` with a ban on the ids past the tokenizer's vocabulary, for the serving engine.
+
+    Superseded by the decode request's vocabulary limit (`DecodeRequest.vocab_limit`, applied
+    by `DecodeRequest.logits_processors`); kept until the engine takes a `DecodeRequest`.
     """
     if tokenizer is None or tokenizer.vocab_size >= model_vocab_size:
         return params
@@ -206,21 +177,6 @@ def continuation_text(tokenizer, prompt: Sequence[int], token_ids: Sequence[int]
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     decoder.prime(prompt)
     return "".join(decoder.step(t) for t in token_ids) + decoder.finish()
-
-
-def end_of_sequence_ids(config, tokenizer=None, *more, override=None) -> set[int]:
-    """Every id that ends a sequence: the model config's, the tokenizer's, and any `more` (an
-    id or a list of ids, such as generation_config.json's `eos_token_id`). A caller's explicit
-    list (`override`, [] for none) replaces them all."""
-    if override is not None:
-        return set(override)
-    ids: set[int] = set()
-    for source in (config.eos_token_id, getattr(tokenizer, "eos_token_id", None), *more):
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(source)
-    return ids
 
 
 class StopStringWatcher:

@@ -9,7 +9,10 @@ The simple generator builds one list per request with :func:`build_processors`; 
 continuous-batching engine builds one list per batch with :func:`build_batch_processors`,
 where every numeric knob may be a 1-D tensor holding one value per row. Per-row values use
 a neutral setting to mean "off for this row" (temperature 1, top_k 0, top_p 1, min_p 0,
-typical_p 1, repetition_penalty 1, penalties 0, ngram size 0, min_new_tokens 0).
+typical_p 1, repetition_penalty 1, penalties 0, ngram size 0, min_new_tokens 0). Both
+builders read one table, ``_STAGES``: which ``SamplingParams`` fields build which processor,
+in which order, and what value turns it off. The sampler and ``SamplingParams`` live in
+``sampling.py``.
 
 Semantics follow ``transformers.generation.logits_process`` (5.23) operation for operation,
 so the results are bitwise equal on the same float32 inputs (the tests check this); the
@@ -27,19 +30,19 @@ differences are deliberate and listed on each class:
 
 Hot path: everything is vectorised over batch and vocab; the only Python loops are over
 distinct n-gram sizes and, in the sampler, over per-request generators. Data-dependent
-checks (``.any()``, ``.max()``) run once at construction, never per token, except the
-single "is any token left?" check in :func:`sample_next_token`.
+checks (``.any()``, ``.max()``) run once at construction, never per token.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral, Real
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
+
+from .sampling import SamplingParams
+from .validation import check_knob, finite, is_int, normalise_bias, normalise_token_ids
 
 __all__ = [
     "DecodeContext",
@@ -54,15 +57,10 @@ __all__ = [
     "NoRepeatNGram",
     "LogitBias",
     "MinNewTokens",
-    "SamplingParams",
+    "VocabularyLimit",
     "build_processors",
     "build_batch_processors",
     "apply_processors",
-    "sample_next_token",
-    "greedy_next_token",
-    "make_generator",
-    "TokenLogprobs",
-    "token_logprobs",
 ]
 
 # A knob given once for the whole batch (Python number) or once per row (1-D tensor).
@@ -73,72 +71,12 @@ _NEG_INF = float("-inf")
 
 
 # --------------------------------------------------------------------------------------
-# Validation helpers: all run at construction time so bad input fails before generation.
+# Helpers: all checks run at construction time so bad input fails before generation.
 # --------------------------------------------------------------------------------------
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: Any) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
-
-
-def _finite(v: Any) -> Any:
-    return torch.isfinite(v) if isinstance(v, torch.Tensor) else math.isfinite(v)
-
-
-def _check(
-    name: str,
-    value: Any,
-    ok: Callable[[Any], Any],
-    requirement: str,
-    *,
-    integer: bool = False,
-    hint: str = "",
-) -> Any:
-    """Normalise a scalar or per-row knob and raise ``ValueError`` if ``ok`` fails.
-
-    Scalars become ``int``/``float``. Tensors must be 1-D and become int64 or float64:
-    float64 keeps Python-float precision, so arithmetic such as ``1 - top_p`` rounds to the
-    logits dtype exactly the way transformers' Python-scalar arithmetic does.
-    """
-    suffix = f" {hint}" if hint else ""
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 1 or value.numel() == 0:
-            raise ValueError(
-                f"{name} given per row must be a non-empty 1-D tensor (one value per batch row), "
-                f"got shape {tuple(value.shape)}"
-            )
-        if integer:
-            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-                raise ValueError(f"{name} given per row must be an integer tensor, got {value.dtype}")
-            value = value.long()
-        else:
-            value = value.double()
-        bad = ~ok(value)
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten()[:5].tolist()
-            raise ValueError(
-                f"{name} must be {requirement}; rows {rows} have {value[bad][:5].tolist()}.{suffix}"
-            )
-        return value
-    if integer:
-        if not _is_int(value):
-            raise ValueError(f"{name} must be an integer {requirement}, got {value!r}.{suffix}")
-        value = int(value)
-    else:
-        if not _is_real(value):
-            raise ValueError(f"{name} must be a number {requirement}, got {value!r}.{suffix}")
-        value = float(value)
-    if not ok(value):
-        raise ValueError(f"{name} must be {requirement}, got {value!r}.{suffix}")
-    return value
-
-
 def _check_min_tokens_to_keep(value: Any) -> int:
-    return _check("min_tokens_to_keep", value, lambda v: v >= 1, ">= 1", integer=True)
+    return check_knob("min_tokens_to_keep", value, lambda v: v >= 1, ">= 1", integer=True)
 
 
 def _rows(value: Any, logits: torch.Tensor, name: str) -> Any:
@@ -209,7 +147,7 @@ class DecodeContext:
                     f"prompt_length per row must be an integer tensor of shape ({batch},), "
                     f"got {plen.dtype} {tuple(plen.shape)}"
                 )
-        elif not _is_int(plen) or not 0 <= plen <= seq:
+        elif not is_int(plen) or not 0 <= plen <= seq:
             raise ValueError(f"prompt_length must be an int in [0, {seq}] (the sequence length), got {plen!r}")
         mask = self.attention_mask
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape):
@@ -279,10 +217,10 @@ class Temperature:
     temperature: PerRow
 
     def __post_init__(self) -> None:
-        t = _check(
+        t = check_knob(
             "temperature",
             self.temperature,
-            lambda v: (v > 0) & _finite(v),
+            lambda v: (v > 0) & finite(v),
             "a finite number > 0",
             hint="For greedy decoding use temperature=0 in SamplingParams; the sampler then takes "
             "the argmax and no Temperature processor is built.",
@@ -308,7 +246,7 @@ class TopK:
 
     def __post_init__(self) -> None:
         m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
-        k = _check("top_k", self.top_k, lambda v: v >= 0, ">= 0 (0 disables top-k)", integer=True)
+        k = check_knob("top_k", self.top_k, lambda v: v >= 0, ">= 0 (0 disables top-k)", integer=True)
         object.__setattr__(self, "min_tokens_to_keep", m)
         object.__setattr__(self, "top_k", k)
         # The largest k that topk() must return; fixed here so the hot path never syncs.
@@ -347,7 +285,7 @@ class TopP:
 
     def __post_init__(self) -> None:
         m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
-        p = _check("top_p", self.top_p, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 disables top-p)")
+        p = check_knob("top_p", self.top_p, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 disables top-p)")
         object.__setattr__(self, "min_tokens_to_keep", m)
         object.__setattr__(self, "top_p", p)
 
@@ -380,7 +318,7 @@ class MinP:
 
     def __post_init__(self) -> None:
         m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
-        p = _check("min_p", self.min_p, lambda v: (v >= 0) & (v <= 1), "in [0, 1] (0 disables min-p)")
+        p = check_knob("min_p", self.min_p, lambda v: (v >= 0) & (v <= 1), "in [0, 1] (0 disables min-p)")
         object.__setattr__(self, "min_tokens_to_keep", m)
         object.__setattr__(self, "min_p", p)
 
@@ -408,7 +346,7 @@ class TypicalP:
 
     def __post_init__(self) -> None:
         m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
-        p = _check(
+        p = check_knob(
             "typical_p", self.typical_p, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 disables typical-p)"
         )
         object.__setattr__(self, "min_tokens_to_keep", m)
@@ -452,10 +390,10 @@ class RepetitionPenalty:
     penalty: PerRow
 
     def __post_init__(self) -> None:
-        p = _check(
+        p = check_knob(
             "repetition_penalty",
             self.penalty,
-            lambda v: (v > 0) & _finite(v),
+            lambda v: (v > 0) & finite(v),
             "a finite number > 0 (1 disables it; > 1 discourages repeats)",
         )
         object.__setattr__(self, "penalty", p)
@@ -489,7 +427,7 @@ class PresenceFrequencyPenalty:
 
     def __post_init__(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
-            v = _check(name, getattr(self, name), _finite, "finite")
+            v = check_knob(name, getattr(self, name), finite, "finite")
             object.__setattr__(self, name, v)
 
     def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
@@ -523,7 +461,7 @@ class NoRepeatNGram:
     _sizes: tuple[int, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
-        n = _check("no_repeat_ngram_size", self.ngram_size, lambda v: v >= 0, ">= 0 (0 disables it)", integer=True)
+        n = check_knob("no_repeat_ngram_size", self.ngram_size, lambda v: v >= 0, ">= 0 (0 disables it)", integer=True)
         object.__setattr__(self, "ngram_size", n)
         sizes = sorted(set(n.tolist())) if isinstance(n, torch.Tensor) else [n]
         object.__setattr__(self, "_sizes", tuple(s for s in sizes if s > 0))
@@ -556,24 +494,6 @@ class NoRepeatNGram:
         return logits.masked_fill(banned[:, :vocab], _NEG_INF)
 
 
-def _normalise_bias(bias: Any, where: str) -> dict[int, float]:
-    if not isinstance(bias, Mapping):
-        raise ValueError(f"{where} must be a mapping token_id -> bias, got {type(bias).__name__}")
-    out: dict[int, float] = {}
-    for key, value in bias.items():
-        # JSON object keys are strings (OpenAI sends {"50256": -100}); accept decimal strings.
-        if isinstance(key, str) and key.strip().isdigit():
-            key = int(key)
-        if not _is_int(key) or key < 0:
-            raise ValueError(f"{where} keys must be token ids (integers >= 0), got {key!r}")
-        if not _is_real(value) or math.isnan(value) or value == math.inf:
-            raise ValueError(
-                f"{where}[{key}] must be a finite number, or -inf to ban the token; got {value!r}"
-            )
-        out[int(key)] = float(value)
-    return out
-
-
 @dataclass(frozen=True)
 class LogitBias:
     """Additive per-token bias, OpenAI ``logit_bias`` style: ``logits[:, id] += bias[id]``.
@@ -592,13 +512,13 @@ class LogitBias:
 
     def __post_init__(self) -> None:
         if self.vocab_size is not None:
-            _check("vocab_size", self.vocab_size, lambda v: v > 0, "> 0", integer=True)
+            check_knob("vocab_size", self.vocab_size, lambda v: v > 0, "> 0", integer=True)
         if isinstance(self.bias, Mapping):
-            bias: Any = _normalise_bias(self.bias, "logit_bias")
+            bias: Any = normalise_bias(self.bias, "logit_bias")
             ids = list(bias)
         elif isinstance(self.bias, Sequence) and not isinstance(self.bias, str):
             bias = tuple(
-                _normalise_bias(row if row is not None else {}, f"logit_bias for row {i}")
+                normalise_bias(row if row is not None else {}, f"logit_bias for row {i}")
                 for i, row in enumerate(self.bias)
             )
             ids = [i for row in bias for i in row]
@@ -650,21 +570,6 @@ class LogitBias:
         return logits + self._dense(logits)
 
 
-def _normalise_token_ids(ids: Any, name: str) -> tuple[int, ...]:
-    if _is_int(ids):
-        ids = [ids]
-    if isinstance(ids, torch.Tensor):
-        ids = ids.flatten().tolist()
-    if not isinstance(ids, Sequence) or isinstance(ids, str):
-        raise ValueError(f"{name} must be an int or a sequence of ints, got {type(ids).__name__}")
-    out = []
-    for t in ids:
-        if not _is_int(t) or t < 0:
-            raise ValueError(f"{name} must hold token ids (integers >= 0), got {t!r}")
-        out.append(int(t))
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class MinNewTokens:
     """Minimum generation length: while fewer than ``min_new_tokens`` tokens have been
@@ -680,7 +585,7 @@ class MinNewTokens:
     _cache: dict = _cache_field()
 
     def __post_init__(self) -> None:
-        n = _check("min_new_tokens", self.min_new_tokens, lambda v: v >= 0, ">= 0", integer=True)
+        n = check_knob("min_new_tokens", self.min_new_tokens, lambda v: v >= 0, ">= 0", integer=True)
         object.__setattr__(self, "min_new_tokens", n)
         ids = self.eos_token_ids
         nested = (
@@ -690,9 +595,9 @@ class MinNewTokens:
             and all(isinstance(x, (Sequence, torch.Tensor)) and not isinstance(x, str) for x in ids)
         )
         if nested:
-            ids = tuple(_normalise_token_ids(row, f"eos_token_ids[{i}]") for i, row in enumerate(ids))
+            ids = tuple(normalise_token_ids(row, f"eos_token_ids[{i}]") for i, row in enumerate(ids))
         else:
-            ids = _normalise_token_ids(ids, "eos_token_ids")
+            ids = normalise_token_ids(ids, "eos_token_ids")
         object.__setattr__(self, "eos_token_ids", ids)
 
     def _mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -729,81 +634,90 @@ class MinNewTokens:
         return logits.masked_fill(active & self._mask(logits), _NEG_INF)
 
 
-# --------------------------------------------------------------------------------------
-# Sampling parameters and list builders
-# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VocabularyLimit:
+    """Never choose an id at or past ``size``: -inf for every column from ``size`` on.
 
-
-@dataclass
-class SamplingParams:
-    """Everything a request says about how to pick tokens (OpenAI / vLLM vocabulary).
-
-    ``temperature = 0`` means greedy (argmax). Neutral defaults switch each knob off:
-    ``top_k = 0``, ``top_p = 1``, ``min_p = 0``, ``typical_p = 1``, ``repetition_penalty = 1``,
-    penalties 0, ``no_repeat_ngram_size = 0``. ``max_new_tokens = None`` leaves the limit to the
-    caller (the model's context length). ``stop`` strings are matched on decoded text by the
-    generator; ``stop_token_ids`` end generation like EOS. Validated on construction.
+    Embedding tables are often padded past the tokenizer (to a multiple of 64 or 128); those
+    rows were never trained and have no text. The decode request (``request.py``) puts this
+    first in every strategy's processor list when the tokenizer is narrower than the model.
     """
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    logit_bias: dict[int, float] | None = None
-    min_new_tokens: int = 0
-    max_new_tokens: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    seed: int | None = None
+    size: int
 
     def __post_init__(self) -> None:
-        c = _check
-        self.temperature = c(
-            "temperature", self.temperature, lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0 (0 = greedy)"
-        )
-        self.top_k = c("top_k", self.top_k, lambda v: v >= 0, ">= 0 (0 disables top-k)", integer=True)
-        self.top_p = c("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1] (1 disables top-p)")
-        self.min_p = c("min_p", self.min_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 disables min-p)")
-        self.typical_p = c("typical_p", self.typical_p, lambda v: 0 < v <= 1, "in (0, 1] (1 disables typical-p)")
-        self.repetition_penalty = c(
-            "repetition_penalty",
-            self.repetition_penalty,
-            lambda v: v > 0 and math.isfinite(v),
-            "a finite number > 0 (1 disables it)",
-        )
-        # OpenAI accepts [-2, 2] for both; larger magnitudes mostly produce garbage.
-        for name in ("presence_penalty", "frequency_penalty"):
-            setattr(self, name, c(name, getattr(self, name), lambda v: -2 <= v <= 2, "in [-2, 2] (0 disables it)"))
-        self.no_repeat_ngram_size = c(
-            "no_repeat_ngram_size", self.no_repeat_ngram_size, lambda v: v >= 0, ">= 0 (0 disables it)", integer=True
-        )
-        if self.logit_bias is not None:
-            self.logit_bias = _normalise_bias(self.logit_bias, "logit_bias")
-        self.min_new_tokens = c("min_new_tokens", self.min_new_tokens, lambda v: v >= 0, ">= 0", integer=True)
-        if self.max_new_tokens is not None:
-            self.max_new_tokens = c("max_new_tokens", self.max_new_tokens, lambda v: v >= 1, ">= 1 or None", integer=True)
-            if self.min_new_tokens > self.max_new_tokens:
-                raise ValueError(
-                    f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
-                )
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop  # OpenAI allows a bare string
-        if stop is None:
-            stop = []
-        if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
-        self.stop = list(stop)
-        self.stop_token_ids = list(_normalise_token_ids(self.stop_token_ids or [], "stop_token_ids"))
-        if self.seed is not None:
-            self.seed = c("seed", self.seed, lambda v: True, "or None", integer=True)
+        object.__setattr__(self, "size", check_knob("size", self.size, lambda v: v >= 1, ">= 1", integer=True))
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+    def __call__(self, logits: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        if self.size >= logits.shape[-1]:
+            return logits
+        limited = logits.clone()
+        limited[:, self.size :] = _NEG_INF
+        return limited
+
+
+# --------------------------------------------------------------------------------------
+# The processor table and the list builders
+# --------------------------------------------------------------------------------------
+
+
+def _floats(values: list, device: Any) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+
+
+def _ints(values: list, device: Any) -> torch.Tensor:
+    return torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+
+
+def _listed(values: list, device: Any) -> list:
+    return list(values)
+
+
+def _min_new_tokens(params: SamplingParams, eos: tuple[int, ...]) -> tuple:
+    # Off when there is nothing to keep out, as well as at 0.
+    enders = tuple(dict.fromkeys(eos + tuple(params.stop_token_ids)))
+    return (params.min_new_tokens, enders) if params.min_new_tokens and enders else (0, ())
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One row of the processor table: which ``SamplingParams`` fields build which processor."""
+
+    processor: Callable[..., LogitsProcessor]  # called with the values, in `fields` order
+    fields: tuple[str, ...]
+    neutral: tuple  # the values that switch it off
+    per_row: tuple[Callable[[list, Any], Any], ...]  # per field: a batch's values -> the per-row argument
+    sampling_only: bool = False  # a warper: greedy requests leave it out; greedy rows of a batch read `neutral`
+    vocab_sized: bool = False  # takes vocab_size=, to refuse out-of-vocabulary ids when built
+    read: Callable[[SamplingParams, tuple[int, ...]], tuple] | None = None  # instead of the plain fields
+
+    def values(self, params: SamplingParams, eos: tuple[int, ...]) -> tuple:
+        if self.sampling_only and params.greedy:
+            return self.neutral
+        if self.read is not None:
+            return self.read(params, eos)
+        return tuple(getattr(params, name) for name in self.fields)
+
+    def build(self, values: Sequence, vocab_size: int | None) -> LogitsProcessor:
+        return self.processor(*values, **({"vocab_size": vocab_size} if self.vocab_sized else {}))
+
+
+# The order of transformers 5.23's `_get_logits_processor`, with the OpenAI penalties next to
+# the repetition penalty. `before_sampling` processors go in before the first warper.
+_STAGES = (
+    _Stage(LogitBias, ("logit_bias",), ({},), (_listed,), vocab_sized=True,
+           read=lambda params, eos: (params.logit_bias or {},)),
+    _Stage(RepetitionPenalty, ("repetition_penalty",), (1.0,), (_floats,)),
+    _Stage(PresenceFrequencyPenalty, ("presence_penalty", "frequency_penalty"), (0.0, 0.0), (_floats, _floats)),
+    _Stage(NoRepeatNGram, ("no_repeat_ngram_size",), (0,), (_ints,)),
+    _Stage(MinNewTokens, ("min_new_tokens", "stop_token_ids"), (0, ()), (_ints, _listed), read=_min_new_tokens),
+    _Stage(Temperature, ("temperature",), (1.0,), (_floats,), sampling_only=True),
+    _Stage(TopK, ("top_k",), (0,), (_ints,), sampling_only=True),
+    _Stage(TopP, ("top_p",), (1.0,), (_floats,), sampling_only=True),
+    _Stage(MinP, ("min_p",), (0.0,), (_floats,), sampling_only=True),
+    _Stage(TypicalP, ("typical_p",), (1.0,), (_floats,), sampling_only=True),
+)
+_FIRST_WARPER = next(i for i, stage in enumerate(_STAGES) if stage.sampling_only)
 
 
 def build_processors(
@@ -815,8 +729,8 @@ def build_processors(
 ) -> list[LogitsProcessor]:
     """The processors for one request, in the order transformers' ``generate`` applies them.
 
-    Order (transformers 5.23 ``_get_logits_processor``, with the OpenAI penalties placed next
-    to the repetition penalty):
+    Order (``_STAGES``: transformers 5.23 ``_get_logits_processor``, with the OpenAI penalties
+    placed next to the repetition penalty):
 
         LogitBias -> RepetitionPenalty -> PresenceFrequencyPenalty -> NoRepeatNGram ->
         MinNewTokens -> [sampling only] Temperature -> TopK -> TopP -> MinP -> TypicalP
@@ -833,38 +747,20 @@ def build_processors(
     """
     if not isinstance(params, SamplingParams):
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-    eos = _normalise_token_ids(eos_token_ids if eos_token_ids is not None else [], "eos_token_ids")
+    eos = normalise_token_ids(eos_token_ids if eos_token_ids is not None else [], "eos_token_ids")
     processors: list[LogitsProcessor] = []
-    if params.logit_bias:
-        processors.append(LogitBias(params.logit_bias, vocab_size))
-    if params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenalty(params.repetition_penalty))
-    if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
-        processors.append(PresenceFrequencyPenalty(params.presence_penalty, params.frequency_penalty))
-    if params.no_repeat_ngram_size > 0:
-        processors.append(NoRepeatNGram(params.no_repeat_ngram_size))
-    enders = tuple(dict.fromkeys(eos + tuple(params.stop_token_ids)))
-    if params.min_new_tokens > 0 and enders:
-        processors.append(MinNewTokens(params.min_new_tokens, enders))
-    processors.extend(before_sampling)
-    if params.greedy:
-        return processors
-    if params.temperature != 1.0:
-        processors.append(Temperature(params.temperature))
-    if params.top_k != 0:
-        processors.append(TopK(params.top_k))
-    if params.top_p < 1.0:
-        processors.append(TopP(params.top_p))
-    if params.min_p > 0.0:
-        processors.append(MinP(params.min_p))
-    if params.typical_p < 1.0:
-        processors.append(TypicalP(params.typical_p))
+    for index, stage in enumerate(_STAGES):
+        if index == _FIRST_WARPER:
+            processors.extend(before_sampling)
+        values = stage.values(params, eos)
+        if values != stage.neutral:
+            processors.append(stage.build(values, vocab_size))
     return processors
 
 
 def build_batch_processors(
     params: Sequence[SamplingParams],
-    eos_token_ids: int | Sequence[int] | None = None,
+    eos_token_ids: int | Sequence[int] | Sequence[Sequence[int]] | None = None,
     *,
     vocab_size: int | None = None,
     device: torch.device | str | None = None,
@@ -872,54 +768,28 @@ def build_batch_processors(
     """One processor list for a batch whose rows carry different :class:`SamplingParams`.
 
     Row ``i`` of the result equals ``apply_processors(row_i, ctx_i, build_processors(params[i]))``
-    (same order, same formulas, per-row tensors instead of scalars; rows that do not use a knob
-    get its neutral value). Greedy rows get neutral warper values; the sampler argmaxes them
-    when given per-row temperatures (``[p.temperature for p in params]``). ``device`` is where
-    the per-row tensors live (the logits' device, to avoid a copy per token).
+    (the same table, per-row tensors instead of scalars; rows that do not use a knob get its
+    neutral value). Greedy rows get neutral warper values; the sampler argmaxes them when given
+    per-row temperatures (``[p.temperature for p in params]``). ``eos_token_ids`` is one list
+    for every row or one list per row. ``device`` is where the per-row tensors live (the
+    logits' device, to avoid a copy per token).
     """
     params = list(params)
     if not params or not all(isinstance(p, SamplingParams) for p in params):
         raise ValueError("params must be a non-empty sequence of SamplingParams, one per batch row")
-    eos = _normalise_token_ids(eos_token_ids if eos_token_ids is not None else [], "eos_token_ids")
-
-    def rows(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    def floats(get: Callable[[SamplingParams], float]) -> torch.Tensor:
-        return rows([float(get(p)) for p in params], torch.float64)
-
-    def ints(get: Callable[[SamplingParams], int]) -> torch.Tensor:
-        return rows([int(get(p)) for p in params], torch.int64)
-
+    if isinstance(eos_token_ids, Sequence) and eos_token_ids and not is_int(eos_token_ids[0]):
+        if len(eos_token_ids) != len(params):
+            raise ValueError(f"eos_token_ids has {len(eos_token_ids)} per-row lists for {len(params)} rows")
+        eos = [normalise_token_ids(ids, f"eos_token_ids[{i}]") for i, ids in enumerate(eos_token_ids)]
+    else:
+        eos = [normalise_token_ids(eos_token_ids if eos_token_ids is not None else [], "eos_token_ids")] * len(params)
     processors: list[LogitsProcessor] = []
-    if any(p.logit_bias for p in params):
-        processors.append(LogitBias([p.logit_bias or {} for p in params], vocab_size))
-    if any(p.repetition_penalty != 1.0 for p in params):
-        processors.append(RepetitionPenalty(floats(lambda p: p.repetition_penalty)))
-    if any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params):
-        processors.append(
-            PresenceFrequencyPenalty(floats(lambda p: p.presence_penalty), floats(lambda p: p.frequency_penalty))
-        )
-    if any(p.no_repeat_ngram_size > 0 for p in params):
-        processors.append(NoRepeatNGram(ints(lambda p: p.no_repeat_ngram_size)))
-    enders = [tuple(dict.fromkeys(eos + tuple(p.stop_token_ids))) for p in params]
-    min_new = [p.min_new_tokens if e else 0 for p, e in zip(params, enders)]  # nothing to keep out: off
-    if any(min_new):
-        processors.append(MinNewTokens(rows(min_new, torch.int64), enders))
-
-    def sampled(p: SamplingParams) -> bool:
-        return not p.greedy
-
-    if any(sampled(p) and p.temperature != 1.0 for p in params):
-        processors.append(Temperature(floats(lambda p: p.temperature if sampled(p) else 1.0)))
-    if any(sampled(p) and p.top_k != 0 for p in params):
-        processors.append(TopK(ints(lambda p: p.top_k if sampled(p) else 0)))
-    if any(sampled(p) and p.top_p < 1.0 for p in params):
-        processors.append(TopP(floats(lambda p: p.top_p if sampled(p) else 1.0)))
-    if any(sampled(p) and p.min_p > 0.0 for p in params):
-        processors.append(MinP(floats(lambda p: p.min_p if sampled(p) else 0.0)))
-    if any(sampled(p) and p.typical_p < 1.0 for p in params):
-        processors.append(TypicalP(floats(lambda p: p.typical_p if sampled(p) else 1.0)))
+    for stage in _STAGES:
+        rows = [stage.values(p, row_eos) for p, row_eos in zip(params, eos)]
+        if all(values == stage.neutral for values in rows):
+            continue
+        columns = [pack([values[i] for values in rows], device) for i, pack in enumerate(stage.per_row)]
+        processors.append(stage.build(columns, vocab_size))
     return processors
 
 
@@ -935,151 +805,3 @@ def apply_processors(
     for processor in processors:
         logits = processor(logits, ctx)
     return logits
-
-
-# --------------------------------------------------------------------------------------
-# Sampling and log-probabilities
-# --------------------------------------------------------------------------------------
-
-
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device``: seeded for reproducible sampling, random if None."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed))
-    return generator
-
-
-def _temperatures(spec: Any, batch: int) -> float | list[float]:
-    if isinstance(spec, SamplingParams):
-        return spec.temperature
-    if isinstance(spec, torch.Tensor):
-        if spec.dim() == 0:
-            return float(spec)
-        spec = spec.tolist()
-    if _is_real(spec):
-        if not spec >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {spec!r}")
-        return float(spec)
-    if isinstance(spec, Sequence) and not isinstance(spec, str):
-        temps = [p.temperature if isinstance(p, SamplingParams) else p for p in spec]
-        if len(temps) != batch or not all(_is_real(t) and t >= 0 for t in temps):
-            raise ValueError(f"per-row temperatures must be {batch} numbers >= 0, got {list(spec)!r}")
-        return [float(t) for t in temps]
-    raise ValueError(
-        f"expected SamplingParams, a temperature, or one temperature per row; got {type(spec).__name__}"
-    )
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    params_or_temperature: SamplingParams | float | Sequence[float] | torch.Tensor,
-    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-) -> torch.Tensor:
-    """Pick one token per row from *processed* logits; returns ``(batch,)`` int64.
-
-    Temperature 0 means greedy: ``argmax`` (first index on ties, like transformers). Otherwise
-    ``torch.multinomial(softmax(logits))``, exactly transformers' sampling step. The logits
-    must already carry the temperature (the :class:`Temperature` processor applied it); the
-    temperature here only decides greedy versus sampled, per row when given per row.
-
-    ``generator`` is one ``torch.Generator`` (on the logits' device) for the batch, or one per
-    row so that each seeded request draws the same tokens whatever else shares its batch.
-    Raises ``ValueError`` if a row has every token at -inf (costs one host sync).
-    """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError("logits must be a (batch, vocab) tensor")
-    batch = logits.shape[0]
-    temps = _temperatures(params_or_temperature, batch)
-    greedy_rows = [temps == 0] * batch if isinstance(temps, float) else [t == 0 for t in temps]
-    if all(greedy_rows):
-        return greedy_next_token(logits)
-    _reject_unsamplable(logits)
-    probs = torch.softmax(logits.float(), dim=-1)  # float32 at least, for bf16/fp16 logits
-    if generator is None or isinstance(generator, torch.Generator):
-        sampled = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-    else:
-        generators = list(generator)
-        if len(generators) != batch:
-            raise ValueError(f"got {len(generators)} generators for {batch} rows")
-        # A loop over rows, not vocab: each request advances only its own generator.
-        sampled = torch.cat(
-            [
-                probs[i].argmax().view(1)
-                if greedy_rows[i]
-                else torch.multinomial(probs[i], num_samples=1, generator=generators[i])
-                for i in range(batch)
-            ]
-        )
-    if any(greedy_rows):
-        greedy = torch.tensor(greedy_rows, device=logits.device)
-        sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
-    return sampled
-
-
-class TokenLogprobs(NamedTuple):
-    """Log-probabilities for the OpenAI ``logprobs`` / ``top_logprobs`` fields.
-
-    ``logprobs``: ``(batch,)`` of the chosen tokens; ``top_logprobs`` / ``top_token_ids``:
-    ``(batch, top_n)``, most likely first.
-    """
-
-    logprobs: torch.Tensor
-    top_logprobs: torch.Tensor
-    top_token_ids: torch.Tensor
-
-
-
-def greedy_next_token(logits: torch.Tensor) -> torch.Tensor:
-    """The first argmax of each (batch, vocab) row: `sample_next_token` at temperature 0.
-
-    Its checks look at the chosen logits alone: argmax picks a NaN wherever a row has one, and
-    -inf only where the whole row is -inf, so a chosen value above -inf clears its row. A
-    decode step of a small model pays for every full scan of the logits (~23 us for the full
-    checks at batch 1 and 2,048 words, ~8 us for this).
-    """
-    chosen = logits.argmax(dim=-1)
-    if not bool((logits.gather(1, chosen[:, None]) > _NEG_INF).all()):  # NaN > -inf is False too
-        _reject_unsamplable(logits)
-    return chosen
-
-
-def _reject_unsamplable(logits: torch.Tensor) -> None:
-    """Raise ValueError, naming the rows, if a row has a NaN or every token at -inf."""
-    broken = logits.isnan().any(dim=-1)
-    if bool(broken.any()):
-        raise ValueError(f"rows {broken.nonzero().flatten().tolist()[:10]} have NaN logits; the sampling parameters "
-                         "push the logits out of the float range")
-    dead = ~(logits > _NEG_INF).any(dim=-1)
-    if bool(dead.any()):
-        raise ValueError(
-            f"rows {dead.nonzero().flatten().tolist()[:10]} have every token masked to -inf; "
-            "the bans, biases and filters leave nothing to choose"
-        )
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0) -> TokenLogprobs:
-    """``log_softmax(logits)`` at the chosen ``tokens`` plus the ``top_n`` most likely tokens.
-
-    Pass the *raw* model logits (before any processor). That is vLLM V1's default
-    (``logprobs_mode="raw_logprobs"``) and what OpenAI returns (logprobs do not move with
-    temperature or penalties); processed logits would report -inf for every token a filter
-    removed, which makes ``top_logprobs`` useless. The function itself is agnostic: hand it
-    processed logits if you want the sampling distribution instead.
-
-    Computed as ``logit - logsumexp`` in float32, so no full ``(batch, vocab)`` log-softmax
-    is materialised.
-    """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise ValueError("logits must be a (batch, vocab) tensor")
-    tokens = torch.as_tensor(tokens, device=logits.device).long().reshape(-1)
-    if tokens.shape[0] != logits.shape[0]:
-        raise ValueError(f"got {tokens.shape[0]} tokens for {logits.shape[0]} rows")
-    if not _is_int(top_n) or not 0 <= top_n <= logits.shape[-1]:
-        raise ValueError(f"top_n must be an int in [0, {logits.shape[-1]}] (the vocab size), got {top_n!r}")
-    scores = logits.float()
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    chosen = scores.gather(-1, tokens.unsqueeze(1)) - lse
-    top_values, top_ids = torch.topk(scores, top_n, dim=-1)
-    return TokenLogprobs(chosen.squeeze(1), top_values - lse, top_ids)

@@ -24,7 +24,8 @@ from numbers import Integral, Real
 
 from ..model import Transformer
 from .generator import Completion, generate
-from .processors import SamplingParams
+from .request import DecodeRequest
+from .sampling import SamplingParams
 
 __all__ = [
     "SelfConsistencyResult",
@@ -162,9 +163,7 @@ def self_consistency(
     if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
         raise ValueError(f"n must be an integer >= 1 (the number of sampled completions), got {n!r}")
     params = params if params is not None else SamplingParams(temperature=0.7)
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-    if params.greedy:
+    if isinstance(params, SamplingParams) and params.greedy:
         raise ValueError(
             "self-consistency needs sampled completions, but params.temperature is 0 (greedy), which would give "
             "n identical completions; use a temperature such as 0.5-0.7"
@@ -182,15 +181,17 @@ def self_consistency(
     else:
         raise ValueError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
 
+    request = DecodeRequest.resolve(model, [prompt_ids] * min(batch_size, n), params, tokenizer=tokenizer,
+                                    eos_token_ids=eos_token_ids)
     completions: list[Completion] = []
     for batch_index, start in enumerate(range(0, n, batch_size)):
+        # Every batch repeats the one prompt, so the checked request holds for each: only
+        # its size and seed change.
         size = min(batch_size, n - start)
         batch_params = params
         if params.seed is not None and batch_index > 0:
             batch_params = dataclasses.replace(params, seed=params.seed + batch_index)
-        completions += generate(
-            model, [prompt_ids] * size, batch_params, tokenizer=tokenizer, eos_token_ids=eos_token_ids
-        )
+        completions += generate(model, dataclasses.replace(request, prompts=[prompt_ids] * size, params=batch_params))
     result = majority_vote([_checked_answer(reader(c.text), c.text) for c in completions])
     result.completions = completions
     return result

@@ -52,17 +52,21 @@ import torch
 
 from ..cache import ContiguousKVCache
 from ..model import Transformer
-from .generator import as_prompt_lists, end_of_sequence_ids, only_text_tokens, stop_watcher
-from .processors import (
-    DecodeContext,
-    LogitsProcessor,
-    SamplingParams,
-    apply_processors,
-    build_processors,
-    make_generator,
-)
+from .generator import stop_watcher
+from .processors import DecodeContext, LogitsProcessor, apply_processors
+from .request import DecodeRequest, DecodeRequestError, decoder_config
+from .sampling import SamplingParams, make_generator
 
-__all__ = ["SpeculativeStats", "SpeculativeCompletion", "speculative_generate", "prompt_lookup_generate"]
+__all__ = [
+    "SpeculativeStats",
+    "SpeculativeCompletion",
+    "SpeculativeOptions",
+    "PromptLookupOptions",
+    "speculative_generate",
+    "prompt_lookup_generate",
+    "run_speculative",
+    "run_prompt_lookup",
+]
 
 
 @dataclass
@@ -238,6 +242,44 @@ def _lookup_continuation(tokens: torch.Tensor, limit: int, max_ngram_size: int, 
 
 
 # ------------------------------------------------------------------------------ the loop
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """The draft model and how many tokens it proposes per round (see `speculative_generate`).
+    The knobs can be checked before the draft is loaded; decoding needs it."""
+
+    draft: Transformer | None = None
+    num_draft_tokens: int = 4
+    draft_confidence: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.draft is not None:
+            decoder_config(self.draft, "draft model")
+        _validate_num_draft_tokens(self.num_draft_tokens)
+        confidence = self.draft_confidence
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence <= 1:
+            raise DecodeRequestError(f"draft_confidence must be a probability in [0, 1], got {confidence!r}")
+
+
+@dataclass(frozen=True)
+class PromptLookupOptions:
+    """How prompt lookup drafts (see `prompt_lookup_generate`)."""
+
+    num_draft_tokens: int = 10
+    max_ngram_size: int = 3
+    min_ngram_size: int = 1
+
+    def __post_init__(self) -> None:
+        _validate_num_draft_tokens(self.num_draft_tokens)
+        for name in ("max_ngram_size", "min_ngram_size"):
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+                raise DecodeRequestError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.min_ngram_size > self.max_ngram_size:
+            raise DecodeRequestError(
+                f"min_ngram_size ({self.min_ngram_size}) must not exceed max_ngram_size ({self.max_ngram_size})"
+            )
+
+
 def speculative_generate(
     target: Transformer,
     draft: Transformer,
@@ -252,31 +294,17 @@ def speculative_generate(
     """Generate for one prompt with `draft` proposing `num_draft_tokens` tokens per round and
     `target` verifying them (speculative sampling; module docstring). The output is
     distributed as `generator.generate(target, ...)` with the same `params` (identical tokens
-    for temperature 0). eos ids default to the target config's. Stop strings and `text` need
-    `tokenizer`.
+    for temperature 0). eos ids default to the target config's and the tokenizer's. Stop
+    strings and `text` need `tokenizer`.
 
     `draft_confidence` ends a round's drafting early, after a draft token whose probability
     under the (processed) draft distribution is below it: a dynamic draft length, as
     transformers' `assistant_confidence_threshold`. 0 always drafts `num_draft_tokens`. It
     changes only the speed, never the output distribution."""
-    params = params or SamplingParams()
-    _check_model(target, "target")
-    _check_model(draft, "draft")
-    if draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError(
-            f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
-            f"({target.config.vocab_size}); speculative decoding compares their distributions token by token, "
-            "so both must use the same tokenizer and vocabulary size"
-        )
-    if draft.device != target.device:
-        raise ValueError(f"draft is on {draft.device} but target on {target.device}; put both on one device")
-    prompt, eos, max_new_tokens = _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens, tokenizer)
-    _check_context(draft, "draft", len(prompt), max_new_tokens)
-    if isinstance(draft_confidence, bool) or not isinstance(draft_confidence, (int, float)) or not 0 <= draft_confidence <= 1:
-        raise ValueError(f"draft_confidence must be a probability in [0, 1], got {draft_confidence!r}")
-    stats = SpeculativeStats()
-    proposer = _DraftModel(draft, len(prompt) + max_new_tokens, stats, draft_confidence)
-    return _speculate(target, proposer, prompt, params, num_draft_tokens, eos, max_new_tokens, stats, tokenizer)
+    options = SpeculativeOptions(draft, num_draft_tokens, draft_confidence)
+    request = DecodeRequest.resolve(target, prompt_ids, params or SamplingParams(), tokenizer=tokenizer,
+                                    eos_token_ids=eos_token_ids, role="target model")
+    return run_speculative(target, request, options)
 
 
 def prompt_lookup_generate(
@@ -294,37 +322,56 @@ def prompt_lookup_generate(
     tokens, matched on the last `max_ngram_size` down to `min_ngram_size` tokens of the context.
     Same output distribution as `generator.generate(target, ...)` (identical tokens for
     temperature 0). Stop strings and `text` need `tokenizer`."""
-    params = params or SamplingParams()
-    _check_model(target, "target")
-    for name, value in (("max_ngram_size", max_ngram_size), ("min_ngram_size", min_ngram_size)):
-        if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if min_ngram_size > max_ngram_size:
-        raise ValueError(f"min_ngram_size ({min_ngram_size}) must not exceed max_ngram_size ({max_ngram_size})")
-    prompt, eos, max_new_tokens = _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens, tokenizer)
+    options = PromptLookupOptions(num_draft_tokens, max_ngram_size, min_ngram_size)
+    request = DecodeRequest.resolve(target, prompt_ids, params or SamplingParams(), tokenizer=tokenizer,
+                                    eos_token_ids=eos_token_ids, role="target model")
+    return run_prompt_lookup(target, request, options)
+
+
+def run_speculative(target: Transformer, request: DecodeRequest, options: SpeculativeOptions) -> SpeculativeCompletion:
+    """`speculative_generate` on a resolved request of one prompt."""
+    draft = options.draft
+    if draft is None:
+        raise DecodeRequestError("speculative decoding needs a draft model: a smaller model with the target's "
+                                 "vocabulary, as SpeculativeOptions(draft=...)")
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise DecodeRequestError(
+            f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
+            f"({target.config.vocab_size}); speculative decoding compares their distributions token by token, "
+            "so both must use the same tokenizer and vocabulary size"
+        )
+    if draft.device != target.device:
+        raise DecodeRequestError(f"draft is on {draft.device} but target on {target.device}; put both on one device")
+    prompt = _only_prompt(request)
+    request.check_model(draft, "draft model")
     stats = SpeculativeStats()
-    proposer = _PromptLookup(max_ngram_size, min_ngram_size, target.config.vocab_size)
-    return _speculate(target, proposer, prompt, params, num_draft_tokens, eos, max_new_tokens, stats, tokenizer)
+    proposer = _DraftModel(draft, request.capacity, stats, options.draft_confidence)
+    return _speculate(target, proposer, request, prompt, options.num_draft_tokens, stats)
+
+
+def run_prompt_lookup(target: Transformer, request: DecodeRequest, options: PromptLookupOptions) -> SpeculativeCompletion:
+    """`prompt_lookup_generate` on a resolved request of one prompt."""
+    prompt = _only_prompt(request)
+    stats = SpeculativeStats()
+    proposer = _PromptLookup(options.max_ngram_size, options.min_ngram_size, target.config.vocab_size)
+    return _speculate(target, proposer, request, prompt, options.num_draft_tokens, stats)
 
 
 def _speculate(
     target: Transformer,
     proposer: _Proposer,
+    request: DecodeRequest,
     prompt: list[int],
-    params: SamplingParams,
     num_draft_tokens: int,
-    eos: set[int],
-    max_new_tokens: int,
     stats: SpeculativeStats,
-    tokenizer=None,
 ) -> SpeculativeCompletion:
+    params, tokenizer, max_new_tokens = request.params, request.tokenizer, request.max_new_tokens
+    eos = set(request.eos_token_ids)
     config, device = target.config, target.device
     watcher = stop_watcher(tokenizer, params, prompt)
     text: list[str] = []
-    params = only_text_tokens(params, config.vocab_size, tokenizer)
-    processors = build_processors(params, eos_token_ids=sorted(eos), vocab_size=config.vocab_size)
-    rule = _TokenRule(params, processors, len(prompt), device)
-    cache = ContiguousKVCache(config, 1, len(prompt) + max_new_tokens, dtype=target.dtype, device=device)
+    rule = _TokenRule(params, request.logits_processors(), len(prompt), device)
+    cache = ContiguousKVCache(config, 1, request.capacity, dtype=target.dtype, device=device)
     tokens = torch.tensor(prompt, dtype=torch.long, device=device)
     completion = SpeculativeCompletion(stats=stats)
     generated = completion.token_ids
@@ -396,47 +443,12 @@ def _verify_sampled(drafts: list[int], q: torch.Tensor | None, p: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------ checks
-def _check_model(model: Transformer, role: str) -> None:
-    if not isinstance(model, Transformer):
-        raise ValueError(f"the {role} must be a genforge Transformer, got {type(model).__name__}")
-    if not model.config.causal:
-        raise ValueError(f"the {role} ({model.config.family}) is an encoder; speculative decoding needs causal LMs")
+def _validate_num_draft_tokens(value) -> None:
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+        raise DecodeRequestError(f"num_draft_tokens must be an integer >= 1, got {value!r}")
 
 
-def _check_context(model: Transformer, role: str, prompt_length: int, max_new_tokens: int) -> None:
-    context = model.config.max_position_embeddings
-    if prompt_length + max_new_tokens > context:
-        raise ValueError(
-            f"prompt of {prompt_length} tokens + max_new_tokens {max_new_tokens} exceeds the {role} model's context "
-            f"of {context} tokens; shorten the prompt or lower max_new_tokens"
-        )
-
-
-def _check_request(target, prompt_ids, params, eos_token_ids, num_draft_tokens, tokenizer) -> tuple[list[int], set[int], int]:
-    """Validate everything about one request before any compute; returns the prompt, the end
-    token ids and the number of tokens to generate."""
-    if not isinstance(params, SamplingParams):
-        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-    if not isinstance(num_draft_tokens, Integral) or isinstance(num_draft_tokens, bool) or num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens must be an integer >= 1, got {num_draft_tokens!r}")
-    prompts = as_prompt_lists(prompt_ids)
-    if len(prompts) != 1:
-        raise ValueError(f"speculative decoding takes one prompt at a time, got a batch of {len(prompts)}")
-    prompt = prompts[0]
-    config = target.config
-    bad = [t for t in prompt if not isinstance(t, Integral) or not 0 <= t < config.vocab_size]
-    if bad:
-        raise ValueError(f"the prompt has token ids outside the vocabulary (0..{config.vocab_size - 1}): {bad[:5]}")
-    if params.stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer to detect them; pass tokenizer=")
-    eos = end_of_sequence_ids(config, override=eos_token_ids) | set(params.stop_token_ids)
-    bad_eos = sorted(t for t in eos if not 0 <= t < config.vocab_size)
-    if bad_eos:
-        raise ValueError(f"eos/stop token ids {bad_eos} are outside the vocabulary (0..{config.vocab_size - 1})")
-    max_new_tokens = params.max_new_tokens or config.max_position_embeddings - len(prompt)
-    if max_new_tokens < 1:
-        raise ValueError(
-            f"the prompt of {len(prompt)} tokens fills the model's context of {config.max_position_embeddings}"
-        )
-    _check_context(target, "target", len(prompt), max_new_tokens)
-    return prompt, eos, max_new_tokens
+def _only_prompt(request: DecodeRequest) -> list[int]:
+    if len(request.prompts) != 1:
+        raise DecodeRequestError(f"speculative decoding takes one prompt at a time, got a batch of {len(request.prompts)}")
+    return request.prompts[0]

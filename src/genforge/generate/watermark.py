@@ -29,9 +29,8 @@ words of the key. The reasons:
   independently of the others, so under "not watermarked" the green count of T distinct
   pairs is Binomial(T, gamma) exactly, which is what the z-test assumes. A green list is
   therefore about, not exactly, ``gamma * |V|`` tokens (within ~0.5% at 50k tokens);
-- *fast enough on the hot path*: about 0.4 ms per row per step at a 50k vocabulary on one
-  CPU core (14 ms for a batch of 32), memory-bound and within 2x of the cost of merely adding
-  a (batch, vocab) bias; seeding a generator and drawing a permutation per row is about as
+- *fast enough on the hot path*: memory-bound, like adding a (batch, vocab) bias (measured
+  in docs/decoding.md); seeding a generator and drawing a permutation per row is about as
   fast on CPU but device-dependent.
 
 Membership does not depend on the vocabulary size, so text stays detectable when the
@@ -51,7 +50,8 @@ from numbers import Integral, Real
 
 import torch
 
-from .processors import DecodeContext, PerRow, _cache_field, _check, _rows
+from .processors import DecodeContext, PerRow, _cache_field, _rows
+from .validation import check_knob
 
 __all__ = ["Watermark", "WatermarkDetection", "detect_watermark", "green_token_mask"]
 
@@ -102,7 +102,7 @@ def _threshold(gamma: float) -> int:
 def _check_gamma(gamma) -> float:
     if isinstance(gamma, torch.Tensor):
         raise ValueError("gamma must be one number for the whole batch: detection needs to know it")
-    return _check(
+    return check_knob(
         "gamma",
         gamma,
         lambda v: 0 < v < 1,
@@ -155,7 +155,7 @@ class Watermark:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_words", _key_words(self.key))
         object.__setattr__(self, "gamma", _check_gamma(self.gamma))
-        delta = _check(
+        delta = check_knob(
             "delta",
             self.delta,
             lambda v: (v >= 0) & (v < math.inf),

@@ -57,8 +57,9 @@ class GenforgeGenerator:
         self.tokenizer = Tokenizer.from_dir(directory)
 
     def complete(self, prompt: str, max_tokens: int = 256) -> str:
-        from ..generate.generator import end_of_sequence_ids, generate, only_text_tokens
-        from ..generate.processors import SamplingParams
+        from ..generate.generator import generate, only_text_tokens
+        from ..generate.request import end_of_sequence_ids
+        from ..generate.sampling import SamplingParams
 
         chat = getattr(self.tokenizer, "chat_template", None)
         text = (self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -200,7 +200,7 @@ def app_from_directories(
     ``genforge generate`` does (Llama 3 instruct ends turns with an id only it lists)."""
     from ..checkpoint import load_model, read_generation_config
     from ..encoder import SentenceEncoder
-    from ..generate.generator import end_of_sequence_ids
+    from ..generate.request import end_of_sequence_ids
     from ..inference import pack_for_cpu_inference
     from ..tokenizer import Tokenizer
     from .engine import AsyncEngine, Engine

@@ -32,20 +32,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate.generator import end_of_sequence_ids, only_text_tokens, stop_watcher
+from ..generate.generator import only_text_tokens, stop_watcher
 from ..generate.processors import (
     DecodeContext,
     LogitsProcessor,
-    SamplingParams,
     apply_processors,
     build_batch_processors,
     build_processors,
-    greedy_next_token,
-    make_generator,
-    sample_next_token,
-    token_logprobs,
 )
 from ..generate.request import ContextLengthError
+from ..generate.request import end_of_sequence_ids
+from ..generate.sampling import SamplingParams, greedy_next_token, make_generator, sample_next_token, token_logprobs
 from ..model import Transformer
 from .blocks import BlockManager
 from .paged_cache import PagedKVCache

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..generate.constrained import JsonSchemaConstraint
-from ..generate.processors import SamplingParams
+from ..generate.sampling import SamplingParams
 from .errors import bad
 from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
 

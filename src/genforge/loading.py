@@ -1,0 +1,59 @@
+"""A checkpoint made ready to decode: the model packed for the CPU, its tokenizer, its end ids.
+
+Every command and server that decodes from a model directory starts the same way: read
+generation_config.json, load the tokenizer and the weights, gather the end-of-sequence ids
+(Llama 3 instruct models, for one, end turns with an id only generation_config.json lists)
+and pack the linear layers for CPU inference. `load_for_inference` is that start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import load_model, read_generation_config
+from .generate.request import end_of_sequence_ids
+from .inference import pack_for_cpu_inference
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+__all__ = ["LoadedModel", "load_for_inference", "load_packed_model"]
+
+
+@dataclass
+class LoadedModel:
+    """What `load_for_inference` returns."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    eos_token_ids: tuple[int, ...]  # sorted: the model config's, the tokenizer's and generation_config's
+    generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json, or {}
+
+
+def load_for_inference(
+    directory: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a Hugging Face model directory (config.json, *.safetensors, tokenizer.json and an
+    optional generation_config.json) for decoding. The small files are read first, so that a
+    broken one fails before the weights are loaded."""
+    generation_config = read_generation_config(directory)
+    tokenizer = Tokenizer.from_dir(directory)
+    model = load_packed_model(directory, dtype=dtype, device=device)
+    eos = end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id"))
+    return LoadedModel(model, tokenizer, tuple(sorted(eos)), generation_config)
+
+
+def load_packed_model(
+    directory: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> Transformer:
+    """`checkpoint.load_model`, packed by `inference.pack_for_cpu_inference` (which leaves a
+    model unchanged where packing does not apply: off the CPU, in half precision). Enough for
+    a second model of a strategy, such as a speculative draft."""
+    return pack_for_cpu_inference(load_model(directory, dtype=dtype, device=device))
