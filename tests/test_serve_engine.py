@@ -281,13 +281,13 @@ def test_a_steady_batch_builds_its_processors_once(monkeypatch):
     for name, params in settings.items():
         engine.add_request(Request(name, prompts[name], params))
     built = []
-    original = engine_module.build_batch_processors
+    original = engine_module.batch_logits_processors
 
-    def counted(params, *args, **kwargs):
-        built.append(len(params))
-        return original(params, *args, **kwargs)
+    def counted(requests, *args, **kwargs):
+        built.append(len(requests))
+        return original(requests, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "build_batch_processors", counted)
+    monkeypatch.setattr(engine_module, "batch_logits_processors", counted)
     results = run_to_end(engine)
     # All three rows for five steps, then the two left until the end: two batches, two builds.
     assert built == [3, 2]

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from genforge.generate.request import ContextLengthError
+from genforge.generate.request import ContextLengthError, DecodeRequestError
 from genforge.serve.engine import EngineShutdown
 from genforge.serve.errors import (
     OpenAIError,
@@ -91,11 +91,15 @@ def test_routing_errors_say_what_to_use():
 
 
 def test_engine_errors_are_told_apart_by_type_not_by_their_text():
-    too_long = engine_error(ContextLengthError("this model's maximum context length is 8 tokens"), 60.0)
+    too_long = engine_error(ContextLengthError("this model's maximum context length is 8 tokens", prompt_tokens=6,
+                                               max_new_tokens=4, context_length=8), 60.0)
     assert (too_long.status, too_long.code) == (400, "context_length_exceeded")
     # A plain refusal whose text happens to mention the context is not a context-length error.
-    refused = engine_error(ValueError("the context of this request is odd"), 60.0)
+    refused = engine_error(DecodeRequestError("the context of this request is odd"), 60.0)
     assert (refused.status, refused.code, refused.message) == (400, None, "the context of this request is odd")
+    # A ValueError from anywhere else is a fault, not the user's mistake.
+    fault = ValueError("shape mismatch")
+    assert engine_error(fault, 60.0) is fault
     # Nor is a shutdown recognised by its class name alone.
     impostor = type("EngineShutdown", (RuntimeError,), {})("bye")
     assert engine_error(impostor, 60.0) is impostor

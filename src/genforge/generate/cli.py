@@ -1,18 +1,25 @@
 """`genforge generate`, `chat`, `convert` and `watermark detect`, registered by `genforge.cli`:
-the commands that run a model directory. They parse, call the library and print.
-
-The strategy dispatch (`_run_strategy`, `_stream_samples`, `_constraints`) is still this
-view's own; it gives way to the library's one decode entry point once that lands.
+the commands that run a model directory. They parse flags, call the library (`decode.decode`,
+`loading.load_for_inference`) and print.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from ..checkpoint import read_generation_config
 from ..console import console
+from ..loading import LoadedModel, load_for_inference, load_packed_model
+from .beam import BeamOptions
+from .contrastive import ContrastiveDecodingOptions, ContrastiveSearchOptions
+from .decode import STRATEGIES, SampleOptions, check_strategy, decode, decode_stream, encode_prompts
+from .sampling import SamplingParams
+from .speculative import PromptLookupOptions, SpeculativeOptions
+from .watermark import Watermark
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +28,6 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                                                        "tokenizer.json)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto (checkpoint's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-
-
-_FROM_GENERATION_CONFIG = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-                           "no_repeat_ngram_size")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,47 +55,30 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
 
 
-def _sampling_params(args, generation_config: dict):
-    from .sampling import SamplingParams
-
+def _sampling_params(args, generation_config: dict) -> SamplingParams:
     bias = {}
     for item in args.logit_bias:
         token, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--logit-bias takes ID=BIAS, got {item!r}")
         bias[int(token)] = float(value)
-    chosen = {}
-    for name in _FROM_GENERATION_CONFIG:
-        value = getattr(args, name)
-        if value is None and generation_config.get(name) is not None:
-            value = generation_config[name]
-        if value is not None:
-            chosen[name] = value
-    if args.temperature is None and generation_config.get("do_sample") is False:
-        chosen["temperature"] = 0.0
-    return SamplingParams(
-        **chosen, presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        logit_bias=bias or None, min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens,
-        stop=args.stop, stop_token_ids=args.stop_token_id, seed=args.seed,
+    return SamplingParams.from_generation_config(
+        generation_config, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, logit_bias=bias or None, min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens, stop=args.stop, stop_token_ids=args.stop_token_id, seed=args.seed,
     )
 
 
-def _load(args):
-    from ..checkpoint import load_model
-    from ..inference import pack_for_cpu_inference
-    from ..tokenizer import Tokenizer
-
+def _load(args) -> LoadedModel:
     with console.status(f"loading {args.model}"):
-        model = pack_for_cpu_inference(load_model(args.model, dtype=args.dtype, device=args.device))
-        tokenizer = Tokenizer.from_dir(args.model)
-    return model, tokenizer
-
-
-STRATEGIES = ("sample", "beam", "diverse-beam", "contrastive", "contrastive-decoding", "speculative", "prompt-lookup")
+        return load_for_inference(args.model, dtype=args.dtype, device=args.device)
 
 
 def _check_strategy_flags(args) -> None:
-    """Refuse flag combinations that would be silently ignored, before loading anything."""
+    """Refuse flags the chosen strategy would silently ignore, before loading anything (what a
+    strategy cannot do at all, `decode.check_strategy` refuses after these)."""
     if args.strategy == "speculative" and not args.draft:
         raise ValueError("--strategy speculative needs --draft DIR, a smaller model with the same vocabulary")
     if (args.draft or args.draft_confidence) and args.strategy != "speculative":
@@ -121,48 +107,64 @@ def _check_strategy_flags(args) -> None:
         raise ValueError(f"--json-schema {args.json_schema} is not a file")
 
 
+def _strategy_options(args):
+    """The chosen strategy's options from its flags; a draft or amateur model is added once loaded."""
+    if args.strategy in ("beam", "diverse-beam"):
+        diverse = args.strategy == "diverse-beam"
+        return BeamOptions(num_beams=args.num_beams, length_penalty=args.length_penalty,
+                           early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
+                           num_beam_groups=args.num_beam_groups if diverse else 1,
+                           diversity_penalty=args.diversity_penalty if diverse else 0.0, do_sample=args.do_sample)
+    if args.strategy == "contrastive":
+        return ContrastiveSearchOptions(penalty_alpha=args.penalty_alpha)
+    if args.strategy == "contrastive-decoding":
+        return ContrastiveDecodingOptions(alpha=args.plausibility_alpha)
+    if args.strategy == "speculative":
+        return SpeculativeOptions(num_draft_tokens=args.num_draft_tokens, draft_confidence=args.draft_confidence)
+    if args.strategy == "prompt-lookup":
+        return PromptLookupOptions(num_draft_tokens=args.num_draft_tokens)
+    watermark = None
+    if args.watermark is not None:
+        watermark = Watermark(key=args.watermark, gamma=args.watermark_gamma, delta=args.watermark_delta)
+    return SampleOptions(json_schema=Path(args.json_schema).read_text() if args.json_schema else None,
+                         regex=args.regex, choices=args.choices, watermark=watermark)
+
+
 def cmd_generate(args) -> int:
-    from ..checkpoint import read_generation_config
-    from .generator import continuation_text, only_text_tokens
-    from .request import end_of_sequence_ids
-
-    generation_config = read_generation_config(args.model)
-    params = _sampling_params(args, generation_config)  # validate before loading the weights
+    # Everything that can be checked without the weights is, before they are loaded.
+    params = _sampling_params(args, read_generation_config(args.model))
     _check_strategy_flags(args)
-    model, tokenizer = _load(args)
-    # Llama-3 instruct models, for one, end turns with an id only generation_config lists.
-    eos = sorted(end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id")))
-    texts = args.prompt
-    if args.chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
-    prompts = [tokenizer.encode(t, add_special_tokens=not args.chat) for t in texts]
+    options = check_strategy(args.strategy, params, _strategy_options(args), len(args.prompt))
+    loaded = _load(args)
+    if args.strategy == "speculative":
+        options = dataclasses.replace(options, draft=load_packed_model(args.draft, dtype=args.dtype, device=args.device))
+    elif args.strategy == "contrastive-decoding":
+        amateur = load_packed_model(args.amateur, dtype=args.dtype, device=args.device)
+        options = dataclasses.replace(options, amateur=amateur)
+    prompts = encode_prompts(loaded.tokenizer, args.prompt, chat=args.chat)
     if args.strategy == "sample":
-        extra = _constraints(args, tokenizer, eos)
-        if args.watermark is not None:
-            from .watermark import Watermark
-
-            extra.append(Watermark(key=args.watermark, gamma=args.watermark_gamma, delta=args.watermark_delta))
-        return _stream_samples(args, model, tokenizer, prompts, params, eos, extra)
-    params = only_text_tokens(params, model.config.vocab_size, tokenizer)
-    rows = _run_strategy(args, model, tokenizer, prompts, params, eos)  # (prompt index, token ids, extra fields)
-    for index, token_ids, extra in rows:
-        text = extra.pop("text", None)
-        if text is None:
-            text = continuation_text(tokenizer, prompts[index], token_ids)
-        if len(rows) == 1:
-            print(text)
-        else:
-            print(json.dumps({"prompt": args.prompt[index], "completion": text, **extra}, ensure_ascii=False))
+        return _stream_samples(args, loaded, prompts, params, options)
+    outputs = decode(args.strategy, loaded.model, loaded.tokenizer, prompts, params, options,
+                     eos_token_ids=loaded.eos_token_ids)
+    stats = outputs[0].stats
+    if stats is not None:
+        console.print(f"[dim]{stats.generated} tokens in {stats.target_forwards} target passes; acceptance rate "
+                      f"{stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target pass[/dim]")
+    for out in outputs:
+        if len(outputs) == 1:
+            print(out.text)
+            continue
+        score = {} if out.score is None else {"score": round(out.score, 6)}
+        print(json.dumps({"prompt": args.prompt[out.prompt_index], "completion": out.text, **score,
+                          "finish_reason": out.finish_reason}, ensure_ascii=False))
     return 0
 
 
-def _stream_samples(args, model, tokenizer, prompts, params, eos, extra_processors) -> int:
-    from .generator import stream
-
+def _stream_samples(args, loaded: LoadedModel, prompts, params, options) -> int:
     outputs = [""] * len(prompts)
     reasons = [None] * len(prompts)
-    for event in stream(model, prompts, params, tokenizer=tokenizer, eos_token_ids=eos,
-                        extra_processors=extra_processors):
+    for event in decode_stream("sample", loaded.model, loaded.tokenizer, prompts, params, options,
+                               eos_token_ids=loaded.eos_token_ids):
         if len(prompts) == 1:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -177,95 +179,10 @@ def _stream_samples(args, model, tokenizer, prompts, params, eos, extra_processo
     return 0
 
 
-def _run_strategy(args, model, tokenizer, prompts, params, eos) -> list[tuple[int, list[int], dict]]:
-    if args.strategy in ("beam", "diverse-beam"):
-        from .beam import beam_search
-        from .processors import build_processors
-        from .sampling import make_generator
-
-        # Beam search ranks whole sequences by log-probability; only the penalties and bans
-        # of the processors apply, unless beam sampling draws the candidates (then the
-        # temperature and truncation warpers shape what it draws from, as in transformers).
-        sampled = args.do_sample and not params.greedy
-        processors = build_processors(params if sampled else _deterministic(params), eos,
-                                      vocab_size=model.config.vocab_size)
-        beams = beam_search(
-            model, prompts, num_beams=args.num_beams, max_new_tokens=params.max_new_tokens,
-            length_penalty=args.length_penalty, early_stopping=args.early_stopping,
-            num_return_sequences=args.num_return_sequences, eos_token_ids=eos, processors=processors,
-            num_beam_groups=args.num_beam_groups if args.strategy == "diverse-beam" else 1,
-            diversity_penalty=args.diversity_penalty if args.strategy == "diverse-beam" else 0.0,
-            do_sample=sampled, generator=make_generator(params.seed) if sampled else None,
-            stop_strings=params.stop, tokenizer=tokenizer,
-        )
-        return [(i, h.token_ids, {"score": round(h.score, 6), "finish_reason": h.finish_reason, "text": h.text})
-                for i, hypotheses in enumerate(beams) for h in hypotheses]
-    if args.strategy in ("contrastive", "contrastive-decoding"):
-        from . import contrastive
-        from .processors import build_processors
-
-        # Only the penalties and bans of the processors apply: these strategies choose by score.
-        bans = build_processors(_deterministic(params), eos, vocab_size=model.config.vocab_size)
-        if args.strategy == "contrastive":
-            done = contrastive.contrastive_search(model, prompts, args.penalty_alpha, params.top_k or 4,
-                                                  params.max_new_tokens, eos_token_ids=eos, processors=bans)
-        else:
-            amateur = _load_model_only(args, args.amateur)
-            done = contrastive.contrastive_decoding(model, amateur, prompts, alpha=args.plausibility_alpha,
-                                                    max_new_tokens=params.max_new_tokens,
-                                                    temperature=params.temperature, seed=params.seed,
-                                                    eos_token_ids=eos, processors=bans)
-        return [(i, c.token_ids, {"finish_reason": c.finish_reason}) for i, c in enumerate(done)]
-    from .speculative import prompt_lookup_generate, speculative_generate
-
-    if args.strategy == "speculative":
-        draft = _load_model_only(args, args.draft)
-        done = speculative_generate(model, draft, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
-                                    draft_confidence=args.draft_confidence, eos_token_ids=eos, tokenizer=tokenizer)
-    else:
-        done = prompt_lookup_generate(model, prompts[0], params, num_draft_tokens=args.num_draft_tokens,
-                                      eos_token_ids=eos, tokenizer=tokenizer)
-    stats = done.stats
-    console.print(f"[dim]{stats.generated} tokens in {stats.target_forwards} target passes; acceptance rate "
-                  f"{stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target pass[/dim]")
-    return [(0, done.token_ids, {"finish_reason": done.finish_reason, "text": done.text})]
-
-
-def _constraints(args, tokenizer, eos) -> list:
-    from . import constrained
-
-    if args.json_schema:
-        return [constrained.JsonSchemaConstraint(Path(args.json_schema).read_text(), tokenizer, eos_token_ids=eos)]
-    if args.regex:
-        return [constrained.RegexConstraint(args.regex, tokenizer, eos_token_ids=eos)]
-    if args.choices:
-        return [constrained.ChoiceConstraint(args.choices, tokenizer, eos_token_ids=eos)]
-    return []
-
-
-def _load_model_only(args, directory):
-    from ..checkpoint import load_model
-    from ..inference import pack_for_cpu_inference
-
-    return pack_for_cpu_inference(load_model(directory, dtype=args.dtype, device=args.device))
-
-
-def _deterministic(params):
-    import dataclasses
-
-    return dataclasses.replace(params, temperature=0.0)
-
-
 def cmd_chat(args) -> int:
-    from ..checkpoint import read_generation_config
-    from .generator import stream
-    from .request import end_of_sequence_ids
-
-    generation_config = read_generation_config(args.model)
-    params = _sampling_params(args, generation_config)
-    model, tokenizer = _load(args)
-    # Llama-3 instruct models, for one, end turns with an id only generation_config lists.
-    eos = sorted(end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id")))
+    params = _sampling_params(args, read_generation_config(args.model))
+    loaded = _load(args)
+    tokenizer = loaded.tokenizer
     if tokenizer.chat_template is None:
         raise ValueError(f"{args.model} has no chat template; use `genforge generate` for plain completion")
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -284,7 +201,8 @@ def cmd_chat(args) -> int:
         prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         sys.stdout.write("assistant> ")
         reply = ""
-        for event in stream(model, [prompt], params, tokenizer=tokenizer, eos_token_ids=eos):
+        for event in decode_stream("sample", loaded.model, tokenizer, [prompt], params,
+                                   eos_token_ids=loaded.eos_token_ids):
             reply += event.text
             sys.stdout.write(event.text)
             sys.stdout.flush()

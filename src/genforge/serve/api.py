@@ -198,11 +198,8 @@ def app_from_directories(
     into a ``SentenceEncoder``, and build the app over them (``app_options`` go to
     :func:`create_app`). End-of-sequence ids include generation_config.json's, as
     ``genforge generate`` does (Llama 3 instruct ends turns with an id only it lists)."""
-    from ..checkpoint import load_model, read_generation_config
     from ..encoder import SentenceEncoder
-    from ..generate.request import end_of_sequence_ids
-    from ..inference import pack_for_cpu_inference
-    from ..tokenizer import Tokenizer
+    from ..loading import load_for_inference
     from .engine import AsyncEngine, Engine
 
     if not models:
@@ -212,12 +209,9 @@ def app_from_directories(
             raise ValueError(f"model {name!r}: {directory} is not a model directory (no config.json)")
     engines, tokenizers = {}, {}
     for name, directory in models.items():
-        model = load_model(directory, dtype=dtype, device=device)
-        if str(model.device) == "cpu":
-            model = pack_for_cpu_inference(model)
-        tokenizer = Tokenizer.from_dir(directory)
-        eos = end_of_sequence_ids(model.config, tokenizer, read_generation_config(directory).get("eos_token_id"))
-        engines[name] = Engine(model, tokenizer, eos_token_ids=sorted(eos), **dict(engine_options or {}))
-        tokenizers[name] = tokenizer
+        loaded = load_for_inference(directory, dtype=dtype, device=device)
+        engines[name] = Engine(loaded.model, loaded.tokenizer, eos_token_ids=loaded.eos_token_ids,
+                               **dict(engine_options or {}))
+        tokenizers[name] = loaded.tokenizer
     encoders = {name: SentenceEncoder(directory, device=device) for name, directory in (embedding_models or {}).items()}
     return create_app(AsyncEngine(engines), tokenizers=tokenizers, embedding_models=encoders, **app_options)

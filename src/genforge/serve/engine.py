@@ -21,7 +21,6 @@ outputs to asyncio consumers, which is what the HTTP server needs.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import math
 import queue
@@ -32,16 +31,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate.generator import only_text_tokens, stop_watcher
+from ..generate.generator import stop_watcher
 from ..generate.processors import (
     DecodeContext,
     LogitsProcessor,
     apply_processors,
     build_batch_processors,
-    build_processors,
 )
-from ..generate.request import ContextLengthError
-from ..generate.request import end_of_sequence_ids
+from ..generate.request import (
+    ContextLengthError,
+    DecodeRequest,
+    DecodeRequestError,
+    batch_logits_processors,
+    end_of_sequence_ids,
+)
 from ..generate.sampling import SamplingParams, greedy_next_token, make_generator, sample_next_token, token_logprobs
 from ..model import Transformer
 from .blocks import BlockManager
@@ -117,9 +120,9 @@ class RequestState:
     """The engine's record of one running request, carried by its scheduler sequence."""
 
     request: Request
+    decode: DecodeRequest  # the request resolved and checked once: end ids, limits, processors
     watcher: object  # generate.generator.stop_watcher: push(token) -> (text, hit_stop), flush()
     generator: torch.Generator | None
-    eos: frozenset[int]
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     num_generated: int = 0
@@ -166,9 +169,6 @@ class Engine:
         if not config.causal:
             raise ValueError("the engine serves causal language models; encoders are served by /v1/embeddings")
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
-        # Ids past the tokenizer's vocabulary are embedding padding and never chosen: a plain
-        # greedy row takes its argmax over the text ids only, instead of a ban processor.
-        self.text_vocab_size = min(tokenizer.vocab_size, config.vocab_size) if tokenizer is not None else config.vocab_size
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.eos_token_ids = frozenset(end_of_sequence_ids(config, tokenizer, override=eos_token_ids))
         per_block = PagedKVCache.bytes_per_block(config, block_size, model.dtype)
@@ -202,55 +202,44 @@ class Engine:
         self.generation_tokens_total = 0
 
     # -------------------------------------------------------------------- requests
-    def check_request(self, request: Request) -> None:
-        """Raise ValueError, with a message meant for the user, if the request cannot run."""
-        if not isinstance(request.params, SamplingParams):
-            raise ValueError("params must be a SamplingParams")
-        prompt = request.prompt_token_ids
-        if not prompt:
-            raise ValueError("the prompt is empty; send at least one token")
-        vocab = self.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        limit = request.params.max_new_tokens
-        if limit is None:
-            raise ValueError("params.max_new_tokens must be set")
-        if len(prompt) + limit > self.max_model_len:
-            raise ContextLengthError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt)} prompt "
-                f"tokens and {limit} completion tokens were requested ({len(prompt) + limit} in total); "
-                "shorten the prompt or lower max_tokens"
+    def check_request(self, request: Request) -> DecodeRequest:
+        """The request resolved for this engine's model (`generate.request.DecodeRequest`), or a
+        `DecodeRequestError` whose message is meant for the user."""
+        if isinstance(request.params, SamplingParams) and request.params.max_new_tokens is None:
+            raise DecodeRequestError("params.max_new_tokens must be set")
+        try:
+            resolved = DecodeRequest.resolve(
+                self.model, [request.prompt_token_ids], request.params, tokenizer=self.tokenizer,
+                eos_token_ids=() if request.ignore_eos else sorted(self.eos_token_ids),
+                context_length=self.max_model_len, logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs,
             )
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(request, name)
-            if value is not None and not 0 <= value <= min(20, vocab):
-                raise ValueError(f"{name} must be between 0 and {min(20, vocab)}, got {value}")
-        if request.params.logit_bias and max(request.params.logit_bias) >= vocab:
-            raise ValueError(f"logit_bias token ids must be < the vocabulary size {vocab}")
-        if request.params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this engine was built without one")
+        except ContextLengthError as err:  # said in the OpenAI API's words
+            total = err.prompt_tokens + err.max_new_tokens
+            raise ContextLengthError(
+                f"this model's maximum context length is {err.context_length} tokens, but {err.prompt_tokens} prompt "
+                f"tokens and {err.max_new_tokens} completion tokens were requested ({total} in total); "
+                "shorten the prompt or lower max_tokens",
+                prompt_tokens=err.prompt_tokens, max_new_tokens=err.max_new_tokens, context_length=err.context_length,
+            ) from None
         if request.request_id in self._sequences:
-            raise ValueError(f"request id {request.request_id!r} is already running")
+            raise DecodeRequestError(f"request id {request.request_id!r} is already running")
+        return resolved
 
     def add_request(self, request: Request) -> None:
-        self.check_request(request)
-        asked = request.params
-        params = only_text_tokens(asked, self.config.vocab_size, self.tokenizer)
-        if params is not request.params:
-            request = dataclasses.replace(request, params=params)
+        resolved = self.check_request(request)
+        params = request.params
         state = RequestState(
             request=request,
+            decode=resolved,
             watcher=stop_watcher(self.tokenizer, params, request.prompt_token_ids),
             generator=None if params.greedy else make_generator(params.seed, self.model.device),
-            eos=frozenset(params.stop_token_ids) | (frozenset() if request.ignore_eos else self.eos_token_ids),
         )
-        # The same test the batched pipeline applies: no processor for this row's settings (the
-        # padded-vocabulary ban aside, which `_choose` applies by slicing).
+        # The batched pipeline's own test: no processor for this row's settings (the vocabulary
+        # limit aside, which `_choose` applies to these rows by slicing).
         state.plain_greedy = params.greedy and not request.processors and not build_batch_processors(
-            [asked], sorted(self.eos_token_ids), vocab_size=self.config.vocab_size)
+            [params], [resolved.eos_token_ids], vocab_size=self.config.vocab_size)
         if request.processors:
-            state.processors = build_processors(params, sorted(state.eos), vocab_size=self.config.vocab_size,
-                                                before_sampling=request.processors)
+            state.processors = resolved.logits_processors(request.processors)
         self._arrivals += 1
         if request.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
@@ -444,7 +433,7 @@ class Engine:
                 state.first_token_time = now
             text, hit_stop = state.watcher.push(token)
             reason = None
-            if token in state.eos or hit_stop:
+            if token in state.decode.eos_token_ids or hit_stop:
                 reason = "stop"
             elif state.num_generated >= state.request.params.max_new_tokens or len(seq.token_ids) >= self.max_model_len:
                 reason = "length"
@@ -470,7 +459,7 @@ class Engine:
         plain = [i for i, st in enumerate(states) if st.plain_greedy]
         tokens: list[int] = [0] * len(states)
         if plain:
-            rows = (raw if len(plain) == len(states) else raw[plain])[:, : self.text_vocab_size]
+            rows = (raw if len(plain) == len(states) else raw[plain])[:, : states[plain[0]].decode.vocab_limit]
             for i, token in zip(plain, greedy_next_token(rows).tolist()):
                 tokens[i] = token
             if len(plain) == len(states):
@@ -509,8 +498,7 @@ class Engine:
         it holds each row's settings, and reads the tokens so far from the step's context."""
         rows = tuple(states)
         if rows != self._batch_processors[0]:
-            processors = build_batch_processors([st.request.params for st in states], sorted(self.eos_token_ids),
-                                                vocab_size=raw.shape[-1], device=raw.device)
+            processors = batch_logits_processors([st.decode for st in states], device=raw.device)
             self._batch_processors = (rows, processors)
         return self._batch_processors[1]
 

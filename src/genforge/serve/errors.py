@@ -4,7 +4,7 @@ Every error the server answers is an :class:`OpenAIError`: ``{"error": {"message
 "param", "code"}}`` with its HTTP status. This module turns the other kinds into it: FastAPI's
 validation errors (its 422 becomes a 400 naming the field, or saying what is wrong with the
 body as a whole), Starlette's routing errors (404, 405), and what the engine raises while a
-request runs (told apart by type: `EngineShutdown`, `ContextLengthError`, ``ValueError``).
+request runs (told apart by type: `EngineShutdown`, `ContextLengthError`, `DecodeRequestError`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generate.request import ContextLengthError
+from ..generate.request import ContextLengthError, DecodeRequestError
 from .engine import EngineShutdown
 from .schemas import CONTENT_MISSING
 
@@ -133,6 +133,6 @@ def engine_error(err: BaseException, timeout: float | None) -> BaseException:
         return OpenAIError(503, "the server is shutting down; retry on another replica", "server_error")
     if isinstance(err, ContextLengthError):
         return bad(str(err), code="context_length_exceeded")
-    if isinstance(err, ValueError):  # the engine's validation: a user-facing message
+    if isinstance(err, DecodeRequestError):  # the engine's checks of the request: meant for the user
         return bad(str(err))
     return err
