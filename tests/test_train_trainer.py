@@ -2,28 +2,24 @@
 parity, learning, gradient accumulation, gradient checkpointing and bad input."""
 
 import copy
+import functools
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 
-from genforge.config import Config
-from genforge.model import Transformer
 from genforge.train import DataError, TokenDataset, TrainConfig, Trainer, TrainError
 
 SEQ_LEN = 16
 
 
-def tiny_model(seed=0, **overrides):
-    fields = dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    return Transformer(Config(**fields))
+# The decoder of factories.py with its special tokens named.
+tiny_model = functools.partial(factories.tiny_model, bos_token_id=1, eos_token_id=2)
 
 
 def corpus(n_tokens=640, seed=0):
