@@ -178,9 +178,16 @@ def test_gradient_checkpointing_gives_the_same_step_and_is_undone(tmp_path):
 
 
 def test_mixture_of_experts_trains_with_the_balancing_term(tmp_path):
-    model = tiny_model(family="mixtral", num_experts=4, num_experts_per_token=2)
-    result = make_trainer(tmp_path, model=model, max_steps=2, aux_loss_coef=0.1).train()
+    def run(aux_loss_coef, out_dir):
+        model = tiny_model(family="mixtral", num_experts=4, num_experts_per_token=2)
+        return make_trainer(out_dir, model=model, max_steps=2, aux_loss_coef=aux_loss_coef).train()
+
+    result = run(0.1, tmp_path / "balanced")
     assert len(result.losses) == 2 and all(loss > 0 for _, loss in result.losses)
+    # The same first step without the term has the same weights, batch and cross-entropy, so the
+    # difference is 0.1 x the balancing loss: about top_k (2) under a fresh router's near-uniform routing.
+    plain = run(0.0, tmp_path / "plain")
+    assert result.losses[0][1] - plain.losses[0][1] == pytest.approx(0.1 * 2, rel=0.1)
 
 
 def test_bad_input_is_rejected_before_work(tmp_path):
