@@ -1,7 +1,7 @@
 """The serving engine: paged cache, continuous batching, prefix caching, preemption.
 
 The reference for every output is genforge's simple generator (`generate`), itself checked
-token for token against transformers' `generate` in test_generate.py: a request served
+token for token against transformers' `generate` in test_generate_generator.py: a request served
 among many must return exactly what it returns alone.
 """
 
