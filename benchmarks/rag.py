@@ -38,9 +38,11 @@ import torch
 from machine import describe
 
 from genforge.rag.chunking import chunk_document
-from genforge.rag.index import EncoderEmbedder, FaissStore, HybridIndex, QueryCache, _fit_bm25
+from genforge.rag.embedders import EncoderEmbedder
+from genforge.rag.index import HybridIndex, QueryCache, fit_bm25
 from genforge.rag.loaders import load_documents
 from genforge.rag.retrieve import reciprocal_rank_fusion
+from genforge.rag.stores import FaissStore
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO.parent / "shared" / "seeds"
@@ -103,7 +105,7 @@ def seeds_part(rounds: int, depth: int, k: int) -> dict:
     result: dict = {"documents": len(documents), "chunks": n, "embedding_model": embedder.name}
 
     t = time.perf_counter()
-    _fit_bm25(chunks)
+    fit_bm25(chunks)
     bm25_s = time.perf_counter() - t
     embed_time = [0.0]
     real_embed = embedder.embed

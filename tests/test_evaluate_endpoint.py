@@ -9,10 +9,10 @@ import pytest
 from live_server import LiveServer
 
 from genforge.cli import main
+from genforge.evaluate import MetricError
 from genforge.evaluate.endpoint import EndpointLanguageModel, endpoint_judge
 from genforge.evaluate.harness import LocalLanguageModel, evaluate_task
 from genforge.evaluate.judge import judge_all
-from genforge.evaluate.metrics import MetricError
 from genforge.serve.api import create_app
 from genforge.serve.engine import AsyncEngine, Engine
 

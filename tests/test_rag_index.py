@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from genforge.rag.chunking import Chunk, chunk_document
-from genforge.rag.index import EmbeddingCache, HybridIndex, RagIndexError
+from genforge.rag.embedders import EmbeddingCache
+from genforge.rag.index import HybridIndex
 from genforge.rag.loaders import Document
 from genforge.rag.retrieve import Retriever
+from genforge.rag.stores import RagIndexError
 
 
 class HashEmbedder:

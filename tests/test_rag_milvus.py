@@ -19,9 +19,10 @@ pytest.importorskip("milvus_lite")
 from test_rag_index import HashEmbedder, synthetic_chunks
 
 from genforge.rag.chunking import Chunk, chunk_document
-from genforge.rag.index import HybridIndex, RagIndexError
+from genforge.rag.index import HybridIndex
 from genforge.rag.loaders import load_documents
 from genforge.rag.milvus import check_uri, filter_expression
+from genforge.rag.stores import RagIndexError
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 if not SEEDS.is_dir():

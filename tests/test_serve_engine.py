@@ -1,7 +1,7 @@
 """The serving engine: paged cache, continuous batching, prefix caching, preemption.
 
 The reference for every output is genforge's simple generator (`generate`), itself checked
-token for token against transformers' `generate` in test_generate.py: a request served
+token for token against transformers' `generate` in test_generate_generator.py: a request served
 among many must return exactly what it returns alone.
 """
 
@@ -10,11 +10,11 @@ import itertools
 import json
 import random
 
+import factories
 import pytest
 import torch
 
 from genforge.checkpoint import load_model
-from genforge.config import Config
 from genforge.generate.constrained import JsonSchemaConstraint
 from genforge.generate.generator import generate
 from genforge.generate.sampling import SamplingParams, token_logprobs
@@ -50,11 +50,9 @@ class NumberTokenizer:
 
 
 def tiny_model(family="llama", seed=0, **overrides) -> Transformer:
-    fields = dict(family=family, vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                  intermediate_size=128, max_position_embeddings=256, eos_token_id=None)
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    return Transformer(Config(**fields)).eval()
+    """The decoder of factories.py at this file's sizes, ready to decode."""
+    sizes = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=256, eos_token_id=None)
+    return factories.tiny_model(seed, family=family, **(sizes | overrides)).eval()
 
 
 def random_prompts(count, seed=0, longest=60):

@@ -3,18 +3,18 @@
 and the Trainer with a teacher (alpha = 0 is the plain step exactly, the student moves towards the
 teacher, the teacher stays frozen and out of checkpoints, resume stays bit-exact, bad input)."""
 
+import functools
 import json
 import math
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import genforge.train.trainer as trainer_module
-from genforge.config import Config
-from genforge.model import Transformer
 from genforge.train import DISTILLATION_KINDS, TokenDataset, TrainConfig, Trainer, TrainError, distillation_loss
 from genforge.train.losses import IGNORE_INDEX, causal_lm_loss, shift_labels
 
@@ -145,12 +145,8 @@ def test_bad_input_is_refused_with_what_is_accepted():
 
 
 # ----------------------------------------------------------------------------- the trainer
-def tiny_model(seed=0, **overrides):
-    fields = dict(family="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    return Transformer(Config(**fields))
+# The decoder of factories.py with its special tokens named.
+tiny_model = functools.partial(factories.tiny_model, bos_token_id=1, eos_token_id=2)
 
 
 def sharp_teacher(seed=7):

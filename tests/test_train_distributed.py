@@ -11,23 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from factories import tiny_encoder, tiny_model
 from safetensors.torch import load_file
 
-from genforge.config import Config
-from genforge.model import Transformer
 from genforge.train import TokenDataset, TrainConfig, Trainer, TrainError
 from genforge.train.distributed import DistributedContext, destroy_distributed, init_distributed, rank_slice
 
 SEQ_LEN = 16
 STEPS = 4
-
-
-def tiny_model(**overrides):
-    fields = dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  intermediate_size=48, max_position_embeddings=64)
-    fields.update(overrides)
-    torch.manual_seed(0)
-    return Transformer(Config(**fields))
 
 
 def build_trainer(out_dir, model=None, **overrides):
@@ -126,15 +117,6 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, single):
         build_trainer(out).train(resume=True)
     run_ranks(out, resume=True, fsdp=True)
     assert_same_run(out, *single)
-
-
-def tiny_encoder():
-    torch.manual_seed(0)
-    return Transformer(Config(family="bert", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                              intermediate_size=48, max_position_embeddings=64, causal=False, post_norm=True,
-                              norm="layernorm", activation="gelu", gated_mlp=False, qkv_bias=True, attn_out_bias=True,
-                              mlp_bias=True, position="learned", type_vocab_size=2, embedding_norm=True,
-                              tie_word_embeddings=True, masked_lm_head=True))
 
 
 def _masked_rank_main(rank, world, port, out_dir):

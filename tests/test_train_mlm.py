@@ -4,8 +4,10 @@ BertForMaskedLM's, the head's logits and export against BertForMaskedLM, and the
 learning, resuming exactly and refusing what it cannot train."""
 
 import copy
+import functools
 import json
 
+import factories
 import pytest
 import torch
 import transformers
@@ -33,13 +35,8 @@ def hf_bert_mlm(seed=0, tie=True):
     return model.eval()
 
 
-def tiny_encoder(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(Config(family="bert", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                              intermediate_size=48, max_position_embeddings=64, causal=False, post_norm=True,
-                              norm="layernorm", norm_eps=1e-12, activation="gelu", gated_mlp=False, qkv_bias=True,
-                              attn_out_bias=True, mlp_bias=True, position="learned", type_vocab_size=2,
-                              embedding_norm=True, tie_word_embeddings=True, masked_lm_head=True, pad_token_id=0))
+# The encoder of factories.py over this file's vocabulary, with BERT's norm epsilon and [PAD] id.
+tiny_encoder = functools.partial(factories.tiny_encoder, vocab_size=VOCAB, norm_eps=1e-12, pad_token_id=0)
 
 
 # ----------------------------------------------------------------------------- masking

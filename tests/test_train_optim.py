@@ -4,18 +4,9 @@ import math
 
 import pytest
 import torch
+from factories import tiny_model
 
-from genforge.config import Config
-from genforge.model import Transformer
 from genforge.train import build_optimizer, build_scheduler, clip_gradients, split_parameter_groups, warmup_cosine_lr
-
-
-def tiny(**overrides):
-    fields = dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  intermediate_size=48, max_position_embeddings=64)
-    fields.update(overrides)
-    torch.manual_seed(0)
-    return Transformer(Config(**fields))
 
 
 def test_schedule_values_by_hand():
@@ -50,7 +41,7 @@ def test_schedule_rejects_bad_settings():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_parameter_groups_exclude_norms_biases_embeddings(tied):
-    model = tiny(tie_word_embeddings=tied, qkv_bias=True)
+    model = tiny_model(tie_word_embeddings=tied, qkv_bias=True)
     decay, no_decay = split_parameter_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_names = {names[id(p)] for p in decay["params"]}

@@ -2,28 +2,24 @@
 parity, learning, gradient accumulation, gradient checkpointing and bad input."""
 
 import copy
+import functools
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import factories
 import pytest
 import torch
 
-from genforge.config import Config
-from genforge.model import Transformer
 from genforge.train import DataError, TokenDataset, TrainConfig, Trainer, TrainError
 
 SEQ_LEN = 16
 
 
-def tiny_model(seed=0, **overrides):
-    fields = dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    fields.update(overrides)
-    torch.manual_seed(seed)
-    return Transformer(Config(**fields))
+# The decoder of factories.py with its special tokens named.
+tiny_model = functools.partial(factories.tiny_model, bos_token_id=1, eos_token_id=2)
 
 
 def corpus(n_tokens=640, seed=0):
@@ -182,9 +178,16 @@ def test_gradient_checkpointing_gives_the_same_step_and_is_undone(tmp_path):
 
 
 def test_mixture_of_experts_trains_with_the_balancing_term(tmp_path):
-    model = tiny_model(family="mixtral", num_experts=4, num_experts_per_token=2)
-    result = make_trainer(tmp_path, model=model, max_steps=2, aux_loss_coef=0.1).train()
+    def run(aux_loss_coef, out_dir):
+        model = tiny_model(family="mixtral", num_experts=4, num_experts_per_token=2)
+        return make_trainer(out_dir, model=model, max_steps=2, aux_loss_coef=aux_loss_coef).train()
+
+    result = run(0.1, tmp_path / "balanced")
     assert len(result.losses) == 2 and all(loss > 0 for _, loss in result.losses)
+    # The same first step without the term has the same weights, batch and cross-entropy, so the
+    # difference is 0.1 x the balancing loss: about top_k (2) under a fresh router's near-uniform routing.
+    plain = run(0.0, tmp_path / "plain")
+    assert result.losses[0][1] - plain.losses[0][1] == pytest.approx(0.1 * 2, rel=0.1)
 
 
 def test_bad_input_is_rejected_before_work(tmp_path):

@@ -53,7 +53,7 @@ class SentenceEncoder:
         if model.config.causal:
             raise ValueError(f"{directory} is a {model.config.family} decoder; sentence embeddings need an encoder")
         # Only ever run forward: on CPU its products go through oneDNN's packed weights
-        # (`genforge.inference`), which embeds a query in about 0.6x the time.
+        # (`genforge.inference`), which embed a query faster (timing in docs/rag.md).
         self.model = pack_for_cpu_inference(model)
         self.tokenizer = Tokenizer.from_dir(directory)
         self.pooling, self.normalize = _sentence_transformers_head(directory)

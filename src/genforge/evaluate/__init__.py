@@ -5,6 +5,7 @@ harness for lm-evaluation-harness task YAML files. See
 docs/evaluation.md for each metric's definition, settings and the reference implementation it
 is checked against."""
 
+from .base import MetricError, MetricResult
 from .bertscore import BERTScorer, BERTScoreResult, IdfWeights, bertscore
 from .classification import (
     CalibrationBin,
@@ -53,8 +54,6 @@ from .meteor import NoSynonyms, meteor, use_wordnet, wordnet_source
 from .metrics import (
     METRICS,
     ROUGE_TYPES,
-    MetricError,
-    MetricResult,
     bleu,
     chrf,
     compute,

@@ -35,7 +35,7 @@ from ..encoder import default_encoder_path
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ._progress import progress
-from .metrics import MetricError, _check_pairs
+from .base import MetricError, check_pairs
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class BERTScorer:
             becomes (x - b) / (1 - b) (Zhang et al. 2020, section 6, "rescaling"); the F1 is
             rescaled from the raw F1, not recomputed from rescaled P and R.
         """
-        predictions, grouped = _check_pairs(predictions, references, "bertscore")
+        predictions, grouped = check_pairs(predictions, references, "bertscore")
         flat_references = [r for refs in grouped for r in refs]
         baseline_values = _baseline_triple(baseline)
         if idf is False:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..atomic import atomic_path
-from .metrics import MetricError, MetricResult
+from .base import MetricError, MetricResult
 
 AVERAGES = ("binary", "micro", "macro", "weighted")
 

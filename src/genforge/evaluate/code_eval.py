@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from ._progress import progress
-from .metrics import MetricError, MetricResult
+from .base import MetricError, MetricResult
 
 try:  # POSIX only; the sandbox needs it, pass@k does not
     import resource

@@ -20,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..tokenizer import Tokenizer
+from .base import MetricError
 from .harness import DEFAULT_MAX_GEN_TOKS, encode_pair
 from .judge import DEFAULT_CRITERIA, Judge, pairwise_prompt, parse_verdict
-from .metrics import MetricError
 
 
 def _client(base_url: str, api_key: str | None, timeout: float):

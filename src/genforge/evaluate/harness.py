@@ -52,7 +52,8 @@ from ..jsonl import json_objects
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ._progress import progress
-from .metrics import METRICS, MetricError, compute
+from .base import MetricError
+from .metrics import METRICS, compute
 from .perplexity import perplexity
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._progress import progress
-from .metrics import MetricError, MetricResult
+from .base import MetricError, MetricResult
 
 VERDICTS = ("A", "B", "tie")
 Judge = Callable[[str, str, str], str]

@@ -21,7 +21,7 @@ except ImportError as error:  # an optional dependency: say how to get it
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import harness
-from .metrics import MetricError
+from .base import MetricError
 
 
 @register_model("genforge")

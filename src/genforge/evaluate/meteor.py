@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import MetricError, MetricResult, _check_pairs
+from .base import MetricError, MetricResult, check_pairs
 
 # Environment variable naming a WordNet database folder, read when no folder was given to
 # `use_wordnet`.
@@ -224,7 +224,7 @@ def meteor(
     NLTK (and of Hugging Face `evaluate`); the original system-level METEOR pools alignment
     counts over the corpus, which gives a different number.
     """
-    predictions, grouped = _check_pairs(predictions, references, "meteor")
+    predictions, grouped = check_pairs(predictions, references, "meteor")
     if not 0.0 <= alpha <= 1.0:
         raise MetricError(f"meteor: alpha weighs precision against recall and must lie in [0, 1], got {alpha}")
     if beta < 0:

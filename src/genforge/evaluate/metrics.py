@@ -25,78 +25,13 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
+from .base import MetricError, MetricResult, check_pairs, check_predictions
+from .meteor import meteor
+
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-
-
-class MetricError(ValueError):
-    """Bad input to a metric; the message says what was wrong and what is accepted."""
-
-
-@dataclass(frozen=True)
-class MetricResult:
-    """One metric over a corpus.
-
-    `score` is the headline number (which one is named in each function's docstring);
-    `details` holds every number the metric produced, the headline included; `settings`
-    records how it was computed (for sacrebleu metrics, its `signature` string).
-    """
-
-    name: str
-    score: float
-    details: dict[str, float] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> float:
-        return self.details[key]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "score": self.score, "details": dict(self.details), "settings": dict(self.settings)}
-
-
-# ------------------------------------------------------------------------------- input checks
-def _check_predictions(predictions: Sequence[str], metric: str) -> list[str]:
-    if isinstance(predictions, str):
-        raise MetricError(f"{metric}: predictions must be a list of strings, got a single string; wrap it in a list")
-    predictions = list(predictions)
-    if not predictions:
-        raise MetricError(f"{metric}: the prediction list is empty; pass at least one prediction")
-    bad = next((i for i, p in enumerate(predictions) if not isinstance(p, str)), None)
-    if bad is not None:
-        kind = type(predictions[bad]).__name__
-        raise MetricError(f"{metric}: prediction {bad} is a {kind}; predictions must be strings")
-    return predictions
-
-
-def _check_pairs(predictions: Sequence[str], references: Sequence[str | Sequence[str]] | None,
-                 metric: str) -> tuple[list[str], list[list[str]]]:
-    """(predictions, references as one non-empty list of strings per prediction)."""
-    predictions = _check_predictions(predictions, metric)
-    if references is None:
-        raise MetricError(f"{metric} compares against references; "
-                          "pass one reference (or a list of them) per prediction")
-    if isinstance(references, str):
-        raise MetricError(f"{metric}: references must be a list (one entry per prediction), got a single string")
-    references = list(references)
-    if len(references) != len(predictions):
-        raise MetricError(
-            f"{metric}: {len(predictions)} predictions but {len(references)} references; pass exactly one reference "
-            "(a string, or a list of strings for several references) per prediction"
-        )
-    grouped: list[list[str]] = []
-    for i, refs in enumerate(references):
-        refs = [refs] if isinstance(refs, str) else list(refs) if isinstance(refs, Sequence) else None
-        if refs is None or not all(isinstance(r, str) for r in refs):
-            raise MetricError(f"{metric}: reference {i} must be a string or a list of strings, "
-                              f"got {references[i]!r:.80}")
-        if not refs:
-            raise MetricError(f"{metric}: prediction {i} has an empty list of references; give it at least one")
-        grouped.append(refs)
-    return predictions, grouped
 
 
 def _reference_streams(references: list[list[str]]) -> list[list[str | None]]:
@@ -122,7 +57,7 @@ def bleu(
     settings WMT reports. `details` carries the n-gram precisions and the brevity penalty;
     `settings["signature"]` is sacrebleu's reproducibility signature.
     """
-    predictions, grouped = _check_pairs(predictions, references, "bleu")
+    predictions, grouped = check_pairs(predictions, references, "bleu")
     if smooth_method not in BLEU.SMOOTH_DEFAULTS:
         accepted = ", ".join(BLEU.SMOOTH_DEFAULTS)
         raise MetricError(f"bleu: smooth_method {smooth_method!r} is unknown; accepted: {accepted}")
@@ -153,7 +88,7 @@ def chrf(
     Character n-gram F-score with recall weighted `beta` times precision. `word_order=2`
     adds word bigrams: chrF++ (Popović 2017). Defaults are sacrebleu's chrF2.
     """
-    predictions, grouped = _check_pairs(predictions, references, "chrf")
+    predictions, grouped = check_pairs(predictions, references, "chrf")
     metric = CHRF(char_order=char_order, word_order=word_order, beta=beta, lowercase=lowercase, whitespace=whitespace)
     result = metric.corpus_score(predictions, _reference_streams(grouped))
     name = "chrf++" if word_order == 2 else "chrf"
@@ -182,7 +117,7 @@ def rouge(
     rouge-score's tokenizer lowercases and keeps only [a-z0-9] runs: text in other scripts
     scores 0. `use_stemmer` applies the Porter stemmer (cats -> cat).
     """
-    predictions, grouped = _check_pairs(predictions, references, "rouge")
+    predictions, grouped = check_pairs(predictions, references, "rouge")
     rouge_types = [rouge_types] if isinstance(rouge_types, str) else list(rouge_types)
     unknown = [t for t in rouge_types if not re.fullmatch(r"rouge([1-9]|L|Lsum)", t)]
     if unknown or not rouge_types:
@@ -247,7 +182,7 @@ def squad(predictions: Sequence[str], references: Sequence[str | Sequence[str]])
     answers that normalise to nothing are dropped when the question has others, and a
     question whose golds are all empty is unanswerable: only an empty prediction scores.
     """
-    predictions, grouped = _check_pairs(predictions, references, "squad")
+    predictions, grouped = check_pairs(predictions, references, "squad")
     em_total = f1_total = 0.0
     for prediction, golds in zip(predictions, grouped):
         golds = [g for g in golds if normalize_answer(g)] or [""]
@@ -274,7 +209,7 @@ def distinct_n(
     predictions. A set with no n-gram of some order (all predictions shorter than n) scores
     0 for that order. The ratio falls as the set grows, so compare sets of equal size.
     """
-    predictions = _check_predictions(predictions, "distinct_n")
+    predictions = check_predictions(predictions, "distinct_n")
     orders = [orders] if isinstance(orders, int) else list(orders)
     if not orders or any(not isinstance(n, int) or n < 1 for n in orders):
         raise MetricError(f"distinct_n: orders must be positive integers, got {orders}")
@@ -297,7 +232,7 @@ def self_bleu(predictions: Sequence[str], *, tokenize: str = "13a", max_ngram_or
     order). The cost is quadratic in the number of predictions; sample a subset of a
     large set.
     """
-    predictions = _check_predictions(predictions, "self_bleu")
+    predictions = check_predictions(predictions, "self_bleu")
     if len(predictions) < 2:
         raise MetricError("self_bleu: needs at least 2 predictions (each is scored against the others)")
     if tokenize not in BLEU.TOKENIZERS:
@@ -314,18 +249,12 @@ def self_bleu(predictions: Sequence[str], *, tokenize: str = "13a", max_ngram_or
 
 
 # ------------------------------------------------------------------------------ dispatcher
-def _meteor(predictions, references) -> MetricResult:
-    from .meteor import meteor  # meteor.py builds on this module: import it when used
-
-    return meteor(predictions, references)
-
-
 # name -> (function, needs references)
 METRICS: dict[str, tuple[Callable[..., MetricResult], bool]] = {
     "bleu": (bleu, True),
     "chrf": (chrf, True),
     "rouge": (rouge, True),
-    "meteor": (_meteor, True),
+    "meteor": (meteor, True),
     "squad": (squad, True),
     "distinct_n": (distinct_n, False),
     "self_bleu": (self_bleu, False),
@@ -357,6 +286,6 @@ def compute(
 
 
 __all__ = [
-    "METRICS", "ROUGE_TYPES", "MetricError", "MetricResult", "bleu", "chrf", "compute", "distinct_n",
+    "METRICS", "ROUGE_TYPES", "bleu", "chrf", "compute", "distinct_n",
     "exact_match_score", "normalize_answer", "rouge", "self_bleu", "squad", "token_f1_score",
 ]

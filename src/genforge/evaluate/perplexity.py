@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ._progress import progress
-from .metrics import MetricError
+from .base import MetricError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import MetricError
+from .base import MetricError
 
 ALTERNATIVES = ("two-sided", "greater", "less")
 

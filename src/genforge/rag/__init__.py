@@ -21,8 +21,9 @@ from .chunking import (
                        recursive_chunks,
                        sentence_chunks,
 )
+from .embedders import EmbeddingCache, EncoderEmbedder
 from .expand import Generator, GenforgeGenerator, OpenAIGenerator
-from .index import EmbeddingCache, EncoderEmbedder, HybridIndex, RagIndexError
+from .index import HybridIndex
 from .loaders import Document, load_documents
 from .rerank import CrossEncoderReranker, LateInteractionReranker, TokenEmbedder, maxsim
 from .retrieve import (
@@ -37,6 +38,7 @@ from .retrieve import (
                        weighted_score_fusion,
 )
 from .sessions import SessionStore, ask_in_session, rewrite_followup
+from .stores import RagIndexError
 
 __all__ = [
                        "NOT_COVERED",

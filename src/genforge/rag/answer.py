@@ -36,9 +36,8 @@ from .chunking import Chunk, sentence_spans
 from .retrieve import Hit, Retriever, mmr
 
 NOT_COVERED = "The indexed sources do not cover this question, so I will not guess an answer."
-# Best question-chunk cosine under which an answer is refused. Measured with all-MiniLM-L6-v2 on
-# the seeds corpus (tests/test_rag_evaluate.py prints it): the 27 evaluation queries' lowest best
-# cosine is ~0.30, eight off-topic questions' highest ~0.23; the threshold sits between them.
+# Best question-chunk cosine under which an answer is refused: between on-topic and off-topic
+# questions' best cosines on the seeds corpus (docs/rag.md, "Not covered").
 DEFAULT_MIN_CONFIDENCE = 0.27
 DEFAULT_SUPPORT_THRESHOLD = 0.5
 ANSWER_MODES = ("extractive", "generative")

@@ -26,12 +26,12 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .retrieve import Hit, Retriever
+from .embedders import Embedder
+from .index import bm25_tokens
 
 
 class Generator(Protocol):
@@ -105,13 +105,6 @@ class OpenAIGenerator:
 
 # -- pseudo-relevance feedback ---------------------------------------------------------------
 
-def _terms(texts: Sequence[str]) -> list[list[str]]:
-    """BM25's own tokenisation (bm25s, English stop words out), so feedback terms are index terms."""
-    import bm25s
-
-    return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
-
-
 def relevance_model(query: str, feedback: Sequence[str], weights: Sequence[float], fb_terms: int = 10,
                     original_weight: float = 0.5) -> dict[str, float]:
     """RM3's expanded query model {term: weight}, weights summing to 1.
@@ -122,11 +115,12 @@ def relevance_model(query: str, feedback: Sequence[str], weights: Sequence[float
     """
     if not 0.0 <= original_weight <= 1.0:
         raise ValueError(f"original_weight must be in [0, 1], got {original_weight}")
-    query_terms = _terms([query])[0]
+    # BM25's own tokenisation, so feedback terms are index terms.
+    query_terms = bm25_tokens([query])[0]
     weights = np.asarray(weights, np.float64)
     weights = weights / weights.sum() if len(weights) and weights.sum() > 0 else np.full(len(feedback), 1.0 / max(len(feedback), 1))
     rel: Counter = Counter()
-    for tokens, w in zip(_terms(feedback) if feedback else [], weights):
+    for tokens, w in zip(bm25_tokens(feedback) if feedback else [], weights):
         if tokens:
             for term, count in Counter(tokens).items():
                 rel[term] += w * count / len(tokens)
@@ -155,34 +149,15 @@ def rm3_scores(bm25, model: dict[str, float], depth: int) -> list[tuple[int, flo
     return [(int(i), float(total[i])) for i in order if total[i] > 0]
 
 
-def prf_rank(retriever: Retriever, query: str, fb_docs: int = 5, fb_terms: int = 10, original_weight: float = 0.5,
-             rocchio_beta: float = 0.5, **options) -> list[tuple[int, float]]:
-    """Pseudo-relevance feedback: a first pass, then RM3 for BM25 and Rocchio for the dense vector."""
-    first = retriever.rank(query, **options)[:fb_docs]
-    if not first:
-        return first
-    positions = [i for i, _ in first]
-    chunks = [retriever.index.chunks[i] for i in positions]
-    # Rank-based document weights: fused scores are not probabilities, ranks are comparable.
-    weights = [1.0 / (r + 1) for r in range(len(positions))]
-    mode, depth = options.get("mode", "hybrid"), options.get("depth", 50)
-    sparse = None
-    if mode != "dense":
-        model = relevance_model(query, [c.text for c in chunks], weights, fb_terms, original_weight)
-        sparse = rm3_scores(retriever.index.bm25, model, depth if not options.get("filters") else len(retriever.index.chunks))
-        if options.get("filters"):
-            from .index import check_filters, chunk_matches
-
-            wanted = check_filters(options["filters"])
-            sparse = [(i, s) for i, s in sparse if chunk_matches(retriever.index.chunks[i], wanted)][:depth]
-    qvec = None
-    if mode != "sparse":
-        q = np.asarray(retriever.embed_query(query), np.float64)
-        q = q / max(float(np.linalg.norm(q)), 1e-12)
-        docs = np.asarray(retriever.index.embeddings[positions], np.float64)
-        centroid = (docs * np.asarray(weights)[:, None]).sum(0) / sum(weights)
-        qvec = (q + rocchio_beta * centroid).astype(np.float32)
-    return retriever.rank(query, query_vector=qvec, sparse_scores=sparse, **options)
+def rocchio_vector(query_vector: np.ndarray, feedback_vectors: np.ndarray, weights: Sequence[float],
+                   beta: float = 0.5) -> np.ndarray:
+    """Rocchio (1971): the unit query vector plus `beta` times the weighted centroid of the
+    feedback documents' vectors."""
+    q = np.asarray(query_vector, np.float64)
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    docs = np.asarray(feedback_vectors, np.float64)
+    centroid = (docs * np.asarray(weights)[:, None]).sum(0) / sum(weights)
+    return (q + beta * centroid).astype(np.float32)
 
 
 # -- generator-based expansion ---------------------------------------------------------------
@@ -196,13 +171,14 @@ REWRITE_PROMPT = ("Question: {question}\n\nPassages found so far:\n{passages}\n\
                   "would find the missing information needed to answer the question. Reply with the query only.")
 
 
-def hyde_vector(retriever: Retriever, query: str, max_tokens: int = 160) -> np.ndarray:
-    """The mean of the question's unit embedding and the generated passage's (HyDE)."""
-    passage = retriever.generator.complete(HYDE_PROMPT.format(question=query), max_tokens=max_tokens).strip()
-    q = np.asarray(retriever.embed_query(query), np.float64)
+def hyde_vector(generator: Generator, embedder: Embedder, query: str, query_vector: np.ndarray,
+                max_tokens: int = 160) -> np.ndarray:
+    """The mean of the question's unit embedding (`query_vector`) and the generated passage's (HyDE)."""
+    passage = generator.complete(HYDE_PROMPT.format(question=query), max_tokens=max_tokens).strip()
+    q = np.asarray(query_vector, np.float64)
     vectors = [q / max(float(np.linalg.norm(q)), 1e-12)]
     if passage:
-        p = np.asarray(retriever.embedder.embed([passage])[0], np.float64)
+        p = np.asarray(embedder.embed([passage])[0], np.float64)
         vectors.append(p / max(float(np.linalg.norm(p)), 1e-12))
     return np.mean(vectors, axis=0).astype(np.float32)
 
@@ -222,20 +198,21 @@ def multi_queries(generator: Generator, query: str, n: int = 3, max_tokens: int 
     return out
 
 
-def generative_rewrite(generator: Generator, question: str, hits: Sequence[Hit], max_tokens: int = 48) -> str:
-    passages = "\n".join(f"[{n}] {h.chunk.text[:500]}" for n, h in enumerate(hits, 1))
-    reply = generator.complete(REWRITE_PROMPT.format(question=question, passages=passages), max_tokens=max_tokens)
+def generative_rewrite(generator: Generator, question: str, passages: Sequence[str], max_tokens: int = 48) -> str:
+    """The generator's next search query, given the question and the passages found so far."""
+    listed = "\n".join(f"[{n}] {text[:500]}" for n, text in enumerate(passages, 1))
+    reply = generator.complete(REWRITE_PROMPT.format(question=question, passages=listed), max_tokens=max_tokens)
     lines = [ln.strip() for ln in reply.strip().splitlines() if ln.strip()]
     return lines[0].strip('"') if lines else ""
 
 
-def extractive_rewrite(retriever: Retriever, question: str, hits: Sequence[Hit], n_terms: int = 6) -> str:
+def extractive_rewrite(question: str, passages: Sequence[str], n_terms: int = 6) -> str:
     """The question plus the terms that weigh most in the found passages' relevance model and
     that the question does not already contain (a bridge to what the passages talk about)."""
-    if not hits:
+    if not passages:
         return ""
-    model = relevance_model(question, [h.chunk.text for h in hits], [1.0 / (r + 1) for r in range(len(hits))],
+    model = relevance_model(question, list(passages), [1.0 / (r + 1) for r in range(len(passages))],
                             fb_terms=n_terms + 8, original_weight=0.0)
-    asked = set(_terms([question])[0])
+    asked = set(bm25_tokens([question])[0])
     extra = [t for t, _ in sorted(model.items(), key=lambda kv: -kv[1]) if t not in asked][:n_terms]
     return f"{question} {' '.join(extra)}".strip() if extra else ""

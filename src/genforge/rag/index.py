@@ -27,89 +27,29 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from ..atomic import staged_directory
-from .chunking import Chunk
+from .chunking import Chunk, chunk_document
+from .embedders import Embedder, EmbeddingCache
+from .embedders import EncoderEmbedder as EncoderEmbedder  # docs/serving.md names genforge.rag.index.EncoderEmbedder
+from .filters import Filters, check_filters, chunk_matches
+from .loaders import load_documents
+from .milvus import MilvusStore, check_uri
+from .stores import DENSE_KINDS, IVF_POINTS_PER_LIST, FaissStore, RagIndexError, VectorStore
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # version 1 (no chunk ids) is converted on load
-DENSE_KINDS = ("flat", "hnsw", "ivf")
 BACKENDS = ("faiss", "milvus")
 MANIFEST = "manifest.json"
-# FAISS warns below 39 training points per k-means centroid: fewer leave cells poorly placed.
-IVF_POINTS_PER_LIST = 39
 # A filter passing at most this many chunks is answered by exact scoring of just those chunks.
 FILTERED_EXACT_LIMIT = 2048
-
-FilterValue = str | int | float | bool
-Filters = Mapping[str, "FilterValue | Sequence[FilterValue]"]
-
-
-class RagIndexError(ValueError):
-    """An index that cannot be built or used as asked; the message says what and why."""
-
-
-class Embedder(Protocol):
-    name: str
-    dimension: int
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-class EncoderEmbedder:
-    """genforge's `SentenceEncoder` as an `Embedder`; its name identifies the model in manifests."""
-
-    def __init__(self, directory: str | Path | None = None, batch_size: int = 32, device: str = "cpu",
-                 max_tokens: int | None = None) -> None:
-        from ..encoder import SentenceEncoder, default_encoder_path
-
-        label = "all-MiniLM-L6-v2" if directory is None else Path(directory).name
-        directory = Path(directory) if directory is not None else default_encoder_path()
-        self.encoder = SentenceEncoder(directory, device=device)
-        self.batch_size = batch_size
-        if max_tokens is not None:
-            # A shorter window embeds faster (attention is quadratic in it); all-MiniLM-L6-v2 was
-            # trained on 128-token inputs, so the question and the answer's opening carry the signal.
-            self.encoder.max_length = min(max_tokens, self.encoder.max_length)
-        self.dimension = self.encoder.dimension
-        # The directory name alone could collide (two fine-tunes of one base); the config and
-        # weights' size make the name specific without hashing hundreds of megabytes.
-        weights = sorted(p.stat().st_size for p in directory.glob("*.safetensors"))
-        digest = hashlib.sha256((directory / "config.json").read_bytes() + repr(weights).encode()).hexdigest()[:12]
-        self.name = f"{label}@{digest}" + (f"/max{self.encoder.max_length}" if max_tokens is not None else "")
-
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.encode(list(texts), batch_size=self.batch_size).numpy().astype(np.float32)
-
-
-class EmbeddingCache:
-    """Vectors by content hash for one embedding model: only texts not seen before are embedded."""
-
-    def __init__(self, model: str, vectors: dict[str, np.ndarray] | None = None) -> None:
-        self.model = model
-        self.vectors = dict(vectors or {})
-        self.misses = 0
-
-    def embed(self, texts: Sequence[str], embedder: Embedder) -> np.ndarray:
-        if embedder.name != self.model:
-            raise RagIndexError(f"embedding cache holds vectors of {self.model!r}, not {embedder.name!r}")
-        hashes = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
-        todo = sorted({h: t for h, t in zip(hashes, texts) if h not in self.vectors}.items())
-        if todo:
-            fresh = embedder.embed([t for _, t in todo])
-            self.vectors.update({h: v for (h, _), v in zip(todo, fresh)})
-        self.misses += len(todo)
-        if not hashes:
-            return np.zeros((0, embedder.dimension), np.float32)
-        return np.stack([self.vectors[h] for h in hashes]).astype(np.float32)
 
 
 class QueryCache:
@@ -143,260 +83,26 @@ class QueryCache:
         return value
 
 
-# -- metadata filters ------------------------------------------------------------------------
-
-def check_filters(filters: Filters | None) -> dict[str, tuple[FilterValue, ...]] | None:
-    """Validate a filter and normalise it to {key: allowed values}.
-
-    A filter maps a field to one value (equality) or a list of values ("in"); all fields must
-    match. Fields: `source` (the document path), `extension` (its suffix, e.g. ".md") and any
-    key of the chunk's metadata (e.g. `format`, `title`, `item`)."""
-    if filters is None:
-        return None
-    if not isinstance(filters, Mapping):
-        raise RagIndexError(f"filters must be a dict {{field: value or list of values}}, got {type(filters).__name__}")
-    out = {}
-    for key, value in filters.items():
-        if not isinstance(key, str) or not key.replace("_", "").isalnum():
-            raise RagIndexError(f"filter field {key!r} is not accepted; use a metadata key made of letters, digits and '_', "
-                                "or 'source' / 'extension'")
-        values = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (value,)
-        if not values:
-            raise RagIndexError(f"filter on {key!r} lists no values; give at least one")
-        for v in values:
-            if not isinstance(v, (str, int, float, bool)):
-                raise RagIndexError(f"filter on {key!r}: value {v!r} is a {type(v).__name__}; accepted: str, int, float, bool "
-                                    "or a list of them")
-        out[key] = values
-    return out
-
-
-def chunk_field(chunk: Chunk, key: str) -> Any:
-    if key == "source":
-        return chunk.source
-    if key == "extension":
-        return Path(chunk.source).suffix.lower()
-    return chunk.metadata.get(key, _MISSING)
-
-
-_MISSING = object()
-
-
-def _same(value: Any, wanted: FilterValue) -> bool:
-    # bool is an int in Python; keep True from matching 1 so that both backends agree.
-    if isinstance(value, bool) or isinstance(wanted, bool):
-        return value is wanted
-    return value == wanted
-
-
-def chunk_matches(chunk: Chunk, filters: Mapping[str, tuple[FilterValue, ...]]) -> bool:
-    """Whether a chunk passes a checked filter (every field equal to one of its values)."""
-    for key, allowed in filters.items():
-        value = chunk_field(chunk, key)
-        if value is _MISSING or not any(_same(value, a) for a in allowed):
-            return False
-    return True
-
-
-# -- vector stores ---------------------------------------------------------------------------
-
-class VectorStore(Protocol):
-    """Dense vectors under stable int64 ids; what `HybridIndex` needs from a backend."""
-
-    backend: str
-    kind: str
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray, chunks: Sequence[Chunk]) -> None: ...
-    def remove(self, ids: np.ndarray) -> None: ...
-    def search(self, query: np.ndarray, k: int, filters: Mapping[str, tuple] | None,
-               allowed_ids: np.ndarray | None) -> list[tuple[int, float]]: ...
-    def count(self) -> int: ...
-
-
-def default_nlist(n: int) -> int:
-    """sqrt(n) cells, the usual starting point, but never fewer than 39 training points per cell."""
-    return max(1, min(int(round(math.sqrt(n))), n // IVF_POINTS_PER_LIST))
-
-
-class FaissStore:
-    """A FAISS index holding ids: `IndexIDMap2` over flat or HNSW storage, or an `IndexIVFFlat`
-    (which keeps ids in its inverted lists itself).
-
-    Flat and IVF delete in place (`remove_ids`). An HNSW graph cannot drop a node, so a deleted
-    HNSW vector becomes a tombstone: it stays in the graph as a waypoint but an id selector keeps
-    it out of results. When tombstones pass a quarter of the graph it is rebuilt from the
-    vectors it stores (no re-embedding), because a graph of mostly dead nodes wastes the search."""
-
-    backend = "faiss"
-    COMPACT_FRACTION = 0.25
-
-    def __init__(self, index, kind: str, tombstones: Iterable[int] = ()) -> None:
-        import faiss
-
-        self.index, self.kind = index, kind
-        # The graph degree M is kept so that a rebuilt graph (after deletes) matches the original.
-        self.hnsw_m = faiss.downcast_index(index.index).hnsw.nb_neighbors(1) if kind == "hnsw" else None
-        self.tombstones = np.array(sorted(set(int(i) for i in tombstones)), np.int64)
-
-    @classmethod
-    def create(cls, vectors: np.ndarray, ids: np.ndarray, kind: str, hnsw_m: int = 32, ivf_nlist: int | None = None,
-               ivf_nprobe: int | None = None, hnsw_ef_search: int = 128) -> FaissStore:
-        import faiss
-
-        dim = vectors.shape[1]
-        if kind == "flat":
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        elif kind == "hnsw":
-            graph = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            graph.hnsw.efSearch = hnsw_ef_search  # a wide beam: recall close to exact on corpora of this size
-            index = faiss.IndexIDMap2(graph)
-        else:
-            n = len(vectors)
-            nlist = ivf_nlist if ivf_nlist is not None else default_nlist(n)
-            if nlist < 1:
-                raise RagIndexError(f"IVF nlist must be >= 1, got {nlist}")
-            if n < nlist:
-                raise RagIndexError(f"IVF with nlist={nlist} needs at least {nlist} vectors to train its k-means quantizer "
-                                    f"(better {IVF_POINTS_PER_LIST * nlist}); got {n}. Use a smaller ivf_nlist, or dense='flat'")
-            if ivf_nprobe is not None and ivf_nprobe < 1:
-                raise RagIndexError(f"IVF nprobe must be >= 1, got {ivf_nprobe}")
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.train(np.ascontiguousarray(vectors, np.float32))
-            index.nprobe = min(nlist, ivf_nprobe if ivf_nprobe is not None else max(1, nlist // 8))
-        store = cls(index, kind)
-        store.add(ids, vectors, ())
-        return store
-
-    @property
-    def nprobe(self) -> int | None:
-        return int(self.index.nprobe) if self.kind == "ivf" else None
-
-    def set_search_options(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        import faiss
-
-        if nprobe is not None:
-            if self.kind != "ivf":
-                raise RagIndexError(f"nprobe applies to dense='ivf' indexes, this one is {self.kind!r}")
-            if not 1 <= nprobe <= self.index.nlist:
-                raise RagIndexError(f"nprobe must be in [1, nlist={self.index.nlist}], got {nprobe}")
-            self.index.nprobe = nprobe
-        if ef_search is not None:
-            if self.kind != "hnsw":
-                raise RagIndexError(f"ef_search applies to dense='hnsw' indexes, this one is {self.kind!r}")
-            if ef_search < 1:
-                raise RagIndexError(f"ef_search must be >= 1, got {ef_search}")
-            faiss.downcast_index(self.index.index).hnsw.efSearch = ef_search
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray, chunks: Sequence[Chunk]) -> None:
-        if len(ids):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(ids, np.int64))
-
-    def remove(self, ids: np.ndarray) -> None:
-        import faiss
-
-        ids = np.asarray(ids, np.int64)
-        if not len(ids):
-            return
-        if self.kind != "hnsw":
-            self.index.remove_ids(faiss.IDSelectorBatch(ids))
-            return
-        self.tombstones = np.union1d(self.tombstones, ids)
-        if len(self.tombstones) > self.COMPACT_FRACTION * self.index.ntotal:
-            self.compact()
-
-    def compact(self) -> None:
-        """Rebuild an HNSW graph without its tombstones."""
-        import faiss
-
-        if self.kind != "hnsw" or not len(self.tombstones):
-            return
-        graph = faiss.downcast_index(self.index.index)
-        kept_ids = faiss.vector_to_array(self.index.id_map)
-        keep = ~np.isin(kept_ids, self.tombstones)
-        vectors = graph.reconstruct_n(0, graph.ntotal)[keep] if graph.ntotal else np.zeros((0, graph.d), np.float32)
-        fresh = faiss.IndexHNSWFlat(graph.d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        fresh.hnsw.efSearch = graph.hnsw.efSearch
-        self.index = faiss.IndexIDMap2(fresh)
-        self.tombstones = np.zeros(0, np.int64)
-        self.add(kept_ids[keep], vectors, ())
-
-    def search(self, query: np.ndarray, k: int, filters=None, allowed_ids: np.ndarray | None = None) -> list[tuple[int, float]]:
-        import faiss
-
-        k = min(k, self.count())
-        if k <= 0:
-            return []
-        params = None
-        selector = None
-        if allowed_ids is not None:
-            if not len(allowed_ids):
-                return []
-            # An id selector prunes inside the search itself, so k results come back whenever k
-            # chunks pass the filter (over-fetching and filtering afterwards could come up short).
-            # The caller passes live ids only, so tombstones are excluded too.
-            selector = faiss.IDSelectorBatch(np.asarray(allowed_ids, np.int64))
-        elif len(self.tombstones):
-            dead = faiss.IDSelectorBatch(self.tombstones)
-            selector = faiss.IDSelectorNot(dead)
-        if selector is not None:
-            if self.kind == "ivf":
-                params = faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
-            elif self.kind == "hnsw":
-                params = faiss.SearchParametersHNSW(sel=selector, efSearch=faiss.downcast_index(self.index.index).hnsw.efSearch)
-            else:
-                params = faiss.SearchParameters(sel=selector)
-            # `selector` stays referenced in this frame until the search returns (FAISS holds a raw pointer).
-        scores, ids = self.index.search(np.ascontiguousarray(query.reshape(1, -1), np.float32), k, params=params)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-
-    def count(self) -> int:
-        """Live vectors (tombstones not counted)."""
-        return int(self.index.ntotal) - len(self.tombstones)
-
-    def save(self, directory: Path) -> dict:
-        import faiss
-
-        faiss.write_index(self.index, str(directory / "dense.faiss"))
-        if len(self.tombstones):
-            np.save(directory / "dense_tombstones.npy", self.tombstones, allow_pickle=False)
-        return {"backend": "faiss", "kind": self.kind, "tombstones": len(self.tombstones)}
-
-    @classmethod
-    def load(cls, directory: Path, spec: dict) -> FaissStore:
-        import faiss
-
-        tombstones = np.load(directory / "dense_tombstones.npy", allow_pickle=False) if spec.get("tombstones") else ()
-        return cls(faiss.read_index(str(directory / "dense.faiss")), spec["kind"], tombstones)
-
-    def close(self) -> None:
-        pass
-
-
-def _open_milvus(spec: dict, token: str | None, create: dict | None = None):
-    try:
-        from .milvus import MilvusStore
-    except ImportError as err:  # pragma: no cover - pymilvus is a dependency; this guards broken installs
-        raise RagIndexError(f"the milvus backend needs pymilvus (and milvus-lite for a local .db file): {err}") from None
+def _open_milvus(spec: dict, token: str | None, create: dict | None = None) -> MilvusStore:
     if create is not None:
         return MilvusStore.create(spec["uri"], token=token, collection=spec.get("collection"), **create)
     return MilvusStore.open(spec["uri"], token=token, collection=spec["collection"], kind=spec["kind"],
                             dimension=spec["dimension"], search_params=spec.get("search_params"))
 
 
-def _bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
+def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
     import bm25s
 
     return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
 
 
-def _fit_bm25(chunks: Sequence[Chunk]):
+def fit_bm25(chunks: Sequence[Chunk]):
     import bm25s
 
     if not chunks:
         return None
     bm25 = bm25s.BM25()
-    bm25.index(_bm25_tokens([c.text for c in chunks]), show_progress=False)
+    bm25.index(bm25_tokens([c.text for c in chunks]), show_progress=False)
     return bm25
 
 
@@ -484,8 +190,6 @@ class HybridIndex:
         if hnsw_m < 2:
             raise RagIndexError(f"hnsw_m (graph degree) must be >= 2, got {hnsw_m}")
         if backend == "milvus":
-            from .milvus import check_uri
-
             check_uri(milvus_uri)
         chunks = list(chunks)
         if not chunks:
@@ -514,7 +218,7 @@ class HybridIndex:
                                  create={"dimension": vectors.shape[1], "kind": dense, "hnsw_m": hnsw_m,
                                          "ivf_nlist": ivf_nlist, "ivf_nprobe": ivf_nprobe, "count": len(chunks)})
             store.add(ids, vectors, chunks)
-        index = cls(chunks, vectors, embedder.name, dense, _fit_bm25(chunks), store=store, ids=ids, file_hashes=file_hashes)
+        index = cls(chunks, vectors, embedder.name, dense, fit_bm25(chunks), store=store, ids=ids, file_hashes=file_hashes)
         index.last_build_embedded = cache.misses - misses
         return index
 
@@ -523,9 +227,6 @@ class HybridIndex:
                          chunk_options: Mapping[str, Any] | None = None, **build_options) -> tuple[HybridIndex, list]:
         """Load files and folders, chunk them and build; records each file's hash so that a
         later `sync` re-reads only what changed. Returns (index, skipped files with reasons)."""
-        from .chunking import chunk_document
-        from .loaders import load_documents
-
         documents, skipped = load_documents(paths)
         chunks = [c for d in documents for c in chunk_document(d, strategy, **dict(chunk_options or {}))]
         hashes = {d.source: file_digest(d.source) for d in documents}
@@ -536,7 +237,7 @@ class HybridIndex:
 
     # -- incremental updates -----------------------------------------------------------------
     def _changed(self) -> None:
-        self.bm25 = _fit_bm25(self.chunks)
+        self.bm25 = fit_bm25(self.chunks)
         self._positions = None
         self.version += 1
 
@@ -631,9 +332,6 @@ class HybridIndex:
         name) that no longer exist are deleted. A file that became unreadable is deleted from
         the index and reported in `skipped`. Returns lists of added, changed, removed and skipped
         paths, the number unchanged, and how many chunks were embedded."""
-        from .chunking import chunk_document
-        from .loaders import load_documents
-
         self._check_embedder(embedder)
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         files: list[Path] = []
@@ -730,7 +428,7 @@ class HybridIndex:
         checked = check_filters(filters)
 
         def compute():
-            tokens = _bm25_tokens([query])
+            tokens = bm25_tokens([query])
             if not tokens[0] or self.bm25 is None:
                 return []
             mask = None

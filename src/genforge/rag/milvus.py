@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .chunking import Chunk
-from .index import DENSE_KINDS, IVF_POINTS_PER_LIST, RagIndexError, default_nlist
+from .stores import DENSE_KINDS, IVF_POINTS_PER_LIST, RagIndexError, default_nlist
 
 DEFAULT_COLLECTION = "genforge_chunks"
 SERVER_SCHEMES = ("http://", "https://", "tcp://", "grpc://")

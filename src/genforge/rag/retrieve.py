@@ -24,15 +24,33 @@ adaptive k and multi-hop retrieval.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
+import shutil
+import sysconfig
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .chunking import Chunk
-from .index import Embedder, HybridIndex
+from .chunking import EMBEDDING_TEXT_VERSION, Chunk
+from .embedders import Embedder, EncoderEmbedder
+from .expand import (
+    extractive_rewrite,
+    generative_rewrite,
+    hyde_vector,
+    multi_queries,
+    relevance_model,
+    rm3_scores,
+    rocchio_vector,
+)
+from .filters import check_filters, chunk_matches
+from .index import MANIFEST, HybridIndex, bm25_tokens
+from .rerank import CrossEncoderReranker, LateInteractionReranker, TokenEmbedder
+from .stores import RagIndexError
 
 FUSIONS = ("rrf", "weighted")
 DUPLICATES = ("group", "keep")
@@ -254,16 +272,11 @@ class Retriever:
         if expansion is None:
             ranked = self.rank(query, **options)
         elif expansion == "prf":
-            from .expand import prf_rank
-
-            ranked = prf_rank(self, query, **options)
+            ranked = self._prf_rank(query, **options)
         elif expansion == "hyde":
-            from .expand import hyde_vector
-
-            ranked = self.rank(query, query_vector=hyde_vector(self, query), **options)
+            query_vector = hyde_vector(self.generator, self.embedder, query, self.embed_query(query))
+            ranked = self.rank(query, query_vector=query_vector, **options)
         else:
-            from .expand import multi_queries
-
             rankings = [self.rank(q, **options) for q in multi_queries(self.generator, query)]
             ranked = reciprocal_rank_fusion([[i for i, _ in r] for r in rankings], k=rrf_k)[:depth]
         details: dict[int, dict] = {}
@@ -279,6 +292,29 @@ class Retriever:
         if min_score_ratio is not None:
             ranked = ranked[: adaptive_cutoff([s for _, s in ranked], min_score_ratio)]
         return [Hit(self.index.chunks[i], float(s), i, details=details.get(i, {})) for i, s in ranked]
+
+    def _prf_rank(self, query: str, fb_docs: int = 5, fb_terms: int = 10, original_weight: float = 0.5,
+                  rocchio_beta: float = 0.5, **options) -> list[tuple[int, float]]:
+        """Pseudo-relevance feedback: a first pass, then RM3 for BM25 and Rocchio for the dense vector."""
+        first = self.rank(query, **options)[:fb_docs]
+        if not first:
+            return first
+        positions = [i for i, _ in first]
+        chunks = [self.index.chunks[i] for i in positions]
+        # Rank-based document weights: fused scores are not probabilities, ranks are comparable.
+        weights = [1.0 / (r + 1) for r in range(len(positions))]
+        mode, depth = options.get("mode", "hybrid"), options.get("depth", 50)
+        sparse = None
+        if mode != "dense":
+            model = relevance_model(query, [c.text for c in chunks], weights, fb_terms, original_weight)
+            sparse = rm3_scores(self.index.bm25, model, depth if not options.get("filters") else len(self.index.chunks))
+            if options.get("filters"):
+                wanted = check_filters(options["filters"])
+                sparse = [(i, s) for i, s in sparse if chunk_matches(self.index.chunks[i], wanted)][:depth]
+        qvec = None
+        if mode != "sparse":
+            qvec = rocchio_vector(self.embed_query(query), self.index.embeddings[positions], weights, rocchio_beta)
+        return self.rank(query, query_vector=qvec, sparse_scores=sparse, **options)
 
     def rank(self, query: str, mode: str = "hybrid", fusion: str = "rrf", weights: tuple[float, float] = (0.5, 0.5),
              depth: int = 50, rrf_k: int = 60, query_vector: np.ndarray | None = None,
@@ -320,10 +356,8 @@ class Retriever:
         "tokens" matching "tokenizer", or "preferred" matching "preference", drew queries off
         their topic on the seeds corpus. A query with no word in another form runs as plain BM25.
         """
-        from .index import _bm25_tokens, check_filters, chunk_matches
-
         forms = self._word_forms()
-        words = _bm25_tokens([query])[0] if forms else []
+        words = bm25_tokens([query])[0] if forms else []
         groups = [[w] + [v for v in forms.get(self._stemmer.stem(w), ()) if inflected_forms(w, v)] for w in words]
         bm25 = self.index.bm25
         if bm25 is None or not any(len(g) > 1 for g in groups):
@@ -402,8 +436,6 @@ class Retriever:
         Every hop's list is fused by RRF, the original question's first. Returns the fused hits
         (each tagged with the hop that first found it) and the queries that were run.
         """
-        from .expand import extractive_rewrite, generative_rewrite
-
         if hops < 1:
             raise ValueError(f"hops must be >= 1, got {hops}")
         queries, lists, first_hop = [query], [], {}
@@ -414,8 +446,9 @@ class Retriever:
                 first_hop.setdefault(h.position, hop)
             if hop == hops - 1:
                 break
-            rewrite = (generative_rewrite(self.generator, query, hits[:3]) if self.generator is not None
-                       else extractive_rewrite(self, query, hits[:3]))
+            passages = [h.chunk.text for h in hits[:3]]
+            rewrite = (generative_rewrite(self.generator, query, passages) if self.generator is not None
+                       else extractive_rewrite(query, passages))
             if not rewrite or rewrite in queries:
                 break
             queries.append(rewrite)
@@ -437,16 +470,11 @@ def index_documents(paths: Sequence[str | Path], embedder: Embedder, strategy: s
 def embedder_for_index(directory: str | Path, encoder: str | Path | None = None) -> Embedder:
     """The `EncoderEmbedder` matching the model named in an index's manifest (same encoder and
     token window), so that queries land in the index's vector space."""
-    import json
-    import re as _re
-
-    from .index import MANIFEST, EncoderEmbedder, RagIndexError
-
     manifest_path = Path(directory) / MANIFEST
     if not manifest_path.is_file():
         raise RagIndexError(f"{directory} is not a genforge RAG index (no {MANIFEST}); build one with `genforge rag index`")
     model = json.loads(manifest_path.read_text())["embedding_model"]
-    window = _re.search(r"/max(\d+)$", model)
+    window = re.search(r"/max(\d+)$", model)
     embedder = EncoderEmbedder(encoder, max_tokens=int(window.group(1)) if window else None)
     if embedder.name != model:
         hint = "pass --encoder with the encoder directory it was built with" if encoder is None else "rebuild the index"
@@ -457,8 +485,6 @@ def embedder_for_index(directory: str | Path, encoder: str | Path | None = None)
 
 def cache_dir() -> Path:
     """genforge's user cache: $GENFORGE_CACHE_DIR, else $XDG_CACHE_HOME/genforge, else ~/.cache/genforge."""
-    import os
-
     if os.environ.get("GENFORGE_CACHE_DIR"):
         return Path(os.environ["GENFORGE_CACHE_DIR"])
     base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
@@ -468,9 +494,6 @@ def cache_dir() -> Path:
 def docs_dir() -> Path:
     """genforge's own documentation folder: $GENFORGE_DOCS if set; else the checkout's docs/
     (an editable install); else where a wheel install put them (<prefix>/share/genforge/docs)."""
-    import os
-    import sysconfig
-
     if os.environ.get("GENFORGE_DOCS"):
         candidates = [Path(os.environ["GENFORGE_DOCS"])]
     else:
@@ -491,17 +514,10 @@ def default_docs_index(embedder: Embedder | None = None, docs: str | Path | None
     page or another model means a new index; it is written atomically (`HybridIndex.save`), so
     two processes racing to build it leave one complete index, and older versions are removed.
     """
-    import hashlib
-    import shutil
-
-    from .index import EncoderEmbedder
-
     docs = Path(docs) if docs is not None else docs_dir()
     embedder = embedder or EncoderEmbedder()
     files = sorted(p for p in docs.rglob("*") if p.is_file() and p.suffix in (".md", ".markdown", ".txt"))
     chunking = {"max_chars": 1500}
-    from .chunking import EMBEDDING_TEXT_VERSION
-
     digest = hashlib.sha256(f"{embedder.name}|markdown|{chunking}|text{EMBEDDING_TEXT_VERSION}".encode())
     for p in files:
         digest.update(str(p.relative_to(docs)).encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
@@ -531,10 +547,6 @@ def open_retriever(index_dir: str | Path | None = None, encoder: str | Path | No
         embedder = embedder_for_index(index_dir, encoder)
         index = HybridIndex.load(index_dir, embedder)
     if reranker == "late":
-        import hashlib
-
-        from .rerank import LateInteractionReranker, TokenEmbedder
-
         # Passage token vectors persist in the user cache, keyed by the embedding model.
         key = hashlib.sha256(embedder.name.encode()).hexdigest()[:16]
         reranker = LateInteractionReranker(TokenEmbedder(getattr(embedder, "encoder", None)),
@@ -547,8 +559,6 @@ def make_reranker(spec: str | None, encoder=None):
     default the offline MiniLM) or a cross-encoder directory."""
     if spec is None:
         return None
-    from .rerank import CrossEncoderReranker, LateInteractionReranker, TokenEmbedder
-
     if spec == "late":
         return LateInteractionReranker(TokenEmbedder(encoder))
     if Path(spec).is_dir():

@@ -150,13 +150,8 @@ def count_masked_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
 
 
 # Logits per slice of the fused loss (tokens x vocab): 4M fp32 values, 16 MiB, so a slice is 512
-# tokens at a vocabulary of 8192, 32 at 128k. Measured on this 2-core EPYC with the head of
-# benchmarks/train.py (1020 counted tokens, hidden 256, vocab 8192, fp32; forward + backward,
-# best of 7): 1 thread (CPU time) 178 / 164 / 158 / 150 / 149 / 151 ms for slices of 32 / 64 /
-# 128 / 256 / 512 / 1024 tokens, against 192 ms unfused; 2 threads on a quiet machine 99 / 89 /
-# 93 / 91 ms for 128 / 256 / 512 / 1024 against 116 ms. From 256 tokens up it is within noise of
-# the three matmuls alone; on a loaded machine fewer, larger slices fare better (fewer points
-# where both threads must meet), so the budget takes the larger end of the flat range.
+# tokens at a vocabulary of 8192, 32 at 128k: the large end of the slice sizes that time alike
+# (docs/training.md, "Slice size of the fused loss").
 FUSED_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -346,11 +341,10 @@ class _HeadProducts:
     d(x) = d(logits) W and d(W) += d(logits)^T x, summed over slices in fp32.
 
     On CPU in fp32 they go through oneDNN (`genforge.onednn.matmul_nt`, as the model's linear
-    layers do): torch's fp32 matmul calls MKL, which on AMD CPUs runs its AVX2 code
-    even where AVX-512 is there, and measured 2.4x slower for these shapes on the 2-core EPYC
-    this was developed on (one 512-token slice, hidden 256, vocab 8192, one thread: logits 26 ms
-    MKL vs 10 ms oneDNN; d(x) 23 vs 10; d(W) 25 vs 11). Same fp32 arithmetic, another
-    summation order. Elsewhere (GPU, half precision) torch's own matmul is used.
+    layers do): torch's fp32 matmul calls MKL, which on AMD CPUs runs its AVX2 code even where
+    AVX-512 is there, and is slower for these shapes (docs/training.md, "Slice size of the fused
+    loss"). Same fp32 arithmetic, another summation order. Elsewhere (GPU, half precision)
+    torch's own matmul is used.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, want_hidden: bool) -> None:

@@ -2,8 +2,8 @@
 
 The pipeline, one document at a time (so corpora larger than memory stream through it):
 
-1. **Read** documents lazily from files, folders, globs and JSONL (one document per plain-text
-   file, one per JSONL line, taken from a text field).
+1. **Read** documents lazily from files, folders, globs and JSONL (`sources.py`): one document
+   per plain-text file, one per JSONL line, taken from a text field.
 2. **Quality filters**, heuristic rules in the spirit of Gopher's (Rae et al. 2021, appendix
    A): length bounds, repetition (the share of duplicate lines and the share of words inside
    repeated word n-grams) and non-text content (the share of symbols among the visible
@@ -32,101 +32,27 @@ succeeds (`genforge.atomic.staged_directory`), so a failed run leaves nothing ha
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
 import shutil
 from array import array
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import staged_directory
-from ..jsonl import json_objects
+from ..tokenizer import Tokenizer
 from .data import DataError
+from .sources import DEFAULT_EXTENSIONS, iter_documents, resolve_sources
+from .tokenizer_training import tokenizer_sha256
 
 FORMAT = "genforge-token-shards"
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
-DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".jsonl")
-_GLOB_CHARS = set("*?[")
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document: `id` names where it came from (`path` or `path:line` for JSONL)."""
-
-    id: str
-    text: str
-    source_index: int  # which resolved file it came from (drives the progress bar)
-
-
-# ------------------------------------------------------------------------------------ sources
-def resolve_sources(sources: Sequence[str | os.PathLike], extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> list[Path]:
-    """Expand `sources` into a sorted, duplicate-free list of files.
-
-    A file is taken as given (whatever its name); a folder contributes every file below it whose
-    name ends with one of `extensions` (recursively, hidden entries skipped); anything containing
-    `*`, `?` or `[` is a glob (`**` recurses). A missing path, a glob that matches nothing, or a
-    folder with no matching file is an error naming what is accepted.
-    """
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not sources:
-        raise DataError("no sources given; pass files, folders, globs (quoted) or .jsonl files")
-    extensions = tuple(e if e.startswith(".") else f".{e}" for e in extensions)
-    found: dict[Path, None] = {}
-    for source in sources:
-        text = os.fspath(source)
-        if set(text) & _GLOB_CHARS and not Path(text).exists():
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise DataError(f"the glob {text!r} matches no file")
-            found.update(dict.fromkeys(matches))
-            continue
-        path = Path(text)
-        if path.is_file():
-            found[path] = None
-        elif path.is_dir():
-            matches = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.name.endswith(extensions)
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not matches:
-                raise DataError(f"the folder {text} holds no file ending with {', '.join(extensions)} "
-                                "(choose others with --ext)")
-            found.update(dict.fromkeys(matches))
-        else:
-            raise DataError(f"source {text} does not exist; pass files, folders, globs or .jsonl files")
-    return list(found)
-
-
-def iter_documents(files: Sequence[Path], text_field: str = "text", max_chars: int | None = None) -> Iterator[Document]:
-    """Documents from `files`, read lazily: one per plain-text file, one per line of a `.jsonl`
-    file (the string in `text_field`; blank lines are skipped).
-
-    Text is decoded as UTF-8 with undecodable bytes replaced by U+FFFD (the non-text filter
-    then sees them). With `max_chars`, a plain-text file is read only up to `max_chars + 1`
-    characters, enough to know it is too long, so one huge file cannot exhaust memory.
-    """
-    for index, path in enumerate(files):
-        path = Path(path)
-        if path.name.endswith(".jsonl"):
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                for number, record in json_objects(handle, str(path), DataError):
-                    if not isinstance(record.get(text_field), str):
-                        raise DataError(f"{path}:{number} has no string field {text_field!r} (found: "
-                                        f"{sorted(record)}); choose the field with --text-field")
-                    yield Document(f"{path}:{number}", record[text_field], index)
-        else:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                text = handle.read() if max_chars is None else handle.read(max_chars + 1)
-            yield Document(str(path), text, index)
 
 
 # ------------------------------------------------------------------------------------ filters
@@ -419,9 +345,6 @@ def prepare(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..tokenizer import Tokenizer
-    from .tokenizer_training import tokenizer_sha256
-
     filters = filters or QualityFilters()
     dedup = dedup or DedupSettings()
     filters.validate()
@@ -551,7 +474,7 @@ def prepare(
 
 
 __all__ = [
-    "Document", "resolve_sources", "iter_documents", "QualityFilters", "duplicate_line_ratio", "repeated_ngram_ratio",
+    "QualityFilters", "duplicate_line_ratio", "repeated_ngram_ratio",
     "symbol_ratio", "DedupSettings", "word_shingles", "NearDuplicateIndex", "token_dtype", "content_key", "val_fraction_of",
     "PrepareResult", "prepare", "META_FILE",
 ]

@@ -11,7 +11,7 @@ Two kinds, the two that genforge's model families use:
   inside of a word; characters never seen in training become `[UNK]`.
 
 Training streams: documents come from an iterator (or from files read lazily through
-`genforge.train.prepare.iter_documents`), so the corpus is never held in memory at once.
+`genforge.train.sources.iter_documents`), so the corpus is never held in memory at once.
 The result is a Hugging Face tokenizer directory (`tokenizer.json` + `tokenizer_config.json`)
 that `transformers.AutoTokenizer` and `genforge.tokenizer.Tokenizer.from_dir` both load,
 written atomically.
@@ -32,6 +32,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from ..atomic import staged_directory
 from ..tokenizer import Tokenizer
 from .data import DataError
+from .sources import DEFAULT_EXTENSIONS, iter_documents, resolve_sources
 
 KINDS = ("bpe", "wordpiece")
 BYTE_ALPHABET_SIZE = 256  # byte-level BPE always holds one token per byte value
@@ -128,7 +129,7 @@ def train_tokenizer(
     *,
     files: Sequence[str | os.PathLike] | None = None,
     text_field: str = "text",
-    extensions: Sequence[str] = (".txt", ".md", ".rst", ".jsonl"),
+    extensions: Sequence[str] = DEFAULT_EXTENSIONS,
     kind: str = "bpe",
     vocab_size: int = 8192,
     min_frequency: int = 2,
@@ -144,7 +145,7 @@ def train_tokenizer(
     """Train a `kind` tokenizer ("bpe": byte-level BPE; "wordpiece") of `vocab_size` tokens.
 
     texts: an iterable of documents (consumed once, lazily), or `files`: sources as
-        `genforge.train.prepare.iter_documents` reads them (files, folders, globs, JSONL with
+        `genforge.train.sources.iter_documents` reads them (files, folders, globs, JSONL with
         `text_field`; folders contribute the files ending with one of `extensions`).
     vocab_size: total size including special tokens. For BPE it must hold the 256 bytes plus the
         special tokens; a corpus too small to supply enough merges raises (with the size
@@ -187,8 +188,6 @@ def train_tokenizer(
         )
     files_total, position = None, {"file": 0}
     if files is not None:
-        from .prepare import iter_documents, resolve_sources
-
         resolved = resolve_sources(files, extensions)  # raises on a missing path or a glob that matches nothing
         files_total = len(resolved)
 

@@ -6,14 +6,13 @@ import math
 
 import pytest
 import torch
+from factories import tiny_model
 from scipy.stats import norm
 
 from genforge.cache import ContiguousKVCache
-from genforge.config import Config
 from genforge.generate.processors import DecodeContext, Temperature, TopK, apply_processors
 from genforge.generate.sampling import sample_next_token
 from genforge.generate.watermark import Watermark, detect_watermark, green_token_mask
-from genforge.model import Transformer
 
 VOCAB = 2000
 NEW_TOKENS = 200
@@ -27,10 +26,7 @@ def model():
     """A tiny random Llama with a realistic vocabulary. Its LM head is scaled so that the
     next-token entropy is about 3.4 nats, in the range of real language models on text (a
     random init is near uniform, 7.6 nats, which would make detection too easy)."""
-    config = Config(family="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = Transformer(config).eval()
+    model = tiny_model(vocab_size=VOCAB, intermediate_size=64, max_position_embeddings=256).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
     return model

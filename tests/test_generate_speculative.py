@@ -6,15 +6,14 @@ import copy
 import pytest
 import reference_models
 import torch
+from factories import tiny_model
 from scipy.stats import chisquare
 
 from genforge.checkpoint import load_model
-from genforge.config import Config
 from genforge.generate.generator import generate
 from genforge.generate.processors import DecodeContext, apply_processors, build_processors
 from genforge.generate.sampling import SamplingParams
 from genforge.generate.speculative import prompt_lookup_generate, speculative_generate
-from genforge.model import Transformer
 
 PROMPT = [5, 9, 33, 12, 7, 9, 40]
 GREEDY_64 = SamplingParams(temperature=0, max_new_tokens=64)
@@ -99,12 +98,10 @@ def test_processors_and_eos_keep_greedy_outputs_identical(target, drafts):
 DRAWS = 4000
 
 
-def tiny_model(seed):
+def peaked_model(seed):
     """A one-layer model over 8 tokens whose next-token distributions are far from uniform."""
-    torch.manual_seed(seed)
-    config = Config(family="llama", vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                    max_position_embeddings=32)
-    model = Transformer(config)
+    model = tiny_model(seed, vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                       max_position_embeddings=32)
     with torch.no_grad():
         model.lm_head.weight.normal_(std=0.4)
     return model.eval()
@@ -112,7 +109,7 @@ def tiny_model(seed):
 
 @pytest.fixture(scope="module")
 def tiny_pair():
-    return tiny_model(0), tiny_model(1)
+    return peaked_model(0), peaked_model(1)
 
 
 def next_token_distribution(model, contexts, params, prompt_length):

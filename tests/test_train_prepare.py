@@ -364,7 +364,7 @@ def test_cli_prepares_and_reports_errors(tmp_path, tokenizer_dir, capsys):
 
 
 def test_documents_are_read_lazily_and_long_files_only_up_to_the_limit(tmp_path):
-    from genforge.train.prepare import iter_documents
+    from genforge.train.sources import iter_documents
 
     (tmp_path / "big.txt").write_text("word " * 400_000)  # 2 MB
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "first"}) + "\n" + "{not json\n")
