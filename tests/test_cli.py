@@ -91,8 +91,8 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
 
 def test_beam_strategy_prints_ranked_hypotheses(text_model_dir, capsys):
     from genforge.generate.beam import beam_search
-    from genforge.generate.generator import continuation_text, only_text_tokens
-    from genforge.generate.processors import build_processors
+    from genforge.generate.generator import continuation_text
+    from genforge.generate.request import DecodeRequest
 
     assert main(["generate", "--model", str(text_model_dir), "--prompt", "kv cache", "--strategy", "beam",
                  "--num-beams", "3", "--num-return-sequences", "2", "--max-new-tokens", "5"]) == 0
@@ -103,7 +103,8 @@ def test_beam_strategy_prints_ranked_hypotheses(text_model_dir, capsys):
     model = load_model(text_model_dir)
     eos = [tokenizer.sep_token_id]
     # The padded embedding rows are banned, as the CLI bans them.
-    bans = build_processors(only_text_tokens(SamplingParams(temperature=0), model.config.vocab_size, tokenizer), eos)
+    bans = DecodeRequest.resolve(model, [prompt], SamplingParams(temperature=0), tokenizer=tokenizer,
+                                 eos_token_ids=eos).logits_processors()
     [expected] = beam_search(model, [prompt], num_beams=3, max_new_tokens=5, num_return_sequences=2,
                              eos_token_ids=eos, processors=bans)
     assert [line["completion"] for line in lines] == [continuation_text(tokenizer, prompt, h.token_ids) for h in expected]

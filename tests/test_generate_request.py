@@ -1,10 +1,12 @@
 """The decode request: what it settles, each refusal and its type."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from genforge.config import Config
-from genforge.generate.generator import generate, only_text_tokens
+from genforge.generate.generator import generate
 from genforge.generate.processors import (
     DecodeContext,
     LogitBias,
@@ -96,13 +98,14 @@ def test_the_vocabulary_limit_is_one_processor_applied_first(model):
 
 
 def test_the_limit_equals_the_old_ban_by_logit_bias(model):
-    """The vocabulary limit replaces `only_text_tokens` (a -inf logit_bias on the padded ids):
+    """The vocabulary limit replaces the old ban (a -inf logit_bias on the padded ids):
     the processed logits are the same to the bit."""
     narrow = StubTokenizer(vocab_size=50)
     params = SamplingParams(temperature=0.7, top_p=0.9, logit_bias={3: 2.0}, repetition_penalty=1.3)
     logits = torch.randn(2, VOCAB)
     ctx = DecodeContext(torch.tensor([[3, 4, 5], [6, 7, 8]]), prompt_length=2)
-    old = apply_processors(logits, ctx, build_processors(only_text_tokens(params, VOCAB, narrow), [2], vocab_size=VOCAB))
+    banned = dataclasses.replace(params, logit_bias=dict.fromkeys(range(50, VOCAB), float("-inf")) | params.logit_bias)
+    old = apply_processors(logits, ctx, build_processors(banned, [2], vocab_size=VOCAB))
     request = DecodeRequest.resolve(model, [3], params, tokenizer=narrow, eos_token_ids=[2])
     new = apply_processors(logits, ctx, request.logits_processors())
     torch.testing.assert_close(new, old, rtol=0, atol=0)

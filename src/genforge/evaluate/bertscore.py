@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model
 from ..encoder import default_encoder_path
+from ..loading import load_packed_model
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ._progress import progress
@@ -101,7 +101,7 @@ class BERTScorer:
         batch_size: int = 64,
     ) -> None:
         self.model_dir = Path(model_dir) if model_dir is not None else default_encoder_path()
-        self.model: Transformer = load_model(self.model_dir, device=device)
+        self.model: Transformer = load_packed_model(self.model_dir, device=device)  # forward only
         config = self.model.config
         if config.causal:
             raise MetricError(

@@ -54,14 +54,12 @@ def cmd_eval_metrics(args) -> int:
 
 
 def cmd_eval_ppl(args) -> int:
-    from ..checkpoint import load_model
-    from ..tokenizer import Tokenizer
+    from ..loading import load_for_inference
     from . import perplexity_of_text
 
     text = Path(args.text).read_text(encoding="utf-8")
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    tokenizer = Tokenizer.from_dir(args.model)
-    result = perplexity_of_text(model, tokenizer, text, max_length=args.max_length, stride=args.stride)
+    loaded = load_for_inference(args.model, dtype=args.dtype, device=args.device)
+    result = perplexity_of_text(loaded.model, loaded.tokenizer, text, max_length=args.max_length, stride=args.stride)
     print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
                       "scored_tokens": result.num_scored_tokens, "windows": result.num_windows,
                       **result.settings}, indent=2))
@@ -69,8 +67,7 @@ def cmd_eval_ppl(args) -> int:
 
 
 def cmd_eval_harness(args) -> int:
-    from ..checkpoint import load_model
-    from ..inference import pack_for_cpu_inference
+    from ..loading import load_for_inference
     from ..tokenizer import Tokenizer
     from . import evaluate, results_table, write_results
     from .harness import load_task
@@ -89,8 +86,8 @@ def cmd_eval_harness(args) -> int:
                                       api_key=args.api_key, max_length=args.max_length, concurrency=args.concurrency)
         tokenizer = None
     else:
-        model = pack_for_cpu_inference(load_model(args.model, dtype=args.dtype, device=args.device))
-        tokenizer = Tokenizer.from_dir(args.model)
+        loaded = load_for_inference(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = loaded.model, loaded.tokenizer
     results = evaluate(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
                        batch_size=args.batch_size)
     print(results_table(results))

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import atomic_write_text
-from ..generate.generator import generate
+from ..generate.decode import decode
 from ..generate.sampling import SamplingParams
 from ..jsonl import json_objects
 from ..model import Transformer
@@ -429,7 +429,7 @@ def generate_until(
         prompts.append(ids[-room:] if ids else [prefix_token_id(model, tokenizer)])
     outputs = []
     for b in range(0, len(prompts), batch_size):
-        for completion in generate(model, prompts[b:b + batch_size], params, tokenizer):
+        for completion in decode("sample", model, tokenizer, prompts[b:b + batch_size], params):
             text = completion.text
             for stop in until:  # the generator stops at a stop string; cut any that ended a token early
                 if stop:

@@ -29,7 +29,7 @@ class GenforgeLM(LM):
     """An lm-eval `LM` backed by a genforge `Transformer` and `Tokenizer`.
 
     Give either `model` and `tokenizer`, or `pretrained`: a checkpoint directory that
-    `genforge.checkpoint.load_model` and `Tokenizer.from_dir` read.
+    `genforge.loading.load_for_inference` reads.
     """
 
     def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | None = None, *,
@@ -37,9 +37,10 @@ class GenforgeLM(LM):
                  max_gen_toks: int = harness.DEFAULT_MAX_GEN_TOKS, **_: Any) -> None:
         super().__init__()
         if pretrained is not None:
-            from ..checkpoint import load_model
+            from ..loading import load_for_inference
 
-            model, tokenizer = load_model(pretrained), Tokenizer.from_dir(pretrained)
+            loaded = load_for_inference(pretrained)
+            model, tokenizer = loaded.model, loaded.tokenizer
         if model is None or tokenizer is None:
             raise MetricError("GenforgeLM needs model= and tokenizer=, or pretrained=<checkpoint directory>")
         self.model, self.tokenizer = model, tokenizer

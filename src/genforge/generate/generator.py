@@ -10,7 +10,6 @@ a row that finishes leaves the batch at once, so it costs no further compute.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -157,18 +156,6 @@ def _request(model, prompts, params, tokenizer, eos_token_ids) -> DecodeRequest:
         raise DecodeRequestError(f"{' and '.join(given)} given with a resolved DecodeRequest, which holds them "
                                  "already; give them to DecodeRequest.resolve")
     return prompts
-
-
-def only_text_tokens(params: SamplingParams, model_vocab_size: int, tokenizer) -> SamplingParams:
-    """`params` with a ban on the ids past the tokenizer's vocabulary, for the serving engine.
-
-    Superseded by the decode request's vocabulary limit (`DecodeRequest.vocab_limit`, applied
-    by `DecodeRequest.logits_processors`); kept until the engine takes a `DecodeRequest`.
-    """
-    if tokenizer is None or tokenizer.vocab_size >= model_vocab_size:
-        return params
-    bans = dict.fromkeys(range(tokenizer.vocab_size, model_vocab_size), float("-inf"))
-    return dataclasses.replace(params, logit_bias={**bans, **(params.logit_bias or {})})
 
 
 def continuation_text(tokenizer, prompt: Sequence[int], token_ids: Sequence[int]) -> str:

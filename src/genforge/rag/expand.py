@@ -45,20 +45,18 @@ class GenforgeGenerator:
     the tokenizer has one)."""
 
     def __init__(self, directory: str | Path, device: str = "cpu", dtype: str | None = None) -> None:
-        from ..checkpoint import load_model
-        from ..tokenizer import Tokenizer
+        from ..loading import load_for_inference
 
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise ValueError(f"{directory} is not a model directory (no config.json); pass a genforge or Hugging Face checkpoint")
-        self.model = load_model(directory, dtype=dtype, device=device)
-        if not self.model.config.causal:
-            raise ValueError(f"{directory} is an encoder ({self.model.config.family}); answers need a causal language model")
-        self.tokenizer = Tokenizer.from_dir(directory)
+        loaded = load_for_inference(directory, dtype=dtype, device=device)
+        if not loaded.model.config.causal:
+            raise ValueError(f"{directory} is an encoder ({loaded.model.config.family}); answers need a causal language model")
+        self.model, self.tokenizer, self.eos_token_ids = loaded.model, loaded.tokenizer, loaded.eos_token_ids
 
     def complete(self, prompt: str, max_tokens: int = 256) -> str:
-        from ..generate.generator import generate, only_text_tokens
-        from ..generate.request import end_of_sequence_ids
+        from ..generate.decode import decode
         from ..generate.sampling import SamplingParams
 
         chat = getattr(self.tokenizer, "chat_template", None)
@@ -71,10 +69,8 @@ class GenforgeGenerator:
             raise ValueError(f"max_tokens={max_tokens} leaves no room for a prompt in a "
                              f"{self.model.config.max_position_embeddings}-token context")
         ids = ids[-room:]
-        params = only_text_tokens(SamplingParams(temperature=0.0, max_new_tokens=max_tokens),
-                                  self.model.config.vocab_size, self.tokenizer)
-        eos = sorted(end_of_sequence_ids(self.model.config, self.tokenizer))
-        return generate(self.model, [ids], params, tokenizer=self.tokenizer, eos_token_ids=eos)[0].text or ""
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens)
+        return decode("sample", self.model, self.tokenizer, [ids], params, eos_token_ids=self.eos_token_ids)[0].text or ""
 
 
 class OpenAIGenerator:
