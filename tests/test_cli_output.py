@@ -5,7 +5,9 @@ message, never a traceback."""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -59,3 +61,21 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks(tmp_path, capsys):
     missing = tmp_path / "[bold]predictions.txt"
     assert main(["eval", "metrics", "--pred", str(missing)]) == 2
     assert f"--pred file {missing} does not exist" in capsys.readouterr().err
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # bound and closed again: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_server_that_is_not_there_is_one_line_not_a_traceback(tmp_path, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["bench", "serve", "--url", url, "--num-requests", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot list the models of {url}" in err and "Traceback" not in err
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"question": "q", "answers": {"a": "x", "b": "y"}}) + "\n")
+    assert main(["eval", "judge", "--answers", str(answers), "--endpoint", f"{url}/v1", "--judge-model", "j"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the endpoint" in err and "is the server running?" in err and "Traceback" not in err

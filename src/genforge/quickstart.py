@@ -145,12 +145,10 @@ class PretrainPlan:
     sample_tokens: int
 
 
-# FULL_PLAN: a 1M-parameter model trained for as many steps as fit in ~165 s here (several hundred
-# on two idle cores, fewer on a busy machine; docs/training.md has measured numbers). In this
-# few-hundred-step regime a small model at a high learning rate ends lower than a larger one: at
-# 100 steps, hidden 128 with lr 1e-2 reached val 6.18 against 6.28 for hidden 192 with lr 8e-3
-# and 6.38 with lr 3e-3, at ~60% of the step time. A 2048-token vocabulary keeps the embedding
-# and softmax, the costliest parts at this size, small. FAST_PLAN: a fixed, tiny run for tests.
+# FULL_PLAN: a 1M-parameter model trained for as many steps as fit in ~165 s. In this few-hundred-
+# step regime a small model at a high learning rate ends lower than a larger one (measured in
+# docs/training.md, "Quickstart"); a 2048-token vocabulary keeps the embedding and softmax, the
+# costliest parts at this size, small. FAST_PLAN: a fixed, tiny run for tests.
 FULL_PLAN = PretrainPlan(corpus_bytes=4_000_000, vocab_size=2048, seq_len=128, batch_size=16, hidden_size=128,
                          num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=336, train_seconds=165.0,
                          min_steps=100, max_steps=3000, lr=1e-2, sample_tokens=48)

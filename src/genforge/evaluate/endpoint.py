@@ -15,7 +15,8 @@ protocol, so one client covers them all:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +32,21 @@ def _client(base_url: str, api_key: str | None, timeout: float):
     except ImportError as err:  # pragma: no cover - openai is a dependency
         raise MetricError("evaluating an endpoint needs the `openai` package: pip install openai") from err
     return openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=2)
+
+
+@contextlib.contextmanager
+def _reaching(client) -> Iterator[None]:
+    """Say in one sentence why the endpoint did not answer: an unreachable server is a
+    ConnectionError, a refusal (a bad key, an unknown model) a MetricError with its message."""
+    import openai
+
+    try:
+        yield
+    except openai.APIConnectionError as err:
+        raise ConnectionError(f"cannot reach the endpoint {client.base_url} ({err}); is the server running?") from None
+    except openai.APIStatusError as err:
+        raise MetricError(f"the endpoint {client.base_url} refused the request (HTTP {err.status_code}): "
+                          f"{err.message}") from None
 
 
 class EndpointLanguageModel:
@@ -72,8 +88,9 @@ class EndpointLanguageModel:
 
     def _echo(self, ids: list[int]) -> tuple[list[float | None], list[dict[str, float] | None], list[str]]:
         """Log-probabilities of the prompt's own tokens (the first has none)."""
-        response = self.client.completions.create(model=self.model, prompt=ids, max_tokens=1, temperature=0.0,
-                                                  echo=True, logprobs=1)
+        with _reaching(self.client):
+            response = self.client.completions.create(model=self.model, prompt=ids, max_tokens=1, temperature=0.0,
+                                                      echo=True, logprobs=1)
         logprobs = response.choices[0].logprobs
         if logprobs is None or logprobs.token_logprobs is None or len(logprobs.token_logprobs) < len(ids):
             raise MetricError(f"the endpoint did not echo the prompt's log-probabilities (model {self.model!r}); "
@@ -133,9 +150,10 @@ class EndpointLanguageModel:
 
         def complete(context: str) -> str:
             ids = self.tokenizer.encode(context, add_special_tokens=False) if context else [self._prefix()]
-            response = self.client.completions.create(
-                model=self.model, prompt=ids[-room:], max_tokens=max_gen_toks, temperature=temperature, top_p=top_p,
-                stop=until[:4] or None, seed=seed, extra_body=extra or None)
+            with _reaching(self.client):
+                response = self.client.completions.create(
+                    model=self.model, prompt=ids[-room:], max_tokens=max_gen_toks, temperature=temperature,
+                    top_p=top_p, stop=until[:4] or None, seed=seed, extra_body=extra or None)
             text = response.choices[0].text
             for stop in until:  # the API takes at most four stop strings; cut at any of the rest
                 text = text.split(stop)[0]
@@ -151,8 +169,9 @@ def endpoint_judge(base_url: str, model: str, *, api_key: str | None = None, cri
 
     def judge(question: str, answer_a: str, answer_b: str) -> str:
         prompt = pairwise_prompt(question, answer_a, answer_b, criteria=criteria)
-        response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                  max_tokens=max_tokens, temperature=temperature)
+        with _reaching(client):
+            response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                      max_tokens=max_tokens, temperature=temperature)
         return parse_verdict(response.choices[0].message.content or "")
 
     return judge

@@ -244,8 +244,12 @@ def benchmark_serving(url: str, *, model: str | None = None, rates: Sequence[flo
         raise ValueError(f"endpoint must be 'completions' or 'chat', got {endpoint!r}")
     if model is None:  # the first model the server lists
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        listed = httpx2.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
-        listed.raise_for_status()
+        try:
+            listed = httpx2.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
+            listed.raise_for_status()
+        except httpx2.HTTPError as err:  # an OSError reaches the CLI as one line, not a traceback
+            raise ConnectionError(f"cannot list the models of {url} ({err}); is the server running there, and is "
+                                  "the API key right? Or name the model with --model") from None
         model = listed.json()["data"][0]["id"]
     workload = random_workload(num_requests, input_len, output_len, range_ratio, seed)
     results = []
