@@ -45,8 +45,14 @@ from genforge.inference import PackedLinear, can_pack, pack_for_cpu_inference
 SHAPES = {
     "gpt2-124m": transformers.GPT2Config(n_positions=1024),
     "smollm-135m": transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=2048,
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     ),
 }
@@ -82,9 +88,16 @@ def gemv_bandwidth(repeats: int = 20) -> dict[str, float]:
 
 
 def hf_generate(model, prompts, new_tokens):
-    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[:, prompts.shape[1]:]
+    out = model.generate(
+        prompts,
+        attention_mask=torch.ones_like(prompts),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[:, prompts.shape[1] :]
 
 
 def genforge_generate(model, prompts, new_tokens, timings=None):
@@ -179,15 +192,22 @@ def run(shape: str, batches, prompt_len: int, new_tokens: int, repeats: int) -> 
         floor, prefill_floor = statistics.median(floors), statistics.median(prefill_floors)
         ceiling_tps = batch * new_tokens / (prefill_floor + (new_tokens - 1) * floor)
         row = {
-            "model": shape, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-            "transformers_tokens_per_s": round(hf_tps, 2), "genforge_tokens_per_s": round(gf_tps, 2),
-            "speedup": round(gf_tps / hf_tps, 3), "greedy_tokens_identical": same,
+            "model": shape,
+            "batch": batch,
+            "prompt_tokens": prompt_len,
+            "new_tokens": new_tokens,
+            "transformers_tokens_per_s": round(hf_tps, 2),
+            "genforge_tokens_per_s": round(gf_tps, 2),
+            "speedup": round(gf_tps / hf_tps, 3),
+            "greedy_tokens_identical": same,
             "genforge_decode_step_ms": round(decode_step * 1e3, 2),
             "genforge_prefill_ms": round(statistics.median(first for first, _ in steps) * 1e3, 1),
             "kernel_floor_prefill_ms": round(prefill_floor * 1e3, 1),
-            "kernel_floor_step_ms": round(floor * 1e3, 2), "ceiling_tokens_per_s": round(ceiling_tps, 2),
+            "kernel_floor_step_ms": round(floor * 1e3, 2),
+            "ceiling_tokens_per_s": round(ceiling_tps, 2),
             "ceiling_speedup": round(ceiling_tps / hf_tps, 3),
-            "weight_mb": round(weights / 1e6, 1), "weight_bytes": weights,
+            "weight_mb": round(weights / 1e6, 1),
+            "weight_bytes": weights,
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -212,7 +232,9 @@ def main() -> int:
 
     def measure() -> None:
         measurements.append(gemv_bandwidth())
-        print(f"GEMV bandwidth: {', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in measurements[-1].items())}", flush=True)
+        print(
+            f"GEMV bandwidth: {', '.join(f'{k} {v / 1e9:.1f} GB/s' for k, v in measurements[-1].items())}", flush=True
+        )
 
     rows = []
     for shape in args.model or list(SHAPES):
@@ -224,10 +246,15 @@ def main() -> int:
     for r in rows:
         roofline_step = r["weight_bytes"] / bandwidth
         r["roofline_step_ms"] = round(roofline_step * 1e3, 2)
-        r["roofline_fraction"] = round(roofline_step / (r["genforge_decode_step_ms"] / 1e3), 3) if r["batch"] == 1 else None
-    result = {"machine": machine(), "gemv_bandwidth_gb_s": {k: round(v / 1e9, 2) for k, v in kernels.items()},
-              "gemv_bandwidth_measurements_gb_s": [{k: round(v / 1e9, 2) for k, v in m.items()} for m in measurements],
-              "results": rows}
+        r["roofline_fraction"] = (
+            round(roofline_step / (r["genforge_decode_step_ms"] / 1e3), 3) if r["batch"] == 1 else None
+        )
+    result = {
+        "machine": machine(),
+        "gemv_bandwidth_gb_s": {k: round(v / 1e9, 2) for k, v in kernels.items()},
+        "gemv_bandwidth_measurements_gb_s": [{k: round(v / 1e9, 2) for k, v in m.items()} for m in measurements],
+        "results": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -22,8 +22,15 @@ def cpu_name() -> str:
 def describe(**versions: str) -> dict:
     """CPU, cores, torch threads, GPU if any, and the versions of torch, Python and `versions`
     (the peer libraries the benchmark compares against)."""
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, **versions, "python": platform.python_version(), "os": platform.platform()}
+    info = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        **versions,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

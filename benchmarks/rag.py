@@ -80,8 +80,12 @@ def machine() -> dict:
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
     ms = np.asarray(samples_s) * 1e3
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "mean_ms": round(float(ms.mean()), 3), "n": len(ms)}
+    return {
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "n": len(ms),
+    }
 
 
 def timed(fn, rounds: int) -> list[float]:
@@ -97,7 +101,9 @@ def timed(fn, rounds: int) -> list[float]:
 def seeds_part(rounds: int, depth: int, k: int) -> dict:
     documents, skipped = load_documents(sorted(SEEDS.glob("*")))
     if not documents:
-        raise SystemExit(f"no seeds corpus at {SEEDS}: it is read at run time from ../shared/seeds beside the repository")
+        raise SystemExit(
+            f"no seeds corpus at {SEEDS}: it is read at run time from ../shared/seeds beside the repository"
+        )
     chunks = [c for d in documents for c in chunk_document(d)]
     embedder = EncoderEmbedder(max_tokens=128)
     embedder.embed(["warm up the encoder"])  # first-call allocation is not indexing time
@@ -130,8 +136,10 @@ def seeds_part(rounds: int, depth: int, k: int) -> dict:
     rebuild_s = time.perf_counter() - t
     assert again.last_build_embedded == 0
     result["indexing_chunks_per_s"] = {
-        "bm25": round(n / bm25_s, 1), "dense (embed + FAISS flat add)": round(n / (embed_s + faiss_add_s), 1),
-        "hybrid build": round(n / build_s, 1), "hybrid rebuild, all chunks cached": round(n / rebuild_s, 1),
+        "bm25": round(n / bm25_s, 1),
+        "dense (embed + FAISS flat add)": round(n / (embed_s + faiss_add_s), 1),
+        "hybrid build": round(n / build_s, 1),
+        "hybrid rebuild, all chunks cached": round(n / rebuild_s, 1),
         "FAISS flat add alone": round(n / faiss_add_s, 1),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -186,8 +194,11 @@ def seeds_part(rounds: int, depth: int, k: int) -> dict:
     removed = index.delete(source)
     delete_s = time.perf_counter() - t
     result["incremental_updates"] = {
-        "upsert one file, one chunk edited": {"ms": round(upsert_s * 1e3, 1), "chunks_in_file": len(edited),
-                                              "embedded": counts["embedded"]},
+        "upsert one file, one chunk edited": {
+            "ms": round(upsert_s * 1e3, 1),
+            "chunks_in_file": len(edited),
+            "embedded": counts["embedded"],
+        },
         "delete one file": {"ms": round(delete_s * 1e3, 1), "chunks_removed": removed},
         "full build, for comparison": {"ms": round(build_s * 1e3, 1), "embedded": n},
     }
@@ -201,6 +212,7 @@ def seeds_part(rounds: int, depth: int, k: int) -> dict:
             d = cached.dense_search(vec, depth)
             s = cached.sparse_search(q, depth)
             return reciprocal_rank_fusion([[i for i, _ in d], [i for i, _ in s]], k=60)[:k]
+
         return cached.cached(("hybrid", q, k, depth), compute)
 
     for q in QUERIES:
@@ -212,15 +224,24 @@ def seeds_part(rounds: int, depth: int, k: int) -> dict:
     return result
 
 
-def clustered_vectors(n: int, dim: int, rng: np.random.Generator, topics: int = 40, per_cluster: int = 10,
-                      spread: float = 0.7, noise: float = 2.0) -> np.ndarray:
+def clustered_vectors(
+    n: int,
+    dim: int,
+    rng: np.random.Generator,
+    topics: int = 40,
+    per_cluster: int = 10,
+    spread: float = 0.7,
+    noise: float = 2.0,
+) -> np.ndarray:
     """Unit vectors in two levels of clusters: `topics` broad directions, clusters of about
     `per_cluster` vectors around points near them, and heavy per-vector noise. Calibrated so a
     query's nearest neighbours have cosine 0.3-0.35, as MiniLM queries have against relevant
     chunks, and so that they span several clusters (well-separated blobs would flatter IVF)."""
     clusters = max(1, n // per_cluster)
     broad = rng.standard_normal((topics, dim)).astype(np.float32)
-    centres = broad[rng.integers(0, topics, clusters)] + spread * rng.standard_normal((clusters, dim)).astype(np.float32)
+    centres = broad[rng.integers(0, topics, clusters)] + spread * rng.standard_normal((clusters, dim)).astype(
+        np.float32
+    )
     x = centres[rng.integers(0, clusters, n)] + noise * rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -241,7 +262,13 @@ def scale_part(n: int, dim: int, queries: int, k: int) -> dict:
             found.append([i for i, _ in hits])
         found = np.array([f + [-1] * (k - len(f)) for f in found])
         recall = 1.0 if truth is None else float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
-        row = {"index": name, **setting, "build_s": round(build_s, 2), **percentiles(times), "recall@10": round(recall, 4)}
+        row = {
+            "index": name,
+            **setting,
+            "build_s": round(build_s, 2),
+            **percentiles(times),
+            "recall@10": round(recall, 4),
+        }
         print(f"  {row}", flush=True)
         rows.append(row)
         return found
@@ -264,38 +291,65 @@ def scale_part(n: int, dim: int, queries: int, k: int) -> dict:
     exact_p50 = rows[0]["p50_ms"]
     for row in rows:
         row["speedup_vs_exact_p50"] = round(exact_p50 / row["p50_ms"], 2)
-    return {"n": n, "dim": dim, "queries": queries, "k": k, "rows": rows,
-            "data": "40 topics, clusters of ~10 around them, noise 2.0 (see clustered_vectors)"}
+    return {
+        "n": n,
+        "dim": dim,
+        "queries": queries,
+        "k": k,
+        "rows": rows,
+        "data": "40 topics, clusters of ~10 around them, noise 2.0 (see clustered_vectors)",
+    }
 
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    out = [f"RAG benchmark on {m['cpu']} ({m['cores']} cores shared with other jobs: numbers are noisy), torch threads "
-           f"{m['threads']} for indexing and 1 for single queries, FAISS {m['faiss']} with {m['faiss_threads']} threads, Python {m['python']}.", ""]
+    out = [
+        f"RAG benchmark on {m['cpu']} ({m['cores']} cores shared with other jobs: numbers are noisy), torch threads "
+        f"{m['threads']} for indexing and 1 for single queries, FAISS {m['faiss']} with {m['faiss_threads']} threads, Python {m['python']}.",
+        "",
+    ]
     s = result.get("seeds")
     if s:
-        out += [f"Seeds corpus: {s['documents']} files, {s['chunks']} Q&A chunks, {s['embedding_model']}.", "",
-                "| indexing | chunks/s |", "|---|---|"]
+        out += [
+            f"Seeds corpus: {s['documents']} files, {s['chunks']} Q&A chunks, {s['embedding_model']}.",
+            "",
+            "| indexing | chunks/s |",
+            "|---|---|",
+        ]
         out += [f"| {name} | {v} |" for name, v in s["indexing_chunks_per_s"].items()]
-        out += ["", f"Query latency, one query at a time, query embedding included, caches off (except the last row); "
-                f"top-{s['settings']['k']}, hybrid fuses the top-{s['settings']['hybrid_depth']} of each; "
-                f"{s['settings']['queries']} queries x {s['settings']['rounds']} rounds. FAISS and Milvus Lite returned the same "
-                f"dense top-k for {s['faiss_vs_milvus_same_top_k']} queries.", "",
-                "| query | p50 ms | p99 ms | mean ms |", "|---|---|---|---|"]
-        out += [f"| {name} | {v['p50_ms']} | {v['p99_ms']} | {v['mean_ms']} |" for name, v in s["query_latency"].items()]
+        out += [
+            "",
+            f"Query latency, one query at a time, query embedding included, caches off (except the last row); "
+            f"top-{s['settings']['k']}, hybrid fuses the top-{s['settings']['hybrid_depth']} of each; "
+            f"{s['settings']['queries']} queries x {s['settings']['rounds']} rounds. FAISS and Milvus Lite returned the same "
+            f"dense top-k for {s['faiss_vs_milvus_same_top_k']} queries.",
+            "",
+            "| query | p50 ms | p99 ms | mean ms |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| {name} | {v['p50_ms']} | {v['p99_ms']} | {v['mean_ms']} |" for name, v in s["query_latency"].items()
+        ]
     if s:
         out += ["", "| incremental update (seeds index) | ms | detail |", "|---|---|---|"]
         for name, v in s["incremental_updates"].items():
             out.append(f"| {name} | {v['ms']} | {', '.join(f'{k}={x}' for k, x in v.items() if k != 'ms')} |")
     sc = result.get("scale")
     if sc:
-        out += ["", f"Scale: {sc['n']:,} synthetic {sc['dim']}-dim unit vectors ({sc['data']}), "
-                f"{sc['queries']} queries one at a time, recall@{sc['k']} against exact search.", "",
-                "| index | setting | build s | p50 ms | p99 ms | speedup (p50) | recall@10 |", "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            f"Scale: {sc['n']:,} synthetic {sc['dim']}-dim unit vectors ({sc['data']}), "
+            f"{sc['queries']} queries one at a time, recall@{sc['k']} against exact search.",
+            "",
+            "| index | setting | build s | p50 ms | p99 ms | speedup (p50) | recall@10 |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in sc["rows"]:
             setting = ", ".join(f"{k}={r[k]}" for k in ("efSearch", "nprobe") if k in r) or "-"
-            out.append(f"| {r['index']} | {setting} | {r['build_s']} | {r['p50_ms']} | {r['p99_ms']} | "
-                       f"{r['speedup_vs_exact_p50']}x | {r['recall@10']} |")
+            out.append(
+                f"| {r['index']} | {setting} | {r['build_s']} | {r['p50_ms']} | {r['p99_ms']} | "
+                f"{r['speedup_vs_exact_p50']}x | {r['recall@10']} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -305,8 +359,12 @@ def main() -> int:
     parser.add_argument("--scale-n", type=int, default=100_000, help="synthetic vectors in the scale run (0 skips it)")
     parser.add_argument("--scale-queries", type=int, default=300)
     parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                        help="threads for indexing and the scale run (single queries on the seeds use one)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="threads for indexing and the scale run (single queries on the seeds use one)",
+    )
     parser.add_argument("--skip-seeds", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()

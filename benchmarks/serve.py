@@ -70,8 +70,9 @@ class Trace:
     token_times: list[list[float]] = field(default_factory=list)
 
 
-def make_workload(num: int, rate: float, input_len: int, output_len: int, range_ratio: float, vocab: int,
-                  seed: int) -> Workload:
+def make_workload(
+    num: int, rate: float, input_len: int, output_len: int, range_ratio: float, vocab: int, seed: int
+) -> Workload:
     rng = random.Random(seed)
 
     def length(mean: int) -> int:
@@ -82,13 +83,20 @@ def make_workload(num: int, rate: float, input_len: int, output_len: int, range_
 
 
 # ------------------------------------------------------------------------------ systems
-def warmed_engine(model, warmup: Workload, max_concurrency: int, token_budget: int,
-                  resident_kv_memory: int | None = None):
+def warmed_engine(
+    model, warmup: Workload, max_concurrency: int, token_budget: int, resident_kv_memory: int | None = None
+):
     """A new engine that has served `warmup` (untimed)."""
     from genforge.serve.engine import Engine
 
-    engine = Engine(model, None, max_num_seqs=max_concurrency, max_num_batched_tokens=token_budget,
-                    eos_token_ids=[], resident_kv_memory=resident_kv_memory)
+    engine = Engine(
+        model,
+        None,
+        max_num_seqs=max_concurrency,
+        max_num_batched_tokens=token_budget,
+        eos_token_ids=[],
+        resident_kv_memory=resident_kv_memory,
+    )
     run_genforge(engine, warmup, max_concurrency)
     return engine
 
@@ -137,12 +145,19 @@ def _hf_generate(model, prompts: list[list[int]], new_tokens: int, clock: _StepC
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
     with torch.inference_mode():
-        model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, logits_processor=LogitsProcessorList([clock]), pad_token_id=0,
-                       eos_token_id=None)
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            logits_processor=LogitsProcessorList([clock]),
+            pad_token_id=0,
+            eos_token_id=None,
+        )
 
 
 def run_static(hf_model, workload: Workload, max_batch: int) -> Trace:
@@ -158,8 +173,9 @@ def run_static(hf_model, workload: Workload, max_batch: int) -> Trace:
         batch = [i for i in pending if workload.arrivals[i] <= now][:max_batch]
         pending = [i for i in pending if i not in batch]
         clock = _StepClock(start)
-        _hf_generate(hf_model, [workload.prompts[i] for i in batch],
-                     max(workload.output_lengths[i] for i in batch), clock)
+        _hf_generate(
+            hf_model, [workload.prompts[i] for i in batch], max(workload.output_lengths[i] for i in batch), clock
+        )
         for i in batch:
             trace.token_times[i] = clock.times[: workload.output_lengths[i]]
     return trace
@@ -214,8 +230,11 @@ def kernel_seconds(model, workload: Workload, warmup: Workload, args) -> dict[st
         run_genforge(engine, workload, args.max_concurrency)
         whole = time.perf_counter() - start
     kernels = spent.get("attention", 0.0) + spent.get("linear layers", 0.0)
-    return {**{part: round(seconds, 3) for part, seconds in spent.items()}, "kernels alone": round(kernels, 3),
-            "whole run": round(whole, 3)}
+    return {
+        **{part: round(seconds, 3) for part, seconds in spent.items()},
+        "kernels alone": round(kernels, 3),
+        "whole run": round(whole, 3),
+    }
 
 
 def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | None, seed: int) -> dict[str, float]:
@@ -236,8 +255,14 @@ def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | Non
     from genforge.serve.paged_cache import PagedBatch
 
     rng = random.Random(seed)
-    engine = Engine(model, None, max_num_seqs=num_rows, max_num_batched_tokens=512, eos_token_ids=[],
-                    resident_kv_memory=resident_kv_memory)
+    engine = Engine(
+        model,
+        None,
+        max_num_seqs=num_rows,
+        max_num_batched_tokens=512,
+        eos_token_ids=[],
+        resident_kv_memory=resident_kv_memory,
+    )
     for i in range(num_rows):
         prompt = [rng.randrange(model.config.vocab_size) for _ in range(rng.randint(13, 243))]
         engine.add_request(Request(str(i), prompt, SamplingParams(temperature=0, max_new_tokens=100 + 2 * steps)))
@@ -246,10 +271,16 @@ def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | Non
     for _ in range(100):
         engine.step()
 
-    targets = [(engine.scheduler, "schedule", "scheduler"), (engine.cache, "batch", "cache view"),
-               (engine, "_sample", "sampling and outputs"), (Transformer, "_masks", "attention mask"),
-               (F, "scaled_dot_product_attention", "attention (SDPA)"), (PagedBatch, "_gather", "gather"),
-               (PackedLinear, "forward", "linear layers"), (Transformer, "forward", "model forward")]
+    targets = [
+        (engine.scheduler, "schedule", "scheduler"),
+        (engine.cache, "batch", "cache view"),
+        (engine, "_sample", "sampling and outputs"),
+        (Transformer, "_masks", "attention mask"),
+        (F, "scaled_dot_product_attention", "attention (SDPA)"),
+        (PagedBatch, "_gather", "gather"),
+        (PackedLinear, "forward", "linear layers"),
+        (Transformer, "forward", "model forward"),
+    ]
     if engine.resident is not None:
         targets.append((engine.resident, "batch", "cache view"))
     with timed_calls(targets, time.thread_time) as spent:
@@ -267,8 +298,10 @@ def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | Non
 # ---------------------------------------------------------------------------- metrics
 def summarize_trace(trace: Trace, workload: Workload) -> dict:
     """vLLM's serving metrics (genforge.serve.bench.summarize) from per-token timestamps."""
-    records = [RequestRecord.from_token_times(arrival, times, len(prompt))
-               for arrival, times, prompt in zip(trace.arrival, trace.token_times, workload.prompts)]
+    records = [
+        RequestRecord.from_token_times(arrival, times, len(prompt))
+        for arrival, times, prompt in zip(trace.arrival, trace.token_times, workload.prompts)
+    ]
     duration = max(t[-1] for t in trace.token_times) - min(trace.arrival)
     return summarize(records, duration)
 
@@ -279,8 +312,15 @@ def default_model_dir(tmp: Path, seed: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
     directory = tmp / "model"
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
@@ -293,8 +333,9 @@ def median_run(repeats: dict[str, list[dict]], name: str) -> dict:
     chosen = sorted(runs, key=lambda r: r["output_tokens_per_s"])[(len(runs) - 1) // 2]
     entry = {**chosen, "output_tokens_per_s_repeats": [r["output_tokens_per_s"] for r in runs]}
     if "genforge" in repeats:
-        entry["genforge_speedup_repeats"] = [g["output_tokens_per_s"] / r["output_tokens_per_s"]
-                                             for g, r in zip(repeats["genforge"], runs)]
+        entry["genforge_speedup_repeats"] = [
+            g["output_tokens_per_s"] / r["output_tokens_per_s"] for g, r in zip(repeats["genforge"], runs)
+        ]
     return entry
 
 
@@ -312,18 +353,24 @@ def markdown(results: dict) -> str:
     header = f"Machine: {machine}. Model: {results['model']}. Workload: {results['workload']}."
     if "load_average" in results:
         load = results["load_average"]
-        header += (f" Torch threads: {results['threads']}; 1-minute load average {load['before']} before the run and "
-                   f"{load['after']} after.")
-    header += (f" Each system ran {results.get('repeats', 1)} times per rate, alternating; a row is its run with"
-               " the median output tokens/s, and the label gives genforge's speed-up over it: the median of"
-               " the per-repeat ratios, with their range.\n\n")
+        header += (
+            f" Torch threads: {results['threads']}; 1-minute load average {load['before']} before the run and "
+            f"{load['after']} after."
+        )
+    header += (
+        f" Each system ran {results.get('repeats', 1)} times per rate, alternating; a row is its run with"
+        " the median output tokens/s, and the label gives genforge's speed-up over it: the median of"
+        " the per-repeat ratios, with their range.\n\n"
+    )
     report = header + markdown_report(runs, title="genforge engine vs static batching vs one at a time")
     for rate, kernels in results.get("kernel_seconds", {}).items():
-        report += (f"\nKernel floor at rate {rate}: in an extra run of the same workload, genforge spent "
-                   f"{kernels['attention']:.2f} s in attention (SDPA) and {kernels['linear layers']:.2f} s in its "
-                   f"linear layers, of {kernels['whole run']:.2f} s. A run made of those kernels alone, with "
-                   f"nothing around them, would take {kernels['kernels alone']:.2f} s: "
-                   f"{kernels['ceiling_speedup_over_static']:.2f}x the median static batching run.\n")
+        report += (
+            f"\nKernel floor at rate {rate}: in an extra run of the same workload, genforge spent "
+            f"{kernels['attention']:.2f} s in attention (SDPA) and {kernels['linear layers']:.2f} s in its "
+            f"linear layers, of {kernels['whole run']:.2f} s. A run made of those kernels alone, with "
+            f"nothing around them, would take {kernels['kernels alone']:.2f} s: "
+            f"{kernels['ceiling_speedup_over_static']:.2f}x the median static batching run.\n"
+        )
     return report
 
 
@@ -340,14 +387,22 @@ def main(argv=None) -> int:
     parser.add_argument("--systems", default="genforge,static,sequential")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of every system per rate (medians are reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of every system per rate (medians are reported)"
+    )
     parser.add_argument("--out", default=str(RESULTS / "serve"), help="results path without extension")
-    parser.add_argument("--profile-step", action="store_true",
-                        help="instead of the benchmark: print where one decode step with --max-concurrency rows goes")
-    parser.add_argument("--resident-kv-memory", type=int, default=None,
-                        help="genforge's resident K/V buffer limit in bytes (default: the block pool's size; "
-                             "0: gather blocks every step)")
+    parser.add_argument(
+        "--profile-step",
+        action="store_true",
+        help="instead of the benchmark: print where one decode step with --max-concurrency rows goes",
+    )
+    parser.add_argument(
+        "--resident-kv-memory",
+        type=int,
+        default=None,
+        help="genforge's resident K/V buffer limit in bytes (default: the block pool's size; "
+        "0: gather blocks every step)",
+    )
     args = parser.parse_args(argv)
     if args.resident_kv_memory is not None and args.resident_kv_memory < 0:
         parser.error("--resident-kv-memory must be >= 0 bytes")
@@ -370,8 +425,10 @@ def main(argv=None) -> int:
     if args.profile_step:
         steps = 60
         parts = profile_step(ours, args.max_concurrency, steps, args.resident_kv_memory, args.seed)
-        print(f"one decode step with {args.max_concurrency} rows, thread CPU ms (mean of {steps} steps, "
-              f"{torch.get_num_threads()} threads):")
+        print(
+            f"one decode step with {args.max_concurrency} rows, thread CPU ms (mean of {steps} steps, "
+            f"{torch.get_num_threads()} threads):"
+        )
         for part, ms in sorted(parts.items(), key=lambda item: -item[1]):
             print(f"  {part:<22} {ms:7.2f}")
         return 0
@@ -379,8 +436,10 @@ def main(argv=None) -> int:
     results = {
         "machine": describe(transformers=transformers.__version__),
         "model": args.model or "random Llama d=256 L=4 vocab=8192",
-        "workload": (f"{args.num_requests} requests, input {args.input_len} and output {args.output_len} tokens "
-                     f"+-{args.range_ratio:.0%}, max concurrency {args.max_concurrency}, greedy, fp32"),
+        "workload": (
+            f"{args.num_requests} requests, input {args.input_len} and output {args.output_len} tokens "
+            f"+-{args.range_ratio:.0%}, max concurrency {args.max_concurrency}, greedy, fp32"
+        ),
         "runs": {},
     }
     load_before = os.getloadavg()[0]
@@ -388,23 +447,38 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown system(s) {unknown}; accepted: genforge, static, sequential")
     # Other prompts than the timed ones (another seed), so no prefix is cached for them.
-    warmup = make_workload(args.max_concurrency, float("inf"), args.input_len, args.output_len, args.range_ratio,
-                           ours.config.vocab_size, args.seed + 1)
+    warmup = make_workload(
+        args.max_concurrency,
+        float("inf"),
+        args.input_len,
+        args.output_len,
+        args.range_ratio,
+        ours.config.vocab_size,
+        args.seed + 1,
+    )
     if "static" in systems:
         run_static(theirs, warmup, args.max_concurrency)
     if "sequential" in systems:
         run_sequential(theirs, Workload(warmup.arrivals[:4], warmup.prompts[:4], warmup.output_lengths[:4]))
     for rate_text in args.rates.split(","):
         rate = float(rate_text)
-        workload = make_workload(args.num_requests, rate, args.input_len, args.output_len, args.range_ratio,
-                                 ours.config.vocab_size, args.seed)
+        workload = make_workload(
+            args.num_requests,
+            rate,
+            args.input_len,
+            args.output_len,
+            args.range_ratio,
+            ours.config.vocab_size,
+            args.seed,
+        )
         repeats: dict[str, list[dict]] = {name: [] for name in systems}
         for repeat in range(args.repeats):
             # The order flips every repeat, so a drifting machine does not always favour the same system.
             for name in systems if repeat % 2 == 0 else systems[::-1]:
                 if name == "genforge":
-                    engine = warmed_engine(ours, warmup, args.max_concurrency, args.token_budget,
-                                           args.resident_kv_memory)
+                    engine = warmed_engine(
+                        ours, warmup, args.max_concurrency, args.token_budget, args.resident_kv_memory
+                    )
                     trace = run_genforge(engine, workload, args.max_concurrency)
                 elif name == "static":
                     trace = run_static(theirs, workload, args.max_concurrency)
@@ -412,8 +486,11 @@ def main(argv=None) -> int:
                     trace = run_sequential(theirs, workload)
                 summary = summarize_trace(trace, workload)
                 repeats[name].append(summary)
-                print(f"rate {rate_text:>4} repeat {repeat + 1} {name:>10}: {summary['output_tokens_per_s']:7.1f} "
-                      f"output tok/s, TTFT p50 {summary['ttft']['p50_ms']:.0f} ms", flush=True)
+                print(
+                    f"rate {rate_text:>4} repeat {repeat + 1} {name:>10}: {summary['output_tokens_per_s']:7.1f} "
+                    f"output tok/s, TTFT p50 {summary['ttft']['p50_ms']:.0f} ms",
+                    flush=True,
+                )
         results["runs"][rate_text] = {name: median_run(repeats, name) for name in systems}
         if rate == float("inf") and {"genforge", "static"} <= set(systems):
             kernels = kernel_seconds(ours, workload, warmup, args)

@@ -49,9 +49,14 @@ LR, BETAS, WEIGHT_DECAY, CLIP = 3e-4, (0.9, 0.95), 0.1, 1.0
 
 def llama_config(args) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.seq_len, tie_word_embeddings=False,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.seq_len,
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
 
@@ -89,8 +94,11 @@ class PlainLoop:
         self.model = model.train()
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=BETAS)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=LR,
+            betas=BETAS,
+        )
 
     def step(self, batch: torch.Tensor) -> float:
         loss = self.model(input_ids=batch, labels=batch).loss
@@ -111,13 +119,29 @@ def run(args) -> dict:
         reference.save_pretrained(directory)
         ours = load_model(directory)  # the same initial weights
     plain = PlainLoop(reference)
-    tokens = torch.randint(0, args.vocab, ((args.repeats + 1) * args.steps * args.batch + args.batch, args.seq_len),
-                           generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0,
+        args.vocab,
+        ((args.repeats + 1) * args.steps * args.batch + args.batch, args.seq_len),
+        generator=torch.Generator().manual_seed(1),
+    )
     data = TokenDataset(tokens.flatten(), args.seq_len)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(ours, data, TrainConfig(out_dir=out, max_steps=10**6, batch_size=args.batch, lr=LR,
-                                                  betas=BETAS, weight_decay=WEIGHT_DECAY, grad_clip=CLIP,
-                                                  progress=False, export=False))
+        trainer = Trainer(
+            ours,
+            data,
+            TrainConfig(
+                out_dir=out,
+                max_steps=10**6,
+                batch_size=args.batch,
+                lr=LR,
+                betas=BETAS,
+                weight_decay=WEIGHT_DECAY,
+                grad_clip=CLIP,
+                progress=False,
+                export=False,
+            ),
+        )
         sides = {"genforge": lambda b: trainer.train_step([b])["loss"], "transformers": plain.step}
         first_loss = {name: step(tokens[: args.batch]) for name, step in sides.items()}  # warm-up, same batch
         times = {name: [] for name in sides}
@@ -127,7 +151,7 @@ def run(args) -> dict:
             peaks.append(matmul_peak())
             order = list(sides.items()) if round_number % 2 == 0 else list(sides.items())[::-1]
             for name, step in order:
-                batches = [tokens[cursor + i * args.batch: cursor + (i + 1) * args.batch] for i in range(args.steps)]
+                batches = [tokens[cursor + i * args.batch : cursor + (i + 1) * args.batch] for i in range(args.steps)]
                 start = time.perf_counter()
                 for batch in batches:
                     step(batch)
@@ -138,15 +162,27 @@ def run(args) -> dict:
     rates = {name: max(p[name] for p in peaks) for name in peaks[0]}
     peak = max(rates.values())
     tokens_per_step = args.batch * args.seq_len
-    result = {"machine": machine(), "settings": vars(args), "parameters": parameters, "matmul_peak_flops": peak,
-              "matmul_flops_by_library": rates,
-              "first_step_loss": first_loss, "load_average": " ".join(load), "sides": {}}
+    result = {
+        "machine": machine(),
+        "settings": vars(args),
+        "parameters": parameters,
+        "matmul_peak_flops": peak,
+        "matmul_flops_by_library": rates,
+        "first_step_loss": first_loss,
+        "load_average": " ".join(load),
+        "sides": {},
+    }
     for name, samples in times.items():
         median, best = statistics.median(samples), min(samples)
-        result["sides"][name] = {"step_s_median": median, "step_s_best": best, "step_s_all": samples,
-                                 "tokens_per_s": tokens_per_step / median, "tokens_per_s_best": tokens_per_step / best,
-                                 "mfu": 6 * parameters * tokens_per_step / median / peak,
-                                 "mfu_best": 6 * parameters * tokens_per_step / best / peak}
+        result["sides"][name] = {
+            "step_s_median": median,
+            "step_s_best": best,
+            "step_s_all": samples,
+            "tokens_per_s": tokens_per_step / median,
+            "tokens_per_s_best": tokens_per_step / best,
+            "mfu": 6 * parameters * tokens_per_step / median / peak,
+            "mfu_best": 6 * parameters * tokens_per_step / best / peak,
+        }
     ours, theirs = result["sides"]["genforge"], result["sides"]["transformers"]
     result["speedup"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
     result["speedup_best"] = ours["tokens_per_s_best"] / theirs["tokens_per_s_best"]
@@ -189,9 +225,13 @@ def loss_only(args) -> str:
             for _ in range(args.steps):
                 backward(loss_of)
             best[name] = min(best[name], (time.perf_counter() - start) / args.steps)
-    lines = [f"LM head + loss, forward and backward: {args.batch * args.seq_len} tokens, hidden {args.hidden}, "
-             f"vocab {args.vocab}, fp32, {args.threads} threads; best of {args.repeats} rounds of {args.steps}.", "",
-             "| | best (ms) | vs transformers |", "|---|---:|---:|"]
+    lines = [
+        f"LM head + loss, forward and backward: {args.batch * args.seq_len} tokens, hidden {args.hidden}, "
+        f"vocab {args.vocab}, fp32, {args.threads} threads; best of {args.repeats} rounds of {args.steps}.",
+        "",
+        "| | best (ms) | vs transformers |",
+        "|---|---:|---:|",
+    ]
     for name, seconds in best.items():
         lines.append(f"| {name} | {seconds * 1e3:.1f} | {best['transformers'] / seconds:.2f}x |")
     return "\n".join(lines + [""])
@@ -215,26 +255,47 @@ def markdown(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, side in result["sides"].items():
-        lines.append(f"| {name} | {side['step_s_median']:.3f} | {side['tokens_per_s']:,.0f} | {side['mfu']:.1%} | "
-                     f"{side['step_s_best']:.3f} | {side['tokens_per_s_best']:,.0f} | {side['mfu_best']:.1%} | "
-                     f"{result['first_step_loss'][name]:.4f} |")
-    lines += ["", f"**genforge / transformers: {result['speedup']:.2f}x** tokens/s (medians); "
-              f"{result['speedup_best']:.2f}x (best rounds).", "",
-              f"Load average when the run ended: {result['load_average']}.", "",
-              "Reproduce: `python benchmarks/train.py` (the machine was shared with other jobs; numbers are noisy).", ""]
+        lines.append(
+            f"| {name} | {side['step_s_median']:.3f} | {side['tokens_per_s']:,.0f} | {side['mfu']:.1%} | "
+            f"{side['step_s_best']:.3f} | {side['tokens_per_s_best']:,.0f} | {side['mfu_best']:.1%} | "
+            f"{result['first_step_loss'][name]:.4f} |"
+        )
+    lines += [
+        "",
+        f"**genforge / transformers: {result['speedup']:.2f}x** tokens/s (medians); "
+        f"{result['speedup_best']:.2f}x (best rounds).",
+        "",
+        f"Load average when the run ended: {result['load_average']}.",
+        "",
+        "Reproduce: `python benchmarks/train.py` (the machine was shared with other jobs; numbers are noisy).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag, default in (("--hidden", 256), ("--layers", 4), ("--heads", 8), ("--kv-heads", 4),
-                          ("--intermediate", 688), ("--vocab", 8192), ("--seq-len", 256), ("--batch", 4),
-                          ("--steps", 2), ("--repeats", 12), ("--threads", min(2, torch.get_num_threads()))):
+    for flag, default in (
+        ("--hidden", 256),
+        ("--layers", 4),
+        ("--heads", 8),
+        ("--kv-heads", 4),
+        ("--intermediate", 688),
+        ("--vocab", 8192),
+        ("--seq-len", 256),
+        ("--batch", 4),
+        ("--steps", 2),
+        ("--repeats", 12),
+        ("--threads", min(2, torch.get_num_threads())),
+    ):
         parser.add_argument(flag, type=int, default=default)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="where train.{json,md} go")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--loss-only", action="store_true",
-                        help="time the LM head and loss alone (fused, unfused, transformers); print only")
+    parser.add_argument(
+        "--loss-only",
+        action="store_true",
+        help="time the LM head and loss alone (fused, unfused, transformers); print only",
+    )
     args = parser.parse_args(argv)
     if args.loss_only:
         print(loss_only(args))

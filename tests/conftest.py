@@ -59,13 +59,22 @@ def text_model_dir(tmp_path_factory):
 
     tokenizer = Tokenizer.from_dir(default_encoder_path())
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = Config(family="llama", vocab_size=30592, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, max_position_embeddings=256, eos_token_id=tokenizer.sep_token_id)
+    config = Config(
+        family="llama",
+        vocab_size=30592,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.sep_token_id,
+    )
     torch.manual_seed(0)
     model = Transformer(config)
     with torch.no_grad():  # padded rows aligned with the final hidden state of the prompt "x"
         hidden = model(torch.tensor([tokenizer.encode("x")])).hidden_states[0, -1]
-        model.lm_head.weight[tokenizer.vocab_size:] = hidden * 10
+        model.lm_head.weight[tokenizer.vocab_size :] = hidden * 10
     return save_model(model, tmp_path_factory.mktemp("tiny") / "model", tokenizer=tokenizer)
 
 
@@ -88,8 +97,12 @@ def bpe_tokenizer():
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<bos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<eos>", "<bos>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator([_bpe_corpus()], trainer)
     return Tokenizer(backend, {"eos_token": "<eos>", "bos_token": "<bos>"})
 
@@ -101,11 +114,18 @@ def bpe_model(bpe_tokenizer, tmp_path_factory):
     from genforge.config import Config
     from genforge.model import Transformer
 
-    config = Config(family="llama", vocab_size=448, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, max_position_embeddings=256, eos_token_id=bpe_tokenizer.eos_token_id)
+    config = Config(
+        family="llama",
+        vocab_size=448,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        eos_token_id=bpe_tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     model = Transformer(config)
     directory = save_model(model, tmp_path_factory.mktemp("bpe") / "model", tokenizer=bpe_tokenizer)
     return load_model(directory)
-
-

@@ -12,13 +12,39 @@ import torch
 from genforge.config import Config
 from genforge.model import Transformer
 
-TINY_DECODER = dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=48, max_position_embeddings=64)
+TINY_DECODER = dict(
+    family="llama",
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=64,
+)
 
-TINY_ENCODER = dict(family="bert", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
-                    max_position_embeddings=64, causal=False, post_norm=True, norm="layernorm", activation="gelu",
-                    gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True, position="learned",
-                    type_vocab_size=2, embedding_norm=True, tie_word_embeddings=True, masked_lm_head=True)
+TINY_ENCODER = dict(
+    family="bert",
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=64,
+    causal=False,
+    post_norm=True,
+    norm="layernorm",
+    activation="gelu",
+    gated_mlp=False,
+    qkv_bias=True,
+    attn_out_bias=True,
+    mlp_bias=True,
+    position="learned",
+    type_vocab_size=2,
+    embedding_norm=True,
+    tie_word_embeddings=True,
+    masked_lm_head=True,
+)
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

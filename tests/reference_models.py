@@ -11,29 +11,65 @@ import torch
 import transformers
 
 VOCAB = 96
-_DECODER = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+_DECODER = dict(
+    vocab_size=VOCAB,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, dict(_DECODER)),
-    "llama3-rope-scaling": (transformers.LlamaConfig, dict(_DECODER, rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32))),
-    "llama-yarn": (transformers.LlamaConfig, dict(_DECODER, rope_parameters=dict(
-        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64))),
+    "llama3-rope-scaling": (
+        transformers.LlamaConfig,
+        dict(
+            _DECODER,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
+    "llama-yarn": (
+        transformers.LlamaConfig,
+        dict(
+            _DECODER,
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64),
+        ),
+    ),
     "llama-mqa-tied": (transformers.LlamaConfig, dict(_DECODER, num_key_value_heads=1, tie_word_embeddings=True)),
     "mistral": (transformers.MistralConfig, dict(_DECODER, sliding_window=5, head_dim=16)),
     "qwen2": (transformers.Qwen2Config, dict(_DECODER)),
-    "qwen2-sliding": (transformers.Qwen2Config, dict(_DECODER, use_sliding_window=True, sliding_window=4,
-                                                     layer_types=["full_attention", "sliding_attention"])),
+    "qwen2-sliding": (
+        transformers.Qwen2Config,
+        dict(_DECODER, use_sliding_window=True, sliding_window=4, layer_types=["full_attention", "sliding_attention"]),
+    ),
     "qwen3": (transformers.Qwen3Config, dict(_DECODER, head_dim=32)),
     "gemma": (transformers.GemmaConfig, dict(_DECODER, head_dim=32, num_key_value_heads=1)),
-    "phi3": (transformers.Phi3Config, dict(_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                           rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                                partial_rotary_factor=0.5))),
+    "phi3": (
+        transformers.Phi3Config,
+        dict(
+            _DECODER,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        ),
+    ),
     "mixtral": (transformers.MixtralConfig, dict(_DECODER, num_local_experts=4, num_experts_per_tok=2)),
-    "gpt2": (transformers.GPT2Config, dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
-                                           bos_token_id=1, eos_token_id=2)),
+    "gpt2": (
+        transformers.GPT2Config,
+        dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2),
+    ),
 }
 
 
@@ -52,8 +88,14 @@ def build(name: str, seed: int = 0, dtype=torch.float32):
 
 
 def bert(seed: int = 0):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=112, max_position_embeddings=128)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=112,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(seed)
     model = transformers.BertModel(config, add_pooling_layer=False)
     with torch.no_grad():

@@ -14,19 +14,55 @@ from genforge.tokenizer import Tokenizer
 
 
 def test_generate_streams_the_library_result(text_model_dir, capsys):
-    assert main(["generate", "--model", str(text_model_dir), "--prompt", "the cache", "--max-new-tokens", "12",
-                 "--seed", "3", "--top-k", "50"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(text_model_dir),
+                "--prompt",
+                "the cache",
+                "--max-new-tokens",
+                "12",
+                "--seed",
+                "3",
+                "--top-k",
+                "50",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.rstrip("\n")
     tokenizer = Tokenizer.from_dir(text_model_dir)
-    expected = generate(pack_for_cpu_inference(load_model(text_model_dir)), [tokenizer.encode("the cache")],
-                        SamplingParams(max_new_tokens=12, seed=3, top_k=50), tokenizer=tokenizer)[0]
+    expected = generate(
+        pack_for_cpu_inference(load_model(text_model_dir)),
+        [tokenizer.encode("the cache")],
+        SamplingParams(max_new_tokens=12, seed=3, top_k=50),
+        tokenizer=tokenizer,
+    )[0]
     assert printed == expected.text
     assert all(t < tokenizer.vocab_size for t in expected.token_ids)
 
 
 def test_generate_batch_prints_json_lines(text_model_dir, capsys):
-    assert main(["generate", "--model", str(text_model_dir), "--prompt", "a", "--prompt", "b c",
-                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(text_model_dir),
+                "--prompt",
+                "a",
+                "--prompt",
+                "b c",
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prompt"] for line in lines] == ["a", "b c"]
 
@@ -40,7 +76,9 @@ def test_chat_renders_history_with_the_template(text_model_dir, capsys, monkeypa
 
 
 def test_convert_round_trips_and_changes_dtype(text_model_dir, tmp_path):
-    assert main(["convert", "--model", str(text_model_dir), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert (
+        main(["convert", "--model", str(text_model_dir), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    )
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     assert (tmp_path / "bf16" / "tokenizer.json").exists()
     original, converted = load_model(text_model_dir), load_model(tmp_path / "bf16", dtype="float32")
@@ -72,11 +110,30 @@ def test_generation_config_supplies_unset_flags(text_model_dir, tmp_path, capsys
     (model_dir / "generation_config.json").write_text(json.dumps({**config, "do_sample": False}))
     outputs = []
     for seed in ("1", "2"):
-        assert main(["generate", "--model", str(model_dir), "--prompt", "kv", "--max-new-tokens", "6", "--seed", seed]) == 0
+        assert (
+            main(["generate", "--model", str(model_dir), "--prompt", "kv", "--max-new-tokens", "6", "--seed", seed])
+            == 0
+        )
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1]  # greedy: the seed does not matter
-    assert main(["generate", "--model", str(model_dir), "--prompt", "kv", "--max-new-tokens", "6", "--seed", "1",
-                 "--temperature", "1"]) == 0  # an explicit flag wins
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--prompt",
+                "kv",
+                "--max-new-tokens",
+                "6",
+                "--seed",
+                "1",
+                "--temperature",
+                "1",
+            ]
+        )
+        == 0
+    )  # an explicit flag wins
     assert capsys.readouterr().out != outputs[0]
 
 
@@ -94,8 +151,26 @@ def test_beam_strategy_prints_ranked_hypotheses(text_model_dir, capsys):
     from genforge.generate.generator import continuation_text
     from genforge.generate.request import DecodeRequest
 
-    assert main(["generate", "--model", str(text_model_dir), "--prompt", "kv cache", "--strategy", "beam",
-                 "--num-beams", "3", "--num-return-sequences", "2", "--max-new-tokens", "5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(text_model_dir),
+                "--prompt",
+                "kv cache",
+                "--strategy",
+                "beam",
+                "--num-beams",
+                "3",
+                "--num-return-sequences",
+                "2",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 2 and lines[0]["score"] >= lines[1]["score"]
     tokenizer = Tokenizer.from_dir(text_model_dir)
@@ -103,16 +178,29 @@ def test_beam_strategy_prints_ranked_hypotheses(text_model_dir, capsys):
     model = load_model(text_model_dir)
     eos = [tokenizer.sep_token_id]
     # The padded embedding rows are banned, as the CLI bans them.
-    bans = DecodeRequest.resolve(model, [prompt], SamplingParams(temperature=0), tokenizer=tokenizer,
-                                 eos_token_ids=eos).logits_processors()
-    [expected] = beam_search(model, [prompt], num_beams=3, max_new_tokens=5, num_return_sequences=2,
-                             eos_token_ids=eos, processors=bans)
-    assert [line["completion"] for line in lines] == [continuation_text(tokenizer, prompt, h.token_ids) for h in expected]
+    bans = DecodeRequest.resolve(
+        model, [prompt], SamplingParams(temperature=0), tokenizer=tokenizer, eos_token_ids=eos
+    ).logits_processors()
+    [expected] = beam_search(
+        model, [prompt], num_beams=3, max_new_tokens=5, num_return_sequences=2, eos_token_ids=eos, processors=bans
+    )
+    assert [line["completion"] for line in lines] == [
+        continuation_text(tokenizer, prompt, h.token_ids) for h in expected
+    ]
 
 
 def test_prompt_lookup_greedy_equals_plain_greedy(text_model_dir, capsys):
-    args = ["generate", "--model", str(text_model_dir), "--prompt", "a b a b a b", "--temperature", "0",
-            "--max-new-tokens", "12"]
+    args = [
+        "generate",
+        "--model",
+        str(text_model_dir),
+        "--prompt",
+        "a b a b a b",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+    ]
     assert main(args) == 0
     plain = capsys.readouterr().out
     assert main(args + ["--strategy", "prompt-lookup"]) == 0
@@ -122,7 +210,17 @@ def test_prompt_lookup_greedy_equals_plain_greedy(text_model_dir, capsys):
 
 
 def test_speculative_with_the_model_as_its_own_draft(text_model_dir, capsys):
-    args = ["generate", "--model", str(text_model_dir), "--prompt", "draft", "--temperature", "0", "--max-new-tokens", "8"]
+    args = [
+        "generate",
+        "--model",
+        str(text_model_dir),
+        "--prompt",
+        "draft",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+    ]
     assert main(args) == 0
     plain = capsys.readouterr().out
     assert main(args + ["--strategy", "speculative", "--draft", str(text_model_dir)]) == 0
@@ -136,13 +234,16 @@ def test_speculative_with_the_model_as_its_own_draft(text_model_dir, capsys):
     assert "acceptance rate 1.00" in captured.err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--strategy", "speculative"], "needs --draft"),
-    (["--draft", "x"], "only by --strategy speculative"),
-    (["--draft-confidence", "0.5"], "only by --strategy speculative"),
-    (["--strategy", "contrastive", "--stop", "x"], "--stop is not supported by --strategy contrastive"),
-    (["--num-beam-groups", "2"], "for --strategy diverse-beam"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--strategy", "speculative"], "needs --draft"),
+        (["--draft", "x"], "only by --strategy speculative"),
+        (["--draft-confidence", "0.5"], "only by --strategy speculative"),
+        (["--strategy", "contrastive", "--stop", "x"], "--stop is not supported by --strategy contrastive"),
+        (["--num-beam-groups", "2"], "for --strategy diverse-beam"),
+    ],
+)
 def test_strategy_flag_mistakes_are_refused_before_loading(flags, message, capsys, tmp_path):
     # The model directory does not exist: the flag error must come first.
     (tmp_path / "generation_config.json").write_text("{}")
@@ -157,8 +258,23 @@ def test_eval_metrics_matches_the_library(tmp_path, capsys):
     references = ["the cat is on the mat", "the quick brown fox"]
     (tmp_path / "pred.txt").write_text("\n".join(predictions) + "\n")
     (tmp_path / "ref.txt").write_text("\n".join(references) + "\n")
-    assert main(["eval", "metrics", "--pred", str(tmp_path / "pred.txt"), "--ref", str(tmp_path / "ref.txt"),
-                 "--metrics", "bleu,rouge", "--out", str(tmp_path / "report.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "metrics",
+                "--pred",
+                str(tmp_path / "pred.txt"),
+                "--ref",
+                str(tmp_path / "ref.txt"),
+                "--metrics",
+                "bleu,rouge",
+                "--out",
+                str(tmp_path / "report.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["bleu"]["score"] == pytest.approx(sacrebleu.corpus_bleu(predictions, [references]).score)
     assert "| bleu |" in capsys.readouterr().out
@@ -171,8 +287,23 @@ def test_eval_metrics_matches_the_library(tmp_path, capsys):
 
 def test_eval_ppl_prints_perplexity(text_model_dir, tmp_path, capsys):
     (tmp_path / "text.txt").write_text("the key value cache stores past keys and values. " * 8)
-    assert main(["eval", "ppl", "--model", str(text_model_dir), "--text", str(tmp_path / "text.txt"),
-                 "--max-length", "32", "--stride", "16"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                "--model",
+                str(text_model_dir),
+                "--text",
+                str(tmp_path / "text.txt"),
+                "--max-length",
+                "32",
+                "--stride",
+                "16",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["perplexity"] > 1 and result["windows"] > 1
 
@@ -185,14 +316,37 @@ def test_watermarked_generation_is_detected(text_model_dir, tmp_path, capsys):
     (tmp_path / "plain.txt").write_text(capsys.readouterr().out)
     verdicts = {}
     for name in ("marked", "plain"):
-        assert main(["watermark", "detect", "--model", str(text_model_dir), "--text", str(tmp_path / f"{name}.txt"),
-                     "--key", "42"]) == 0
+        assert (
+            main(
+                [
+                    "watermark",
+                    "detect",
+                    "--model",
+                    str(text_model_dir),
+                    "--text",
+                    str(tmp_path / f"{name}.txt"),
+                    "--key",
+                    "42",
+                ]
+            )
+            == 0
+        )
         verdicts[name] = json.loads(capsys.readouterr().out)
     assert verdicts["marked"]["watermarked"] and not verdicts["plain"]["watermarked"]
 
 
 def test_contrastive_strategies_run_from_the_cli(text_model_dir, capsys):
-    base = ["generate", "--model", str(text_model_dir), "--prompt", "x y", "--max-new-tokens", "6", "--temperature", "0"]
+    base = [
+        "generate",
+        "--model",
+        str(text_model_dir),
+        "--prompt",
+        "x y",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0",
+    ]
     assert main(base) == 0
     greedy = capsys.readouterr().out
     assert main(base + ["--strategy", "contrastive", "--penalty-alpha", "0"]) == 0
@@ -206,15 +360,31 @@ def test_contrastive_strategies_run_from_the_cli(text_model_dir, capsys):
 def test_eval_harness_writes_the_library_results(text_model_dir, tmp_path, capsys):
     from genforge.evaluate import evaluate
 
-    docs = [{"question": "Which pet?", "choices": ["cat", "dog"], "label": 0},
-            {"question": "Which animal?", "choices": ["a", "elephant"], "label": 1}]
+    docs = [
+        {"question": "Which pet?", "choices": ["cat", "dog"], "label": 0},
+        {"question": "Which animal?", "choices": ["a", "elephant"], "label": 1},
+    ]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "task.yaml").write_text(
         "task: pets\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\ntest_split: test\n"
-        "output_type: multiple_choice\ndoc_to_text: \"Q: {{question}}\\nA:\"\ndoc_to_target: label\n"
-        "doc_to_choice: choices\n")
-    assert main(["eval", "harness", "--model", str(text_model_dir), "--tasks", str(tmp_path / "task.yaml"),
-                 "--out", str(tmp_path / "results")]) == 0
+        'output_type: multiple_choice\ndoc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: label\n'
+        "doc_to_choice: choices\n"
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "harness",
+                "--model",
+                str(text_model_dir),
+                "--tasks",
+                str(tmp_path / "task.yaml"),
+                "--out",
+                str(tmp_path / "results"),
+            ]
+        )
+        == 0
+    )
     assert "| pets |" in capsys.readouterr().out
     written = json.loads((tmp_path / "results" / "results.json").read_text())
     expected = evaluate(load_model(text_model_dir), Tokenizer.from_dir(text_model_dir), [tmp_path / "task.yaml"])
@@ -226,13 +396,21 @@ def test_eval_judge_ranks_models_and_reports_kappa(tmp_path, capsys):
     from genforge.evaluate import Battle, bradley_terry
 
     # strong beats medium beats weak, mostly.
-    battles = ([("strong", "weak", "A")] * 8 + [("strong", "weak", "B")] * 2 + [("medium", "weak", "A")] * 6
-               + [("medium", "weak", "tie")] * 2 + [("strong", "medium", "A")] * 5 + [("strong", "medium", "B")] * 3)
+    battles = (
+        [("strong", "weak", "A")] * 8
+        + [("strong", "weak", "B")] * 2
+        + [("medium", "weak", "A")] * 6
+        + [("medium", "weak", "tie")] * 2
+        + [("strong", "medium", "A")] * 5
+        + [("strong", "medium", "B")] * 3
+    )
     lines = [json.dumps({"model_a": a, "model_b": b, "winner": w}) for a, b, w in battles]
     (tmp_path / "battles.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "human.jsonl").write_text("\n".join(lines) + "\n")  # humans agree on every battle
-    assert main(["eval", "judge", "--battles", str(tmp_path / "battles.jsonl"), "--human",
-                 str(tmp_path / "human.jsonl")]) == 0
+    assert (
+        main(["eval", "judge", "--battles", str(tmp_path / "battles.jsonl"), "--human", str(tmp_path / "human.jsonl")])
+        == 0
+    )
     out = capsys.readouterr().out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "rating" not in line]
     expected = bradley_terry([Battle(*b) for b in battles])
@@ -269,9 +447,29 @@ def test_pretrain_trains_exports_and_resumes(text_model_dir, tmp_path, capsys):
 
     corpus = "the key value cache keeps past keys and values so decoding is fast. " * 40
     (tmp_path / "corpus.txt").write_text(corpus)
-    base = ["pretrain", "--model", str(text_model_dir), "--text", str(tmp_path / "corpus.txt"), "--out",
-            str(tmp_path / "run"), "--seq-len", "16", "--batch-size", "2", "--warmup", "1", "--eval-every", "2",
-            "--save-every", "2", "--val-fraction", "0.2", "--lr", "1e-3"]
+    base = [
+        "pretrain",
+        "--model",
+        str(text_model_dir),
+        "--text",
+        str(tmp_path / "corpus.txt"),
+        "--out",
+        str(tmp_path / "run"),
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "1",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--val-fraction",
+        "0.2",
+        "--lr",
+        "1e-3",
+    ]
     assert main(base + ["--steps", "2"]) == 0
     assert "trained to step 2" in capsys.readouterr().err
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
@@ -290,11 +488,15 @@ def test_generate_beam_sampling_and_stop_strings_for_beam_and_prompt_lookup(text
     for strategy in (["--strategy", "beam", "--num-beams", "3"], ["--strategy", "prompt-lookup"]):
         assert main(base + strategy + ["--stop", stop]) == 0
         assert stop not in capsys.readouterr().out
-    assert main(base + ["--strategy", "beam", "--num-beams", "3", "--do-sample", "--temperature", "0.9",
-                        "--seed", "1"]) == 0
+    assert (
+        main(base + ["--strategy", "beam", "--num-beams", "3", "--do-sample", "--temperature", "0.9", "--seed", "1"])
+        == 0
+    )
     first = capsys.readouterr().out
-    assert main(base + ["--strategy", "beam", "--num-beams", "3", "--do-sample", "--temperature", "0.9",
-                        "--seed", "1"]) == 0
+    assert (
+        main(base + ["--strategy", "beam", "--num-beams", "3", "--do-sample", "--temperature", "0.9", "--seed", "1"])
+        == 0
+    )
     assert capsys.readouterr().out == first  # seeded beam sampling repeats
     assert main(base + ["--strategy", "contrastive", "--stop", "x"]) == 2
     assert main(base + ["--do-sample"]) == 2

@@ -29,8 +29,16 @@ def test_a_reader_closing_the_pipe_early_ends_the_command_quietly(tmp_path):
             writer.writerow([10.0**exponent, 50 * (10.0**exponent) ** -0.07])
     # Far more output than a pipe holds, so the command is still writing when the reader leaves.
     budgets = [f"{1e20 + i * 1e15:.6e}" for i in range(20_000)]
-    process = _genforge("size", "fit", "--points", str(points), "--extrapolate", *budgets,
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = _genforge(
+        "size",
+        "fit",
+        "--points",
+        str(points),
+        "--extrapolate",
+        *budgets,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert process.stdout.readline().strip() == "{"
     process.stdout.close()  # as `| head -1` does
     stderr = process.stderr.read()
@@ -43,12 +51,22 @@ def test_an_error_with_a_long_path_arrives_on_one_line(tmp_path):
     deep.mkdir(parents=True)
     (deep / "pred.txt").write_text("first prediction\nsecond prediction\n")
     (deep / "ref.txt").write_text("only one reference\n")
-    process = _genforge("eval", "metrics", "--pred", str(deep / "pred.txt"), "--ref", str(deep / "ref.txt"),
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = _genforge(
+        "eval",
+        "metrics",
+        "--pred",
+        str(deep / "pred.txt"),
+        "--ref",
+        str(deep / "ref.txt"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 2 and stdout == ""
-    sentence = (f"error: {deep / 'pred.txt'} has 2 lines but {deep / 'ref.txt'} has 1; "
-                "each reference file needs one line per prediction")
+    sentence = (
+        f"error: {deep / 'pred.txt'} has 2 lines but {deep / 'ref.txt'} has 1; "
+        "each reference file needs one line per prediction"
+    )
     assert sentence in stderr.splitlines(), stderr
 
 

@@ -33,13 +33,23 @@ def test_bad_configs_are_refused(overrides, message):
 
 
 def test_hf_reader_refuses_unknown_activation_and_variants():
-    base = dict(model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=8)
+    base = dict(
+        model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8
+    )
     with pytest.raises(ConfigError, match="activation 'relu2' is not supported"):
         Config.from_hf({**base, "hidden_act": "relu2"})
     with pytest.raises(ConfigError, match="relative position embeddings"):
-        Config.from_hf(dict(model_type="bert", vocab_size=8, hidden_size=8, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=8, position_embedding_type="relative_key"))
+        Config.from_hf(
+            dict(
+                model_type="bert",
+                vocab_size=8,
+                hidden_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=8,
+                position_embedding_type="relative_key",
+            )
+        )
 
 
 def test_window_per_layer():
@@ -49,10 +59,20 @@ def test_window_per_layer():
 
 
 def test_legacy_rope_keys_are_read_and_not_written_back():
-    legacy = dict(model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                  intermediate_size=8, max_position_embeddings=131072, rope_theta=500000.0, torch_dtype="bfloat16",
-                  rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                    original_max_position_embeddings=8192))
+    legacy = dict(
+        model_type="llama",
+        vocab_size=8,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        torch_dtype="bfloat16",
+        rope_scaling=dict(
+            type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+    )
     config = Config.from_hf(legacy)
     assert config.rope_theta == 500000.0 and config.rope_type == "llama3"
     assert config.rope_scaling["original_max_position_embeddings"] == 8192

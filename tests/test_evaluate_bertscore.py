@@ -54,8 +54,9 @@ def scorers():
 
 
 def _reference(cands, refs, layer, idf, **kwargs):
-    p, r, f = bert_score.score(cands, refs, model_type=MODEL_DIR, num_layers=layer, idf=idf, device="cpu",
-                               nthreads=0, batch_size=4, **kwargs)
+    p, r, f = bert_score.score(
+        cands, refs, model_type=MODEL_DIR, num_layers=layer, idf=idf, device="cpu", nthreads=0, batch_size=4, **kwargs
+    )
     return p, r, f
 
 
@@ -107,8 +108,9 @@ def test_baseline_rescaling_equals_bert_score(scorers, tmp_path):
     rows = ["LAYER,P,R,F"] + [f"{i},{0.5 + i / 100},0.5,0.5" for i in range(6)] + ["6," + ",".join(map(str, baseline))]
     path = tmp_path / "baseline.tsv"
     path.write_text("\n".join(rows) + "\n")
-    expected = _reference(CANDIDATES, REFERENCES, 6, False, lang="en", rescale_with_baseline=True,
-                          baseline_path=str(path))
+    expected = _reference(
+        CANDIDATES, REFERENCES, 6, False, lang="en", rescale_with_baseline=True, baseline_path=str(path)
+    )
     result = scorers(6).score(CANDIDATES, REFERENCES, baseline=baseline)
     for got, want in zip((result.precision, result.recall, result.f1), expected):
         assert torch.tensor(got).sub(want).abs().max() < 1e-4

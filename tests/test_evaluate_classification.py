@@ -124,7 +124,7 @@ def test_calibration_bad_input():
 def test_reliability_diagram_writes_a_png(tmp_path):
     rng = np.random.default_rng(0)
     confidences = rng.uniform(0.3, 1.0, size=200)
-    correct = rng.uniform(size=200) < confidences ** 2  # overconfident
+    correct = rng.uniform(size=200) < confidences**2  # overconfident
     result = calibration_from_confidences(confidences, correct, n_bins=10)
     path = reliability_diagram(result, tmp_path / "reliability.png")
     assert path == tmp_path / "reliability.png"

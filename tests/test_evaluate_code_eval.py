@@ -27,10 +27,27 @@ def closed_form(n: int, c: int, k: int) -> float:
     return float(1 - Fraction(math.comb(n - c, k), math.comb(n, k)))
 
 
-@pytest.mark.parametrize("n, c, k", [
-    (1, 0, 1), (1, 1, 1), (10, 0, 1), (10, 1, 1), (10, 3, 1), (10, 3, 5), (10, 3, 8), (10, 10, 10),
-    (20, 7, 10), (5, 3, 3), (5, 2, 4), (200, 13, 1), (200, 13, 10), (200, 13, 100), (200, 190, 50), (1000, 1, 1000),
-])
+@pytest.mark.parametrize(
+    "n, c, k",
+    [
+        (1, 0, 1),
+        (1, 1, 1),
+        (10, 0, 1),
+        (10, 1, 1),
+        (10, 3, 1),
+        (10, 3, 5),
+        (10, 3, 8),
+        (10, 10, 10),
+        (20, 7, 10),
+        (5, 3, 3),
+        (5, 2, 4),
+        (200, 13, 1),
+        (200, 13, 10),
+        (200, 13, 100),
+        (200, 190, 50),
+        (1000, 1, 1000),
+    ],
+)
 def test_pass_at_k_equals_the_closed_form(n, c, k):
     assert pass_at_k(n, c, k) == pytest.approx(closed_form(n, c, k), rel=1e-12, abs=1e-15)
 
@@ -39,16 +56,22 @@ def test_pass_at_k_edge_cases():
     assert pass_at_k(10, 3, 8) == 1.0  # n - c = 7 < k: every draw of 8 holds a correct sample
     assert pass_at_k(10, 0, 10) == 0.0
     assert pass_at_k(10, 4, 1) == pytest.approx(0.4)  # pass@1 is the fraction correct
-    for args, message in [((3, 1, 4), "k must lie in 1..n"), ((3, 4, 1), "0 <= c <= n"),
-                          ((0, 0, 1), "n >= 1"), ((3, 1, 0), "k must lie"), ((3.0, 1, 1), "n must be an integer"),
-                          ((3, True, 1), "c must be an integer")]:
+    for args, message in [
+        ((3, 1, 4), "k must lie in 1..n"),
+        ((3, 4, 1), "0 <= c <= n"),
+        ((0, 0, 1), "n >= 1"),
+        ((3, 1, 0), "k must lie"),
+        ((3.0, 1, 1), "n must be an integer"),
+        ((3, True, 1), "c must be an integer"),
+    ]:
         with pytest.raises(MetricError, match=message):
             pass_at_k(*args)
 
 
 def test_mean_pass_at_k_over_tasks():
-    result = mean_pass_at_k({"t1": [True, False, False], "t2": [False, False, False], "t3": [True, True, False]},
-                            ks=(1, 2))
+    result = mean_pass_at_k(
+        {"t1": [True, False, False], "t2": [False, False, False], "t3": [True, True, False]}, ks=(1, 2)
+    )
     assert result["pass@1"] == pytest.approx((1 / 3 + 0 + 2 / 3) / 3)
     assert result["pass@2"] == pytest.approx((2 / 3 + 0 + 1) / 3)
     assert result.score == result["pass@1"]
@@ -65,10 +88,10 @@ ADD_TEST = "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
 def test_correct_incorrect_and_runaway_candidates_in_one_run():
     candidates = {
         "add": [
-            "def add(a, b):\n    return a + b\n",          # correct
-            "def add(a, b):\n    return a - b\n",          # wrong answer
+            "def add(a, b):\n    return a + b\n",  # correct
+            "def add(a, b):\n    return a - b\n",  # wrong answer
             "def add(a, b):\n    while True:\n        pass\n",  # never returns
-            "def add(a, b)\n    return a + b\n",           # syntax error
+            "def add(a, b)\n    return a + b\n",  # syntax error
         ],
         "mul": ["def mul(a, b):\n    return a * b\n", "def mul(a, b):\n    return a * b\n"],
     }
@@ -97,13 +120,16 @@ def test_memory_limit_stops_a_large_allocation():
     assert run_candidate("block = bytearray(64 * 1024 ** 2)\n", memory_mb=1024).passed
 
 
-@pytest.mark.parametrize("program", [
-    "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
-    "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)\n",
-    "import _socket\n_socket.socket()\n",
-    "import socket\nsocket.getaddrinfo('localhost', 80)\n",
-    "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:9/', timeout=1)\n",
-])
+@pytest.mark.parametrize(
+    "program",
+    [
+        "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\n",
+        "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_STREAM)\n",
+        "import _socket\n_socket.socket()\n",
+        "import socket\nsocket.getaddrinfo('localhost', 80)\n",
+        "import urllib.request\nurllib.request.urlopen('http://127.0.0.1:9/', timeout=1)\n",
+    ],
+)
 def test_network_access_fails(program):
     result = run_candidate(program)
     assert result.status == "failed"
@@ -125,10 +151,12 @@ def test_a_subprocess_cannot_reach_a_local_server_when_namespaces_are_available(
     port = server.getsockname()[1]
     try:
         # A child process does not get the socket guard; the empty network namespace stops it.
-        program = ("import subprocess, sys\n"
-                   f"code = 'import socket; socket.create_connection((\"127.0.0.1\", {port}), timeout=2)'\n"
-                   "child = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)\n"
-                   "print(child.returncode, child.stderr.strip().splitlines()[-1])\n")
+        program = (
+            "import subprocess, sys\n"
+            f"code = 'import socket; socket.create_connection((\"127.0.0.1\", {port}), timeout=2)'\n"
+            "child = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)\n"
+            "print(child.returncode, child.stderr.strip().splitlines()[-1])\n"
+        )
         result = run_candidate(program)
     finally:
         server.close()
@@ -137,8 +165,9 @@ def test_a_subprocess_cannot_reach_a_local_server_when_namespaces_are_available(
 
 
 def test_output_is_captured_and_cut():
-    result = run_candidate("import sys\nprint('x' * 100_000)\nprint('to stderr', file=sys.stderr)\n",
-                           max_output_chars=200)
+    result = run_candidate(
+        "import sys\nprint('x' * 100_000)\nprint('to stderr', file=sys.stderr)\n", max_output_chars=200
+    )
     assert result.passed and result.truncated
     assert len(result.stdout) < 300 and "output cut: 100001 bytes in all" in result.stdout
     assert result.stdout.startswith("xxx") and result.stderr == "to stderr\n"

@@ -44,7 +44,7 @@ def test_loglikelihoods_over_http_equal_the_local_ones(remote, local):
     here, there = local.loglikelihood(requests), remote.loglikelihood(requests)
     assert [ll for ll, _ in there] == pytest.approx([ll for ll, _ in here], abs=1e-3)
     assert [greedy for _, greedy in there] == [greedy for _, greedy in here]
-    texts = ["def loads(s, *, cls=None):\n    return s", "{\"a\": [1, 2, 3]}"]
+    texts = ["def loads(s, *, cls=None):\n    return s", '{"a": [1, 2, 3]}']
     assert remote.loglikelihood_rolling(texts) == pytest.approx(local.loglikelihood_rolling(texts), abs=1e-3)
 
 
@@ -56,19 +56,23 @@ def test_long_texts_are_scored_in_windows(served, bpe_tokenizer, local):
     # Every token is scored exactly once: the total is finite and about as likely per token as
     # a short text scored whole (a random model gives every token roughly log(1/vocab)).
     tokens = len(bpe_tokenizer.encode(text, add_special_tokens=False))
-    short = local.loglikelihood_rolling([text[:200]])[0] / len(bpe_tokenizer.encode(text[:200], add_special_tokens=False))
+    short = local.loglikelihood_rolling([text[:200]])[0] / len(
+        bpe_tokenizer.encode(text[:200], add_special_tokens=False)
+    )
     assert total / tokens == pytest.approx(short, rel=0.2)
 
 
 def test_harness_tasks_give_the_same_metrics_over_http(tmp_path, remote, bpe_model, bpe_tokenizer):
     docs = [{"q": f"item {i}", "choices": ["true", "false", "null"], "label": i % 3, "answer": "0"} for i in range(6)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    base = ("dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\ntest_split: test\n"
-            "doc_to_text: 'Q: {{q}}\\nA:'\n")
+    base = (
+        "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\ntest_split: test\n"
+        "doc_to_text: 'Q: {{q}}\\nA:'\n"
+    )
     tasks = {
         "mc": base + "task: mc\noutput_type: multiple_choice\ndoc_to_target: label\ndoc_to_choice: choices\n",
         "gen": base + "task: gen\noutput_type: generate_until\ndoc_to_target: answer\n"
-                      "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\n",
+        "generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: 8\n",
     }
     for name, yaml_text in tasks.items():
         path = tmp_path / f"{name}.yaml"
@@ -120,8 +124,19 @@ class AlwaysA:
     async def generate(self, model, request):
         from genforge.serve.engine import RequestOutput
 
-        yield RequestOutput(request.request_id, self.reply, self.tokenizer.decode(self.reply), None, True, "stop",
-                            len(request.prompt_token_ids), len(self.reply), 0, 0.0, 0.0)
+        yield RequestOutput(
+            request.request_id,
+            self.reply,
+            self.tokenizer.decode(self.reply),
+            None,
+            True,
+            "stop",
+            len(request.prompt_token_ids),
+            len(self.reply),
+            0,
+            0.0,
+            0.0,
+        )
 
     def abort(self, model, request_id):
         pass
@@ -154,11 +169,26 @@ def test_endpoint_judge_reads_the_verdicts_of_a_chat_endpoint(always_a):
 
 def test_cli_judges_answers_through_an_endpoint(always_a, tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
-    answers.write_text("".join(json.dumps({"question": f"q{i}", "answers": {"m1": "a", "m2": "b", "m3": "c"}}) + "\n"
-                               for i in range(2)))
+    answers.write_text(
+        "".join(
+            json.dumps({"question": f"q{i}", "answers": {"m1": "a", "m2": "b", "m3": "c"}}) + "\n" for i in range(2)
+        )
+    )
     battles = tmp_path / "battles.jsonl"
-    code = main(["eval", "judge", "--answers", str(answers), "--endpoint", always_a.url + "/v1", "--judge-model", MODEL,
-                 "--battles", str(battles)])
+    code = main(
+        [
+            "eval",
+            "judge",
+            "--answers",
+            str(answers),
+            "--endpoint",
+            always_a.url + "/v1",
+            "--judge-model",
+            MODEL,
+            "--battles",
+            str(battles),
+        ]
+    )
     assert code == 0
     written = [json.loads(line) for line in battles.read_text().splitlines()]
     assert len(written) == 6 and {b["winner"] for b in written} == {"tie"}
@@ -169,13 +199,33 @@ def test_cli_runs_harness_tasks_against_an_endpoint(served, bpe_model, bpe_token
     docs = [{"q": f"item {i}", "choices": ["true", "false"], "label": i % 2} for i in range(4)]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     task = tmp_path / "mc.yaml"
-    task.write_text("task: mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n"
-                    "test_split: test\noutput_type: multiple_choice\ndoc_to_text: 'Q: {{q}}\\nA:'\n"
-                    "doc_to_target: label\ndoc_to_choice: choices\n")
+    task.write_text(
+        "task: mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: 'Q: {{q}}\\nA:'\n"
+        "doc_to_target: label\ndoc_to_choice: choices\n"
+    )
     bpe_tokenizer.save(tmp_path / "tokenizer")
-    assert main(["eval", "harness", "--endpoint", served.url + "/v1", "--served-model", MODEL, "--tokenizer",
-                 str(tmp_path / "tokenizer"), "--max-length", str(CONTEXT), "--tasks", str(task),
-                 "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "harness",
+                "--endpoint",
+                served.url + "/v1",
+                "--served-model",
+                MODEL,
+                "--tokenizer",
+                str(tmp_path / "tokenizer"),
+                "--max-length",
+                str(CONTEXT),
+                "--tasks",
+                str(task),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     remote = json.loads((tmp_path / "out" / "results.json").read_text())["mc"]["metrics"]
     assert remote == pytest.approx(evaluate_task(bpe_model, bpe_tokenizer, task).metrics, abs=1e-6)
     assert main(["eval", "harness", "--tasks", str(task)]) == 2  # neither --model nor --endpoint

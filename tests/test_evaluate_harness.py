@@ -43,14 +43,28 @@ def _markov_model(tokenizer):
     after any ordinary token the logits are COLUMN0: paris 8, a 5, elephant 4, cat 3, else 0;
     and greedy decoding runs paris -> . -> london -> paris.
     """
-    ids = {w: tokenizer.encode(w, add_special_tokens=False)[0] for w in ("a", "elephant", "cat", "dog", "paris",
-                                                                         "london", ".")}
-    config = Config(family="llama", vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, num_layers=1, num_heads=2,
-                    num_kv_heads=2, intermediate_size=16, max_position_embeddings=64,
-                    eos_token_id=tokenizer.sep_token_id)
+    ids = {
+        w: tokenizer.encode(w, add_special_tokens=False)[0]
+        for w in ("a", "elephant", "cat", "dog", "paris", "london", ".")
+    }
+    config = Config(
+        family="llama",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=HIDDEN,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=64,
+        eos_token_id=tokenizer.sep_token_id,
+    )
     model = Transformer(config)
-    columns = {0: {"paris": 8.0, "a": 5.0, "elephant": 4.0, "cat": 3.0}, 1: {".": 9.0}, 2: {"london": 9.0},
-               3: {"paris": 9.0}}
+    columns = {
+        0: {"paris": 8.0, "a": 5.0, "elephant": 4.0, "cat": 3.0},
+        1: {".": 9.0},
+        2: {"london": 9.0},
+        3: {"paris": 9.0},
+    }
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.fill_(1.0 if "norm" in name else 0.0)
@@ -135,15 +149,18 @@ def test_loglikelihood_matches_a_direct_forward_pass(text_model_dir, tokenizer):
     from genforge.checkpoint import load_model
 
     model = load_model(text_model_dir)
-    requests = [("Question: what is the capital of france?\nAnswer:", " paris"),
-                ("The cat sat on the ", "mat and slept"),  # trailing space moves to the continuation
-                ("x", " y z w v"), ("", "hello world")]
+    requests = [
+        ("Question: what is the capital of france?\nAnswer:", " paris"),
+        ("The cat sat on the ", "mat and slept"),  # trailing space moves to the continuation
+        ("x", " y z w v"),
+        ("", "hello world"),
+    ]
     got = loglikelihood(model, tokenizer, requests, batch_size=3)  # two batches, left-padded
     for (context, continuation), (ll, greedy) in zip(requests, got):
         if context:
             context_ids = tokenizer.encode(context.rstrip(), add_special_tokens=False)
             whole = tokenizer.encode(context + continuation, add_special_tokens=False)
-            continuation_ids = whole[len(context_ids):]
+            continuation_ids = whole[len(context_ids) :]
         else:  # an empty context is conditioned on the prefix token (here EOS = [SEP])
             context_ids = [model.config.eos_token_id]
             continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
@@ -155,14 +172,18 @@ def test_loglikelihood_matches_a_direct_forward_pass(text_model_dir, tokenizer):
         assert ll == pytest.approx(expected, abs=1e-4)
         assert greedy == all(int(logp[p].argmax()) == t for p, t in zip(positions, continuation_ids))
     assert encode_pair(tokenizer, "The cat sat on the ", "mat") == (
-        tokenizer.encode("The cat sat on the", add_special_tokens=False), tokenizer.encode("mat",
-                                                                                          add_special_tokens=False))
+        tokenizer.encode("The cat sat on the", add_special_tokens=False),
+        tokenizer.encode("mat", add_special_tokens=False),
+    )
 
 
 def test_loglikelihood_task_acc_is_greedy_and_perplexity(tmp_path, tokenizer, markov):
     model, ids, logp = markov
-    yaml = MC_YAML.replace("output_type: multiple_choice", "output_type: loglikelihood").replace(
-        "doc_to_choice: choices\n", "").replace("doc_to_target: label", "doc_to_target: answer")
+    yaml = (
+        MC_YAML.replace("output_type: multiple_choice", "output_type: loglikelihood")
+        .replace("doc_to_choice: choices\n", "")
+        .replace("doc_to_target: label", "doc_to_target: answer")
+    )
     docs = [{"question": "Capital?", "answer": "paris"}, {"question": "Capital?", "answer": "cat"}]
     result = evaluate_task(model, tokenizer, _write_task(tmp_path, yaml, docs))
     assert result.metrics["acc"] == 0.5  # paris is the greedy token, cat is not
@@ -175,8 +196,10 @@ def test_loglikelihood_rolling_word_and_byte_perplexity(tmp_path, text_model_dir
 
     model = load_model(text_model_dir)
     texts = ["the quick brown fox jumps", "over the lazy dog"]
-    yaml = ("task: corpus\ndataset_kwargs:\n  data_files:\n    validation: data.jsonl\nvalidation_split: validation\n"
-            "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: text\n")
+    yaml = (
+        "task: corpus\ndataset_kwargs:\n  data_files:\n    validation: data.jsonl\nvalidation_split: validation\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: text\n"
+    )
     result = evaluate_task(model, tokenizer, _write_task(tmp_path, yaml, [{"text": t} for t in texts]))
     # A whole-text log-likelihood equals the log-likelihood of the text after an empty context.
     lls = [ll for ll, _ in loglikelihood(model, tokenizer, [("", t) for t in texts])]
@@ -195,10 +218,12 @@ def test_generate_until_stops_at_until_and_at_max_gen_toks(tmp_path, tokenizer, 
     assert generate_until(model, tokenizer, ["Capital?"], until=["london"], max_gen_toks=10) == [" paris. "]
     long = generate_until(model, tokenizer, ["Capital?"], until=["zebra"], max_gen_toks=4)[0]
     assert long.split() == ["paris.", "london", "paris"]  # 4 tokens: paris . london paris
-    yaml = ("task: capitals\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\ntest_split: test\n"
-            "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: answer\n"
-            "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n"
-            "metric_list:\n  - metric: exact_match\n    regexes_to_ignore: ['^\\s+']\n  - metric: chrf\n")
+    yaml = (
+        "task: capitals\ndataset_kwargs:\n  data_files:\n    test: data.jsonl\ntest_split: test\n"
+        "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: answer\n"
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n"
+        "metric_list:\n  - metric: exact_match\n    regexes_to_ignore: ['^\\s+']\n  - metric: chrf\n"
+    )
     docs = [{"question": "Capital?", "answer": "paris"}, {"question": "Capital?", "answer": "london"}]
     result = evaluate_task(model, tokenizer, _write_task(tmp_path, yaml, docs))
     assert [s["output"] for s in result.samples] == [" paris", " paris"]
@@ -227,17 +252,23 @@ num_fewshot: 2
 def test_fewshot_prompt_from_the_first_docs(tmp_path):
     task = load_task(_write_task(tmp_path, FEW_YAML, FEW_DOCS))
     rng = random.Random(0)
-    assert task.context(FEW_DOCS[0], task.fewshot_examples(0, rng, 2)) == \
-        "Answer.\n\nQ: q1 -> a1\n##\nQ: q2 -> a2\n##\nQ: q0"
-    assert task.context(FEW_DOCS[2], task.fewshot_examples(2, rng, 2)) == \
-        "Answer.\n\nQ: q0 -> a0\n##\nQ: q1 -> a1\n##\nQ: q2"  # the doc itself is skipped
+    assert (
+        task.context(FEW_DOCS[0], task.fewshot_examples(0, rng, 2))
+        == "Answer.\n\nQ: q1 -> a1\n##\nQ: q2 -> a2\n##\nQ: q0"
+    )
+    assert (
+        task.context(FEW_DOCS[2], task.fewshot_examples(2, rng, 2))
+        == "Answer.\n\nQ: q0 -> a0\n##\nQ: q1 -> a1\n##\nQ: q2"
+    )  # the doc itself is skipped
 
 
 def test_fewshot_from_a_split_is_seeded_and_deterministic(tmp_path, tokenizer, markov):
     model, _, _ = markov
     train = [{"q": f"t{i}", "a": f"b{i}"} for i in range(6)]
-    yaml = FEW_YAML.replace("test: data.jsonl", "test: data.jsonl\n    train: train.jsonl") + \
-        "fewshot_split: train\ngeneration_kwargs: {until: ['.'], max_gen_toks: 2}\n"
+    yaml = (
+        FEW_YAML.replace("test: data.jsonl", "test: data.jsonl\n    train: train.jsonl")
+        + "fewshot_split: train\ngeneration_kwargs: {until: ['.'], max_gen_toks: 2}\n"
+    )
     path = _write_task(tmp_path, yaml, FEW_DOCS[:2], extra_files={"train.jsonl": train})
     first = evaluate_task(model, tokenizer, path)
     again = evaluate_task(model, tokenizer, path)
@@ -265,15 +296,18 @@ def test_mean_stderr_is_the_sample_formula():
     assert mean_stderr([1.0]) is None
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda y: y.replace("doc_to_text: \"Q: {{question}}\\nA:\"\n", ""), "lacks required key(s) doc_to_text"),
-    (lambda y: y.replace("doc_to_choice: choices\n", ""), "doc_to_choice"),
-    (lambda y: y.replace("multiple_choice", "ranking"), "output_type 'ranking' is unknown; accepted"),
-    (lambda y: y.replace("test: data.jsonl", "test: missing.jsonl"), "does not exist"),
-    (lambda y: y.replace("test_split: test\n", ""), "test_split or validation_split"),
-    (lambda y: y.replace("dataset_path: json", "dataset_path: hellaswag"), "local JSON lines only"),
-    (lambda y: y + "metric_list:\n  - metric: bleu\n", "not available for multiple_choice"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda y: y.replace('doc_to_text: "Q: {{question}}\\nA:"\n', ""), "lacks required key(s) doc_to_text"),
+        (lambda y: y.replace("doc_to_choice: choices\n", ""), "doc_to_choice"),
+        (lambda y: y.replace("multiple_choice", "ranking"), "output_type 'ranking' is unknown; accepted"),
+        (lambda y: y.replace("test: data.jsonl", "test: missing.jsonl"), "does not exist"),
+        (lambda y: y.replace("test_split: test\n", ""), "test_split or validation_split"),
+        (lambda y: y.replace("dataset_path: json", "dataset_path: hellaswag"), "local JSON lines only"),
+        (lambda y: y + "metric_list:\n  - metric: bleu\n", "not available for multiple_choice"),
+    ],
+)
 def test_bad_task_files_give_clear_errors(tmp_path, edit, message):
     with pytest.raises(MetricError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_task(_write_task(tmp_path, edit(MC_YAML), MC_DOCS))
@@ -306,8 +340,12 @@ def test_lm_eval_simple_evaluate_gives_the_same_numbers(tmp_path, tokenizer, mar
     data = tmp_path / "data"
     data.mkdir()
     (data / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
-    (data / "gen.jsonl").write_text(json.dumps({"question": "Capital?", "answer": " paris"}) + "\n"
-                                    + json.dumps({"question": "Capital?", "answer": " london"}) + "\n")
+    (data / "gen.jsonl").write_text(
+        json.dumps({"question": "Capital?", "answer": " paris"})
+        + "\n"
+        + json.dumps({"question": "Capital?", "answer": " london"})
+        + "\n"
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     # lm-eval hands data_files to `datasets`, which reads them relative to the working
@@ -316,11 +354,17 @@ def test_lm_eval_simple_evaluate_gives_the_same_numbers(tmp_path, tokenizer, mar
     (tasks / "gen.yaml").write_text(
         f"task: capitals\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data / 'gen.jsonl'}\n"
         "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: answer\n"
-        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n")
+        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n"
+    )
     ours = evaluate(model, tokenizer, [tasks / "mc.yaml", tasks / "gen.yaml"])
-    theirs = lm_eval.simple_evaluate(model=GenforgeLM(model, tokenizer), tasks=["animals", "capitals"],
-                                     task_manager=TaskManager(include_path=str(tasks)), num_fewshot=0,
-                                     bootstrap_iters=10, log_samples=False)["results"]
+    theirs = lm_eval.simple_evaluate(
+        model=GenforgeLM(model, tokenizer),
+        tasks=["animals", "capitals"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        num_fewshot=0,
+        bootstrap_iters=10,
+        log_samples=False,
+    )["results"]
     for metric in ("acc", "acc_norm"):
         assert theirs["animals"][f"{metric},none"] == pytest.approx(ours["animals"].metrics[metric])
         assert theirs["animals"][f"{metric}_stderr,none"] == pytest.approx(ours["animals"].stderr[metric])
@@ -339,20 +383,27 @@ def test_lm_eval_same_numbers_with_seeded_fewshot(tmp_path, text_model_dir, toke
 
     model = load_model(text_model_dir)
     words = ["red", "green", "blue", "black", "white", "brown", "pink", "grey"]
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"q": f"colour {i}", "a": w}) + "\n"
-                                                 for i, w in enumerate(words[:4])))
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"q": f"shade {i}", "a": w}) + "\n"
-                                                  for i, w in enumerate(words)))
+    (tmp_path / "test.jsonl").write_text(
+        "".join(json.dumps({"q": f"colour {i}", "a": w}) + "\n" for i, w in enumerate(words[:4]))
+    )
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"q": f"shade {i}", "a": w}) + "\n" for i, w in enumerate(words))
+    )
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "ll.yaml").write_text(
         f"task: colours\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'test.jsonl'}\n"
         f"    train: {tmp_path / 'train.jsonl'}\ntest_split: test\nfewshot_split: train\n"
-        "output_type: loglikelihood\ndoc_to_text: 'Q: {{q}}\\nA:'\ndoc_to_target: a\nnum_fewshot: 3\n")
+        "output_type: loglikelihood\ndoc_to_text: 'Q: {{q}}\\nA:'\ndoc_to_target: a\nnum_fewshot: 3\n"
+    )
     ours = evaluate(model, tokenizer, tasks / "ll.yaml")["colours"]
-    theirs = lm_eval.simple_evaluate(model=GenforgeLM(model, tokenizer), tasks=["colours"],
-                                     task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=10,
-                                     log_samples=True)
+    theirs = lm_eval.simple_evaluate(
+        model=GenforgeLM(model, tokenizer),
+        tasks=["colours"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        bootstrap_iters=10,
+        log_samples=True,
+    )
     their_prompts = [s["arguments"][0][0] for s in theirs["samples"]["colours"]]
     assert their_prompts == [s["prompt"] for s in ours.samples]
     assert theirs["results"]["colours"]["perplexity,none"] == pytest.approx(ours.metrics["perplexity"], rel=1e-5)
@@ -374,10 +425,15 @@ def test_lm_eval_same_rolling_perplexities(tmp_path, text_model_dir, tokenizer):
     (tasks / "corpus.yaml").write_text(
         f"task: corpus\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'corpus.jsonl'}\n"
         "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: text\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
+    )
     ours = evaluate(model, tokenizer, tasks / "corpus.yaml")["corpus"]
-    theirs = lm_eval.simple_evaluate(model=GenforgeLM(model, tokenizer), tasks=["corpus"],
-                                     task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=10,
-                                     log_samples=False)["results"]["corpus"]
+    theirs = lm_eval.simple_evaluate(
+        model=GenforgeLM(model, tokenizer),
+        tasks=["corpus"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        bootstrap_iters=10,
+        log_samples=False,
+    )["results"]["corpus"]
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert theirs[f"{metric},none"] == pytest.approx(ours.metrics[metric], rel=1e-6)

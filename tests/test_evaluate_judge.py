@@ -25,15 +25,18 @@ ELO_POINTS_PER_LN = 400 / math.log(10)
 
 
 # ------------------------------------------------------------------------------ position swap
-@pytest.mark.parametrize("forward, swapped, verdict, consistent", [
-    ("A", "B", "A", True),     # A first: A wins; B first: the second answer (original A) wins
-    ("B", "A", "B", True),
-    ("tie", "tie", "tie", True),
-    ("A", "A", "tie", False),  # always the first answer: pure position bias
-    ("B", "B", "tie", False),
-    ("A", "tie", "tie", False),  # a win in one order and a tie in the other is not a win
-    ("tie", "B", "tie", False),
-])
+@pytest.mark.parametrize(
+    "forward, swapped, verdict, consistent",
+    [
+        ("A", "B", "A", True),  # A first: A wins; B first: the second answer (original A) wins
+        ("B", "A", "B", True),
+        ("tie", "tie", "tie", True),
+        ("A", "A", "tie", False),  # always the first answer: pure position bias
+        ("B", "B", "tie", False),
+        ("A", "tie", "tie", False),  # a win in one order and a tie in the other is not a win
+        ("tie", "B", "tie", False),
+    ],
+)
 def test_position_swap_rule(forward, swapped, verdict, consistent):
     assert combine_orders(forward, swapped) == verdict
     calls = iter([forward, swapped])

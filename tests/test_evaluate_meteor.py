@@ -21,8 +21,10 @@ PREDICTIONS = [
     "",
 ]
 REFERENCES = [
-    ["It is a guide to action that ensures that the military will forever heed Party commands.",
-     "It is the practical guide for the army always to heed the directions of the party."],
+    [
+        "It is a guide to action that ensures that the military will forever heed Party commands.",
+        "It is the practical guide for the army always to heed the directions of the party.",
+    ],
     "A cat sat quietly on the mat.",
     "The weather was mild.",
     "Something.",
@@ -78,9 +80,11 @@ def test_nltk_documented_example_and_best_reference():
     # NLTK's own example (hypothesis1 against three references) is 0.6944, and its best
     # reference needs no synonym, so the value holds with or without WordNet.
     hypothesis = PREDICTIONS[0].rstrip(".")
-    references = [REFERENCES[0][0].rstrip("."), REFERENCES[0][1].rstrip("."),
-                  "It is the guiding principle which guarantees the military forces always being under the command of "
-                  "the Party"]
+    references = [
+        REFERENCES[0][0].rstrip("."),
+        REFERENCES[0][1].rstrip("."),
+        "It is the guiding principle which guarantees the military forces always being under the command of the Party",
+    ]
     result = meteor([hypothesis], [references], synonyms=False, tokenizer=str.split)
     assert round(result.score, 4) == 0.6944
     alone = [meteor([hypothesis], [r], synonyms=False, tokenizer=str.split).score for r in references]
@@ -92,7 +96,8 @@ def test_case_and_tokenizer_settings():
     # the default tokenizer splits punctuation off; whitespace splitting keeps "mat." whole
     assert meteor(["the mat."], ["the mat"], synonyms=False).score == pytest.approx(penalised(2, 3, 2, 1))
     assert meteor(["the mat."], ["the mat"], synonyms=False, tokenizer=str.split).score == pytest.approx(
-        penalised(1, 2, 2, 1))
+        penalised(1, 2, 2, 1)
+    )
     result = meteor(["a b"], ["a b"], synonyms=False, tokenizer=str.split)
     assert result.settings["tokenizer"] == "split" and result.settings["lowercase"] is True
 
@@ -164,7 +169,11 @@ def test_wordnet_synonyms_match(wordnet_reader):
 def test_wordnet_run_equals_nltk_with_the_same_reader(wordnet_reader):
     result = meteor(PREDICTIONS, REFERENCES)
     split = NLTKWordTokenizer().tokenize
-    expected = [nltk_meteor_score([split(r) for r in ([refs] if isinstance(refs, str) else refs)], split(p),
-                                  wordnet=wordnet_reader) for p, refs in zip(PREDICTIONS, REFERENCES)]
+    expected = [
+        nltk_meteor_score(
+            [split(r) for r in ([refs] if isinstance(refs, str) else refs)], split(p), wordnet=wordnet_reader
+        )
+        for p, refs in zip(PREDICTIONS, REFERENCES)
+    ]
     assert result.score == pytest.approx(sum(expected) / len(expected), abs=1e-12)
     assert result.settings["synonyms"] is True

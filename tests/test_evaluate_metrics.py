@@ -40,8 +40,11 @@ REFERENCES = [
 MULTI_REFERENCES = [
     ["The cat was sitting on the warm mat.", "A cat sat on a warm mat."],
     ["The quick brown fox jumped over a lazy dog."],
-    ["Showers are expected in northern areas on Tuesday evening.", "Rain is likely in the north on Tuesday.",
-     "Expect rain up north Tuesday night."],
+    [
+        "Showers are expected in northern areas on Tuesday evening.",
+        "Rain is likely in the north on Tuesday.",
+        "Expect rain up north Tuesday night.",
+    ],
     ["He purchased three apples, two pears and one melon."],
     ["After a lengthy debate the committee passed the budget.", "The budget was approved by the committee."],
     ["The storm made the trains run late."],

@@ -56,7 +56,7 @@ def test_two_proportion_ztest_hand_computed_and_chi_square():
     assert result.statistic == pytest.approx(z)
     assert result.effect == pytest.approx(0.15)
     chi2, p, _, _ = stats.chi2_contingency([[45, 55], [60, 40]], correction=False)
-    assert result.statistic ** 2 == pytest.approx(chi2)  # two-sided z-test = Pearson chi-square
+    assert result.statistic**2 == pytest.approx(chi2)  # two-sided z-test = Pearson chi-square
     assert result.p_value == pytest.approx(p)
     wald = math.sqrt(0.45 * 0.55 / 100 + 0.6 * 0.4 / 100)
     assert result.confidence_interval == pytest.approx((0.15 - Z_975 * wald, 0.15 + Z_975 * wald), rel=1e-6)
@@ -80,8 +80,9 @@ def test_two_proportion_ztest_edge_and_bad_input():
 # ------------------------------------------------------------------------------- bootstrap
 def test_bootstrap_matches_scipy_percentile():
     ours = bootstrap_ci(A, np.mean, rounds=20_000, seed=3)
-    reference = stats.bootstrap((A,), np.mean, method="percentile", n_resamples=20_000,
-                                rng=np.random.default_rng(11)).confidence_interval
+    reference = stats.bootstrap(
+        (A,), np.mean, method="percentile", n_resamples=20_000, rng=np.random.default_rng(11)
+    ).confidence_interval
     width = reference.high - reference.low
     assert ours.low == pytest.approx(reference.low, abs=0.03 * width)
     assert ours.high == pytest.approx(reference.high, abs=0.03 * width)
@@ -102,9 +103,13 @@ def test_bootstrap_is_seeded_and_loops_give_the_same_draws():
 
 def test_bootstrap_difference_matches_scipy():
     ours = bootstrap_difference_ci(A, B, rounds=20_000, seed=1)
-    reference = stats.bootstrap((A, B), lambda a, b, axis: np.mean(b, axis=axis) - np.mean(a, axis=axis),
-                                method="percentile", n_resamples=20_000,
-                                rng=np.random.default_rng(5)).confidence_interval
+    reference = stats.bootstrap(
+        (A, B),
+        lambda a, b, axis: np.mean(b, axis=axis) - np.mean(a, axis=axis),
+        method="percentile",
+        n_resamples=20_000,
+        rng=np.random.default_rng(5),
+    ).confidence_interval
     width = reference.high - reference.low
     assert ours.low == pytest.approx(reference.low, abs=0.03 * width)
     assert ours.high == pytest.approx(reference.high, abs=0.03 * width)
@@ -125,7 +130,7 @@ def test_sample_size_textbook_examples():
     # 50% -> 60%, alpha 0.05 two-sided, power 0.8: the pooled formula gives 387.3 -> 388 per
     # arm, the unpooled one 384.6 -> 385.
     pooled = sample_size_two_proportions(0.5, 0.6)
-    expected = (Z_975 * math.sqrt(2 * 0.55 * 0.45) + Z_80 * math.sqrt(0.25 + 0.24)) ** 2 / 0.1 ** 2
+    expected = (Z_975 * math.sqrt(2 * 0.55 * 0.45) + Z_80 * math.sqrt(0.25 + 0.24)) ** 2 / 0.1**2
     assert pooled.settings["unrounded"] == pytest.approx(expected, rel=1e-5)
     assert pooled.n_per_arm == 388 and pooled.total == 776
     assert sample_size_two_proportions(0.5, 0.6, pooled=False).n_per_arm == 385
@@ -133,12 +138,14 @@ def test_sample_size_textbook_examples():
     # & Wang ("Sample Size Calculations in Clinical Research"),
     # (z_{a/2} + z_b)^2 (p1 q1 + p2 q2) / delta^2: 69.7 -> 70 per arm.
     unpooled = sample_size_two_proportions(0.65, 0.85, pooled=False)
-    assert unpooled.settings["unrounded"] == pytest.approx((Z_975 + Z_80) ** 2 * (0.65 * 0.35 + 0.85 * 0.15) / 0.04,
-                                                           rel=1e-5)
+    assert unpooled.settings["unrounded"] == pytest.approx(
+        (Z_975 + Z_80) ** 2 * (0.65 * 0.35 + 0.85 * 0.15) / 0.04, rel=1e-5
+    )
     assert unpooled.n_per_arm == 70
     one_sided = sample_size_two_proportions(0.5, 0.6, alternative="greater")
     assert one_sided.settings["unrounded"] == pytest.approx(
-        (Z_95 * math.sqrt(2 * 0.55 * 0.45) + Z_80 * math.sqrt(0.49)) ** 2 / 0.01, rel=1e-5)
+        (Z_95 * math.sqrt(2 * 0.55 * 0.45) + Z_80 * math.sqrt(0.49)) ** 2 / 0.01, rel=1e-5
+    )
     assert one_sided.n_per_arm < pooled.n_per_arm
 
 

@@ -76,12 +76,22 @@ def test_choice_outputs_are_always_a_choice(bpe_model, bpe_tokenizer):
 def test_greedy_decoding_is_constrained_too(bpe_model, bpe_tokenizer):
     constraint = RegexConstraint(r"[0-9]{3}", bpe_tokenizer)
     prompt = [bpe_tokenizer.bos_token_id]
-    [completion] = generate(bpe_model, [prompt], SamplingParams(temperature=0, max_new_tokens=20),
-                            tokenizer=bpe_tokenizer, extra_processors=[constraint])
+    [completion] = generate(
+        bpe_model,
+        [prompt],
+        SamplingParams(temperature=0, max_new_tokens=20),
+        tokenizer=bpe_tokenizer,
+        extra_processors=[constraint],
+    )
     assert re.fullmatch(r"[0-9]{3}", completion.text)
     # The same processor object serves a second generation (its memo is rebuilt as needed).
-    [again] = generate(bpe_model, [prompt], SamplingParams(temperature=0, max_new_tokens=20),
-                       tokenizer=bpe_tokenizer, extra_processors=[constraint])
+    [again] = generate(
+        bpe_model,
+        [prompt],
+        SamplingParams(temperature=0, max_new_tokens=20),
+        tokenizer=bpe_tokenizer,
+        extra_processors=[constraint],
+    )
     assert again.token_ids == completion.token_ids
 
 
@@ -102,7 +112,7 @@ def test_mask_semantics(bpe_tokenizer):
     assert eos not in allowed[0] and allowed[0]
     assert eos in allowed[1] and len(allowed[1]) > 1  # "ab" is complete but "abc" may follow
     assert allowed[2] == {eos}
-    assert not torch.isfinite(out[:, tok.vocab_size:]).any()
+    assert not torch.isfinite(out[:, tok.vocab_size :]).any()
     for token in allowed[0]:
         assert "abc".startswith(tok.decode([token])), tok.decode([token])
     assert torch.equal(logits, torch.zeros(3, width))  # input untouched
@@ -159,8 +169,13 @@ def test_sampling_filters_in_params_run_after_the_constraint(bpe_model, bpe_toke
     the constraint before it."""
     prompt = [bpe_tokenizer.bos_token_id] + bpe_tokenizer.encode("answer:", add_special_tokens=False)
     params = SamplingParams(temperature=1.0, top_k=2, seed=0, max_new_tokens=40)
-    outs = generate(bpe_model, [prompt] * ROWS, params, tokenizer=bpe_tokenizer,
-                    extra_processors=[ChoiceConstraint(CHOICES, bpe_tokenizer)])
+    outs = generate(
+        bpe_model,
+        [prompt] * ROWS,
+        params,
+        tokenizer=bpe_tokenizer,
+        extra_processors=[ChoiceConstraint(CHOICES, bpe_tokenizer)],
+    )
     assert all(o.text in CHOICES for o in outs)
 
 

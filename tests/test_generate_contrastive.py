@@ -46,8 +46,12 @@ def gpt2(hf_model_dir):
 
 
 def greedy(model, prompts, new_tokens, eos=()):
-    return [c.token_ids for c in generate(model, prompts, SamplingParams(temperature=0, max_new_tokens=new_tokens),
-                                          eos_token_ids=list(eos))]
+    return [
+        c.token_ids
+        for c in generate(
+            model, prompts, SamplingParams(temperature=0, max_new_tokens=new_tokens), eos_token_ids=list(eos)
+        )
+    ]
 
 
 # ---------------------------------------------------------------------- contrastive search: math
@@ -115,8 +119,9 @@ def test_contrastive_search_stops_rows_at_eos_and_applies_processors(llama):
         assert after.finish_reason == ("stop" if eos in before.token_ids else "length")
     # Only 6 tokens survive the bias but top_k is 8: the zero-probability candidates must lose.
     allowed = set(range(90, 96))
-    banned = contrastive_search(model, PROMPTS, 0.9, 8, 12, eos_token_ids=[],
-                                processors=[LogitBias.ban(range(90), vocab_size=96)])
+    banned = contrastive_search(
+        model, PROMPTS, 0.9, 8, 12, eos_token_ids=[], processors=[LogitBias.ban(range(90), vocab_size=96)]
+    )
     assert all(set(c.token_ids) <= allowed for c in banned)
 
 
@@ -194,10 +199,12 @@ def test_contrastive_decoding_reduces_to_greedy(llama, gpt2):
 
 def test_sampled_contrastive_decoding_stays_in_the_plausible_head(llama, gpt2):
     (_, expert), (_, amateur) = llama, gpt2
-    first = contrastive_decoding(expert, amateur, PROMPTS, alpha=0.2, max_new_tokens=20, temperature=1.0, seed=3,
-                                 eos_token_ids=[])
-    again = contrastive_decoding(expert, amateur, PROMPTS, alpha=0.2, max_new_tokens=20, temperature=1.0, seed=3,
-                                 eos_token_ids=[])
+    first = contrastive_decoding(
+        expert, amateur, PROMPTS, alpha=0.2, max_new_tokens=20, temperature=1.0, seed=3, eos_token_ids=[]
+    )
+    again = contrastive_decoding(
+        expert, amateur, PROMPTS, alpha=0.2, max_new_tokens=20, temperature=1.0, seed=3, eos_token_ids=[]
+    )
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     for prompt, completion in zip(PROMPTS, first):
         with torch.no_grad():  # one forward over the whole text gives every step's distribution
@@ -220,8 +227,17 @@ def test_contrastive_decoding_stops_at_eos(llama, gpt2):
 
 def test_contrastive_decoding_rejects_bad_arguments(llama):
     _, expert = llama
-    other_vocab = Transformer(Config(family="llama", vocab_size=100, hidden_size=16, num_layers=1, num_heads=2,
-                                     intermediate_size=32, max_position_embeddings=64))
+    other_vocab = Transformer(
+        Config(
+            family="llama",
+            vocab_size=100,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
     with pytest.raises(ValueError, match="expert's vocabulary has 96 tokens but the amateur's has 100"):
         contrastive_decoding(expert, other_vocab, PROMPTS)
     with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]"):
@@ -230,8 +246,17 @@ def test_contrastive_decoding_rejects_bad_arguments(llama):
         contrastive_decoding(expert, expert, PROMPTS, amateur_temperature=0)
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         contrastive_decoding(expert, expert, PROMPTS, temperature=-1)
-    short = Transformer(Config(family="llama", vocab_size=96, hidden_size=16, num_layers=1, num_heads=2,
-                               intermediate_size=32, max_position_embeddings=32))
+    short = Transformer(
+        Config(
+            family="llama",
+            vocab_size=96,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        )
+    )
     with pytest.raises(ValueError, match="exceeds the amateur's context of 32"):
         contrastive_decoding(expert, short, PROMPTS, max_new_tokens=30)
     with pytest.raises(ValueError, match="expert and amateur logits must both be"):

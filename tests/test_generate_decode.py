@@ -42,8 +42,16 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
 
 def small_model(vocab_size, seed, eos_token_id=None):
     """A second model over the same vocabulary: a draft or an amateur."""
-    config = Config(family="llama", vocab_size=vocab_size, hidden_size=16, num_layers=1, num_heads=2,
-                    intermediate_size=32, max_position_embeddings=256, eos_token_id=eos_token_id)
+    config = Config(
+        family="llama",
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=256,
+        eos_token_id=eos_token_id,
+    )
     torch.manual_seed(seed)
     return Transformer(config).eval()
 
@@ -63,7 +71,8 @@ def test_sample_is_generate(bpe):
     got = decode("sample", model, tokenizer, TEXTS, params)
     expected = generate(model, prompts, params, tokenizer=tokenizer)
     assert [(d.prompt_index, d.token_ids, d.text, d.finish_reason) for d in got] == [
-        (i, c.token_ids, c.text, c.finish_reason) for i, c in enumerate(expected)]
+        (i, c.token_ids, c.text, c.finish_reason) for i, c in enumerate(expected)
+    ]
     by_ids = decode("sample", model, tokenizer, prompts, params)  # token ids in, the same out
     assert [d.token_ids for d in by_ids] == [d.token_ids for d in got]
     events = list(decode_stream("sample", model, tokenizer, TEXTS, params))
@@ -87,22 +96,41 @@ def test_beam_is_beam_search(bpe):
     eos = eos_of(model, tokenizer)
     # What the command line did: only the penalties and bans of the processors, no warpers.
     bans = build_processors(dataclasses.replace(params, temperature=0.0), eos, vocab_size=model.config.vocab_size)
-    expected = beam_search(model, prompts, 3, 8, num_return_sequences=2, length_penalty=0.8, eos_token_ids=eos,
-                           processors=bans, tokenizer=tokenizer)
+    expected = beam_search(
+        model,
+        prompts,
+        3,
+        8,
+        num_return_sequences=2,
+        length_penalty=0.8,
+        eos_token_ids=eos,
+        processors=bans,
+        tokenizer=tokenizer,
+    )
     assert [(d.prompt_index, d.token_ids, d.text, d.score) for d in got] == [
-        (i, h.token_ids, h.text, h.score) for i, hypotheses in enumerate(expected) for h in hypotheses]
+        (i, h.token_ids, h.text, h.score) for i, hypotheses in enumerate(expected) for h in hypotheses
+    ]
 
 
 def test_diverse_beam_and_beam_sampling(bpe):
     model, tokenizer, prompts = bpe
     options = BeamOptions(num_beams=4, num_beam_groups=2, diversity_penalty=0.5)
     got = decode("diverse-beam", model, tokenizer, prompts, GREEDY, options)
-    expected = beam_search(model, prompts, 4, 8, num_beam_groups=2, diversity_penalty=0.5,
-                           eos_token_ids=eos_of(model, tokenizer), tokenizer=tokenizer)
+    expected = beam_search(
+        model,
+        prompts,
+        4,
+        8,
+        num_beam_groups=2,
+        diversity_penalty=0.5,
+        eos_token_ids=eos_of(model, tokenizer),
+        tokenizer=tokenizer,
+    )
     assert [d.token_ids for d in got] == [h[0].token_ids for h in expected]
     sampled = SamplingParams(temperature=0.9, seed=4, max_new_tokens=8)
-    first, again = (decode("beam", model, tokenizer, prompts, sampled, BeamOptions(num_beams=3, do_sample=True))
-                    for _ in range(2))
+    first, again = (
+        decode("beam", model, tokenizer, prompts, sampled, BeamOptions(num_beams=3, do_sample=True)) for _ in range(2)
+    )
     assert [d.token_ids for d in first] == [d.token_ids for d in again]
 
 
@@ -111,14 +139,19 @@ def test_contrastive_search_is_contrastive_search(bpe):
     got = decode("contrastive", model, tokenizer, prompts, GREEDY, ContrastiveSearchOptions(penalty_alpha=0.6))
     # Without a tokenizer, the strategy itself knows of no limit past the model's vocabulary.
     text_only = [VocabularyLimit(tokenizer.vocab_size)]
-    expected = contrastive_search(model, prompts, 0.6, 4, 8, eos_token_ids=eos_of(model, tokenizer),
-                                  processors=text_only)
+    expected = contrastive_search(
+        model, prompts, 0.6, 4, 8, eos_token_ids=eos_of(model, tokenizer), processors=text_only
+    )
     assert [d.token_ids for d in got] == [c.token_ids for c in expected]
     assert [d.text for d in got] == [continuation_text(tokenizer, p, c.token_ids) for p, c in zip(prompts, expected)]
     # top_k None takes params.top_k.
     wider = decode("contrastive", model, tokenizer, prompts, dataclasses.replace(GREEDY, top_k=6))
-    assert [d.token_ids for d in wider] == [c.token_ids for c in contrastive_search(
-        model, prompts, 0.6, 6, 8, eos_token_ids=eos_of(model, tokenizer), processors=text_only)]
+    assert [d.token_ids for d in wider] == [
+        c.token_ids
+        for c in contrastive_search(
+            model, prompts, 0.6, 6, 8, eos_token_ids=eos_of(model, tokenizer), processors=text_only
+        )
+    ]
 
 
 def test_contrastive_decoding_is_contrastive_decoding(bpe):
@@ -126,9 +159,16 @@ def test_contrastive_decoding_is_contrastive_decoding(bpe):
     amateur = small_model(model.config.vocab_size, seed=3)
     params = SamplingParams(temperature=0.8, seed=2, max_new_tokens=8)
     got = decode("contrastive-decoding", model, tokenizer, prompts, params, ContrastiveDecodingOptions(amateur))
-    expected = contrastive_decoding(model, amateur, prompts, max_new_tokens=8, temperature=0.8, seed=2,
-                                    eos_token_ids=eos_of(model, tokenizer),
-                                    processors=[VocabularyLimit(tokenizer.vocab_size)])
+    expected = contrastive_decoding(
+        model,
+        amateur,
+        prompts,
+        max_new_tokens=8,
+        temperature=0.8,
+        seed=2,
+        eos_token_ids=eos_of(model, tokenizer),
+        processors=[VocabularyLimit(tokenizer.vocab_size)],
+    )
     assert [d.token_ids for d in got] == [c.token_ids for c in expected]
 
 
@@ -143,7 +183,9 @@ def test_speculative_and_prompt_lookup_give_the_greedy_tokens(bpe):
         assert done.stats.generated == len(done.token_ids) and done.stats.target_forwards >= 1
     direct = speculative_generate(model, draft, prompts[0], GREEDY, tokenizer=tokenizer)
     assert direct.stats == speculative.stats
-    assert prompt_lookup_generate(model, prompts[0], GREEDY, num_draft_tokens=3, tokenizer=tokenizer).stats == lookup.stats
+    assert (
+        prompt_lookup_generate(model, prompts[0], GREEDY, num_draft_tokens=3, tokenizer=tokenizer).stats == lookup.stats
+    )
 
 
 def test_no_strategy_chooses_an_id_past_the_tokenizer(text_model_dir):
@@ -155,41 +197,64 @@ def test_no_strategy_chooses_an_id_past_the_tokenizer(text_model_dir):
     model, tokenizer = load_model(text_model_dir), Tokenizer.from_dir(text_model_dir)
     other = small_model(model.config.vocab_size, seed=5)
     params = SamplingParams(temperature=0, max_new_tokens=4)
-    runs = {"sample": None, "beam": BeamOptions(num_beams=2),
-            "diverse-beam": BeamOptions(num_beams=2, num_beam_groups=2, diversity_penalty=1.0),
-            "contrastive": ContrastiveSearchOptions(top_k=3), "contrastive-decoding": ContrastiveDecodingOptions(other),
-            "speculative": SpeculativeOptions(other), "prompt-lookup": None}
+    runs = {
+        "sample": None,
+        "beam": BeamOptions(num_beams=2),
+        "diverse-beam": BeamOptions(num_beams=2, num_beam_groups=2, diversity_penalty=1.0),
+        "contrastive": ContrastiveSearchOptions(top_k=3),
+        "contrastive-decoding": ContrastiveDecodingOptions(other),
+        "speculative": SpeculativeOptions(other),
+        "prompt-lookup": None,
+    }
     assert set(runs) == set(STRATEGIES)
     for strategy, options in runs.items():
         for done in decode(strategy, model, tokenizer, ["x"], params, options, eos_token_ids=[]):
             assert done.token_ids and all(t < tokenizer.vocab_size for t in done.token_ids), strategy
 
 
-@pytest.mark.parametrize("strategy, params, options, prompts, message", [
-    ("greedy", GREEDY, None, 1, "unknown strategy 'greedy'; accepted: sample, beam"),
-    ("beam", GREEDY, SampleOptions(), 1, "strategy 'beam' takes BeamOptions, got SampleOptions"),
-    ("beam", GREEDY, BeamOptions(num_beams=4, num_beam_groups=2, diversity_penalty=1.0), 1, "use strategy 'diverse-beam'"),
-    ("diverse-beam", GREEDY, None, 1, r"needs BeamOptions\(num_beam_groups > 1"),
-    ("contrastive", SamplingParams(stop=["."]), None, 1, "stop strings are not supported by strategy 'contrastive'"),
-    ("speculative", GREEDY, SpeculativeOptions(), 2, "decodes one prompt at a time, got 2"),
-    ("prompt-lookup", GREEDY, None, 3, "decodes one prompt at a time"),
-    ("sample", {"temperature": 0}, None, 1, "params must be a SamplingParams"),
-])
+@pytest.mark.parametrize(
+    "strategy, params, options, prompts, message",
+    [
+        ("greedy", GREEDY, None, 1, "unknown strategy 'greedy'; accepted: sample, beam"),
+        ("beam", GREEDY, SampleOptions(), 1, "strategy 'beam' takes BeamOptions, got SampleOptions"),
+        (
+            "beam",
+            GREEDY,
+            BeamOptions(num_beams=4, num_beam_groups=2, diversity_penalty=1.0),
+            1,
+            "use strategy 'diverse-beam'",
+        ),
+        ("diverse-beam", GREEDY, None, 1, r"needs BeamOptions\(num_beam_groups > 1"),
+        (
+            "contrastive",
+            SamplingParams(stop=["."]),
+            None,
+            1,
+            "stop strings are not supported by strategy 'contrastive'",
+        ),
+        ("speculative", GREEDY, SpeculativeOptions(), 2, "decodes one prompt at a time, got 2"),
+        ("prompt-lookup", GREEDY, None, 3, "decodes one prompt at a time"),
+        ("sample", {"temperature": 0}, None, 1, "params must be a SamplingParams"),
+    ],
+)
 def test_bad_combinations_are_refused_before_any_model_is_loaded(strategy, params, options, prompts, message):
     with pytest.raises(DecodeRequestError, match=message):
         check_strategy(strategy, params, options, prompts)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: SampleOptions(regex="a+", choices=["a"]), "one output constraint at a time, got regex and choices"),
-    (lambda: BeamOptions(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must not exceed"),
-    (lambda: BeamOptions(num_beams=4, num_beam_groups=2, do_sample=True), "do not combine"),
-    (lambda: ContrastiveSearchOptions(penalty_alpha=2.0), r"penalty_alpha must be a number in \[0, 1\]"),
-    (lambda: ContrastiveDecodingOptions(alpha=-1.0), r"alpha must be a number in \[0, 1\]"),
-    (lambda: SpeculativeOptions(num_draft_tokens=0), "num_draft_tokens must be an integer >= 1"),
-    (lambda: SpeculativeOptions(draft_confidence=2.0), "draft_confidence must be a probability"),
-    (lambda: PromptLookupOptions(max_ngram_size=1, min_ngram_size=2), "must not exceed max_ngram_size"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SampleOptions(regex="a+", choices=["a"]), "one output constraint at a time, got regex and choices"),
+        (lambda: BeamOptions(num_beams=2, num_return_sequences=3), r"num_return_sequences \(3\) must not exceed"),
+        (lambda: BeamOptions(num_beams=4, num_beam_groups=2, do_sample=True), "do not combine"),
+        (lambda: ContrastiveSearchOptions(penalty_alpha=2.0), r"penalty_alpha must be a number in \[0, 1\]"),
+        (lambda: ContrastiveDecodingOptions(alpha=-1.0), r"alpha must be a number in \[0, 1\]"),
+        (lambda: SpeculativeOptions(num_draft_tokens=0), "num_draft_tokens must be an integer >= 1"),
+        (lambda: SpeculativeOptions(draft_confidence=2.0), "draft_confidence must be a probability"),
+        (lambda: PromptLookupOptions(max_ngram_size=1, min_ngram_size=2), "must not exceed max_ngram_size"),
+    ],
+)
 def test_options_are_checked_when_built(make, message):
     with pytest.raises(ValueError, match=message):
         make()

@@ -21,8 +21,12 @@ def _tokenizer(special: list[str], bos: bool = False) -> Tokenizer:
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", *special], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", *special],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator([CODE], trainer)
     if bos:  # Llama-style: the post-processor puts <s> in front of every text
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
@@ -75,7 +79,11 @@ def test_an_incomplete_set_is_not_used():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"mode": "pms"}, "mode must be one of"), ({"prefix": b"x"}, "must be strings"), ({"suffix": None}, "must be strings")],
+    [
+        ({"mode": "pms"}, "mode must be one of"),
+        ({"prefix": b"x"}, "must be strings"),
+        ({"suffix": None}, "must be strings"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     tok = _tokenizer(SENTINELS["qwen"])

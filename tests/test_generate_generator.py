@@ -18,9 +18,16 @@ def prompts(seed=0, lengths=(11, 5, 8)):
 
 def hf_greedy(hf, prompt, new_tokens):
     ids = torch.tensor([prompt])
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                      do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -103,8 +110,9 @@ def text_model(text_model_dir):
 def test_stop_string_cuts_the_text_and_never_streams_part_of_it(text_model):
     model, tokenizer = text_model
     prompt = [tokenizer.encode("paged attention")]
-    free = generate(model, prompt, SamplingParams(temperature=0, max_new_tokens=30), tokenizer=tokenizer,
-                    eos_token_ids=[])[0]
+    free = generate(
+        model, prompt, SamplingParams(temperature=0, max_new_tokens=30), tokenizer=tokenizer, eos_token_ids=[]
+    )[0]
     words = free.text.split()
     stop = " ".join(words[3:5])  # a stop string that spans tokens, in the middle of the text
     params = SamplingParams(temperature=0, max_new_tokens=30, stop=[stop])
@@ -132,8 +140,13 @@ def test_streamed_text_is_the_continuation_of_the_prompt(text_model):
 def test_padded_embedding_rows_are_never_sampled(text_model):
     model, tokenizer = text_model
     assert model.config.vocab_size > tokenizer.vocab_size
-    done = generate(model, [tokenizer.encode("x")], SamplingParams(temperature=0, max_new_tokens=20),
-                    tokenizer=tokenizer, eos_token_ids=[])[0]
+    done = generate(
+        model,
+        [tokenizer.encode("x")],
+        SamplingParams(temperature=0, max_new_tokens=20),
+        tokenizer=tokenizer,
+        eos_token_ids=[],
+    )[0]
     assert all(t < tokenizer.vocab_size for t in done.token_ids)
     # Without the tokenizer the model's own vocabulary is the limit, and a padded row wins.
     raw = generate(model, [tokenizer.encode("x")], SamplingParams(temperature=0, max_new_tokens=1), eos_token_ids=[])[0]

@@ -203,8 +203,17 @@ def tiny_gpt2():
 
 
 COMPOSED = [
-    dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, typical_p=0.95, repetition_penalty=1.3,
-         no_repeat_ngram_size=2, min_new_tokens=8, logit_bias={7: -3.0, 11: 2.5}),
+    dict(
+        temperature=0.7,
+        top_k=50,
+        top_p=0.9,
+        min_p=0.05,
+        typical_p=0.95,
+        repetition_penalty=1.3,
+        no_repeat_ngram_size=2,
+        min_new_tokens=8,
+        logit_bias={7: -3.0, 11: 2.5},
+    ),
     dict(temperature=1.3, top_k=2, repetition_penalty=0.8, no_repeat_ngram_size=3),
     dict(temperature=0.5, top_p=0.5, min_new_tokens=2),
     dict(temperature=1.0, typical_p=0.4, logit_bias={500: -math.inf}),
@@ -212,7 +221,9 @@ COMPOSED = [
 ]
 
 
-@pytest.mark.parametrize("settings", COMPOSED, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items() if k != "logit_bias"))
+@pytest.mark.parametrize(
+    "settings", COMPOSED, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items() if k != "logit_bias")
+)
 def test_build_processors_matches_generate_list(tiny_gpt2, logits, input_ids, settings):
     """The composed list equals the LogitsProcessorList that generate() builds, in its order."""
     mask = torch.ones_like(input_ids)
@@ -244,13 +255,30 @@ def test_build_processors_matches_generate_list(tiny_gpt2, logits, input_ids, se
 
 def test_build_processors_order_and_omissions():
     params = SamplingParams(
-        temperature=0.7, top_k=40, top_p=0.9, min_p=0.1, typical_p=0.9, repetition_penalty=1.1,
-        presence_penalty=0.5, frequency_penalty=0.2, no_repeat_ngram_size=3, logit_bias={1: 1.0}, min_new_tokens=2,
+        temperature=0.7,
+        top_k=40,
+        top_p=0.9,
+        min_p=0.1,
+        typical_p=0.9,
+        repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=0.2,
+        no_repeat_ngram_size=3,
+        logit_bias={1: 1.0},
+        min_new_tokens=2,
     )
     names = [type(p).__name__ for p in build_processors(params, [EOS])]
     assert names == [
-        "LogitBias", "RepetitionPenalty", "PresenceFrequencyPenalty", "NoRepeatNGram", "MinNewTokens",
-        "Temperature", "TopK", "TopP", "MinP", "TypicalP",
+        "LogitBias",
+        "RepetitionPenalty",
+        "PresenceFrequencyPenalty",
+        "NoRepeatNGram",
+        "MinNewTokens",
+        "Temperature",
+        "TopK",
+        "TopP",
+        "MinP",
+        "TypicalP",
     ]
     assert build_processors(SamplingParams()) == []  # every knob neutral: nothing to do
     assert [type(p).__name__ for p in build_processors(SamplingParams(temperature=0, top_k=3))] == []
@@ -269,11 +297,23 @@ def _all_processors():
         top_p=torch.tensor([1.0, 0.5, 0.9, 0.2]),
     )
     return [
-        Temperature(0.7), TopK(5), TopP(0.8), MinP(0.1), TypicalP(0.9), RepetitionPenalty(1.4),
-        PresenceFrequencyPenalty(0.5, 0.5), NoRepeatNGram(2), LogitBias({1: 2.0, 2: -math.inf}),
-        MinNewTokens(10, [EOS]), Temperature(per_row["temperature"]), TopK(per_row["top_k"]),
-        TopP(per_row["top_p"]), MinP(torch.tensor([0.0, 0.1, 0.5, 1.0])), TypicalP(torch.tensor([1.0, 0.9, 0.5, 0.2])),
-        RepetitionPenalty(torch.tensor([1.0, 1.2, 0.7, 2.0])), NoRepeatNGram(torch.tensor([0, 1, 2, 3])),
+        Temperature(0.7),
+        TopK(5),
+        TopP(0.8),
+        MinP(0.1),
+        TypicalP(0.9),
+        RepetitionPenalty(1.4),
+        PresenceFrequencyPenalty(0.5, 0.5),
+        NoRepeatNGram(2),
+        LogitBias({1: 2.0, 2: -math.inf}),
+        MinNewTokens(10, [EOS]),
+        Temperature(per_row["temperature"]),
+        TopK(per_row["top_k"]),
+        TopP(per_row["top_p"]),
+        MinP(torch.tensor([0.0, 0.1, 0.5, 1.0])),
+        TypicalP(torch.tensor([1.0, 0.9, 0.5, 0.2])),
+        RepetitionPenalty(torch.tensor([1.0, 1.2, 0.7, 2.0])),
+        NoRepeatNGram(torch.tensor([0, 1, 2, 3])),
         MinNewTokens(torch.tensor([0, 5, 6, 9]), [[EOS], [EOS, 4], [], [8]]),
         LogitBias([{1: 1.0}, None, {5: -2.0, 6: 3.0}, {}]),
     ]
@@ -304,7 +344,9 @@ def test_rows_are_independent(logits, ctx, processor):
 ROW_PARAMS = [
     SamplingParams(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.3, logit_bias={3: 5.0}, min_new_tokens=9),
     SamplingParams(temperature=0.0, top_k=2, typical_p=0.5, no_repeat_ngram_size=2, presence_penalty=0.5),
-    SamplingParams(temperature=1.4, min_p=0.2, typical_p=0.8, frequency_penalty=1.0, stop_token_ids=[8], min_new_tokens=9),
+    SamplingParams(
+        temperature=1.4, min_p=0.2, typical_p=0.8, frequency_penalty=1.0, stop_token_ids=[8], min_new_tokens=9
+    ),
     SamplingParams(top_p=0.3, no_repeat_ngram_size=3, repetition_penalty=0.9, logit_bias={7: -math.inf}),
 ]
 

@@ -39,9 +39,17 @@ class StubTokenizer:
 
 
 def tiny(vocab=VOCAB, context=CONTEXT, eos=2, causal=True, seed=0):
-    config = Config(family="llama" if causal else "bert", vocab_size=vocab, hidden_size=16, num_layers=1,
-                    num_heads=2, intermediate_size=32, max_position_embeddings=context, eos_token_id=eos,
-                    causal=causal)
+    config = Config(
+        family="llama" if causal else "bert",
+        vocab_size=vocab,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=context,
+        eos_token_id=eos,
+        causal=causal,
+    )
     torch.manual_seed(seed)
     return Transformer(config).eval()
 
@@ -53,8 +61,12 @@ def model():
 
 # ------------------------------------------------------------------------------ what it settles
 def test_a_request_settles_prompts_ends_and_lengths(model):
-    request = DecodeRequest.resolve(model, [[3, 4, 5], [6]], SamplingParams(max_new_tokens=4, stop_token_ids=[9]),
-                                    tokenizer=StubTokenizer(eos_token_id=7))
+    request = DecodeRequest.resolve(
+        model,
+        [[3, 4, 5], [6]],
+        SamplingParams(max_new_tokens=4, stop_token_ids=[9]),
+        tokenizer=StubTokenizer(eos_token_id=7),
+    )
     assert request.prompts == [[3, 4, 5], [6]]
     assert request.eos_token_ids == (2, 7, 9)  # config, tokenizer, stop_token_ids
     assert (request.max_new_tokens, request.longest_prompt, request.capacity) == (4, 3, 7)
@@ -66,8 +78,14 @@ def test_a_request_settles_prompts_ends_and_lengths(model):
 def test_end_of_sequence_ids_join_generation_config_or_give_way_to_the_callers(model):
     join = DecodeRequest.resolve(model, [3], SamplingParams(), generation_config={"eos_token_id": [11, 12]})
     assert join.eos_token_ids == (2, 11, 12)
-    own = DecodeRequest.resolve(model, [3], SamplingParams(stop_token_ids=[5]), eos_token_ids=[8],
-                                tokenizer=StubTokenizer(eos_token_id=7), generation_config={"eos_token_id": 11})
+    own = DecodeRequest.resolve(
+        model,
+        [3],
+        SamplingParams(stop_token_ids=[5]),
+        eos_token_ids=[8],
+        tokenizer=StubTokenizer(eos_token_id=7),
+        generation_config={"eos_token_id": 11},
+    )
     assert own.eos_token_ids == (5, 8)  # the caller's list replaces the others; stop ids still end
     assert DecodeRequest.resolve(model, [3], SamplingParams(), eos_token_ids=[]).eos_token_ids == ()
     assert end_of_sequence_ids(model.config, StubTokenizer(eos_token_id=7), [11]) == {2, 7, 11}
@@ -86,15 +104,17 @@ def test_without_params_a_request_is_greedy_with_its_own_length_and_stops(model)
 
 def test_the_vocabulary_limit_is_one_processor_applied_first(model):
     narrow = StubTokenizer(vocab_size=50)
-    request = DecodeRequest.resolve(model, [3], SamplingParams(temperature=0.5, top_k=4, repetition_penalty=1.2),
-                                    tokenizer=narrow)
+    request = DecodeRequest.resolve(
+        model, [3], SamplingParams(temperature=0.5, top_k=4, repetition_penalty=1.2), tokenizer=narrow
+    )
     assert request.vocab_limit == 50
     processors = request.logits_processors([LogitBias({5: 1.0})])
     assert [type(p) for p in processors] == [VocabularyLimit, RepetitionPenalty, LogitBias, Temperature, TopK]
     assert [type(p) for p in request.logits_processors(sampling=False)] == [VocabularyLimit, RepetitionPenalty]
     # No limit where the tokenizer covers the model's vocabulary, or without a tokenizer.
-    assert not any(isinstance(p, VocabularyLimit)
-                   for p in DecodeRequest.resolve(model, [3], SamplingParams()).logits_processors())
+    assert not any(
+        isinstance(p, VocabularyLimit) for p in DecodeRequest.resolve(model, [3], SamplingParams()).logits_processors()
+    )
 
 
 def test_the_limit_equals_the_old_ban_by_logit_bias(model):
@@ -116,17 +136,25 @@ def test_a_batch_of_requests_is_processed_as_each_alone(model):
     """The serving engine's batch: one list, each row with its own params, end ids and stop ids."""
     narrow = StubTokenizer(vocab_size=50, eos_token_id=7)
     rows = [
-        DecodeRequest.resolve(model, [3, 4, 5], SamplingParams(temperature=0.7, top_k=5, min_new_tokens=3), tokenizer=narrow),
-        DecodeRequest.resolve(model, [6, 7, 8], SamplingParams(temperature=0, repetition_penalty=1.4, min_new_tokens=2,
-                                                               stop_token_ids=[11]), tokenizer=narrow, eos_token_ids=[]),
+        DecodeRequest.resolve(
+            model, [3, 4, 5], SamplingParams(temperature=0.7, top_k=5, min_new_tokens=3), tokenizer=narrow
+        ),
+        DecodeRequest.resolve(
+            model,
+            [6, 7, 8],
+            SamplingParams(temperature=0, repetition_penalty=1.4, min_new_tokens=2, stop_token_ids=[11]),
+            tokenizer=narrow,
+            eos_token_ids=[],
+        ),
         DecodeRequest.resolve(model, [9, 9, 9], SamplingParams(top_p=0.8, logit_bias={4: -2.0}), tokenizer=narrow),
     ]
     logits = torch.randn(3, VOCAB)
     ctx = DecodeContext(torch.tensor([[3, 4, 5, 12], [6, 7, 8, 13], [9, 9, 9, 14]]), prompt_length=3)
     batched = apply_processors(logits, ctx, batch_logits_processors(rows))
     for i, request in enumerate(rows):
-        alone = apply_processors(logits[i : i + 1], DecodeContext(ctx.input_ids[i : i + 1], 3),
-                                 request.logits_processors())
+        alone = apply_processors(
+            logits[i : i + 1], DecodeContext(ctx.input_ids[i : i + 1], 3), request.logits_processors()
+        )
         torch.testing.assert_close(batched[i : i + 1], alone, rtol=0, atol=0)
     assert batched[1, 11] == float("-inf") and batched[1, 7] > float("-inf")  # row 1 ends on 11 only
     with pytest.raises(DecodeRequestError, match="resolved for one model and tokenizer"):
@@ -136,8 +164,9 @@ def test_a_batch_of_requests_is_processed_as_each_alone(model):
 def test_generate_takes_a_resolved_request(model):
     params = SamplingParams(temperature=0, max_new_tokens=6)
     request = DecodeRequest.resolve(model, [[3, 4], [5]], params, eos_token_ids=[])
-    assert ([c.token_ids for c in generate(model, request)]
-            == [c.token_ids for c in generate(model, [[3, 4], [5]], params, eos_token_ids=[])])
+    assert [c.token_ids for c in generate(model, request)] == [
+        c.token_ids for c in generate(model, [[3, 4], [5]], params, eos_token_ids=[])
+    ]
     with pytest.raises(DecodeRequestError, match="params given with a resolved DecodeRequest"):
         generate(model, request, params)
 
@@ -152,33 +181,79 @@ def test_a_second_model_must_hold_the_request(model):
 
 
 # ------------------------------------------------------------------------------ refusals
-@pytest.mark.parametrize("prompts, params, how, error, message", [
-    ([], SamplingParams(), {}, DecodeRequestError, "no prompts given"),
-    ([[3], []], SamplingParams(), {}, DecodeRequestError, "prompt 1 is empty"),
-    ("hello", SamplingParams(), {}, DecodeRequestError, "prompts must be token-id lists, got str"),
-    ([[3, 64]], SamplingParams(), {}, DecodeRequestError, r"prompt 0 has token ids outside the vocabulary \[0, 64\): \[64\]"),
-    ([[3, -1]], SamplingParams(), {}, DecodeRequestError, "outside the vocabulary"),
-    ([[3, 2.5]], SamplingParams(), {}, DecodeRequestError, "outside the vocabulary"),
-    ([3], {"temperature": 0}, {}, DecodeRequestError, "params must be a SamplingParams, got dict"),
-    ([3], SamplingParams(stop=["x"]), {}, DecodeRequestError, "stop strings need a tokenizer"),
-    ([3], SamplingParams(), {"eos_token_ids": [70]}, DecodeRequestError,
-     r"eos/stop token ids \[70\] are outside the vocabulary \[0, 64\)"),
-    ([3], SamplingParams(stop_token_ids=[64]), {}, DecodeRequestError, r"eos/stop token ids \[64\]"),
-    ([3], None, {"eos_token_ids": [70], "max_new_tokens": 2}, DecodeRequestError,
-     r"eos_token_ids \[70\] are outside"),
-    ([3], SamplingParams(), {"eos_token_ids": ["x"]}, DecodeRequestError, "must be integer token ids"),
-    ([3], SamplingParams(logit_bias={80: 1.0}), {}, DecodeRequestError,
-     r"logit_bias has token ids outside the vocabulary \[0, 64\): \[80\]"),
-    ([3], SamplingParams(), {"logprobs": 21}, DecodeRequestError, "logprobs must be between 0 and 20, got 21"),
-    ([3], SamplingParams(), {"prompt_logprobs": -1}, DecodeRequestError, "prompt_logprobs must be between 0 and 20"),
-    ([3], None, {"max_new_tokens": 0}, DecodeRequestError, "max_new_tokens must be an integer >= 1"),
-    ([3], SamplingParams(), {"max_new_tokens": 4}, DecodeRequestError, "give max_new_tokens and stop strings in params"),
-    ([[3] * 30], SamplingParams(max_new_tokens=3), {}, ContextLengthError,
-     "prompt of 30 tokens \\+ max_new_tokens 3 = 33 exceeds the model's context of 32 tokens"),
-    ([[3] * 32], SamplingParams(), {}, ContextLengthError, "the prompt of 32 tokens fills the model's context"),
-    ([[3] * 10], SamplingParams(max_new_tokens=8), {"context_length": 16, "role": "target model"},
-     ContextLengthError, "exceeds the target model's context of 16"),
-])
+@pytest.mark.parametrize(
+    "prompts, params, how, error, message",
+    [
+        ([], SamplingParams(), {}, DecodeRequestError, "no prompts given"),
+        ([[3], []], SamplingParams(), {}, DecodeRequestError, "prompt 1 is empty"),
+        ("hello", SamplingParams(), {}, DecodeRequestError, "prompts must be token-id lists, got str"),
+        (
+            [[3, 64]],
+            SamplingParams(),
+            {},
+            DecodeRequestError,
+            r"prompt 0 has token ids outside the vocabulary \[0, 64\): \[64\]",
+        ),
+        ([[3, -1]], SamplingParams(), {}, DecodeRequestError, "outside the vocabulary"),
+        ([[3, 2.5]], SamplingParams(), {}, DecodeRequestError, "outside the vocabulary"),
+        ([3], {"temperature": 0}, {}, DecodeRequestError, "params must be a SamplingParams, got dict"),
+        ([3], SamplingParams(stop=["x"]), {}, DecodeRequestError, "stop strings need a tokenizer"),
+        (
+            [3],
+            SamplingParams(),
+            {"eos_token_ids": [70]},
+            DecodeRequestError,
+            r"eos/stop token ids \[70\] are outside the vocabulary \[0, 64\)",
+        ),
+        ([3], SamplingParams(stop_token_ids=[64]), {}, DecodeRequestError, r"eos/stop token ids \[64\]"),
+        (
+            [3],
+            None,
+            {"eos_token_ids": [70], "max_new_tokens": 2},
+            DecodeRequestError,
+            r"eos_token_ids \[70\] are outside",
+        ),
+        ([3], SamplingParams(), {"eos_token_ids": ["x"]}, DecodeRequestError, "must be integer token ids"),
+        (
+            [3],
+            SamplingParams(logit_bias={80: 1.0}),
+            {},
+            DecodeRequestError,
+            r"logit_bias has token ids outside the vocabulary \[0, 64\): \[80\]",
+        ),
+        ([3], SamplingParams(), {"logprobs": 21}, DecodeRequestError, "logprobs must be between 0 and 20, got 21"),
+        (
+            [3],
+            SamplingParams(),
+            {"prompt_logprobs": -1},
+            DecodeRequestError,
+            "prompt_logprobs must be between 0 and 20",
+        ),
+        ([3], None, {"max_new_tokens": 0}, DecodeRequestError, "max_new_tokens must be an integer >= 1"),
+        (
+            [3],
+            SamplingParams(),
+            {"max_new_tokens": 4},
+            DecodeRequestError,
+            "give max_new_tokens and stop strings in params",
+        ),
+        (
+            [[3] * 30],
+            SamplingParams(max_new_tokens=3),
+            {},
+            ContextLengthError,
+            "prompt of 30 tokens \\+ max_new_tokens 3 = 33 exceeds the model's context of 32 tokens",
+        ),
+        ([[3] * 32], SamplingParams(), {}, ContextLengthError, "the prompt of 32 tokens fills the model's context"),
+        (
+            [[3] * 10],
+            SamplingParams(max_new_tokens=8),
+            {"context_length": 16, "role": "target model"},
+            ContextLengthError,
+            "exceeds the target model's context of 16",
+        ),
+    ],
+)
 def test_each_refusal_has_its_type_and_says_what_is_wrong(model, prompts, params, how, error, message):
     with pytest.raises(error, match=message) as caught:
         DecodeRequest.resolve(model, prompts, params, **how)

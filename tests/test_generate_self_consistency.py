@@ -81,8 +81,7 @@ def test_self_consistency_end_to_end(text_model):
     model, tokenizer = text_model
     params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=7)
     first_word = lambda text: text.split()[0] if text.split() else None  # noqa: E731
-    result = self_consistency(model, tokenizer, "the answer is", 6, params, extract_answer=first_word,
-                              eos_token_ids=[])
+    result = self_consistency(model, tokenizer, "the answer is", 6, params, extract_answer=first_word, eos_token_ids=[])
     assert len(result.completions) == len(result.answers) == 6
     assert all(len(c.token_ids) == 12 and c.finish_reason == "length" for c in result.completions)
     assert result.answers == [first_word(c.text) for c in result.completions]
@@ -91,11 +90,13 @@ def test_self_consistency_end_to_end(text_model):
     assert result.answer == max(result.counts, key=result.counts.get)
     assert len({tuple(c.token_ids) for c in result.completions}) > 1  # really sampled
     # Seeded: the same run again gives the same completions; batches of 4 use seeds 7 and 8.
-    again = self_consistency(model, tokenizer, tokenizer.encode("the answer is"), 6, params,
-                             extract_answer=first_word, eos_token_ids=[])
+    again = self_consistency(
+        model, tokenizer, tokenizer.encode("the answer is"), 6, params, extract_answer=first_word, eos_token_ids=[]
+    )
     assert [c.token_ids for c in again.completions] == [c.token_ids for c in result.completions]
-    chunked = self_consistency(model, tokenizer, "the answer is", 6, params, extract_answer=first_word,
-                               eos_token_ids=[], batch_size=4)
+    chunked = self_consistency(
+        model, tokenizer, "the answer is", 6, params, extract_answer=first_word, eos_token_ids=[], batch_size=4
+    )
     assert len(chunked.completions) == 6
     # The default reader works on whatever the model wrote (numbers or nothing).
     default = self_consistency(model, tokenizer, "the answer is", 3, params, eos_token_ids=[])

@@ -69,26 +69,37 @@ def test_a_draft_identical_to_the_target_is_always_accepted(target):
 
 @pytest.mark.parametrize("num_draft_tokens, max_ngram_size, min_ngram_size", [(10, 3, 1), (4, 2, 2), (1, 1, 1)])
 def test_greedy_prompt_lookup_equals_target_greedy(num_draft_tokens, max_ngram_size, min_ngram_size, target):
-    out = prompt_lookup_generate(target, PROMPT, GREEDY_64, num_draft_tokens=num_draft_tokens,
-                                 max_ngram_size=max_ngram_size, min_ngram_size=min_ngram_size, eos_token_ids=[])
+    out = prompt_lookup_generate(
+        target,
+        PROMPT,
+        GREEDY_64,
+        num_draft_tokens=num_draft_tokens,
+        max_ngram_size=max_ngram_size,
+        min_ngram_size=min_ngram_size,
+        eos_token_ids=[],
+    )
     assert out.token_ids == target_greedy(target, GREEDY_64).token_ids
     assert out.stats.draft_forwards == 0
     assert out.stats.accepted > 0  # random tiny models repeat themselves: lookup finds matches
 
 
 def test_processors_and_eos_keep_greedy_outputs_identical(target, drafts):
-    penalised = SamplingParams(temperature=0, max_new_tokens=40, repetition_penalty=1.3, no_repeat_ngram_size=3,
-                               logit_bias={7: 2.0})
+    penalised = SamplingParams(
+        temperature=0, max_new_tokens=40, repetition_penalty=1.3, no_repeat_ngram_size=3, logit_bias={7: 2.0}
+    )
     expected = target_greedy(target, penalised).token_ids
-    assert speculative_generate(target, drafts["near"], PROMPT, penalised, num_draft_tokens=3,
-                                eos_token_ids=[]).token_ids == expected
+    assert (
+        speculative_generate(target, drafts["near"], PROMPT, penalised, num_draft_tokens=3, eos_token_ids=[]).token_ids
+        == expected
+    )
     assert prompt_lookup_generate(target, PROMPT, penalised, eos_token_ids=[]).token_ids == expected
 
     eos = target_greedy(target, GREEDY_64).token_ids[10]
     stopped = target_greedy(target, GREEDY_64, eos=[eos])
     assert stopped.finish_reason == "stop"
-    speculative = speculative_generate(target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4,
-                                       eos_token_ids=[eos])
+    speculative = speculative_generate(
+        target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4, eos_token_ids=[eos]
+    )
     for out in (speculative, prompt_lookup_generate(target, PROMPT, GREEDY_64, eos_token_ids=[eos])):
         assert out.token_ids == stopped.token_ids
         assert out.finish_reason == "stop"
@@ -100,8 +111,9 @@ DRAWS = 4000
 
 def peaked_model(seed):
     """A one-layer model over 8 tokens whose next-token distributions are far from uniform."""
-    model = tiny_model(seed, vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
-                       max_position_embeddings=32)
+    model = tiny_model(
+        seed, vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=32
+    )
     with torch.no_grad():
         model.lm_head.weight.normal_(std=0.4)
     return model.eval()
@@ -117,8 +129,10 @@ def next_token_distribution(model, contexts, params, prompt_length):
     processors = build_processors(params, eos_token_ids=[], vocab_size=model.config.vocab_size)
     with torch.inference_mode():
         logits = model(torch.tensor(contexts)).logits[:, -1].float()
-    rows = [apply_processors(logits[i : i + 1], DecodeContext(torch.tensor([c]), prompt_length), processors)
-            for i, c in enumerate(contexts)]
+    rows = [
+        apply_processors(logits[i : i + 1], DecodeContext(torch.tensor([c]), prompt_length), processors)
+        for i, c in enumerate(contexts)
+    ]
     return torch.softmax(torch.cat(rows), dim=-1).double()
 
 
@@ -145,11 +159,15 @@ def marginals(model, prompt, params, positions):
     return result
 
 
-@pytest.mark.parametrize("params, draft_confidence", [
-    (SamplingParams(temperature=1.0, max_new_tokens=3), 0.0),
-    (SamplingParams(temperature=0.7, top_k=5, max_new_tokens=3), 0.0),
-    (SamplingParams(temperature=1.0, max_new_tokens=3), 0.3),
-], ids=["plain", "temperature-top-k", "dynamic-draft-length"])
+@pytest.mark.parametrize(
+    "params, draft_confidence",
+    [
+        (SamplingParams(temperature=1.0, max_new_tokens=3), 0.0),
+        (SamplingParams(temperature=0.7, top_k=5, max_new_tokens=3), 0.0),
+        (SamplingParams(temperature=1.0, max_new_tokens=3), 0.3),
+    ],
+    ids=["plain", "temperature-top-k", "dynamic-draft-length"],
+)
 def test_speculative_sampling_follows_the_target_distribution(params, draft_confidence, tiny_pair, one_thread):
     # k = 2 and 3 tokens: the first round drafts two, so token 1 is an accepted draft or a
     # residual draw, token 2 the same after an acceptance (or a second round's), and token 3
@@ -161,8 +179,11 @@ def test_speculative_sampling_follows_the_target_distribution(params, draft_conf
     drawn = []
     for seed in range(DRAWS):
         params.seed = seed
-        drawn.append(speculative_generate(target, draft, prompt, params, num_draft_tokens=2,
-                                          draft_confidence=draft_confidence, eos_token_ids=[]).token_ids)
+        drawn.append(
+            speculative_generate(
+                target, draft, prompt, params, num_draft_tokens=2, draft_confidence=draft_confidence, eos_token_ids=[]
+            ).token_ids
+        )
     for position, expected in enumerate(marginals(target, prompt, params, 3)):
         assert chi_square_p([tokens[position] for tokens in drawn], expected) > 0.001, position
     # The test has the power to tell the draft's distribution apart.
@@ -196,17 +217,20 @@ def test_sampling_is_reproducible_with_a_seed(target, drafts):
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_draft_tokens=0), "num_draft_tokens must be an integer >= 1"),
-    (dict(num_draft_tokens=2.5), "num_draft_tokens must be an integer >= 1"),
-    (dict(prompt_ids=[[3, 4], [5, 6]]), "one prompt at a time, got a batch of 2"),
-    (dict(prompt_ids=[3, 400]), "outside the vocabulary"),
-    (dict(prompt_ids=[]), "no prompts given"),
-    (dict(params=SamplingParams(stop=["x"])), "stop strings need a tokenizer"),
-    (dict(params=SamplingParams(max_new_tokens=300)), "exceeds the target model's context of 256"),
-    (dict(eos_token_ids=[99]), r"eos/stop token ids \[99\] are outside the vocabulary"),
-    (dict(params=dict(temperature=0)), "params must be a SamplingParams"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_draft_tokens=0), "num_draft_tokens must be an integer >= 1"),
+        (dict(num_draft_tokens=2.5), "num_draft_tokens must be an integer >= 1"),
+        (dict(prompt_ids=[[3, 4], [5, 6]]), "one prompt at a time, got a batch of 2"),
+        (dict(prompt_ids=[3, 400]), "outside the vocabulary"),
+        (dict(prompt_ids=[]), "no prompts given"),
+        (dict(params=SamplingParams(stop=["x"])), "stop strings need a tokenizer"),
+        (dict(params=SamplingParams(max_new_tokens=300)), "exceeds the target model's context of 256"),
+        (dict(eos_token_ids=[99]), r"eos/stop token ids \[99\] are outside the vocabulary"),
+        (dict(params=dict(temperature=0)), "params must be a SamplingParams"),
+    ],
+)
 def test_bad_requests_are_rejected_before_any_work(kwargs, message, target, drafts):
     arguments = dict(prompt_ids=PROMPT, params=GREEDY_64) | kwargs
     with pytest.raises(ValueError, match=message):
@@ -226,10 +250,13 @@ def test_draft_models_that_cannot_serve_the_target_are_rejected(target, tiny_pai
         speculative_generate(target, short, PROMPT, GREEDY_64)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(max_ngram_size=0), "max_ngram_size must be an integer >= 1"),
-    (dict(max_ngram_size=2, min_ngram_size=3), r"min_ngram_size \(3\) must not exceed max_ngram_size \(2\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_ngram_size=0), "max_ngram_size must be an integer >= 1"),
+        (dict(max_ngram_size=2, min_ngram_size=3), r"min_ngram_size \(3\) must not exceed max_ngram_size \(2\)"),
+    ],
+)
 def test_bad_lookup_sizes_are_rejected(kwargs, message, target):
     with pytest.raises(ValueError, match=message):
         prompt_lookup_generate(target, PROMPT, GREEDY_64, **kwargs)
@@ -240,13 +267,16 @@ def test_stop_strings_cut_text_and_stop_like_generate(text_model_dir):
 
     model, tokenizer = load_model(text_model_dir), Tokenizer.from_dir(text_model_dir)
     prompt = tokenizer.encode("the weather today is", add_special_tokens=False)
-    free = generate(model, [prompt], SamplingParams(temperature=0, max_new_tokens=24), tokenizer=tokenizer,
-                    eos_token_ids=[])[0]
+    free = generate(
+        model, [prompt], SamplingParams(temperature=0, max_new_tokens=24), tokenizer=tokenizer, eos_token_ids=[]
+    )[0]
     stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
     params = SamplingParams(temperature=0, max_new_tokens=24, stop=[stop])
     expected = generate(model, [prompt], params, tokenizer=tokenizer, eos_token_ids=[])[0]
-    for out in (speculative_generate(model, copy.deepcopy(model), prompt, params, tokenizer=tokenizer, eos_token_ids=[]),
-                prompt_lookup_generate(model, prompt, params, tokenizer=tokenizer, eos_token_ids=[])):
+    for out in (
+        speculative_generate(model, copy.deepcopy(model), prompt, params, tokenizer=tokenizer, eos_token_ids=[]),
+        prompt_lookup_generate(model, prompt, params, tokenizer=tokenizer, eos_token_ids=[]),
+    ):
         assert out.finish_reason == "stop" and out.text == expected.text == free.text[: free.text.index(stop)]
         assert out.token_ids == expected.token_ids
 
@@ -275,16 +305,25 @@ def test_draft_confidence_shortens_rounds_without_changing_greedy_output(target,
         logits = drafts["near"](torch.tensor([PROMPT + expected])).logits[0, len(PROMPT) - 1 :].float()
     median = float(torch.softmax(logits, dim=-1).max(dim=-1).values.median())
     always = speculative_generate(target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4, eos_token_ids=[])
-    unsure = speculative_generate(target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4,
-                                  draft_confidence=median, eos_token_ids=[])
+    unsure = speculative_generate(
+        target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4, draft_confidence=median, eos_token_ids=[]
+    )
     # A probability is never above 1: every round stops after its first draft.
-    single = speculative_generate(target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4,
-                                  draft_confidence=1.0, eos_token_ids=[])
+    single = speculative_generate(
+        target, drafts["near"], PROMPT, GREEDY_64, num_draft_tokens=4, draft_confidence=1.0, eos_token_ids=[]
+    )
     assert always.token_ids == unsure.token_ids == single.token_ids == expected
     assert single.stats.drafted == single.stats.draft_forwards == single.stats.target_forwards
     assert single.stats.drafted < unsure.stats.drafted < always.stats.drafted
-    sampled = speculative_generate(target, drafts["near"], PROMPT, SamplingParams(temperature=1.0, seed=3, max_new_tokens=32),
-                                   num_draft_tokens=4, draft_confidence=1.0, eos_token_ids=[])
+    sampled = speculative_generate(
+        target,
+        drafts["near"],
+        PROMPT,
+        SamplingParams(temperature=1.0, seed=3, max_new_tokens=32),
+        num_draft_tokens=4,
+        draft_confidence=1.0,
+        eos_token_ids=[],
+    )
     assert sampled.stats.drafted == sampled.stats.target_forwards
 
 

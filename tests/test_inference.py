@@ -22,12 +22,14 @@ def test_packed_model_matches_unpacked(family, hf_model_dir):
     mask = torch.ones_like(ids)
     mask[1, :6] = 0
     with torch.inference_mode():
-        torch.testing.assert_close(packed(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            packed(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits, atol=1e-4, rtol=1e-4
+        )
     params = SamplingParams(temperature=0, max_new_tokens=24)
     prompts = ids.tolist()
-    assert [c.token_ids for c in generate(packed, prompts, params, eos_token_ids=[])] == \
-           [c.token_ids for c in generate(plain, prompts, params, eos_token_ids=[])]
+    assert [c.token_ids for c in generate(packed, prompts, params, eos_token_ids=[])] == [
+        c.token_ids for c in generate(plain, prompts, params, eos_token_ids=[])
+    ]
 
 
 def test_packed_model_cannot_be_exported(hf_model_dir, tmp_path):
@@ -44,6 +46,7 @@ def test_half_precision_models_are_left_alone(hf_model_dir):
 
 
 # --- PackedLinear's choice of kernel: F.linear for small products, oneDNN for the rest ---
+
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
@@ -153,6 +156,7 @@ def test_generate_on_a_packed_model_uses_both_kernels_and_matches(hf_model_dir, 
 
 
 # --- the greedy fast path (processors.greedy_next_token) ---
+
 
 def test_greedy_next_token_is_sample_next_token_at_temperature_zero():
     from genforge.generate.sampling import greedy_next_token, sample_next_token

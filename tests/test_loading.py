@@ -16,8 +16,17 @@ from genforge.model import Transformer
 
 @pytest.fixture(scope="module")
 def model_dir(bpe_tokenizer, tmp_path_factory):
-    config = Config(family="llama", vocab_size=448, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, max_position_embeddings=128, eos_token_id=bpe_tokenizer.eos_token_id)
+    config = Config(
+        family="llama",
+        vocab_size=448,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        eos_token_id=bpe_tokenizer.eos_token_id,
+    )
     torch.manual_seed(1)
     directory = save_model(Transformer(config), tmp_path_factory.mktemp("loading") / "model", tokenizer=bpe_tokenizer)
     # An end-of-turn id that only generation_config.json lists, as Llama 3 instruct models have.
@@ -28,7 +37,9 @@ def model_dir(bpe_tokenizer, tmp_path_factory):
 def test_loads_model_tokenizer_end_ids_and_generation_config(model_dir, bpe_tokenizer, monkeypatch):
     packed = []
     real_pack = genforge.loading.pack_for_cpu_inference
-    monkeypatch.setattr(genforge.loading, "pack_for_cpu_inference", lambda model: packed.append(model) or real_pack(model))
+    monkeypatch.setattr(
+        genforge.loading, "pack_for_cpu_inference", lambda model: packed.append(model) or real_pack(model)
+    )
     loaded = load_for_inference(model_dir)
     assert isinstance(loaded, LoadedModel) and packed == [loaded.model]
     assert loaded.tokenizer.vocab_size == bpe_tokenizer.vocab_size
@@ -40,7 +51,9 @@ def test_loads_model_tokenizer_end_ids_and_generation_config(model_dir, bpe_toke
     # What a decode needs comes together.
     params = SamplingParams.from_generation_config(loaded.generation_config, max_new_tokens=5, seed=0)
     assert params.temperature == 0.6
-    [done] = decode("sample", loaded.model, loaded.tokenizer, ["the parser"], params, eos_token_ids=loaded.eos_token_ids)
+    [done] = decode(
+        "sample", loaded.model, loaded.tokenizer, ["the parser"], params, eos_token_ids=loaded.eos_token_ids
+    )
     assert done.text is not None and len(done.token_ids) <= 5
 
 

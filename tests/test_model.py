@@ -57,8 +57,10 @@ def test_cached_decoding_matches_full_forward(family, hf_model_dir):
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
         cache = ContiguousKVCache(model.config, ids.shape[0], ids.shape[1])
-        pieces = [model(ids[:, :7], attention_mask=mask[:, :7], cache=cache).logits,
-                  model(ids[:, 7:12], attention_mask=mask[:, :12], cache=cache).logits]
+        pieces = [
+            model(ids[:, :7], attention_mask=mask[:, :7], cache=cache).logits,
+            model(ids[:, 7:12], attention_mask=mask[:, :12], cache=cache).logits,
+        ]
         for t in range(12, ids.shape[1]):
             pieces.append(model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
     stepped = torch.cat(pieces, dim=1)
@@ -165,7 +167,9 @@ def test_moe_load_balancing_loss_matches_transformers(hf_model_dir):
     ids, _ = padded_batch(lengths=(12, 12))
     out = model(ids)
     assert len(out.router_logits) == model.config.num_layers
-    expected = load_balancing_loss_func(tuple(out.router_logits), model.config.num_experts, model.config.num_experts_per_token)
+    expected = load_balancing_loss_func(
+        tuple(out.router_logits), model.config.num_experts, model.config.num_experts_per_token
+    )
     got = load_balancing_loss(out.router_logits, model.config.num_experts, model.config.num_experts_per_token)
     torch.testing.assert_close(got, expected)
 
@@ -174,8 +178,16 @@ def test_dropout_applies_in_training_only():
     from genforge.config import Config
     from genforge.model import Transformer
 
-    fields = dict(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  intermediate_size=64, max_position_embeddings=64)
+    fields = dict(
+        family="llama",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     plain = Transformer(Config(**fields))
     dropped = Transformer(Config(**fields, dropout=0.5))

@@ -36,15 +36,16 @@ def onednn_calls(monkeypatch):
 def _case(seed, shape, bias=True, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, IN, generator=g, dtype=dtype)
-    weight = (torch.randn(OUT, IN, generator=g, dtype=dtype) * 0.1)
+    weight = torch.randn(OUT, IN, generator=g, dtype=dtype) * 0.1
     b = torch.randn(OUT, generator=g, dtype=dtype) if bias else None
     upstream = torch.randn(*shape, OUT, generator=g, dtype=dtype)
     return x, weight, b, upstream
 
 
 def _run(fn, x, weight, bias, upstream, grads=(True, True, True)):
-    leaves = [t.detach().clone().requires_grad_(want) if t is not None else None
-              for t, want in zip((x, weight, bias), grads)]
+    leaves = [
+        t.detach().clone().requires_grad_(want) if t is not None else None for t, want in zip((x, weight, bias), grads)
+    ]
     out = fn(*leaves)
     out.backward(upstream)
     return out, [t.grad if t is not None else None for t in leaves]
@@ -204,18 +205,39 @@ def test_repeated_steps_are_bit_identical():
 
 
 def _tiny(**fields):
-    base = {"family": "llama", "vocab_size": 512, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
-            "num_kv_heads": 2, "intermediate_size": 256}
+    base = {
+        "family": "llama",
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "intermediate_size": 256,
+    }
     return Config(**(base | fields))
 
 
 CONFIGS = {
     "llama-tied": _tiny(tie_word_embeddings=True),
     "mixtral": _tiny(family="mixtral", num_experts=4, num_experts_per_token=2),
-    "bert-mlm": _tiny(family="bert", causal=False, post_norm=True, norm="layernorm", activation="gelu",
-                      gated_mlp=False, position="learned", max_position_embeddings=64, qkv_bias=True,
-                      attn_out_bias=True, mlp_bias=True, type_vocab_size=2, embedding_norm=True,
-                      masked_lm_head=True, tie_word_embeddings=True, num_kv_heads=4),
+    "bert-mlm": _tiny(
+        family="bert",
+        causal=False,
+        post_norm=True,
+        norm="layernorm",
+        activation="gelu",
+        gated_mlp=False,
+        position="learned",
+        max_position_embeddings=64,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        type_vocab_size=2,
+        embedding_norm=True,
+        masked_lm_head=True,
+        tie_word_embeddings=True,
+        num_kv_heads=4,
+    ),
 }
 
 

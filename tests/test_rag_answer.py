@@ -36,12 +36,19 @@ def loose(**kw):
 def test_chunk_units_split_answers_not_wrapped_prose():
     text = "12. Q: What is BPE?\n\nA:\n\nMerges frequent pairs.\nStarts from characters.\n\nA long sentence that\nwraps in the source. Next one."
     units = [text[s:e] for s, e in chunk_units(Chunk(text, "x", 0, len(text)))]
-    assert units == ["What is BPE?", "Merges frequent pairs.", "Starts from characters.",
-                     "A long sentence that\nwraps in the source.", "Next one."]
+    assert units == [
+        "What is BPE?",
+        "Merges frequent pairs.",
+        "Starts from characters.",
+        "A long sentence that\nwraps in the source.",
+        "Next one.",
+    ]
 
 
 def test_extractive_answer_cites_the_chunks_it_quotes(retriever):
-    answer = Answerer(retriever, config=loose(max_sentences=2)).ask("how does paged attention store the key value cache")
+    answer = Answerer(retriever, config=loose(max_sentences=2)).ask(
+        "how does paged attention store the key value cache"
+    )
     assert answer.covered and answer.mode == "extractive"
     chunks = {c.chunk_id: c for c in retriever.index.chunks}
     for sentence in answer.sentences:
@@ -62,11 +69,16 @@ def test_low_confidence_gives_the_not_covered_answer(retriever):
 
 
 def test_generative_answer_sentences_are_checked_against_their_citations(retriever):
-    generator = FakeGenerator({"NOT COVERED": (
-        "Paged attention stores the key value cache in fixed size blocks [1]. "
-        "The dough must rise for two hours before baking [1]. "
-        "A block table maps sequences to physical blocks. "
-        "It is like virtual memory pages [7].")})
+    generator = FakeGenerator(
+        {
+            "NOT COVERED": (
+                "Paged attention stores the key value cache in fixed size blocks [1]. "
+                "The dough must rise for two hours before baking [1]. "
+                "A block table maps sequences to physical blocks. "
+                "It is like virtual memory pages [7]."
+            )
+        }
+    )
     answerer = Answerer(retriever, generator, loose(mode="generative", k=3))
     answer = answerer.ask("how does paged attention store the key value cache")
     prompt = generator.prompts[-1]
@@ -117,8 +129,9 @@ def test_openai_generator_sends_a_chat_request():
     client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
     generator = OpenAIGenerator("my-model", client=client)
     assert generator.complete("hello", max_tokens=7) == "Blocks [1]."
-    assert calls == [{"model": "my-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 7,
-                      "temperature": 0.0}]
+    assert calls == [
+        {"model": "my-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 7, "temperature": 0.0}
+    ]
 
 
 def test_genforge_model_as_generator(text_model_dir, retriever):
@@ -153,10 +166,22 @@ def test_openai_generator_through_the_official_client():
     class Endpoint(BaseHTTPRequestHandler):
         def do_POST(self):
             seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
-            body = json.dumps({"id": "c1", "object": "chat.completion", "created": 0, "model": "m",
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": "Blocks hold the cache [1]."}}],
-                               "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}}).encode()
+            body = json.dumps(
+                {
+                    "id": "c1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": "m",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": "Blocks hold the cache [1]."},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

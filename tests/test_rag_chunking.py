@@ -55,13 +55,25 @@ def test_qa_items_recovered_from_every_seed(seed_docs):
             # The title ends with "?" exactly when the question in the source does.
             question_part = re.split(r"\s+(?:A|Answer)\s*:", first_line)[0].rstrip("*# ").rstrip()
             assert c.title.endswith("?") == question_part.endswith("?")
-        assert sum(c.title.endswith("?") for c in chunks) >= 0.6 * len(chunks)  # some items are imperatives ("Explain ...")
+        assert sum(c.title.endswith("?") for c in chunks) >= 0.6 * len(
+            chunks
+        )  # some items are imperatives ("Explain ...")
     # Counts of items per file, by structure: two short lists, a 200-item guide with sections,
     # a 50-item list numbered from 51, and a chat export.
-    assert {p: len(qa_chunks(d)) for p, d in seed_docs.items() if p != "004"} == {"000": 10, "001": 10, "002": 200, "003": 50}
+    assert {p: len(qa_chunks(d)) for p, d in seed_docs.items() if p != "004"} == {
+        "000": 10,
+        "001": 10,
+        "002": 200,
+        "003": 50,
+    }
     assert [c.metadata["item"] for c in qa_chunks(seed_docs["003"])] == list(range(51, 101))
-    assert formats == {"000": "numbered_heading", "001": "numbered_heading", "002": "numbered_heading",
-                       "003": "numbered_line", "004": "numbered_q"}
+    assert formats == {
+        "000": "numbered_heading",
+        "001": "numbered_heading",
+        "002": "numbered_heading",
+        "003": "numbered_line",
+        "004": "numbered_q",
+    }
     # Section headings of the 200-item guide become the heading path, not item titles.
     assert all(len(c.heading_path) == 2 for c in qa_chunks(seed_docs["002"]))
 
@@ -81,7 +93,9 @@ def test_chat_export_duplicates_are_removed(seed_docs):
 
 
 def test_qa_formats_on_small_documents():
-    doc = Document("Q: What is a cache?\nA: A store of results.\n\nQ: Why batch requests?\nA: To share work.\n", "mem.txt")
+    doc = Document(
+        "Q: What is a cache?\nA: A store of results.\n\nQ: Why batch requests?\nA: To share work.\n", "mem.txt"
+    )
     chunks = qa_chunks(doc)
     assert [c.title for c in chunks] == ["What is a cache?", "Why batch requests?"]
     _assert_offsets(doc, chunks)
@@ -94,34 +108,57 @@ def test_numbered_list_is_not_taken_for_qa_items():
     assert qa_chunks(doc) == []
     assert [c.heading_path for c in chunk_document(doc)] == [["Setup"]]
     questions = "1. What is a cache?\nA store.\n2. Why batch?\nTo share work.\n3. When to stop?\nAt the end.\n"
-    assert [c.title for c in qa_chunks(Document(questions, "q.txt"))] == ["What is a cache?", "Why batch?", "When to stop?"]
+    assert [c.title for c in qa_chunks(Document(questions, "q.txt"))] == [
+        "What is a cache?",
+        "Why batch?",
+        "When to stop?",
+    ]
 
 
 def test_embedding_text_drops_layout_and_keeps_context():
     text = "### 7. What is a cache?\n**Answer:** A store of results.\n\n1. fast\n2. small"
-    chunk = Chunk(text, "c.md", 0, len(text), title="What is a cache?", heading_path=["Book", "Systems"],
-                  metadata={"item": 7, "question": "What is a cache?"})
+    chunk = Chunk(
+        text,
+        "c.md",
+        0,
+        len(text),
+        title="What is a cache?",
+        heading_path=["Book", "Systems"],
+        metadata={"item": 7, "question": "What is a cache?"},
+    )
     # The heading path leads, the labels and item numbers are gone, the words stay in order.
     assert chunk.embedding_text == "Book\nSystems\nWhat is a cache?\nA store of results.\nfast\nsmall"
     qa = "12. Q: Why batch requests?\n\nA:\n\nTo share work."
-    assert Chunk(qa, "c.txt", 0, len(qa), title="Why batch requests?").embedding_text == "Why batch requests?\nTo share work."
+    assert (
+        Chunk(qa, "c.txt", 0, len(qa), title="Why batch requests?").embedding_text
+        == "Why batch requests?\nTo share work."
+    )
     # A markdown section is not prefixed with the heading it starts with.
     section = "## Part A\n\nAlpha text."
-    assert Chunk(section, "g.md", 0, len(section), title="Part A", heading_path=["Guide", "Part A"]).embedding_text == \
-        "Guide\nPart A\nAlpha text."
+    assert (
+        Chunk(section, "g.md", 0, len(section), title="Part A", heading_path=["Guide", "Part A"]).embedding_text
+        == "Guide\nPart A\nAlpha text."
+    )
     # The content hash follows what is embedded, so a changed rule re-embeds.
     assert chunk.content_hash != Chunk(text, "c.md", 0, len(text)).content_hash
 
 
-TEXT = ("# Guide\n\nIntro sentence one. Intro sentence two!\n\n## Part A\n\nAlpha text here. More alpha?\n\n"
-        "### Detail\n\nDeep words.\n\n## Part B\n\n```\n# not a heading\n```\nBeta closes.\n")
+TEXT = (
+    "# Guide\n\nIntro sentence one. Intro sentence two!\n\n## Part A\n\nAlpha text here. More alpha?\n\n"
+    "### Detail\n\nDeep words.\n\n## Part B\n\n```\n# not a heading\n```\nBeta closes.\n"
+)
 
 
 def test_markdown_chunks_record_heading_paths():
     doc = Document(TEXT, "g.md")
     chunks = markdown_chunks(doc)
     _assert_offsets(doc, chunks)
-    assert [c.heading_path for c in chunks] == [["Guide"], ["Guide", "Part A"], ["Guide", "Part A", "Detail"], ["Guide", "Part B"]]
+    assert [c.heading_path for c in chunks] == [
+        ["Guide"],
+        ["Guide", "Part A"],
+        ["Guide", "Part A", "Detail"],
+        ["Guide", "Part B"],
+    ]
     assert "# not a heading" in chunks[-1].text
 
 

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAGES = {
     "paging.md": "# Paged attention\n\nPaged attention keeps the key-value cache in fixed-size blocks, the way an "
-                 "operating system keeps virtual memory in pages. A block table maps every sequence to its blocks.\n\n"
-                 "## Memory\n\nBecause blocks are small, at most one partly filled block per sequence is wasted.\n",
+    "operating system keeps virtual memory in pages. A block table maps every sequence to its blocks.\n\n"
+    "## Memory\n\nBecause blocks are small, at most one partly filled block per sequence is wasted.\n",
     "lora.md": "# LoRA\n\nLoRA freezes the pretrained weights and trains two small low-rank matrices beside each one.\n",
     "bread.txt": "Knead the dough for ten minutes, let it rise for two hours and bake it in a hot oven.\n",
 }
@@ -33,7 +33,10 @@ def index_dir(tmp_path_factory):
 
 def test_index_skips_bad_files_and_search_prints_hits(index_dir, capsys):
     assert (index_dir / "manifest.json").is_file()
-    assert main(["rag", "search", "where is the key value cache kept", "--index", str(index_dir), "-k", "2", "--json"]) == 0
+    assert (
+        main(["rag", "search", "where is the key value cache kept", "--index", str(index_dir), "-k", "2", "--json"])
+        == 0
+    )
     hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(hits) == 2 and Path(hits[0]["source"]).name == "paging.md" and hits[0]["rank"] == 1
     assert "blocks" in hits[0]["text"]
@@ -47,7 +50,7 @@ def test_ask_with_a_session_rewrites_the_follow_up(index_dir, tmp_path, capsys):
     assert first["covered"] and Path(first["citations"][0]["source"]).name == "paging.md"
     for sentence in first["sentences"]:
         cited = first["citations"][sentence["citations"][0] - 1]
-        text = (Path(cited["source"]).read_text())[cited["start"]:cited["end"]]
+        text = (Path(cited["source"]).read_text())[cited["start"] : cited["end"]]
         assert " ".join(sentence["text"].split()) in " ".join(text.split())
     assert main(["rag", "ask", "how much memory does it waste?", *common]) == 0
     second = json.loads(capsys.readouterr().out)
@@ -63,13 +66,35 @@ def test_ask_outside_the_corpus_is_not_covered(index_dir, capsys):
 @pytest.mark.slow  # ranx compiles its metrics with numba on first use
 def test_eval_reports_every_system(index_dir, tmp_path, capsys):
     queries = tmp_path / "q.jsonl"
-    queries.write_text(json.dumps({"id": "p", "text": "blocks of the attention cache"}) + "\n"
-                       + json.dumps({"id": "l", "text": "low-rank adapters on frozen weights"}) + "\n")
+    queries.write_text(
+        json.dumps({"id": "p", "text": "blocks of the attention cache"})
+        + "\n"
+        + json.dumps({"id": "l", "text": "low-rank adapters on frozen weights"})
+        + "\n"
+    )
     qrels = tmp_path / "qrels.txt"
     qrels.write_text("p 0 paging.md 1\nl 0 lora.md 1\n")
     out = tmp_path / "result.json"
-    assert main(["rag", "eval", "--queries", str(queries), "--qrels", str(qrels), "--index", str(index_dir),
-                 "--doc-id", "file", "--answers", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "rag",
+                "eval",
+                "--queries",
+                str(queries),
+                "--qrels",
+                str(qrels),
+                "--index",
+                str(index_dir),
+                "--doc-id",
+                "file",
+                "--answers",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| bm25 |" in printed and "| hybrid |" in printed and "citation_precision" in printed
     result = json.loads(out.read_text())
@@ -121,8 +146,24 @@ def test_index_and_search_on_milvus_lite(tmp_path, capsys):
     for name, text in PAGES.items():
         (corpus / name).write_text(text)
     out = tmp_path / "idx"
-    assert main(["rag", "index", str(corpus), "--index", str(out), "--max-tokens", "128",
-                 "--backend", "milvus", "--milvus-uri", str(tmp_path / "rag.db")]) == 0
+    assert (
+        main(
+            [
+                "rag",
+                "index",
+                str(corpus),
+                "--index",
+                str(out),
+                "--max-tokens",
+                "128",
+                "--backend",
+                "milvus",
+                "--milvus-uri",
+                str(tmp_path / "rag.db"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["rag", "search", "low rank adapters", "--index", str(out), "-k", "1", "--json"]) == 0
     assert Path(json.loads(capsys.readouterr().out)["source"]).name == "lora.md"
@@ -133,8 +174,18 @@ def test_index_and_search_on_milvus_lite(tmp_path, capsys):
 
 def test_search_with_late_interaction_reranking(index_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GENFORGE_CACHE_DIR", str(tmp_path / "cache"))
-    command = ["rag", "search", "where is the key value cache kept", "--index", str(index_dir), "-k", "2",
-               "--rerank", "late", "--json"]
+    command = [
+        "rag",
+        "search",
+        "where is the key value cache kept",
+        "--index",
+        str(index_dir),
+        "-k",
+        "2",
+        "--rerank",
+        "late",
+        "--json",
+    ]
     assert main(command) == 0
     hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert Path(hits[0]["source"]).name == "paging.md"
@@ -180,8 +231,22 @@ def test_the_wheel_carries_every_doc(tmp_path):
         shutil.copy(root / name, source / name)
     for name in ("src", "docs"):
         shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
-                    "-w", str(tmp_path)], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(source),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     (wheel,) = tmp_path.glob("genforge-*.whl")
     shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/data/share/genforge/docs/" in n}
     assert shipped == {p.name for p in (root / "docs").glob("*.md")}

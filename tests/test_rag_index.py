@@ -37,9 +37,18 @@ class HashEmbedder:
         return out
 
 
-TOPICS = ["cache keys values decoding", "rotary position angles", "beam search hypotheses",
-          "quantization int8 weights", "adapter low rank updates", "retrieval sparse dense fusion"]
-DOC = Document("".join(f"## {i + 1}. What about {t}?\nAnswer on {t} with detail {i}.\n\n" for i, t in enumerate(TOPICS)), "topics.md")
+TOPICS = [
+    "cache keys values decoding",
+    "rotary position angles",
+    "beam search hypotheses",
+    "quantization int8 weights",
+    "adapter low rank updates",
+    "retrieval sparse dense fusion",
+]
+DOC = Document(
+    "".join(f"## {i + 1}. What about {t}?\nAnswer on {t} with detail {i}.\n\n" for i, t in enumerate(TOPICS)),
+    "topics.md",
+)
 
 
 def test_round_trip_keeps_results(tmp_path):
@@ -115,9 +124,13 @@ def synthetic_chunks(n_docs: int = 12, items: int = 40, seed: int = 0, suffixes=
     chunks = []
     for d in range(n_docs):
         suffix = suffixes[d % len(suffixes)]
-        text = "".join(f"## {i + 1}. Question {' '.join(rng.choice(WORDS, 4))}?\n{' '.join(rng.choice(WORDS, 25))}.\n\n"
-                       for i in range(items))
-        doc = Document(text, f"docs/file{d}{suffix}", {"format": "markdown" if suffix == ".md" else "text", "team": f"t{d % 3}"})
+        text = "".join(
+            f"## {i + 1}. Question {' '.join(rng.choice(WORDS, 4))}?\n{' '.join(rng.choice(WORDS, 25))}.\n\n"
+            for i in range(items)
+        )
+        doc = Document(
+            text, f"docs/file{d}{suffix}", {"format": "markdown" if suffix == ".md" else "text", "team": f"t{d % 3}"}
+        )
         chunks.extend(chunk_document(doc, "qa"))
     return chunks
 
@@ -146,7 +159,11 @@ def test_ivf_trains_quantizer_and_matches_exact_with_full_probe(tmp_path):
     rng = np.random.default_rng(1)
     for _ in range(5):
         q = rng.standard_normal(emb.dimension).astype(np.float32)
-        assert ranked_ids(ivf, ivf.dense_search(q, 10)) == exact_dense(flat, q, 10) == ranked_ids(flat, flat.dense_search(q, 10))
+        assert (
+            ranked_ids(ivf, ivf.dense_search(q, 10))
+            == exact_dense(flat, q, 10)
+            == ranked_ids(flat, flat.dense_search(q, 10))
+        )
     ivf.save(tmp_path / "ivf")
     loaded = HybridIndex.load(tmp_path / "ivf", emb)
     assert loaded.dense_kind == "ivf" and loaded.store.nprobe == nlist
@@ -208,7 +225,9 @@ def test_incremental_updates_match_a_full_rebuild(kind, tmp_path):
         # BM25 is re-fitted from the stored texts, so every score equals a fresh build's (compared
         # over all matches: ties at a top-k cut-off may be broken differently).
         every = len(final)
-        assert sorted(ranked_ids(index, index.sparse_search(query, every))) == sorted(ranked_ids(rebuilt, rebuilt.sparse_search(query, every)))
+        assert sorted(ranked_ids(index, index.sparse_search(query, every))) == sorted(
+            ranked_ids(rebuilt, rebuilt.sparse_search(query, every))
+        )
     # Saved and loaded, the incrementally updated index answers the same; new ids never reuse old ones.
     index.save(tmp_path / "idx")
     loaded = HybridIndex.load(tmp_path / "idx", emb)
@@ -224,7 +243,9 @@ def test_sync_folder_detects_added_changed_removed_files(tmp_path):
     folder = tmp_path / "docs"
     folder.mkdir()
     for i, topic in enumerate(TOPICS[:4]):
-        (folder / f"f{i}.md").write_text(f"## 1. What is {topic}?\nIt is about {topic}.\n\n## 2. Why {topic}?\nBecause {i}.\n")
+        (folder / f"f{i}.md").write_text(
+            f"## 1. What is {topic}?\nIt is about {topic}.\n\n## 2. Why {topic}?\nBecause {i}.\n"
+        )
     emb = HashEmbedder()
     index, skipped = HybridIndex.build_from_paths([folder], emb, strategy="qa")
     assert skipped == [] and len(index.chunks) == 8 and len(index.file_hashes) == 4
@@ -232,10 +253,10 @@ def test_sync_folder_detects_added_changed_removed_files(tmp_path):
     index = HybridIndex.load(tmp_path / "idx", emb)
     calls = len(emb.calls)
     (folder / "f0.md").write_text((folder / "f0.md").read_text().replace("Because 0.", "Because zero."))  # changed
-    (folder / "f1.md").unlink()                                                                         # removed
-    (folder / "f9.md").write_text("## 1. What is new?\nSomething.\n\n## 2. And else?\nMore.\n")           # added
-    (folder / "bad.bin").write_bytes(b"\x00\x01")                                                       # skipped
-    (folder / "f2.md").touch()                                                                          # same bytes
+    (folder / "f1.md").unlink()  # removed
+    (folder / "f9.md").write_text("## 1. What is new?\nSomething.\n\n## 2. And else?\nMore.\n")  # added
+    (folder / "bad.bin").write_bytes(b"\x00\x01")  # skipped
+    (folder / "f2.md").touch()  # same bytes
     version = index.version
     report = index.sync([folder], emb, strategy="qa")
     f = lambda name: str(folder / name)  # noqa: E731
@@ -258,12 +279,14 @@ def test_metadata_filters_in_every_faiss_kind_and_bm25():
     flat = HybridIndex.build(chunks, emb)
     rng = np.random.default_rng(3)
     q = rng.standard_normal(emb.dimension).astype(np.float32)
-    cases = [({"source": "docs/file2.md"}, lambda c: c.source == "docs/file2.md"),
-             ({"source": ["docs/file1.txt", "docs/file6.md"]}, lambda c: c.source in ("docs/file1.txt", "docs/file6.md")),
-             ({"extension": ".txt", "team": "t1"}, lambda c: c.source.endswith(".txt") and c.metadata["team"] == "t1"),
-             ({"item": [3, 4], "format": "markdown"}, lambda c: c.metadata["item"] in (3, 4) and c.source.endswith(".md")),
-             ({"item": True}, lambda c: False),   # True is not item 1
-             ({"missing_key": "x"}, lambda c: False)]
+    cases = [
+        ({"source": "docs/file2.md"}, lambda c: c.source == "docs/file2.md"),
+        ({"source": ["docs/file1.txt", "docs/file6.md"]}, lambda c: c.source in ("docs/file1.txt", "docs/file6.md")),
+        ({"extension": ".txt", "team": "t1"}, lambda c: c.source.endswith(".txt") and c.metadata["team"] == "t1"),
+        ({"item": [3, 4], "format": "markdown"}, lambda c: c.metadata["item"] in (3, 4) and c.source.endswith(".md")),
+        ({"item": True}, lambda c: False),  # True is not item 1
+        ({"missing_key": "x"}, lambda c: False),
+    ]
     for kind in ("flat", "hnsw", "ivf"):
         index = HybridIndex.build(chunks, emb, dense=kind, cache=flat.embedding_cache())
         if kind == "ivf":
@@ -281,10 +304,16 @@ def test_metadata_filters_in_every_faiss_kind_and_bm25():
     # BM25 under a filter: the unfiltered scores of the passing chunks, best first.
     everything = dict(flat.sparse_search("question w5 w9 w11", len(chunks)))
     filtered = flat.sparse_search("question w5 w9 w11", 5, filters={"source": "docs/file2.md"})
-    want = sorted(((p, s) for p, s in everything.items() if chunks[p].source == "docs/file2.md"), key=lambda t: -t[1])[:5]
+    want = sorted(((p, s) for p, s in everything.items() if chunks[p].source == "docs/file2.md"), key=lambda t: -t[1])[
+        :5
+    ]
     assert [round(s, 5) for _, s in filtered] == [round(s, 5) for _, s in want] and filtered
-    for bad, message in [({"source": {"a": 1}}, "accepted: str, int, float, bool"), ({"source": []}, "lists no values"),
-                         ({"bad key!": 1}, "filter field 'bad key!'"), ("source=a", "filters must be a dict")]:
+    for bad, message in [
+        ({"source": {"a": 1}}, "accepted: str, int, float, bool"),
+        ({"source": []}, "lists no values"),
+        ({"bad key!": 1}, "filter field 'bad key!'"),
+        ("source=a", "filters must be a dict"),
+    ]:
         with pytest.raises(RagIndexError, match=message):
             flat.dense_search(q, 3, filters=bad)
 
@@ -301,7 +330,10 @@ def test_query_cache_returns_repeats_and_is_invalidated_by_changes():
     # Other options are other entries.
     index.dense_search(q, 6), index.dense_search(q, 5, filters={"source": "docs/file0.md"})
     assert index.query_cache.hits == 2
-    assert index.cached(("fused", "w1"), lambda: [1, 2]) == [1, 2] and index.cached(("fused", "w1"), lambda: [3]) == [1, 2]
+    assert index.cached(("fused", "w1"), lambda: [1, 2]) == [1, 2] and index.cached(("fused", "w1"), lambda: [3]) == [
+        1,
+        2,
+    ]
     # A new chunk identical to the query must show up at once: the version bump empties the cache.
     probe = Chunk("question w1 w2", "docs/probe.md", 0, 14)
     index.add([probe], emb)
@@ -326,12 +358,16 @@ def test_format_1_index_is_read_and_converted(tmp_path):
     faiss.write_index(bare, str(tmp_path / "idx" / "dense.faiss"))
     (tmp_path / "idx" / "ids.npy").unlink()
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
-    manifest = {k: manifest[k] for k in ("embedding_model", "dimension", "dense_index", "chunks")} | {"format_version": 1}
+    manifest = {k: manifest[k] for k in ("embedding_model", "dimension", "dense_index", "chunks")} | {
+        "format_version": 1
+    }
     (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
     old = HybridIndex.load(tmp_path / "idx", emb)
     q = emb.embed(["rotary position angles"])[0]
     assert ranked_ids(old, old.dense_search(q, 3)) == ranked_ids(index, index.dense_search(q, 3))
-    assert old.delete("topics.md") == len(chunks) and old.dense_search(q, 3) == [] and old.sparse_search("rotary", 3) == []
+    assert (
+        old.delete("topics.md") == len(chunks) and old.dense_search(q, 3) == [] and old.sparse_search("rotary", 3) == []
+    )
 
 
 def test_updates_with_another_model_or_bad_options_are_refused_before_any_change():
@@ -340,8 +376,11 @@ def test_updates_with_another_model_or_bad_options_are_refused_before_any_change
     index = HybridIndex.build(chunks, emb)
     before = (len(index.chunks), index.version, index.store.count())
     other = HashEmbedder("another-model")
-    for update in (lambda: index.add(chunks[:1], other), lambda: index.upsert(chunks[:3], other),
-                   lambda: index.sync([], other)):
+    for update in (
+        lambda: index.add(chunks[:1], other),
+        lambda: index.upsert(chunks[:3], other),
+        lambda: index.sync([], other),
+    ):
         with pytest.raises(RagIndexError, match="holds vectors of 'hash-bow-64'.*'another-model'"):
             update()
     assert (len(index.chunks), index.version, index.store.count()) == before

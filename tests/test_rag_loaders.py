@@ -59,7 +59,16 @@ def test_bad_files_are_reported_and_skipped_without_aborting(tmp_path):
     docs, skipped = load_documents([tmp_path, tmp_path / "missing.md"])
     assert [d.source.rsplit("/", 1)[-1] for d in docs] == ["good.txt"]
     reasons = {path.rsplit("/", 1)[-1]: reason for path, reason in skipped}
-    assert set(reasons) == {"empty.txt", "blob.txt", "data.xyz", "broken.pdf", "fake.docx", "locked.pdf", "blank.pdf", "missing.md"}
+    assert set(reasons) == {
+        "empty.txt",
+        "blob.txt",
+        "data.xyz",
+        "broken.pdf",
+        "fake.docx",
+        "locked.pdf",
+        "blank.pdf",
+        "missing.md",
+    }
     assert "empty" in reasons["empty.txt"]
     assert "binary" in reasons["blob.txt"]
     assert "unknown extension '.xyz'" in reasons["data.xyz"] and ".pdf" in reasons["data.xyz"]

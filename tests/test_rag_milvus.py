@@ -65,21 +65,34 @@ def test_faiss_exact_and_milvus_lite_flat_agree_on_the_seeds_corpus(lite_uri):
     chunks = [c for d in documents for c in chunk_document(d, "qa")]
     emb = WideHashEmbedder()
     faiss_index = HybridIndex.build(chunks, emb)
-    milvus_index = HybridIndex.build(chunks, emb, backend="milvus", milvus_uri=lite_uri, cache=faiss_index.embedding_cache())
+    milvus_index = HybridIndex.build(
+        chunks, emb, backend="milvus", milvus_uri=lite_uri, cache=faiss_index.embedding_cache()
+    )
     try:
         assert milvus_index.backend == "milvus" and milvus_index.store.count() == len(chunks) > 600
-        queries = ["how does attention scale with sequence length", "low rank adapters for fine tuning",
-                   "reward model preference data", "tokenizer merges frequent pairs", "retrieval augmented generation"]
+        queries = [
+            "how does attention scale with sequence length",
+            "low rank adapters for fine tuning",
+            "reward model preference data",
+            "tokenizer merges frequent pairs",
+            "retrieval augmented generation",
+        ]
         rng = np.random.default_rng(0)
-        vectors = [emb.embed([q])[0] for q in queries] + list(rng.standard_normal((5, emb.dimension)).astype(np.float32))
+        vectors = [emb.embed([q])[0] for q in queries] + list(
+            rng.standard_normal((5, emb.dimension)).astype(np.float32)
+        )
         for q in vectors:
             expected = top_k(faiss_index, faiss_index.dense_search(q, 10))
             assert_same_top_k(top_k(milvus_index, milvus_index.dense_search(q, 10)), expected)
         # Filters run as a Milvus expression on one side and a FAISS id selector on the other.
         name = documents[2].source
-        for filters in ({"source": name}, {"source": [documents[0].source, documents[4].source]},
-                        {"item": [1, 2, 3, 50]}, {"extension": ".txt", "qa_format": chunks[0].metadata["qa_format"]},
-                        {"source": "no/such/file.txt"}):
+        for filters in (
+            {"source": name},
+            {"source": [documents[0].source, documents[4].source]},
+            {"item": [1, 2, 3, 50]},
+            {"extension": ".txt", "qa_format": chunks[0].metadata["qa_format"]},
+            {"source": "no/such/file.txt"},
+        ):
             for q in vectors[:3]:
                 got = top_k(milvus_index, milvus_index.dense_search(q, 10, filters=filters))
                 want = top_k(faiss_index, faiss_index.dense_search(q, 10, filters=filters))
@@ -124,7 +137,9 @@ def test_milvus_approximate_kinds(kind, lite_uri):
     emb = HashEmbedder()
     chunks = synthetic_chunks(n_docs=10, items=40)
     exact = HybridIndex.build(chunks, emb)
-    index = HybridIndex.build(chunks, emb, dense=kind, backend="milvus", milvus_uri=lite_uri, cache=exact.embedding_cache())
+    index = HybridIndex.build(
+        chunks, emb, dense=kind, backend="milvus", milvus_uri=lite_uri, cache=exact.embedding_cache()
+    )
     try:
         if kind == "ivf":
             assert index.store.search_params["nprobe"] == 1
@@ -150,7 +165,8 @@ def test_bad_uris_and_filter_expressions():
     assert emb.calls == []  # refused before any embedding work
     # Strings are quoted with escapes; JSON keys with "in" become or-ed equalities.
     assert filter_expression({"source": ('a"b\\c', "d"), "item": (1, 2), "flag": (True,)}) == (
-        'source in ["a\\"b\\\\c", "d"] and (metadata["item"] == 1 or metadata["item"] == 2) and (metadata["flag"] == true)')
+        'source in ["a\\"b\\\\c", "d"] and (metadata["item"] == 1 or metadata["item"] == 2) and (metadata["flag"] == true)'
+    )
     assert filter_expression(None) == ""
 
 
@@ -170,8 +186,14 @@ def test_quoted_source_filter_round_trips_through_milvus(lite_uri):
 def test_milvus_server_by_uri():
     emb = HashEmbedder()
     chunks = synthetic_chunks(n_docs=2)
-    index = HybridIndex.build(chunks, emb, backend="milvus", milvus_uri=os.environ["GENFORGE_MILVUS_URI"],
-                              milvus_token=os.environ.get("GENFORGE_MILVUS_TOKEN"), milvus_collection="genforge_test")
+    index = HybridIndex.build(
+        chunks,
+        emb,
+        backend="milvus",
+        milvus_uri=os.environ["GENFORGE_MILVUS_URI"],
+        milvus_token=os.environ.get("GENFORGE_MILVUS_TOKEN"),
+        milvus_collection="genforge_test",
+    )
     exact = HybridIndex.build(chunks, emb)
     try:
         q = emb.embed(["question w1"])[0]

@@ -71,8 +71,10 @@ def test_passage_token_vectors_are_cached_by_content(tokens, tmp_path):
 
 def test_late_interaction_scores_are_maxsim_per_query_token(tokens):
     reranker = LateInteractionReranker(tokens)
-    chunks = [chunk("Bake the bread in a hot oven for forty minutes."),
-              chunk("The KV cache stores keys and values of earlier tokens.", 1)]
+    chunks = [
+        chunk("Bake the bread in a hot oven for forty minutes."),
+        chunk("The KV cache stores keys and values of earlier tokens.", 1),
+    ]
     scores = reranker.score("what does the key value cache store", chunks)
     q = tokens.encode(["what does the key value cache store"])[0]
     want = maxsim(q, tokens.documents([c.text for c in chunks])) / len(q)
@@ -87,8 +89,15 @@ def cross_encoder_dir(tmp_path_factory):
     from genforge.encoder import default_encoder_path
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
     model = BertForSequenceClassification(config).eval()
     directory = tmp_path_factory.mktemp("cross-encoder")
     model.save_pretrained(directory)
@@ -101,15 +110,27 @@ def test_cross_encoder_scores_match_the_model(cross_encoder_dir):
 
     model, directory = cross_encoder_dir
     reranker = CrossEncoderReranker(directory, max_length=128)
-    chunks = [chunk("LoRA adds low rank adapters."), chunk("Bread needs an hour to rise.", 1), chunk("BM25 ranks by terms.", 2)]
+    chunks = [
+        chunk("LoRA adds low rank adapters."),
+        chunk("Bread needs an hour to rise.", 1),
+        chunk("BM25 ranks by terms.", 2),
+    ]
     got = reranker.score("how does lora work", chunks)
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    batch = tokenizer(["how does lora work"] * 3, [c.text for c in chunks], padding=True, truncation=True,
-                      max_length=128, return_tensors="pt")
+    batch = tokenizer(
+        ["how does lora work"] * 3,
+        [c.text for c in chunks],
+        padding=True,
+        truncation=True,
+        max_length=128,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         logits = model(**batch).logits[:, 0]
     # sentence-transformers applies a sigmoid to single-label outputs: same order, (0, 1) scale.
-    assert got == pytest.approx(torch.sigmoid(logits).numpy(), abs=1e-5) or got == pytest.approx(logits.numpy(), abs=1e-5)
+    assert got == pytest.approx(torch.sigmoid(logits).numpy(), abs=1e-5) or got == pytest.approx(
+        logits.numpy(), abs=1e-5
+    )
     assert list(np.argsort(-got)) == list(np.argsort(-logits.numpy()))
 
 

@@ -117,14 +117,17 @@ def test_search_modes_and_adaptive_k(tiny):
     assert all(h.score >= 0.9 * sharp[0].score for h in sharp)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="fuzzy"), "accepted: dense, sparse, hybrid"),
-    (dict(fusion="max"), "accepted: rrf, weighted"),
-    (dict(expansion="magic"), "accepted: prf, hyde, multi_query"),
-    (dict(expansion="hyde"), "needs a generator"),
-    (dict(rerank=True), "needs a re-ranker"),
-    (dict(k=0), "k must be positive"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(mode="fuzzy"), "accepted: dense, sparse, hybrid"),
+        (dict(fusion="max"), "accepted: rrf, weighted"),
+        (dict(expansion="magic"), "accepted: prf, hyde, multi_query"),
+        (dict(expansion="hyde"), "needs a generator"),
+        (dict(rerank=True), "needs a re-ranker"),
+        (dict(k=0), "k must be positive"),
+    ],
+)
 def test_search_refuses_bad_options_before_work(tiny, kwargs, message):
     with pytest.raises(ValueError, match=message):
         tiny.search("lora adapters", **kwargs)
@@ -136,8 +139,9 @@ def test_rm3_relevance_model_matches_hand_computation():
     from genforge.rag.expand import relevance_model
 
     # Feedback docs (after stop words): d1 = [cache, blocks, cache], d2 = [blocks, pages]; doc weights 2:1.
-    model = relevance_model("cache", ["the cache and the blocks cache", "blocks pages"], [2.0, 1.0],
-                            fb_terms=10, original_weight=0.5)
+    model = relevance_model(
+        "cache", ["the cache and the blocks cache", "blocks pages"], [2.0, 1.0], fb_terms=10, original_weight=0.5
+    )
     # P(t|R): cache = 2/3 * 2/3 = 4/9; blocks = 2/3 * 1/3 + 1/3 * 1/2 = 7/18; pages = 1/3 * 1/2 = 1/6 (sum 1)
     assert model == pytest.approx({"cache": 0.5 + 0.5 * 4 / 9, "blocks": 0.5 * 7 / 18, "pages": 0.5 * 1 / 6})
     assert sum(model.values()) == pytest.approx(1.0)
@@ -166,14 +170,22 @@ def test_prf_finds_a_chunk_that_shares_no_word_with_the_query(tiny):
 def test_hyde_and_multi_query_use_the_generator(tiny):
     from genforge.rag import Retriever
 
-    generator = FakeGenerator({"Passage:": "Low rank adapters are trained beside the frozen weights.",
-                               "Queries:": "1. low rank adapters\n2. frozen base model adapters\n- low rank adapters"})
+    generator = FakeGenerator(
+        {
+            "Passage:": "Low rank adapters are trained beside the frozen weights.",
+            "Queries:": "1. low rank adapters\n2. frozen base model adapters\n- low rank adapters",
+        }
+    )
     retriever = Retriever(tiny.index, tiny.embedder, generator=generator)
     hyde = retriever.search("cheap finetuning", k=2, mode="dense", expansion="hyde")
     assert hyde[0].chunk.source == "lora.md" and "cheap finetuning" in generator.prompts[0]
     from genforge.rag.expand import multi_queries
 
-    assert multi_queries(generator, "cheap finetuning") == ["cheap finetuning", "low rank adapters", "frozen base model adapters"]
+    assert multi_queries(generator, "cheap finetuning") == [
+        "cheap finetuning",
+        "low rank adapters",
+        "frozen base model adapters",
+    ]
     multi = retriever.search("cheap finetuning", k=2, mode="sparse", expansion="multi_query")
     # BM25 finds nothing for the question itself; the generated phrasings find both LoRA chunks.
     assert retriever.search("cheap finetuning", k=2, mode="sparse") == []
@@ -187,7 +199,9 @@ def test_multi_hop_rewrites_the_question_from_what_it_found(tiny):
     from genforge.rag import Retriever
 
     generator = FakeGenerator({"missing information": "block table"})
-    hits, queries = Retriever(tiny.index, tiny.embedder, generator=generator).multi_hop("paged attention", hops=2, k=4, mode="sparse")
+    hits, queries = Retriever(tiny.index, tiny.embedder, generator=generator).multi_hop(
+        "paged attention", hops=2, k=4, mode="sparse"
+    )
     assert queries == ["paged attention", "block table"]
     assert 1 in [h.chunk.metadata["item"] for h in hits]
 
@@ -201,7 +215,9 @@ def test_rerank_replaces_or_fuses_the_first_stage_order(tiny):
 
     retriever = Retriever(tiny.index, tiny.embedder, reranker=Reverse())
     first = [h.position for h in retriever.search("cache blocks memory", k=4, mode="dense")]
-    replaced = retriever.search("cache blocks memory", k=4, mode="dense", rerank=True, rerank_depth=3, rerank_fusion="replace")
+    replaced = retriever.search(
+        "cache blocks memory", k=4, mode="dense", rerank=True, rerank_depth=3, rerank_fusion="replace"
+    )
     assert [h.position for h in replaced] == [first[2], first[1], first[0], first[3]]
     assert replaced[0].details["rerank"] == 2.0
     fused = retriever.search("cache blocks memory", k=4, mode="dense", rerank=True, rerank_depth=3, rerank_fusion="rrf")
@@ -214,11 +230,17 @@ def test_duplicate_questions_rank_together():
     from genforge.rag.retrieve import group_duplicate_questions, question_key
 
     def item(question, n):
-        return Chunk(f"{question} answer {n}", "faq.txt", 0, 10, title=question, metadata={"item": n, "question": question})
+        return Chunk(
+            f"{question} answer {n}", "faq.txt", 0, 10, title=question, metadata={"item": n, "question": question}
+        )
 
-    chunks = [item("What is BPE (Byte Pair Encoding)?", 0), item("What is LoRA?", 1),
-              item("What is Byte Pair Encoding (BPE)?", 2), item("What is the KV cache?", 3),
-              Chunk("plain text", "notes.md", 0, 10, title="What is LoRA?")]
+    chunks = [
+        item("What is BPE (Byte Pair Encoding)?", 0),
+        item("What is LoRA?", 1),
+        item("What is Byte Pair Encoding (BPE)?", 2),
+        item("What is the KV cache?", 3),
+        Chunk("plain text", "notes.md", 0, 10, title="What is LoRA?"),
+    ]
     # Order, case, punctuation and filler words do not change the question; content words do.
     assert question_key(chunks[0]) == question_key(chunks[2]) == frozenset({"bpe", "byte", "pair", "encoding"})
     assert question_key(chunks[4]) is None  # not a Q&A item
@@ -237,10 +259,26 @@ def test_search_groups_duplicates_by_default(tiny):
     embedder = HashEmbedder()
     chunks = tiny_chunks()
     # Two items asking the same question with differently worded answers; the query matches one.
-    chunks.append(Chunk("Paged attention keeps cache blocks in a table.", "faq.txt", 0, 46, title="What is paged attention?",
-                        metadata={"item": 1, "question": "What is paged attention?"}))
-    chunks.append(Chunk("It was introduced by vLLM for serving.", "faq.txt", 47, 85, title="what is PAGED attention",
-                        metadata={"item": 2, "question": "what is PAGED attention"}))
+    chunks.append(
+        Chunk(
+            "Paged attention keeps cache blocks in a table.",
+            "faq.txt",
+            0,
+            46,
+            title="What is paged attention?",
+            metadata={"item": 1, "question": "What is paged attention?"},
+        )
+    )
+    chunks.append(
+        Chunk(
+            "It was introduced by vLLM for serving.",
+            "faq.txt",
+            47,
+            85,
+            title="what is PAGED attention",
+            metadata={"item": 2, "question": "what is PAGED attention"},
+        )
+    )
     retriever = Retriever(HybridIndex.build(chunks, embedder), embedder)
     query = "table of cache blocks"
     kept = [h.chunk.metadata["item"] for h in retriever.search(query, k=4, duplicates="keep")]
@@ -254,7 +292,13 @@ def test_search_groups_duplicates_by_default(tiny):
 def test_inflected_forms_only():
     from genforge.rag.retrieve import inflected_forms
 
-    for a, b in [("cache", "cached"), ("caching", "cache"), ("key", "keys"), ("merges", "merging"), ("query", "queries")]:
+    for a, b in [
+        ("cache", "cached"),
+        ("caching", "cache"),
+        ("key", "keys"),
+        ("merges", "merging"),
+        ("query", "queries"),
+    ]:
         assert inflected_forms(a, b) and inflected_forms(b, a)
     for a, b in [("token", "tokenizer"), ("preferred", "preference"), ("cache", "cache"), ("is", "its")]:
         assert not inflected_forms(a, b)
@@ -271,8 +315,10 @@ def test_word_forms_let_bm25_match_another_inflection(tiny):
     # Each query word scores by its best form: the sum of per-form maxima, computed by hand.
     bm25 = tiny.index.bm25
     for position, score in forms:
-        by_hand = sum(max(float(bm25.get_scores([f])[position]) for f in group if f in bm25.vocab_dict)
-                      for group in (["trains", "training"], ["adapters"]))
+        by_hand = sum(
+            max(float(bm25.get_scores([f])[position]) for f in group if f in bm25.vocab_dict)
+            for group in (["trains", "training"], ["adapters"])
+        )
         assert score == pytest.approx(by_hand)
     # Filters apply, and a query with no other forms in the index is plain BM25.
     assert tiny.word_form_search(query, 5, filters={"source": "paged.md"}) == []

@@ -27,13 +27,16 @@ def test_topic_drops_question_words():
     assert topic_of("how does paged attention work?") == "paged attention"
 
 
-@pytest.mark.parametrize("follow_up, expected", [
-    ("what about its memory cost?", "what about paged attention's memory cost?"),
-    ("is it used in vLLM?", "is paged attention used in vLLM?"),
-    ("and the memory cost?", "and the memory cost (paged attention)?"),
-    ("what is BM25?", "what is BM25?"),  # a new, standalone question stays as it is
-    ("does paged attention waste memory?", "does paged attention waste memory?"),
-])
+@pytest.mark.parametrize(
+    "follow_up, expected",
+    [
+        ("what about its memory cost?", "what about paged attention's memory cost?"),
+        ("is it used in vLLM?", "is paged attention used in vLLM?"),
+        ("and the memory cost?", "and the memory cost (paged attention)?"),
+        ("what is BM25?", "what is BM25?"),  # a new, standalone question stays as it is
+        ("does paged attention waste memory?", "does paged attention waste memory?"),
+    ],
+)
 def test_follow_ups_are_rewritten_from_the_previous_topic(follow_up, expected):
     assert rewrite_followup(follow_up, [turn("how does paged attention work?")]) == expected
     assert rewrite_followup(follow_up, []) == follow_up
@@ -48,7 +51,9 @@ def test_generator_rewrites_with_the_history():
 
 def test_turns_persist_with_a_schema_version(tmp_path):
     embedder = HashEmbedder()
-    answerer = Answerer(Retriever(HybridIndex.build(tiny_chunks(), embedder), embedder), config=AnswerConfig(min_confidence=0.2))
+    answerer = Answerer(
+        Retriever(HybridIndex.build(tiny_chunks(), embedder), embedder), config=AnswerConfig(min_confidence=0.2)
+    )
     path = tmp_path / "sessions.sqlite"
     with SessionStore(path) as store:
         first = ask_in_session(store, "s1", "how does paged attention work?", answerer)

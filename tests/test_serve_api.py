@@ -65,8 +65,17 @@ def model_dir(tmp_path_factory):
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>", "<bos>"], show_progress=False)
     backend.train_from_iterator([_corpus()], trainer)
     tokenizer = Tokenizer(backend, {"eos_token": "<eos>", "bos_token": "<bos>", "chat_template": CHAT_TEMPLATE})
-    config = Config(family="llama", vocab_size=448, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, max_position_embeddings=CONTEXT, eos_token_id=tokenizer.eos_token_id)
+    config = Config(
+        family="llama",
+        vocab_size=448,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     return save_model(Transformer(config), tmp_path_factory.mktemp("serve") / "model", tokenizer=tokenizer)
 
@@ -142,8 +151,9 @@ def test_streamed_deltas_join_to_the_non_streamed_text(client):
     assert finals == [whole.choices[0].finish_reason]
     # include_usage: every chunk has usage null except the last, which has no choices.
     assert all(c.usage is None for c in chunks[:-1])
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump()["completion_tokens"] == \
-        whole.usage.completion_tokens
+    assert (
+        chunks[-1].choices == [] and chunks[-1].usage.model_dump()["completion_tokens"] == whole.usage.completion_tokens
+    )
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
@@ -228,9 +238,12 @@ def test_concurrent_greedy_requests_each_match_the_request_alone(server, loaded)
     async def main():
         client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
         async with client:
-            return await asyncio.gather(*(client.completions.create(model=MODEL, prompt=p, max_tokens=n,
-                                                                    temperature=0)
-                                          for p, n in zip(prompts, limits)))
+            return await asyncio.gather(
+                *(
+                    client.completions.create(model=MODEL, prompt=p, max_tokens=n, temperature=0)
+                    for p, n in zip(prompts, limits)
+                )
+            )
 
     for prompt, limit, done in zip(prompts, limits, asyncio.run(main())):
         expected = _reference(loaded, tokenizer.encode(prompt), limit)
@@ -240,6 +253,7 @@ def test_concurrent_greedy_requests_each_match_the_request_alone(server, loaded)
 
 def test_a_shared_prefix_is_reported_as_cached_tokens(server, loaded):
     tokenizer = loaded[1]
+
     def hits():
         text = httpx2.get(server.url + "/metrics", timeout=10).text
         family = {f.name: f for f in text_string_to_metric_families(text)}["genforge_prefix_cache_hits"]
@@ -271,28 +285,45 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, loaded):
     assert done.choices[0].message.role == "assistant"
     assert done.usage.prompt_tokens == len(prompt)
     assert done.usage.completion_tokens == len(expected.token_ids)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
     assert chunks[-1].choices[0].finish_reason == expected.finish_reason
 
 
 def test_chat_streams_n_choices_each_opened_by_its_role(client):
-    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=5, temperature=1.0, seed=5, n=2, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            temperature=1.0,
+            seed=5,
+            n=2,
+            stream=True,
+        )
+    )
     roles = {c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"}
     assert roles == {0, 1}
-    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=5, temperature=1.0, seed=5, n=2)
+    whole = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=1.0, seed=5, n=2
+    )
     for k in range(2):
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == k)
         assert text == whole.choices[k].message.content
 
 
 def test_chat_logprobs_shape(client):
-    done = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                          temperature=0, logprobs=True, top_logprobs=2)
+    done = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = done.choices[0].logprobs.content
     assert len(content) == done.usage.completion_tokens == 4
     for entry in content:
@@ -307,17 +338,32 @@ def test_chat_logprobs_shape(client):
 
 
 def test_response_format_json_schema_is_valid_json(client):
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
-              "required": ["ok", "color"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+        "required": ["ok", "color"],
+        "additionalProperties": False,
+    }
     done = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "answer"}], max_tokens=48, temperature=1.0, seed=1, n=3,
-        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+        model=MODEL,
+        messages=[{"role": "user", "content": "answer"}],
+        max_tokens=48,
+        temperature=1.0,
+        seed=1,
+        n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
+    )
     for choice in done.choices:  # each sequence has its own grammar state
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), schema)
     loose = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "answer"}], max_tokens=48, temperature=1.0, seed=3,
-        response_format={"type": "json_object"})
+        model=MODEL,
+        messages=[{"role": "user", "content": "answer"}],
+        max_tokens=48,
+        temperature=1.0,
+        seed=3,
+        response_format={"type": "json_object"},
+    )
     if loose.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(loose.choices[0].message.content), dict)
 
@@ -372,8 +418,9 @@ def test_unknown_model_is_404_and_bad_json_is_400(client, server):
     with pytest.raises(openai.NotFoundError) as info:
         client.completions.create(model="nope", prompt="x", max_tokens=2)
     assert _error(info, 404)["code"] == "model_not_found"
-    response = httpx2.post(server.url + "/v1/completions", content=b"{not json", timeout=10,
-                           headers={"content-type": "application/json"})
+    response = httpx2.post(
+        server.url + "/v1/completions", content=b"{not json", timeout=10, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
     response = httpx2.get(server.url + "/v1/nothing-here", timeout=10)
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
@@ -405,8 +452,11 @@ def test_a_body_that_is_not_json_or_is_empty_is_400_saying_so(server, route):
 
 
 def test_a_chat_message_without_the_content_its_role_needs_is_400_naming_it(client, server):
-    for messages, where in (([{"role": "user"}], 0), ([{"role": "system", "content": "be brief"}, {"role": "user"}], 1),
-                            ([{"role": "user", "content": "hi"}, {"role": "tool", "content": None}], 1)):
+    for messages, where in (
+        ([{"role": "user"}], 0),
+        ([{"role": "system", "content": "be brief"}, {"role": "user"}], 1),
+        ([{"role": "user", "content": "hi"}, {"role": "tool", "content": None}], 1),
+    ):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
         error = _error(info, 400)
@@ -414,8 +464,11 @@ def test_a_chat_message_without_the_content_its_role_needs_is_400_naming_it(clie
         assert error["message"] == f"messages[{where}]: a '{role}' message needs 'content'"
         assert error["param"] == f"messages[{where}].content"
     # An assistant turn may come without content (OpenAI's assistant turns with tool calls do).
-    done = client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
-        {"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "again"}])
+    done = client.chat.completions.create(
+        model=MODEL,
+        max_tokens=2,
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "user", "content": "again"}],
+    )
     assert done.choices[0].finish_reason in ("stop", "length")
 
 
@@ -425,17 +478,27 @@ def test_models_health_and_metrics(client, server):
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=3)
     text = httpx2.get(server.url + "/metrics", timeout=10).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("genforge_requests_running", "genforge_requests_waiting", "genforge_kv_cache_usage_ratio",
-                 "genforge_prefix_cache_hit_rate", "genforge_time_to_first_token_seconds",
-                 "genforge_time_per_output_token_seconds", "genforge_e2e_request_latency_seconds",
-                 "genforge_generation_tokens", "genforge_prompt_tokens"):
+    for name in (
+        "genforge_requests_running",
+        "genforge_requests_waiting",
+        "genforge_kv_cache_usage_ratio",
+        "genforge_prefix_cache_hit_rate",
+        "genforge_time_to_first_token_seconds",
+        "genforge_time_per_output_token_seconds",
+        "genforge_e2e_request_latency_seconds",
+        "genforge_generation_tokens",
+        "genforge_prompt_tokens",
+    ):
         assert name in families, name
     count = [s.value for s in families["genforge_e2e_request_latency_seconds"].samples if s.name.endswith("_count")]
     assert count and count[0] >= 1
     generated = [s.value for s in families["genforge_generation_tokens"].samples if s.name.endswith("_total")]
     assert generated[0] >= 3
-    answered = {(s.labels["route"], s.labels["status"]): s.value for s in families["genforge_http_requests"].samples
-                if s.name.endswith("_total")}
+    answered = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for s in families["genforge_http_requests"].samples
+        if s.name.endswith("_total")
+    }
     assert answered[("/v1/completions", "200")] >= 1
     assert all(route.startswith("/v1/") or route in ("unmatched", "/health", "/metrics") for route, _ in answered)
 
@@ -477,8 +540,13 @@ def test_a_server_fault_is_500_in_openai_shape(loaded):
 
 def test_api_keys_and_rate_limit(loaded):
     clock = [0.0]
-    app = create_app(_engine(loaded), tokenizers={MODEL: loaded[1]}, api_keys=["k1", "k2"],
-                     rate_limit=RateLimit(2, per_seconds=60), clock=lambda: clock[0])
+    app = create_app(
+        _engine(loaded),
+        tokenizers={MODEL: loaded[1]},
+        api_keys=["k1", "k2"],
+        rate_limit=RateLimit(2, per_seconds=60),
+        clock=lambda: clock[0],
+    )
     with LiveServer(app) as live:
         with pytest.raises(openai.AuthenticationError) as info:
             live.client("wrong").models.list()
@@ -528,8 +596,9 @@ def test_full_queue_is_429(loaded):
         with pytest.raises(openai.RateLimitError) as info:
             client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=3)
         assert _error(info, 429)["code"] == "queue_full"
-        stream = client.completions.create(model=MODEL, prompt="x", max_tokens=100, n=2, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model=MODEL, prompt="x", max_tokens=100, n=2, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(stream))
         with pytest.raises(openai.RateLimitError):
             client.completions.create(model=MODEL, prompt="x", max_tokens=2)
@@ -588,8 +657,9 @@ def test_graceful_shutdown_finishes_in_flight_requests(loaded):
     result = {}
 
     def call():
-        stream = live.client().completions.create(model=MODEL, prompt="drain", max_tokens=60, stream=True,
-                                                  extra_body={"ignore_eos": True})
+        stream = live.client().completions.create(
+            model=MODEL, prompt="drain", max_tokens=60, stream=True, extra_body={"ignore_eos": True}
+        )
         result["chunks"] = [c.choices[0] for c in stream if c.choices]
 
     caller = threading.Thread(target=call)
@@ -621,8 +691,9 @@ def test_embeddings_match_the_sentence_encoder(loaded):
 
     encoder = SentenceEncoder()
     rag_embedder = EncoderEmbedder(max_tokens=16)  # the RAG index's embedder, with a shorter window
-    app = create_app(_engine(loaded), tokenizers={MODEL: loaded[1]},
-                     embedding_models={"minilm": encoder, "rag": rag_embedder})
+    app = create_app(
+        _engine(loaded), tokenizers={MODEL: loaded[1]}, embedding_models={"minilm": encoder, "rag": rag_embedder}
+    )
     with LiveServer(app) as live:
         client = live.client()
         texts = ["a cat sat on the mat", "retrieval needs embeddings"]
@@ -659,8 +730,15 @@ def test_soak_with_cancellations_leaves_every_block_free(loaded):
             prompt = " ".join(words[(i * 7) % 400 : (i * 7) % 400 + 2 + i % 10])
             cancel = i % 5 == 0
             # A request to be cancelled asks for far more than it reads, so it is still running when dropped.
-            body = {"model": MODEL, "prompt": prompt, "max_tokens": 60 if cancel else 4 + i % 8,
-                    "temperature": 0 if i % 2 else 0.8, "stream": True, "seed": i, "ignore_eos": cancel}
+            body = {
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": 60 if cancel else 4 + i % 8,
+                "temperature": 0 if i % 2 else 0.8,
+                "stream": True,
+                "seed": i,
+                "ignore_eos": cancel,
+            }
             async with client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
                     errors.append(f"{response.status_code}: {await response.aread()!r}")
@@ -679,8 +757,7 @@ def test_soak_with_cancellations_leaves_every_block_free(loaded):
 
     async def main(url):
         limit = asyncio.Semaphore(64)
-        async with httpx2.AsyncClient(base_url=url, timeout=60,
-                                      limits=httpx2.Limits(max_connections=64)) as client:
+        async with httpx2.AsyncClient(base_url=url, timeout=60, limits=httpx2.Limits(max_connections=64)) as client:
             await asyncio.gather(*(one(client, i, limit) for i in range(1000)))
 
     with LiveServer(app) as live:
@@ -703,9 +780,11 @@ def test_soak_with_cancellations_leaves_every_block_free(loaded):
 def test_bench_statistics_on_known_records():
     from genforge.serve.bench import RequestRecord, poisson_offsets, random_workload, summarize
 
-    records = [RequestRecord(prompt_tokens=10, output_tokens=5, ttft=0.1, itl=[0.02, 0.03], e2e=0.5, ok=True),
-               RequestRecord(prompt_tokens=20, output_tokens=1, ttft=0.3, itl=[], e2e=0.3, ok=True),
-               RequestRecord(error="HTTP 500")]
+    records = [
+        RequestRecord(prompt_tokens=10, output_tokens=5, ttft=0.1, itl=[0.02, 0.03], e2e=0.5, ok=True),
+        RequestRecord(prompt_tokens=20, output_tokens=1, ttft=0.3, itl=[], e2e=0.3, ok=True),
+        RequestRecord(error="HTTP 500"),
+    ]
     summary = summarize(records, duration=2.0)
     assert summary["completed"] == 2 and summary["failed"] == 1
     assert summary["request_throughput"] == pytest.approx(1.0)
@@ -744,9 +823,29 @@ def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path, monkeypatch
     sock.close()
     env = {**os.environ, "GENFORGE_API_KEYS": "secret"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "genforge.cli", "serve", "--model", f"served={model_dir}", "--port", str(port),
-         "--max-num-seqs", "16", "--block-size", "8", "--resident-kv-mib", "4", "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "genforge.cli",
+            "serve",
+            "--model",
+            f"served={model_dir}",
+            "--port",
+            str(port),
+            "--max-num-seqs",
+            "16",
+            "--block-size",
+            "8",
+            "--resident-kv-mib",
+            "4",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -764,8 +863,24 @@ def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path, monkeypatch
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
         out = tmp_path / "bench"
         monkeypatch.setenv("GENFORGE_API_KEYS", "secret")  # bench serve reads the key from there too
-        code = main(["bench", "serve", "--url", url, "--rates", "20,inf", "--num-requests", "12",
-                     "--input-len", "8", "--output-len", "6", "--out", str(out)])
+        code = main(
+            [
+                "bench",
+                "serve",
+                "--url",
+                url,
+                "--rates",
+                "20,inf",
+                "--num-requests",
+                "12",
+                "--input-len",
+                "8",
+                "--output-len",
+                "6",
+                "--out",
+                str(out),
+            ]
+        )
         assert code == 0
         report = json.loads((out / "serve_bench.json").read_text())
         assert report["settings"]["model"] == "served"
@@ -776,8 +891,9 @@ def test_genforge_serve_command_and_bench_serve(model_dir, tmp_path, monkeypatch
             assert result["ttft"]["p50_ms"] > 0 and result["output_tokens_per_s"] > 0
         assert "| served @ 20/s |" in (out / "serve_bench.md").read_text()
         # SIGTERM while a request streams: the request still finishes, then the process exits.
-        stream = client.completions.create(model="served", prompt="drain", max_tokens=80, stream=True,
-                                           extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="served", prompt="drain", max_tokens=80, stream=True, extra_body={"ignore_eos": True}
+        )
         chunks = [next(iter(stream))]
         process.send_signal(signal.SIGTERM)
         chunks += list(stream)
@@ -812,8 +928,11 @@ def test_echo_scores_the_prompt(client, loaded):
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
     assert whole.choices[0].text == prompt + plain.choices[0].text
     assert len(whole.choices[0].logprobs.tokens) == len(ids) + 4
-    streamed = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=0,
-                                              temperature=0, stream=True))
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=4, echo=True, logprobs=0, temperature=0, stream=True
+        )
+    )
     assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
     assert streamed[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
     with pytest.raises(openai.BadRequestError) as info:

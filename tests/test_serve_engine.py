@@ -51,7 +51,9 @@ class NumberTokenizer:
 
 def tiny_model(family="llama", seed=0, **overrides) -> Transformer:
     """The decoder of factories.py at this file's sizes, ready to decode."""
-    sizes = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=256, eos_token_id=None)
+    sizes = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, max_position_embeddings=256, eos_token_id=None
+    )
     return factories.tiny_model(seed, family=family, **(sizes | overrides)).eval()
 
 
@@ -140,11 +142,14 @@ def test_paged_batch_gives_the_same_attention_as_a_contiguous_cache():
 
 
 # ------------------------------------------------------------------------ batching
-@pytest.mark.parametrize("family,overrides", [
-    ("llama", {}),
-    ("mistral", {"sliding_window": 8}),  # windows compare token positions, not cache slots
-    ("gpt2", {"num_kv_heads": 4}),  # learned positions
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("llama", {}),
+        ("mistral", {"sliding_window": 8}),  # windows compare token positions, not cache slots
+        ("gpt2", {"num_kv_heads": 4}),  # learned positions
+    ],
+)
 def test_32_concurrent_greedy_requests_equal_each_request_alone(family, overrides):
     model = tiny_model(family, **overrides)
     prompts, limits = random_prompts(32)
@@ -165,8 +170,15 @@ def test_preemption_and_chunked_prefill_keep_outputs_exact(resident_kv_memory):
     model = tiny_model()
     prompts, limits = random_prompts(24, seed=1)
     # Few blocks and a small budget: sequences get preempted and prompts split into chunks.
-    engine = Engine(model, NumberTokenizer(), block_size=4, num_blocks=64, max_num_seqs=16, max_num_batched_tokens=20,
-                    resident_kv_memory=resident_kv_memory)
+    engine = Engine(
+        model,
+        NumberTokenizer(),
+        block_size=4,
+        num_blocks=64,
+        max_num_seqs=16,
+        max_num_batched_tokens=20,
+        resident_kv_memory=resident_kv_memory,
+    )
     for i, (prompt, limit) in enumerate(zip(prompts, limits)):
         engine.add_request(Request(str(i), prompt, greedy(limit)))
     scheduled_tokens = []
@@ -338,8 +350,9 @@ def test_stop_token_eos_and_stop_strings(text_model_dir):
     stop_token = free.token_ids[5]
     stop_text = free.text[len(free.text) // 2 : len(free.text) // 2 + 3]
     engine.add_request(Request("eos", prompt, greedy(20), ignore_eos=False))
-    engine.add_request(Request("stop_id", prompt, SamplingParams(temperature=0, max_new_tokens=20,
-                                                                 stop_token_ids=[stop_token])))
+    engine.add_request(
+        Request("stop_id", prompt, SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=[stop_token]))
+    )
     engine.add_request(Request("stop_str", prompt, SamplingParams(temperature=0, max_new_tokens=20, stop=[stop_text])))
     results = run_to_end(engine)
     assert results["stop_id"]["tokens"] == free.token_ids[: free.token_ids.index(stop_token) + 1]
@@ -402,19 +415,30 @@ def test_bad_requests_are_refused_before_any_work():
 
 def test_json_schema_constraint_per_request_matches_generate(bpe_model, bpe_tokenizer):
     model, tokenizer = bpe_model, bpe_tokenizer
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
-              "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     engine = Engine(model, tokenizer)
     prompt = tokenizer.encode("answer:", add_special_tokens=False)
     params = [SamplingParams(temperature=1.0, top_k=8, max_new_tokens=40, seed=seed) for seed in range(4)]
     for seed in range(4):
-        engine.add_request(Request(f"c{seed}", prompt, params[seed], processors=[JsonSchemaConstraint(schema, tokenizer)]))
+        engine.add_request(
+            Request(f"c{seed}", prompt, params[seed], processors=[JsonSchemaConstraint(schema, tokenizer)])
+        )
     engine.add_request(Request("free", prompt, params[0]))
     results = run_to_end(engine)
     for seed in range(4):
         entry = results[f"c{seed}"]
-        expected = generate(model, [prompt], params[seed], tokenizer=tokenizer,
-                            extra_processors=[JsonSchemaConstraint(schema, tokenizer)])[0]
+        expected = generate(
+            model,
+            [prompt],
+            params[seed],
+            tokenizer=tokenizer,
+            extra_processors=[JsonSchemaConstraint(schema, tokenizer)],
+        )[0]
         assert entry["tokens"] == expected.token_ids and entry["reason"] == "stop"
         assert set(json.loads(entry["text"])) == {"n"}
     assert results["free"]["tokens"] != results["c0"]["tokens"]  # the constraint, not the seed, shaped them
@@ -439,8 +463,9 @@ def test_async_engine_streams_cancels_and_drains():
         await stream.aclose()
 
     async def main():
-        results = await asyncio.gather(collect("a", "r1", [1, 2, 3], 10), collect("b", "r2", [1, 2, 3], 10),
-                                       cancel_early())
+        results = await asyncio.gather(
+            collect("a", "r1", [1, 2, 3], 10), collect("b", "r2", [1, 2, 3], 10), cancel_early()
+        )
         with pytest.raises(ValueError, match="maximum context length"):
             await collect("a", "too-long", [1] * 300, 5)
         with pytest.raises(KeyError, match="available: a, b"):
@@ -543,8 +568,14 @@ def test_a_request_that_cannot_be_sampled_fails_alone():
     engine = Engine(model, NumberTokenizer())
     engine.add_request(Request("fine", [1, 2, 3], greedy(5)))
     # A per-request processor that bans every token: nothing is left to choose.
-    engine.add_request(Request("doomed", [4, 5], SamplingParams(temperature=1.0, max_new_tokens=5),
-                               processors=[LogitBias.ban(range(VOCAB), VOCAB)]))
+    engine.add_request(
+        Request(
+            "doomed",
+            [4, 5],
+            SamplingParams(temperature=1.0, max_new_tokens=5),
+            processors=[LogitBias.ban(range(VOCAB), VOCAB)],
+        )
+    )
     results = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -569,7 +600,10 @@ def assert_resident_rows_equal_blocks(engine: Engine) -> None:
         positions = torch.arange(n)
         pool_slots = torch.tensor(seq.block_table)[positions // size] * size + positions % size
         for layer in range(engine.config.num_layers):
-            for pool, buffer in ((cache.keys[layer], resident.keys[layer]), (cache.values[layer], resident.values[layer])):
+            for pool, buffer in (
+                (cache.keys[layer], resident.keys[layer]),
+                (cache.values[layer], resident.values[layer]),
+            ):
                 assert torch.equal(buffer[slot, :, :n], pool[pool_slots].transpose(0, 1)), (seq.request_id, layer)
 
 
@@ -577,8 +611,15 @@ def test_resident_rows_equal_the_blocks_through_admissions_preemptions_and_abort
     model = tiny_model()
     prompts, limits = random_prompts(20, seed=5)
     shared = list(range(40, 64))  # a prefix the later requests find in the prefix cache
-    engine = Engine(model, NumberTokenizer(), block_size=4, num_blocks=64, max_num_seqs=12, max_num_batched_tokens=24,
-                    resident_kv_memory=1 << 24)  # more than the tiny pool, so every step uses them
+    engine = Engine(
+        model,
+        NumberTokenizer(),
+        block_size=4,
+        num_blocks=64,
+        max_num_seqs=12,
+        max_num_batched_tokens=24,
+        resident_kv_memory=1 << 24,
+    )  # more than the tiny pool, so every step uses them
     for i, (prompt, limit) in enumerate(zip(prompts, limits)):
         engine.add_request(Request(str(i), (shared + prompt) if i % 3 == 0 else prompt, greedy(limit)))
     results: dict[str, list[int]] = {}
@@ -734,8 +775,9 @@ def test_resident_attention_runs_cut_around_very_long_rows_and_stay_exact():
     assert any(moved)  # the long rows were moved next to each other, longest first...
     decode_runs = [runs for runs in seen if runs is not None]
     # ...so the twelve 3-token rows stop reading 200 positions each: one run for the long rows.
-    assert any(len(runs) == 2 and runs[0][0] == slice(0, 6) and runs[0][1] > 200 and runs[1][1] < 20
-               for runs in decode_runs)
+    assert any(
+        len(runs) == 2 and runs[0][0] == slice(0, 6) and runs[0][1] > 200 and runs[1][1] < 20 for runs in decode_runs
+    )
     for i, p in enumerate(prompts):
         assert results[str(i)]["tokens"] == reference(model, p, greedy(6)).token_ids, i
     # Rows of similar length stay in one run, and nothing moves.
@@ -763,7 +805,8 @@ def test_cheapest_runs_is_the_best_cut_and_reordering_keeps_every_row():
         # Brute force over every set of cut points.
         brute = min(
             sum(run_cost + (b - a) * max(widths[a:b]) for a, b in zip((0, *cuts), (*cuts, len(widths))))
-            for r in range(len(widths)) for cuts in itertools.combinations(range(1, len(widths)), r)
+            for r in range(len(widths))
+            for cuts in itertools.combinations(range(1, len(widths)), r)
         )
         assert cost == brute
     # Reordering moves each row's keys and values with it.

@@ -29,12 +29,17 @@ def _errors(schema, body: dict) -> list[dict]:
 
 def test_an_openai_error_has_openai_shape_status_and_headers():
     err = OpenAIError(429, "slow down", "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "2"})
-    assert err.body() == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None,
-                                    "code": "rate_limit_exceeded"}}
+    assert err.body() == {
+        "error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}
+    }
     response = err.response()
     assert response.status_code == 429 and response.headers["retry-after"] == "2"
-    assert bad("no", "n").body()["error"] == {"message": "no", "type": "invalid_request_error", "param": "n",
-                                              "code": None}
+    assert bad("no", "n").body()["error"] == {
+        "message": "no",
+        "type": "invalid_request_error",
+        "param": "n",
+        "code": None,
+    }
     fault = internal_error(KeyError("secret detail"))
     assert fault.status == 500 and fault.message == "internal server error (KeyError)"
 
@@ -47,14 +52,24 @@ def test_param_paths_are_named_as_openai_names_them():
 
 
 def test_a_body_that_is_not_json_empty_or_not_an_object_is_named_as_such():
-    not_json = validation_to_openai([{"type": "json_invalid", "loc": ("body", 7), "msg": "JSON decode error",
-                                      "input": {}, "ctx": {"error": "Expecting ',' delimiter"}}])
+    not_json = validation_to_openai(
+        [
+            {
+                "type": "json_invalid",
+                "loc": ("body", 7),
+                "msg": "JSON decode error",
+                "input": {},
+                "ctx": {"error": "Expecting ',' delimiter"},
+            }
+        ]
+    )
     assert not_json.status == 400 and not_json.param is None
     assert not_json.message == "the request body is not valid JSON: Expecting ',' delimiter at character 7"
     empty = validation_to_openai([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
     assert empty.message == "the request body is empty; send a JSON object with the request's arguments"
-    listed = validation_to_openai([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a "
-                                    "valid dictionary", "input": [1]}])
+    listed = validation_to_openai(
+        [{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be a valid dictionary", "input": [1]}]
+    )
     assert listed.message == "the request body must be a JSON object with the request's arguments"
 
 
@@ -76,8 +91,9 @@ def test_a_message_without_the_content_its_role_needs_is_named():
         err = validation_to_openai(_errors(ChatCompletionRequest, {"model": "m", "messages": messages}))
         assert (err.message, err.param) == (f"messages[1]: a '{role}' message needs 'content'", "messages[1].content")
     # An assistant turn may leave it out.
-    ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"},
-                                                                     {"role": "assistant"}]})
+    ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}
+    )
 
 
 def test_routing_errors_say_what_to_use():
@@ -91,8 +107,12 @@ def test_routing_errors_say_what_to_use():
 
 
 def test_engine_errors_are_told_apart_by_type_not_by_their_text():
-    too_long = engine_error(ContextLengthError("this model's maximum context length is 8 tokens", prompt_tokens=6,
-                                               max_new_tokens=4, context_length=8), 60.0)
+    too_long = engine_error(
+        ContextLengthError(
+            "this model's maximum context length is 8 tokens", prompt_tokens=6, max_new_tokens=4, context_length=8
+        ),
+        60.0,
+    )
     assert (too_long.status, too_long.code) == (400, "context_length_exceeded")
     # A plain refusal whose text happens to mention the context is not a context-length error.
     refused = engine_error(DecodeRequestError("the context of this request is odd"), 60.0)

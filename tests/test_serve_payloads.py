@@ -35,13 +35,25 @@ class Letters:
 
 def _prepared(n=1, prompts=((0, 1),), texts=("ab",), logprobs=None, echo=False, include_usage=False, stream=False):
     params = [SamplingParams(max_new_tokens=4) for _ in range(n * len(prompts))]
-    return Prepared("m", [list(p) for p in prompts], list(texts), params, n, logprobs, [[] for _ in params], False,
-                    stream, include_usage, echo=echo)
+    return Prepared(
+        "m",
+        [list(p) for p in prompts],
+        list(texts),
+        params,
+        n,
+        logprobs,
+        [[] for _ in params],
+        False,
+        stream,
+        include_usage,
+        echo=echo,
+    )
 
 
 def _output(tokens, text, finished=False, reason=None, logprobs=None, completion=1, cached=0, prompt_logprobs=None):
-    return RequestOutput("r", tokens, text, logprobs, finished, reason, 2, completion, cached, 0.0, 0.0,
-                         prompt_logprobs=prompt_logprobs)
+    return RequestOutput(
+        "r", tokens, text, logprobs, finished, reason, 2, completion, cached, 0.0, 0.0, prompt_logprobs=prompt_logprobs
+    )
 
 
 def test_a_choice_gathers_outputs_and_a_scoring_run_hides_its_token():
@@ -59,8 +71,12 @@ def test_a_choice_gathers_outputs_and_a_scoring_run_hides_its_token():
 def test_usage_counts_each_prompt_once_however_many_choices():
     prepared = _prepared(n=2, prompts=((0, 1), (2,)), texts=("ab", "c"))
     choices = [Choice(i // 2, completion_tokens=3, cached_tokens=c) for i, c in enumerate((1, 1, 0, 0))]
-    assert usage(prepared, choices) == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15,
-                                        "prompt_tokens_details": {"cached_tokens": 1}}
+    assert usage(prepared, choices) == {
+        "prompt_tokens": 3,
+        "completion_tokens": 12,
+        "total_tokens": 15,
+        "prompt_tokens_details": {"cached_tokens": 1},
+    }
 
 
 def test_logprobs_in_chat_and_completion_shapes():
@@ -68,16 +84,34 @@ def test_logprobs_in_chat_and_completion_shapes():
     assert token_text(tokenizer, 7) == "<|token_id:7|>"  # a padded row past the tokenizer
     entries = [TokenLogprob(1, -0.5, [(1, -0.5), (7, float("-inf"))])]
     chat = logprobs_payload(CHAT, entries, tokenizer)
-    assert chat == {"content": [{"token": "b", "logprob": -0.5, "bytes": [98], "top_logprobs": [
-        {"token": "b", "logprob": -0.5, "bytes": [98]},
-        {"token": "<|token_id:7|>", "logprob": -9999.0, "bytes": list(b"<|token_id:7|>")}]}]}
+    assert chat == {
+        "content": [
+            {
+                "token": "b",
+                "logprob": -0.5,
+                "bytes": [98],
+                "top_logprobs": [
+                    {"token": "b", "logprob": -0.5, "bytes": [98]},
+                    {"token": "<|token_id:7|>", "logprob": -9999.0, "bytes": list(b"<|token_id:7|>")},
+                ],
+            }
+        ]
+    }
     entries.append(TokenLogprob(2, -1.0, [(2, -1.0), (2, -3.0)]))
     legacy = logprobs_payload(COMPLETION, entries, tokenizer, text_offset=10)
-    assert legacy == {"tokens": ["b", "c"], "token_logprobs": [-0.5, -1.0],
-                      "top_logprobs": [{"b": -0.5, "<|token_id:7|>": -9999.0}, {"c": -1.0}], "text_offset": [10, 11]}
+    assert legacy == {
+        "tokens": ["b", "c"],
+        "token_logprobs": [-0.5, -1.0],
+        "top_logprobs": [{"b": -0.5, "<|token_id:7|>": -9999.0}, {"c": -1.0}],
+        "text_offset": [10, 11],
+    }
     prompt = prompt_logprobs_payload([0, 1], [None, TokenLogprob(1, -2.0, [(0, -0.1)])], tokenizer)
-    assert prompt == {"tokens": ["a", "b"], "token_logprobs": [None, -2.0], "top_logprobs": [None, {"a": -0.1}],
-                      "text_offset": [0, 1]}
+    assert prompt == {
+        "tokens": ["a", "b"],
+        "token_logprobs": [None, -2.0],
+        "top_logprobs": [None, {"a": -0.1}],
+        "text_offset": [0, 1],
+    }
     assert prompt_logprobs_payload([0], None, tokenizer)["token_logprobs"] == [None]
 
 
@@ -106,8 +140,7 @@ def test_a_chat_stream_opens_each_choice_with_its_role_and_ends_with_usage():
     stream = StreamChunks(CHAT, "chatcmpl-1", prepared, choices, Letters())
     opening = _events(stream.opening())
     assert [e["choices"][0]["index"] for e in opening] == [0, 1]
-    assert all(e["choices"][0]["delta"] == {"role": "assistant", "content": ""} and e["usage"] is None
-               for e in opening)
+    assert all(e["choices"][0]["delta"] == {"role": "assistant", "content": ""} and e["usage"] is None for e in opening)
     assert all(e["object"] == "chat.completion.chunk" for e in opening)
     choices[1].add(_output([2], "c", finished=True, reason="stop"))
     (event,) = _events(stream.output(1, _output([2], "c", finished=True, reason="stop")))

@@ -41,11 +41,13 @@ def test_no_request_gets_a_server_error(api_schema):
 
     operations = [result.ok() for result in api_schema.get_all_operations()]
     labels = sorted(op.label for op in operations)
-    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings", "GET /v1/models"} <= \
-        set(labels), labels
+    assert {"POST /v1/completions", "POST /v1/chat/completions", "POST /v1/embeddings", "GET /v1/models"} <= set(
+        labels
+    ), labels
     seen: dict[str, list[int]] = {}
     # Requests that fit the schema, then requests that break it (they must be 4xx, never 5xx).
     for operation, mode in [(op, mode) for op in operations for mode in GenerationMode]:
+
         @given(case=operation.as_strategy(mode))
         @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def fuzz(case):

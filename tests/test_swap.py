@@ -12,8 +12,16 @@ from genforge.onednn import OneDNNLinear, use_onednn
 from genforge.swap import linear_names, swap_linears
 from genforge.train import TokenDataset, TrainConfig, Trainer
 
-CONFIG = Config(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                intermediate_size=48, tie_word_embeddings=True)
+CONFIG = Config(
+    family="llama",
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=48,
+    tie_word_embeddings=True,
+)
 
 
 class Scaled(nn.Linear):
@@ -43,8 +51,12 @@ def test_the_model_is_built_from_plain_linears_with_fused_projections():
 def test_patterns_select_by_full_name_or_by_last_part():
     m = model()
     assert linear_names(m, ["qkv"]) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
-    assert linear_names(m, ["blocks.1.*"]) == ["blocks.1.attn.qkv", "blocks.1.attn.o", "blocks.1.mlp.gate_up",
-                                               "blocks.1.mlp.down"]
+    assert linear_names(m, ["blocks.1.*"]) == [
+        "blocks.1.attn.qkv",
+        "blocks.1.attn.o",
+        "blocks.1.mlp.gate_up",
+        "blocks.1.mlp.down",
+    ]
     assert linear_names(m, ["blocks.*.attn.*"], exclude=["o"]) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
     assert "lm_head" not in linear_names(m, exclude=["lm_head"])
 

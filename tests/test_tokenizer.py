@@ -111,8 +111,11 @@ WEATHER_TOOL = {
 }
 TOOL_CONVERSATION = [
     {"role": "user", "content": "Weather in Zürich?"},
-    {"role": "assistant", "content": None,
-     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}],
+    },
     {"role": "user", "content": "Thanks. And tomorrow?"},
 ]
 
@@ -157,16 +160,29 @@ def gpt2_dir(tmp_path_factory):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    bpe.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+    bpe.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=1500,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        extra_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     path = tmp_path_factory.mktemp("gpt2")
     fast.save_pretrained(path)
     # Edit the files the way hub repos differ: a pad token only the config knows, list-form templates.
-    _edit_config(path, pad_token="<|pad|>",
-                 chat_template=[{"name": "default", "template": CHATML}, {"name": "tool_use", "template": TOOLS}])
+    _edit_config(
+        path,
+        pad_token="<|pad|>",
+        chat_template=[{"name": "default", "template": CHATML}, {"name": "tool_use", "template": TOOLS}],
+    )
     return path
 
 
@@ -175,23 +191,33 @@ def llama_dir(tmp_path_factory):
     """SentencePiece-style BPE: Metaspace, 256 byte-fallback pieces, BOS from a TemplateProcessing post-processor."""
     trainer_tok = RustTokenizer(models.BPE(unk_token="<unk>"))
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer_tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=100, show_progress=False))
+    trainer_tok.train_from_iterator(
+        _corpus(),
+        trainers.BpeTrainer(
+            vocab_size=1200, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=100, show_progress=False
+        ),
+    )
     trained = json.loads(trainer_tok.to_str())["model"]
     # Llama's layout: specials, then <0x00>..<0xFF> byte pieces, then the learned pieces.
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
     for piece, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(piece, len(vocab))
     merges = [tuple(merge) for merge in trained["merges"]]
-    llama = RustTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
-                                     byte_fallback=True))
+    llama = RustTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     llama.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    llama.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                       decoders.Strip(" ", 1, 0)])
-    llama.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                         special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=llama, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    llama.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    llama.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=llama,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    )
     fast.chat_template = LLAMA3  # transformers 5 saves it as chat_template.jinja
     path = tmp_path_factory.mktemp("llama")
     fast.save_pretrained(path)
@@ -222,8 +248,16 @@ def minilm_cleanup_dir(tmp_path_factory):
     _edit_config(path, clean_up_tokenization_spaces=True)
     # Without `added_tokens_decoder` in the config, special_tokens_map.json adds to and overrides it (legacy).
     with open(path / "special_tokens_map.json", "w", encoding="utf-8") as handle:
-        json.dump({"unk_token": "[UNK]", "bos_token": "[CLS]", "eos_token": {"content": "[SEP]", "lstrip": False},
-                   "mask_token": "[MASK]", "pad_token": "[PAD]"}, handle)
+        json.dump(
+            {
+                "unk_token": "[UNK]",
+                "bos_token": "[CLS]",
+                "eos_token": {"content": "[SEP]", "lstrip": False},
+                "mask_token": "[MASK]",
+                "pad_token": "[PAD]",
+            },
+            handle,
+        )
     return path
 
 
@@ -397,7 +431,8 @@ def test_chatml_template_matches_transformers(gpt2_pair, conversation, generatio
     rendered = ours.apply_chat_template(conversation, add_generation_prompt=generation_prompt)
     assert rendered == ref.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=False)
     assert rendered.startswith("<|im_start|>system\n") and rendered.endswith(
-        "<|im_start|>assistant\n" if generation_prompt else "<|im_end|>\n")
+        "<|im_start|>assistant\n" if generation_prompt else "<|im_end|>\n"
+    )
     ids = ours.apply_chat_template(conversation, add_generation_prompt=generation_prompt, tokenize=True)
     assert ids == ref.apply_chat_template(conversation, add_generation_prompt=generation_prompt, return_dict=False)
     assert ids == ours.encode(rendered, add_special_tokens=False)
@@ -427,8 +462,9 @@ def test_named_template_and_template_source_arguments(gpt2_pair, llama_pair):
     assert rendered == ref.apply_chat_template(CONVERSATION[1:3], chat_template="tool_use", tokenize=False)
     ours, ref = llama_pair
     rendered = ours.apply_chat_template(CONVERSATION, chat_template=CHATML, add_generation_prompt=True)
-    assert rendered == ref.apply_chat_template(CONVERSATION, chat_template=CHATML, add_generation_prompt=True,
-                                               tokenize=False)
+    assert rendered == ref.apply_chat_template(
+        CONVERSATION, chat_template=CHATML, add_generation_prompt=True, tokenize=False
+    )
 
 
 @pytest.mark.parametrize("generation_prompt", [False, True])
@@ -437,8 +473,9 @@ def test_llama3_template_from_jinja_file_matches_transformers(llama_pair, genera
     assert ours.chat_template == LLAMA3
     for extra in ({}, {"date_string": "01 Jan 2025"}):
         rendered = ours.apply_chat_template(CONVERSATION, add_generation_prompt=generation_prompt, **extra)
-        assert rendered == ref.apply_chat_template(CONVERSATION, add_generation_prompt=generation_prompt,
-                                                   tokenize=False, **extra)
+        assert rendered == ref.apply_chat_template(
+            CONVERSATION, add_generation_prompt=generation_prompt, tokenize=False, **extra
+        )
         assert rendered.startswith("<s><|start_header_id|>system")
         assert ("Today Date: 01 Jan 2025" in rendered) == bool(extra)
     ids = ours.apply_chat_template(CONVERSATION, tokenize=True)
@@ -457,9 +494,11 @@ def test_raise_exception_surfaces_as_clear_error_in_both(gpt2_pair):
 
 def test_template_globals_match_transformers(llama_pair):
     ours, ref = llama_pair
-    source = ("{% generation %}{{ strftime_now('%Y-%m-%d') }}{% endgeneration %}|{{ dict(a=1) | tojson }}|"
-              "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|"
-              "{{ messages | tojson(indent=1) }}|{{ eos_token }}{{ flavour }}")
+    source = (
+        "{% generation %}{{ strftime_now('%Y-%m-%d') }}{% endgeneration %}|{{ dict(a=1) | tojson }}|"
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}{% endfor %}{{ ns.n }}|"
+        "{{ messages | tojson(indent=1) }}|{{ eos_token }}{{ flavour }}"
+    )
     rendered = ours.apply_chat_template(CONVERSATION, chat_template=source, flavour="🍋")
     assert rendered == ref.apply_chat_template(CONVERSATION, chat_template=source, flavour="🍋", tokenize=False)
     assert rendered.startswith(datetime.date.today().isoformat()) and rendered.endswith("|</s>🍋")
@@ -475,15 +514,18 @@ def test_no_chat_template_is_a_clear_error():
         ref.apply_chat_template(CONVERSATION, tokenize=False)
 
 
-@pytest.mark.parametrize("messages", [
-    "hello",
-    [],
-    ["hello"],
-    [{"content": "no role"}],
-    [{"role": "user"}],
-    [{"role": 3, "content": "role is not a string"}],
-    {"role": "user", "content": "a dict, not a list"},
-])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        "hello",
+        [],
+        ["hello"],
+        [{"content": "no role"}],
+        [{"role": "user"}],
+        [{"role": 3, "content": "role is not a string"}],
+        {"role": "user", "content": "a dict, not a list"},
+    ],
+)
 def test_malformed_messages_are_rejected(gpt2_pair, messages):
     ours, _ = gpt2_pair
     with pytest.raises(ChatTemplateError, match="genforge: .*message"):
@@ -520,8 +562,11 @@ def test_save_round_trips_through_transformers_and_genforge(pair, tmp_path):
     assert len(reloaded_ref) == reloaded.vocab_size == len(ref)
     assert reloaded.chat_template == ours.chat_template
     if ours.chat_template is not None:
-        assert reloaded.apply_chat_template(CONVERSATION[1:]) == reloaded_ref.apply_chat_template(
-            CONVERSATION[1:], tokenize=False) == ref.apply_chat_template(CONVERSATION[1:], tokenize=False)
+        assert (
+            reloaded.apply_chat_template(CONVERSATION[1:])
+            == reloaded_ref.apply_chat_template(CONVERSATION[1:], tokenize=False)
+            == ref.apply_chat_template(CONVERSATION[1:], tokenize=False)
+        )
 
 
 def test_save_keeps_training_limits_and_refreshes_template_file(llama_dir, tmp_path):

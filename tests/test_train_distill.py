@@ -58,7 +58,9 @@ def test_two_token_case_worked_by_hand():
     for kind, value in expected.items():
         assert distillation_loss(student, teacher, kind=kind).item() == pytest.approx(value, rel=1e-6), kind
     # Temperature 2 on logits twice as large is the same distributions, times T^2 = 4.
-    assert distillation_loss(2 * student, 2 * teacher, temperature=2.0).item() == pytest.approx(4 * expected["forward_kl"])
+    assert distillation_loss(2 * student, 2 * teacher, temperature=2.0).item() == pytest.approx(
+        4 * expected["forward_kl"]
+    )
 
 
 def test_forward_kl_matches_torch_kl_div_with_temperature():
@@ -95,11 +97,13 @@ def test_every_kind_and_its_gradient_match_the_definition(kind, temperature):
 
     mean = distillation_loss(student, teacher, labels, temperature=temperature, kind=kind, beta=beta)
     torch.testing.assert_close(mean.double(), want.detach() / keep.sum(), rtol=1e-5, atol=1e-6)
-    per_position = distillation_loss(student, teacher, labels, temperature=temperature, kind=kind, beta=beta,
-                                     reduction="none")
+    per_position = distillation_loss(
+        student, teacher, labels, temperature=temperature, kind=kind, beta=beta, reduction="none"
+    )
     assert per_position.shape == labels.shape and not per_position[~keep].any()
-    torch.testing.assert_close(per_position.double()[keep],
-                               reference(student, teacher, temperature, kind, beta)[keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        per_position.double()[keep], reference(student, teacher, temperature, kind, beta)[keep], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_forward_kl_gradient_is_temperature_times_q_minus_p():
@@ -163,12 +167,18 @@ def corpus(n_tokens=640, seed=0):
 
 
 def make(out_dir, model=None, teacher=None, **overrides):
-    settings = dict(out_dir=out_dir, max_steps=6, batch_size=4, lr=3e-3, warmup_steps=1, seed=3, progress=False,
-                    export=False)
+    settings = dict(
+        out_dir=out_dir, max_steps=6, batch_size=4, lr=3e-3, warmup_steps=1, seed=3, progress=False, export=False
+    )
     settings.update(overrides)
     model = model if model is not None else tiny_model()
-    return Trainer(model, TokenDataset(corpus(), SEQ_LEN), TrainConfig(**settings),
-                   val_data=TokenDataset(corpus(160, seed=1), SEQ_LEN), teacher=teacher)
+    return Trainer(
+        model,
+        TokenDataset(corpus(), SEQ_LEN),
+        TrainConfig(**settings),
+        val_data=TokenDataset(corpus(160, seed=1), SEQ_LEN),
+        teacher=teacher,
+    )
 
 
 def student_teacher_kl(student, teacher, batch):
@@ -194,8 +204,9 @@ def test_alpha_zero_is_the_plain_cross_entropy_step_exactly(tmp_path):
 def test_the_step_loss_is_the_mix_of_kd_and_cross_entropy(tmp_path):
     teacher = sharp_teacher()
     student = tiny_model()
-    trainer = make(tmp_path, model=student, teacher=teacher, distill_alpha=0.3, distill_temperature=2.0,
-                   distill_kind="tvd")
+    trainer = make(
+        tmp_path, model=student, teacher=teacher, distill_alpha=0.3, distill_temperature=2.0, distill_kind="tvd"
+    )
     batch = trainer.train_data.sequences[:4]
     with torch.no_grad():
         s, t = student(batch).logits, teacher(batch).logits
@@ -210,6 +221,7 @@ def test_the_step_loss_is_the_mix_of_kd_and_cross_entropy(tmp_path):
 def test_sliced_kd_equals_the_whole_batch_at_once(tmp_path, monkeypatch):
     """The KD term goes through the heads a slice of positions at a time (checkpointed), so the
     step never holds every position's logits; the slicing must not change the step."""
+
     def one_step(directory):
         trainer = make(directory, teacher=sharp_teacher(), distill_alpha=0.7, distill_kind="jsd")
         record = trainer.train_step([trainer.train_data.sequences[:4]])
@@ -251,8 +263,7 @@ class Stop(Exception):
 
 
 def test_resume_with_a_teacher_is_bit_exact_and_checkpoints_hold_only_the_student(tmp_path):
-    settings = dict(max_steps=6, save_every=3, distill_alpha=0.5, distill_temperature=2.0,
-                    distill_kind="reverse_kl")
+    settings = dict(max_steps=6, save_every=3, distill_alpha=0.5, distill_temperature=2.0, distill_kind="reverse_kl")
     straight = make(tmp_path / "straight", model=tiny_model(dropout=0.1), teacher=sharp_teacher(), **settings)
     straight.train()
 
@@ -262,7 +273,8 @@ def test_resume_with_a_teacher_is_bit_exact_and_checkpoints_hold_only_the_studen
 
     with pytest.raises(Stop):
         make(tmp_path / "cut", model=tiny_model(dropout=0.1), teacher=sharp_teacher(), **settings).train(
-            on_checkpoint=stop)
+            on_checkpoint=stop
+        )
     resumed = make(tmp_path / "cut", model=tiny_model(seed=99, dropout=0.1), teacher=sharp_teacher(), **settings)
     resumed.train(resume=True)
 
@@ -270,8 +282,9 @@ def test_resume_with_a_teacher_is_bit_exact_and_checkpoints_hold_only_the_studen
         return [json.loads(line) for line in Path(directory, "metrics.jsonl").read_text().splitlines()]
 
     strip = ("tokens_per_s",)
-    assert [{k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "cut")] == \
-           [{k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "straight")]
+    assert [{k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "cut")] == [
+        {k: v for k, v in r.items() if k not in strip} for r in records(tmp_path / "straight")
+    ]
     for name, tensor in straight.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     saved = load_file(tmp_path / "straight" / "checkpoints" / "step-00000006" / "model.safetensors")
@@ -295,12 +308,15 @@ def test_a_teacher_that_cannot_teach_this_student_is_refused_before_training(tmp
         make(tmp_path / "self", model=student, teacher=student)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(distill_alpha=1.5), r"distill_alpha .* must be in \[0, 1\]"),
-    (dict(distill_temperature=0.0), "distill_temperature must be a finite number > 0"),
-    (dict(distill_kind="kl"), "accepted: forward_kl, reverse_kl, tvd, jsd"),
-    (dict(distill_beta=0.0), r"distill_beta .* must be in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(distill_alpha=1.5), r"distill_alpha .* must be in \[0, 1\]"),
+        (dict(distill_temperature=0.0), "distill_temperature must be a finite number > 0"),
+        (dict(distill_kind="kl"), "accepted: forward_kl, reverse_kl, tvd, jsd"),
+        (dict(distill_beta=0.0), r"distill_beta .* must be in \(0, 1\)"),
+    ],
+)
 def test_bad_distillation_settings_are_refused(tmp_path, change, message):
     with pytest.raises(TrainError, match=message):
         make(tmp_path, teacher=sharp_teacher(), **change)
@@ -312,8 +328,9 @@ def _distill_rank(rank, world, port, out_dir, fsdp):
 
     from genforge.train.distributed import destroy_distributed, init_distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     init_distributed("cpu")
     try:

@@ -26,8 +26,20 @@ def build_trainer(out_dir, model=None, **overrides):
     generator = torch.Generator().manual_seed(0)
     train = TokenDataset(torch.randint(3, 64, (48 * SEQ_LEN,), generator=generator), SEQ_LEN)
     val = TokenDataset(torch.randint(3, 64, (6 * SEQ_LEN,), generator=generator), SEQ_LEN)
-    settings = dict(out_dir=out_dir, max_steps=STEPS, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, seed=5,
-                    progress=False, eval_every=2, eval_batches=2, save_every=2, export=True)
+    settings = dict(
+        out_dir=out_dir,
+        max_steps=STEPS,
+        batch_size=4,
+        grad_accum=2,
+        lr=3e-3,
+        warmup_steps=1,
+        seed=5,
+        progress=False,
+        eval_every=2,
+        eval_batches=2,
+        save_every=2,
+        export=True,
+    )
     settings.update(overrides)
     return Trainer(model if model is not None else tiny_model(), train, TrainConfig(**settings), val_data=val)
 
@@ -37,8 +49,9 @@ class StopHere(Exception):
 
 
 def _rank_main(rank, world, port, out_dir, overrides, stop_at, resume):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     context, device = init_distributed("cpu")
     assert context.world_size == world and context.rank == rank and device == "cpu"
@@ -97,7 +110,9 @@ def assert_same_run(out, reference_out, reference_records):
 def test_ddp_two_processes_match_one_process(tmp_path, single):
     run_ranks(tmp_path / "ddp")
     assert_same_run(tmp_path / "ddp", *single)
-    assert json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000004" / "state.json").read_text())["world_size"] == 2
+    assert (
+        json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000004" / "state.json").read_text())["world_size"] == 2
+    )
 
 
 @pytest.mark.slow
@@ -120,8 +135,9 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, single):
 
 
 def _masked_rank_main(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     init_distributed("cpu")
     try:
@@ -149,8 +165,11 @@ def test_rank_slices_cover_the_global_batch_once():
 def test_distributed_settings_are_checked_before_work(tmp_path):
     with pytest.raises(TrainError, match="multiple of 3"):
         build_trainer(tmp_path, batch_size=4).__class__(
-            tiny_model(), TokenDataset(torch.arange(64) % 60 + 3, SEQ_LEN),
-            TrainConfig(out_dir=tmp_path, max_steps=1, batch_size=4), distributed=DistributedContext(world_size=3))
+            tiny_model(),
+            TokenDataset(torch.arange(64) % 60 + 3, SEQ_LEN),
+            TrainConfig(out_dir=tmp_path, max_steps=1, batch_size=4),
+            distributed=DistributedContext(world_size=3),
+        )
     with pytest.raises(TrainError, match="torchrun"):
         build_trainer(tmp_path, fsdp=True)
     assert not (tmp_path / "checkpoints").exists()
@@ -175,10 +194,36 @@ def test_torchrun_launches_genforge_pretrain(text_model_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("a small corpus for two processes to share, sentence after sentence. " * 60)
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "genforge.cli", "pretrain", "--model", str(text_model_dir), "--text", str(text),
-               "--out", str(out), "--steps", "2", "--seq-len", "16", "--batch-size", "4", "--warmup", "0",
-               "--eval-every", "0", "--save-every", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "genforge.cli",
+        "pretrain",
+        "--model",
+        str(text_model_dir),
+        "--text",
+        str(text),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--warmup",
+        "0",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

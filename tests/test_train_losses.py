@@ -17,8 +17,9 @@ def test_matches_cross_entropy_on_shifted_tensors(smoothing):
     labels = torch.randint(0, 11, (2, 7))
     labels[0, 3] = labels[1, 6] = -100
     ours = causal_lm_loss(logits, labels, label_smoothing=smoothing)
-    reference = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100,
-                                label_smoothing=smoothing)
+    reference = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100, label_smoothing=smoothing
+    )
     assert torch.equal(ours, reference)
     total = causal_lm_loss(logits, labels, label_smoothing=smoothing, reduction="sum")
     torch.testing.assert_close(total / count_target_tokens(labels), ours)
@@ -47,8 +48,16 @@ def test_bad_shapes_and_settings_are_rejected():
 def test_moe_auxiliary_loss_only_with_experts():
     torch.manual_seed(0)
     dense = Config(family="llama", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=24)
-    moe = Config(family="mixtral", vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24,
-                 num_experts=4, num_experts_per_token=2)
+    moe = Config(
+        family="mixtral",
+        vocab_size=32,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=24,
+        num_experts=4,
+        num_experts_per_token=2,
+    )
     ids = torch.randint(0, 32, (2, 5))
     assert moe_auxiliary_loss(Transformer(dense)(ids), dense) is None
     output = Transformer(moe)(ids)
@@ -104,10 +113,15 @@ def test_fused_head_loss_and_gradients_match_the_unfused_ones(reduction, smoothi
     hidden, weight, head_bias, labels = _head_case(bias=bias)
     tensors = (hidden, weight, head_bias)
     # 13 * 3 = 39 positions, 26 counted: chunks of 4 leave a short last one
-    ours, our_grads = _loss_and_grads(lambda: fused_linear_cross_entropy(
-        hidden, weight, labels, bias=head_bias, label_smoothing=smoothing, reduction=reduction, chunk_tokens=4), tensors)
-    theirs, their_grads = _loss_and_grads(lambda: _unfused(
-        hidden, weight, head_bias, labels, label_smoothing=smoothing, reduction=reduction), tensors)
+    ours, our_grads = _loss_and_grads(
+        lambda: fused_linear_cross_entropy(
+            hidden, weight, labels, bias=head_bias, label_smoothing=smoothing, reduction=reduction, chunk_tokens=4
+        ),
+        tensors,
+    )
+    theirs, their_grads = _loss_and_grads(
+        lambda: _unfused(hidden, weight, head_bias, labels, label_smoothing=smoothing, reduction=reduction), tensors
+    )
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-6)
     for mine, reference, tensor in zip(our_grads, their_grads, [t for t in tensors if t is not None]):
@@ -122,8 +136,12 @@ def test_fused_head_result_does_not_depend_on_the_chunk_size(chunk, head_product
     hidden, weight, head_bias, labels = _head_case(seed=1)
     tensors = (hidden, weight, head_bias)
     reference = _loss_and_grads(lambda: _unfused(hidden, weight, head_bias, labels, label_smoothing=0.05), tensors)
-    ours = _loss_and_grads(lambda: fused_linear_cross_entropy(
-        hidden, weight, labels, bias=head_bias, label_smoothing=0.05, chunk_tokens=chunk), tensors)
+    ours = _loss_and_grads(
+        lambda: fused_linear_cross_entropy(
+            hidden, weight, labels, bias=head_bias, label_smoothing=0.05, chunk_tokens=chunk
+        ),
+        tensors,
+    )
     torch.testing.assert_close(ours[0], reference[0], atol=1e-5, rtol=1e-6)
     for mine, theirs in zip(ours[1], reference[1]):
         torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-5)
@@ -131,11 +149,15 @@ def test_fused_head_result_does_not_depend_on_the_chunk_size(chunk, head_product
 
 def test_fused_head_takes_strided_inputs(head_products):
     hidden, weight, head_bias, labels = _head_case(seed=8)
-    strided_hidden = hidden.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (seq, batch) storage
+    strided_hidden = (
+        hidden.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    )  # (seq, batch) storage
     strided_weight = weight.detach().t().contiguous().t().requires_grad_()  # column-major
     tensors = (strided_hidden, strided_weight, head_bias)
-    ours = _loss_and_grads(lambda: fused_linear_cross_entropy(strided_hidden, strided_weight, labels, bias=head_bias,
-                                                              chunk_tokens=7), tensors)
+    ours = _loss_and_grads(
+        lambda: fused_linear_cross_entropy(strided_hidden, strided_weight, labels, bias=head_bias, chunk_tokens=7),
+        tensors,
+    )
     reference = _loss_and_grads(lambda: _unfused(strided_hidden, strided_weight, head_bias, labels), tensors)
     torch.testing.assert_close(ours[0], reference[0], atol=1e-5, rtol=1e-6)
     for mine, theirs in zip(ours[1], reference[1]):
@@ -180,10 +202,15 @@ def test_fused_head_with_every_label_ignored(head_products):
     labels.fill_(-100)
     tensors = (hidden, weight, head_bias)
     for reduction in ("mean", "sum"):
-        ours, our_grads = _loss_and_grads(lambda reduction=reduction: fused_linear_cross_entropy(
-            hidden, weight, labels, bias=head_bias, reduction=reduction), tensors)
+        ours, our_grads = _loss_and_grads(
+            lambda reduction=reduction: fused_linear_cross_entropy(
+                hidden, weight, labels, bias=head_bias, reduction=reduction
+            ),
+            tensors,
+        )
         theirs, _ = _loss_and_grads(
-            lambda reduction=reduction: _unfused(hidden, weight, head_bias, labels, reduction=reduction), tensors)
+            lambda reduction=reduction: _unfused(hidden, weight, head_bias, labels, reduction=reduction), tensors
+        )
         # mean over no tokens is NaN, as F.cross_entropy says; the sum is 0; no gradient either way
         torch.testing.assert_close(ours, theirs, equal_nan=True)
         assert all(not g.any() for g in our_grads)
@@ -208,8 +235,9 @@ def test_fused_head_under_autocast_does_what_the_unfused_path_does():
     hidden, weight, _, labels = _head_case(seed=7, bias=False)
     tensors = (hidden, weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours, our_grads = _loss_and_grads(lambda: fused_linear_cross_entropy(hidden, weight, shift_labels(labels),
-                                                                             chunk_tokens=6), tensors)
+        ours, our_grads = _loss_and_grads(
+            lambda: fused_linear_cross_entropy(hidden, weight, shift_labels(labels), chunk_tokens=6), tensors
+        )
         theirs, their_grads = _loss_and_grads(lambda: causal_lm_loss(F.linear(hidden, weight), labels), tensors)
     exact, _ = _loss_and_grads(lambda: causal_lm_loss(F.linear(hidden, weight), labels), tensors)
     assert ours.dtype == theirs.dtype == torch.float32
@@ -221,19 +249,22 @@ def test_fused_head_under_autocast_does_what_the_unfused_path_does():
         torch.testing.assert_close(mine, reference, atol=2e-3, rtol=2e-2)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(labels=torch.zeros(3, 12, dtype=torch.long)), "labels must have"),
-    (dict(labels=torch.zeros(3, 13)), "int64"),
-    (dict(hidden=torch.zeros(3, 13, 15)), "hidden_size"),
-    (dict(weight=torch.zeros(50)), "weight must be"),
-    (dict(bias=torch.zeros(49)), "bias must be"),
-    (dict(label_smoothing=1.0), "label_smoothing"),
-    (dict(label_smoothing=-0.1), "label_smoothing"),
-    (dict(reduction="none"), "reduction"),
-    (dict(chunk_tokens=0), "chunk_tokens"),
-    (dict(labels=torch.full((3, 13), 50)), "outside the vocabulary"),
-    (dict(hidden=torch.zeros(3, 13, 16, dtype=torch.float64)), "dtype"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(labels=torch.zeros(3, 12, dtype=torch.long)), "labels must have"),
+        (dict(labels=torch.zeros(3, 13)), "int64"),
+        (dict(hidden=torch.zeros(3, 13, 15)), "hidden_size"),
+        (dict(weight=torch.zeros(50)), "weight must be"),
+        (dict(bias=torch.zeros(49)), "bias must be"),
+        (dict(label_smoothing=1.0), "label_smoothing"),
+        (dict(label_smoothing=-0.1), "label_smoothing"),
+        (dict(reduction="none"), "reduction"),
+        (dict(chunk_tokens=0), "chunk_tokens"),
+        (dict(labels=torch.full((3, 13), 50)), "outside the vocabulary"),
+        (dict(hidden=torch.zeros(3, 13, 16, dtype=torch.float64)), "dtype"),
+    ],
+)
 def test_fused_head_rejects_bad_input(change, message):
     hidden, weight, head_bias, labels = _head_case()
     arguments = dict(hidden=hidden.detach(), weight=weight.detach(), labels=labels, bias=head_bias.detach())
@@ -263,23 +294,52 @@ def test_trainer_step_with_the_fused_head_equals_the_unfused_step(kind, tmp_path
 
     torch.manual_seed(0)
     if kind == "causal":
-        config = Config(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                        intermediate_size=48, max_position_embeddings=32, tie_word_embeddings=True)
+        config = Config(
+            family="llama",
+            vocab_size=64,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=32,
+            tie_word_embeddings=True,
+        )
         extra = {}
     else:
-        config = Config(family="bert", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
-                        max_position_embeddings=32, causal=False, post_norm=True, norm="layernorm", activation="gelu",
-                        gated_mlp=False, qkv_bias=True, attn_out_bias=True, mlp_bias=True, position="learned",
-                        type_vocab_size=2, embedding_norm=True, tie_word_embeddings=True, masked_lm_head=True)
+        config = Config(
+            family="bert",
+            vocab_size=64,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=32,
+            causal=False,
+            post_norm=True,
+            norm="layernorm",
+            activation="gelu",
+            gated_mlp=False,
+            qkv_bias=True,
+            attn_out_bias=True,
+            mlp_bias=True,
+            position="learned",
+            type_vocab_size=2,
+            embedding_norm=True,
+            tie_word_embeddings=True,
+            masked_lm_head=True,
+        )
         extra = dict(mask_token_id=4, special_token_ids=(0, 1, 2, 3, 4), mlm_probability=0.3)
     model = Transformer(config)
     data = TokenDataset(torch.randint(5, 64, (16 * 12,), generator=torch.Generator().manual_seed(1)), 16)
     val = TokenDataset(torch.randint(5, 64, (16 * 8,), generator=torch.Generator().manual_seed(2)), 16)
-    settings = dict(max_steps=3, batch_size=4, grad_accum=2, lr=1e-2, label_smoothing=0.1, progress=False, export=False,
-                    **extra)
+    settings = dict(
+        max_steps=3, batch_size=4, grad_accum=2, lr=1e-2, label_smoothing=0.1, progress=False, export=False, **extra
+    )
     fused = Trainer(copy.deepcopy(model), data, TrainConfig(out_dir=tmp_path / "a", **settings), val_data=val)
-    unfused = _UnfusedTrainer.make(copy.deepcopy(model), data, TrainConfig(out_dir=tmp_path / "b", **settings),
-                                   val_data=val)
+    unfused = _UnfusedTrainer.make(
+        copy.deepcopy(model), data, TrainConfig(out_dir=tmp_path / "b", **settings), val_data=val
+    )
     assert fused._fused_head and not unfused._fused_head
     # The gradients of one micro-batch's share of the loss (what the step accumulates) ...
     batch = data.sequences[:4]

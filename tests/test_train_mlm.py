@@ -24,8 +24,15 @@ VOCAB, MASK, SPECIALS = 96, 4, (0, 1, 2, 3, 4)  # ids 0-4 play [PAD] [UNK] [CLS]
 
 
 def hf_bert_mlm(seed=0, tie=True):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=112, max_position_embeddings=64, tie_word_embeddings=tie)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=112,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(seed)
     model = transformers.BertForMaskedLM(config)
     with torch.no_grad():  # move norms and biases off their init so a wrong mapping shows
@@ -50,8 +57,9 @@ def test_masking_draws_exactly_what_the_transformers_collator_draws():
     collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.3)
     collator.generator = torch.Generator().manual_seed(11)
     expected_inputs, expected_labels = collator.torch_mask_tokens(ids.clone(), encoded["special_tokens_mask"])
-    inputs, labels = mask_tokens(ids, tokenizer.mask_token_id, len(tokenizer), 0.3, tokenizer.all_special_ids,
-                                 torch.Generator().manual_seed(11))
+    inputs, labels = mask_tokens(
+        ids, tokenizer.mask_token_id, len(tokenizer), 0.3, tokenizer.all_special_ids, torch.Generator().manual_seed(11)
+    )
     assert torch.equal(inputs, expected_inputs)
     assert torch.equal(labels, expected_labels)
     assert int((labels != IGNORE_INDEX).sum()) > 0
@@ -132,8 +140,14 @@ def test_untied_head_round_trips(tmp_path):
 
 
 def test_headless_encoder_stays_headless(tmp_path):
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=112, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=112,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config, add_pooling_layer=False).save_pretrained(tmp_path / "base")
     model = load_model(tmp_path / "base")
     assert model.lm_head is None and model.lm_transform is None and model(torch.tensor([[5, 6]])).logits is None
@@ -146,23 +160,47 @@ def test_masked_lm_loss_checks_shapes():
     with pytest.raises(ValueError, match="logits must be"):
         masked_lm_loss(torch.zeros(2, 3, VOCAB), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="causal model"):
-        Config(family="bert", vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
-               masked_lm_head=True)
+        Config(
+            family="bert",
+            vocab_size=8,
+            hidden_size=8,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=8,
+            masked_lm_head=True,
+        )
 
 
 # ----------------------------------------------------------------------------- training
 def make_trainer(out_dir, model=None, **overrides):
-    settings = dict(out_dir=out_dir, max_steps=4, batch_size=4, lr=3e-3, warmup_steps=1, seed=2, progress=False,
-                    eval_every=2, eval_batches=2, export=False, mask_token_id=MASK, special_token_ids=SPECIALS)
+    settings = dict(
+        out_dir=out_dir,
+        max_steps=4,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        seed=2,
+        progress=False,
+        eval_every=2,
+        eval_batches=2,
+        export=False,
+        mask_token_id=MASK,
+        special_token_ids=SPECIALS,
+    )
     settings.update(overrides)
     pattern = torch.arange(5, 5 + 16)
-    return Trainer(model if model is not None else tiny_encoder(), TokenDataset(pattern.repeat(24), 16),
-                   TrainConfig(**settings), val_data=TokenDataset(pattern.repeat(4), 16))
+    return Trainer(
+        model if model is not None else tiny_encoder(),
+        TokenDataset(pattern.repeat(24), 16),
+        TrainConfig(**settings),
+        val_data=TokenDataset(pattern.repeat(4), 16),
+    )
 
 
 def test_trainer_pretrains_the_encoder_and_exports_bert_for_masked_lm(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=40, lr=1e-2, warmup_steps=4, eval_every=20, mlm_probability=0.3,
-                           export=True)
+    trainer = make_trainer(
+        tmp_path, max_steps=40, lr=1e-2, warmup_steps=4, eval_every=20, mlm_probability=0.3, export=True
+    )
     result = trainer.train()
     first, last = result.losses[0][1], result.losses[-1][1]
     assert last < 0.3 * first, (first, last)
@@ -201,8 +239,19 @@ def test_masked_lm_resume_is_exact(tmp_path):
 
 
 def test_trainer_refuses_an_encoder_it_cannot_train(tmp_path):
-    headless = Transformer(Config(family="bert", vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4,
-                                  intermediate_size=48, causal=False, position="learned", type_vocab_size=2))
+    headless = Transformer(
+        Config(
+            family="bert",
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=4,
+            intermediate_size=48,
+            causal=False,
+            position="learned",
+            type_vocab_size=2,
+        )
+    )
     with pytest.raises(TrainError, match="no masked-LM head"):
         make_trainer(tmp_path, model=headless)
     with pytest.raises(TrainError, match=r"\[MASK\] id"):

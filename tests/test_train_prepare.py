@@ -96,23 +96,44 @@ def test_each_filter_counts_what_it_removed(tmp_path, tokenizer_dir):
         "symbols": "#### {{{{ }}}} ;;;; :::: !!!! ???? w1 w2 w3 ~~~~ ++++ ---- ==== @@@@ %%%% ^^^^",
     }
     assert duplicate_line_ratio(bad["lines"]) == pytest.approx(5 / 7)
-    filters = QualityFilters(max_chars=5000, max_duplicate_line_ratio=0.5, ngram_size=5, max_repeated_ngram_ratio=0.6,
-                             max_symbol_ratio=0.5)
+    filters = QualityFilters(
+        max_chars=5000, max_duplicate_line_ratio=0.5, ngram_size=5, max_repeated_ngram_ratio=0.6, max_symbol_ratio=0.5
+    )
     for name, text in good.items():
         assert filters.first_failure(text) is None, name
     source = write_docs(tmp_path / "src", {**good, **bad})
     result = prepare([source], tokenizer_dir, tmp_path / "out", filters=filters, val_fraction=0)
     removed = result.meta["filters"]["removed"]
-    assert removed == {"too_short": 1, "too_long": 1, "too_few_words": 1, "duplicate_lines": 1, "repeated_ngrams": 1,
-                       "non_text": 1}
-    logged = {json.loads(line)["id"].rsplit("/", 1)[-1]: json.loads(line)["rule"]
-              for line in (tmp_path / "out" / "filtered.jsonl").read_text().splitlines()}
-    assert logged == {"short.txt": "too_short", "long.txt": "too_long", "fewwords.txt": "too_few_words",
-                      "lines.txt": "duplicate_lines", "ngrams.txt": "repeated_ngrams", "symbols.txt": "non_text"}
+    assert removed == {
+        "too_short": 1,
+        "too_long": 1,
+        "too_few_words": 1,
+        "duplicate_lines": 1,
+        "repeated_ngrams": 1,
+        "non_text": 1,
+    }
+    logged = {
+        json.loads(line)["id"].rsplit("/", 1)[-1]: json.loads(line)["rule"]
+        for line in (tmp_path / "out" / "filtered.jsonl").read_text().splitlines()
+    }
+    assert logged == {
+        "short.txt": "too_short",
+        "long.txt": "too_long",
+        "fewwords.txt": "too_few_words",
+        "lines.txt": "duplicate_lines",
+        "ngrams.txt": "repeated_ngrams",
+        "symbols.txt": "non_text",
+    }
     assert result.meta["documents"]["kept"] == 6
     # Switching the rules off keeps everything.
-    off = QualityFilters(min_chars=None, max_chars=None, min_words=None, max_duplicate_line_ratio=None,
-                         max_repeated_ngram_ratio=None, max_symbol_ratio=None)
+    off = QualityFilters(
+        min_chars=None,
+        max_chars=None,
+        min_words=None,
+        max_duplicate_line_ratio=None,
+        max_repeated_ngram_ratio=None,
+        max_symbol_ratio=None,
+    )
     everything = prepare([source], tokenizer_dir, tmp_path / "all", filters=off, val_fraction=0)
     assert everything.meta["documents"]["kept"] == 12 and sum(everything.meta["filters"]["removed"].values()) == 0
 
@@ -139,7 +160,9 @@ def test_planted_exact_and_near_duplicates_are_removed_and_distinct_documents_su
     for name, source in (("far_from_07", "doc07"), ("half_of_09", "doc09")):
         assert jaccard(distinct[name], originals[source]) <= threshold - 0.3
     folder = write_docs(tmp_path / "src", {**originals, **planted, **distinct})
-    result = prepare([folder], tokenizer_dir, tmp_path / "out", dedup=DedupSettings(threshold=threshold), val_fraction=0)
+    result = prepare(
+        [folder], tokenizer_dir, tmp_path / "out", dedup=DedupSettings(threshold=threshold), val_fraction=0
+    )
     report = [json.loads(line) for line in (tmp_path / "out" / "duplicates.jsonl").read_text().splitlines()]
     found = {r["id"].rsplit("/", 1)[-1]: (r["kind"], r["duplicate_of"].rsplit("/", 1)[-1]) for r in report}
     assert found == {
@@ -150,14 +173,18 @@ def test_planted_exact_and_near_duplicates_are_removed_and_distinct_documents_su
     }
     assert all(r["jaccard"] >= threshold for r in report)
     meta = result.meta
-    assert meta["documents"]["kept"] == 32 and meta["dedup"]["exact_removed"] == 1 and meta["dedup"]["near_removed"] == 3
+    assert (
+        meta["documents"]["kept"] == 32 and meta["dedup"]["exact_removed"] == 1 and meta["dedup"]["near_removed"] == 3
+    )
     # At a threshold above the planted pairs' similarity, only the exact duplicate goes.
-    strict = prepare([folder], tokenizer_dir, tmp_path / "strict", dedup=DedupSettings(threshold=0.97, num_perm=256),
-                     val_fraction=0)
+    strict = prepare(
+        [folder], tokenizer_dir, tmp_path / "strict", dedup=DedupSettings(threshold=0.97, num_perm=256), val_fraction=0
+    )
     assert strict.meta["dedup"] == {**strict.meta["dedup"], "exact_removed": 1, "near_removed": 0}
     # And with dedup off, every document is kept.
-    none = prepare([folder], tokenizer_dir, tmp_path / "none", dedup=DedupSettings(exact=False, near=False),
-                   val_fraction=0)
+    none = prepare(
+        [folder], tokenizer_dir, tmp_path / "none", dedup=DedupSettings(exact=False, near=False), val_fraction=0
+    )
     assert none.meta["documents"]["kept"] == 36
 
 
@@ -186,8 +213,7 @@ def test_shards_round_trip_with_split_and_dtype(tmp_path, tokenizer_dir):
     rng = random.Random(3)
     docs = {f"d{i:02d}": random_document(rng, 80) for i in range(40)}
     folder = write_docs(tmp_path / "src", docs)
-    result = prepare([folder], tokenizer_dir, tmp_path / "out", val_fraction=0.25, seed=7, seq_len=16,
-                     shard_tokens=500)
+    result = prepare([folder], tokenizer_dir, tmp_path / "out", val_fraction=0.25, seed=7, seq_len=16, shard_tokens=500)
     meta = result.meta
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     expected = {"train": [], "val": []}
@@ -195,7 +221,11 @@ def test_shards_round_trip_with_split_and_dtype(tmp_path, tokenizer_dir):
         split = "val" if val_fraction_of(content_key(docs[name]), 7) < 0.25 else "train"
         expected[split].extend(tokenizer.encode(docs[name], add_special_tokens=False) + [tokenizer.eos_token_id])
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 1000
-    assert meta["tokenizer"]["sha256"] == tokenizer_sha256(tokenizer_dir) == tokenizer_sha256(tmp_path / "out" / "tokenizer")
+    assert (
+        meta["tokenizer"]["sha256"]
+        == tokenizer_sha256(tokenizer_dir)
+        == tokenizer_sha256(tmp_path / "out" / "tokenizer")
+    )
     assert 0 < meta["splits"]["val"]["documents"] < 20
     for split in ("train", "val"):
         shards = meta["splits"][split]["shards"]
@@ -215,8 +245,15 @@ def test_shards_round_trip_with_split_and_dtype(tmp_path, tokenizer_dir):
     # (the draw hashes the text, not the path).
     other = prepare([folder], tokenizer_dir, tmp_path / "other", val_fraction=0.25, seed=8, seq_len=16)
     assert other.meta["splits"]["val"]["tokens"] != meta["splits"]["val"]["tokens"]
-    moved = prepare([folder.rename(tmp_path / "moved")], tokenizer_dir, tmp_path / "again", val_fraction=0.25, seed=7,
-                    seq_len=16, shard_tokens=500)
+    moved = prepare(
+        [folder.rename(tmp_path / "moved")],
+        tokenizer_dir,
+        tmp_path / "again",
+        val_fraction=0.25,
+        seed=7,
+        seq_len=16,
+        shard_tokens=500,
+    )
     assert moved.meta["splits"] == meta["splits"]
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
@@ -229,8 +266,9 @@ def test_jsonl_glob_and_folder_sources(tmp_path, tokenizer_dir):
     (tmp_path / "a" / "one.txt").write_text(random_document(rng, 40))
     (tmp_path / "a" / "notes.dat").write_text(random_document(rng, 40))
     (tmp_path / "b.txt").write_text(random_document(rng, 40))
-    result = prepare([tmp_path / "a", str(tmp_path / "b.*")], tokenizer_dir, tmp_path / "out", text_field="content",
-                     val_fraction=0)
+    result = prepare(
+        [tmp_path / "a", str(tmp_path / "b.*")], tokenizer_dir, tmp_path / "out", text_field="content", val_fraction=0
+    )
     assert result.meta["documents"]["read"] == 7  # 5 lines + one.txt + b.txt (notes.dat is not a folder --ext)
     assert sorted(s.rsplit("/", 1)[-1] for s in result.meta["sources"]) == ["b.txt", "one.txt", "rows.jsonl"]
     bad = tmp_path / "bad.jsonl"
@@ -281,10 +319,23 @@ def test_trainer_evaluates_a_memory_mapped_dataset(tmp_path, tokenizer_dir):
     prepare([folder], tokenizer_dir, tmp_path / "data", val_fraction=0.2, seq_len=32)
     train, val = load_prepared(tmp_path / "data")
     torch.manual_seed(0)
-    model = Transformer(Config(family="llama", vocab_size=1000, hidden_size=32, num_layers=1, num_heads=2,
-                               intermediate_size=64, max_position_embeddings=32))
-    trainer = Trainer(model, train, TrainConfig(out_dir=tmp_path / "run", max_steps=2, batch_size=4, progress=False,
-                                                export=False), val_data=val)
+    model = Transformer(
+        Config(
+            family="llama",
+            vocab_size=1000,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+        )
+    )
+    trainer = Trainer(
+        model,
+        train,
+        TrainConfig(out_dir=tmp_path / "run", max_steps=2, batch_size=4, progress=False, export=False),
+        val_data=val,
+    )
     result = trainer.train()
     assert result.step == 2 and result.evals[-1]["val_loss"] > 0
 
@@ -311,17 +362,24 @@ def test_empty_corpus_and_too_small_corpus_fail_without_touching_earlier_output(
 
 
 def test_bad_sources_and_options_fail_before_reading(tmp_path, tokenizer_dir):
-    for sources, match in [([tmp_path / "missing.txt"], "does not exist"), ([str(tmp_path / "*.none")], "matches no file"),
-                           ([tmp_path], "holds no file ending with"), ([], "no sources")]:
+    for sources, match in [
+        ([tmp_path / "missing.txt"], "does not exist"),
+        ([str(tmp_path / "*.none")], "matches no file"),
+        ([tmp_path], "holds no file ending with"),
+        ([], "no sources"),
+    ]:
         with pytest.raises(DataError, match=match):
             prepare(sources, tokenizer_dir, tmp_path / "out")
     (tmp_path / "a.txt").write_text("some text " * 20)
-    for kwargs, match in [({"val_fraction": 1.0}, "val_fraction"), ({"seq_len": 1}, "seq_len"),
-                          ({"filters": QualityFilters(max_symbol_ratio=2)}, "max_symbol_ratio"),
-                          ({"filters": QualityFilters(min_chars=10, max_chars=5)}, "must not exceed"),
-                          ({"dedup": DedupSettings(threshold=0)}, "threshold"),
-                          ({"dedup": DedupSettings(num_perm=1)}, "num_perm"),
-                          ({"dedup": DedupSettings(threshold=0.999)}, "cannot be indexed")]:
+    for kwargs, match in [
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"seq_len": 1}, "seq_len"),
+        ({"filters": QualityFilters(max_symbol_ratio=2)}, "max_symbol_ratio"),
+        ({"filters": QualityFilters(min_chars=10, max_chars=5)}, "must not exceed"),
+        ({"dedup": DedupSettings(threshold=0)}, "threshold"),
+        ({"dedup": DedupSettings(num_perm=1)}, "num_perm"),
+        ({"dedup": DedupSettings(threshold=0.999)}, "cannot be indexed"),
+    ]:
         with pytest.raises(DataError, match=match):
             prepare([tmp_path / "a.txt"], tokenizer_dir, tmp_path / "out", **kwargs)
     with pytest.raises(FileNotFoundError):
@@ -351,13 +409,33 @@ def test_cli_prepares_and_reports_errors(tmp_path, tokenizer_dir, capsys):
     rng = random.Random(9)
     folder = write_docs(tmp_path / "src", {f"d{i}": random_document(rng, 60) for i in range(20)})
     (folder / "d0_copy.txt").write_text((folder / "d0.txt").read_text())
-    assert main(["data", "prepare", str(folder), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out"),
-                 "--val-fraction", "0.4", "--seq-len", "16", "--max-symbol-ratio", "off"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(folder),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--out",
+                str(tmp_path / "out"),
+                "--val-fraction",
+                "0.4",
+                "--seq-len",
+                "16",
+                "--max-symbol-ratio",
+                "off",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     err = " ".join(capsys.readouterr().err.split())
     assert "1 exact and 0 near duplicates removed, 20 kept" in err
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["filters"]["settings"]["max_symbol_ratio"] is None and meta["seq_len"] == 16
-    assert main(["data", "prepare", str(folder), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(["data", "prepare", str(folder), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")]) == 2
+    )
     assert "already exists" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(SystemExit):
         main(["data", "prepare", str(folder), "--tokenizer", "t", "--out", "o", "--max-symbol-ratio", "1.5"])

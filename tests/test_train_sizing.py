@@ -32,13 +32,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------- Chinchilla
-@pytest.mark.parametrize("flops, parameters, tokens", [
-    # Hoffmann et al. 2022, Table 3 (Approach 1): FLOPs, parameters, tokens.
-    (1.92e19, 400e6, 8.0e9),
-    (1.21e20, 1e9, 20.2e9),
-    (1.23e22, 10e9, 205.1e9),
-    (5.76e23, 67e9, 1.5e12),
-])
+@pytest.mark.parametrize(
+    "flops, parameters, tokens",
+    [
+        # Hoffmann et al. 2022, Table 3 (Approach 1): FLOPs, parameters, tokens.
+        (1.92e19, 400e6, 8.0e9),
+        (1.21e20, 1e9, 20.2e9),
+        (1.23e22, 10e9, 205.1e9),
+        (5.76e23, 67e9, 1.5e12),
+    ],
+)
 def test_twenty_tokens_per_parameter_reproduces_the_papers_table(flops, parameters, tokens):
     plan = chinchilla_optimal(flops, method="rule")
     assert plan.parameters == pytest.approx(parameters, rel=0.05)
@@ -55,9 +58,12 @@ def test_fitted_law_optimum_is_the_numerical_minimum():
     assert law.loss(70e9, 1.4e12) == pytest.approx(1.94, abs=0.01)
     for flops in (1e18, 1e21, 5.76e23, 1e26):
         plan = chinchilla_optimal(flops)
-        numeric = minimize_scalar(lambda log_n, flops=flops: law.loss(math.exp(log_n), flops / (6 * math.exp(log_n))),
-                                  bounds=(math.log(1e3), math.log(1e15)), method="bounded",
-                                  options={"xatol": 1e-10})
+        numeric = minimize_scalar(
+            lambda log_n, flops=flops: law.loss(math.exp(log_n), flops / (6 * math.exp(log_n))),
+            bounds=(math.log(1e3), math.log(1e15)),
+            method="bounded",
+            options={"xatol": 1e-10},
+        )
         assert plan.parameters == pytest.approx(math.exp(numeric.x), rel=1e-4)
         assert training_flops(plan.parameters, plan.tokens) == pytest.approx(flops)
         assert plan.predicted_loss <= law.loss(2 * plan.parameters, plan.tokens / 2)
@@ -134,8 +140,17 @@ def test_noise_scale_of_a_problem_with_a_known_answer():
 
 def test_language_model_noise_scale_runs_on_a_transformer():
     torch.manual_seed(0)
-    model = Transformer(Config(family="llama", vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
-                               intermediate_size=48, max_position_embeddings=32))
+    model = Transformer(
+        Config(
+            family="llama",
+            vocab_size=64,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=32,
+        )
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # A learnable stream (a cycle with some random tokens) so the true gradient stands out of the noise.
     stream = torch.arange(64 * 16) % 20 + 3
@@ -164,8 +179,10 @@ def test_size_commands(tmp_path, capsys):
         writer.writerow(["compute", "loss"])
         for c in np.logspace(15, 18, 5):
             writer.writerow([c, 50 * c**-0.07])
-    assert main(["size", "fit", "--points", str(points), "--plot", str(tmp_path / "fit.png"),
-                 "--extrapolate", "1e20"]) == 0
+    assert (
+        main(["size", "fit", "--points", str(points), "--plot", str(tmp_path / "fit.png"), "--extrapolate", "1e20"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["fit"]["b"] == pytest.approx(0.07, abs=1e-6)
     assert out["predicted_loss"]["1e+20"] == pytest.approx(50 * 1e20**-0.07, rel=1e-5)
@@ -178,7 +195,26 @@ def test_size_commands(tmp_path, capsys):
 def test_noise_scale_command(text_model_dir, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    assert main(["size", "noise-scale", "--model", str(text_model_dir), "--text", str(text), "--seq-len", "16",
-                 "--small", "2", "--big", "8", "--trials", "3"]) == 0
+    assert (
+        main(
+            [
+                "size",
+                "noise-scale",
+                "--model",
+                str(text_model_dir),
+                "--text",
+                str(text),
+                "--seq-len",
+                "16",
+                "--small",
+                "2",
+                "--big",
+                "8",
+                "--trials",
+                "3",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["critical_batch_tokens"] == pytest.approx(out["critical_batch"] * 16)

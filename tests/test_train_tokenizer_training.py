@@ -13,8 +13,10 @@ from genforge.cli import main
 from genforge.tokenizer import Tokenizer
 from genforge.train.tokenizer_training import TokenizerTrainingError, tokenizer_sha256, train_tokenizer
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon "
-         "phi chi psi omega def return class import yield lambda while for if else").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon "
+    "phi chi psi omega def return class import yield lambda while for if else"
+).split()
 PROBES = [
     "alpha beta gamma",
     "def f(x):\n    return x ** 2  # comment",
@@ -91,9 +93,12 @@ def test_files_and_jsonl_train_the_same_tokenizer_as_texts(tmp_path):
     for i, doc in enumerate(docs[:60]):
         (folder / f"{i:03d}.txt").write_text(doc)
     (folder / "skipped.bin").write_text("zzzz " * 50)  # not a --ext file: never read
-    (tmp_path / "rest.jsonl").write_text("".join(json.dumps({"body": d, "n": i}) + "\n" for i, d in enumerate(docs[60:])))
-    from_files = train_tokenizer(files=[folder, tmp_path / "rest.jsonl"], text_field="body", vocab_size=330,
-                                 out_dir=tmp_path / "a")
+    (tmp_path / "rest.jsonl").write_text(
+        "".join(json.dumps({"body": d, "n": i}) + "\n" for i, d in enumerate(docs[60:]))
+    )
+    from_files = train_tokenizer(
+        files=[folder, tmp_path / "rest.jsonl"], text_field="body", vocab_size=330, out_dir=tmp_path / "a"
+    )
     train_tokenizer(iter(docs), vocab_size=330, out_dir=tmp_path / "b")  # a one-pass generator
     assert from_files.documents == 120 and from_files.characters == sum(map(len, docs))
     assert tokenizer_sha256(tmp_path / "a") == tokenizer_sha256(tmp_path / "b") == from_files.sha256
@@ -101,11 +106,16 @@ def test_files_and_jsonl_train_the_same_tokenizer_as_texts(tmp_path):
 
 
 def test_custom_special_tokens_get_the_first_ids(tmp_path):
-    result = train_tokenizer(corpus(100), vocab_size=320, special_tokens={"bos_token": "<s>", "eos_token": "</s>"},
-                             extra_special_tokens=["<|im_start|>"], out_dir=tmp_path / "tok")
+    result = train_tokenizer(
+        corpus(100),
+        vocab_size=320,
+        special_tokens={"bos_token": "<s>", "eos_token": "</s>"},
+        extra_special_tokens=["<|im_start|>"],
+        out_dir=tmp_path / "tok",
+    )
     tokenizer = Tokenizer.from_dir(tmp_path / "tok")
     assert [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.token_to_id("<|im_start|>")] == [0, 1, 2]
-    assert tokenizer.encode("<|im_start|>alpha") [0] == 2
+    assert tokenizer.encode("<|im_start|>alpha")[0] == 2
     assert result.tokenizer.all_special_tokens == tokenizer.all_special_tokens
 
 
@@ -194,8 +204,26 @@ def test_cli_trains_and_reports_errors(tmp_path, capsys):
     assert main(["tokenizer", "train", str(source), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
     assert "trained a bpe tokenizer of 300 tokens" in stderr()
     assert Tokenizer.from_dir(tmp_path / "tok").vocab_size == 300
-    assert main(["tokenizer", "train", str(source), "--kind", "wordpiece", "--vocab-size", "120",
-                 "--special-token", "unk=[UNK]", "--special-token", "pad=[PAD]", "--out", str(tmp_path / "wp")]) == 0
+    assert (
+        main(
+            [
+                "tokenizer",
+                "train",
+                str(source),
+                "--kind",
+                "wordpiece",
+                "--vocab-size",
+                "120",
+                "--special-token",
+                "unk=[UNK]",
+                "--special-token",
+                "pad=[PAD]",
+                "--out",
+                str(tmp_path / "wp"),
+            ]
+        )
+        == 0
+    )
     assert Tokenizer.from_dir(tmp_path / "wp").unk_token == "[UNK]"
     assert main(["tokenizer", "train", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in stderr()

@@ -29,8 +29,18 @@ def corpus(n_tokens=640, seed=0):
 
 def make_trainer(out_dir, model=None, data=None, **overrides):
     """The run both halves of the resume test build identically (also used by the child process)."""
-    settings = dict(out_dir=out_dir, max_steps=6, batch_size=4, lr=3e-3, warmup_steps=2, seed=3, progress=False,
-                    eval_every=2, eval_batches=2, export=False)
+    settings = dict(
+        out_dir=out_dir,
+        max_steps=6,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        seed=3,
+        progress=False,
+        eval_every=2,
+        eval_batches=2,
+        export=False,
+    )
     settings.update(overrides)
     model = model if model is not None else tiny_model(dropout=0.1)  # dropout: RNG state must resume too
     data = data if data is not None else TokenDataset(corpus(), SEQ_LEN)
@@ -74,7 +84,11 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert losses(killed) == losses(tmp_path / "straight")  # bit-identical floats
     straight_state, resumed_state = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(straight_state[k], resumed_state[k]) for k in straight_state)
-    val = lambda d: [r["val_loss"] for r in map(json.loads, Path(d, "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]  # noqa: E731
+
+    def val(directory):
+        lines = Path(directory, "metrics.jsonl").read_text().splitlines()
+        return [r["val_loss"] for r in map(json.loads, lines) if "val_loss" in r]
+
     assert val(killed) == val(tmp_path / "straight")
 
 
@@ -137,9 +151,21 @@ def test_exported_model_matches_transformers_logits(tmp_path):
 def test_loss_goes_down_on_a_memorisable_corpus(tmp_path):
     pattern = torch.arange(3, 3 + SEQ_LEN)
     data = TokenDataset(pattern.repeat(16), SEQ_LEN)
-    trainer = Trainer(tiny_model(), data, TrainConfig(out_dir=tmp_path, max_steps=30, batch_size=4, lr=1e-2,
-                                                      warmup_steps=3, progress=True, eval_every=10, peak_flops=1e12),
-                      val_data=TokenDataset(pattern.repeat(2), SEQ_LEN))
+    trainer = Trainer(
+        tiny_model(),
+        data,
+        TrainConfig(
+            out_dir=tmp_path,
+            max_steps=30,
+            batch_size=4,
+            lr=1e-2,
+            warmup_steps=3,
+            progress=True,
+            eval_every=10,
+            peak_flops=1e12,
+        ),
+        val_data=TokenDataset(pattern.repeat(2), SEQ_LEN),
+    )
     result = trainer.train()
     first, last = result.losses[0][1], result.losses[-1][1]
     assert last < 0.2 * first, (first, last)
@@ -156,8 +182,20 @@ def test_gradient_accumulation_equals_one_double_batch(tmp_path):
     data = TokenDataset(corpus(), SEQ_LEN)
     runs = {}
     for name, batch_size, accum in (("double", 4, 1), ("accumulated", 2, 2)):
-        trainer = Trainer(copy.deepcopy(base), data, TrainConfig(out_dir=tmp_path / name, max_steps=1, lr=1e-3,
-                          batch_size=batch_size, grad_accum=accum, progress=False, export=False, adam_eps=1e-6))
+        trainer = Trainer(
+            copy.deepcopy(base),
+            data,
+            TrainConfig(
+                out_dir=tmp_path / name,
+                max_steps=1,
+                lr=1e-3,
+                batch_size=batch_size,
+                grad_accum=accum,
+                progress=False,
+                export=False,
+                adam_eps=1e-6,
+            ),
+        )
         runs[name] = (trainer.train(), trainer.model.state_dict())
     assert runs["double"][0].losses[0][1] == pytest.approx(runs["accumulated"][0].losses[0][1], abs=1e-6)
     for key, value in runs["double"][1].items():
@@ -168,8 +206,9 @@ def test_gradient_checkpointing_gives_the_same_step_and_is_undone(tmp_path):
     base = tiny_model(dropout=0.1)
     states = []
     for checkpointing in (False, True):
-        trainer = make_trainer(tmp_path / str(checkpointing), model=copy.deepcopy(base), max_steps=2,
-                               gradient_checkpointing=checkpointing)
+        trainer = make_trainer(
+            tmp_path / str(checkpointing), model=copy.deepcopy(base), max_steps=2, gradient_checkpointing=checkpointing
+        )
         trainer.train()
         states.append(trainer.model.state_dict())
         assert all("forward" not in vars(block) for block in trainer.model.blocks)
@@ -223,15 +262,42 @@ def test_pretrain_command_reads_prepared_shards(text_model_dir, tmp_path, capsys
             (sources / f"{name}-{start}.txt").write_text(text[start : start + 3000])
     prepare([sources], text_model_dir, tmp_path / "prepared", seq_len=SEQ_LEN, val_fraction=0.3)
     run = tmp_path / "run"
-    flags = ["--model", str(text_model_dir), "--out", str(run), "--steps", "2", "--batch-size", "2", "--warmup", "0",
-             "--eval-every", "0", "--save-every", "0"]
+    flags = [
+        "--model",
+        str(text_model_dir),
+        "--out",
+        str(run),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "0",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+    ]
     assert main(["pretrain", "--data", str(tmp_path / "prepared"), *flags]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2] and any("val_loss" in r for r in records)
     assert (run / "model" / "tokenizer.json").exists()
     assert "trained to step 2" in capsys.readouterr().err
     # Both sources, or neither, is a clear error before any work.
-    assert main(["pretrain", "--data", str(tmp_path / "prepared"), "--text", "x.txt", *flags[:2], "--out",
-                 str(tmp_path / "other")]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--data",
+                str(tmp_path / "prepared"),
+                "--text",
+                "x.txt",
+                *flags[:2],
+                "--out",
+                str(tmp_path / "other"),
+            ]
+        )
+        == 2
+    )
     assert "exactly one of --text" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()

@@ -77,15 +77,14 @@ def _joined(gf: str, hf: list[str], sizes: Callable[[Config], tuple[int, ...]]) 
 
 
 _LLAMA_LAYER = "model.layers.{i}"
-_LLAMA_ATTENTION = (
-    _joined("blocks.{i}.attn.qkv", [f"{_LLAMA_LAYER}.self_attn.{p}_proj" for p in "qkv"], qkv_sizes)
-    + _renames(
-        _with_bias({"blocks.{i}.attn.o": f"{_LLAMA_LAYER}.self_attn.o_proj"})
-        | {
-            "blocks.{i}.attn.q_norm.weight": f"{_LLAMA_LAYER}.self_attn.q_norm.weight",
-            "blocks.{i}.attn.k_norm.weight": f"{_LLAMA_LAYER}.self_attn.k_norm.weight",
-        }
-    )
+_LLAMA_ATTENTION = _joined(
+    "blocks.{i}.attn.qkv", [f"{_LLAMA_LAYER}.self_attn.{p}_proj" for p in "qkv"], qkv_sizes
+) + _renames(
+    _with_bias({"blocks.{i}.attn.o": f"{_LLAMA_LAYER}.self_attn.o_proj"})
+    | {
+        "blocks.{i}.attn.q_norm.weight": f"{_LLAMA_LAYER}.self_attn.q_norm.weight",
+        "blocks.{i}.attn.k_norm.weight": f"{_LLAMA_LAYER}.self_attn.k_norm.weight",
+    }
 )
 _LLAMA_FRAME = _renames(
     {
@@ -96,16 +95,22 @@ _LLAMA_FRAME = _renames(
         "lm_head.weight": "lm_head.weight",
     }
 )
-_LLAMA_MLP = _joined("blocks.{i}.mlp.gate_up", [f"{_LLAMA_LAYER}.mlp.{p}_proj" for p in ("gate", "up")],
-                     gate_up_sizes) + _renames(_with_bias({"blocks.{i}.mlp.down": f"{_LLAMA_LAYER}.mlp.down_proj"}))
+_LLAMA_MLP = _joined(
+    "blocks.{i}.mlp.gate_up", [f"{_LLAMA_LAYER}.mlp.{p}_proj" for p in ("gate", "up")], gate_up_sizes
+) + _renames(_with_bias({"blocks.{i}.mlp.down": f"{_LLAMA_LAYER}.mlp.down_proj"}))
 _LLAMA = _LLAMA_FRAME + _LLAMA_ATTENTION + _LLAMA_MLP
 
 _MIXTRAL_EXPERT = f"{_LLAMA_LAYER}.block_sparse_moe.experts.{{e}}"
 _MIXTRAL = (
     _LLAMA_FRAME
     + _LLAMA_ATTENTION
-    + [Rule("blocks.{i}.mlp.experts.{e}.gate_up.weight", (f"{_MIXTRAL_EXPERT}.w1.weight", f"{_MIXTRAL_EXPERT}.w3.weight"),
-            gate_up_sizes)]
+    + [
+        Rule(
+            "blocks.{i}.mlp.experts.{e}.gate_up.weight",
+            (f"{_MIXTRAL_EXPERT}.w1.weight", f"{_MIXTRAL_EXPERT}.w3.weight"),
+            gate_up_sizes,
+        )
+    ]
     + _renames(
         {
             "blocks.{i}.mlp.router.weight": f"{_LLAMA_LAYER}.block_sparse_moe.gate.weight",
@@ -141,8 +146,12 @@ _GPT2 = (
     )
     + [
         Rule(f"blocks.{{i}}.{gf}.weight", (f"{_GPT2_LAYER}.{hf}.weight",), transpose=True)
-        for gf, hf in (("attn.qkv", "attn.c_attn"), ("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                       ("mlp.down", "mlp.c_proj"))
+        for gf, hf in (
+            ("attn.qkv", "attn.c_attn"),
+            ("attn.o", "attn.c_proj"),
+            ("mlp.up", "mlp.c_fc"),
+            ("mlp.down", "mlp.c_proj"),
+        )
     ]
     + _renames(
         {
@@ -234,7 +243,9 @@ def _bindings(model: Transformer) -> list[_Binding]:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, config_dict: dict | None = None, device: str | torch.device = "cpu") -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype | None, config_dict: dict | None = None, device: str | torch.device = "cpu"
+) -> torch.dtype:
     """float32 by default on CPU (bf16 matmul is slow there); "auto" takes the checkpoint's."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
@@ -332,7 +343,11 @@ def load_model(
             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
         )
     # A tied head may still be stored (and BERT's decoder bias is a second name for cls.predictions.bias).
-    known = {name for b in bindings for name in b.hf} | {"lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    known = {name for b in bindings for name in b.hf} | {
+        "lm_head.weight",
+        "cls.predictions.decoder.weight",
+        "cls.predictions.decoder.bias",
+    }
     unused = sorted(k for k in available if k not in known and not _IGNORED.search(k))
     if unused:
         raise CheckpointError(
@@ -348,8 +363,9 @@ def load_model(
         with safe_open(file, framework="pt", device="cpu") as reader:
             for name in group:
                 pieces[name] = _checked_float(reader.get_tensor(available[name][1]), name)
-    state = {b.gf: _joined_tensor(b, pieces, expected[b.gf]).to(device=device, dtype=dtype).contiguous()
-             for b in bindings}
+    state = {
+        b.gf: _joined_tensor(b, pieces, expected[b.gf]).to(device=device, dtype=dtype).contiguous() for b in bindings
+    }
 
     if config.tie_word_embeddings and model.lm_head is not None:
         state["lm_head.weight"] = state["embed_tokens.weight"]
@@ -462,4 +478,14 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-__all__ = ["CheckpointError", "Rule", "WEIGHT_MAPS", "SUPPORTED_FAMILIES", "load_model", "save_model", "read_config", "read_generation_config", "resolve_dtype"]
+__all__ = [
+    "CheckpointError",
+    "Rule",
+    "WEIGHT_MAPS",
+    "SUPPORTED_FAMILIES",
+    "load_model",
+    "save_model",
+    "read_config",
+    "read_generation_config",
+    "resolve_dtype",
+]

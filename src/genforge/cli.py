@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genforge",
         description="genforge: the generative-AI stack in one codebase: train, load Hugging Face checkpoints, "
-                    "decode, serve (OpenAI-compatible), retrieve with citations and evaluate. Each command has --help.",
+        "decode, serve (OpenAI-compatible), retrieve with citations and evaluate. Each command has --help.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for subsystem in SUBSYSTEMS:

@@ -310,7 +310,9 @@ def _read_mixtral(hf):
 
 def _read_gpt2(hf):
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-        raise ConfigError("GPT-2 variants with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported")
+        raise ConfigError(
+            "GPT-2 variants with scale_attn_by_inverse_layer_idx or reorder_and_upcast_attn are not supported"
+        )
     d = hf["n_embd"]
     return dict(
         vocab_size=hf["vocab_size"],
@@ -479,6 +481,8 @@ def _with_architecture(writer):
 
 
 _HF_WRITERS = {
-    family: _with_architecture(_write_gpt2 if family == "gpt2" else _write_bert if family == "bert" else _write_llama_like)
+    family: _with_architecture(
+        _write_gpt2 if family == "gpt2" else _write_bert if family == "bert" else _write_llama_like
+    )
     for family in _HF_READERS
 }

@@ -90,7 +90,9 @@ class SentenceEncoder:
             for row, i in enumerate(chunk):
                 input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
                 mask[row, : len(ids[i])] = 1
-            hidden = self.model(input_ids.to(self.model.device), attention_mask=mask.to(self.model.device)).hidden_states
+            hidden = self.model(
+                input_ids.to(self.model.device), attention_mask=mask.to(self.model.device)
+            ).hidden_states
             vectors = pool(hidden.float(), mask.to(hidden.device), self.pooling)
             out[chunk] = (F.normalize(vectors, dim=-1) if self.normalize else vectors).cpu()
         return out
@@ -107,7 +109,11 @@ def _sentence_transformers_head(directory: Path) -> tuple[str, bool]:
         kind = module.get("type", "")
         if kind.endswith("Pooling"):
             settings = json.loads((directory / module["path"] / "config.json").read_text())
-            chosen = [m for m in POOLING_MODES if settings.get(f"pooling_mode_{m}_tokens" if m != "cls" else "pooling_mode_cls_token")]
+            chosen = [
+                m
+                for m in POOLING_MODES
+                if settings.get(f"pooling_mode_{m}_tokens" if m != "cls" else "pooling_mode_cls_token")
+            ]
             if len(chosen) != 1:
                 raise ValueError(f"{directory}: pooling {settings} is not supported; exactly one of {POOLING_MODES} is")
             pooling = chosen[0]

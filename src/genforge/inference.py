@@ -55,7 +55,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().contiguous()
-        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT), persistent=False)
+        self.register_buffer(
+            "packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT), persistent=False
+        )
         bias = linear.bias.detach().contiguous() if linear.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
         small = self.in_features * self.out_features < SMALL_PRODUCT_MULTIPLY_ADDS
@@ -66,16 +68,16 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"PackedLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"PackedLinear expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}")
         if x.numel() < self._plain_below_numel:
             return F.linear(x, self.plain_weight, self.bias)
         return matmul_nt(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"plain_weight={self.plain_weight is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"plain_weight={self.plain_weight is not None}"
+        )
 
 
 def can_pack(model: nn.Module) -> bool:

@@ -7,7 +7,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 
-def json_objects(lines: Iterable[str], where: str, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_objects(
+    lines: Iterable[str], where: str, error: type[ValueError] = ValueError
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of `lines` (a file handle streams).
 
     A line that is not JSON, or is JSON but not an object, raises `error` naming
@@ -19,8 +21,9 @@ def json_objects(lines: Iterable[str], where: str, error: type[ValueError] = Val
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise error(f"{where}:{number} is not valid JSON ({err.msg}); the file must hold one JSON object "
-                        "per line") from None
+            raise error(
+                f"{where}:{number} is not valid JSON ({err.msg}); the file must hold one JSON object per line"
+            ) from None
         if not isinstance(record, dict):
             raise error(f"{where}:{number} holds a {type(record).__name__}; each line must be a JSON object")
         yield number, record

@@ -197,11 +197,18 @@ class Attention(nn.Module):
         else:
             # The cache holds rows of very different lengths (the serving engine's running
             # sequences): each run of rows reads keys only as far as its own longest row.
-            out = torch.cat([
-                self._attend(q[rows], k[rows, :, :width], v[rows, :, :width],
-                             None if mask is None else mask[rows, ..., :width], is_causal)
-                for rows, width in runs
-            ])
+            out = torch.cat(
+                [
+                    self._attend(
+                        q[rows],
+                        k[rows, :, :width],
+                        v[rows, :, :width],
+                        None if mask is None else mask[rows, ..., :width],
+                        is_causal,
+                    )
+                    for rows, width in runs
+                ]
+            )
         return self.o(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:

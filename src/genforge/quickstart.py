@@ -80,7 +80,9 @@ def semantic_search(console: Console) -> None:
     scores = query_vectors @ doc_vectors.T
     for query, row in zip(QUERIES, scores):
         top = row.topk(3)
-        table.add_row(query, ", ".join(f"{names[i]}: {s:.2f}" for s, i in zip(top.values.tolist(), top.indices.tolist())))
+        table.add_row(
+            query, ", ".join(f"{names[i]}: {s:.2f}" for s, i in zip(top.values.tolist(), top.indices.tolist()))
+        )
     console.print(table)
 
 
@@ -95,9 +97,17 @@ def streamed_generation(out: Path, console: Console) -> None:
 
     tokenizer = Tokenizer.from_dir(default_encoder_path())
     config = Config(
-        family="llama", vocab_size=tokenizer.vocab_size, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
-        intermediate_size=688, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        family="llama",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        intermediate_size=688,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
     )
     torch.manual_seed(0)
     model = Transformer(config).eval()
@@ -149,12 +159,38 @@ class PretrainPlan:
 # step regime a small model at a high learning rate ends lower than a larger one (measured in
 # docs/training.md, "Quickstart"); a 2048-token vocabulary keeps the embedding and softmax, the
 # costliest parts at this size, small. FAST_PLAN: a fixed, tiny run for tests.
-FULL_PLAN = PretrainPlan(corpus_bytes=4_000_000, vocab_size=2048, seq_len=128, batch_size=16, hidden_size=128,
-                         num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=336, train_seconds=165.0,
-                         min_steps=100, max_steps=3000, lr=1e-2, sample_tokens=48)
-FAST_PLAN = PretrainPlan(corpus_bytes=600_000, vocab_size=512, seq_len=64, batch_size=16, hidden_size=64,
-                         num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176, train_seconds=0.0,
-                         min_steps=160, max_steps=160, lr=1e-2, sample_tokens=16)
+FULL_PLAN = PretrainPlan(
+    corpus_bytes=4_000_000,
+    vocab_size=2048,
+    seq_len=128,
+    batch_size=16,
+    hidden_size=128,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=336,
+    train_seconds=165.0,
+    min_steps=100,
+    max_steps=3000,
+    lr=1e-2,
+    sample_tokens=48,
+)
+FAST_PLAN = PretrainPlan(
+    corpus_bytes=600_000,
+    vocab_size=512,
+    seq_len=64,
+    batch_size=16,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=176,
+    train_seconds=0.0,
+    min_steps=160,
+    max_steps=160,
+    lr=1e-2,
+    sample_tokens=16,
+)
 # Openings of code the corpus is full of. None ends in a space: byte-level BPE tokens carry their
 # leading space (" name"), so a prompt ending in one would ask for a split the model rarely saw.
 SAMPLE_PROMPTS = ("import os\nimport sys\n", "def read_", "class Error(")
@@ -216,44 +252,74 @@ def pretrain_from_scratch(out: Path, console: Console, fast: bool = False) -> di
     started = time.perf_counter()
     files = stdlib_source_files(plan.corpus_bytes)
     megabytes = sum(f.stat().st_size for f in files) / 1e6
-    console.print(f"\n[bold]3. Pretraining from scratch{' (fast)' if fast else ''}[/bold]: {len(files)} standard-library "
-                  f"source files ({megabytes:.1f} MB) from {sysconfig.get_paths()['stdlib']}")
+    console.print(
+        f"\n[bold]3. Pretraining from scratch{' (fast)' if fast else ''}[/bold]: {len(files)} standard-library "
+        f"source files ({megabytes:.1f} MB) from {sysconfig.get_paths()['stdlib']}"
+    )
 
     # Tokenizer: byte-level BPE, so any source text encodes without unknown tokens.
     tokenizer_dir = out / "pretrain" / "tokenizer"
-    trained = train_tokenizer(files=files, kind="bpe", vocab_size=plan.vocab_size, out_dir=tokenizer_dir,
-                              model_max_length=plan.seq_len, overwrite=True)
-    console.print(f"  tokenizer: byte-level BPE, {trained.vocab_size} tokens, trained on {trained.characters:,} "
-                  f"characters -> {tokenizer_dir}")
+    trained = train_tokenizer(
+        files=files,
+        kind="bpe",
+        vocab_size=plan.vocab_size,
+        out_dir=tokenizer_dir,
+        model_max_length=plan.seq_len,
+        overwrite=True,
+    )
+    console.print(
+        f"  tokenizer: byte-level BPE, {trained.vocab_size} tokens, trained on {trained.characters:,} "
+        f"characters -> {tokenizer_dir}"
+    )
 
     # Data: code repeats lines more than prose (closing brackets, `return None`), hence a looser
     # duplicate-line rule than the default.
     data_dir = out / "pretrain" / "data"
-    prepared = prepare(files, tokenizer_dir, data_dir, filters=QualityFilters(max_duplicate_line_ratio=0.6),
-                       dedup=DedupSettings(threshold=0.8), val_fraction=0.05 if not fast else 0.1, seed=0,
-                       seq_len=plan.seq_len, overwrite=True)
+    prepared = prepare(
+        files,
+        tokenizer_dir,
+        data_dir,
+        filters=QualityFilters(max_duplicate_line_ratio=0.6),
+        dedup=DedupSettings(threshold=0.8),
+        val_fraction=0.05 if not fast else 0.1,
+        seed=0,
+        seq_len=plan.seq_len,
+        overwrite=True,
+    )
     meta = prepared.meta
     docs, removed = meta["documents"], {k: v for k, v in meta["filters"]["removed"].items() if v}
     by_rule = f" {removed}" if removed else ""
-    console.print(f"  data: {docs['read']} documents, filtered {sum(removed.values())}{by_rule}, "
-                  f"{docs['exact_duplicates']} exact and {docs['near_duplicates']} near duplicates removed "
-                  f"(MinHash LSH, Jaccard >= 0.8); train {meta['splits']['train']['tokens']:,} tokens, "
-                  f"val {meta['splits']['val']['tokens']:,} tokens ({meta['dtype']} shards in {data_dir})")
+    console.print(
+        f"  data: {docs['read']} documents, filtered {sum(removed.values())}{by_rule}, "
+        f"{docs['exact_duplicates']} exact and {docs['near_duplicates']} near duplicates removed "
+        f"(MinHash LSH, Jaccard >= 0.8); train {meta['splits']['train']['tokens']:,} tokens, "
+        f"val {meta['splits']['val']['tokens']:,} tokens ({meta['dtype']} shards in {data_dir})"
+    )
     duplicates = (data_dir / "duplicates.jsonl").read_text().splitlines()
     if duplicates:
         import json
 
         first = json.loads(duplicates[0])
-        console.print(f"  [dim]e.g. {Path(first['id']).name} ~ {Path(first['duplicate_of']).name} "
-                      f"(estimated Jaccard {first['jaccard']:.2f})[/dim]")
+        console.print(
+            f"  [dim]e.g. {Path(first['id']).name} ~ {Path(first['duplicate_of']).name} "
+            f"(estimated Jaccard {first['jaccard']:.2f})[/dim]"
+        )
     train_data, val_data = load_prepared(data_dir)
 
     tokenizer = trained.tokenizer
     config = Config(
-        family="llama", vocab_size=tokenizer.vocab_size, hidden_size=plan.hidden_size, num_layers=plan.num_layers,
-        num_heads=plan.num_heads, num_kv_heads=plan.num_kv_heads, intermediate_size=plan.intermediate_size,
-        max_position_embeddings=plan.seq_len, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        family="llama",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=plan.hidden_size,
+        num_layers=plan.num_layers,
+        num_heads=plan.num_heads,
+        num_kv_heads=plan.num_kv_heads,
+        intermediate_size=plan.intermediate_size,
+        max_position_embeddings=plan.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     model = Transformer(config)
@@ -267,14 +333,24 @@ def pretrain_from_scratch(out: Path, console: Console, fast: bool = False) -> di
     # more predictable than a parser), so a first-batches-only score would hinge on which came first.
     eval_batches = max(1, min(16, math.ceil(len(val_data) / plan.batch_size)))
     train_config = TrainConfig(
-        out_dir=run_dir, max_steps=steps, batch_size=plan.batch_size, lr=plan.lr, warmup_steps=max(1, steps // 20),
-        eval_every=max(1, steps // 4), eval_batches=eval_batches, save_every=0, seed=0, precision="fp32",
+        out_dir=run_dir,
+        max_steps=steps,
+        batch_size=plan.batch_size,
+        lr=plan.lr,
+        warmup_steps=max(1, steps // 20),
+        eval_every=max(1, steps // 4),
+        eval_batches=eval_batches,
+        save_every=0,
+        seed=0,
+        precision="fp32",
         progress=console.is_terminal,
     )
-    console.print(f"  model: {config.num_parameters() / 1e6:.1f}M-parameter Llama-style decoder ({plan.num_layers} layers, "
-                  f"hidden {plan.hidden_size}, GQA {plan.num_heads}/{plan.num_kv_heads}); {steps} steps of "
-                  f"{plan.batch_size}x{plan.seq_len} tokens, AdamW lr {plan.lr:g} warmup-cosine, fp32 on "
-                  f"{threads} CPU thread(s) (the faster here of {' and '.join(map(str, sorted(timings)))})")
+    console.print(
+        f"  model: {config.num_parameters() / 1e6:.1f}M-parameter Llama-style decoder ({plan.num_layers} layers, "
+        f"hidden {plan.hidden_size}, GQA {plan.num_heads}/{plan.num_kv_heads}); {steps} steps of "
+        f"{plan.batch_size}x{plan.seq_len} tokens, AdamW lr {plan.lr:g} warmup-cosine, fp32 on "
+        f"{threads} CPU thread(s) (the faster here of {' and '.join(map(str, sorted(timings)))})"
+    )
     train_started = time.perf_counter()
     result = Trainer(model, train_data, train_config, val_data=val_data, tokenizer=tokenizer).train()
     train_seconds = time.perf_counter() - train_started
@@ -288,41 +364,70 @@ def pretrain_from_scratch(out: Path, console: Console, fast: bool = False) -> di
         counts += torch.from_numpy(np.bincount(array, minlength=tokenizer.vocab_size).astype(np.int64))
     scored = val_data.sequences[0 : min(len(val_data), plan.batch_size * eval_batches)][:, 1:]
     baseline = unigram_cross_entropy(counts, scored)
-    console.print(f"  trained {result.step} steps in {train_seconds:.0f}s "
-                  f"({result.step * plan.batch_size * plan.seq_len / train_seconds:,.0f} tokens/s)")
+    console.print(
+        f"  trained {result.step} steps in {train_seconds:.0f}s "
+        f"({result.step * plan.batch_size * plan.seq_len / train_seconds:,.0f} tokens/s)"
+    )
     table = Table("on the same val tokens", "loss (nats/token)", "perplexity")
     table.add_row("unigram baseline (train frequencies)", f"{baseline:.3f}", f"{math.exp(baseline):.1f}")
     table.add_row(f"model after {result.step} steps", f"{final['val_loss']:.3f}", f"{final['val_ppl']:.1f}")
     console.print(table)
     curve = run_dir / "loss_curve.png"
-    console.print(f"  val loss {final['val_loss']:.3f} vs unigram baseline {baseline:.3f} "
-                  f"({'below' if final['val_loss'] < baseline else 'NOT below'} it by {baseline - final['val_loss']:.3f}); "
-                  f"loss curve: {curve}; model: {result.export_dir}")
+    console.print(
+        f"  val loss {final['val_loss']:.3f} vs unigram baseline {baseline:.3f} "
+        f"({'below' if final['val_loss'] < baseline else 'NOT below'} it by {baseline - final['val_loss']:.3f}); "
+        f"loss curve: {curve}; model: {result.export_dir}"
+    )
 
     model.eval()
     samples = {}
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in SAMPLE_PROMPTS]
     settings = {
-        "greedy": lambda: [c.token_ids for c in generate(model, prompts, SamplingParams(
-            temperature=0, max_new_tokens=plan.sample_tokens), eos_token_ids=[])],
-        "top-p 0.9, temperature 0.8": lambda: [c.token_ids for c in generate(model, prompts, SamplingParams(
-            temperature=0.8, top_p=0.9, max_new_tokens=plan.sample_tokens, seed=0), eos_token_ids=[])],
-        "contrastive search (alpha 0.6, k 4)": lambda: [c.token_ids for c in contrastive_search(
-            model, prompts, penalty_alpha=0.6, top_k=4, max_new_tokens=plan.sample_tokens, eos_token_ids=[])],
+        "greedy": lambda: [
+            c.token_ids
+            for c in generate(
+                model, prompts, SamplingParams(temperature=0, max_new_tokens=plan.sample_tokens), eos_token_ids=[]
+            )
+        ],
+        "top-p 0.9, temperature 0.8": lambda: [
+            c.token_ids
+            for c in generate(
+                model,
+                prompts,
+                SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=plan.sample_tokens, seed=0),
+                eos_token_ids=[],
+            )
+        ],
+        "contrastive search (alpha 0.6, k 4)": lambda: [
+            c.token_ids
+            for c in contrastive_search(
+                model, prompts, penalty_alpha=0.6, top_k=4, max_new_tokens=plan.sample_tokens, eos_token_ids=[]
+            )
+        ],
     }
     with torch.inference_mode():
         for name, decode in settings.items():
             outputs = decode()
-            samples[name] = [prompt + continuation_text(tokenizer, ids, out_ids)
-                             for prompt, ids, out_ids in zip(SAMPLE_PROMPTS, prompts, outputs)]
+            samples[name] = [
+                prompt + continuation_text(tokenizer, ids, out_ids)
+                for prompt, ids, out_ids in zip(SAMPLE_PROMPTS, prompts, outputs)
+            ]
     for name, texts in samples.items():
         console.print(f"\n  [bold]{name}[/bold]")
         for text in texts:
             console.print("  | " + text.replace("\n", "\n  | "), markup=False, highlight=False)
     console.print(f"\n  [dim]step 3 took {time.perf_counter() - started:.0f}s[/dim]")
-    return {"val_loss": final["val_loss"], "val_ppl": final["val_ppl"], "unigram_loss": baseline, "steps": result.step,
-            "train_seconds": train_seconds, "samples": samples, "loss_curve": curve, "model_dir": result.export_dir,
-            "meta": meta}
+    return {
+        "val_loss": final["val_loss"],
+        "val_ppl": final["val_ppl"],
+        "unigram_loss": baseline,
+        "steps": result.step,
+        "train_seconds": train_seconds,
+        "samples": samples,
+        "loss_curve": curve,
+        "model_dir": result.export_dir,
+        "meta": meta,
+    }
 
 
 def _calibrate_steps(model, train_data, plan: PretrainPlan) -> tuple[int, int, dict[int, float]]:
@@ -339,8 +444,11 @@ def _calibrate_steps(model, train_data, plan: PretrainPlan) -> tuple[int, int, d
     available = torch.get_num_threads()
     timings = {}
     with tempfile.TemporaryDirectory() as scratch:
-        probe = Trainer(copy.deepcopy(model), train_data,
-                        TrainConfig(out_dir=scratch, max_steps=10, batch_size=plan.batch_size, progress=False))
+        probe = Trainer(
+            copy.deepcopy(model),
+            train_data,
+            TrainConfig(out_dir=scratch, max_steps=10, batch_size=plan.batch_size, progress=False),
+        )
         batch = [train_data.batch(range(plan.batch_size))]
         probe.train_step(batch)  # warm-up: allocator, kernels, optimizer state
         for threads in sorted({available, 1}, reverse=True):
@@ -366,9 +474,11 @@ def run(out: Path, console: Console | None = None, fast: bool | None = None) -> 
     semantic_search(console)
     streamed_generation(out, console)  # replaces `out` as a whole, so it runs before step 3 writes inside it
     numbers = pretrain_from_scratch(Path(out), console, fast=fast)
-    console.print("\n[green]quickstart done.[/green] Next: `genforge generate --model DIR --prompt ...` on any "
-                  "Hugging Face checkpoint of a supported family, or `genforge tokenizer train` / `genforge data "
-                  "prepare` / `genforge pretrain` on your own text.")
+    console.print(
+        "\n[green]quickstart done.[/green] Next: `genforge generate --model DIR --prompt ...` on any "
+        "Hugging Face checkpoint of a supported family, or `genforge tokenizer train` / `genforge data "
+        "prepare` / `genforge pretrain` on your own text."
+    )
     return numbers
 
 
@@ -380,15 +490,18 @@ def cmd_quickstart(args) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge quickstart` to the top-level parser."""
-    quick = sub.add_parser("quickstart", help="the main job on embedded data: search, generate, train a model from "
-                                              "text in ~3 minutes",
-                           description="Three steps, no download: (1) embed stdlib module docs with all-MiniLM-L6-v2 "
-                                       "through genforge's BERT and search them; (2) build, export, reload and stream "
-                                       "from a small Llama-style model; (3) on the Python standard library's source, "
-                                       "train a BPE tokenizer, prepare and dedup shards, pretrain a small Llama for "
-                                       "about 3 minutes, report validation perplexity against a unigram baseline, "
-                                       "save the loss curve and print samples from three decoding settings.")
+    quick = sub.add_parser(
+        "quickstart",
+        help="the main job on embedded data: search, generate, train a model from text in ~3 minutes",
+        description="Three steps, no download: (1) embed stdlib module docs with all-MiniLM-L6-v2 "
+        "through genforge's BERT and search them; (2) build, export, reload and stream "
+        "from a small Llama-style model; (3) on the Python standard library's source, "
+        "train a BPE tokenizer, prepare and dedup shards, pretrain a small Llama for "
+        "about 3 minutes, report validation perplexity against a unigram baseline, "
+        "save the loss curve and print samples from three decoding settings.",
+    )
     quick.add_argument("--out", default="genforge-out/quickstart", help="where the models, shards and plots go")
-    quick.add_argument("--fast", action="store_true",
-                       help="a tiny, seconds-long pretraining step (also GENFORGE_QUICKSTART_FAST=1)")
+    quick.add_argument(
+        "--fast", action="store_true", help="a tiny, seconds-long pretraining step (also GENFORGE_QUICKSTART_FAST=1)"
+    )
     quick.set_defaults(func=cmd_quickstart)

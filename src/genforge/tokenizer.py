@@ -105,8 +105,10 @@ class Tokenizer:
         """Load a tokenizer directory as `AutoTokenizer.from_pretrained(path)` would (files only, no hub)."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"genforge: tokenizer directory {str(path)!r} does not exist; expected a "
-                                    f"directory holding {_EXPECTED_FILES}")
+            raise FileNotFoundError(
+                f"genforge: tokenizer directory {str(path)!r} does not exist; expected a "
+                f"directory holding {_EXPECTED_FILES}"
+            )
         tokenizer_file = path / TOKENIZER_FILE
         if not tokenizer_file.is_file():
             names = sorted(p.name for p in path.iterdir())
@@ -114,7 +116,8 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"genforge: no {TOKENIZER_FILE} in {str(path)!r} (found: {present or 'nothing'}); expected "
                 f"{_EXPECTED_FILES}. Slow-tokenizer files alone (vocab.txt, merges.txt, tokenizer.model) are not "
-                "read: convert them once with transformers' save_pretrained.")
+                "read: convert them once with transformers' save_pretrained."
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as err:  # the Rust parser raises a bare Exception
@@ -257,8 +260,9 @@ class Tokenizer:
         try:
             checked = [operator.index(i) for i in ids]
         except TypeError as err:
-            raise TypeError(f"genforge: token ids must be a flat sequence of ints ({err}); "
-                            "use decode_batch for a list of sequences") from err
+            raise TypeError(
+                f"genforge: token ids must be a flat sequence of ints ({err}); use decode_batch for a list of sequences"
+            ) from err
         bad = [i for i in checked if not 0 <= i < self._id_limit]
         if bad:
             raise TokenizerError(f"genforge: token id {bad[0]} is outside the vocabulary (0..{self._id_limit - 1})")
@@ -286,22 +290,29 @@ class Tokenizer:
         template = self._select_template(chat_template, tools)
         variables = {**self.special_tokens_map, **_plain(extra, "template arguments")}
         compiled = _compile_chat_template(template)
-        inputs = dict(messages=_validate_messages(messages), tools=_validate_tools(tools),
-                      documents=_plain(documents, "documents"), add_generation_prompt=add_generation_prompt)
+        inputs = dict(
+            messages=_validate_messages(messages),
+            tools=_validate_tools(tools),
+            documents=_plain(documents, "documents"),
+            add_generation_prompt=add_generation_prompt,
+        )
         try:
             rendered = compiled.render(**inputs, **variables)
         except ChatTemplateError:
             raise
         except Exception as err:  # anything else raised from inside template code
-            raise ChatTemplateError(f"genforge: the chat template failed while rendering "
-                                    f"({type(err).__name__}: {err})") from err
+            raise ChatTemplateError(
+                f"genforge: the chat template failed while rendering ({type(err).__name__}: {err})"
+            ) from err
         return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
 
     def _select_template(self, chat_template: str | None, tools: Any) -> str:
         stored = self.chat_template
         if chat_template is not None and not isinstance(chat_template, str):
-            raise ChatTemplateError("genforge: chat_template= takes a Jinja source string or a stored template's "
-                                    f"name, got {type(chat_template).__name__}")
+            raise ChatTemplateError(
+                "genforge: chat_template= takes a Jinja source string or a stored template's "
+                f"name, got {type(chat_template).__name__}"
+            )
         if isinstance(stored, dict):
             if chat_template is not None:
                 return stored.get(chat_template, chat_template)
@@ -309,15 +320,18 @@ class Tokenizer:
                 return stored["tool_use"]
             if "default" in stored:
                 return stored["default"]
-            raise ChatTemplateError(f"genforge: this tokenizer has several chat templates {sorted(stored)} and none "
-                                    "is named 'default'; pass chat_template=<one of those names>")
+            raise ChatTemplateError(
+                f"genforge: this tokenizer has several chat templates {sorted(stored)} and none "
+                "is named 'default'; pass chat_template=<one of those names>"
+            )
         if chat_template is not None:
             return chat_template
         if stored is None:
             raise ChatTemplateError(
                 f"genforge: this tokenizer has no chat template (none in {CONFIG_FILE}, no {CHAT_TEMPLATE_FILE}); "
                 "pass one as apply_chat_template(..., chat_template='<Jinja source>') or set "
-                "tokenizer.chat_template")
+                "tokenizer.chat_template"
+            )
         return stored
 
     # ------------------------------------------------------------------------------------------- save
@@ -331,20 +345,27 @@ class Tokenizer:
         atomic_write_text(path / TOKENIZER_FILE, json.dumps(state, ensure_ascii=False, indent=2))
 
         managed = {"added_tokens_decoder", "additional_special_tokens", "extra_special_tokens", "chat_template"}
-        config = {k: v for k, v in self._config.items()
-                  if k not in managed and not (k.endswith("_token") and isinstance(v, (str, Mapping)))}
+        config = {
+            k: v
+            for k, v in self._config.items()
+            if k not in managed and not (k.endswith("_token") and isinstance(v, (str, Mapping)))
+        }
         config.update(self.special_tokens_map)
         if self._extra:
             config["extra_special_tokens"] = [_token_content(t) for t in self._extra]
         config.setdefault("tokenizer_class", "TokenizersBackend")
-        for key, value in (("add_bos_token", self.add_bos_token), ("add_eos_token", self.add_eos_token),
-                           ("model_max_length", self.model_max_length)):
+        for key, value in (
+            ("add_bos_token", self.add_bos_token),
+            ("add_eos_token", self.add_eos_token),
+            ("model_max_length", self.model_max_length),
+        ):
             if value is not None:
                 config[key] = value
         template = self.chat_template
         if template is not None:
-            config["chat_template"] = (template if isinstance(template, str)
-                                       else [{"name": k, "template": v} for k, v in template.items()])
+            config["chat_template"] = (
+                template if isinstance(template, str) else [{"name": k, "template": v} for k, v in template.items()]
+            )
         atomic_write_text(path / CONFIG_FILE, json.dumps(config, ensure_ascii=False, indent=2))
         # transformers reads these files in preference to tokenizer_config.json: keep any that exist in sync.
         if (path / SPECIAL_TOKENS_MAP_FILE).is_file():
@@ -391,7 +412,7 @@ class IncrementalDecoder:
         self._window.extend(self._tokenizer._check_ids([token_id]))
         text = self._decode(self._window)
         stable = self._stable_length(text)
-        piece = text[self._sent:stable] if stable > self._sent else ""
+        piece = text[self._sent : stable] if stable > self._sent else ""
         self._sent = max(self._sent, stable)
         self._slide(text)
         return piece
@@ -408,7 +429,7 @@ class IncrementalDecoder:
 
     def finish(self) -> str:
         """Return whatever is still held back and reset for a new sequence."""
-        rest = self._decode(self._window)[self._sent:]
+        rest = self._decode(self._window)[self._sent :]
         self._window, self._sent = [], 0
         return rest
 
@@ -461,8 +482,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-
-
 def _token_content(value: Any, key: str = "special token") -> str | None:
     """The string of a special token given as a string or an AddedToken-style dict `{"content": ...}`."""
     if value is None or isinstance(value, str):
@@ -502,17 +521,30 @@ def _normalize_chat_template(value: Any) -> str | dict[str, str] | None:
         return value
     if isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values()):
         return dict(value)
-    if isinstance(value, (list, tuple)) and all(isinstance(t, Mapping) and {"name", "template"} <= t.keys()
-                                                for t in value):
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(t, Mapping) and {"name", "template"} <= t.keys() for t in value
+    ):
         return {t["name"]: t["template"] for t in value}
-    raise ChatTemplateError("genforge: chat_template must be a Jinja string or a list of "
-                            f"{{'name': ..., 'template': ...}} dicts, got {type(value).__name__}")
+    raise ChatTemplateError(
+        "genforge: chat_template must be a Jinja string or a list of "
+        f"{{'name': ..., 'template': ...}} dicts, got {type(value).__name__}"
+    )
 
 
 def _clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization`: undo the spaces WordPiece-era tokenizers put before punctuation."""
-    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(before, after)
     return text
 
@@ -528,8 +560,9 @@ def _plain(value: Any, what: str) -> Any:
         return {_plain(k, what): _plain(v, what) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v, what) for v in value)
-    raise TypeError(f"genforge: {what} must hold JSON-like data (dict, list, str, number, bool, None); "
-                    f"got a {type(value).__name__}")
+    raise TypeError(
+        f"genforge: {what} must hold JSON-like data (dict, list, str, number, bool, None); got a {type(value).__name__}"
+    )
 
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -537,19 +570,25 @@ _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 def _validate_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ChatTemplateError(f"genforge: messages must be a non-empty list of {{'role': ..., 'content': ...}} "
-                                f"dicts, got {messages!r:.80}")
+        raise ChatTemplateError(
+            f"genforge: messages must be a non-empty list of {{'role': ..., 'content': ...}} "
+            f"dicts, got {messages!r:.80}"
+        )
     result = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ChatTemplateError(f"genforge: message {index} must be a dict with 'role' and 'content', "
-                                    f"got {type(message).__name__}: {message!r:.80}")
+            raise ChatTemplateError(
+                f"genforge: message {index} must be a dict with 'role' and 'content', "
+                f"got {type(message).__name__}: {message!r:.80}"
+            )
         if not isinstance(message.get("role"), str):
-            raise ChatTemplateError(f"genforge: message {index} needs a string 'role' (e.g. 'user'), "
-                                    f"got {message!r:.80}")
+            raise ChatTemplateError(
+                f"genforge: message {index} needs a string 'role' (e.g. 'user'), got {message!r:.80}"
+            )
         if "content" not in message and "tool_calls" not in message:
-            raise ChatTemplateError(f"genforge: message {index} needs a 'content' (or 'tool_calls'), "
-                                    f"got {message!r:.80}")
+            raise ChatTemplateError(
+                f"genforge: message {index} needs a 'content' (or 'tool_calls'), got {message!r:.80}"
+            )
         # Like transformers: drop None values (OpenAI-style content=None) and alias the reasoning field names.
         message = _plain({k: v for k, v in message.items() if v is not None}, f"message {index}")
         reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
@@ -563,8 +602,10 @@ def _validate_tools(tools: Any) -> list[dict[str, Any]] | None:
     if tools is None:
         return None
     if not isinstance(tools, (list, tuple)) or not all(isinstance(t, Mapping) for t in tools):
-        raise ChatTemplateError("genforge: tools must be a list of JSON-schema dicts "
-                                "({'type': 'function', 'function': {...}}); callables are not converted")
+        raise ChatTemplateError(
+            "genforge: tools must be a list of JSON-schema dicts "
+            "({'type': 'function', 'function': {...}}); callables are not converted"
+        )
     return _plain(list(tools), "tools")
 
 
@@ -572,8 +613,9 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(f"genforge: the chat template rejected the conversation: {message}")
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # Jinja's own tojson HTML-escapes (<, >, &, '); chat templates need the plain json.dumps output.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -632,12 +674,15 @@ def _compile_chat_template(source: str) -> jinja2.Template:
     if not isinstance(source, str):
         raise ChatTemplateError(f"genforge: a chat template must be a Jinja string, got {type(source).__name__}")
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(),
-                       namespace=_TemplateNamespace)
+    env.globals.update(
+        raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_TemplateDict(), namespace=_TemplateNamespace
+    )
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as err:
-        raise ChatTemplateError(f"genforge: the chat template is not valid Jinja (line {err.lineno}: "
-                                f"{err.message})") from err
+        raise ChatTemplateError(
+            f"genforge: the chat template is not valid Jinja (line {err.lineno}: {err.message})"
+        ) from err

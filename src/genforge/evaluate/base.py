@@ -47,13 +47,15 @@ def check_predictions(predictions: Sequence[str], metric: str) -> list[str]:
     return predictions
 
 
-def check_pairs(predictions: Sequence[str], references: Sequence[str | Sequence[str]] | None,
-                metric: str) -> tuple[list[str], list[list[str]]]:
+def check_pairs(
+    predictions: Sequence[str], references: Sequence[str | Sequence[str]] | None, metric: str
+) -> tuple[list[str], list[list[str]]]:
     """(predictions, references as one non-empty list of strings per prediction)."""
     predictions = check_predictions(predictions, metric)
     if references is None:
-        raise MetricError(f"{metric} compares against references; "
-                          "pass one reference (or a list of them) per prediction")
+        raise MetricError(
+            f"{metric} compares against references; pass one reference (or a list of them) per prediction"
+        )
     if isinstance(references, str):
         raise MetricError(f"{metric}: references must be a list (one entry per prediction), got a single string")
     references = list(references)
@@ -66,8 +68,9 @@ def check_pairs(predictions: Sequence[str], references: Sequence[str | Sequence[
     for i, refs in enumerate(references):
         refs = [refs] if isinstance(refs, str) else list(refs) if isinstance(refs, Sequence) else None
         if refs is None or not all(isinstance(r, str) for r in refs):
-            raise MetricError(f"{metric}: reference {i} must be a string or a list of strings, "
-                              f"got {references[i]!r:.80}")
+            raise MetricError(
+                f"{metric}: reference {i} must be a string or a list of strings, got {references[i]!r:.80}"
+            )
         if not refs:
             raise MetricError(f"{metric}: prediction {i} has an empty list of references; give it at least one")
         grouped.append(refs)

@@ -239,8 +239,9 @@ class BERTScorer:
         for prediction, refs in zip(predictions, grouped):
             per_reference = []
             for reference in refs:
-                triple = self._greedy_match(vectors[prediction], token_ids[prediction], vectors[reference],
-                                            token_ids[reference], weights)
+                triple = self._greedy_match(
+                    vectors[prediction], token_ids[prediction], vectors[reference], token_ids[reference], weights
+                )
                 if triple is None:
                     if not warned_empty:
                         log.warning("empty candidate or reference sentence: its BERTScore is set to 0")
@@ -264,8 +265,14 @@ class BERTScorer:
         }
         return BERTScoreResult(precision, recall, f1, settings)
 
-    def _greedy_match(self, candidate: torch.Tensor, candidate_ids: list[int], reference: torch.Tensor,
-                      reference_ids: list[int], weights: IdfWeights) -> tuple[float, float, float] | None:
+    def _greedy_match(
+        self,
+        candidate: torch.Tensor,
+        candidate_ids: list[int],
+        reference: torch.Tensor,
+        reference_ids: list[int],
+        weights: IdfWeights,
+    ) -> tuple[float, float, float] | None:
         """(P, R, F1) of one pair, or None when either sentence has no word piece."""
         if all(i in self.special_ids for i in candidate_ids) or all(i in self.special_ids for i in reference_ids):
             return None
@@ -281,8 +288,10 @@ class BERTScorer:
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> float:
     total = float(weights.sum())
     if total == 0.0:
-        log.warning("every word piece of a sentence has idf 0 (each occurs in every idf document): "
-                    "its BERTScore is set to 0; take idf from more documents")
+        log.warning(
+            "every word piece of a sentence has idf 0 (each occurs in every idf document): "
+            "its BERTScore is set to 0; take idf from more documents"
+        )
         return 0.0
     return float((values * weights).sum()) / total
 

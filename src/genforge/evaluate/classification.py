@@ -46,13 +46,16 @@ def classification_metrics(
     if not y_true:
         raise MetricError("classification_metrics: no labels given; pass at least one (y_true, y_pred) pair")
     if len(y_true) != len(y_pred):
-        raise MetricError(f"classification_metrics: {len(y_true)} true labels but {len(y_pred)} predicted labels; "
-                          "pass one prediction per example")
+        raise MetricError(
+            f"classification_metrics: {len(y_true)} true labels but {len(y_pred)} predicted labels; "
+            "pass one prediction per example"
+        )
     if average not in AVERAGES:
         raise MetricError(f"classification_metrics: average {average!r} is unknown; accepted: {', '.join(AVERAGES)}")
     try:
         precision, recall, f1, _ = sk.precision_recall_fscore_support(
-            y_true, y_pred, average=average, labels=labels, pos_label=pos_label, zero_division=0)
+            y_true, y_pred, average=average, labels=labels, pos_label=pos_label, zero_division=0
+        )
         details = {
             "accuracy": float(sk.accuracy_score(y_true, y_pred)),
             "precision": float(precision),
@@ -62,8 +65,12 @@ def classification_metrics(
         }
     except ValueError as err:  # e.g. average="binary" on three classes; sklearn's message says which
         raise MetricError(f"classification_metrics: {err}") from err
-    settings = {"average": average, "labels": None if labels is None else list(labels),
-                "pos_label": pos_label if average == "binary" else None, "zero_division": 0}
+    settings = {
+        "average": average,
+        "labels": None if labels is None else list(labels),
+        "pos_label": pos_label if average == "binary" else None,
+        "zero_division": 0,
+    }
     return MetricResult("classification", details["accuracy"], details, settings)
 
 
@@ -168,8 +175,13 @@ def expected_calibration_error(
         raise MetricError(f"labels must be class indices from 0 to {probs.shape[1] - 1}")
     predicted = probs.argmax(axis=1)
     result = calibration_from_confidences(probs.max(axis=1), predicted == truth, n_bins=n_bins)
-    return CalibrationResult(result.ece, result.mce, result.bins, result.num_samples,
-                             result.settings | {"confidence": "top-label (max probability)"})
+    return CalibrationResult(
+        result.ece,
+        result.mce,
+        result.bins,
+        result.num_samples,
+        result.settings | {"confidence": "top-label (max probability)"},
+    )
 
 
 def reliability_diagram(result: CalibrationResult, path: str | os.PathLike, *, title: str | None = None) -> Path:
@@ -192,14 +204,34 @@ def reliability_diagram(result: CalibrationResult, path: str | os.PathLike, *, t
     figure = Figure(figsize=(5, 5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.bar([b.lower for b in filled], [b.accuracy for b in filled], width=width, align="edge",
-             color="#4c72b0", edgecolor="black", label="accuracy")
-    axes.bar([b.lower for b in filled], [b.confidence - b.accuracy for b in filled],
-             bottom=[b.accuracy for b in filled], width=width, align="edge", color="none", edgecolor="#c44e52",
-             hatch="//", label="gap to confidence")
+    axes.bar(
+        [b.lower for b in filled],
+        [b.accuracy for b in filled],
+        width=width,
+        align="edge",
+        color="#4c72b0",
+        edgecolor="black",
+        label="accuracy",
+    )
+    axes.bar(
+        [b.lower for b in filled],
+        [b.confidence - b.accuracy for b in filled],
+        bottom=[b.accuracy for b in filled],
+        width=width,
+        align="edge",
+        color="none",
+        edgecolor="#c44e52",
+        hatch="//",
+        label="gap to confidence",
+    )
     axes.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
-    axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-             title=title or f"Reliability diagram (ECE {result.ece:.3f}, {len(result.bins)} bins)")
+    axes.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence",
+        ylabel="accuracy",
+        title=title or f"Reliability diagram (ECE {result.ece:.3f}, {len(result.bins)} bins)",
+    )
     axes.legend(loc="upper left")
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")
@@ -207,6 +239,10 @@ def reliability_diagram(result: CalibrationResult, path: str | os.PathLike, *, t
 
 
 __all__ = [
-    "CalibrationBin", "CalibrationResult", "calibration_from_confidences", "classification_metrics",
-    "expected_calibration_error", "reliability_diagram",
+    "CalibrationBin",
+    "CalibrationResult",
+    "calibration_from_confidences",
+    "classification_metrics",
+    "expected_calibration_error",
+    "reliability_diagram",
 ]

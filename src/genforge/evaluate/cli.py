@@ -31,8 +31,10 @@ def cmd_eval_metrics(args) -> int:
     reference_sets = [_read_lines(path, "--ref") for path in args.ref]
     for path, refs in zip(args.ref, reference_sets):
         if len(refs) != len(predictions):
-            raise ValueError(f"{args.pred} has {len(predictions)} lines but {path} has {len(refs)}; "
-                             "each reference file needs one line per prediction")
+            raise ValueError(
+                f"{args.pred} has {len(predictions)} lines but {path} has {len(refs)}; "
+                "each reference file needs one line per prediction"
+            )
     references = [list(row) for row in zip(*reference_sets)] if reference_sets else None
     report = {}
     plain = [n for n in names if n != "bertscore"]
@@ -60,9 +62,18 @@ def cmd_eval_ppl(args) -> int:
     text = Path(args.text).read_text(encoding="utf-8")
     loaded = load_for_inference(args.model, dtype=args.dtype, device=args.device)
     result = perplexity_of_text(loaded.model, loaded.tokenizer, text, max_length=args.max_length, stride=args.stride)
-    print(json.dumps({"perplexity": result.perplexity, "mean_nll": result.mean_nll,
-                      "scored_tokens": result.num_scored_tokens, "windows": result.num_windows,
-                      **result.settings}, indent=2))
+    print(
+        json.dumps(
+            {
+                "perplexity": result.perplexity,
+                "mean_nll": result.mean_nll,
+                "scored_tokens": result.num_scored_tokens,
+                "windows": result.num_windows,
+                **result.settings,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -73,23 +84,34 @@ def cmd_eval_harness(args) -> int:
     from .harness import load_task
 
     if bool(args.model) == bool(args.endpoint):
-        raise ValueError("give either --model DIR (run in-process) or --endpoint URL with --served-model and "
-                         "--tokenizer (an OpenAI-compatible server)")
+        raise ValueError(
+            "give either --model DIR (run in-process) or --endpoint URL with --served-model and "
+            "--tokenizer (an OpenAI-compatible server)"
+        )
     tasks = [load_task(path) for path in args.tasks]  # every task file is checked before the model loads
     if args.endpoint:
         from .endpoint import EndpointLanguageModel
 
         if not args.served_model or not args.tokenizer:
-            raise ValueError("--endpoint needs --served-model NAME and --tokenizer DIR (the served model's tokenizer, "
-                             "to split contexts and continuations into the tokens it scores)")
-        model = EndpointLanguageModel(args.endpoint, args.served_model, Tokenizer.from_dir(args.tokenizer),
-                                      api_key=args.api_key, max_length=args.max_length, concurrency=args.concurrency)
+            raise ValueError(
+                "--endpoint needs --served-model NAME and --tokenizer DIR (the served model's tokenizer, "
+                "to split contexts and continuations into the tokens it scores)"
+            )
+        model = EndpointLanguageModel(
+            args.endpoint,
+            args.served_model,
+            Tokenizer.from_dir(args.tokenizer),
+            api_key=args.api_key,
+            max_length=args.max_length,
+            concurrency=args.concurrency,
+        )
         tokenizer = None
     else:
         loaded = load_for_inference(args.model, dtype=args.dtype, device=args.device)
         model, tokenizer = loaded.model, loaded.tokenizer
-    results = evaluate(model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                       batch_size=args.batch_size)
+    results = evaluate(
+        model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size
+    )
     print(results_table(results))
     if args.out:
         json_path, md_path = write_results(results, args.out)
@@ -110,13 +132,17 @@ def cmd_eval_judge(args) -> int:
         battles = _judge_answers(args)
     else:
         if not args.battles:
-            raise ValueError("give --battles FILE (judged battles), or --answers FILE with --endpoint and "
-                             "--judge-model to have a model judge them")
+            raise ValueError(
+                "give --battles FILE (judged battles), or --answers FILE with --endpoint and "
+                "--judge-model to have a model judge them"
+            )
         rows = _read_jsonl(args.battles, "--battles")
         missing = [i for i, r in enumerate(rows, 1) if not {"model_a", "model_b", "winner"} <= set(r)]
         if missing or not rows:
-            raise ValueError(f"{args.battles}: every line needs model_a, model_b and winner (A, B or tie); "
-                             f"{'no battles' if not rows else f'line {missing[0]} lacks one'}")
+            raise ValueError(
+                f"{args.battles}: every line needs model_a, model_b and winner (A, B or tie); "
+                f"{'no battles' if not rows else f'line {missing[0]} lacks one'}"
+            )
         battles = [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
     fit = bradley_terry if args.method == "bradley-terry" else elo_ratings
     ratings = fit(battles, bootstrap=args.bootstrap, seed=args.seed)
@@ -150,8 +176,10 @@ def _judge_answers(args) -> list:
         raise ValueError(f"{args.answers}: every line must answer with the same models, in the same order: {models}")
     judge = endpoint_judge(args.endpoint, args.judge_model, api_key=args.api_key)
     judged = judge_all(judge, [r["question"] for r in rows], {m: [r["answers"][m] for r in rows] for m in models})
-    console.print(f"[dim]{len(judged.battles)} battles; both orders agreed on {judged.consistency:.0%} "
-                  "(the rest count as ties)[/dim]")
+    console.print(
+        f"[dim]{len(judged.battles)} battles; both orders agreed on {judged.consistency:.0%} "
+        "(the rest count as ties)[/dim]"
+    )
     if args.battles:
         lines = [json.dumps({"model_a": b.model_a, "model_b": b.model_b, "winner": b.winner}) for b in judged.battles]
         atomic_write_text(Path(args.battles), "\n".join(lines) + "\n")
@@ -165,22 +193,46 @@ def cmd_eval_ab(args) -> int:
     if args.sample_size:
         p_a, p_b = args.sample_size
         plan = sample_size_two_proportions(p_a, p_b, alpha=args.alpha, power=args.power)
-        print(json.dumps({"rate_a": p_a, "rate_b": p_b, "alpha": args.alpha, "power": args.power,
-                          **{k: v for k, v in vars(plan).items() if isinstance(v, (int, float, str))}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "rate_a": p_a,
+                    "rate_b": p_b,
+                    "alpha": args.alpha,
+                    "power": args.power,
+                    **{k: v for k, v in vars(plan).items() if isinstance(v, (int, float, str))},
+                },
+                indent=2,
+            )
+        )
         return 0
     if not (args.a and args.b):
         raise ValueError("give --a and --b (per-item scores, one number per line), or --sample-size RATE_A RATE_B")
-    a, b = ([float(x) for x in _read_lines(path, flag) if x.strip()] for path, flag in ((args.a, "--a"), (args.b, "--b")))
+    a, b = (
+        [float(x) for x in _read_lines(path, flag) if x.strip()] for path, flag in ((args.a, "--a"), (args.b, "--b"))
+    )
     binary = set(a) | set(b) <= {0.0, 1.0}
     if binary:  # pass/fail per item: compare the two rates
         test = two_proportion_ztest(int(sum(a)), len(a), int(sum(b)), len(b))
     else:
         test = welch_t_test(a, b)
     interval = bootstrap_difference_ci(a, b, seed=args.seed)
-    print(json.dumps({"test": test.name, "effect_b_minus_a": test.effect, "statistic": test.statistic,
-                      "p_value": test.p_value, "significant": test.significant(args.alpha),
-                      "confidence_interval": test.confidence_interval,
-                      "bootstrap_interval": [interval.low, interval.high], "n_a": len(a), "n_b": len(b)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "test": test.name,
+                "effect_b_minus_a": test.effect,
+                "statistic": test.statistic,
+                "p_value": test.p_value,
+                "significant": test.significant(args.alpha),
+                "confidence_interval": test.confidence_interval,
+                "bootstrap_interval": [interval.low, interval.high],
+                "n_a": len(a),
+                "n_b": len(b),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -188,25 +240,37 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge eval ...` to the top-level parser."""
     evaluate = sub.add_parser("eval", help="evaluate text or models", description="Evaluation commands.")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
-    metrics = eval_sub.add_parser("metrics", help="reference-based metrics over prediction/reference files",
-                                  description="Score predictions (one per line) against references (one file per "
-                                              "reference set, one line per prediction). Prints a Markdown table.")
+    metrics = eval_sub.add_parser(
+        "metrics",
+        help="reference-based metrics over prediction/reference files",
+        description="Score predictions (one per line) against references (one file per "
+        "reference set, one line per prediction). Prints a Markdown table.",
+    )
     metrics.add_argument("--pred", required=True, help="predictions, one per line")
     metrics.add_argument("--ref", action="append", default=[], help="references, one per line (repeatable)")
-    metrics.add_argument("--metrics", default="bleu,chrf,rouge",
-                         help="comma-separated: bleu, chrf, rouge, meteor, squad, distinct_n, self_bleu, bertscore")
+    metrics.add_argument(
+        "--metrics",
+        default="bleu,chrf,rouge",
+        help="comma-separated: bleu, chrf, rouge, meteor, squad, distinct_n, self_bleu, bertscore",
+    )
     metrics.add_argument("--out", default=None, help="also write the full results (settings included) as JSON")
     metrics.set_defaults(func=cmd_eval_metrics)
-    ppl = eval_sub.add_parser("ppl", help="perplexity of a model over a text file",
-                              description="Strided-window perplexity of a causal model over a text file.")
+    ppl = eval_sub.add_parser(
+        "ppl",
+        help="perplexity of a model over a text file",
+        description="Strided-window perplexity of a causal model over a text file.",
+    )
     add_model_flags(ppl)
     ppl.add_argument("--text", required=True, help="UTF-8 text file")
     ppl.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
     ppl.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
     ppl.set_defaults(func=cmd_eval_ppl)
-    harness = eval_sub.add_parser("harness", help="run lm-evaluation-harness-style YAML tasks on a model",
-                                  description="Run tasks written in lm-evaluation-harness's YAML conventions over "
-                                              "local JSONL data; prints a Markdown table (see docs/evaluation.md).")
+    harness = eval_sub.add_parser(
+        "harness",
+        help="run lm-evaluation-harness-style YAML tasks on a model",
+        description="Run tasks written in lm-evaluation-harness's YAML conventions over "
+        "local JSONL data; prints a Markdown table (see docs/evaluation.md).",
+    )
     harness.add_argument("--model", default=None, help="Hugging Face model directory, run in-process")
     harness.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto")
     harness.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -223,34 +287,53 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     harness.add_argument("--batch-size", type=int, default=8, help="contexts scored per forward pass")
     harness.add_argument("--out", default=None, help="directory for results.json and results.md")
     harness.set_defaults(func=cmd_eval_harness)
-    judge = eval_sub.add_parser("judge", help="ratings from pairwise judgments",
-                                description="Aggregate pairwise battles (JSONL lines {model_a, model_b, winner: "
-                                            "A|B|tie}) into Bradley-Terry or Elo ratings, optionally with bootstrap "
-                                            "intervals and agreement with human labels; or first have an LLM judge "
-                                            "behind an OpenAI-compatible endpoint produce the battles (--answers).")
-    judge.add_argument("--battles", default=None,
-                       help="JSONL battles to rate (with --answers: where to write the judged battles)")
-    judge.add_argument("--answers", default=None,
-                       help="JSONL lines {question, answers: {model: answer}} for an LLM judge to compare pairwise, "
-                            "in both orders (needs --endpoint and --judge-model)")
-    judge.add_argument("--endpoint", default=None, help="OpenAI-compatible base URL of the judge, e.g. "
-                                                        "http://localhost:8000/v1")
+    judge = eval_sub.add_parser(
+        "judge",
+        help="ratings from pairwise judgments",
+        description="Aggregate pairwise battles (JSONL lines {model_a, model_b, winner: "
+        "A|B|tie}) into Bradley-Terry or Elo ratings, optionally with bootstrap "
+        "intervals and agreement with human labels; or first have an LLM judge "
+        "behind an OpenAI-compatible endpoint produce the battles (--answers).",
+    )
+    judge.add_argument(
+        "--battles", default=None, help="JSONL battles to rate (with --answers: where to write the judged battles)"
+    )
+    judge.add_argument(
+        "--answers",
+        default=None,
+        help="JSONL lines {question, answers: {model: answer}} for an LLM judge to compare pairwise, "
+        "in both orders (needs --endpoint and --judge-model)",
+    )
+    judge.add_argument(
+        "--endpoint", default=None, help="OpenAI-compatible base URL of the judge, e.g. http://localhost:8000/v1"
+    )
     judge.add_argument("--judge-model", default=None, help="the judge's model name on that server")
     judge.add_argument("--api-key", default=None, help="Bearer key for the endpoint")
     judge.add_argument("--method", choices=("bradley-terry", "elo"), default="bradley-terry")
     judge.add_argument("--bootstrap", type=int, default=0, help="bootstrap rounds for 95%% intervals (0: none)")
     judge.add_argument("--seed", type=int, default=0)
-    judge.add_argument("--human", default=None, help="JSONL with a human 'winner' per battle, same order: Cohen's kappa")
+    judge.add_argument(
+        "--human", default=None, help="JSONL with a human 'winner' per battle, same order: Cohen's kappa"
+    )
     judge.set_defaults(func=cmd_eval_judge)
-    ab = eval_sub.add_parser("ab", help="A/B test two systems' per-item scores",
-                             description="Compare per-item scores of system A and B (one number per line). 0/1 scores "
-                                         "get a two-proportion z-test, others Welch's t-test; both get a bootstrap "
-                                         "interval for B - A. --sample-size plans how many items a test needs.")
+    ab = eval_sub.add_parser(
+        "ab",
+        help="A/B test two systems' per-item scores",
+        description="Compare per-item scores of system A and B (one number per line). 0/1 scores "
+        "get a two-proportion z-test, others Welch's t-test; both get a bootstrap "
+        "interval for B - A. --sample-size plans how many items a test needs.",
+    )
     ab.add_argument("--a", default=None, help="scores of system A")
     ab.add_argument("--b", default=None, help="scores of system B")
     ab.add_argument("--alpha", type=float, default=0.05, help="significance level")
     ab.add_argument("--power", type=float, default=0.8, help="power, for --sample-size")
-    ab.add_argument("--sample-size", type=float, nargs=2, metavar=("RATE_A", "RATE_B"), default=None,
-                    help="items per arm to tell these two pass rates apart")
+    ab.add_argument(
+        "--sample-size",
+        type=float,
+        nargs=2,
+        metavar=("RATE_A", "RATE_B"),
+        default=None,
+        help="items per arm to tell these two pass rates apart",
+    )
     ab.add_argument("--seed", type=int, default=0)
     ab.set_defaults(func=cmd_eval_ab)

@@ -123,8 +123,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
-def mean_pass_at_k(results: Mapping[Any, Sequence[bool]] | Sequence[Sequence[bool]],
-                   ks: int | Sequence[int] = (1,)) -> MetricResult:
+def mean_pass_at_k(
+    results: Mapping[Any, Sequence[bool]] | Sequence[Sequence[bool]], ks: int | Sequence[int] = (1,)
+) -> MetricResult:
     """pass@k averaged over tasks, for each k in `ks`; on 0-1, `score` is the first k.
 
     results: per task, whether each of its samples passed (a mapping task -> flags, or a list
@@ -139,17 +140,27 @@ def mean_pass_at_k(results: Mapping[Any, Sequence[bool]] | Sequence[Sequence[boo
         raise MetricError(f"mean_pass_at_k: ks must be positive integers, got {ks}")
     counts = []
     for i, task in enumerate(flags):
-        if isinstance(task, (str, bytes)) or not isinstance(task, Sequence) or not all(
-                isinstance(f, (bool, np.bool_)) for f in task):
+        if (
+            isinstance(task, (str, bytes))
+            or not isinstance(task, Sequence)
+            or not all(isinstance(f, (bool, np.bool_)) for f in task)
+        ):
             raise MetricError(f"mean_pass_at_k: task {i} must be a list of booleans (passed or not per sample)")
         counts.append((len(task), int(sum(task))))
     fewest = min(n for n, _ in counts)
     if max(ks) > fewest:
-        raise MetricError(f"mean_pass_at_k: pass@{max(ks)} needs at least {max(ks)} samples per task, but a task has "
-                          f"only {fewest}; lower k or draw more samples")
+        raise MetricError(
+            f"mean_pass_at_k: pass@{max(ks)} needs at least {max(ks)} samples per task, but a task has "
+            f"only {fewest}; lower k or draw more samples"
+        )
     details = {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for n, c in counts])) for k in ks}
-    settings = {"ks": ks, "num_tasks": len(counts), "samples_per_task": (fewest, max(n for n, _ in counts)),
-                "estimator": "unbiased, 1 - C(n-c,k)/C(n,k) (Chen et al. 2021)", "aggregate": "mean over tasks"}
+    settings = {
+        "ks": ks,
+        "num_tasks": len(counts),
+        "samples_per_task": (fewest, max(n for n, _ in counts)),
+        "estimator": "unbiased, 1 - C(n-c,k)/C(n,k) (Chen et al. 2021)",
+        "aggregate": "mean over tasks",
+    }
     return MetricResult("pass@k", details[f"pass@{ks[0]}"], details, settings)
 
 
@@ -203,12 +214,18 @@ def _limit_setter(memory_bytes: int, cpu_seconds: int):
     """A preexec_fn applying the resource limits in the child, between fork and exec. It only
     calls setrlimit (the resource module is imported already), so it takes no lock that
     another thread of the parent could hold at fork time."""
+
     def apply() -> None:
-        for limit, value in ((resource.RLIMIT_AS, memory_bytes), (resource.RLIMIT_CPU, cpu_seconds),
-                             (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT), (resource.RLIMIT_CORE, 0)):
+        for limit, value in (
+            (resource.RLIMIT_AS, memory_bytes),
+            (resource.RLIMIT_CPU, cpu_seconds),
+            (resource.RLIMIT_FSIZE, FILE_SIZE_LIMIT),
+            (resource.RLIMIT_CORE, 0),
+        ):
             _, hard = resource.getrlimit(limit)
             value = value if hard == resource.RLIM_INFINITY else min(value, hard)
             resource.setrlimit(limit, (value, value))
+
     return apply
 
 
@@ -226,7 +243,7 @@ def _read_output(path: Path, max_chars: int) -> tuple[str, bool]:
     if len(text) <= max_chars and size <= budget:
         return text, False
     half = max_chars // 2
-    return f"{text[:half]}\n[... output cut: {size} bytes in all ...]\n{text[len(text) - half:]}", True
+    return f"{text[:half]}\n[... output cut: {size} bytes in all ...]\n{text[len(text) - half :]}", True
 
 
 @dataclass
@@ -248,8 +265,17 @@ def _start(index: int, program: str, command: list[str], timeout_s: float, preex
     stdout, stderr = open(directory / "stdout", "wb"), open(directory / "stderr", "wb")
     env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"}
     try:
-        process = subprocess.Popen(command, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=stdout,
-                                   stderr=stderr, start_new_session=True, close_fds=True, preexec_fn=preexec)
+        process = subprocess.Popen(
+            command,
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            close_fds=True,
+            preexec_fn=preexec,
+        )
     except BaseException:
         stdout.close(), stderr.close()
         shutil.rmtree(directory, ignore_errors=True)
@@ -288,8 +314,16 @@ def _finish(run: _Running, timed_out: bool, max_output_chars: int) -> ExecutionR
     return ExecutionResult(status, returncode, duration, stdout, stderr, cut_out or cut_err)
 
 
-def _run_many(programs: Sequence[str], *, timeout_s: float, memory_mb: int, allow_network: bool, workers: int,
-              max_output_chars: int, python: str) -> Iterator[tuple[int, ExecutionResult]]:
+def _run_many(
+    programs: Sequence[str],
+    *,
+    timeout_s: float,
+    memory_mb: int,
+    allow_network: bool,
+    workers: int,
+    max_output_chars: int,
+    python: str,
+) -> Iterator[tuple[int, ExecutionResult]]:
     """Yield (index, result) as programs finish, at most `workers` at a time.
 
     One thread polls all running processes: no threads means the preexec_fn runs in a
@@ -320,13 +354,16 @@ def _run_many(programs: Sequence[str], *, timeout_s: float, memory_mb: int, allo
 
 def _check_sandbox_settings(timeout_s: float, memory_mb: int, workers: int, max_output_chars: int) -> None:
     if resource is None or not hasattr(os, "waitid"):
-        raise MetricError("the code sandbox needs a POSIX system (Linux or macOS): it uses resource limits and "
-                          "process groups")
+        raise MetricError(
+            "the code sandbox needs a POSIX system (Linux or macOS): it uses resource limits and process groups"
+        )
     if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 3600:
         raise MetricError(f"timeout_s must be a number of seconds in (0, 3600], got {timeout_s!r}")
     if isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 64:
-        raise MetricError(f"memory_mb must be an integer of at least 64 (the interpreter alone needs ~30 MB of "
-                          f"address space), got {memory_mb!r}")
+        raise MetricError(
+            f"memory_mb must be an integer of at least 64 (the interpreter alone needs ~30 MB of "
+            f"address space), got {memory_mb!r}"
+        )
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise MetricError(f"workers must be a positive integer, got {workers!r}")
     if isinstance(max_output_chars, bool) or not isinstance(max_output_chars, int) or max_output_chars < 1:
@@ -351,8 +388,15 @@ def run_candidate(
     if not isinstance(program, str):
         raise MetricError(f"run_candidate: program must be Python source as a string, got {type(program).__name__}")
     _check_sandbox_settings(timeout_s, memory_mb, 1, max_output_chars)
-    runs = _run_many([program], timeout_s=timeout_s, memory_mb=memory_mb, allow_network=allow_network, workers=1,
-                     max_output_chars=max_output_chars, python=python or sys.executable)
+    runs = _run_many(
+        [program],
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        allow_network=allow_network,
+        workers=1,
+        max_output_chars=max_output_chars,
+        python=python or sys.executable,
+    )
     return next(runs)[1]
 
 
@@ -399,8 +443,10 @@ def evaluate_code(
     show_progress: a progress bar over candidates; None shows one for 16 or more.
     """
     if not isinstance(candidates, Mapping) or not isinstance(tests, Mapping):
-        raise MetricError("evaluate_code: candidates and tests must be mappings keyed by task id "
-                          "(candidates: task -> list of programs, tests: task -> test code)")
+        raise MetricError(
+            "evaluate_code: candidates and tests must be mappings keyed by task id "
+            "(candidates: task -> list of programs, tests: task -> test code)"
+        )
     if not candidates:
         raise MetricError("evaluate_code: no tasks given")
     missing = [task for task in candidates if task not in tests]
@@ -414,8 +460,9 @@ def evaluate_code(
             raise MetricError(f"evaluate_code: tests[{task!r}] must be a string of Python code")
         for sample in samples:
             if not isinstance(sample, str):
-                raise MetricError(f"evaluate_code: a candidate of task {task!r} is a {type(sample).__name__}, "
-                                  "not a string")
+                raise MetricError(
+                    f"evaluate_code: a candidate of task {task!r} is a {type(sample).__name__}, not a string"
+                )
             programs.append(f"{sample}\n\n{tests[task]}\n")
             owners.append(task)
     _check_sandbox_settings(timeout_s, memory_mb, workers, max_output_chars)
@@ -423,8 +470,15 @@ def evaluate_code(
     mean_pass_at_k([[False] * len(samples) for samples in candidates.values()], ks)
 
     results: list[ExecutionResult | None] = [None] * len(programs)
-    runs = _run_many(programs, timeout_s=timeout_s, memory_mb=memory_mb, allow_network=allow_network,
-                     workers=workers, max_output_chars=max_output_chars, python=python or sys.executable)
+    runs = _run_many(
+        programs,
+        timeout_s=timeout_s,
+        memory_mb=memory_mb,
+        allow_network=allow_network,
+        workers=workers,
+        max_output_chars=max_output_chars,
+        python=python or sys.executable,
+    )
     for index, result in progress(runs, len(programs), "executing candidates", show_progress):
         results[index] = result
     executions: dict[Any, list[ExecutionResult]] = {task: [] for task in candidates}
@@ -432,13 +486,23 @@ def evaluate_code(
         executions[task].append(result)
     table = mean_pass_at_k({task: [r.passed for r in runs] for task, runs in executions.items()}, ks)
     settings = table.settings | {
-        "timeout_s": timeout_s, "memory_mb": memory_mb, "workers": workers, "network": network_isolation(allow_network),
-        "python": python or sys.executable, "statuses": {s: sum(r.status == s for r in results) for s in STATUSES},
+        "timeout_s": timeout_s,
+        "memory_mb": memory_mb,
+        "workers": workers,
+        "network": network_isolation(allow_network),
+        "python": python or sys.executable,
+        "statuses": {s: sum(r.status == s for r in results) for s in STATUSES},
     }
     return CodeEvalResult(dict(table.details), executions, settings)
 
 
 __all__ = [
-    "CodeEvalResult", "ExecutionResult", "STATUSES", "evaluate_code", "mean_pass_at_k", "network_isolation",
-    "pass_at_k", "run_candidate",
+    "CodeEvalResult",
+    "ExecutionResult",
+    "STATUSES",
+    "evaluate_code",
+    "mean_pass_at_k",
+    "network_isolation",
+    "pass_at_k",
+    "run_candidate",
 ]

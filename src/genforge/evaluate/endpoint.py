@@ -45,8 +45,9 @@ def _reaching(client) -> Iterator[None]:
     except openai.APIConnectionError as err:
         raise ConnectionError(f"cannot reach the endpoint {client.base_url} ({err}); is the server running?") from None
     except openai.APIStatusError as err:
-        raise MetricError(f"the endpoint {client.base_url} refused the request (HTTP {err.status_code}): "
-                          f"{err.message}") from None
+        raise MetricError(
+            f"the endpoint {client.base_url} refused the request (HTTP {err.status_code}): {err.message}"
+        ) from None
 
 
 class EndpointLanguageModel:
@@ -58,9 +59,18 @@ class EndpointLanguageModel:
     models); `concurrency` is the number of requests in flight.
     """
 
-    def __init__(self, base_url: str, model: str, tokenizer: Tokenizer, *, api_key: str | None = None,
-                 max_length: int = 2048, concurrency: int = 8, timeout: float = 600.0,
-                 prefix_token_id: int | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        tokenizer: Tokenizer,
+        *,
+        api_key: str | None = None,
+        max_length: int = 2048,
+        concurrency: int = 8,
+        timeout: float = 600.0,
+        prefix_token_id: int | None = None,
+    ) -> None:
         if concurrency < 1 or max_length < 3:
             raise MetricError("concurrency must be >= 1 and max_length >= 3")
         self.client = _client(base_url, api_key, timeout)
@@ -76,8 +86,10 @@ class EndpointLanguageModel:
 
     def _prefix(self) -> int:
         if self.prefix_token_id is None:
-            raise MetricError("an empty context needs a BOS or EOS token to condition on; the tokenizer names "
-                              "neither, so pass prefix_token_id=")
+            raise MetricError(
+                "an empty context needs a BOS or EOS token to condition on; the tokenizer names "
+                "neither, so pass prefix_token_id="
+            )
         return self.prefix_token_id
 
     @property
@@ -89,14 +101,20 @@ class EndpointLanguageModel:
     def _echo(self, ids: list[int]) -> tuple[list[float | None], list[dict[str, float] | None], list[str]]:
         """Log-probabilities of the prompt's own tokens (the first has none)."""
         with _reaching(self.client):
-            response = self.client.completions.create(model=self.model, prompt=ids, max_tokens=1, temperature=0.0,
-                                                      echo=True, logprobs=1)
+            response = self.client.completions.create(
+                model=self.model, prompt=ids, max_tokens=1, temperature=0.0, echo=True, logprobs=1
+            )
         logprobs = response.choices[0].logprobs
         if logprobs is None or logprobs.token_logprobs is None or len(logprobs.token_logprobs) < len(ids):
-            raise MetricError(f"the endpoint did not echo the prompt's log-probabilities (model {self.model!r}); "
-                              "scoring needs a server that supports `echo` with `logprobs` on /v1/completions")
-        return (list(logprobs.token_logprobs[: len(ids)]), list((logprobs.top_logprobs or [None] * len(ids))[: len(ids)]),
-                list(logprobs.tokens[: len(ids)]))
+            raise MetricError(
+                f"the endpoint did not echo the prompt's log-probabilities (model {self.model!r}); "
+                "scoring needs a server that supports `echo` with `logprobs` on /v1/completions"
+            )
+        return (
+            list(logprobs.token_logprobs[: len(ids)]),
+            list((logprobs.top_logprobs or [None] * len(ids))[: len(ids)]),
+            list(logprobs.tokens[: len(ids)]),
+        )
 
     # ------------------------------------------------------------------ request kinds
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -109,11 +127,12 @@ class EndpointLanguageModel:
                 continuation_ids = self.tokenizer.encode(continuation, add_special_tokens=False)
             if not continuation_ids:
                 raise MetricError(f"the continuation {continuation!r} has no tokens to score")
-            ids = (context_ids + continuation_ids)[-self._prompt_room:]
+            ids = (context_ids + continuation_ids)[-self._prompt_room :]
             logprobs, tops, tokens = self._echo(ids)
             n = len(continuation_ids)
-            greedy = all(top is not None and max(top, key=top.get) == token
-                         for top, token in zip(tops[-n:], tokens[-n:]))
+            greedy = all(
+                top is not None and max(top, key=top.get) == token for top, token in zip(tops[-n:], tokens[-n:])
+            )
             return float(sum(logprobs[-n:])), greedy
 
         return self._map(score, list(requests))
@@ -138,22 +157,38 @@ class EndpointLanguageModel:
 
         return self._map(score, list(texts))
 
-    def generate_until(self, contexts: Sequence[str], *, until: Sequence[str],
-                       max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, temperature: float = 0.0, top_p: float = 1.0,
-                       top_k: int = 0, seed: int | None = None) -> list[str]:
+    def generate_until(
+        self,
+        contexts: Sequence[str],
+        *,
+        until: Sequence[str],
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> list[str]:
         until = [until] if isinstance(until, str) else [s for s in until if s]
         room = self.max_length - max_gen_toks
         if room < 1:
-            raise MetricError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in a context of "
-                              f"{self.max_length} tokens")
+            raise MetricError(
+                f"max_gen_toks {max_gen_toks} leaves no room for a prompt in a context of {self.max_length} tokens"
+            )
         extra = {"top_k": top_k} if top_k else {}
 
         def complete(context: str) -> str:
             ids = self.tokenizer.encode(context, add_special_tokens=False) if context else [self._prefix()]
             with _reaching(self.client):
                 response = self.client.completions.create(
-                    model=self.model, prompt=ids[-room:], max_tokens=max_gen_toks, temperature=temperature,
-                    top_p=top_p, stop=until[:4] or None, seed=seed, extra_body=extra or None)
+                    model=self.model,
+                    prompt=ids[-room:],
+                    max_tokens=max_gen_toks,
+                    temperature=temperature,
+                    top_p=top_p,
+                    stop=until[:4] or None,
+                    seed=seed,
+                    extra_body=extra or None,
+                )
             text = response.choices[0].text
             for stop in until:  # the API takes at most four stop strings; cut at any of the rest
                 text = text.split(stop)[0]
@@ -162,16 +197,28 @@ class EndpointLanguageModel:
         return self._map(complete, list(contexts))
 
 
-def endpoint_judge(base_url: str, model: str, *, api_key: str | None = None, criteria: str = DEFAULT_CRITERIA,
-                   max_tokens: int = 512, temperature: float = 0.0, timeout: float = 600.0) -> Judge:
+def endpoint_judge(
+    base_url: str,
+    model: str,
+    *,
+    api_key: str | None = None,
+    criteria: str = DEFAULT_CRITERIA,
+    max_tokens: int = 512,
+    temperature: float = 0.0,
+    timeout: float = 600.0,
+) -> Judge:
     """A judge for `judge_pair` / `judge_all` backed by a chat-completions endpoint."""
     client = _client(base_url, api_key, timeout)
 
     def judge(question: str, answer_a: str, answer_b: str) -> str:
         prompt = pairwise_prompt(question, answer_a, answer_b, criteria=criteria)
         with _reaching(client):
-            response = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                      max_tokens=max_tokens, temperature=temperature)
+            response = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                temperature=temperature,
+            )
         return parse_verdict(response.choices[0].message.content or "")
 
     return judge

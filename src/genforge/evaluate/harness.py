@@ -100,8 +100,10 @@ class Task:
 
     def choices(self, doc: Mapping[str, Any]) -> list[str]:
         if self.doc_to_choice is None:
-            raise MetricError(f"task {self.name!r}: {self.output_type} needs doc_to_choice (a field holding a list, "
-                              "a list literal, or a template rendering a list)")
+            raise MetricError(
+                f"task {self.name!r}: {self.output_type} needs doc_to_choice (a field holding a list, "
+                "a list literal, or a template rendering a list)"
+            )
         if isinstance(self.doc_to_choice, list):
             choices = [str(_resolve(c, doc, "doc_to_choice")) for c in self.doc_to_choice]
         else:
@@ -155,19 +157,24 @@ class Task:
             return []
         if self.fewshot_docs is not None:
             if num_fewshot > len(self.fewshot_docs):
-                raise MetricError(f"task {self.name!r}: num_fewshot {num_fewshot} exceeds the "
-                                  f"{len(self.fewshot_docs)} docs of the few-shot split")
+                raise MetricError(
+                    f"task {self.name!r}: num_fewshot {num_fewshot} exceeds the "
+                    f"{len(self.fewshot_docs)} docs of the few-shot split"
+                )
             return rng.sample(self.fewshot_docs, num_fewshot)
         if num_fewshot > len(self.docs) - 1:
-            raise MetricError(f"task {self.name!r}: num_fewshot {num_fewshot} needs at least {num_fewshot + 1} docs "
-                              f"in the split (the doc itself is never its own example); it has {len(self.docs)}")
+            raise MetricError(
+                f"task {self.name!r}: num_fewshot {num_fewshot} needs at least {num_fewshot + 1} docs "
+                f"in the split (the doc itself is never its own example); it has {len(self.docs)}"
+            )
         return [d for i, d in enumerate(self.docs) if i != index][:num_fewshot]
 
     def context(self, doc: Mapping[str, Any], examples: Sequence[Mapping[str, Any]]) -> str:
         """description + examples (each `text + target_delimiter + target`, each followed by
         `fewshot_delimiter`) + the doc's text."""
-        shots = "".join(self.text(e) + self.target_delimiter + self.target_text(e) + self.fewshot_delimiter
-                        for e in examples)
+        shots = "".join(
+            self.text(e) + self.target_delimiter + self.target_text(e) + self.fewshot_delimiter for e in examples
+        )
         return self.description + shots + self.text(doc)
 
 
@@ -180,8 +187,10 @@ def _resolve(spec: Any, doc: Mapping[str, Any], what: str) -> Any:
         try:
             return _JINJA.from_string(spec).render(**doc)
         except jinja2.UndefinedError as error:
-            raise MetricError(f"{what} {spec!r}: {error.message} in doc with fields {sorted(doc)}; use a field "
-                              "name or a template over those fields") from None
+            raise MetricError(
+                f"{what} {spec!r}: {error.message} in doc with fields {sorted(doc)}; use a field "
+                "name or a template over those fields"
+            ) from None
         except jinja2.TemplateError as error:
             raise MetricError(f"{what} {spec!r} is not a valid Jinja2 template: {error}") from None
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
@@ -220,12 +229,16 @@ def load_task(path: str | os.PathLike) -> Task:
         raise MetricError(f"{where}: output_type {output_type!r} is unknown; accepted: {', '.join(OUTPUT_TYPES)}")
     dataset_path = spec.get("dataset_path", "json")
     if dataset_path not in ("json", "jsonl"):
-        raise MetricError(f"{where}: dataset_path {dataset_path!r} is not supported; genforge reads local JSON lines "
-                          "only: dataset_path: json with dataset_kwargs: {data_files: {test: file.jsonl}}")
+        raise MetricError(
+            f"{where}: dataset_path {dataset_path!r} is not supported; genforge reads local JSON lines "
+            "only: dataset_path: json with dataset_kwargs: {data_files: {test: file.jsonl}}"
+        )
     data_files = (spec.get("dataset_kwargs") or {}).get("data_files")
     if data_files is None:
-        raise MetricError(f"{where}: no dataset_kwargs.data_files; give the JSONL file per split, e.g. "
-                          "{test: test.jsonl} (relative to the YAML file)")
+        raise MetricError(
+            f"{where}: no dataset_kwargs.data_files; give the JSONL file per split, e.g. "
+            "{test: test.jsonl} (relative to the YAML file)"
+        )
     if isinstance(data_files, (str, list)):
         data_files = {"train": data_files}  # Hugging Face datasets names a lone file's split "train"
     split = spec.get("test_split") or spec.get("validation_split")
@@ -235,32 +248,43 @@ def load_task(path: str | os.PathLike) -> Task:
         raise MetricError(f"{where}: split {split!r} has no data file; data_files names {sorted(data_files)}")
     fewshot_split = spec.get("fewshot_split") or spec.get("training_split")
     if fewshot_split is not None and fewshot_split not in data_files:
-        raise MetricError(f"{where}: few-shot split {fewshot_split!r} has no data file; data_files names "
-                          f"{sorted(data_files)}")
+        raise MetricError(
+            f"{where}: few-shot split {fewshot_split!r} has no data file; data_files names {sorted(data_files)}"
+        )
     num_fewshot = spec.get("num_fewshot", 0)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise MetricError(f"{where}: num_fewshot must be an integer >= 0, got {num_fewshot!r}")
     generation_kwargs = dict(spec.get("generation_kwargs") or {})
     unknown = sorted(set(generation_kwargs) - set(GENERATION_KWARGS))
     if unknown:
-        raise MetricError(f"{where}: generation_kwargs {unknown} are not supported; accepted: "
-                          f"{', '.join(GENERATION_KWARGS)}")
+        raise MetricError(
+            f"{where}: generation_kwargs {unknown} are not supported; accepted: {', '.join(GENERATION_KWARGS)}"
+        )
     metric_list = spec.get("metric_list") or []
     if not isinstance(metric_list, list) or not all(isinstance(m, dict) and "metric" in m for m in metric_list):
         raise MetricError(f"{where}: metric_list must be a list of mappings like {{metric: exact_match}}")
     accepted = TASK_METRICS[output_type]
     for m in metric_list:
         if m["metric"] not in accepted:
-            raise MetricError(f"{where}: metric {m['metric']!r} is not available for {output_type}; accepted: "
-                              f"{', '.join(accepted)}")
+            raise MetricError(
+                f"{where}: metric {m['metric']!r} is not available for {output_type}; accepted: {', '.join(accepted)}"
+            )
     fewshot_docs = _read_jsonl(_data_file(path, data_files[fewshot_split])) if fewshot_split else None
     task = Task(
-        name=str(spec["task"]), output_type=output_type, docs=_read_jsonl(_data_file(path, data_files[split])),
-        fewshot_docs=fewshot_docs, doc_to_text=spec["doc_to_text"], doc_to_target=spec["doc_to_target"],
-        doc_to_choice=spec.get("doc_to_choice"), target_delimiter=spec.get("target_delimiter", " "),
-        fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"), description=spec.get("description", "") or "",
-        num_fewshot=num_fewshot, fewshot_seed=spec.get("fewshot_seed", DEFAULT_FEWSHOT_SEED),
-        generation_kwargs=generation_kwargs, metric_list=metric_list,
+        name=str(spec["task"]),
+        output_type=output_type,
+        docs=_read_jsonl(_data_file(path, data_files[split])),
+        fewshot_docs=fewshot_docs,
+        doc_to_text=spec["doc_to_text"],
+        doc_to_target=spec["doc_to_target"],
+        doc_to_choice=spec.get("doc_to_choice"),
+        target_delimiter=spec.get("target_delimiter", " "),
+        fewshot_delimiter=spec.get("fewshot_delimiter", "\n\n"),
+        description=spec.get("description", "") or "",
+        num_fewshot=num_fewshot,
+        fewshot_seed=spec.get("fewshot_seed", DEFAULT_FEWSHOT_SEED),
+        generation_kwargs=generation_kwargs,
+        metric_list=metric_list,
         source={"path": str(path), "split": split, "data_file": str(data_files[split]), "fewshot_split": fewshot_split},
     )
     if not task.docs:
@@ -273,8 +297,9 @@ def _data_file(task_path: Path, name: Any) -> Path:
         raise MetricError(f"task file {str(task_path)!r}: a data file must be one path string, got {name!r}")
     file = Path(name) if Path(name).is_absolute() else task_path.parent / name
     if not file.is_file():
-        raise MetricError(f"data file {str(file)!r} (named in {str(task_path)!r}) does not exist; paths are relative "
-                          "to the YAML file")
+        raise MetricError(
+            f"data file {str(file)!r} (named in {str(task_path)!r}) does not exist; paths are relative to the YAML file"
+        )
     return file
 
 
@@ -285,20 +310,27 @@ def _read_jsonl(file: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------- model requests
 def _check_model(model: Transformer) -> None:
     if not model.config.causal or model.lm_head is None:
-        raise MetricError(f"the harness needs a causal language model with an LM head; {model.config.family} is an "
-                          "encoder")
+        raise MetricError(
+            f"the harness needs a causal language model with an LM head; {model.config.family} is an encoder"
+        )
 
 
 def prefix_token_id(model: Transformer, tokenizer: Tokenizer) -> int:
     """The token an empty context is replaced by (lm-eval conditions on BOS, else EOS)."""
-    for candidate in (tokenizer.bos_token_id, model.config.bos_token_id, tokenizer.eos_token_id,
-                      model.config.eos_token_id):
+    for candidate in (
+        tokenizer.bos_token_id,
+        model.config.bos_token_id,
+        tokenizer.eos_token_id,
+        model.config.eos_token_id,
+    ):
         if isinstance(candidate, (list, tuple)):
             candidate = candidate[0] if candidate else None
         if candidate is not None:
             return int(candidate)
-    raise MetricError("an empty context needs a BOS or EOS token to condition on; neither the tokenizer nor the "
-                      "model config names one")
+    raise MetricError(
+        "an empty context needs a BOS or EOS token to condition on; neither the tokenizer nor the "
+        "model config names one"
+    )
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -310,7 +342,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
     context_ids = tokenizer.encode(context, add_special_tokens=False)
-    return context_ids, whole[len(context_ids):]
+    return context_ids, whole[len(context_ids) :]
 
 
 @torch.inference_mode()
@@ -342,30 +374,32 @@ def loglikelihood(
         if not continuation_ids:
             raise MetricError(f"request {i}: the continuation {continuation!r} has no tokens to score")
         if len(continuation_ids) > window:
-            raise MetricError(f"request {i}: the continuation has {len(continuation_ids)} tokens, more than the "
-                              f"model's context of {window}")
+            raise MetricError(
+                f"request {i}: the continuation has {len(continuation_ids)} tokens, more than the "
+                f"model's context of {window}"
+            )
         # The last token is only predicted, never fed; truncation drops the oldest context.
-        inputs = (context_ids + continuation_ids)[-(window + 1):][:-1]
+        inputs = (context_ids + continuation_ids)[-(window + 1) :][:-1]
         rows.append((inputs, continuation_ids))
     was_training = model.training
     model.eval()
     results: list[tuple[float, bool]] = []
-    batches = [rows[b:b + batch_size] for b in range(0, len(rows), batch_size)]
+    batches = [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
     try:
         for batch in progress(batches, len(batches), "loglikelihood", show_progress):
             longest = max(len(inputs) for inputs, _ in batch)
             ids = torch.zeros(len(batch), longest, dtype=torch.long)
             mask = torch.zeros(len(batch), longest, dtype=torch.long)
             for r, (inputs, _) in enumerate(batch):
-                ids[r, longest - len(inputs):] = torch.tensor(inputs)
-                mask[r, longest - len(inputs):] = 1
+                ids[r, longest - len(inputs) :] = torch.tensor(inputs)
+                mask[r, longest - len(inputs) :] = 1
             keep = max(len(c) for _, c in batch)
             # Left padding lines every row's last token up in the last column, so the last
             # `keep` logits hold every row's continuation predictions.
             logits = model(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=keep).logits
             logprobs = F.log_softmax(logits.float(), dim=-1)
             for r, (_, continuation_ids) in enumerate(batch):
-                rows_logprobs = logprobs[r, keep - len(continuation_ids):]
+                rows_logprobs = logprobs[r, keep - len(continuation_ids) :]
                 target = torch.tensor(continuation_ids, device=rows_logprobs.device)
                 ll = rows_logprobs.gather(-1, target[:, None]).sum()
                 greedy = bool((rows_logprobs.argmax(-1) == target).all())
@@ -390,8 +424,9 @@ def loglikelihood_rolling(model: Transformer, tokenizer: Tokenizer, texts: Seque
         ids = [prefix] + tokenizer.encode(text, add_special_tokens=False)
         if len(ids) < 2:
             raise MetricError(f"text {i} has no tokens to score: {text!r}")
-        result = perplexity(model, ids, max_length=min(len(ids), model.config.max_position_embeddings),
-                            show_progress=False)
+        result = perplexity(
+            model, ids, max_length=min(len(ids), model.config.max_position_embeddings), show_progress=False
+        )
         totals.append(-result.mean_nll * result.num_scored_tokens)
     return totals
 
@@ -419,17 +454,25 @@ def generate_until(
         raise MetricError(f"max_gen_toks must be a positive integer, got {max_gen_toks!r}")
     room = model.config.max_position_embeddings - max_gen_toks
     if room < 1:
-        raise MetricError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in the model's context of "
-                          f"{model.config.max_position_embeddings} tokens")
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_gen_toks,
-                            stop=[s for s in until if s], seed=seed)
+        raise MetricError(
+            f"max_gen_toks {max_gen_toks} leaves no room for a prompt in the model's context of "
+            f"{model.config.max_position_embeddings} tokens"
+        )
+    params = SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_gen_toks,
+        stop=[s for s in until if s],
+        seed=seed,
+    )
     prompts = []
     for text in contexts:
         ids = tokenizer.encode(text, add_special_tokens=False) if text else []
         prompts.append(ids[-room:] if ids else [prefix_token_id(model, tokenizer)])
     outputs = []
     for b in range(0, len(prompts), batch_size):
-        for completion in decode("sample", model, tokenizer, prompts[b:b + batch_size], params):
+        for completion in decode("sample", model, tokenizer, prompts[b : b + batch_size], params):
             text = completion.text
             for stop in until:  # the generator stops at a stop string; cut any that ended a token early
                 if stop:
@@ -448,8 +491,11 @@ class LocalLanguageModel:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, batch_size: int = 8) -> None:
         _check_model(model)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.description = {"family": model.config.family, "vocab_size": model.config.vocab_size,
-                            "context": model.config.max_position_embeddings}
+        self.description = {
+            "family": model.config.family,
+            "vocab_size": model.config.vocab_size,
+            "context": model.config.max_position_embeddings,
+        }
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         return loglikelihood(self.model, self.tokenizer, requests, batch_size=self.batch_size)
@@ -466,12 +512,15 @@ def _language_model(model: Any, tokenizer: Tokenizer | None, batch_size: int) ->
         if tokenizer is None:
             raise MetricError("a genforge model needs its tokenizer; pass tokenizer=")
         return LocalLanguageModel(model, tokenizer, batch_size)
-    if all(callable(getattr(model, name, None)) for name in ("loglikelihood", "loglikelihood_rolling",
-                                                                 "generate_until")):
+    if all(
+        callable(getattr(model, name, None)) for name in ("loglikelihood", "loglikelihood_rolling", "generate_until")
+    ):
         return model
-    raise MetricError(f"cannot evaluate a {type(model).__name__}: pass a genforge Transformer (with its tokenizer) "
-                      "or an object with loglikelihood, loglikelihood_rolling and generate_until "
-                      "(e.g. genforge.evaluate.endpoint.EndpointLanguageModel)")
+    raise MetricError(
+        f"cannot evaluate a {type(model).__name__}: pass a genforge Transformer (with its tokenizer) "
+        "or an object with loglikelihood, loglikelihood_rolling and generate_until "
+        "(e.g. genforge.evaluate.endpoint.EndpointLanguageModel)"
+    )
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -488,8 +537,13 @@ class TaskResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self, include_samples: bool = False) -> dict[str, Any]:
-        out = {"task": self.task, "metrics": self.metrics, "stderr": self.stderr, "num_samples": self.num_samples,
-               "settings": self.settings}
+        out = {
+            "task": self.task,
+            "metrics": self.metrics,
+            "stderr": self.stderr,
+            "num_samples": self.num_samples,
+            "settings": self.settings,
+        }
         if include_samples:
             out["samples"] = self.samples
         return out
@@ -534,8 +588,12 @@ def evaluate_task(
     wanted = [m["metric"] for m in task.metric_list] or list(TASK_METRICS[task.output_type][:3])
     if task.output_type == "generate_until" and not task.metric_list:
         wanted = ["exact_match"]
-    run = {"multiple_choice": _run_multiple_choice, "loglikelihood": _run_loglikelihood,
-           "loglikelihood_rolling": _run_rolling, "generate_until": _run_generate}[task.output_type]
+    run = {
+        "multiple_choice": _run_multiple_choice,
+        "loglikelihood": _run_loglikelihood,
+        "loglikelihood_rolling": _run_rolling,
+        "generate_until": _run_generate,
+    }[task.output_type]
     per_doc, corpus, samples, extra = run(lm, task, docs, contexts)
     metrics, stderr = {}, {}
     for name in wanted:
@@ -547,10 +605,16 @@ def evaluate_task(
             metrics[name] = corpus(name)
             stderr[name] = None
     settings = {
-        "output_type": task.output_type, "num_fewshot": shots, "fewshot_seed": task.fewshot_seed,
-        "target_delimiter": task.target_delimiter, "fewshot_delimiter": task.fewshot_delimiter, "limit": limit,
-        "batch_size": batch_size, "model": dict(lm.description),
-        **task.source, **extra,
+        "output_type": task.output_type,
+        "num_fewshot": shots,
+        "fewshot_seed": task.fewshot_seed,
+        "target_delimiter": task.target_delimiter,
+        "fewshot_delimiter": task.fewshot_delimiter,
+        "limit": limit,
+        "batch_size": batch_size,
+        "model": dict(lm.description),
+        **task.source,
+        **extra,
     }
     return TaskResult(task.name, metrics, stderr, len(docs), settings, samples)
 
@@ -564,7 +628,7 @@ def _run_multiple_choice(lm, task, docs, contexts):
     scores = lm.loglikelihood(requests)
     acc, acc_norm, samples = [], [], []
     for (start, choices, gold), context in zip(spans, contexts):
-        lls = [ll for ll, _ in scores[start:start + len(choices)]]
+        lls = [ll for ll, _ in scores[start : start + len(choices)]]
         # Normalised by the choice's characters, without the delimiter (lm-eval's completion_len).
         normed = [ll / len(c) if c else ll for ll, c in zip(lls, choices)]
         pred, pred_norm = _argmax(lls), _argmax(normed)
@@ -578,8 +642,10 @@ def _run_loglikelihood(lm, task, docs, contexts):
     targets = [task.target_delimiter + task.target_text(doc) for doc in docs]
     scores = lm.loglikelihood(list(zip(contexts, targets)))
     lls = [ll for ll, _ in scores]
-    samples = [{"prompt": c, "target": t, "loglikelihood": ll, "is_greedy": g}
-               for c, t, (ll, g) in zip(contexts, targets, scores)]
+    samples = [
+        {"prompt": c, "target": t, "loglikelihood": ll, "is_greedy": g}
+        for c, t, (ll, g) in zip(contexts, targets, scores)
+    ]
     # lm-eval's perplexity aggregation: exp of minus the mean log-likelihood per document.
     corpus = lambda name: math.exp(-sum(lls) / len(lls))  # noqa: E731
     return {"acc": [float(g) for _, g in scores]}, corpus, samples, {}
@@ -591,8 +657,11 @@ def _run_rolling(lm, task, docs, contexts):
     words = sum(len(re.split(r"\s+", t)) for t in texts)  # lm-eval's word count
     num_bytes = sum(len(t.encode("utf-8")) for t in texts)
     total = sum(lls)
-    values = {"word_perplexity": math.exp(-total / words), "byte_perplexity": math.exp(-total / num_bytes),
-              "bits_per_byte": -total / num_bytes / math.log(2)}
+    values = {
+        "word_perplexity": math.exp(-total / words),
+        "byte_perplexity": math.exp(-total / num_bytes),
+        "bits_per_byte": -total / num_bytes / math.log(2),
+    }
     samples = [{"text": t, "loglikelihood": ll} for t, ll in zip(texts, lls)]
     return {}, values.__getitem__, samples, {"words": words, "bytes": num_bytes}
 
@@ -619,8 +688,9 @@ def _run_generate(lm, task, docs, contexts):
             cache[name] = compute(name, outputs, targets)[name].score
         return cache[name]
 
-    settings = {"generation_kwargs": {"until": until, "max_gen_toks": max_gen_toks, "temperature": temperature,
-                                      **kwargs}}
+    settings = {
+        "generation_kwargs": {"until": until, "max_gen_toks": max_gen_toks, "temperature": temperature, **kwargs}
+    }
     return {"exact_match": exact}, corpus, samples, settings
 
 
@@ -655,8 +725,10 @@ def evaluate(
     loaded = [t if isinstance(t, Task) else load_task(t) for t in tasks]
     if not loaded:
         raise MetricError("evaluate: no tasks given; pass task YAML paths or Task objects")
-    return {t.name: evaluate_task(model, tokenizer, t, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size)
-            for t in loaded}
+    return {
+        t.name: evaluate_task(model, tokenizer, t, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size)
+        for t in loaded
+    }
 
 
 def results_table(results: Mapping[str, TaskResult]) -> str:
@@ -665,13 +737,16 @@ def results_table(results: Mapping[str, TaskResult]) -> str:
     for name, result in results.items():
         for metric, value in result.metrics.items():
             err = result.stderr.get(metric)
-            lines.append(f"| {name} | {metric} | {result.settings['num_fewshot']} | {value:.4f} | "
-                         f"{'' if err is None else f'{err:.4f}'} |")
+            lines.append(
+                f"| {name} | {metric} | {result.settings['num_fewshot']} | {value:.4f} | "
+                f"{'' if err is None else f'{err:.4f}'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: Mapping[str, TaskResult], directory: str | os.PathLike,
-                  include_samples: bool = False) -> tuple[Path, Path]:
+def write_results(
+    results: Mapping[str, TaskResult], directory: str | os.PathLike, include_samples: bool = False
+) -> tuple[Path, Path]:
     """Write results.json and results.md into `directory` (each atomically); their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -683,7 +758,20 @@ def write_results(results: Mapping[str, TaskResult], directory: str | os.PathLik
 
 
 __all__ = [
-    "OUTPUT_TYPES", "TASK_METRICS", "LocalLanguageModel", "Task", "TaskResult", "encode_pair", "evaluate", "evaluate_task", "generate_until",
-    "load_task", "loglikelihood", "loglikelihood_rolling", "mean_stderr", "prefix_token_id", "results_table",
+    "OUTPUT_TYPES",
+    "TASK_METRICS",
+    "LocalLanguageModel",
+    "Task",
+    "TaskResult",
+    "encode_pair",
+    "evaluate",
+    "evaluate_task",
+    "generate_until",
+    "load_task",
+    "loglikelihood",
+    "loglikelihood_rolling",
+    "mean_stderr",
+    "prefix_token_id",
+    "results_table",
     "write_results",
 ]

@@ -64,7 +64,7 @@ _VERDICT_MARK = re.compile(r"\[\[\s*(a|b|tie)\s*\]\]", re.IGNORECASE)
 
 
 def parse_verdict(text: str) -> str:
-    """"A", "B" or "tie" from a judge's reply: the last [[A]] / [[B]] / [[tie]] in it, or the
+    """ "A", "B" or "tie" from a judge's reply: the last [[A]] / [[B]] / [[tie]] in it, or the
     whole reply when it is just one of those words (any case)."""
     if not isinstance(text, str):
         raise MetricError(f"parse_verdict: expected the judge's reply as a string, got {type(text).__name__}")
@@ -73,8 +73,10 @@ def parse_verdict(text: str) -> str:
     for verdict in VERDICTS:
         if word.lower() == verdict.lower():
             return verdict
-    raise MetricError(f"parse_verdict: no verdict in the reply {text[-200:]!r}; it must contain [[A]], [[B]] or "
-                      "[[tie]] (or be just A, B or tie)")
+    raise MetricError(
+        f"parse_verdict: no verdict in the reply {text[-200:]!r}; it must contain [[A]], [[B]] or "
+        "[[tie]] (or be just A, B or tie)"
+    )
 
 
 def _check_verdict(verdict: Any, where: str) -> str:
@@ -82,8 +84,10 @@ def _check_verdict(verdict: Any, where: str) -> str:
         for accepted in VERDICTS:
             if verdict.strip().lower() == accepted.lower():
                 return accepted
-    raise MetricError(f"{where}: the judge returned {verdict!r}; a judge must return 'A', 'B' or 'tie' "
-                      "(use parse_verdict on a model's reply)")
+    raise MetricError(
+        f"{where}: the judge returned {verdict!r}; a judge must return 'A', 'B' or 'tie' "
+        "(use parse_verdict on a model's reply)"
+    )
 
 
 _SWAP = {"A": "B", "B": "A", "tie": "tie"}
@@ -163,8 +167,10 @@ def judge_all(
     for model, given in answers.items():
         if isinstance(given, str) or len(given) != len(questions):
             count = "a single string" if isinstance(given, str) else len(given)
-            raise MetricError(f"judge_all: model {model!r} has {count} answer(s) for {len(questions)} questions; "
-                              "give one answer per question")
+            raise MetricError(
+                f"judge_all: model {model!r} has {count} answer(s) for {len(questions)} questions; "
+                "give one answer per question"
+            )
     pairs = list(combinations(answers, 2)) if pairs is None else [tuple(p) for p in pairs]
     unknown = {m for p in pairs for m in p if m not in answers}
     if unknown:
@@ -179,8 +185,12 @@ def judge_all(
         judgment = judge_pair(judge, questions[q], answers[a][q], answers[b][q])
         battles.append(Battle(a, b, judgment.verdict))
         judgments.append(judgment)
-    settings = {"orders": "both (position swap)", "rule": "win only if both orders agree, else tie",
-                "num_pairs": len(pairs), "num_questions": len(questions)}
+    settings = {
+        "orders": "both (position swap)",
+        "rule": "win only if both orders agree, else tie",
+        "num_pairs": len(pairs),
+        "num_questions": len(questions),
+    }
     return JudgedBattles(battles, judgments, [q for q, _, _ in jobs], settings)
 
 
@@ -218,8 +228,13 @@ def _check_battles(battles: Iterable[Any], where: str) -> tuple[list[Hashable], 
         if a == b:
             raise MetricError(f"{where}: battle {i} pits {a!r} against itself")
         winner = _check_verdict(winner, f"{where}: battle {i}")
-        rows.append((models.setdefault(a, len(models)), models.setdefault(b, len(models)),
-                     {"A": 1.0, "B": 0.0, "tie": 0.5}[winner]))
+        rows.append(
+            (
+                models.setdefault(a, len(models)),
+                models.setdefault(b, len(models)),
+                {"A": 1.0, "B": 0.0, "tie": 0.5}[winner],
+            )
+        )
     if len(models) < 2:
         raise MetricError(f"{where}: needs at least two models")
     ia, ib, score = (np.array(column) for column in zip(*rows))
@@ -263,8 +278,10 @@ def _win_graph_problem(wins: np.ndarray, models: list[Hashable]) -> str | None:
     met = scored | scored.T
     apart = ~reach(met)
     if apart.any():
-        return (f"models {[models[i] for i in np.flatnonzero(apart)][:5]} never met (directly or through others) "
-                f"the group of {models[0]!r}; ratings of separate groups are not comparable")
+        return (
+            f"models {[models[i] for i in np.flatnonzero(apart)][:5]} never met (directly or through others) "
+            f"the group of {models[0]!r}; ratings of separate groups are not comparable"
+        )
     # Following "scored against" edges from model 0 misses a group its side never scored
     # against (that group never lost); following them backwards misses a group that never
     # scored against model 0's side (it never won or tied).
@@ -292,8 +309,10 @@ def _mm_fit(wins: np.ndarray, games: np.ndarray, max_iter: int, tol: float) -> t
         p = new
         if change < tol:
             return np.log(p), iteration
-    raise MetricError(f"bradley_terry: the MM iterations did not converge in {max_iter} steps (last change "
-                      f"{change:.2e}); raise max_iter, or add a prior if some model wins almost everything")
+    raise MetricError(
+        f"bradley_terry: the MM iterations did not converge in {max_iter} steps (last change "
+        f"{change:.2e}); raise max_iter, or add a prior if some model wins almost everything"
+    )
 
 
 def bradley_terry(
@@ -340,8 +359,11 @@ def bradley_terry(
     # With a prior every pair that met has points both ways, so only "never met" remains possible.
     problem = _win_graph_problem(wins[0] + pseudo, models)
     if problem is not None:
-        advice = "collect battles that link the groups" if "never met" in problem else \
-            "pass prior=1 (or more) pseudo-games, or collect more battles"
+        advice = (
+            "collect battles that link the groups"
+            if "never met" in problem
+            else "pass prior=1 (or more) pseudo-games, or collect more battles"
+        )
         raise MetricError(f"bradley_terry: no finite maximum-likelihood ratings: {problem}; {advice}")
     log_p, iterations = _mm_fit(wins + pseudo, wins + wins.transpose(0, 2, 1) + 2 * pseudo, max_iter, tol)
     to_rating = scale / np.log(base)
@@ -356,21 +378,34 @@ def bradley_terry(
             for r in range(bootstrap):
                 problem = _win_graph_problem(boot_wins[r], models)
                 if problem is not None:
-                    raise MetricError(f"bradley_terry: bootstrap round {r} has no finite ratings ({problem}); pass "
-                                      "prior=1 (or more) so that every resample can be fitted")
-        boot_log_p, _ = _mm_fit(boot_wins + pseudo, boot_wins + boot_wins.transpose(0, 2, 1) + 2 * pseudo,
-                                max_iter, tol)
+                    raise MetricError(
+                        f"bradley_terry: bootstrap round {r} has no finite ratings ({problem}); pass "
+                        "prior=1 (or more) so that every resample can be fitted"
+                    )
+        boot_log_p, _ = _mm_fit(
+            boot_wins + pseudo, boot_wins + boot_wins.transpose(0, 2, 1) + 2 * pseudo, max_iter, tol
+        )
         intervals = _intervals(initial + to_rating * boot_log_p, models, confidence)
 
-    settings = {"method": "bradley-terry MLE (MM algorithm)", "ties": "half a win each", "prior": prior,
-                "scale": scale, "base": base, "initial": initial, "anchor": "mean rating = initial",
-                "iterations": iterations, "bootstrap": bootstrap, "confidence": confidence if bootstrap else None,
-                "seed": seed if bootstrap else None}
+    settings = {
+        "method": "bradley-terry MLE (MM algorithm)",
+        "ties": "half a win each",
+        "prior": prior,
+        "scale": scale,
+        "base": base,
+        "initial": initial,
+        "anchor": "mean rating = initial",
+        "iterations": iterations,
+        "bootstrap": bootstrap,
+        "confidence": confidence if bootstrap else None,
+        "seed": seed if bootstrap else None,
+    }
     return Ratings(ratings, len(score), intervals, settings)
 
 
-def _elo_run(ia: np.ndarray, ib: np.ndarray, score: np.ndarray, m: int, k: float, scale: float, base: float,
-             initial: float) -> np.ndarray:
+def _elo_run(
+    ia: np.ndarray, ib: np.ndarray, score: np.ndarray, m: int, k: float, scale: float, base: float, initial: float
+) -> np.ndarray:
     """Online Elo over battle sequences in parallel: ia, ib, score are (R, T), one sequence per
     row; returns final ratings (R, M). Rows advance together one battle at a time."""
     rounds = ia.shape[0]
@@ -430,10 +465,18 @@ def elo_ratings(
         samples = _elo_run(ia[order], ib[order], score[order], m, k, scale, base, initial)
         intervals = _intervals(samples, models, confidence)
 
-    settings = {"method": "online elo", "k": k, "scale": scale, "base": base, "initial": initial,
-                "order": "as given", "bootstrap": bootstrap,
-                "bootstrap_method": bootstrap_method if bootstrap else None,
-                "confidence": confidence if bootstrap else None, "seed": seed if bootstrap else None}
+    settings = {
+        "method": "online elo",
+        "k": k,
+        "scale": scale,
+        "base": base,
+        "initial": initial,
+        "order": "as given",
+        "bootstrap": bootstrap,
+        "bootstrap_method": bootstrap_method if bootstrap else None,
+        "confidence": confidence if bootstrap else None,
+        "seed": seed if bootstrap else None,
+    }
     return Ratings(ratings, len(score), intervals, settings)
 
 
@@ -460,16 +503,18 @@ def cohen_kappa(
     if not a:
         raise MetricError("cohen_kappa: no labels given; pass one label per item from each rater")
     if len(a) != len(b):
-        raise MetricError(f"cohen_kappa: rater_a labelled {len(a)} items but rater_b {len(b)}; they must label the "
-                          "same items")
+        raise MetricError(
+            f"cohen_kappa: rater_a labelled {len(a)} items but rater_b {len(b)}; they must label the same items"
+        )
     if weights not in (None, "linear", "quadratic"):
         raise MetricError(f"cohen_kappa: weights {weights!r} is unknown; accepted: None, 'linear', 'quadratic'")
     if labels is None:
         try:
             labels = sorted(set(a) | set(b))
         except TypeError as err:
-            raise MetricError("cohen_kappa: labels of different types cannot be ordered; pass labels=[...] in the "
-                              "order you want") from err
+            raise MetricError(
+                "cohen_kappa: labels of different types cannot be ordered; pass labels=[...] in the order you want"
+            ) from err
     labels = list(labels)
     index = {label: i for i, label in enumerate(labels)}
     if len(index) != len(labels):
@@ -484,20 +529,37 @@ def cohen_kappa(
     observed /= len(a)
     expected = np.outer(observed.sum(axis=1), observed.sum(axis=0))  # independent raters, same marginals
     distance = np.abs(np.subtract.outer(np.arange(c), np.arange(c))).astype(float)
-    cost = {None: (distance > 0).astype(float), "linear": distance, "quadratic": distance ** 2}[weights]
+    cost = {None: (distance > 0).astype(float), "linear": distance, "quadratic": distance**2}[weights]
     expected_cost = float((cost * expected).sum())
     if expected_cost == 0:
-        raise MetricError("cohen_kappa: undefined when chance agreement is 1, i.e. both raters gave every item the "
-                          f"same single label ({labels[int(np.argmax(observed.sum(axis=1)))]!r}); there is no "
-                          "variation to agree on")
+        raise MetricError(
+            "cohen_kappa: undefined when chance agreement is 1, i.e. both raters gave every item the "
+            f"same single label ({labels[int(np.argmax(observed.sum(axis=1)))]!r}); there is no "
+            "variation to agree on"
+        )
     kappa = 1.0 - float((cost * observed).sum()) / expected_cost
-    details = {"kappa": kappa, "observed_agreement": float(np.trace(observed)),
-               "expected_agreement": float(np.trace(expected))}
+    details = {
+        "kappa": kappa,
+        "observed_agreement": float(np.trace(observed)),
+        "expected_agreement": float(np.trace(expected)),
+    }
     settings = {"weights": weights, "labels": labels, "num_items": len(a)}
     return MetricResult("cohen_kappa", kappa, details, settings)
 
 
 __all__ = [
-    "Battle", "DEFAULT_CRITERIA", "JudgedBattles", "PairJudgment", "Ratings", "VERDICTS", "bradley_terry",
-    "cohen_kappa", "combine_orders", "elo_ratings", "judge_all", "judge_pair", "pairwise_prompt", "parse_verdict",
+    "Battle",
+    "DEFAULT_CRITERIA",
+    "JudgedBattles",
+    "PairJudgment",
+    "Ratings",
+    "VERDICTS",
+    "bradley_terry",
+    "cohen_kappa",
+    "combine_orders",
+    "elo_ratings",
+    "judge_all",
+    "judge_pair",
+    "pairwise_prompt",
+    "parse_verdict",
 ]

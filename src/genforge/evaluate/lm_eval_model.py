@@ -32,9 +32,16 @@ class GenforgeLM(LM):
     `genforge.loading.load_for_inference` reads.
     """
 
-    def __init__(self, model: Transformer | None = None, tokenizer: Tokenizer | None = None, *,
-                 pretrained: str | None = None, batch_size: int | str = 8,
-                 max_gen_toks: int = harness.DEFAULT_MAX_GEN_TOKS, **_: Any) -> None:
+    def __init__(
+        self,
+        model: Transformer | None = None,
+        tokenizer: Tokenizer | None = None,
+        *,
+        pretrained: str | None = None,
+        batch_size: int | str = 8,
+        max_gen_toks: int = harness.DEFAULT_MAX_GEN_TOKS,
+        **_: Any,
+    ) -> None:
         super().__init__()
         if pretrained is not None:
             from ..loading import load_for_inference
@@ -62,8 +69,13 @@ class GenforgeLM(LM):
             do_sample = kwargs.pop("do_sample", False)
             temperature = float(kwargs.pop("temperature", 0.0)) if do_sample else 0.0
             outputs += harness.generate_until(
-                self.model, self.tokenizer, [context], until=[until] if isinstance(until, str) else list(until),
-                max_gen_toks=int(kwargs.pop("max_gen_toks", self.max_gen_toks)), temperature=temperature)
+                self.model,
+                self.tokenizer,
+                [context],
+                until=[until] if isinstance(until, str) else list(until),
+                max_gen_toks=int(kwargs.pop("max_gen_toks", self.max_gen_toks)),
+                temperature=temperature,
+            )
         return outputs
 
 

@@ -41,19 +41,58 @@ SYSTEM_WORDNET_DIR = Path("/usr/share/wordnet")
 
 # The WordNet 3.0 database files NLTK's reader needs; `lexnames` is supplied when absent.
 WORDNET_FILES = tuple(f"{kind}.{pos}" for kind in ("data", "index") for pos in ("noun", "verb", "adj", "adv")) + tuple(
-    f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv"))
+    f"{pos}.exc" for pos in ("noun", "verb", "adj", "adv")
+)
 
 # WordNet 3.0's 45 lexicographer files in file-number order (documented in lexnames(5WN), which
 # Debian ships as a man page although it leaves the file itself out). The data files refer
 # to them by number, and NLTK's reader loads this list before anything else.
 _LEXNAMES = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
-    "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
-    "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession",
-    "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
-    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption",
-    "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession",
-    "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
 )
 _SYNTACTIC_CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
 
@@ -125,19 +164,24 @@ def use_wordnet(path: str | os.PathLike) -> Path:
     """
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise MetricError(f"use_wordnet: {str(directory)!r} is not a folder; give the folder holding WordNet's "
-                          "data.noun, index.noun, ... (Debian: apt-get install wordnet-base, then /usr/share/wordnet)")
+        raise MetricError(
+            f"use_wordnet: {str(directory)!r} is not a folder; give the folder holding WordNet's "
+            "data.noun, index.noun, ... (Debian: apt-get install wordnet-base, then /usr/share/wordnet)"
+        )
     directory = directory.resolve()
     missing = _missing_files(directory)
     if missing:
-        raise MetricError(f"use_wordnet: {str(directory)!r} lacks the WordNet 3.0 file(s) {', '.join(missing)}; "
-                          f"a WordNet folder holds {', '.join(WORDNET_FILES)}")
+        raise MetricError(
+            f"use_wordnet: {str(directory)!r} lacks the WordNet 3.0 file(s) {', '.join(missing)}; "
+            f"a WordNet folder holds {', '.join(WORDNET_FILES)}"
+        )
     try:
         reader = _open_reader(directory)
         reader.synsets("dog")  # reads the index and one data file: a broken database fails here, not mid-metric
     except Exception as err:  # NLTK raises many kinds; all mean "not readable"
-        raise MetricError(f"use_wordnet: NLTK could not read WordNet in {str(directory)!r}: "
-                          f"{type(err).__name__}: {err}") from err
+        raise MetricError(
+            f"use_wordnet: NLTK could not read WordNet in {str(directory)!r}: {type(err).__name__}: {err}"
+        ) from err
     with _lock:
         _state.update(resolved=True, reader=reader, source=str(directory))
     return directory
@@ -240,31 +284,52 @@ def meteor(
 
     reader, source = (None, None) if synonyms is False else _resolve()
     if synonyms is True and reader is None:
-        raise MetricError("meteor: synonyms=True but no WordNet data was found; install it with "
-                          "`apt-get install wordnet-base` (then it is found in /usr/share/wordnet), or call "
-                          f"use_wordnet(folder), or set ${WORDNET_ENV}; or pass synonyms=False")
+        raise MetricError(
+            "meteor: synonyms=True but no WordNet data was found; install it with "
+            "`apt-get install wordnet-base` (then it is found in /usr/share/wordnet), or call "
+            f"use_wordnet(folder), or set ${WORDNET_ENV}; or pass synonyms=False"
+        )
     wordnet = reader if reader is not None else NoSynonyms()
     split = tokenizer or _default_tokenizer()
     stemmer = PorterStemmer()  # NLTK's default stemmer for METEOR, made once rather than per call
 
     scores = []
     for prediction, refs in zip(predictions, grouped):
-        scores.append(meteor_score([split(r) for r in refs], split(prediction), preprocess=str.lower,
-                                   stemmer=stemmer, wordnet=wordnet, alpha=alpha, beta=beta, gamma=gamma))
+        scores.append(
+            meteor_score(
+                [split(r) for r in refs],
+                split(prediction),
+                preprocess=str.lower,
+                stemmer=stemmer,
+                wordnet=wordnet,
+                alpha=alpha,
+                beta=beta,
+                gamma=gamma,
+            )
+        )
     mean = sum(scores) / len(scores)
     tokenizer_name = "nltk_word_tokenizer" if tokenizer is None else getattr(tokenizer, "__name__", "custom")
     stages = "exact, porter stem, wordnet synonyms" if reader is not None else "exact, porter stem"
     settings: dict[str, Any] = {
-        "alpha": alpha, "beta": beta, "gamma": gamma, "stages": stages,
-        "synonyms": reader is not None, "wordnet": source, "tokenizer": tokenizer_name, "lowercase": True,
-        "aggregate": "mean of sentence scores", "multiple_references": "best score per prediction",
+        "alpha": alpha,
+        "beta": beta,
+        "gamma": gamma,
+        "stages": stages,
+        "synonyms": reader is not None,
+        "wordnet": source,
+        "tokenizer": tokenizer_name,
+        "lowercase": True,
+        "aggregate": "mean of sentence scores",
+        "multiple_references": "best score per prediction",
         "implementation": f"nltk {nltk.__version__} meteor_score",
     }
     if synonyms is False:
         settings["note"] = "synonym matching switched off (synonyms=False)"
     elif reader is None:
-        settings["note"] = ("no WordNet data found, so no synonym matching (exact and stem only): lower than full "
-                            "METEOR and not comparable with it; see use_wordnet")
+        settings["note"] = (
+            "no WordNet data found, so no synonym matching (exact and stem only): lower than full "
+            "METEOR and not comparable with it; see use_wordnet"
+        )
     return MetricResult("meteor", mean, {"meteor": mean}, settings)
 
 

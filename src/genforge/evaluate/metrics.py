@@ -65,11 +65,21 @@ def bleu(
         raise MetricError(f"bleu: tokenize {tokenize!r} is unknown; accepted: {', '.join(BLEU.TOKENIZERS)}")
     metric = BLEU(tokenize=tokenize, lowercase=lowercase, smooth_method=smooth_method, max_ngram_order=max_ngram_order)
     result = metric.corpus_score(predictions, _reference_streams(grouped))
-    details = {"bleu": result.score, "brevity_penalty": result.bp, "length_ratio": result.ratio,
-               "hypothesis_length": result.sys_len, "reference_length": result.ref_len}
+    details = {
+        "bleu": result.score,
+        "brevity_penalty": result.bp,
+        "length_ratio": result.ratio,
+        "hypothesis_length": result.sys_len,
+        "reference_length": result.ref_len,
+    }
     details |= {f"precision_{n + 1}": p for n, p in enumerate(result.precisions)}
-    settings = {"tokenize": tokenize, "lowercase": lowercase, "smooth_method": smooth_method,
-                "max_ngram_order": max_ngram_order, "signature": str(metric.get_signature())}
+    settings = {
+        "tokenize": tokenize,
+        "lowercase": lowercase,
+        "smooth_method": smooth_method,
+        "max_ngram_order": max_ngram_order,
+        "signature": str(metric.get_signature()),
+    }
     return MetricResult("bleu", result.score, details, settings)
 
 
@@ -92,8 +102,14 @@ def chrf(
     metric = CHRF(char_order=char_order, word_order=word_order, beta=beta, lowercase=lowercase, whitespace=whitespace)
     result = metric.corpus_score(predictions, _reference_streams(grouped))
     name = "chrf++" if word_order == 2 else "chrf"
-    settings = {"char_order": char_order, "word_order": word_order, "beta": beta, "lowercase": lowercase,
-                "whitespace": whitespace, "signature": str(metric.get_signature())}
+    settings = {
+        "char_order": char_order,
+        "word_order": word_order,
+        "beta": beta,
+        "lowercase": lowercase,
+        "whitespace": whitespace,
+        "signature": str(metric.get_signature()),
+    }
     return MetricResult(name, result.score, {name: result.score}, settings)
 
 
@@ -133,10 +149,16 @@ def rouge(
             totals[kind] += s.fmeasure
             totals[f"{kind}_precision"] += s.precision
             totals[f"{kind}_recall"] += s.recall
-    details = {key: totals[key] / len(predictions) for key in
-               [k for kind in rouge_types for k in (kind, f"{kind}_precision", f"{kind}_recall")]}
-    settings = {"rouge_types": rouge_types, "use_stemmer": use_stemmer, "aggregate": "mean",
-                "multiple_references": "best F1 per type"}
+    details = {
+        key: totals[key] / len(predictions)
+        for key in [k for kind in rouge_types for k in (kind, f"{kind}_precision", f"{kind}_recall")]
+    }
+    settings = {
+        "rouge_types": rouge_types,
+        "use_stemmer": use_stemmer,
+        "aggregate": "mean",
+        "multiple_references": "best F1 per type",
+    }
     return MetricResult("rouge", details[rouge_types[0]], details, settings)
 
 
@@ -189,8 +211,11 @@ def squad(predictions: Sequence[str], references: Sequence[str | Sequence[str]])
         em_total += max(exact_match_score(prediction, g) for g in golds)
         f1_total += max(token_f1_score(prediction, g) for g in golds)
     details = {"exact_match": 100.0 * em_total / len(predictions), "f1": 100.0 * f1_total / len(predictions)}
-    settings = {"normalization": "lowercase, strip punctuation, drop a/an/the, collapse whitespace",
-                "multiple_references": "max over gold answers", "scale": "0-100"}
+    settings = {
+        "normalization": "lowercase, strip punctuation, drop a/an/the, collapse whitespace",
+        "multiple_references": "max over gold answers",
+        "scale": "0-100",
+    }
     return MetricResult("squad", details["f1"], details, settings)
 
 
@@ -243,8 +268,12 @@ def self_bleu(predictions: Sequence[str], *, tokenize: str = "13a", max_ngram_or
         for i, prediction in enumerate(predictions)
     ]
     mean = sum(scores) / len(scores)
-    settings = {"tokenize": tokenize, "max_ngram_order": max_ngram_order, "aggregate": "mean sentence BLEU",
-                "signature": str(metric.get_signature())}
+    settings = {
+        "tokenize": tokenize,
+        "max_ngram_order": max_ngram_order,
+        "aggregate": "mean sentence BLEU",
+        "signature": str(metric.get_signature()),
+    }
     return MetricResult("self_bleu", mean, {"self_bleu": mean}, settings)
 
 
@@ -286,6 +315,16 @@ def compute(
 
 
 __all__ = [
-    "METRICS", "ROUGE_TYPES", "bleu", "chrf", "compute", "distinct_n",
-    "exact_match_score", "normalize_answer", "rouge", "self_bleu", "squad", "token_f1_score",
+    "METRICS",
+    "ROUGE_TYPES",
+    "bleu",
+    "chrf",
+    "compute",
+    "distinct_n",
+    "exact_match_score",
+    "normalize_answer",
+    "rouge",
+    "self_bleu",
+    "squad",
+    "token_f1_score",
 ]

@@ -76,18 +76,23 @@ def perplexity(
     """
     config = model.config
     if not config.causal or model.lm_head is None:
-        raise MetricError(f"perplexity needs a causal language model with an LM head; this is a {config.family} "
-                          "encoder, which does not predict the next token")
+        raise MetricError(
+            f"perplexity needs a causal language model with an LM head; this is a {config.family} "
+            "encoder, which does not predict the next token"
+        )
     ids = _check_ids(input_ids, config.vocab_size)
     context = config.max_position_embeddings
     max_length = context if max_length is None else max_length
     if not isinstance(max_length, int) or not 2 <= max_length <= context:
-        raise MetricError(f"max_length must be an integer from 2 to the model's context of {context} tokens, "
-                          f"got {max_length!r}")
+        raise MetricError(
+            f"max_length must be an integer from 2 to the model's context of {context} tokens, got {max_length!r}"
+        )
     stride = max(1, max_length // 2) if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= max_length:
-        raise MetricError(f"stride must be an integer from 1 to max_length ({max_length}), got {stride!r}; a stride "
-                          "above max_length would skip the tokens between windows")
+        raise MetricError(
+            f"stride must be an integer from 1 to max_length ({max_length}), got {stride!r}; a stride "
+            "above max_length would skip the tokens between windows"
+        )
 
     windows = strided_windows(len(ids), max_length, stride)
     ids = ids.to(model.device)
@@ -136,8 +141,10 @@ def _check_ids(input_ids: Sequence[int] | torch.Tensor, vocab_size: int) -> torc
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.dim() != 1:
-        raise MetricError(f"input_ids must be one sequence (a list, a 1-D tensor or shape (1, n)), got shape "
-                          f"{tuple(ids.shape)}; score several texts one by one or join them")
+        raise MetricError(
+            f"input_ids must be one sequence (a list, a 1-D tensor or shape (1, n)), got shape "
+            f"{tuple(ids.shape)}; score several texts one by one or join them"
+        )
     if ids.numel() < 2:
         raise MetricError(f"perplexity needs at least 2 tokens (the first is only context), got {ids.numel()}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:

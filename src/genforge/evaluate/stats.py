@@ -68,8 +68,10 @@ class SampleSize:
 
 def _check_alternative(alternative: str, where: str) -> None:
     if alternative not in ALTERNATIVES:
-        raise MetricError(f"{where}: alternative {alternative!r} is unknown; accepted: {', '.join(ALTERNATIVES)} "
-                          "(greater: B is higher than A)")
+        raise MetricError(
+            f"{where}: alternative {alternative!r} is unknown; accepted: {', '.join(ALTERNATIVES)} "
+            "(greater: B is higher than A)"
+        )
 
 
 def _check_level(value: float, name: str, where: str) -> None:
@@ -77,8 +79,9 @@ def _check_level(value: float, name: str, where: str) -> None:
         raise MetricError(f"{where}: {name} must lie strictly between 0 and 1, got {value!r}")
 
 
-def _normal_test(effect: float, null_se: float, interval_se: float, alternative: str,
-                 confidence: float) -> tuple[float, float, tuple[float, float]]:
+def _normal_test(
+    effect: float, null_se: float, interval_se: float, alternative: str, confidence: float
+) -> tuple[float, float, tuple[float, float]]:
     """(z, p-value, interval) for an effect whose standard error is `null_se` under the null
     and `interval_se` around the estimate."""
     from scipy.stats import norm
@@ -88,8 +91,9 @@ def _normal_test(effect: float, null_se: float, interval_se: float, alternative:
     return z, float(p), _interval(effect, interval_se, alternative, confidence, norm.ppf)
 
 
-def _interval(effect: float, se: float, alternative: str, confidence: float,
-              quantile: Callable[[float], float]) -> tuple[float, float]:
+def _interval(
+    effect: float, se: float, alternative: str, confidence: float, quantile: Callable[[float], float]
+) -> tuple[float, float]:
     if alternative == "two-sided":
         half = quantile(0.5 + confidence / 2) * se
         return float(effect - half), float(effect + half)
@@ -132,13 +136,19 @@ def two_proportion_ztest(
     null_se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
     wald_se = math.sqrt(p_a * (1 - p_a) / n_a + p_b * (1 - p_b) / n_b)
     effect = p_b - p_a
-    settings = {"alternative": alternative, "confidence": confidence, "null_standard_error": "pooled",
-                "interval": "wald (unpooled)", "effect": "p_b - p_a"}
+    settings = {
+        "alternative": alternative,
+        "confidence": confidence,
+        "null_standard_error": "pooled",
+        "interval": "wald (unpooled)",
+        "effect": "p_b - p_a",
+    }
     details = {"p_a": p_a, "p_b": p_b, "pooled": pooled, "n_a": n_a, "n_b": n_b}
     if null_se == 0:  # all successes or all failures in both arms
         note = "every trial had the same outcome: no evidence of a difference"
-        return HypothesisTestResult("two_proportion_ztest", 0.0, 1.0, effect, (effect, effect), details,
-                                    settings | {"note": note})
+        return HypothesisTestResult(
+            "two_proportion_ztest", 0.0, 1.0, effect, (effect, effect), details, settings | {"note": note}
+        )
     z, p, interval = _normal_test(effect, null_se, wald_se, alternative, confidence)
     return HypothesisTestResult("two_proportion_ztest", float(z), p, effect, interval, details, settings)
 
@@ -187,15 +197,25 @@ def welch_t_test(
     if se == 0:
         raise MetricError(f"{where}: both samples are constant (zero variance); the t statistic is undefined")
     effect = float(xb.mean() - xa.mean())
-    df = (va + vb) ** 2 / (va ** 2 / (xa.size - 1) + vb ** 2 / (xb.size - 1))
+    df = (va + vb) ** 2 / (va**2 / (xa.size - 1) + vb**2 / (xb.size - 1))
     t = effect / se
     distribution = student_t(df)
     p = {"two-sided": 2 * distribution.sf(abs(t)), "greater": distribution.sf(t), "less": distribution.cdf(t)}
     interval = _interval(effect, se, alternative, confidence, distribution.ppf)
-    details = {"mean_a": float(xa.mean()), "mean_b": float(xb.mean()), "df": float(df), "standard_error": se,
-               "n_a": xa.size, "n_b": xb.size}
-    settings = {"alternative": alternative, "confidence": confidence, "variances": "unequal (welch)",
-                "effect": "mean_b - mean_a"}
+    details = {
+        "mean_a": float(xa.mean()),
+        "mean_b": float(xb.mean()),
+        "df": float(df),
+        "standard_error": se,
+        "n_a": xa.size,
+        "n_b": xb.size,
+    }
+    settings = {
+        "alternative": alternative,
+        "confidence": confidence,
+        "variances": "unequal (welch)",
+        "effect": "mean_b - mean_a",
+    }
     return HypothesisTestResult("welch_t_test", float(t), float(p[alternative]), effect, interval, details, settings)
 
 
@@ -203,8 +223,9 @@ def welch_t_test(
 _BATCH_VALUES = 1 << 22  # resampled values held at once (32 MiB of float64)
 
 
-def _bootstrap_distribution(samples: list[np.ndarray], statistic: Callable, rounds: int,
-                            rng: np.random.Generator, vectorized: bool) -> np.ndarray:
+def _bootstrap_distribution(
+    samples: list[np.ndarray], statistic: Callable, rounds: int, rng: np.random.Generator, vectorized: bool
+) -> np.ndarray:
     """The statistic over `rounds` resamples, each sample resampled independently with
     replacement; done in batches so that memory stays bounded for large samples."""
     batch = max(1, _BATCH_VALUES // max(s.size for s in samples))
@@ -228,12 +249,22 @@ def _is_vectorized(statistic: Callable, samples: list[np.ndarray]) -> bool:
     return np.shape(value) == (1,)
 
 
-def _bootstrap(samples: list[np.ndarray], statistic: Callable, confidence: float, rounds: int, seed: int,
-               vectorized: bool | None, where: str, estimate: float) -> ConfidenceInterval:
+def _bootstrap(
+    samples: list[np.ndarray],
+    statistic: Callable,
+    confidence: float,
+    rounds: int,
+    seed: int,
+    vectorized: bool | None,
+    where: str,
+    estimate: float,
+) -> ConfidenceInterval:
     _check_level(confidence, "confidence", where)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 100:
-        raise MetricError(f"{where}: rounds must be an integer >= 100 (percentile ends need many resamples; "
-                          f"10,000 is usual), got {rounds!r}")
+        raise MetricError(
+            f"{where}: rounds must be an integer >= 100 (percentile ends need many resamples; "
+            f"10,000 is usual), got {rounds!r}"
+        )
     if vectorized is None:
         vectorized = _is_vectorized(statistic, samples)
     rng = np.random.default_rng(seed)
@@ -241,9 +272,14 @@ def _bootstrap(samples: list[np.ndarray], statistic: Callable, confidence: float
     if not np.all(np.isfinite(distribution)):
         raise MetricError(f"{where}: the statistic gave NaN or infinite values on some resamples")
     low, high = np.percentile(distribution, [50 * (1 - confidence), 50 * (1 + confidence)])
-    settings = {"method": "percentile", "rounds": rounds, "seed": seed, "resampling": "each sample independently",
-                "statistic": getattr(statistic, "__name__", "custom"),
-                "standard_error": float(distribution.std(ddof=1))}
+    settings = {
+        "method": "percentile",
+        "rounds": rounds,
+        "seed": seed,
+        "resampling": "each sample independently",
+        "statistic": getattr(statistic, "__name__", "custom"),
+        "standard_error": float(distribution.std(ddof=1)),
+    }
     return ConfidenceInterval(float(estimate), float(low), float(high), confidence, settings)
 
 
@@ -303,8 +339,10 @@ def _check_rates(p_a: float, p_b: float, alternative: str, where: str) -> None:
         raise MetricError(f"{where}: p_a and p_b are equal ({p_a}); give the smallest difference worth detecting")
     _check_alternative(alternative, where)
     if (alternative == "greater" and p_b < p_a) or (alternative == "less" and p_b > p_a):
-        raise MetricError(f"{where}: alternative={alternative!r} tests p_b {'>' if alternative == 'greater' else '<'} "
-                          f"p_a, but p_b={p_b} is on the other side of p_a={p_a}; swap them or use 'two-sided'")
+        raise MetricError(
+            f"{where}: alternative={alternative!r} tests p_b {'>' if alternative == 'greater' else '<'} "
+            f"p_a, but p_b={p_b} is on the other side of p_a={p_a}; swap them or use 'two-sided'"
+        )
 
 
 def _z_alpha(alpha: float, alternative: str) -> float:
@@ -346,12 +384,19 @@ def sample_size_two_proportions(
         root_n = z_a * math.sqrt(2 * mean * (1 - mean)) + z_b * math.sqrt(spread)
     else:
         root_n = (z_a + z_b) * math.sqrt(spread)
-    exact = root_n ** 2 / (p_a - p_b) ** 2
+    exact = root_n**2 / (p_a - p_b) ** 2
     # Round up, but not past an integer that floating-point error nudged just above.
     n = math.ceil(exact - 1e-9)
-    settings = {"p_a": p_a, "p_b": p_b, "alpha": alpha, "power": power, "alternative": alternative,
-                "variance": "pooled under the null" if pooled else "unpooled", "continuity_correction": False,
-                "unrounded": exact}
+    settings = {
+        "p_a": p_a,
+        "p_b": p_b,
+        "alpha": alpha,
+        "power": power,
+        "alternative": alternative,
+        "variance": "pooled under the null" if pooled else "unpooled",
+        "continuity_correction": False,
+        "unrounded": exact,
+    }
     return SampleSize(n, 2 * n, settings)
 
 
@@ -382,7 +427,14 @@ def power_two_proportions(
 
 
 __all__ = [
-    "ALTERNATIVES", "ConfidenceInterval", "HypothesisTestResult", "SampleSize", "bootstrap_ci",
-    "bootstrap_difference_ci", "power_two_proportions", "sample_size_two_proportions", "two_proportion_ztest",
+    "ALTERNATIVES",
+    "ConfidenceInterval",
+    "HypothesisTestResult",
+    "SampleSize",
+    "bootstrap_ci",
+    "bootstrap_difference_ci",
+    "power_two_proportions",
+    "sample_size_two_proportions",
+    "two_proportion_ztest",
     "welch_t_test",
 ]

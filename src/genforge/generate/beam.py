@@ -151,8 +151,10 @@ class BeamOptions:
         if not any(stopping is v if isinstance(v, bool) else stopping == v for v in EARLY_STOPPING_VALUES):
             raise DecodeRequestError(f"early_stopping must be True, False or 'never', got {stopping!r}")
         diversity = self.diversity_penalty
-        if not isinstance(diversity, Real) or isinstance(diversity, bool) or not (
-            math.isfinite(diversity) and diversity >= 0
+        if (
+            not isinstance(diversity, Real)
+            or isinstance(diversity, bool)
+            or not (math.isfinite(diversity) and diversity >= 0)
         ):
             raise DecodeRequestError(f"diversity_penalty must be a finite number >= 0, got {diversity!r}")
         if diversity and self.num_beam_groups == 1:
@@ -199,11 +201,18 @@ def beam_search(
     as an eos id would; with a tokenizer each hypothesis also carries its `text`, cut there.
     See the module docstring for the exact semantics.
     """
-    options = BeamOptions(num_beams, length_penalty, early_stopping, num_return_sequences, num_beam_groups,
-                          diversity_penalty, do_sample)
+    options = BeamOptions(
+        num_beams, length_penalty, early_stopping, num_return_sequences, num_beam_groups, diversity_penalty, do_sample
+    )
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else [t for t in stop_strings if t]
-    request = DecodeRequest.resolve(model, prompt_ids, max_new_tokens=max_new_tokens, stop=stop_strings,
-                                    tokenizer=tokenizer, eos_token_ids=eos_token_ids)
+    request = DecodeRequest.resolve(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        stop=stop_strings,
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids,
+    )
     return run_beam_search(model, request, options, processors=processors, generator=generator)
 
 
@@ -247,8 +256,10 @@ def run_beam_search(
 
     def hits_stop_string(candidate_tokens: torch.Tensor, column: int) -> torch.Tensor:
         """(prompts, candidates) bool: the candidate's generated text now holds a stop string."""
-        texts = tokenizer.decode_batch(candidate_tokens[:, :, longest : column + 1].reshape(-1, column + 1 - longest)
-                                       .tolist(), skip_special_tokens=True)
+        texts = tokenizer.decode_batch(
+            candidate_tokens[:, :, longest : column + 1].reshape(-1, column + 1 - longest).tolist(),
+            skip_special_tokens=True,
+        )
         hit = [any(stop in text for stop in stop_strings) for text in texts]
         return torch.tensor(hit, device=candidate_tokens.device).view(candidate_tokens.shape[:2])
 
@@ -284,8 +295,18 @@ def run_beam_search(
                     group_log_probs = group_log_probs - diversity_penalty * _token_counts(chosen, log_probs.shape[-1])
                 source_beams.append(
                     _step_group(
-                        group, group_log_probs, step, column, max_new_tokens, eos_tensor, num_candidates,
-                        length_penalty, early_stopping, generator if do_sample else None, do_sample, stop_check,
+                        group,
+                        group_log_probs,
+                        step,
+                        column,
+                        max_new_tokens,
+                        eos_tensor,
+                        num_candidates,
+                        length_penalty,
+                        early_stopping,
+                        generator if do_sample else None,
+                        do_sample,
+                        stop_check,
                     )
                 )
             # Cache row of (prompt, group, beam) is prompt * num_beams + group * group_size + beam.
@@ -301,8 +322,16 @@ def run_beam_search(
                     done &= _is_settled(group, early_stopping)
             finished_rows = done.nonzero().flatten().tolist()
             for row in finished_rows:
-                results[prompt_of_row[row]] = _best_hypotheses(groups, row, longest, num_return_sequences, eos,
-                                                               tokenizer, stop_strings, prompts[prompt_of_row[row]])
+                results[prompt_of_row[row]] = _best_hypotheses(
+                    groups,
+                    row,
+                    longest,
+                    num_return_sequences,
+                    eos,
+                    tokenizer,
+                    stop_strings,
+                    prompts[prompt_of_row[row]],
+                )
             if len(finished_rows) == active:
                 break
             if finished_rows:
@@ -389,9 +418,7 @@ def _update_may_improve(
     else:
         best_length = step + 1
     best_running = group.running_scores[:, :1] / (best_length**length_penalty)
-    worst_finished = torch.where(
-        group.is_finished, group.finished_scores.min(dim=1, keepdim=True).values, _RULED_OUT
-    )
+    worst_finished = torch.where(group.is_finished, group.finished_scores.min(dim=1, keepdim=True).values, _RULED_OUT)
     group.may_improve = group.may_improve & (best_running > worst_finished).any(dim=-1, keepdim=True)
 
 
@@ -411,8 +438,14 @@ def _token_counts(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def _best_hypotheses(
-    groups: list[_BeamGroup], row: int, prompt_columns: int, how_many: int, eos: list[int],
-    tokenizer=None, stop_strings: Sequence[str] = (), prompt: Sequence[int] = (),
+    groups: list[_BeamGroup],
+    row: int,
+    prompt_columns: int,
+    how_many: int,
+    eos: list[int],
+    tokenizer=None,
+    stop_strings: Sequence[str] = (),
+    prompt: Sequence[int] = (),
 ) -> list[BeamHypothesis]:
     """The best `how_many` real hypotheses of one prompt, over every group's pool."""
     scores = torch.cat([g.finished_scores[row] for g in groups])

@@ -24,8 +24,9 @@ from .watermark import Watermark
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """--model (required), --dtype and --device: a model directory to run in-process."""
-    parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, "
-                                                       "tokenizer.json)")
+    parser.add_argument(
+        "--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
+    )
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto (checkpoint's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
@@ -47,11 +48,22 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty, -2..2")
     group.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty, -2..2")
     group.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
-    group.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
-                       help="add BIAS to token ID's logit (repeatable; -inf bans it)")
+    group.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS to token ID's logit (repeatable; -inf bans it)",
+    )
     group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
-    group.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
-                       help="stop at this token id (repeatable)")
+    group.add_argument(
+        "--stop-token-id",
+        action="append",
+        type=int,
+        default=[],
+        metavar="ID",
+        help="stop at this token id (repeatable)",
+    )
     group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
 
 
@@ -63,11 +75,22 @@ def _sampling_params(args, generation_config: dict) -> SamplingParams:
             raise ValueError(f"--logit-bias takes ID=BIAS, got {item!r}")
         bias[int(token)] = float(value)
     return SamplingParams.from_generation_config(
-        generation_config, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, logit_bias=bias or None, min_new_tokens=args.min_new_tokens,
-        max_new_tokens=args.max_new_tokens, stop=args.stop, stop_token_ids=args.stop_token_id, seed=args.seed,
+        generation_config,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        typical_p=args.typical_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        logit_bias=bias or None,
+        min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        stop_token_ids=args.stop_token_id,
+        seed=args.seed,
     )
 
 
@@ -97,8 +120,11 @@ def _check_strategy_flags(args) -> None:
         raise ValueError("--amateur is used only by --strategy contrastive-decoding")
     if args.watermark is not None and args.strategy != "sample":
         raise ValueError("--watermark applies to --strategy sample")
-    given = [flag for flag, value in (("--json-schema", args.json_schema), ("--regex", args.regex),
-                                      ("--choices", args.choices)) if value]
+    given = [
+        flag
+        for flag, value in (("--json-schema", args.json_schema), ("--regex", args.regex), ("--choices", args.choices))
+        if value
+    ]
     if len(given) > 1:
         raise ValueError(f"use one output constraint at a time, got {' and '.join(given)}")
     if given and args.strategy != "sample":
@@ -111,10 +137,15 @@ def _strategy_options(args):
     """The chosen strategy's options from its flags; a draft or amateur model is added once loaded."""
     if args.strategy in ("beam", "diverse-beam"):
         diverse = args.strategy == "diverse-beam"
-        return BeamOptions(num_beams=args.num_beams, length_penalty=args.length_penalty,
-                           early_stopping=args.early_stopping, num_return_sequences=args.num_return_sequences,
-                           num_beam_groups=args.num_beam_groups if diverse else 1,
-                           diversity_penalty=args.diversity_penalty if diverse else 0.0, do_sample=args.do_sample)
+        return BeamOptions(
+            num_beams=args.num_beams,
+            length_penalty=args.length_penalty,
+            early_stopping=args.early_stopping,
+            num_return_sequences=args.num_return_sequences,
+            num_beam_groups=args.num_beam_groups if diverse else 1,
+            diversity_penalty=args.diversity_penalty if diverse else 0.0,
+            do_sample=args.do_sample,
+        )
     if args.strategy == "contrastive":
         return ContrastiveSearchOptions(penalty_alpha=args.penalty_alpha)
     if args.strategy == "contrastive-decoding":
@@ -126,8 +157,12 @@ def _strategy_options(args):
     watermark = None
     if args.watermark is not None:
         watermark = Watermark(key=args.watermark, gamma=args.watermark_gamma, delta=args.watermark_delta)
-    return SampleOptions(json_schema=Path(args.json_schema).read_text() if args.json_schema else None,
-                         regex=args.regex, choices=args.choices, watermark=watermark)
+    return SampleOptions(
+        json_schema=Path(args.json_schema).read_text() if args.json_schema else None,
+        regex=args.regex,
+        choices=args.choices,
+        watermark=watermark,
+    )
 
 
 def cmd_generate(args) -> int:
@@ -137,34 +172,49 @@ def cmd_generate(args) -> int:
     options = check_strategy(args.strategy, params, _strategy_options(args), len(args.prompt))
     loaded = _load(args)
     if args.strategy == "speculative":
-        options = dataclasses.replace(options, draft=load_packed_model(args.draft, dtype=args.dtype, device=args.device))
+        options = dataclasses.replace(
+            options, draft=load_packed_model(args.draft, dtype=args.dtype, device=args.device)
+        )
     elif args.strategy == "contrastive-decoding":
         amateur = load_packed_model(args.amateur, dtype=args.dtype, device=args.device)
         options = dataclasses.replace(options, amateur=amateur)
     prompts = encode_prompts(loaded.tokenizer, args.prompt, chat=args.chat)
     if args.strategy == "sample":
         return _stream_samples(args, loaded, prompts, params, options)
-    outputs = decode(args.strategy, loaded.model, loaded.tokenizer, prompts, params, options,
-                     eos_token_ids=loaded.eos_token_ids)
+    outputs = decode(
+        args.strategy, loaded.model, loaded.tokenizer, prompts, params, options, eos_token_ids=loaded.eos_token_ids
+    )
     stats = outputs[0].stats
     if stats is not None:
-        console.print(f"[dim]{stats.generated} tokens in {stats.target_forwards} target passes; acceptance rate "
-                      f"{stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target pass[/dim]")
+        console.print(
+            f"[dim]{stats.generated} tokens in {stats.target_forwards} target passes; acceptance rate "
+            f"{stats.acceptance_rate:.2f}, {stats.tokens_per_target_forward:.2f} tokens per target pass[/dim]"
+        )
     for out in outputs:
         if len(outputs) == 1:
             print(out.text)
             continue
         score = {} if out.score is None else {"score": round(out.score, 6)}
-        print(json.dumps({"prompt": args.prompt[out.prompt_index], "completion": out.text, **score,
-                          "finish_reason": out.finish_reason}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "prompt": args.prompt[out.prompt_index],
+                    "completion": out.text,
+                    **score,
+                    "finish_reason": out.finish_reason,
+                },
+                ensure_ascii=False,
+            )
+        )
     return 0
 
 
 def _stream_samples(args, loaded: LoadedModel, prompts, params, options) -> int:
     outputs = [""] * len(prompts)
     reasons = [None] * len(prompts)
-    for event in decode_stream("sample", loaded.model, loaded.tokenizer, prompts, params, options,
-                               eos_token_ids=loaded.eos_token_ids):
+    for event in decode_stream(
+        "sample", loaded.model, loaded.tokenizer, prompts, params, options, eos_token_ids=loaded.eos_token_ids
+    ):
         if len(prompts) == 1:
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -201,8 +251,9 @@ def cmd_chat(args) -> int:
         prompt = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
         sys.stdout.write("assistant> ")
         reply = ""
-        for event in decode_stream("sample", loaded.model, tokenizer, [prompt], params,
-                                   eos_token_ids=loaded.eos_token_ids):
+        for event in decode_stream(
+            "sample", loaded.model, tokenizer, [prompt], params, eos_token_ids=loaded.eos_token_ids
+        ):
             reply += event.text
             sys.stdout.write(event.text)
             sys.stdout.flush()
@@ -218,8 +269,10 @@ def cmd_convert(args) -> int:
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = Tokenizer.from_dir(args.model) if (Path(args.model) / "tokenizer.json").exists() else None
     out = save_model(model, args.out, tokenizer=tokenizer, max_shard_bytes=int(args.max_shard_mb * 2**20))
-    console.print(f"wrote {model.config.family} model ({model.config.num_parameters() / 1e6:.1f}M parameters, "
-                  f"{model.dtype}) to {out}")
+    console.print(
+        f"wrote {model.config.family} model ({model.config.num_parameters() / 1e6:.1f}M parameters, "
+        f"{model.dtype}) to {out}"
+    )
     return 0
 
 
@@ -232,9 +285,19 @@ def cmd_watermark_detect(args) -> int:
     vocab_size = read_config(args.model).vocab_size
     ids = Tokenizer.from_dir(args.model).encode(text, add_special_tokens=False)
     result = detect_watermark(ids, vocab_size, key=args.key, gamma=args.gamma, z_threshold=args.z_threshold)
-    print(json.dumps({"watermarked": result.is_watermarked, "z_score": round(result.z_score, 3),
-                      "p_value": result.p_value, "green": result.num_green, "scored": result.num_scored,
-                      "green_fraction": round(result.green_fraction, 4)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "watermarked": result.is_watermarked,
+                "z_score": round(result.z_score, 3),
+                "p_value": result.p_value,
+                "green": result.num_green,
+                "scored": result.num_scored,
+                "green_fraction": round(result.green_fraction, 4),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -247,71 +310,122 @@ def _early_stopping(value: str):
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge generate`, `chat`, `convert` and `watermark` to the top-level parser."""
-    gen = sub.add_parser("generate", help="complete one or more prompts", description="Generate text from prompts; a "
-                         "single prompt streams to stdout, several print one JSON line each.")
+    gen = sub.add_parser(
+        "generate",
+        help="complete one or more prompts",
+        description="Generate text from prompts; a single prompt streams to stdout, several print one JSON line each.",
+    )
     add_model_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     _add_sampling_flags(gen)
     strategy = gen.add_argument_group("decoding strategy")
-    strategy.add_argument("--strategy", choices=STRATEGIES, default="sample",
-                          help="sample: token by token with the sampling flags (temperature 0 is greedy), streamed; "
-                               "beam / diverse-beam: beam search; speculative: a --draft model proposes tokens the "
-                               "target verifies (same output distribution); prompt-lookup: drafts copied from the "
-                               "prompt")
+    strategy.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="sample",
+        help="sample: token by token with the sampling flags (temperature 0 is greedy), streamed; "
+        "beam / diverse-beam: beam search; speculative: a --draft model proposes tokens the "
+        "target verifies (same output distribution); prompt-lookup: drafts copied from the "
+        "prompt",
+    )
     strategy.add_argument("--num-beams", type=int, default=4, help="beams (beam strategies)")
-    strategy.add_argument("--length-penalty", type=float, default=1.0,
-                          help="beam score = log-prob / length**penalty; > 0 favours longer outputs")
-    strategy.add_argument("--early-stopping", default=False, type=_early_stopping,
-                          help="beam: true (stop at num_beams finished), false (heuristic) or never")
+    strategy.add_argument(
+        "--length-penalty",
+        type=float,
+        default=1.0,
+        help="beam score = log-prob / length**penalty; > 0 favours longer outputs",
+    )
+    strategy.add_argument(
+        "--early-stopping",
+        default=False,
+        type=_early_stopping,
+        help="beam: true (stop at num_beams finished), false (heuristic) or never",
+    )
     strategy.add_argument("--num-return-sequences", type=int, default=1, help="beam hypotheses to print per prompt")
-    strategy.add_argument("--do-sample", action="store_true",
-                          help="beam: beam sampling, drawing candidates through --temperature/--top-k/--top-p")
+    strategy.add_argument(
+        "--do-sample",
+        action="store_true",
+        help="beam: beam sampling, drawing candidates through --temperature/--top-k/--top-p",
+    )
     strategy.add_argument("--num-beam-groups", type=int, default=1, help="diverse-beam: groups of beams")
-    strategy.add_argument("--diversity-penalty", type=float, default=0.5,
-                          help="diverse-beam: Hamming penalty on tokens chosen by earlier groups")
-    strategy.add_argument("--penalty-alpha", type=float, default=0.6,
-                          help="contrastive: weight of the degeneration penalty (0 is greedy); uses --top-k (default 4)")
+    strategy.add_argument(
+        "--diversity-penalty",
+        type=float,
+        default=0.5,
+        help="diverse-beam: Hamming penalty on tokens chosen by earlier groups",
+    )
+    strategy.add_argument(
+        "--penalty-alpha",
+        type=float,
+        default=0.6,
+        help="contrastive: weight of the degeneration penalty (0 is greedy); uses --top-k (default 4)",
+    )
     strategy.add_argument("--amateur", default=None, help="contrastive-decoding: the amateur model directory")
-    strategy.add_argument("--plausibility-alpha", type=float, default=0.1,
-                          help="contrastive-decoding: keep tokens with p_expert >= alpha x the top probability")
+    strategy.add_argument(
+        "--plausibility-alpha",
+        type=float,
+        default=0.1,
+        help="contrastive-decoding: keep tokens with p_expert >= alpha x the top probability",
+    )
     strategy.add_argument("--draft", default=None, help="speculative: draft model directory")
     strategy.add_argument("--num-draft-tokens", type=int, default=4, help="speculative / prompt-lookup: k per round")
-    strategy.add_argument("--draft-confidence", type=float, default=0.0,
-                          help="speculative: stop a round's drafting after a draft token the draft model gives less "
-                               "than this probability (dynamic draft length; 0 always drafts k; speed only)")
+    strategy.add_argument(
+        "--draft-confidence",
+        type=float,
+        default=0.0,
+        help="speculative: stop a round's drafting after a draft token the draft model gives less "
+        "than this probability (dynamic draft length; 0 always drafts k; speed only)",
+    )
     shape = gen.add_argument_group("constrained output (through llguidance; needs a byte-level BPE tokenizer)")
     shape.add_argument("--json-schema", default=None, metavar="FILE", help="output is JSON valid under this schema")
     shape.add_argument("--regex", default=None, help="output matches this regular expression in full")
     shape.add_argument("--choices", nargs="+", default=None, help="output is exactly one of these strings")
     mark = gen.add_argument_group("watermark (Kirchenbauer et al. 2023)")
-    mark.add_argument("--watermark", type=int, default=None, metavar="KEY",
-                      help="bias a keyed green list of tokens; detect later with `genforge watermark detect`")
+    mark.add_argument(
+        "--watermark",
+        type=int,
+        default=None,
+        metavar="KEY",
+        help="bias a keyed green list of tokens; detect later with `genforge watermark detect`",
+    )
     mark.add_argument("--watermark-gamma", type=float, default=0.25, help="fraction of the vocabulary that is green")
     mark.add_argument("--watermark-delta", type=float, default=2.0, help="logit bias added to green tokens")
     gen.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive chat with streamed replies",
-                          description="Chat in the terminal; turns are rendered with the model's chat template.")
+    chat = sub.add_parser(
+        "chat",
+        help="interactive chat with streamed replies",
+        description="Chat in the terminal; turns are rendered with the model's chat template.",
+    )
     add_model_flags(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     _add_sampling_flags(chat)
     chat.set_defaults(func=cmd_chat)
 
-    convert = sub.add_parser("convert", help="load a model and export it as a Hugging Face directory",
-                             description="Round-trip a checkpoint through genforge: change dtype or re-shard.")
+    convert = sub.add_parser(
+        "convert",
+        help="load a model and export it as a Hugging Face directory",
+        description="Round-trip a checkpoint through genforge: change dtype or re-shard.",
+    )
     convert.add_argument("--model", required=True, help="source Hugging Face model directory")
     convert.add_argument("--out", required=True, help="target directory (replaced atomically)")
     convert.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (keep the checkpoint's)")
     convert.add_argument("--max-shard-mb", type=float, default=5120, help="split weights into shards of this size")
     convert.set_defaults(func=cmd_convert)
 
-    watermark = sub.add_parser("watermark", help="detect a green-list watermark in text",
-                               description="Watermark tools (Kirchenbauer et al. 2023).")
+    watermark = sub.add_parser(
+        "watermark",
+        help="detect a green-list watermark in text",
+        description="Watermark tools (Kirchenbauer et al. 2023).",
+    )
     watermark_sub = watermark.add_subparsers(dest="watermark_command", required=True, metavar="WATERMARK_COMMAND")
-    detect = watermark_sub.add_parser("detect", help="z-test for the green-list watermark",
-                                      description="Re-tokenize the text with the model's tokenizer and count green "
-                                                  "tokens; prints the z-score, p-value and verdict as JSON.")
+    detect = watermark_sub.add_parser(
+        "detect",
+        help="z-test for the green-list watermark",
+        description="Re-tokenize the text with the model's tokenizer and count green "
+        "tokens; prints the z-score, p-value and verdict as JSON.",
+    )
     detect.add_argument("--model", required=True, help="the model directory (its tokenizer and vocabulary size)")
     detect.add_argument("--text", default=None, help="text file (default: standard input)")
     detect.add_argument("--key", type=int, required=True, help="the key used with --watermark")

@@ -138,8 +138,9 @@ class GrammarConstraint:
     hand, keep that order: ``[constraint, TopK(k)]``.
     """
 
-    def __init__(self, grammar: str, tokenizer: Any, *, what: str,
-                 eos_token_ids: int | Iterable[int] | None = None) -> None:
+    def __init__(
+        self, grammar: str, tokenizer: Any, *, what: str, eos_token_ids: int | Iterable[int] | None = None
+    ) -> None:
         self.eos_token_ids = _eos_ids(tokenizer, eos_token_ids)
         n_tokens = _backend_of(tokenizer).get_vocab_size(with_added_tokens=True)
         bad_eos = [i for i in self.eos_token_ids if i >= n_tokens]
@@ -248,16 +249,22 @@ class JsonSchemaConstraint(GrammarConstraint):
     ValueError here rather than generate unchecked output.
     """
 
-    def __init__(self, schema: Mapping[str, Any] | str | bool, tokenizer: Any, *,
-                 eos_token_ids: int | Iterable[int] | None = None) -> None:
+    def __init__(
+        self,
+        schema: Mapping[str, Any] | str | bool,
+        tokenizer: Any,
+        *,
+        eos_token_ids: int | Iterable[int] | None = None,
+    ) -> None:
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
             except json.JSONDecodeError as err:
                 raise ValueError(f"schema is a string but not JSON text: {err}") from err
         if not isinstance(schema, (Mapping, bool)):
-            raise ValueError(f"schema must be a JSON Schema object (dict), its JSON text, or a bool; got "
-                             f"{type(schema).__name__}")
+            raise ValueError(
+                f"schema must be a JSON Schema object (dict), its JSON text, or a bool; got {type(schema).__name__}"
+            )
         self.schema = schema
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
@@ -265,8 +272,9 @@ class JsonSchemaConstraint(GrammarConstraint):
             )
         except (ValueError, TypeError) as err:
             raise ValueError(f"schema cannot be compiled: {err}") from err
-        super().__init__(grammar, tokenizer, what=f"JSON schema {_short(json.dumps(schema))}",
-                         eos_token_ids=eos_token_ids)
+        super().__init__(
+            grammar, tokenizer, what=f"JSON schema {_short(json.dumps(schema))}", eos_token_ids=eos_token_ids
+        )
 
 
 class RegexConstraint(GrammarConstraint):
@@ -277,32 +285,42 @@ class RegexConstraint(GrammarConstraint):
     is anchored at both ends, as ``re.fullmatch``.
     """
 
-    def __init__(self, pattern: str, tokenizer: Any, *,
-                 eos_token_ids: int | Iterable[int] | None = None) -> None:
+    def __init__(self, pattern: str, tokenizer: Any, *, eos_token_ids: int | Iterable[int] | None = None) -> None:
         if not isinstance(pattern, str):
             raise ValueError(f"pattern must be a regular expression string, got {type(pattern).__name__}")
         self.pattern = pattern
-        super().__init__(llguidance.LLMatcher.grammar_from_regex(pattern), tokenizer,
-                         what=f"regex {_short(pattern)}", eos_token_ids=eos_token_ids)
+        super().__init__(
+            llguidance.LLMatcher.grammar_from_regex(pattern),
+            tokenizer,
+            what=f"regex {_short(pattern)}",
+            eos_token_ids=eos_token_ids,
+        )
 
 
 class ChoiceConstraint(GrammarConstraint):
     """Constrain the output to exactly one of ``choices`` (non-empty strings; duplicates ignored)."""
 
-    def __init__(self, choices: Sequence[str], tokenizer: Any, *,
-                 eos_token_ids: int | Iterable[int] | None = None) -> None:
+    def __init__(
+        self, choices: Sequence[str], tokenizer: Any, *, eos_token_ids: int | Iterable[int] | None = None
+    ) -> None:
         if isinstance(choices, str) or not isinstance(choices, Iterable):
             raise ValueError(f"choices must be a list of strings, got {type(choices).__name__}")
         choices = list(dict.fromkeys(choices))
         bad = [c for c in choices if not isinstance(c, str) or not c]
         if not choices or bad:
-            raise ValueError(f"choices must be a non-empty list of non-empty strings; got {choices!r}"
-                             + (f" (bad: {bad[:5]!r})" if bad else ""))
+            raise ValueError(
+                f"choices must be a non-empty list of non-empty strings; got {choices!r}"
+                + (f" (bad: {bad[:5]!r})" if bad else "")
+            )
         self.choices = tuple(choices)
         # A Lark alternation of string literals; JSON string syntax is Lark's literal syntax.
         alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
-        super().__init__(llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}"), tokenizer,
-                         what=f"choice of {len(choices)} strings", eos_token_ids=eos_token_ids)
+        super().__init__(
+            llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}"),
+            tokenizer,
+            what=f"choice of {len(choices)} strings",
+            eos_token_ids=eos_token_ids,
+        )
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -314,8 +314,10 @@ def run_contrastive_decoding(
     expert's logits, then `processors`. Stop strings are not detected."""
     amateur, alpha, amateur_temperature = options.amateur, options.alpha, options.amateur_temperature
     if amateur is None:
-        raise DecodeRequestError("contrastive decoding needs an amateur model: a weaker model with the expert's "
-                                 "vocabulary, as ContrastiveDecodingOptions(amateur=...)")
+        raise DecodeRequestError(
+            "contrastive decoding needs an amateur model: a weaker model with the expert's "
+            "vocabulary, as ContrastiveDecodingOptions(amateur=...)"
+        )
     if expert.config.vocab_size != amateur.config.vocab_size:
         raise DecodeRequestError(
             f"the expert's vocabulary has {expert.config.vocab_size} tokens but the amateur's has "

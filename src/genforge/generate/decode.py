@@ -125,7 +125,9 @@ def check_strategy(strategy: str, params: SamplingParams, options=None, num_prom
     if strategy == "beam" and options.num_beam_groups > 1:
         raise DecodeRequestError("num_beam_groups > 1 is diverse beam search: use strategy 'diverse-beam'")
     if strategy == "diverse-beam" and options.num_beam_groups == 1:
-        raise DecodeRequestError("strategy 'diverse-beam' needs BeamOptions(num_beam_groups > 1, diversity_penalty > 0)")
+        raise DecodeRequestError(
+            "strategy 'diverse-beam' needs BeamOptions(num_beam_groups > 1, diversity_penalty > 0)"
+        )
     if params.stop and strategy in _NO_STOP_STRINGS:
         raise DecodeRequestError(f"stop strings are not supported by strategy {strategy!r}; use stop_token_ids")
     if strategy in _ONE_PROMPT and num_prompts != 1:
@@ -141,8 +143,9 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool = False) -> li
     if chat:
         if getattr(tokenizer, "chat_template", None) is None:
             raise DecodeRequestError("the tokenizer has no chat template; encode the prompts without chat")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)
-                 for t in texts]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts
+        ]
     return [tokenizer.encode(t, add_special_tokens=not chat) for t in texts]
 
 
@@ -172,19 +175,25 @@ def decode(
     Returns the outputs in prompt order (beam search: `num_return_sequences` per prompt, best
     first).
     """
-    request, options, extra = _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids,
-                                       generation_config)
+    request, options, extra = _prepare(
+        strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config
+    )
     if strategy == "sample":
-        done = [(i, c.token_ids, c.text, c.finish_reason, {})
-                for i, c in enumerate(generate(model, request, extra_processors=extra))]
+        done = [
+            (i, c.token_ids, c.text, c.finish_reason, {})
+            for i, c in enumerate(generate(model, request, extra_processors=extra))
+        ]
     elif strategy in ("beam", "diverse-beam"):
         # Beam search ranks whole sequences; temperature and the truncation filters shape it
         # only when beam sampling draws the candidates (as in transformers).
         sampled = options.do_sample and not request.params.greedy
         generator = make_generator(request.params.seed, model.device) if sampled else None
         beams = run_beam_search(model, request, dataclasses.replace(options, do_sample=sampled), generator=generator)
-        done = [(i, h.token_ids, h.text, h.finish_reason, {"score": h.score})
-                for i, hypotheses in enumerate(beams) for h in hypotheses]
+        done = [
+            (i, h.token_ids, h.text, h.finish_reason, {"score": h.score})
+            for i, hypotheses in enumerate(beams)
+            for h in hypotheses
+        ]
     elif strategy in ("contrastive", "contrastive-decoding"):
         run = run_contrastive_search if strategy == "contrastive" else run_contrastive_decoding
         done = [(i, c.token_ids, c.text, c.finish_reason, {}) for i, c in enumerate(run(model, request, options))]
@@ -215,8 +224,7 @@ def decode_stream(
     token; the request is checked here, before the first event is asked for."""
     if strategy != "sample":
         raise DecodeRequestError(f"only strategy 'sample' streams tokens; decode() returns {strategy!r}'s outputs")
-    request, _, extra = _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids,
-                                 generation_config)
+    request, _, extra = _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config)
     return stream(model, request, extra_processors=extra)
 
 
@@ -229,8 +237,15 @@ def _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids
         prompts = encode_prompts(tokenizer, prompts)
     prompts = as_prompt_lists(prompts)
     options = check_strategy(strategy, params, options, len(prompts))
-    request = DecodeRequest.resolve(model, prompts, params, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
-                                    generation_config=generation_config, role=_ROLES.get(strategy, "model"))
+    request = DecodeRequest.resolve(
+        model,
+        prompts,
+        params,
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids,
+        generation_config=generation_config,
+        role=_ROLES.get(strategy, "model"),
+    )
     extra: list[LogitsProcessor] = []
     if strategy == "sample":
         if options.constrained and tokenizer is None:

@@ -91,8 +91,9 @@ def stream(
             out = model(step_input, attention_mask=mask[:, :length] if padded else None, cache=cache, logits_to_keep=1)
             logits = out.logits[:, -1].float()
             if processors:
-                context = DecodeContext(input_ids=tokens[:, :length], prompt_length=longest,
-                                        attention_mask=mask[:, :length])
+                context = DecodeContext(
+                    input_ids=tokens[:, :length], prompt_length=longest, attention_mask=mask[:, :length]
+                )
                 logits = apply_processors(logits, context, processors)
             next_tokens = sample_next_token(logits, params, generator)
             tokens[:, length] = next_tokens
@@ -148,13 +149,19 @@ def generate(
 def _request(model, prompts, params, tokenizer, eos_token_ids) -> DecodeRequest:
     """`prompts` when it is already a request; else the request the arguments make."""
     if not isinstance(prompts, DecodeRequest):
-        return DecodeRequest.resolve(model, prompts, params or SamplingParams(), tokenizer=tokenizer,
-                                     eos_token_ids=eos_token_ids)
-    given = [name for name, value in (("params", params), ("tokenizer", tokenizer), ("eos_token_ids", eos_token_ids))
-             if value is not None]
+        return DecodeRequest.resolve(
+            model, prompts, params or SamplingParams(), tokenizer=tokenizer, eos_token_ids=eos_token_ids
+        )
+    given = [
+        name
+        for name, value in (("params", params), ("tokenizer", tokenizer), ("eos_token_ids", eos_token_ids))
+        if value is not None
+    ]
     if given:
-        raise DecodeRequestError(f"{' and '.join(given)} given with a resolved DecodeRequest, which holds them "
-                                 "already; give them to DecodeRequest.resolve")
+        raise DecodeRequestError(
+            f"{' and '.join(given)} given with a resolved DecodeRequest, which holds them "
+            "already; give them to DecodeRequest.resolve"
+        )
     return prompts
 
 

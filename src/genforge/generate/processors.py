@@ -84,9 +84,7 @@ def _rows(value: Any, logits: torch.Tensor, name: str) -> Any:
     if not isinstance(value, torch.Tensor):
         return value
     if value.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"{name} has {value.shape[0]} per-row values but the logits have {logits.shape[0]} rows"
-        )
+        raise ValueError(f"{name} has {value.shape[0]} per-row values but the logits have {logits.shape[0]} rows")
     dtype = logits.dtype if value.is_floating_point() else value.dtype
     return value.to(device=logits.device, dtype=dtype).unsqueeze(1)
 
@@ -346,9 +344,7 @@ class TypicalP:
 
     def __post_init__(self) -> None:
         m = _check_min_tokens_to_keep(self.min_tokens_to_keep)
-        p = check_knob(
-            "typical_p", self.typical_p, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 disables typical-p)"
-        )
+        p = check_knob("typical_p", self.typical_p, lambda v: (v > 0) & (v <= 1), "in (0, 1] (1 disables typical-p)")
         object.__setattr__(self, "min_tokens_to_keep", m)
         object.__setattr__(self, "typical_p", p)
 
@@ -541,9 +537,7 @@ class LogitBias:
         if self._max_id >= vocab_size:
             rows = [self.bias] if isinstance(self.bias, dict) else self.bias
             bad = sorted({t for row in rows for t in row if t >= vocab_size})
-            raise ValueError(
-                f"logit_bias has token ids outside the vocabulary of size {vocab_size}: {bad[:10]}"
-            )
+            raise ValueError(f"logit_bias has token ids outside the vocabulary of size {vocab_size}: {bad[:10]}")
 
     def _dense(self, logits: torch.Tensor) -> torch.Tensor:
         batch, vocab = logits.shape
@@ -705,8 +699,14 @@ class _Stage:
 # The order of transformers 5.23's `_get_logits_processor`, with the OpenAI penalties next to
 # the repetition penalty. `before_sampling` processors go in before the first warper.
 _STAGES = (
-    _Stage(LogitBias, ("logit_bias",), ({},), (_listed,), vocab_sized=True,
-           read=lambda params, eos: (params.logit_bias or {},)),
+    _Stage(
+        LogitBias,
+        ("logit_bias",),
+        ({},),
+        (_listed,),
+        vocab_sized=True,
+        read=lambda params, eos: (params.logit_bias or {},),
+    ),
     _Stage(RepetitionPenalty, ("repetition_penalty",), (1.0,), (_floats,)),
     _Stage(PresenceFrequencyPenalty, ("presence_penalty", "frequency_penalty"), (0.0, 0.0), (_floats, _floats)),
     _Stage(NoRepeatNGram, ("no_repeat_ngram_size",), (0,), (_ints,)),
@@ -793,9 +793,7 @@ def build_batch_processors(
     return processors
 
 
-def apply_processors(
-    logits: torch.Tensor, ctx: DecodeContext, processors: Sequence[LogitsProcessor]
-) -> torch.Tensor:
+def apply_processors(logits: torch.Tensor, ctx: DecodeContext, processors: Sequence[LogitsProcessor]) -> torch.Tensor:
     """Run ``processors`` left to right; the input ``logits`` are never modified."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
         got = f"{logits.dtype} {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__

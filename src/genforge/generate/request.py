@@ -163,13 +163,21 @@ class DecodeRequest:
                 raise ContextLengthError(
                     f"the prompt of {longest} tokens fills the {role}'s context of {context} tokens; leave room "
                     "for at least one new token",
-                    prompt_tokens=longest, max_new_tokens=0, context_length=context,
+                    prompt_tokens=longest,
+                    max_new_tokens=0,
+                    context_length=context,
                 )
         request = cls(
-            prompts=prompts, params=params, eos_token_ids=tuple(sorted(eos)), max_new_tokens=new_tokens,
-            context_length=context, vocab_size=vocab,
+            prompts=prompts,
+            params=params,
+            eos_token_ids=tuple(sorted(eos)),
+            max_new_tokens=new_tokens,
+            context_length=context,
+            vocab_size=vocab,
             vocab_limit=min(tokenizer.vocab_size, vocab) if tokenizer is not None else vocab,
-            tokenizer=tokenizer, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            tokenizer=tokenizer,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         request._check_fits(context, role)
         return request
@@ -184,7 +192,9 @@ class DecodeRequest:
             raise ContextLengthError(
                 f"prompt of {self.longest_prompt} tokens + max_new_tokens {self.max_new_tokens} = {self.capacity} "
                 f"exceeds the {role}'s context of {context} tokens; shorten the prompt or lower max_new_tokens",
-                prompt_tokens=self.longest_prompt, max_new_tokens=self.max_new_tokens, context_length=context,
+                prompt_tokens=self.longest_prompt,
+                max_new_tokens=self.max_new_tokens,
+                context_length=context,
             )
 
     @property
@@ -196,7 +206,9 @@ class DecodeRequest:
         """Tokens the longest row can reach: the size of its KV cache."""
         return self.longest_prompt + self.max_new_tokens
 
-    def logits_processors(self, extra: Sequence[LogitsProcessor] = (), *, sampling: bool = True) -> list[LogitsProcessor]:
+    def logits_processors(
+        self, extra: Sequence[LogitsProcessor] = (), *, sampling: bool = True
+    ) -> list[LogitsProcessor]:
         """The request's processors: the vocabulary limit (where the tokenizer is narrower than
         the model), then `build_processors(params)` with `extra` (constraints, watermarks)
         before the warpers. `sampling=False` leaves out temperature and the truncation filters,
@@ -220,8 +232,9 @@ def batch_logits_processors(
     first = requests[0]
     if any((r.vocab_size, r.vocab_limit) != (first.vocab_size, first.vocab_limit) for r in requests):
         raise DecodeRequestError("the requests of one batch must be resolved for one model and tokenizer")
-    processors = build_batch_processors([r.params for r in requests], [r.eos_token_ids for r in requests],
-                                        vocab_size=first.vocab_size, device=device)
+    processors = build_batch_processors(
+        [r.params for r in requests], [r.eos_token_ids for r in requests], vocab_size=first.vocab_size, device=device
+    )
     if first.vocab_limit < first.vocab_size:
         processors.insert(0, VocabularyLimit(first.vocab_limit))
     return processors

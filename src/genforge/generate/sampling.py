@@ -82,7 +82,9 @@ class SamplingParams:
             self.logit_bias = normalise_bias(self.logit_bias, "logit_bias")
         self.min_new_tokens = c("min_new_tokens", self.min_new_tokens, lambda v: v >= 0, ">= 0", integer=True)
         if self.max_new_tokens is not None:
-            self.max_new_tokens = c("max_new_tokens", self.max_new_tokens, lambda v: v >= 1, ">= 1 or None", integer=True)
+            self.max_new_tokens = c(
+                "max_new_tokens", self.max_new_tokens, lambda v: v >= 1, ">= 1 or None", integer=True
+            )
             if self.min_new_tokens > self.max_new_tokens:
                 raise ValueError(
                     f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})"
@@ -106,8 +108,9 @@ class SamplingParams:
         """The `given` parameters, where a sampling knob left out (or None) takes the
         checkpoint's generation_config.json value; ``do_sample: false`` there means greedy
         unless a temperature is given. Without either, the defaults above (plain sampling)."""
-        chosen = {name: generation_config[name] for name in _FROM_GENERATION_CONFIG
-                  if generation_config.get(name) is not None}
+        chosen = {
+            name: generation_config[name] for name in _FROM_GENERATION_CONFIG if generation_config.get(name) is not None
+        }
         if generation_config.get("do_sample") is False:
             chosen["temperature"] = 0.0
         chosen.update({name: value for name, value in given.items() if value is not None})
@@ -115,8 +118,15 @@ class SamplingParams:
 
 
 # The sampling knobs a checkpoint's generation_config.json may set (transformers' names).
-_FROM_GENERATION_CONFIG = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-                           "no_repeat_ngram_size")
+_FROM_GENERATION_CONFIG = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
@@ -145,9 +155,7 @@ def _temperatures(spec: Any, batch: int) -> float | list[float]:
         if len(temps) != batch or not all(is_real(t) and t >= 0 for t in temps):
             raise ValueError(f"per-row temperatures must be {batch} numbers >= 0, got {list(spec)!r}")
         return [float(t) for t in temps]
-    raise ValueError(
-        f"expected SamplingParams, a temperature, or one temperature per row; got {type(spec).__name__}"
-    )
+    raise ValueError(f"expected SamplingParams, a temperature, or one temperature per row; got {type(spec).__name__}")
 
 
 def sample_next_token(
@@ -208,7 +216,6 @@ class TokenLogprobs(NamedTuple):
     top_token_ids: torch.Tensor
 
 
-
 def greedy_next_token(logits: torch.Tensor) -> torch.Tensor:
     """The first argmax of each (batch, vocab) row: `sample_next_token` at temperature 0.
 
@@ -227,14 +234,17 @@ def _reject_unsamplable(logits: torch.Tensor) -> None:
     """Raise ValueError, naming the rows, if a row has a NaN or every token at -inf."""
     broken = logits.isnan().any(dim=-1)
     if bool(broken.any()):
-        raise ValueError(f"rows {broken.nonzero().flatten().tolist()[:10]} have NaN logits; the sampling parameters "
-                         "push the logits out of the float range")
+        raise ValueError(
+            f"rows {broken.nonzero().flatten().tolist()[:10]} have NaN logits; the sampling parameters "
+            "push the logits out of the float range"
+        )
     dead = ~(logits > _NEG_INF).any(dim=-1)
     if bool(dead.any()):
         raise ValueError(
             f"rows {dead.nonzero().flatten().tolist()[:10]} have every token masked to -inf; "
             "the bans, biases and filters leave nothing to choose"
         )
+
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0) -> TokenLogprobs:
     """``log_softmax(logits)`` at the chosen ``tokens`` plus the ``top_n`` most likely tokens.

@@ -181,8 +181,9 @@ def self_consistency(
     else:
         raise ValueError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
 
-    request = DecodeRequest.resolve(model, [prompt_ids] * min(batch_size, n), params, tokenizer=tokenizer,
-                                    eos_token_ids=eos_token_ids)
+    request = DecodeRequest.resolve(
+        model, [prompt_ids] * min(batch_size, n), params, tokenizer=tokenizer, eos_token_ids=eos_token_ids
+    )
     completions: list[Completion] = []
     for batch_index, start in enumerate(range(0, n, batch_size)):
         # Every batch repeats the one prompt, so the checked request holds for each: only
@@ -204,9 +205,7 @@ def _answer_reader(extract_answer) -> Extractor:
         try:
             pattern = re.compile(extract_answer)
         except re.error as err:
-            raise ValueError(
-                f"extract_answer is not a valid regular expression ({err}): {extract_answer!r}"
-            ) from None
+            raise ValueError(f"extract_answer is not a valid regular expression ({err}): {extract_answer!r}") from None
 
         def read(text: str) -> str | None:
             matches = list(pattern.finditer(text))

@@ -129,7 +129,8 @@ class _TokenRule:
         first = len(drafts) + 1 - logits.shape[0]
         rows = [
             apply_processors(
-                logits[i : i + 1], DecodeContext(torch.cat((tokens, proposal[: first + i]))[None], self.prompt_length),
+                logits[i : i + 1],
+                DecodeContext(torch.cat((tokens, proposal[: first + i]))[None], self.prompt_length),
                 self.processors,
             )
             for i in range(logits.shape[0])
@@ -183,7 +184,9 @@ class _DraftModel:
             processed = rule.process(logits, tokens, drafts)
             if rule.greedy:
                 token = int(processed[0].argmax())
-                confidence = float(torch.exp(processed[0, token] - processed[0].logsumexp(-1))) if self.min_confidence else 1.0
+                confidence = (
+                    float(torch.exp(processed[0, token] - processed[0].logsumexp(-1))) if self.min_confidence else 1.0
+                )
             else:
                 q = rule.probabilities(processed)[0]
                 token = rule.draw(q)
@@ -302,8 +305,14 @@ def speculative_generate(
     transformers' `assistant_confidence_threshold`. 0 always drafts `num_draft_tokens`. It
     changes only the speed, never the output distribution."""
     options = SpeculativeOptions(draft, num_draft_tokens, draft_confidence)
-    request = DecodeRequest.resolve(target, prompt_ids, params or SamplingParams(), tokenizer=tokenizer,
-                                    eos_token_ids=eos_token_ids, role="target model")
+    request = DecodeRequest.resolve(
+        target,
+        prompt_ids,
+        params or SamplingParams(),
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids,
+        role="target model",
+    )
     return run_speculative(target, request, options)
 
 
@@ -323,8 +332,14 @@ def prompt_lookup_generate(
     Same output distribution as `generator.generate(target, ...)` (identical tokens for
     temperature 0). Stop strings and `text` need `tokenizer`."""
     options = PromptLookupOptions(num_draft_tokens, max_ngram_size, min_ngram_size)
-    request = DecodeRequest.resolve(target, prompt_ids, params or SamplingParams(), tokenizer=tokenizer,
-                                    eos_token_ids=eos_token_ids, role="target model")
+    request = DecodeRequest.resolve(
+        target,
+        prompt_ids,
+        params or SamplingParams(),
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids,
+        role="target model",
+    )
     return run_prompt_lookup(target, request, options)
 
 
@@ -332,8 +347,10 @@ def run_speculative(target: Transformer, request: DecodeRequest, options: Specul
     """`speculative_generate` on a resolved request of one prompt."""
     draft = options.draft
     if draft is None:
-        raise DecodeRequestError("speculative decoding needs a draft model: a smaller model with the target's "
-                                 "vocabulary, as SpeculativeOptions(draft=...)")
+        raise DecodeRequestError(
+            "speculative decoding needs a draft model: a smaller model with the target's "
+            "vocabulary, as SpeculativeOptions(draft=...)"
+        )
     if draft.config.vocab_size != target.config.vocab_size:
         raise DecodeRequestError(
             f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
@@ -349,7 +366,9 @@ def run_speculative(target: Transformer, request: DecodeRequest, options: Specul
     return _speculate(target, proposer, request, prompt, options.num_draft_tokens, stats)
 
 
-def run_prompt_lookup(target: Transformer, request: DecodeRequest, options: PromptLookupOptions) -> SpeculativeCompletion:
+def run_prompt_lookup(
+    target: Transformer, request: DecodeRequest, options: PromptLookupOptions
+) -> SpeculativeCompletion:
     """`prompt_lookup_generate` on a resolved request of one prompt."""
     prompt = _only_prompt(request)
     stats = SpeculativeStats()
@@ -450,5 +469,7 @@ def _validate_num_draft_tokens(value) -> None:
 
 def _only_prompt(request: DecodeRequest) -> list[int]:
     if len(request.prompts) != 1:
-        raise DecodeRequestError(f"speculative decoding takes one prompt at a time, got a batch of {len(request.prompts)}")
+        raise DecodeRequestError(
+            f"speculative decoding takes one prompt at a time, got a batch of {len(request.prompts)}"
+        )
     return request.prompts[0]

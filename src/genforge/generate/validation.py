@@ -57,9 +57,7 @@ def check_knob(
         bad = ~ok(value)
         if bool(bad.any()):
             rows = bad.nonzero().flatten()[:5].tolist()
-            raise ValueError(
-                f"{name} must be {requirement}; rows {rows} have {value[bad][:5].tolist()}.{suffix}"
-            )
+            raise ValueError(f"{name} must be {requirement}; rows {rows} have {value[bad][:5].tolist()}.{suffix}")
         return value
     if integer:
         if not is_int(value):
@@ -74,7 +72,6 @@ def check_knob(
     return value
 
 
-
 def normalise_bias(bias: Any, where: str) -> dict[int, float]:
     if not isinstance(bias, Mapping):
         raise ValueError(f"{where} must be a mapping token_id -> bias, got {type(bias).__name__}")
@@ -86,12 +83,9 @@ def normalise_bias(bias: Any, where: str) -> dict[int, float]:
         if not is_int(key) or key < 0:
             raise ValueError(f"{where} keys must be token ids (integers >= 0), got {key!r}")
         if not is_real(value) or math.isnan(value) or value == math.inf:
-            raise ValueError(
-                f"{where}[{key}] must be a finite number, or -inf to ban the token; got {value!r}"
-            )
+            raise ValueError(f"{where}[{key}] must be a finite number, or -inf to ban the token; got {value!r}")
         out[int(key)] = float(value)
     return out
-
 
 
 def normalise_token_ids(ids: Any, name: str) -> tuple[int, ...]:

@@ -51,11 +51,129 @@ If the passages do not contain the answer, reply exactly: NOT COVERED
 Question: {question}
 Answer:"""
 
-_STOP = frozenset(["a", "an", "the", "and", "or", "but", "if", "of", "to", "in", "on", "at", "by", "for", "with", "from", "as", "is", "are", "was", "were", "be", "been", "being", "it", "its", "this", "that", "these", "those", "there", "here", "what", "which", "who", "whom", "whose", "when", "where", "why", "how", "do", "does", "did", "can", "could", "should", "would", "will", "shall", "may", "might", "must", "not", "no", "yes", "i", "you", "he", "she", "we", "they", "them", "their", "our", "your", "my", "me", "his", "her", "than", "then", "so", "such", "also", "very", "into", "out", "over", "under", "about", "above", "below", "between", "through", "during", "before", "after", "again", "further", "once", "all", "any", "both", "each", "few", "more", "most", "other", "some", "same", "only", "own", "too", "just", "s", "t", "don", "now", "q", "a", "answer", "question"])
+_STOP = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "but",
+        "if",
+        "of",
+        "to",
+        "in",
+        "on",
+        "at",
+        "by",
+        "for",
+        "with",
+        "from",
+        "as",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "it",
+        "its",
+        "this",
+        "that",
+        "these",
+        "those",
+        "there",
+        "here",
+        "what",
+        "which",
+        "who",
+        "whom",
+        "whose",
+        "when",
+        "where",
+        "why",
+        "how",
+        "do",
+        "does",
+        "did",
+        "can",
+        "could",
+        "should",
+        "would",
+        "will",
+        "shall",
+        "may",
+        "might",
+        "must",
+        "not",
+        "no",
+        "yes",
+        "i",
+        "you",
+        "he",
+        "she",
+        "we",
+        "they",
+        "them",
+        "their",
+        "our",
+        "your",
+        "my",
+        "me",
+        "his",
+        "her",
+        "than",
+        "then",
+        "so",
+        "such",
+        "also",
+        "very",
+        "into",
+        "out",
+        "over",
+        "under",
+        "about",
+        "above",
+        "below",
+        "between",
+        "through",
+        "during",
+        "before",
+        "after",
+        "again",
+        "further",
+        "once",
+        "all",
+        "any",
+        "both",
+        "each",
+        "few",
+        "more",
+        "most",
+        "other",
+        "some",
+        "same",
+        "only",
+        "own",
+        "too",
+        "just",
+        "s",
+        "t",
+        "don",
+        "now",
+        "q",
+        "a",
+        "answer",
+        "question",
+    ]
+)
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 _CITE = re.compile(r"\[(\d+(?:\s*[,;]\s*\d+)*)\]")
 # Labels and list markers that open a unit of a chunk but are no part of what it says.
-_LEAD = re.compile(r"(?:\s|\d+[.)](?=\s|$)|[-*•>#]+(?=\s)|\*\*(?:Q|A|Question|Answer)\s*:?\*\*:?|(?:Q|A|Question|Answer)\s*:)+")
+_LEAD = re.compile(
+    r"(?:\s|\d+[.)](?=\s|$)|[-*•>#]+(?=\s)|\*\*(?:Q|A|Question|Answer)\s*:?\*\*:?|(?:Q|A|Question|Answer)\s*:)+"
+)
 # Abbreviations after which a full stop does not end a sentence.
 _ABBREVIATION = re.compile(r"(?:\bet al|\be\.g|\bi\.e|\bvs|\bcf|\bFig|\bEq|\bSec)\.[\"')\]]*$")
 
@@ -81,7 +199,9 @@ class Citation:
         return cls(number, chunk.chunk_id, chunk.source, chunk.start, chunk.end, chunk.title, list(chunk.heading_path))
 
     def label(self) -> str:
-        heading = " > ".join(self.heading_path + ([self.title] if self.title and self.title not in self.heading_path else []))
+        heading = " > ".join(
+            self.heading_path + ([self.title] if self.title and self.title not in self.heading_path else [])
+        )
         return f"[{self.number}] {self.source}:{self.start}-{self.end}" + (f" — {heading}" if heading else "")
 
 
@@ -128,9 +248,16 @@ class Answer:
         return self.text + "\n\nSources:\n" + "\n".join(c.label() for c in self.citations)
 
     def to_dict(self) -> dict:
-        return {"question": self.question, "query": self.query, "answer": self.text, "covered": self.covered,
-                "confidence": self.confidence, "mode": self.mode,
-                "sentences": [asdict(s) for s in self.sentences], "citations": [asdict(c) for c in self.citations]}
+        return {
+            "question": self.question,
+            "query": self.query,
+            "answer": self.text,
+            "covered": self.covered,
+            "confidence": self.confidence,
+            "mode": self.mode,
+            "sentences": [asdict(s) for s in self.sentences],
+            "citations": [asdict(c) for c in self.citations],
+        }
 
 
 _LIST_LINE = re.compile(r"[ \t]*(?:[-*•>|#]|\d+[.)]\s|(?:Q|A|Question|Answer)\s*:|\*\*)")
@@ -155,7 +282,11 @@ def chunk_units(chunk: Chunk) -> list[tuple[int, int]]:
         cuts, pos = [s], s
         for line in text[s:e].split("\n")[:-1]:
             pos += len(line) + 1
-            if _LIST_LINE.match(text, pos) or line.rstrip().endswith(("?", ":")) or line.lstrip().startswith(("#", "|")):
+            if (
+                _LIST_LINE.match(text, pos)
+                or line.rstrip().endswith(("?", ":"))
+                or line.lstrip().startswith(("#", "|"))
+            ):
                 cuts.append(pos)
         cuts.append(e)
         for us, ue in zip(cuts, cuts[1:]):
@@ -208,8 +339,15 @@ class SupportChecker:
         known = [n for n in cited if n in passages]
         per = {n: self.score(text, passages[n]) for n in known}
         best = max(per.values(), default=0.0)
-        problem = ("no citation" if not cited else "cites an unknown passage" if len(known) < len(cited)
-                   else "low support" if best < self.threshold else "")
+        problem = (
+            "no citation"
+            if not cited
+            else "cites an unknown passage"
+            if len(known) < len(cited)
+            else "low support"
+            if best < self.threshold
+            else ""
+        )
         return AnswerSentence(text, list(cited), best, not problem, per, problem, span)
 
 
@@ -229,7 +367,9 @@ class AnswerConfig:
         if self.mode not in ANSWER_MODES:
             raise ValueError(f"answer mode {self.mode!r} is not supported; accepted: {', '.join(ANSWER_MODES)}")
         if self.k <= 0 or self.max_sentences <= 0:
-            raise ValueError(f"k and max_sentences must be positive, got k={self.k}, max_sentences={self.max_sentences}")
+            raise ValueError(
+                f"k and max_sentences must be positive, got k={self.k}, max_sentences={self.max_sentences}"
+            )
         if not 0.0 <= self.mmr_lambda <= 1.0:
             raise ValueError(f"mmr_lambda must be in [0, 1], got {self.mmr_lambda}")
 
@@ -237,17 +377,26 @@ class AnswerConfig:
 class Answerer:
     """Retrieves, checks confidence, answers (extractive or generative) and checks support."""
 
-    def __init__(self, retriever: Retriever, generator=None, config: AnswerConfig | None = None,
-                 checker: SupportChecker | None = None) -> None:
+    def __init__(
+        self,
+        retriever: Retriever,
+        generator=None,
+        config: AnswerConfig | None = None,
+        checker: SupportChecker | None = None,
+    ) -> None:
         self.retriever, self.generator = retriever, generator
         self.config = config or AnswerConfig()
         if self.config.mode == "generative" and generator is None:
-            raise ValueError("generative answers need a generator (a genforge model directory or an OpenAI-compatible "
-                             "endpoint); use mode='extractive' to answer without one")
+            raise ValueError(
+                "generative answers need a generator (a genforge model directory or an OpenAI-compatible "
+                "endpoint); use mode='extractive' to answer without one"
+            )
         self.checker = checker or SupportChecker(retriever.embedder, self.config.support_threshold)
 
     def _answer(self, question, sentences, citations, covered, confidence, query) -> Answer:
-        return Answer(question, sentences, citations, covered, confidence, self.config.mode, query, self.checker.threshold)
+        return Answer(
+            question, sentences, citations, covered, confidence, self.config.mode, query, self.checker.threshold
+        )
 
     def ask(self, question: str, query: str | None = None) -> Answer:
         """Answer `question`, retrieving with `query` (a rewritten follow-up) when given."""

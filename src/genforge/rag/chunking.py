@@ -32,8 +32,11 @@ EMBEDDING_TEXT_VERSION = 2
 
 # Layout that is not content: an item number or Markdown heading marks at the start of a line,
 # question/answer labels, bold/italic markers.
-_LAYOUT_LABEL = re.compile(r"^[ \t]*(?:#{1,6}[ \t]+)?(?:\d+[.)][ \t]*)?(?:\*\*)?(?:Q|Question|A|Answer)(?:\*\*)?[ \t]*:(?:\*\*)?"
-                           r"|^[ \t]*#{1,6}[ \t]+(?:\d+[.)][ \t]+)?|^[ \t]*\d+[.)][ \t]+(?=\S)|\*\*|__", re.M)
+_LAYOUT_LABEL = re.compile(
+    r"^[ \t]*(?:#{1,6}[ \t]+)?(?:\d+[.)][ \t]*)?(?:\*\*)?(?:Q|Question|A|Answer)(?:\*\*)?[ \t]*:(?:\*\*)?"
+    r"|^[ \t]*#{1,6}[ \t]+(?:\d+[.)][ \t]+)?|^[ \t]*\d+[.)][ \t]+(?=\S)|\*\*|__",
+    re.M,
+)
 
 
 @dataclass
@@ -76,8 +79,15 @@ class Chunk:
         return "\n".join(context + [body]) if context else body
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "source": self.source, "start": self.start, "end": self.end,
-                "title": self.title, "heading_path": self.heading_path, "metadata": self.metadata}
+        return {
+            "text": self.text,
+            "source": self.source,
+            "start": self.start,
+            "end": self.end,
+            "title": self.title,
+            "heading_path": self.heading_path,
+            "metadata": self.metadata,
+        }
 
 
 def _span(doc: Document, start: int, end: int, **kw) -> Chunk | None:
@@ -160,7 +170,13 @@ def _recursive_spans(text: str, start: int, end: int, max_chars: int, level: int
     pieces.append((pos, end))
     out = []
     for s, e in pieces:
-        out.extend(_recursive_spans(text, s, e, max_chars, level + 1) if e - s > max_chars else [(s, e)] if text[s:e].strip() else [])
+        out.extend(
+            _recursive_spans(text, s, e, max_chars, level + 1)
+            if e - s > max_chars
+            else [(s, e)]
+            if text[s:e].strip()
+            else []
+        )
     return out
 
 
@@ -259,7 +275,9 @@ def qa_chunks(doc: Document) -> list[Chunk]:
         end = starts[i + 1].start() if i + 1 < len(starts) else len(doc.text)
         # Trim trailing chat markers and any heading that opens the next section.
         tail_cut = end
-        for marker in list(_CHAT_MARKER.finditer(doc.text, m.end(), end)) + [h for h in headings if m.end() < h.start() < end and h.start() not in item_starts]:
+        for marker in list(_CHAT_MARKER.finditer(doc.text, m.end(), end)) + [
+            h for h in headings if m.end() < h.start() < end and h.start() not in item_starts
+        ]:
             tail_cut = min(tail_cut, marker.start()) if _only_markers_after(doc.text, marker.start(), end) else tail_cut
         end = tail_cut
         # A flattened export may carry the answer on the question line ("Q: ... A: ...").
@@ -297,8 +315,11 @@ def chunk_document(doc: Document, strategy: str = "auto", **options) -> list[Chu
     """Chunk with one strategy; "auto" takes Q&A items when the document has them, Markdown
     sections when it has headings, and recursive chunks otherwise."""
     table: dict[str, Callable[..., list[Chunk]]] = {
-        "fixed": fixed_token_chunks, "sentence": sentence_chunks, "recursive": recursive_chunks,
-        "markdown": markdown_chunks, "qa": qa_chunks,
+        "fixed": fixed_token_chunks,
+        "sentence": sentence_chunks,
+        "recursive": recursive_chunks,
+        "markdown": markdown_chunks,
+        "qa": qa_chunks,
     }
     if strategy == "auto":
         chunks = qa_chunks(doc)

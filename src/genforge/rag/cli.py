@@ -22,8 +22,9 @@ def _generator(args):
     if getattr(args, "model", None):
         return GenforgeGenerator(args.model)
     if getattr(args, "openai_model", None):
-        return OpenAIGenerator(args.openai_model, base_url=args.openai_base_url,
-                               api_key=os.environ.get(args.api_key_env) or None)
+        return OpenAIGenerator(
+            args.openai_model, base_url=args.openai_base_url, api_key=os.environ.get(args.api_key_env) or None
+        )
     return None
 
 
@@ -44,8 +45,7 @@ def _save_reranker_cache(retriever) -> None:
 
 
 def _search_options(args) -> dict:
-    options = dict(mode=args.mode, fusion=args.fusion, expansion=args.expansion,
-                   min_score_ratio=args.min_score_ratio)
+    options = dict(mode=args.mode, fusion=args.fusion, expansion=args.expansion, min_score_ratio=args.min_score_ratio)
     if getattr(args, "rerank", None):
         options["rerank"] = True
     if getattr(args, "filter", None):
@@ -74,8 +74,10 @@ def cmd_index(args) -> int:
         index.save(args.index)
     for path, reason in skipped:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
-    console.print(f"indexed {len(index.chunks)} chunks from {len({c.source for c in index.chunks})} files "
-                  f"into {args.index} ({index.last_build_embedded} embedded)")
+    console.print(
+        f"indexed {len(index.chunks)} chunks from {len({c.source for c in index.chunks})} files "
+        f"into {args.index} ({index.last_build_embedded} embedded)"
+    )
     return 0
 
 
@@ -90,8 +92,15 @@ def cmd_search(args) -> int:
         hits = retriever.search(args.query, k=args.k, **options)
     _save_reranker_cache(retriever)
     for rank, h in enumerate(hits, 1):
-        row = {"rank": rank, "score": round(h.score, 6), "source": h.chunk.source, "start": h.chunk.start,
-               "end": h.chunk.end, "title": h.chunk.title, "heading_path": h.chunk.heading_path}
+        row = {
+            "rank": rank,
+            "score": round(h.score, 6),
+            "source": h.chunk.source,
+            "start": h.chunk.start,
+            "end": h.chunk.end,
+            "title": h.chunk.title,
+            "heading_path": h.chunk.heading_path,
+        }
         if args.json:
             print(json.dumps({**row, "text": h.chunk.text}, ensure_ascii=False))
         else:
@@ -105,9 +114,13 @@ def cmd_ask(args) -> int:
     from .sessions import SessionStore, ask_in_session
 
     generator = _generator(args)
-    config = AnswerConfig(k=args.k, mode="generative" if generator is not None else "extractive",
-                          max_sentences=args.max_sentences, search=_search_options(args),
-                          **({"min_confidence": args.min_confidence} if args.min_confidence is not None else {}))
+    config = AnswerConfig(
+        k=args.k,
+        mode="generative" if generator is not None else "extractive",
+        max_sentences=args.max_sentences,
+        search=_search_options(args),
+        **({"min_confidence": args.min_confidence} if args.min_confidence is not None else {}),
+    )
     answerer = Answerer(_retriever(args, generator), generator, config)
     if args.session:
         with SessionStore(args.sessions_db or cache_dir() / "rag" / "sessions.sqlite") as store:
@@ -156,28 +169,55 @@ def cmd_eval(args) -> int:
 
 
 def _index_flags(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--index", required=required, default=None,
-                        help="index directory" + ("" if required else " (default: the embedded index over genforge's docs)"))
+    parser.add_argument(
+        "--index",
+        required=required,
+        default=None,
+        help="index directory" + ("" if required else " (default: the embedded index over genforge's docs)"),
+    )
     parser.add_argument("--encoder", default=None, help="encoder directory (default: the offline all-MiniLM-L6-v2)")
 
 
 def _retrieval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=5, help="passages to return (default 5)")
     parser.add_argument("--mode", choices=("hybrid", "dense", "sparse"), default="hybrid")
-    parser.add_argument("--fusion", choices=("weighted", "rrf"), default="weighted",
-                        help="how hybrid combines BM25 and dense (default weighted: best on the seeds evaluation)")
-    parser.add_argument("--expansion", choices=("prf", "hyde", "multi_query"), default=None,
-                        help="query expansion; hyde and multi_query need --model or --openai-model")
-    parser.add_argument("--rerank", default=None, metavar="late|DIR",
-                        help="re-rank the top 20: 'late' (MaxSim over MiniLM token vectors) or a cross-encoder directory")
-    parser.add_argument("--min-score-ratio", type=float, default=None,
-                        help="adaptive k: drop hits scoring under this fraction of the best")
-    parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                        help="only chunks whose metadata (or source, title) matches (repeatable)")
+    parser.add_argument(
+        "--fusion",
+        choices=("weighted", "rrf"),
+        default="weighted",
+        help="how hybrid combines BM25 and dense (default weighted: best on the seeds evaluation)",
+    )
+    parser.add_argument(
+        "--expansion",
+        choices=("prf", "hyde", "multi_query"),
+        default=None,
+        help="query expansion; hyde and multi_query need --model or --openai-model",
+    )
+    parser.add_argument(
+        "--rerank",
+        default=None,
+        metavar="late|DIR",
+        help="re-rank the top 20: 'late' (MaxSim over MiniLM token vectors) or a cross-encoder directory",
+    )
+    parser.add_argument(
+        "--min-score-ratio",
+        type=float,
+        default=None,
+        help="adaptive k: drop hits scoring under this fraction of the best",
+    )
+    parser.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only chunks whose metadata (or source, title) matches (repeatable)",
+    )
 
 
 def _generator_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("generator", "a language model for generative answers, HyDE, multi-query and rewrites")
+    group = parser.add_argument_group(
+        "generator", "a language model for generative answers, HyDE, multi-query and rewrites"
+    )
     group.add_argument("--model", default=None, help="a genforge / Hugging Face causal model directory")
     group.add_argument("--openai-model", default=None, help="model name at an OpenAI-compatible endpoint")
     group.add_argument("--openai-base-url", default=None, help="endpoint URL (default: the client's, OPENAI_BASE_URL)")
@@ -186,21 +226,33 @@ def _generator_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge rag ...` to the top-level parser."""
-    rag = sub.add_parser("rag", help="retrieval-augmented generation: index, search, ask, eval",
-                         description="Index documents, search them, answer questions with citations, and measure "
-                                     "retrieval quality (see docs/rag.md).")
+    rag = sub.add_parser(
+        "rag",
+        help="retrieval-augmented generation: index, search, ask, eval",
+        description="Index documents, search them, answer questions with citations, and measure "
+        "retrieval quality (see docs/rag.md).",
+    )
     rag_sub = rag.add_subparsers(dest="rag_command", required=True)
 
-    index = rag_sub.add_parser("index", help="index files and folders",
-                               description="Load .txt/.md/.html/.pdf/.docx files, chunk them and build BM25 + dense "
-                                           "indexes; unreadable files are reported and skipped.")
+    index = rag_sub.add_parser(
+        "index",
+        help="index files and folders",
+        description="Load .txt/.md/.html/.pdf/.docx files, chunk them and build BM25 + dense "
+        "indexes; unreadable files are reported and skipped.",
+    )
     index.add_argument("paths", nargs="+", help="files or folders")
     index.add_argument("--index", required=True, help="output index directory (written atomically)")
     index.add_argument("--backend", choices=("faiss", "milvus"), default="faiss", help="vector store (default faiss)")
     index.add_argument("--milvus-uri", default=None, help="Milvus Lite .db file or server URI, for --backend milvus")
-    index.add_argument("--dense", choices=("flat", "hnsw", "ivf"), default="flat", help="dense index kind (default flat, exact)")
-    index.add_argument("--strategy", choices=("auto", "fixed", "sentence", "recursive", "markdown", "qa"), default="auto",
-                       help="chunking (default auto: Q&A items, else Markdown sections, else recursive)")
+    index.add_argument(
+        "--dense", choices=("flat", "hnsw", "ivf"), default="flat", help="dense index kind (default flat, exact)"
+    )
+    index.add_argument(
+        "--strategy",
+        choices=("auto", "fixed", "sentence", "recursive", "markdown", "qa"),
+        default="auto",
+        help="chunking (default auto: Q&A items, else Markdown sections, else recursive)",
+    )
     index.add_argument("--max-tokens", type=int, default=None, help="embedding window in tokens (default: the model's)")
     index.add_argument("--encoder", default=None, help="encoder directory (default: the offline all-MiniLM-L6-v2)")
     index.set_defaults(func=cmd_index)
@@ -209,33 +261,49 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     search.add_argument("query")
     _index_flags(search)
     _retrieval_flags(search)
-    search.add_argument("--hops", type=int, default=1, help="multi-hop retrieval: rounds of search and rewrite (default 1)")
+    search.add_argument(
+        "--hops", type=int, default=1, help="multi-hop retrieval: rounds of search and rewrite (default 1)"
+    )
     search.add_argument("--json", action="store_true", help="one JSON object per hit")
     _generator_flags(search)
     search.set_defaults(func=cmd_search)
 
-    ask = rag_sub.add_parser("ask", help="answer a question with numbered citations",
-                             description="Extractive answer with citations (no model needed), or generative with "
-                                         "--model/--openai-model; every sentence is checked against what it cites.")
+    ask = rag_sub.add_parser(
+        "ask",
+        help="answer a question with numbered citations",
+        description="Extractive answer with citations (no model needed), or generative with "
+        "--model/--openai-model; every sentence is checked against what it cites.",
+    )
     ask.add_argument("question")
     _index_flags(ask)
     _retrieval_flags(ask)
     ask.add_argument("--max-sentences", type=int, default=3, help="sentences in an extractive answer (default 3)")
-    ask.add_argument("--min-confidence", type=float, default=None,
-                     help="best question-passage cosine under which the answer is 'not covered'")
+    ask.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help="best question-passage cosine under which the answer is 'not covered'",
+    )
     ask.add_argument("--session", default=None, help="conversation name: follow-ups are rewritten from its history")
     ask.add_argument("--sessions-db", default=None, help="SQLite file of sessions (default: in the user cache)")
     ask.add_argument("--json", action="store_true", help="print the answer, sentences, support and citations as JSON")
     _generator_flags(ask)
     ask.set_defaults(func=cmd_ask)
 
-    ev = rag_sub.add_parser("eval", help="recall@k, MRR, nDCG@10 (ranx) for BM25, dense, hybrid, re-ranked",
-                            description="Evaluate retrieval on queries with relevance judgments.")
+    ev = rag_sub.add_parser(
+        "eval",
+        help="recall@k, MRR, nDCG@10 (ranx) for BM25, dense, hybrid, re-ranked",
+        description="Evaluate retrieval on queries with relevance judgments.",
+    )
     ev.add_argument("--queries", required=True, help="queries: .json {id: text}, .jsonl or .tsv")
     ev.add_argument("--qrels", required=True, help="judgments: TREC qrels lines or .json {query: {doc: rel}}")
     _index_flags(ev)
-    ev.add_argument("--doc-id", choices=("item", "file", "chunk"), default="item",
-                    help="how judgments name documents: file#item (default), file name, or chunk id")
+    ev.add_argument(
+        "--doc-id",
+        choices=("item", "file", "chunk"),
+        default="item",
+        help="how judgments name documents: file#item (default), file name, or chunk id",
+    )
     ev.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     ev.add_argument("--rerank", default=None, metavar="late|DIR", help="also report hybrid + this re-ranker")
     ev.add_argument("--answers", action="store_true", help="also answer each query: citation precision, faithfulness")

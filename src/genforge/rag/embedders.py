@@ -24,8 +24,13 @@ class Embedder(Protocol):
 class EncoderEmbedder:
     """genforge's `SentenceEncoder` as an `Embedder`; its name identifies the model in manifests."""
 
-    def __init__(self, directory: str | Path | None = None, batch_size: int = 32, device: str = "cpu",
-                 max_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        max_tokens: int | None = None,
+    ) -> None:
         from ..encoder import SentenceEncoder, default_encoder_path
 
         label = "all-MiniLM-L6-v2" if directory is None else Path(directory).name

@@ -21,8 +21,11 @@ from ..jsonl import json_objects
 DEFAULT_METRICS = ("recall@5", "mrr", "ndcg@10")
 
 
-def evaluate_runs(qrels: Mapping[str, Mapping[str, int]], runs: Mapping[str, Mapping[str, Mapping[str, float]]],
-                  metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, dict[str, float]]:
+def evaluate_runs(
+    qrels: Mapping[str, Mapping[str, int]],
+    runs: Mapping[str, Mapping[str, Mapping[str, float]]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> dict[str, dict[str, float]]:
     """{system: {metric: mean over queries}} for every run against the same judgments."""
     try:
         from ranx import Qrels, Run, evaluate
@@ -38,7 +41,9 @@ def evaluate_runs(qrels: Mapping[str, Mapping[str, int]], runs: Mapping[str, Map
     for system, run in runs.items():
         missing = judged.keys() - run.keys()
         if missing:
-            raise ValueError(f"run {system!r} has no results for queries {sorted(missing)[:5]}; give every judged query a (possibly empty) result")
+            raise ValueError(
+                f"run {system!r} has no results for queries {sorted(missing)[:5]}; give every judged query a (possibly empty) result"
+            )
         # A dummy, never-relevant document keeps ranx from rejecting a query that found nothing.
         scored = {q: ({d: float(s) for d, s in run[q].items()} or {"__none__": 0.0}) for q in judged}
         result = evaluate(Qrels(judged), Run(scored, name=system), list(metrics), make_comparable=True)
@@ -46,7 +51,9 @@ def evaluate_runs(qrels: Mapping[str, Mapping[str, int]], runs: Mapping[str, Map
     return table
 
 
-def run_retrieval(queries: Mapping[str, str], search: Callable[[str], Sequence[tuple[str, float]]]) -> dict[str, dict[str, float]]:
+def run_retrieval(
+    queries: Mapping[str, str], search: Callable[[str], Sequence[tuple[str, float]]]
+) -> dict[str, dict[str, float]]:
     """A run from a search function returning (doc id, score) best first; scores are replaced by
     descending rank scores so that ties and fused scores cannot reorder the list inside ranx."""
     run = {}
@@ -69,6 +76,7 @@ def format_table(table: Mapping[str, Mapping[str, float]]) -> str:
 
 # -- answers ------------------------------------------------------------------------------------
 
+
 def answer_metrics(answers: Sequence) -> dict[str, float]:
     """Answer-level grounding over `answer.Answer`s (only answers that were given count):
 
@@ -90,9 +98,11 @@ def answer_metrics(answers: Sequence) -> dict[str, float]:
             for n in s.citations:
                 cited += 1
                 supported_citations += s.citation_support.get(n, 0.0) >= a.support_threshold
-    return {"citation_precision": supported_citations / cited if cited else 0.0,
-            "faithfulness": supported / sentences if sentences else 0.0,
-            "answered": len(given) / len(answers)}
+    return {
+        "citation_precision": supported_citations / cited if cited else 0.0,
+        "faithfulness": supported / sentences if sentences else 0.0,
+        "answered": len(given) / len(answers),
+    }
 
 
 # -- files and whole runs -------------------------------------------------------------------------
@@ -192,9 +202,15 @@ STANDARD_SYSTEMS = {
 }
 
 
-def evaluate_retriever(retriever, queries: Mapping[str, str], qrels: Mapping[str, Mapping[str, int]],
-                       systems: Mapping[str, dict] | None = None, doc_id_kind: str = "item", k: int = 10,
-                       metrics: Sequence[str] = DEFAULT_METRICS) -> dict[str, dict[str, float]]:
+def evaluate_retriever(
+    retriever,
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    systems: Mapping[str, dict] | None = None,
+    doc_id_kind: str = "item",
+    k: int = 10,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> dict[str, dict[str, float]]:
     """{system: {metric: value}} for `Retriever.search` option sets (default: BM25, dense, hybrid,
     and hybrid + re-ranking when the retriever has a re-ranker) on the judged queries."""
     if systems is None:
@@ -208,6 +224,7 @@ def evaluate_retriever(retriever, queries: Mapping[str, str], qrels: Mapping[str
         def search(text):
             ids = [doc_id(h.chunk, doc_id_kind) for h in retriever.search(text, k=k, **options)]
             return [(d, 0.0) for d in dict.fromkeys(ids)]  # file-level ids: a file counts once, at its best rank
+
         return search
 
     runs = {name: run_retrieval(judged, searcher(options)) for name, options in systems.items()}

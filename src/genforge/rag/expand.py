@@ -49,10 +49,14 @@ class GenforgeGenerator:
 
         directory = Path(directory)
         if not (directory / "config.json").is_file():
-            raise ValueError(f"{directory} is not a model directory (no config.json); pass a genforge or Hugging Face checkpoint")
+            raise ValueError(
+                f"{directory} is not a model directory (no config.json); pass a genforge or Hugging Face checkpoint"
+            )
         loaded = load_for_inference(directory, dtype=dtype, device=device)
         if not loaded.model.config.causal:
-            raise ValueError(f"{directory} is an encoder ({loaded.model.config.family}); answers need a causal language model")
+            raise ValueError(
+                f"{directory} is an encoder ({loaded.model.config.family}); answers need a causal language model"
+            )
         self.model, self.tokenizer, self.eos_token_ids = loaded.model, loaded.tokenizer, loaded.eos_token_ids
 
     def complete(self, prompt: str, max_tokens: int = 256) -> str:
@@ -60,17 +64,24 @@ class GenforgeGenerator:
         from ..generate.sampling import SamplingParams
 
         chat = getattr(self.tokenizer, "chat_template", None)
-        text = (self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-                if chat else prompt)
+        text = (
+            self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            if chat
+            else prompt
+        )
         ids = self.tokenizer.encode(text, add_special_tokens=not chat)
         # Keep the prompt inside the context window, cutting its start (the question comes last).
         room = self.model.config.max_position_embeddings - max_tokens
         if room <= 0:
-            raise ValueError(f"max_tokens={max_tokens} leaves no room for a prompt in a "
-                             f"{self.model.config.max_position_embeddings}-token context")
+            raise ValueError(
+                f"max_tokens={max_tokens} leaves no room for a prompt in a "
+                f"{self.model.config.max_position_embeddings}-token context"
+            )
         ids = ids[-room:]
         params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens)
-        return decode("sample", self.model, self.tokenizer, [ids], params, eos_token_ids=self.eos_token_ids)[0].text or ""
+        return (
+            decode("sample", self.model, self.tokenizer, [ids], params, eos_token_ids=self.eos_token_ids)[0].text or ""
+        )
 
 
 class OpenAIGenerator:
@@ -80,29 +91,37 @@ class OpenAIGenerator:
     `chat.completions.create`); otherwise one is made from `base_url` and `api_key`.
     """
 
-    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, client=None,
-                 temperature: float = 0.0) -> None:
+    def __init__(
+        self, model: str, base_url: str | None = None, api_key: str | None = None, client=None, temperature: float = 0.0
+    ) -> None:
         if not model:
             raise ValueError("OpenAIGenerator needs the endpoint's model name")
         if client is None:
             try:
                 import openai
             except ImportError:
-                raise ImportError("an OpenAI-compatible endpoint is called through the official client: pip install openai") from None
+                raise ImportError(
+                    "an OpenAI-compatible endpoint is called through the official client: pip install openai"
+                ) from None
             client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed")
         self.client, self.model, self.temperature = client, model, temperature
 
     def complete(self, prompt: str, max_tokens: int = 256) -> str:
         response = self.client.chat.completions.create(
-            model=self.model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=self.temperature)
+            model=self.model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+        )
         return response.choices[0].message.content or ""
 
 
 # -- pseudo-relevance feedback ---------------------------------------------------------------
 
-def relevance_model(query: str, feedback: Sequence[str], weights: Sequence[float], fb_terms: int = 10,
-                    original_weight: float = 0.5) -> dict[str, float]:
+
+def relevance_model(
+    query: str, feedback: Sequence[str], weights: Sequence[float], fb_terms: int = 10, original_weight: float = 0.5
+) -> dict[str, float]:
     """RM3's expanded query model {term: weight}, weights summing to 1.
 
     P(t|R) = sum_D weight(D) * tf(t, D) / |D| over the feedback documents (weights normalised),
@@ -114,7 +133,11 @@ def relevance_model(query: str, feedback: Sequence[str], weights: Sequence[float
     # BM25's own tokenisation, so feedback terms are index terms.
     query_terms = bm25_tokens([query])[0]
     weights = np.asarray(weights, np.float64)
-    weights = weights / weights.sum() if len(weights) and weights.sum() > 0 else np.full(len(feedback), 1.0 / max(len(feedback), 1))
+    weights = (
+        weights / weights.sum()
+        if len(weights) and weights.sum() > 0
+        else np.full(len(feedback), 1.0 / max(len(feedback), 1))
+    )
     rel: Counter = Counter()
     for tokens, w in zip(bm25_tokens(feedback) if feedback else [], weights):
         if tokens:
@@ -145,8 +168,9 @@ def rm3_scores(bm25, model: dict[str, float], depth: int) -> list[tuple[int, flo
     return [(int(i), float(total[i])) for i in order if total[i] > 0]
 
 
-def rocchio_vector(query_vector: np.ndarray, feedback_vectors: np.ndarray, weights: Sequence[float],
-                   beta: float = 0.5) -> np.ndarray:
+def rocchio_vector(
+    query_vector: np.ndarray, feedback_vectors: np.ndarray, weights: Sequence[float], beta: float = 0.5
+) -> np.ndarray:
     """Rocchio (1971): the unit query vector plus `beta` times the weighted centroid of the
     feedback documents' vectors."""
     q = np.asarray(query_vector, np.float64)
@@ -158,17 +182,24 @@ def rocchio_vector(query_vector: np.ndarray, feedback_vectors: np.ndarray, weigh
 
 # -- generator-based expansion ---------------------------------------------------------------
 
-HYDE_PROMPT = ("Write a short passage, two or three sentences, that answers the question below as a "
-               "reference text would.\n\nQuestion: {question}\n\nPassage:")
-MULTI_QUERY_PROMPT = ("Write {n} different search queries that would find passages answering the question "
-                      "below. Use different words from the question. One query per line, nothing else.\n\n"
-                      "Question: {question}\n\nQueries:")
-REWRITE_PROMPT = ("Question: {question}\n\nPassages found so far:\n{passages}\n\nWrite one search query that "
-                  "would find the missing information needed to answer the question. Reply with the query only.")
+HYDE_PROMPT = (
+    "Write a short passage, two or three sentences, that answers the question below as a "
+    "reference text would.\n\nQuestion: {question}\n\nPassage:"
+)
+MULTI_QUERY_PROMPT = (
+    "Write {n} different search queries that would find passages answering the question "
+    "below. Use different words from the question. One query per line, nothing else.\n\n"
+    "Question: {question}\n\nQueries:"
+)
+REWRITE_PROMPT = (
+    "Question: {question}\n\nPassages found so far:\n{passages}\n\nWrite one search query that "
+    "would find the missing information needed to answer the question. Reply with the query only."
+)
 
 
-def hyde_vector(generator: Generator, embedder: Embedder, query: str, query_vector: np.ndarray,
-                max_tokens: int = 160) -> np.ndarray:
+def hyde_vector(
+    generator: Generator, embedder: Embedder, query: str, query_vector: np.ndarray, max_tokens: int = 160
+) -> np.ndarray:
     """The mean of the question's unit embedding (`query_vector`) and the generated passage's (HyDE)."""
     passage = generator.complete(HYDE_PROMPT.format(question=query), max_tokens=max_tokens).strip()
     q = np.asarray(query_vector, np.float64)
@@ -207,8 +238,13 @@ def extractive_rewrite(question: str, passages: Sequence[str], n_terms: int = 6)
     that the question does not already contain (a bridge to what the passages talk about)."""
     if not passages:
         return ""
-    model = relevance_model(question, list(passages), [1.0 / (r + 1) for r in range(len(passages))],
-                            fb_terms=n_terms + 8, original_weight=0.0)
+    model = relevance_model(
+        question,
+        list(passages),
+        [1.0 / (r + 1) for r in range(len(passages))],
+        fb_terms=n_terms + 8,
+        original_weight=0.0,
+    )
     asked = set(bm25_tokens([question])[0])
     extra = [t for t, _ in sorted(model.items(), key=lambda kv: -kv[1]) if t not in asked][:n_terms]
     return f"{question} {' '.join(extra)}".strip() if extra else ""

@@ -33,15 +33,19 @@ def check_filters(filters: Filters | None) -> dict[str, tuple[FilterValue, ...]]
     out = {}
     for key, value in filters.items():
         if not isinstance(key, str) or not key.replace("_", "").isalnum():
-            raise RagIndexError(f"filter field {key!r} is not accepted; use a metadata key made of letters, digits and '_', "
-                                "or 'source' / 'extension'")
+            raise RagIndexError(
+                f"filter field {key!r} is not accepted; use a metadata key made of letters, digits and '_', "
+                "or 'source' / 'extension'"
+            )
         values = tuple(value) if isinstance(value, (list, tuple, set, frozenset)) else (value,)
         if not values:
             raise RagIndexError(f"filter on {key!r} lists no values; give at least one")
         for v in values:
             if not isinstance(v, (str, int, float, bool)):
-                raise RagIndexError(f"filter on {key!r}: value {v!r} is a {type(v).__name__}; accepted: str, int, float, bool "
-                                    "or a list of them")
+                raise RagIndexError(
+                    f"filter on {key!r}: value {v!r} is a {type(v).__name__}; accepted: str, int, float, bool "
+                    "or a list of them"
+                )
         out[key] = values
     return out
 

@@ -86,8 +86,14 @@ class QueryCache:
 def _open_milvus(spec: dict, token: str | None, create: dict | None = None) -> MilvusStore:
     if create is not None:
         return MilvusStore.create(spec["uri"], token=token, collection=spec.get("collection"), **create)
-    return MilvusStore.open(spec["uri"], token=token, collection=spec["collection"], kind=spec["kind"],
-                            dimension=spec["dimension"], search_params=spec.get("search_params"))
+    return MilvusStore.open(
+        spec["uri"],
+        token=token,
+        collection=spec["collection"],
+        kind=spec["kind"],
+        dimension=spec["dimension"],
+        search_params=spec.get("search_params"),
+    )
 
 
 def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
@@ -129,9 +135,20 @@ class HybridIndex:
     shift when chunks are deleted, ids never do. `version` counts changes (it keys the query
     cache); `file_hashes` maps each indexed source file to the SHA-256 of its bytes."""
 
-    def __init__(self, chunks: list[Chunk], embeddings: np.ndarray, model: str, dense_kind: str, bm25, faiss_index=None,
-                 *, ids: np.ndarray | None = None, store: VectorStore | None = None,
-                 file_hashes: dict[str, str] | None = None, query_cache_size: int = 1024) -> None:
+    def __init__(
+        self,
+        chunks: list[Chunk],
+        embeddings: np.ndarray,
+        model: str,
+        dense_kind: str,
+        bm25,
+        faiss_index=None,
+        *,
+        ids: np.ndarray | None = None,
+        store: VectorStore | None = None,
+        file_hashes: dict[str, str] | None = None,
+        query_cache_size: int = 1024,
+    ) -> None:
         import faiss
 
         self.chunks, self.embeddings, self.model = list(chunks), np.asarray(embeddings, np.float32), model
@@ -167,11 +184,23 @@ class HybridIndex:
 
     # -- building ----------------------------------------------------------------------------
     @classmethod
-    def build(cls, chunks: Sequence[Chunk], embedder: Embedder, dense: str = "flat",
-              cache: EmbeddingCache | None = None, hnsw_m: int = 32, *, backend: str = "faiss",
-              ivf_nlist: int | None = None, ivf_nprobe: int | None = None, ivf_fallback: bool = True,
-              milvus_uri: str | None = None, milvus_token: str | None = None,
-              milvus_collection: str | None = None, file_hashes: dict[str, str] | None = None) -> HybridIndex:
+    def build(
+        cls,
+        chunks: Sequence[Chunk],
+        embedder: Embedder,
+        dense: str = "flat",
+        cache: EmbeddingCache | None = None,
+        hnsw_m: int = 32,
+        *,
+        backend: str = "faiss",
+        ivf_nlist: int | None = None,
+        ivf_nprobe: int | None = None,
+        ivf_fallback: bool = True,
+        milvus_uri: str | None = None,
+        milvus_token: str | None = None,
+        milvus_collection: str | None = None,
+        file_hashes: dict[str, str] | None = None,
+    ) -> HybridIndex:
         """Index chunks for BM25 and dense search.
 
         `cache` (e.g. `old_index.embedding_cache()`) supplies vectors for chunks whose text has not
@@ -185,8 +214,10 @@ class HybridIndex:
         if backend not in BACKENDS:
             raise RagIndexError(f"vector backend {backend!r} is not supported; accepted: {', '.join(BACKENDS)}")
         if backend == "milvus" and not milvus_uri:
-            raise RagIndexError("backend='milvus' needs milvus_uri: a local file ending in .db (Milvus Lite) "
-                                "or a server URI such as http://localhost:19530")
+            raise RagIndexError(
+                "backend='milvus' needs milvus_uri: a local file ending in .db (Milvus Lite) "
+                "or a server URI such as http://localhost:19530"
+            )
         if hnsw_m < 2:
             raise RagIndexError(f"hnsw_m (graph degree) must be >= 2, got {hnsw_m}")
         if backend == "milvus":
@@ -197,12 +228,16 @@ class HybridIndex:
         if ivf_nprobe is not None and ivf_nprobe < 1:
             raise RagIndexError(f"IVF nprobe must be >= 1, got {ivf_nprobe}")
         if dense == "ivf" and ivf_nlist is not None and not 1 <= ivf_nlist <= len(chunks):
-            raise RagIndexError(f"IVF with nlist={ivf_nlist} needs at least {ivf_nlist} vectors to train its k-means "
-                                f"quantizer (better {IVF_POINTS_PER_LIST * ivf_nlist}); got {len(chunks)}. "
-                                "Use a smaller ivf_nlist, or dense='flat'")
+            raise RagIndexError(
+                f"IVF with nlist={ivf_nlist} needs at least {ivf_nlist} vectors to train its k-means "
+                f"quantizer (better {IVF_POINTS_PER_LIST * ivf_nlist}); got {len(chunks)}. "
+                "Use a smaller ivf_nlist, or dense='flat'"
+            )
         if dense == "ivf" and ivf_nlist is None and len(chunks) < 2 * IVF_POINTS_PER_LIST:
-            message = (f"{len(chunks)} chunks are too few to train an IVF quantizer (at least {2 * IVF_POINTS_PER_LIST} "
-                       "give two cells of 39); exact search is as fast at this size")
+            message = (
+                f"{len(chunks)} chunks are too few to train an IVF quantizer (at least {2 * IVF_POINTS_PER_LIST} "
+                "give two cells of 39); exact search is as fast at this size"
+            )
             if not ivf_fallback:
                 raise RagIndexError(message + "; use dense='flat'")
             warnings.warn(message + "; using dense='flat'", stacklevel=2)
@@ -214,17 +249,34 @@ class HybridIndex:
         if backend == "faiss":
             store = FaissStore.create(vectors, ids, dense, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist, ivf_nprobe=ivf_nprobe)
         else:
-            store = _open_milvus({"uri": milvus_uri, "collection": milvus_collection}, milvus_token,
-                                 create={"dimension": vectors.shape[1], "kind": dense, "hnsw_m": hnsw_m,
-                                         "ivf_nlist": ivf_nlist, "ivf_nprobe": ivf_nprobe, "count": len(chunks)})
+            store = _open_milvus(
+                {"uri": milvus_uri, "collection": milvus_collection},
+                milvus_token,
+                create={
+                    "dimension": vectors.shape[1],
+                    "kind": dense,
+                    "hnsw_m": hnsw_m,
+                    "ivf_nlist": ivf_nlist,
+                    "ivf_nprobe": ivf_nprobe,
+                    "count": len(chunks),
+                },
+            )
             store.add(ids, vectors, chunks)
-        index = cls(chunks, vectors, embedder.name, dense, fit_bm25(chunks), store=store, ids=ids, file_hashes=file_hashes)
+        index = cls(
+            chunks, vectors, embedder.name, dense, fit_bm25(chunks), store=store, ids=ids, file_hashes=file_hashes
+        )
         index.last_build_embedded = cache.misses - misses
         return index
 
     @classmethod
-    def build_from_paths(cls, paths: Iterable[str | Path] | str | Path, embedder: Embedder, strategy: str = "auto",
-                         chunk_options: Mapping[str, Any] | None = None, **build_options) -> tuple[HybridIndex, list]:
+    def build_from_paths(
+        cls,
+        paths: Iterable[str | Path] | str | Path,
+        embedder: Embedder,
+        strategy: str = "auto",
+        chunk_options: Mapping[str, Any] | None = None,
+        **build_options,
+    ) -> tuple[HybridIndex, list]:
         """Load files and folders, chunk them and build; records each file's hash so that a
         later `sync` re-reads only what changed. Returns (index, skipped files with reasons)."""
         documents, skipped = load_documents(paths)
@@ -244,14 +296,21 @@ class HybridIndex:
     def _check_embedder(self, embedder: Embedder) -> None:
         # Checked before any change, so a refused update leaves the index as it was.
         if embedder.name != self.model:
-            raise RagIndexError(f"this index holds vectors of {self.model!r}; chunks cannot be added with {embedder.name!r}")
+            raise RagIndexError(
+                f"this index holds vectors of {self.model!r}; chunks cannot be added with {embedder.name!r}"
+            )
 
     def _append(self, chunks: list[Chunk], embedder: Embedder, cache: EmbeddingCache) -> int:
         misses = cache.misses
-        vectors = _unit_rows(cache.embed([c.embedding_text for c in chunks], embedder)) if chunks else \
-            np.zeros((0, self.embeddings.shape[1]), np.float32)
+        vectors = (
+            _unit_rows(cache.embed([c.embedding_text for c in chunks], embedder))
+            if chunks
+            else np.zeros((0, self.embeddings.shape[1]), np.float32)
+        )
         if vectors.shape[1] != self.embeddings.shape[1]:
-            raise RagIndexError(f"the embedder gives {vectors.shape[1]}-dim vectors; this index holds {self.embeddings.shape[1]}-dim")
+            raise RagIndexError(
+                f"the embedder gives {vectors.shape[1]}-dim vectors; this index holds {self.embeddings.shape[1]}-dim"
+            )
         ids = np.arange(self.next_id, self.next_id + len(chunks), dtype=np.int64)
         self.next_id += len(chunks)
         self.store.add(ids, vectors, chunks)
@@ -287,7 +346,9 @@ class HybridIndex:
             self._changed()
         return removed
 
-    def upsert(self, chunks: Sequence[Chunk], embedder: Embedder, cache: EmbeddingCache | None = None) -> dict[str, int]:
+    def upsert(
+        self, chunks: Sequence[Chunk], embedder: Embedder, cache: EmbeddingCache | None = None
+    ) -> dict[str, int]:
         """Replace the chunks of every source that `chunks` come from with `chunks`.
 
         Chunks identical to one already indexed keep their id and vector; the rest of that
@@ -323,8 +384,13 @@ class HybridIndex:
             self._changed()
         return {"kept": kept, "added": len(fresh), "removed": removed, "embedded": embedded}
 
-    def sync(self, paths: Iterable[str | Path] | str | Path, embedder: Embedder, strategy: str = "auto",
-             chunk_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def sync(
+        self,
+        paths: Iterable[str | Path] | str | Path,
+        embedder: Embedder,
+        strategy: str = "auto",
+        chunk_options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Bring the index in line with files and folders on disk, by content hash.
 
         New files are added, files whose bytes changed are re-chunked and upserted (unchanged
@@ -349,7 +415,14 @@ class HybridIndex:
         indexed = {c.source for c in self.chunks} | set(self.file_hashes)
         by_resolved = {Path(s).resolve(): s for s in indexed}
         on_disk = {f.resolve() for f in files}
-        report: dict[str, Any] = {"added": [], "changed": [], "removed": [], "skipped": [], "unchanged": 0, "embedded": 0}
+        report: dict[str, Any] = {
+            "added": [],
+            "changed": [],
+            "removed": [],
+            "skipped": [],
+            "unchanged": 0,
+            "embedded": 0,
+        }
         todo: list[Path] = []
         digests: dict[str, str] = {}
         for f in files:
@@ -364,7 +437,11 @@ class HybridIndex:
                 continue
             todo.append(Path(source))
             digests[source] = digest
-        gone = [s for r, s in by_resolved.items() if r not in on_disk and any(r == root or root in r.parents for root in roots)]
+        gone = [
+            s
+            for r, s in by_resolved.items()
+            if r not in on_disk and any(r == root or root in r.parents for root in roots)
+        ]
         documents, skipped = load_documents(todo) if todo else ([], [])
         # An unreadable file is only reported (and retried next time); if it was indexed, its
         # old chunks go, since they no longer describe the file.
@@ -463,11 +540,19 @@ class HybridIndex:
             dense = self.store.save(tmp)
             if self.bm25 is not None:
                 self.bm25.save(str(tmp / "bm25"))
-            (tmp / "chunks.jsonl").write_text("".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in self.chunks))
-            manifest = {"format_version": FORMAT_VERSION, "embedding_model": self.model, "dimension": int(self.embeddings.shape[1]),
-                        "dense_index": self.dense_kind, "dense_store": dense, "chunks": len(self.chunks),
-                        "next_id": self.next_id,
-                        "file_hashes": self.file_hashes}
+            (tmp / "chunks.jsonl").write_text(
+                "".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in self.chunks)
+            )
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "embedding_model": self.model,
+                "dimension": int(self.embeddings.shape[1]),
+                "dense_index": self.dense_kind,
+                "dense_store": dense,
+                "chunks": len(self.chunks),
+                "next_id": self.next_id,
+                "file_hashes": self.file_hashes,
+            }
             # The manifest is written last: a directory without one is never a finished index.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
@@ -479,11 +564,15 @@ class HybridIndex:
         directory = Path(directory)
         manifest_path = directory / MANIFEST
         if not manifest_path.exists():
-            raise RagIndexError(f"{directory} is not a genforge RAG index (no {MANIFEST}); build one with HybridIndex.build(...).save(dir)")
+            raise RagIndexError(
+                f"{directory} is not a genforge RAG index (no {MANIFEST}); build one with HybridIndex.build(...).save(dir)"
+            )
         manifest = json.loads(manifest_path.read_text())
         if manifest.get("format_version") not in READABLE_FORMATS:
-            raise RagIndexError(f"{directory}: index format {manifest.get('format_version')} is not supported; "
-                                f"accepted: {', '.join(map(str, READABLE_FORMATS))}")
+            raise RagIndexError(
+                f"{directory}: index format {manifest.get('format_version')} is not supported; "
+                f"accepted: {', '.join(map(str, READABLE_FORMATS))}"
+            )
         model = embedder if isinstance(embedder, str) else embedder.name
         if manifest["embedding_model"] != model:
             raise RagIndexError(
@@ -492,7 +581,9 @@ class HybridIndex:
                 f"or query it with {manifest['embedding_model']!r}."
             )
         if not isinstance(embedder, str) and manifest["dimension"] != embedder.dimension:
-            raise RagIndexError(f"{directory} holds {manifest['dimension']}-dim vectors; the embedder gives {embedder.dimension}")
+            raise RagIndexError(
+                f"{directory} holds {manifest['dimension']}-dim vectors; the embedder gives {embedder.dimension}"
+            )
         chunks = [Chunk(**json.loads(line)) for line in (directory / "chunks.jsonl").read_text().splitlines() if line]
         embeddings = np.load(directory / "embeddings.npy", allow_pickle=False)
         bm25 = bm25s.BM25.load(str(directory / "bm25")) if (directory / "bm25").exists() else None
@@ -508,9 +599,13 @@ class HybridIndex:
         else:
             store = _open_milvus(spec, milvus_token)
         if store.count() != len(chunks):
-            raise RagIndexError(f"{directory}: the {spec['backend']} vector store holds {store.count()} vectors but the index "
-                                f"has {len(chunks)} chunks; it was changed without saving this directory. Rebuild the index.")
-        index = cls(chunks, embeddings, model, kind, bm25, store=store, ids=ids, file_hashes=manifest.get("file_hashes"))
+            raise RagIndexError(
+                f"{directory}: the {spec['backend']} vector store holds {store.count()} vectors but the index "
+                f"has {len(chunks)} chunks; it was changed without saving this directory. Rebuild the index."
+            )
+        index = cls(
+            chunks, embeddings, model, kind, bm25, store=store, ids=ids, file_hashes=manifest.get("file_hashes")
+        )
         index.next_id = max(index.next_id, int(manifest.get("next_id", 0)))
         return index
 

@@ -48,8 +48,10 @@ def check_uri(uri: str) -> str:
         path = Path(uri).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return str(path)
-    raise RagIndexError(f"Milvus URI {uri!r} is not accepted: give a local path ending in .db (Milvus Lite) or a server "
-                        f"URI starting with {', '.join(SERVER_SCHEMES)}")
+    raise RagIndexError(
+        f"Milvus URI {uri!r} is not accepted: give a local path ending in .db (Milvus Lite) or a server "
+        f"URI starting with {', '.join(SERVER_SCHEMES)}"
+    )
 
 
 def _literal(value: Any) -> str:
@@ -102,9 +104,19 @@ class MilvusStore:
         return MilvusClient(uri=uri, token=token or "")
 
     @classmethod
-    def create(cls, uri: str, dimension: int, kind: str = "flat", token: str | None = None, collection: str | None = None,
-               hnsw_m: int = 32, ivf_nlist: int | None = None, ivf_nprobe: int | None = None,
-               count: int | None = None, hnsw_ef_search: int = 128) -> MilvusStore:
+    def create(
+        cls,
+        uri: str,
+        dimension: int,
+        kind: str = "flat",
+        token: str | None = None,
+        collection: str | None = None,
+        hnsw_m: int = 32,
+        ivf_nlist: int | None = None,
+        ivf_nprobe: int | None = None,
+        count: int | None = None,
+        hnsw_ef_search: int = 128,
+    ) -> MilvusStore:
         """A new, empty collection (an existing one of that name is dropped: building replaces)."""
         from pymilvus import DataType
 
@@ -119,9 +131,14 @@ class MilvusStore:
             n = count or 0
             nlist = ivf_nlist if ivf_nlist is not None else default_nlist(n)
             if nlist < 1 or n < nlist:
-                raise RagIndexError(f"IVF with nlist={nlist} needs at least {nlist} vectors to train (better "
-                                    f"{IVF_POINTS_PER_LIST * nlist}); got {n}. Use a smaller ivf_nlist, or dense='flat'")
-            params, search = {"nlist": nlist}, {"nprobe": min(nlist, ivf_nprobe if ivf_nprobe is not None else max(1, nlist // 8))}
+                raise RagIndexError(
+                    f"IVF with nlist={nlist} needs at least {nlist} vectors to train (better "
+                    f"{IVF_POINTS_PER_LIST * nlist}); got {n}. Use a smaller ivf_nlist, or dense='flat'"
+                )
+            params, search = (
+                {"nlist": nlist},
+                {"nprobe": min(nlist, ivf_nprobe if ivf_nprobe is not None else max(1, nlist // 8))},
+            )
         client = cls._connect(uri, token)
         try:
             if client.has_collection(collection):
@@ -141,47 +158,76 @@ class MilvusStore:
         return cls(client, uri, collection, kind, int(dimension), search)
 
     @classmethod
-    def open(cls, uri: str, collection: str, kind: str, dimension: int, token: str | None = None,
-             search_params: dict | None = None) -> MilvusStore:
+    def open(
+        cls,
+        uri: str,
+        collection: str,
+        kind: str,
+        dimension: int,
+        token: str | None = None,
+        search_params: dict | None = None,
+    ) -> MilvusStore:
         """An existing collection, checked for the vector dimension the index expects."""
         uri = check_uri(uri)
         client = cls._connect(uri, token)
         if not client.has_collection(collection):
             client.close()
-            raise RagIndexError(f"Milvus at {uri} has no collection {collection!r}; rebuild the index with backend='milvus'")
+            raise RagIndexError(
+                f"Milvus at {uri} has no collection {collection!r}; rebuild the index with backend='milvus'"
+            )
         fields = {f["name"]: f for f in client.describe_collection(collection)["fields"]}
         dim = int(fields.get("vector", {}).get("params", {}).get("dim", -1))
         if dim != dimension:
             client.close()
-            raise RagIndexError(f"Milvus collection {collection!r} holds {dim}-dim vectors; this index needs {dimension}")
+            raise RagIndexError(
+                f"Milvus collection {collection!r} holds {dim}-dim vectors; this index needs {dimension}"
+            )
         client.load_collection(collection)
         return cls(client, uri, collection, kind, dimension, dict(search_params or {}))
 
     # -- VectorStore ------------------------------------------------------------------------
     def add(self, ids: np.ndarray, vectors: np.ndarray, chunks: Sequence[Chunk]) -> None:
         if len(ids) != len(chunks) or len(ids) != len(vectors):
-            raise RagIndexError(f"Milvus rows need one id, vector and chunk each; got {len(ids)}, {len(vectors)}, {len(chunks)}")
+            raise RagIndexError(
+                f"Milvus rows need one id, vector and chunk each; got {len(ids)}, {len(vectors)}, {len(chunks)}"
+            )
         for chunk in chunks:
             if len(chunk.source) > MAX_SOURCE_CHARS:
-                raise RagIndexError(f"source path longer than {MAX_SOURCE_CHARS} characters cannot be stored in Milvus: {chunk.source[:80]}...")
-        rows = [{"id": int(i), "vector": np.asarray(v, np.float32).tolist(), "source": c.source,
-                 "extension": Path(c.source).suffix.lower(), "metadata": c.metadata}
-                for i, v, c in zip(ids, vectors, chunks)]
+                raise RagIndexError(
+                    f"source path longer than {MAX_SOURCE_CHARS} characters cannot be stored in Milvus: {chunk.source[:80]}..."
+                )
+        rows = [
+            {
+                "id": int(i),
+                "vector": np.asarray(v, np.float32).tolist(),
+                "source": c.source,
+                "extension": Path(c.source).suffix.lower(),
+                "metadata": c.metadata,
+            }
+            for i, v, c in zip(ids, vectors, chunks)
+        ]
         for start in range(0, len(rows), INSERT_BATCH):
-            self.client.upsert(self.collection, rows[start:start + INSERT_BATCH])
+            self.client.upsert(self.collection, rows[start : start + INSERT_BATCH])
 
     def remove(self, ids: np.ndarray) -> None:
         if len(ids):
             self.client.delete(self.collection, ids=[int(i) for i in ids])
 
-    def search(self, query: np.ndarray, k: int, filters: Mapping[str, Sequence[Any]] | None = None,
-               allowed_ids=None) -> list[tuple[int, float]]:
+    def search(
+        self, query: np.ndarray, k: int, filters: Mapping[str, Sequence[Any]] | None = None, allowed_ids=None
+    ) -> list[tuple[int, float]]:
         if k <= 0:
             return []
         found = self.client.search(
-            self.collection, data=[np.asarray(query, np.float32).reshape(-1).tolist()], limit=int(k),
-            filter=filter_expression(filters), anns_field="vector", output_fields=["id"],
-            search_params={"metric_type": "IP", "params": self.search_params}, consistency_level="Strong")
+            self.collection,
+            data=[np.asarray(query, np.float32).reshape(-1).tolist()],
+            limit=int(k),
+            filter=filter_expression(filters),
+            anns_field="vector",
+            output_fields=["id"],
+            search_params={"metric_type": "IP", "params": self.search_params},
+            consistency_level="Strong",
+        )
         return [(int(hit["id"]), float(hit["distance"])) for hit in found[0]]
 
     def count(self) -> int:
@@ -201,8 +247,14 @@ class MilvusStore:
     def save(self, directory: Path) -> dict:
         # The vectors are already durable in Milvus; the index directory records where they are
         # (never the token: it is given again when loading).
-        return {"backend": "milvus", "kind": self.kind, "uri": self.uri, "collection": self.collection,
-                "dimension": self.dimension, "search_params": self.search_params}
+        return {
+            "backend": "milvus",
+            "kind": self.kind,
+            "uri": self.uri,
+            "collection": self.collection,
+            "dimension": self.dimension,
+            "search_params": self.search_params,
+        }
 
     def drop(self) -> None:
         """Delete the collection (and its vectors) from Milvus."""

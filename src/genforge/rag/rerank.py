@@ -90,7 +90,9 @@ class TokenEmbedder:
                 for r, i in enumerate(batch):
                     input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
                     mask[r, : len(ids[i])] = 1
-                hidden = model(input_ids.to(model.device), attention_mask=mask.to(model.device)).hidden_states.float().cpu()
+                hidden = (
+                    model(input_ids.to(model.device), attention_mask=mask.to(model.device)).hidden_states.float().cpu()
+                )
                 hidden = torch.nn.functional.normalize(hidden, dim=-1).numpy()
                 for r, i in enumerate(batch):
                     keep = [p for p, t in enumerate(ids[i]) if t not in self._special]
@@ -117,13 +119,20 @@ class TokenEmbedder:
         vectors = np.concatenate([self.cache[k] for k in keys]) if keys else np.zeros((0, dim), np.float16)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, keys=np.array(keys, dtype="U64"), lengths=lengths, vectors=vectors,
-                         max_tokens=np.array(self.max_tokens))
+                np.savez(
+                    handle,
+                    keys=np.array(keys, dtype="U64"),
+                    lengths=lengths,
+                    vectors=vectors,
+                    max_tokens=np.array(self.max_tokens),
+                )
 
     def load_cache(self, path: str | Path) -> None:
         with np.load(path, allow_pickle=False) as data:
             if int(data["max_tokens"]) != self.max_tokens:
-                raise ValueError(f"{path} caches {int(data['max_tokens'])}-token passages; this embedder cuts at {self.max_tokens}")
+                raise ValueError(
+                    f"{path} caches {int(data['max_tokens'])}-token passages; this embedder cuts at {self.max_tokens}"
+                )
             offsets = np.concatenate([[0], np.cumsum(data["lengths"])])
             vectors = data["vectors"]
             for n, key in enumerate(data["keys"]):
@@ -170,8 +179,10 @@ class CrossEncoderReranker:
     def __init__(self, directory: str | Path, max_length: int = 512, batch_size: int = 16, device: str = "cpu") -> None:
         directory = Path(directory)
         if not (directory / "config.json").is_file():
-            raise ValueError(f"{directory} is not a cross-encoder directory (no config.json); pass a folder saved by "
-                             "sentence_transformers.CrossEncoder.save or transformers' save_pretrained")
+            raise ValueError(
+                f"{directory} is not a cross-encoder directory (no config.json); pass a folder saved by "
+                "sentence_transformers.CrossEncoder.save or transformers' save_pretrained"
+            )
         from sentence_transformers import CrossEncoder
 
         self.model = CrossEncoder(str(directory), device=device, local_files_only=True, max_length=max_length)
@@ -180,7 +191,9 @@ class CrossEncoderReranker:
     def score(self, query: str, chunks: Sequence[Chunk]) -> np.ndarray:
         if not chunks:
             return np.zeros(0, np.float32)
-        scores = self.model.predict([(query, c.text) for c in chunks], batch_size=self.batch_size, show_progress_bar=False)
+        scores = self.model.predict(
+            [(query, c.text) for c in chunks], batch_size=self.batch_size, show_progress_bar=False
+        )
         scores = np.asarray(scores, np.float32)
         # A two-label model gives (n, 2); the "relevant" column is the score.
         return scores[:, -1] if scores.ndim == 2 else scores

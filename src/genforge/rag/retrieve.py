@@ -55,8 +55,10 @@ from .stores import RagIndexError
 FUSIONS = ("rrf", "weighted")
 DUPLICATES = ("group", "keep")
 # Words that do not tell two questions apart ("What is X?" and "What is the X?" ask the same thing).
-_QUESTION_FILLER = frozenset("a an the is are was were what whats which how do does did of in on for to and or vs versus "
-                             "explain describe define can you".split())
+_QUESTION_FILLER = frozenset(
+    "a an the is are was were what whats which how do does did of in on for to and or vs versus "
+    "explain describe define can you".split()
+)
 MODES = ("dense", "sparse", "hybrid")
 EXPANSIONS = ("prf", "hyde", "multi_query")
 
@@ -72,7 +74,9 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hashable]], k: int = 60) 
     return sorted(scores.items(), key=lambda kv: -kv[1])
 
 
-def weighted_score_fusion(score_lists: Sequence[dict[Hashable, float]], weights: Sequence[float]) -> list[tuple[Hashable, float]]:
+def weighted_score_fusion(
+    score_lists: Sequence[dict[Hashable, float]], weights: Sequence[float]
+) -> list[tuple[Hashable, float]]:
     """Min-max normalise each {item: score} map, then sum with `weights`; best first."""
     if len(score_lists) != len(weights):
         raise ValueError(f"got {len(score_lists)} score lists but {len(weights)} weights; give one weight per list")
@@ -159,8 +163,9 @@ def question_key(chunk: Chunk) -> frozenset[str] | None:
     return words or None
 
 
-def group_duplicate_questions(ranked: Sequence[tuple[int, float]], chunks: Sequence[Chunk],
-                              depth: int | None = None) -> list[tuple[int, float]]:
+def group_duplicate_questions(
+    ranked: Sequence[tuple[int, float]], chunks: Sequence[Chunk], depth: int | None = None
+) -> list[tuple[int, float]]:
     """Duplicate-aware ranking: chunks answering the same question rank next to each other.
 
     A corpus of Q&A collections often asks one question several times (a chat export repeating
@@ -230,11 +235,25 @@ class Retriever:
             self._query_vectors[query] = self.embedder.embed([query])[0]
         return self._query_vectors[query]
 
-    def search(self, query: str, k: int = 10, mode: str = "hybrid", fusion: str = "rrf",
-               weights: tuple[float, float] = (0.5, 0.5), depth: int = 50, rrf_k: int = 60,
-               mmr_lambda: float | None = None, expansion: str | None = None, rerank: bool = False,
-               rerank_depth: int = 20, rerank_fusion: str = "replace", min_score_ratio: float | None = None,
-               filters=None, duplicates: str = "group", word_forms: bool = True) -> list[Hit]:
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        mode: str = "hybrid",
+        fusion: str = "rrf",
+        weights: tuple[float, float] = (0.5, 0.5),
+        depth: int = 50,
+        rrf_k: int = 60,
+        mmr_lambda: float | None = None,
+        expansion: str | None = None,
+        rerank: bool = False,
+        rerank_depth: int = 20,
+        rerank_fusion: str = "replace",
+        min_score_ratio: float | None = None,
+        filters=None,
+        duplicates: str = "group",
+        word_forms: bool = True,
+    ) -> list[Hit]:
         """Top-k chunks.
 
         Hybrid fuses the top-`depth` of each retriever. `expansion` is "prf" (RM3 + Rocchio
@@ -255,11 +274,17 @@ class Retriever:
         if fusion not in FUSIONS:
             raise ValueError(f"fusion {fusion!r} is not supported; accepted: {', '.join(FUSIONS)}")
         if expansion is not None and expansion not in EXPANSIONS:
-            raise ValueError(f"query expansion {expansion!r} is not supported; accepted: {', '.join(EXPANSIONS)} or None")
+            raise ValueError(
+                f"query expansion {expansion!r} is not supported; accepted: {', '.join(EXPANSIONS)} or None"
+            )
         if expansion in ("hyde", "multi_query") and self.generator is None:
-            raise ValueError(f"expansion {expansion!r} needs a generator; pass Retriever(..., generator=...) or use 'prf'")
+            raise ValueError(
+                f"expansion {expansion!r} needs a generator; pass Retriever(..., generator=...) or use 'prf'"
+            )
         if rerank and self.reranker is None:
-            raise ValueError("rerank=True needs a re-ranker; pass Retriever(..., reranker=LateInteractionReranker() or CrossEncoderReranker(dir))")
+            raise ValueError(
+                "rerank=True needs a re-ranker; pass Retriever(..., reranker=LateInteractionReranker() or CrossEncoderReranker(dir))"
+            )
         if rerank_fusion not in ("rrf", "replace"):
             raise ValueError(f"rerank_fusion {rerank_fusion!r} is not supported; accepted: rrf, replace")
         if mmr_lambda is not None and not 0.0 <= mmr_lambda <= 1.0:
@@ -267,8 +292,9 @@ class Retriever:
         if duplicates not in DUPLICATES:
             raise ValueError(f"duplicates {duplicates!r} is not supported; accepted: {', '.join(DUPLICATES)}")
         depth = max(depth, k, rerank_depth if rerank else 0)
-        options = dict(mode=mode, fusion=fusion, weights=weights, depth=depth, rrf_k=rrf_k, filters=filters,
-                       word_forms=word_forms)
+        options = dict(
+            mode=mode, fusion=fusion, weights=weights, depth=depth, rrf_k=rrf_k, filters=filters, word_forms=word_forms
+        )
         if expansion is None:
             ranked = self.rank(query, **options)
         elif expansion == "prf":
@@ -293,8 +319,15 @@ class Retriever:
             ranked = ranked[: adaptive_cutoff([s for _, s in ranked], min_score_ratio)]
         return [Hit(self.index.chunks[i], float(s), i, details=details.get(i, {})) for i, s in ranked]
 
-    def _prf_rank(self, query: str, fb_docs: int = 5, fb_terms: int = 10, original_weight: float = 0.5,
-                  rocchio_beta: float = 0.5, **options) -> list[tuple[int, float]]:
+    def _prf_rank(
+        self,
+        query: str,
+        fb_docs: int = 5,
+        fb_terms: int = 10,
+        original_weight: float = 0.5,
+        rocchio_beta: float = 0.5,
+        **options,
+    ) -> list[tuple[int, float]]:
         """Pseudo-relevance feedback: a first pass, then RM3 for BM25 and Rocchio for the dense vector."""
         first = self.rank(query, **options)[:fb_docs]
         if not first:
@@ -316,10 +349,19 @@ class Retriever:
             qvec = rocchio_vector(self.embed_query(query), self.index.embeddings[positions], weights, rocchio_beta)
         return self.rank(query, query_vector=qvec, sparse_scores=sparse, **options)
 
-    def rank(self, query: str, mode: str = "hybrid", fusion: str = "rrf", weights: tuple[float, float] = (0.5, 0.5),
-             depth: int = 50, rrf_k: int = 60, query_vector: np.ndarray | None = None,
-             sparse_scores: list[tuple[int, float]] | None = None, filters=None,
-             word_forms: bool = True) -> list[tuple[int, float]]:
+    def rank(
+        self,
+        query: str,
+        mode: str = "hybrid",
+        fusion: str = "rrf",
+        weights: tuple[float, float] = (0.5, 0.5),
+        depth: int = 50,
+        rrf_k: int = 60,
+        query_vector: np.ndarray | None = None,
+        sparse_scores: list[tuple[int, float]] | None = None,
+        filters=None,
+        word_forms: bool = True,
+    ) -> list[tuple[int, float]]:
         """(chunk position, score) best first: the first stage, without re-ranking. `query_vector`
         replaces the query's embedding (HyDE, Rocchio); `sparse_scores` replaces BM25's list (RM3).
         `word_forms` lets BM25 match other inflected forms of the query's words (`word_form_search`)."""
@@ -331,8 +373,11 @@ class Retriever:
             dense = self.index.dense_search(qvec, depth, **extra)
         if mode != "dense":
             if sparse_scores is None:
-                sparse_scores = (self.word_form_search(query, depth, filters) if word_forms
-                                 else self.index.sparse_search(query, depth, **extra))
+                sparse_scores = (
+                    self.word_form_search(query, depth, filters)
+                    if word_forms
+                    else self.index.sparse_search(query, depth, **extra)
+                )
             sparse = sparse_scores
         if mode == "dense":
             return dense
@@ -447,8 +492,11 @@ class Retriever:
             if hop == hops - 1:
                 break
             passages = [h.chunk.text for h in hits[:3]]
-            rewrite = (generative_rewrite(self.generator, query, passages) if self.generator is not None
-                       else extractive_rewrite(query, passages))
+            rewrite = (
+                generative_rewrite(self.generator, query, passages)
+                if self.generator is not None
+                else extractive_rewrite(query, passages)
+            )
             if not rewrite or rewrite in queries:
                 break
             queries.append(rewrite)
@@ -456,8 +504,9 @@ class Retriever:
         return [Hit(self.index.chunks[i], float(s), i, hop=first_hop[i]) for i, s in fused], queries
 
 
-def index_documents(paths: Sequence[str | Path], embedder: Embedder, strategy: str = "auto",
-                    **build_options) -> tuple[HybridIndex, list[tuple[str, str]]]:
+def index_documents(
+    paths: Sequence[str | Path], embedder: Embedder, strategy: str = "auto", **build_options
+) -> tuple[HybridIndex, list[tuple[str, str]]]:
     """Load, chunk and index files and folders; returns the index and the skipped files with reasons."""
     if not paths:
         raise ValueError("no paths given; pass files or folders of .txt, .md, .html, .pdf or .docx documents")
@@ -467,19 +516,23 @@ def index_documents(paths: Sequence[str | Path], embedder: Embedder, strategy: s
 
 # -- opening indexes, and the embedded index over genforge's own docs ---------------------------
 
+
 def embedder_for_index(directory: str | Path, encoder: str | Path | None = None) -> Embedder:
     """The `EncoderEmbedder` matching the model named in an index's manifest (same encoder and
     token window), so that queries land in the index's vector space."""
     manifest_path = Path(directory) / MANIFEST
     if not manifest_path.is_file():
-        raise RagIndexError(f"{directory} is not a genforge RAG index (no {MANIFEST}); build one with `genforge rag index`")
+        raise RagIndexError(
+            f"{directory} is not a genforge RAG index (no {MANIFEST}); build one with `genforge rag index`"
+        )
     model = json.loads(manifest_path.read_text())["embedding_model"]
     window = re.search(r"/max(\d+)$", model)
     embedder = EncoderEmbedder(encoder, max_tokens=int(window.group(1)) if window else None)
     if embedder.name != model:
         hint = "pass --encoder with the encoder directory it was built with" if encoder is None else "rebuild the index"
-        raise RagIndexError(f"{directory} was built with embedding model {model!r}; the encoder at hand is "
-                            f"{embedder.name!r}; {hint}")
+        raise RagIndexError(
+            f"{directory} was built with embedding model {model!r}; the encoder at hand is {embedder.name!r}; {hint}"
+        )
     return embedder
 
 
@@ -503,11 +556,15 @@ def docs_dir() -> Path:
     for directory in candidates:
         if directory.is_dir() and any(directory.glob("*.md")):
             return directory
-    raise FileNotFoundError(f"genforge's docs folder was not found (looked in {', '.join(map(str, candidates))}); "
-                            "set GENFORGE_DOCS to it, or pass --index DIR built with `genforge rag index`")
+    raise FileNotFoundError(
+        f"genforge's docs folder was not found (looked in {', '.join(map(str, candidates))}); "
+        "set GENFORGE_DOCS to it, or pass --index DIR built with `genforge rag index`"
+    )
 
 
-def default_docs_index(embedder: Embedder | None = None, docs: str | Path | None = None) -> tuple[HybridIndex, Embedder]:
+def default_docs_index(
+    embedder: Embedder | None = None, docs: str | Path | None = None
+) -> tuple[HybridIndex, Embedder]:
     """The embedded index over genforge's docs, built on first use into the user cache.
 
     Its directory name carries a digest of the docs' bytes and the embedding model, so an edited
@@ -534,8 +591,9 @@ def default_docs_index(embedder: Embedder | None = None, docs: str | Path | None
     return index, embedder
 
 
-def open_retriever(index_dir: str | Path | None = None, encoder: str | Path | None = None, generator=None,
-                   reranker=None) -> Retriever:
+def open_retriever(
+    index_dir: str | Path | None = None, encoder: str | Path | None = None, generator=None, reranker=None
+) -> Retriever:
     """A `Retriever` over a saved index (its embedder chosen from its manifest), or over the
     embedded docs index when `index_dir` is None. `reranker` is a re-ranker or a spec for
     `make_reranker` ("late" shares the index's encoder instead of loading a second copy)."""
@@ -549,8 +607,9 @@ def open_retriever(index_dir: str | Path | None = None, encoder: str | Path | No
     if reranker == "late":
         # Passage token vectors persist in the user cache, keyed by the embedding model.
         key = hashlib.sha256(embedder.name.encode()).hexdigest()[:16]
-        reranker = LateInteractionReranker(TokenEmbedder(getattr(embedder, "encoder", None)),
-                                           cache_path=cache_dir() / "rag" / f"late-tokens-{key}.npz")
+        reranker = LateInteractionReranker(
+            TokenEmbedder(getattr(embedder, "encoder", None)), cache_path=cache_dir() / "rag" / f"late-tokens-{key}.npz"
+        )
     return Retriever(index, embedder, generator=generator, reranker=reranker)
 
 

@@ -43,7 +43,46 @@ CREATE TABLE IF NOT EXISTS turns (
 );
 """
 # Words of a question that say what is asked, not what it is about.
-_GENERIC = frozenset(["work", "works", "working", "explain", "describe", "difference", "differ", "use", "used", "using", "mean", "means", "meaning", "define", "definition", "tell", "give", "example", "examples", "role", "purpose", "compare", "versus", "vs", "help", "helps", "good", "bad", "better", "best", "main", "key", "idea", "ideas", "happen", "happens"])
+_GENERIC = frozenset(
+    [
+        "work",
+        "works",
+        "working",
+        "explain",
+        "describe",
+        "difference",
+        "differ",
+        "use",
+        "used",
+        "using",
+        "mean",
+        "means",
+        "meaning",
+        "define",
+        "definition",
+        "tell",
+        "give",
+        "example",
+        "examples",
+        "role",
+        "purpose",
+        "compare",
+        "versus",
+        "vs",
+        "help",
+        "helps",
+        "good",
+        "bad",
+        "better",
+        "best",
+        "main",
+        "key",
+        "idea",
+        "ideas",
+        "happen",
+        "happens",
+    ]
+)
 _PRONOUN = re.compile(r"\b(its|their|it|they|them)\b", re.IGNORECASE)
 _FOLLOWUP_START = re.compile(r"^\s*(what about|how about|and|also|what of|same for|and what about)\b", re.IGNORECASE)
 _DEMONSTRATIVE = re.compile(r"\b(this|that|these|those)\b", re.IGNORECASE)
@@ -87,7 +126,9 @@ def rewrite_followup(question: str, history: Sequence[Turn], generator=None, max
     asked = set(content_words(question))
     if set(topic.split()) <= asked:
         return question  # already names the topic
-    replaced = _PRONOUN.sub(lambda m: f"{topic}'s" if m.group(1).lower() in ("its", "their") else topic, question, count=1)
+    replaced = _PRONOUN.sub(
+        lambda m: f"{topic}'s" if m.group(1).lower() in ("its", "their") else topic, question, count=1
+    )
     if replaced != question:
         return replaced
     if _FOLLOWUP_START.search(question) or _DEMONSTRATIVE.search(question):
@@ -108,13 +149,17 @@ class SessionStore:
             raise ValueError(f"{self.path} is not a genforge session database (SQLite said: {err})") from None
         if version > SCHEMA_VERSION:
             self.db.close()
-            raise ValueError(f"{self.path} uses session schema version {version}; this genforge reads up to "
-                             f"{SCHEMA_VERSION}. Upgrade genforge or use another --sessions file.")
+            raise ValueError(
+                f"{self.path} uses session schema version {version}; this genforge reads up to "
+                f"{SCHEMA_VERSION}. Upgrade genforge or use another --sessions file."
+            )
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if version == 0 and tables - {"sessions", "turns"}:
             self.db.close()
-            raise ValueError(f"{self.path} is an SQLite file of something else (tables {sorted(tables)}); "
-                             "give a new or existing genforge session file")
+            raise ValueError(
+                f"{self.path} is an SQLite file of something else (tables {sorted(tables)}); "
+                "give a new or existing genforge session file"
+            )
         with self.db:
             self.db.executescript(_SCHEMA)
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -133,8 +178,10 @@ class SessionStore:
         return [r[0] for r in self.db.execute("SELECT id FROM sessions ORDER BY created, id")]
 
     def history(self, session_id: str) -> list[Turn]:
-        rows = self.db.execute("SELECT turn, question, query, answer, covered, citations FROM turns "
-                               "WHERE session_id = ? ORDER BY turn", (session_id,))
+        rows = self.db.execute(
+            "SELECT turn, question, query, answer, covered, citations FROM turns WHERE session_id = ? ORDER BY turn",
+            (session_id,),
+        )
         return [Turn(t, q, qq, a, bool(c), json.loads(cits)) for t, q, qq, a, c, cits in rows]
 
     def add_turn(self, session_id: str, question: str, query: str, answer: Answer) -> Turn:
@@ -142,13 +189,26 @@ class SessionStore:
             raise ValueError("a session needs a non-empty name")
         with self.db:  # one transaction: the session row and its turn land together or not at all
             self.db.execute("INSERT OR IGNORE INTO sessions (id, created) VALUES (?, ?)", (session_id, time.time()))
-            turn = self.db.execute("SELECT COALESCE(MAX(turn), 0) + 1 FROM turns WHERE session_id = ?",
-                                   (session_id,)).fetchone()[0]
-            citations = [{"number": c.number, "source": c.source, "start": c.start, "end": c.end, "title": c.title}
-                         for c in answer.citations]
-            self.db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (session_id, turn, question, query, answer.text, int(answer.covered), json.dumps(citations),
-                             time.time()))
+            turn = self.db.execute(
+                "SELECT COALESCE(MAX(turn), 0) + 1 FROM turns WHERE session_id = ?", (session_id,)
+            ).fetchone()[0]
+            citations = [
+                {"number": c.number, "source": c.source, "start": c.start, "end": c.end, "title": c.title}
+                for c in answer.citations
+            ]
+            self.db.execute(
+                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    session_id,
+                    turn,
+                    question,
+                    query,
+                    answer.text,
+                    int(answer.covered),
+                    json.dumps(citations),
+                    time.time(),
+                ),
+            )
         return Turn(turn, question, query, answer.text, answer.covered, citations)
 
     def delete(self, session_id: str) -> None:

@@ -30,8 +30,9 @@ class VectorStore(Protocol):
 
     def add(self, ids: np.ndarray, vectors: np.ndarray, chunks: Sequence[Chunk]) -> None: ...
     def remove(self, ids: np.ndarray) -> None: ...
-    def search(self, query: np.ndarray, k: int, filters: Mapping[str, tuple] | None,
-               allowed_ids: np.ndarray | None) -> list[tuple[int, float]]: ...
+    def search(
+        self, query: np.ndarray, k: int, filters: Mapping[str, tuple] | None, allowed_ids: np.ndarray | None
+    ) -> list[tuple[int, float]]: ...
     def count(self) -> int: ...
     def set_search_options(self, nprobe: int | None = None, ef_search: int | None = None) -> None: ...
     def save(self, directory: Path) -> dict: ...
@@ -64,8 +65,16 @@ class FaissStore:
         self.tombstones = np.array(sorted(set(int(i) for i in tombstones)), np.int64)
 
     @classmethod
-    def create(cls, vectors: np.ndarray, ids: np.ndarray, kind: str, hnsw_m: int = 32, ivf_nlist: int | None = None,
-               ivf_nprobe: int | None = None, hnsw_ef_search: int = 128) -> FaissStore:
+    def create(
+        cls,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        kind: str,
+        hnsw_m: int = 32,
+        ivf_nlist: int | None = None,
+        ivf_nprobe: int | None = None,
+        hnsw_ef_search: int = 128,
+    ) -> FaissStore:
         import faiss
 
         dim = vectors.shape[1]
@@ -81,8 +90,10 @@ class FaissStore:
             if nlist < 1:
                 raise RagIndexError(f"IVF nlist must be >= 1, got {nlist}")
             if n < nlist:
-                raise RagIndexError(f"IVF with nlist={nlist} needs at least {nlist} vectors to train its k-means quantizer "
-                                    f"(better {IVF_POINTS_PER_LIST * nlist}); got {n}. Use a smaller ivf_nlist, or dense='flat'")
+                raise RagIndexError(
+                    f"IVF with nlist={nlist} needs at least {nlist} vectors to train its k-means quantizer "
+                    f"(better {IVF_POINTS_PER_LIST * nlist}); got {n}. Use a smaller ivf_nlist, or dense='flat'"
+                )
             if ivf_nprobe is not None and ivf_nprobe < 1:
                 raise RagIndexError(f"IVF nprobe must be >= 1, got {ivf_nprobe}")
             quantizer = faiss.IndexFlatIP(dim)
@@ -146,7 +157,9 @@ class FaissStore:
         self.tombstones = np.zeros(0, np.int64)
         self.add(kept_ids[keep], vectors, ())
 
-    def search(self, query: np.ndarray, k: int, filters=None, allowed_ids: np.ndarray | None = None) -> list[tuple[int, float]]:
+    def search(
+        self, query: np.ndarray, k: int, filters=None, allowed_ids: np.ndarray | None = None
+    ) -> list[tuple[int, float]]:
         import faiss
 
         k = min(k, self.count())
@@ -168,7 +181,9 @@ class FaissStore:
             if self.kind == "ivf":
                 params = faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
             elif self.kind == "hnsw":
-                params = faiss.SearchParametersHNSW(sel=selector, efSearch=faiss.downcast_index(self.index.index).hnsw.efSearch)
+                params = faiss.SearchParametersHNSW(
+                    sel=selector, efSearch=faiss.downcast_index(self.index.index).hnsw.efSearch
+                )
             else:
                 params = faiss.SearchParameters(sel=selector)
             # `selector` stays referenced in this frame until the search returns (FAISS holds a raw pointer).

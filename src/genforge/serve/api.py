@@ -82,10 +82,18 @@ def create_app(
     (None: unbounded). ``request_timeout``: seconds a request may take (None: no limit).
     ``max_model_len`` and ``eos_token_ids`` default to what each engine reports.
     """
-    state = ServerState.build(engine, tokenizers=tokenizers, api_keys=api_keys, rate_limit=rate_limit,
-                              max_queue=max_queue, request_timeout=request_timeout,
-                              embedding_models=embedding_models, max_model_len=max_model_len,
-                              eos_token_ids=eos_token_ids, clock=clock)
+    state = ServerState.build(
+        engine,
+        tokenizers=tokenizers,
+        api_keys=api_keys,
+        rate_limit=rate_limit,
+        max_queue=max_queue,
+        request_timeout=request_timeout,
+        embedding_models=embedding_models,
+        max_model_len=max_model_len,
+        eos_token_ids=eos_token_ids,
+        clock=clock,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -95,15 +103,24 @@ def create_app(
         state.draining = True
         await engine.shutdown(drain_timeout=drain_timeout)
 
-    app = FastAPI(title="genforge", version="0.1.0", lifespan=lifespan,
-                  description="OpenAI-compatible completions, chat completions and embeddings.")
+    app = FastAPI(
+        title="genforge",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="OpenAI-compatible completions, chat completions and embeddings.",
+    )
     app.state.server = state
     app.state.metrics = state.metrics
     app.state.queue = state.queue
     app.state.engine = engine
-    app.openapi = openapi_with_openai_errors(app, {"CompletionRequest": state.generation_models,
-                                                    "ChatCompletionRequest": state.generation_models,
-                                                    "EmbeddingRequest": list(state.embedding_models)})
+    app.openapi = openapi_with_openai_errors(
+        app,
+        {
+            "CompletionRequest": state.generation_models,
+            "ChatCompletionRequest": state.generation_models,
+            "EmbeddingRequest": list(state.embedding_models),
+        },
+    )
     _add_error_handlers(app, state)
     _add_routes(app, state)
     return app
@@ -210,8 +227,9 @@ def app_from_directories(
     engines, tokenizers = {}, {}
     for name, directory in models.items():
         loaded = load_for_inference(directory, dtype=dtype, device=device)
-        engines[name] = Engine(loaded.model, loaded.tokenizer, eos_token_ids=loaded.eos_token_ids,
-                               **dict(engine_options or {}))
+        engines[name] = Engine(
+            loaded.model, loaded.tokenizer, eos_token_ids=loaded.eos_token_ids, **dict(engine_options or {})
+        )
         tokenizers[name] = loaded.tokenizer
     encoders = {name: SentenceEncoder(directory, device=device) for name, directory in (embedding_models or {}).items()}
     return create_app(AsyncEngine(engines), tokenizers=tokenizers, embedding_models=encoders, **app_options)

@@ -30,14 +30,24 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["RequestRecord", "Workload", "random_workload", "poisson_offsets", "summarize", "markdown_report",
-           "run_rate", "benchmark_serving"]
+__all__ = [
+    "RequestRecord",
+    "Workload",
+    "random_workload",
+    "poisson_offsets",
+    "summarize",
+    "markdown_report",
+    "run_rate",
+    "benchmark_serving",
+]
 
 # Common English words: a prompt of N of them is about N tokens for most tokenizers.
-_WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-          "government company number group problem fact be have do say get make go know take see come think look "
-          "want give use find tell ask seem feel try leave call good new first last long great little own other "
-          "old right big high different small large next early young important few public bad same able").split()
+_WORDS = (
+    "time person year way day thing man world life hand part child eye woman place work week case point "
+    "government company number group problem fact be have do say get make go know take see come think look "
+    "want give use find tell ask seem feel try leave call good new first last long great little own other "
+    "old right big high different small large next early young important few public bad same able"
+).split()
 
 
 @dataclass
@@ -59,8 +69,14 @@ class RequestRecord:
         if not token_times:
             return cls(prompt_tokens=prompt_tokens, error="no tokens")
         times = list(token_times)
-        return cls(prompt_tokens=prompt_tokens, output_tokens=len(times), ttft=times[0] - arrival,
-                   itl=[b - a for a, b in zip(times, times[1:])], e2e=times[-1] - arrival, ok=True)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            output_tokens=len(times),
+            ttft=times[0] - arrival,
+            itl=[b - a for a, b in zip(times, times[1:])],
+            e2e=times[-1] - arrival,
+            ok=True,
+        )
 
     @property
     def tpot(self) -> float | None:
@@ -75,8 +91,9 @@ class Workload:
     max_tokens: int
 
 
-def random_workload(num_requests: int, input_len: int, output_len: int, range_ratio: float = 0.5,
-                    seed: int = 0) -> list[Workload]:
+def random_workload(
+    num_requests: int, input_len: int, output_len: int, range_ratio: float = 0.5, seed: int = 0
+) -> list[Workload]:
     """``num_requests`` prompts of about ``input_len`` words and output limits around
     ``output_len``, each drawn uniformly from ``[len * (1 - range_ratio), len * (1 + range_ratio)]``."""
     if num_requests < 1 or input_len < 1 or output_len < 1:
@@ -88,8 +105,10 @@ def random_workload(num_requests: int, input_len: int, output_len: int, range_ra
     def draw(mean: int) -> int:
         return rng.randint(max(1, math.floor(mean * (1 - range_ratio))), max(1, math.ceil(mean * (1 + range_ratio))))
 
-    return [Workload(" ".join(rng.choice(_WORDS) for _ in range(draw(input_len))), draw(output_len))
-            for _ in range(num_requests)]
+    return [
+        Workload(" ".join(rng.choice(_WORDS) for _ in range(draw(input_len))), draw(output_len))
+        for _ in range(num_requests)
+    ]
 
 
 def poisson_offsets(num_requests: int, rate: float, seed: int = 0) -> list[float]:
@@ -107,8 +126,12 @@ def _stats(values: Sequence[float]) -> dict:
     if not values:
         return {"mean_ms": None, "p50_ms": None, "p90_ms": None, "p99_ms": None}
     array = np.asarray(values, dtype=np.float64) * 1000.0
-    return {"mean_ms": float(array.mean()), "p50_ms": float(np.percentile(array, 50)),
-            "p90_ms": float(np.percentile(array, 90)), "p99_ms": float(np.percentile(array, 99))}
+    return {
+        "mean_ms": float(array.mean()),
+        "p50_ms": float(np.percentile(array, 50)),
+        "p90_ms": float(np.percentile(array, 90)),
+        "p99_ms": float(np.percentile(array, 99)),
+    }
 
 
 def summarize(records: Sequence[RequestRecord], duration: float) -> dict:
@@ -140,8 +163,10 @@ def markdown_report(results: Sequence[dict], title: str = "Serving benchmark") -
     def ms(value):
         return "-" if value is None else f"{value:.1f}"
 
-    header = ("| run | rate (req/s) | done | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
-              "ITL p50 | ITL p99 | e2e p50 | e2e p99 |")
+    header = (
+        "| run | rate (req/s) | done | req/s | out tok/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | "
+        "ITL p50 | ITL p99 | e2e p50 | e2e p99 |"
+    )
     lines = [f"## {title}", "", header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(
@@ -149,16 +174,27 @@ def markdown_report(results: Sequence[dict], title: str = "Serving benchmark") -
             f"{r['request_throughput']:.2f} | {r['output_tokens_per_s']:.1f} | "
             f"{ms(r['ttft']['p50_ms'])} | {ms(r['ttft']['p99_ms'])} | {ms(r['tpot']['p50_ms'])} | "
             f"{ms(r['tpot']['p99_ms'])} | {ms(r['itl']['p50_ms'])} | {ms(r['itl']['p99_ms'])} | "
-            f"{ms(r['e2e']['p50_ms'])} | {ms(r['e2e']['p99_ms'])} |")
-    lines += ["", ("Latencies in milliseconds. TTFT: time to first token; TPOT: time per output token after the "
-                   "first; ITL: gap between streamed chunks; e2e: whole request.")]
+            f"{ms(r['e2e']['p50_ms'])} | {ms(r['e2e']['p99_ms'])} |"
+        )
+    lines += [
+        "",
+        (
+            "Latencies in milliseconds. TTFT: time to first token; TPOT: time per output token after the "
+            "first; ITL: gap between streamed chunks; e2e: whole request."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
 async def _one(client, endpoint: str, model: str, item: Workload, ignore_eos: bool, headers: dict) -> RequestRecord:
     record = RequestRecord()
-    body: dict = {"model": model, "max_tokens": item.max_tokens, "stream": True, "temperature": 0.0,
-                  "stream_options": {"include_usage": True}}
+    body: dict = {
+        "model": model,
+        "max_tokens": item.max_tokens,
+        "stream": True,
+        "temperature": 0.0,
+        "stream_options": {"include_usage": True},
+    }
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": item.prompt}]
         path = "/v1/chat/completions"
@@ -205,9 +241,19 @@ async def _one(client, endpoint: str, model: str, item: Workload, ignore_eos: bo
     return record
 
 
-async def run_rate(url: str, model: str, workload: Sequence[Workload], rate: float, *, endpoint: str = "completions",
-                   max_concurrency: int | None = None, ignore_eos: bool = True, api_key: str | None = None,
-                   seed: int = 0, timeout: float = 600.0) -> tuple[list[RequestRecord], float]:
+async def run_rate(
+    url: str,
+    model: str,
+    workload: Sequence[Workload],
+    rate: float,
+    *,
+    endpoint: str = "completions",
+    max_concurrency: int | None = None,
+    ignore_eos: bool = True,
+    api_key: str | None = None,
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> tuple[list[RequestRecord], float]:
     """Send ``workload`` at Poisson ``rate``; returns one record per request and the run's duration."""
     import httpx2
 
@@ -215,9 +261,11 @@ async def run_rate(url: str, model: str, workload: Sequence[Workload], rate: flo
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     connections = max_concurrency or len(workload)
-    async with httpx2.AsyncClient(base_url=url.rstrip("/"), timeout=timeout,
-                                  limits=httpx2.Limits(max_connections=connections,
-                                                       max_keepalive_connections=connections)) as client:
+    async with httpx2.AsyncClient(
+        base_url=url.rstrip("/"),
+        timeout=timeout,
+        limits=httpx2.Limits(max_connections=connections, max_keepalive_connections=connections),
+    ) as client:
         start = time.perf_counter()
 
         async def launch(offset: float, item: Workload) -> RequestRecord:
@@ -232,11 +280,22 @@ async def run_rate(url: str, model: str, workload: Sequence[Workload], rate: flo
     return list(records), duration
 
 
-def benchmark_serving(url: str, *, model: str | None = None, rates: Sequence[float] = (math.inf,),
-                      num_requests: int = 64, input_len: int = 128, output_len: int = 128,
-                      range_ratio: float = 0.5, endpoint: str = "completions", max_concurrency: int | None = None,
-                      ignore_eos: bool = True, api_key: str | None = None, seed: int = 0,
-                      timeout: float = 600.0) -> dict:
+def benchmark_serving(
+    url: str,
+    *,
+    model: str | None = None,
+    rates: Sequence[float] = (math.inf,),
+    num_requests: int = 64,
+    input_len: int = 128,
+    output_len: int = 128,
+    range_ratio: float = 0.5,
+    endpoint: str = "completions",
+    max_concurrency: int | None = None,
+    ignore_eos: bool = True,
+    api_key: str | None = None,
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> dict:
     """Run the same random workload at each rate; returns ``{"settings", "results"}``."""
     import httpx2
 
@@ -248,21 +307,43 @@ def benchmark_serving(url: str, *, model: str | None = None, rates: Sequence[flo
             listed = httpx2.get(url.rstrip("/") + "/v1/models", headers=headers, timeout=30)
             listed.raise_for_status()
         except httpx2.HTTPError as err:  # an OSError reaches the CLI as one line, not a traceback
-            raise ConnectionError(f"cannot list the models of {url} ({err}); is the server running there, and is "
-                                  "the API key right? Or name the model with --model") from None
+            raise ConnectionError(
+                f"cannot list the models of {url} ({err}); is the server running there, and is "
+                "the API key right? Or name the model with --model"
+            ) from None
         model = listed.json()["data"][0]["id"]
     workload = random_workload(num_requests, input_len, output_len, range_ratio, seed)
     results = []
     for rate in rates:
-        records, duration = asyncio.run(run_rate(url, model, workload, rate, endpoint=endpoint,
-                                                 max_concurrency=max_concurrency, ignore_eos=ignore_eos,
-                                                 api_key=api_key, seed=seed, timeout=timeout))
+        records, duration = asyncio.run(
+            run_rate(
+                url,
+                model,
+                workload,
+                rate,
+                endpoint=endpoint,
+                max_concurrency=max_concurrency,
+                ignore_eos=ignore_eos,
+                api_key=api_key,
+                seed=seed,
+                timeout=timeout,
+            )
+        )
         summary = summarize(records, duration)
         summary.update(rate="inf" if math.isinf(rate) else rate, label=f"{model} @ {rate:g}/s")
         results.append(summary)
-    settings = {"url": url, "model": model, "endpoint": endpoint, "num_requests": num_requests,
-                "input_len": input_len, "output_len": output_len, "range_ratio": range_ratio,
-                "max_concurrency": max_concurrency, "ignore_eos": ignore_eos, "seed": seed}
+    settings = {
+        "url": url,
+        "model": model,
+        "endpoint": endpoint,
+        "num_requests": num_requests,
+        "input_len": input_len,
+        "output_len": output_len,
+        "range_ratio": range_ratio,
+        "max_concurrency": max_concurrency,
+        "ignore_eos": ignore_eos,
+        "seed": seed,
+    }
     return {"settings": settings, "results": results}
 
 

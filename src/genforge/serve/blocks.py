@@ -120,8 +120,9 @@ class BlockManager:
             hashes.append(digest)
         return blocks, hashes
 
-    def cache_full_blocks(self, token_ids: Sequence[int], block_table: Sequence[int], num_computed: int,
-                          hashes: list[int]) -> None:
+    def cache_full_blocks(
+        self, token_ids: Sequence[int], block_table: Sequence[int], num_computed: int, hashes: list[int]
+    ) -> None:
         """Publish a sequence's computed full blocks; `hashes` (its hash chain so far, one
         per block already published) is extended in place.
 

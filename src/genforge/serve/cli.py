@@ -58,34 +58,57 @@ def cmd_serve(args) -> int:
     models = _named_dirs(args.model, "--model")
     embedders = _named_dirs(args.embedding_model, "--embedding-model")
     rate_limit = parse_rate_limit(args.rate_limit, args.rate_limit_burst) if args.rate_limit else None
-    for flag, value in (("--max-queue", args.max_queue), ("--max-num-seqs", args.max_num_seqs),
-                        ("--max-num-batched-tokens", args.max_num_batched_tokens), ("--block-size", args.block_size)):
+    for flag, value in (
+        ("--max-queue", args.max_queue),
+        ("--max-num-seqs", args.max_num_seqs),
+        ("--max-num-batched-tokens", args.max_num_batched_tokens),
+        ("--block-size", args.block_size),
+    ):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.timeout is not None and args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     keys = _api_keys(args)
-    engine_options = {"block_size": args.block_size, "num_blocks": args.num_blocks, "max_num_seqs": args.max_num_seqs,
-                      "max_num_batched_tokens": args.max_num_batched_tokens,
-                      "enable_prefix_caching": not args.no_prefix_caching}
+    engine_options = {
+        "block_size": args.block_size,
+        "num_blocks": args.num_blocks,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enable_prefix_caching": not args.no_prefix_caching,
+    }
     if args.max_model_len is not None:
         engine_options["max_model_len"] = args.max_model_len
     if args.resident_kv_mib is not None:
         if args.resident_kv_mib < 0:
-            raise ValueError(f"--resident-kv-mib must be >= 0 (0 turns resident buffers off), got {args.resident_kv_mib}")
+            raise ValueError(
+                f"--resident-kv-mib must be >= 0 (0 turns resident buffers off), got {args.resident_kv_mib}"
+            )
         engine_options["resident_kv_memory"] = int(args.resident_kv_mib * 2**20)
     with console.status(f"loading {', '.join(models)}"):
-        app = app_from_directories(models, embedding_models=embedders, dtype=args.dtype, device=args.device,
-                                   engine_options=engine_options, api_keys=keys, rate_limit=rate_limit,
-                                   max_queue=args.max_queue, request_timeout=args.timeout,
-                                   drain_timeout=args.drain_timeout)
+        app = app_from_directories(
+            models,
+            embedding_models=embedders,
+            dtype=args.dtype,
+            device=args.device,
+            engine_options=engine_options,
+            api_keys=keys,
+            rate_limit=rate_limit,
+            max_queue=args.max_queue,
+            request_timeout=args.timeout,
+            drain_timeout=args.drain_timeout,
+        )
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning: listening on {args.host} without API keys: anyone who can reach the port "
-                      "can use the models (--api-key or GENFORGE_API_KEYS)[/yellow]")
-    console.print(f"serving {', '.join([*models, *embedders])} on http://{args.host}:{args.port}/v1 "
-                  f"({'API keys required' if keys else 'no API key needed'}); Ctrl-C or SIGTERM drains and stops")
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout)
+        console.print(
+            f"[yellow]warning: listening on {args.host} without API keys: anyone who can reach the port "
+            "can use the models (--api-key or GENFORGE_API_KEYS)[/yellow]"
+        )
+    console.print(
+        f"serving {', '.join([*models, *embedders])} on http://{args.host}:{args.port}/v1 "
+        f"({'API keys required' if keys else 'no API key needed'}); Ctrl-C or SIGTERM drains and stops"
+    )
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.drain_timeout
+    )
     return 0
 
 
@@ -94,14 +117,25 @@ def cmd_bench_serve(args) -> int:
     from .bench import benchmark_serving, markdown_report
 
     rates = _rates(args.rates)
-    key = args.api_key or next((k.strip() for k in os.environ.get("GENFORGE_API_KEYS", "").split(",") if k.strip()),
-                               None)
+    key = args.api_key or next(
+        (k.strip() for k in os.environ.get("GENFORGE_API_KEYS", "").split(",") if k.strip()), None
+    )
     with console.status(f"benchmarking {args.url} at {args.rates} requests/s"):
-        report = benchmark_serving(args.url, model=args.model, rates=rates, num_requests=args.num_requests,
-                                   input_len=args.input_len, output_len=args.output_len,
-                                   range_ratio=args.range_ratio, endpoint=args.endpoint,
-                                   max_concurrency=args.max_concurrency, ignore_eos=not args.no_ignore_eos,
-                                   api_key=key, seed=args.seed, timeout=args.timeout)
+        report = benchmark_serving(
+            args.url,
+            model=args.model,
+            rates=rates,
+            num_requests=args.num_requests,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            range_ratio=args.range_ratio,
+            endpoint=args.endpoint,
+            max_concurrency=args.max_concurrency,
+            ignore_eos=not args.no_ignore_eos,
+            api_key=key,
+            seed=args.seed,
+            timeout=args.timeout,
+        )
     markdown = markdown_report(report["results"], title=f"Serving benchmark: {report['settings']['model']}")
     print(markdown)
     if args.out:
@@ -120,70 +154,122 @@ def cmd_bench_serve(args) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge serve` and `bench` to the top-level parser."""
     serve = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
+        "serve",
+        help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
         description="Serve one or more models over the OpenAI API: /v1/completions, /v1/chat/completions, "
-                    "/v1/embeddings, /v1/models, /health and Prometheus /metrics (see docs/serving.md).")
+        "/v1/embeddings, /v1/models, /health and Prometheus /metrics (see docs/serving.md).",
+    )
     models = serve.add_argument_group("models")
-    models.add_argument("--model", action="append", default=[], required=True, metavar="[NAME=]DIR",
-                        help="a causal model directory to serve (repeatable); clients pick it by NAME, "
-                             "default the directory's name")
-    models.add_argument("--embedding-model", action="append", default=[], metavar="[NAME=]DIR",
-                        help="an encoder (sentence-transformers or BERT directory) for /v1/embeddings (repeatable)")
+    models.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        required=True,
+        metavar="[NAME=]DIR",
+        help="a causal model directory to serve (repeatable); clients pick it by NAME, default the directory's name",
+    )
+    models.add_argument(
+        "--embedding-model",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="an encoder (sentence-transformers or BERT directory) for /v1/embeddings (repeatable)",
+    )
     models.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto")
     models.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     net = serve.add_argument_group("network and admission")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     net.add_argument("--port", type=int, default=8000)
-    net.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                     help="accept this Bearer key (repeatable; also GENFORGE_API_KEYS=k1,k2); none: no auth")
-    net.add_argument("--rate-limit", default=None, metavar="N/UNIT",
-                     help="per-key token bucket, e.g. 60/min, 5/s, 1000/hour (a bare N is per minute)")
-    net.add_argument("--rate-limit-burst", type=int, default=None,
-                     help="bucket size: requests allowed at once (default: N of --rate-limit)")
-    net.add_argument("--max-queue", type=int, default=256,
-                     help="sequences in flight (running + waiting) before new requests get 429 (default 256)")
+    net.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="accept this Bearer key (repeatable; also GENFORGE_API_KEYS=k1,k2); none: no auth",
+    )
+    net.add_argument(
+        "--rate-limit",
+        default=None,
+        metavar="N/UNIT",
+        help="per-key token bucket, e.g. 60/min, 5/s, 1000/hour (a bare N is per minute)",
+    )
+    net.add_argument(
+        "--rate-limit-burst",
+        type=int,
+        default=None,
+        help="bucket size: requests allowed at once (default: N of --rate-limit)",
+    )
+    net.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="sequences in flight (running + waiting) before new requests get 429 (default 256)",
+    )
     net.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
-    net.add_argument("--drain-timeout", type=float, default=30.0,
-                     help="on shutdown, seconds to let in-flight requests finish (default 30)")
+    net.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on shutdown, seconds to let in-flight requests finish (default 30)",
+    )
     net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     engine = serve.add_argument_group("engine")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
-    engine.add_argument("--num-blocks", type=int, default=None,
-                        help="KV-cache blocks per model (default: enough for --max-num-seqs full contexts, "
-                             "within 2 GiB)")
+    engine.add_argument(
+        "--num-blocks",
+        type=int,
+        default=None,
+        help="KV-cache blocks per model (default: enough for --max-num-seqs full contexts, within 2 GiB)",
+    )
     engine.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch at most (default 64)")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=512,
-                        help="token budget per step; longer prompts are prefilled in chunks (default 512)")
-    engine.add_argument("--max-model-len", type=int, default=None,
-                        help="context length served (default and maximum: the model's)")
-    engine.add_argument("--no-prefix-caching", action="store_true",
-                        help="do not share KV blocks between requests with a common prefix")
-    engine.add_argument("--resident-kv-mib", type=float, default=None,
-                        help="memory for contiguous per-sequence copies of running sequences' keys and values, "
-                             "so decode steps read them without gathering blocks; grown as the batch needs and "
-                             "kept once grown (default: as much as the block pool; 0 turns them off and gathers "
-                             "blocks every step)")
+    engine.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="token budget per step; longer prompts are prefilled in chunks (default 512)",
+    )
+    engine.add_argument(
+        "--max-model-len", type=int, default=None, help="context length served (default and maximum: the model's)"
+    )
+    engine.add_argument(
+        "--no-prefix-caching", action="store_true", help="do not share KV blocks between requests with a common prefix"
+    )
+    engine.add_argument(
+        "--resident-kv-mib",
+        type=float,
+        default=None,
+        help="memory for contiguous per-sequence copies of running sequences' keys and values, "
+        "so decode steps read them without gathering blocks; grown as the batch needs and "
+        "kept once grown (default: as much as the block pool; 0 turns them off and gathers "
+        "blocks every step)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmark commands.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
     load = bench_sub.add_parser(
-        "serve", help="load-test an OpenAI-compatible endpoint",
+        "serve",
+        help="load-test an OpenAI-compatible endpoint",
         description="Poisson arrivals at each rate, random prompt and output lengths, streamed requests; reports "
-                    "TTFT, TPOT, ITL and e2e latency (p50/p99), request throughput and output tokens/s as Markdown "
-                    "(and JSON with --out).")
+        "TTFT, TPOT, ITL and e2e latency (p50/p99), request throughput and output tokens/s as Markdown "
+        "(and JSON with --out).",
+    )
     load.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     load.add_argument("--model", default=None, help="model name (default: the first /v1/models lists)")
     load.add_argument("--rates", default="inf", help="comma-separated requests/s, inf = all at once (default inf)")
     load.add_argument("--num-requests", type=int, default=64, help="requests per rate (default 64)")
     load.add_argument("--input-len", type=int, default=128, help="mean prompt length in words (~tokens)")
     load.add_argument("--output-len", type=int, default=128, help="mean max_tokens per request")
-    load.add_argument("--range-ratio", type=float, default=0.5,
-                      help="lengths are uniform in mean x [1 - r, 1 + r] (default 0.5)")
+    load.add_argument(
+        "--range-ratio", type=float, default=0.5, help="lengths are uniform in mean x [1 - r, 1 + r] (default 0.5)"
+    )
     load.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
     load.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    load.add_argument("--no-ignore-eos", action="store_true",
-                      help="do not send ignore_eos (for servers that refuse vLLM's extensions)")
+    load.add_argument(
+        "--no-ignore-eos",
+        action="store_true",
+        help="do not send ignore_eos (for servers that refuse vLLM's extensions)",
+    )
     load.add_argument("--api-key", default=None, help="Bearer key (default: the first of GENFORGE_API_KEYS)")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")

@@ -29,8 +29,10 @@ class Embedder:
     def of(cls, name: str, model: Any) -> Embedder:
         tokenizer = getattr(model, "tokenizer", None) or getattr(getattr(model, "encoder", None), "tokenizer", None)
         if tokenizer is None or not (hasattr(model, "encode") or hasattr(model, "embed")):
-            raise ValueError(f"embedding model {name!r} must be a genforge SentenceEncoder or EncoderEmbedder "
-                             f"(encode/embed and a tokenizer), got {type(model).__name__}")
+            raise ValueError(
+                f"embedding model {name!r} must be a genforge SentenceEncoder or EncoderEmbedder "
+                f"(encode/embed and a tokenizer), got {type(model).__name__}"
+            )
         return cls(model, tokenizer, int(model.dimension))
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -52,8 +54,11 @@ async def embeddings_response(body: EmbeddingRequest, encoder: Embedder, lock: a
         texts = [decode_prompt(encoder.tokenizer, r, i, param="input") for i, r in enumerate(rows)]
     dimension = int(encoder.dimension)
     if body.dimensions is not None and body.dimensions != dimension:
-        raise bad(f"the model {body.model!r} embeds into {dimension} dimensions; dimensions={body.dimensions} "
-                  "cannot be served (omit it)", "dimensions")
+        raise bad(
+            f"the model {body.model!r} embeds into {dimension} dimensions; dimensions={body.dimensions} "
+            "cannot be served (omit it)",
+            "dimensions",
+        )
     usage = sum(len(ids) for ids in encoder.tokenizer.encode_batch(texts))
     async with lock:
         vectors = await asyncio.to_thread(encoder.embed, texts)
@@ -61,5 +66,9 @@ async def embeddings_response(body: EmbeddingRequest, encoder: Embedder, lock: a
     for i, row in enumerate(vectors):
         value = base64.b64encode(row.tobytes()).decode() if body.encoding_format == "base64" else row.tolist()
         data.append({"object": "embedding", "index": i, "embedding": value})
-    return {"object": "list", "data": data, "model": body.model,
-            "usage": {"prompt_tokens": usage, "total_tokens": usage}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.model,
+        "usage": {"prompt_tokens": usage, "total_tokens": usage},
+    }

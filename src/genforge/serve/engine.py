@@ -182,17 +182,21 @@ class Engine:
                 f"{self.max_model_len}; use at least {least} blocks or a smaller max_model_len"
             )
         if resident_kv_memory is not None and resident_kv_memory < 0:
-            raise ValueError(f"resident_kv_memory must be >= 0 bytes (0 turns resident buffers off), "
-                             f"got {resident_kv_memory}")
+            raise ValueError(
+                f"resident_kv_memory must be >= 0 bytes (0 turns resident buffers off), got {resident_kv_memory}"
+            )
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.cache = PagedKVCache(config, num_blocks, block_size, model.dtype, model.device)
         # Running sequences' keys and values, also kept contiguous so attention needs no gather
         # (resident.ResidentKV). By default it may hold as much as the block pool.
         if resident_kv_memory is None:
             resident_kv_memory = num_blocks * per_block
-        self.resident = ResidentKV(config, resident_kv_memory, model.dtype, model.device) if resident_kv_memory else None
-        self.scheduler: Scheduler[RequestState] = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens,
-                                                            on_release=self._on_release)
+        self.resident = (
+            ResidentKV(config, resident_kv_memory, model.dtype, model.device) if resident_kv_memory else None
+        )
+        self.scheduler: Scheduler[RequestState] = Scheduler(
+            self.blocks, max_num_seqs, max_num_batched_tokens, on_release=self._on_release
+        )
         self._sequences: dict[str, EngineSequence] = {}
         # The processor list of the last batch of rows without per-request extras, and those
         # rows' states in order: the list depends only on which requests the rows are.
@@ -209,9 +213,14 @@ class Engine:
             raise DecodeRequestError("params.max_new_tokens must be set")
         try:
             resolved = DecodeRequest.resolve(
-                self.model, [request.prompt_token_ids], request.params, tokenizer=self.tokenizer,
+                self.model,
+                [request.prompt_token_ids],
+                request.params,
+                tokenizer=self.tokenizer,
                 eos_token_ids=() if request.ignore_eos else sorted(self.eos_token_ids),
-                context_length=self.max_model_len, logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs,
+                context_length=self.max_model_len,
+                logprobs=request.logprobs,
+                prompt_logprobs=request.prompt_logprobs,
             )
         except ContextLengthError as err:  # said in the OpenAI API's words
             total = err.prompt_tokens + err.max_new_tokens
@@ -219,7 +228,9 @@ class Engine:
                 f"this model's maximum context length is {err.context_length} tokens, but {err.prompt_tokens} prompt "
                 f"tokens and {err.max_new_tokens} completion tokens were requested ({total} in total); "
                 "shorten the prompt or lower max_tokens",
-                prompt_tokens=err.prompt_tokens, max_new_tokens=err.max_new_tokens, context_length=err.context_length,
+                prompt_tokens=err.prompt_tokens,
+                max_new_tokens=err.max_new_tokens,
+                context_length=err.context_length,
             ) from None
         if request.request_id in self._sequences:
             raise DecodeRequestError(f"request id {request.request_id!r} is already running")
@@ -236,15 +247,24 @@ class Engine:
         )
         # The batched pipeline's own test: no processor for this row's settings (the vocabulary
         # limit aside, which `_choose` applies to these rows by slicing).
-        state.plain_greedy = params.greedy and not request.processors and not build_batch_processors(
-            [params], [resolved.eos_token_ids], vocab_size=self.config.vocab_size)
+        state.plain_greedy = (
+            params.greedy
+            and not request.processors
+            and not build_batch_processors([params], [resolved.eos_token_ids], vocab_size=self.config.vocab_size)
+        )
         if request.processors:
             state.processors = resolved.logits_processors(request.processors)
         self._arrivals += 1
         if request.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
-        seq = EngineSequence(request.request_id, list(request.prompt_token_ids), len(request.prompt_token_ids),
-                             self._arrivals, reuse_cached_prefix=request.prompt_logprobs is None, state=state)
+        seq = EngineSequence(
+            request.request_id,
+            list(request.prompt_token_ids),
+            len(request.prompt_token_ids),
+            self._arrivals,
+            reuse_cached_prefix=request.prompt_logprobs is None,
+            state=state,
+        )
         self._sequences[request.request_id] = seq
         self.scheduler.add(seq)
         self.prompt_tokens_total += len(request.prompt_token_ids)
@@ -267,11 +287,15 @@ class Engine:
     def stats(self) -> EngineStats:
         counters = self.blocks.counters
         return EngineStats(
-            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-            kv_blocks_total=self.blocks.num_blocks, kv_blocks_used=self.blocks.num_used,
-            prefix_cache_queries=counters.queries, prefix_cache_hits=counters.hits,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_used,
+            prefix_cache_queries=counters.queries,
+            prefix_cache_hits=counters.hits,
             preemptions=self.scheduler.num_preemptions,
-            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
         )
 
     # ------------------------------------------------------------------------ step
@@ -293,8 +317,9 @@ class Engine:
         for chunk in chunks:
             if chunk.num_tokens > 1:
                 state: RequestState = chunk.seq.state
-                logits = self._forward([chunk], chunk.num_tokens, keep_all=state.prompt_logprobs is not None,
-                                       resident=resident)[0]
+                logits = self._forward(
+                    [chunk], chunk.num_tokens, keep_all=state.prompt_logprobs is not None, resident=resident
+                )[0]
                 if state.prompt_logprobs is not None:
                     self._record_prompt_logprobs(chunk, logits)
                 last_logits.append((chunk, logits[-1]))
@@ -326,8 +351,10 @@ class Engine:
         # request may grow. Failing that, what this step needs.
         rows = min(self.scheduler.max_num_seqs, len(running) + len(self.scheduler.waiting))
         coming = itertools.islice(self.scheduler.waiting, rows - len(running))
-        final = max(len(s.token_ids) + s.state.request.params.max_new_tokens - s.state.num_generated
-                    for s in itertools.chain(running, coming))
+        final = max(
+            len(s.token_ids) + s.state.request.params.max_new_tokens - s.state.num_generated
+            for s in itertools.chain(running, coming)
+        )
         final = min(max(final, longest), self.max_model_len)
         if resident.fits(rows, final):
             resident.reserve(rows, final)
@@ -377,8 +404,13 @@ class Engine:
             for row, tokens in zip(view.member_rows, new_ids):
                 rows[row] = tokens
             ids = torch.tensor(rows, dtype=torch.long, device=self.model.device)
-        out = self.model(ids, attention_mask=view.attention_mask, position_ids=view.position_ids, cache=view,
-                         logits_to_keep=0 if keep_all else 1)
+        out = self.model(
+            ids,
+            attention_mask=view.attention_mask,
+            position_ids=view.position_ids,
+            cache=view,
+            logits_to_keep=0 if keep_all else 1,
+        )
         return view.select_members(out.logits) if resident else out.logits
 
     def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
@@ -468,8 +500,9 @@ class Engine:
         rest_states = [states[i] for i in rest]
         rows = raw if len(rest) == len(states) else raw[rest]
         processed = self._process(rows, [seqs[i] for i in rest], rest_states)
-        sampled = sample_next_token(processed, [st.request.params.temperature for st in rest_states],
-                                    [st.generator for st in rest_states]).tolist()
+        sampled = sample_next_token(
+            processed, [st.request.params.temperature for st in rest_states], [st.generator for st in rest_states]
+        ).tolist()
         for i, token in zip(rest, sampled):
             tokens[i] = token
         return tokens
@@ -489,8 +522,9 @@ class Engine:
                     return rows
                 processed[plain] = rows
         for i in special:
-            processed[i] = apply_processors(raw[i : i + 1], self._context([seqs[i]], raw.device),
-                                            states[i].processors)[0]
+            processed[i] = apply_processors(raw[i : i + 1], self._context([seqs[i]], raw.device), states[i].processors)[
+                0
+            ]
         return processed
 
     def _processors_for(self, states: list[RequestState], raw: torch.Tensor) -> list[LogitsProcessor]:
@@ -519,10 +553,17 @@ class Engine:
     def _output(self, seq: EngineSequence, tokens: list[int], text: str, logprobs, reason: str | None) -> RequestOutput:
         state: RequestState = seq.state
         return RequestOutput(
-            request_id=seq.request_id, token_ids=tokens, text=text, logprobs=logprobs,
-            finished=reason is not None, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=state.num_generated, cached_prompt_tokens=seq.num_cached_prompt,
-            arrival_time=state.arrival_time, first_token_time=state.first_token_time,
+            request_id=seq.request_id,
+            token_ids=tokens,
+            text=text,
+            logprobs=logprobs,
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=state.num_generated,
+            cached_prompt_tokens=seq.num_cached_prompt,
+            arrival_time=state.arrival_time,
+            first_token_time=state.first_token_time,
         )
 
 

@@ -25,8 +25,15 @@ __all__ = ["OpenAIError", "bad", "validation_to_openai", "http_error_to_openai",
 class OpenAIError(Exception):
     """An error answered in OpenAI's shape; ``status`` is the HTTP status code."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = dict(headers or {})
@@ -100,8 +107,13 @@ def validation_to_openai(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
         return bad("the request body must be a JSON object with the request's arguments")
     if tagged:  # a union: none of its forms matched; say what each wanted
         top = param.split(".")[0].split("[")[0]
-        reasons = list(dict.fromkeys(e.get("msg", "") for e in errors if param_path(e.get("loc", ()))[0]
-                                     and param_path(e.get("loc", ()))[0].startswith(top)))
+        reasons = list(
+            dict.fromkeys(
+                e.get("msg", "")
+                for e in errors
+                if param_path(e.get("loc", ()))[0] and param_path(e.get("loc", ()))[0].startswith(top)
+            )
+        )
         return bad(f"invalid value for {top!r}: no accepted form matched ({'; '.join(reasons[:4])})", top)
     return bad(f"invalid value for {param!r}: {first.get('msg', 'invalid')}", param)
 
@@ -117,8 +129,12 @@ def http_error_to_openai(method: str, path: str, err: StarletteHTTPException) ->
         message = f"{method} is not allowed on {path}; use {allowed}"
     else:
         message = str(err.detail)
-    return OpenAIError(err.status_code, message, kinds.get(err.status_code, "invalid_request_error"),
-                       headers=getattr(err, "headers", None))
+    return OpenAIError(
+        err.status_code,
+        message,
+        kinds.get(err.status_code, "invalid_request_error"),
+        headers=getattr(err, "headers", None),
+    )
 
 
 def engine_error(err: BaseException, timeout: float | None) -> BaseException:
@@ -127,8 +143,9 @@ def engine_error(err: BaseException, timeout: float | None) -> BaseException:
     if isinstance(err, OpenAIError):
         return err
     if isinstance(err, TimeoutError):
-        return OpenAIError(408, f"the request took longer than the server's timeout of {timeout:g} s",
-                           "timeout_error", code="timeout")
+        return OpenAIError(
+            408, f"the request took longer than the server's timeout of {timeout:g} s", "timeout_error", code="timeout"
+        )
     if isinstance(err, EngineShutdown):
         return OpenAIError(503, "the server is shutting down; retry on another replica", "server_error")
     if isinstance(err, ContextLengthError):

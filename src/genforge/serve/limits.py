@@ -38,7 +38,9 @@ class RateLimit:
     def __post_init__(self) -> None:
         if not (isinstance(self.requests, (int, float)) and math.isfinite(self.requests) and self.requests > 0):
             raise ValueError(f"rate limit requests must be a finite number > 0, got {self.requests!r}")
-        if not (isinstance(self.per_seconds, (int, float)) and math.isfinite(self.per_seconds) and self.per_seconds > 0):
+        if not (
+            isinstance(self.per_seconds, (int, float)) and math.isfinite(self.per_seconds) and self.per_seconds > 0
+        ):
             raise ValueError(f"rate limit window must be a finite number of seconds > 0, got {self.per_seconds!r}")
         if self.burst is not None and (not isinstance(self.burst, int) or self.burst < 1):
             raise ValueError(f"rate limit burst must be an integer >= 1, got {self.burst!r}")

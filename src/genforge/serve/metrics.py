@@ -47,23 +47,31 @@ class _EngineCollector:
 
     def collect(self):
         gauges = {
-            "running": GaugeMetricFamily("genforge_requests_running", "Sequences in the running batch",
-                                         labels=["model"]),
-            "waiting": GaugeMetricFamily("genforge_requests_waiting", "Sequences waiting for KV-cache blocks",
-                                         labels=["model"]),
+            "running": GaugeMetricFamily(
+                "genforge_requests_running", "Sequences in the running batch", labels=["model"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "genforge_requests_waiting", "Sequences waiting for KV-cache blocks", labels=["model"]
+            ),
             "used": GaugeMetricFamily("genforge_kv_cache_blocks_used", "KV-cache blocks in use", labels=["model"]),
             "total": GaugeMetricFamily("genforge_kv_cache_blocks_total", "KV-cache blocks", labels=["model"]),
-            "usage": GaugeMetricFamily("genforge_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use",
-                                       labels=["model"]),
-            "hit_rate": GaugeMetricFamily("genforge_prefix_cache_hit_rate",
-                                          "Prefix-cache hits over queries since start, in blocks", labels=["model"]),
+            "usage": GaugeMetricFamily(
+                "genforge_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", labels=["model"]
+            ),
+            "hit_rate": GaugeMetricFamily(
+                "genforge_prefix_cache_hit_rate",
+                "Prefix-cache hits over queries since start, in blocks",
+                labels=["model"],
+            ),
         }
         counters = {
-            "queries": CounterMetricFamily("genforge_prefix_cache_queries", "Prefix-cache block lookups",
-                                           labels=["model"]),
+            "queries": CounterMetricFamily(
+                "genforge_prefix_cache_queries", "Prefix-cache block lookups", labels=["model"]
+            ),
             "hits": CounterMetricFamily("genforge_prefix_cache_hits", "Prefix-cache block hits", labels=["model"]),
-            "preemptions": CounterMetricFamily("genforge_preemptions", "Sequences preempted for lack of blocks",
-                                               labels=["model"]),
+            "preemptions": CounterMetricFamily(
+                "genforge_preemptions", "Sequences preempted for lack of blocks", labels=["model"]
+            ),
             "prompt": CounterMetricFamily("genforge_prompt_tokens", "Prompt tokens processed", labels=["model"]),
             "generation": CounterMetricFamily("genforge_generation_tokens", "Tokens generated", labels=["model"]),
         }
@@ -92,24 +100,53 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         if engine is not None:
             self.registry.register(_EngineCollector(engine, models))
-        self.ttft = Histogram("genforge_time_to_first_token_seconds", "Arrival to first generated token",
-                              ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("genforge_time_per_output_token_seconds",
-                              "Mean time per generated token after the first, per request",
-                              ["model"], buckets=_TPOT_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("genforge_e2e_request_latency_seconds", "Arrival to the last token",
-                             ["model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.finished = Counter("genforge_requests_finished", "Finished sequences by finish reason",
-                                ["model", "finish_reason"], registry=self.registry)
-        self.request_prompt_tokens = Counter("genforge_request_prompt_tokens", "Prompt tokens of finished sequences",
-                                             ["model"], registry=self.registry)
-        self.request_generation_tokens = Counter("genforge_request_generation_tokens",
-                                                 "Generated tokens of finished sequences",
-                                                 ["model"], registry=self.registry)
-        self.http_requests = Counter("genforge_http_requests", "HTTP requests answered, by route and status",
-                                     ["route", "status"], registry=self.registry)
-        self.queue = Gauge("genforge_api_sequences_in_flight", "Sequences admitted by the API and not yet finished",
-                           registry=self.registry)
+        self.ttft = Histogram(
+            "genforge_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tpot = Histogram(
+            "genforge_time_per_output_token_seconds",
+            "Mean time per generated token after the first, per request",
+            ["model"],
+            buckets=_TPOT_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "genforge_e2e_request_latency_seconds",
+            "Arrival to the last token",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.finished = Counter(
+            "genforge_requests_finished",
+            "Finished sequences by finish reason",
+            ["model", "finish_reason"],
+            registry=self.registry,
+        )
+        self.request_prompt_tokens = Counter(
+            "genforge_request_prompt_tokens", "Prompt tokens of finished sequences", ["model"], registry=self.registry
+        )
+        self.request_generation_tokens = Counter(
+            "genforge_request_generation_tokens",
+            "Generated tokens of finished sequences",
+            ["model"],
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "genforge_http_requests",
+            "HTTP requests answered, by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.queue = Gauge(
+            "genforge_api_sequences_in_flight",
+            "Sequences admitted by the API and not yet finished",
+            registry=self.registry,
+        )
 
     def observe_finished(self, model: str, output, finish_time: float | None = None) -> None:
         """Record a sequence's latencies from its last ``RequestOutput`` (``finished`` set)."""

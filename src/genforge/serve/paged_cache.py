@@ -27,8 +27,14 @@ from ..config import Config
 class PagedKVCache:
     """Key and value pools of `num_blocks` blocks of `block_size` slots for every layer."""
 
-    def __init__(self, config: Config, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: Config,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
@@ -63,7 +69,9 @@ class PagedBatch:
 
     row_runs = None  # the gathered keys are as wide as the longest row; one attention call
 
-    def __init__(self, cache: PagedKVCache, block_tables: list[list[int]], num_computed: list[int], num_new: int) -> None:
+    def __init__(
+        self, cache: PagedKVCache, block_tables: list[list[int]], num_computed: list[int], num_new: int
+    ) -> None:
         size = cache.block_size
         totals = [n + num_new for n in num_computed]
         for table, total in zip(block_tables, totals):

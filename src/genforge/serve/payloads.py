@@ -21,8 +21,19 @@ from .engine import RequestOutput
 from .errors import OpenAIError
 from .preparation import Prepared
 
-__all__ = ["Choice", "StreamChunks", "sse", "usage", "token_text", "logprobs_payload", "prompt_logprobs_payload",
-           "full_response", "CHAT", "COMPLETION", "DONE_EVENT"]
+__all__ = [
+    "Choice",
+    "StreamChunks",
+    "sse",
+    "usage",
+    "token_text",
+    "logprobs_payload",
+    "prompt_logprobs_payload",
+    "full_response",
+    "CHAT",
+    "COMPLETION",
+    "DONE_EVENT",
+]
 
 CHAT = "chat.completion"
 COMPLETION = "text_completion"
@@ -52,8 +63,14 @@ class Choice:
             self.finish_reason = output.finish_reason
         if score_only:
             reason = output.finish_reason if output.finish_reason == "abort" else "length"
-            output = dataclasses.replace(output, token_ids=[], text="", logprobs=None, completion_tokens=0,
-                                         finish_reason=reason if output.finished else None)
+            output = dataclasses.replace(
+                output,
+                token_ids=[],
+                text="",
+                logprobs=None,
+                completion_tokens=0,
+                finish_reason=reason if output.finished else None,
+            )
             self.finish_reason = output.finish_reason
         self.text += output.text
         self.token_ids.extend(output.token_ids)
@@ -74,8 +91,12 @@ def usage(prepared: Prepared, choices: Sequence[Choice]) -> dict:
     prompt = sum(len(p) for p in prepared.prompts)
     cached = sum(choices[i * prepared.n].cached_tokens for i in range(len(prepared.prompts)))
     completion = sum(c.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -106,11 +127,21 @@ def logprobs_payload(kind: str, entries, tokenizer, text_offset: int = 0) -> dic
         content = []
         for e in entries:
             token = token_text(tokenizer, e.token_id)
-            content.append({
-                "token": token, "logprob": _finite(e.logprob), "bytes": list(token.encode("utf-8")),
-                "top_logprobs": [{"token": (t := token_text(tokenizer, tid)), "logprob": _finite(lp),
-                                  "bytes": list(t.encode("utf-8"))} for tid, lp in e.top],
-            })
+            content.append(
+                {
+                    "token": token,
+                    "logprob": _finite(e.logprob),
+                    "bytes": list(token.encode("utf-8")),
+                    "top_logprobs": [
+                        {
+                            "token": (t := token_text(tokenizer, tid)),
+                            "logprob": _finite(lp),
+                            "bytes": list(t.encode("utf-8")),
+                        }
+                        for tid, lp in e.top
+                    ],
+                }
+            )
         return {"content": content}
     tokens, offsets, position = [], [], text_offset
     for e in entries:
@@ -118,8 +149,12 @@ def logprobs_payload(kind: str, entries, tokenizer, text_offset: int = 0) -> dic
         tokens.append(token)
         offsets.append(position)
         position += len(token)
-    return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries],
-            "top_logprobs": [_alternatives(e.top, tokenizer) for e in entries], "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_finite(e.logprob) for e in entries],
+        "top_logprobs": [_alternatives(e.top, tokenizer) for e in entries],
+        "text_offset": offsets,
+    }
 
 
 def prompt_logprobs_payload(prompt_ids: Sequence[int], entries, tokenizer) -> dict:
@@ -148,17 +183,29 @@ def full_response(kind: str, request_id: str, prepared: Prepared, choices: Seque
         if prepared.logprobs is not None:
             lp = logprobs_payload(kind, choice.logprobs, tokenizer, len(prompt_text))
             if prepared.echo:
-                head = prompt_logprobs_payload(prepared.prompts[choice.prompt_index], choice.prompt_logprobs,
-                                               tokenizer)
+                head = prompt_logprobs_payload(prepared.prompts[choice.prompt_index], choice.prompt_logprobs, tokenizer)
                 lp = {key: head[key] + lp[key] for key in lp}
         text = prompt_text + choice.text if prepared.echo else choice.text
         if kind == CHAT:
-            out.append({"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                        "logprobs": lp, "finish_reason": choice.finish_reason})
+            out.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": lp,
+                    "finish_reason": choice.finish_reason,
+                }
+            )
         else:
             out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": choice.finish_reason})
-    return {"id": request_id, "object": kind, "created": int(time.time()), "model": prepared.model,
-            "system_fingerprint": None, "choices": out, "usage": usage(prepared, choices)}
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": prepared.model,
+        "system_fingerprint": None,
+        "choices": out,
+        "usage": usage(prepared, choices),
+    }
 
 
 class StreamChunks:
@@ -179,15 +226,32 @@ class StreamChunks:
 
     def _chunk(self, choice_list: list[dict]) -> str:
         usage_field = {"usage": None} if self.prepared.include_usage else {}
-        return sse({"id": self.request_id, "object": self.chunk_type, "created": self.created,
-                    "model": self.prepared.model, "system_fingerprint": None, "choices": choice_list, **usage_field})
+        return sse(
+            {
+                "id": self.request_id,
+                "object": self.chunk_type,
+                "created": self.created,
+                "model": self.prepared.model,
+                "system_fingerprint": None,
+                "choices": choice_list,
+                **usage_field,
+            }
+        )
 
     def opening(self) -> Iterator[str]:
         """What is sent before any output: each chat choice's role."""
         if self.kind == CHAT:
             for k in range(len(self.choices)):
-                yield self._chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}])
+                yield self._chunk(
+                    [
+                        {
+                            "index": k,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
 
     def output(self, index: int, output: RequestOutput) -> Iterator[str]:
         """The events for one engine output of choice ``index`` (as `Choice.add` returned it);
@@ -199,17 +263,29 @@ class StreamChunks:
             choice = self.choices[index]
             lp = None
             if prepared.logprobs is not None:
-                lp = prompt_logprobs_payload(prepared.prompts[choice.prompt_index], choice.prompt_logprobs,
-                                             self.tokenizer)
-            yield self._chunk([{"index": index, "text": prepared.prompt_texts[choice.prompt_index],
-                                "logprobs": lp, "finish_reason": None}])
+                lp = prompt_logprobs_payload(
+                    prepared.prompts[choice.prompt_index], choice.prompt_logprobs, self.tokenizer
+                )
+            yield self._chunk(
+                [
+                    {
+                        "index": index,
+                        "text": prepared.prompt_texts[choice.prompt_index],
+                        "logprobs": lp,
+                        "finish_reason": None,
+                    }
+                ]
+            )
         if not (output.text or output.finished or output.logprobs):
             return
         if output.finished and output.finish_reason == "abort":
             raise OpenAIError(503, "the request was aborted by the server (shutting down)", "server_error")
         entry: dict[str, Any] = {"index": index, "finish_reason": output.finish_reason if output.finished else None}
-        lp = logprobs_payload(self.kind, output.logprobs, self.tokenizer, self.offsets[index]) \
-            if output.logprobs else None
+        lp = (
+            logprobs_payload(self.kind, output.logprobs, self.tokenizer, self.offsets[index])
+            if output.logprobs
+            else None
+        )
         if output.logprobs and self.kind != CHAT:
             self.offsets[index] += sum(len(t) for t in lp["tokens"])
         if self.kind == CHAT:
@@ -222,6 +298,14 @@ class StreamChunks:
     def closing(self) -> Iterator[str]:
         """The usage chunk, when asked for (``stream_options.include_usage``)."""
         if self.prepared.include_usage:
-            yield sse({"id": self.request_id, "object": self.chunk_type, "created": self.created,
-                       "model": self.prepared.model, "system_fingerprint": None, "choices": [],
-                       "usage": usage(self.prepared, self.choices)})
+            yield sse(
+                {
+                    "id": self.request_id,
+                    "object": self.chunk_type,
+                    "created": self.created,
+                    "model": self.prepared.model,
+                    "system_fingerprint": None,
+                    "choices": [],
+                    "usage": usage(self.prepared, self.choices),
+                }
+            )

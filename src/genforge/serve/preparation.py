@@ -19,8 +19,15 @@ from ..generate.sampling import SamplingParams
 from .errors import bad
 from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
 
-__all__ = ["Prepared", "ModelLimits", "completion_prompts", "chat_prompt", "response_format_constraints",
-           "prepare", "decode_prompt"]
+__all__ = [
+    "Prepared",
+    "ModelLimits",
+    "completion_prompts",
+    "chat_prompt",
+    "response_format_constraints",
+    "prepare",
+    "decode_prompt",
+]
 
 
 @dataclass
@@ -85,8 +92,11 @@ def _message_dicts(body: ChatCompletionRequest) -> list[dict]:
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if part.type != "text" or part.text is None:
-                    raise bad(f"content part of type {part.type!r} is not supported: this server serves text "
-                              "models; send {\"type\": \"text\", \"text\": ...} parts", f"messages[{i}].content[{j}]")
+                    raise bad(
+                        f"content part of type {part.type!r} is not supported: this server serves text "
+                        'models; send {"type": "text", "text": ...} parts',
+                        f"messages[{i}].content[{j}]",
+                    )
             content = "".join(part.text for part in content)
         entry = {"role": message.role, "content": content or ""}
         if message.name is not None:
@@ -99,10 +109,15 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer, model: str) -> tuple[lis
     """The prompt of a chat request, rendered with the model's chat template: ids and text."""
     if body.top_logprobs is not None and not body.logprobs:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
-    if body.max_tokens is not None and body.max_completion_tokens is not None \
-            and body.max_tokens != body.max_completion_tokens:
-        raise bad("give max_completion_tokens or max_tokens (its older name), not two different values",
-                  "max_completion_tokens")
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
+        raise bad(
+            "give max_completion_tokens or max_tokens (its older name), not two different values",
+            "max_completion_tokens",
+        )
     if tokenizer.chat_template is None:
         raise bad(f"the model {model!r} has no chat template; use /v1/completions", "messages")
     try:
@@ -112,8 +127,9 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer, model: str) -> tuple[lis
     return tokenizer.encode(text, add_special_tokens=False), text
 
 
-async def response_format_constraints(response_format: ResponseFormat, tokenizer, eos_token_ids: Sequence[int],
-                                      count: int) -> list | None:
+async def response_format_constraints(
+    response_format: ResponseFormat, tokenizer, eos_token_ids: Sequence[int], count: int
+) -> list | None:
     """``count`` JSON-schema constraints, one per sequence (each keeps its own grammar state);
     None for plain text."""
     if response_format.type == "text":
@@ -140,19 +156,28 @@ def _check_prompts(prompts: list[list[int]], max_tokens: int | None, limits: Mod
     for i, ids in enumerate(prompts):
         bad_ids = [t for t in ids if t >= vocabulary]
         if bad_ids:
-            raise bad(f"prompt {i} has token id {bad_ids[0]} outside the vocabulary (0..{vocabulary - 1})",
-                      prompt_param)
+            raise bad(
+                f"prompt {i} has token id {bad_ids[0]} outside the vocabulary (0..{vocabulary - 1})", prompt_param
+            )
         if not ids:
             raise bad(f"prompt {i} is empty after tokenization; give at least one token", prompt_param)
     for i, ids in enumerate(prompts):
         where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
         if len(ids) >= limit:
-            raise bad(f"{where} has {len(ids)} tokens but the model's context length is {limit} tokens, which "
-                      "leaves no room to generate; shorten it", prompt_param, "context_length_exceeded")
+            raise bad(
+                f"{where} has {len(ids)} tokens but the model's context length is {limit} tokens, which "
+                "leaves no room to generate; shorten it",
+                prompt_param,
+                "context_length_exceeded",
+            )
         if max_tokens is not None and len(ids) + max_tokens > limit:
-            raise bad(f"{where} has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} "
-                      f"tokens exceed the model's context length of {limit} tokens; shorten the prompt or lower "
-                      "max_tokens", "max_tokens", "context_length_exceeded")
+            raise bad(
+                f"{where} has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} "
+                f"tokens exceed the model's context length of {limit} tokens; shorten the prompt or lower "
+                "max_tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
 
 
 def _logit_bias(body, vocabulary: int) -> dict[int, float] | None:
@@ -170,26 +195,40 @@ def _logit_bias(body, vocabulary: int) -> dict[int, float] | None:
     return bias
 
 
-def _sampling_params(body, max_new_tokens: int, seed: int | None, bias: dict[int, float] | None,
-                     stops: list[str], stop_ids: list[int]) -> SamplingParams:
+def _sampling_params(
+    body, max_new_tokens: int, seed: int | None, bias: dict[int, float] | None, stops: list[str], stop_ids: list[int]
+) -> SamplingParams:
     """One sequence's sampling parameters; OpenAI's defaults where the body leaves a knob out."""
     try:
         return SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=max(0, body.top_k or 0), min_p=body.min_p or 0.0,
+            top_k=max(0, body.top_k or 0),
+            min_p=body.min_p or 0.0,
             repetition_penalty=body.repetition_penalty or 1.0,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=bias, min_new_tokens=body.min_tokens, max_new_tokens=max_new_tokens,
-            stop=stops, stop_token_ids=stop_ids, seed=seed,
+            logit_bias=bias,
+            min_new_tokens=body.min_tokens,
+            max_new_tokens=max_new_tokens,
+            stop=stops,
+            stop_token_ids=stop_ids,
+            seed=seed,
         )
     except ValueError as err:
         raise bad(str(err)) from None
 
 
-def prepare(model: str, body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], texts: list[str],
-            logprobs: int | None, constraints: list | None, prompt_param: str, limits: ModelLimits) -> Prepared:
+def prepare(
+    model: str,
+    body: CompletionRequest | ChatCompletionRequest,
+    prompts: list[list[int]],
+    texts: list[str],
+    logprobs: int | None,
+    constraints: list | None,
+    prompt_param: str,
+    limits: ModelLimits,
+) -> Prepared:
     """Validate and turn a request into per-sequence engine parameters; ``constraints``:
     one logits processor per sequence (``response_format``), or None."""
     if body.stream_options is not None and not body.stream:
@@ -212,5 +251,6 @@ def prepare(model: str, body: CompletionRequest | ChatCompletionRequest, prompts
             params.append(_sampling_params(body, limit, seed, bias, stops, stop_ids))
             processors.append([constraints[len(processors)]] if constraints is not None else [])
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return Prepared(model, prompts, texts, params, body.n, logprobs, processors, body.ignore_eos, body.stream,
-                    include_usage)
+    return Prepared(
+        model, prompts, texts, params, body.n, logprobs, processors, body.ignore_eos, body.stream, include_usage
+    )

@@ -59,8 +59,9 @@ class ResidentKV:
     caller falls back to gathering blocks when `fits` says no.
     """
 
-    def __init__(self, config: Config, memory_limit: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, config: Config, memory_limit: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> None:
         if memory_limit < 0:
             raise ValueError(f"memory_limit must be >= 0 bytes, got {memory_limit}")
         self.memory_limit = memory_limit
@@ -98,7 +99,9 @@ class ResidentKV:
     def fits(self, rows: int, length: int) -> bool:
         """Whether `rows` sequences of up to `length` positions fit in `memory_limit`."""
         need_rows, need_length = max(rows, self.num_slots), max(length, self.capacity)
-        return _next_power_of_two(need_rows) * _next_power_of_two(need_length) * self.bytes_per_token <= self.memory_limit
+        return (
+            _next_power_of_two(need_rows) * _next_power_of_two(need_length) * self.bytes_per_token <= self.memory_limit
+        )
 
     @torch.inference_mode()  # the buffers are made and updated inside the engine's step
     def reserve(self, rows: int, length: int) -> None:
@@ -140,7 +143,10 @@ class ResidentKV:
             size = cache.block_size
             used = torch.tensor(block_table[: -(-num_tokens // size)], dtype=torch.long, device=cache.device)
             for layer in range(self.num_layers):
-                for pool, resident in ((cache.keys[layer], self.keys[layer]), (cache.values[layer], self.values[layer])):
+                for pool, resident in (
+                    (cache.keys[layer], self.keys[layer]),
+                    (cache.values[layer], self.values[layer]),
+                ):
                     blocks = pool.view(cache.num_blocks, size, self.num_kv_heads, self.head_dim)
                     tokens = blocks.index_select(0, used).flatten(0, 1)[:num_tokens]
                     resident[slot, :, :num_tokens] = tokens.transpose(0, 1)
@@ -240,8 +246,14 @@ class ResidentKV:
             self._runs_memo = (key, cheapest_runs(widths, self.run_cost)[1])
         return self._runs_memo[1]
 
-    def batch(self, cache: PagedKVCache, owners: list[object], block_tables: list[list[int]],
-              num_computed: list[int], num_new: int) -> ResidentBatch:
+    def batch(
+        self,
+        cache: PagedKVCache,
+        owners: list[object],
+        block_tables: list[list[int]],
+        num_computed: list[int],
+        num_new: int,
+    ) -> ResidentBatch:
         """The view for one forward pass over these sequences (each must hold a slot)."""
         return ResidentBatch(cache, self, [self.slot_of[o] for o in owners], block_tables, num_computed, num_new)
 
@@ -257,8 +269,15 @@ class ResidentBatch:
     the model's output.
     """
 
-    def __init__(self, cache: PagedKVCache, resident: ResidentKV, slots: list[int], block_tables: list[list[int]],
-                 num_computed: list[int], num_new: int) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        resident: ResidentKV,
+        slots: list[int],
+        block_tables: list[list[int]],
+        num_computed: list[int],
+        num_new: int,
+    ) -> None:
         size = cache.block_size
         for table, done in zip(block_tables, num_computed):
             if len(table) * size < done + num_new:
@@ -307,8 +326,10 @@ class ResidentBatch:
         if not self.in_order:
             keys, values = keys.index_select(0, self.members), values.index_select(0, self.members)
         outputs = []
-        for new, pool, buffer in ((keys, self.cache.keys[layer], resident.keys[layer]),
-                                  (values, self.cache.values[layer], resident.values[layer])):
+        for new, pool, buffer in (
+            (keys, self.cache.keys[layer], resident.keys[layer]),
+            (values, self.cache.values[layer], resident.values[layer]),
+        ):
             # The blocks stay the source of truth; the resident row is a copy for attention.
             pool.index_copy_(0, self.write_slots, new.transpose(1, 2).reshape(-1, heads, dim))
             buffer.view(-1, dim).index_copy_(0, self.resident_index, new.reshape(-1, dim))

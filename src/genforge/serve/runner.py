@@ -120,10 +120,15 @@ class RequestRun:
         self.request_id = f"{'chatcmpl' if kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
         self.choices = [Choice(prompt_index=k // prepared.n) for k in range(sequences)]
         requests = [
-            EngineRequest(request_id=f"{self.request_id}-{k}", prompt_token_ids=prepared.prompts[k // prepared.n],
-                          params=prepared.params[k], logprobs=prepared.logprobs,
-                          processors=prepared.processors[k], ignore_eos=prepared.ignore_eos,
-                          prompt_logprobs=prepared.logprobs if prepared.echo else None)
+            EngineRequest(
+                request_id=f"{self.request_id}-{k}",
+                prompt_token_ids=prepared.prompts[k // prepared.n],
+                params=prepared.params[k],
+                logprobs=prepared.logprobs,
+                processors=prepared.processors[k],
+                ignore_eos=prepared.ignore_eos,
+                prompt_logprobs=prepared.logprobs if prepared.echo else None,
+            )
             for k in range(sequences)
         ]
         self.fanout = Fanout(state.engine, prepared.model, requests)
@@ -156,8 +161,13 @@ async def run(state: ServerState, kind: str, prepared: Prepared, request: Reques
     """Run a prepared request and answer it: a whole body, or a stream of events."""
     sequences = len(prepared.params)
     if not state.queue.try_enter(sequences):
-        raise OpenAIError(429, f"the server is at capacity ({state.queue.capacity} sequences in flight); retry "
-                               "shortly", "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        raise OpenAIError(
+            429,
+            f"the server is at capacity ({state.queue.capacity} sequences in flight); retry shortly",
+            "rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
     job = RequestRun(state, kind, prepared)
     # Until the response starts, a client disconnect is noticed by watching the connection
     # (once streaming, Starlette cancels the response itself when the client goes away).
@@ -179,8 +189,11 @@ async def run(state: ServerState, kind: str, prepared: Prepared, request: Reques
         job.check_not_aborted()
         state.metrics.http_requests.labels(route, "200").inc()
         return full_response(kind, job.request_id, prepared, job.choices, state.tokenizers[prepared.model])
-    return StreamingResponse(_events(job, first, route), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _events(job, first, route),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def _events(job: RequestRun, first: tuple[int, RequestOutput], route: str) -> AsyncIterator[str]:

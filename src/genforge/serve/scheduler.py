@@ -57,8 +57,13 @@ class ScheduledChunk(Generic[State]):
 
 
 class Scheduler(Generic[State]):
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 on_release: Callable[[Sequence[State]], None] | None = None) -> None:
+    def __init__(
+        self,
+        blocks: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        on_release: Callable[[Sequence[State]], None] | None = None,
+    ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.blocks = blocks

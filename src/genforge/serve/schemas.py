@@ -14,9 +14,21 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "ContentPart", "EmbeddingRequest",
-           "JsonSchemaFormat", "ResponseFormat", "StreamOptions", "openapi_with_openai_errors",
-           "CONTENT_MISSING", "MAX_N", "MAX_LOGPROBS", "MAX_STOP"]
+__all__ = [
+    "CompletionRequest",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "ContentPart",
+    "EmbeddingRequest",
+    "JsonSchemaFormat",
+    "ResponseFormat",
+    "StreamOptions",
+    "openapi_with_openai_errors",
+    "CONTENT_MISSING",
+    "MAX_N",
+    "MAX_LOGPROBS",
+    "MAX_STOP",
+]
 
 MAX_N = 16  # choices per prompt; each is a sequence in the engine
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
@@ -66,9 +78,12 @@ class _SamplingFields(_Schema):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: (NonEmptyStr | Annotated[list[TokenId], Field(min_length=1)]
-             | Annotated[list[NonEmptyStr], Field(min_length=1)]
-             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    prompt: (
+        NonEmptyStr
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[NonEmptyStr], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)]
+    )
     # 0 is allowed with echo: the prompt is scored, nothing is generated (how lm-evaluation-harness
     # asks for a continuation's log-likelihood).
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
@@ -125,9 +140,12 @@ class ChatCompletionRequest(_SamplingFields):
 class EmbeddingRequest(_Schema):
     model: NonEmptyStr
     # OpenAI's limit: 2048 inputs per request.
-    input: (StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=2048)]
-            | Annotated[list[TokenId], Field(min_length=1)]
-            | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=2048)])
+    input: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1, max_length=2048)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=2048)]
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: StrictStr | None = None
@@ -143,17 +161,38 @@ def openapi_with_openai_errors(app: FastAPI, served: Mapping[str, Sequence[str]]
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = original()
-        error = {"description": "error", "content": {"application/json": {"schema": {
-            "type": "object", "required": ["error"], "properties": {"error": {
-                "type": "object", "required": ["message", "type", "param", "code"],
-                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                               "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+        error = {
+            "description": "error",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["error"],
+                        "properties": {
+                            "error": {
+                                "type": "object",
+                                "required": ["message", "type", "param", "code"],
+                                "properties": {
+                                    "message": {"type": "string"},
+                                    "type": {"type": "string"},
+                                    "param": {"type": ["string", "null"]},
+                                    "code": {"type": ["string", "null"]},
+                                },
+                            }
+                        },
+                    }
+                }
+            },
+        }
         for item in schema.get("paths", {}).values():
             for operation in item.values():
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
-                for status in ("400", "401", "404", "429") if operation.get("requestBody") or \
-                        operation.get("parameters") else ("401", "429"):
+                for status in (
+                    ("400", "401", "404", "429")
+                    if operation.get("requestBody") or operation.get("parameters")
+                    else ("401", "429")
+                ):
                     responses[status] = error
         components = schema.get("components", {}).get("schemas", {})
         components.pop("HTTPValidationError", None)

@@ -44,10 +44,20 @@ class ServerState:
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
-    def build(cls, engine, *, tokenizers: Mapping[str, Any], api_keys: Sequence[str] | None,
-              rate_limit: RateLimit | None, max_queue: int | None, request_timeout: float | None,
-              embedding_models: Mapping[str, Any] | None, max_model_len: Mapping[str, int] | None,
-              eos_token_ids: Mapping[str, Sequence[int]] | None, clock: Callable[[], float]) -> ServerState:
+    def build(
+        cls,
+        engine,
+        *,
+        tokenizers: Mapping[str, Any],
+        api_keys: Sequence[str] | None,
+        rate_limit: RateLimit | None,
+        max_queue: int | None,
+        request_timeout: float | None,
+        embedding_models: Mapping[str, Any] | None,
+        max_model_len: Mapping[str, int] | None,
+        eos_token_ids: Mapping[str, Sequence[int]] | None,
+        clock: Callable[[], float],
+    ) -> ServerState:
         """Check `create_app`'s arguments and build the state (see `create_app` for each)."""
         embedders = {name: Embedder.of(name, encoder) for name, encoder in (embedding_models or {}).items()}
         generation_models = list(engine.models)
@@ -60,12 +70,15 @@ class ServerState:
         if request_timeout is not None and not (request_timeout > 0):
             raise ValueError(f"request_timeout must be > 0 seconds or None, got {request_timeout!r}")
         return cls(
-            engine=engine, tokenizers=tokenizers, embedding_models=embedders,
+            engine=engine,
+            tokenizers=tokenizers,
+            embedding_models=embedders,
             context={m: _context_length(engine, m, max_model_len) for m in generation_models},
             eos={m: _eos_ids(engine, m, tokenizers[m], eos_token_ids) for m in generation_models},
             keys=KeyChecker(api_keys),
             limiter=TokenBucketLimiter(rate_limit, clock=clock) if rate_limit is not None else None,
-            queue=AdmissionQueue(max_queue), metrics=ServerMetrics(engine, generation_models),
+            queue=AdmissionQueue(max_queue),
+            metrics=ServerMetrics(engine, generation_models),
             request_timeout=request_timeout,
         )
 
@@ -88,32 +101,51 @@ class ServerState:
         if self.keys.enabled:
             key = self.keys.check(request.headers.get("authorization"))
             if key is None:
-                raise OpenAIError(401, "missing or invalid API key; send it as 'Authorization: Bearer KEY'",
-                                  "authentication_error", code="invalid_api_key")
+                raise OpenAIError(
+                    401,
+                    "missing or invalid API key; send it as 'Authorization: Bearer KEY'",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
             who = "key:" + key
         if self.limiter is not None:
             wait = self.limiter.acquire(who)
             if wait > 0:
                 retry = max(1, math.ceil(wait))
-                raise OpenAIError(429, f"rate limit reached ({self.limiter.limit.requests:g} requests per "
-                                       f"{self.limiter.limit.per_seconds:g} s); retry in {retry} s",
-                                  "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+                raise OpenAIError(
+                    429,
+                    f"rate limit reached ({self.limiter.limit.requests:g} requests per "
+                    f"{self.limiter.limit.per_seconds:g} s); retry in {retry} s",
+                    "rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(retry)},
+                )
         return who
 
     def generation_model(self, name: str) -> str:
         if name in self.context:
             return name
         hint = " (it is an embedding model: use /v1/embeddings)" if name in self.embedding_models else ""
-        raise OpenAIError(404, f"the model {name!r} does not exist{hint}; served: {', '.join(self.generation_models)}",
-                          "not_found_error", "model", "model_not_found")
+        raise OpenAIError(
+            404,
+            f"the model {name!r} does not exist{hint}; served: {', '.join(self.generation_models)}",
+            "not_found_error",
+            "model",
+            "model_not_found",
+        )
 
     def embedding_model(self, name: str) -> Embedder:
         if name in self.embedding_models:
             return self.embedding_models[name]
         hint = " (it is a generation model)" if name in self.context else ""
         served = ", ".join(self.embedding_models) or "none"
-        raise OpenAIError(404, f"the embedding model {name!r} does not exist{hint}; served: {served}",
-                          "not_found_error", "model", "model_not_found")
+        raise OpenAIError(
+            404,
+            f"the embedding model {name!r} does not exist{hint}; served: {served}",
+            "not_found_error",
+            "model",
+            "model_not_found",
+        )
 
     def model_card(self, name: str) -> dict:
         if name not in self.context and name not in self.embedding_models:

@@ -43,14 +43,26 @@ def cmd_tokenizer_train(args) -> int:
 
     special = dict(args.special_token) if args.special_token else None
     result = train_tokenizer(
-        files=args.sources, text_field=args.text_field, extensions=args.ext, kind=args.kind, vocab_size=args.vocab_size,
-        min_frequency=args.min_frequency, special_tokens=special, extra_special_tokens=args.extra_special_token,
-        lowercase=not args.cased, model_max_length=args.model_max_length, out_dir=args.out,
-        allow_smaller_vocab=args.allow_smaller_vocab, overwrite=args.overwrite, progress=True,
+        files=args.sources,
+        text_field=args.text_field,
+        extensions=args.ext,
+        kind=args.kind,
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        special_tokens=special,
+        extra_special_tokens=args.extra_special_token,
+        lowercase=not args.cased,
+        model_max_length=args.model_max_length,
+        out_dir=args.out,
+        allow_smaller_vocab=args.allow_smaller_vocab,
+        overwrite=args.overwrite,
+        progress=True,
     )
-    console.print(f"trained a {result.kind} tokenizer of {result.vocab_size} tokens (asked {result.requested_vocab_size}) "
-                  f"on {result.documents:,} documents ({result.characters:,} characters); saved to {result.path} "
-                  f"(tokenizer.json sha256 {result.sha256[:12]})")
+    console.print(
+        f"trained a {result.kind} tokenizer of {result.vocab_size} tokens (asked {result.requested_vocab_size}) "
+        f"on {result.documents:,} documents ({result.characters:,} characters); saved to {result.path} "
+        f"(tokenizer.json sha256 {result.sha256[:12]})"
+    )
     return 0
 
 
@@ -58,16 +70,36 @@ def cmd_data_prepare(args) -> int:
     from .prepare import DedupSettings, QualityFilters, prepare
 
     filters = QualityFilters(
-        min_chars=args.min_chars, max_chars=args.max_chars, min_words=args.min_words,
-        max_duplicate_line_ratio=args.max_duplicate_line_ratio, ngram_size=args.ngram_size,
-        max_repeated_ngram_ratio=args.max_repeated_ngram_ratio, max_symbol_ratio=args.max_symbol_ratio,
+        min_chars=args.min_chars,
+        max_chars=args.max_chars,
+        min_words=args.min_words,
+        max_duplicate_line_ratio=args.max_duplicate_line_ratio,
+        ngram_size=args.ngram_size,
+        max_repeated_ngram_ratio=args.max_repeated_ngram_ratio,
+        max_symbol_ratio=args.max_symbol_ratio,
     )
-    dedup = DedupSettings(exact=not args.no_exact_dedup, near=not args.no_near_dedup, threshold=args.dedup_threshold,
-                          num_perm=args.num_perm, shingle_size=args.shingle_size)
+    dedup = DedupSettings(
+        exact=not args.no_exact_dedup,
+        near=not args.no_near_dedup,
+        threshold=args.dedup_threshold,
+        num_perm=args.num_perm,
+        shingle_size=args.shingle_size,
+    )
     result = prepare(
-        args.sources, args.tokenizer, args.out, text_field=args.text_field, extensions=args.ext, filters=filters,
-        dedup=dedup, val_fraction=args.val_fraction, seed=args.seed, seq_len=args.seq_len,
-        shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=True, max_documents=args.max_documents,
+        args.sources,
+        args.tokenizer,
+        args.out,
+        text_field=args.text_field,
+        extensions=args.ext,
+        filters=filters,
+        dedup=dedup,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        seq_len=args.seq_len,
+        shard_tokens=args.shard_tokens,
+        overwrite=args.overwrite,
+        progress=True,
+        max_documents=args.max_documents,
     )
     meta = result.meta
     docs = meta["documents"]
@@ -79,8 +111,10 @@ def cmd_data_prepare(args) -> int:
     )
     for split in ("train", "val"):
         info = meta["splits"][split]
-        console.print(f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens in "
-                      f"{len(info['shards'])} {meta['dtype']} shard(s)")
+        console.print(
+            f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens in "
+            f"{len(info['shards'])} {meta['dtype']} shard(s)"
+        )
     console.print(f"wrote {result.out_dir} (meta.json, duplicates.jsonl, filtered.jsonl, tokenizer/)")
     return 0
 
@@ -91,7 +125,9 @@ def _training_data(args, tokenizer, seq_len_default: int = 256):
     from .data import load_prepared
 
     if (args.text is None) == (args.data is None):
-        raise ValueError("give exactly one of --text FILE (tokenized here) or --data DIR (from `genforge data prepare`)")
+        raise ValueError(
+            "give exactly one of --text FILE (tokenized here) or --data DIR (from `genforge data prepare`)"
+        )
     if args.data is not None:
         return load_prepared(args.data, seq_len=args.seq_len)
     if not 0 < args.val_fraction < 1:
@@ -121,11 +157,23 @@ def cmd_pretrain(args) -> int:
     from . import TrainConfig, Trainer
     from .distributed import destroy_distributed, init_distributed
 
-    config = TrainConfig(out_dir=args.out, max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         lr=args.lr, warmup_steps=args.warmup, eval_every=args.eval_every, save_every=args.save_every,
-                         gradient_checkpointing=args.gradient_checkpointing, peak_flops=args.peak_flops,
-                         seed=args.seed, device=args.device, precision=args.precision, fsdp=args.fsdp,
-                         mlm_probability=args.mlm_probability)
+    config = TrainConfig(
+        out_dir=args.out,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        gradient_checkpointing=args.gradient_checkpointing,
+        peak_flops=args.peak_flops,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        fsdp=args.fsdp,
+        mlm_probability=args.mlm_probability,
+    )
     config.validate()  # before the text is tokenized and the model built
     # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA) and take this rank's GPU.
     context, config.device = init_distributed(args.device)
@@ -134,14 +182,17 @@ def cmd_pretrain(args) -> int:
         train_data, val_data = _training_data(args, tokenizer)
         torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
         model = load_model(args.model) if args.init_weights else Transformer(read_config(args.model))
-        result = Trainer(model, train_data, config, val_data=val_data, tokenizer=tokenizer,
-                         distributed=context).train(resume=args.resume)
+        result = Trainer(model, train_data, config, val_data=val_data, tokenizer=tokenizer, distributed=context).train(
+            resume=args.resume
+        )
     finally:
         destroy_distributed()
     if context.is_main:
         final = result.evals[-1] if result.evals else {}
-        console.print(f"trained to step {result.step}; val loss {final.get('val_loss', float('nan')):.4f}, "
-                      f"perplexity {final.get('val_ppl', float('nan')):.2f}; model in {result.export_dir}")
+        console.print(
+            f"trained to step {result.step}; val loss {final.get('val_loss', float('nan')):.4f}, "
+            f"perplexity {final.get('val_ppl', float('nan')):.2f}; model in {result.export_dir}"
+        )
     return 0
 
 
@@ -183,8 +234,10 @@ def cmd_size_noise_scale(args) -> int:
     train_data, _ = _training_data(args, tokenizer, seq_len_default=128)
     model = load_model(args.model, device=args.device)
     estimate = language_model_noise_scale(model, train_data, args.small, args.big, args.trials, args.seed, args.device)
-    out = estimate.as_dict() | {"seq_len": train_data.seq_len,
-                                "critical_batch_tokens": estimate.critical_batch * train_data.seq_len}
+    out = estimate.as_dict() | {
+        "seq_len": train_data.seq_len,
+        "critical_batch_tokens": estimate.critical_batch * train_data.seq_len,
+    }
     print(json.dumps(out, indent=2))
     return 0
 
@@ -194,57 +247,99 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tokenizer = sub.add_parser("tokenizer", help="train tokenizers", description="Tokenizer tools.")
     tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
     train = tokenizer_sub.add_parser(
-        "train", help="train a byte-level BPE or WordPiece tokenizer on text files",
+        "train",
+        help="train a byte-level BPE or WordPiece tokenizer on text files",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a tokenizer with the `tokenizers` library, streaming the corpus, and save tokenizer.json "
-                    "+ tokenizer_config.json that transformers' AutoTokenizer loads. bpe: byte-level BPE for "
-                    "decoders (every byte is a token, nothing is unknown); wordpiece: BERT-style for encoders.",
+        "+ tokenizer_config.json that transformers' AutoTokenizer loads. bpe: byte-level BPE for "
+        "decoders (every byte is a token, nothing is unknown); wordpiece: BERT-style for encoders.",
         epilog="example: genforge tokenizer train 'corpus/**/*.txt' --vocab-size 16000 --out tok/",
     )
-    train.add_argument("sources", nargs="+", help="files, folders (files ending with --ext) and quoted globs; "
-                                                   ".jsonl files give one document per line from --text-field")
-    train.add_argument("--out", required=True, help="tokenizer directory to write (refused if it exists and is not "
-                                                    "empty, unless --overwrite)")
+    train.add_argument(
+        "sources",
+        nargs="+",
+        help="files, folders (files ending with --ext) and quoted globs; "
+        ".jsonl files give one document per line from --text-field",
+    )
+    train.add_argument(
+        "--out",
+        required=True,
+        help="tokenizer directory to write (refused if it exists and is not empty, unless --overwrite)",
+    )
     train.add_argument("--kind", choices=("bpe", "wordpiece"), default="bpe", help="tokenizer model")
-    train.add_argument("--vocab-size", type=int, default=8192, help="total vocabulary, special tokens included; "
-                                                                     "an error if the corpus cannot supply it")
+    train.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8192,
+        help="total vocabulary, special tokens included; an error if the corpus cannot supply it",
+    )
     train.add_argument("--min-frequency", type=int, default=2, help="minimum count of a merge/piece to learn it")
-    train.add_argument("--special-token", action="append", type=_role_token, default=[], metavar="ROLE=TOKEN",
-                       help="a named special token, e.g. eos_token='<|endoftext|>' (repeatable; replaces the "
-                            "defaults: bpe <|endoftext|> (bos/eos) and <|pad|>; wordpiece [PAD] [UNK] [CLS] [SEP] [MASK])")
-    train.add_argument("--extra-special-token", action="append", default=[], metavar="TOKEN",
-                       help="another special token kept whole, e.g. <|im_start|> (repeatable)")
+    train.add_argument(
+        "--special-token",
+        action="append",
+        type=_role_token,
+        default=[],
+        metavar="ROLE=TOKEN",
+        help="a named special token, e.g. eos_token='<|endoftext|>' (repeatable; replaces the "
+        "defaults: bpe <|endoftext|> (bos/eos) and <|pad|>; wordpiece [PAD] [UNK] [CLS] [SEP] [MASK])",
+    )
+    train.add_argument(
+        "--extra-special-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="another special token kept whole, e.g. <|im_start|> (repeatable)",
+    )
     train.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    train.add_argument("--ext", nargs="+", default=[".txt", ".md", ".rst", ".jsonl"],
-                       help="file endings read from folders")
-    train.add_argument("--cased", action="store_true", help="wordpiece: keep case (default lower-cases, as BERT-uncased)")
+    train.add_argument(
+        "--ext", nargs="+", default=[".txt", ".md", ".rst", ".jsonl"], help="file endings read from folders"
+    )
+    train.add_argument(
+        "--cased", action="store_true", help="wordpiece: keep case (default lower-cases, as BERT-uncased)"
+    )
     train.add_argument("--model-max-length", type=int, default=None, help="recorded in tokenizer_config.json")
-    train.add_argument("--allow-smaller-vocab", action="store_true",
-                       help="accept fewer tokens than --vocab-size when the corpus runs out of merges")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once training succeeded)")
+    train.add_argument(
+        "--allow-smaller-vocab",
+        action="store_true",
+        help="accept fewer tokens than --vocab-size when the corpus runs out of merges",
+    )
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (only once training succeeded)"
+    )
     train.set_defaults(func=cmd_tokenizer_train)
 
     data = sub.add_parser("data", help="prepare training data", description="Training-data tools.")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     prep = data_sub.add_parser(
-        "prepare", help="filter, deduplicate, tokenize and shard a corpus for `genforge pretrain --data`",
+        "prepare",
+        help="filter, deduplicate, tokenize and shard a corpus for `genforge pretrain --data`",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Stream documents from files, folders, globs and JSONL through quality filters, exact and MinHash-"
-                    "LSH near-duplicate removal, a seeded per-document train/val split and the tokenizer, into "
-                    "memory-mapped .npy shards (uint16 when the vocabulary fits, else uint32) with a meta.json report. "
-                    "Thresholds given as 'off' switch a filter off. The output appears only when the run succeeds.",
+        "LSH near-duplicate removal, a seeded per-document train/val split and the tokenizer, into "
+        "memory-mapped .npy shards (uint16 when the vocabulary fits, else uint32) with a meta.json report. "
+        "Thresholds given as 'off' switch a filter off. The output appears only when the run succeeds.",
         epilog="example: genforge data prepare 'corpus/**/*.txt' --tokenizer tok/ --out data/ --seq-len 512",
     )
-    prep.add_argument("sources", nargs="+", help="files, folders (files ending with --ext) and quoted globs; "
-                                                  ".jsonl files give one document per line; other files one each")
+    prep.add_argument(
+        "sources",
+        nargs="+",
+        help="files, folders (files ending with --ext) and quoted globs; "
+        ".jsonl files give one document per line; other files one each",
+    )
     prep.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json)")
     prep.add_argument("--out", required=True, help="output directory (refused if not empty, unless --overwrite)")
     prep.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    prep.add_argument("--ext", nargs="+", default=[".txt", ".md", ".rst", ".jsonl"], help="file endings read from folders")
+    prep.add_argument(
+        "--ext", nargs="+", default=[".txt", ".md", ".rst", ".jsonl"], help="file endings read from folders"
+    )
     prep.add_argument("--val-fraction", type=float, default=0.05, help="expected share of documents held out (0: none)")
     prep.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
-    prep.add_argument("--seq-len", type=int, default=None,
-                      help="training sequence length: each split must hold one sequence; pretrain uses it by default")
+    prep.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="training sequence length: each split must hold one sequence; pretrain uses it by default",
+    )
     prep.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
     prep.add_argument("--max-documents", type=int, default=None, help="stop after reading this many documents")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
@@ -252,32 +347,54 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     quality.add_argument("--min-chars", type=_int_or_off, default=50, help="minimum characters (stripped)")
     quality.add_argument("--max-chars", type=_int_or_off, default=1_000_000, help="maximum characters")
     quality.add_argument("--min-words", type=_int_or_off, default=5, help="minimum whitespace-separated words")
-    quality.add_argument("--max-duplicate-line-ratio", type=_fraction_or_off, default=0.5,
-                         help="maximum share of non-blank lines repeating an earlier line")
+    quality.add_argument(
+        "--max-duplicate-line-ratio",
+        type=_fraction_or_off,
+        default=0.5,
+        help="maximum share of non-blank lines repeating an earlier line",
+    )
     quality.add_argument("--ngram-size", type=int, default=5, help="word n-gram size of the repetition rule")
-    quality.add_argument("--max-repeated-ngram-ratio", type=_fraction_or_off, default=0.8,
-                         help="maximum share of words inside an n-gram occurring twice or more")
-    quality.add_argument("--max-symbol-ratio", type=_fraction_or_off, default=0.5,
-                         help="maximum share of visible characters that are not letters or digits")
+    quality.add_argument(
+        "--max-repeated-ngram-ratio",
+        type=_fraction_or_off,
+        default=0.8,
+        help="maximum share of words inside an n-gram occurring twice or more",
+    )
+    quality.add_argument(
+        "--max-symbol-ratio",
+        type=_fraction_or_off,
+        default=0.5,
+        help="maximum share of visible characters that are not letters or digits",
+    )
     dedup = prep.add_argument_group("deduplication")
     dedup.add_argument("--no-exact-dedup", action="store_true", help="keep exact duplicates")
     dedup.add_argument("--no-near-dedup", action="store_true", help="skip MinHash near-duplicate removal")
-    dedup.add_argument("--dedup-threshold", type=float, default=0.8,
-                       help="estimated Jaccard similarity of word shingles at which a document is a near duplicate")
+    dedup.add_argument(
+        "--dedup-threshold",
+        type=float,
+        default=0.8,
+        help="estimated Jaccard similarity of word shingles at which a document is a near duplicate",
+    )
     dedup.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (more: finer estimates, slower)")
     dedup.add_argument("--shingle-size", type=int, default=5, help="words per shingle")
     prep.set_defaults(func=cmd_data_prepare)
 
-    pretrain = sub.add_parser("pretrain", help="pretrain a model on text or prepared shards (torchrun for several)",
-                              description="Causal-LM training for decoders, masked-LM for a BERT encoder with a "
-                                          "masked-LM head, with AdamW, warmup + cosine decay, clipping, "
-                                          "accumulation, periodic evaluation and atomic checkpoints; --resume "
-                                          "continues exactly. Writes metrics.jsonl, loss_curve.png and the final "
-                                          "model (a Hugging Face directory) under --out. Under torchrun "
-                                          "(torchrun --nproc_per_node N -m genforge.cli pretrain ...) it trains "
-                                          "data-parallel: DDP, or FSDP with --fsdp. See docs/training.md.")
-    pretrain.add_argument("--model", required=True,
-                          help="directory with config.json: the architecture (its weights too with --init-weights)")
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="pretrain a model on text or prepared shards (torchrun for several)",
+        description="Causal-LM training for decoders, masked-LM for a BERT encoder with a "
+        "masked-LM head, with AdamW, warmup + cosine decay, clipping, "
+        "accumulation, periodic evaluation and atomic checkpoints; --resume "
+        "continues exactly. Writes metrics.jsonl, loss_curve.png and the final "
+        "model (a Hugging Face directory) under --out. Under torchrun "
+        "(torchrun --nproc_per_node N -m genforge.cli pretrain ...) it trains "
+        "data-parallel: DDP, or FSDP with --fsdp. See docs/training.md.",
+    )
+    pretrain.add_argument(
+        "--model",
+        required=True,
+        help="directory with config.json: the architecture (its weights too with --init-weights)",
+    )
     pretrain.add_argument("--init-weights", action="store_true", help="start from the directory's weights")
     pretrain.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     pretrain.add_argument("--text", default=None, help="UTF-8 training text; the last --val-fraction is held out")
@@ -288,49 +405,80 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     for flag, kind, default, text in (
         ("--steps", int, 1000, "optimizer steps"),
         ("--seq-len", int, None, "tokens per sequence (default: 256 with --text, the prepared one with --data)"),
-        ("--batch-size", int, 8, "sequences per micro-batch, over all processes under torchrun"), ("--grad-accum", int, 1, "micro-batches per step"),
-        ("--lr", float, 3e-4, "peak learning rate"), ("--warmup", int, 100, "linear warmup steps"),
+        ("--batch-size", int, 8, "sequences per micro-batch, over all processes under torchrun"),
+        ("--grad-accum", int, 1, "micro-batches per step"),
+        ("--lr", float, 3e-4, "peak learning rate"),
+        ("--warmup", int, 100, "linear warmup steps"),
         ("--eval-every", int, 100, "steps between evaluations (0: at the end)"),
         ("--save-every", int, 100, "steps between checkpoints (0: at the end)"),
-        ("--val-fraction", float, 0.05, "share of the text held out for validation"), ("--seed", int, 0, "seed"),
+        ("--val-fraction", float, 0.05, "share of the text held out for validation"),
+        ("--seed", int, 0, "seed"),
         ("--peak-flops", float, None, "the device's peak FLOP/s, to show MFU"),
     ):
         pretrain.add_argument(flag, type=kind, default=default, help=text)
     pretrain.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    pretrain.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                          help="autocast dtype on CUDA (fp16 with a GradScaler); fp32 on CPU")
-    pretrain.add_argument("--fsdp", action="store_true",
-                          help="under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP")
-    pretrain.add_argument("--mlm-probability", type=float, default=0.15,
-                          help="masked LM (encoders): share of tokens chosen for prediction")
+    pretrain.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="autocast dtype on CUDA (fp16 with a GradScaler); fp32 on CPU",
+    )
+    pretrain.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP",
+    )
+    pretrain.add_argument(
+        "--mlm-probability",
+        type=float,
+        default=0.15,
+        help="masked LM (encoders): share of tokens chosen for prediction",
+    )
     pretrain.set_defaults(func=cmd_pretrain)
 
-    size = sub.add_parser("size", help="sizing tools: compute-optimal size, scaling-law fit, critical batch size",
-                          description="Plan a run before spending its compute (see docs/training.md).")
+    size = sub.add_parser(
+        "size",
+        help="sizing tools: compute-optimal size, scaling-law fit, critical batch size",
+        description="Plan a run before spending its compute (see docs/training.md).",
+    )
     size_sub = size.add_subparsers(dest="size_command", required=True, metavar="SIZE_COMMAND")
-    chinchilla = size_sub.add_parser("chinchilla", help="compute-optimal parameters and tokens for a FLOP budget",
-                                     description="Hoffmann et al. 2022: the closed-form optimum of the fitted loss "
-                                                 "L(N,D) = E + A/N^a + B/D^b under C = 6ND ('fit'), and the ~20 "
-                                                 "tokens per parameter rule ('rule'). Prints JSON.")
+    chinchilla = size_sub.add_parser(
+        "chinchilla",
+        help="compute-optimal parameters and tokens for a FLOP budget",
+        description="Hoffmann et al. 2022: the closed-form optimum of the fitted loss "
+        "L(N,D) = E + A/N^a + B/D^b under C = 6ND ('fit'), and the ~20 "
+        "tokens per parameter rule ('rule'). Prints JSON.",
+    )
     chinchilla.add_argument("--flops", type=float, default=None, help="training compute budget C in FLOPs")
     chinchilla.add_argument("--parameters", type=float, default=None, help="with --tokens: C = 6 x parameters x tokens")
     chinchilla.add_argument("--tokens", type=float, default=None, help="with --parameters")
     chinchilla.add_argument("--method", choices=("fit", "rule", "both"), default="both")
     chinchilla.add_argument("--tokens-per-parameter", type=float, default=20.0, help="for --method rule")
     chinchilla.set_defaults(func=cmd_size_chinchilla)
-    fit = size_sub.add_parser("fit", help="fit L(C) = a*C^-b (+ e) to measured (compute, loss) points",
-                              description="Least squares on log loss with scipy; prints the fit as JSON and "
-                                          "optionally plots it.")
+    fit = size_sub.add_parser(
+        "fit",
+        help="fit L(C) = a*C^-b (+ e) to measured (compute, loss) points",
+        description="Least squares on log loss with scipy; prints the fit as JSON and optionally plots it.",
+    )
     fit.add_argument("--points", default=None, help="CSV with a header and columns compute,loss")
     fit.add_argument("--runs", nargs="+", default=None, help="finished `genforge pretrain` run directories")
     fit.add_argument("--irreducible", action="store_true", help="fit an irreducible loss term e too")
     fit.add_argument("--plot", default=None, help="write a log-log PNG of points and fit here")
-    fit.add_argument("--extrapolate", type=float, nargs="+", default=None, metavar="FLOPS",
-                     help="print the predicted loss at these compute budgets")
+    fit.add_argument(
+        "--extrapolate",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="FLOPS",
+        help="print the predicted loss at these compute budgets",
+    )
     fit.set_defaults(func=cmd_size_fit)
-    noise = size_sub.add_parser("noise-scale", help="gradient noise scale (critical batch size) of a model on data",
-                                description="McCandlish et al. 2018: squared gradient norms at two batch sizes "
-                                            "give |G|^2 and tr(Sigma); B_simple = tr(Sigma)/|G|^2. Prints JSON.")
+    noise = size_sub.add_parser(
+        "noise-scale",
+        help="gradient noise scale (critical batch size) of a model on data",
+        description="McCandlish et al. 2018: squared gradient norms at two batch sizes "
+        "give |G|^2 and tr(Sigma); B_simple = tr(Sigma)/|G|^2. Prints JSON.",
+    )
     noise.add_argument("--model", required=True, help="causal model directory (config.json + safetensors)")
     noise.add_argument("--tokenizer", default=None, help="tokenizer directory for --text (default: --model)")
     noise.add_argument("--text", default=None, help="UTF-8 text to sample batches from")

@@ -185,15 +185,18 @@ def load_prepared(directory: str | os.PathLike, seq_len: int | None = None) -> t
     directory = Path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
-        raise DataError(f"{directory} is not a prepared data directory (no meta.json); create one with "
-                        "`genforge data prepare`")
+        raise DataError(
+            f"{directory} is not a prepared data directory (no meta.json); create one with `genforge data prepare`"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{meta_path} is corrupt ({err})") from None
     if not isinstance(meta, dict) or meta.get("format") != "genforge-token-shards":
-        raise DataError(f"{meta_path} is not a genforge token-shard description (format "
-                        f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+        raise DataError(
+            f"{meta_path} is not a genforge token-shard description (format "
+            f"{meta.get('format') if isinstance(meta, dict) else None!r})"
+        )
     if meta.get("version") != 1:
         raise DataError(f"{meta_path} has format version {meta.get('version')}; this genforge reads version 1")
     seq_len = seq_len if seq_len is not None else meta.get("seq_len")
@@ -215,8 +218,10 @@ def load_prepared(directory: str | os.PathLike, seq_len: int | None = None) -> t
             except (ValueError, OSError) as err:
                 raise DataError(f"shard {path} is corrupt ({err})") from None
             if array.dtype != np.dtype(meta["dtype"]) or array.shape != (shard["tokens"],):
-                raise DataError(f"shard {path} holds {array.shape} {array.dtype}, but meta.json records "
-                                f"({shard['tokens']},) {meta['dtype']}; prepare the data again")
+                raise DataError(
+                    f"shard {path} holds {array.shape} {array.dtype}, but meta.json records "
+                    f"({shard['tokens']},) {meta['dtype']}; prepare the data again"
+                )
             arrays.append(array)
         try:
             # The split's largest id as recorded at preparation (its dropped tail included): an

@@ -50,8 +50,12 @@ class DistributedContext:
     def current(cls) -> DistributedContext:
         """The context of the process group this process has joined, or a single process."""
         if dist.is_available() and dist.is_initialized():
-            return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                       local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())), backend=dist.get_backend())
+            return cls(
+                rank=dist.get_rank(),
+                world_size=dist.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+                backend=dist.get_backend(),
+            )
         return cls()
 
 
@@ -133,6 +137,7 @@ def no_gradient_sync(engine: nn.Module, context: DistributedContext, fsdp: bool)
     if not context.enabled:
         return contextlib.nullcontext()
     if fsdp:
+
         @contextlib.contextmanager
         def paused():
             engine.set_requires_gradient_sync(False)
@@ -178,6 +183,15 @@ def broadcast_object(value, context: DistributedContext):
 
 
 __all__ = [
-    "DistributedContext", "DistributedError", "all_reduce_sum", "barrier", "broadcast_object", "destroy_distributed",
-    "init_distributed", "launched_by_torchrun", "no_gradient_sync", "rank_slice", "wrap_model",
+    "DistributedContext",
+    "DistributedError",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "destroy_distributed",
+    "init_distributed",
+    "launched_by_torchrun",
+    "no_gradient_sync",
+    "rank_slice",
+    "wrap_model",
 ]

@@ -91,7 +91,9 @@ def mask_tokens(
     same order as transformers' `DataCollatorForLanguageModeling`, so the two agree exactly.
     """
     if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ValueError(f"input_ids must be a (batch, seq) tensor of int64 ids, got {input_ids.dtype} {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must be a (batch, seq) tensor of int64 ids, got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
     if not 0.0 < mlm_probability < 1.0:
         raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
     if not (0.0 <= mask_replace_prob and 0.0 <= random_replace_prob and mask_replace_prob + random_replace_prob <= 1.0):
@@ -139,8 +141,11 @@ def masked_lm_loss(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=ignore_index,
-        label_smoothing=label_smoothing, reduction=reduction,
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
     )
 
 
@@ -200,7 +205,15 @@ def fused_linear_cross_entropy(
         compute_dtype = weight.dtype
     wanted = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     return _FusedLinearCrossEntropy.apply(
-        hidden, weight, bias, labels, ignore_index, float(label_smoothing), reduction, chunk_tokens, compute_dtype,
+        hidden,
+        weight,
+        bias,
+        labels,
+        ignore_index,
+        float(label_smoothing),
+        reduction,
+        chunk_tokens,
+        compute_dtype,
         tuple(wanted),
     )
 
@@ -229,7 +242,9 @@ def _check_fused_inputs(hidden, weight, labels, bias, label_smoothing, reduction
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
-        raise ValueError(f"chunk_tokens must be a positive integer or None (from FUSED_CHUNK_ELEMENTS), got {chunk_tokens!r}")
+        raise ValueError(
+            f"chunk_tokens must be a positive integer or None (from FUSED_CHUNK_ELEMENTS), got {chunk_tokens!r}"
+        )
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -237,8 +252,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     `fused_linear_cross_entropy`)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_tokens,
-                compute_dtype, wanted):
+    def forward(
+        ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, reduction, chunk_tokens, compute_dtype, wanted
+    ):
         want_hidden, want_weight, want_bias = wanted
         vocab, width = weight.shape
         flat_hidden = hidden.reshape(-1, width)
@@ -249,8 +265,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         targets = flat_labels.index_select(0, rows).long()
         if count and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
             bad = targets[(targets < 0) | (targets >= vocab)][0]
-            raise ValueError(f"label {int(bad)} is outside the vocabulary [0, {vocab}) and is not ignore_index "
-                             f"({ignore_index})")
+            raise ValueError(
+                f"label {int(bad)} is outside the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})"
+            )
         dense = count == flat_hidden.shape[0]
         # Only counted positions reach the head: the causal shift's last column and (masked
         # LM) the ~85% unmasked positions would only be multiplied by zero.
@@ -260,9 +277,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             # Row-major operands: oneDNN falls back to a reference kernel, ~100x slower, on some
             # strided layouts (no copy when they already are).
             head_in = chosen.to(compute_dtype).contiguous()
-            products = _HeadProducts(weight.to(compute_dtype).contiguous(),
-                                     bias.to(compute_dtype) if bias is not None else None,
-                                     min(chunk_tokens, count), want_hidden)
+            products = _HeadProducts(
+                weight.to(compute_dtype).contiguous(),
+                bias.to(compute_dtype) if bias is not None else None,
+                min(chunk_tokens, count),
+                want_hidden,
+            )
             grad_chosen = torch.empty_like(head_in) if want_hidden else None
             grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if want_bias else None
             smooth, target_weight = label_smoothing / vocab, 1.0 - label_smoothing
@@ -288,8 +308,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits = logits.div_(norm)
                 if label_smoothing:
                     grad_logits.sub_(smooth)
-                grad_logits.scatter_add_(1, part_targets[:, None],
-                                         grad_logits.new_full((stop - start, 1), -target_weight))
+                grad_logits.scatter_add_(
+                    1, part_targets[:, None], grad_logits.new_full((stop - start, 1), -target_weight)
+                )
                 grad_logits = grad_logits.to(compute_dtype)
                 if want_hidden:
                     products.hidden_grad(grad_logits, out=grad_chosen[start:stop])
@@ -434,22 +455,35 @@ def distillation_loss(
     whichever inputs require them; a frozen teacher's logits are usually detached.
     """
     if not student_logits.is_floating_point() or not teacher_logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got student {student_logits.dtype} and teacher "
-                         f"{teacher_logits.dtype}")
+        raise ValueError(
+            f"logits must be floating point, got student {student_logits.dtype} and teacher {teacher_logits.dtype}"
+        )
     if student_logits.dim() < 1 or teacher_logits.dim() != student_logits.dim():
-        raise ValueError(f"student and teacher logits must both be (..., vocab) with the same number of dimensions, "
-                         f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student and teacher logits must both be (..., vocab) with the same number of dimensions, "
+            f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise ValueError(f"student and teacher must share the vocabulary: the student has {student_logits.shape[-1]} "
-                         f"logits per position, the teacher {teacher_logits.shape[-1]}")
+        raise ValueError(
+            f"student and teacher must share the vocabulary: the student has {student_logits.shape[-1]} "
+            f"logits per position, the teacher {teacher_logits.shape[-1]}"
+        )
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student and teacher logits must have the same shape (one distribution each per position), "
-                         f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"student and teacher logits must have the same shape (one distribution each per position), "
+            f"got {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
     if labels is not None and labels.shape != student_logits.shape[:-1]:
-        raise ValueError(f"labels must have the logits' leading shape {tuple(student_logits.shape[:-1])} (one per "
-                         f"position, no shift), got {tuple(labels.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0 \
-            or not math.isfinite(temperature):
+        raise ValueError(
+            f"labels must have the logits' leading shape {tuple(student_logits.shape[:-1])} (one per "
+            f"position, no shift), got {tuple(labels.shape)}"
+        )
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+        or not math.isfinite(temperature)
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if kind not in DISTILLATION_KINDS:
         raise ValueError(f"unknown distillation kind {kind!r}; accepted: {', '.join(DISTILLATION_KINDS)}")
@@ -481,8 +515,9 @@ def distillation_loss(
     else:
         # log m by log-sum-exp, so a token one side gives ~0 probability stays finite.
         log_m = torch.logsumexp(torch.stack((log_p + math.log(beta), log_q + math.log(1.0 - beta))), dim=0)
-        per_position = (beta * F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
-                        + (1.0 - beta) * F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1))
+        per_position = beta * F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1) + (
+            1.0 - beta
+        ) * F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
     per_position = per_position * (temperature * temperature)
     if reduction == "sum":
         return per_position.sum()
@@ -503,6 +538,16 @@ def moe_auxiliary_loss(output: ModelOutput, config) -> torch.Tensor | None:
 
 
 __all__ = [
-    "DISTILLATION_KINDS", "FUSED_CHUNK_ELEMENTS", "IGNORE_INDEX", "causal_lm_loss", "count_masked_targets",
-    "count_target_tokens", "distillation_loss", "fused_linear_cross_entropy", "mask_tokens", "masked_lm_loss", "moe_auxiliary_loss", "shift_labels",
+    "DISTILLATION_KINDS",
+    "FUSED_CHUNK_ELEMENTS",
+    "IGNORE_INDEX",
+    "causal_lm_loss",
+    "count_masked_targets",
+    "count_target_tokens",
+    "distillation_loss",
+    "fused_linear_cross_entropy",
+    "mask_tokens",
+    "masked_lm_loss",
+    "moe_auxiliary_loss",
+    "shift_labels",
 ]

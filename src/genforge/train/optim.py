@@ -60,14 +60,17 @@ def build_optimizer(
         raise ValueError(f"learning rate must be > 0, got {lr}")
     groups = split_parameter_groups(model, weight_decay)
     params = [p for group in groups for p in group["params"]]
-    fusable = bool(params) and all(p.device.type in ("cpu", "cuda") and not _is_sharded(p) and p.is_floating_point()
-                                   for p in params)
+    fusable = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and not _is_sharded(p) and p.is_floating_point() for p in params
+    )
     if fusable:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
-def warmup_cosine_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+def warmup_cosine_lr(
+    step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> float:
     """Learning rate at optimizer step `step` (0-based): linear warmup from 0 to `peak_lr` over
     `warmup_steps`, then cosine decay to `min_lr_ratio * peak_lr` at `total_steps`, flat after.
 
@@ -77,7 +80,9 @@ def warmup_cosine_lr(step: int, peak_lr: float, warmup_steps: int, total_steps: 
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need 0 <= warmup_steps <= total_steps, got warmup_steps={warmup_steps}, total_steps={total_steps}")
+        raise ValueError(
+            f"need 0 <= warmup_steps <= total_steps, got warmup_steps={warmup_steps}, total_steps={total_steps}"
+        )
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if step < warmup_steps:

@@ -106,8 +106,10 @@ class QualityFilters:
             return "too_few_words"
         if self.max_duplicate_line_ratio is not None and duplicate_line_ratio(text) > self.max_duplicate_line_ratio:
             return "duplicate_lines"
-        if (self.max_repeated_ngram_ratio is not None
-                and repeated_ngram_ratio(words, self.ngram_size) > self.max_repeated_ngram_ratio):
+        if (
+            self.max_repeated_ngram_ratio is not None
+            and repeated_ngram_ratio(words, self.ngram_size) > self.max_repeated_ngram_ratio
+        ):
             return "repeated_ngrams"
         if self.max_symbol_ratio is not None and symbol_ratio(text) > self.max_symbol_ratio:
             return "non_text"
@@ -177,8 +179,10 @@ class DedupSettings:
             try:  # LSH splits the signature into bands; a very high threshold can leave fewer than two
                 MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
             except ValueError as err:
-                raise DataError(f"near-dedup threshold {self.threshold} with num_perm {self.num_perm} cannot be "
-                                f"indexed ({err}); lower the threshold or raise num_perm") from None
+                raise DataError(
+                    f"near-dedup threshold {self.threshold} with num_perm {self.num_perm} cannot be "
+                    f"indexed ({err}); lower the threshold or raise num_perm"
+                ) from None
 
 
 def word_shingles(text: str, size: int) -> set[bytes]:
@@ -216,8 +220,12 @@ class NearDuplicateIndex:
         self._template = MinHash(num_perm=settings.num_perm, seed=settings.seed)
 
     def signature(self, text: str):
-        minhash = self._minhash(num_perm=self.settings.num_perm, seed=self.settings.seed,
-                                permutations=self._template.permutations, scheme=self._template.scheme)
+        minhash = self._minhash(
+            num_perm=self.settings.num_perm,
+            seed=self.settings.seed,
+            permutations=self._template.permutations,
+            scheme=self._template.scheme,
+        )
         minhash.update_batch(list(word_shingles(text, self.settings.shingle_size)))
         return minhash
 
@@ -312,8 +320,10 @@ class PrepareResult:
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise DataError(f"{out_dir} already exists and is not empty; choose a new directory or pass "
-                        "overwrite=True (--overwrite) to replace it once the new shards are complete")
+        raise DataError(
+            f"{out_dir} already exists and is not empty; choose a new directory or pass "
+            "overwrite=True (--overwrite) to replace it once the new shards are complete"
+        )
 
 
 def prepare(
@@ -383,17 +393,26 @@ def prepare(
                 writers[split].add(ids)
             batch.clear()
 
-        bar = Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-                       TextColumn("{task.fields[status]}"), TimeElapsedColumn(), disable=not progress)
-        with bar, open(staging / "filtered.jsonl", "w", encoding="utf-8") as filtered_log, \
-                open(staging / "duplicates.jsonl", "w", encoding="utf-8") as duplicate_log:
+        bar = Progress(
+            TextColumn("prepare"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("files"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            disable=not progress,
+        )
+        with (
+            bar,
+            open(staging / "filtered.jsonl", "w", encoding="utf-8") as filtered_log,
+            open(staging / "duplicates.jsonl", "w", encoding="utf-8") as duplicate_log,
+        ):
             task = bar.add_task("prepare", total=len(files), status="")
             for doc in iter_documents(files, text_field=text_field, max_chars=filters.max_chars):
                 if max_documents is not None and counts["read"] >= max_documents:
                     break
                 counts["read"] += 1
-                bar.update(task, completed=doc.source_index,
-                           status=f"{counts['read']:,} read, {counts['kept']:,} kept")
+                bar.update(task, completed=doc.source_index, status=f"{counts['read']:,} read, {counts['kept']:,} kept")
                 if not doc.text.strip():
                     counts["empty"] += 1
                     continue
@@ -406,15 +425,21 @@ def prepare(
                 if dedup.exact:
                     if key in exact_seen:
                         counts["exact_duplicates"] += 1
-                        duplicate_log.write(json.dumps({"id": doc.id, "kind": "exact", "duplicate_of": exact_seen[key],
-                                                        "jaccard": 1.0}) + "\n")
+                        duplicate_log.write(
+                            json.dumps({"id": doc.id, "kind": "exact", "duplicate_of": exact_seen[key], "jaccard": 1.0})
+                            + "\n"
+                        )
                         continue
                 if near_index is not None:
                     match = near_index.check_and_add(doc.id, doc.text)
                     if match is not None:
                         counts["near_duplicates"] += 1
-                        duplicate_log.write(json.dumps({"id": doc.id, "kind": "near", "duplicate_of": match[0],
-                                                        "jaccard": round(match[1], 4)}) + "\n")
+                        duplicate_log.write(
+                            json.dumps(
+                                {"id": doc.id, "kind": "near", "duplicate_of": match[0], "jaccard": round(match[1], 4)}
+                            )
+                            + "\n"
+                        )
                         continue
                 if dedup.exact:  # recorded only once kept, so "duplicate_of" always names a kept document
                     exact_seen[key] = doc.id
@@ -428,23 +453,32 @@ def prepare(
 
         report = {"documents": counts, "filters": removed}
         if counts["read"] == counts["empty"]:
-            raise DataError(f"the corpus is empty: {len(files)} file(s) gave {counts['read']} document(s), none with "
-                            "any text")
+            raise DataError(
+                f"the corpus is empty: {len(files)} file(s) gave {counts['read']} document(s), none with any text"
+            )
         if counts["kept"] == 0:
-            raise DataError(f"no document is left after filtering and deduplication: {json.dumps(report)}; "
-                            "loosen the filters (see --help)")
+            raise DataError(
+                f"no document is left after filtering and deduplication: {json.dumps(report)}; "
+                "loosen the filters (see --help)"
+            )
         shards = {split: writer.close() for split, writer in writers.items()}
         need = seq_len or 2
         train_tokens, val_tokens = writers["train"].tokens, writers["val"].tokens
         if train_tokens < need:
-            raise DataError(f"the train split has {train_tokens} tokens ({writers['train'].documents} documents), "
-                            f"fewer than one sequence of seq_len={need}; use more text or a shorter seq_len")
+            raise DataError(
+                f"the train split has {train_tokens} tokens ({writers['train'].documents} documents), "
+                f"fewer than one sequence of seq_len={need}; use more text or a shorter seq_len"
+            )
         if val_fraction > 0 and val_tokens == 0:
-            raise DataError(f"no document fell into the val split (val_fraction={val_fraction}, {counts['kept']} "
-                            "documents kept); raise val_fraction, add documents, or pass val_fraction=0")
+            raise DataError(
+                f"no document fell into the val split (val_fraction={val_fraction}, {counts['kept']} "
+                "documents kept); raise val_fraction, add documents, or pass val_fraction=0"
+            )
         if val_fraction > 0 and val_tokens < need:
-            raise DataError(f"the val split has {val_tokens} tokens ({writers['val'].documents} documents), fewer "
-                            f"than one sequence of seq_len={need}; raise val_fraction, add text or shorten seq_len")
+            raise DataError(
+                f"the val split has {val_tokens} tokens ({writers['val'].documents} documents), fewer "
+                f"than one sequence of seq_len={need}; raise val_fraction, add text or shorten seq_len"
+            )
         # A byte-for-byte copy, so the recorded hash identifies the copy too.
         (staging / "tokenizer").mkdir()
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
@@ -460,13 +494,23 @@ def prepare(
             "seq_len": seq_len,
             "seed": seed,
             "val_fraction": val_fraction,
-            "splits": {split: {"documents": writers[split].documents, "tokens": writers[split].tokens,
-                               "max_token_id": writers[split].max_token_id, "shards": shards[split]}
-                       for split in writers},
+            "splits": {
+                split: {
+                    "documents": writers[split].documents,
+                    "tokens": writers[split].tokens,
+                    "max_token_id": writers[split].max_token_id,
+                    "shards": shards[split],
+                }
+                for split in writers
+            },
             "documents": counts,
             "filters": {"removed": removed, "settings": {k: v for k, v in asdict(filters).items()}},
-            "dedup": {"exact_removed": counts["exact_duplicates"], "near_removed": counts["near_duplicates"],
-                      "settings": asdict(dedup), "report": "duplicates.jsonl"},
+            "dedup": {
+                "exact_removed": counts["exact_duplicates"],
+                "near_removed": counts["near_duplicates"],
+                "settings": asdict(dedup),
+                "report": "duplicates.jsonl",
+            },
             "sources": [str(f) for f in files] if len(files) <= 1000 else {"files": len(files)},
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -474,7 +518,17 @@ def prepare(
 
 
 __all__ = [
-    "QualityFilters", "duplicate_line_ratio", "repeated_ngram_ratio",
-    "symbol_ratio", "DedupSettings", "word_shingles", "NearDuplicateIndex", "token_dtype", "content_key", "val_fraction_of",
-    "PrepareResult", "prepare", "META_FILE",
+    "QualityFilters",
+    "duplicate_line_ratio",
+    "repeated_ngram_ratio",
+    "symbol_ratio",
+    "DedupSettings",
+    "word_shingles",
+    "NearDuplicateIndex",
+    "token_dtype",
+    "content_key",
+    "val_fraction_of",
+    "PrepareResult",
+    "prepare",
+    "META_FILE",
 ]

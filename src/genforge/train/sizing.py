@@ -104,8 +104,14 @@ def chinchilla_optimal(
         return ComputePlan(flops, n, d, d / n, law.loss(n, d), "fit")
     if method == "rule":
         n = math.sqrt(flops / (6.0 * tokens_per_parameter))
-        return ComputePlan(flops, n, tokens_per_parameter * n, tokens_per_parameter, law.loss(n, tokens_per_parameter * n),
-                           f"rule ({tokens_per_parameter:g} tokens per parameter)")
+        return ComputePlan(
+            flops,
+            n,
+            tokens_per_parameter * n,
+            tokens_per_parameter,
+            law.loss(n, tokens_per_parameter * n),
+            f"rule ({tokens_per_parameter:g} tokens per parameter)",
+        )
     raise SizingError(f"method {method!r} is not supported; accepted: fit, rule")
 
 
@@ -137,7 +143,9 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], irreducible: 
         raise SizingError(f"compute and loss must be equal-length lists, got {c.shape} and {losses.shape}")
     needed = 4 if irreducible else 3
     if len(c) < needed:
-        raise SizingError(f"fitting {'a·C^-b + e' if irreducible else 'a·C^-b'} needs at least {needed} points, got {len(c)}")
+        raise SizingError(
+            f"fitting {'a·C^-b + e' if irreducible else 'a·C^-b'} needs at least {needed} points, got {len(c)}"
+        )
     if (c <= 0).any() or (losses <= 0).any() or not (np.isfinite(c).all() and np.isfinite(losses).all()):
         raise SizingError("compute and loss values must be finite and > 0")
     if len(np.unique(c)) < 2:
@@ -147,6 +155,7 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], irreducible: 
     x = np.log(c / scale)
     slope, intercept = np.polyfit(x, np.log(losses), 1)
     if irreducible:
+
         def model(x, log_a, b, e):
             return np.log(np.exp(log_a - b * x) + e)
 
@@ -154,6 +163,7 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], irreducible: 
         bounds = ([-np.inf, 0.0, 0.0], [np.inf, np.inf, float(losses.min())])
         (log_a, b, e), _ = curve_fit(model, x, np.log(losses), p0=start, bounds=bounds, maxfev=20000)
     else:
+
         def model(x, log_a, b):
             return log_a - b * x
 
@@ -167,8 +177,13 @@ def fit_power_law(compute: Sequence[float], loss: Sequence[float], irreducible: 
     return fit
 
 
-def plot_power_law(fit: PowerLawFit, compute: Sequence[float], loss: Sequence[float], path: str | Path,
-                   extrapolate_to: float | None = None) -> Path:
+def plot_power_law(
+    fit: PowerLawFit,
+    compute: Sequence[float],
+    loss: Sequence[float],
+    path: str | Path,
+    extrapolate_to: float | None = None,
+) -> Path:
     """The measured points and the fitted curve on log-log axes, written atomically as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -242,7 +257,9 @@ class NoiseScale:
         return asdict(self)
 
 
-def noise_scale_from_norms(small_norm_sq: float, big_norm_sq: float, small_batch: int, big_batch: int) -> tuple[float, float]:
+def noise_scale_from_norms(
+    small_norm_sq: float, big_norm_sq: float, small_batch: int, big_batch: int
+) -> tuple[float, float]:
     """Unbiased (|G|², tr(Σ)) from mean squared gradient norms measured at two batch sizes
     (McCandlish et al. 2018, eqs. A.2-A.3): E|G_B|² = |G|² + tr(Σ)/B, solved for both."""
     if not 0 < small_batch < big_batch:
@@ -297,15 +314,18 @@ def gradient_noise_scale(
     return NoiseScale(g2, trace, trace / g2, small_batch, big_batch, trials)
 
 
-def language_model_noise_scale(model, dataset, small_batch: int, big_batch: int, trials: int = 8, seed: int = 0,
-                               device: str = "cpu") -> NoiseScale:
+def language_model_noise_scale(
+    model, dataset, small_batch: int, big_batch: int, trials: int = 8, seed: int = 0, device: str = "cpu"
+) -> NoiseScale:
     """`gradient_noise_scale` for a genforge causal `Transformer` on a `TokenDataset`; batch
     sizes count sequences (multiply by `dataset.seq_len` for tokens)."""
     from .losses import causal_lm_loss
 
     if not model.config.causal:
-        raise SizingError("language_model_noise_scale measures causal models; pass loss_fn and sample to "
-                          "gradient_noise_scale for others")
+        raise SizingError(
+            "language_model_noise_scale measures causal models; pass loss_fn and sample to "
+            "gradient_noise_scale for others"
+        )
     if big_batch > len(dataset):
         raise SizingError(f"big_batch {big_batch} exceeds the {len(dataset)} sequences in the data")
     model.to(device)
@@ -327,7 +347,18 @@ def _positive(**values: float) -> None:
 
 
 __all__ = [
-    "ChinchillaLaw", "ComputePlan", "NoiseScale", "PowerLawFit", "SizingError", "chinchilla_optimal",
-    "fit_power_law", "gradient_noise_scale", "language_model_noise_scale", "noise_scale_from_norms",
-    "plot_power_law", "points_from_runs", "read_points", "training_flops",
+    "ChinchillaLaw",
+    "ComputePlan",
+    "NoiseScale",
+    "PowerLawFit",
+    "SizingError",
+    "chinchilla_optimal",
+    "fit_power_law",
+    "gradient_noise_scale",
+    "language_model_noise_scale",
+    "noise_scale_from_norms",
+    "plot_power_law",
+    "points_from_runs",
+    "read_points",
+    "training_flops",
 ]

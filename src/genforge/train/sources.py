@@ -52,13 +52,16 @@ def resolve_sources(sources: Sequence[str | os.PathLike], extensions: Sequence[s
             found[path] = None
         elif path.is_dir():
             matches = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.name.endswith(extensions)
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.name.endswith(extensions)
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not matches:
-                raise DataError(f"the folder {text} holds no file ending with {', '.join(extensions)} "
-                                "(choose others with --ext)")
+                raise DataError(
+                    f"the folder {text} holds no file ending with {', '.join(extensions)} (choose others with --ext)"
+                )
             found.update(dict.fromkeys(matches))
         else:
             raise DataError(f"source {text} does not exist; pass files, folders, globs or .jsonl files")
@@ -79,8 +82,10 @@ def iter_documents(files: Sequence[Path], text_field: str = "text", max_chars: i
             with open(path, encoding="utf-8", errors="replace") as handle:
                 for number, record in json_objects(handle, str(path), DataError):
                     if not isinstance(record.get(text_field), str):
-                        raise DataError(f"{path}:{number} has no string field {text_field!r} (found: "
-                                        f"{sorted(record)}); choose the field with --text-field")
+                        raise DataError(
+                            f"{path}:{number} has no string field {text_field!r} (found: "
+                            f"{sorted(record)}); choose the field with --text-field"
+                        )
                     yield Document(f"{path}:{number}", record[text_field], index)
         else:
             with open(path, encoding="utf-8", errors="replace") as handle:

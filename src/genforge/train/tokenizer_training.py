@@ -43,8 +43,13 @@ DEFAULT_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
     # token so that masking padding never masks a real end of document.
     "bpe": {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>"},
     # BERT's five, in BERT's relative order.
-    "wordpiece": {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "mask_token": "[MASK]"},
+    "wordpiece": {
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "cls_token": "[CLS]",
+        "sep_token": "[SEP]",
+        "mask_token": "[MASK]",
+    },
 }
 SPECIAL_TOKEN_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -75,17 +80,22 @@ def tokenizer_sha256(directory: str | os.PathLike) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _special_tokens(kind: str, special_tokens: Mapping[str, str] | None,
-                    extra_special_tokens: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+def _special_tokens(
+    kind: str, special_tokens: Mapping[str, str] | None, extra_special_tokens: Sequence[str]
+) -> tuple[dict[str, str], list[str]]:
     named = dict(DEFAULT_SPECIAL_TOKENS[kind] if special_tokens is None else special_tokens)
     unknown = [role for role in named if role not in SPECIAL_TOKEN_ROLES]
     if unknown:
-        raise TokenizerTrainingError(f"unknown special-token role(s) {unknown}; accepted: {', '.join(SPECIAL_TOKEN_ROLES)}")
+        raise TokenizerTrainingError(
+            f"unknown special-token role(s) {unknown}; accepted: {', '.join(SPECIAL_TOKEN_ROLES)}"
+        )
     for role, token in named.items():
         if not isinstance(token, str) or not token or token.isspace():
             raise TokenizerTrainingError(f"special token for {role} must be a non-empty string, got {token!r}")
     if kind == "wordpiece" and "unk_token" not in named:
-        raise TokenizerTrainingError("a WordPiece tokenizer needs an unk_token (characters unseen in training map to it)")
+        raise TokenizerTrainingError(
+            "a WordPiece tokenizer needs an unk_token (characters unseen in training map to it)"
+        )
     extras = [t for t in extra_special_tokens if t not in named.values()]
     bad = [t for t in extras if not isinstance(t, str) or not t or t.isspace()]
     if bad:
@@ -106,8 +116,9 @@ def _build(kind: str, unk_token: str | None, lowercase: bool) -> tokenizers.Toke
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
         return backend
     backend = tokenizers.Tokenizer(models.WordPiece(unk_token=unk_token, continuing_subword_prefix="##"))
-    backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                    strip_accents=None, lowercase=lowercase)
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     return backend
@@ -162,7 +173,9 @@ def train_tokenizer(
     if kind not in KINDS:
         raise TokenizerTrainingError(f"unknown tokenizer kind {kind!r}; accepted: {', '.join(KINDS)}")
     if (texts is None) == (files is None):
-        raise TokenizerTrainingError("pass either texts (an iterable of str) or files (paths, folders, globs), not both")
+        raise TokenizerTrainingError(
+            "pass either texts (an iterable of str) or files (paths, folders, globs), not both"
+        )
     if isinstance(texts, str):
         raise TokenizerTrainingError("texts must be an iterable of documents, not one str; wrap it in a list")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
@@ -171,8 +184,10 @@ def train_tokenizer(
         raise TokenizerTrainingError(f"min_frequency must be an integer >= 1, got {min_frequency!r}")
     if out_dir is not None and Path(out_dir).exists() and not overwrite:
         if not Path(out_dir).is_dir() or any(Path(out_dir).iterdir()):
-            raise TokenizerTrainingError(f"{out_dir} already exists and is not empty; choose a new directory or pass "
-                                         "overwrite=True (--overwrite) to replace it")
+            raise TokenizerTrainingError(
+                f"{out_dir} already exists and is not empty; choose a new directory or pass "
+                "overwrite=True (--overwrite) to replace it"
+            )
     named, ordered_specials = _special_tokens(kind, special_tokens, extra_special_tokens)
     if kind == "bpe":
         floor = BYTE_ALPHABET_SIZE + len(ordered_specials)
@@ -201,8 +216,14 @@ def train_tokenizer(
     counts = {"documents": 0, "characters": 0}
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("reading corpus"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-                   TimeElapsedColumn(), disable=not progress)
+    bar = Progress(
+        TextColumn("reading corpus"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+    )
     task = bar.add_task("read", total=files_total, status="")
 
     def counted(stream: Iterable[str]) -> Iterator[str]:
@@ -211,8 +232,11 @@ def train_tokenizer(
                 raise TokenizerTrainingError(f"training texts must be str, got {type(text).__name__}")
             counts["documents"] += 1
             counts["characters"] += len(text)
-            bar.update(task, completed=position["file"] if files_total else counts["documents"],
-                       status=f"{counts['documents']:,} documents, {counts['characters']:,} characters")
+            bar.update(
+                task,
+                completed=position["file"] if files_total else counts["documents"],
+                status=f"{counts['documents']:,} documents, {counts['characters']:,} characters",
+            )
             yield text
         if files_total:
             bar.update(task, completed=files_total)
@@ -225,13 +249,19 @@ def train_tokenizer(
     backend = _build(kind, named.get("unk_token"), lowercase)
     if kind == "bpe":
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=ordered_specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=ordered_specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
     else:
         trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=ordered_specials,
-            continuing_subword_prefix="##", show_progress=False,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=ordered_specials,
+            continuing_subword_prefix="##",
+            show_progress=False,
         )
     with bar:
         backend.train_from_iterator(counted(stream), trainer=trainer)
@@ -239,7 +269,8 @@ def train_tokenizer(
         cls, sep = named.get("cls_token"), named.get("sep_token")
         if cls and sep:  # BERT's input format: [CLS] A [SEP] (B [SEP])
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+                single=f"{cls} $A {sep}",
+                pair=f"{cls} $A {sep} $B:1 {sep}:1",
                 special_tokens=[(cls, backend.token_to_id(cls)), (sep, backend.token_to_id(sep))],
             )
     reached = backend.get_vocab_size(with_added_tokens=True)
@@ -273,10 +304,23 @@ def train_tokenizer(
         with staged_directory(path) as staging:
             tokenizer.save(staging)
         digest = tokenizer_sha256(path)
-    return TrainedTokenizer(tokenizer=tokenizer, path=path, kind=kind, requested_vocab_size=vocab_size,
-                            vocab_size=reached, documents=counts["documents"], characters=counts["characters"],
-                            sha256=digest)
+    return TrainedTokenizer(
+        tokenizer=tokenizer,
+        path=path,
+        kind=kind,
+        requested_vocab_size=vocab_size,
+        vocab_size=reached,
+        documents=counts["documents"],
+        characters=counts["characters"],
+        sha256=digest,
+    )
 
 
-__all__ = ["KINDS", "DEFAULT_SPECIAL_TOKENS", "TokenizerTrainingError", "TrainedTokenizer", "train_tokenizer",
-           "tokenizer_sha256"]
+__all__ = [
+    "KINDS",
+    "DEFAULT_SPECIAL_TOKENS",
+    "TokenizerTrainingError",
+    "TrainedTokenizer",
+    "train_tokenizer",
+    "tokenizer_sha256",
+]

@@ -132,8 +132,12 @@ class TrainConfig:
     seq_len: int | None = field(default=None, init=False)  # taken from the dataset
 
     def validate(self) -> None:
-        positive = {"max_steps": self.max_steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "eval_batches": self.eval_batches}
+        positive = {
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "eval_batches": self.eval_batches,
+        }
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise TrainError(f"{name} must be a positive integer, got {value!r}")
@@ -157,14 +161,23 @@ class TrainConfig:
         if not 0.0 < self.mlm_probability < 1.0:
             raise TrainError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if not isinstance(self.distill_alpha, (int, float)) or not 0.0 <= self.distill_alpha <= 1.0:
-            raise TrainError(f"distill_alpha (the soft-target share of the loss) must be in [0, 1], got {self.distill_alpha!r}")
-        if (not isinstance(self.distill_temperature, (int, float)) or not math.isfinite(self.distill_temperature)
-                or self.distill_temperature <= 0):
+            raise TrainError(
+                f"distill_alpha (the soft-target share of the loss) must be in [0, 1], got {self.distill_alpha!r}"
+            )
+        if (
+            not isinstance(self.distill_temperature, (int, float))
+            or not math.isfinite(self.distill_temperature)
+            or self.distill_temperature <= 0
+        ):
             raise TrainError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature!r}")
         if self.distill_kind not in DISTILLATION_KINDS:
-            raise TrainError(f"distill_kind {self.distill_kind!r} is not supported; accepted: {', '.join(DISTILLATION_KINDS)}")
+            raise TrainError(
+                f"distill_kind {self.distill_kind!r} is not supported; accepted: {', '.join(DISTILLATION_KINDS)}"
+            )
         if not isinstance(self.distill_beta, (int, float)) or not 0.0 < self.distill_beta < 1.0:
-            raise TrainError(f"distill_beta (the generalized JSD's mixing weight) must be in (0, 1), got {self.distill_beta!r}")
+            raise TrainError(
+                f"distill_beta (the generalized JSD's mixing weight) must be in (0, 1), got {self.distill_beta!r}"
+            )
 
 
 @dataclass
@@ -215,8 +228,10 @@ class Trainer:
                 f"{world} processes; use a multiple of {world}"
             )
         if config.fsdp and not self.distributed.enabled:
-            raise TrainError("fsdp=True shards the model over several processes; launch with torchrun "
-                             "(WORLD_SIZE > 1) or leave fsdp off")
+            raise TrainError(
+                "fsdp=True shards the model over several processes; launch with torchrun "
+                "(WORLD_SIZE > 1) or leave fsdp off"
+            )
         self.masked = not model.config.causal
         if self.masked:
             self._setup_masking(model, config, tokenizer)
@@ -236,7 +251,13 @@ class Trainer:
         if teacher is not None:
             self._check_teacher(model, teacher, train_data)
         config.seq_len = train_data.seq_len
-        self.model, self.train_data, self.val_data, self.config, self.tokenizer = model, train_data, val_data, config, tokenizer
+        self.model, self.train_data, self.val_data, self.config, self.tokenizer = (
+            model,
+            train_data,
+            val_data,
+            config,
+            tokenizer,
+        )
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -270,16 +291,20 @@ class Trainer:
         if teacher is model:
             raise TrainError("the teacher must be another model than the one being trained")
         if not model.config.causal or not teacher.config.causal or teacher.lm_head is None:
-            raise TrainError("knowledge distillation here trains a causal decoder from a causal decoder with an LM "
-                             "head; masked-LM encoders are not supported as student or teacher")
+            raise TrainError(
+                "knowledge distillation here trains a causal decoder from a causal decoder with an LM "
+                "head; masked-LM encoders are not supported as student or teacher"
+            )
         if teacher.config.vocab_size != model.config.vocab_size:
             raise TrainError(
                 f"the teacher's vocab_size ({teacher.config.vocab_size}) differs from the model's "
                 f"({model.config.vocab_size}); distillation compares distributions over one shared vocabulary"
             )
         if train_data.seq_len > teacher.config.max_position_embeddings:
-            raise TrainError(f"train_data seq_len {train_data.seq_len} exceeds the teacher's max_position_embeddings "
-                             f"{teacher.config.max_position_embeddings}")
+            raise TrainError(
+                f"train_data seq_len {train_data.seq_len} exceeds the teacher's max_position_embeddings "
+                f"{teacher.config.max_position_embeddings}"
+            )
 
     def _setup_masking(self, model: Transformer, config: TrainConfig, tokenizer) -> None:
         if model.lm_head is None:
@@ -290,13 +315,16 @@ class Trainer:
         if config.mask_token_id is None:
             config.mask_token_id = getattr(tokenizer, "mask_token_id", None)
         if config.mask_token_id is None:
-            raise TrainError("masked-LM training needs a [MASK] id: pass a tokenizer with a mask token or set "
-                             "TrainConfig.mask_token_id")
+            raise TrainError(
+                "masked-LM training needs a [MASK] id: pass a tokenizer with a mask token or set "
+                "TrainConfig.mask_token_id"
+            )
         if not 0 <= config.mask_token_id < model.config.vocab_size:
             raise TrainError(f"mask_token_id {config.mask_token_id} is not below vocab_size {model.config.vocab_size}")
         if config.special_token_ids is None:
             config.special_token_ids = tuple(getattr(tokenizer, "all_special_ids", None) or ())
         config.special_token_ids = tuple(int(i) for i in config.special_token_ids)
+
     # ------------------------------------------------------------------------------ steps
     def _autocast(self):
         if self.config.precision == "fp32":
@@ -332,8 +360,14 @@ class Trainer:
                 hidden = model.lm_transform(hidden)
         else:
             labels = shift_labels(labels)
-        return fused_linear_cross_entropy(hidden, model.lm_head.weight, labels, bias=model.lm_head.bias,
-                                          label_smoothing=label_smoothing, reduction="sum")
+        return fused_linear_cross_entropy(
+            hidden,
+            model.lm_head.weight,
+            labels,
+            bias=model.lm_head.bias,
+            label_smoothing=label_smoothing,
+            reduction="sum",
+        )
 
     def _micro_loss(self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
         """This micro-batch's share of the step's loss: sum over its tokens / the step's tokens."""
@@ -382,23 +416,33 @@ class Trainer:
                     hard = self._loss(output.logits, labels, config.label_smoothing)
                 with torch.set_grad_enabled(grad and alpha > 0.0):
                     soft = self._kd(output.logits, teacher_out.logits, targets)
-            loss = self._with_router_loss(((1.0 - alpha) * hard + alpha * soft) / total_tokens, output, labels,
-                                          total_tokens)
+            loss = self._with_router_loss(
+                ((1.0 - alpha) * hard + alpha * soft) / total_tokens, output, labels, total_tokens
+            )
         self._distill_parts[0] += float(hard.detach()) / total_tokens
         self._distill_parts[1] += float(soft.detach()) / total_tokens
         return loss
 
     def _kd(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets=None) -> torch.Tensor:
         config = self.config
-        return distillation_loss(student_logits, teacher_logits, targets, temperature=config.distill_temperature,
-                                 kind=config.distill_kind, beta=config.distill_beta, reduction="sum")
+        return distillation_loss(
+            student_logits,
+            teacher_logits,
+            targets,
+            temperature=config.distill_temperature,
+            kind=config.distill_kind,
+            beta=config.distill_beta,
+            reduction="sum",
+        )
 
     def _kd_slice(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = self.teacher.lm_head(teacher_hidden)
         return self._kd(self.model.lm_head(student_hidden), teacher_logits)
 
-    def _kd_from_hidden(self, hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _kd_from_hidden(
+        self, hidden: torch.Tensor, teacher_hidden: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """The summed KD term from both models' final hidden states, through their LM heads a
         slice of counted positions at a time (`FUSED_CHUNK_ELEMENTS` logits per slice). With
         more than one slice each is checkpointed (its logits remade in backward), so the step
@@ -411,7 +455,7 @@ class Trainer:
             return self._kd_slice(student, teacher)
         total = None
         for start in range(0, rows, chunk):
-            part_s, part_t = student[start:start + chunk], teacher[start:start + chunk]
+            part_s, part_t = student[start : start + chunk], teacher[start : start + chunk]
             if torch.is_grad_enabled():
                 part = torch.utils.checkpoint.checkpoint(self._kd_slice, part_s, part_t, use_reentrant=False)
             else:
@@ -424,8 +468,14 @@ class Trainer:
         index): the same batch at the same step gets the same masks on every rank and on resume."""
         key = ((self.config.seed * 1_000_003 + stream) * 1_000_003 + index) % (2**63)
         generator = torch.Generator().manual_seed(key)
-        return mask_tokens(batch, self.config.mask_token_id, self.model.config.vocab_size,
-                           self.config.mlm_probability, self.config.special_token_ids, generator)
+        return mask_tokens(
+            batch,
+            self.config.mask_token_id,
+            self.model.config.vocab_size,
+            self.config.mlm_probability,
+            self.config.special_token_ids,
+            generator,
+        )
 
     def _as_pairs(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, labels) per micro-batch; a bare tensor is its own labels (causal LM) or is masked here."""
@@ -452,7 +502,9 @@ class Trainer:
         for micro, (inputs, labels) in enumerate(pairs):
             last = micro == len(pairs) - 1
             inputs, labels = inputs[share].to(self.device), labels[share].to(self.device)
-            with contextlib.nullcontext() if last else no_gradient_sync(self.engine, self.distributed, self.config.fsdp):
+            with (
+                contextlib.nullcontext() if last else no_gradient_sync(self.engine, self.distributed, self.config.fsdp)
+            ):
                 loss = self._micro_loss(inputs, labels, total_tokens)
                 # DDP and FSDP average gradients over ranks; scaling by the world size turns
                 # that average into the sum of the ranks' shares, the whole batch's gradient.
@@ -558,15 +610,24 @@ class Trainer:
                     elapsed = max(time.perf_counter() - started, 1e-9)
                     record["tokens_per_s"] = record["tokens"] / elapsed
                     if config.peak_flops:  # peak_flops is per device; the job has world_size of them
-                        record["mfu"] = (6 * self.num_parameters * record["tokens_per_s"]
-                                         / (config.peak_flops * self.distributed.world_size))
+                        record["mfu"] = (
+                            6
+                            * self.num_parameters
+                            * record["tokens_per_s"]
+                            / (config.peak_flops * self.distributed.world_size)
+                        )
                     losses.append((self.step, record["loss"]))
                     self._append_metrics(record)
                     mfu = f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
-                    progress.update(task, completed=self.step,
-                                    status=f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s{mfu}")
+                    progress.update(
+                        task,
+                        completed=self.step,
+                        status=f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s{mfu}",
+                    )
                     last = self.step == config.max_steps
-                    if self.val_data is not None and ((config.eval_every and self.step % config.eval_every == 0) or last):
+                    if self.val_data is not None and (
+                        (config.eval_every and self.step % config.eval_every == 0) or last
+                    ):
                         result = self.evaluate()
                         evals.append(result)
                         self._append_metrics(result)
@@ -611,8 +672,12 @@ class Trainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         progress = Progress(
-            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(), disable=not (self.config.progress and self.distributed.is_main),
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeRemainingColumn(),
+            disable=not (self.config.progress and self.distributed.is_main),
         )
 
         @contextlib.contextmanager
@@ -658,7 +723,8 @@ class Trainer:
             full = self._full_state_dict()
             model_to_save = self._plain_model(full) if self.distributed.is_main else None
             optimizer_state = get_optimizer_state_dict(
-                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
         else:
             model_to_save, optimizer_state = self.model, self.optimizer.state_dict()
         if self.distributed.is_main:
@@ -699,8 +765,10 @@ class Trainer:
         in the trainer changes, so a bad checkpoint leaves the run as it was."""
         latest = self.checkpoint_dir / "latest.json"
         if not latest.exists():
-            raise TrainError(f"cannot resume: no checkpoint in {self.checkpoint_dir} (expected latest.json); "
-                             "train with resume=False to start a new run")
+            raise TrainError(
+                f"cannot resume: no checkpoint in {self.checkpoint_dir} (expected latest.json); "
+                "train with resume=False to start a new run"
+            )
         try:
             pointer = json.loads(latest.read_text())
             directory = self.checkpoint_dir / pointer["dir"]
@@ -716,14 +784,20 @@ class Trainer:
         # Any failure to read means the files are damaged; the readers raise many types
         # (SafetensorError, UnpicklingError, zipfile and JSON errors), so all are caught here.
         except Exception as err:
-            raise TrainError(f"cannot resume: checkpoint {directory} is corrupt ({type(err).__name__}: {err})") from None
+            raise TrainError(
+                f"cannot resume: checkpoint {directory} is corrupt ({type(err).__name__}: {err})"
+            ) from None
         fsdp = self.config.fsdp
         saved_format = trainer_state.get("optimizer_format", "torch")
         if saved_format != ("fsdp-full" if fsdp else "torch"):
-            raise TrainError(f"cannot resume: checkpoint {directory} was written "
-                             f"{'with' if saved_format == 'fsdp-full' else 'without'} FSDP; resume the same way")
+            raise TrainError(
+                f"cannot resume: checkpoint {directory} was written "
+                f"{'with' if saved_format == 'fsdp-full' else 'without'} FSDP; resume the same way"
+            )
         # FSDP: the gathered weights, in a plain copy whose tied names share one tensor as here.
-        current = self._plain_model(self._full_state_dict(every_rank=True)).state_dict() if fsdp else self.model.state_dict()
+        current = (
+            self._plain_model(self._full_state_dict(every_rank=True)).state_dict() if fsdp else self.model.state_dict()
+        )
         # A tied head and embedding are one tensor stored once; either name may hold it.
         by_storage: dict[int, set[str]] = {}
         for name, tensor in current.items():
@@ -739,12 +813,17 @@ class Trainer:
         if mismatched:
             raise TrainError(f"cannot resume: checkpoint {directory} has other shapes for {mismatched[:4]}")
         saved = state.get("config", {})
-        changed = [f"{k}: {saved.get(k)} -> {getattr(self.config, k)}" for k in self._resume_invariants()
-                   if saved.get(k) != getattr(self.config, k)]
+        changed = [
+            f"{k}: {saved.get(k)} -> {getattr(self.config, k)}"
+            for k in self._resume_invariants()
+            if saved.get(k) != getattr(self.config, k)
+        ]
         if changed:
             raise TrainError(f"cannot resume: settings that decide the data order changed ({'; '.join(changed)})")
         if int(state["step"]) > self.config.max_steps:
-            raise TrainError(f"cannot resume: checkpoint is at step {state['step']}, beyond max_steps={self.config.max_steps}")
+            raise TrainError(
+                f"cannot resume: checkpoint is at step {state['step']}, beyond max_steps={self.config.max_steps}"
+            )
         # Everything read and checked: apply.
         self.sampler.load_state_dict(state["sampler"])
         if fsdp:
@@ -789,8 +868,11 @@ class Trainer:
         """Drop records a killed run wrote after its last checkpoint, so the log has each step once."""
         if not self.metrics_path.exists():
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def read_metrics(self) -> list[dict]:
@@ -833,8 +915,6 @@ def _as_python_rng_state(state) -> tuple:
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
 
 
 __all__ = ["PRECISIONS", "TrainConfig", "TrainError", "TrainResult", "Trainer"]
