@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from factories import tiny_encoder, tiny_model
 
 from genforge.checkpoint import load_model
 from genforge.config import Config
@@ -292,45 +293,12 @@ def test_trainer_step_with_the_fused_head_equals_the_unfused_step(kind, tmp_path
 
     from genforge.train import TokenDataset, TrainConfig, Trainer
 
-    torch.manual_seed(0)
     if kind == "causal":
-        config = Config(
-            family="llama",
-            vocab_size=64,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=32,
-            tie_word_embeddings=True,
-        )
+        model = tiny_model(seed=0, max_position_embeddings=32, tie_word_embeddings=True)
         extra = {}
     else:
-        config = Config(
-            family="bert",
-            vocab_size=64,
-            hidden_size=32,
-            num_layers=2,
-            num_heads=4,
-            intermediate_size=48,
-            max_position_embeddings=32,
-            causal=False,
-            post_norm=True,
-            norm="layernorm",
-            activation="gelu",
-            gated_mlp=False,
-            qkv_bias=True,
-            attn_out_bias=True,
-            mlp_bias=True,
-            position="learned",
-            type_vocab_size=2,
-            embedding_norm=True,
-            tie_word_embeddings=True,
-            masked_lm_head=True,
-        )
+        model = tiny_encoder(seed=0, max_position_embeddings=32)
         extra = dict(mask_token_id=4, special_token_ids=(0, 1, 2, 3, 4), mlm_probability=0.3)
-    model = Transformer(config)
     data = TokenDataset(torch.randint(5, 64, (16 * 12,), generator=torch.Generator().manual_seed(1)), 16)
     val = TokenDataset(torch.randint(5, 64, (16 * 8,), generator=torch.Generator().manual_seed(2)), 16)
     settings = dict(

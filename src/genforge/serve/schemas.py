@@ -107,6 +107,17 @@ class ChatMessage(_Schema):
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
 
+    # The same rule in the published schema, for clients and fuzzers that read it.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {"properties": {"role": {"const": "assistant"}}},
+            ]
+        },
+    )
+
     @model_validator(mode="after")
     def _content_where_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
