@@ -100,7 +100,3 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
     swap_linears(model, lambda layer, name: PackedLinear(layer))
     model.packed_for_inference = True
     return model
-
-
-def is_packed(model: nn.Module) -> bool:
-    return getattr(model, "packed_for_inference", False)
