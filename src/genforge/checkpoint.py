@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .atomic import staged_directory
 from .config import SUPPORTED_FAMILIES, Config, ConfigError
@@ -237,6 +238,36 @@ def _bindings(model: Transformer) -> list[_Binding]:
     if missing:  # a genforge bug, not a user error: the weight map forgot a parameter
         raise AssertionError(f"weight map for {config.family} does not cover {sorted(missing)}")
     return list(bound.values())
+
+
+@dataclass(frozen=True)
+class LinearParts:
+    """The Hugging Face linear modules one genforge linear layer computes, in output-row order:
+    Llama's fused `qkv` holds q_proj, k_proj and v_proj (`sizes` rows each); a rename holds
+    one. `transposed` where Hugging Face stores the weight (in, out), as GPT-2's Conv1D does."""
+
+    names: tuple[str, ...]
+    sizes: tuple[int, ...]
+    transposed: bool
+
+
+def hf_linear_parts(model: Transformer) -> dict[str, LinearParts]:
+    """Each `nn.Linear` of `model` by genforge module name (`blocks.0.attn.qkv`), with the
+    Hugging Face modules it holds (`model.layers.0.self_attn.q_proj`, ...). Adapters read
+    this to name their tensors the way PEFT does. Call it on the model as loaded."""
+    bound = {binding.gf: binding for binding in _bindings(model)}
+    rules = {rule.gf: rule for rule in WEIGHT_MAPS[model.config.family]}
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        binding = bound.get(f"{name}.weight")
+        if binding is None:  # a head tied to the embeddings is bound once, as embed_tokens
+            rule = rules[f"{name}.weight"]
+            binding = _Binding(rule.gf, rule.hf, None, rule.transpose)
+        names = tuple(hf.removesuffix(".weight") for hf in binding.hf)
+        layers[name] = LinearParts(names, binding.sizes or (module.out_features,), binding.transpose)
+    return layers
 
 
 # ------------------------------------------------------------------------------------ load
@@ -480,9 +511,11 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
 
 __all__ = [
     "CheckpointError",
+    "LinearParts",
     "Rule",
     "WEIGHT_MAPS",
     "SUPPORTED_FAMILIES",
+    "hf_linear_parts",
     "load_model",
     "save_model",
     "read_config",

@@ -20,10 +20,11 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-__all__ = ["linear_names", "swap_linears"]
+__all__ = ["linear_names", "name_matches", "swap_linears"]
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def name_matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether dotted module `name` matches a glob of `patterns` (a bare one matches the last part)."""
     leaf = name.rsplit(".", 1)[-1]
     return any(fnmatchcase(name, p) or ("." not in p and fnmatchcase(leaf, p)) for p in patterns)
 
@@ -39,15 +40,15 @@ def linear_names(model: nn.Module, include: Sequence[str] | None = None, exclude
         raise TypeError("include and exclude take a list of patterns, e.g. ['qkv', 'o']; got a single string")
     every = [name for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)]
     if include is not None:
-        unmatched = [p for p in include if not any(_matches(name, [p]) for name in every)]
+        unmatched = [p for p in include if not any(name_matches(name, [p]) for name in every)]
         if unmatched:
             shown = sorted({name.rsplit(".", 1)[-1] for name in every})
             raise ValueError(
                 f"no linear layer matches {', '.join(map(repr, unmatched))}; this model's linear layers end in "
                 f"{', '.join(shown)} (patterns are globs over names like {every[0]!r})"
             )
-        every = [name for name in every if _matches(name, include)]
-    return [name for name in every if not _matches(name, exclude)]
+        every = [name for name in every if name_matches(name, include)]
+    return [name for name in every if not name_matches(name, exclude)]
 
 
 def swap_linears(

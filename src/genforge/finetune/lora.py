@@ -1,0 +1,527 @@
+"""LoRA: low-rank adapters over a model's linear layers (Hu et al. 2021, "LoRA: Low-Rank
+Adaptation of Large Language Models"), in PEFT's format both ways.
+
+A LoRA layer keeps the base weight W frozen and learns a low-rank update: y = W x + b +
+s * B A dropout(x), with A (r, in) and B (out, r), B starting at zero so training starts from
+the base model. The scale s is alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023,
+"A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA").
+
+genforge computes queries, keys and values in one fused product (`qkv`), and a gated MLP's
+gate and up in another (`gate_up`). PEFT puts one LoRA on each of Hugging Face's separate
+modules (q_proj, k_proj, v_proj), so a LoRA layer here holds one (A, B) pair per targeted part
+of the fused output, each with its own rank and alpha, and a part may have none (PEFT's usual
+q_proj + v_proj leaves k alone). Where Hugging Face fuses too (GPT-2's c_attn, Phi-3's
+qkv_proj) the layer has one part. Adapters name their tensors by the Hugging Face modules, so
+`save_adapter` writes what `peft.PeftModel.from_pretrained` loads and `load_adapter` reads
+what PEFT's `save_pretrained` writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..atomic import staged_directory
+from ..checkpoint import LinearParts, hf_linear_parts
+from ..model import Transformer
+from ..swap import name_matches, swap_linears
+
+__all__ = [
+    "LoraConfig",
+    "LoraError",
+    "LoraLinear",
+    "apply_lora",
+    "load_adapter",
+    "lora_state_dict",
+    "merge_lora",
+    "peft_names",
+    "save_adapter",
+    "trainable_parameter_count",
+    "unmerge_lora",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT's saved keys: the PeftModel's prefix, then the transformers module name.
+_PEFT_PREFIX = "base_model.model."
+
+
+class LoraError(ValueError):
+    """A LoRA configuration, model or adapter that does not fit; the message says what was wrong."""
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how, with PEFT's field names and meanings.
+
+    target_modules: a list of names, either Hugging Face module names as PEFT takes them
+        (`["q_proj", "v_proj"]`: a name matches a module that is it or ends in `.name`) or
+        genforge layer names (`["qkv", "o"]`, globs as `swap_linears` takes them; a fused layer
+        named this way gets a LoRA on each of its parts); or one string, a regular expression
+        that must match a whole module name in either convention.
+    rank_pattern / alpha_pattern: per-module r and alpha, PEFT's way: the first key that matches
+        the end of a module's Hugging Face name (as the regex `(.*\\.)?key$`) wins; genforge
+        layer names are tried after.
+    use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
+    bias: only "none" (biases stay frozen).
+    """
+
+    target_modules: list[str] | str
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise LoraError(f"target_modules {self.target_modules!r} is not a regular expression: {err}") from None
+        elif (
+            not isinstance(self.target_modules, Sequence)
+            or not self.target_modules
+            or not all(isinstance(name, str) and name for name in self.target_modules)
+        ):
+            raise LoraError(
+                f"target_modules must be a non-empty list of module names (e.g. ['q_proj', 'v_proj'] or "
+                f"['qkv', 'o']) or one regular expression; got {self.target_modules!r}"
+            )
+        else:
+            self.target_modules = list(self.target_modules)
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        if not isinstance(self.lora_dropout, int | float) or not 0 <= self.lora_dropout < 1:
+            raise LoraError(f"lora_dropout must be a probability in [0, 1); got {self.lora_dropout!r}")
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if self.bias != "none":
+            raise LoraError(
+                f"bias={self.bias!r} is not supported yet; accepted: 'none' (biases stay frozen, as PEFT's default)"
+            )
+
+    def rank_and_alpha(self, hf_name: str, genforge_name: str) -> tuple[int, float]:
+        """The r and alpha of the module with these names (rank_pattern, alpha_pattern or the defaults)."""
+        r_key = _pattern_key(self.rank_pattern, hf_name, genforge_name)
+        alpha_key = _pattern_key(self.alpha_pattern, hf_name, genforge_name)
+        r = self.rank_pattern[r_key] if r_key is not None else self.r
+        alpha = self.alpha_pattern[alpha_key] if alpha_key is not None else self.lora_alpha
+        return r, alpha
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _check_rank(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LoraError(f"{what} must be an integer rank of at least 1; got {value!r}")
+
+
+def _check_alpha(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise LoraError(f"{what} must be a positive number; got {value!r}")
+
+
+def _pattern_key(pattern: dict, hf_name: str, genforge_name: str) -> str | None:
+    # PEFT's get_pattern_key: the key, a regex, must match the end of the name after a dot.
+    for name in (hf_name, genforge_name):
+        for key in pattern:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key
+    return None
+
+
+@dataclass(frozen=True)
+class LoraPart:
+    """One Hugging Face module's LoRA inside a genforge layer: its output rows start..start+rows."""
+
+    hf_name: str  # model.layers.0.self_attn.q_proj
+    key: str  # its last part, the key of its tensors in the layer (q_proj)
+    start: int
+    rows: int
+    r: int
+    alpha: float
+    scaling: float
+
+
+class LoraLinear(nn.Module):
+    """A linear layer with LoRA updates on some or all parts of its output (see the module doc).
+
+    The base `weight` and `bias` are this layer's own parameters, frozen, so the base model's
+    state-dict keys stay as they were. Each part's A and B are `lora_A.<part>` and
+    `lora_B.<part>`. All parts' A are one stacked product; each B then writes its own rows
+    through one block-diagonal product, so a fused layer costs two small products, not one per
+    part.
+    """
+
+    def __init__(self, base: nn.Linear, parts: Sequence[LoraPart], dropout: float) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.parts = tuple(parts)
+        self.lora_dropout = dropout
+        self.merged = False
+        # PEFT keeps adapters of a half-precision model in float32 (autocast_adapter_dtype).
+        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        device = base.weight.device
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for part in self.parts:
+            a = torch.empty(part.r, self.in_features, dtype=dtype, device=device)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init, as nn.Linear's
+            self.lora_A[part.key] = nn.Parameter(a)
+            self.lora_B[part.key] = nn.Parameter(torch.zeros(part.rows, part.r, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        parts = ", ".join(f"{p.key}: r={p.r} alpha={p.alpha}" for p in self.parts)
+        return f"in_features={self.in_features}, out_features={self.out_features}, lora=[{parts}]"
+
+    def _stacked_a(self) -> torch.Tensor:
+        return torch.cat([self.lora_A[p.key] for p in self.parts])
+
+    def _scaled_block_b(self) -> torch.Tensor:
+        """(out, sum of r): each part's B times its scale in its rows and its rank's columns."""
+        total_rank = sum(p.r for p in self.parts)
+        reference = self.lora_B[self.parts[0].key]
+        rows, row, column = [], 0, 0
+        for part in self.parts:
+            if part.start > row:  # an untargeted part: no update
+                rows.append(reference.new_zeros(part.start - row, total_rank))
+            b = self.lora_B[part.key] * part.scaling
+            rows.append(F.pad(b, (column, total_rank - column - part.r)))
+            row, column = part.start + part.rows, column + part.r
+        if row < self.out_features:
+            rows.append(reference.new_zeros(self.out_features - row, total_rank))
+        return torch.cat(rows)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update the LoRA parts add to `weight`, (out, in), in the adapter's dtype."""
+        return self._scaled_block_b() @ self._stacked_a()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return result
+        lora_x = x.to(self.lora_A[self.parts[0].key].dtype)
+        if self.training and self.lora_dropout:
+            # PEFT's separate modules draw separate dropout masks: one product per part.
+            hidden = torch.cat(
+                [F.linear(F.dropout(lora_x, self.lora_dropout, True), self.lora_A[p.key]) for p in self.parts], dim=-1
+            )
+        else:
+            hidden = F.linear(lora_x, self._stacked_a())
+        return result + F.linear(hidden, self._scaled_block_b()).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += self.delta_weight().to(self.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight().to(self.weight.dtype)
+            self.merged = False
+
+
+# ---------------------------------------------------------------------------------- apply
+def _targeted(config: LoraConfig, genforge_name: str, hf_name: str) -> list[str]:
+    """The target_modules entries that select this part (by its own or its layer's name)."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return [targets] if re.fullmatch(targets, hf_name) or re.fullmatch(targets, genforge_name) else []
+    return [t for t in targets if hf_name == t or hf_name.endswith(f".{t}") or name_matches(genforge_name, [t])]
+
+
+def _plan(model: Transformer, config: LoraConfig) -> tuple[dict[str, list[LoraPart]], dict[str, LinearParts]]:
+    """Which parts of which layers get a LoRA, checked before anything changes."""
+    if not isinstance(model, Transformer):
+        raise LoraError(f"LoRA goes on a genforge Transformer (genforge.checkpoint.load_model); got {type(model)}")
+    if any(isinstance(module, LoraLinear) for module in model.modules()):
+        raise LoraError("this model already has LoRA layers; apply or load one adapter into a freshly loaded model")
+    layouts = hf_linear_parts(model)
+    plan: dict[str, list[LoraPart]] = {}
+    used: set[str] = set()
+    for genforge_name, layout in layouts.items():
+        layer = model.get_submodule(genforge_name)
+        start = 0
+        for hf_name, rows in zip(layout.names, layout.sizes, strict=True):
+            matched = _targeted(config, genforge_name, hf_name)
+            if matched:
+                used.update(matched)
+                r, alpha = config.rank_and_alpha(hf_name, genforge_name)
+                limit = min(layer.in_features, rows)
+                if r > limit:
+                    raise LoraError(
+                        f"r={r} for {hf_name} ({genforge_name}) is larger than min(in, out) = min({layer.in_features}, "
+                        f"{rows}) = {limit}; a rank above that adds nothing. Use r <= {limit} (or a rank_pattern entry)"
+                    )
+                key = hf_name.rsplit(".", 1)[-1]
+                plan.setdefault(genforge_name, []).append(
+                    LoraPart(hf_name, key, start, rows, r, alpha, config.scaling(r, alpha))
+                )
+            start += rows
+    if isinstance(config.target_modules, str):
+        unmatched = [] if plan else [config.target_modules]
+    else:
+        unmatched = [t for t in config.target_modules if t not in used]
+    if unmatched:
+        raise LoraError(
+            f"target_modules {', '.join(map(repr, unmatched))} match no linear layer of this "
+            f"{model.config.family} model; its linear layers end in {', '.join(_leaf_names(layouts))}"
+        )
+    head = model.lm_head
+    if "lm_head" in plan and head is not None and head.weight is model.embed_tokens.weight:
+        raise LoraError(
+            "lm_head shares its weight with embed_tokens (tied embeddings): a merged LoRA would change the "
+            "embeddings too; leave lm_head out of target_modules"
+        )
+    return plan, layouts
+
+
+def _leaf_names(layouts: dict[str, LinearParts]) -> list[str]:
+    genforge = sorted({name.rsplit(".", 1)[-1] for name in layouts})
+    hf = sorted({name.rsplit(".", 1)[-1] for layout in layouts.values() for name in layout.names})
+    return [f"{', '.join(genforge)} (genforge names)", f"{', '.join(hf)} (Hugging Face names)"]
+
+
+def apply_lora(model: Transformer, config: LoraConfig) -> Transformer:
+    """Put LoRA layers on the linear layers `config.target_modules` selects, in place, and
+    freeze everything else (only the LoRA A and B train). Returns `model`."""
+    plan, layouts = _plan(model, config)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    swap_linears(model, lambda layer, name: LoraLinear(layer, plan[name], config.lora_dropout), include=list(plan))
+    # Kept for save_adapter: the config, and every layer's Hugging Face names (to write targets exactly).
+    model.lora_config = config
+    model.lora_layouts = layouts
+    return model
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, LoraLinear)}
+    if not layers:
+        raise LoraError("this model has no LoRA layers; call apply_lora or load_adapter first")
+    return layers
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Add every LoRA update into its base weight (inference at base-model speed); exact to rounding."""
+    for layer in _lora_layers(model).values():
+        layer.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take merged LoRA updates out of the base weights again, to train or swap adapters."""
+    for layer in _lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA tensors alone, by genforge name (`blocks.0.attn.qkv.lora_A.q_proj`)."""
+    return {name: tensor for name, tensor in model.state_dict().items() if ".lora_A." in name or ".lora_B." in name}
+
+
+def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared parameters counted once."""
+    parameters = list(model.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+def peft_names(model: nn.Module) -> dict[str, str]:
+    """Each LoRA parameter's genforge name -> the key PEFT saves it under
+    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    names = {}
+    for layer_name, layer in _lora_layers(model).items():
+        for part in layer.parts:
+            for kind in ("lora_A", "lora_B"):
+                names[f"{layer_name}.{kind}.{part.key}"] = f"{_PEFT_PREFIX}{part.hf_name}.{kind}.weight"
+    return names
+
+
+# ----------------------------------------------------------------------------- PEFT format
+def _saved_targets(parts: list[LoraPart], every_hf_name: list[str]) -> list[str]:
+    """target_modules that select exactly these modules: their last names where that is exact."""
+    targeted = {p.hf_name for p in parts}
+    leaves = {name.rsplit(".", 1)[-1] for name in targeted}
+    if {name for name in every_hf_name if name.rsplit(".", 1)[-1] in leaves} == targeted:
+        return sorted(leaves)
+    return sorted(targeted)
+
+
+def _saved_pattern(parts: list[LoraPart], value: str, default) -> dict:
+    """Per-module values that differ from the default: by last name where a name has one value."""
+    by_leaf: dict[str, set] = {}
+    for part in parts:
+        by_leaf.setdefault(part.key, set()).add(getattr(part, value))
+    pattern = {}
+    for part in parts:
+        own = getattr(part, value)
+        if own != default:
+            pattern[part.key if len(by_leaf[part.key]) == 1 else part.hf_name] = own
+    return pattern
+
+
+def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA as a PEFT adapter directory (adapter_config.json and
+    adapter_model.safetensors) that `peft.PeftModel.from_pretrained` loads onto the
+    transformers model. Assembled beside `directory` and renamed into place."""
+    layers = _lora_layers(model)
+    config: LoraConfig = model.lora_config
+    layouts: dict[str, LinearParts] = model.lora_layouts
+    parts = [part for layer in layers.values() for part in layer.parts]
+    every_hf_name = [name for layout in layouts.values() for name in layout.names]
+    conv1d = any(layouts[name].transposed for name in layers)
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": _saved_targets(parts, every_hf_name),
+        "rank_pattern": _saved_pattern(parts, "r", config.r),
+        "alpha_pattern": _saved_pattern(parts, "alpha", config.lora_alpha),
+        "use_rslora": config.use_rslora,
+        "bias": "none",
+        # GPT-2's Conv1D stores weights (in, out); PEFT records that, with A and B shaped as for nn.Linear.
+        "fan_in_fan_out": conv1d,
+        "inference_mode": True,
+    }
+    tensors = {
+        peft_name: model.get_parameter(name).detach().contiguous().cpu()
+        for name, peft_name in peft_names(model).items()
+    }
+    directory = Path(directory)
+    with staged_directory(directory) as staging:
+        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+    return directory
+
+
+# Fields of a PEFT LoRA config that change what the adapter computes and that genforge does not do yet.
+_UNSUPPORTED = {
+    "use_dora": "DoRA",
+    "layers_to_transform": "layers_to_transform",
+    "layers_pattern": "layers_pattern",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "exclude_modules": "exclude_modules",
+    "target_parameters": "target_parameters",
+    "lora_bias": "lora_bias",
+    "trainable_token_indices": "trainable_token_indices",
+    "alora_invocation_tokens": "aLoRA",
+    "use_qalora": "QALoRA",
+    "use_bdlora": "BD-LoRA",
+    "layer_replication": "layer_replication",
+}
+
+
+def _read_adapter_config(directory: Path) -> LoraConfig:
+    path = directory / ADAPTER_CONFIG
+    if not path.exists():
+        raise LoraError(f"{directory} has no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise LoraError(f"{path} is not valid JSON: {err}") from None
+    if saved.get("peft_type") != "LORA":
+        raise LoraError(f"{path} is a {saved.get('peft_type')!r} adapter; genforge loads peft_type 'LORA'")
+    unsupported = [what for key, what in _UNSUPPORTED.items() if saved.get(key) not in (None, False, [], {}, "")]
+    if unsupported:
+        raise LoraError(f"{path} uses {', '.join(unsupported)}, which genforge's LoRA does not support yet")
+    if saved.get("target_modules") in (None, [], ""):
+        raise LoraError(f"{path} names no target_modules")
+    return LoraConfig(
+        target_modules=saved["target_modules"],
+        r=saved.get("r", 8),
+        lora_alpha=saved.get("lora_alpha", 8),
+        lora_dropout=saved.get("lora_dropout", 0.0) or 0.0,
+        use_rslora=bool(saved.get("use_rslora", False)),
+        rank_pattern=saved.get("rank_pattern") or {},
+        alpha_pattern=saved.get("alpha_pattern") or {},
+        bias=saved.get("bias", "none"),
+    )
+
+
+def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
+    """Put the PEFT LoRA adapter saved in `directory` (by PEFT's `save_pretrained` or
+    `save_adapter`; safetensors only) onto `model`, in place. Everything is checked against
+    the model before the model changes."""
+    directory = Path(directory)
+    config = _read_adapter_config(directory)
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.exists():
+        pickled = (
+            " (only the pickled adapter_model.bin, which genforge does not unpickle)"
+            if any(directory.glob("*.bin"))
+            else ""
+        )
+        raise LoraError(f"{directory} has no {ADAPTER_WEIGHTS}{pickled}; save the adapter with safetensors")
+    try:
+        plan, layouts = _plan(model, config)
+    except LoraError as err:
+        raise LoraError(f"the adapter in {directory} does not fit this model: {err}") from None
+    expected = {}
+    # PEFT also saves the base weight of a targeted layer it counts as an embedding (lm_head):
+    # it replaces the base rows on load, as PEFT's from_pretrained does.
+    base_rows: dict[str, tuple[str, LoraPart, bool]] = {}
+    for layer_name, parts in plan.items():
+        in_features = model.get_submodule(layer_name).in_features
+        for part in parts:
+            expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_A.weight"] = (part.r, in_features)
+            expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_B.weight"] = (part.rows, part.r)
+            transposed = layouts[layer_name].transposed
+            base_rows[f"{_PEFT_PREFIX}{part.hf_name}.base_layer.weight"] = (layer_name, part, transposed)
+    with safe_open(weights, framework="pt", device="cpu") as reader:
+        stored = {key: reader.get_tensor(key) for key in reader.keys()}
+    for key in stored.keys() & base_rows.keys():
+        _, part, transposed = base_rows[key]
+        in_features = expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_A.weight"][1]
+        expected[key] = (in_features, part.rows) if transposed else (part.rows, in_features)
+    missing = sorted(set(expected) - set(stored) - set(base_rows))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise LoraError(
+            f"the adapter in {directory} does not fit this model: its config selects {len(expected)} LoRA tensors"
+            + (f"; missing from {ADAPTER_WEIGHTS}: {', '.join(missing[:6])}" if missing else "")
+            + (f"; in {ADAPTER_WEIGHTS} but not placed on this model: {', '.join(extra[:6])}" if extra else "")
+        )
+    wrong = [
+        f"{key} is {tuple(stored[key].shape)}, this model needs {shape}"
+        for key, shape in expected.items()
+        if tuple(stored[key].shape) != shape
+    ]
+    if wrong:
+        raise LoraError(f"the adapter in {directory} does not fit this model: {'; '.join(wrong[:6])}")
+    apply_lora(model, config)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, peft_name in peft_names(model).items():
+            parameters[name].copy_(stored[peft_name])
+        for key in stored.keys() & base_rows.keys():
+            layer_name, part, transposed = base_rows[key]
+            tensor = stored[key].t() if transposed else stored[key]
+            model.get_submodule(layer_name).weight[part.start : part.start + part.rows].copy_(tensor)
+    return model
