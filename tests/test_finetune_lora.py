@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from genforge.checkpoint import load_model
+from genforge.checkpoint import load_model, save_model
 from genforge.finetune import (
     LoraConfig,
     LoraError,
@@ -19,6 +19,7 @@ from genforge.finetune import (
     apply_lora,
     load_adapter,
     lora_state_dict,
+    merge_and_unload,
     merge_lora,
     peft_names,
     save_adapter,
@@ -227,6 +228,18 @@ def test_merge_and_unmerge_are_exact(base_dir):
         assert (model(TOKENS).logits - unmerged).abs().max() < 1e-5
 
 
+def test_merge_and_unload_leaves_a_plain_model_that_exports(base_dir, tmp_path):
+    model = lora_llama(base_dir, target_modules=["qkv", "down"], r=4)
+    with torch.no_grad():
+        adapted = model(TOKENS).logits
+        merge_and_unload(model)
+        assert not any(isinstance(m, LoraLinear) for m in model.modules())
+        assert set(model.state_dict()) == set(load_model(base_dir("llama")).state_dict())
+        assert (model(TOKENS).logits - adapted).abs().max() < 1e-5
+        exported = load_model(save_model(model, tmp_path / "merged"))
+        assert (exported(TOKENS).logits - adapted).abs().max() < 1e-5
+
+
 def test_the_base_keeps_its_keys_and_only_lora_trains(base_dir):
     base = load_model(base_dir("llama"))
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -331,6 +344,19 @@ def test_an_adapter_for_another_model_says_what_does_not_fit(base_dir, tmp_path)
     config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"r": 4, "target_modules": ["q_proj"]}))
     with pytest.raises(LoraError, match="not placed on this model: .*v_proj"):
         load_adapter(load_model(base_dir("llama")), tmp_path / "llama")
+
+
+def test_an_adapter_loads_where_peft_would_though_some_targets_match_nothing(base_dir, tmp_path):
+    """PEFT needs one target to match, not each: a shared config naming other families' modules loads."""
+    reference = peft_model("llama", r=4, target_modules=["q_proj", "v_proj"])
+    reference.save_pretrained(tmp_path / "adapter")
+    config_path = tmp_path / "adapter" / "adapter_config.json"
+    config_path.write_text(
+        json.dumps(json.loads(config_path.read_text()) | {"target_modules": ["q_proj", "v_proj", "c_attn"]})
+    )
+    model = load_adapter(load_model(base_dir("llama")), tmp_path / "adapter")
+    with torch.no_grad():
+        assert (model(TOKENS).logits - reference(TOKENS).logits).abs().max() < 1e-4
 
 
 def test_unsupported_adapters_are_refused(base_dir, tmp_path):

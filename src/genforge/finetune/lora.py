@@ -43,6 +43,7 @@ __all__ = [
     "apply_lora",
     "load_adapter",
     "lora_state_dict",
+    "merge_and_unload",
     "merge_lora",
     "peft_names",
     "save_adapter",
@@ -253,10 +254,15 @@ def _targeted(config: LoraConfig, genforge_name: str, hf_name: str) -> list[str]
     return [t for t in targets if hf_name == t or hf_name.endswith(f".{t}") or name_matches(genforge_name, [t])]
 
 
-def _plan(model: Transformer, config: LoraConfig) -> tuple[dict[str, list[LoraPart]], dict[str, LinearParts]]:
-    """Which parts of which layers get a LoRA, checked before anything changes."""
+def _plan(
+    model: Transformer, config: LoraConfig, every_target: bool = True
+) -> tuple[dict[str, list[LoraPart]], dict[str, LinearParts]]:
+    """Which parts of which layers get a LoRA, checked before anything changes. `every_target`:
+    each target must match something (else, as PEFT loads adapters, one match is enough)."""
     if not isinstance(model, Transformer):
         raise LoraError(f"LoRA goes on a genforge Transformer (genforge.checkpoint.load_model); got {type(model)}")
+    if getattr(model, "packed_for_inference", False):
+        raise LoraError("this model was packed for CPU inference; apply LoRA to the model as loaded, before packing")
     if any(isinstance(module, LoraLinear) for module in model.modules()):
         raise LoraError("this model already has LoRA layers; apply or load one adapter into a freshly loaded model")
     layouts = hf_linear_parts(model)
@@ -281,13 +287,14 @@ def _plan(model: Transformer, config: LoraConfig) -> tuple[dict[str, list[LoraPa
                     LoraPart(hf_name, key, start, rows, r, alpha, config.scaling(r, alpha))
                 )
             start += rows
-    if isinstance(config.target_modules, str):
-        unmatched = [] if plan else [config.target_modules]
+    if isinstance(config.target_modules, str) or not every_target:
+        unmatched = [] if plan else list(config.target_modules)
     else:
         unmatched = [t for t in config.target_modules if t not in used]
     if unmatched:
+        shown = [config.target_modules] if isinstance(config.target_modules, str) else unmatched
         raise LoraError(
-            f"target_modules {', '.join(map(repr, unmatched))} match no linear layer of this "
+            f"target_modules {', '.join(map(repr, shown))} match no linear layer of this "
             f"{model.config.family} model; its linear layers end in {', '.join(_leaf_names(layouts))}"
         )
     head = model.lm_head
@@ -309,6 +316,12 @@ def apply_lora(model: Transformer, config: LoraConfig) -> Transformer:
     """Put LoRA layers on the linear layers `config.target_modules` selects, in place, and
     freeze everything else (only the LoRA A and B train). Returns `model`."""
     plan, layouts = _plan(model, config)
+    return _install(model, config, plan, layouts)
+
+
+def _install(
+    model: Transformer, config: LoraConfig, plan: dict[str, list[LoraPart]], layouts: dict[str, LinearParts]
+) -> Transformer:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     swap_linears(model, lambda layer, name: LoraLinear(layer, plan[name], config.lora_dropout), include=list(plan))
@@ -329,6 +342,22 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Add every LoRA update into its base weight (inference at base-model speed); exact to rounding."""
     for layer in _lora_layers(model).values():
         layer.merge()
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every LoRA update and put plain `nn.Linear` layers back (PEFT's `merge_and_unload`):
+    the model is then the fine-tuned base model, trainable as when loaded, which
+    `checkpoint.save_model` exports."""
+    for name, layer in _lora_layers(model).items():
+        layer.merge()
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, plain)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    del model.lora_config, model.lora_layouts
     return model
 
 
@@ -396,7 +425,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     conv1d = any(layouts[name].transposed for name in layers)
     adapter_config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "CAUSAL_LM" if model.config.causal else None,
         "base_model_name_or_path": base_model_name_or_path,
         "r": config.r,
         "lora_alpha": config.lora_alpha,
@@ -480,7 +509,7 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
         )
         raise LoraError(f"{directory} has no {ADAPTER_WEIGHTS}{pickled}; save the adapter with safetensors")
     try:
-        plan, layouts = _plan(model, config)
+        plan, layouts = _plan(model, config, every_target=False)
     except LoraError as err:
         raise LoraError(f"the adapter in {directory} does not fit this model: {err}") from None
     expected = {}
@@ -515,7 +544,7 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
     ]
     if wrong:
         raise LoraError(f"the adapter in {directory} does not fit this model: {'; '.join(wrong[:6])}")
-    apply_lora(model, config)
+    _install(model, config, plan, layouts)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, peft_name in peft_names(model).items():
