@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from genforge.checkpoint import load_model, save_model
+from genforge.checkpoint import LinearParts, hf_linear_parts, load_model, save_model
 from genforge.finetune import (
     LoraConfig,
     LoraError,
@@ -65,6 +65,20 @@ def peft_model(family: str, **lora):
 def peft_parameter(model, peft_key: str):
     """PEFT's live parameter for a saved key (the adapter name sits before `.weight`)."""
     return model.get_parameter(peft_key.replace(".weight", ".default.weight"))
+
+
+def test_each_linear_layer_knows_its_hugging_face_parts(base_dir):
+    llama = hf_linear_parts(load_model(base_dir("llama")))
+    attention = "model.layers.1.self_attn"
+    assert llama["blocks.1.attn.qkv"] == LinearParts(
+        (f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj"), (64, 32, 32), False
+    )  # GQA: 2 key/value heads of 16 for 4 query heads
+    assert llama["blocks.0.mlp.gate_up"].names == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+    assert llama["lm_head"] == LinearParts(("lm_head",), (96,), False)
+    gpt2 = hf_linear_parts(load_model(base_dir("gpt2")))
+    assert gpt2["blocks.0.attn.qkv"] == LinearParts(("transformer.h.0.attn.c_attn",), (192,), True)
+    tied = hf_linear_parts(load_model(base_dir("llama-mqa-tied")))
+    assert tied["lm_head"].names == ("lm_head",)
 
 
 PEFT_CASES = {

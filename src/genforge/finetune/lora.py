@@ -463,6 +463,9 @@ _UNSUPPORTED = {
     "alora_invocation_tokens": "aLoRA",
     "use_qalora": "QALoRA",
     "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
     "layer_replication": "layer_replication",
 }
 
