@@ -283,6 +283,14 @@ def test_a_training_step_moves_only_the_lora_tensors(base_dir):
     assert moved == {n for n in before if ".lora_B." in n}  # B starts at zero, so A's first gradient is zero
 
 
+def test_a_bfloat16_model_keeps_its_adapter_in_float32(base_dir):
+    """As PEFT's autocast_adapter_dtype: the update is computed in float32 and added in bfloat16."""
+    model = apply_lora(load_model(base_dir("llama"), dtype="bfloat16"), LoraConfig(target_modules=["qkv"], r=4))
+    assert model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    assert model(TOKENS).logits.dtype == torch.bfloat16
+
+
 def test_dropout_applies_in_training_only(base_dir):
     model = lora_llama(base_dir, target_modules=["qkv"], r=4, lora_dropout=0.5)
     with torch.no_grad():
