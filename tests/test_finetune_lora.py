@@ -9,6 +9,7 @@ import pytest
 import reference_models
 import torch
 import torch.nn.functional as F
+from finetune_shared import TOKENS, randomize, saved_families
 from safetensors.torch import load_file, save_file
 
 from genforge.checkpoint import LinearParts, hf_linear_parts, load_model, save_model
@@ -29,31 +30,10 @@ from genforge.finetune import (
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOKENS = torch.tensor([[5, 17, 3, 44, 90, 12, 8, 61, 33], [7, 7, 21, 80, 2, 45, 19, 66, 4]])
-
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    """family -> directory of its tiny random transformers model (rebuilt identically by reference_models.build)."""
-    saved = {}
-
-    def get(family: str):
-        if family not in saved:
-            directory = tmp_path_factory.mktemp(family)
-            reference_models.build(family).save_pretrained(directory)
-            saved[family] = directory
-        return saved[family]
-
-    return get
-
-
-def randomize(named_parameters, seed: int = 1) -> None:
-    """Random non-zero A and B, so every part's update shows in the logits."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in named_parameters:
-            if "lora_" in name:
-                parameter.normal_(0, 0.1)
+    return saved_families(tmp_path_factory)
 
 
 def peft_model(family: str, **lora):
@@ -385,10 +365,10 @@ def test_unsupported_adapters_are_refused(base_dir, tmp_path):
     directory = tmp_path / "adapter"
     directory.mkdir()
     (directory / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": True})
+        json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_qalora": True})
     )
     save_file({}, directory / "adapter_model.safetensors")
-    with pytest.raises(LoraError, match="uses DoRA"):
+    with pytest.raises(LoraError, match="uses QALoRA"):
         load_adapter(load_model(base_dir("llama")), directory)
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["q_proj"]}))
     with pytest.raises(LoraError, match="'IA3' adapter"):

@@ -1,7 +1,8 @@
 """Fine-tuning methods that adapt a loaded model in place through the Linear seam
-(`genforge.swap.swap_linears`). Now: LoRA and rsLoRA, in PEFT's adapter format (`lora`)."""
+(`genforge.swap.swap_linears`). Now: LoRA, rsLoRA and DoRA, in PEFT's adapter format (`lora`)."""
 
 from .lora import (
+    DoraLinear,
     LoraConfig,
     LoraError,
     LoraLinear,
@@ -17,6 +18,7 @@ from .lora import (
 )
 
 __all__ = [
+    "DoraLinear",
     "LoraConfig",
     "LoraError",
     "LoraLinear",

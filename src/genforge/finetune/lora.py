@@ -1,5 +1,6 @@
 """LoRA: low-rank adapters over a model's linear layers (Hu et al. 2021, "LoRA: Low-Rank
-Adaptation of Large Language Models"), in PEFT's format both ways.
+Adaptation of Large Language Models"), and DoRA, its weight-decomposed form (Liu et al. 2024,
+"DoRA: Weight-Decomposed Low-Rank Adaptation"), in PEFT's format both ways.
 
 A LoRA layer keeps the base weight W frozen and learns a low-rank update: y = W x + b +
 s * B A dropout(x), with A (r, in) and B (out, r), B starting at zero so training starts from
@@ -14,6 +15,11 @@ q_proj + v_proj leaves k alone). Where Hugging Face fuses too (GPT-2's c_attn, P
 qkv_proj) the layer has one part. Adapters name their tensors by the Hugging Face modules, so
 `save_adapter` writes what `peft.PeftModel.from_pretrained` loads and `load_adapter` reads
 what PEFT's `save_pretrained` writes.
+
+DoRA (`use_dora=True`) also learns a magnitude per output row, m, and rescales each row of the
+adapted weight W + s B A to it: y = m / ||W + s B A||_row * (W + s B A) x + b, the norm taken
+as a constant (no gradient through it), as the paper's section 4.3 and PEFT do. Each Hugging
+Face part of a fused layer has its own magnitude over its rows, as PEFT's separate modules do.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from ..model import Transformer
 from ..swap import name_matches, swap_linears
 
 __all__ = [
+    "DoraLinear",
     "LoraConfig",
     "LoraError",
     "LoraLinear",
@@ -74,6 +81,7 @@ class LoraConfig:
         the end of a module's Hugging Face name (as the regex `(.*\\.)?key$`) wins; genforge
         layer names are tried after.
     use_rslora: scale by alpha / sqrt(r) instead of alpha / r.
+    use_dora: DoRA (Liu et al. 2024): also learn each output row's magnitude (`DoraLinear`).
     bias: only "none" (biases stay frozen).
     """
 
@@ -85,6 +93,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -111,6 +120,8 @@ class LoraConfig:
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if not isinstance(self.use_dora, bool):
+            raise LoraError(f"use_dora must be True or False; got {self.use_dora!r}")
         if self.bias != "none":
             raise LoraError(
                 f"bias={self.bias!r} is not supported yet; accepted: 'none' (biases stay frozen, as PEFT's default)"
@@ -245,6 +256,98 @@ class LoraLinear(nn.Module):
             self.merged = False
 
 
+class DoraLinear(LoraLinear):
+    """A LoRA layer with DoRA's learned magnitudes (Liu et al. 2024, "DoRA: Weight-Decomposed
+    Low-Rank Adaptation"), computed as PEFT 0.21.2 computes it.
+
+    Each targeted part has `lora_magnitude_vector.<part>`, one value per output row, starting
+    at the row norms of W. Over a part's rows, with f = m / ||W + s B A||_row (the norm
+    detached: no gradient through it), the layer adds (f - 1) W x + f s B A x to W x + b, which
+    is f (W + s B A) x + b; untargeted parts are left alone. In training with dropout, PEFT
+    drops x for both terms, one mask per module, so each part then computes its own rows.
+    """
+
+    def __init__(self, base: nn.Linear, parts: Sequence[LoraPart], dropout: float) -> None:
+        super().__init__(base, parts, dropout)
+        dtype = self.lora_A[self.parts[0].key].dtype
+        # B starts at zero, so the magnitudes start at the base weight's row norms (f = 1).
+        norms = torch.linalg.norm(self.weight.detach().to(dtype), dim=1)
+        self.lora_magnitude_vector = nn.ParameterDict(
+            {part.key: nn.Parameter(norms[part.start : part.start + part.rows].clone()) for part in self.parts}
+        )
+        # Set by merge, for unmerge; a buffer so it moves with the model, kept out of the state dict.
+        self.register_buffer("_merged_norms", None, persistent=False)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
+
+    def _row_factors(self, norms: torch.Tensor) -> torch.Tensor:
+        """(out,): m / norm over each targeted part's rows, 1 over untargeted rows."""
+        reference = self.lora_magnitude_vector[self.parts[0].key]
+        pieces, row = [], 0
+        for part in self.parts:
+            if part.start > row:
+                pieces.append(reference.new_ones(part.start - row))
+            rows = slice(part.start, part.start + part.rows)
+            pieces.append(self.lora_magnitude_vector[part.key] / norms[rows])
+            row = part.start + part.rows
+        if row < self.out_features:
+            pieces.append(reference.new_ones(self.out_features - row))
+        return torch.cat(pieces)
+
+    def _adapted_row_norms(self) -> torch.Tensor:
+        """||W + s B A|| per output row, detached (a constant to the gradient, as in PEFT)."""
+        with torch.no_grad():
+            delta = self.delta_weight()
+            return torch.linalg.norm(self.weight.to(delta.dtype) + delta, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return result
+        lora_x = x.to(self.lora_A[self.parts[0].key].dtype)
+        norms = self._adapted_row_norms()
+        if self.training and self.lora_dropout:
+            weight = self.weight.to(lora_x.dtype)
+            pieces, row = [], 0
+            for part in self.parts:
+                if part.start > row:
+                    pieces.append(lora_x.new_zeros(*lora_x.shape[:-1], part.start - row))
+                rows = slice(part.start, part.start + part.rows)
+                dropped = F.dropout(lora_x, self.lora_dropout, True)
+                factor = self.lora_magnitude_vector[part.key] / norms[rows]
+                lora = F.linear(F.linear(dropped, self.lora_A[part.key]), self.lora_B[part.key]) * part.scaling
+                pieces.append((factor - 1) * F.linear(dropped, weight[rows]) + factor * lora)
+                row = part.start + part.rows
+            if row < self.out_features:
+                pieces.append(lora_x.new_zeros(*lora_x.shape[:-1], self.out_features - row))
+            return result + torch.cat(pieces, dim=-1).to(result.dtype)
+        # Without dropout W x is the base output less its bias, as PEFT takes it.
+        base = result if self.bias is None else result - self.bias
+        lora = F.linear(F.linear(lora_x, self._stacked_a()), self._scaled_block_b())
+        factors = self._row_factors(norms)
+        return result + ((factors - 1) * base + factors * lora).to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        # W <- f (W + s B A); the norms are kept, as PEFT keeps them: the merged weight cannot give them back.
+        if not self.merged:
+            delta = self.delta_weight()
+            self._merged_norms = torch.linalg.norm(self.weight.to(delta.dtype) + delta, dim=1)
+            factors = self._row_factors(self._merged_norms).unsqueeze(1)
+            self.weight.copy_((factors * (self.weight.to(delta.dtype) + delta)).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            delta = self.delta_weight()
+            factors = self._row_factors(self._merged_norms).unsqueeze(1)
+            self.weight.copy_((self.weight.to(delta.dtype) / factors - delta).to(self.weight.dtype))
+            self._merged_norms = None
+            self.merged = False
+
+
 # ---------------------------------------------------------------------------------- apply
 def _targeted(config: LoraConfig, genforge_name: str, hf_name: str) -> list[str]:
     """The target_modules entries that select this part (by its own or its layer's name)."""
@@ -314,7 +417,7 @@ def _leaf_names(layouts: dict[str, LinearParts]) -> list[str]:
 
 def apply_lora(model: Transformer, config: LoraConfig) -> Transformer:
     """Put LoRA layers on the linear layers `config.target_modules` selects, in place, and
-    freeze everything else (only the LoRA A and B train). Returns `model`."""
+    freeze everything else (only the LoRA A and B train, and DoRA's magnitudes). Returns `model`."""
     plan, layouts = _plan(model, config)
     return _install(model, config, plan, layouts)
 
@@ -324,7 +427,8 @@ def _install(
 ) -> Transformer:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    swap_linears(model, lambda layer, name: LoraLinear(layer, plan[name], config.lora_dropout), include=list(plan))
+    layer_class = DoraLinear if config.use_dora else LoraLinear
+    swap_linears(model, lambda layer, name: layer_class(layer, plan[name], config.lora_dropout), include=list(plan))
     # Kept for save_adapter: the config, and every layer's Hugging Face names (to write targets exactly).
     model.lora_config = config
     model.lora_layouts = layouts
@@ -369,8 +473,10 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors alone, by genforge name (`blocks.0.attn.qkv.lora_A.q_proj`)."""
-    return {name: tensor for name, tensor in model.state_dict().items() if ".lora_A." in name or ".lora_B." in name}
+    """The LoRA tensors alone, by genforge name (`blocks.0.attn.qkv.lora_A.q_proj`; DoRA's
+    `blocks.0.attn.qkv.lora_magnitude_vector.q_proj` too)."""
+    kinds = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
+    return {name: tensor for name, tensor in model.state_dict().items() if any(kind in name for kind in kinds)}
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
@@ -381,12 +487,17 @@ def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
 
 def peft_names(model: nn.Module) -> dict[str, str]:
     """Each LoRA parameter's genforge name -> the key PEFT saves it under
-    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`)."""
+    (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`; a DoRA magnitude's key
+    has no `.weight`: `...q_proj.lora_magnitude_vector`)."""
     names = {}
     for layer_name, layer in _lora_layers(model).items():
         for part in layer.parts:
             for kind in ("lora_A", "lora_B"):
                 names[f"{layer_name}.{kind}.{part.key}"] = f"{_PEFT_PREFIX}{part.hf_name}.{kind}.weight"
+            if isinstance(layer, DoraLinear):
+                names[f"{layer_name}.lora_magnitude_vector.{part.key}"] = (
+                    f"{_PEFT_PREFIX}{part.hf_name}.lora_magnitude_vector"
+                )
     return names
 
 
@@ -434,6 +545,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         "rank_pattern": _saved_pattern(parts, "r", config.r),
         "alpha_pattern": _saved_pattern(parts, "alpha", config.lora_alpha),
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "bias": "none",
         # GPT-2's Conv1D stores weights (in, out); PEFT records that, with A and B shaped as for nn.Linear.
         "fan_in_fan_out": conv1d,
@@ -452,7 +564,6 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
 
 # Fields of a PEFT LoRA config that change what the adapter computes and that genforge does not do yet.
 _UNSUPPORTED = {
-    "use_dora": "DoRA",
     "layers_to_transform": "layers_to_transform",
     "layers_pattern": "layers_pattern",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
@@ -494,6 +605,7 @@ def _read_adapter_config(directory: Path) -> LoraConfig:
         rank_pattern=saved.get("rank_pattern") or {},
         alpha_pattern=saved.get("alpha_pattern") or {},
         bias=saved.get("bias", "none"),
+        use_dora=bool(saved.get("use_dora", False)),
     )
 
 
@@ -524,6 +636,8 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
         for part in parts:
             expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_A.weight"] = (part.r, in_features)
             expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_B.weight"] = (part.rows, part.r)
+            if config.use_dora:
+                expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_magnitude_vector"] = (part.rows,)
             transposed = layouts[layer_name].transposed
             base_rows[f"{_PEFT_PREFIX}{part.hf_name}.base_layer.weight"] = (layer_name, part, transposed)
     with safe_open(weights, framework="pt", device="cpu") as reader:
