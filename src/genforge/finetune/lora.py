@@ -366,7 +366,7 @@ def _plan(
         raise LoraError(f"LoRA goes on a genforge Transformer (genforge.checkpoint.load_model); got {type(model)}")
     if getattr(model, "packed_for_inference", False):
         raise LoraError("this model was packed for CPU inference; apply LoRA to the model as loaded, before packing")
-    if any(isinstance(module, LoraLinear) for module in model.modules()):
+    if any(isinstance(module, LoraLinear) for module in model.modules()) or hasattr(model, "ia3_config"):
         raise LoraError("this model already has LoRA layers; apply or load one adapter into a freshly loaded model")
     layouts = hf_linear_parts(model)
     plan: dict[str, list[LoraPart]] = {}
@@ -590,7 +590,8 @@ def _read_adapter_config(directory: Path) -> LoraConfig:
     except json.JSONDecodeError as err:
         raise LoraError(f"{path} is not valid JSON: {err}") from None
     if saved.get("peft_type") != "LORA":
-        raise LoraError(f"{path} is a {saved.get('peft_type')!r} adapter; genforge loads peft_type 'LORA'")
+        hint = " (IA3 adapters: genforge.finetune.load_ia3_adapter)" if saved.get("peft_type") == "IA3" else ""
+        raise LoraError(f"{path} is a {saved.get('peft_type')!r} adapter; load_adapter loads peft_type 'LORA'{hint}")
     unsupported = [what for key, what in _UNSUPPORTED.items() if saved.get(key) not in (None, False, [], {}, "")]
     if unsupported:
         raise LoraError(f"{path} uses {', '.join(unsupported)}, which genforge's LoRA does not support yet")
