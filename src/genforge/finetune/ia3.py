@@ -263,10 +263,13 @@ def apply_ia3(model: Transformer, config: IA3Config) -> Transformer:
     return _install(model, config, plan, layouts)
 
 
-def _install(model, config, plan, layouts) -> Transformer:
+def _install(
+    model: Transformer, config: IA3Config, plan: dict[str, list[IA3Part]], layouts: dict[str, LinearParts]
+) -> Transformer:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     swap_linears(model, lambda layer, name: IA3Linear(layer, plan[name]), include=list(plan))
+    # Kept for save_ia3_adapter (every layer's Hugging Face names); lora.py also reads ia3_config to refuse stacking.
     model.ia3_config = config
     model.ia3_layouts = layouts
     return model
