@@ -1,6 +1,6 @@
 """Fine-tuning methods that adapt a loaded model in place through the Linear seam
 (`genforge.swap.swap_linears`). Now: LoRA, rsLoRA and DoRA (`lora`) and IA3 (`ia3`), in PEFT's
-adapter format."""
+adapter format; and supervised fine-tuning data with completion-only labels (`sft`)."""
 
 from .ia3 import (
     IA3Config,
@@ -28,6 +28,19 @@ from .lora import (
     trainable_parameter_count,
     unmerge_lora,
 )
+from .sft import (
+    IGNORE_INDEX,
+    SFT_FORMATS,
+    SFTDataError,
+    SFTDataset,
+    SFTExample,
+    collate,
+    detect_format,
+    read_sft_records,
+    record_to_conversation,
+    tokenize_conversation,
+    tokenize_prompt_completion,
+)
 
 __all__ = [
     "DoraLinear",
@@ -52,4 +65,15 @@ __all__ = [
     "save_adapter",
     "trainable_parameter_count",
     "unmerge_lora",
+    "IGNORE_INDEX",
+    "SFT_FORMATS",
+    "SFTDataError",
+    "SFTDataset",
+    "SFTExample",
+    "collate",
+    "detect_format",
+    "read_sft_records",
+    "record_to_conversation",
+    "tokenize_conversation",
+    "tokenize_prompt_completion",
 ]
