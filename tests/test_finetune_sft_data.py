@@ -36,6 +36,21 @@ CHATML = r"""
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
 """
 
+# Llama-3 style: bos from the template, no default system prompt, contents trimmed, no newline after
+# the end-of-turn token.
+LLAMA3 = r"""
+{{- bos_token }}
+{%- for message in messages %}
+{%- if message['role'] == 'assistant' %}
+{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}
+{%- else %}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}
+"""
+LLAMA3_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
 CONVERSATION = [
     {"role": "system", "content": "You are terse. Réponds en français si besoin."},
     {"role": "user", "content": "What is 2+2? 🤔"},
@@ -61,7 +76,7 @@ def tokenizer_file(tmp_path_factory):
         CORPUS,
         trainers.BpeTrainer(
             vocab_size=400,
-            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *LLAMA3_TOKENS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         ),
@@ -72,7 +87,7 @@ def tokenizer_file(tmp_path_factory):
 
 
 def _tokenizer(tokenizer_file, template: str | None = CHATML) -> Tokenizer:
-    config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     if template is not None:
         config["chat_template"] = template
     return Tokenizer(RustTokenizer.from_file(str(tokenizer_file)), config)
@@ -156,17 +171,37 @@ def test_every_assistant_turn_of_a_long_conversation_is_trained(tokenizer):
     assert _trained_runs(tokenizer, example) == [f"answer {n}<|im_end|>" for n in range(4)]
 
 
-def test_mask_equals_transformers_assistant_tokens_mask(tokenizer_file, tokenizer):
+@pytest.mark.parametrize("template", [CHATML, LLAMA3], ids=["chatml", "llama3"])
+def test_mask_equals_transformers_assistant_tokens_mask(tokenizer_file, template):
     transformers = pytest.importorskip("transformers")
-    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>")
-    reference.chat_template = CHATML
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file), bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+    reference.chat_template = template
+    tokenizer = _tokenizer(tokenizer_file, template)
     for conversation in (CONVERSATION, CONVERSATION[1:3], CONVERSATION[:3] + [{"role": "user", "content": "ok"}]):
         expected = reference.apply_chat_template(
             conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
+        assert sum(expected["assistant_masks"]) > 0
         example = tokenize_conversation(tokenizer, conversation)
         assert example.input_ids == list(expected["input_ids"])
         assert [int(label != IGNORE_INDEX) for label in example.labels] == list(expected["assistant_masks"])
+
+
+def test_llama3_template_trains_trimmed_contents_and_eot(tokenizer_file):
+    llama = _tokenizer(tokenizer_file, LLAMA3)
+    example = tokenize_conversation(llama, CONVERSATION)
+    assert example.input_ids[0] == llama.bos_token_id and example.labels[0] == IGNORE_INDEX
+    assert _trained_runs(llama, example) == ["4.<|eot_id|>", "Still four, 四.\nDone<|eot_id|>"]
+
+
+def test_template_refusal_names_the_record(tokenizer):
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(SFTDataError, match=r"^data\.jsonl:4: .*no system"):
+        tokenize_conversation(tokenizer, CONVERSATION, where="data.jsonl:4", chat_template=strict)
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tokenizer):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..jsonl import json_objects
-from ..tokenizer import Tokenizer
+from ..tokenizer import ChatTemplateError, Tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -220,7 +220,12 @@ def tokenize_conversation(
     messages = list(messages)
 
     def render(part: Sequence[Mapping[str, str]], generation_prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(part, add_generation_prompt=generation_prompt, chat_template=chat_template)
+        try:
+            return tokenizer.apply_chat_template(
+                part, add_generation_prompt=generation_prompt, chat_template=chat_template
+            )
+        except ChatTemplateError as err:  # say which record the template refused
+            raise SFTDataError(f"{where}: {err}") from err
 
     whole = render(messages)
     spans = []
