@@ -18,8 +18,8 @@ blocksize=64, compress_statistics=...)` and `dequantize_4bit` operation for oper
 checked against them on CPU (tests/test_quantize_nf4.py): the packed codes, the fp32 absmax,
 the offset, the nested absmax and every dequantized weight are equal bit for bit. The 8-bit
 absmax indices take the nearest dynamic level, as bitsandbytes' pure-torch and CUDA quantizers
-do (equal to the former); its native CPU kernel's search lands one level off on about 0.2% of
-them.
+do (equal to the former); its native CPU kernel's search lands one level off on a few in a
+thousand.
 
 `NF4Linear` computes with a weight it dequantizes on every call; a kernel that multiplies
 straight from the packed bytes is later work.
