@@ -163,7 +163,7 @@ def _blockwise_indices(values: torch.Tensor, midpoints: torch.Tensor, blocksize:
     # Multiplying by the reciprocal, not dividing, as bitsandbytes does: the products differ in
     # the last bit for some values, and that bit can move a value across a midpoint.
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=_TINY_ABSMAX)).unsqueeze(1), -1, 1).reshape(-1)
-    if full < count:
+    if full < count:  # the short last block divides, as bitsandbytes' does
         tail_absmax = values[full:].abs().amax().clamp(min=_TINY_ABSMAX)
         absmax = torch.cat([absmax, tail_absmax.unsqueeze(0)])
         scaled = torch.cat([scaled, torch.clamp(values[full:] / tail_absmax, -1, 1)])
