@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,10 +222,12 @@ class _Binding:
     transpose: bool
 
 
-def _bindings(model: Transformer) -> list[_Binding]:
-    """Every parameter of `model`, with the concrete Hugging Face tensors it holds."""
+def _bindings(model: Transformer, buffers: Sequence[str] = ()) -> list[_Binding]:
+    """Every parameter of `model` (and the named `buffers`, e.g. an NF4 layer's packed `weight`),
+    with the concrete Hugging Face tensors it holds."""
     config = model.config
     names = [name for name, _ in model.named_parameters()]  # a tied lm_head appears once, as embed_tokens
+    names += list(buffers)
     bound: dict[str, _Binding] = {}
     for rule in WEIGHT_MAPS[config.family]:
         pattern = re.compile(re.escape(rule.gf).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)") + "$")
@@ -251,15 +253,19 @@ class LinearParts:
     transposed: bool
 
 
-def hf_linear_parts(model: Transformer) -> dict[str, LinearParts]:
-    """Each `nn.Linear` of `model` by genforge module name (`blocks.0.attn.qkv`), with the
+def hf_linear_parts(model: Transformer, kinds: tuple[type[nn.Module], ...] = (nn.Linear,)) -> dict[str, LinearParts]:
+    """Each `nn.Linear` of `model` (and each module of another of `kinds`, such as
+    `NF4Linear`, named by its `weight`) by genforge module name (`blocks.0.attn.qkv`), with the
     Hugging Face modules it holds (`model.layers.0.self_attn.q_proj`, ...). Adapters read
-    this to name their tensors the way PEFT does. Call it on the model as loaded."""
-    bound = {binding.gf: binding for binding in _bindings(model)}
+    this to name their tensors the way PEFT does. Call it on the model as loaded (or quantized)."""
+    # A quantized layer's weight is a buffer of packed codes, under the same name.
+    buffers = [f"{name}.weight" for name, module in model.named_modules() if isinstance(module, kinds)]
+    buffers = [name for name in buffers if name in dict(model.named_buffers())]
+    bound = {binding.gf: binding for binding in _bindings(model, buffers)}
     rules = {rule.gf: rule for rule in WEIGHT_MAPS[model.config.family]}
     layers = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, kinds):
             continue
         binding = bound.get(f"{name}.weight")
         if binding is None:  # a head tied to the embeddings is bound once, as embed_tokens

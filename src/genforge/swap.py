@@ -29,16 +29,22 @@ def name_matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(name, p) or ("." not in p and fnmatchcase(leaf, p)) for p in patterns)
 
 
-def linear_names(model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[str]:
-    """The dotted names of `model`'s `nn.Linear` layers (subclasses included) that match a
-    pattern of `include` (every one when None) and none of `exclude`, in module order.
+def linear_names(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear,),
+) -> list[str]:
+    """The dotted names of `model`'s `nn.Linear` layers (subclasses included; other module
+    types too when `kinds` names them, as LoRA does `NF4Linear`) that match a pattern of
+    `include` (every one when None) and none of `exclude`, in module order.
 
     Raises ValueError when an `include` pattern matches no linear layer: a misspelt target
     would otherwise change nothing, silently.
     """
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("include and exclude take a list of patterns, e.g. ['qkv', 'o']; got a single string")
-    every = [name for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)]
+    every = [name for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, kinds)]
     if include is not None:
         unmatched = [p for p in include if not any(name_matches(name, [p]) for name in every)]
         if unmatched:
@@ -56,8 +62,9 @@ def swap_linears(
     factory: Callable[[nn.Linear, str], nn.Module],
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear,),
 ) -> list[str]:
-    """Replace each linear layer `linear_names(model, include, exclude)` selects with
+    """Replace each linear layer `linear_names(model, include, exclude, kinds)` selects with
     `factory(layer, name)`, in place, and return the names replaced.
 
     The factory decides what the new layer holds: sharing the old layer's `weight` and `bias`
@@ -65,7 +72,7 @@ def swap_linears(
     state dict as they were. A layer shared by several parents (tied modules) is replaced
     once, by the same new module in every place.
     """
-    names = linear_names(model, include, exclude)
+    names = linear_names(model, include, exclude, kinds)
     replaced: dict[int, nn.Module] = {}
     for name in names:
         parent_name, _, attribute = name.rpartition(".")

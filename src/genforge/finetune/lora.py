@@ -20,6 +20,11 @@ DoRA (`use_dora=True`) also learns a magnitude per output row, m, and rescales e
 adapted weight W + s B A to it: y = m / ||W + s B A||_row * (W + s B A) x + b, the norm taken
 as a constant (no gradient through it), as the paper's section 4.3 and PEFT do. Each Hugging
 Face part of a fused layer has its own magnitude over its rows, as PEFT's separate modules do.
+
+QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs"): `apply_lora` on a
+model whose targets are `NF4Linear` (after `quantize.quantize_linears_nf4`) puts `QLoraLinear`
+layers there, which compute the base output from the NF4 weight and add the float32 LoRA
+update; the adapter is the same PEFT adapter as on the full-precision model.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from torch import nn
 from ..atomic import staged_directory
 from ..checkpoint import LinearParts, hf_linear_parts
 from ..model import Transformer
+from ..quantize.nf4 import NF4Linear, nf4_linear
 from ..swap import name_matches, swap_linears
 
 __all__ = [
@@ -47,6 +53,7 @@ __all__ = [
     "LoraConfig",
     "LoraError",
     "LoraLinear",
+    "QLoraLinear",
     "apply_lora",
     "load_adapter",
     "lora_state_dict",
@@ -184,17 +191,16 @@ class LoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, parts: Sequence[LoraPart], dropout: float) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
+        self._hold_base(base)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.parts = tuple(parts)
         self.lora_dropout = dropout
         self.merged = False
         # PEFT keeps adapters of a half-precision model in float32 (autocast_adapter_dtype).
-        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
-        device = base.weight.device
+        base_dtype = self._base_dtype()
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        device = self.weight.device
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         for part in self.parts:
@@ -202,6 +208,18 @@ class LoraLinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init, as nn.Linear's
             self.lora_A[part.key] = nn.Parameter(a)
             self.lora_B[part.key] = nn.Parameter(torch.zeros(part.rows, part.r, dtype=dtype, device=device))
+
+    def _hold_base(self, base: nn.Linear) -> None:
+        """Take the base layer's tensors as this layer's own, under the same names."""
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+
+    def _base_dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def _base_output(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{p.key}: r={p.r} alpha={p.alpha}" for p in self.parts)
@@ -230,7 +248,7 @@ class LoraLinear(nn.Module):
         return self._scaled_block_b() @ self._stacked_a()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        result = self._base_output(x)
         if self.merged:
             return result
         lora_x = x.to(self.lora_A[self.parts[0].key].dtype)
@@ -254,6 +272,51 @@ class LoraLinear(nn.Module):
         if self.merged:
             self.weight -= self.delta_weight().to(self.weight.dtype)
             self.merged = False
+
+
+class QLoraLinear(LoraLinear):
+    """A LoRA layer over a frozen NF4 base (QLoRA): the base output comes from the NF4 weight,
+    dequantized per call as `NF4Linear` does (no full-precision copy is kept), and the LoRA
+    update is added in the adapter's dtype (float32), as in `LoraLinear`.
+
+    The base layer's buffers (`weight`, the packed codes, `weight_absmax`,
+    `weight_nested_absmax`, `weight_nested_offset`) and frozen `bias` become this layer's own,
+    so the state-dict keys stay the quantized model's. Merging is refused: the update cannot be
+    added to 4-bit codes without requantizing (and losing it in the rounding).
+    """
+
+    def _hold_base(self, base: NF4Linear) -> None:
+        for name in ("weight", "weight_absmax", "weight_nested_absmax", "weight_nested_offset"):
+            self.register_buffer(name, getattr(base, name))
+        self.bias = base.bias
+        self.blocksize, self.double_blocksize, self.dtype = base.blocksize, base.double_blocksize, base.dtype
+        self.chunk_rows = base.chunk_rows
+
+    quantized_weight = NF4Linear.quantized_weight
+
+    def _base_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    def _base_output(self, x: torch.Tensor) -> torch.Tensor:
+        return nf4_linear(x, self.quantized_weight(), self.bias, self.chunk_rows)
+
+    def extra_repr(self) -> str:
+        return (
+            super().extra_repr()
+            + f", nf4(blocksize={self.blocksize}, double_quant={self.weight_nested_absmax is not None})"
+        )
+
+    def merge(self) -> None:
+        raise LoraError(_NF4_MERGE)
+
+    def unmerge(self) -> None:  # never merged
+        pass
+
+
+_NF4_MERGE = (
+    "cannot merge a LoRA into an NF4 (4-bit) base layer: the merged weight would have to be requantized. "
+    "Dequantize first: load the model in full precision, load_adapter the saved adapter onto it, then merge"
+)
 
 
 class DoraLinear(LoraLinear):
@@ -368,7 +431,7 @@ def _plan(
         raise LoraError("this model was packed for CPU inference; apply LoRA to the model as loaded, before packing")
     if any(isinstance(module, LoraLinear) for module in model.modules()) or hasattr(model, "ia3_config"):
         raise LoraError("this model already has LoRA layers; apply or load one adapter into a freshly loaded model")
-    layouts = hf_linear_parts(model)
+    layouts = hf_linear_parts(model, _LINEAR_KINDS)
     plan: dict[str, list[LoraPart]] = {}
     used: set[str] = set()
     for genforge_name, layout in layouts.items():
@@ -425,14 +488,35 @@ def apply_lora(model: Transformer, config: LoraConfig) -> Transformer:
 def _install(
     model: Transformer, config: LoraConfig, plan: dict[str, list[LoraPart]], layouts: dict[str, LinearParts]
 ) -> Transformer:
+    quantized = [name for name in plan if isinstance(model.get_submodule(name), NF4Linear)]
+    if config.use_dora and quantized:
+        raise LoraError(
+            f"DoRA on an NF4 (4-bit) base layer ({quantized[0]}) is not supported yet; use plain LoRA "
+            "(use_dora=False) for QLoRA, or DoRA on the full-precision model"
+        )
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     layer_class = DoraLinear if config.use_dora else LoraLinear
-    swap_linears(model, lambda layer, name: layer_class(layer, plan[name], config.lora_dropout), include=list(plan))
+
+    def wrap(layer: nn.Module, name: str) -> LoraLinear:
+        chosen = QLoraLinear if isinstance(layer, NF4Linear) else layer_class
+        return chosen(layer, plan[name], config.lora_dropout)
+
+    swap_linears(model, wrap, include=list(plan), kinds=_LINEAR_KINDS)
     # Kept for save_adapter: the config, and every layer's Hugging Face names (to write targets exactly).
     model.lora_config = config
     model.lora_layouts = layouts
     return model
+
+
+# The layers LoRA wraps: plain linear layers, and NF4 ones for QLoRA.
+_LINEAR_KINDS = (nn.Linear, NF4Linear)
+
+
+def _refuse_nf4_merge(layers: dict[str, LoraLinear]) -> None:
+    quantized = [name for name, layer in layers.items() if isinstance(layer, QLoraLinear)]
+    if quantized:
+        raise LoraError(f"{quantized[0]}: {_NF4_MERGE}")
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -443,8 +527,11 @@ def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Add every LoRA update into its base weight (inference at base-model speed); exact to rounding."""
-    for layer in _lora_layers(model).values():
+    """Add every LoRA update into its base weight (inference at base-model speed); exact to rounding.
+    Refused (LoraError, nothing merged) when a base layer is NF4."""
+    layers = _lora_layers(model)
+    _refuse_nf4_merge(layers)
+    for layer in layers.values():
         layer.merge()
     return model
 
@@ -452,8 +539,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA update and put plain `nn.Linear` layers back (PEFT's `merge_and_unload`):
     the model is then the fine-tuned base model, trainable as when loaded, which
-    `checkpoint.save_model` exports."""
-    for name, layer in _lora_layers(model).items():
+    `checkpoint.save_model` exports. Refused (LoraError, nothing changed) when a base layer is NF4."""
+    layers = _lora_layers(model)
+    _refuse_nf4_merge(layers)
+    for name, layer in layers.items():
         layer.merge()
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight, plain.bias = layer.weight, layer.bias
@@ -655,6 +744,12 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
             + (f"; missing from {ADAPTER_WEIGHTS}: {', '.join(missing[:6])}" if missing else "")
             + (f"; in {ADAPTER_WEIGHTS} but not placed on this model: {', '.join(extra[:6])}" if extra else "")
         )
+    for key in stored.keys() & base_rows.keys():
+        if isinstance(model.get_submodule(base_rows[key][0]), NF4Linear):
+            raise LoraError(
+                f"the adapter in {directory} replaces base weights ({key}), which an NF4 layer cannot take; "
+                "load it onto the full-precision model"
+            )
     wrong = [
         f"{key} is {tuple(stored[key].shape)}, this model needs {shape}"
         for key, shape in expected.items()

@@ -43,6 +43,7 @@ __all__ = [
     "NF4Linear",
     "NF4Weight",
     "dequantize_nf4",
+    "nf4_linear",
     "quantize_linears_nf4",
     "quantize_nf4",
 ]
@@ -220,6 +221,25 @@ def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
     return _dequantize_codes(q.codes, _absmax_fp32(q), q.blocksize).view(q.shape).to(q.dtype)
 
 
+def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, chunk_rows: int) -> torch.Tensor:
+    """x W^T + b with W the NF4 weight `q`, dequantized at most `chunk_rows` rows at a time
+    (a whole number of blocks): `NF4Linear`'s product, and QLoRA's base output."""
+    out_features, in_features = q.shape
+    if out_features <= chunk_rows:
+        return F.linear(x, dequantize_nf4(q).to(x.dtype), bias)
+    absmax = _absmax_fp32(q)
+    bytes_per_row = in_features // 2
+    outputs = []
+    for start in range(0, out_features, chunk_rows):
+        stop = min(start + chunk_rows, out_features)
+        codes = q.codes[start * bytes_per_row : stop * bytes_per_row]
+        # start and stop are whole rows and whole blocks (chunk_rows is a multiple of the rows per block).
+        block_absmax = absmax[start * in_features // q.blocksize : stop * in_features // q.blocksize]
+        rows = _dequantize_codes(codes, block_absmax, q.blocksize).view(stop - start, in_features)
+        outputs.append(F.linear(x, rows.to(q.dtype).to(x.dtype), None if bias is None else bias[start:stop]))
+    return torch.cat(outputs, dim=-1)
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 (QLoRA): y = x W^T + b with W
     dequantized on every call (in row chunks of at most `chunk_values` values, so a large
@@ -264,23 +284,7 @@ class NF4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.quantized_weight()
-        if self.out_features <= self.chunk_rows:
-            return F.linear(x, dequantize_nf4(q).to(x.dtype), self.bias)
-        absmax = _absmax_fp32(q)
-        bytes_per_row = self.in_features // 2
-        outputs = []
-        for start in range(0, self.out_features, self.chunk_rows):
-            stop = min(start + self.chunk_rows, self.out_features)
-            codes = self.weight[start * bytes_per_row : stop * bytes_per_row]
-            # start and stop are whole rows and whole blocks (chunk_rows is a multiple of rows_per_block).
-            block_absmax = absmax[
-                start * self.in_features // self.blocksize : stop * self.in_features // self.blocksize
-            ]
-            rows = _dequantize_codes(codes, block_absmax, self.blocksize).view(stop - start, self.in_features)
-            bias = None if self.bias is None else self.bias[start:stop]
-            outputs.append(F.linear(x, rows.to(self.dtype).to(x.dtype), bias))
-        return torch.cat(outputs, dim=-1)
+        return nf4_linear(x, self.quantized_weight(), self.bias, self.chunk_rows)
 
     def extra_repr(self) -> str:
         return (
@@ -301,8 +305,16 @@ def quantize_linears_nf4(
     bitsandbytes integration keeps lm_head (and a tied head shares the embeddings' weight).
 
     Every selected weight is checked before any layer is replaced, so a bad one leaves the
-    model as it was.
+    model as it was. A model that already has adapters (LoRA's `lora_A`) is refused: their
+    wrapped layers are no longer linear layers here, so only the others would be quantized;
+    QLoRA quantizes first, then applies LoRA.
     """
+    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    if adapted:
+        raise NF4Error(
+            f"this model already has LoRA layers ({adapted[0]}, ...): quantize_linears_nf4 would skip them and "
+            "quantize only the rest. For QLoRA call quantize_linears_nf4 first, then apply_lora"
+        )
     for name in linear_names(model, include, exclude):
         weight = model.get_submodule(name).weight
         try:
