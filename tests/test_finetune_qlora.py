@@ -156,3 +156,37 @@ def test_quantizing_after_apply_lora_is_refused(base_dir):
     with pytest.raises(NF4Error, match="already has LoRA layers.*quantize_linears_nf4 first, then apply_lora"):
         quantize_linears_nf4(model)
     assert not any(isinstance(module, NF4Linear) for module in model.modules())
+
+
+@pytest.mark.parametrize("chunk_values", [1 << 24, 64 * 32])  # one product, and 4 chunks of 32 rows
+def test_nf4_product_gradients_equal_the_dequantized_ones(chunk_values):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 128)
+    layer = NF4Linear(NF4Linear.from_linear(linear).quantized_weight(), linear.bias, chunk_values)
+    layer.bias.requires_grad_(True)  # a trainable bias gets its gradient too
+    weight = dequantize_nf4(layer.quantized_weight())
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    out = layer(x)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, layer.bias), grad)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    expected = torch.autograd.grad(torch.nn.functional.linear(x2, weight, bias), (x2, bias), grad)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+def test_training_keeps_no_dequantized_weight_for_backward(base_dir):
+    qlora, reference = qlora_and_reference(base_dir("llama"), **CONFIG)
+    shapes = {
+        (module.out_features, module.in_features) for module in qlora.modules() if isinstance(module, QLoraLinear)
+    }
+
+    def saved_weights(model):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            model(TOKENS).logits.sum().backward()
+        return [shape for shape in saved if shape in shapes]
+
+    assert saved_weights(reference)  # plain LoRA keeps each fp32 weight for the input gradient
+    assert saved_weights(qlora) == []  # QLoRA keeps the 4-bit codes only

@@ -221,23 +221,57 @@ def dequantize_nf4(q: NF4Weight) -> torch.Tensor:
     return _dequantize_codes(q.codes, _absmax_fp32(q), q.blocksize).view(q.shape).to(q.dtype)
 
 
-def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, chunk_rows: int) -> torch.Tensor:
-    """x W^T + b with W the NF4 weight `q`, dequantized at most `chunk_rows` rows at a time
-    (a whole number of blocks): `NF4Linear`'s product, and QLoRA's base output."""
+def _weight_rows(q: NF4Weight, chunk_rows: int):
+    """(start, stop, rows): the weight dequantized at most `chunk_rows` rows at a time, in its dtype."""
     out_features, in_features = q.shape
     if out_features <= chunk_rows:
-        return F.linear(x, dequantize_nf4(q).to(x.dtype), bias)
+        yield 0, out_features, dequantize_nf4(q)
+        return
     absmax = _absmax_fp32(q)
     bytes_per_row = in_features // 2
-    outputs = []
     for start in range(0, out_features, chunk_rows):
         stop = min(start + chunk_rows, out_features)
         codes = q.codes[start * bytes_per_row : stop * bytes_per_row]
         # start and stop are whole rows and whole blocks (chunk_rows is a multiple of the rows per block).
         block_absmax = absmax[start * in_features // q.blocksize : stop * in_features // q.blocksize]
-        rows = _dequantize_codes(codes, block_absmax, q.blocksize).view(stop - start, in_features)
-        outputs.append(F.linear(x, rows.to(q.dtype).to(x.dtype), None if bias is None else bias[start:stop]))
-    return torch.cat(outputs, dim=-1)
+        yield (
+            start,
+            stop,
+            _dequantize_codes(codes, block_absmax, q.blocksize).view(stop - start, in_features).to(q.dtype),
+        )
+
+
+class _NF4Product(torch.autograd.Function):
+    """x W^T + b that keeps no dequantized weight for the backward pass: the gradient of x
+    dequantizes W again (as bitsandbytes' MatMul4Bit does), so training holds the 4-bit codes
+    only. W itself gets no gradient (it is frozen); a trainable bias would get its own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Weight, chunk_rows: int) -> torch.Tensor:
+        ctx.q, ctx.chunk_rows = q, chunk_rows
+        outputs = [
+            F.linear(x, rows.to(x.dtype), None if bias is None else bias[start:stop])
+            for start, stop, rows in _weight_rows(q, chunk_rows)
+        ]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            for start, stop, rows in _weight_rows(ctx.q, ctx.chunk_rows):
+                part = grad[..., start:stop] @ rows.to(grad.dtype)
+                grad_x = part if grad_x is None else grad_x + part
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None
+
+
+def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None, chunk_rows: int) -> torch.Tensor:
+    """x W^T + b with W the NF4 weight `q`, dequantized at most `chunk_rows` rows at a time
+    (a whole number of blocks), and dequantized again for the gradient of x rather than kept:
+    `NF4Linear`'s product, and QLoRA's base output."""
+    return _NF4Product.apply(x, bias, q, chunk_rows)
 
 
 class NF4Linear(nn.Module):
