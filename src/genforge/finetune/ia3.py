@@ -11,7 +11,6 @@ module's name (`...k_proj.ia3_l`), and untargeted parts are left alone.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,15 +18,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import staged_directory
 from ..checkpoint import LinearParts, hf_linear_parts
 from ..model import Transformer
 from ..swap import name_matches, swap_linears
-from .lora import _PEFT_PREFIX, ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraLinear, _leaf_names, _saved_targets, _targeted
+from .lora import LoraLinear, _leaf_names, _saved_targets, _targeted
+from .peft_format import (
+    ADAPTER_CONFIG,
+    PEFT_PREFIX,
+    adapter_weights_path,
+    check_adapter_fits,
+    check_adapter_shapes,
+    read_adapter_config,
+    read_adapter_tensors,
+    write_adapter,
+)
 
 __all__ = [
     "IA3Config",
@@ -300,7 +306,7 @@ def ia3_peft_names(model: nn.Module) -> dict[str, str]:
     """Each vector's genforge name (`blocks.0.attn.qkv.ia3_l.k_proj`) -> the key PEFT saves it
     under (`base_model.model.model.layers.0.self_attn.k_proj.ia3_l`)."""
     return {
-        f"{layer_name}.ia3_l.{part.key}": f"{_PEFT_PREFIX}{part.hf_name}.ia3_l"
+        f"{layer_name}.ia3_l.{part.key}": f"{PEFT_PREFIX}{part.hf_name}.ia3_l"
         for layer_name, layer in _ia3_layers(model).items()
         for part in layer.parts
     }
@@ -335,11 +341,7 @@ def save_ia3_adapter(model: nn.Module, directory: str | Path, base_model_name_or
         peft_name: model.get_parameter(name).detach().contiguous().cpu()
         for name, peft_name in ia3_peft_names(model).items()
     }
-    directory = Path(directory)
-    with staged_directory(directory) as staging:
-        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-    return directory
+    return write_adapter(directory, adapter_config, tensors)
 
 
 def load_ia3_adapter(model: Transformer, directory: str | Path) -> Transformer:
@@ -347,50 +349,28 @@ def load_ia3_adapter(model: Transformer, directory: str | Path) -> Transformer:
     after checking it against the model."""
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG
-    if not path.exists():
-        raise IA3Error(f"{directory} has no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise IA3Error(f"{path} is not valid JSON: {err}") from None
-    if saved.get("peft_type") != "IA3":
-        raise IA3Error(f"{path} is a {saved.get('peft_type')!r} adapter; load_ia3_adapter loads peft_type 'IA3'")
+    saved = read_adapter_config(directory, "IA3", "load_ia3_adapter", IA3Error)
     unsupported = [key for key in ("exclude_modules", "modules_to_save") if saved.get(key) not in (None, [], "")]
     if unsupported:
         raise IA3Error(f"{path} uses {', '.join(unsupported)}, which genforge's IA3 does not support yet")
     if saved.get("target_modules") in (None, [], ""):
         raise IA3Error(f"{path} names no target_modules")
     config = IA3Config(saved["target_modules"], saved.get("feedforward_modules"))
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.exists():
-        raise IA3Error(f"{directory} has no {ADAPTER_WEIGHTS}; save the adapter with safetensors")
+    weights = adapter_weights_path(directory, IA3Error)
     try:
         plan, layouts = _plan(model, config, every_target=False)
     except IA3Error as err:
         raise IA3Error(f"the adapter in {directory} does not fit this model: {err}") from None
     expected = {
-        f"{_PEFT_PREFIX}{part.hf_name}.ia3_l": (1, model.get_submodule(name).in_features)
+        f"{PEFT_PREFIX}{part.hf_name}.ia3_l": (1, model.get_submodule(name).in_features)
         if part.feedforward
         else (part.rows, 1)
         for name, parts in plan.items()
         for part in parts
     }
-    with safe_open(weights, framework="pt", device="cpu") as reader:
-        stored = {key: reader.get_tensor(key) for key in reader.keys()}
-    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    if missing or extra:
-        raise IA3Error(
-            f"the adapter in {directory} does not fit this model: its config selects {len(expected)} IA3 vectors"
-            + (f"; missing from {ADAPTER_WEIGHTS}: {', '.join(missing[:6])}" if missing else "")
-            + (f"; in {ADAPTER_WEIGHTS} but not placed on this model: {', '.join(extra[:6])}" if extra else "")
-        )
-    wrong = [
-        f"{key} is {tuple(stored[key].shape)}, this model needs {shape}"
-        for key, shape in expected.items()
-        if tuple(stored[key].shape) != shape
-    ]
-    if wrong:
-        raise IA3Error(f"the adapter in {directory} does not fit this model: {'; '.join(wrong[:6])}")
+    stored = read_adapter_tensors(weights)
+    check_adapter_fits(directory, expected, stored, "IA3 vectors", IA3Error)
+    check_adapter_shapes(directory, expected, stored, IA3Error)
     _install(model, config, plan, layouts)
     parameters = dict(model.named_parameters())
     with torch.no_grad():

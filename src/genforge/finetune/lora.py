@@ -29,7 +29,6 @@ update; the adapter is the same PEFT adapter as on the full-precision model.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -38,15 +37,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..atomic import staged_directory
 from ..checkpoint import LinearParts, hf_linear_parts
 from ..model import Transformer
 from ..quantize.nf4 import NF4Linear, nf4_linear
 from ..swap import name_matches, swap_linears
+from .peft_format import (
+    ADAPTER_CONFIG,
+    PEFT_PREFIX,
+    adapter_weights_path,
+    check_adapter_fits,
+    check_adapter_shapes,
+    read_adapter_config,
+    read_adapter_tensors,
+    write_adapter,
+)
 
 __all__ = [
     "DoraLinear",
@@ -65,10 +71,7 @@ __all__ = [
     "unmerge_lora",
 ]
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT's saved keys: the PeftModel's prefix, then the transformers module name.
-_PEFT_PREFIX = "base_model.model."
 
 
 class LoraError(ValueError):
@@ -582,10 +585,10 @@ def peft_names(model: nn.Module) -> dict[str, str]:
     for layer_name, layer in _lora_layers(model).items():
         for part in layer.parts:
             for kind in ("lora_A", "lora_B"):
-                names[f"{layer_name}.{kind}.{part.key}"] = f"{_PEFT_PREFIX}{part.hf_name}.{kind}.weight"
+                names[f"{layer_name}.{kind}.{part.key}"] = f"{PEFT_PREFIX}{part.hf_name}.{kind}.weight"
             if isinstance(layer, DoraLinear):
                 names[f"{layer_name}.lora_magnitude_vector.{part.key}"] = (
-                    f"{_PEFT_PREFIX}{part.hf_name}.lora_magnitude_vector"
+                    f"{PEFT_PREFIX}{part.hf_name}.lora_magnitude_vector"
                 )
     return names
 
@@ -644,11 +647,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         peft_name: model.get_parameter(name).detach().contiguous().cpu()
         for name, peft_name in peft_names(model).items()
     }
-    directory = Path(directory)
-    with staged_directory(directory) as staging:
-        save_file(tensors, staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-    return directory
+    return write_adapter(directory, adapter_config, tensors)
 
 
 # Fields of a PEFT LoRA config that change what the adapter computes and that genforge does not do yet.
@@ -672,15 +671,9 @@ _UNSUPPORTED = {
 
 def _read_adapter_config(directory: Path) -> LoraConfig:
     path = directory / ADAPTER_CONFIG
-    if not path.exists():
-        raise LoraError(f"{directory} has no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise LoraError(f"{path} is not valid JSON: {err}") from None
-    if saved.get("peft_type") != "LORA":
-        hint = " (IA3 adapters: genforge.finetune.load_ia3_adapter)" if saved.get("peft_type") == "IA3" else ""
-        raise LoraError(f"{path} is a {saved.get('peft_type')!r} adapter; load_adapter loads peft_type 'LORA'{hint}")
+    saved = read_adapter_config(
+        directory, "LORA", "load_adapter", LoraError, " (IA3 adapters: genforge.finetune.load_ia3_adapter)"
+    )
     unsupported = [what for key, what in _UNSUPPORTED.items() if saved.get(key) not in (None, False, [], {}, "")]
     if unsupported:
         raise LoraError(f"{path} uses {', '.join(unsupported)}, which genforge's LoRA does not support yet")
@@ -705,14 +698,7 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
     the model before the model changes."""
     directory = Path(directory)
     config = _read_adapter_config(directory)
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.exists():
-        pickled = (
-            " (only the pickled adapter_model.bin, which genforge does not unpickle)"
-            if any(directory.glob("*.bin"))
-            else ""
-        )
-        raise LoraError(f"{directory} has no {ADAPTER_WEIGHTS}{pickled}; save the adapter with safetensors")
+    weights = adapter_weights_path(directory, LoraError)
     try:
         plan, layouts = _plan(model, config, every_target=False)
     except LoraError as err:
@@ -724,39 +710,25 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
     for layer_name, parts in plan.items():
         in_features = model.get_submodule(layer_name).in_features
         for part in parts:
-            expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_A.weight"] = (part.r, in_features)
-            expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_B.weight"] = (part.rows, part.r)
+            expected[f"{PEFT_PREFIX}{part.hf_name}.lora_A.weight"] = (part.r, in_features)
+            expected[f"{PEFT_PREFIX}{part.hf_name}.lora_B.weight"] = (part.rows, part.r)
             if config.use_dora:
-                expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_magnitude_vector"] = (part.rows,)
+                expected[f"{PEFT_PREFIX}{part.hf_name}.lora_magnitude_vector"] = (part.rows,)
             transposed = layouts[layer_name].transposed
-            base_rows[f"{_PEFT_PREFIX}{part.hf_name}.base_layer.weight"] = (layer_name, part, transposed)
-    with safe_open(weights, framework="pt", device="cpu") as reader:
-        stored = {key: reader.get_tensor(key) for key in reader.keys()}
+            base_rows[f"{PEFT_PREFIX}{part.hf_name}.base_layer.weight"] = (layer_name, part, transposed)
+    stored = read_adapter_tensors(weights)
     for key in stored.keys() & base_rows.keys():
         _, part, transposed = base_rows[key]
-        in_features = expected[f"{_PEFT_PREFIX}{part.hf_name}.lora_A.weight"][1]
+        in_features = expected[f"{PEFT_PREFIX}{part.hf_name}.lora_A.weight"][1]
         expected[key] = (in_features, part.rows) if transposed else (part.rows, in_features)
-    missing = sorted(set(expected) - set(stored) - set(base_rows))
-    extra = sorted(set(stored) - set(expected))
-    if missing or extra:
-        raise LoraError(
-            f"the adapter in {directory} does not fit this model: its config selects {len(expected)} LoRA tensors"
-            + (f"; missing from {ADAPTER_WEIGHTS}: {', '.join(missing[:6])}" if missing else "")
-            + (f"; in {ADAPTER_WEIGHTS} but not placed on this model: {', '.join(extra[:6])}" if extra else "")
-        )
+    check_adapter_fits(directory, expected, stored, "LoRA tensors", LoraError, optional=base_rows.keys())
     for key in stored.keys() & base_rows.keys():
         if isinstance(model.get_submodule(base_rows[key][0]), NF4Linear):
             raise LoraError(
                 f"the adapter in {directory} replaces base weights ({key}), which an NF4 layer cannot take; "
                 "load it onto the full-precision model"
             )
-    wrong = [
-        f"{key} is {tuple(stored[key].shape)}, this model needs {shape}"
-        for key, shape in expected.items()
-        if tuple(stored[key].shape) != shape
-    ]
-    if wrong:
-        raise LoraError(f"the adapter in {directory} does not fit this model: {'; '.join(wrong[:6])}")
+    check_adapter_shapes(directory, expected, stored, LoraError)
     _install(model, config, plan, layouts)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
