@@ -6,9 +6,11 @@ import pytest
 import reference_models
 import torch
 import transformers
+from factories import tiny_model
 
 from genforge.cache import ContiguousKVCache
 from genforge.checkpoint import load_model, save_model
+from genforge.model import document_positions
 
 FAMILIES = list(reference_models.FAMILIES)
 
@@ -202,3 +204,53 @@ def test_dropout_applies_in_training_only():
     assert torch.equal(first, dropped(ids).logits)  # ...from the global generator
     dropped.eval()
     torch.testing.assert_close(dropped(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ packing, inputs_embeds
+@pytest.mark.parametrize(
+    "overrides", [{}, {"family": "gpt2", "position": "learned", "norm": "layernorm"}, {"sliding_window": 3}]
+)
+def test_packed_row_gives_each_example_its_own_logits(overrides):
+
+    model = tiny_model(3, **overrides).eval()
+    lengths = [5, 7, 4]
+    examples = [torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    packed = torch.cat(examples, dim=1)
+    documents = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        together = model(packed, document_ids=documents).logits
+        alone = torch.cat([model(ids).logits for ids in examples], dim=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    # without the block-diagonal mask the later examples would read the earlier ones
+    with torch.no_grad():
+        crossed = model(packed).logits
+    assert not torch.allclose(crossed[:, lengths[0] :], alone[:, lengths[0] :], atol=1e-3)
+
+
+def test_document_positions_restart_per_document():
+
+    documents = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 9, 9]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1]])
+    assert torch.equal(document_positions(documents), expected)
+
+
+def test_packed_rows_refuse_a_cache_or_padding_mask():
+
+    model = tiny_model()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="no cache and no attention_mask"):
+        model(ids, attention_mask=torch.ones(1, 4), document_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="document_ids has shape"):
+        model(ids, document_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_inputs_embeds_equal_looking_up_the_ids():
+
+    model = tiny_model(1).eval()
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        by_ids = model(ids).logits
+        by_embeds = model(None, inputs_embeds=model.embed_tokens(ids)).logits
+    torch.testing.assert_close(by_ids, by_embeds, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=model.embed_tokens(ids))

@@ -433,13 +433,15 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         token_type_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         compute_logits: bool = True,
+        inputs_embeds: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Run the model on `input_ids` (batch, seq).
 
@@ -451,40 +453,54 @@ class Transformer(nn.Module):
             needs one, and the vocabulary projection is the largest matmul of a decode step).
         compute_logits: False skips the LM head and returns `logits=None`, for a loss that
             applies the head itself chunk by chunk (`train.losses.fused_linear_cross_entropy`).
+        inputs_embeds: (batch, seq, hidden) token embeddings used instead of looking up
+            `input_ids` (pass `input_ids=None`): prompt tuning's virtual tokens live there.
+        document_ids: (batch, seq) for packed rows, several examples laid end to end: a token
+            attends only to earlier tokens of its own document, and unless `position_ids` are
+            given, positions restart at 0 where the id changes. Each example then gets the
+            logits it would get alone.
         """
         config = self.config
-        batch, seq = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        batch, seq = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
         past = cache.length if cache is not None else 0
         if attention_mask is not None and attention_mask.shape != (batch, past + seq):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new) = "
                 f"({batch}, {past + seq})"
             )
+        if document_ids is not None:
+            _check_packed(document_ids, (batch, seq), cache, attention_mask)
         if position_ids is None:
-            if attention_mask is not None:
+            if document_ids is not None:
+                position_ids = document_positions(document_ids)
+            elif attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, seq)
+                position_ids = torch.arange(past, past + seq, device=device).expand(batch, seq)
         if config.position == "learned" and int(position_ids.max()) >= config.max_position_embeddings:
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond this model's {config.max_position_embeddings} "
                 "learned positions; shorten the input"
             )
 
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if config.embedding_multiplier != 1.0:
             x = x * torch.tensor(config.embedding_multiplier, dtype=x.dtype)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids)
         if self.embed_types is not None:
-            x = x + self.embed_types(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)
+            x = x + self.embed_types(types)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         if self.training and self.embed_dropout:
             x = F.dropout(x, self.embed_dropout, training=True)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
 
-        masks = self._masks(attention_mask, position_ids, past, seq, input_ids.device)
+        masks = self._masks(attention_mask, position_ids, past, seq, device, document_ids)
         router_logits: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             mask, is_causal = masks[config.window_of_layer(i)]
@@ -502,16 +518,19 @@ class Transformer(nn.Module):
             logits = self.lm_head(head_input)
         return ModelOutput(logits=logits, hidden_states=x, router_logits=router_logits)
 
-    def _masks(self, attention_mask, position_ids, past: int, seq: int, device) -> dict:
+    def _masks(self, attention_mask, position_ids, past: int, seq: int, device, document_ids=None) -> dict:
         """The (mask, is_causal) pair for each distinct window in the model.
 
         The common cases need no mask tensor at all: an unpadded prompt is plain causal
         attention, and one new token after an unpadded past may see every key. With padding,
         key positions are counted along the mask, as `position_ids` are for the queries.
+        Packed rows (`document_ids`) always get a block-diagonal mask.
         """
         config = self.config
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if padded:
+        padded = document_ids is not None or (attention_mask is not None and not bool(attention_mask.all()))
+        if document_ids is not None:  # keys are the queries: no cache, no padding (checked)
+            key_valid, key_positions = None, position_ids
+        elif padded:
             key_valid = attention_mask
             key_positions = attention_mask.long().cumsum(-1) - 1
         else:
@@ -527,8 +546,28 @@ class Transformer(nn.Module):
                     masks[window] = (None, True)
                     continue
             allowed = build_attention_mask(position_ids, key_positions, key_valid, config.causal, window)
+            if document_ids is not None:
+                allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
             # An additive float mask, made once per forward: SDPA would convert a boolean one
             # again in every layer.
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill_(~allowed, float("-inf"))
             masks[window] = (bias, False)
         return masks
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the document id changes along a packed row."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=-1).values
+
+
+def _check_packed(document_ids: torch.Tensor, shape: tuple[int, int], cache, attention_mask) -> None:
+    if tuple(document_ids.shape) != shape:
+        raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}; expected (batch, seq) = {shape}")
+    if cache is not None or attention_mask is not None:
+        raise ValueError(
+            "document_ids marks the examples of packed training rows; it takes no cache and no attention_mask "
+            "(give the padding at a row's end a document id of its own)"
+        )
