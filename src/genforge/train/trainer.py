@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.utils.checkpoint
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save_model as save_weights
 
 from ..atomic import atomic_path, atomic_write_text, staged_directory
@@ -216,10 +216,15 @@ class Trainer:
         tokenizer=None,
         distributed: DistributedContext | None = None,
         teacher: Transformer | None = None,
+        regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
     ) -> None:
         config.validate()
-        if not isinstance(train_data, TokenDataset):
-            raise TrainError(f"train_data must be a genforge.train.TokenDataset, got {type(train_data).__name__}")
+        for name, data in (("train_data", train_data), ("val_data", val_data)):
+            if data is not None and not all(hasattr(data, a) for a in ("batch", "seq_len", "max_token_id", "__len__")):
+                raise TrainError(
+                    f"{name} must be a genforge.train.TokenDataset or a batch source like "
+                    f"genforge.finetune.SFTRows, got {type(data).__name__}"
+                )
         self.distributed = distributed if distributed is not None else DistributedContext.current()
         world = self.distributed.world_size
         if config.batch_size % world:
@@ -265,6 +270,7 @@ class Trainer:
         self.num_parameters = sum(p.numel() for p in model.parameters())
         self.model.to(self.device)
         self.teacher = teacher
+        self.regularizer = regularizer
         self._distill_parts = [0.0, 0.0]  # a step's cross-entropy and KD shares (with a teacher), for the metrics
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
@@ -369,19 +375,23 @@ class Trainer:
             reduction="sum",
         )
 
-    def _micro_loss(self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
-        """This micro-batch's share of the step's loss: sum over its tokens / the step's tokens."""
+    def _micro_loss(
+        self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """This micro-batch's share of the step's loss: sum over its tokens / the step's tokens.
+        `document_ids` marks the examples of packed rows (see `Transformer.forward`)."""
         if self.teacher is not None:
-            return self._distill_micro_loss(inputs, labels, total_tokens)
+            return self._distill_micro_loss(inputs, labels, total_tokens, document_ids)
+        packed = {} if document_ids is None else {"document_ids": document_ids}
         with self._autocast():
             if self._fused_head:
                 # The wrapped forward (DDP) stops at the final hidden states; the head's
                 # weights are used in the loss, and their gradients reach DDP's hooks by the
                 # ordinary accumulation, as the embedding's do.
-                output = self.engine(inputs, compute_logits=False)
+                output = self.engine(inputs, compute_logits=False, **packed)
                 loss = self._head_loss(output.hidden_states, labels, self.config.label_smoothing) / total_tokens
             else:
-                output = self.engine(inputs)
+                output = self.engine(inputs, **packed)
                 loss = self._loss(output.logits, labels, self.config.label_smoothing) / total_tokens
             return self._with_router_loss(loss, output, labels, total_tokens)
 
@@ -392,7 +402,9 @@ class Trainer:
             return loss
         return loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
 
-    def _distill_micro_loss(self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
+    def _distill_micro_loss(
+        self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int, document_ids: torch.Tensor | None
+    ) -> torch.Tensor:
         """alpha * KD + (1 - alpha) * cross-entropy for this micro-batch, each summed over its
         target positions and divided by the step's tokens. A term whose weight is 0 is still
         computed, without gradients, for the metrics (so alpha = 0 is the plain step exactly).
@@ -401,17 +413,18 @@ class Trainer:
         alpha = float(config.distill_alpha)
         grad = torch.is_grad_enabled()
         targets = shift_labels(labels)
+        packed = {} if document_ids is None else {"document_ids": document_ids}
         with self._autocast():
             with torch.no_grad():
-                teacher_out = self.teacher(inputs, compute_logits=not self._fused_head)
+                teacher_out = self.teacher(inputs, compute_logits=not self._fused_head, **packed)
             if self._fused_head:
-                output = self.engine(inputs, compute_logits=False)
+                output = self.engine(inputs, compute_logits=False, **packed)
                 with torch.set_grad_enabled(grad and alpha < 1.0):
                     hard = self._head_loss(output.hidden_states, labels, config.label_smoothing)
                 with torch.set_grad_enabled(grad and alpha > 0.0):
                     soft = self._kd_from_hidden(output.hidden_states, teacher_out.hidden_states, targets)
             else:  # FSDP: the sharded forward makes the student's logits
-                output = self.engine(inputs)
+                output = self.engine(inputs, **packed)
                 with torch.set_grad_enabled(grad and alpha < 1.0):
                     hard = self._loss(output.logits, labels, config.label_smoothing)
                 with torch.set_grad_enabled(grad and alpha > 0.0):
@@ -477,35 +490,45 @@ class Trainer:
             generator,
         )
 
-    def _as_pairs(self, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(inputs, labels) per micro-batch; a bare tensor is its own labels (causal LM) or is masked here."""
+    def _as_pairs(self, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """(inputs, labels, document_ids) per micro-batch. A bare tensor is its own labels (causal
+        LM) or is masked here; a dict is a fine-tuning batch (`input_ids`, `labels` and, for
+        packed rows, `document_ids`); a pair is (inputs, labels)."""
         pairs = []
         for micro, batch in enumerate(batches):
             if isinstance(batch, torch.Tensor):
                 batch = self.mask_batch(batch, self.step, micro) if self.masked else (batch, batch)
-            pairs.append(tuple(batch))
+            if isinstance(batch, dict):
+                batch = (batch["input_ids"], batch["labels"], batch.get("document_ids"))
+            inputs, labels, *documents = batch
+            pairs.append((inputs, labels, documents[0] if documents else None))
         return pairs
 
     def train_step(self, batches: list) -> dict:
-        """One optimizer step over `batches`, the micro-batches of this step: tensors of ids, or
-        (inputs, labels) pairs. Under torchrun they are the global micro-batches (every rank
-        passes the same ones) and each rank trains on its slice."""
+        """One optimizer step over `batches`, the micro-batches of this step: tensors of ids,
+        (inputs, labels) pairs or fine-tuning dicts (see `_as_pairs`). Under torchrun they are
+        the global micro-batches (every rank passes the same ones) and each rank trains on its
+        slice. The `regularizer` (if any) adds its penalty once per step."""
         self.engine.train()
         pairs = self._as_pairs(batches)
-        total_tokens = sum(self._count_targets(labels) for _, labels in pairs)
+        total_tokens = sum(self._count_targets(labels) for _, labels, _ in pairs)
         if total_tokens == 0:
             raise TrainError("this step's batches have no target tokens (every label is ignored); nothing to learn")
         world = self.distributed.world_size
         share = rank_slice(pairs[0][0].shape[0], self.distributed)
         step_loss = 0.0
         self._distill_parts = [0.0, 0.0]  # cross-entropy and KD shares, for the metrics
-        for micro, (inputs, labels) in enumerate(pairs):
+        for micro, (inputs, labels, documents) in enumerate(pairs):
             last = micro == len(pairs) - 1
             inputs, labels = inputs[share].to(self.device), labels[share].to(self.device)
+            documents = documents[share].to(self.device) if documents is not None else None
             with (
                 contextlib.nullcontext() if last else no_gradient_sync(self.engine, self.distributed, self.config.fsdp)
             ):
-                loss = self._micro_loss(inputs, labels, total_tokens)
+                loss = self._micro_loss(inputs, labels, total_tokens, documents)
+                if last and self.regularizer is not None:
+                    # Every rank holds the whole model (DDP), so each adds 1/world of the penalty.
+                    loss = loss + self.regularizer(self.model) / world
                 # DDP and FSDP average gradients over ranks; scaling by the world size turns
                 # that average into the sum of the ranks' shares, the whole batch's gradient.
                 scaled = loss * world if world > 1 else loss
@@ -527,7 +550,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         # Throughput counts every input token of the global batch, as tokens/s and MFU are usually reported.
-        tokens = sum(inputs.numel() for inputs, _ in pairs)
+        tokens = sum(inputs.numel() for inputs, _, _ in pairs)
         record = {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
         if self.teacher is not None:
             record["ce_loss"], record["kd_loss"] = parts
@@ -550,23 +573,27 @@ class Trainer:
         total, tokens = 0.0, 0
         size, rank, world = self.config.batch_size, self.distributed.rank, self.distributed.world_size
         for number, start in enumerate(range(0, min(len(self.val_data), size * self.config.eval_batches), size)):
-            batch = self.val_data.sequences[start : start + size]
-            inputs, labels = self.mask_batch(batch, -1, number) if self.masked else (batch, batch)
+            batch = self.val_data.batch(range(start, min(start + size, len(self.val_data))))
+            if self.masked:
+                batch = self.mask_batch(batch, -1, number)
+            ((inputs, labels, documents),) = self._as_pairs([batch])
             rows = slice(rank, None, world)  # a short last batch may leave a rank nothing
             mine_in, mine_labels = inputs[rows].to(self.device), labels[rows].to(self.device)
+            packed = {} if documents is None else {"document_ids": documents[rows].to(self.device)}
             if mine_in.shape[0] == 0:
                 if not self.config.fsdp:
                     continue
                 # FSDP gathers weights collectively: this rank must still run a forward.
                 mine_in = inputs[:1].to(self.device)
                 mine_labels = torch.full_like(mine_in, IGNORE_INDEX)
+                packed = {} if documents is None else {"document_ids": documents[:1].to(self.device)}
             counted = self._count_targets(mine_labels)
             with self._autocast():
                 if self._fused_head:
-                    hidden = self.model(mine_in, compute_logits=False).hidden_states
+                    hidden = self.model(mine_in, compute_logits=False, **packed).hidden_states
                     loss = self._head_loss(hidden, mine_labels) if counted else None
                 else:  # FSDP: every rank joins the sharded forward, even with nothing to score
-                    logits = self.engine(mine_in).logits
+                    logits = self.engine(mine_in, **packed).logits
                     loss = self._loss(logits, mine_labels) if counted else None
             if loss is not None:
                 total += float(loss)
@@ -735,7 +762,10 @@ class Trainer:
     def _write_checkpoint(self, final: Path, model: Transformer, optimizer_state: dict) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with staged_directory(final) as staging:  # a re-run of the same step swaps, never deletes first
-            save_weights(model, str(staging / "model.safetensors"))
+            if self._frozen_part:
+                save_file(self._checkpointed_tensors(model), str(staging / "model.safetensors"))
+            else:
+                save_weights(model, str(staging / "model.safetensors"))
             trainer_state = {
                 "optimizer": optimizer_state,
                 "optimizer_format": "fsdp-full" if self.config.fsdp else "torch",
@@ -756,6 +786,18 @@ class Trainer:
             for path in staging.iterdir():
                 _fsync(path)
         atomic_write_text(self.checkpoint_dir / "latest.json", json.dumps({"step": self.step, "dir": final.name}))
+
+    @property
+    def _frozen_part(self) -> bool:
+        return any(not p.requires_grad for p in self.model.parameters())
+
+    def _checkpointed_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds: the whole state dict, or, when part of the model is
+        frozen (a PEFT run's base), only the trainable parameters, since the frozen part is the
+        checkpoint the run started from and never changes."""
+        if not self._frozen_part:
+            return model.state_dict()
+        return {name: param for name, param in model.named_parameters() if param.requires_grad}
 
     def _resume_invariants(self) -> tuple[str, ...]:
         return _RESUME_INVARIANTS + (_MASKED_RESUME_INVARIANTS if self.masked else ())
@@ -796,7 +838,9 @@ class Trainer:
             )
         # FSDP: the gathered weights, in a plain copy whose tied names share one tensor as here.
         current = (
-            self._plain_model(self._full_state_dict(every_rank=True)).state_dict() if fsdp else self.model.state_dict()
+            self._plain_model(self._full_state_dict(every_rank=True)).state_dict()
+            if fsdp
+            else self._checkpointed_tensors(self.model)
         )
         # A tied head and embedding are one tensor stored once; either name may hold it.
         by_storage: dict[int, set[str]] = {}
