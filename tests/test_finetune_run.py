@@ -162,3 +162,16 @@ def test_bad_runs_are_refused_before_work(model_dir, data_file, tmp_path):
     with pytest.raises(FinetuneError, match="2 mixture weights for 1 data files"):
         finetune(_config(model_dir, data_file, tmp_path / "c", data_weights=[1, 2]))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_runs_lora_and_reports_json(model_dir, data_file, tmp_path, capsys):
+    from genforge.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["finetune", "--model", str(model_dir), "--data", str(data_file), "--out", str(out), "--steps", "2"]
+    assert main(argv + ["--batch-size", "4", "--seq-len", "48", "--rank", "4", "--target-modules", "qkv"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["method"] == "lora" and report["steps"] == 2
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert main(["finetune", "--model", str(model_dir), "--data", str(tmp_path / "no.jsonl"), "--out", str(out)]) == 2
+    assert "no.jsonl does not exist" in capsys.readouterr().err

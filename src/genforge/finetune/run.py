@@ -30,6 +30,7 @@ from ..atomic import atomic_write_text
 from ..checkpoint import load_model, save_model
 from ..swap import linear_names
 from ..tokenizer import Tokenizer
+from ..train.distributed import DistributedContext
 from ..train.trainer import TrainConfig, Trainer
 from .ia3 import IA3Config, apply_ia3, save_ia3_adapter
 from .lora import LoraConfig, apply_lora, save_adapter, trainable_parameter_count
@@ -276,10 +277,13 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def finetune(config: FinetuneConfig, resume: bool = False) -> FinetuneResult:
+def finetune(
+    config: FinetuneConfig, resume: bool = False, distributed: DistributedContext | None = None
+) -> FinetuneResult:
     """Run `config` (see the module doc); resume=True continues the run in `out_dir`.
     Writes `out_dir/adapter/` (or `model/` for full fine-tuning), the trainer's files
-    (checkpoints, metrics.jsonl, loss_curve.png) and `finetune.json`, the result."""
+    (checkpoints, metrics.jsonl, loss_curve.png) and `finetune.json`, the result. Under
+    torchrun (`distributed`, see `genforge.train.distributed`) rank 0 writes the files."""
     check_config(config)
     started = time.perf_counter()
     method = METHODS[config.method]
@@ -325,7 +329,7 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> FinetuneResult:
         progress=config.progress,
         export=False,
     )
-    trainer = Trainer(model, rows, train_config, val_data=val_rows, tokenizer=tokenizer)
+    trainer = Trainer(model, rows, train_config, val_data=val_rows, tokenizer=tokenizer, distributed=distributed)
     summary_path = out_dir / "finetune.json"
     before = None
     if val_rows is not None:
@@ -335,7 +339,9 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> FinetuneResult:
             before = trainer.evaluate()["val_loss"]
     result = trainer.train(resume=resume)
     after = result.evals[-1]["val_loss"] if result.evals else None
-    output_dir = method.save(model, out_dir / method.output, tokenizer, str(config.model_dir))
+    output_dir = out_dir / method.output
+    if trainer.distributed.is_main:
+        output_dir = method.save(model, output_dir, tokenizer, str(config.model_dir))
     records = [r for r in trainer.read_metrics() if "tokens_per_s" in r]
     speed = sum(r["tokens_per_s"] for r in records) / len(records) if records else 0.0
     outcome = FinetuneResult(
@@ -352,7 +358,8 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> FinetuneResult:
         peak_rss_mib=_peak_rss_mib(),
         seconds=time.perf_counter() - started,
     )
-    atomic_write_text(summary_path, json.dumps(outcome.to_json(), indent=2))
+    if trainer.distributed.is_main:
+        atomic_write_text(summary_path, json.dumps(outcome.to_json(), indent=2))
     return outcome
 
 
