@@ -54,3 +54,12 @@ def test_fast_pretraining_beats_the_unigram_baseline(tmp_path):
     probe = torch.randint(0, ours.config.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.allclose(reference(probe).logits, ours(probe).logits, atol=1e-4)
+
+    # Step 4 on the model just trained: LoRA on the docstring task, scored before and after.
+    from genforge.quickstart import finetune_with_lora
+
+    tuned = finetune_with_lora(tmp_path, console, numbers["model_dir"], fast=True)
+    assert tuned["val_loss_after"] < tuned["val_loss_before"], tuned
+    assert 0.0 <= tuned["exact_match_before"] <= 1.0 and 0.0 <= tuned["exact_match_after"] <= 1.0
+    assert (tuned["adapter_dir"] / "adapter_config.json").is_file()
+    assert f"{tuned['val_loss_after']:.3f}" in console.export_text()

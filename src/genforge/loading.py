@@ -37,13 +37,15 @@ def load_for_inference(
     directory: str | Path,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    adapter: str | Path | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face model directory (config.json, *.safetensors, tokenizer.json and an
-    optional generation_config.json) for decoding. The small files are read first, so that a
-    broken one fails before the weights are loaded."""
+    optional generation_config.json) for decoding, with a fine-tuned `adapter` directory merged
+    in (see `load_packed_model`). The small files are read first, so that a broken one fails
+    before the weights are loaded."""
     generation_config = read_generation_config(directory)
     tokenizer = Tokenizer.from_dir(directory)
-    model = load_packed_model(directory, dtype=dtype, device=device)
+    model = load_packed_model(directory, dtype=dtype, device=device, adapter=adapter)
     eos = end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id"))
     return LoadedModel(model, tokenizer, tuple(sorted(eos)), generation_config)
 
@@ -52,8 +54,15 @@ def load_packed_model(
     directory: str | Path,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    adapter: str | Path | None = None,
 ) -> Transformer:
-    """`checkpoint.load_model`, packed by `inference.pack_for_cpu_inference` (which leaves a
-    model unchanged where packing does not apply: off the CPU, in half precision). Enough for
+    """`checkpoint.load_model`, with a PEFT adapter directory (LoRA, DoRA, IA3) merged into the
+    weights when `adapter` is given, packed by `inference.pack_for_cpu_inference` (which leaves
+    a model unchanged where packing does not apply: off the CPU, in half precision). Enough for
     a second model of a strategy, such as a speculative draft."""
-    return pack_for_cpu_inference(load_model(directory, dtype=dtype, device=device))
+    if adapter is None:
+        return pack_for_cpu_inference(load_model(directory, dtype=dtype, device=device))
+    from .finetune.attach import adapter_kind, merge_adapter
+
+    adapter_kind(adapter)  # a bad adapter directory fails before the weights are read
+    return pack_for_cpu_inference(merge_adapter(load_model(directory, dtype=dtype, device=device), adapter))

@@ -430,6 +430,87 @@ def pretrain_from_scratch(out: Path, console: Console, fast: bool = False) -> di
     }
 
 
+@dataclass
+class FinetunePlan:
+    """Sizes of the quickstart's LoRA fine-tuning step."""
+
+    records: int | None  # None: every documented function outside the pretraining sample
+    held_out: int
+    steps: int
+    batch_size: int
+    rank: int
+    lr: float
+
+
+FULL_FINETUNE = FinetunePlan(records=None, held_out=128, steps=120, batch_size=16, rank=8, lr=5e-3)
+FAST_FINETUNE = FinetunePlan(records=160, held_out=16, steps=6, batch_size=8, rank=4, lr=5e-3)
+
+
+def finetune_with_lora(out: Path, console: Console, base_dir: Path, fast: bool = False) -> dict:
+    """Step 4: LoRA on the pretrained model, to write a function's docstring summary from its
+    signature (`finetune.tasks.docstring_task`, from standard-library files the pretraining
+    sample left out); held-out loss and exact match before and after."""
+    from .checkpoint import load_model
+    from .finetune import load_adapter
+    from .finetune.run import FinetuneConfig, finetune
+    from .finetune.tasks import docstring_task, exact_match, write_jsonl
+    from .tokenizer import Tokenizer
+
+    plan = FAST_FINETUNE if fast else FULL_FINETUNE
+    started = time.perf_counter()
+    pretraining_files = stdlib_source_files((FAST_PLAN if fast else FULL_PLAN).corpus_bytes)
+    records = docstring_task(plan.records, exclude=pretraining_files, seed=0)
+    held_out, train = records[: plan.held_out], records[plan.held_out :]
+    task_dir = out / "finetune"
+    write_jsonl(train, task_dir / "train.jsonl")
+    write_jsonl(held_out, task_dir / "held_out.jsonl")
+    console.print(
+        f"\n[bold]4. Fine-tuning with LoRA{' (fast)' if fast else ''}[/bold]: signature -> docstring summary, "
+        f"{len(train):,} training and {len(held_out)} held-out functions from standard-library files the "
+        f"pretraining sample left out, e.g.\n  | {held_out[0]['prompt']}{held_out[0]['completion']}"
+    )
+    tokenizer = Tokenizer.from_dir(base_dir)
+    base = load_model(base_dir)
+    match_before = exact_match(base, tokenizer, held_out)
+    result = finetune(
+        FinetuneConfig(
+            model_dir=base_dir,
+            data=task_dir / "train.jsonl",
+            eval_data=task_dir / "held_out.jsonl",
+            out_dir=task_dir / "run",
+            method="lora",
+            r=plan.rank,
+            lora_alpha=2 * plan.rank,
+            seq_len=base.config.max_position_embeddings,
+            overflow="truncate",
+            max_steps=plan.steps,
+            batch_size=plan.batch_size,
+            lr=plan.lr,
+            warmup_steps=max(1, plan.steps // 20),
+            seed=0,
+            progress=console.is_terminal,
+        )
+    )
+    adapted = load_adapter(load_model(base_dir), result.output_dir)
+    match_after = exact_match(adapted, tokenizer, held_out)
+    table = Table("held-out functions", "loss (nats/token)", "exact match")
+    table.add_row("pretrained model", f"{result.val_loss_before:.3f}", f"{match_before:.1%}")
+    table.add_row(f"+ LoRA r={plan.rank}, {result.steps} steps", f"{result.val_loss_after:.3f}", f"{match_after:.1%}")
+    console.print(table)
+    console.print(
+        f"  trained {result.trainable_parameters:,} of {result.total_parameters:,} parameters "
+        f"({result.trainable_share:.1%}); adapter in PEFT's format: {result.output_dir}\n"
+        f"  [dim]step 4 took {time.perf_counter() - started:.0f}s[/dim]"
+    )
+    return {
+        "val_loss_before": result.val_loss_before,
+        "val_loss_after": result.val_loss_after,
+        "exact_match_before": match_before,
+        "exact_match_after": match_after,
+        "adapter_dir": result.output_dir,
+    }
+
+
 def _calibrate_steps(model, train_data, plan: PretrainPlan) -> tuple[int, int, dict[int, float]]:
     """(steps, threads, seconds per step by thread count): the thread count that trains fastest here, and the steps that fit the
     plan's time budget at that speed, from timing optimizer steps of a throwaway copy.
@@ -474,10 +555,11 @@ def run(out: Path, console: Console | None = None, fast: bool | None = None) -> 
     semantic_search(console)
     streamed_generation(out, console)  # replaces `out` as a whole, so it runs before step 3 writes inside it
     numbers = pretrain_from_scratch(Path(out), console, fast=fast)
+    numbers["finetune"] = finetune_with_lora(Path(out), console, numbers["model_dir"], fast=fast)
     console.print(
         "\n[green]quickstart done.[/green] Next: `genforge generate --model DIR --prompt ...` on any "
         "Hugging Face checkpoint of a supported family, or `genforge tokenizer train` / `genforge data "
-        "prepare` / `genforge pretrain` on your own text."
+        "prepare` / `genforge pretrain` / `genforge finetune` on your own text."
     )
     return numbers
 

@@ -60,7 +60,7 @@ def cmd_eval_ppl(args) -> int:
     from . import perplexity_of_text
 
     text = Path(args.text).read_text(encoding="utf-8")
-    loaded = load_for_inference(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_for_inference(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     result = perplexity_of_text(loaded.model, loaded.tokenizer, text, max_length=args.max_length, stride=args.stride)
     print(
         json.dumps(

@@ -24,6 +24,7 @@ def cmd_finetune(args) -> int:
         packing=not args.no_packing,
         overflow="truncate" if args.truncate else "error",
         eval_fraction=args.eval_fraction,
+        eval_data=args.eval_data,
         max_steps=args.steps,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
@@ -89,6 +90,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--truncate", action="store_true", help="cut examples longer than --seq-len instead of refusing")
     data.add_argument("--eval-fraction", type=float, default=0.05, help="share of each file held out for scoring")
+    data.add_argument("--eval-data", nargs="+", help="held-out JSONL file(s) to score instead of splitting --data")
     data.add_argument("--data-weights", type=float, nargs="+", help="mixture weights, one per --data file")
     data.add_argument(
         "--mixture-temperature", type=float, help="mix files in proportion to size ** (1 / T) (T5's temperature)"

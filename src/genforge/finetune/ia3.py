@@ -295,6 +295,21 @@ def merge_ia3(model: nn.Module) -> nn.Module:
     return model
 
 
+def merge_and_unload_ia3(model: nn.Module) -> nn.Module:
+    """Fold every vector into its base weight and put plain `nn.Linear` layers back: the model
+    is then the adapted base model, which `checkpoint.save_model` exports and inference packs."""
+    for name, layer in _ia3_layers(model).items():
+        layer.merge()
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight, plain.bias = layer.weight, layer.bias
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, plain)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    del model.ia3_config, model.ia3_layouts
+    return model
+
+
 def unmerge_ia3(model: nn.Module) -> nn.Module:
     """Take merged vectors out of the base weights again."""
     for layer in _ia3_layers(model).values():

@@ -49,6 +49,7 @@ class FinetuneConfig:
         `data_weights`, or to size ** (1 / mixture_temperature) (temperature sampling, as T5 and
         mT5 mix tasks and languages); neither means in proportion to size.
     eval_fraction: the share of each file held out (never trained on) to score the run.
+    eval_data: held-out JSONL file(s) to score the run with instead (then nothing is split off).
     target_modules: which linear layers the adapter methods wrap (genforge names such as
         "qkv", "o", "gate_up", "down", or Hugging Face names such as "q_proj"); None: every
         linear layer in the blocks.
@@ -67,6 +68,7 @@ class FinetuneConfig:
     overflow: str = "error"
     chat_template: str | None = None
     eval_fraction: float = 0.05
+    eval_data: str | Path | Sequence[str | Path] | None = None
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
@@ -88,8 +90,14 @@ class FinetuneConfig:
     method_options: dict = field(default_factory=dict)
 
     def files(self) -> list[Path]:
-        data = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
-        return [Path(path) for path in data]
+        return _paths(self.data)
+
+    def eval_files(self) -> list[Path]:
+        return _paths(self.eval_data) if self.eval_data is not None else []
+
+
+def _paths(data) -> list[Path]:
+    return [Path(path) for path in ([data] if isinstance(data, (str, Path)) else data)]
 
 
 # ----------------------------------------------------------------------------------- methods
@@ -261,7 +269,7 @@ def check_config(config: FinetuneConfig) -> None:
         raise FinetuneError(f"unknown method {config.method!r}; accepted: {', '.join(METHODS)}")
     if not (Path(config.model_dir) / "config.json").is_file():
         raise FinetuneError(f"{config.model_dir} is not a Hugging Face model directory (no config.json)")
-    for path in config.files():
+    for path in config.files() + config.eval_files():
         if not path.is_file():
             raise FinetuneError(f"data file {path} does not exist")
     if not 0 <= config.eval_fraction < 1:
@@ -289,12 +297,16 @@ def finetune(
     method = METHODS[config.method]
     out_dir = Path(config.out_dir)
     tokenizer = Tokenizer.from_dir(config.model_dir)
-    train_sets, held_out = [], []
-    for path in config.files():
-        examples = SFTDataset.from_jsonl(
+
+    def read(path: Path) -> list[SFTExample]:
+        return SFTDataset.from_jsonl(
             path, tokenizer, max_length=config.seq_len, overflow=config.overflow, chat_template=config.chat_template
         ).examples
-        train, held = split_held_out(examples, config.eval_fraction, config.seed)
+
+    train_sets, held_out = [], [example for path in config.eval_files() for example in read(path)]
+    for path in config.files():
+        fraction = 0.0 if config.eval_data is not None else config.eval_fraction
+        train, held = split_held_out(read(path), fraction, config.seed)
         train_sets.append(train)
         held_out.extend(held)
     train = (

@@ -23,9 +23,14 @@ from .watermark import Watermark
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """--model (required), --dtype and --device: a model directory to run in-process."""
+    """--model (required), --adapter, --dtype and --device: a model directory to run in-process."""
     parser.add_argument(
         "--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
+    )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="a PEFT adapter directory (LoRA, DoRA, IA3; e.g. `genforge finetune`'s OUT/adapter) merged into the model",
     )
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto (checkpoint's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -96,7 +101,7 @@ def _sampling_params(args, generation_config: dict) -> SamplingParams:
 
 def _load(args) -> LoadedModel:
     with console.status(f"loading {args.model}"):
-        return load_for_inference(args.model, dtype=args.dtype, device=args.device)
+        return load_for_inference(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
 
 
 def _check_strategy_flags(args) -> None:
