@@ -80,6 +80,17 @@ class ContiguousKVCache:
     def advance(self, num_new: int) -> None:
         self.length += num_new
 
+    def add_capacity(self, extra: int) -> None:
+        """Make room for `extra` more positions, keeping what is stored. Prompt methods need it:
+        their virtual tokens occupy cache positions that the caller, sizing the cache for its
+        own prompt and new tokens, did not count (`finetune.prompts`)."""
+        if extra < 0:
+            raise ValueError(f"extra capacity must be >= 0, got {extra}")
+        if extra:
+            self.keys = [torch.cat((k, k.new_empty(*k.shape[:2], extra, k.shape[3])), dim=2) for k in self.keys]
+            self.values = [torch.cat((v, v.new_empty(*v.shape[:2], extra, v.shape[3])), dim=2) for v in self.values]
+            self.capacity += extra
+
     def crop(self, length: int) -> None:
         """Forget every position from `length` on (speculative decoding's rollback)."""
         if not 0 <= length <= self.length:

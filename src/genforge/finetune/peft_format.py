@@ -28,9 +28,12 @@ def write_adapter(directory: str | Path, adapter_config: Mapping, tensors: Mappi
     return directory
 
 
-def read_adapter_config(directory: Path, peft_type: str, loader: str, error: type[Exception], hint: str = "") -> dict:
-    """The adapter's config, refused unless it is valid JSON of `peft_type` (`loader` names the
-    function that loads that type, for the message; `hint` points elsewhere for other types)."""
+def read_adapter_config(
+    directory: Path, peft_type: str | tuple[str, ...], loader: str, error: type[Exception], hint: str = ""
+) -> dict:
+    """The adapter's config, refused unless it is valid JSON of `peft_type` (or of one of a tuple
+    of types; `loader` names the function that loads them, for the message; `hint` points
+    elsewhere for other types)."""
     path = directory / ADAPTER_CONFIG
     if not path.exists():
         raise error(f"{directory} has no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
@@ -38,8 +41,10 @@ def read_adapter_config(directory: Path, peft_type: str, loader: str, error: typ
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise error(f"{path} is not valid JSON: {err}") from None
-    if saved.get("peft_type") != peft_type:
-        raise error(f"{path} is a {saved.get('peft_type')!r} adapter; {loader} loads peft_type {peft_type!r}{hint}")
+    accepted = (peft_type,) if isinstance(peft_type, str) else peft_type
+    if saved.get("peft_type") not in accepted:
+        names = " or ".join(map(repr, accepted))
+        raise error(f"{path} is a {saved.get('peft_type')!r} adapter; {loader} loads peft_type {names}{hint}")
     return saved
 
 
