@@ -380,8 +380,9 @@ def apply_adapter_fusion(model: Transformer, adapters: Sequence[str | Path] | Ma
     only the fusion layers train. Returns `model`.
 
     `adapters` lists adapter names already on the model and adapter directories (loaded under
-    the directory's name), or maps names to directories. All of them must sit at the same
-    layers; adapters saved for another base are refused when loaded (`load_adapters`).
+    the directory's name), or maps names to directories; a directory must hold one adapter.
+    All of them must sit at the same layers, and a directory saved for another base is
+    refused as `load_adapters` refuses it. Everything is checked before the model changes.
     """
     _check_model(model, "adapters")
     if any(layer.fusion is not None for layer in _adapter_layers(model).values()):
@@ -389,11 +390,15 @@ def apply_adapter_fusion(model: Transformer, adapters: Sequence[str | Path] | Ma
     entries = list(adapters.items()) if isinstance(adapters, Mapping) else [(None, entry) for entry in adapters]
     if not entries:
         raise AdapterError("give at least one adapter (a name on the model or a saved adapter directory) to fuse")
+    present = getattr(model, "adapter_configs", {})
+    layers = _adapter_layers(model)
     names: list[str] = []
+    places: dict[str, list[str]] = {}
+    to_load: list[_SavedAdapters] = []
     for name, entry in entries:
-        present = getattr(model, "adapter_configs", {})
         if name is None and isinstance(entry, str) and entry in present:
             names.append(entry)
+            places[entry] = sorted(ln for ln, layer in layers.items() if entry in layer.adapters)
             continue
         directory = Path(entry)
         if not directory.is_dir():
@@ -402,17 +407,20 @@ def apply_adapter_fusion(model: Transformer, adapters: Sequence[str | Path] | Ma
                 "nor an adapter directory"
             )
         name = name if name is not None else directory.name
-        if name in present:
+        if name in present or name in names:
             raise AdapterError(
-                f"an adapter named {name!r} is already on this model; pass a mapping {{new_name: directory}} "
-                f"to load {directory} under another name"
+                f"an adapter named {name!r} is already {'on this model' if name in present else 'to be fused'}; "
+                f"pass a mapping {{new_name: directory}} to load {directory} under another name"
             )
-        load_adapters(model, directory, name=name)
+        saved = _read_saved(model, directory, name, check_base_weights=True)
+        if saved.fusion:
+            raise AdapterError(f"{directory} holds a fusion already; fuse adapter directories that hold one adapter")
+        (old,) = saved.configs
         names.append(name)
+        places[name] = sorted(saved.places[old])
+        to_load.append(saved)
     if len(set(names)) != len(names):
         raise AdapterError(f"each adapter may be fused once; got {names}")
-    layers = _adapter_layers(model)
-    places = {name: sorted(ln for ln, layer in layers.items() if name in layer.adapters) for name in names}
     first = names[0]
     for name in names[1:]:
         if places[name] != places[first]:
@@ -420,6 +428,10 @@ def apply_adapter_fusion(model: Transformer, adapters: Sequence[str | Path] | Ma
                 f"adapters to fuse must sit at the same layers: {first!r} is at {', '.join(places[first])}; "
                 f"{name!r} is at {', '.join(places[name])}"
             )
+    # Everything checked: now the model changes.
+    for saved in to_load:
+        _install_saved(model, saved)
+    layers = _adapter_layers(model)
     fusions = [layers[layer_name].add_fusion(names) for layer_name in places[first]]
     _train_only(model, fusions)
     set_active_adapter(model, FUSION)
@@ -662,17 +674,20 @@ def _check_base(model: Transformer, directory: Path, record: dict, check_base_we
                 f"the adapter in {directory} was saved for {name} of shape {tuple(layer['shape'])}; "
                 f"this model's is {tuple(shape)}"
             )
-        if check_base_weights:
-            flat = module.weight.detach().reshape(-1)
-            index = torch.linspace(0, flat.numel() - 1, len(layer["sample"])).long().to(flat.device)
-            here_sample = flat[index].float().cpu()
-            saved_sample = torch.tensor(layer["sample"], dtype=torch.float32)
-            if not torch.allclose(here_sample, saved_sample, rtol=_SAMPLE_RTOL, atol=_SAMPLE_ATOL):
-                raise AdapterError(
-                    f"the adapter in {directory} was trained on other base weights: sampled weights of {name} were "
-                    f"{[round(v, 5) for v in saved_sample.tolist()[:4]]}..., this model's are "
-                    f"{[round(v, 5) for v in here_sample.tolist()[:4]]}... (check_base_weights=False loads it anyway)"
-                )
+    if not check_base_weights:
+        return
+    # Values after every shape passed: a different architecture is the clearer message.
+    for name, layer in record.get("layers", {}).items():
+        flat = model.get_submodule(name).weight.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, len(layer["sample"])).long().to(flat.device)
+        here_sample = flat[index].float().cpu()
+        saved_sample = torch.tensor(layer["sample"], dtype=torch.float32)
+        if not torch.allclose(here_sample, saved_sample, rtol=_SAMPLE_RTOL, atol=_SAMPLE_ATOL):
+            raise AdapterError(
+                f"the adapter in {directory} was trained on other base weights: sampled weights of {name} were "
+                f"{[round(v, 5) for v in saved_sample.tolist()[:4]]}..., this model's are "
+                f"{[round(v, 5) for v in here_sample.tolist()[:4]]}... (check_base_weights=False loads it anyway)"
+            )
 
 
 def _saved_config(directory: Path, name: str, fields: dict) -> AdapterConfig:
@@ -690,16 +705,19 @@ def _saved_config(directory: Path, name: str, fields: dict) -> AdapterConfig:
         ) from None
 
 
-def load_adapters(
-    model: Transformer, directory: str | Path, name: str | None = None, check_base_weights: bool = True
-) -> Transformer:
-    """Put the adapters saved in `directory` by `save_adapters` onto `model`, in place, after
-    checking the directory against the model (layer names, shapes and sampled base weights:
-    an adapter saved for another base is refused, naming both). `name` renames the adapter of
-    a directory that holds one. The last adapter loaded is active and trainable; with a saved
-    fusion layer, the fusion is. Returns `model`."""
-    _check_model(model, "adapters")
-    directory = Path(directory)
+@dataclass
+class _SavedAdapters:
+    """A genforge adapter directory, read and checked against a model, not yet installed."""
+
+    directory: Path
+    configs: dict[str, AdapterConfig]  # by the name saved
+    renamed: dict[str, str]  # saved name -> the name on the model
+    places: dict[str, list[str]]  # saved name -> the layers it wraps
+    fusion: dict | None
+    stored: dict[str, torch.Tensor]
+
+
+def _read_saved(model: Transformer, directory: Path, name: str | None, check_base_weights: bool) -> _SavedAdapters:
     saved = read_adapter_config(
         directory,
         ADAPTER_FORMAT,
@@ -728,15 +746,16 @@ def load_adapters(
     # Each adapter's expected tensors and shapes, from its config and this model.
     hidden = model.config.hidden_size
     expected: dict[str, tuple[int, ...]] = {}
+    places = {}
     for old, config in configs.items():
-        places = _placed_layers(model, config)
-        if sorted(places) != sorted(saved_adapters[old].get("layers", places)):
+        places[old] = _placed_layers(model, config)
+        if sorted(places[old]) != sorted(saved_adapters[old].get("layers", places[old])):
             raise AdapterError(
                 f"adapter {old!r} in {directory} lists layers {saved_adapters[old].get('layers')}, but its config "
-                f"places it at {places}"
+                f"places it at {places[old]}"
             )
         size = config.size_for(hidden)
-        for layer_name in places:
+        for layer_name in places[old]:
             prefix = f"adapters.{old}.{layer_name}"
             expected |= {
                 f"{prefix}.down.weight": (size, hidden),
@@ -746,28 +765,49 @@ def load_adapters(
             }
     fusion = saved.get("fusion")
     if fusion:
-        missing = [n for n in fusion.get("adapters", []) if n not in saved_adapters]
-        if missing:
-            raise AdapterError(f"the fusion in {directory} fuses {missing}, which the directory does not hold")
+        fused = fusion.get("adapters") or []
+        missing = [n for n in fused if n not in saved_adapters]
+        if missing or not fused:
+            raise AdapterError(f"the fusion in {directory} fuses {missing or fused}, which the directory does not hold")
+        if sorted(fusion.get("layers") or []) != sorted(places[fused[0]]):
+            raise AdapterError(
+                f"the fusion in {directory} lists layers {fusion.get('layers')}, but its adapters sit at "
+                f"{places[fused[0]]}"
+            )
         for layer_name in fusion["layers"]:
             for key in ("query", "key", "value"):
                 expected[f"fusion.{layer_name}.{key}.weight"] = (hidden, hidden)
     stored = read_adapter_tensors(weights)
     check_adapter_fits(directory, expected, stored, "adapter tensors", AdapterError)
     check_adapter_shapes(directory, expected, stored, AdapterError)
-    for old, config in configs.items():
-        apply_adapters(model, config, renamed[old])
-        layers = _adapter_layers(model)
+    return _SavedAdapters(directory, configs, renamed, places, fusion or None, stored)
+
+
+def _install_saved(model: Transformer, saved: _SavedAdapters) -> None:
+    stored = saved.stored
+    for old, config in saved.configs.items():
+        apply_adapters(model, config, saved.renamed[old])
         with torch.no_grad():
-            for layer_name in _placed_layers(model, config):
-                adapter = layers[layer_name].adapters[renamed[old]]
+            for layer_name in saved.places[old]:
+                adapter = model.get_submodule(layer_name).adapters[saved.renamed[old]]
                 for key, parameter in adapter.state_dict().items():
                     parameter.copy_(stored[f"adapters.{old}.{layer_name}.{key}"])
-    if fusion:
-        apply_adapter_fusion(model, [renamed[old] for old in fusion["adapters"]])
-        layers = _adapter_layers(model)
+    if saved.fusion:
+        apply_adapter_fusion(model, [saved.renamed[old] for old in saved.fusion["adapters"]])
         with torch.no_grad():
-            for layer_name in fusion["layers"]:
-                for key, parameter in layers[layer_name].fusion.state_dict().items():
+            for layer_name in saved.fusion["layers"]:
+                for key, parameter in model.get_submodule(layer_name).fusion.state_dict().items():
                     parameter.copy_(stored[f"fusion.{layer_name}.{key}"])
+
+
+def load_adapters(
+    model: Transformer, directory: str | Path, name: str | None = None, check_base_weights: bool = True
+) -> Transformer:
+    """Put the adapters saved in `directory` by `save_adapters` onto `model`, in place, after
+    checking the whole directory against the model (layer names, shapes and sampled base
+    weights: an adapter saved for another base is refused, naming both). `name` renames the
+    adapter of a directory that holds one. The last adapter loaded is active and trainable;
+    with a saved fusion layer, the fusion is. Returns `model`."""
+    _check_model(model, "adapters")
+    _install_saved(model, _read_saved(model, Path(directory), name, check_base_weights))
     return model
