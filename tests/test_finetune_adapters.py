@@ -414,7 +414,8 @@ def test_bitfit_refuses_biases_the_format_cannot_hold():
     with pytest.raises(
         AdapterError, match="mistral model has no bias terms and its Hugging Face format cannot hold any"
     ):
-        apply_bitfit(tiny_model(family="mistral"))
+        apply_bitfit(mistral := tiny_model(family="mistral"))
+    assert all(p.requires_grad for p in mistral.parameters())  # refused before anything changed
     with pytest.raises(AdapterError, match=r"blocks.0.mlp.down.* a gemma model's Hugging Face format cannot hold one"):
         apply_bitfit(tiny_model(family="gemma"), targets=["down"])
     with pytest.raises(ValueError, match="no linear layer matches 'q_proj'"):

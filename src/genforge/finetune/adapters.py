@@ -548,6 +548,11 @@ def apply_bitfit(model: Transformer, targets: Sequence[str] | None = None) -> Tr
             )
     groups = {_bias_group(family, n) for n in chosen if model.get_submodule(n).bias is None}
     added = [n for n in block_linears if model.get_submodule(n).bias is None and _bias_group(family, n) in groups]
+    if targets is None and not added and not any(name.endswith(".bias") for name, _ in model.named_parameters()):
+        raise AdapterError(
+            f"this {family} model has no bias terms and its Hugging Face format cannot hold any: BitFit has "
+            "nothing to train; use LoRA or IA3"
+        )
     if added:
         swap_linears(model, _zero_bias_linear, include=added)
         for flags, _ in groups:
@@ -559,11 +564,6 @@ def apply_bitfit(model: Transformer, targets: Sequence[str] | None = None) -> Tr
         trained = [name for name, _ in model.named_parameters() if name.endswith(".bias")]
     else:
         trained = [f"{n}.bias" for n in chosen]
-    if not trained:
-        raise AdapterError(
-            f"this {family} model has no bias terms and its Hugging Face format cannot hold any: BitFit has "
-            "nothing to train; use LoRA or IA3"
-        )
     for name in trained:
         model.get_parameter(name).requires_grad_(True)
     # The trained biases' names, for the report; merge_adapters drops it.
