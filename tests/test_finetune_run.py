@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 
 from genforge.checkpoint import load_model
 from genforge.finetune import SFTDataError, SFTExample, SFTRows, load_adapter
-from genforge.finetune.run import FinetuneConfig, FinetuneError, finetune, mix_examples, split_held_out
+from genforge.finetune.run import METHODS, FinetuneConfig, FinetuneError, finetune, mix_examples, split_held_out
+from genforge.loading import load_for_inference
+from genforge.quantize.nf4 import quantize_linears_nf4
+from genforge.tokenizer import Tokenizer
 from genforge.train import TrainConfig, Trainer
 
 
@@ -123,11 +126,30 @@ def test_full_fine_tuning_writes_a_model_directory(model_dir, data_file, tmp_pat
     assert not torch.equal(tuned.blocks[0].attn.qkv.weight, base.blocks[0].attn.qkv.weight)
 
 
-@pytest.mark.parametrize("method", ["dora", "qlora", "ia3"])
-def test_each_adapter_method_trains_and_saves(method, model_dir, data_file, tmp_path):
-    result = finetune(_config(model_dir, data_file, tmp_path / method, method=method, max_steps=2))
-    assert (result.output_dir / "adapter_config.json").is_file()
+@pytest.mark.parametrize("method", ["dora", "qlora", "ia3", "bitfit", "adapter", "prompt", "ptuning", "prefix"])
+def test_each_method_trains_saves_and_decodes_as_trained(method, model_dir, data_file, tmp_path):
+    """Every method lowers the held-out loss, writes what its users load, and that output
+    (an adapter put back on the base by `--adapter`, or a model) gives the trained logits."""
+    config = _config(model_dir, data_file, tmp_path / method, method=method, max_steps=3, num_virtual_tokens=4)
+    result = finetune(config)
     assert result.val_loss_after < result.val_loss_before
+    assert 0 < result.trainable_share < 0.5
+    probe = torch.tensor([[5, 17, 3, 44, 90, 12]])
+    if result.output_dir.name == "model":
+        reloaded = load_model(result.output_dir)
+    elif method == "qlora":  # trained against the NF4 weights: put back on an NF4 base
+        base = load_model(model_dir)
+        quantize_linears_nf4(base)
+        reloaded = load_adapter(base, result.output_dir)
+    else:
+        assert (result.output_dir / "adapter_config.json").is_file()
+        reloaded = load_for_inference(model_dir, adapter=result.output_dir).model
+    trained = load_file(tmp_path / method / "checkpoints" / "step-00000003" / "model.safetensors")
+    assert trained  # only the trainable tensors: the frozen base is not copied into checkpoints
+    again = METHODS[method].install(load_model(model_dir), config, Tokenizer.from_dir(model_dir))
+    again.load_state_dict(trained, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(probe).logits, again.eval()(probe).logits, atol=1e-4, rtol=0)
 
 
 def test_gradient_checkpointing_gives_the_same_run(model_dir, data_file, tmp_path):

@@ -56,13 +56,13 @@ def load_packed_model(
     device: str | torch.device = "cpu",
     adapter: str | Path | None = None,
 ) -> Transformer:
-    """`checkpoint.load_model`, with a PEFT adapter directory (LoRA, DoRA, IA3) merged into the
-    weights when `adapter` is given, packed by `inference.pack_for_cpu_inference` (which leaves
+    """`checkpoint.load_model`, with an adapter directory put on it when `adapter` is given
+    (`finetune.attach.attach_adapter`: LoRA, DoRA, IA3 merged into the weights), packed by `inference.pack_for_cpu_inference` (which leaves
     a model unchanged where packing does not apply: off the CPU, in half precision). Enough for
     a second model of a strategy, such as a speculative draft."""
     if adapter is None:
         return pack_for_cpu_inference(load_model(directory, dtype=dtype, device=device))
-    from .finetune.attach import adapter_kind, merge_adapter
+    from .finetune.attach import adapter_kind, attach_adapter
 
     adapter_kind(adapter)  # a bad adapter directory fails before the weights are read
-    return pack_for_cpu_inference(merge_adapter(load_model(directory, dtype=dtype, device=device), adapter))
+    return pack_for_cpu_inference(attach_adapter(load_model(directory, dtype=dtype, device=device), adapter))

@@ -1,7 +1,7 @@
-"""An adapter directory merged into a loaded model, whatever its kind: what decoding and
-serving with `--adapter DIR` need. The kind is read from `adapter_config.json` (PEFT's
-`peft_type`); LoRA, DoRA and IA3 fold exactly into the base weights, so the adapted model
-decodes at the base model's speed."""
+"""An adapter directory put on a loaded model, whatever its kind: what decoding with
+`--adapter DIR` needs. The kind is read from `adapter_config.json` (PEFT's `peft_type`). LoRA,
+DoRA and IA3 fold exactly into the base weights, so the adapted model decodes at the base
+model's speed; prompt methods and bottleneck adapters cannot fold and run as loaded."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import json
 from pathlib import Path
 
 from ..model import Transformer
+from .adapters import ADAPTER_FORMAT, load_adapters
 from .ia3 import load_ia3_adapter, merge_and_unload_ia3
 from .lora import load_adapter, merge_and_unload
 from .peft_format import ADAPTER_CONFIG
+from .prompts import load_prompt_adapter
 
 MERGEABLE = ("LORA", "IA3")
+RUN_AS_LOADED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", ADAPTER_FORMAT)
 
 
 class AdapterError(ValueError):
@@ -48,4 +51,18 @@ def merge_adapter(model: Transformer, directory: str | Path) -> Transformer:
     )
 
 
-__all__ = ["MERGEABLE", "AdapterError", "adapter_kind", "merge_adapter"]
+def attach_adapter(model: Transformer, directory: str | Path):
+    """`model` with the adapter in `directory`: merged where it can be (`merge_adapter`), else
+    loaded as it runs in training (prompt methods wrap the model; bottleneck adapters wrap
+    linear layers). The result decodes with `genforge.generate` as the model does."""
+    kind = adapter_kind(directory)
+    if kind in MERGEABLE:
+        return merge_adapter(model, directory)
+    if kind == ADAPTER_FORMAT:
+        return load_adapters(model, directory).requires_grad_(False)
+    if kind in RUN_AS_LOADED:
+        return load_prompt_adapter(model, directory).requires_grad_(False)
+    raise AdapterError(f"{directory} holds a {kind} adapter; accepted: {', '.join(MERGEABLE + RUN_AS_LOADED)}")
+
+
+__all__ = ["MERGEABLE", "RUN_AS_LOADED", "AdapterError", "adapter_kind", "attach_adapter", "merge_adapter"]

@@ -21,7 +21,7 @@ def cmd_finetune(args) -> int:
         data_weights=args.data_weights,
         mixture_temperature=args.mixture_temperature,
         seq_len=args.seq_len,
-        packing=not args.no_packing,
+        packing=False if args.no_packing else None,
         overflow="truncate" if args.truncate else "error",
         eval_fraction=args.eval_fraction,
         eval_data=args.eval_data,
@@ -41,6 +41,17 @@ def cmd_finetune(args) -> int:
         lora_dropout=args.dropout,
         use_rslora=args.rslora,
         target_modules=args.target_modules,
+        num_virtual_tokens=args.num_virtual_tokens,
+        prompt_init=args.prompt_init,
+        prompt_init_text=args.prompt_init_text,
+        encoder_type=args.encoder_type,
+        encoder_hidden_size=args.encoder_hidden_size,
+        prefix_projection=args.prefix_projection,
+        bottleneck_size=args.bottleneck_size,
+        reduction_factor=args.reduction_factor,
+        adapter_activation=args.adapter_activation,
+        placement=args.placement,
+        target_layers=args.target_layers,
     )
     check_config(config)  # before a process group is joined or a file read
     context, config.device = init_distributed(args.device)
@@ -67,7 +78,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     parser = sub.add_parser(
         "finetune",
-        help="fine-tune a model on instruction data (full, LoRA, DoRA, QLoRA, IA3)",
+        help="fine-tune a model on instruction data (full, LoRA, DoRA, QLoRA, IA3, BitFit, adapters, prompts)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Supervised fine-tuning of a Hugging Face model directory on JSONL instruction data "
         "({'messages': [...]}, {'prompt', 'completion'} or Alpaca {'instruction', 'input', 'output'}), the loss on "
@@ -84,9 +95,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics, the adapter or model")
     parser.add_argument("--method", choices=tuple(METHODS), default="lora", help="what to train")
     data = parser.add_argument_group("data")
-    data.add_argument("--seq-len", type=int, default=512, help="tokens per training row")
     data.add_argument(
-        "--no-packing", action="store_true", help="one example per row instead of packing several in each row"
+        "--seq-len", type=int, default=None, help="tokens per training row (default: the model's context, at most 1024)"
+    )
+    data.add_argument(
+        "--no-packing",
+        action="store_true",
+        help="one example per row instead of packing several in each row (prompt methods never pack)",
     )
     data.add_argument("--truncate", action="store_true", help="cut examples longer than --seq-len instead of refusing")
     data.add_argument("--eval-fraction", type=float, default=0.05, help="share of each file held out for scoring")
@@ -110,7 +125,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
     train.add_argument("--device", default="cpu", help="cpu or cuda")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    lora = parser.add_argument_group("lora, dora, qlora, ia3")
+    lora = parser.add_argument_group("lora, dora, qlora, ia3, bitfit")
     lora.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     lora.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
     lora.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
@@ -118,7 +133,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     lora.add_argument(
         "--target-modules",
         nargs="+",
-        help="layers to adapt: genforge names (qkv o gate_up down) or Hugging Face names (q_proj v_proj); "
-        "default: every linear layer in the blocks",
+        help="layers to adapt (bitfit: whose biases to train): genforge names (qkv o gate_up down) or Hugging "
+        "Face names (q_proj v_proj); default: every linear layer in the blocks (bitfit: every bias)",
     )
+    prompts = parser.add_argument_group("prompt, ptuning, prefix")
+    prompts.add_argument("--num-virtual-tokens", type=int, default=20, help="trained virtual tokens (or prefix length)")
+    prompts.add_argument(
+        "--prompt-init", choices=("RANDOM", "SAMPLE_VOCAB", "TEXT"), default="RANDOM", help="prompt tuning's start"
+    )
+    prompts.add_argument("--prompt-init-text", help="prompt tuning: the text whose embeddings start the prompt")
+    prompts.add_argument("--encoder-type", choices=("MLP", "LSTM"), default="MLP", help="P-tuning's prompt encoder")
+    prompts.add_argument("--encoder-hidden-size", type=int, help="P-tuning / prefix projection width")
+    prompts.add_argument(
+        "--prefix-projection", action="store_true", help="prefix tuning through the reparameterisation MLP"
+    )
+    adapters = parser.add_argument_group("adapter (bottleneck adapters)")
+    adapters.add_argument("--bottleneck-size", type=int, help="the adapter's inner width")
+    adapters.add_argument("--reduction-factor", type=float, help="hidden size / bottleneck size (default 16)")
+    adapters.add_argument("--adapter-activation", default="relu", help="relu, gelu, gelu_tanh, silu, tanh")
+    adapters.add_argument(
+        "--placement", choices=("houlsby", "pfeiffer"), default="houlsby", help="after attention and MLP, or MLP only"
+    )
+    adapters.add_argument("--target-layers", type=int, nargs="+", help="block indices to adapt (default: all)")
     parser.set_defaults(func=cmd_finetune)

@@ -7,8 +7,12 @@ method installed on the loaded model first. A method that freezes the base check
 its trainable tensors. Several data files train as one mixture (`mix_examples`).
 
 Methods: `full` (every weight), `lora`, `dora` (Liu et al. 2024), `qlora` (Dettmers et al.
-2023: LoRA over an NF4 base), `ia3` (Liu et al. 2022). Each saves what its users load: a
-Hugging Face model directory for `full`, a PEFT adapter directory for the others.
+2023: LoRA over an NF4 base), `ia3` (Liu et al. 2022), `bitfit` (Ben Zaken et al. 2022: the
+biases), `adapter` (bottleneck adapters, Houlsby et al. 2019 / Pfeiffer et al. 2020), and the
+prompt methods `prompt` (Lester et al. 2021), `ptuning` (Liu et al. 2021) and `prefix` (Li &
+Liang 2021). Each saves what its users load: a Hugging Face model directory for `full` and
+`bitfit`, a PEFT adapter directory for the PEFT methods, genforge's adapter directory for
+bottleneck adapters (PEFT has none).
 """
 
 from __future__ import annotations
@@ -20,20 +24,28 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_write_text
-from ..checkpoint import load_model, save_model
+from ..checkpoint import load_model, read_config, save_model
 from ..swap import linear_names
 from ..tokenizer import Tokenizer
 from ..train.distributed import DistributedContext
 from ..train.trainer import TrainConfig, Trainer
+from .adapters import AdapterConfig, apply_adapters, apply_bitfit, merge_adapters, save_adapters
 from .ia3 import IA3Config, apply_ia3, save_ia3_adapter
 from .lora import LoraConfig, apply_lora, save_adapter, trainable_parameter_count
+from .prompts import (
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+    apply_prompt_learning,
+    save_prompt_adapter,
+)
 from .sft import SFTDataset, SFTExample, SFTRows
 
 
@@ -50,11 +62,19 @@ class FinetuneConfig:
         mT5 mix tasks and languages); neither means in proportion to size.
     eval_fraction: the share of each file held out (never trained on) to score the run.
     eval_data: held-out JSONL file(s) to score the run with instead (then nothing is split off).
-    target_modules: which linear layers the adapter methods wrap (genforge names such as
-        "qkv", "o", "gate_up", "down", or Hugging Face names such as "q_proj"); None: every
-        linear layer in the blocks.
-    lr: None picks the method's usual rate (2e-5 for full fine-tuning, 2e-4 for LoRA's family,
-        3e-3 for IA3).
+    seq_len: tokens per training row; None: the model's context (after a prompt method's
+        virtual tokens), at most 1024.
+    packing: several examples per row (see `SFTRows`); None: on, except for the prompt
+        methods, whose virtual tokens belong before each example.
+    target_modules: which linear layers LoRA's family and IA3 wrap, or whose biases BitFit
+        trains (genforge names such as "qkv", "o", "gate_up", "down", or Hugging Face names
+        such as "q_proj"); None: every linear layer in the blocks (BitFit: every bias).
+    lr: None picks the method's usual rate (see `METHODS`).
+    num_virtual_tokens, prompt_init ("RANDOM", "SAMPLE_VOCAB", "TEXT"), prompt_init_text,
+        encoder_type ("MLP", "LSTM"), encoder_hidden_size, prefix_projection: the prompt
+        methods' settings, with PEFT's meanings (see `finetune.prompts`).
+    bottleneck_size or reduction_factor, adapter_activation, placement ("houlsby",
+        "pfeiffer"), target_layers: bottleneck adapters' settings (see `finetune.adapters`).
     """
 
     model_dir: str | Path
@@ -63,8 +83,8 @@ class FinetuneConfig:
     method: str = "lora"
     data_weights: Sequence[float] | None = None
     mixture_temperature: float | None = None
-    seq_len: int = 512
-    packing: bool = True
+    seq_len: int | None = None
+    packing: bool | None = None
     overflow: str = "error"
     chat_template: str | None = None
     eval_fraction: float = 0.05
@@ -87,7 +107,17 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     use_rslora: bool = False
     target_modules: Sequence[str] | None = None
-    method_options: dict = field(default_factory=dict)
+    num_virtual_tokens: int = 20
+    prompt_init: str = "RANDOM"
+    prompt_init_text: str | None = None
+    encoder_type: str = "MLP"
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    bottleneck_size: int | None = None
+    reduction_factor: float | None = None
+    adapter_activation: str = "relu"
+    placement: str = "houlsby"
+    target_layers: Sequence[int] | None = None
 
     def files(self) -> list[Path]:
         return _paths(self.data)
@@ -117,19 +147,19 @@ def _lora_config(model: nn.Module, config: FinetuneConfig, dora: bool = False) -
     )
 
 
-def _full(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+def _full(model: nn.Module, config: FinetuneConfig, tokenizer: Tokenizer) -> nn.Module:
     return model
 
 
-def _lora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+def _lora(model: nn.Module, config: FinetuneConfig, tokenizer: Tokenizer) -> nn.Module:
     return apply_lora(model, _lora_config(model, config))
 
 
-def _dora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+def _dora(model: nn.Module, config: FinetuneConfig, tokenizer: Tokenizer) -> nn.Module:
     return apply_lora(model, _lora_config(model, config, dora=True))
 
 
-def _qlora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+def _qlora(model: nn.Module, config: FinetuneConfig, tokenizer: Tokenizer) -> nn.Module:
     from ..quantize.nf4 import quantize_linears_nf4
 
     lora_config = _lora_config(model, config)  # named while the layers are still nn.Linear
@@ -137,10 +167,51 @@ def _qlora(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     return apply_lora(model, lora_config)
 
 
-def _ia3(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+def _ia3(model: nn.Module, config: FinetuneConfig, tokenizer: Tokenizer) -> nn.Module:
     targets = list(config.target_modules or [n for n in ("qkv", "down") if n in _block_linear_names(model)])
     feedforward = [name for name in targets if name in ("down", "down_proj", "fc2", "c_proj")]
     return apply_ia3(model, IA3Config(target_modules=targets, feedforward_modules=feedforward or None))
+
+
+def _bitfit(model: nn.Module, config: FinetuneConfig, tokenizer: Tokenizer) -> nn.Module:
+    return apply_bitfit(model, list(config.target_modules) if config.target_modules else None)
+
+
+def _adapter(model: nn.Module, config: FinetuneConfig, tokenizer: Tokenizer) -> nn.Module:
+    settings = AdapterConfig(
+        bottleneck_size=config.bottleneck_size,
+        reduction_factor=config.reduction_factor,
+        activation=config.adapter_activation,
+        placement=config.placement,
+        target_layers=list(config.target_layers) if config.target_layers is not None else None,
+    )
+    return apply_adapters(model, settings)
+
+
+def _prompt_config(config: FinetuneConfig):
+    """The prompt method's PEFT-style config from the run's settings."""
+    if config.method == "prompt":
+        return PromptTuningConfig(
+            num_virtual_tokens=config.num_virtual_tokens,
+            prompt_tuning_init=config.prompt_init,
+            prompt_tuning_init_text=config.prompt_init_text,
+            tokenizer_name_or_path=str(config.model_dir) if config.prompt_init == "TEXT" else None,
+        )
+    if config.method == "ptuning":
+        return PTuningConfig(
+            num_virtual_tokens=config.num_virtual_tokens,
+            encoder_reparameterization_type=config.encoder_type,
+            encoder_hidden_size=config.encoder_hidden_size,
+        )
+    return PrefixTuningConfig(
+        num_virtual_tokens=config.num_virtual_tokens,
+        prefix_projection=config.prefix_projection,
+        encoder_hidden_size=config.encoder_hidden_size,
+    )
+
+
+def _prompt(model: nn.Module, config: FinetuneConfig, tokenizer: Tokenizer) -> nn.Module:
+    return apply_prompt_learning(model, _prompt_config(config), tokenizer)
 
 
 def _save_full(model: nn.Module, directory: Path, tokenizer: Tokenizer, base: str) -> Path:
@@ -155,14 +226,27 @@ def _save_ia3(model: nn.Module, directory: Path, tokenizer: Tokenizer, base: str
     return save_ia3_adapter(model, directory, base_model_name_or_path=base)
 
 
+def _save_bitfit(model: nn.Module, directory: Path, tokenizer: Tokenizer, base: str) -> Path:
+    return save_model(merge_adapters(model), directory, tokenizer)
+
+
+def _save_adapter(model: nn.Module, directory: Path, tokenizer: Tokenizer, base: str) -> Path:
+    return save_adapters(model, directory, base_model_name_or_path=base)
+
+
+def _save_prompt(model: nn.Module, directory: Path, tokenizer: Tokenizer, base: str) -> Path:
+    return save_prompt_adapter(model, directory, base_model_name_or_path=base)
+
+
 @dataclass(frozen=True)
 class Method:
     """How a method changes the loaded model, what it saves, and its usual learning rate."""
 
-    install: Callable[[nn.Module, FinetuneConfig], nn.Module]
+    install: Callable[[nn.Module, FinetuneConfig, Tokenizer], nn.Module]
     save: Callable[[nn.Module, Path, Tokenizer, str], Path]
     lr: float
     output: str  # the directory name under out_dir: "model" or "adapter"
+    prompt: bool = False  # virtual tokens before each example: rows are not packed
 
 
 METHODS: dict[str, Method] = {
@@ -171,6 +255,11 @@ METHODS: dict[str, Method] = {
     "dora": Method(_dora, _save_lora, 2e-4, "adapter"),
     "qlora": Method(_qlora, _save_lora, 2e-4, "adapter"),
     "ia3": Method(_ia3, _save_ia3, 3e-3, "adapter"),
+    "bitfit": Method(_bitfit, _save_bitfit, 1e-3, "model"),
+    "adapter": Method(_adapter, _save_adapter, 1e-3, "adapter"),
+    "prompt": Method(_prompt, _save_prompt, 3e-2, "adapter", prompt=True),
+    "ptuning": Method(_prompt, _save_prompt, 3e-3, "adapter", prompt=True),
+    "prefix": Method(_prompt, _save_prompt, 3e-3, "adapter", prompt=True),
 }
 
 
@@ -274,6 +363,11 @@ def check_config(config: FinetuneConfig) -> None:
             raise FinetuneError(f"data file {path} does not exist")
     if not 0 <= config.eval_fraction < 1:
         raise FinetuneError(f"eval_fraction must be in [0, 1), got {config.eval_fraction}")
+    if config.packing and METHODS[config.method].prompt:
+        raise FinetuneError(
+            f"--method {config.method} puts virtual tokens before each example, so rows cannot be packed; "
+            "leave packing off (the default for prompt methods)"
+        )
     if config.data_weights is not None and len(config.data_weights) != len(config.files()):
         raise FinetuneError(
             f"{len(config.data_weights)} mixture weights for {len(config.files())} data files; give one per file"
@@ -297,10 +391,15 @@ def finetune(
     method = METHODS[config.method]
     out_dir = Path(config.out_dir)
     tokenizer = Tokenizer.from_dir(config.model_dir)
+    context = read_config(config.model_dir).max_position_embeddings - (
+        config.num_virtual_tokens if method.prompt else 0
+    )
+    seq_len = config.seq_len if config.seq_len is not None else min(1024, context)
+    packing = config.packing if config.packing is not None else not method.prompt
 
     def read(path: Path) -> list[SFTExample]:
         return SFTDataset.from_jsonl(
-            path, tokenizer, max_length=config.seq_len, overflow=config.overflow, chat_template=config.chat_template
+            path, tokenizer, max_length=seq_len, overflow=config.overflow, chat_template=config.chat_template
         ).examples
 
     train_sets, held_out = [], [example for path in config.eval_files() for example in read(path)]
@@ -315,11 +414,11 @@ def finetune(
         else mix_examples(train_sets, config.data_weights, config.mixture_temperature, config.seed)
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    rows = SFTRows(train, config.seq_len, pad_id, packing=config.packing)
-    val_rows = SFTRows(held_out, config.seq_len, pad_id, packing=config.packing) if held_out else None
+    rows = SFTRows(train, seq_len, pad_id, packing=packing)
+    val_rows = SFTRows(held_out, seq_len, pad_id, packing=packing) if held_out else None
 
     model = load_model(config.model_dir, dtype=torch.float32)
-    model = method.install(model, config)
+    model = method.install(model, config, tokenizer)
     if config.method == "full":
         model.requires_grad_(True)
     trainable, total = trainable_parameter_count(model)

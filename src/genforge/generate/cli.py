@@ -30,7 +30,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter",
         default=None,
-        help="a PEFT adapter directory (LoRA, DoRA, IA3; e.g. `genforge finetune`'s OUT/adapter) merged into the model",
+        help="an adapter directory (`genforge finetune`'s OUT/adapter, or PEFT's): LoRA, DoRA and IA3 are merged "
+        "into the weights, prompt methods and bottleneck adapters run as loaded",
     )
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto (checkpoint's)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
