@@ -6,6 +6,7 @@ its flags, calls one library function and prints what happened:
     quickstart                               genforge/quickstart.py
     generate, chat, convert, watermark       genforge/generate/cli.py
     tokenizer, data, pretrain, size          genforge/train/cli.py
+    merge-models, merge-adapter              genforge/finetune/cli.py
     eval                                     genforge/evaluate/cli.py
     rag                                      genforge/rag/cli.py
     serve, bench                             genforge/serve/cli.py
@@ -23,13 +24,14 @@ import sys
 from . import quickstart
 from .console import console, print_error
 from .evaluate import cli as evaluate_cli
+from .finetune import cli as finetune_cli
 from .generate import cli as generate_cli
 from .rag import cli as rag_cli
 from .serve import cli as serve_cli
 from .train import cli as train_cli
 
 # In the order `genforge --help` lists them.
-SUBSYSTEMS = (quickstart, generate_cli, train_cli, evaluate_cli, rag_cli, serve_cli)
+SUBSYSTEMS = (quickstart, generate_cli, train_cli, finetune_cli, evaluate_cli, rag_cli, serve_cli)
 
 # Exit status of a command whose reader closed stdout early: 128 + SIGPIPE, as a shell reports
 # for `cat`, `yes` or `seq` in `... | head`.

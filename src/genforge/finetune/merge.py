@@ -39,6 +39,7 @@ into the base weights instead.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,8 +59,9 @@ from ..checkpoint import (
 )
 from ..config import ConfigError
 from ..model import Transformer
-from .lora import DoraLinear, LoraConfig, LoraLinear, apply_lora, load_adapter, save_adapter
-from .peft_format import ADAPTER_WEIGHTS, PEFT_PREFIX
+from .ia3 import IA3Linear, load_ia3_adapter, merge_ia3
+from .lora import DoraLinear, LoraConfig, LoraLinear, apply_lora, load_adapter, merge_and_unload, save_adapter
+from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 
 __all__ = [
     "ADAPTER_COMBINATIONS",
@@ -67,6 +69,7 @@ __all__ = [
     "SIGN_METHODS",
     "MergeConfig",
     "MergeError",
+    "adapter_kind",
     "combine_lora_adapters",
     "dare_linear",
     "dare_ties",
@@ -74,6 +77,7 @@ __all__ = [
     "linear",
     "magnitude_prune",
     "majority_sign_mask",
+    "merge_adapters_into_checkpoint",
     "merge_checkpoints",
     "merge_lora_adapters",
     "merge_models",
@@ -262,7 +266,7 @@ class MergeConfig:
         slerp takes `t` instead.
     density: ties and dare_*: the share of each task vector kept, in (0, 1].
     majority_sign: ties and dare_ties: "total" (the paper) or "frequency" (PEFT's variant).
-    t: slerp's position between the two models (0: the first, 1: the second).
+    t: slerp's position between the two models (0: the first, 1: the second; default 0.5).
     seed: dare_*: the seed of the drop masks (the same seed, the same merge).
     """
 
@@ -270,7 +274,7 @@ class MergeConfig:
     weights: tuple[float, ...] | None = None
     density: float | None = None
     majority_sign: str = "total"
-    t: float = 0.5
+    t: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -297,7 +301,10 @@ class MergeConfig:
             )
         if self.majority_sign not in SIGN_METHODS:
             raise MergeError(f"unknown majority_sign {self.majority_sign!r}; accepted: {', '.join(SIGN_METHODS)}")
-        _check_fraction(self.t)
+        if self.t is not None:
+            if self.method != "slerp":
+                raise MergeError(f"t is slerp's position between two models; {self.method} takes no t")
+            _check_fraction(self.t)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise MergeError(f"seed must be an integer; got {self.seed!r}")
 
@@ -339,7 +346,7 @@ class MergeConfig:
             return dare_linear(tensors, weights, self.density, generator)
         if self.method == "dare_ties":
             return dare_ties(tensors, weights, self.density, self.majority_sign, generator)
-        return slerp(tensors[0], tensors[1], self.t)
+        return slerp(tensors[0], tensors[1], 0.5 if self.t is None else self.t)
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -577,14 +584,19 @@ def _base_layer_names(directory: Path) -> set[str]:
         return {key[len(PEFT_PREFIX) : -len(suffix)] for key in reader.keys() if key.endswith(suffix)}
 
 
-def _remove_lora(model: nn.Module, requires_grad: Mapping[str, bool]) -> None:
-    """Put plain linear layers (the unchanged base weights) back where LoRA layers are."""
+def _plain_linears(model: nn.Module, kinds: tuple[type[nn.Module], ...]) -> None:
+    """Put plain linear layers holding their weights (as they are) where layers of `kinds` are."""
     for name, layer in list(model.named_modules()):
-        if isinstance(layer, LoraLinear):
+        if isinstance(layer, kinds):
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
             plain.weight, plain.bias = layer.weight, layer.bias
             parent, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(parent), attribute, plain)
+
+
+def _remove_lora(model: nn.Module, requires_grad: Mapping[str, bool]) -> None:
+    """Put plain linear layers (the unchanged base weights) back where LoRA layers are."""
+    _plain_linears(model, (LoraLinear,))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(requires_grad.get(name, True))
     for attribute in ("lora_config", "lora_layouts"):
@@ -592,19 +604,21 @@ def _remove_lora(model: nn.Module, requires_grad: Mapping[str, bool]) -> None:
             delattr(model, attribute)
 
 
-def _read_adapters(model: Transformer, adapter_dirs: Sequence[str | Path], config: MergeConfig) -> list[_Adapter]:
+def _check_adapter_merge(config: MergeConfig, count: int) -> None:
     if config.method == "slerp":
         raise MergeError(
             "slerp interpolates two whole models; adapters merge with linear, task arithmetic, ties or dare"
         )
+    if count < 1:
+        raise MergeError("give at least one adapter directory")
+    if config.weights is not None and len(config.weights) != count:
+        raise MergeError(f"{len(config.weights)} weight(s) for {count} adapter(s); give one weight per adapter")
+
+
+def _read_adapters(model: Transformer, adapter_dirs: Sequence[str | Path], config: MergeConfig) -> list[_Adapter]:
+    _check_adapter_merge(config, len(adapter_dirs))
     if any(isinstance(module, LoraLinear) for module in model.modules()):
         raise MergeError("the model already has LoRA layers; merge adapters onto the base model as loaded")
-    if not adapter_dirs:
-        raise MergeError("give at least one adapter directory")
-    if config.weights is not None and len(config.weights) != len(adapter_dirs):
-        raise MergeError(
-            f"{len(config.weights)} weight(s) for {len(adapter_dirs)} adapter(s); give one weight per adapter"
-        )
     return [_read_lora(model, Path(d)) for d in adapter_dirs]
 
 
@@ -744,3 +758,71 @@ def _svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
     rank = min(rank, s.numel())
     return vh[:rank], u[:, :rank] * s[:rank]
+
+
+# ----------------------------------------------------------------------------- adapters into a checkpoint
+def adapter_kind(directory: str | Path) -> str:
+    """The peft_type of a PEFT adapter directory ("LORA", "IA3", ...), read from adapter_config.json."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise MergeError(f"{directory} has no {ADAPTER_CONFIG}; expected a PEFT adapter directory")
+    try:
+        kind = json.loads(path.read_text()).get("peft_type")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise MergeError(f"{path} is not a JSON object: {err}") from None
+    return str(kind)
+
+
+def merge_adapters_into_checkpoint(
+    model_dir: str | Path,
+    adapter_dirs: Sequence[str | Path],
+    out: str | Path,
+    config: MergeConfig | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Merge PEFT adapters into the base model in `model_dir` and write the result as a Hugging
+    Face checkpoint at `out` (atomically, with the base's tokenizer and generation config), in
+    `dtype`, by default the dtype the base was saved in.
+
+    One LoRA (DoRA included) or IA3 adapter without `config` merges exactly (`merge_and_unload`,
+    `merge_ia3`). Several LoRA adapters, or a `config`, merge by `merge_lora_adapters` (default
+    task arithmetic with weight 1: the adapters' updates added).
+    """
+    dirs = [Path(d) for d in adapter_dirs]
+    if not dirs:
+        raise MergeError("give at least one adapter directory")
+    if Path(out).resolve() in {Path(model_dir).resolve(), *(d.resolve() for d in dirs)}:
+        raise MergeError(f"--out {out} is one of the inputs; write the merged model to a new directory")
+    kinds = {str(d): adapter_kind(d) for d in dirs}
+    unknown = {d: k for d, k in kinds.items() if k not in ("LORA", "IA3")}
+    if unknown:
+        shown = ", ".join(f"{d} ({k})" for d, k in unknown.items())
+        raise MergeError(f"cannot merge {shown}: genforge merges LoRA, DoRA and IA3 adapters")
+    several = len(dirs) > 1 or config is not None
+    if several and "IA3" in kinds.values():
+        raise MergeError("IA3 adapters merge one at a time, without merge settings (their scales multiply, not add)")
+    if config is not None:
+        _check_adapter_merge(config, len(dirs))
+    try:
+        base_config = read_config(model_dir)
+    except ConfigError as err:
+        raise MergeError(f"{model_dir}: {err}") from None
+    out_dtype = resolve_dtype(dtype if dtype is not None else "auto", base_config.hf_extra)
+    model = load_model(model_dir)
+    if several:
+        merge_lora_adapters(model, dirs, config)
+    elif kinds[str(dirs[0])] == "LORA":
+        merge_and_unload(load_adapter(model, dirs[0]))
+    else:
+        merge_ia3(load_ia3_adapter(model, dirs[0]))
+        _plain_linears(model, (IA3Linear,))
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    for attribute in ("lora_config", "lora_layouts", "ia3_config", "ia3_layouts"):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
+    model_dir = Path(model_dir)
+    generation = read_generation_config(model_dir)
+    return save_model(
+        model.to(out_dtype), out, tokenizer=_tokenizer_of(model_dir), generation_config=generation or None
+    )
