@@ -380,7 +380,7 @@ def test_adapters_merged_into_the_base_equal_the_cat_adapter(base_dir, adapter_d
     assert not any("lora" in name for name in merged.state_dict())
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
 def test_svd_combination_gives_peft_logits(method, base_dir, adapter_dirs, tmp_path, monkeypatch):
     dirs, weights = adapter_dirs("llama"), [1.0, 0.8]
     config = MergeConfig(method, weights=tuple(weights), density=0.5, seed=3)
