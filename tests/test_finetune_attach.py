@@ -11,7 +11,7 @@ from finetune_shared import randomize, tiny_chat_model_dir
 
 from genforge.checkpoint import load_model
 from genforge.finetune import IA3Config, LoraConfig, apply_ia3, apply_lora, save_adapter, save_ia3_adapter
-from genforge.finetune.attach import AdapterError, adapter_kind, merge_adapter
+from genforge.finetune.attach import AdapterError, adapter_kind, merge_adapter_dir
 from genforge.loading import load_for_inference
 
 PROBE = torch.tensor([[3, 9, 27, 81, 14, 5]])
@@ -47,7 +47,7 @@ def _ia3_dir(base_dir, directory):
 @pytest.mark.parametrize("make", [_lora_dir, _ia3_dir], ids=["lora", "ia3"])
 def test_merged_adapter_gives_the_adapted_logits_with_plain_linear_layers(make, base_dir, tmp_path):
     expected = make(base_dir, tmp_path / "adapter")
-    merged = merge_adapter(load_model(base_dir), tmp_path / "adapter")
+    merged = merge_adapter_dir(load_model(base_dir), tmp_path / "adapter")
     torch.testing.assert_close(_logits(merged), expected, atol=1e-5, rtol=0)
     assert all(type(module).__name__ == "Linear" for name, module in merged.named_modules() if name.endswith("qkv"))
     loaded = load_for_inference(base_dir, adapter=tmp_path / "adapter")  # packed for the CPU as well
@@ -74,4 +74,4 @@ def test_unmergeable_or_missing_adapters_are_refused(base_dir, tmp_path):
         adapter_kind(tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
     with pytest.raises(AdapterError, match="PROMPT_TUNING adapter, which does not merge"):
-        merge_adapter(load_model(base_dir), tmp_path)
+        merge_adapter_dir(load_model(base_dir), tmp_path)

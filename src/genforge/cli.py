@@ -6,7 +6,7 @@ its flags, calls one library function and prints what happened:
     quickstart                               genforge/quickstart.py
     generate, chat, convert, watermark       genforge/generate/cli.py
     tokenizer, data, pretrain, size          genforge/train/cli.py
-    finetune                                 genforge/finetune/cli.py
+    finetune, merge-models, merge-adapter    genforge/finetune/cli.py
     eval                                     genforge/evaluate/cli.py
     rag                                      genforge/rag/cli.py
     serve, bench                             genforge/serve/cli.py

@@ -20,7 +20,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-__all__ = ["linear_names", "name_matches", "swap_linears"]
+__all__ = ["linear_names", "name_matches", "plain_linear", "swap_linears"]
 
 
 def name_matches(name: str, patterns: Sequence[str]) -> bool:
@@ -55,6 +55,14 @@ def linear_names(
             )
         every = [name for name in every if name_matches(name, include)]
     return [name for name in every if not name_matches(name, exclude)]
+
+
+def plain_linear(layer: nn.Module, name: str = "") -> nn.Linear:
+    """An `nn.Linear` holding `layer`'s own `weight` and `bias` Parameters (no copy): the factory
+    that takes a wrapper (LoRA or IA3 after merging) out again with `swap_linears(..., kinds=)`."""
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    plain.weight, plain.bias = layer.weight, layer.bias
+    return plain
 
 
 def swap_linears(

@@ -1,7 +1,29 @@
-"""Fine-tuning methods that adapt a loaded model in place through the Linear seam
-(`genforge.swap.swap_linears`). Now: LoRA, rsLoRA and DoRA (`lora`) and IA3 (`ia3`), in PEFT's
-adapter format; and supervised fine-tuning data with completion-only labels (`sft`)."""
+"""Fine-tuning: adapt a loaded model to new data, and combine what fine-tuning made.
 
+- `sft`: instruction/chat data to completion-only labels; `SFTRows` packs examples in rows.
+- `run`: the fine-tuning run (`finetune`, `FinetuneConfig`) over the training loop, every method.
+- PEFT methods, installed through the Linear seam (`genforge.swap.swap_linears`) or, for the
+  prompt methods, around the model: `lora` (LoRA, rsLoRA, DoRA, QLoRA), `ia3`, `adapters`
+  (BitFit, bottleneck adapters, AdapterFusion), `prompts` (prompt tuning, P-tuning, prefix
+  tuning); PEFT's adapter format both ways.
+- `attach`: any adapter directory put back on its base (merged where exact).
+- `merge`: model soups, task arithmetic, TIES, DARE, SLERP; LoRA adapters combined.
+- `continual`: replay and elastic weight consolidation against forgetting.
+- `tasks`: an embedded instruction task (signature -> docstring summary) and exact match.
+"""
+
+from .adapters import (
+    AdapterConfig,
+    AdapterError,
+    apply_adapter_fusion,
+    apply_adapters,
+    apply_bitfit,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+    set_active_adapter,
+)
+from .attach import adapter_kind, attach_adapter, merge_adapter_dir
 from .ia3 import (
     IA3Config,
     IA3Error,
@@ -9,6 +31,7 @@ from .ia3 import (
     apply_ia3,
     ia3_peft_names,
     load_ia3_adapter,
+    merge_and_unload_ia3,
     merge_ia3,
     save_ia3_adapter,
     unmerge_ia3,
@@ -29,6 +52,17 @@ from .lora import (
     trainable_parameter_count,
     unmerge_lora,
 )
+from .merge import MergeConfig, MergeError, combine_lora_adapters, merge_checkpoints, merge_state_dicts
+from .prompts import (
+    PrefixTuningConfig,
+    PromptLearningError,
+    PromptTuningConfig,
+    PTuningConfig,
+    apply_prompt_learning,
+    load_prompt_adapter,
+    save_prompt_adapter,
+)
+from .run import METHODS, FinetuneConfig, FinetuneError, FinetuneResult, finetune
 from .sft import (
     IGNORE_INDEX,
     SFT_FORMATS,
@@ -45,16 +79,29 @@ from .sft import (
 )
 
 __all__ = [
-    "DoraLinear",
+    "AdapterConfig",
+    "AdapterError",
+    "apply_adapter_fusion",
+    "apply_adapters",
+    "apply_bitfit",
+    "load_adapters",
+    "merge_adapters",
+    "save_adapters",
+    "set_active_adapter",
+    "adapter_kind",
+    "attach_adapter",
+    "merge_adapter_dir",
     "IA3Config",
     "IA3Error",
     "IA3Linear",
     "apply_ia3",
     "ia3_peft_names",
     "load_ia3_adapter",
+    "merge_and_unload_ia3",
     "merge_ia3",
     "save_ia3_adapter",
     "unmerge_ia3",
+    "DoraLinear",
     "LoraConfig",
     "LoraError",
     "LoraLinear",
@@ -68,6 +115,23 @@ __all__ = [
     "save_adapter",
     "trainable_parameter_count",
     "unmerge_lora",
+    "MergeConfig",
+    "MergeError",
+    "combine_lora_adapters",
+    "merge_checkpoints",
+    "merge_state_dicts",
+    "PTuningConfig",
+    "PrefixTuningConfig",
+    "PromptLearningError",
+    "PromptTuningConfig",
+    "apply_prompt_learning",
+    "load_prompt_adapter",
+    "save_prompt_adapter",
+    "METHODS",
+    "FinetuneConfig",
+    "FinetuneError",
+    "FinetuneResult",
+    "finetune",
     "IGNORE_INDEX",
     "SFT_FORMATS",
     "SFTDataError",

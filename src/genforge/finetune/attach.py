@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..model import Transformer
-from .adapters import ADAPTER_FORMAT, load_adapters
+from .adapters import ADAPTER_FORMAT, AdapterError, load_adapters
 from .ia3 import load_ia3_adapter, merge_and_unload_ia3
 from .lora import load_adapter, merge_and_unload
 from .peft_format import ADAPTER_CONFIG
@@ -17,10 +17,6 @@ from .prompts import load_prompt_adapter
 
 MERGEABLE = ("LORA", "IA3")
 RUN_AS_LOADED = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", ADAPTER_FORMAT)
-
-
-class AdapterError(ValueError):
-    """An adapter directory that cannot be merged into the model."""
 
 
 def adapter_kind(directory: str | Path) -> str:
@@ -37,7 +33,7 @@ def adapter_kind(directory: str | Path) -> str:
     return kind
 
 
-def merge_adapter(model: Transformer, directory: str | Path) -> Transformer:
+def merge_adapter_dir(model: Transformer, directory: str | Path) -> Transformer:
     """Load the adapter in `directory` onto `model` and merge it into the weights, leaving plain
     linear layers (the model `checkpoint.save_model` exports and inference packs)."""
     kind = adapter_kind(directory)
@@ -52,12 +48,12 @@ def merge_adapter(model: Transformer, directory: str | Path) -> Transformer:
 
 
 def attach_adapter(model: Transformer, directory: str | Path):
-    """`model` with the adapter in `directory`: merged where it can be (`merge_adapter`), else
+    """`model` with the adapter in `directory`: merged where it can be (`merge_adapter_dir`), else
     loaded as it runs in training (prompt methods wrap the model; bottleneck adapters wrap
     linear layers). The result decodes with `genforge.generate` as the model does."""
     kind = adapter_kind(directory)
     if kind in MERGEABLE:
-        return merge_adapter(model, directory)
+        return merge_adapter_dir(model, directory)
     if kind == ADAPTER_FORMAT:
         return load_adapters(model, directory).requires_grad_(False)
     if kind in RUN_AS_LOADED:
@@ -65,4 +61,4 @@ def attach_adapter(model: Transformer, directory: str | Path):
     raise AdapterError(f"{directory} holds a {kind} adapter; accepted: {', '.join(MERGEABLE + RUN_AS_LOADED)}")
 
 
-__all__ = ["MERGEABLE", "RUN_AS_LOADED", "AdapterError", "adapter_kind", "attach_adapter", "merge_adapter"]
+__all__ = ["MERGEABLE", "RUN_AS_LOADED", "AdapterError", "adapter_kind", "attach_adapter", "merge_adapter_dir"]

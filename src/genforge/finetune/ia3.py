@@ -22,7 +22,7 @@ from torch import nn
 
 from ..checkpoint import LinearParts, hf_linear_parts
 from ..model import Transformer
-from ..swap import name_matches, swap_linears
+from ..swap import name_matches, plain_linear, swap_linears
 from .lora import LoraLinear, _leaf_names, _saved_targets, _targeted
 from .peft_format import (
     ADAPTER_CONFIG,
@@ -298,12 +298,8 @@ def merge_ia3(model: nn.Module) -> nn.Module:
 def merge_and_unload_ia3(model: nn.Module) -> nn.Module:
     """Fold every vector into its base weight and put plain `nn.Linear` layers back: the model
     is then the adapted base model, which `checkpoint.save_model` exports and inference packs."""
-    for name, layer in _ia3_layers(model).items():
-        layer.merge()
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        plain.weight, plain.bias = layer.weight, layer.bias
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, plain)
+    merge_ia3(model)
+    swap_linears(model, plain_linear, kinds=(IA3Linear,))
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     del model.ia3_config, model.ia3_layouts

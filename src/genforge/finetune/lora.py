@@ -42,7 +42,7 @@ from torch import nn
 from ..checkpoint import LinearParts, hf_linear_parts
 from ..model import Transformer
 from ..quantize.nf4 import NF4Linear, nf4_linear
-from ..swap import name_matches, swap_linears
+from ..swap import name_matches, plain_linear, swap_linears
 from .peft_format import (
     ADAPTER_CONFIG,
     PEFT_PREFIX,
@@ -545,12 +545,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     `checkpoint.save_model` exports. Refused (LoraError, nothing changed) when a base layer is NF4."""
     layers = _lora_layers(model)
     _refuse_nf4_merge(layers)
-    for name, layer in layers.items():
+    for layer in layers.values():
         layer.merge()
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        plain.weight, plain.bias = layer.weight, layer.bias
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attribute, plain)
+    swap_linears(model, plain_linear, kinds=(LoraLinear,))
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     del model.lora_config, model.lora_layouts
