@@ -37,13 +37,18 @@ def load_for_inference(
     directory: str | Path,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    pack: bool = True,
 ) -> LoadedModel:
     """Load a Hugging Face model directory (config.json, *.safetensors, tokenizer.json and an
     optional generation_config.json) for decoding. The small files are read first, so that a
-    broken one fails before the weights are loaded."""
+    broken one fails before the weights are loaded. `pack=False` leaves the packing
+    (`inference.pack_for_cpu_inference`) to the caller, who has something to do before it."""
     generation_config = read_generation_config(directory)
     tokenizer = Tokenizer.from_dir(directory)
-    model = load_packed_model(directory, dtype=dtype, device=device)
+    if pack:
+        model = load_packed_model(directory, dtype=dtype, device=device)
+    else:
+        model = load_model(directory, dtype=dtype, device=device)
     eos = end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id"))
     return LoadedModel(model, tokenizer, tuple(sorted(eos)), generation_config)
 
