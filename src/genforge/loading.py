@@ -38,14 +38,18 @@ def load_for_inference(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
     adapter: str | Path | None = None,
+    pack: bool = True,
 ) -> LoadedModel:
     """Load a Hugging Face model directory (config.json, *.safetensors, tokenizer.json and an
-    optional generation_config.json) for decoding, with a fine-tuned `adapter` directory merged
-    in (see `load_packed_model`). The small files are read first, so that a broken one fails
-    before the weights are loaded."""
+    optional generation_config.json) for decoding, with a fine-tuned `adapter` directory put on
+    it (see `load_packed_model`). The small files are read first, so that a broken one fails
+    before the weights are loaded. `pack=False` leaves the packing
+    (`inference.pack_for_cpu_inference`) to the caller, who has something to do before it."""
     generation_config = read_generation_config(directory)
     tokenizer = Tokenizer.from_dir(directory)
-    model = load_packed_model(directory, dtype=dtype, device=device, adapter=adapter)
+    model = _load_adapted(directory, dtype, device, adapter)
+    if pack:
+        model = pack_for_cpu_inference(model)
     eos = end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id"))
     return LoadedModel(model, tokenizer, tuple(sorted(eos)), generation_config)
 
@@ -60,9 +64,13 @@ def load_packed_model(
     (`finetune.attach.attach_adapter`: LoRA, DoRA, IA3 merged into the weights), packed by `inference.pack_for_cpu_inference` (which leaves
     a model unchanged where packing does not apply: off the CPU, in half precision). Enough for
     a second model of a strategy, such as a speculative draft."""
+    return pack_for_cpu_inference(_load_adapted(directory, dtype, device, adapter))
+
+
+def _load_adapted(directory, dtype, device, adapter) -> Transformer:
     if adapter is None:
-        return pack_for_cpu_inference(load_model(directory, dtype=dtype, device=device))
+        return load_model(directory, dtype=dtype, device=device)
     from .finetune.attach import adapter_kind, attach_adapter
 
     adapter_kind(adapter)  # a bad adapter directory fails before the weights are read
-    return pack_for_cpu_inference(attach_adapter(load_model(directory, dtype=dtype, device=device), adapter))
+    return attach_adapter(load_model(directory, dtype=dtype, device=device), adapter)

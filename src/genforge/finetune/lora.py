@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,17 +56,25 @@ from .peft_format import (
 
 __all__ = [
     "DoraLinear",
+    "LoraAdapterFiles",
     "LoraConfig",
     "LoraError",
     "LoraLinear",
+    "LoraPart",
     "QLoraLinear",
+    "adapter_dtype",
     "apply_lora",
     "load_adapter",
+    "lora_key",
     "lora_state_dict",
     "merge_and_unload",
     "merge_lora",
     "peft_names",
+    "plan_lora_parts",
+    "read_lora_adapter",
     "save_adapter",
+    "scaled_block_b",
+    "stacked_a",
     "trainable_parameter_count",
     "unmerge_lora",
 ]
@@ -181,6 +189,34 @@ class LoraPart:
     scaling: float
 
 
+def stacked_a(parts: Sequence[LoraPart], lora_A: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(sum of r, in): every part's A, one above the other, for one product over all parts."""
+    return torch.cat([lora_A[p.key] for p in parts])
+
+
+def scaled_block_b(parts: Sequence[LoraPart], lora_B: Mapping[str, torch.Tensor], out_features: int) -> torch.Tensor:
+    """(out, sum of r): each part's B times its scale in its rows and its rank's columns, zero
+    over rows no part adapts; after `stacked_a`, one product gives every part's update."""
+    total_rank = sum(p.r for p in parts)
+    reference = lora_B[parts[0].key]
+    rows, row, column = [], 0, 0
+    for part in parts:
+        if part.start > row:  # an untargeted part: no update
+            rows.append(reference.new_zeros(part.start - row, total_rank))
+        b = lora_B[part.key] * part.scaling
+        rows.append(F.pad(b, (column, total_rank - column - part.r)))
+        row, column = part.start + part.rows, column + part.r
+    if row < out_features:
+        rows.append(reference.new_zeros(out_features - row, total_rank))
+    return torch.cat(rows)
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a LoRA over a base of `base_dtype`: PEFT keeps adapters of a half-precision
+    model in float32 (autocast_adapter_dtype)."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
 class LoraLinear(nn.Module):
     """A linear layer with LoRA updates on some or all parts of its output (see the module doc).
 
@@ -200,9 +236,7 @@ class LoraLinear(nn.Module):
         self.parts = tuple(parts)
         self.lora_dropout = dropout
         self.merged = False
-        # PEFT keeps adapters of a half-precision model in float32 (autocast_adapter_dtype).
-        base_dtype = self._base_dtype()
-        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+        dtype = adapter_dtype(self._base_dtype())
         device = self.weight.device
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -229,22 +263,10 @@ class LoraLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, lora=[{parts}]"
 
     def _stacked_a(self) -> torch.Tensor:
-        return torch.cat([self.lora_A[p.key] for p in self.parts])
+        return stacked_a(self.parts, self.lora_A)
 
     def _scaled_block_b(self) -> torch.Tensor:
-        """(out, sum of r): each part's B times its scale in its rows and its rank's columns."""
-        total_rank = sum(p.r for p in self.parts)
-        reference = self.lora_B[self.parts[0].key]
-        rows, row, column = [], 0, 0
-        for part in self.parts:
-            if part.start > row:  # an untargeted part: no update
-                rows.append(reference.new_zeros(part.start - row, total_rank))
-            b = self.lora_B[part.key] * part.scaling
-            rows.append(F.pad(b, (column, total_rank - column - part.r)))
-            row, column = part.start + part.rows, column + part.r
-        if row < self.out_features:
-            rows.append(reference.new_zeros(self.out_features - row, total_rank))
-        return torch.cat(rows)
+        return scaled_block_b(self.parts, self.lora_B, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """The update the LoRA parts add to `weight`, (out, in), in the adapter's dtype."""
@@ -435,6 +457,23 @@ def _plan(
     if any(isinstance(module, LoraLinear) for module in model.modules()) or hasattr(model, "ia3_config"):
         raise LoraError("this model already has LoRA layers; apply or load one adapter into a freshly loaded model")
     layouts = hf_linear_parts(model, _LINEAR_KINDS)
+    plan = plan_lora_parts(model, config, layouts, every_target)
+    head = model.lm_head
+    if "lm_head" in plan and head is not None and head.weight is model.embed_tokens.weight:
+        raise LoraError(
+            "lm_head shares its weight with embed_tokens (tied embeddings): a merged LoRA would change the "
+            "embeddings too; leave lm_head out of target_modules"
+        )
+    return plan, layouts
+
+
+def plan_lora_parts(
+    model: Transformer, config: LoraConfig, layouts: dict[str, LinearParts], every_target: bool = True
+) -> dict[str, list[LoraPart]]:
+    """Genforge layer name -> the LoRA parts `config` puts on it (each Hugging Face module it
+    targets, with its rank, alpha and scale), over the model's `layouts`
+    (`checkpoint.hf_linear_parts` of the model as loaded). Refuses a rank beyond a layer and
+    targets that match nothing (with `every_target`; else one match is enough)."""
     plan: dict[str, list[LoraPart]] = {}
     used: set[str] = set()
     for genforge_name, layout in layouts.items():
@@ -466,13 +505,7 @@ def _plan(
             f"target_modules {', '.join(map(repr, shown))} match no linear layer of this "
             f"{model.config.family} model; its linear layers end in {', '.join(_leaf_names(layouts))}"
         )
-    head = model.lm_head
-    if "lm_head" in plan and head is not None and head.weight is model.embed_tokens.weight:
-        raise LoraError(
-            "lm_head shares its weight with embed_tokens (tied embeddings): a merged LoRA would change the "
-            "embeddings too; leave lm_head out of target_modules"
-        )
-    return plan, layouts
+    return plan
 
 
 def _leaf_names(layouts: dict[str, LinearParts]) -> list[str]:
@@ -580,13 +613,10 @@ def peft_names(model: nn.Module) -> dict[str, str]:
     has no `.weight`: `...q_proj.lora_magnitude_vector`)."""
     names = {}
     for layer_name, layer in _lora_layers(model).items():
+        kinds = ("lora_A", "lora_B", "lora_magnitude_vector") if isinstance(layer, DoraLinear) else ("lora_A", "lora_B")
         for part in layer.parts:
-            for kind in ("lora_A", "lora_B"):
-                names[f"{layer_name}.{kind}.{part.key}"] = f"{PEFT_PREFIX}{part.hf_name}.{kind}.weight"
-            if isinstance(layer, DoraLinear):
-                names[f"{layer_name}.lora_magnitude_vector.{part.key}"] = (
-                    f"{PEFT_PREFIX}{part.hf_name}.lora_magnitude_vector"
-                )
+            for kind in kinds:
+                names[f"{layer_name}.{kind}.{part.key}"] = lora_key(part.hf_name, kind)
     return names
 
 
@@ -689,50 +719,89 @@ def _read_adapter_config(directory: Path) -> LoraConfig:
     )
 
 
-def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
-    """Put the PEFT LoRA adapter saved in `directory` (by PEFT's `save_pretrained` or
-    `save_adapter`; safetensors only) onto `model`, in place. Everything is checked against
-    the model before the model changes."""
+@dataclass
+class LoraAdapterFiles:
+    """A PEFT LoRA adapter directory read and checked against a model (`read_lora_adapter`),
+    before anything is put on the model."""
+
+    directory: Path
+    config: LoraConfig
+    plan: dict[str, list[LoraPart]]  # genforge layer name -> its LoRA parts
+    layouts: dict[str, LinearParts]
+    tensors: dict[str, torch.Tensor]  # by PEFT key
+    # PEFT also saves the base weight of a targeted layer it counts as an embedding (lm_head),
+    # which replaces the base rows on load: PEFT key -> (layer, part, stored transposed).
+    base_rows: dict[str, tuple[str, LoraPart, bool]]
+
+    def lora_tensors(self, layer_name: str, kind: str) -> dict[str, torch.Tensor]:
+        """Part key -> the stored `kind` ("lora_A" or "lora_B") of each part of this layer."""
+        return {part.key: self.tensors[lora_key(part.hf_name, kind)] for part in self.plan[layer_name]}
+
+
+def lora_key(hf_name: str, kind: str) -> str:
+    """The key PEFT saves a LoRA tensor under: `kind` is lora_A, lora_B (`.weight` added) or
+    lora_magnitude_vector (DoRA's, without `.weight`)."""
+    suffix = "" if kind == "lora_magnitude_vector" else ".weight"
+    return f"{PEFT_PREFIX}{hf_name}.{kind}{suffix}"
+
+
+def read_lora_adapter(
+    model: Transformer, directory: str | Path, layouts: dict[str, LinearParts] | None = None
+) -> LoraAdapterFiles:
+    """Read the PEFT LoRA adapter in `directory` and check it against `model`: its config, which
+    layers it targets, and every tensor's name and shape. `layouts`: the model's Hugging Face
+    parts, taken by the caller from the model as loaded (`checkpoint.hf_linear_parts`), for a
+    model whose layers are wrapped or packed since; None reads them from `model`, which must
+    then have no adapter yet. Changes nothing."""
     directory = Path(directory)
     config = _read_adapter_config(directory)
     weights = adapter_weights_path(directory, LoraError)
     try:
-        plan, layouts = _plan(model, config, every_target=False)
+        if layouts is None:
+            plan, layouts = _plan(model, config, every_target=False)
+        else:
+            plan = plan_lora_parts(model, config, layouts, every_target=False)
     except LoraError as err:
         raise LoraError(f"the adapter in {directory} does not fit this model: {err}") from None
     expected = {}
-    # PEFT also saves the base weight of a targeted layer it counts as an embedding (lm_head):
-    # it replaces the base rows on load, as PEFT's from_pretrained does.
     base_rows: dict[str, tuple[str, LoraPart, bool]] = {}
     for layer_name, parts in plan.items():
         in_features = model.get_submodule(layer_name).in_features
         for part in parts:
-            expected[f"{PEFT_PREFIX}{part.hf_name}.lora_A.weight"] = (part.r, in_features)
-            expected[f"{PEFT_PREFIX}{part.hf_name}.lora_B.weight"] = (part.rows, part.r)
+            expected[lora_key(part.hf_name, "lora_A")] = (part.r, in_features)
+            expected[lora_key(part.hf_name, "lora_B")] = (part.rows, part.r)
             if config.use_dora:
-                expected[f"{PEFT_PREFIX}{part.hf_name}.lora_magnitude_vector"] = (part.rows,)
+                expected[lora_key(part.hf_name, "lora_magnitude_vector")] = (part.rows,)
             transposed = layouts[layer_name].transposed
             base_rows[f"{PEFT_PREFIX}{part.hf_name}.base_layer.weight"] = (layer_name, part, transposed)
     stored = read_adapter_tensors(weights)
     for key in stored.keys() & base_rows.keys():
         _, part, transposed = base_rows[key]
-        in_features = expected[f"{PEFT_PREFIX}{part.hf_name}.lora_A.weight"][1]
+        in_features = expected[lora_key(part.hf_name, "lora_A")][1]
         expected[key] = (in_features, part.rows) if transposed else (part.rows, in_features)
     check_adapter_fits(directory, expected, stored, "LoRA tensors", LoraError, optional=base_rows.keys())
-    for key in stored.keys() & base_rows.keys():
-        if isinstance(model.get_submodule(base_rows[key][0]), NF4Linear):
+    check_adapter_shapes(directory, expected, stored, LoraError)
+    base_rows = {key: where for key, where in base_rows.items() if key in stored}
+    return LoraAdapterFiles(directory, config, plan, layouts, stored, base_rows)
+
+
+def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
+    """Put the PEFT LoRA adapter saved in `directory` (by PEFT's `save_pretrained` or
+    `save_adapter`; safetensors only) onto `model`, in place. Everything is checked against
+    the model before the model changes."""
+    files = read_lora_adapter(model, directory)
+    for key, (layer_name, _, _) in files.base_rows.items():
+        if isinstance(model.get_submodule(layer_name), NF4Linear):
             raise LoraError(
-                f"the adapter in {directory} replaces base weights ({key}), which an NF4 layer cannot take; "
+                f"the adapter in {files.directory} replaces base weights ({key}), which an NF4 layer cannot take; "
                 "load it onto the full-precision model"
             )
-    check_adapter_shapes(directory, expected, stored, LoraError)
-    _install(model, config, plan, layouts)
+    _install(model, files.config, files.plan, files.layouts)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, peft_name in peft_names(model).items():
-            parameters[name].copy_(stored[peft_name])
-        for key in stored.keys() & base_rows.keys():
-            layer_name, part, transposed = base_rows[key]
-            tensor = stored[key].t() if transposed else stored[key]
+            parameters[name].copy_(files.tensors[peft_name])
+        for key, (layer_name, part, transposed) in files.base_rows.items():
+            tensor = files.tensors[key].t() if transposed else files.tensors[key]
             model.get_submodule(layer_name).weight[part.start : part.start + part.rows].copy_(tensor)
     return model

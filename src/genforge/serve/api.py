@@ -6,6 +6,10 @@ Routes follow the OpenAI REST reference, so any OpenAI client works against the 
 - ``POST /v1/completions``: text (or token-id) prompts, ``n`` choices each;
 - ``POST /v1/chat/completions``: messages rendered with the model's chat template;
 - ``POST /v1/embeddings``: sentence embeddings from encoder models;
+- ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's routes): serve a PEFT
+  LoRA adapter over a generation model, or stop; requests then pick it by ``model`` as
+  ``base:adapter`` (or the adapter's own name, or a ``lora`` field), in the same batches as the
+  base's requests (`finetune.multi_lora`);
 - ``GET /health`` and ``GET /metrics`` (Prometheus).
 
 Streaming is server-sent events (one ``data: {json}`` chunk per engine step with new text,
@@ -43,14 +47,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..finetune.lora import LoraError
 from .embeddings import embeddings_response
-from .errors import OpenAIError, http_error_to_openai, internal_error, validation_to_openai
+from .errors import OpenAIError, bad, http_error_to_openai, internal_error, validation_to_openai
 from .limits import RateLimit
 from .metrics import CONTENT_TYPE_LATEST, route_label
 from .payloads import CHAT, COMPLETION
 from .preparation import chat_prompt, completion_prompts, prepare, response_format_constraints
 from .runner import run
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, openapi_with_openai_errors
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+    openapi_with_openai_errors,
+)
 from .state import ServerState
 
 __all__ = ["create_app", "app_from_directories", "OpenAIError"]
@@ -113,11 +125,13 @@ def create_app(
     app.state.metrics = state.metrics
     app.state.queue = state.queue
     app.state.engine = engine
+    # Adapters come and go at run time: a fixed list of model names would refuse them.
+    fixed = [] if any(state.serves_adapters(m) for m in state.generation_models) else state.generation_models
     app.openapi = openapi_with_openai_errors(
         app,
         {
-            "CompletionRequest": state.generation_models,
-            "ChatCompletionRequest": state.generation_models,
+            "CompletionRequest": fixed,
+            "ChatCompletionRequest": fixed,
             "EmbeddingRequest": list(state.embedding_models),
         },
     )
@@ -176,15 +190,15 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, _: str = Depends(admit)):
-        model = state.generation_model(body.model)
+        model, adapter = state.generation_target(body.model, body.lora)
         prompts, texts = completion_prompts(body, state.tokenizers[model])
         prepared = prepare(model, body, prompts, texts, body.logprobs, None, "prompt", state.limits(model))
-        prepared.echo, prepared.score_only = body.echo, body.max_tokens == 0
+        prepared.echo, prepared.score_only, prepared.adapter = body.echo, body.max_tokens == 0, adapter
         return await run(state, COMPLETION, prepared, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, _: str = Depends(admit)):
-        model = state.generation_model(body.model)
+        model, adapter = state.generation_target(body.model, body.lora)
         tokenizer = state.tokenizers[model]
         prompt, text = chat_prompt(body, tokenizer, model)
         constraints = None
@@ -192,7 +206,33 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             constraints = await response_format_constraints(body.response_format, tokenizer, state.eos[model], body.n)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prepared = prepare(model, body, [prompt], [text], logprobs, constraints, "messages", state.limits(model))
+        prepared.adapter = adapter
         return await run(state, CHAT, prepared, request)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraAdapterRequest, _: str = Depends(admit)):
+        model, name = state.adapter_target(body.lora_name, body.model)
+        if name in state.adapters(model) and not body.load_inplace:
+            raise bad(
+                f"an adapter named {name!r} is already loaded over {model!r}; unload it first, or send "
+                '"load_inplace": true to replace it',
+                "lora_name",
+            )
+        try:
+            await state.engine.load_adapter(model, name, body.lora_path, replace=body.load_inplace)
+        except LoraError as err:  # the directory is not a LoRA adapter for this model: the message says why
+            raise bad(str(err), "lora_path") from None
+        state.metrics.http_requests.labels("/v1/load_lora_adapter", "200").inc()
+        return {"object": "lora_adapter", "id": f"{model}:{name}", "lora_name": name, "model": model}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest, _: str = Depends(admit)):
+        model, name = state.adapter_target(body.lora_name, body.model)
+        if name not in state.adapters(model):
+            raise state.not_found(f"{model}:{name}", f" ({model!r} serves no adapter {name!r})")
+        await state.engine.unload_adapter(model, name)
+        state.metrics.http_requests.labels("/v1/unload_lora_adapter", "200").inc()
+        return {"object": "lora_adapter", "id": f"{model}:{name}", "lora_name": name, "model": model, "deleted": True}
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, _: str = Depends(admit)):
@@ -205,6 +245,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 def app_from_directories(
     models: Mapping[str, Any],
     *,
+    loras: Mapping[str, Mapping[str, Any]] | None = None,
     embedding_models: Mapping[str, Any] | None = None,
     dtype: str | None = None,
     device: str = "cpu",
@@ -214,21 +255,41 @@ def app_from_directories(
     """Load each model directory (``name -> dir``) into an ``Engine``, each embedding model
     into a ``SentenceEncoder``, and build the app over them (``app_options`` go to
     :func:`create_app`). End-of-sequence ids include generation_config.json's, as
-    ``genforge generate`` does (Llama 3 instruct ends turns with an id only it lists)."""
+    ``genforge generate`` does (Llama 3 instruct ends turns with an id only it lists).
+    Every generation model can serve LoRA adapters (a `MultiLora`, built before the model is
+    packed for the CPU); ``loras`` (model name -> {adapter name -> PEFT adapter dir}) are
+    loaded at start-up, each checked against its model before the server starts."""
     from ..encoder import SentenceEncoder
+    from ..finetune.multi_lora import MultiLora
+    from ..inference import pack_for_cpu_inference
     from ..loading import load_for_inference
     from .engine import AsyncEngine, Engine
 
     if not models:
         raise ValueError("serve at least one generation model")
+    unknown = sorted(set(loras or {}) - set(models))
+    if unknown:
+        raise ValueError(
+            f"LoRA adapters given for {', '.join(unknown)}, which is not served; served: {', '.join(models)}"
+        )
     for name, directory in {**models, **(embedding_models or {})}.items():
         if not (Path(directory) / "config.json").is_file():
             raise ValueError(f"model {name!r}: {directory} is not a model directory (no config.json)")
     engines, tokenizers = {}, {}
     for name, directory in models.items():
-        loaded = load_for_inference(directory, dtype=dtype, device=device)
+        loaded = load_for_inference(directory, dtype=dtype, device=device, pack=False)
+        adapters = MultiLora(loaded.model)  # reads the layer layout, which packing hides
+        pack_for_cpu_inference(loaded.model)
+        for adapter, adapter_directory in (loras or {}).get(name, {}).items():
+            if adapter in models:
+                raise ValueError(f"the LoRA adapter {adapter!r} has the name of a served model; name it apart")
+            adapters.load(adapter, adapter_directory)
         engines[name] = Engine(
-            loaded.model, loaded.tokenizer, eos_token_ids=loaded.eos_token_ids, **dict(engine_options or {})
+            loaded.model,
+            loaded.tokenizer,
+            eos_token_ids=loaded.eos_token_ids,
+            adapters=adapters,
+            **dict(engine_options or {}),
         )
         tokenizers[name] = loaded.tokenizer
     encoders = {name: SentenceEncoder(directory, device=device) for name, directory in (embedding_models or {}).items()}

@@ -16,7 +16,7 @@ only when no never-used block is left.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 
@@ -24,8 +24,11 @@ class OutOfBlocks(RuntimeError):
     """No free block is left; the scheduler should preempt a sequence or wait."""
 
 
-def block_hash(parent: int | None, tokens: Sequence[int]) -> int:
-    """Hash of a full block: its tokens and, through `parent`, every token before them."""
+def block_hash(parent: Hashable, tokens: Sequence[int]) -> int:
+    """Hash of a full block: its tokens and, through `parent`, every token before them. The
+    first block's parent is its sequence's hash root: None, or what else its keys and values
+    depend on (the LoRA adapter it runs with), so that sequences of different roots never
+    share a block."""
     return hash((parent, tuple(tokens)))
 
 
@@ -94,12 +97,14 @@ class BlockManager:
                     self._never_used.append(block)
 
     # -------------------------------------------------------------------- prefix cache
-    def cached_prefix(self, token_ids: Sequence[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    def cached_prefix(
+        self, token_ids: Sequence[int], max_tokens: int, root: Hashable = None
+    ) -> tuple[list[int], list[int]]:
         """Take a reference to each cached block that starts `token_ids`, in order.
 
         Only whole blocks within the first `max_tokens` tokens are considered; the lookup
         stops at the first miss, since a later block's hash depends on every earlier one.
-        Returns the blocks and their hash chain.
+        `root`: the sequence's hash root (`block_hash`). Returns the blocks and their hash chain.
         """
         blocks: list[int] = []
         hashes: list[int] = []
@@ -107,7 +112,7 @@ class BlockManager:
             return blocks, hashes
         size = self.block_size
         for start in range(0, max_tokens - size + 1, size):
-            digest = block_hash(hashes[-1] if hashes else None, token_ids[start : start + size])
+            digest = block_hash(hashes[-1] if hashes else root, token_ids[start : start + size])
             self.counters.queries += 1
             block = self._block_of.get(digest)
             if block is None:
@@ -121,10 +126,15 @@ class BlockManager:
         return blocks, hashes
 
     def cache_full_blocks(
-        self, token_ids: Sequence[int], block_table: Sequence[int], num_computed: int, hashes: list[int]
+        self,
+        token_ids: Sequence[int],
+        block_table: Sequence[int],
+        num_computed: int,
+        hashes: list[int],
+        root: Hashable = None,
     ) -> None:
         """Publish a sequence's computed full blocks; `hashes` (its hash chain so far, one
-        per block already published) is extended in place.
+        per block already published) is extended in place; `root` is its hash root.
 
         A block whose content another block already holds stays private: both are correct,
         and the first keeps the entry.
@@ -133,7 +143,7 @@ class BlockManager:
             return
         size = self.block_size
         for i in range(len(hashes), min(num_computed // size, len(block_table))):
-            digest = block_hash(hashes[-1] if hashes else None, token_ids[i * size : (i + 1) * size])
+            digest = block_hash(hashes[-1] if hashes else root, token_ids[i * size : (i + 1) * size])
             hashes.append(digest)
             block = block_table[i]
             if digest not in self._block_of and block not in self._hash_of:

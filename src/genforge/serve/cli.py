@@ -29,6 +29,31 @@ def _named_dirs(values: list[str], flag: str) -> dict[str, str]:
     return named
 
 
+def _lora_dirs(values: list[str], models: list[str]) -> dict[str, dict[str, str]]:
+    """`--lora [MODEL:]NAME=DIR` values -> {model: {adapter name: dir}}; MODEL may be left out
+    when one model is served."""
+    loras: dict[str, dict[str, str]] = {}
+    for value in values:
+        target, sep, directory = value.partition("=")
+        model, colon, name = target.rpartition(":")
+        if not sep or not name or not directory:
+            raise ValueError(f"--lora takes NAME=DIR or MODEL:NAME=DIR (a PEFT adapter directory), got {value!r}")
+        if not colon:
+            if len(models) > 1:
+                raise ValueError(
+                    f"--lora {value}: several models are served ({', '.join(models)}); give MODEL:NAME=DIR"
+                )
+            model = models[0]
+        if model not in models:
+            raise ValueError(f"--lora {value}: no served model is named {model!r}; served: {', '.join(models)}")
+        if name in loras.get(model, {}):
+            raise ValueError(f"--lora: the adapter name {name!r} is given twice for {model!r}")
+        if not (Path(directory) / "adapter_config.json").is_file():
+            raise ValueError(f"--lora {value}: {directory} is not a PEFT adapter directory (no adapter_config.json)")
+        loras.setdefault(model, {})[name] = directory
+    return loras
+
+
 def _api_keys(args) -> list[str]:
     keys = list(args.api_key)
     keys += [k.strip() for k in os.environ.get("GENFORGE_API_KEYS", "").split(",") if k.strip()]
@@ -56,6 +81,7 @@ def cmd_serve(args) -> int:
     from .limits import parse_rate_limit
 
     models = _named_dirs(args.model, "--model")
+    loras = _lora_dirs(args.lora, list(models))
     embedders = _named_dirs(args.embedding_model, "--embedding-model")
     rate_limit = parse_rate_limit(args.rate_limit, args.rate_limit_burst) if args.rate_limit else None
     for flag, value in (
@@ -87,6 +113,7 @@ def cmd_serve(args) -> int:
     with console.status(f"loading {', '.join(models)}"):
         app = app_from_directories(
             models,
+            loras=loras,
             embedding_models=embedders,
             dtype=args.dtype,
             device=args.device,
@@ -102,8 +129,9 @@ def cmd_serve(args) -> int:
             f"[yellow]warning: listening on {args.host} without API keys: anyone who can reach the port "
             "can use the models (--api-key or GENFORGE_API_KEYS)[/yellow]"
         )
+    adapters = [f"{model}:{name}" for model, named in loras.items() for name in named]
     console.print(
-        f"serving {', '.join([*models, *embedders])} on http://{args.host}:{args.port}/v1 "
+        f"serving {', '.join([*models, *adapters, *embedders])} on http://{args.host}:{args.port}/v1 "
         f"({'API keys required' if keys else 'no API key needed'}); Ctrl-C or SIGTERM drains and stops"
     )
     uvicorn.run(
@@ -167,6 +195,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         required=True,
         metavar="[NAME=]DIR",
         help="a causal model directory to serve (repeatable); clients pick it by NAME, default the directory's name",
+    )
+    models.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="[MODEL:]NAME=DIR",
+        help="a PEFT LoRA adapter directory to serve over MODEL (repeatable; MODEL may be left out with one "
+        "--model); requests pick it with model='MODEL:NAME' (or NAME, or a 'lora' field), in the same batches "
+        "as the base. More load at run time: POST /v1/load_lora_adapter",
     )
     models.add_argument(
         "--embedding-model",

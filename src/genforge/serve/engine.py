@@ -14,6 +14,13 @@ rows only as far as its longest. When the batch would not fit the resident memor
 blocks are gathered, and decodes of very different lengths run as separate forward passes.
 A batch's logits processors are built when its rows change, not at every step.
 
+With `adapters` (a `finetune.multi_lora.MultiLora` over the model) each request may name a
+LoRA adapter: requests on different adapters and on the bare base share the batch, the engine
+telling the adapted layers each row's adapter around every forward pass (`MultiLora.rows`).
+Prefix caching keeps adapters apart: a sequence's block hashes start from its adapter's id,
+since its keys and values depend on the adapter. Adapters load and unload between steps; one
+unloaded while requests use it stops taking new requests at once and is freed when they end.
+
 `AsyncEngine` drives one `Engine` per served model from a background thread and hands the
 outputs to asyncio consumers, which is what the HTTP server needs.
 """
@@ -27,10 +34,13 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from ..finetune.lora import LoraError
+from ..finetune.multi_lora import MultiLora, ReadAdapter, UnknownAdapterError
 from ..generate.generator import stop_watcher
 from ..generate.processors import (
     DecodeContext,
@@ -71,6 +81,7 @@ class Request:
     # lm-evaluation-harness uses to score continuations). Such a request computes its whole
     # prompt: cached prefix blocks have no logits to give.
     prompt_logprobs: int | None = None
+    adapter: str | None = None  # the LoRA adapter to run with (a name the engine's adapters serve); None: the base
 
 
 @dataclass
@@ -133,6 +144,7 @@ class RequestState:
     # Its own processor list when the request brings extra processors (constraints), built once:
     # it depends only on the request, and reads the tokens so far from the step's context.
     processors: list[LogitsProcessor] | None = None
+    adapter_id: int | None = None  # its LoRA adapter's id in the engine's MultiLora
 
 
 # A scheduler sequence as the engine runs it: tokens, blocks, and the request's state.
@@ -164,10 +176,17 @@ class Engine:
         max_model_len: int | None = None,
         kv_cache_memory: int = 2 << 30,
         resident_kv_memory: int | None = None,
+        adapters: MultiLora | None = None,
     ) -> None:
         config = model.config
         if not config.causal:
             raise ValueError("the engine serves causal language models; encoders are served by /v1/embeddings")
+        if adapters is not None and adapters.model is not model:
+            raise ValueError("adapters must be a MultiLora built over this engine's model")
+        # LoRA adapters served over the model (None: the base alone); ids of unloaded adapters
+        # that running requests still use, freed when those end.
+        self.adapters = adapters
+        self._retiring: set[int] = set()
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.eos_token_ids = frozenset(end_of_sequence_ids(config, tokenizer, override=eos_token_ids))
@@ -234,7 +253,16 @@ class Engine:
             ) from None
         if request.request_id in self._sequences:
             raise DecodeRequestError(f"request id {request.request_id!r} is already running")
+        self._adapter_id(request.adapter)
         return resolved
+
+    def _adapter_id(self, name: str | None) -> int | None:
+        """The id of the adapter a request names; UnknownAdapterError if it is not served."""
+        if name is None:
+            return None
+        if self.adapters is None:
+            raise UnknownAdapterError(name, ())
+        return self.adapters.id_of(name)
 
     def add_request(self, request: Request) -> None:
         resolved = self.check_request(request)
@@ -244,6 +272,7 @@ class Engine:
             decode=resolved,
             watcher=stop_watcher(self.tokenizer, params, request.prompt_token_ids),
             generator=None if params.greedy else make_generator(params.seed, self.model.device),
+            adapter_id=self._adapter_id(request.adapter),
         )
         # The batched pipeline's own test: no processor for this row's settings (the vocabulary
         # limit aside, which `_choose` applies to these rows by slicing).
@@ -263,6 +292,7 @@ class Engine:
             len(request.prompt_token_ids),
             self._arrivals,
             reuse_cached_prefix=request.prompt_logprobs is None,
+            hash_root=None if state.adapter_id is None else ("lora", state.adapter_id),
             state=state,
         )
         self._sequences[request.request_id] = seq
@@ -275,6 +305,7 @@ class Engine:
         if seq is None:
             return None
         self.scheduler.remove(seq)
+        self._drop_retired_adapters()
         return self._output(seq, [], "", None, "abort")
 
     def abort_all(self) -> list[RequestOutput]:
@@ -326,9 +357,49 @@ class Engine:
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed += chunk.num_tokens
-            self.blocks.cache_full_blocks(seq.token_ids, seq.block_table, seq.num_computed, seq.block_hashes)
+            self.blocks.cache_full_blocks(
+                seq.token_ids, seq.block_table, seq.num_computed, seq.block_hashes, seq.hash_root
+            )
         completing = [(c.seq, logits) for c, logits in last_logits if c.seq.num_computed == len(c.seq.token_ids)]
-        return self._sample(completing) if completing else []
+        outputs = self._sample(completing) if completing else []
+        self._drop_retired_adapters()
+        return outputs
+
+    # -------------------------------------------------------------------- adapters
+    def served_adapters(self) -> MultiLora:
+        if self.adapters is None:
+            raise LoraError(
+                "this engine serves no LoRA adapters; build it with adapters=MultiLora(model) (on the model as "
+                "loaded, before packing)"
+            )
+        return self.adapters
+
+    def load_adapter(self, name: str, directory, replace: bool = False) -> int:
+        """Read the PEFT LoRA adapter in `directory` and serve it as `name`; returns its id."""
+        return self.add_adapter(self.served_adapters().read(name, directory), replace)
+
+    def add_adapter(self, adapter: ReadAdapter, replace: bool = False) -> int:
+        """Serve an adapter already read (`MultiLora.read`, which may run on another thread).
+        `replace`: an adapter of that name is unloaded (`unload_adapter`) for the new one."""
+        adapters = self.served_adapters()
+        if adapter.name in adapters.names:
+            if not replace:
+                raise LoraError(f"an adapter named {adapter.name!r} is already loaded; unload it first, or replace it")
+            self.unload_adapter(adapter.name)
+        return adapters.add(adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop taking requests for adapter `name`; its tensors go once no request uses it."""
+        self._retiring.add(self.served_adapters().retire(name))
+        self._drop_retired_adapters()
+
+    def _drop_retired_adapters(self) -> None:
+        if not self._retiring:
+            return
+        in_use = {seq.state.adapter_id for seq in self._sequences.values()}
+        for adapter_id in self._retiring - in_use:
+            self.adapters.drop(adapter_id)
+            self._retiring.discard(adapter_id)
 
     def _on_release(self, seq: EngineSequence) -> None:
         if self.resident is not None:
@@ -404,14 +475,28 @@ class Engine:
             for row, tokens in zip(view.member_rows, new_ids):
                 rows[row] = tokens
             ids = torch.tensor(rows, dtype=torch.long, device=self.model.device)
-        out = self.model(
-            ids,
-            attention_mask=view.attention_mask,
-            position_ids=view.position_ids,
-            cache=view,
-            logits_to_keep=0 if keep_all else 1,
-        )
+        with self._adapter_rows(seqs, view.member_rows if resident else None, len(ids)):
+            out = self.model(
+                ids,
+                attention_mask=view.attention_mask,
+                position_ids=view.position_ids,
+                cache=view,
+                logits_to_keep=0 if keep_all else 1,
+            )
         return view.select_members(out.logits) if resident else out.logits
+
+    def _adapter_rows(self, seqs: list[EngineSequence], member_rows, batch_size: int):
+        """The context that tells the adapted layers each row's adapter (`MultiLora.rows`);
+        rows of resident slots between the pass's sequences run on the base."""
+        ids = [s.state.adapter_id for s in seqs]
+        if all(adapter_id is None for adapter_id in ids):
+            return nullcontext()
+        if member_rows is not None:
+            by_row: list[int | None] = [None] * batch_size
+            for row, adapter_id in zip(member_rows, ids):
+                by_row[row] = adapter_id
+            ids = by_row
+        return self.adapters.rows(ids)
 
     def _record_prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
         """Score the prompt tokens this chunk's logits predict (those after its positions)."""
@@ -646,6 +731,14 @@ class _EngineLoop:
                 except Exception as err:  # refused (ValueError), or a fault: the consumer answers
                     self._fail(payload.request_id, err)
                 self.stats = engine.stats()
+            elif kind == "call":  # a change of the engine (adapters) asked from another thread
+                function, loop, future = payload
+                try:
+                    result, error = function(), None
+                except Exception as err:
+                    result, error = None, err
+                self.stats = engine.stats()
+                _settle(loop, future, result, error)
             elif kind == "abort":
                 output = engine.abort(payload)
                 self.stats = engine.stats()
@@ -665,6 +758,23 @@ def _send(consumer: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item: objec
     try:
         loop.call_soon_threadsafe(outputs.put_nowait, item)
     except RuntimeError:  # the consumer's event loop is closed
+        pass
+
+
+def _settle(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: object, error: BaseException | None):
+    """Hand a call's result (or error) to the future awaiting it, unless its caller has gone."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's event loop is closed
         pass
 
 
@@ -723,6 +833,38 @@ class AsyncEngine:
 
     def abort(self, model: str, request_id: str) -> None:
         self._lookup(model).submit(("abort", request_id))
+
+    # -------------------------------------------------------------------- adapters
+    def serves_adapters(self, model: str) -> bool:
+        """Whether `model`'s engine can serve LoRA adapters (it has a MultiLora)."""
+        return self._lookup(model).engine.adapters is not None
+
+    def adapters(self, model: str) -> tuple[str, ...]:
+        """The LoRA adapters `model`'s engine serves now (a snapshot its thread replaces)."""
+        adapters = self._lookup(model).engine.adapters
+        return adapters.names if adapters is not None else ()
+
+    async def load_adapter(self, model: str, name: str, directory, replace: bool = False) -> int:
+        """Read a PEFT LoRA adapter directory off the event loop and the engine's thread, then
+        serve it over `model` between two steps; returns its id. LoraError if it does not fit."""
+        runner = self._lookup(model)
+        engine = runner.engine
+        adapter = await asyncio.to_thread(engine.served_adapters().read, name, directory)
+        return await self._call(runner, lambda: engine.add_adapter(adapter, replace))
+
+    async def unload_adapter(self, model: str, name: str) -> None:
+        """Stop serving adapter `name` over `model` (requests using it finish first)."""
+        runner = self._lookup(model)
+        await self._call(runner, lambda: runner.engine.unload_adapter(name))
+
+    async def _call(self, runner: _EngineLoop, function):
+        """Run `function` on the engine's own thread, between steps, and return its result."""
+        if not self._accepting:
+            raise EngineShutdown("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        runner.submit(("call", (function, loop, future)))
+        return await future
 
     def stats(self, model: str) -> EngineStats:
         """The engine's stats as of its latest step or command."""

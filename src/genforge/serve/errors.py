@@ -4,7 +4,8 @@ Every error the server answers is an :class:`OpenAIError`: ``{"error": {"message
 "param", "code"}}`` with its HTTP status. This module turns the other kinds into it: FastAPI's
 validation errors (its 422 becomes a 400 naming the field, or saying what is wrong with the
 body as a whole), Starlette's routing errors (404, 405), and what the engine raises while a
-request runs (told apart by type: `EngineShutdown`, `ContextLengthError`, `DecodeRequestError`).
+request runs (told apart by type: `EngineShutdown`, `UnknownAdapterError`, `ContextLengthError`,
+`DecodeRequestError`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..finetune.multi_lora import UnknownAdapterError
 from ..generate.request import ContextLengthError, DecodeRequestError
 from .engine import EngineShutdown
 from .schemas import CONTENT_MISSING
@@ -148,6 +150,8 @@ def engine_error(err: BaseException, timeout: float | None) -> BaseException:
         )
     if isinstance(err, EngineShutdown):
         return OpenAIError(503, "the server is shutting down; retry on another replica", "server_error")
+    if isinstance(err, UnknownAdapterError):  # unloaded between the route's check and the engine's
+        return OpenAIError(404, str(err), "not_found_error", "model", "model_not_found")
     if isinstance(err, ContextLengthError):
         return bad(str(err), code="context_length_exceeded")
     if isinstance(err, DecodeRequestError):  # the engine's checks of the request: meant for the user

@@ -46,6 +46,7 @@ class Prepared:
     include_usage: bool
     echo: bool = False  # the response text (and logprobs) starts with the prompt's
     score_only: bool = False  # max_tokens 0 with echo: the one token generated is dropped
+    adapter: str | None = None  # the LoRA adapter over `model` to run with; None: the base
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,7 @@ class RequestRun:
                 processors=prepared.processors[k],
                 ignore_eos=prepared.ignore_eos,
                 prompt_logprobs=prepared.logprobs if prepared.echo else None,
+                adapter=prepared.adapter,
             )
             for k in range(sequences)
         ]

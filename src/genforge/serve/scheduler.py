@@ -15,7 +15,7 @@ preemption; with prefix caching most of it is found again).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -38,6 +38,9 @@ class Sequence(Generic[State]):
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at (first) admission
     reuse_cached_prefix: bool = True  # False when every prompt position's logits are wanted
+    # What its keys and values depend on besides its tokens (a LoRA adapter): blocks are shared
+    # only between sequences of one root (blocks.block_hash).
+    hash_root: Hashable = None
     state: State = field(kw_only=True)
 
     @property
@@ -128,7 +131,7 @@ class Scheduler(Generic[State]):
 
     def _take_cached_prefix(self, seq: Sequence[State]) -> None:
         # At least the last token is computed again: its logits give the next token.
-        blocks, hashes = self.blocks.cached_prefix(seq.token_ids, len(seq.token_ids) - 1)
+        blocks, hashes = self.blocks.cached_prefix(seq.token_ids, len(seq.token_ids) - 1, seq.hash_root)
         seq.block_table, seq.block_hashes = blocks, hashes
         seq.num_computed = len(blocks) * self.blocks.block_size
         if seq.num_cached_prompt == 0:

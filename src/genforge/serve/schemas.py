@@ -21,8 +21,10 @@ __all__ = [
     "ContentPart",
     "EmbeddingRequest",
     "JsonSchemaFormat",
+    "LoadLoraAdapterRequest",
     "ResponseFormat",
     "StreamOptions",
+    "UnloadLoraAdapterRequest",
     "openapi_with_openai_errors",
     "CONTENT_MISSING",
     "MAX_N",
@@ -75,6 +77,8 @@ class _SamplingFields(_Schema):
     min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     ignore_eos: StrictBool = False
     stop_token_ids: list[TokenId] | None = None
+    # The LoRA adapter to run with, as `model: "base:adapter"` names it too.
+    lora: NonEmptyStr | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -160,6 +164,22 @@ class EmbeddingRequest(_Schema):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[StrictInt, Field(ge=1)] | None = None
     user: StrictStr | None = None
+
+
+class LoadLoraAdapterRequest(_Schema):
+    """vLLM's `/v1/load_lora_adapter` body; `model` names the base when several are served
+    (or give `lora_name` as `base:name`)."""
+
+    lora_name: NonEmptyStr
+    lora_path: NonEmptyStr
+    model: NonEmptyStr | None = None
+    load_inplace: StrictBool = False  # replace an adapter already loaded under the name
+
+
+class UnloadLoraAdapterRequest(_Schema):
+    lora_name: NonEmptyStr
+    model: NonEmptyStr | None = None
+    lora_int_id: StrictInt | None = None  # vLLM's; accepted and unused: adapters go by name
 
 
 def openapi_with_openai_errors(app: FastAPI, served: Mapping[str, Sequence[str]]) -> Callable[[], dict]:

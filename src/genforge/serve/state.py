@@ -2,7 +2,9 @@
 
 `create_app` builds one :class:`ServerState` and its routes read it; nothing else is shared
 between requests. Admission (API key, then the key's rate limit) and model lookup live here,
-so that every route refuses the same way.
+so that every route refuses the same way. A generation model may serve LoRA adapters (when its
+engine has a `MultiLora`): a request picks one by `model` as `base:adapter`, by the adapter's
+own name, or by the `lora` field, and `/v1/models` lists each as `base:adapter`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from fastapi import Request
 
 from .embeddings import Embedder
-from .errors import OpenAIError
+from .errors import OpenAIError, bad
 from .limits import AdmissionQueue, KeyChecker, RateLimit, TokenBucketLimiter
 from .metrics import ServerMetrics
 from .preparation import ModelLimits
@@ -88,7 +90,21 @@ class ServerState:
 
     @property
     def all_models(self) -> list[str]:
-        return self.generation_models + list(self.embedding_models)
+        """Every model id a client may name: each generation model followed by its adapters
+        (`base:adapter`), then the embedding models."""
+        listed = []
+        for model in self.generation_models:
+            listed += [model, *(f"{model}:{adapter}" for adapter in self.adapters(model))]
+        return listed + list(self.embedding_models)
+
+    def adapters(self, model: str) -> tuple[str, ...]:
+        """The LoRA adapters served over generation model `model` now."""
+        listing = getattr(self.engine, "adapters", None)
+        return tuple(listing(model)) if callable(listing) else ()
+
+    def serves_adapters(self, model: str) -> bool:
+        check = getattr(self.engine, "serves_adapters", None)
+        return bool(check(model)) if callable(check) else False
 
     def limits(self, model: str) -> ModelLimits:
         return ModelLimits(context=self.context[model], vocabulary=len(self.tokenizers[model]))
@@ -123,16 +139,67 @@ class ServerState:
         return who
 
     def generation_model(self, name: str) -> str:
+        return self.generation_target(name)[0]
+
+    def generation_target(self, name: str, lora: str | None = None) -> tuple[str, str | None]:
+        """The generation model and LoRA adapter (None: the base) that a request's `model`
+        (a model, `model:adapter`, or an adapter's own name) and `lora` fields pick."""
         if name in self.context:
-            return name
-        hint = " (it is an embedding model: use /v1/embeddings)" if name in self.embedding_models else ""
-        raise OpenAIError(
+            model, adapter = name, None
+        else:
+            base, separator, own_name = name.rpartition(":")
+            if separator and base in self.context:
+                model, adapter = base, own_name
+            else:
+                owners = [m for m in self.generation_models if name in self.adapters(m)]
+                if len(owners) > 1:
+                    choices = ", ".join(f"{m}:{name}" for m in owners)
+                    raise bad(f"the adapter {name!r} is served over several models; name one of {choices}", "model")
+                if not owners:
+                    raise self.not_found(name)
+                model, adapter = owners[0], name
+        if lora is not None:
+            if adapter is not None and adapter != lora:
+                raise bad(f"model {name!r} names the adapter {adapter!r} but lora names {lora!r}; give one", "lora")
+            adapter = lora
+        if adapter is not None and adapter not in self.adapters(model):
+            raise self.not_found(f"{model}:{adapter}", f" ({model!r} serves no adapter {adapter!r})")
+        return model, adapter
+
+    def not_found(self, name: str, why: str = "") -> OpenAIError:
+        """The 404 for a model (or `model:adapter`) not served, listing those that are."""
+        if not why and name in self.embedding_models:
+            why = " (it is an embedding model: use /v1/embeddings)"
+        served = [m for m in self.all_models if m not in self.embedding_models]
+        return OpenAIError(
             404,
-            f"the model {name!r} does not exist{hint}; served: {', '.join(self.generation_models)}",
+            f"the model {name!r} does not exist{why}; served: {', '.join(served)}",
             "not_found_error",
             "model",
             "model_not_found",
         )
+
+    def adapter_target(self, lora_name: str, model: str | None) -> tuple[str, str]:
+        """The generation model and adapter name of a load or unload request: `lora_name`,
+        or `base:lora_name`, over `model` (which may be left out when one model is served)."""
+        base, separator, name = lora_name.rpartition(":")
+        if separator:
+            if model is not None and model != base:
+                raise bad(f"lora_name {lora_name!r} names the model {base!r} but model is {model!r}", "model")
+            model = base
+        elif model is None:
+            if len(self.generation_models) > 1:
+                raise bad(
+                    f"several models are served ({', '.join(self.generation_models)}); name one in 'model'", "model"
+                )
+            model = self.generation_models[0]
+        if model not in self.context:
+            raise self.not_found(model)
+        if not self.serves_adapters(model):
+            raise bad(f"the model {model!r} is not served with LoRA support", "model")
+        if name in self.context or name in self.embedding_models:
+            raise bad(f"{name!r} is the name of a served model; give the adapter another name", "lora_name")
+        return model, name
 
     def embedding_model(self, name: str) -> Embedder:
         if name in self.embedding_models:
@@ -148,10 +215,15 @@ class ServerState:
         )
 
     def model_card(self, name: str) -> dict:
-        if name not in self.context and name not in self.embedding_models:
+        base, separator, adapter = name.rpartition(":")
+        is_adapter = bool(separator) and base in self.context and adapter in self.adapters(base)
+        if name not in self.context and name not in self.embedding_models and not is_adapter:
             raise OpenAIError(404, f"the model {name!r} does not exist", "not_found_error", "model", "model_not_found")
         card = {"id": name, "object": "model", "created": self.created, "owned_by": "genforge"}
-        if name in self.context:
+        if is_adapter:  # vLLM's card of a LoRA adapter names the model it runs over
+            card["parent"] = base
+            card["max_model_len"] = self.context[base]
+        elif name in self.context:
             card["max_model_len"] = self.context[name]
         return card
 
