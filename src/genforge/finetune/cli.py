@@ -54,6 +54,11 @@ def cmd_finetune(args) -> int:
         adapter_activation=args.adapter_activation,
         placement=args.placement,
         target_layers=args.target_layers,
+        teacher=args.teacher,
+        distill=args.distill,
+        distill_alpha=args.distill_alpha,
+        distill_temperature=args.distill_temperature,
+        distill_kind=args.distill_kind,
     )
     check_config(config)  # before a process group is joined or a file read
     context, config.device = init_distributed(args.device)
@@ -156,6 +161,20 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
         "--placement", choices=("houlsby", "pfeiffer"), default="houlsby", help="after attention and MLP, or MLP only"
     )
     adapters.add_argument("--target-layers", type=int, nargs="+", help="block indices to adapt (default: all)")
+    distill = parser.add_argument_group("knowledge distillation")
+    distill.add_argument("--teacher", help="a model directory to distil from")
+    distill.add_argument(
+        "--distill",
+        choices=("soft", "sequence"),
+        default="soft",
+        help="soft: towards the teacher's next-token distributions (same vocabulary); sequence: on the teacher's "
+        "greedy answers to the training prompts",
+    )
+    distill.add_argument("--distill-alpha", type=float, default=0.5, help="soft: the KD share of the loss")
+    distill.add_argument("--distill-temperature", type=float, default=1.0, help="soft: softmax temperature")
+    distill.add_argument(
+        "--distill-kind", default="forward_kl", help="soft: forward_kl, reverse_kl, tvd or jsd (generalized JSD)"
+    )
     parser.set_defaults(func=cmd_finetune)
 
 

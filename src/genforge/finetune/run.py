@@ -37,6 +37,7 @@ from ..tokenizer import Tokenizer
 from ..train.distributed import DistributedContext
 from ..train.trainer import TrainConfig, Trainer
 from .adapters import AdapterConfig, apply_adapters, apply_bitfit, merge_adapters, save_adapters
+from .distill import DISTILL_MODES, teacher_answers
 from .ia3 import IA3Config, apply_ia3, save_ia3_adapter
 from .lora import LoraConfig, apply_lora, save_adapter, trainable_parameter_count
 from .prompts import (
@@ -46,7 +47,8 @@ from .prompts import (
     apply_prompt_learning,
     save_prompt_adapter,
 )
-from .sft import SFTDataset, SFTExample, SFTRows
+from .sft import SFTDataset, SFTExample, SFTRows, read_sft_records
+from .tasks import write_jsonl
 
 
 class FinetuneError(ValueError):
@@ -75,6 +77,10 @@ class FinetuneConfig:
         methods' settings, with PEFT's meanings (see `finetune.prompts`).
     bottleneck_size or reduction_factor, adapter_activation, placement ("houlsby",
         "pfeiffer"), target_layers: bottleneck adapters' settings (see `finetune.adapters`).
+    teacher: a model directory to distil from (see `finetune.distill`): distill="soft" trains
+        towards its next-token distributions (distill_alpha, distill_temperature, distill_kind;
+        the vocabularies must match), distill="sequence" trains on its greedy answers to the
+        training prompts (up to teacher_max_new_tokens; any tokenizer).
     """
 
     model_dir: str | Path
@@ -118,6 +124,12 @@ class FinetuneConfig:
     adapter_activation: str = "relu"
     placement: str = "houlsby"
     target_layers: Sequence[int] | None = None
+    teacher: str | Path | None = None
+    distill: str = "soft"
+    distill_alpha: float = 0.5
+    distill_temperature: float = 1.0
+    distill_kind: str = "forward_kl"
+    teacher_max_new_tokens: int = 256
 
     def files(self) -> list[Path]:
         return _paths(self.data)
@@ -368,10 +380,35 @@ def check_config(config: FinetuneConfig) -> None:
             f"--method {config.method} puts virtual tokens before each example, so rows cannot be packed; "
             "leave packing off (the default for prompt methods)"
         )
+    if config.teacher is not None:
+        if config.distill not in DISTILL_MODES:
+            raise FinetuneError(f"distill {config.distill!r} is not supported; accepted: {', '.join(DISTILL_MODES)}")
+        if not (Path(config.teacher) / "config.json").is_file():
+            raise FinetuneError(f"teacher {config.teacher} is not a Hugging Face model directory (no config.json)")
     if config.data_weights is not None and len(config.data_weights) != len(config.files()):
         raise FinetuneError(
             f"{len(config.data_weights)} mixture weights for {len(config.files())} data files; give one per file"
         )
+
+
+def _teacher_records(config: FinetuneConfig, records: list, path: Path, resume: bool) -> list:
+    """The training records with the teacher's answers (sequence-level distillation), made once
+    per run: written to `path` and read back from it on resume."""
+    if resume and path.is_file():
+        return read_sft_records(path)
+    from ..loading import load_for_inference
+
+    loaded = load_for_inference(config.teacher)
+    answered = teacher_answers(
+        loaded.model,
+        loaded.tokenizer,
+        [record for _, record in records],
+        max_new_tokens=config.teacher_max_new_tokens,
+        eos_token_ids=loaded.eos_token_ids,
+        sources=[where for where, _ in records],
+    )
+    write_jsonl(answered, path)
+    return read_sft_records(path)
 
 
 def _peak_rss_mib() -> float:
@@ -397,17 +434,19 @@ def finetune(
     seq_len = config.seq_len if config.seq_len is not None else min(1024, context)
     packing = config.packing if config.packing is not None else not method.prompt
 
-    def read(path: Path) -> list[SFTExample]:
-        return SFTDataset.from_jsonl(
-            path, tokenizer, max_length=seq_len, overflow=config.overflow, chat_template=config.chat_template
+    def tokenized(records) -> list[SFTExample]:
+        return SFTDataset.from_records(
+            records, tokenizer, max_length=seq_len, overflow=config.overflow, chat_template=config.chat_template
         ).examples
 
-    train_sets, held_out = [], [example for path in config.eval_files() for example in read(path)]
-    for path in config.files():
+    train_sets, held_out = [], [e for path in config.eval_files() for e in tokenized(read_sft_records(path))]
+    for number, path in enumerate(config.files()):
         fraction = 0.0 if config.eval_data is not None else config.eval_fraction
-        train, held = split_held_out(read(path), fraction, config.seed)
-        train_sets.append(train)
-        held_out.extend(held)
+        train, held = split_held_out(read_sft_records(path), fraction, config.seed)
+        if config.teacher is not None and config.distill == "sequence":
+            train = _teacher_records(config, train, out_dir / "teacher" / f"{number}-{path.stem}.jsonl", resume)
+        train_sets.append(tokenized(train))
+        held_out.extend(tokenized(held))
     train = (
         train_sets[0]
         if len(train_sets) == 1
@@ -422,6 +461,9 @@ def finetune(
     if config.method == "full":
         model.requires_grad_(True)
     trainable, total = trainable_parameter_count(model)
+    teacher = None
+    if config.teacher is not None and config.distill == "soft":
+        teacher = load_model(config.teacher, dtype=torch.float32)
     train_config = TrainConfig(
         out_dir=out_dir,
         max_steps=config.max_steps,
@@ -439,8 +481,13 @@ def finetune(
         device=config.device,
         progress=config.progress,
         export=False,
+        distill_alpha=config.distill_alpha,
+        distill_temperature=config.distill_temperature,
+        distill_kind=config.distill_kind,
     )
-    trainer = Trainer(model, rows, train_config, val_data=val_rows, tokenizer=tokenizer, distributed=distributed)
+    trainer = Trainer(
+        model, rows, train_config, val_data=val_rows, tokenizer=tokenizer, distributed=distributed, teacher=teacher
+    )
     summary_path = out_dir / "finetune.json"
     before = None
     if val_rows is not None:

@@ -318,10 +318,30 @@ class SFTDataset(torch.utils.data.Dataset):
         overflow: str = "error",
         chat_template: str | None = None,
     ) -> SFTDataset:
-        """Read, check and tokenize a JSONL file. With a chat template (the tokenizer's, or `chat_template`)
+        """Read, check and tokenize a JSONL file (see `from_records`)."""
+        records = read_sft_records(path, format)  # every record checked before any tokenization
+        dataset = cls.from_records(records, tokenizer, format, max_length, overflow, chat_template)
+        if dataset.truncated_examples:
+            warnings.warn(
+                f"{path}: truncated {dataset.truncated_examples} of {len(dataset)} examples to "
+                f"max_length={max_length}, cutting {dataset.truncated_tokens} tokens",
+                stacklevel=2,
+            )
+        return dataset
+
+    @classmethod
+    def from_records(
+        cls,
+        records: Sequence[tuple[str, Mapping[str, Any]]],
+        tokenizer: Tokenizer,
+        format: str | None = None,
+        max_length: int | None = None,
+        overflow: str = "error",
+        chat_template: str | None = None,
+    ) -> SFTDataset:
+        """Tokenize (where, record) pairs. With a chat template (the tokenizer's, or `chat_template`)
         every record goes through it; without one, only string prompt/completion records are accepted and
         are concatenated (`tokenize_prompt_completion`)."""
-        records = read_sft_records(path, format)  # every record checked before any tokenization
         templated = chat_template is not None or tokenizer.chat_template is not None
         examples = []
         for where, record in records:
@@ -340,14 +360,7 @@ class SFTDataset(torch.utils.data.Dataset):
                     tokenizer, record["prompt"], record["completion"], max_length, overflow, where
                 )
             )
-        dataset = cls(examples)
-        if dataset.truncated_examples:
-            warnings.warn(
-                f"{path}: truncated {dataset.truncated_examples} of {len(dataset)} examples to "
-                f"max_length={max_length}, cutting {dataset.truncated_tokens} tokens",
-                stacklevel=2,
-            )
-        return dataset
+        return cls(examples)
 
     def __len__(self) -> int:
         return len(self.examples)
