@@ -32,6 +32,18 @@ from ..swap import linear_names
 from ..tokenizer import Tokenizer
 from ..train.distributed import DistributedContext
 from ..train.trainer import TrainConfig, Trainer
+from .continual import (
+    EWC_STRENGTH,
+    EWCPenalty,
+    as_paths,
+    check_continual,
+    diagonal_fisher,
+    example_batches,
+    fisher_sample,
+    save_ewc,
+    trainable_snapshot,
+    with_replay,
+)
 from .ia3 import IA3Config, apply_ia3, save_ia3_adapter
 from .lora import LoraConfig, apply_lora, save_adapter, trainable_parameter_count
 from .sft import SFTDataset, SFTExample, SFTRows
@@ -54,6 +66,13 @@ class FinetuneConfig:
         linear layer in the blocks.
     lr: None picks the method's usual rate (2e-5 for full fine-tuning, 2e-4 for LoRA's family,
         3e-3 for IA3).
+    Continual learning (`finetune.continual`): `replay_data`, an earlier task's file(s) whose
+        training split is replayed as `replay_share` of the training examples (their held-out
+        split, the same as the earlier run's with the same seed and eval_fraction, is never
+        trained on); `ewc_fisher`, an EWC file written by an earlier run with `save_fisher`, or
+        `ewc_data`, the earlier task's file(s) to compute the Fisher from on the loaded model,
+        applied with `ewc_strength`; `save_fisher` writes `out_dir/fisher.safetensors` at the
+        end, the Fisher over at most `fisher_examples` of this run's training examples.
     """
 
     model_dir: str | Path
@@ -86,6 +105,13 @@ class FinetuneConfig:
     use_rslora: bool = False
     target_modules: Sequence[str] | None = None
     method_options: dict = field(default_factory=dict)
+    replay_data: str | Path | Sequence[str | Path] | None = None
+    replay_share: float = 0.25
+    ewc_fisher: str | Path | None = None
+    ewc_data: str | Path | Sequence[str | Path] | None = None
+    ewc_strength: float = EWC_STRENGTH
+    save_fisher: bool = False
+    fisher_examples: int = 256
 
     def files(self) -> list[Path]:
         data = [self.data] if isinstance(self.data, (str, Path)) else list(self.data)
@@ -270,6 +296,7 @@ def check_config(config: FinetuneConfig) -> None:
         raise FinetuneError(
             f"{len(config.data_weights)} mixture weights for {len(config.files())} data files; give one per file"
         )
+    check_continual(config)
 
 
 def _peak_rss_mib() -> float:
@@ -289,12 +316,16 @@ def finetune(
     method = METHODS[config.method]
     out_dir = Path(config.out_dir)
     tokenizer = Tokenizer.from_dir(config.model_dir)
-    train_sets, held_out = [], []
-    for path in config.files():
+
+    def read(path: Path) -> tuple[list[SFTExample], list[SFTExample]]:
         examples = SFTDataset.from_jsonl(
             path, tokenizer, max_length=config.seq_len, overflow=config.overflow, chat_template=config.chat_template
         ).examples
-        train, held = split_held_out(examples, config.eval_fraction, config.seed)
+        return split_held_out(examples, config.eval_fraction, config.seed)
+
+    train_sets, held_out = [], []
+    for path in config.files():
+        train, held = read(path)
         train_sets.append(train)
         held_out.extend(held)
     train = (
@@ -302,6 +333,9 @@ def finetune(
         if len(train_sets) == 1
         else mix_examples(train_sets, config.data_weights, config.mixture_temperature, config.seed)
     )
+    if config.replay_data is not None:
+        earlier = [example for path in as_paths(config.replay_data) for example in read(path)[0]]
+        train = with_replay(train, earlier, config.replay_share, config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows = SFTRows(train, config.seq_len, pad_id, packing=config.packing)
     val_rows = SFTRows(held_out, config.seq_len, pad_id, packing=config.packing) if held_out else None
@@ -311,6 +345,20 @@ def finetune(
     if config.method == "full":
         model.requires_grad_(True)
     trainable, total = trainable_parameter_count(model)
+    ewc = None
+    if config.ewc_fisher is not None:
+        ewc = EWCPenalty.from_file(config.ewc_fisher, config.ewc_strength)
+    elif config.ewc_data is not None:  # the Fisher of the earlier task at the loaded weights
+        earlier = fisher_sample(
+            [e for path in as_paths(config.ewc_data) for e in read(path)[0]], config.fisher_examples, config.seed
+        )
+        ewc = EWCPenalty(
+            diagonal_fisher(model.to(config.device), example_batches(earlier)),
+            trainable_snapshot(model),
+            config.ewc_strength,
+        )
+    if ewc is not None:
+        ewc.check(model)
     train_config = TrainConfig(
         out_dir=out_dir,
         max_steps=config.max_steps,
@@ -329,7 +377,9 @@ def finetune(
         progress=config.progress,
         export=False,
     )
-    trainer = Trainer(model, rows, train_config, val_data=val_rows, tokenizer=tokenizer, distributed=distributed)
+    trainer = Trainer(
+        model, rows, train_config, val_data=val_rows, tokenizer=tokenizer, distributed=distributed, regularizer=ewc
+    )
     summary_path = out_dir / "finetune.json"
     before = None
     if val_rows is not None:
@@ -342,6 +392,10 @@ def finetune(
     output_dir = out_dir / method.output
     if trainer.distributed.is_main:
         output_dir = method.save(model, output_dir, tokenizer, str(config.model_dir))
+        if config.save_fisher:  # for a later run's EWC: this task's Fisher at the trained weights
+            sample = fisher_sample(train, config.fisher_examples, config.seed)
+            fisher = diagonal_fisher(model, example_batches(sample))
+            save_ewc(out_dir / "fisher.safetensors", fisher, trainable_snapshot(model), examples=len(sample))
     records = [r for r in trainer.read_metrics() if "tokens_per_s" in r]
     speed = sum(r["tokens_per_s"] for r in records) / len(records) if records else 0.0
     outcome = FinetuneResult(
