@@ -395,7 +395,13 @@ def finetune(
         if config.save_fisher:  # for a later run's EWC: this task's Fisher at the trained weights
             sample = fisher_sample(train, config.fisher_examples, config.seed)
             fisher = diagonal_fisher(model, example_batches(sample))
-            save_ewc(out_dir / "fisher.safetensors", fisher, trainable_snapshot(model), examples=len(sample))
+            save_ewc(
+                out_dir / "fisher.safetensors",
+                fisher,
+                trainable_snapshot(model),
+                estimator="empirical Fisher, per example",
+                examples=len(sample),
+            )
     records = [r for r in trainer.read_metrics() if "tokens_per_s" in r]
     speed = sum(r["tokens_per_s"] for r in records) / len(records) if records else 0.0
     outcome = FinetuneResult(
