@@ -59,6 +59,13 @@ def cmd_finetune(args) -> int:
         distill_alpha=args.distill_alpha,
         distill_temperature=args.distill_temperature,
         distill_kind=args.distill_kind,
+        replay_data=args.replay_data,
+        replay_share=args.replay_share,
+        ewc_fisher=args.ewc_fisher,
+        ewc_data=args.ewc_data,
+        ewc_strength=args.ewc_strength,
+        save_fisher=args.save_fisher,
+        fisher_examples=args.fisher_examples,
     )
     check_config(config)  # before a process group is joined or a file read
     context, config.device = init_distributed(args.device)
@@ -80,6 +87,7 @@ def cmd_finetune(args) -> int:
 
 
 def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
+    from .continual import EWC_STRENGTH
     from .run import METHODS
 
     parser = sub.add_parser(
@@ -174,6 +182,28 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     distill.add_argument("--distill-temperature", type=float, default=1.0, help="soft: softmax temperature")
     distill.add_argument(
         "--distill-kind", default="forward_kl", help="soft: forward_kl, reverse_kl, tvd or jsd (generalized JSD)"
+    )
+    continual = parser.add_argument_group(
+        "continual learning",
+        "keep an earlier task while training a new one: replay its examples, or hold the weights it relies on "
+        "with elastic weight consolidation (task A with --save-fisher, then task B with --ewc-fisher A/fisher.safetensors)",
+    )
+    continual.add_argument(
+        "--replay-data", nargs="+", help="earlier task's JSONL file(s) to replay (their training split)"
+    )
+    continual.add_argument(
+        "--replay-share", type=float, default=0.25, help="share of the training examples drawn from --replay-data"
+    )
+    continual.add_argument("--ewc-fisher", help="EWC file (Fisher and anchor) written by an earlier --save-fisher run")
+    continual.add_argument(
+        "--ewc-data", nargs="+", help="earlier task's JSONL file(s): compute the Fisher from them on the loaded model"
+    )
+    continual.add_argument("--ewc-strength", type=float, default=EWC_STRENGTH, help="EWC penalty strength (lambda)")
+    continual.add_argument(
+        "--save-fisher", action="store_true", help="write OUT/fisher.safetensors at the end, for a later run's EWC"
+    )
+    continual.add_argument(
+        "--fisher-examples", type=int, default=256, help="examples the per-example Fisher is averaged over (at most)"
     )
     parser.set_defaults(func=cmd_finetune)
 

@@ -37,6 +37,18 @@ from ..tokenizer import Tokenizer
 from ..train.distributed import DistributedContext
 from ..train.trainer import TrainConfig, Trainer
 from .adapters import AdapterConfig, apply_adapters, apply_bitfit, merge_adapters, save_adapters
+from .continual import (
+    EWC_STRENGTH,
+    EWCPenalty,
+    as_paths,
+    check_continual,
+    diagonal_fisher,
+    example_batches,
+    fisher_sample,
+    save_ewc,
+    trainable_snapshot,
+    with_replay,
+)
 from .distill import DISTILL_MODES, teacher_answers
 from .ia3 import IA3Config, apply_ia3, save_ia3_adapter
 from .lora import LoraConfig, apply_lora, save_adapter, trainable_parameter_count
@@ -81,6 +93,13 @@ class FinetuneConfig:
         towards its next-token distributions (distill_alpha, distill_temperature, distill_kind;
         the vocabularies must match), distill="sequence" trains on its greedy answers to the
         training prompts (up to teacher_max_new_tokens; any tokenizer).
+    Continual learning (`finetune.continual`): `replay_data`, an earlier task's file(s) whose
+        training split is replayed as `replay_share` of the training examples (their held-out
+        split, the same as the earlier run's with the same seed and eval_fraction, is never
+        trained on); `ewc_fisher`, an EWC file written by an earlier run with `save_fisher`, or
+        `ewc_data`, the earlier task's file(s) to compute the Fisher from on the loaded model,
+        applied with `ewc_strength`; `save_fisher` writes `out_dir/fisher.safetensors` at the
+        end, the Fisher over at most `fisher_examples` of this run's training examples.
     """
 
     model_dir: str | Path
@@ -130,6 +149,13 @@ class FinetuneConfig:
     distill_temperature: float = 1.0
     distill_kind: str = "forward_kl"
     teacher_max_new_tokens: int = 256
+    replay_data: str | Path | Sequence[str | Path] | None = None
+    replay_share: float = 0.25
+    ewc_fisher: str | Path | None = None
+    ewc_data: str | Path | Sequence[str | Path] | None = None
+    ewc_strength: float = EWC_STRENGTH
+    save_fisher: bool = False
+    fisher_examples: int = 256
 
     def files(self) -> list[Path]:
         return _paths(self.data)
@@ -389,6 +415,7 @@ def check_config(config: FinetuneConfig) -> None:
         raise FinetuneError(
             f"{len(config.data_weights)} mixture weights for {len(config.files())} data files; give one per file"
         )
+    check_continual(config)
 
 
 def _teacher_records(config: FinetuneConfig, records: list, path: Path, resume: bool) -> list:
@@ -447,11 +474,20 @@ def finetune(
             train = _teacher_records(config, train, out_dir / "teacher" / f"{number}-{path.stem}.jsonl", resume)
         train_sets.append(tokenized(train))
         held_out.extend(tokenized(held))
+
+    def training_split(path: Path) -> list[SFTExample]:
+        """An earlier task's training examples: its held-out split (the earlier run's, by the
+        same seed and fraction) is never trained on."""
+        return tokenized(split_held_out(read_sft_records(path), config.eval_fraction, config.seed)[0])
+
     train = (
         train_sets[0]
         if len(train_sets) == 1
         else mix_examples(train_sets, config.data_weights, config.mixture_temperature, config.seed)
     )
+    if config.replay_data is not None:
+        earlier = [example for path in as_paths(config.replay_data) for example in training_split(path)]
+        train = with_replay(train, earlier, config.replay_share, config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows = SFTRows(train, seq_len, pad_id, packing=packing)
     val_rows = SFTRows(held_out, seq_len, pad_id, packing=packing) if held_out else None
@@ -464,6 +500,20 @@ def finetune(
     teacher = None
     if config.teacher is not None and config.distill == "soft":
         teacher = load_model(config.teacher, dtype=torch.float32)
+    ewc = None
+    if config.ewc_fisher is not None:
+        ewc = EWCPenalty.from_file(config.ewc_fisher, config.ewc_strength)
+    elif config.ewc_data is not None:  # the Fisher of the earlier task at the loaded weights
+        earlier = fisher_sample(
+            [e for path in as_paths(config.ewc_data) for e in training_split(path)], config.fisher_examples, config.seed
+        )
+        ewc = EWCPenalty(
+            diagonal_fisher(model.to(config.device), example_batches(earlier)),
+            trainable_snapshot(model),
+            config.ewc_strength,
+        )
+    if ewc is not None:
+        ewc.check(model)
     train_config = TrainConfig(
         out_dir=out_dir,
         max_steps=config.max_steps,
@@ -486,7 +536,14 @@ def finetune(
         distill_kind=config.distill_kind,
     )
     trainer = Trainer(
-        model, rows, train_config, val_data=val_rows, tokenizer=tokenizer, distributed=distributed, teacher=teacher
+        model,
+        rows,
+        train_config,
+        val_data=val_rows,
+        tokenizer=tokenizer,
+        distributed=distributed,
+        teacher=teacher,
+        regularizer=ewc,
     )
     summary_path = out_dir / "finetune.json"
     before = None
@@ -500,6 +557,16 @@ def finetune(
     output_dir = out_dir / method.output
     if trainer.distributed.is_main:
         output_dir = method.save(model, output_dir, tokenizer, str(config.model_dir))
+        if config.save_fisher:  # for a later run's EWC: this task's Fisher at the trained weights
+            sample = fisher_sample(train, config.fisher_examples, config.seed)
+            fisher = diagonal_fisher(model, example_batches(sample))
+            save_ewc(
+                out_dir / "fisher.safetensors",
+                fisher,
+                trainable_snapshot(model),
+                estimator="empirical Fisher, per example",
+                examples=len(sample),
+            )
     records = [r for r in trainer.read_metrics() if "tokens_per_s" in r]
     speed = sum(r["tokens_per_s"] for r in records) / len(records) if records else 0.0
     outcome = FinetuneResult(
