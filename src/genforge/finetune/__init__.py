@@ -24,6 +24,8 @@ from .adapters import (
     set_active_adapter,
 )
 from .attach import adapter_kind, attach_adapter, merge_adapter_dir
+from .continual import EWCPenalty, diagonal_fisher, load_ewc, save_ewc, with_replay
+from .distill import teacher_answers
 from .ia3 import (
     IA3Config,
     IA3Error,
@@ -53,6 +55,7 @@ from .lora import (
     unmerge_lora,
 )
 from .merge import MergeConfig, MergeError, combine_lora_adapters, merge_checkpoints, merge_state_dicts
+from .multi_lora import MultiLora, UnknownAdapterError
 from .prompts import (
     PrefixTuningConfig,
     PromptLearningError,
@@ -91,6 +94,12 @@ __all__ = [
     "adapter_kind",
     "attach_adapter",
     "merge_adapter_dir",
+    "EWCPenalty",
+    "diagonal_fisher",
+    "load_ewc",
+    "save_ewc",
+    "with_replay",
+    "teacher_answers",
     "IA3Config",
     "IA3Error",
     "IA3Linear",
@@ -120,6 +129,8 @@ __all__ = [
     "combine_lora_adapters",
     "merge_checkpoints",
     "merge_state_dicts",
+    "MultiLora",
+    "UnknownAdapterError",
     "PTuningConfig",
     "PrefixTuningConfig",
     "PromptLearningError",

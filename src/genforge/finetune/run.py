@@ -158,14 +158,10 @@ class FinetuneConfig:
     fisher_examples: int = 256
 
     def files(self) -> list[Path]:
-        return _paths(self.data)
+        return as_paths(self.data)
 
     def eval_files(self) -> list[Path]:
-        return _paths(self.eval_data) if self.eval_data is not None else []
-
-
-def _paths(data) -> list[Path]:
-    return [Path(path) for path in ([data] if isinstance(data, (str, Path)) else data)]
+        return as_paths(self.eval_data)
 
 
 # ----------------------------------------------------------------------------------- methods
