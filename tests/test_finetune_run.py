@@ -218,3 +218,16 @@ def test_cli_runs_lora_and_reports_json(model_dir, data_file, tmp_path, capsys):
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert main(["finetune", "--model", str(model_dir), "--data", str(tmp_path / "no.jsonl"), "--out", str(out)]) == 2
     assert "no.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_a_lora_on_the_head_is_trained_through_the_unfused_loss(model_dir, tmp_path):
+    """The fused head loss reads lm_head.weight alone; with a LoRA on lm_head the step computes
+    the logits through the wrapped head instead, so its update gets gradients."""
+    from genforge.finetune import LoraConfig, apply_lora
+
+    model = apply_lora(load_model(model_dir), LoraConfig(target_modules=["qkv", "lm_head"], r=2))
+    rows = SFTRows(_examples([9, 7, 6]), seq_len=16, pad_id=0)
+    trainer = Trainer(model, rows, TrainConfig(out_dir=tmp_path, max_steps=1, progress=False, export=False))
+    assert not trainer._fused_head
+    trainer.train_step([rows.batch(range(3))])
+    assert model.lm_head.lora_B["lm_head"].abs().sum() > 0  # B starts at zero: it moved

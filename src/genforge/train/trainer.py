@@ -349,8 +349,9 @@ class Trainer:
     def _fused_head(self) -> bool:
         """Whether the step applies the LM head inside the loss (`fused_linear_cross_entropy`).
         Not under FSDP: its parameters are whole only inside the sharded module's forward, so
-        there the model computes the logits and the unfused loss scores them."""
-        return not self.config.fsdp
+        there the model computes the logits and the unfused loss scores them. Nor when the head
+        is not a plain linear layer (a LoRA on lm_head): the fused loss reads `weight` alone."""
+        return not self.config.fsdp and isinstance(self.model.lm_head, torch.nn.Linear)
 
     def _head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """The summed loss from the final hidden states: the LM head and cross-entropy fused,
