@@ -231,3 +231,30 @@ def test_a_lora_on_the_head_is_trained_through_the_unfused_loss(model_dir, tmp_p
     assert not trainer._fused_head
     trainer.train_step([rows.batch(range(3))])
     assert model.lm_head.lora_B["lm_head"].abs().sum() > 0  # B starts at zero: it moved
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_equals_one_process(model_dir, data_file, tmp_path):
+    """`torchrun ... genforge finetune`: two gloo processes, each training its slice of every
+    batch, end with the adapter one process trains on the whole batch; rank 0 alone writes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = ["--data", str(data_file), "--steps", "3", "--batch-size", "4", "--seq-len", "48", "--lr", "3e-3"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    command = launch + ["-m", "genforge.cli", "finetune", "--model", str(model_dir), "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(
+        command + settings, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = finetune(_config(model_dir, data_file, tmp_path / "one", max_steps=3, eval_fraction=0.05))
+    ours = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    for name, tensor in load_file(single.output_dir / "adapter_model.safetensors").items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    steps = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3]

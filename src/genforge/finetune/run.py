@@ -489,6 +489,7 @@ def finetune(
     val_rows = SFTRows(held_out, seq_len, pad_id, packing=packing) if held_out else None
 
     model = load_model(config.model_dir, dtype=torch.float32)
+    torch.manual_seed(config.seed)  # the method's initial weights: the same in every run and on every rank
     model = method.install(model, config, tokenizer)
     if config.method == "full":
         model.requires_grad_(True)
