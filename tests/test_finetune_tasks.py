@@ -9,7 +9,7 @@ import pytest
 from finetune_shared import tiny_chat_model_dir
 
 from genforge.checkpoint import load_model
-from genforge.finetune.tasks import docstring_task, exact_match, write_jsonl
+from genforge.finetune.tasks import docstring_task, exact_match, fits, write_jsonl
 from genforge.tokenizer import Tokenizer
 
 SOURCE = '''
@@ -66,20 +66,18 @@ def test_excluded_files_and_counts(source_root):
 
 
 def test_exact_match_counts_greedy_continuations_that_start_with_the_completion(tmp_path):
-    directory = tiny_chat_model_dir(tmp_path / "model")
-    model, tokenizer = load_model(directory).eval(), Tokenizer.from_dir(directory)
-    prompt = "What is two plus three?"
     from genforge.generate.generator import generate
     from genforge.generate.sampling import SamplingParams
 
-    said = generate(
-        model,
-        [tokenizer.encode(prompt, add_special_tokens=False)],
-        SamplingParams(temperature=0, max_new_tokens=6),
-        eos_token_ids=[],
-    )
-    text = tokenizer.decode(said[0].token_ids, skip_special_tokens=True)
-    records = [{"prompt": prompt, "completion": text[:3]}, {"prompt": prompt, "completion": text[:3] + "\u2603"}]
-    assert exact_match(model, tokenizer, records, max_new_tokens=6) == 0.5
+    directory = tiny_chat_model_dir(tmp_path / "model")
+    model, tokenizer = load_model(directory).eval(), Tokenizer.from_dir(directory)
+    prompt = "What is two plus three?"
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    said = generate(model, [ids], SamplingParams(temperature=0, max_new_tokens=4), eos_token_ids=[])
+    first = tokenizer.decode(said[0].token_ids[:2], skip_special_tokens=True)
+    assert first  # the tiny tokenizer's tokens all have text
+    records = [{"prompt": prompt, "completion": first}, {"prompt": prompt, "completion": first + "\u2603"}]
+    assert exact_match(model, tokenizer, records) == 0.5
+    assert fits(tokenizer, records[0], context=len(ids) + 10) and not fits(tokenizer, records[0], context=len(ids))
     path = write_jsonl(records, tmp_path / "out" / "records.jsonl")
     assert [json.loads(line) for line in path.read_text().splitlines()] == records

@@ -453,13 +453,17 @@ def finetune_with_lora(out: Path, console: Console, base_dir: Path, fast: bool =
     from .checkpoint import load_model
     from .finetune import load_adapter
     from .finetune.run import FinetuneConfig, finetune
-    from .finetune.tasks import docstring_task, exact_match, write_jsonl
+    from .finetune.tasks import docstring_task, exact_match, fits, write_jsonl
     from .tokenizer import Tokenizer
 
     plan = FAST_FINETUNE if fast else FULL_FINETUNE
     started = time.perf_counter()
     pretraining_files = stdlib_source_files((FAST_PLAN if fast else FULL_PLAN).corpus_bytes)
-    records = docstring_task(plan.records, exclude=pretraining_files, seed=0)
+    tokenizer = Tokenizer.from_dir(base_dir)
+    base = load_model(base_dir)
+    context = base.config.max_position_embeddings
+    records = [r for r in docstring_task(exclude=pretraining_files, seed=0) if fits(tokenizer, r, context)]
+    records = records[: plan.records]
     held_out, train = records[: plan.held_out], records[plan.held_out :]
     task_dir = out / "finetune"
     write_jsonl(train, task_dir / "train.jsonl")
@@ -469,8 +473,6 @@ def finetune_with_lora(out: Path, console: Console, base_dir: Path, fast: bool =
         f"{len(train):,} training and {len(held_out)} held-out functions from standard-library files the "
         f"pretraining sample left out, e.g.\n  | {held_out[0]['prompt']}{held_out[0]['completion']}"
     )
-    tokenizer = Tokenizer.from_dir(base_dir)
-    base = load_model(base_dir)
     match_before = exact_match(base, tokenizer, held_out)
     result = finetune(
         FinetuneConfig(
@@ -481,8 +483,7 @@ def finetune_with_lora(out: Path, console: Console, base_dir: Path, fast: bool =
             method="lora",
             r=plan.rank,
             lora_alpha=2 * plan.rank,
-            seq_len=base.config.max_position_embeddings,
-            overflow="truncate",
+            seq_len=context,
             max_steps=plan.steps,
             batch_size=plan.batch_size,
             lr=plan.lr,

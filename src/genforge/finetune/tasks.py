@@ -89,26 +89,53 @@ def write_jsonl(records: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
+def fits(tokenizer, record: dict, context: int) -> bool:
+    """Whether a prompt/completion record's tokens, and one more, fit in `context` positions:
+    the records a model of that context can be trained and scored on whole."""
+    ids = tokenizer.encode(record["prompt"] + record["completion"], add_special_tokens=False)
+    return len(ids) < context
+
+
 @torch.no_grad()
-def exact_match(model, tokenizer, records: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 16) -> float:
+def exact_match(model, tokenizer, records: Sequence[dict], batch_size: int = 16) -> float:
     """The share of prompt/completion records whose greedy continuation of the prompt starts
-    with the whole completion (the model may go on after it: what counts is that it said it)."""
+    with the whole completion (the model may go on after it: what counts is that it said it).
+    A batch decodes one token more than its longest completion has; records join a batch while
+    its longest prompt and those tokens fit in the model's context (see `fits`)."""
     from ..generate.generator import generate
     from ..generate.sampling import SamplingParams
 
+    context = model.config.max_position_embeddings
+    encoded = [
+        (
+            record,
+            tokenizer.encode(record["prompt"], add_special_tokens=False),
+            len(tokenizer.encode(record["completion"], add_special_tokens=False)) + 1,
+        )
+        for record in records
+    ]
+    batches, batch = [], []
+    for item in encoded:
+        grown = batch + [item]
+        if batch and (
+            len(grown) > batch_size or max(len(p) for _, p, _ in grown) + max(n for *_, n in grown) > context
+        ):
+            batches.append(batch)
+            grown = [item]
+        batch = grown
+    if batch:
+        batches.append(batch)
     was_training = model.training
     model.eval()
     hits = 0
-    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = [tokenizer.encode(record["prompt"], add_special_tokens=False) for record in chunk]
-        completions = generate(model, prompts, params, eos_token_ids=[])
-        for record, completion in zip(chunk, completions):
+    for batch in batches:
+        params = SamplingParams(temperature=0, max_new_tokens=max(n for *_, n in batch))
+        completions = generate(model, [ids for _, ids, _ in batch], params, eos_token_ids=[])
+        for (record, _, _), completion in zip(batch, completions):
             text = tokenizer.decode(completion.token_ids, skip_special_tokens=True)
             hits += text.startswith(record["completion"])
     model.train(was_training)
     return hits / len(records) if records else 0.0
 
 
-__all__ = ["SUMMARY_MAX_CHARS", "docstring_task", "exact_match", "write_jsonl"]
+__all__ = ["SUMMARY_MAX_CHARS", "docstring_task", "exact_match", "fits", "write_jsonl"]
