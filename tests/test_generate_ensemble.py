@@ -171,3 +171,27 @@ def test_a_ban_from_an_earlier_processor_stays(models):
     logits[0, 7] = float("-inf")
     out = ModelEnsemble([first, second])(logits, DecodeContext(ids, 3))
     assert out[0, 7] == float("-inf") and torch.isfinite(out[0, :7]).all()
+
+
+def test_cli_ensemble_of_two_models_equals_the_library_ensemble(tmp_path, capsys):
+    """`genforge generate --model A --ensemble B`: greedy tokens of the probability mixture,
+    as `ensemble_generate` gives them; the flags are checked before anything loads."""
+    import json
+
+    from finetune_shared import tiny_chat_model_dir
+
+    from genforge.cli import main
+    from genforge.loading import load_for_inference
+
+    first = tiny_chat_model_dir(tmp_path / "a", seed=0)
+    second = tiny_chat_model_dir(tmp_path / "b", seed=3)
+    argv = ["generate", "--model", str(first), "--ensemble", str(second), "--prompt", "What is", "--prompt", "Name"]
+    assert main(argv + ["--temperature", "0", "--max-new-tokens", "5", "--ensemble-weights", "2", "1"]) == 0
+    texts = [json.loads(line)["completion"] for line in capsys.readouterr().out.strip().splitlines()]
+    a, b = load_for_inference(first), load_for_inference(second)
+    prompts = [a.tokenizer.encode(p) for p in ("What is", "Name")]
+    params = SamplingParams(temperature=0, max_new_tokens=5)
+    expected = ensemble_generate([a.model, b.model], prompts, params, weights=[2, 1], tokenizer=a.tokenizer)
+    assert texts == [c.text for c in expected]
+    assert main(argv + ["--ensemble-weights", "1"]) == 2
+    assert "one weight for --model and one per --ensemble model (2), got 1" in capsys.readouterr().err

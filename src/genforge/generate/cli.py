@@ -17,6 +17,7 @@ from ..loading import LoadedModel, load_for_inference, load_packed_model
 from .beam import BeamOptions
 from .contrastive import ContrastiveDecodingOptions, ContrastiveSearchOptions
 from .decode import STRATEGIES, SampleOptions, check_strategy, decode, decode_stream, encode_prompts
+from .ensemble import AVERAGES, ModelEnsemble
 from .sampling import SamplingParams
 from .speculative import PromptLookupOptions, SpeculativeOptions
 from .watermark import Watermark
@@ -126,6 +127,13 @@ def _check_strategy_flags(args) -> None:
         raise ValueError("--amateur is used only by --strategy contrastive-decoding")
     if args.watermark is not None and args.strategy != "sample":
         raise ValueError("--watermark applies to --strategy sample")
+    if args.ensemble and args.strategy != "sample":
+        raise ValueError("--ensemble applies to --strategy sample")
+    if args.ensemble_weights and len(args.ensemble_weights) != 1 + len(args.ensemble or ()):
+        raise ValueError(
+            f"--ensemble-weights takes one weight for --model and one per --ensemble model "
+            f"({1 + len(args.ensemble or ())}), got {len(args.ensemble_weights)}"
+        )
     given = [
         flag
         for flag, value in (("--json-schema", args.json_schema), ("--regex", args.regex), ("--choices", args.choices))
@@ -184,6 +192,10 @@ def cmd_generate(args) -> int:
     elif args.strategy == "contrastive-decoding":
         amateur = load_packed_model(args.amateur, dtype=args.dtype, device=args.device)
         options = dataclasses.replace(options, amateur=amateur)
+    elif args.ensemble:
+        others = [load_packed_model(path, dtype=args.dtype, device=args.device) for path in args.ensemble]
+        ensemble = ModelEnsemble([loaded.model, *others], args.ensemble_weights, args.ensemble_average)
+        options = dataclasses.replace(options, ensemble=ensemble)
     prompts = encode_prompts(loaded.tokenizer, args.prompt, chat=args.chat)
     if args.strategy == "sample":
         return _stream_samples(args, loaded, prompts, params, options)
@@ -397,6 +409,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     mark.add_argument("--watermark-gamma", type=float, default=0.25, help="fraction of the vocabulary that is green")
     mark.add_argument("--watermark-delta", type=float, default=2.0, help="logit bias added to green tokens")
+    together = gen.add_argument_group("ensemble: several models sharing the tokenizer choose each token")
+    together.add_argument(
+        "--ensemble", nargs="+", metavar="DIR", help="other model directories to ensemble with --model"
+    )
+    together.add_argument(
+        "--ensemble-weights", type=float, nargs="+", metavar="W", help="one per model, --model first (default: equal)"
+    )
+    together.add_argument(
+        "--ensemble-average",
+        choices=AVERAGES,
+        default="probability",
+        help="mix the probabilities, or average the log-probabilities (a product of experts)",
+    )
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser(

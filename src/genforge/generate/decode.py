@@ -35,6 +35,7 @@ from .contrastive import (
     run_contrastive_decoding,
     run_contrastive_search,
 )
+from .ensemble import ModelEnsemble
 from .generator import StreamEvent, continuation_text, generate, stream
 from .processors import LogitsProcessor
 from .request import DecodeRequest, DecodeRequestError, as_prompt_lists
@@ -62,12 +63,14 @@ __all__ = [
 @dataclass(frozen=True)
 class SampleOptions:
     """What may shape the output of token-by-token sampling: at most one grammar constraint
-    (`json_schema`, `regex` or `choices`; see `constrained.py`) and a `Watermark`."""
+    (`json_schema`, `regex` or `choices`; see `constrained.py`), a `Watermark`, and a
+    `ModelEnsemble` of other models choosing each token with the decoding one (`ensemble.py`)."""
 
     json_schema: Mapping[str, Any] | str | bool | None = None
     regex: str | None = None
     choices: Sequence[str] | None = None
     watermark: Watermark | None = None
+    ensemble: ModelEnsemble | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("json_schema", "regex", "choices") if getattr(self, name) is not None]
@@ -75,6 +78,8 @@ class SampleOptions:
             raise DecodeRequestError(f"use one output constraint at a time, got {' and '.join(given)}")
         if self.watermark is not None and not isinstance(self.watermark, Watermark):
             raise DecodeRequestError(f"watermark must be a Watermark, got {type(self.watermark).__name__}")
+        if self.ensemble is not None and not isinstance(self.ensemble, ModelEnsemble):
+            raise DecodeRequestError(f"ensemble must be a ModelEnsemble, got {type(self.ensemble).__name__}")
 
     @property
     def constrained(self) -> bool:
@@ -251,6 +256,8 @@ def _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids
         if options.constrained and tokenizer is None:
             raise DecodeRequestError("output constraints need the tokenizer, to know each token's text")
         eos = list(request.eos_token_ids)
+        if options.ensemble is not None:
+            extra.append(options.ensemble)
         if options.json_schema is not None:
             extra.append(JsonSchemaConstraint(options.json_schema, tokenizer, eos_token_ids=eos))
         elif options.regex is not None:
