@@ -439,6 +439,65 @@ def _peak_rss_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def _tokenized(records, tokenizer: Tokenizer, config: FinetuneConfig, seq_len: int) -> list[SFTExample]:
+    return SFTDataset.from_records(
+        records, tokenizer, max_length=seq_len, overflow=config.overflow, chat_template=config.chat_template
+    ).examples
+
+
+def _training_split(path: Path, tokenizer: Tokenizer, config: FinetuneConfig, seq_len: int) -> list[SFTExample]:
+    """A data file's training examples: its held-out split (the same in every run with the same
+    seed and fraction, so an earlier task's held-out examples are never trained on) left out."""
+    records = split_held_out(read_sft_records(path), config.eval_fraction, config.seed)[0]
+    return _tokenized(records, tokenizer, config, seq_len)
+
+
+def _examples(
+    config: FinetuneConfig, tokenizer: Tokenizer, seq_len: int, out_dir: Path, resume: bool
+) -> tuple[list[SFTExample], list[SFTExample]]:
+    """(training examples, held-out examples): each data file split (or `eval_data` held out),
+    the training records answered by the teacher for sequence-level distillation, several files
+    mixed, and an earlier task's examples replayed."""
+    held_out = [
+        e for path in config.eval_files() for e in _tokenized(read_sft_records(path), tokenizer, config, seq_len)
+    ]
+    train_sets = []
+    for number, path in enumerate(config.files()):
+        fraction = 0.0 if config.eval_data is not None else config.eval_fraction
+        train, held = split_held_out(read_sft_records(path), fraction, config.seed)
+        if config.teacher is not None and config.distill == "sequence":
+            train = _teacher_records(config, train, out_dir / "teacher" / f"{number}-{path.stem}.jsonl", resume)
+        train_sets.append(_tokenized(train, tokenizer, config, seq_len))
+        held_out.extend(_tokenized(held, tokenizer, config, seq_len))
+    train = (
+        train_sets[0]
+        if len(train_sets) == 1
+        else mix_examples(train_sets, config.data_weights, config.mixture_temperature, config.seed)
+    )
+    if config.replay_data is not None:
+        earlier = [
+            e for path in as_paths(config.replay_data) for e in _training_split(path, tokenizer, config, seq_len)
+        ]
+        train = with_replay(train, earlier, config.replay_share, config.seed)
+    return train, held_out
+
+
+def _ewc_penalty(config: FinetuneConfig, model: nn.Module, tokenizer: Tokenizer, seq_len: int) -> EWCPenalty | None:
+    """The EWC penalty of the run: read from `ewc_fisher`, or the Fisher of the earlier task's
+    data (`ewc_data`) at the loaded weights; None without either."""
+    if config.ewc_fisher is not None:
+        ewc = EWCPenalty.from_file(config.ewc_fisher, config.ewc_strength)
+    elif config.ewc_data is not None:
+        earlier = [e for path in as_paths(config.ewc_data) for e in _training_split(path, tokenizer, config, seq_len)]
+        sample = fisher_sample(earlier, config.fisher_examples, config.seed)
+        fisher = diagonal_fisher(model.to(config.device), example_batches(sample))
+        ewc = EWCPenalty(fisher, trainable_snapshot(model), config.ewc_strength)
+    else:
+        return None
+    ewc.check(model)
+    return ewc
+
+
 def finetune(
     config: FinetuneConfig, resume: bool = False, distributed: DistributedContext | None = None
 ) -> FinetuneResult:
@@ -456,34 +515,7 @@ def finetune(
     )
     seq_len = config.seq_len if config.seq_len is not None else min(1024, context)
     packing = config.packing if config.packing is not None else not method.prompt
-
-    def tokenized(records) -> list[SFTExample]:
-        return SFTDataset.from_records(
-            records, tokenizer, max_length=seq_len, overflow=config.overflow, chat_template=config.chat_template
-        ).examples
-
-    train_sets, held_out = [], [e for path in config.eval_files() for e in tokenized(read_sft_records(path))]
-    for number, path in enumerate(config.files()):
-        fraction = 0.0 if config.eval_data is not None else config.eval_fraction
-        train, held = split_held_out(read_sft_records(path), fraction, config.seed)
-        if config.teacher is not None and config.distill == "sequence":
-            train = _teacher_records(config, train, out_dir / "teacher" / f"{number}-{path.stem}.jsonl", resume)
-        train_sets.append(tokenized(train))
-        held_out.extend(tokenized(held))
-
-    def training_split(path: Path) -> list[SFTExample]:
-        """An earlier task's training examples: its held-out split (the earlier run's, by the
-        same seed and fraction) is never trained on."""
-        return tokenized(split_held_out(read_sft_records(path), config.eval_fraction, config.seed)[0])
-
-    train = (
-        train_sets[0]
-        if len(train_sets) == 1
-        else mix_examples(train_sets, config.data_weights, config.mixture_temperature, config.seed)
-    )
-    if config.replay_data is not None:
-        earlier = [example for path in as_paths(config.replay_data) for example in training_split(path)]
-        train = with_replay(train, earlier, config.replay_share, config.seed)
+    train, held_out = _examples(config, tokenizer, seq_len, out_dir, resume)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows = SFTRows(train, seq_len, pad_id, packing=packing)
     val_rows = SFTRows(held_out, seq_len, pad_id, packing=packing) if held_out else None
@@ -497,20 +529,7 @@ def finetune(
     teacher = None
     if config.teacher is not None and config.distill == "soft":
         teacher = load_model(config.teacher, dtype=torch.float32)
-    ewc = None
-    if config.ewc_fisher is not None:
-        ewc = EWCPenalty.from_file(config.ewc_fisher, config.ewc_strength)
-    elif config.ewc_data is not None:  # the Fisher of the earlier task at the loaded weights
-        earlier = fisher_sample(
-            [e for path in as_paths(config.ewc_data) for e in training_split(path)], config.fisher_examples, config.seed
-        )
-        ewc = EWCPenalty(
-            diagonal_fisher(model.to(config.device), example_batches(earlier)),
-            trainable_snapshot(model),
-            config.ewc_strength,
-        )
-    if ewc is not None:
-        ewc.check(model)
+    ewc = _ewc_penalty(config, model, tokenizer, seq_len)
     train_config = TrainConfig(
         out_dir=out_dir,
         max_steps=config.max_steps,
