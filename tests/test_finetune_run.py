@@ -162,7 +162,7 @@ def test_gradient_checkpointing_gives_every_method_the_same_gradients(method, mo
     rows = SFTRows(examples, 40, pad_id=0, packing=not METHODS[method].prompt)
     model = METHODS[method].install(load_model(model_dir), config, tokenizer)
     trainer = Trainer(model, rows, TrainConfig(out_dir=tmp_path / "t", max_steps=1, progress=False, export=False))
-    ((inputs, labels, documents),) = trainer._as_pairs([rows.batch(range(len(rows)))])
+    ((inputs, labels, documents),) = trainer._micro_batches([rows.batch(range(len(rows)))])
     runs = []
     for checkpointed in (False, True):
         restore = trainer._enable_gradient_checkpointing() if checkpointed else None

@@ -312,7 +312,7 @@ def test_trainer_step_with_the_fused_head_equals_the_unfused_step(kind, tmp_path
     # The gradients of one micro-batch's share of the loss (what the step accumulates) ...
     batch = data.sequences[:4]
     for trainer in (fused, unfused):
-        ((inputs, labels, _),) = trainer._as_pairs([batch])
+        ((inputs, labels, _),) = trainer._micro_batches([batch])
         trainer._micro_loss(inputs, labels, total_tokens=trainer._count_targets(labels) * 2).backward()
     for (name, mine), theirs in zip(fused.model.named_parameters(), unfused.model.parameters()):
         assert mine.grad is not None and mine.grad.abs().sum() > 0, name

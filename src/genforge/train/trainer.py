@@ -202,6 +202,9 @@ class Trainer:
     in eval mode with its parameters frozen, runs without gradients, and is never saved;
     `evaluate()` still reports the plain validation loss.
 
+    `regularizer`: a function of the model whose value is added to each step's loss (a
+    fine-tuning run's elastic weight consolidation, `finetune.continual.EWCPenalty`).
+
     `distributed`: this process's place in a torchrun job (default: the process group already
     joined, see `distributed.init_distributed`, else a single process). Every rank builds the
     same Trainer; rank 0 writes the files.
@@ -491,7 +494,7 @@ class Trainer:
             generator,
         )
 
-    def _as_pairs(self, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def _micro_batches(self, batches) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """(inputs, labels, document_ids) per micro-batch. A bare tensor is its own labels (causal
         LM) or is masked here; a dict is a fine-tuning batch (`input_ids`, `labels` and, for
         packed rows, `document_ids`); a pair is (inputs, labels)."""
@@ -507,11 +510,11 @@ class Trainer:
 
     def train_step(self, batches: list) -> dict:
         """One optimizer step over `batches`, the micro-batches of this step: tensors of ids,
-        (inputs, labels) pairs or fine-tuning dicts (see `_as_pairs`). Under torchrun they are
+        (inputs, labels) pairs or fine-tuning dicts (see `_micro_batches`). Under torchrun they are
         the global micro-batches (every rank passes the same ones) and each rank trains on its
         slice. The `regularizer` (if any) adds its penalty once per step."""
         self.engine.train()
-        pairs = self._as_pairs(batches)
+        pairs = self._micro_batches(batches)
         total_tokens = sum(self._count_targets(labels) for _, labels, _ in pairs)
         if total_tokens == 0:
             raise TrainError("this step's batches have no target tokens (every label is ignored); nothing to learn")
@@ -577,7 +580,7 @@ class Trainer:
             batch = self.val_data.batch(range(start, min(start + size, len(self.val_data))))
             if self.masked:
                 batch = self.mask_batch(batch, -1, number)
-            ((inputs, labels, documents),) = self._as_pairs([batch])
+            ((inputs, labels, documents),) = self._micro_batches([batch])
             rows = slice(rank, None, world)  # a short last batch may leave a rank nothing
             mine_in, mine_labels = inputs[rows].to(self.device), labels[rows].to(self.device)
             packed = {} if documents is None else {"document_ids": documents[rows].to(self.device)}
