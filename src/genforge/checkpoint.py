@@ -449,6 +449,20 @@ def _joined_tensor(binding: _Binding, pieces: dict[str, torch.Tensor], expected:
 
 
 # ---------------------------------------------------------------------------------- export
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """`model`'s weights under their Hugging Face names and in Hugging Face's layout: fused
+    projections split into their parts (`qkv` into q_proj, k_proj, v_proj), GPT-2's Conv1D
+    weights transposed. The tensors are detached views of the parameters, not copies; a head
+    tied to the embeddings appears once, as the embedding."""
+    params = dict(model.named_parameters())
+    tensors = {}
+    for binding in _bindings(model):
+        parts = params[binding.gf].detach().split(binding.sizes or len(params[binding.gf]))
+        for name, tensor in zip(binding.hf, parts, strict=True):
+            tensors[name] = tensor.t() if binding.transpose else tensor
+    return tensors
+
+
 def save_model(
     model: Transformer,
     directory: str | Path,
@@ -470,12 +484,7 @@ def save_model(
         )
     directory = Path(directory)
     with staged_directory(directory) as staging:
-        params = dict(model.named_parameters())
-        tensors = {}
-        for binding in _bindings(model):
-            parts = params[binding.gf].detach().split(binding.sizes or len(params[binding.gf]))
-            for name, tensor in zip(binding.hf, parts, strict=True):
-                tensors[name] = (tensor.t() if binding.transpose else tensor).contiguous().cpu()
+        tensors = {name: tensor.contiguous().cpu() for name, tensor in hf_state_dict(model).items()}
         if _BERT_HEAD_BIAS in tensors and "cls.predictions.decoder.weight" in tensors:
             # Untied, transformers reads the decoder's own bias: write the same values under both names.
             tensors[_BERT_DECODER_BIAS] = tensors[_BERT_HEAD_BIAS].clone()
@@ -522,6 +531,7 @@ __all__ = [
     "WEIGHT_MAPS",
     "SUPPORTED_FAMILIES",
     "hf_linear_parts",
+    "hf_state_dict",
     "load_model",
     "save_model",
     "read_config",
