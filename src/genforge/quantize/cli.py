@@ -47,7 +47,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "gguf",
         help="one GGUF file for llama.cpp, ollama and LM Studio",
         description="Write a Hugging Face model directory (config.json, safetensors, tokenizer.json) as one GGUF "
-        f"file, read back by the gguf package in the tests. Families: {', '.join(SUPPORTED_GGUF_FAMILIES)}. "
+        f"file for llama.cpp, ollama and LM Studio. Families: {', '.join(SUPPORTED_GGUF_FAMILIES)}. "
         "See docs/compression.md, 'Export to GGUF'.",
     )
     gguf.add_argument("--model", required=True, help="Hugging Face model directory")
