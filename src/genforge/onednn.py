@@ -129,9 +129,11 @@ class _OneDNNLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_weight = grad_bias = None
         if want_x:
-            # d(x) = d(y) W: a linear layer whose weight is W^T, made row-major (one copy of W,
-            # small beside the product; a transposed weight risks oneDNN's reference kernel).
-            grad_x = matmul_nt(grad, weight.t().contiguous()).view(*grad_out.shape[:-1], weight.shape[1])
+            # d(x) = d(y) W: a linear layer whose weight is W^T, given as the plain transpose of
+            # the row-major W (no bias, a fast layout): no copy of W. A copy cost 5-25% more on
+            # a training step's shapes (benchmarks/results/finetune.md).
+            rows_major = weight if weight.is_contiguous() else weight.contiguous()
+            grad_x = matmul_nt(grad, rows_major.t()).view(*grad_out.shape[:-1], weight.shape[1])
         if want_weight:
             # d(W) = d(y)^T x as (d(y)^T)(x^T)^T: both operands are plain transposes of row-major
             # tensors (a fast layout, no copies) and the result comes out row-major, (out, in),
