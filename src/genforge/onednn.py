@@ -92,9 +92,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # Row-major operands (no copy when they already are): see `matmul_nt`.
+    # Row-major operands (no copy when they already are), or without a bias a weight that is the
+    # plain transpose of a row-major tensor (a gradient's product, W^T): see `matmul_nt`.
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    out = matmul_nt(flat, weight.contiguous(), bias.contiguous() if bias is not None else None)
+    if not (weight.is_contiguous() or (bias is None and weight.t().is_contiguous())):
+        weight = weight.contiguous()
+    out = matmul_nt(flat, weight, bias.contiguous() if bias is not None else None)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
