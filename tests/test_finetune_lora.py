@@ -27,6 +27,7 @@ from genforge.finetune import (
     trainable_parameter_count,
     unmerge_lora,
 )
+from genforge.finetune.lora import lora_update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -378,3 +379,38 @@ def test_unsupported_adapters_are_refused(base_dir, tmp_path):
     (directory / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(LoraError, match="only the pickled adapter_model.bin"):
         load_adapter(load_model(base_dir("llama")), directory)
+
+
+@pytest.mark.parametrize(
+    "parts, x_needs_grad",
+    [
+        ([(0, 12, 2.0)], True),  # one part over every row: the single-product path
+        ([(0, 5, 2.0), (9, 3, 0.5)], True),  # rows 5-8 have no adapter (PEFT's q and v, no k)
+        ([(2, 4, 1.5), (6, 4, 4.0)], False),  # leading and trailing rows without one; x frozen
+    ],
+)
+def test_lora_update_is_the_formula_with_its_gradients(parts, x_needs_grad):
+    """lora_update against base + s B A x written row block by row block, values and every gradient."""
+    generator = torch.Generator().manual_seed(0)
+    ranks = [3, 2][: len(parts)]
+    x = torch.randn(2, 5, 7, generator=generator).requires_grad_(x_needs_grad)
+    base = torch.randn(2, 5, 12, generator=generator).requires_grad_()
+    a = [torch.randn(r, 7, generator=generator).requires_grad_() for r in ranks]
+    b = [torch.randn(rows, r, generator=generator).requires_grad_() for (_, rows, _), r in zip(parts, ranks)]
+    out_grad = torch.randn(2, 5, 12, generator=generator)
+
+    def formula():
+        pieces, row = [], 0
+        for (start, rows, scale), part_a, part_b in zip(parts, a, b):
+            pieces += [torch.zeros(2, 5, start - row), scale * (x @ part_a.t() @ part_b.t())]
+            row = start + rows
+        return base + torch.cat([*pieces, torch.zeros(2, 5, 12 - row)], dim=-1)
+
+    tensors = [t for t in (x, base, *a, *b) if t.requires_grad]
+    expected = formula()
+    expected_grads = torch.autograd.grad(expected, tensors, out_grad)
+    got = lora_update(x, base, parts, a, b)
+    got_grads = torch.autograd.grad(got, tensors, out_grad)
+    torch.testing.assert_close(got, expected)
+    for ours, reference in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(ours, reference)

@@ -92,9 +92,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # Row-major operands (no copy when they already are): see `matmul_nt`.
+    # Row-major operands (no copy when they already are), or without a bias a weight that is the
+    # plain transpose of a row-major tensor (a gradient's product, W^T): see `matmul_nt`.
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    out = matmul_nt(flat, weight.contiguous(), bias.contiguous() if bias is not None else None)
+    if not (weight.is_contiguous() or (bias is None and weight.t().is_contiguous())):
+        weight = weight.contiguous()
+    out = matmul_nt(flat, weight, bias.contiguous() if bias is not None else None)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -129,9 +132,11 @@ class _OneDNNLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = grad_weight = grad_bias = None
         if want_x:
-            # d(x) = d(y) W: a linear layer whose weight is W^T, made row-major (one copy of W,
-            # small beside the product; a transposed weight risks oneDNN's reference kernel).
-            grad_x = matmul_nt(grad, weight.t().contiguous()).view(*grad_out.shape[:-1], weight.shape[1])
+            # d(x) = d(y) W: a linear layer whose weight is W^T, given as the plain transpose of
+            # the row-major W (no bias, a fast layout): no copy of W. A copy cost 5-25% more on
+            # a training step's shapes (benchmarks/results/finetune.md).
+            rows_major = weight if weight.is_contiguous() else weight.contiguous()
+            grad_x = matmul_nt(grad, rows_major.t()).view(*grad_out.shape[:-1], weight.shape[1])
         if want_weight:
             # d(W) = d(y)^T x as (d(y)^T)(x^T)^T: both operands are plain transposes of row-major
             # tensors (a fast layout, no copies) and the result comes out row-major, (out, in),

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import onednn
 from ..checkpoint import LinearParts, hf_linear_parts
 from ..model import Transformer
 from ..quantize.nf4 import NF4Linear, nf4_linear
@@ -67,6 +68,7 @@ __all__ = [
     "load_adapter",
     "lora_key",
     "lora_state_dict",
+    "lora_update",
     "merge_and_unload",
     "merge_lora",
     "peft_names",
@@ -217,14 +219,96 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
+def lora_update(
+    x: torch.Tensor,
+    base_output: torch.Tensor,
+    parts: Sequence[tuple[int, int, float]],
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """`base_output` plus each part's LoRA update s B A x in its own output rows (the rest as
+    they are): parts are (start row, rows, scale s), in row order; a[i] is part i's A (r, in) and
+    b[i] its B (rows, r). x (..., in) and base_output (..., out) share a dtype.
+
+    One product makes every part's h = A x (the A stacked); each part's B product then adds
+    into its rows of the output as it is computed. The backward makes each part's gradients from
+    its own rows alone: a fused layer (q, k, v in one) costs what PEFT's separate layers do."""
+    return _LoraUpdate.apply(x, base_output, tuple(parts), len(a), *a, *b)
+
+
+class _LoraUpdate(torch.autograd.Function):
+    """Forward and backward of `lora_update`. With g the output's gradient and g_p its part's
+    columns: d(base_output) = g, d(h_p) = s g_p B_p, d(B_p) = s g_p^T h_p, d(A) = d(h)^T x and
+    d(x) = d(h) A (A stacked); only what a wanted gradient needs is computed."""
+
+    @staticmethod
+    def forward(ctx, x, base_output, parts, count, *adapters):
+        a, b = adapters[:count], adapters[count:]
+        flat = x.reshape(-1, x.shape[-1])
+        stacked_a = torch.cat(a) if count > 1 else a[0]
+        hidden = flat @ stacked_a.t()
+        base = base_output.reshape(-1, base_output.shape[-1])
+        out_features = base.shape[1]
+        if count == 1 and parts[0][:2] == (0, out_features):  # one part over every row
+            out = torch.addmm(base, hidden, b[0].t(), alpha=parts[0][2])
+        else:
+            out = torch.empty_like(base)
+            row = column = 0
+            for (start, rows, scale), part_b in zip(parts, b, strict=True):
+                if start > row:  # rows without an adapter
+                    out[:, row:start] = base[:, row:start]
+                rank = part_b.shape[1]
+                stop = start + rows
+                torch.addmm(
+                    base[:, start:stop],
+                    hidden[:, column : column + rank],
+                    part_b.t(),
+                    alpha=scale,
+                    out=out[:, start:stop],
+                )
+                row, column = stop, column + rank
+            if row < out_features:
+                out[:, row:] = base[:, row:]
+        ctx.parts, ctx.count, ctx.x_shape = parts, count, x.shape
+        want_a = any(ctx.needs_input_grad[4 : 4 + count])
+        ctx.save_for_backward(flat if want_a else None, hidden, stacked_a, *b)
+        return out.view(base_output.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        flat, hidden, stacked_a, *b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        want_x, want_base = needs[0], needs[1]
+        want_a, want_b = needs[4 : 4 + ctx.count], needs[4 + ctx.count :]
+        grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_hidden, grad_b, column = [], [], 0
+        for (start, rows, scale), part_b, wanted in zip(ctx.parts, b, want_b, strict=True):
+            rank = part_b.shape[1]
+            part_grad = grad[:, start : start + rows]
+            grad_hidden.append(part_grad @ (part_b * scale))
+            grad_b.append(part_grad.t() @ (hidden[:, column : column + rank] * scale) if wanted else None)
+            column += rank
+        grad_hidden = torch.cat(grad_hidden, dim=1) if len(grad_hidden) > 1 else grad_hidden[0]
+        grad_x = (grad_hidden @ stacked_a).view(ctx.x_shape) if want_x else None
+        grad_a = [None] * ctx.count
+        if any(want_a):
+            stacked = grad_hidden.t() @ flat
+            ranks = [part_b.shape[1] for part_b in b]
+            grad_a = [g if wanted else None for g, wanted in zip(stacked.split(ranks), want_a, strict=True)]
+        return grad_x, grad_out if want_base else None, None, None, *grad_a, *grad_b
+
+
 class LoraLinear(nn.Module):
     """A linear layer with LoRA updates on some or all parts of its output (see the module doc).
 
     The base `weight` and `bias` are this layer's own parameters, frozen, so the base model's
     state-dict keys stay as they were. Each part's A and B are `lora_A.<part>` and
-    `lora_B.<part>`. All parts' A are one stacked product; each B then writes its own rows
-    through one block-diagonal product, so a fused layer costs two small products, not one per
-    part.
+    `lora_B.<part>`. All parts' A are one stacked product; each part's B then adds into its own
+    rows of the base output (`lora_update`), so a fused layer's B products cost what separate
+    layers' would, with no block-diagonal zeros multiplied and no separate addition.
+
+    The frozen base product goes through `onednn.linear` (oneDNN on CPU fp32 where that pays,
+    `F.linear` elsewhere): with the weight frozen, its backward makes only the input's gradient.
     """
 
     def __init__(self, base: nn.Linear, parts: Sequence[LoraPart], dropout: float) -> None:
@@ -256,7 +340,7 @@ class LoraLinear(nn.Module):
         return self.weight.dtype
 
     def _base_output(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return onednn.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         parts = ", ".join(f"{p.key}: r={p.r} alpha={p.alpha}" for p in self.parts)
@@ -282,7 +366,15 @@ class LoraLinear(nn.Module):
             hidden = torch.cat(
                 [F.linear(F.dropout(lora_x, self.lora_dropout, True), self.lora_A[p.key]) for p in self.parts], dim=-1
             )
-        else:
+        elif lora_x.dtype == result.dtype:
+            return lora_update(
+                lora_x,
+                result,
+                [(p.start, p.rows, p.scaling) for p in self.parts],
+                [self.lora_A[p.key] for p in self.parts],
+                [self.lora_B[p.key] for p in self.parts],
+            )
+        else:  # a half-precision base: the update is made in the adapter's float32, then cast
             hidden = F.linear(lora_x, self._stacked_a())
         return result + F.linear(hidden, self._scaled_block_b()).to(result.dtype)
 

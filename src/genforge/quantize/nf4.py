@@ -32,9 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..onednn import linear as onednn_linear
 from ..swap import linear_names, swap_linears
 
 __all__ = [
@@ -244,13 +244,14 @@ def _weight_rows(q: NF4Weight, chunk_rows: int):
 class _NF4Product(torch.autograd.Function):
     """x W^T + b that keeps no dequantized weight for the backward pass: the gradient of x
     dequantizes W again (as bitsandbytes' MatMul4Bit does), so training holds the 4-bit codes
-    only. W itself gets no gradient (it is frozen); a trainable bias would get its own."""
+    only. W itself gets no gradient (it is frozen); a trainable bias would get its own. The
+    products go through `onednn.linear` (oneDNN on CPU fp32, `F.linear` elsewhere)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, q: NF4Weight, chunk_rows: int) -> torch.Tensor:
         ctx.q, ctx.chunk_rows = q, chunk_rows
         outputs = [
-            F.linear(x, rows.to(x.dtype), None if bias is None else bias[start:stop])
+            onednn_linear(x, rows.to(x.dtype), None if bias is None else bias[start:stop])
             for start, stop, rows in _weight_rows(q, chunk_rows)
         ]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
@@ -260,7 +261,8 @@ class _NF4Product(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             for start, stop, rows in _weight_rows(ctx.q, ctx.chunk_rows):
-                part = grad[..., start:stop] @ rows.to(grad.dtype)
+                # d(x) = d(y) W: a linear layer whose weight is W^T (oneDNN on CPU fp32, as `onednn.linear`).
+                part = onednn_linear(grad[..., start:stop], rows.to(grad.dtype).t())
                 grad_x = part if grad_x is None else grad_x + part
         if ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)

@@ -374,8 +374,9 @@ class _HeadProducts:
         self.grad_weight: torch.Tensor | None = None
         if self.onednn:
             self.linear = matmul_nt
-            # d(x) = d(logits) W is a linear layer whose weight is W^T: made row-major once per call.
-            self.weight_t = weight.t().contiguous() if want_hidden else None
+            # d(x) = d(logits) W is a linear layer whose weight is W^T, given as the plain
+            # transpose of the row-major W: no (vocab x hidden) copy, and as fast a layout.
+            self.weight_t = weight.t() if want_hidden else None
         else:
             # One slice's logits, reused: a fresh multi-MB tensor per slice costs page faults.
             self.buffer = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
