@@ -8,6 +8,7 @@ its flags, calls one library function and prints what happened:
     tokenizer, data, pretrain, size          genforge/train/cli.py
     finetune, merge-models, merge-adapter    genforge/finetune/cli.py
     eval                                     genforge/evaluate/cli.py
+    prune                                    genforge/quantize/cli.py
     rag                                      genforge/rag/cli.py
     serve, bench                             genforge/serve/cli.py
 
@@ -26,12 +27,13 @@ from .console import console, print_error
 from .evaluate import cli as evaluate_cli
 from .finetune import cli as finetune_cli
 from .generate import cli as generate_cli
+from .quantize import cli as quantize_cli
 from .rag import cli as rag_cli
 from .serve import cli as serve_cli
 from .train import cli as train_cli
 
 # In the order `genforge --help` lists them.
-SUBSYSTEMS = (quickstart, generate_cli, train_cli, finetune_cli, evaluate_cli, rag_cli, serve_cli)
+SUBSYSTEMS = (quickstart, generate_cli, train_cli, finetune_cli, evaluate_cli, quantize_cli, rag_cli, serve_cli)
 
 # Exit status of a command whose reader closed stdout early: 128 + SIGPIPE, as a shell reports
 # for `cat`, `yes` or `seq` in `... | head`.
