@@ -27,9 +27,9 @@ from genforge.quantize.prune import (
     n_m_mask,
     n_m_masks,
     neuron_importance,
-    prune,
     prune_heads,
     prune_magnitude,
+    prune_model,
     prune_n_m,
     prune_neurons,
     remove_heads,
@@ -310,9 +310,9 @@ def test_bad_n_m_is_refused():
     with pytest.raises(PruneError, match="multiples of 5; these layers are not: blocks.0.attn.qkv"):
         n_m_masks(model, 2, 5)
     with pytest.raises(PruneError, match="give no sparsity"):
-        prune(model, "2:4", 0.5)
+        prune_model(model, "2:4", 0.5)
     with pytest.raises(PruneError, match="method must be one of"):
-        prune(model, "random", 0.5)
+        prune_model(model, "random", 0.5)
 
 
 def test_pruning_everything_is_refused():
@@ -323,7 +323,7 @@ def test_pruning_everything_is_refused():
     with pytest.raises(PruneError, match="leaves none"):
         prune_heads(model, 8, importance, unit="group")
     with pytest.raises(PruneError, match="would remove every head"):
-        prune(model, "heads", 0.9, calibration=IDS)
+        prune_model(model, "heads", 0.9, calibration=IDS)
     with pytest.raises(PruneError, match="would remove all 64 neurons"):
         prune_neurons(model, 0.999)
     with pytest.raises(PruneError, match="at least one"):
@@ -355,7 +355,7 @@ def test_head_counts_transformers_cannot_load_are_refused():
     with pytest.raises(PruneError, match="mixture-of-experts"):
         prune_neurons(moe, 0.5)
     with pytest.raises(PruneError, match="calibration"):
-        prune(tiny_model(**GQA), "heads", 0.25)
+        prune_model(tiny_model(**GQA), "heads", 0.25)
 
 
 def test_calibration_rows():

@@ -45,7 +45,7 @@ def cmd_prune(args) -> int:
 
     from ..checkpoint import load_model, read_generation_config, save_model
     from ..tokenizer import Tokenizer
-    from .prune import calibration_rows, prune
+    from .prune import calibration_rows, prune_model
 
     if args.method == "heads" and args.sparsity is None:
         raise ValueError("--method heads needs --sparsity (the share of each layer's heads to remove)")
@@ -60,7 +60,7 @@ def cmd_prune(args) -> int:
         seq_len = min(args.seq_len, model.config.max_position_embeddings)
         calibration = calibration_rows(ids, seq_len, args.samples)
         console.print(f"head importance on {len(calibration)} sequences of {seq_len} tokens from {source}")
-    result, _ = prune(model, args.method, args.sparsity, calibration, scope=args.scope, head_unit=args.head_unit)
+    result, _ = prune_model(model, args.method, args.sparsity, calibration, scope=args.scope, head_unit=args.head_unit)
     save_model(model, args.out, tokenizer, generation_config=read_generation_config(args.model))
     if result.config_changes:
         changes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in result.config_changes.items())

@@ -83,9 +83,9 @@ __all__ = [
     "n_m_masks",
     "neuron_importance",
     "parse_n_m",
-    "prune",
     "prune_heads",
     "prune_magnitude",
+    "prune_model",
     "prune_n_m",
     "prune_neurons",
     "remove_heads",
@@ -670,7 +670,7 @@ def prune_heads(model: Transformer, count: int, importance: torch.Tensor, unit: 
 
 
 # ------------------------------------------------------------------------------ one entry
-def prune(
+def prune_model(
     model: Transformer,
     method: str,
     sparsity: float | None = None,
