@@ -330,6 +330,17 @@ def test_pruning_everything_is_refused():
         remove_heads(model, [[], []])
 
 
+def test_a_sparsity_that_rounds_to_nothing_is_refused():
+    with pytest.raises(PruneError, match=r"rounds to 0 of the 2 key/value groups.*above 0.25"):
+        prune_model(tiny_model(**GQA), "heads", 0.25, calibration=IDS, head_unit="group")
+    with pytest.raises(PruneError, match=r"rounds to 0 of the 4 query heads of each group.*above 0.125"):
+        prune_model(tiny_model(**GQA), "heads", 0.1, calibration=IDS)
+    with pytest.raises(PruneError, match=r"rounds to 0 of the 64 neurons"):
+        prune_neurons(tiny_model(**GQA), 0.005)
+    model = tiny_model(**GQA)
+    assert prune_neurons(model, 0.0).config_changes == {}  # zero asks for nothing, and gets it
+
+
 def test_uneven_gqa_groups_are_refused():
     model = tiny_model(**GQA)
     importance = torch.rand(2, 8)

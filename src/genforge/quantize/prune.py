@@ -435,6 +435,11 @@ def prune_neurons(model: Transformer, sparsity: float, importance: torch.Tensor 
     count = _count_to_prune(sparsity, inner)
     if count >= inner:
         raise PruneError(f"sparsity {sparsity} would remove all {inner} neurons of each layer; use a smaller one")
+    if sparsity > 0 and count == 0:
+        raise PruneError(
+            f"sparsity {sparsity} rounds to 0 of the {inner} neurons of each layer, so nothing would be removed; "
+            f"use a sparsity above {0.5 / inner:g}"
+        )
     scores = neuron_importance(model) if importance is None else importance
     if tuple(scores.shape) != (len(model.blocks), inner):
         raise PruneError(f"importance must have shape (layers, intermediate_size) = {(len(model.blocks), inner)}")
@@ -709,4 +714,14 @@ def prune_model(
     count = heads_to_remove(model.config.num_heads, model.config.num_kv_heads, sparsity, head_unit)
     if count >= model.config.num_heads:
         raise PruneError(f"sparsity {sparsity} would remove every head; use a smaller one")
+    if sparsity > 0 and count == 0:
+        config = model.config
+        units = config.num_kv_heads if head_unit == "group" else config.num_heads // config.num_kv_heads
+        what = "key/value groups" if head_unit == "group" else "query heads of each group"
+        if config.num_heads == config.num_kv_heads and head_unit == "query":
+            units, what = config.num_heads, "heads"
+        raise PruneError(
+            f"sparsity {sparsity} rounds to 0 of the {units} {what}, so nothing would be removed; "
+            f"use a sparsity above {0.5 / units:g}"
+        )
     return prune_heads(model, count, head_importance(model, calibration), head_unit), {}
