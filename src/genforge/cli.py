@@ -8,9 +8,9 @@ its flags, calls one library function and prints what happened:
     tokenizer, data, pretrain, size          genforge/train/cli.py
     finetune, merge-models, merge-adapter    genforge/finetune/cli.py
     eval                                     genforge/evaluate/cli.py
+    prune, export                            genforge/quantize/cli.py
     rag                                      genforge/rag/cli.py
     serve, bench                             genforge/serve/cli.py
-    export                                   genforge/quantize/cli.py
 
 Results go to stdout, everything else (progress, notes, errors) to stderr through
 `genforge.console`.
@@ -33,7 +33,7 @@ from .serve import cli as serve_cli
 from .train import cli as train_cli
 
 # In the order `genforge --help` lists them.
-SUBSYSTEMS = (quickstart, generate_cli, train_cli, finetune_cli, evaluate_cli, rag_cli, serve_cli, quantize_cli)
+SUBSYSTEMS = (quickstart, generate_cli, train_cli, finetune_cli, evaluate_cli, quantize_cli, rag_cli, serve_cli)
 
 # Exit status of a command whose reader closed stdout early: 128 + SIGPIPE, as a shell reports
 # for `cat`, `yes` or `seq` in `... | head`.

@@ -15,9 +15,12 @@
    (the loss of predicting every token from its training frequency alone), the loss curve is
    saved, and samples are printed under three decoders (greedy, nucleus sampling, contrastive
    search).
+4. Fine-tuning: LoRA on that model, to write a function's docstring summary from its signature
+   (`finetune.tasks.docstring_task`, from standard-library files the pretraining sample left
+   out); held-out loss and exact match before and after, and the adapter in PEFT's format.
 
-`fast=True` (or GENFORGE_QUICKSTART_FAST=1) shrinks step 3 to a few seconds of training on a
-smaller sample, for tests.
+`fast=True` (or GENFORGE_QUICKSTART_FAST=1) shrinks steps 3 and 4 to a few seconds of training
+on a smaller sample, for tests.
 """
 
 from __future__ import annotations
@@ -575,13 +578,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge quickstart` to the top-level parser."""
     quick = sub.add_parser(
         "quickstart",
-        help="the main job on embedded data: search, generate, train a model from text in ~3 minutes",
-        description="Three steps, no download: (1) embed stdlib module docs with all-MiniLM-L6-v2 "
+        help="the main job on embedded data: search, generate, pretrain a model from text, fine-tune it with LoRA",
+        description="Four steps, no download: (1) embed stdlib module docs with all-MiniLM-L6-v2 "
         "through genforge's BERT and search them; (2) build, export, reload and stream "
         "from a small Llama-style model; (3) on the Python standard library's source, "
         "train a BPE tokenizer, prepare and dedup shards, pretrain a small Llama for "
         "about 3 minutes, report validation perplexity against a unigram baseline, "
-        "save the loss curve and print samples from three decoding settings.",
+        "save the loss curve and print samples from three decoding settings; (4) fine-tune "
+        "that model with LoRA to write a function's docstring summary from its signature, "
+        "with held-out loss and exact match before and after.",
     )
     quick.add_argument("--out", default="genforge-out/quickstart", help="where the models, shards and plots go")
     quick.add_argument(
