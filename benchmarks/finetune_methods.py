@@ -119,6 +119,9 @@ def run_one(spec: dict) -> dict:
         seq_len=SEQ_LEN - VIRTUAL_TOKENS if METHODS[spec["method"]].prompt else SEQ_LEN,
         progress=False,
     )
+    # finetune() seeds the Trainer after the method is installed: without this, each process
+    # starts torch's generator at a random seed and the adapter's initial weights differ by run.
+    torch.manual_seed(SEED)
     result = finetune(config).to_json()
     # The run's own figure is getrusage's, which on Linux starts a child at its parent's peak
     # (kept across exec): this process's high-water mark is read instead.
