@@ -27,6 +27,8 @@ the pair the goal compares, each get a small sweep, chosen by the development se
 the other methods run at their defaults.
 
 The goal (issue 16): LoRA at rank 8 reaches within 10% of full fine-tuning's held-out loss.
+Beside it, two partial full fine-tunings (`DIAGNOSTICS`, off with --no-diagnostics) show where
+a difference lies: only the layers LoRA adapts, at full rank, and only what LoRA leaves frozen.
 
     PYTHONPATH=src python benchmarks/finetune_methods.py   # writes benchmarks/results/finetune_methods.{json,md}
 """
