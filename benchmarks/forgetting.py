@@ -6,10 +6,11 @@ Everything is made on the spot, nothing is downloaded:
 
 - base model: a byte-level BPE tokenizer and a small Llama-style decoder, pretrained for a
   fixed number of steps on a deterministic sample of the Python standard library's source
-  (`genforge.quickstart.stdlib_source_files`);
+  (`finetune_base.pretrain_base`);
 - task A, arithmetic: "37+45=" -> "82" (two-digit sums);
 - task B, documentation: a standard-library function's signature ("def quote(string, safe='/',
-  ...):") -> the first line of its docstring.
+  ...):") and the docstring's opening quotes -> its one-line summary and the closing quotes
+  (`genforge.finetune.tasks.docstring_task`, from files the base was not pretrained on).
 
 Each task is a prompt/completion JSONL file with a seeded 10% held-out split (the same split in
 every run: `finetune.run.split_held_out` with one seed). Every stage is a `genforge finetune`
@@ -30,31 +31,25 @@ after A. The EWC Fisher is the per-example empirical Fisher over 256 of A's trai
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import random
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from finetune_base import SEQ_LEN, add_base_arguments, fitting_records, pretrain_base, pretraining_files, read_base
 from machine import describe
 
 from genforge.atomic import atomic_write_text
-from genforge.checkpoint import load_model, save_model
-from genforge.config import Config
+from genforge.checkpoint import load_model
 from genforge.finetune import SFTDataset, SFTRows
 from genforge.finetune.continual import task_loss
 from genforge.finetune.run import FinetuneConfig, finetune, split_held_out
-from genforge.model import Transformer
-from genforge.quickstart import stdlib_source_files
-from genforge.train import TokenDataset, TrainConfig, Trainer
-from genforge.train.tokenizer_training import train_tokenizer
+from genforge.finetune.tasks import docstring_task, write_jsonl
 
-SEQ_LEN = 128
 EVAL_FRACTION = 0.1
 SEED = 0
 
@@ -69,87 +64,13 @@ def arithmetic_records(count: int, seed: int) -> list[dict]:
     return records
 
 
-def docstring_records(count: int, seed: int) -> list[dict]:
-    """Signature -> first docstring line of the standard library's public top-level functions
-    (each name once), a seeded sample of `count`."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    seen, records = set(), []
-    for path in sorted(root.glob("*.py")):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or node.name in seen:
-                continue
-            doc = ast.get_docstring(node)
-            line = (doc or "").strip().split("\n")[0].strip()
-            if not 10 <= len(line) <= 100:
-                continue
-            signature = f"def {node.name}({ast.unparse(node.args)}):"
-            if len(signature) > 100:
-                continue
-            seen.add(node.name)
-            records.append({"prompt": f"{signature}\n    ", "completion": line})
-    random.Random(seed).shuffle(records)
-    return records[:count]
+def docstring_records(count: int, base: Path, seed: int) -> list[dict]:
+    """`count` of the documentation task's records (`finetune.tasks.docstring_task`) from the
+    standard-library files the base was not pretrained on, each short enough for a row."""
+    from genforge.tokenizer import Tokenizer
 
-
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
-# ------------------------------------------------------------------------------ the base model
-def pretrain_base(directory: Path, args) -> dict:
-    """A tokenizer and a small decoder trained on standard-library source; saved to `directory`."""
-    started = time.perf_counter()
-    files = stdlib_source_files(args.corpus_bytes)
-    texts = [path.read_text(encoding="utf-8", errors="replace") for path in files]
-    tokenizer = train_tokenizer(texts, vocab_size=args.vocab, model_max_length=SEQ_LEN).tokenizer
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id])
-    data = TokenDataset(ids, SEQ_LEN)
-    config = Config(
-        family="llama",
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=args.hidden * 8 // 3 // 16 * 16,
-        max_position_embeddings=SEQ_LEN,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(SEED)
-    model = Transformer(config)
-    train_config = TrainConfig(
-        out_dir=directory.parent / "pretrain-run",
-        max_steps=args.pretrain_steps,
-        batch_size=16,
-        lr=1e-2,
-        warmup_steps=max(1, args.pretrain_steps // 20),
-        seed=SEED,
-        progress=False,
-        export=False,
-    )
-    result = Trainer(model, data, train_config).train()
-    save_model(model, directory, tokenizer)
-    return {
-        "parameters": config.num_parameters(),
-        "hidden": args.hidden,
-        "layers": args.layers,
-        "vocab": tokenizer.vocab_size,
-        "corpus_files": len(files),
-        "corpus_tokens": len(ids),
-        "steps": args.pretrain_steps,
-        "final_train_loss": result.losses[-1][1],
-        "seconds": time.perf_counter() - started,
-    }
+    records = docstring_task(None, exclude=pretraining_files(read_base(base)), seed=seed)
+    return fitting_records(records, Tokenizer.from_dir(base), SEQ_LEN)[:count]
 
 
 # ------------------------------------------------------------------------------- measurement
@@ -175,10 +96,13 @@ def run(args) -> dict:
     started = time.perf_counter()
     base = work / "base"
     print("pretraining the base model on standard-library source ...", flush=True)
-    pretrained = pretrain_base(base, args)
+    pretrained = pretrain_base(
+        base, args.corpus_bytes, args.vocab, args.hidden, args.layers, args.pretrain_steps, seed=SEED
+    )
+    del pretrained["files"]  # the sample is the same for every run with these settings
     print(f"  {pretrained['parameters'] / 1e6:.2f}M parameters, {pretrained['seconds']:.0f}s", flush=True)
-    task_a = write_jsonl(work / "a.jsonl", arithmetic_records(args.examples, SEED))
-    task_b = write_jsonl(work / "b.jsonl", docstring_records(args.examples, SEED))
+    task_a = write_jsonl(arithmetic_records(args.examples, SEED), work / "a.jsonl")
+    task_b = write_jsonl(docstring_records(args.examples, base, SEED), work / "b.jsonl")
     rows_a, rows_b = held_out_rows(base, task_a), held_out_rows(base, task_b)
 
     common = dict(
@@ -230,7 +154,7 @@ def run(args) -> dict:
                 "held_out_examples": rows_a.num_examples,
             },
             "B": {
-                "what": "stdlib function signature -> first docstring line",
+                "what": "stdlib function signature -> its docstring summary",
                 "examples": _count_lines(task_b),
                 "held_out_examples": rows_b.num_examples,
             },
@@ -295,11 +219,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus-bytes", type=int, default=1_500_000, help="standard-library source to pretrain on")
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--pretrain-steps", type=int, default=200)
+    add_base_arguments(parser)
     parser.add_argument("--examples", type=int, default=1000, help="examples per task (B has fewer: the stdlib's)")
     parser.add_argument("--steps", type=int, default=80, help="fine-tuning steps per stage")
     parser.add_argument("--batch-size", type=int, default=8, help="packed rows per fine-tuning step")
