@@ -134,6 +134,9 @@ def test_each_method_trains_saves_and_decodes_as_trained(method, model_dir, data
     result = finetune(config)
     assert result.val_loss_after < result.val_loss_before
     assert 0 < result.trainable_share < 0.5
+    if method == "qlora":  # the NF4 weights count as the weights they hold: the share is LoRA's
+        lora = finetune(_config(model_dir, data_file, tmp_path / "lora", max_steps=1))
+        assert result.trainable_share == pytest.approx(lora.trainable_share)
     probe = torch.tensor([[5, 17, 3, 44, 90, 12]])
     if result.output_dir.name == "model":
         reloaded = load_model(result.output_dir)

@@ -694,9 +694,11 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, shared parameters counted once."""
+    """(trainable, total) parameter counts, shared parameters counted once; an NF4 layer's
+    quantized weight (buffers, not parameters) counts as the weights it holds."""
     parameters = list(model.parameters())
-    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, (NF4Linear, QLoraLinear)))
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters) + quantized
 
 
 def peft_names(model: nn.Module) -> dict[str, str]:

@@ -435,6 +435,13 @@ def _teacher_records(config: FinetuneConfig, records: list, path: Path, resume: 
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM, since getrusage in a child process
+    starts from its parent's peak; getrusage elsewhere."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
