@@ -445,7 +445,7 @@ class FinetunePlan:
     lr: float
 
 
-FULL_FINETUNE = FinetunePlan(records=None, held_out=128, steps=120, batch_size=16, rank=8, lr=5e-3)
+FULL_FINETUNE = FinetunePlan(records=None, held_out=128, steps=240, batch_size=16, rank=8, lr=1e-2)
 FAST_FINETUNE = FinetunePlan(records=160, held_out=16, steps=6, batch_size=8, rank=4, lr=5e-3)
 
 
