@@ -137,9 +137,7 @@ def run_one(spec: dict) -> dict:
             loaded = load_for_inference(result["output_dir"])
         else:
             loaded = load_for_inference(spec["base"], adapter=result["output_dir"])
-        result["exact_match"] = exact_match(
-            loaded.model, loaded.tokenizer, records, max_new_tokens=spec["max_new_tokens"]
-        )
+        result["exact_match"] = exact_match(loaded.model, loaded.tokenizer, records)
         result["exact_match_seconds"] = time.perf_counter() - started
     return result
 
@@ -281,7 +279,7 @@ def run(args) -> dict:
 
     loaded = load_for_inference(base)
     test_records = [json.loads(line) for line in task["test"].read_text().splitlines()]
-    base_match = exact_match(loaded.model, loaded.tokenizer, test_records, max_new_tokens=task["max_new_tokens"])
+    base_match = exact_match(loaded.model, loaded.tokenizer, test_records)
     by_method = {row["method"]: row for row in rows}
     goal = None
     if "full" in by_method and "lora" in by_method:

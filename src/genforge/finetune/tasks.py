@@ -89,19 +89,21 @@ def write_jsonl(records: Sequence[dict], path: str | Path) -> Path:
     return path
 
 
-def fits(tokenizer, record: dict, context: int) -> bool:
-    """Whether a prompt/completion record's tokens, and one more, fit in `context` positions:
-    the records a model of that context can be trained and scored on whole."""
+def fits(tokenizer, record: dict, context: int, extra_tokens: int = 4) -> bool:
+    """Whether a prompt/completion record's tokens, and `extra_tokens` more (see `exact_match`),
+    fit in `context` positions: the records a model of that context can be trained and scored
+    on whole."""
     ids = tokenizer.encode(record["prompt"] + record["completion"], add_special_tokens=False)
-    return len(ids) < context
+    return len(ids) + extra_tokens <= context
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, records: Sequence[dict], batch_size: int = 16) -> float:
+def exact_match(model, tokenizer, records: Sequence[dict], batch_size: int = 16, extra_tokens: int = 4) -> float:
     """The share of prompt/completion records whose greedy continuation of the prompt starts
     with the whole completion (the model may go on after it: what counts is that it said it).
-    A batch decodes one token more than its longest completion has; records join a batch while
-    its longest prompt and those tokens fit in the model's context (see `fits`)."""
+    A batch decodes `extra_tokens` more tokens than its longest completion has (the model may
+    split the same text into more tokens); records join a batch while its longest prompt and
+    those tokens fit in the model's context (see `fits`)."""
     from ..generate.generator import generate
     from ..generate.sampling import SamplingParams
 
@@ -110,7 +112,7 @@ def exact_match(model, tokenizer, records: Sequence[dict], batch_size: int = 16)
         (
             record,
             tokenizer.encode(record["prompt"], add_special_tokens=False),
-            len(tokenizer.encode(record["completion"], add_special_tokens=False)) + 1,
+            len(tokenizer.encode(record["completion"], add_special_tokens=False)) + extra_tokens,
         )
         for record in records
     ]
