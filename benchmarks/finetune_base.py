@@ -107,11 +107,37 @@ def pretrain_base(
 
 
 def read_base(directory: Path) -> dict:
-    """The `pretrain.json` of a base made by `pretrain_base`."""
+    """The `pretrain.json` of a base made by `pretrain_base`, or the same record for the model
+    `genforge quickstart` pretrains (`OUT/pretrain/run/model`, beside its run's metrics.jsonl)."""
     path = Path(directory) / PRETRAIN_RECORD
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {PRETRAIN_RECORD}: it was not made by pretrain_base")
-    return json.loads(path.read_text())
+    if path.is_file():
+        return json.loads(path.read_text())
+    metrics = Path(directory).parent / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {PRETRAIN_RECORD}: give a base made by pretrain_base or by genforge quickstart"
+        )
+    from genforge.checkpoint import read_config
+    from genforge.quickstart import FULL_PLAN
+
+    config = read_config(directory)
+    steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    files = stdlib_source_files(FULL_PLAN.corpus_bytes)
+    return {
+        "parameters": config.num_parameters(),
+        "hidden": config.hidden_size,
+        "layers": config.num_layers,
+        "vocab": config.vocab_size,
+        "corpus_bytes": FULL_PLAN.corpus_bytes,
+        "corpus_files": len(files),
+        "corpus_tokens": json.loads((Path(directory).parents[1] / "data" / "meta.json").read_text())["splits"]["train"][
+            "tokens"
+        ],
+        "steps": steps[-1]["step"],
+        "final_train_loss": steps[-1]["loss"],
+        "seconds": 0.0,
+        "files": [str(path) for path in files],
+    }
 
 
 def pretraining_files(record: dict) -> list[Path]:
