@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import describe
+from machine import describe, write_results
 
 SIDES = ("genforge", "peft", "genforge-qlora")
 BETAS, WEIGHT_DECAY, CLIP = (0.9, 0.95), 0.1, 1.0
@@ -475,7 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work)
         print(json.dumps(timing_run(work, args) if args.timing else memory_run(args.memory_of, work, args)))
         return 0
-    from genforge.atomic import atomic_write_text
 
     torch.set_num_threads(args.threads)  # the kernel floors run here
     with tempfile.TemporaryDirectory() as directory:
@@ -496,10 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     print(text)
     if not args.no_write:
-        directory = Path(args.out)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "finetune.json", json.dumps(result, indent=2))
-        atomic_write_text(directory / "finetune.md", text)
+        write_results(args.out, "finetune", result, text)
     return 0
 
 

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 from finetune_base import SEQ_LEN, add_base_arguments, fitting_records, pretrain_base, pretraining_files, read_base
-from machine import describe
+from machine import describe, write_results
 from torch import nn
 
 from genforge.atomic import atomic_write_text
@@ -441,10 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     print(text)
     if not args.no_write:
-        directory = Path(args.out)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "finetune_methods.json", json.dumps(result, indent=2))
-        atomic_write_text(directory / "finetune_methods.md", text)
+        write_results(args.out, "finetune_methods", result, text)
     return 0 if all(math.isfinite(row["val_loss_after"]) for row in result["rows"]) else 1
 
 

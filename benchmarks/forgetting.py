@@ -31,7 +31,6 @@ after A. The EWC Fisher is the per-example empirical Fisher over 256 of A's trai
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import sys
@@ -41,9 +40,8 @@ from pathlib import Path
 
 import torch
 from finetune_base import SEQ_LEN, add_base_arguments, fitting_records, pretrain_base, pretraining_files, read_base
-from machine import describe
+from machine import describe, write_results
 
-from genforge.atomic import atomic_write_text
 from genforge.checkpoint import load_model
 from genforge.finetune import SFTDataset, SFTRows
 from genforge.finetune.continual import task_loss
@@ -236,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     print(text)
     if not args.no_write:
-        directory = Path(args.out)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "forgetting.json", json.dumps(result, indent=2))
-        atomic_write_text(directory / "forgetting.md", text)
+        write_results(args.out, "forgetting", result, text)
     return 0 if all(math.isfinite(row["a_loss"]) for row in result["rows"]) else 1
 
 

@@ -1,7 +1,9 @@
-"""What machine a benchmark ran on: every results file records it next to its numbers."""
+"""What machine a benchmark ran on: every results file records it next to its numbers; and
+writing a benchmark's results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from pathlib import Path
@@ -34,3 +36,13 @@ def describe(**versions: str) -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def write_results(directory: str | Path, name: str, result: dict, markdown: str) -> None:
+    """`name.json` (the numbers) and `name.md` (the table) in `directory`, each written atomically."""
+    from genforge.atomic import atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / f"{name}.json", json.dumps(result, indent=2))
+    atomic_write_text(directory / f"{name}.md", markdown)

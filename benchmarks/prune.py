@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import tempfile
@@ -41,9 +40,9 @@ import time
 from pathlib import Path
 
 import torch
-from machine import describe
+from machine import describe, write_results
 
-from genforge.atomic import atomic_path, atomic_write_text
+from genforge.atomic import atomic_path
 from genforge.checkpoint import load_model, save_model
 from genforge.config import Config
 from genforge.evaluate import perplexity
@@ -421,11 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     print(text)
     if not args.no_write:
-        directory = Path(args.out)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "prune.json", json.dumps(result, indent=2))
-        atomic_write_text(directory / "prune.md", text)
-        plot(result, directory / "prune.png")
+        write_results(args.out, "prune", result, text)
+        plot(result, Path(args.out) / "prune.png")
     return 0 if all(math.isfinite(row["ppl_recovered"]) for row in result["rows"]) else 1
 
 
