@@ -28,6 +28,7 @@ result. These are inference layers: no gradient flows through the rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -65,10 +66,15 @@ class ActivationQuantError(ValueError):
 
 
 # --------------------------------------------------------------------------- integer products
+@functools.cache
+def _cpu_has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def _int_mm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.device.type == "cpu":
         # Without AVX-512 torch._int_mm is a scalar loop, slower than the fp32 fallback.
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        return _cpu_has_avx512()
     if a.device.type == "cuda":
         m, k = a.shape
         return m > 16 and k % 8 == 0 and b.shape[0] % 8 == 0
@@ -205,9 +211,10 @@ class _Int8WeightLinear(nn.Module):
         return x.reshape(-1, self.in_features).float()
 
     def _finish(self, accumulated: torch.Tensor, input_scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        out = accumulated.float() * (input_scale * self.weight_scale)
+        # In place on the fresh fp32 copy: a decode step's product is small, and allocations count.
+        out = accumulated.float().mul_(input_scale).mul_(self.weight_scale)
         if self.bias is not None:
-            out = out + self.bias
+            out.add_(self.bias)
         return out.reshape(*shape[:-1], self.out_features)
 
     def dequantized_weight(self) -> torch.Tensor:
