@@ -117,6 +117,9 @@ def test_nf4_round_trip_gives_identical_logits(tmp_path, tied):
     assert ("lm_head.weight" in saved) != tied  # a tied fp head is written once, as the embeddings
     assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tied
     assert is_quantized(tmp_path / "q")
+    save_quantized(loaded, tmp_path / "again", method="nf4")  # a loaded model saves again, the same
+    assert load_file(tmp_path / "again" / "model.safetensors").keys() == saved.keys()
+    assert torch.equal(_logits(load_quantized(tmp_path / "again")), _logits(model))
 
 
 def test_nf4_settings_survive_the_round_trip(tmp_path):
@@ -360,8 +363,9 @@ def test_cli_bad_inputs_are_one_line(chat_dirs, tmp_path, capsys):
         pretrain + ["--out", tmp_path / "pt", "--steps", "1"],
         "Train the floating-point model and quantize after",
     )
-    generate_argv = ["generate", "--model", quantized_dir, "--prompt", "x", "--dtype", "bfloat16"]
-    _one_line_error(capsys, generate_argv, "computes in float32")
+    generate_argv = ["generate", "--model", quantized_dir, "--prompt", "x"]
+    _one_line_error(capsys, generate_argv + ["--dtype", "bfloat16"], "computes in float32")
+    _one_line_error(capsys, generate_argv + ["--adapter", tmp_path], "an adapter is merged into floating-point weights")
 
 
 def test_cli_refuses_a_tampered_directory(chat_dirs, tmp_path, capsys):

@@ -145,7 +145,12 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
         "--include", nargs="+", default=None, metavar="PATTERN", help="only these linear layers (globs over names)"
     )
     parser.add_argument(
-        "--exclude", nargs="+", default=["lm_head"], metavar="PATTERN", help="linear layers kept in floating point"
+        "--exclude",
+        nargs="+",
+        default=["lm_head"],
+        metavar="PATTERN",
+        help="linear layers kept in floating point; the list replaces the default, so name lm_head in it to keep "
+        "the head in floating point",
     )
     calibration = parser.add_argument_group("calibration (methods that read text)")
     calibration.add_argument(
