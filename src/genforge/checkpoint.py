@@ -356,6 +356,7 @@ def load_model(
         config = read_config(directory)
     except ConfigError as err:
         raise CheckpointError(str(err)) from None
+    _refuse_quantized(directory, config)
     dtype = resolve_dtype(dtype, config.hf_extra, device)
     files = _weight_files(directory)
 
@@ -410,6 +411,27 @@ def load_model(
     model.tie_weights()
     model.rotary = RotaryEmbedding(config).to(device) if config.position == "rope" else None
     return model.eval()
+
+
+def _refuse_quantized(directory: Path, config: Config) -> None:
+    """A quantized checkpoint's integer tensors are not floating-point weights: say what it is and
+    what loads it, rather than fail on the first tensor's dtype."""
+    block = config.hf_extra.get("quantization_config")
+    if not isinstance(block, dict):
+        return
+    method = block.get("quant_method")
+    if method == "genforge":  # quantize.saved.QUANT_METHOD; not imported, so checkpoint stays below quantize
+        raise CheckpointError(
+            f"{directory} holds a model quantized by `genforge quantize` (method {block.get('method')!r}); "
+            "checkpoint.load_model reads floating-point weights only. genforge generate, chat, serve and eval ppl "
+            "load it as it is (genforge.quantize.load_quantized in Python). To train or convert it, start from the "
+            "floating-point model: fine-tune that and quantize after, or use --method qlora on it"
+        )
+    raise CheckpointError(
+        f"{directory} holds a checkpoint quantized with {method!r} (its config.json's quantization_config); "
+        "genforge loads floating-point checkpoints and its own quantized ones (`genforge quantize`). Load the "
+        "floating-point model and quantize it with `genforge quantize`"
+    )
 
 
 def _canonical(key: str, base: str) -> str:

@@ -208,8 +208,10 @@ class Config:
             tie_word_embeddings=self.tie_word_embeddings,
         )
         # Keys of older transformers releases that the fields above now express; keeping
-        # them could contradict what the writer wrote.
-        for stale in ("transformers_version", "rope_theta", "rope_scaling", "torch_dtype"):
+        # them could contradict what the writer wrote. A quantization_config describes the
+        # weights a checkpoint was read from, not this architecture: whoever writes quantized
+        # weights adds its own (quantize.saved).
+        for stale in ("transformers_version", "rope_theta", "rope_scaling", "torch_dtype", "quantization_config"):
             out.pop(stale, None)
         return out
 

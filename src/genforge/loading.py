@@ -4,6 +4,11 @@ Every command and server that decodes from a model directory starts the same way
 generation_config.json, load the tokenizer and the weights, gather the end-of-sequence ids
 (Llama 3 instruct models, for one, end turns with an id only generation_config.json lists)
 and pack the linear layers for CPU inference. `load_for_inference` is that start.
+
+A directory `genforge quantize` wrote (`quantize.saved`) loads through `quantize.load_quantized`
+instead of `checkpoint.load_model`, so every command that decodes runs a quantized model as
+it is; packing then packs the linear layers that stayed in floating point (the LM head, say)
+and leaves the quantized ones alone.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from .checkpoint import load_model, read_generation_config
 from .generate.request import end_of_sequence_ids
 from .inference import pack_for_cpu_inference
 from .model import Transformer
+from .quantize.saved import QuantizedCheckpointError, is_quantized, load_quantized
 from .tokenizer import Tokenizer
 
 __all__ = ["LoadedModel", "load_for_inference", "load_packed_model"]
@@ -68,9 +74,26 @@ def load_packed_model(
 
 
 def _load_adapted(directory, dtype, device, adapter) -> Transformer:
+    if is_quantized(directory):
+        return _load_quantized(directory, dtype, device, adapter)
     if adapter is None:
         return load_model(directory, dtype=dtype, device=device)
     from .finetune.attach import adapter_kind, attach_adapter
 
     adapter_kind(adapter)  # a bad adapter directory fails before the weights are read
     return attach_adapter(load_model(directory, dtype=dtype, device=device), adapter)
+
+
+def _load_quantized(directory, dtype, device, adapter) -> Transformer:
+    """A saved quantized model: it computes in float32, and an adapter cannot be merged into
+    quantized weights."""
+    if dtype not in (None, "auto", "float32", torch.float32):
+        raise QuantizedCheckpointError(
+            f"{directory} is a quantized model, which computes in float32; drop --dtype {dtype} (or give float32)"
+        )
+    if adapter is not None:
+        raise QuantizedCheckpointError(
+            f"{directory} is a quantized model; an adapter is merged into floating-point weights. Put {adapter} on "
+            "the floating-point model, then quantize the merged model (genforge merge-adapter, genforge quantize)"
+        )
+    return load_quantized(directory, device=device)

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..atomic import atomic_write_text
 from ..checkpoint import load_model, read_config, save_model
+from ..quantize.saved import read_quantization_config
 from ..swap import linear_names
 from ..tokenizer import Tokenizer
 from ..train.distributed import DistributedContext
@@ -392,6 +393,16 @@ def check_config(config: FinetuneConfig) -> None:
         raise FinetuneError(f"unknown method {config.method!r}; accepted: {', '.join(METHODS)}")
     if not (Path(config.model_dir) / "config.json").is_file():
         raise FinetuneError(f"{config.model_dir} is not a Hugging Face model directory (no config.json)")
+    quantized = read_quantization_config(config.model_dir)
+    if quantized is not None:
+        # Training changes weights (or adds an adapter merged into them later): neither has
+        # a meaning on integer codes. QLoRA quantizes the fp model itself, as it loads it.
+        trains = "the model's weights" if METHODS[config.method].output == "model" else "an adapter on fp layers"
+        raise FinetuneError(
+            f"{config.model_dir} is a quantized model (genforge quantize --method {quantized.get('method')}); "
+            f"--method {config.method} trains {trains}. Fine-tune the floating-point model and quantize after, or "
+            "use --method qlora on the floating-point model"
+        )
     for path in config.files() + config.eval_files():
         if not path.is_file():
             raise FinetuneError(f"data file {path} does not exist")

@@ -1,4 +1,5 @@
-"""Compression commands, registered by `genforge.cli`: `genforge prune` and `genforge export`.
+"""Compression commands, registered by `genforge.cli`: `genforge quantize`, `genforge prune` and
+`genforge export`.
 
 Each command parses its flags, calls one library function and reports (what it wrote as JSON on
 stdout, notes on stderr); a bad value is the library's one-line error.
@@ -17,7 +18,7 @@ from ..console import console
 DEFAULT_CALIBRATION_BYTES = 400_000
 
 
-def _calibration_text(path: str | None) -> str:
+def _calibration_text(path: str | None, default_bytes: int = DEFAULT_CALIBRATION_BYTES) -> str:
     if path is not None:
         try:
             return Path(path).read_text(encoding="utf-8")
@@ -25,8 +26,146 @@ def _calibration_text(path: str | None) -> str:
             raise ValueError(f"calibration file {path} does not exist") from None
     from ..quickstart import stdlib_source_files
 
-    files = stdlib_source_files(DEFAULT_CALIBRATION_BYTES)
+    files = stdlib_source_files(default_bytes)
     return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
+# Bytes of default calibration text per calibration token asked for: more than any tokenizer
+# spends on Python source (about 3 to 4), so the default text is long enough.
+_DEFAULT_TEXT_BYTES_PER_TOKEN = 8
+
+
+def calibration_token_rows(tokenizer, path: str | None, samples: int, sequence_length: int) -> list:
+    """`samples` rows of `sequence_length` token ids, each a (1, L) LongTensor, cut in order from
+    the text of `path` (default: the Python standard library's source, on every machine).
+    Refused (ValueError) when the text is too short for that many rows, saying how to give more."""
+    from .prune import calibration_rows
+
+    if samples < 1 or sequence_length < 2:
+        raise ValueError(
+            f"calibration needs --samples >= 1 and --sequence-length >= 2; got {samples}, {sequence_length}"
+        )
+    wanted = samples * sequence_length
+    text = _calibration_text(path, max(DEFAULT_CALIBRATION_BYTES, wanted * _DEFAULT_TEXT_BYTES_PER_TOKEN))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < wanted:
+        source = f"the calibration file {path}" if path else "the standard library's source"
+        raise ValueError(
+            f"{source} gives {len(ids)} tokens, fewer than --samples {samples} x --sequence-length {sequence_length} "
+            f"= {wanted}; give a longer --calibration file, or lower --samples or --sequence-length"
+        )
+    rows = calibration_rows(ids, sequence_length, samples)
+    return [row.unsqueeze(0) for row in rows]
+
+
+def cmd_quantize(args) -> int:
+    import time
+
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ..checkpoint import load_model, read_generation_config
+    from ..tokenizer import Tokenizer
+    from .methods import METHODS, QuantizeOptions, quantize_model
+    from .saved import save_quantized
+
+    started = time.perf_counter()
+    spec = METHODS[args.method]
+    has_tokenizer = (Path(args.model) / "tokenizer.json").exists()
+    if spec.needs_calibration and not has_tokenizer:
+        raise ValueError(f"{args.model} has no tokenizer.json; --method {args.method} tokenizes its calibration text")
+    if args.calibration is not None and not spec.needs_calibration:
+        console.print(f"[yellow]note:[/yellow] --method {args.method} needs no calibration; --calibration is not read")
+    generation_config = read_generation_config(args.model)
+    tokenizer = Tokenizer.from_dir(args.model) if has_tokenizer else None
+    model = load_model(args.model, dtype=torch.float32)
+    calibration = None
+    if spec.needs_calibration:
+        length = min(args.sequence_length, model.config.max_position_embeddings)
+        if length < args.sequence_length:
+            console.print(f"calibration rows of {length} tokens, the model's context (not {args.sequence_length})")
+        calibration = calibration_token_rows(tokenizer, args.calibration, args.samples, length)
+        source = args.calibration or "the standard library's source"
+        console.print(f"calibration: {len(calibration)} sequences of {length} tokens from {source}")
+    selection = QuantizeOptions(include=args.include, exclude=args.exclude)
+    total = len(selection.layer_names(model))  # a bad pattern fails here, before the bar is drawn
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[layer]}"))
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(f"quantizing ({args.method})", total=total, layer="")
+        options = QuantizeOptions(
+            bits=args.bits,
+            group_size=args.group_size,
+            include=args.include,
+            exclude=args.exclude,
+            progress=lambda name: bar.update(task, advance=1, layer=name),
+        )
+        summary = quantize_model(model, args.method, calibration, options)
+    if calibration is not None:
+        summary["details"]["calibration"] = {
+            "source": args.calibration or "python standard library source",
+            "samples": len(calibration),
+            "sequence_length": calibration[0].shape[1],
+        }
+    save_quantized(model, args.out, tokenizer, generation_config, method=args.method, details=summary)
+    summary = {"out": str(args.out), **summary, "seconds": round(time.perf_counter() - started, 2)}
+    console.print(
+        f"{args.method}: {summary['layers_quantized']} layers at {summary['bits_per_weight']:.2f} bits per weight; "
+        f"model {summary['bytes_before'] / 2**20:.2f} -> {summary['bytes_after'] / 2**20:.2f} MiB; wrote {args.out}"
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
+    from .methods import METHODS
+
+    parser = sub.add_parser(
+        "quantize",
+        help="quantize a model's linear layers and save it for genforge generate, chat, serve and eval",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Quantize the linear layers of a Hugging Face model directory and write a quantized model "
+        "directory (config.json with a quantization_config, safetensors, tokenizer) that genforge generate, chat, "
+        "serve and eval ppl load as it is. The LM head stays in floating point unless --exclude says otherwise. "
+        "Methods: "
+        + "; ".join(
+            f"{name}: {m.summary}{' (reads calibration text)' if m.needs_calibration else ''}"
+            for name, m in METHODS.items()
+        )
+        + ". Measure the cost with `genforge eval ppl`; see docs/compression.md.",
+        epilog="example: genforge quantize --model smollm/ --method nf4 --out smollm-nf4/",
+    )
+    parser.add_argument("--model", required=True, help="Hugging Face model directory (config.json, safetensors)")
+    parser.add_argument("--method", required=True, choices=list(METHODS), help="quantization method")
+    parser.add_argument("--out", required=True, help="directory to write the quantized model to")
+    parser.add_argument("--bits", type=int, default=None, help="weight bits, where the method offers a choice")
+    parser.add_argument(
+        "--group-size", type=int, default=None, help="input columns sharing a scale (nf4: its block size, 64)"
+    )
+    parser.add_argument(
+        "--include", nargs="+", default=None, metavar="PATTERN", help="only these linear layers (globs over names)"
+    )
+    parser.add_argument(
+        "--exclude",
+        nargs="+",
+        default=["lm_head"],
+        metavar="PATTERN",
+        help="linear layers kept in floating point; the list replaces the default, so name lm_head in it to keep "
+        "the head in floating point",
+    )
+    calibration = parser.add_argument_group("calibration (methods that read text)")
+    calibration.add_argument(
+        "--calibration", default=None, help="UTF-8 text file (default: the Python standard library's source)"
+    )
+    calibration.add_argument("--samples", type=int, default=128, help="calibration sequences")
+    calibration.add_argument(
+        "--sequence-length",
+        "--seq-len",
+        dest="sequence_length",
+        type=int,
+        default=512,
+        help="tokens per calibration sequence (at most the model's context)",
+    )
+    parser.set_defaults(func=cmd_quantize)
 
 
 def _method(value: str) -> str:
@@ -183,6 +322,7 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Add `genforge prune` and `genforge export` to the top-level parser."""
+    """Add `genforge quantize`, `genforge prune` and `genforge export` to the top-level parser."""
+    _add_quantize_command(sub)
     _add_prune_command(sub)
     _add_export_command(sub)

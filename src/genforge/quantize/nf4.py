@@ -74,6 +74,8 @@ NF4_LEVELS = torch.tensor(
 # over these midpoints, as bitsandbytes' CPU quantizer does.
 _NF4_MIDPOINTS = (NF4_LEVELS[:-1] + NF4_LEVELS[1:]) / 2
 
+# The dtypes an NF4 weight may have been quantized from (and dequantizes back to), by name.
+_WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # bitsandbytes' block sizes for 4-bit quantization.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # A zero block divides by this instead of 0 (bitsandbytes' clamp), so its values all map to 0.
@@ -132,24 +134,29 @@ class NF4Weight:
         return self.nested_absmax is not None
 
 
-def _check_weight(weight: torch.Tensor, blocksize: int, double_blocksize: int) -> None:
-    if not isinstance(weight, torch.Tensor):
-        raise NF4Error(f"NF4 quantizes a torch.Tensor; got {type(weight).__name__}")
-    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise NF4Error(f"NF4 quantizes float32, float16 or bfloat16 weights; got {weight.dtype}")
-    if weight.dim() != 2:
-        raise NF4Error(f"NF4 quantizes a 2-D (out_features, in_features) weight; got shape {tuple(weight.shape)}")
+def _check_layout(shape: torch.Size, blocksize: int, double_blocksize: int) -> None:
+    """Refuse a weight shape or block sizes NF4 cannot take (the checks that need no values)."""
+    if len(shape) != 2:
+        raise NF4Error(f"NF4 quantizes a 2-D (out_features, in_features) weight; got shape {tuple(shape)}")
     if blocksize not in BLOCKSIZES:
         raise NF4Error(f"blocksize must be one of {BLOCKSIZES} (bitsandbytes' sizes); got {blocksize!r}")
     if not isinstance(double_blocksize, int) or double_blocksize < 1:
         raise NF4Error(f"double_blocksize must be a positive int (bitsandbytes uses 256); got {double_blocksize!r}")
-    if weight.numel() == 0 or weight.numel() % blocksize:
+    if shape.numel() == 0 or shape.numel() % blocksize:
         # Padding would work, but a silently padded last block changes its absmax and the layout
         # other tools expect; linear layers' sizes are multiples of 64 in practice.
         raise NF4Error(
-            f"a weight of shape {tuple(weight.shape)} has {weight.numel()} values, not a (non-zero) multiple "
+            f"a weight of shape {tuple(shape)} has {shape.numel()} values, not a (non-zero) multiple "
             f"of blocksize {blocksize}; accepted: weights whose number of values is a multiple of the blocksize"
         )
+
+
+def _check_weight(weight: torch.Tensor, blocksize: int, double_blocksize: int) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise NF4Error(f"NF4 quantizes a torch.Tensor; got {type(weight).__name__}")
+    if weight.dtype not in _WEIGHT_DTYPES.values():
+        raise NF4Error(f"NF4 quantizes float32, float16 or bfloat16 weights; got {weight.dtype}")
+    _check_layout(weight.shape, blocksize, double_blocksize)
     if not torch.isfinite(weight).all():
         raise NF4Error(f"the weight of shape {tuple(weight.shape)} holds inf or NaN; NF4 needs finite values")
 
@@ -285,7 +292,12 @@ class NF4Linear(nn.Module):
     directly (as bitsandbytes' gemv_4bit does) is later work. The packed weight is stored as
     buffers named `weight` (codes), `weight_absmax`, `weight_nested_absmax` and
     `weight_nested_offset`, so the layer's state-dict keys keep its name.
+
+    A quantized layer kind (`kind = "nf4"`) of the saved format (`quantize.saved`): `settings()`
+    and `empty(...)` describe and rebuild it.
     """
+
+    kind = "nf4"
 
     def __init__(self, q: NF4Weight, bias: torch.Tensor | None = None, chunk_values: int = 1 << 24) -> None:
         super().__init__()
@@ -305,6 +317,53 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
         """An `NF4Linear` holding `linear`'s weight in NF4 and its bias as it was."""
         return cls(quantize_nf4(linear.weight, blocksize, double_quant), linear.bias)
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        double_blocksize: int = 256,
+        dtype: str = "float32",
+    ) -> NF4Linear:
+        """A shell with zero tensors shaped and typed as `quantize_nf4` makes them for an
+        (out_features, in_features) weight of `dtype` with these settings, for
+        `load_state_dict(..., assign=True)` to fill (the saved format's loader)."""
+        if dtype not in _WEIGHT_DTYPES:
+            raise NF4Error(f"NF4 weight dtype must be one of {', '.join(_WEIGHT_DTYPES)}; got {dtype!r}")
+        if not isinstance(double_quant, bool):
+            raise NF4Error(f"double_quant is true or false; got {double_quant!r}")
+        shape = torch.Size((out_features, in_features))
+        _check_layout(shape, blocksize, double_blocksize)
+        blocks = shape.numel() // blocksize
+        codes = torch.zeros(shape.numel() // 2, dtype=torch.uint8)
+        if double_quant:
+            q = NF4Weight(
+                codes,
+                torch.zeros(blocks, dtype=torch.uint8),
+                shape,
+                _WEIGHT_DTYPES[dtype],
+                blocksize,
+                torch.zeros(-(-blocks // double_blocksize), dtype=torch.float32),
+                torch.zeros((), dtype=torch.float32),
+                double_blocksize,
+            )
+        else:
+            absmax = torch.zeros(blocks, dtype=torch.float32)
+            q = NF4Weight(codes, absmax, shape, _WEIGHT_DTYPES[dtype], blocksize, double_blocksize=double_blocksize)
+        return cls(q, torch.zeros(out_features) if bias else None)
+
+    def settings(self) -> dict:
+        """What `empty` needs beyond the shapes and bias, as JSON values."""
+        return {
+            "blocksize": self.blocksize,
+            "double_quant": self.weight_nested_absmax is not None,
+            "double_blocksize": self.double_blocksize,
+            "dtype": {v: k for k, v in _WEIGHT_DTYPES.items()}[self.dtype],
+        }
 
     def quantized_weight(self) -> NF4Weight:
         """The stored weight as an `NF4Weight`."""

@@ -149,6 +149,18 @@ def _optional_tokenizer(args):
     return Tokenizer.from_dir(directory)
 
 
+def _refuse_quantized_start(model_dir: str) -> None:
+    from ..quantize.saved import read_quantization_config
+
+    quantized = read_quantization_config(model_dir)
+    if quantized is not None:
+        raise ValueError(
+            f"{model_dir} is a quantized model (genforge quantize --method {quantized.get('method')}); training "
+            "updates floating-point weights. Train the floating-point model and quantize after (genforge quantize), "
+            "or fine-tune it with --method qlora (genforge finetune)"
+        )
+
+
 def cmd_pretrain(args) -> int:
     import torch
 
@@ -174,6 +186,8 @@ def cmd_pretrain(args) -> int:
         fsdp=args.fsdp,
         mlm_probability=args.mlm_probability,
     )
+    if args.init_weights:
+        _refuse_quantized_start(args.model)
     config.validate()  # before the text is tokenized and the model built
     # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA) and take this rank's GPU.
     context, config.device = init_distributed(args.device)
