@@ -22,7 +22,8 @@ from torch.ao.quantization import (
     quantize_dynamic,
 )
 
-from genforge.quantize.activation import LAYER_KINDS, quantize_activations
+from genforge.quantize.activation import quantize_activations
+from genforge.quantize.saved import LAYER_KINDS
 from genforge.quantize.llm_int8 import Int8MixedLinear, outlier_columns
 from genforge.quantize.observers import HistogramObserver, calibrate, make_observer
 from genforge.quantize.smoothquant import smooth_model, smoothing_factors, smoothing_pairs

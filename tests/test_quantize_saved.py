@@ -379,7 +379,7 @@ def test_cli_refuses_a_tampered_directory(chat_dirs, tmp_path, capsys):
     config["quantization_config"]["layers"]["blocks.0.attn.o"]["kind"] = "int3"
     unknown = shutil.copytree(quantized_dir, tmp_path / "unknown")
     (unknown / "config.json").write_text(json.dumps(config))
-    _one_line_error(capsys, ["eval", "ppl", "--model", unknown, "--text", unknown / "config.json"], "known kinds: nf4")
+    _one_line_error(capsys, ["eval", "ppl", "--model", unknown, "--text", unknown / "config.json"], "which this genforge does not know; known kinds:")
 
 
 # ------------------------------------------------------------------------ calibration

@@ -39,20 +39,12 @@ from .w8a8 import (
 
 __all__ = [
     "ACTIVATION_METHODS",
-    "LAYER_KINDS",
     "quantize_activations",
     "quantize_dynamic",
     "quantize_llm_int8",
     "quantize_smoothquant",
     "quantize_static",
 ]
-
-# kind -> layer class, for a loader that rebuilds saved layers with `empty(...)`.
-LAYER_KINDS: dict[str, type[nn.Module]] = {
-    DynamicInt8Linear.kind: DynamicInt8Linear,
-    StaticInt8Linear.kind: StaticInt8Linear,
-    Int8MixedLinear.kind: Int8MixedLinear,
-}
 
 
 def _selected(model: nn.Module, include, exclude) -> list[str]:

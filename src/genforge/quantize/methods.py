@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..swap import linear_names
+from .activation import ACTIVATION_METHODS
 from .nf4 import NF4Linear, quantize_linears_nf4
 from .saved import quantized_layers
 
@@ -86,8 +87,38 @@ def _nf4(model: nn.Module, calibration: list[torch.Tensor] | None, options: Quan
     return {"blocksize": blocksize, "double_quant": True}
 
 
+def _activation(method: str) -> Callable[[nn.Module, list[torch.Tensor] | None, QuantizeOptions], dict]:
+    """An activation method of `quantize.activation` (W8A8 weights and inputs) as a table entry."""
+
+    def run(model: nn.Module, calibration: list[torch.Tensor] | None, options: QuantizeOptions) -> dict:
+        if options.bits not in (None, 8) or options.group_size is not None:
+            raise ValueError(
+                f"{method} quantizes weights and inputs to 8 bits per output channel; drop --bits/--group-size"
+            )
+        details = ACTIVATION_METHODS[method](
+            model, calibration, {"include": options.include, "exclude": options.exclude}
+        )
+        for name in details["layers"]:
+            options.progress(name)
+        return details
+
+    return run
+
+
 METHODS: dict[str, QuantizeMethod] = {
     "nf4": QuantizeMethod(_nf4, False, "4-bit NormalFloat with double quantization (QLoRA), round to nearest"),
+    "dynamic": QuantizeMethod(
+        _activation("dynamic"), False, "W8A8: int8 weights, inputs quantized per token at run time"
+    ),
+    "static": QuantizeMethod(
+        _activation("static"), True, "W8A8: int8 weights, inputs on a grid calibrated once (min-max)"
+    ),
+    "smoothquant": QuantizeMethod(
+        _activation("smoothquant"), True, "W8A8 after moving input outliers into the weights (SmoothQuant, alpha 0.5)"
+    ),
+    "llm_int8": QuantizeMethod(
+        _activation("llm_int8"), False, "int8 with outlier input features (|x| > 6) in floating point (LLM.int8())"
+    ),
 }
 
 
