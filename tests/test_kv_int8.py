@@ -18,9 +18,11 @@ from genforge.cache import (
 )
 from genforge.config import Config
 from genforge.generate.beam import BeamOptions
+from genforge.generate.contrastive import ContrastiveDecodingOptions
 from genforge.generate.decode import decode
 from genforge.generate.request import DecodeRequest, DecodeRequestError
 from genforge.generate.sampling import SamplingParams
+from genforge.generate.speculative import SpeculativeOptions
 from genforge.quantize.grid import quantize_int8
 from genforge.serve.engine import Engine, Request
 from genforge.serve.paged_cache import PagedKVCache
@@ -160,15 +162,17 @@ def test_int8_greedy_tokens_agree_with_fp32_on_a_random_model_for_every_strategy
     agree = sum(a == b for x, y in zip(fp32, int8) for a, b in zip(x.token_ids, y.token_ids))
     assert agree / (len(prompts) * 12) >= 0.99
     # Beam search reorders cache rows (select), speculative decoding crops them, contrastive
-    # search shares a position across rows: each runs on the int8 cache and, on this model,
-    # gives what fp32 gives.
+    # search shares a position across rows, contrastive decoding runs two models: each runs on
+    # the int8 cache and, on this model, gives what fp32 gives.
     runs = [
         ("beam", BeamOptions(num_beams=3)),
         ("prompt-lookup", None),
+        ("speculative", SpeculativeOptions(draft=tiny_model(1).eval())),  # the draft's cache is int8 too
         ("contrastive", None),
+        ("contrastive-decoding", ContrastiveDecodingOptions(amateur=tiny_model(2).eval())),
     ]
     for strategy, options in runs:
-        batch = prompts[:1] if strategy == "prompt-lookup" else prompts[:3]
+        batch = prompts[:1] if strategy in ("prompt-lookup", "speculative") else prompts[:3]
         ours = decode(strategy, model, None, batch, GREEDY, options, eos_token_ids=[], kv_cache_dtype="int8")
         plain = decode(strategy, model, None, batch, GREEDY, options, eos_token_ids=[])
         assert [o.token_ids for o in ours] == [o.token_ids for o in plain], strategy
