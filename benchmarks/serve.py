@@ -30,6 +30,12 @@ rate, warmed the same way, so its prefix cache never holds a timed prompt.
     python benchmarks/serve.py                      # default: a random 4-layer Llama
     python benchmarks/serve.py --model DIR --num-requests 200 --rates 2,8,inf
     python benchmarks/serve.py --profile-step --threads 1   # where one 32-row decode step goes
+    python benchmarks/serve.py --kv-budget-mib 16 --max-concurrency 64 --num-requests 64
+
+`--kv-budget-mib` runs, instead, genforge's engine alone at one KV-cache memory budget with an
+fp32 and with an int8 KV cache (`kv_cache_dtype`), all requests waiting at once, alternating
+the two `--repeats` times: the blocks the budget buys, the most sequences running in one step,
+preemptions and output tokens/s (results/serve_kv_int8.json and .md).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from machine import describe
+from machine import describe, write_results
 
 from genforge.serve.bench import RequestRecord, markdown_report, poisson_offsets, summarize
 
@@ -68,6 +74,7 @@ class Trace:
 
     arrival: list[float]
     token_times: list[list[float]] = field(default_factory=list)
+    max_running: int = 0  # genforge: the most sequences that ran in one step
 
 
 def make_workload(
@@ -84,9 +91,14 @@ def make_workload(
 
 # ------------------------------------------------------------------------------ systems
 def warmed_engine(
-    model, warmup: Workload, max_concurrency: int, token_budget: int, resident_kv_memory: int | None = None
+    model,
+    warmup: Workload,
+    max_concurrency: int,
+    token_budget: int,
+    resident_kv_memory: int | None = None,
+    **engine_options,
 ):
-    """A new engine that has served `warmup` (untimed)."""
+    """A new engine that has served `warmup` (untimed); `engine_options` go to `Engine`."""
     from genforge.serve.engine import Engine
 
     engine = Engine(
@@ -96,6 +108,7 @@ def warmed_engine(
         max_num_batched_tokens=token_budget,
         eos_token_ids=[],
         resident_kv_memory=resident_kv_memory,
+        **engine_options,
     )
     run_genforge(engine, warmup, max_concurrency)
     return engine
@@ -121,6 +134,8 @@ def run_genforge(engine, workload: Workload, max_concurrency: int) -> Trace:
             continue
         outputs = engine.step()
         stamp = time.perf_counter() - start
+        ran = len(engine.scheduler.running) + sum(out.finished for out in outputs)
+        trace.max_running = max(trace.max_running, ran)
         for out in outputs:
             trace.token_times[int(out.request_id)].extend([stamp] * len(out.token_ids))
             in_flight -= out.finished
@@ -295,6 +310,102 @@ def profile_step(model, num_rows: int, steps: int, resident_kv_memory: int | Non
     return per_step
 
 
+# ------------------------------------------------------------------ KV cache dtype
+def kv_cache_dtype_comparison(model, args) -> dict:
+    """genforge at one KV memory budget with an fp32 and with an int8 KV cache: the same
+    all-at-once workload, each cache `args.repeats` times, alternating; a fresh engine per run,
+    warmed on other prompts. Per cache: blocks, the most sequences running in one step,
+    preemptions, and the run with the median output tokens/s."""
+    from genforge.serve.paged_cache import PagedKVCache
+
+    budget = int(args.kv_budget_mib * 2**20)
+    config = model.config
+    lengths = (args.input_len, args.output_len, args.range_ratio, config.vocab_size)
+    workload = make_workload(args.num_requests, float("inf"), *lengths, args.seed)
+    warmup = make_workload(args.max_concurrency, float("inf"), *lengths, args.seed + 1)
+    # The engine keeps room for one sequence of max_model_len, which at the model's own context
+    # (2048 for the default model: 16 MiB in fp32) could be the whole budget: serve the
+    # workload's longest instead.
+    longest = max(len(p) + n for w in (workload, warmup) for p, n in zip(w.prompts, w.output_lengths))
+    runs: dict[str, list[dict]] = {"auto": [], "int8": []}
+    for repeat in range(args.repeats):
+        for kv_cache_dtype in ("auto", "int8") if repeat % 2 == 0 else ("int8", "auto"):
+            engine = warmed_engine(
+                model,
+                warmup,
+                args.max_concurrency,
+                args.token_budget,
+                args.resident_kv_memory,
+                kv_cache_memory=budget,
+                kv_cache_dtype=kv_cache_dtype,
+                max_model_len=longest,
+            )
+            preempted = engine.scheduler.num_preemptions
+            trace = run_genforge(engine, workload, args.max_concurrency)
+            summary = summarize_trace(trace, workload)
+            summary |= {
+                "kv_blocks": engine.blocks.num_blocks,
+                "bytes_per_block": PagedKVCache.bytes_per_block(
+                    config, engine.blocks.block_size, model.dtype, kv_cache_dtype
+                ),
+                "max_running": trace.max_running,
+                "preemptions": engine.scheduler.num_preemptions - preempted,
+            }
+            runs[kv_cache_dtype].append(summary)
+            print(
+                f"kv {kv_cache_dtype:>4} repeat {repeat + 1}: {summary['kv_blocks']} blocks, "
+                f"{trace.max_running} running at most, {summary['preemptions']} preemptions, "
+                f"{summary['output_tokens_per_s']:7.1f} output tok/s",
+                flush=True,
+            )
+    chosen = {}
+    for name, summaries in runs.items():
+        median = sorted(summaries, key=lambda r: r["output_tokens_per_s"])[(len(summaries) - 1) // 2]
+        chosen[name] = {**median, "output_tokens_per_s_repeats": [r["output_tokens_per_s"] for r in summaries]}
+    ratios = [i["output_tokens_per_s"] / a["output_tokens_per_s"] for i, a in zip(runs["int8"], runs["auto"])]
+    return {
+        "kv_budget_bytes": budget,
+        "max_model_len": longest,
+        "block_size": engine.blocks.block_size,
+        "runs": chosen,
+        "int8_over_fp32_tokens_per_s_repeats": [round(r, 3) for r in ratios],
+        "int8_over_fp32_max_running": chosen["int8"]["max_running"] / chosen["auto"]["max_running"],
+    }
+
+
+def kv_markdown(results: dict) -> str:
+    comparison = results["kv_cache"]
+    machine = ", ".join(f"{k} {v}" for k, v in results["machine"].items())
+    load = results["load_average"]
+    ratios = comparison["int8_over_fp32_tokens_per_s_repeats"]
+    lines = [
+        f"Machine: {machine}. Model: {results['model']}. Workload: {results['workload']}. Torch threads: "
+        f"{results['threads']}; 1-minute load average {load['before']} before the run and {load['after']} after "
+        "(the machine was shared with other jobs: compare the two rows with each other, not with other results).",
+        "",
+        f"## genforge engine at a {comparison['kv_budget_bytes'] / 2**20:g} MiB KV-cache budget: fp32 vs int8 KV cache",
+        "",
+        "| KV cache | bytes per block | blocks | most running at once | preemptions | out tok/s (median) "
+        "| out tok/s (repeats) | TTFT p50 | TPOT p50 | e2e p50 |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for name, label in (("auto", "fp32 (auto)"), ("int8", "int8")):
+        run = comparison["runs"][name]
+        repeats = ", ".join(f"{t:.0f}" for t in run["output_tokens_per_s_repeats"])
+        lines.append(
+            f"| {label} | {run['bytes_per_block']} | {run['kv_blocks']} | {run['max_running']} | {run['preemptions']} "
+            f"| {run['output_tokens_per_s']:.1f} | {repeats} | {run['ttft']['p50_ms']:.0f} ms "
+            f"| {run['tpot']['p50_ms']:.1f} ms | {run['e2e']['p50_ms']:.0f} ms |"
+        )
+    lines += [
+        "",
+        f"int8 runs {comparison['int8_over_fp32_max_running']:.2f}x the sequences at once; its output tokens/s "
+        f"over fp32's, repeat by repeat: {', '.join(f'{r:.2f}x' for r in ratios)}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- metrics
 def summarize_trace(trace: Trace, workload: Workload) -> dict:
     """vLLM's serving metrics (genforge.serve.bench.summarize) from per-token timestamps."""
@@ -403,7 +514,15 @@ def main(argv=None) -> int:
         help="genforge's resident K/V buffer limit in bytes (default: the block pool's size; "
         "0: gather blocks every step)",
     )
+    parser.add_argument(
+        "--kv-budget-mib",
+        type=float,
+        default=None,
+        help="instead of the benchmark: genforge alone at this KV-cache memory budget, fp32 against int8 KV cache",
+    )
     args = parser.parse_args(argv)
+    if args.kv_budget_mib is not None and args.kv_budget_mib <= 0:
+        parser.error("--kv-budget-mib must be > 0")
     if args.resident_kv_memory is not None and args.resident_kv_memory < 0:
         parser.error("--resident-kv-memory must be >= 0 bytes")
     if args.repeats < 1:
@@ -431,6 +550,24 @@ def main(argv=None) -> int:
         )
         for part, ms in sorted(parts.items(), key=lambda item: -item[1]):
             print(f"  {part:<22} {ms:7.2f}")
+        return 0
+    if args.kv_budget_mib is not None:
+        load_before = os.getloadavg()[0]
+        results = {
+            "machine": describe(),
+            "model": args.model or "random Llama d=256 L=4 vocab=8192",
+            "workload": (
+                f"{args.num_requests} requests all at once, input {args.input_len} and output {args.output_len} "
+                f"tokens +-{args.range_ratio:.0%}, max concurrency {args.max_concurrency}, greedy, fp32 model"
+            ),
+            "kv_cache": kv_cache_dtype_comparison(ours, args),
+            "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+        }
+        text = kv_markdown(results)
+        write_results(Path(args.out).parent, "serve_kv_int8", results, text)
+        print(text)
         return 0
     systems = args.systems.split(",")
     results = {

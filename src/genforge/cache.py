@@ -15,6 +15,51 @@ import torch
 
 from .config import Config
 
+# What a cache stores keys and values as: "auto" the model's dtype, "int8" int8 codes with
+# fp32 scales per token and head.
+KV_CACHE_DTYPES = ("auto", "int8")
+INT8_MAX = 127
+# An all-zero vector gets this scale instead of 0 (as quantize.grid does), so it stays zeros.
+_TINY_SCALE = 1e-12
+SCALE_BYTES = 4  # one fp32 scale
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
+    """`kv_cache_dtype` if it is one of `KV_CACHE_DTYPES`, else a ValueError saying which are."""
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}; got {kv_cache_dtype!r}"
+        )
+    return kv_cache_dtype
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys or values (..., head_dim) as int8 codes (same shape) and fp32 scales (..., 1): one
+    symmetric absmax scale per vector, i.e. per token and head. Rounds as `quantize.grid`'s
+    INT8 grid does (the cache sits below `quantize/` in the layers, so it cannot import it;
+    the tests hold the two equal)."""
+    x = x.float()
+    scales = (x.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp_(min=_TINY_SCALE)
+    codes = torch.round(x / scales).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return codes, scales
+
+
+def dequantize_kv(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """codes * scales: the keys or values that `quantize_kv` stored (into `out` if given, which
+    may be of the model's dtype)."""
+    return torch.mul(codes, scales, out=out)
+
+
+def kv_cache_bytes_per_token(config: Config, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes one token's keys and values take over all layers: head_dim values of `dtype` per
+    head, or with "int8" head_dim int8 codes and one fp32 scale per head."""
+    check_kv_cache_dtype(kv_cache_dtype)
+    if kv_cache_dtype == "int8":
+        per_head = config.head_dim + SCALE_BYTES
+    else:
+        per_head = config.head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * per_head
+
 
 class KVCache(Protocol):
     """What the model needs from a cache.
@@ -101,3 +146,127 @@ class ContiguousKVCache:
         """Keep (and reorder, or repeat) batch rows, as beam search does after each step."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
+
+    def share_position(self, source_rows: torch.Tensor, position: int) -> None:
+        """Make every row's entry at `position` a copy of row `source_rows[row]`'s (contrastive
+        search: a prompt's candidate rows differ only at their newest position)."""
+        for keys, values in zip(self.keys, self.values):
+            keys[:, :, position] = keys[source_rows, :, position]
+            values[:, :, position] = values[source_rows, :, position]
+
+
+class Int8ContiguousKVCache:
+    """`ContiguousKVCache` with keys and values stored as int8 codes and fp32 scales per token
+    and head (module docstring): quantized on write, dequantized on read.
+
+    `update` returns every stored position dequantized, the new ones too, so a position's keys
+    are the same whether it came in a prompt or a decode step. The dequantized keys and values
+    go into one reused workspace in the model's dtype (`dtype`), sized for one layer at full
+    capacity: a layer's attention consumes them before the next layer asks, so two buffers
+    serve all layers. `memory` counts what is stored, not that workspace.
+    """
+
+    row_runs = None
+
+    def __init__(
+        self,
+        config: Config,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+        scale_shape = (*shape[:3], 1)
+        layers = range(config.num_layers)
+        self.key_codes = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in layers]
+        self.value_codes = [torch.zeros(shape, dtype=torch.int8, device=device) for _ in layers]
+        self.key_scales = [torch.zeros(scale_shape, dtype=torch.float32, device=device) for _ in layers]
+        self.value_scales = [torch.zeros(scale_shape, dtype=torch.float32, device=device) for _ in layers]
+        self.dtype, self.device = dtype, torch.device(device)
+        self.bytes_per_token = kv_cache_bytes_per_token(config, dtype, "int8")
+        self.capacity = capacity
+        self.length = 0
+        self._dequantized = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_codes[0].shape[0]
+
+    @property
+    def memory(self) -> int:
+        """Bytes of codes and scales held, over all layers, keys and values."""
+        return self.batch_size * self.capacity * self.bytes_per_token
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + keys.shape[2]
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: {end} positions needed but the cache holds {self.capacity}; "
+                "create it with a larger capacity (prompt length + max new tokens)"
+            )
+        out = []
+        for which, (new, codes, scales) in enumerate(
+            (
+                (keys, self.key_codes[layer], self.key_scales[layer]),
+                (values, self.value_codes[layer], self.value_scales[layer]),
+            )
+        ):
+            codes[:, :, start:end], scales[:, :, start:end] = quantize_kv(new)
+            out.append(dequantize_kv(codes[:, :, :end], scales[:, :, :end], out=self._workspace(which)[:, :, :end]))
+        return out[0], out[1]
+
+    def _workspace(self, which: int) -> torch.Tensor:
+        """The reused (batch, kv_heads, capacity, head_dim) destination of one dequantized layer."""
+        shape = self.key_codes[0].shape
+        numel = shape.numel()
+        if self._dequantized[which].numel() < numel:
+            self._dequantized[which] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._dequantized[which][:numel].view(shape)
+
+    def advance(self, num_new: int) -> None:
+        self.length += num_new
+
+    def _tensors(self) -> list[list[torch.Tensor]]:
+        return [self.key_codes, self.value_codes, self.key_scales, self.value_scales]
+
+    def add_capacity(self, extra: int) -> None:
+        """As `ContiguousKVCache.add_capacity`."""
+        if extra < 0:
+            raise ValueError(f"extra capacity must be >= 0, got {extra}")
+        if extra:
+            for tensors in self._tensors():
+                tensors[:] = [torch.cat((t, t.new_zeros(*t.shape[:2], extra, t.shape[3])), dim=2) for t in tensors]
+            self.capacity += extra
+
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding's rollback)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        self.length = length
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) batch rows, as beam search does after each step."""
+        for tensors in self._tensors():
+            tensors[:] = [t.index_select(0, rows) for t in tensors]
+
+    def share_position(self, source_rows: torch.Tensor, position: int) -> None:
+        """As `ContiguousKVCache.share_position`."""
+        for tensors in self._tensors():
+            for t in tensors:
+                t[:, :, position] = t[source_rows, :, position]
+
+
+def make_kv_cache(
+    config: Config,
+    batch_size: int,
+    capacity: int,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    kv_cache_dtype: str = "auto",
+) -> ContiguousKVCache | Int8ContiguousKVCache:
+    """The contiguous cache for `kv_cache_dtype` ("auto": keys and values in `dtype`, the
+    model's; "int8": `Int8ContiguousKVCache`)."""
+    if check_kv_cache_dtype(kv_cache_dtype) == "int8":
+        return Int8ContiguousKVCache(config, batch_size, capacity, dtype, device)
+    return ContiguousKVCache(config, batch_size, capacity, dtype, device)

@@ -48,7 +48,6 @@ from numbers import Integral, Real
 
 import torch
 
-from ..cache import ContiguousKVCache
 from ..model import Transformer
 from .generator import continuation_text
 from .processors import DecodeContext, LogitsProcessor, apply_processors
@@ -235,7 +234,6 @@ def run_beam_search(
     stop_strings = request.params.stop
     eos = list(request.eos_token_ids)
     processors = request.logits_processors(processors, sampling=do_sample)
-    config = model.config
     device, batch = model.device, len(prompts)
     longest = max(len(p) for p in prompts)
     capacity = longest + max_new_tokens
@@ -264,7 +262,7 @@ def run_beam_search(
         return torch.tensor(hit, device=candidate_tokens.device).view(candidate_tokens.shape[:2])
 
     stop_check = hits_stop_string if stop_strings else None
-    cache = ContiguousKVCache(config, batch, capacity, dtype=model.dtype, device=device)
+    cache = request.kv_cache(model, batch, capacity)
     with torch.inference_mode():
         # The prompt is run once per prompt, not once per beam; the cache rows are then repeated.
         out = model(prompt_tokens[:, :longest], attention_mask=mask[:, :longest], cache=cache, logits_to_keep=1)

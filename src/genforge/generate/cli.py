@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cache import KV_CACHE_DTYPES
 from ..checkpoint import read_generation_config
 from ..console import console
 from ..loading import LoadedModel, load_for_inference, load_packed_model
@@ -72,6 +73,16 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         help="stop at this token id (repeatable)",
     )
     group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
+
+
+def _add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="what the KV cache stores: auto (the model's dtype) or int8 (int8 codes with an fp32 scale per "
+        "token and head: about a quarter of fp32's memory; docs/compression.md)",
+    )
 
 
 def _sampling_params(args, generation_config: dict) -> SamplingParams:
@@ -200,7 +211,14 @@ def cmd_generate(args) -> int:
     if args.strategy == "sample":
         return _stream_samples(args, loaded, prompts, params, options)
     outputs = decode(
-        args.strategy, loaded.model, loaded.tokenizer, prompts, params, options, eos_token_ids=loaded.eos_token_ids
+        args.strategy,
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        params,
+        options,
+        eos_token_ids=loaded.eos_token_ids,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     stats = outputs[0].stats
     if stats is not None:
@@ -231,7 +249,14 @@ def _stream_samples(args, loaded: LoadedModel, prompts, params, options) -> int:
     outputs = [""] * len(prompts)
     reasons = [None] * len(prompts)
     for event in decode_stream(
-        "sample", loaded.model, loaded.tokenizer, prompts, params, options, eos_token_ids=loaded.eos_token_ids
+        "sample",
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        params,
+        options,
+        eos_token_ids=loaded.eos_token_ids,
+        kv_cache_dtype=args.kv_cache_dtype,
     ):
         if len(prompts) == 1:
             sys.stdout.write(event.text)
@@ -270,7 +295,13 @@ def cmd_chat(args) -> int:
         sys.stdout.write("assistant> ")
         reply = ""
         for event in decode_stream(
-            "sample", loaded.model, tokenizer, [prompt], params, eos_token_ids=loaded.eos_token_ids
+            "sample",
+            loaded.model,
+            tokenizer,
+            [prompt],
+            params,
+            eos_token_ids=loaded.eos_token_ids,
+            kv_cache_dtype=args.kv_cache_dtype,
         ):
             reply += event.text
             sys.stdout.write(event.text)
@@ -336,6 +367,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
+    _add_kv_cache_flag(gen)
     _add_sampling_flags(gen)
     strategy = gen.add_argument_group("decoding strategy")
     strategy.add_argument(
@@ -431,6 +463,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_model_flags(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+    _add_kv_cache_flag(chat)
     _add_sampling_flags(chat)
     chat.set_defaults(func=cmd_chat)
 

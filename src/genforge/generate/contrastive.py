@@ -42,7 +42,6 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 
-from ..cache import ContiguousKVCache
 from ..model import Transformer
 from .generator import Completion
 from .processors import DecodeContext, LogitsProcessor, apply_processors
@@ -190,7 +189,7 @@ def run_contrastive_search(
     device, batch, k = model.device, len(prompts), int(top_k)
     tokens, mask, longest = _left_padded(prompts, max_new_tokens, device)
     capacity = tokens.shape[1]
-    cache = ContiguousKVCache(config, batch, capacity, dtype=model.dtype, device=device)
+    cache = request.kv_cache(model, batch, capacity)
     # Final hidden states of every token so far, the "previous tokens" of the penalty.
     history = torch.zeros(batch, capacity, config.hidden_size, dtype=torch.float32, device=device)
     completions = [Completion() for _ in prompts]
@@ -224,7 +223,9 @@ def run_contrastive_search(
             tokens[:, length] = next_tokens
             history[:, length] = candidate_hidden[torch.arange(active, device=device), choice]
             logits = out.logits[picked, -1].float()
-            _share_newest_position(cache, picked.repeat_interleave(k), length)
+            # Only the newest position differs between a prompt's candidate rows: copying it
+            # makes all k rows continue the chosen candidate.
+            cache.share_position(picked.repeat_interleave(k), length)
             length += 1
 
             finished = _record(completions, rows, next_tokens.tolist(), eos, step == max_new_tokens - 1)
@@ -236,17 +237,6 @@ def run_contrastive_search(
                 cache.select((keep[:, None] * k + torch.arange(k, device=device)).reshape(-1))
                 rows = [rows[p] for p in keep.tolist()]
     return completions
-
-
-def _share_newest_position(cache: ContiguousKVCache, source_rows: torch.Tensor, position: int) -> None:
-    """Make every cache row's entry at `position` a copy of row `source_rows[row]`'s.
-
-    Only the newest position differs between a prompt's candidate rows, so copying it is
-    enough to make all k rows continue the chosen candidate.
-    """
-    for keys, values in zip(cache.keys, cache.values):
-        keys[:, :, position] = keys[source_rows, :, position]
-        values[:, :, position] = values[source_rows, :, position]
 
 
 # -------------------------------------------------------------------------- contrastive decoding
@@ -337,7 +327,7 @@ def run_contrastive_decoding(
     tokens, mask, longest = _left_padded(prompts, max_new_tokens, device)
     capacity = tokens.shape[1]
     models = (expert, amateur)
-    caches = [ContiguousKVCache(m.config, batch, capacity, dtype=m.dtype, device=device) for m in models]
+    caches = [request.kv_cache(m, batch, capacity) for m in models]
     completions = [Completion() for _ in prompts]
     rows = list(range(batch))
 

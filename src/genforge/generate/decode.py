@@ -164,6 +164,7 @@ def decode(
     *,
     eos_token_ids: Sequence[int] | None = None,
     generation_config: Mapping[str, Any] | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> list[Decoded]:
     """Decode `prompts` (texts, or token ids) with `strategy` (one of `STRATEGIES`).
 
@@ -176,12 +177,15 @@ def decode(
     tokenizer: needed for text prompts, stop strings, constraints and the outputs' text; None
         decodes token ids only.
     eos_token_ids, generation_config: as `DecodeRequest.resolve` takes them.
+    kv_cache_dtype: what the KV caches store: "auto" (the model's dtype) or "int8" (int8 codes
+        with an fp32 scale per token and head, about a quarter of the memory;
+        `cache.Int8ContiguousKVCache`). Every strategy takes it, for each model it decodes with.
 
     Returns the outputs in prompt order (beam search: `num_return_sequences` per prompt, best
     first).
     """
     request, options, extra = _prepare(
-        strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config
+        strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config, kv_cache_dtype
     )
     if strategy == "sample":
         done = [
@@ -224,16 +228,19 @@ def decode_stream(
     *,
     eos_token_ids: Sequence[int] | None = None,
     generation_config: Mapping[str, Any] | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Iterator[StreamEvent]:
     """`decode`, streamed: a `StreamEvent` per generated token. Only "sample" decodes token by
     token; the request is checked here, before the first event is asked for."""
     if strategy != "sample":
         raise DecodeRequestError(f"only strategy 'sample' streams tokens; decode() returns {strategy!r}'s outputs")
-    request, _, extra = _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config)
+    request, _, extra = _prepare(
+        strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config, kv_cache_dtype
+    )
     return stream(model, request, extra_processors=extra)
 
 
-def _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config):
+def _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config, kv_cache_dtype):
     """The checked request, the strategy's options and the sample strategy's extra processors."""
     params = SamplingParams() if params is None else params
     if isinstance(prompts, str):
@@ -249,6 +256,7 @@ def _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids
         tokenizer=tokenizer,
         eos_token_ids=eos_token_ids,
         generation_config=generation_config,
+        kv_cache_dtype=kv_cache_dtype,
         role=_ROLES.get(strategy, "model"),
     )
     extra: list[LogitsProcessor] = []

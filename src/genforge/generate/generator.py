@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import ContiguousKVCache
 from ..model import Transformer
 from .processors import DecodeContext, LogitsProcessor, apply_processors
 from .request import DecodeRequest, DecodeRequestError
@@ -61,7 +60,6 @@ def stream(
     """
     request = _request(model, prompts, params, tokenizer, eos_token_ids)
     params, tokenizer, prompts = request.params, request.tokenizer, request.prompts
-    config = model.config
     eos = set(request.eos_token_ids)
     longest, max_new_tokens, capacity = request.longest_prompt, request.max_new_tokens, request.capacity
     processors = request.logits_processors(extra_processors)
@@ -80,7 +78,7 @@ def stream(
     for i, p in enumerate(prompts):
         tokens[i, longest - len(p) : longest] = torch.tensor(p)
         mask[i, longest - len(p) : longest] = 1
-    cache = ContiguousKVCache(config, batch, capacity, dtype=model.dtype, device=device)
+    cache = request.kv_cache(model, batch, capacity)
     detokenizers = [stop_watcher(tokenizer, params, prompt) for prompt in prompts]
     rows = list(range(batch))  # original row index of each active batch position
     length = longest

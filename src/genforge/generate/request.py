@@ -17,7 +17,9 @@ Resolving a request settles, before any work:
   ``batch_logits_processors`` for a batch of requests) is the one place that applies it, as a
   ``VocabularyLimit`` processor first in every strategy's list;
 - what the serving engine also asks: stop strings need a tokenizer, ``logit_bias`` ids and the
-  ``logprobs`` counts are in range.
+  ``logprobs`` counts are in range;
+- what the KV cache stores (``kv_cache_dtype``: ``"auto"``, the model's dtype, or ``"int8"``,
+  `cache.Int8ContiguousKVCache`); ``DecodeRequest.kv_cache`` makes every strategy's cache.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..cache import KV_CACHE_DTYPES, ContiguousKVCache, Int8ContiguousKVCache, make_kv_cache
 from ..config import Config
 from .processors import LogitsProcessor, VocabularyLimit, build_batch_processors, build_processors
 from .sampling import SamplingParams
@@ -82,6 +85,7 @@ class DecodeRequest:
     tokenizer: Any = None  # needed for stop strings and text
     logprobs: int | None = None  # the chosen token's logprob and the top n (OpenAI `top_logprobs`)
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    kv_cache_dtype: str = "auto"  # what the KV cache stores: "auto" (the model's dtype) or "int8"
 
     @classmethod
     def resolve(
@@ -98,6 +102,7 @@ class DecodeRequest:
         context_length: int | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        kv_cache_dtype: str = "auto",
         role: str = "model",
     ) -> DecodeRequest:
         """Check and settle a request for `model` (a genforge Transformer), or raise
@@ -110,8 +115,15 @@ class DecodeRequest:
             tokenizer's and `generation_config`'s (`[]` for none); `params.stop_token_ids` are
             added either way.
         context_length: the limit on prompt + new tokens (default: the model's context).
+        kv_cache_dtype: what the strategies' KV caches store, one of `cache.KV_CACHE_DTYPES`:
+            "auto" (keys and values in the model's dtype) or "int8" (int8 codes with an fp32
+            scale per token and head; `cache.Int8ContiguousKVCache`).
         role: how messages name the model ("target model", "expert").
         """
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise DecodeRequestError(
+                f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}; got {kv_cache_dtype!r}"
+            )
         if params is None:
             if max_new_tokens is not None and not (is_int(max_new_tokens) and max_new_tokens >= 1):
                 raise DecodeRequestError(
@@ -178,6 +190,7 @@ class DecodeRequest:
             tokenizer=tokenizer,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            kv_cache_dtype=kv_cache_dtype,
         )
         request._check_fits(context, role)
         return request
@@ -205,6 +218,13 @@ class DecodeRequest:
     def capacity(self) -> int:
         """Tokens the longest row can reach: the size of its KV cache."""
         return self.longest_prompt + self.max_new_tokens
+
+    def kv_cache(self, model, batch_size: int, capacity: int) -> ContiguousKVCache | Int8ContiguousKVCache:
+        """A contiguous KV cache for `model` (the request's, or a strategy's second model) of
+        `batch_size` rows and `capacity` positions, storing what `kv_cache_dtype` says."""
+        return make_kv_cache(
+            model.config, batch_size, capacity, model.dtype, model.device, kv_cache_dtype=self.kv_cache_dtype
+        )
 
     def logits_processors(
         self, extra: Sequence[LogitsProcessor] = (), *, sampling: bool = True

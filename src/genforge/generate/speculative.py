@@ -36,7 +36,7 @@ and biases shape both. The output follows the *processed target* distribution: e
 `generator.generate` samples from with the same `SamplingParams`. Processing the draft the same
 way only makes it agree with the target more often; correctness never depends on it.
 
-Both models keep their own `ContiguousKVCache`; on rejection each is rolled back with
+Both models keep their own contiguous KV cache (`DecodeRequest.kv_cache`); on rejection each is rolled back with
 `crop(length)` to the tokens that were kept, and the next round feeds each model only the
 tokens its cache lacks. Batch size is 1.
 """
@@ -50,7 +50,6 @@ from typing import Protocol
 
 import torch
 
-from ..cache import ContiguousKVCache
 from ..model import Transformer
 from .generator import stop_watcher
 from .processors import DecodeContext, LogitsProcessor, apply_processors
@@ -165,9 +164,11 @@ class _Proposer(Protocol):
 class _DraftModel:
     """Drafts by sampling a smaller model autoregressively."""
 
-    def __init__(self, model: Transformer, capacity: int, stats: SpeculativeStats, min_confidence: float = 0.0) -> None:
+    def __init__(
+        self, model: Transformer, request: DecodeRequest, stats: SpeculativeStats, min_confidence: float = 0.0
+    ) -> None:
         self.model = model
-        self.cache = ContiguousKVCache(model.config, 1, capacity, dtype=model.dtype, device=model.device)
+        self.cache = request.kv_cache(model, 1, request.capacity)
         self.stats = stats
         self.min_confidence = min_confidence
 
@@ -362,7 +363,7 @@ def run_speculative(target: Transformer, request: DecodeRequest, options: Specul
     prompt = _only_prompt(request)
     request.check_model(draft, "draft model")
     stats = SpeculativeStats()
-    proposer = _DraftModel(draft, request.capacity, stats, options.draft_confidence)
+    proposer = _DraftModel(draft, request, stats, options.draft_confidence)
     return _speculate(target, proposer, request, prompt, options.num_draft_tokens, stats)
 
 
@@ -386,11 +387,11 @@ def _speculate(
 ) -> SpeculativeCompletion:
     params, tokenizer, max_new_tokens = request.params, request.tokenizer, request.max_new_tokens
     eos = set(request.eos_token_ids)
-    config, device = target.config, target.device
+    device = target.device
     watcher = stop_watcher(tokenizer, params, prompt)
     text: list[str] = []
     rule = _TokenRule(params, request.logits_processors(), len(prompt), device)
-    cache = ContiguousKVCache(config, 1, request.capacity, dtype=target.dtype, device=device)
+    cache = request.kv_cache(target, 1, request.capacity)
     tokens = torch.tensor(prompt, dtype=torch.long, device=device)
     completion = SpeculativeCompletion(stats=stats)
     generated = completion.token_ids

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cache import KV_CACHE_DTYPES
 from ..finetune.lora import LoraError
 from ..finetune.multi_lora import MultiLora, ReadAdapter, UnknownAdapterError
 from ..generate.generator import stop_watcher
@@ -177,8 +178,18 @@ class Engine:
         kv_cache_memory: int = 2 << 30,
         resident_kv_memory: int | None = None,
         adapters: MultiLora | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
+        """`kv_cache_memory` bounds the block pool when `num_blocks` is not given. With
+        `kv_cache_dtype="int8"` keys and values are stored as int8 codes with an fp32 scale per
+        token and head (`cache.quantize_kv`), so that budget holds ~3.8x the blocks (head_dim
+        64) and as many more sequences; "auto" stores them in the model's dtype."""
         config = model.config
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}; got {kv_cache_dtype!r}"
+            )
+        self.kv_cache_dtype = kv_cache_dtype
         if not config.causal:
             raise ValueError("the engine serves causal language models; encoders are served by /v1/embeddings")
         if adapters is not None and adapters.model is not model:
@@ -190,7 +201,7 @@ class Engine:
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.eos_token_ids = frozenset(end_of_sequence_ids(config, tokenizer, override=eos_token_ids))
-        per_block = PagedKVCache.bytes_per_block(config, block_size, model.dtype)
+        per_block = PagedKVCache.bytes_per_block(config, block_size, model.dtype, kv_cache_dtype)
         least = math.ceil(self.max_model_len / block_size)  # one sequence of the longest length must fit
         if num_blocks is None:
             wanted = math.ceil(max_num_seqs * self.max_model_len / block_size)
@@ -205,13 +216,15 @@ class Engine:
                 f"resident_kv_memory must be >= 0 bytes (0 turns resident buffers off), got {resident_kv_memory}"
             )
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.cache = PagedKVCache(config, num_blocks, block_size, model.dtype, model.device)
+        self.cache = PagedKVCache(config, num_blocks, block_size, model.dtype, model.device, kv_cache_dtype)
         # Running sequences' keys and values, also kept contiguous so attention needs no gather
         # (resident.ResidentKV). By default it may hold as much as the block pool.
         if resident_kv_memory is None:
             resident_kv_memory = num_blocks * per_block
         self.resident = (
-            ResidentKV(config, resident_kv_memory, model.dtype, model.device) if resident_kv_memory else None
+            ResidentKV(config, resident_kv_memory, model.dtype, model.device, kv_cache_dtype)
+            if resident_kv_memory
+            else None
         )
         self.scheduler: Scheduler[RequestState] = Scheduler(
             self.blocks, max_num_seqs, max_num_batched_tokens, on_release=self._on_release

@@ -13,6 +13,12 @@ unused tail of its last block and by padding up to the widest row; the attention
 marks only the real tokens, and the model compares token positions rather than slots, so
 the tail is never attended to.
 
+With `kv_cache_dtype="int8"` the pools hold int8 codes, beside pools of fp32 scales, one per
+slot and key/value head (`cache.quantize_kv`): new tokens are quantized as they are written, and
+the gathered blocks are dequantized into the model's dtype for attention. A block then costs
+head_dim + 4 bytes per head instead of 4 * head_dim in fp32, so a memory budget holds ~3.8x the
+blocks at head_dim 64.
+
 The engine attends over contiguous copies of the running sequences' keys and values
 (`resident.py`) whenever they fit their memory limit, and gathers blocks here otherwise.
 """
@@ -21,11 +27,17 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import check_kv_cache_dtype, dequantize_kv, kv_cache_bytes_per_token, quantize_kv
 from ..config import Config
 
 
 class PagedKVCache:
-    """Key and value pools of `num_blocks` blocks of `block_size` slots for every layer."""
+    """Key and value pools of `num_blocks` blocks of `block_size` slots for every layer.
+
+    `dtype` is the model's: what attention reads. `kv_cache_dtype` is what the pools store:
+    "auto" (`dtype`) or "int8" (int8 codes in `keys`/`values`, fp32 scales of shape
+    (slots, kv_heads, 1) in `key_scales`/`value_scales`).
+    """
 
     def __init__(
         self,
@@ -34,18 +46,31 @@ class PagedKVCache:
         block_size: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = config.num_kv_heads, config.head_dim
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self.quantized = kv_cache_dtype == "int8"
+        stored = torch.int8 if self.quantized else dtype
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.keys = [torch.zeros(shape, dtype=stored, device=device) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, dtype=stored, device=device) for _ in range(config.num_layers)]
+        # Zeros: the padding slots a gather reads (and the mask hides) dequantize to zeros, not NaN.
+        layers = range(config.num_layers) if self.quantized else range(0)
+        self.key_scales = [torch.zeros((*shape[:2], 1), device=device) for _ in layers]
+        self.value_scales = [torch.zeros((*shape[:2], 1), device=device) for _ in layers]
         self.device = torch.device(device)
         # Reused destinations of the per-layer gathers (one for keys, one for values). A fresh
         # multi-megabyte tensor per layer and step costs page faults that take longer than the
         # copy itself; every layer's gathered keys are consumed by its attention before the
         # next layer gathers, so two buffers serve all layers.
-        self._gathered: list[torch.Tensor] = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
+        # An int8 pool gathers its codes and scales into buffers of their own (2 and 3: keys,
+        # 4 and 5: values) and dequantizes them into 0 and 1.
+        extra = [torch.int8, torch.float32] * 2 if self.quantized else []
+        self._gathered: list[torch.Tensor] = [
+            torch.empty(0, dtype=kind, device=device) for kind in (dtype, dtype, *extra)
+        ]
 
     def gather_buffer(self, which: int, numel: int) -> torch.Tensor:
         if self._gathered[which].numel() < numel:
@@ -53,10 +78,9 @@ class PagedKVCache:
         return self._gathered[which][:numel]
 
     @staticmethod
-    def bytes_per_block(config: Config, block_size: int, dtype: torch.dtype) -> int:
-        """Memory of one block over all layers, keys and values."""
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+    def bytes_per_block(config: Config, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+        """Memory of one block over all layers, keys and values (int8: codes and scales)."""
+        return block_size * kv_cache_bytes_per_token(config, dtype, kv_cache_dtype)
 
     def batch(self, block_tables: list[list[int]], num_computed: list[int], num_new: int) -> PagedBatch:
         """The view for one forward pass: row i has `num_computed[i]` tokens cached and
@@ -103,6 +127,8 @@ class PagedBatch:
         self.row_runs = None
 
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache.quantized:
+            return self._update_int8(layer, keys, values)
         pool_k, pool_v = self.cache.keys[layer], self.cache.values[layer]
         batch, heads, new, dim = keys.shape
         pool_k.index_copy_(0, self.write_slots, keys.transpose(1, 2).reshape(batch * new, heads, dim))
@@ -119,6 +145,30 @@ class PagedBatch:
         out = self.cache.gather_buffer(which, self.gather_blocks.numel() * rows.shape[1]).view(-1, rows.shape[1])
         torch.index_select(rows, 0, self.gather_blocks, out=out)
         return out.view(self.batch_size, self.width, heads, dim).transpose(1, 2)
+
+    def _update_int8(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for int8 pools: quantize and write the new tokens, gather codes and scales
+        block by block, and dequantize them for attention."""
+        cache = self.cache
+        batch, heads, new, dim = keys.shape
+        out = []
+        for which, (fresh, pool, scales) in enumerate(
+            (
+                (keys, cache.keys[layer], cache.key_scales[layer]),
+                (values, cache.values[layer], cache.value_scales[layer]),
+            )
+        ):
+            codes, scale = quantize_kv(fresh.transpose(1, 2).reshape(batch * new, heads, dim))
+            pool.index_copy_(0, self.write_slots, codes)
+            scales.index_copy_(0, self.write_slots, scale)
+            gathered_codes = self._gather(pool, 2 + 2 * which)
+            gathered_scales = self._gather(scales, 3 + 2 * which)
+            # Laid out as the gathered codes are, (batch, width, heads, dim) seen transposed, so
+            # the product runs over memory in order.
+            target = cache.gather_buffer(which, gathered_codes.numel())
+            target = target.view(batch, self.width, heads, dim).transpose(1, 2)
+            out.append(dequantize_kv(gathered_codes, gathered_scales, out=target))
+        return out[0], out[1]
 
     def advance(self, num_new: int) -> None:
         """Nothing to do: the engine counts each sequence's computed tokens itself."""

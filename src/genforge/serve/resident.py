@@ -10,6 +10,10 @@ Rows of one batch differ in length, and a dense attention call over them reads e
 far as the longest. `ResidentBatch` therefore cuts its rows into runs of neighbouring slots
 (`runs.cheapest_runs`), each attended over its own width (the cache's `row_runs`, `cache.py`),
 and `ResidentKV` keeps its slots in order of length so that neighbours are alike.
+
+With an int8 paged cache (`kv_cache_dtype="int8"`, `paged_cache.py`) the resident rows hold the
+same int8 codes and fp32 scales as the blocks, so they cost what the blocks cost; attention
+gets each pass's rows dequantized into a reused buffer, each run only as far as its width.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import itertools
 
 import torch
 
+from ..cache import check_kv_cache_dtype, dequantize_kv, kv_cache_bytes_per_token, quantize_kv
 from ..config import Config
 from .paged_cache import PagedKVCache
 from .runs import cheapest_runs
@@ -60,25 +65,49 @@ class ResidentKV:
     """
 
     def __init__(
-        self, config: Config, memory_limit: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+        self,
+        config: Config,
+        memory_limit: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         if memory_limit < 0:
             raise ValueError(f"memory_limit must be >= 0 bytes, got {memory_limit}")
         self.memory_limit = memory_limit
         self.num_layers, self.num_kv_heads, self.head_dim = config.num_layers, config.num_kv_heads, config.head_dim
         self.dtype, self.device = dtype, torch.device(device)
-        element = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
+        # What the rows store: the model's dtype, or int8 codes with fp32 scales (the paged
+        # cache's `kv_cache_dtype`, which they copy).
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        self.quantized = kv_cache_dtype == "int8"
+        self.stored_dtype = torch.int8 if self.quantized else dtype
+        self.bytes_per_token = kv_cache_bytes_per_token(config, dtype, kv_cache_dtype)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.key_scales: list[torch.Tensor] = []  # int8 rows only: (slots, kv_heads, capacity, 1) fp32
+        self.value_scales: list[torch.Tensor] = []
+        # int8 rows only: reused destinations of one pass's dequantized keys and values.
+        self._dequantized = [torch.empty(0, dtype=dtype, device=self.device) for _ in range(2)]
         self.owners: list[object] = []  # slot -> the sequence it holds
         self.lengths: list[int] = []  # slot -> how many of its positions hold real keys and values
         self.slot_of: dict[object, int] = {}
         # One more attention call, in tokens of keys and values (all layers): `cheapest_runs`.
-        self.run_cost = config.num_layers * ATTENTION_CALL_BYTES / self.bytes_per_token
+        # Attention reads them in the model's dtype, int8 rows too (dequantized).
+        self.run_cost = config.num_layers * ATTENTION_CALL_BYTES / kv_cache_bytes_per_token(config, dtype)
         self._order_checked = True
         self._runs_memo: tuple[tuple[int, ...], list[tuple[int, int]]] = ((), [])
-        self._spare: torch.Tensor | None = None  # one row, for `_move`
+        self._spares: dict[tuple, torch.Tensor] = {}  # one row per row shape and dtype, for `_move`
+
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every per-layer buffer: keys and values, then (int8) their scales."""
+        return self.keys + self.values + self.key_scales + self.value_scales
+
+    def dequantize_buffer(self, which: int, numel: int) -> torch.Tensor:
+        """A reused flat buffer of `numel` elements of the model's dtype (0: keys, 1: values)."""
+        if self._dequantized[which].numel() < numel:
+            self._dequantized[which] = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return self._dequantized[which][:numel]
 
     # --------------------------------------------------------------------- capacity
     @property
@@ -116,18 +145,25 @@ class ResidentKV:
         old_rows, old_length = self.num_slots, self.capacity
         # Zeros, not empty: rows outside a batch's sequences are read (and ignored) by
         # attention, and must not hold NaN bit patterns.
-        grown = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2 * self.num_layers)]
-        if self.keys:
-            for new, old in zip(grown, self.keys + self.values):
-                new[:old_rows, :, :old_length] = old
-        self.keys, self.values = grown[: self.num_layers], grown[self.num_layers :]
+        layers = self.num_layers
+        grown = [torch.zeros(shape, dtype=self.stored_dtype, device=self.device) for _ in range(2 * layers)]
+        if self.quantized:
+            scale_shape = (*shape[:3], 1)
+            grown += [torch.zeros(scale_shape, device=self.device) for _ in range(2 * layers)]
+        for new, old in zip(grown, self._tensors()):
+            new[:old_rows, :, :old_length] = old
+        self.keys, self.values = grown[:layers], grown[layers : 2 * layers]
+        if self.quantized:
+            self.key_scales, self.value_scales = grown[2 * layers : 3 * layers], grown[3 * layers :]
 
     def clear(self) -> None:
         """Drop every slot and the memory behind them (the engine does when a batch would
         not fit `memory_limit` and it gathers blocks instead)."""
         self.keys, self.values, self.owners, self.lengths = [], [], [], []
+        self.key_scales, self.value_scales = [], []
+        self._dequantized = [torch.empty(0, dtype=self.dtype, device=self.device) for _ in range(2)]
         self.slot_of.clear()
-        self._spare = None
+        self._spares = {}
         self._order_checked = True
 
     # ---------------------------------------------------------------------- slots
@@ -137,19 +173,21 @@ class ResidentKV:
         from the blocks `block_table`; returns the slot."""
         if owner in self.slot_of:
             raise ValueError("this sequence already has a resident slot")
+        if cache.quantized != self.quantized:
+            raise ValueError(
+                f"resident rows of kv_cache_dtype {self.kv_cache_dtype!r} cannot copy a paged cache of "
+                f"{cache.kv_cache_dtype!r}; give both the same kv_cache_dtype"
+            )
         slot = len(self.owners)
         self.reserve(slot + 1, max(num_tokens, 1))
         if num_tokens:
             size = cache.block_size
             used = torch.tensor(block_table[: -(-num_tokens // size)], dtype=torch.long, device=cache.device)
-            for layer in range(self.num_layers):
-                for pool, resident in (
-                    (cache.keys[layer], self.keys[layer]),
-                    (cache.values[layer], self.values[layer]),
-                ):
-                    blocks = pool.view(cache.num_blocks, size, self.num_kv_heads, self.head_dim)
-                    tokens = blocks.index_select(0, used).flatten(0, 1)[:num_tokens]
-                    resident[slot, :, :num_tokens] = tokens.transpose(0, 1)
+            pools = cache.keys + cache.values + cache.key_scales + cache.value_scales
+            for pool, resident in zip(pools, self._tensors(), strict=True):  # (int8: scales too)
+                blocks = pool.view(cache.num_blocks, size, self.num_kv_heads, pool.shape[-1])
+                tokens = blocks.index_select(0, used).flatten(0, 1)[:num_tokens]
+                resident[slot, :, :num_tokens] = tokens.transpose(0, 1)
         self.owners.append(owner)
         self.lengths.append(num_tokens)
         self.slot_of[owner] = slot
@@ -165,7 +203,7 @@ class ResidentKV:
         last = len(self.owners) - 1
         if slot != last:
             moved, length = self.owners[last], self.lengths[last]
-            for tensor in self.keys + self.values:
+            for tensor in self._tensors():
                 tensor[slot, :, :length] = tensor[last, :, :length]
             self.owners[slot], self.lengths[slot] = moved, length
             self.slot_of[moved] = slot
@@ -224,10 +262,11 @@ class ResidentKV:
                 cycle.append(order[cycle[-1]])
             seen.update(cycle)
             cycles.append(cycle)
-        if self._spare is None or self._spare.shape != self.keys[0].shape[1:]:
-            self._spare = torch.empty(self.keys[0].shape[1:], dtype=self.dtype, device=self.device)
-        spare = self._spare
-        for tensor in self.keys + self.values:
+        for tensor in self._tensors():
+            key = (tensor.shape[1:], tensor.dtype)
+            if key not in self._spares:
+                self._spares[key] = torch.empty(tensor.shape[1:], dtype=tensor.dtype, device=self.device)
+            spare = self._spares[key]
             for cycle in cycles:  # slot cycle[j] takes slot cycle[j + 1]'s row; the last takes the first's
                 first = lengths[cycle[0]]
                 spare[:, :first] = tensor[cycle[0], :, :first]
@@ -325,6 +364,8 @@ class ResidentBatch:
         heads, dim = resident.num_kv_heads, resident.head_dim
         if not self.in_order:
             keys, values = keys.index_select(0, self.members), values.index_select(0, self.members)
+        if resident.quantized:
+            return self._update_int8(layer, keys, values)
         outputs = []
         for new, pool, buffer in (
             (keys, self.cache.keys[layer], resident.keys[layer]),
@@ -335,6 +376,42 @@ class ResidentBatch:
             buffer.view(-1, dim).index_copy_(0, self.resident_index, new.reshape(-1, dim))
             outputs.append(buffer[self._rows, :, : self.width])
         return outputs[0], outputs[1]
+
+    def _update_int8(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for int8 rows (`keys`, `values`: the members' own, in order): the new tokens
+        are quantized once, their codes and scales written to the blocks and the resident rows,
+        and the pass's rows dequantized for attention."""
+        cache, resident = self.cache, self.resident
+        heads, dim = resident.num_kv_heads, resident.head_dim
+        outputs = []
+        for which, (new, pool, pool_scales, buffer, buffer_scales) in enumerate(
+            (
+                (keys, cache.keys[layer], cache.key_scales[layer], resident.keys[layer], resident.key_scales[layer]),
+                (
+                    values,
+                    cache.values[layer],
+                    cache.value_scales[layer],
+                    resident.values[layer],
+                    resident.value_scales[layer],
+                ),
+            )
+        ):
+            codes, scales = quantize_kv(new)
+            pool.index_copy_(0, self.write_slots, codes.transpose(1, 2).reshape(-1, heads, dim))
+            pool_scales.index_copy_(0, self.write_slots, scales.transpose(1, 2).reshape(-1, heads, 1))
+            buffer.view(-1, dim).index_copy_(0, self.resident_index, codes.reshape(-1, dim))
+            buffer_scales.view(-1, 1).index_copy_(0, self.resident_index, scales.reshape(-1, 1))
+            outputs.append(self._dequantize(which, buffer[self._rows], buffer_scales[self._rows]))
+        return outputs[0], outputs[1]
+
+    def _dequantize(self, which: int, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """The pass's rows of keys or values in the model's dtype: each run of rows only as far
+        as its width, which is all that attention reads of it (`row_runs`)."""
+        rows, heads, _, dim = codes.shape
+        out = self.resident.dequantize_buffer(which, rows * heads * self.width * dim).view(rows, heads, self.width, dim)
+        for run, width in self.row_runs or [(slice(None), self.width)]:
+            dequantize_kv(codes[run, :, :width], scales[run, :, :width], out=out[run, :, :width])
+        return out
 
     def select_members(self, output: torch.Tensor) -> torch.Tensor:
         """The rows of a (rows, ...) output that belong to the given sequences, in their order."""
