@@ -379,7 +379,11 @@ def test_cli_refuses_a_tampered_directory(chat_dirs, tmp_path, capsys):
     config["quantization_config"]["layers"]["blocks.0.attn.o"]["kind"] = "int3"
     unknown = shutil.copytree(quantized_dir, tmp_path / "unknown")
     (unknown / "config.json").write_text(json.dumps(config))
-    _one_line_error(capsys, ["eval", "ppl", "--model", unknown, "--text", unknown / "config.json"], "which this genforge does not know; known kinds:")
+    _one_line_error(
+        capsys,
+        ["eval", "ppl", "--model", unknown, "--text", unknown / "config.json"],
+        "which this genforge does not know; known kinds:",
+    )
 
 
 # ------------------------------------------------------------------------ calibration
@@ -409,3 +413,22 @@ def test_calibration_rows_and_a_text_too_short(chat_dirs, tmp_path, monkeypatch,
     assert len(received) == 5 and all(tuple(r.shape) == (1, 8) for r in received)
     summary = json.loads(capsys.readouterr().out)
     assert summary["details"]["calibration"]["samples"] == 5
+
+
+@pytest.mark.parametrize("method", sorted(quantize_methods.METHODS))
+def test_every_method_saves_loads_and_stays_close_to_the_fp_model(chat_dirs, tmp_path, method):
+    """Each method of `genforge quantize`, on calibration rows where it reads them: the saved
+    model loads back to the same logits, and those stay close to the floating-point model's."""
+    model_dir, _ = chat_dirs
+    fp = load_model(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    calibration = calibration_token_rows(tokenizer, None, 4, 32)
+    model = load_model(model_dir)
+    summary = quantize_model(model, method, calibration)
+    assert summary["layers_quantized"] == 8 and summary["bytes_after"] < summary["bytes_before"]
+    save_quantized(model, tmp_path / method, tokenizer, method=method, details=summary)
+    loaded = load_quantized(tmp_path / method)
+    ids = IDS % 256
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+    similarity = F.cosine_similarity(_logits(loaded, ids).flatten(), _logits(fp, ids).flatten(), dim=0)
+    assert similarity > 0.98, similarity
