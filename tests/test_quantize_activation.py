@@ -23,9 +23,9 @@ from torch.ao.quantization import (
 )
 
 from genforge.quantize.activation import quantize_activations
-from genforge.quantize.saved import LAYER_KINDS
 from genforge.quantize.llm_int8 import Int8MixedLinear, outlier_columns
 from genforge.quantize.observers import HistogramObserver, calibrate, make_observer
+from genforge.quantize.saved import LAYER_KINDS
 from genforge.quantize.smoothquant import smooth_model, smoothing_factors, smoothing_pairs
 from genforge.quantize.w8a8 import (
     ActivationQuantError,
