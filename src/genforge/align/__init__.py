@@ -24,20 +24,34 @@ from .losses import (
     reward_model_loss,
     simpo_loss,
 )
+from .reward import (
+    SEQUENCE_CLASSIFIERS,
+    PairwiseAccuracy,
+    RewardModel,
+    last_token_index,
+    pairwise_accuracy,
+    score_sequences,
+)
 
 __all__ = [
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
+    "SEQUENCE_CLASSIFIERS",
     "CompletionLogProbs",
     "GRPOLoss",
+    "PairwiseAccuracy",
     "PreferenceLoss",
+    "RewardModel",
     "completion_logprobs",
     "dpo_loss",
     "grpo_loss",
     "kto_loss",
     "kto_reference_point",
+    "last_token_index",
     "orpo_loss",
+    "pairwise_accuracy",
     "reward_model_loss",
+    "score_sequences",
     "simpo_loss",
     "token_logprobs",
 ]
