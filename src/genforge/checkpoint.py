@@ -351,6 +351,30 @@ def load_model(
     device: str | torch.device = "cpu",
 ) -> Transformer:
     """Load a Hugging Face model directory (config.json + safetensors) into a genforge model."""
+    model, _ = _load(directory, dtype, device, head_tensors=None)
+    return model
+
+
+def load_model_body(
+    directory: str | Path,
+    head_tensors: Sequence[str],
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Transformer, dict[str, torch.Tensor]]:
+    """The model of a checkpoint whose head is not the LM head (a transformers
+    `...ForSequenceClassification` has `score.weight` instead): the genforge model without
+    `lm_head`, and the named head tensors as stored (in `dtype`, on `device`)."""
+    return _load(directory, dtype, device, head_tensors=tuple(head_tensors))
+
+
+def _load(
+    directory: str | Path,
+    dtype: str | torch.dtype | None,
+    device: str | torch.device,
+    head_tensors: tuple[str, ...] | None,
+) -> tuple[Transformer, dict[str, torch.Tensor]]:
+    """`load_model`'s work; `head_tensors` None loads the LM head, a tuple names the tensors of
+    another head to return beside a model without one."""
     directory = Path(directory)
     try:
         config = read_config(directory)
@@ -362,6 +386,8 @@ def load_model(
 
     with torch.device("meta"):
         model = Transformer(config)
+    if head_tensors is not None:
+        model.lm_head = None
     bindings = _bindings(model)
     expected = {name: p.shape for name, p in model.named_parameters()}
     base = _BASE_PREFIX[config.family]
@@ -374,7 +400,15 @@ def load_model(
     if not config.tie_word_embeddings and _BERT_DECODER_BIAS in available:
         # An untied BertForMaskedLM adds its decoder's own bias; cls.predictions.bias is then unused.
         available[_BERT_HEAD_BIAS] = available[_BERT_DECODER_BIAS]
+    # A head's tensors sit beside the base model's (`score.weight`, not `model.score.weight`).
+    head_names = {_canonical(name, base): name for name in head_tensors or ()}
+    if head_tensors is None and _canonical("score.weight", base) in available:
+        raise CheckpointError(
+            f"{directory} holds a sequence classifier (a `score` head, e.g. a reward model), not a language model; "
+            "load it with genforge.align.RewardModel.from_pretrained"
+        )
     missing = [name for b in bindings for name in b.hf if name not in available]
+    missing += [name for key, name in head_names.items() if key not in available]
     if missing:
         raise CheckpointError(
             f"{directory} lacks {len(missing)} tensor(s) a {config.family} model with this config.json needs: "
@@ -385,6 +419,7 @@ def load_model(
         "lm_head.weight",
         "cls.predictions.decoder.weight",
         "cls.predictions.decoder.bias",
+        *head_names,
     }
     unused = sorted(k for k in available if k not in known and not _IGNORED.search(k))
     if unused:
@@ -404,13 +439,17 @@ def load_model(
     state = {
         b.gf: _joined_tensor(b, pieces, expected[b.gf]).to(device=device, dtype=dtype).contiguous() for b in bindings
     }
+    head = {}
+    for key, name in head_names.items():
+        with safe_open(available[key][0], framework="pt", device="cpu") as reader:
+            head[name] = _checked_float(reader.get_tensor(available[key][1]), name).to(device=device, dtype=dtype)
 
     if config.tie_word_embeddings and model.lm_head is not None:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     model.rotary = RotaryEmbedding(config).to(device) if config.position == "rope" else None
-    return model.eval()
+    return model.eval(), head
 
 
 def _refuse_quantized(directory: Path, config: Config) -> None:
@@ -491,9 +530,15 @@ def save_model(
     tokenizer=None,
     max_shard_bytes: int = 5 * 2**30,
     generation_config: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    config_updates: dict | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face directory transformers loads (config.json, safetensors,
     generation_config.json, and the tokenizer's files when given).
+
+    `extra_tensors` (Hugging Face names) and `config_updates` (config.json keys) are for a
+    model saved with another head: a reward model's `score.weight` and its
+    `...ForSequenceClassification` architecture.
 
     The directory is assembled beside the target and renamed into place, so an interrupted
     export never leaves a half-written model where a good one was.
@@ -507,12 +552,14 @@ def save_model(
     directory = Path(directory)
     with staged_directory(directory) as staging:
         tensors = {name: tensor.contiguous().cpu() for name, tensor in hf_state_dict(model).items()}
+        tensors.update({name: tensor.detach().contiguous().cpu() for name, tensor in (extra_tensors or {}).items()})
         if _BERT_HEAD_BIAS in tensors and "cls.predictions.decoder.weight" in tensors:
             # Untied, transformers reads the decoder's own bias: write the same values under both names.
             tensors[_BERT_DECODER_BIAS] = tensors[_BERT_HEAD_BIAS].clone()
         _write_shards(tensors, staging, max_shard_bytes)
         hf_config = config.to_hf()
         hf_config["dtype"] = {v: k for k, v in DTYPES.items()}[model.dtype]
+        hf_config.update(config_updates or {})
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
         generation.update(generation_config or {})
@@ -555,6 +602,7 @@ __all__ = [
     "hf_linear_parts",
     "hf_state_dict",
     "load_model",
+    "load_model_body",
     "save_model",
     "read_config",
     "read_generation_config",

@@ -1,0 +1,57 @@
+"""Alignment: fit a language model to preferences or to a reward.
+
+- `logprobs`: completion-only sequence log-probabilities of a causal LM, the input of every
+  objective here (`completion_logprobs`), without a full-vocabulary log-softmax copy.
+- `losses`: the objectives as functions of tensors: DPO (sigmoid, conservative, hinge, IPO,
+  robust), KTO, ORPO, SimPO, the GRPO per-token loss and the Bradley-Terry reward-model loss.
+- `reward`: a reward model, any genforge decoder with a scalar head read at the last real
+  token; loads and saves transformers' `...ForSequenceClassification` checkpoints.
+
+The trainers (preference, PPO, GRPO), constitutional pairs and the CLI are not built yet.
+"""
+
+from .logprobs import CompletionLogProbs, completion_logprobs, token_logprobs
+from .losses import (
+    DPO_LOSS_TYPES,
+    GRPO_LOSS_TYPES,
+    GRPOLoss,
+    PreferenceLoss,
+    dpo_loss,
+    grpo_loss,
+    kto_loss,
+    kto_reference_point,
+    orpo_loss,
+    reward_model_loss,
+    simpo_loss,
+)
+from .reward import (
+    SEQUENCE_CLASSIFIERS,
+    PairwiseAccuracy,
+    RewardModel,
+    last_token_index,
+    pairwise_accuracy,
+    score_sequences,
+)
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "GRPO_LOSS_TYPES",
+    "SEQUENCE_CLASSIFIERS",
+    "CompletionLogProbs",
+    "GRPOLoss",
+    "PairwiseAccuracy",
+    "PreferenceLoss",
+    "RewardModel",
+    "completion_logprobs",
+    "dpo_loss",
+    "grpo_loss",
+    "kto_loss",
+    "kto_reference_point",
+    "last_token_index",
+    "orpo_loss",
+    "pairwise_accuracy",
+    "reward_model_loss",
+    "score_sequences",
+    "simpo_loss",
+    "token_logprobs",
+]
