@@ -9,7 +9,8 @@ binding: each step's presents stay onnxruntime values and are bound as the next 
 never copied to numpy (and its threads do not spin between runs, where genforge's threads run). Both run in the same process, alternating, and the median of
 `--repeats` runs is kept; the greedy tokens of the two are compared too.
 
-    python benchmarks/onnx_decode.py            # writes benchmarks/results/onnx_decode.{json,md}
+    python benchmarks/onnx_decode.py               # writes benchmarks/results/onnx_decode.{json,md}
+    python benchmarks/onnx_decode.py --threads 1   # ... onnx_decode_1threads.{json,md}
 """
 
 from __future__ import annotations
@@ -182,7 +183,9 @@ def main() -> int:
             f"{r['onnxruntime_decode_step_ms']} | {r['genforge_prefill_ms']} | {r['onnxruntime_prefill_ms']} | {same} |"
         )
     markdown = "\n".join(lines) + "\n"
-    write_results(args.out, "onnx_decode", result, markdown)
+    # The default (2 threads) is the comparison; other thread counts are written beside it.
+    name = "onnx_decode" if args.threads == 2 else f"onnx_decode_{args.threads}threads"
+    write_results(args.out, name, result, markdown)
     print(markdown)
     return 0
 
