@@ -291,6 +291,24 @@ def cmd_export_gguf(args) -> int:
     return 0
 
 
+def cmd_export_onnx(args) -> int:
+    from .onnx_export import export_onnx
+
+    result = export_onnx(args.model, args.out, last_logits_only=args.last_logits_only)
+    report = {
+        "path": str(result.path),
+        "family": result.family,
+        "opset": result.opset,
+        "bytes": result.num_bytes,
+        "external_data": str(result.external_data) if result.external_data else None,
+        "logits": "last" if result.last_logits_only else "all",
+        "inputs": list(result.input_names),
+        "outputs": list(result.output_names),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def _add_export_command(sub: argparse._SubParsersAction) -> None:
     from .gguf_export import GGUF_TYPES, SUPPORTED_GGUF_FAMILIES
 
@@ -319,6 +337,25 @@ def _add_export_command(sub: argparse._SubParsersAction) -> None:
         help="llama.cpp's name for the tokenizer's pre-tokenizer, where it cannot be read off tokenizer.json",
     )
     gguf.set_defaults(func=cmd_export_gguf)
+
+    from .onnx_export import SUPPORTED_ONNX_FAMILIES
+
+    onnx_parser = export_sub.add_parser(
+        "onnx",
+        help="one ONNX graph with a key/value cache, for onnxruntime",
+        description="Write a Hugging Face model directory as an ONNX graph that takes input_ids, attention_mask "
+        "and each layer's past keys/values, and returns logits and the present keys/values; one graph serves "
+        f"the prefill and every decode step. Families: {', '.join(SUPPORTED_ONNX_FAMILIES)}. Weights beyond 2 GiB "
+        "go to FILE.data beside it. See docs/compression.md, 'Export to ONNX'.",
+    )
+    onnx_parser.add_argument("--model", required=True, help="Hugging Face model directory (float weights)")
+    onnx_parser.add_argument("--out", required=True, help="the .onnx file to write (its directory must exist)")
+    onnx_parser.add_argument(
+        "--last-logits-only",
+        action="store_true",
+        help="return logits for the last position only (all that generation reads); default: every position",
+    )
+    onnx_parser.set_defaults(func=cmd_export_onnx)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
