@@ -35,7 +35,9 @@ from genforge.align.preference import (
     train_preferences,
 )
 from genforge.checkpoint import load_model
+from genforge.cli import main
 from genforge.finetune import LoraConfig, apply_lora, disabled_adapters, load_adapter
+from genforge.loading import load_for_inference
 from genforge.tokenizer import Tokenizer
 
 
@@ -164,7 +166,7 @@ def test_one_concatenated_pass_scores_as_separate_passes(model_dir, tokenizer):
     batch = PreferenceRows(dataset.pairs, pad_id=0).batch(range(3))
     chosen, rejected = pair_logprobs(model, batch)
     for number, pair in enumerate(dataset.pairs):
-        for side, answer, scored in ((0, pair.chosen_ids, chosen), (1, pair.rejected_ids, rejected)):
+        for answer, scored in ((pair.chosen_ids, chosen), (pair.rejected_ids, rejected)):
             ids = torch.tensor([pair.prompt_ids + answer])
             mask = torch.zeros_like(ids)
             mask[0, len(pair.prompt_ids) :] = 1
@@ -259,3 +261,119 @@ def test_refusals_before_work(model_dir, pairs_file, tmp_path):
     with pytest.raises(PreferenceError, match="uses no reference model"):
         train_preferences(_config(model_dir, pairs_file, tmp_path / "c", loss="orpo", reference_model=model_dir))
     assert not (tmp_path / "a").exists()
+
+
+def test_the_command_writes_an_adapter_that_generate_loads(model_dir, pairs_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    status = main(
+        ["align", "dpo", "--model", str(model_dir), "--data", str(pairs_file), "--out", str(out), "--steps", "2"]
+        + ["--batch-size", "4", "--lr", "1e-3", "--beta", "0.2", "--rank", "4", "--eval-fraction", "0.2"]
+    )
+    assert status == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["settings"]["beta"] == 0.2 and summary["held_out_pairs"] == 8
+    trained = load_adapter(load_model(model_dir), out / "adapter")
+    loaded = load_for_inference(model_dir, adapter=out / "adapter", pack=False)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, trained.eval()(ids).logits, atol=1e-5, rtol=0)
+    assert (
+        main(
+            ["align", "orpo", "--model", str(model_dir), "--data", str(pairs_file), "--out", str(out / "x")]
+            + ["--reference-model", str(model_dir)]
+        )
+        == 2
+    )
+
+
+# ------------------------------------------------------------------------ the embedded task
+def _noisy_sums_model(directory, seed: int):
+    """A tiny model trained on the spot on every one-digit sum "a+b=", half of its answers
+    correct and half one too high: it answers right about three times in four. Returns
+    (model directory, tokenizer)."""
+    base = tiny_chat_model_dir(directory / "init", seed=seed, hidden_size=64, intermediate_size=128)
+    tokenizer = Tokenizer.from_dir(base)
+    eos = tokenizer.eos_token_id
+    sequences = [
+        tokenizer.encode(f"{a}+{b}=", add_special_tokens=False) + tokenizer.encode(str(a + b + d), False) + [eos]
+        for a in range(10)
+        for b in range(10)
+        for d in (0, 1)
+    ]
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), eos)
+    scored = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        scored[row, 4 : len(sequence)] = True  # the answer and its eos
+    model = load_model(base)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(150):
+        logits = model(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits[scored[:, 1:]], ids[:, 1:][scored[:, 1:]])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    from genforge.checkpoint import save_model
+
+    return save_model(model, directory / "sft", tokenizer), tokenizer
+
+
+@torch.no_grad()
+def _exact_match(model, tokenizer, facts) -> float:
+    model.eval()
+    hits = 0
+    for a, b in facts:
+        ids = tokenizer.encode(f"{a}+{b}=", add_special_tokens=False)
+        for _ in range(3):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            ids.append(token)
+        hits += tokenizer.decode(ids[4:]) == str(a + b)
+    return hits / len(facts)
+
+
+@torch.no_grad()
+def _likelihood_preference(model, rows) -> float:
+    """The share of pairs whose chosen answer the model itself finds likelier."""
+    chosen, rejected = pair_logprobs(model.eval(), rows.batch(range(len(rows))))
+    return float((chosen.sum > rejected.sum).float().mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dpo_on_correct_over_wrong_sums_raises_held_out_accuracy(seed, tmp_path):
+    """DPO on (correct > one too high, correct > one too low) pairs of 70 sums; the other 30 sums
+    are held out. Measured (LoRA, 40 steps): exact match 0.77 -> 1.0 (seed 0), 0.73 -> 1.0
+    (seed 1); asserted: a gain of at least 0.15 and at least 0.9 after."""
+    model_dir, tokenizer = _noisy_sums_model(tmp_path, seed)
+    facts = [(a, b) for a in range(10) for b in range(10)]
+    random.Random(seed).shuffle(facts)
+    train_facts, held_facts = facts[:70], facts[70:]
+
+    def pairs(chosen_facts):
+        return [
+            {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + d)}
+            for a, b in chosen_facts
+            for d in (1, -1)
+            if a + b + d >= 0
+        ]
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(train_facts))
+    held = write_jsonl(tmp_path / "held.jsonl", pairs(held_facts))
+    held_rows = PreferenceRows(PreferenceDataset.from_jsonl(held, tokenizer).pairs, tokenizer.eos_token_id)
+    before_model = load_model(model_dir)
+    exact_before = _exact_match(before_model, tokenizer, held_facts)
+    preference_before = _likelihood_preference(before_model, held_rows)
+    result = train_preferences(
+        PreferenceConfig(
+            model_dir, data, tmp_path / "dpo", eval_data=held, lr=1e-3, max_steps=40, batch_size=14, progress=False
+        )
+    )
+    tuned = load_adapter(load_model(model_dir), result.output_dir)
+    exact_after = _exact_match(tuned, tokenizer, held_facts)
+    assert exact_after >= exact_before + 0.15 and exact_after >= 0.9
+    assert _likelihood_preference(tuned, held_rows) > preference_before
+    assert result.before["val_rewards/accuracies"] == 0.0  # policy == reference: every margin is 0
+    assert result.after["val_rewards/accuracies"] >= 0.5 and result.after["val_rewards/margins"] > 0
