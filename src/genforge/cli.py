@@ -23,6 +23,7 @@ import os
 import sys
 
 from . import quickstart
+from .align import cli as align_cli
 from .console import console, print_error
 from .evaluate import cli as evaluate_cli
 from .finetune import cli as finetune_cli
@@ -33,7 +34,17 @@ from .serve import cli as serve_cli
 from .train import cli as train_cli
 
 # In the order `genforge --help` lists them.
-SUBSYSTEMS = (quickstart, generate_cli, train_cli, finetune_cli, evaluate_cli, quantize_cli, rag_cli, serve_cli)
+SUBSYSTEMS = (
+    quickstart,
+    generate_cli,
+    train_cli,
+    finetune_cli,
+    align_cli,
+    evaluate_cli,
+    quantize_cli,
+    rag_cli,
+    serve_cli,
+)
 
 # Exit status of a command whose reader closed stdout early: 128 + SIGPIPE, as a shell reports
 # for `cat`, `yes` or `seq` in `... | head`.

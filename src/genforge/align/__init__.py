@@ -6,10 +6,23 @@
   robust), KTO, ORPO, SimPO, the GRPO per-token loss and the Bradley-Terry reward-model loss.
 - `reward`: a reward model, any genforge decoder with a scalar head read at the last real
   token; loads and saves transformers' `...ForSequenceClassification` checkpoints.
+- `data`: preference pairs (prompt, chosen, rejected; plain text or chat messages) from JSONL,
+  checked and tokenized with explicit length rules.
+- `preference`: the preference trainer (DPO, IPO, cDPO, hinge, robust DPO, ORPO, SimPO) over
+  the fine-tuning run's loop and methods; `genforge align` is its command (`cli`).
 
-The trainers (preference, PPO, GRPO), constitutional pairs and the CLI are not built yet.
+The PPO and GRPO trainers and constitutional pairs are not built yet.
 """
 
+from .data import (
+    PreferenceDataError,
+    PreferenceDataset,
+    PreferencePair,
+    PreferenceRows,
+    parse_preference_record,
+    read_preference_records,
+    tokenize_preference_record,
+)
 from .logprobs import CompletionLogProbs, completion_logprobs, token_logprobs
 from .losses import (
     DPO_LOSS_TYPES,
@@ -24,6 +37,16 @@ from .losses import (
     reward_model_loss,
     simpo_loss,
 )
+from .preference import (
+    PREFERENCE_LOSSES,
+    PREFERENCE_METHODS,
+    PreferenceConfig,
+    PreferenceError,
+    PreferenceObjective,
+    PreferenceResult,
+    reference_logprobs,
+    train_preferences,
+)
 from .reward import (
     SEQUENCE_CLASSIFIERS,
     PairwiseAccuracy,
@@ -36,11 +59,21 @@ from .reward import (
 __all__ = [
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
+    "PREFERENCE_LOSSES",
+    "PREFERENCE_METHODS",
     "SEQUENCE_CLASSIFIERS",
     "CompletionLogProbs",
     "GRPOLoss",
     "PairwiseAccuracy",
+    "PreferenceConfig",
+    "PreferenceDataError",
+    "PreferenceDataset",
+    "PreferenceError",
     "PreferenceLoss",
+    "PreferenceObjective",
+    "PreferencePair",
+    "PreferenceResult",
+    "PreferenceRows",
     "RewardModel",
     "completion_logprobs",
     "dpo_loss",
@@ -50,8 +83,13 @@ __all__ = [
     "last_token_index",
     "orpo_loss",
     "pairwise_accuracy",
+    "parse_preference_record",
+    "read_preference_records",
+    "reference_logprobs",
     "reward_model_loss",
     "score_sequences",
     "simpo_loss",
     "token_logprobs",
+    "tokenize_preference_record",
+    "train_preferences",
 ]

@@ -99,6 +99,7 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_tokens: int | None = None,
+    lm_head: torch.nn.Module | None = None,
 ) -> CompletionLogProbs:
     """Run the causal `model` (a genforge `Transformer`) on `input_ids` (batch, seq) and score
     the completion tokens.
@@ -108,17 +109,26 @@ def completion_logprobs(
         and padding; a completion token must be a real token, and the first column cannot be
         one (no earlier token predicts it).
     temperature: divides the logits first, as sampling did (GRPO scores samples drawn at one).
+    lm_head: the head to score with when `model` is a wrapper that does not expose it (DDP);
+        default `model.lm_head`.
     """
     check_masks(input_ids, attention_mask, completion_mask)
-    if getattr(model, "lm_head", None) is None:
+    head = lm_head if lm_head is not None else getattr(model, "lm_head", None)
+    if head is None:
         raise ValueError("completion_logprobs needs a causal language model with an LM head (model.lm_head)")
+    if not isinstance(head, torch.nn.Linear):
+        # The head is applied through its weight, slice by slice: a wrapped head (LoRA on
+        # lm_head) would silently lose its update.
+        raise ValueError(
+            f"the LM head must be a plain linear layer, got {type(head).__name__}; leave lm_head out of "
+            "the adapter's target modules"
+        )
     output = model(input_ids, attention_mask=attention_mask, compute_logits=False)
     scored = completion_mask[:, 1:].bool()
     # Position t's hidden state predicts token t + 1: only the predictors of completion tokens
     # go through the head.
     predictors = output.hidden_states[:, :-1][scored]
     targets = input_ids[:, 1:][scored]
-    head = model.lm_head
     values = token_logprobs(predictors, head.weight, targets, head.bias, temperature, chunk_tokens)
     shifted = torch.zeros(scored.shape, dtype=torch.float32, device=values.device).masked_scatter(scored, values)
     per_token = F.pad(shifted, (1, 0))

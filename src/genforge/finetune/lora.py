@@ -29,9 +29,10 @@ update; the adapter is the same PEFT adapter as on the full-precision model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,6 +321,7 @@ class LoraLinear(nn.Module):
         self.parts = tuple(parts)
         self.lora_dropout = dropout
         self.merged = False
+        self.disabled = False  # set by `disabled_adapters`: the base layer's output alone
         dtype = adapter_dtype(self._base_dtype())
         device = self.weight.device
         self.lora_A = nn.ParameterDict()
@@ -358,7 +360,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self._base_output(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         lora_x = x.to(self.lora_A[self.parts[0].key].dtype)
         if self.training and self.lora_dropout:
@@ -483,7 +485,7 @@ class DoraLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         lora_x = x.to(self.lora_A[self.parts[0].key].dtype)
         norms = self._adapted_row_norms()
@@ -652,6 +654,25 @@ def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     if not layers:
         raise LoraError("this model has no LoRA layers; call apply_lora or load_adapter first")
     return layers
+
+
+@contextlib.contextmanager
+def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block `model` computes as its base model: every LoRA (and DoRA, QLoRA) layer
+    returns its base layer's output alone (PEFT's `disable_adapter`). The reference model of
+    preference training and KL penalties, with no second copy of the weights. A merged layer
+    holds its update in the base weight, so it is refused (unmerge first)."""
+    layers = _lora_layers(model)
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise LoraError(f"{merged[0]} is merged, so its base weight holds the update; call unmerge_lora first")
+    for layer in layers.values():
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers.values():
+            layer.disabled = False
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -25,6 +25,11 @@ Decoders train on the causal LM objective; a BERT encoder with a masked-LM head 
 masked LM (Devlin et al. 2019), its batches corrupted by `mask_tokens` with a generator
 seeded by (seed, step, micro-batch), so the masks need no saved state to resume exactly.
 
+An `objective` replaces the token-level loss for trainers built on this loop (the preference
+trainer of `genforge.align`): its batches are dicts of tensors with one row per example, the
+step's loss is the mean over the step's examples (`StepObjective.weight`), and the rest of the
+step (accumulation, clipping, schedule, checkpoints, resume, metrics) is this loop's.
+
 Under `torchrun` (see `distributed.py`) every rank draws the same global batch from the same
 sampler and trains on its own contiguous slice; each rank's loss is its share of the global
 token sum, scaled by the world size because DDP/FSDP average gradients, so the step equals
@@ -42,6 +47,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.utils.checkpoint
@@ -180,6 +186,32 @@ class TrainConfig:
             )
 
 
+class StepObjective(Protocol):
+    """A training objective other than next-token cross-entropy (see the module doc).
+
+    Batches (from the data's `batch(indices)`) are dicts of tensors whose first dimension is
+    the example, so the loop can split them over ranks and move them to the device.
+    """
+
+    def weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many examples `batch` holds: the step's loss is averaged over the step's total."""
+        ...
+
+    def micro_loss(
+        self, engine: torch.nn.Module, model: torch.nn.Module, batch: dict[str, torch.Tensor], total_weight: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step's loss (its summed loss / `total_weight`), computed
+        through `engine` (the model or its DDP wrapper; `model` is the plain module, for its
+        head), and its shares of the metrics to log, which the loop adds up over micro-batches
+        and ranks."""
+        ...
+
+    def evaluate(self, model: torch.nn.Module, data, batch_size: int) -> dict[str, float]:
+        """Held-out metrics of `model` (in eval mode, without gradients) over all of `data`,
+        "val_loss" among them."""
+        ...
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -208,6 +240,9 @@ class Trainer:
     `distributed`: this process's place in a torchrun job (default: the process group already
     joined, see `distributed.init_distributed`, else a single process). Every rank builds the
     same Trainer; rank 0 writes the files.
+
+    `objective`: a `StepObjective` that replaces the token-level loss and evaluation (not with a
+    teacher, a masked-LM encoder or FSDP).
     """
 
     def __init__(
@@ -220,8 +255,14 @@ class Trainer:
         distributed: DistributedContext | None = None,
         teacher: Transformer | None = None,
         regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+        objective: StepObjective | None = None,
     ) -> None:
         config.validate()
+        if objective is not None and (teacher is not None or not model.config.causal or config.fsdp):
+            raise TrainError(
+                "a custom objective trains a causal decoder without a teacher, under a single process or DDP; "
+                "distillation, masked LM and FSDP are not supported with it"
+            )
         for name, data in (("train_data", train_data), ("val_data", val_data)):
             if data is not None and not all(hasattr(data, a) for a in ("batch", "seq_len", "max_token_id", "__len__")):
                 raise TrainError(
@@ -274,6 +315,7 @@ class Trainer:
         self.model.to(self.device)
         self.teacher = teacher
         self.regularizer = regularizer
+        self.objective = objective
         self._distill_parts = [0.0, 0.0]  # a step's cross-entropy and KD shares (with a teacher), for the metrics
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
@@ -514,6 +556,9 @@ class Trainer:
         the global micro-batches (every rank passes the same ones) and each rank trains on its
         slice. The `regularizer` (if any) adds its penalty once per step."""
         self.engine.train()
+        if self.objective is not None:
+            step_loss, tokens, extra = self._objective_backward(batches)
+            return self._update(step_loss, tokens, extra)
         pairs = self._micro_batches(batches)
         total_tokens = sum(self._count_targets(labels) for _, labels, _ in pairs)
         if total_tokens == 0:
@@ -541,6 +586,46 @@ class Trainer:
         parts = self._distill_parts if self.teacher is not None else []
         if world > 1:
             step_loss, *parts = all_reduce_sum([step_loss, *parts], self.distributed, self.device)
+        # Throughput counts every input token of the global batch, as tokens/s and MFU are usually reported.
+        tokens = sum(inputs.numel() for inputs, _, _ in pairs)
+        extra = dict(zip(("ce_loss", "kd_loss"), parts)) if self.teacher is not None else {}
+        return self._update(step_loss, tokens, extra)
+
+    def _objective_backward(self, batches: list[dict]) -> tuple[float, int, dict[str, float]]:
+        """Forward and backward of the `objective` over the step's micro-batches (each rank its
+        slice of every one): (the step's loss, its input tokens, its summed metrics)."""
+        total = sum(self.objective.weight(batch) for batch in batches)
+        if total == 0:
+            raise TrainError("this step's batches hold no examples; nothing to learn")
+        world = self.distributed.world_size
+        step_loss, metrics = 0.0, {}
+        for micro, batch in enumerate(batches):
+            last = micro == len(batches) - 1
+            share = rank_slice(next(iter(batch.values())).shape[0], self.distributed)
+            mine = {name: tensor[share].to(self.device) for name, tensor in batch.items()}
+            with (
+                contextlib.nullcontext() if last else no_gradient_sync(self.engine, self.distributed, self.config.fsdp)
+            ):
+                with self._autocast():
+                    loss, parts = self.objective.micro_loss(self.engine, self.model, mine, total)
+                if last and self.regularizer is not None:
+                    loss = loss + self.regularizer(self.model) / world
+                scaled = loss * world if world > 1 else loss
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            step_loss += float(loss.detach())
+            for name, value in parts.items():
+                metrics[name] = metrics.get(name, 0.0) + value
+        names = sorted(metrics)
+        if world > 1:
+            step_loss, *values = all_reduce_sum(
+                [step_loss, *(metrics[n] for n in names)], self.distributed, self.device
+            )
+            metrics = dict(zip(names, values))
+        tokens = sum(int(batch["input_ids"].numel()) if "input_ids" in batch else 0 for batch in batches)
+        return step_loss, tokens, metrics
+
+    def _update(self, step_loss: float, tokens: int, extra: dict[str, float]) -> dict:
+        """The optimizer step after the step's backward passes: clipping, AdamW, the schedule."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.model, self.config.grad_clip)
@@ -553,12 +638,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        # Throughput counts every input token of the global batch, as tokens/s and MFU are usually reported.
-        tokens = sum(inputs.numel() for inputs, _, _ in pairs)
-        record = {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
-        if self.teacher is not None:
-            record["ce_loss"], record["kd_loss"] = parts
-        return record
+        return {"step": self.step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, **extra}
 
     def _next_batches(self) -> list[torch.Tensor]:
         """The step's global micro-batches; every rank draws the same ones from its own sampler copy."""
@@ -574,6 +654,10 @@ class Trainer:
             raise TrainError("no val_data was given to this Trainer, so there is nothing to evaluate")
         was_training = self.engine.training
         self.engine.eval()
+        if self.objective is not None:  # every rank scores all of the held-out data
+            result = self.objective.evaluate(self.model, self.val_data, self.config.batch_size)
+            self.engine.train(was_training)
+            return {"step": self.step, **result}
         total, tokens = 0.0, 0
         size, rank, world = self.config.batch_size, self.distributed.rank, self.distributed.world_size
         for number, start in enumerate(range(0, min(len(self.val_data), size * self.config.eval_batches), size)):
@@ -965,4 +1049,4 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-__all__ = ["PRECISIONS", "TrainConfig", "TrainError", "TrainResult", "Trainer"]
+__all__ = ["PRECISIONS", "StepObjective", "TrainConfig", "TrainError", "TrainResult", "Trainer"]
