@@ -245,3 +245,33 @@ def test_the_kernel_sources_ship_with_the_package():
     assert kernels.SOURCE.is_file()
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert "*.cpp" in pyproject["tool"]["setuptools"]["package-data"]["genforge.quantize.kernels"]
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_nf4_decodes_from_packed_bytes_equal_to_its_dequantized_weight(path, double_quant, blocksize):
+    from genforge.quantize.nf4 import NF4Linear, dequantize_nf4
+
+    layer = NF4Linear.from_linear(_linear(256, 21), blocksize, double_quant)
+    x = torch.randn(3, 2, 256)
+    with kernels.kernel_path(path), torch.inference_mode():
+        assert kernels.compiled_path(x, "lut4") == (path != "torch")
+        y = layer(x)
+    reference = x @ dequantize_nf4(layer.quantized_weight()).T + layer.bias
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_kernel_follows_a_loaded_state_dict(native):
+    """The kernel's decoded absmax is kept between calls: it must follow new buffers."""
+    if not native:
+        pytest.skip("the quantized kernels do not build on this machine")
+    from genforge.quantize.nf4 import NF4Linear, dequantize_nf4
+
+    layer, other = NF4Linear.from_linear(_linear(128, 8, seed=1)), NF4Linear.from_linear(_linear(128, 8, seed=2))
+    x = torch.randn(2, 128)
+    with torch.inference_mode():
+        layer(x)
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other(x), rtol=1e-5, atol=1e-5)
+    reference = x @ dequantize_nf4(other.quantized_weight()).T + other.bias
+    torch.testing.assert_close(layer(x).detach(), reference, rtol=1e-5, atol=1e-5)

@@ -47,6 +47,7 @@ __all__ = [
     "KERNEL_PATHS",
     "NATIVE_MAX_ROWS",
     "build_directory",
+    "compiled_path",
     "int8_linear",
     "kernel_path",
     "lut4_linear",
@@ -183,6 +184,11 @@ def path_for(x: torch.Tensor, kind: str) -> str:
     if not usable or limits is None or x.shape[0] > limits[kind] or native_ops() is None:
         return "torch"
     return "avx512" if capability.startswith("AVX512") else "avx2"
+
+
+def compiled_path(x: torch.Tensor, kind: str) -> bool:
+    """Whether a product of `x` (..., in) would run on a compiled kernel (not the torch path)."""
+    return x.dim() > 0 and path_for(x.reshape(-1, x.shape[-1]), kind) != "torch"
 
 
 def _rows_of(x: torch.Tensor, in_features: int) -> torch.Tensor:
