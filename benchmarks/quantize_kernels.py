@@ -10,8 +10,8 @@ layers, at batch 1 and 8:
     aten-int8pack   `aten._weight_int8pack_mm` (weight-only INT8, per-channel scales)
     aten-int4pack   `aten._weight_int4pack_mm_for_cpu` (weight-only INT4, groups of 128)
     gf-*            genforge's kernels (`quantize.kernels`) through `Int8Linear`/`Int4Linear`
-                    (groups of 128): the AVX-512 and AVX2 builds, and the pure-torch path
-                    (dequantize + oneDNN product)
+                    (groups of 128, or 64 where 128 does not divide the inputs): the AVX-512
+                    and AVX2 builds (the pure-torch path is timed in the crossover section)
 
 Each product rotates over enough copies of its weight to exceed the last-level cache, as the
 weights of a whole model do. Then a whole decode step's products (every linear layer of the
@@ -58,8 +58,15 @@ MODELS = {
 # EPYC this ran on, so each call reads its weight from memory, as in a real decode step.
 ROTATION_BYTES = 64 << 20
 GROUP_SIZE = 128
+
+
+def group_for(in_features: int) -> int:
+    """Groups of 128 where they divide the layer, else 64 (SmolLM's hidden size is 576 = 4.5 x 128)."""
+    return GROUP_SIZE if in_features % GROUP_SIZE == 0 else 64
+
+
 # Methods far slower than fp32 on a one-row product (measured), timed on two copies only.
-SLOW_METHODS = ("aten-int8pack", "aten-int4pack", "gf-int8-torch", "gf-int4-torch")
+SLOW_METHODS = ("aten-int8pack", "aten-int4pack")
 
 
 def linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
@@ -75,7 +82,7 @@ def weight_bytes(method: str, in_features: int, out_features: int) -> int:
         return 4 * n
     if "int8" in method:
         return n + 4 * out_features
-    return n // 2 + (4 + 1) * n // GROUP_SIZE  # codes, fp32 scales and uint8 zeros per group (aten: 2 floats)
+    return n // 2 + (4 + 1) * n // group_for(in_features)  # codes, fp32 scales and uint8 zeros per group
 
 
 def forced(path: str, module: nn.Module) -> Callable:
@@ -103,14 +110,17 @@ def product_factories() -> dict[str, Callable[[nn.Linear], Callable[[torch.Tenso
         return lambda x: torch.ops.aten._weight_int8pack_mm(x, q.weight, q.weight_scale)
 
     def int4pack(layer: nn.Linear):
-        q = Int4Linear.from_linear(layer, GROUP_SIZE)
+        if layer.out_features % 16:
+            return None  # aten's INT4 packing needs a multiple of 16 output rows (not the 50257 head)
+        group = group_for(layer.in_features)
+        q = Int4Linear.from_linear(layer, group)
         codes = q.grid().codes.to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         # aten's grid: w = (code - 8) * scale + zero, scales and zeros stacked as (groups, out, 2).
         scales = q.weight_scale.t().contiguous()
         zeros = (8 - q.weight_zeros.float()).t() * scales
         scales_zeros = torch.stack([scales, zeros], dim=-1).contiguous()
-        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_zeros)
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scales_zeros)
 
     factories = {
         "fp32": lambda layer: PackedLinear(layer),
@@ -118,11 +128,11 @@ def product_factories() -> dict[str, Callable[[nn.Linear], Callable[[torch.Tenso
         "aten-int8pack": int8pack,
         "aten-int4pack": int4pack,
     }
-    for fmt, cls, extra in (("int8", Int8Linear, {}), ("int4", Int4Linear, {"group_size": GROUP_SIZE})):
-        for path in ("avx512", "avx2", "torch"):
-            factories[f"gf-{fmt}-{path}"] = lambda layer, cls=cls, extra=extra, path=path: forced(
-                path, cls.from_linear(layer, **extra)
-            )
+    for path in ("avx512", "avx2"):  # the torch path: time_crossover
+        factories[f"gf-int8-{path}"] = lambda layer, path=path: forced(path, Int8Linear.from_linear(layer))
+        factories[f"gf-int4-{path}"] = lambda layer, path=path: forced(
+            path, Int4Linear.from_linear(layer, group_for(layer.in_features))
+        )
     return factories
 
 
@@ -167,16 +177,21 @@ def time_shapes(methods: list[str], batches: list[int], rounds: int) -> list[dic
                 if method in SLOW_METHODS:  # compute bound, 3-40x slower than fp32: the cache hardly matters
                     copies = 2
                 products = [factories[method](linear(in_features, out_features, seed)) for seed in range(copies)]
+                if products[0] is None:
+                    continue
                 calls[method] = [lambda p=p, x=x: p(x) for p in products]
             times = best_pass_us(calls, rounds)
             del calls
             row = {"in": in_features, "out": out_features, "batch": batch, "us": times}
             row["vs_fp32"] = {m: times["fp32"] / t for m, t in times.items()}
+            times.update({m: math.nan for m in methods if m not in times})
             row["fp32_gbs"] = weight_bytes("fp32", in_features, out_features) / times["fp32"] / 1e3
             rows.append(row)
             print(
                 f"{in_features}->{out_features} b{batch}: "
-                + ", ".join(f"{m} {t:.0f}us ({row['vs_fp32'][m]:.2f}x)" for m, t in times.items()),
+                + ", ".join(
+                    f"{m} {t:.0f}us ({row['vs_fp32'][m]:.2f}x)" for m, t in times.items() if m in row["vs_fp32"]
+                ),
                 flush=True,
             )
     return rows
@@ -195,7 +210,7 @@ def step_layers(model: str, fmt: str, head_quantized: bool) -> list[nn.Module]:
         elif fmt == "int8":
             layers.append(Int8Linear.from_linear(plain))
         else:
-            layers.append(Int4Linear.from_linear(plain, GROUP_SIZE))
+            layers.append(Int4Linear.from_linear(plain, group_for(in_features)))
     return layers
 
 
@@ -205,8 +220,9 @@ def layer_bytes(layer: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for name, b in layer.named_buffers() if name.startswith("weight"))
 
 
-def time_steps(batches: list[int], rounds: int, bandwidth: float) -> list[dict]:
+def time_steps(batches: list[int], rounds: int, bandwidth: float, threads: int) -> list[dict]:
     kernels.set_kernel_path("auto")
+    torch.set_num_threads(threads)
     rows = []
     variants = [("fp32", True), ("int8", True), ("int8", False), ("int4", True), ("int4", False)]
     for model in MODELS:
@@ -230,6 +246,7 @@ def time_steps(batches: list[int], rounds: int, bandwidth: float) -> list[dict]:
                 rows.append(
                     {
                         "model": model,
+                        "threads": threads,
                         "batch": batch,
                         "format": name,
                         "ms": us / 1e3,
@@ -240,7 +257,9 @@ def time_steps(batches: list[int], rounds: int, bandwidth: float) -> list[dict]:
                         "ceiling_speedup": fp32 / ceiling_us,
                     }
                 )
-                print(f"{model} b{batch} {name}: {us / 1e3:.2f} ms ({fp32 / us:.2f}x), {read / us / 1e3:.1f} GB/s")
+                print(
+                    f"{model} t{threads} b{batch} {name}: {us / 1e3:.2f} ms ({fp32 / us:.2f}x), {read / us / 1e3:.1f} GB/s"
+                )
         del steps
     return rows
 
@@ -251,7 +270,10 @@ def time_crossover(batches: list[int], rounds: int) -> list[dict]:
     for in_features, out_features in [(768, 3072), (3072, 768), (768, 50257)]:
         layers = {
             fmt: [cls.from_linear(linear(in_features, out_features, seed), **extra) for seed in range(copies)]
-            for fmt, cls, extra, copies in (("int8", Int8Linear, {}, 3), ("int4", Int4Linear, {"group_size": 128}, 5))
+            for fmt, cls, extra, copies in (
+                ("int8", Int8Linear, {}, 3),
+                ("int4", Int4Linear, {"group_size": group_for(in_features)}, 5),
+            )
         }
         for batch in batches:
             x = torch.randn(batch, in_features)
@@ -270,8 +292,9 @@ def time_crossover(batches: list[int], rounds: int) -> list[dict]:
 
 
 def quality(args) -> dict:
-    """Held-out perplexity of a small pretrained model: fp32, INT8 and INT4 (groups of 32 and
-    128), each with the head quantized and kept in fp32."""
+    """Held-out perplexity of a small pretrained model: fp32, INT8 and INT4 (groups of 64, as
+    SmolLM takes, and 32), each with the head quantized and kept in fp32."""
+    torch.set_num_threads(args.threads)
     import copy
     import tempfile
 
@@ -303,7 +326,7 @@ def quality(args) -> dict:
             return perplexity(m, ids_tensor, max_length=128, stride=128, show_progress=False).perplexity
 
     rows = [{"format": "fp32", "ppl": ppl(model)}]
-    for method, group in (("int8", 128), ("int4", 128), ("int4", 32)):
+    for method, group in (("int8", 128), ("int4", 64), ("int4", 32)):
         for head in (True, False):
             quantized = copy.deepcopy(model)
             quantize_weights(quantized, method, group, exclude=() if head else ("lm_head",))
@@ -328,15 +351,21 @@ def markdown(result: dict) -> str:
         "",
         "## One product (microseconds per call, ratio to fp32)",
         "",
-        "Each call reads its weight from memory (copies rotated past the 32 MiB L3). INT4 in groups of "
-        f"{GROUP_SIZE}. fbgemm's dynamic INT8 quantizes the activations too (not weight-only).",
+        "Each call reads its weight from memory (copies rotated past the 32 MiB L3; the methods 3-40x slower "
+        f"than fp32 use two copies). INT4 in groups of {GROUP_SIZE} (64 where 128 does not divide the inputs, "
+        "as SmolLM's 576). fbgemm's dynamic INT8 quantizes the activations too (not weight-only).",
         "",
     ]
     methods = list(result["shapes"][0]["us"])
     lines += ["| in -> out | batch | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for row in result["shapes"]:
         cells = [
-            f"{row['us'][m]:.0f}" if m == "fp32" else f"{row['us'][m]:.0f} ({row['vs_fp32'][m]:.2f}x)" for m in methods
+            "n/a"
+            if m not in row["vs_fp32"]
+            else f"{row['us'][m]:.0f}"
+            if m == "fp32"
+            else f"{row['us'][m]:.0f} ({row['vs_fp32'][m]:.2f}x)"
+            for m in methods
         ]
         lines.append(f"| {row['in']} -> {row['out']} | {row['batch']} | " + " | ".join(cells) + " |")
     lines += [
@@ -348,12 +377,12 @@ def markdown(result: dict) -> str:
         "Ceiling: the bytes the step's weights take over the streaming bandwidth; its speed-up is fp32's "
         "measured time over that ceiling.",
         "",
-        "| model | batch | format | ms | speed-up | GB/s | weight bytes | ceiling ms | ceiling speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | threads | batch | format | ms | speed-up | GB/s | weight bytes | ceiling ms | ceiling speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["steps"]:
         lines.append(
-            f"| {row['model']} | {row['batch']} | {row['format']} | {row['ms']:.2f} | {row['speedup']:.2f}x | "
+            f"| {row['model']} | {row['threads']} | {row['batch']} | {row['format']} | {row['ms']:.2f} | {row['speedup']:.2f}x | "
             f"{row['gbs']:.1f} | {row['bytes'] / 1e6:.0f} MB | {row['ceiling_ms']:.2f} | {row['ceiling_speedup']:.2f}x |"
         )
     lines += [
@@ -397,6 +426,13 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--step-threads",
+        type=int,
+        nargs="+",
+        default=[2, 1],
+        help="thread counts for the whole-step timing (1 is steadier on a shared machine)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timed passes per method; the fastest counts")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--crossover-batches", type=int, nargs="+", default=[1, 8, 16, 32, 64])
@@ -404,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-bytes", type=int, default=1_500_000)
     parser.add_argument("--held-out-tokens", type=int, default=16_384)
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=192)  # MLP 512: groups of 64 divide every layer
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -425,9 +461,12 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_gbs": bandwidth,
         "group_size": GROUP_SIZE,
         "shapes": time_shapes(methods, args.batches, args.rounds),
-        "steps": time_steps(args.batches, args.rounds, bandwidth),
-        "crossover": time_crossover(args.crossover_batches, args.rounds),
+        "steps": [
+            row for threads in args.step_threads for row in time_steps(args.batches, args.rounds, bandwidth, threads)
+        ],
     }
+    torch.set_num_threads(args.threads)
+    result["crossover"] = time_crossover(args.crossover_batches, args.rounds)
     result["bandwidth_gbs_after"] = stream_bandwidth_gbs()
     if not args.no_quality:
         result["quality"] = quality(args)

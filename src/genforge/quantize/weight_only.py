@@ -48,7 +48,7 @@ __all__ = ["DEFAULT_EXCLUDE", "METHODS", "Int4Linear", "Int8Linear", "quantize_w
 METHODS = ("int8", "int4")
 # What a code stands for before its group's zero point and scale: the INT4 codes themselves.
 _INT4_LEVELS = torch.arange(16, dtype=torch.float32)
-# The output head is quantized too, by default: see `quantize_weights`.
+# The output head is quantized too, by default: measured in `quantize_weights`' docstring.
 DEFAULT_EXCLUDE: tuple[str, ...] = ()
 
 
@@ -226,11 +226,15 @@ def quantize_weights(
     The output head is quantized too unless `exclude` names it (`exclude=("lm_head",)`). It is
     the largest single product of a small model's decode step (GPT-2's 50257 x 768 head is 31%
     of its weights, SmolLM-135M's 49152 x 576 one 21%), and benchmarks/quantize_kernels.py
-    measured the cost of keeping it in fp32: the whole GPT-2 decode step's products go from
-    [see docs/compression_kernels.md] with the head quantized to [...] without, while the
-    perplexity of a small trained model moved by [...]. A tied head (GPT-2, SmolLM) gets a
-    quantized copy of the embedding matrix; the embeddings themselves stay in fp32 for the
-    lookup, so the checkpoint grows by the head's codes, but a decode step reads only those.
+    measured both ways (2-core EPYC, 2 threads, batch 1): GPT-2's whole step of products runs
+    3.89x faster than fp32 in INT8 and 5.25x in INT4 with the head quantized, but only 2.19x
+    and 2.45x with an fp32 head (SmolLM-135M: 4.02x / 4.70x against 2.57x / 2.64x). The
+    quality cost of the head was small on a small model pretrained on standard-library
+    source: held-out perplexity 0.9998x fp32's with an INT8 head (1.0000x with an fp32 head),
+    1.0001x with an INT4 head in groups of 64 (0.9991x), 1.0019x in groups of 32 (0.9991x).
+    So the head goes with the rest by default. A tied head (GPT-2, SmolLM) gets quantized codes
+    of its own; the embeddings stay fp32 for the lookup, so a checkpoint grows by the head's
+    codes while a decode step reads only those.
 
     Every selected weight is checked before any layer is replaced, so a bad one (not 2-D, not
     finite, or for INT4 an input size the group size does not divide) is refused with its

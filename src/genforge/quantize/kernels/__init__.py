@@ -62,12 +62,15 @@ _ISA = {"portable": 1, "avx2": 2, "avx512": 3}
 ENVIRONMENT_VARIABLE = "GENFORGE_QUANT_KERNELS"
 
 # The most rows of x a kernel serves, per format and torch CPU capability; more rows take the
-# dequantize-and-multiply path. Measured by benchmarks/quantize_kernels.py (docs/compression_kernels.md):
-# on AVX-512 the kernels beat dequantize + oneDNN up to these batch sizes on GPT-2 and SmolLM
-# decode shapes. The AVX2 numbers are the same kernels' AVX2 build timed on the AVX-512 machine.
+# dequantize-and-multiply path. Measured by benchmarks/quantize_kernels.py on a 2-core AVX-512
+# EPYC, 2 threads (docs/compression_kernels.md): up to 64 rows the AVX-512 kernels beat
+# dequantize + oneDNN on GPT-2's MLP and head shapes (INT8 1833 against 2234 us at 64 rows on
+# 768 -> 3072, INT4 2682 against 3038). Their AVX2 build, timed on the same machine, keeps
+# INT8 ahead at 64 rows but INT4 only up to 32 (3149 against 3038 us at 64). Beyond 64 rows
+# was not measured, so it goes to the product that is compute bound by design.
 NATIVE_MAX_ROWS = {
-    "AVX512": {"int8": 32, "lut4": 32},
-    "AVX2": {"int8": 16, "lut4": 16},
+    "AVX512": {"int8": 64, "lut4": 64},
+    "AVX2": {"int8": 64, "lut4": 32},
 }
 # The pure-torch path dequantizes at most this many weights at a time (64 MiB of fp32).
 CHUNK_VALUES = 1 << 24
