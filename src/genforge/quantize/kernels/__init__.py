@@ -14,7 +14,7 @@ multiply-adds, rows of x share each converted weight, output rows are split over
   codes, two per byte, W[n, k] = (levels[code] - zeros[n, g]) * scales[n, g]: INT4 with
   levels 0..15 and its zero points, NF4 with the NF4 table and no zeros.
 
-The extension is built by `torch.utils.cpp_extension.load` at first use (about half a minute)
+The extension is built by `torch.utils.cpp_extension.load` at first use (6-30 s here)
 into `$TORCH_EXTENSIONS_DIR` or `~/.cache/genforge/kernels`, and loaded from there afterwards.
 Without a C++ compiler or ninja, or if the build fails, one line says so and every product
 takes the pure-torch path: dequantize at most `CHUNK_VALUES` weights at a time and multiply
