@@ -21,8 +21,10 @@ absmax indices take the nearest dynamic level, as bitsandbytes' pure-torch and C
 do (equal to the former); its native CPU kernel's search lands one level off on a few in a
 thousand.
 
-`NF4Linear` computes with a weight it dequantizes on every call; a kernel that multiplies
-straight from the packed bytes is later work.
+`NF4Linear` decodes on genforge's 4-bit kernel (`quantize.kernels.lut4_linear`, the one INT4
+uses, with the NF4 table), which reads the packed bytes, wherever a compiled kernel serves the
+product (fp32 weights and inputs on the CPU, no gradient asked, whole blocks per row); elsewhere
+it dequantizes the weight on every call.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import nn
 
 from ..onednn import linear as onednn_linear
 from ..swap import linear_names, swap_linears
+from . import kernels
 
 __all__ = [
     "NF4_LEVELS",
@@ -288,8 +291,8 @@ class NF4Linear(nn.Module):
     dequantized on every call (in row chunks of at most `chunk_values` values, so a large
     layer never holds its whole fp weight at once). The bias stays in floating point, frozen.
 
-    Dequantizing per call trades speed for memory; a kernel that reads the packed bytes
-    directly (as bitsandbytes' gemv_4bit does) is later work. The packed weight is stored as
+    Where a compiled kernel serves the product (see `forward`), it reads the packed bytes
+    directly instead (`quantize.kernels`). The packed weight is stored as
     buffers named `weight` (codes), `weight_absmax`, `weight_nested_absmax` and
     `weight_nested_offset`, so the layer's state-dict keys keep its name.
 
@@ -379,6 +382,12 @@ class NF4Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.float32 and self.in_features % self.blocksize == 0 and kernels.compiled_path(x, "lut4"):
+            # Whole blocks per row: block g of row o holds columns g * blocksize onwards, the
+            # kernel's groups, and each weight is NF4_LEVELS[code] * absmax as dequantize_nf4's.
+            packed = self.weight.view(self.out_features, self.in_features // 2)
+            absmax = _kernel_absmax(self).view(self.out_features, -1)
+            return kernels.lut4_linear(x, packed, NF4_LEVELS, absmax, None, self.blocksize, True, self.bias)
         return nf4_linear(x, self.quantized_weight(), self.bias, self.chunk_rows)
 
     def extra_repr(self) -> str:
@@ -386,6 +395,18 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"blocksize={self.blocksize}, double_quant={self.weight_nested_absmax is not None}"
         )
+
+
+def _kernel_absmax(layer: NF4Linear) -> torch.Tensor:
+    """The layer's fp32 absmax (double quantization decoded), kept between calls and decoded
+    again when a buffer is replaced or written to (`load_state_dict`)."""
+    buffers = (layer.weight_absmax, layer.weight_nested_absmax, layer.weight_nested_offset)
+    key = tuple((b.data_ptr(), b._version) if b is not None else None for b in buffers)
+    cached = layer.__dict__.get("_kernel_absmax_cache")
+    if cached is None or cached[0] != key:
+        cached = (key, _absmax_fp32(layer.quantized_weight()).float().contiguous())
+        layer.__dict__["_kernel_absmax_cache"] = cached
+    return cached[1]
 
 
 def quantize_linears_nf4(
