@@ -77,7 +77,7 @@ def _trained_state(seed: int, steps: int) -> tuple[dict, Config]:
     return copy.deepcopy(model.state_dict()), model.config
 
 
-def trained_model(seed: int = SEED, steps: int = 150) -> Transformer:
+def trained_model(seed: int = SEED, steps: int = 300) -> Transformer:
     """A fresh copy of the tiny model trained `steps` steps (trained once per process), in eval mode."""
     state, config = _trained_state(seed, steps)
     model = Transformer(config)

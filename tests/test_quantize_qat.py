@@ -65,7 +65,7 @@ def test_bad_selections_are_refused_before_anything_is_swapped():
 
 @pytest.mark.slow
 def test_trained_through_the_grid_beats_fp_training_then_round_to_nearest():
-    steps, lr = 60, 3e-3
+    steps, lr = 60, 3e-4  # a small step: the weights settle onto the grid rather than learn more
     train_ids = quantize_shared.corpus()[0]
     fp = quantize_shared.train(quantize_shared.trained_model(), train_ids, steps, lr, seed=1)
     rtn = quantize_shared.held_out_perplexity(quantize_shared.with_grids(fp, quantize_shared.rtn_grids(fp)))

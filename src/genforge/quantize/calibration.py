@@ -17,7 +17,7 @@ one thing held in full: what one block needs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -261,10 +261,3 @@ def block_linear_names(
         if name.startswith("blocks."):
             per_block[int(name.split(".")[1])].append(name)
     return per_block
-
-
-def run_calls(calls: list[BlockCall], function: Callable[[BlockCall], None]) -> None:
-    """`function` on every call, without gradients."""
-    with torch.no_grad():
-        for call in calls:
-            function(call)

@@ -32,7 +32,6 @@ calibration text gains less.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -239,9 +238,3 @@ def gptq_quantize_model(
     finally:
         model.train(was_training)
     return grids
-
-
-def layer_output_error(weight: torch.Tensor, quantized: torch.Tensor, inputs: torch.Tensor) -> float:
-    """||W X - Ŵ X||_F / ||W X||_F on inputs (tokens, in_features): the error GPTQ minimises."""
-    reference = inputs @ weight.T
-    return float((inputs @ (weight - quantized).T).norm() / reference.norm().clamp(min=math.ulp(1.0)))
