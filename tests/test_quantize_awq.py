@@ -65,6 +65,15 @@ def test_layers_without_an_exact_fold_are_left_unscaled_and_said_so():
     assert "blocks.0.attn.o" in result.alphas  # o still folds into the value rows
 
 
+def test_mixture_of_experts_pass_covers_every_expert():
+    model = tiny_model(hidden_size=64, intermediate_size=64, family="mixtral", num_experts=4, num_experts_per_token=1)
+    result = awq_quantize_model(model.eval(), [IDS[0][:3]], group_size=32, grid_points=3)
+    experts = [f"blocks.{b}.mlp.experts.{e}.{n}" for b in range(2) for e in range(4) for n in ("gate_up", "down")]
+    assert set(experts) <= set(result.grids) and "blocks.0.mlp.router" not in result.grids
+    # Three tokens, one expert each: some expert's down saw none and is said so, not scaled.
+    assert any("no calibration token" in reason for reason in result.unscaled.values())
+
+
 def test_scale_search_never_does_worse_than_no_scaling():
     model = tiny_model(hidden_size=64, intermediate_size=64).eval()
     randomize_norms(model)

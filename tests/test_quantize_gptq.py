@@ -156,3 +156,13 @@ def test_held_out_perplexity_below_round_to_nearest():
     assert gptq < rtn, (fp, gptq, rtn)
     # Most of round-to-nearest's loss is recovered.
     assert gptq - fp < 0.5 * (rtn - fp), (fp, gptq, rtn)
+
+
+def test_mixture_of_experts_expert_without_tokens_is_rounded_to_nearest():
+    model = tiny_model(hidden_size=64, intermediate_size=64, family="mixtral", num_experts=4, num_experts_per_token=1)
+    weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if name.endswith("down")}
+    grids = gptq_quantize_model(model.eval(), [torch.tensor([3, 9])], group_size=32)
+    assert "blocks.0.mlp.router" not in grids and len(grids) == 2 * (2 + 4 * 2)
+    # Two tokens reach at most two of the four experts; the others are plain RTN.
+    rounded = [n for n, w in weights.items() if torch.equal(grids[n].codes, quantize_int4(w, 32).codes)]
+    assert len(rounded) >= 4

@@ -331,6 +331,9 @@ def awq_quantize_model(
             sites = _sites(block, f"blocks.{index}", selected, unscaled)
             for site in sites:
                 inputs, consumer_input = _record(block, calls, site)
+                if consumer_input is None:
+                    unscaled[site.name] = "no calibration token reached it (a MoE expert none was routed to)"
+                    continue
                 scales, alpha, _, _ = _search_scales(site, inputs, consumer_input, grid_points, group_size)
                 site.fold(scales)
                 expanded = _expand(scales, site)
@@ -341,8 +344,8 @@ def awq_quantize_model(
                     progress(f"awq {site.name}: alpha {alpha:.2f}")
             for name in per_block[index]:
                 layer = model.get_submodule(name)
-                if clip:
-                    layer_input = _record_layer(block, calls, layer)
+                layer_input = _record_layer(block, calls, layer) if clip else None
+                if layer_input is not None:
                     layer.weight.copy_(
                         _search_clip(layer.weight, layer_input, group_size, clip_grid_points, max_shrink, clip_tokens)
                     )
@@ -355,7 +358,7 @@ def awq_quantize_model(
     return AWQResult(grids, alphas, unscaled)
 
 
-def _record(block: Block, calls: list[BlockCall], site: _Site) -> tuple[list[tuple], torch.Tensor]:
+def _record(block: Block, calls: list[BlockCall], site: _Site) -> tuple[list[tuple], torch.Tensor | None]:
     """The inspected module's positional inputs per batch, from running `block` on `calls`, and
     its first input over all batches (tokens x features): what the site's layers read (the
     normed hidden states for attention and the MLP, the layer's own input for o and down)."""
@@ -366,14 +369,18 @@ def _record(block: Block, calls: list[BlockCall], site: _Site) -> tuple[list[tup
     finally:
         recorder.remove()
     inputs = recorder.inputs[id(site.inspect)]
+    if not inputs:
+        return inputs, None
     return inputs, torch.cat([args[0].reshape(-1, args[0].shape[-1]) for args in inputs])
 
 
-def _record_layer(block: Block, calls: list[BlockCall], layer: nn.Linear) -> torch.Tensor:
+def _record_layer(block: Block, calls: list[BlockCall], layer: nn.Linear) -> torch.Tensor | None:
+    """The layer's inputs (tokens x in_features) from running `block` on `calls`; None when it saw none."""
     recorder = _InputRecorder([layer])
     try:
         for call in calls:
             call.run(block)
     finally:
         recorder.remove()
-    return torch.cat([args[0].reshape(-1, args[0].shape[-1]) for args in recorder.inputs[id(layer)]])
+    recorded = recorder.inputs[id(layer)]
+    return torch.cat([args[0].reshape(-1, args[0].shape[-1]) for args in recorded]) if recorded else None
