@@ -8,7 +8,7 @@ group size divides. Held-out text is standard-library files the model was not tr
 calibration rows (GPTQ, AWQ) come from the training text. Quantized weights are evaluated as
 their dequantized values in an fp32 copy of the model (what an INT4 layer computes).
 
-    python benchmarks/quantize_quality.py            # about 10 minutes on 2 CPU cores
+    python benchmarks/quantize_quality.py            # about 15 minutes on 2 shared CPU cores
     python benchmarks/quantize_quality.py --quick    # a smaller, shorter run
 """
 
