@@ -8,7 +8,8 @@ its flags, calls one library function and prints what happened:
     tokenizer, data, pretrain, size          genforge/train/cli.py
     finetune, merge-models, merge-adapter    genforge/finetune/cli.py
     eval                                     genforge/evaluate/cli.py
-    prune, export                            genforge/quantize/cli.py
+    quantize, prune, export                  genforge/quantize/cli.py
+    align                                    genforge/align/cli.py
     rag                                      genforge/rag/cli.py
     serve, bench                             genforge/serve/cli.py
 

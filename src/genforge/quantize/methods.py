@@ -23,8 +23,13 @@ from torch import nn
 
 from ..swap import linear_names
 from .activation import ACTIVATION_METHODS
+from .awq import DEFAULT_EXCLUDE as AWQ_EXCLUDE
+from .awq import awq_quantize_model
+from .gptq import DEFAULT_EXCLUDE as GPTQ_EXCLUDE
+from .gptq import gptq_quantize_model
 from .nf4 import NF4Linear, quantize_linears_nf4
 from .saved import quantized_layers
+from .weight_only import Int4Linear, quantize_weights
 
 __all__ = [
     "METHODS",
@@ -105,7 +110,68 @@ def _activation(method: str) -> Callable[[nn.Module, list[torch.Tensor] | None, 
     return run
 
 
+def _bits(method: str, options: QuantizeOptions, bits: int) -> None:
+    if options.bits not in (None, bits):
+        raise ValueError(f"{method} stores {bits} bits per weight; --bits takes {bits} or nothing, got {options.bits}")
+
+
+def _round_to_nearest(bits: int) -> Callable[[nn.Module, list[torch.Tensor] | None, QuantizeOptions], dict]:
+    """Weight-only INT8 (per output channel) or INT4 (per group), round to nearest."""
+    method = f"int{bits}"
+
+    def run(model: nn.Module, calibration: list[torch.Tensor] | None, options: QuantizeOptions) -> dict:
+        _bits(method, options, bits)
+        if bits == 8 and options.group_size is not None:
+            raise ValueError("int8 has one scale per output channel; --group-size applies to int4, nf4, gptq and awq")
+        group_size = options.group_size or 128
+        names = quantize_weights(model, method, group_size, options.include, options.exclude)
+        for name in names:
+            options.progress(name)
+        return {"bits": bits} | ({"group_size": group_size} if bits == 4 else {})
+
+    return run
+
+
+def _install_int4_grids(model: nn.Module, grids: dict, options: QuantizeOptions) -> None:
+    """Put each calibrated `Int4Grid` into the model as an `Int4Linear`, keeping the layer's bias."""
+    for name, grid in grids.items():
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, attribute)
+        setattr(parent, attribute, Int4Linear.from_grid(grid, None if layer.bias is None else layer.bias.detach()))
+        options.progress(name)
+
+
+def _flat_rows(calibration: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The (1, L) calibration rows as the 1-D token rows `quantize.calibration` reads."""
+    return [row.reshape(-1) for row in calibration]
+
+
+def _gptq(model: nn.Module, calibration: list[torch.Tensor] | None, options: QuantizeOptions) -> dict:
+    """GPTQ INT4 (Frantar et al. 2023): layer by layer, errors compensated through the calibration Hessian."""
+    _bits("gptq", options, 4)
+    group_size = options.group_size or 128
+    exclude = (*options.exclude, *GPTQ_EXCLUDE)
+    grids = gptq_quantize_model(model, _flat_rows(calibration), group_size, include=options.include, exclude=exclude)
+    _install_int4_grids(model, grids, options)
+    return {"bits": 4, "group_size": group_size, "damp": 0.01, "act_order": True}
+
+
+def _awq(model: nn.Module, calibration: list[torch.Tensor] | None, options: QuantizeOptions) -> dict:
+    """AWQ INT4 (Lin et al. 2024): activation-aware scales folded into the preceding ops, then INT4."""
+    _bits("awq", options, 4)
+    group_size = options.group_size or 128
+    exclude = (*options.exclude, *AWQ_EXCLUDE)
+    result = awq_quantize_model(model, _flat_rows(calibration), group_size, include=options.include, exclude=exclude)
+    _install_int4_grids(model, result.grids, options)
+    return {"bits": 4, "group_size": group_size, "alphas": result.alphas, "unscaled": result.unscaled}
+
+
 METHODS: dict[str, QuantizeMethod] = {
+    "int8": QuantizeMethod(_round_to_nearest(8), False, "weight-only INT8 per output channel, round to nearest"),
+    "int4": QuantizeMethod(_round_to_nearest(4), False, "weight-only INT4 per group (--group-size), round to nearest"),
+    "gptq": QuantizeMethod(_gptq, True, "weight-only INT4, GPTQ: rounding errors compensated layer by layer"),
+    "awq": QuantizeMethod(_awq, True, "weight-only INT4, AWQ: activation-aware scales, then round to nearest"),
     "nf4": QuantizeMethod(_nf4, False, "4-bit NormalFloat with double quantization (QLoRA), round to nearest"),
     "dynamic": QuantizeMethod(
         _activation("dynamic"), False, "W8A8: int8 weights, inputs quantized per token at run time"

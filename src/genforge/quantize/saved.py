@@ -40,6 +40,7 @@ from ..swap import linear_names, swap_linears
 from .llm_int8 import Int8MixedLinear
 from .nf4 import NF4Linear
 from .w8a8 import DynamicInt8Linear, StaticInt8Linear
+from .weight_only import Int4Linear, Int8Linear
 
 __all__ = [
     "FORMAT_VERSION",
@@ -83,7 +84,7 @@ def register_layer_kind(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 # Every quantized layer kind genforge ships: adding one is one entry here.
-for _kind in (NF4Linear, DynamicInt8Linear, StaticInt8Linear, Int8MixedLinear):
+for _kind in (NF4Linear, Int8Linear, Int4Linear, DynamicInt8Linear, StaticInt8Linear, Int8MixedLinear):
     register_layer_kind(_kind)
 
 
