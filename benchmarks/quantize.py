@@ -40,11 +40,11 @@ from machine import describe, write_results
 from genforge.checkpoint import load_model
 from genforge.inference import pack_for_cpu_inference
 from genforge.quantize.gguf_export import export_gguf
-from genforge.quantize.methods import model_bytes, quantize_model
+from genforge.quantize.methods import QuantizeOptions, model_bytes, quantize_model
 from genforge.quantize.saved import load_quantized, save_quantized
 
 # genforge's quantized variants: label -> quantize.methods method name.
-GENFORGE_VARIANTS = {"nf4": "nf4"}
+GENFORGE_VARIANTS = {"int8": "int8", "int4": "int4", "nf4": "nf4"}
 # llama.cpp's GGUF types, written by `genforge export gguf`.
 GGUF_TYPES = ("f32", "q8_0", "q4_0")
 # The shapes GGUF export writes (the Llama family).
@@ -138,7 +138,9 @@ def build_runners(shape: str, directory: Path, threads: int, context: int, llama
     runners = {}
     for label, method in GENFORGE_VARIANTS.items():
         quantized = copy.deepcopy(fp32)
-        quantize_model(quantized, method)
+        # INT4's largest group that divides every layer: 128 for GPT-2, 64 for SmolLM's 576 features.
+        group = 128 if all(m.in_features % 128 == 0 for m in quantized.modules() if hasattr(m, "in_features")) else 64
+        quantize_model(quantized, method, options=QuantizeOptions(group_size=group if method == "int4" else None))
         saved = save_quantized(quantized, directory / f"{shape}-{label}", method=method)
         del quantized
         loaded = load_quantized(saved)  # as `genforge generate` loads it

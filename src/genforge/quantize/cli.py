@@ -87,7 +87,8 @@ def cmd_quantize(args) -> int:
         calibration = calibration_token_rows(tokenizer, args.calibration, args.samples, length)
         source = args.calibration or "the standard library's source"
         console.print(f"calibration: {len(calibration)} sequences of {length} tokens from {source}")
-    selection = QuantizeOptions(include=args.include, exclude=args.exclude)
+    exclude = args.exclude if args.exclude is not None else METHODS[args.method].default_exclude
+    selection = QuantizeOptions(include=args.include, exclude=exclude)
     total = len(selection.layer_names(model))  # a bad pattern fails here, before the bar is drawn
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[layer]}"))
     with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -96,7 +97,7 @@ def cmd_quantize(args) -> int:
             bits=args.bits,
             group_size=args.group_size,
             include=args.include,
-            exclude=args.exclude,
+            exclude=exclude,
             progress=lambda name: bar.update(task, advance=1, layer=name),
         )
         summary = quantize_model(model, args.method, calibration, options)
@@ -125,7 +126,7 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Quantize the linear layers of a Hugging Face model directory and write a quantized model "
         "directory (config.json with a quantization_config, safetensors, tokenizer) that genforge generate, chat, "
-        "serve and eval ppl load as it is. The LM head stays in floating point unless --exclude says otherwise. "
+        "serve and eval ppl load as it is. The LM head stays in floating point (quantized too by int8 and int4) unless --exclude says otherwise. "
         "Methods: "
         + "; ".join(
             f"{name}: {m.summary}{' (reads calibration text)' if m.needs_calibration else ''}"
@@ -147,10 +148,10 @@ def _add_quantize_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--exclude",
         nargs="+",
-        default=["lm_head"],
+        default=None,
         metavar="PATTERN",
-        help="linear layers kept in floating point; the list replaces the default, so name lm_head in it to keep "
-        "the head in floating point",
+        help="linear layers kept in floating point. Default: lm_head, except for int8 and int4, whose kernels "
+        "run the head faster quantized; a list replaces the default, so name lm_head in it to keep the head fp",
     )
     calibration = parser.add_argument_group("calibration (methods that read text)")
     calibration.add_argument(

@@ -63,7 +63,7 @@ ENVIRONMENT_VARIABLE = "GENFORGE_QUANT_KERNELS"
 
 # The most rows of x a kernel serves, per format and torch CPU capability; more rows take the
 # dequantize-and-multiply path. Measured by benchmarks/quantize_kernels.py on a 2-core AVX-512
-# EPYC, 2 threads (docs/compression_kernels.md): up to 64 rows the AVX-512 kernels beat
+# EPYC, 2 threads (docs/compression.md, "Weight-only INT8 and INT4"): up to 64 rows the AVX-512 kernels beat
 # dequantize + oneDNN on GPT-2's MLP and head shapes (INT8 1833 against 2234 us at 64 rows on
 # 768 -> 3072, INT4 2682 against 3038). Their AVX2 build, timed on the same machine, keeps
 # INT8 ahead at 64 rows but INT4 only up to 32 (3149 against 3038 us at 64). Beyond 64 rows
