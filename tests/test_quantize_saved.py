@@ -430,7 +430,10 @@ def test_every_method_saves_loads_and_stays_close_to_the_fp_model(chat_dirs, tmp
     options = QuantizeOptions(group_size=32, exclude=("lm_head", "down")) if int4 else QuantizeOptions()
     summary = quantize_model(model, method, calibration, options)
     # int8 quantizes the LM head too by default (its kernel runs it faster); the others keep it fp.
-    assert summary["layers_quantized"] == (6 if int4 else 9 if method == "int8" else 8) and summary["bytes_after"] < summary["bytes_before"]
+    assert (
+        summary["layers_quantized"] == (6 if int4 else 9 if method == "int8" else 8)
+        and summary["bytes_after"] < summary["bytes_before"]
+    )
     save_quantized(model, tmp_path / method, tokenizer, method=method, details=summary)
     loaded = load_quantized(tmp_path / method)
     ids = IDS % 256
