@@ -73,6 +73,8 @@ def cmd_align(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from ..finetune.cli import add_lora_arguments, add_training_arguments
+
     """Add `genforge align` to the top-level parser."""
     from .preference import PREFERENCE_LOSSES, PREFERENCE_METHODS
 
@@ -125,30 +127,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     data.add_argument("--eval-fraction", type=float, default=0.05, help="share of the pairs held out (default 0.05)")
     data.add_argument("--eval-data", help="held-out JSONL pairs to score instead of splitting --data")
-    train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    train.add_argument("--batch-size", type=int, default=8, help="pairs per micro-batch (default 8)")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default: 5e-5 for adapters, 1e-6 for full)")
-    train.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    train.add_argument(
-        "--eval-every", type=int, default=0, help="score the held-out pairs every N steps (0: at the end)"
+    add_training_arguments(
+        parser,
+        unit="pairs",
+        lr_help="peak learning rate (default: 5e-5 for adapters, 1e-6 for full)",
+        seed_help="seeds the split, the order and the adapter's init",
     )
-    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-    train.add_argument("--seed", type=int, default=0, help="seeds the split, the order and the adapter's init")
-    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    train.add_argument("--device", default="cpu", help="cpu or cuda")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    lora = parser.add_argument_group("lora, dora, qlora")
-    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    lora.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
-    lora.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    lora.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilized LoRA)")
-    lora.add_argument(
-        "--target-modules",
-        nargs="+",
-        help="layers to adapt: genforge names (qkv o gate_up down) or Hugging Face names (q_proj v_proj); default: "
+    add_lora_arguments(
+        parser,
+        "lora, dora, qlora",
+        "layers to adapt: genforge names (qkv o gate_up down) or Hugging Face names (q_proj v_proj); default: "
         "every linear layer in the blocks",
     )
     parser.set_defaults(func=cmd_align)

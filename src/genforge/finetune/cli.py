@@ -86,6 +86,36 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, unit: str, lr_help: str, seed_help: str) -> None:
+    """The "training" flags every fine-tuning-style command shares (`finetune`, `align`): steps,
+    batches of `unit`, the learning-rate schedule, evaluation and checkpoint cadence, resume."""
+    train = parser.add_argument_group("training")
+    train.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    train.add_argument("--batch-size", type=int, default=8, help=f"{unit} per micro-batch (default 8)")
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
+    train.add_argument("--lr", type=float, help=lr_help)
+    train.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument(
+        "--eval-every", type=int, default=0, help="score the held-out data every N steps (0: at the end)"
+    )
+    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    train.add_argument("--seed", type=int, default=0, help=seed_help)
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    train.add_argument("--device", default="cpu", help="cpu or cuda")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser, title: str, targets_help: str) -> None:
+    """The LoRA-family flags (rank, alpha, dropout, rsLoRA, target modules) under `title`."""
+    lora = parser.add_argument_group(title)
+    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    lora.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
+    lora.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    lora.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilized LoRA)")
+    lora.add_argument("--target-modules", nargs="+", help=targets_help)
+
+
 def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     from .continual import EWC_STRENGTH
     from .run import METHODS
@@ -124,30 +154,16 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--mixture-temperature", type=float, help="mix files in proportion to size ** (1 / T) (T5's temperature)"
     )
-    train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    train.add_argument("--lr", type=float, help="peak learning rate (default: the method's usual one)")
-    train.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    train.add_argument(
-        "--eval-every", type=int, default=0, help="score the held-out data every N steps (0: at the end)"
+    add_training_arguments(
+        parser,
+        unit="rows",
+        lr_help="peak learning rate (default: the method's usual one)",
+        seed_help="seeds the split, the mixture, the order and the init",
     )
-    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
-    train.add_argument("--seed", type=int, default=0, help="seeds the split, the mixture, the order and the init")
-    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    train.add_argument("--device", default="cpu", help="cpu or cuda")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    lora = parser.add_argument_group("lora, dora, qlora, ia3, bitfit")
-    lora.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    lora.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (the update is scaled by alpha / r)")
-    lora.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
-    lora.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilized LoRA)")
-    lora.add_argument(
-        "--target-modules",
-        nargs="+",
-        help="layers to adapt (bitfit: whose biases to train): genforge names (qkv o gate_up down) or Hugging "
+    add_lora_arguments(
+        parser,
+        "lora, dora, qlora, ia3, bitfit",
+        "layers to adapt (bitfit: whose biases to train): genforge names (qkv o gate_up down) or Hugging "
         "Face names (q_proj v_proj); default: every linear layer in the blocks (bitfit: every bias)",
     )
     prompts = parser.add_argument_group("prompt, ptuning, prefix")

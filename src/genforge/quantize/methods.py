@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..swap import linear_names
+from ..swap import linear_names, swap_linears
 from .activation import ACTIVATION_METHODS
 from .awq import DEFAULT_EXCLUDE as AWQ_EXCLUDE
 from .awq import awq_quantize_model
@@ -139,12 +139,12 @@ def _round_to_nearest(bits: int) -> Callable[[nn.Module, list[torch.Tensor] | No
 
 def _install_int4_grids(model: nn.Module, grids: dict, options: QuantizeOptions) -> None:
     """Put each calibrated `Int4Grid` into the model as an `Int4Linear`, keeping the layer's bias."""
-    for name, grid in grids.items():
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, attribute)
-        setattr(parent, attribute, Int4Linear.from_grid(grid, None if layer.bias is None else layer.bias.detach()))
+
+    def int4_layer(layer: nn.Linear, name: str) -> Int4Linear:
         options.progress(name)
+        return Int4Linear.from_grid(grids[name], None if layer.bias is None else layer.bias.detach())
+
+    swap_linears(model, int4_layer, include=list(grids))
 
 
 def _flat_rows(calibration: list[torch.Tensor]) -> list[torch.Tensor]:
