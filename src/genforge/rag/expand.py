@@ -16,8 +16,8 @@
   passages that the question lacks.
 
 A `Generator` is anything with `complete(prompt, max_tokens) -> str`: `GenforgeGenerator`
-runs a genforge model through `genforge.generate.generator`, `OpenAIGenerator` any
-OpenAI-compatible endpoint through the official `openai` client.
+(a genforge model in process) and `OpenAIGenerator` (any OpenAI-compatible endpoint) are
+`genforge.chat_models`' two backends.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from ..chat_models import EndpointChatModel, LocalChatModel
 from .embedders import Embedder
 from .index import bm25_tokens
 
@@ -40,80 +40,9 @@ class Generator(Protocol):
     def complete(self, prompt: str, max_tokens: int = 256) -> str: ...
 
 
-class GenforgeGenerator:
-    """A genforge causal model directory as a `Generator` (greedy decoding, chat template when
-    the tokenizer has one)."""
-
-    def __init__(self, directory: str | Path, device: str = "cpu", dtype: str | None = None) -> None:
-        from ..loading import load_for_inference
-
-        directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise ValueError(
-                f"{directory} is not a model directory (no config.json); pass a genforge or Hugging Face checkpoint"
-            )
-        loaded = load_for_inference(directory, dtype=dtype, device=device)
-        if not loaded.model.config.causal:
-            raise ValueError(
-                f"{directory} is an encoder ({loaded.model.config.family}); answers need a causal language model"
-            )
-        self.model, self.tokenizer, self.eos_token_ids = loaded.model, loaded.tokenizer, loaded.eos_token_ids
-
-    def complete(self, prompt: str, max_tokens: int = 256) -> str:
-        from ..generate.decode import decode
-        from ..generate.sampling import SamplingParams
-
-        chat = getattr(self.tokenizer, "chat_template", None)
-        text = (
-            self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            if chat
-            else prompt
-        )
-        ids = self.tokenizer.encode(text, add_special_tokens=not chat)
-        # Keep the prompt inside the context window, cutting its start (the question comes last).
-        room = self.model.config.max_position_embeddings - max_tokens
-        if room <= 0:
-            raise ValueError(
-                f"max_tokens={max_tokens} leaves no room for a prompt in a "
-                f"{self.model.config.max_position_embeddings}-token context"
-            )
-        ids = ids[-room:]
-        params = SamplingParams(temperature=0.0, max_new_tokens=max_tokens)
-        return (
-            decode("sample", self.model, self.tokenizer, [ids], params, eos_token_ids=self.eos_token_ids)[0].text or ""
-        )
-
-
-class OpenAIGenerator:
-    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, genforge's own server) as a `Generator`.
-
-    `client` may be given directly (an `openai.OpenAI` or anything with the same
-    `chat.completions.create`); otherwise one is made from `base_url` and `api_key`.
-    """
-
-    def __init__(
-        self, model: str, base_url: str | None = None, api_key: str | None = None, client=None, temperature: float = 0.0
-    ) -> None:
-        if not model:
-            raise ValueError("OpenAIGenerator needs the endpoint's model name")
-        if client is None:
-            try:
-                import openai
-            except ImportError:
-                raise ImportError(
-                    "an OpenAI-compatible endpoint is called through the official client: pip install openai"
-                ) from None
-            client = openai.OpenAI(base_url=base_url, api_key=api_key or "not-needed")
-        self.client, self.model, self.temperature = client, model, temperature
-
-    def complete(self, prompt: str, max_tokens: int = 256) -> str:
-        response = self.client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-        )
-        return response.choices[0].message.content or ""
+# The two backends every text-generating subsystem shares (`genforge.chat_models`).
+GenforgeGenerator = LocalChatModel
+OpenAIGenerator = EndpointChatModel
 
 
 # -- pseudo-relevance feedback ---------------------------------------------------------------
