@@ -54,10 +54,11 @@ def _checked_int(value: Any) -> Any:
 
 def _power(base: Any, exponent: Any) -> Any:
     if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1:
-        # bit_length(base ** n) <= n * bit_length(base): refuse before computing it.
-        if exponent * abs(base).bit_length() > MAX_INT_BITS:
+        # base ** n has about n * log2(|base|) bits: refuse before computing it.
+        bits = exponent * math.log2(abs(base))
+        if bits > MAX_INT_BITS:
             raise CalculatorError(
-                f"{base} ** {exponent} would have about {exponent * abs(base).bit_length()} bits; the calculator "
+                f"{base} ** {exponent} would have about {bits:.0f} bits; the calculator "
                 f"refuses integers over {MAX_INT_BITS} bits (use a float base, e.g. {base}.0 ** {exponent})"
             )
     result = operator.pow(base, exponent)
@@ -164,7 +165,7 @@ def _evaluate(node: ast.AST) -> Any:
         )
     if isinstance(node, ast.Call):
         if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCTIONS:
-            called = node.func.id if isinstance(node.func, ast.Name) else _describe(node.func)
+            called = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)[:80]
             raise CalculatorError(f"calling {called!r} is not allowed; allowed functions: {', '.join(_FUNCTIONS)}")
         if node.keywords:
             raise CalculatorError(f"{node.func.id}() takes positional arguments only")

@@ -232,12 +232,17 @@ class MCPServerTools:
             return ToolResult(f"error: the MCP server for {name} is not running", True)
         request = self._client.call_tool(name, dict(arguments or {}), read_timeout_seconds=self.timeout_s)
         future = asyncio.run_coroutine_threadsafe(request, self._loop)
+        timed_out = ToolResult(f"error: the MCP tool {name} did not answer within {self.timeout_s:g} s", True)
         try:
             result = future.result(self.timeout_s + 5.0)
         except (concurrent.futures.TimeoutError, TimeoutError):
             future.cancel()
-            return ToolResult(f"error: the MCP tool {name} did not answer within {self.timeout_s:g} s", True)
+            return timed_out
         except Exception as err:  # a protocol error (unknown tool, server gone): the model is told
+            from mcp_types import REQUEST_TIMEOUT
+
+            if getattr(err, "code", None) == REQUEST_TIMEOUT:  # the client's own read timeout
+                return timed_out
             return ToolResult(f"error: the MCP tool {name} failed: {_exception_text(err)}", True)
         return ToolResult(_content_text(result), bool(result.is_error))
 
