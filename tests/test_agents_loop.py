@@ -128,6 +128,13 @@ def test_token_budget_caps_each_request_and_stops_the_run():
     assert [r["max_tokens"] for r in model.requests] == [64, 60, 20]
 
 
+def test_a_reply_cut_at_its_limit_is_not_an_answer():
+    model = ScriptedChatModel([Reply(content="The answer is", finish_reason="length", completion_tokens=64)])
+    result = run_agent(model, "explain", [add], max_tokens_per_step=64)
+    assert result.stop_reason == "max_tokens" and result.answer is None
+    assert "cut at its 64-token limit" in result.error and result.messages[-1]["content"] == "The answer is"
+
+
 def test_tokens_are_estimated_when_the_backend_reports_none():
     model = ScriptedChatModel([Reply(content="x" * 400), answer("unused")])
     result = run_agent(model, "talk", [], max_tokens=50)

@@ -11,7 +11,9 @@ when
   must call a tool every step), a call to `final_answer` ends it the same way;
 - `max_steps` model calls have been made (`"max_steps"`), or the replies' tokens reach
   `max_tokens` (`"max_tokens"`); budgets are checked before each model call, so the tool
-  calls of the last reply still run and their results are in the trace;
+  calls of the last reply still run and their results are in the trace. A reply cut at its
+  token limit without a tool call also ends the run as `"max_tokens"`: its text is not a
+  finished answer (it stays in the trace);
 - the model itself fails (`"model_error"`, the error is kept) or replies with nothing
   (`"empty_reply"`); an exception from outside the loop's care (Ctrl-C, a failing `on_event`)
   is recorded as `"interrupted"` in the trace and raised.
@@ -317,6 +319,8 @@ class _Run:
                 duration_s=round(step.duration_s, 6),
             )
             if not calls:
+                if reply.finish_reason == "length":  # cut off: neither a finished answer nor a call
+                    return self.finish("max_tokens", error=f"the reply was cut at its {step_tokens}-token limit")
                 if reply.content.strip():
                     return self.finish("answer", answer=reply.content)
                 return self.finish("empty_reply")
