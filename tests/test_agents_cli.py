@@ -159,3 +159,17 @@ def test_bad_flags_are_refused_before_any_work(main, endpoint, capsys):
     assert main(["agent", "run", "task", "--endpoint", endpoint.url + "/v1", "--max-steps", "0"]) == 2
     assert "max_steps must be a positive integer" in capsys.readouterr().err
     assert endpoint.seen == []
+
+
+def test_run_with_an_in_process_model_and_no_tools(main, text_model_dir, tmp_path, capsys):
+    trace = tmp_path / "local.jsonl"
+    status = main(
+        ["agent", "run", "say something", "--model", str(text_model_dir), "--max-tokens", "6", "--json"]
+        + ["--trace", str(trace), "--quiet"]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    # A random model rambles: its one reply is cut at the 6-token budget, which ends the run.
+    assert status == 1 and summary["stop_reason"] == "max_tokens" and summary["completion_tokens"] == 6
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert records[0]["model"] == "LocalChatModel" and records[0]["tools"] == []
+    assert records[-2]["type"] == "reply" and records[-2]["max_tokens"] == 6
