@@ -65,7 +65,7 @@ def test_an_agent_uses_mcp_tools_like_local_ones(server):
             Reply(content="15"),
         ]
     )
-    result = run_agent(model, "3 times 5?", server.tools)
+    result = run_agent(model, "3 times 5?", [server])  # the server stands for its tools
     assert result.answer == "15" and json.loads(result.tool_calls[0].result.content) == 15
     assert {t["function"]["name"] for t in model.requests[0]["tools"]} == {"multiply", "text_reverse", "fail", "nap"}
 

@@ -374,11 +374,8 @@ class Tool:
         errors = self.argument_errors(arguments)
         if errors:
             expected = json.dumps(self.parameters, ensure_ascii=False)
-            return ToolResult(
-                f"error: bad arguments for {self.name}: {'; '.join(errors)}. The arguments must match: {expected}",
-                True,
-                time.monotonic() - started,
-            )
+            message = f"error: bad arguments for {self.name}: {'; '.join(errors)}. The arguments must match: {expected}"
+            return ToolResult(cut_text(message, self.max_result_chars), True, time.monotonic() - started)
         keyword_arguments = self.convert(dict(arguments)) if self.convert else dict(arguments)
         outcome = _run_with_timeout(self.function, keyword_arguments, self.timeout_s)
         duration = time.monotonic() - started
@@ -483,9 +480,17 @@ def tool(
     return make(function) if function is not None else make
 
 
-def as_tools(items: Sequence[Tool | Callable[..., Any]]) -> list[Tool]:
-    """Tools from a mix of `Tool`s and plain functions; duplicate names are refused."""
-    tools = [item if isinstance(item, Tool) else Tool.from_function(item) for item in items]
+def as_tools(items: Sequence[Tool | Callable[..., Any] | Any]) -> list[Tool]:
+    """Tools from a mix of `Tool`s, plain functions and tool providers (anything with a `tools`
+    list, such as an open `MCPServerTools`); duplicate names are refused."""
+    tools: list[Tool] = []
+    for item in items:
+        if isinstance(item, Tool):
+            tools.append(item)
+        elif not callable(item) and isinstance(getattr(item, "tools", None), list):
+            tools.extend(as_tools(item.tools))
+        else:
+            tools.append(Tool.from_function(item))
     seen: dict[str, int] = {}
     for position, t in enumerate(tools):
         if t.name in seen:
