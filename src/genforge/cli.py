@@ -11,6 +11,7 @@ its flags, calls one library function and prints what happened:
     quantize, prune, export                  genforge/quantize/cli.py
     align                                    genforge/align/cli.py
     rag                                      genforge/rag/cli.py
+    agent                                    genforge/agents/cli.py
     serve, bench                             genforge/serve/cli.py
 
 Results go to stdout, everything else (progress, notes, errors) to stderr through
@@ -24,6 +25,7 @@ import os
 import sys
 
 from . import quickstart
+from .agents import cli as agents_cli
 from .align import cli as align_cli
 from .console import console, print_error
 from .evaluate import cli as evaluate_cli
@@ -44,6 +46,7 @@ SUBSYSTEMS = (
     evaluate_cli,
     quantize_cli,
     rag_cli,
+    agents_cli,
     serve_cli,
 )
 
