@@ -270,3 +270,36 @@ def test_the_command_trains_and_reports(model_dir, data_file, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b", "label": "yes"}])
     assert main(["align", "kto", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "bad.jsonl:1: 'label' must be true or false" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_kto_equals_one_process(model_dir, data_file, tmp_path):
+    """`torchrun ... genforge align kto`: two gloo processes, each scoring its half of every
+    batch, end with the adapter one process trains on the whole batch. The reference is another
+    model, so each half's KL estimate differs from the other's: the reference point must be the
+    whole batch's on both ranks for the runs to agree (with each rank's own, they do not)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    reference_dir = tiny_chat_model_dir(tmp_path / "reference", seed=7)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = ["--data", str(data_file), "--steps", "3", "--batch-size", "4", "--lr", "3e-3", "--beta", "0.5"]
+    settings += ["--reference-model", str(reference_dir), "--eval-fraction", "0.2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    command = launch + ["-m", "genforge.cli", "align", "kto", "--model", str(model_dir), "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(
+        command + settings, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = dict(max_steps=3, batch_size=4, lr=3e-3, beta=0.5, reference_model=reference_dir)
+    single = train_kto(_config(model_dir, data_file, tmp_path / "one", **one))
+    ours = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    for name, tensor in load_file(single.output_dir / "adapter_model.safetensors").items():
+        torch.testing.assert_close(ours[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    steps = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    ours_kl = [r["kl"] for r in steps if "loss" in r]
+    assert ours_kl == pytest.approx([r["kl"] for r in _metrics(tmp_path / "one") if "loss" in r], abs=1e-5)
