@@ -564,11 +564,8 @@ def _examples(config: KTOConfig, tokenizer: Tokenizer, max_length: int) -> tuple
         # Split by line, so that the two halves of a pair are never on both sides.
         lines = sorted({where for where, _ in records}, key=lambda where: int(where.rsplit(":", 1)[1]))
         train_lines, held_lines = split_held_out(lines, config.eval_fraction, config.seed)
-        kept = set(train_lines)
-        records, held = (
-            [r for r in records if r[0] in kept],
-            [r for r in records if r[0] in set(held_lines)],
-        )
+        kept, held_out = set(train_lines), set(held_lines)
+        records, held = [r for r in records if r[0] in kept], [r for r in records if r[0] in held_out]
     limits = dict(
         max_length=max_length,
         max_prompt_length=config.max_prompt_length,
