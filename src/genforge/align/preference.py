@@ -25,6 +25,7 @@ DoRA, QLoRA) installed first.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -551,6 +552,88 @@ def train_preferences(
     return outcome
 
 
+# ---------------------------------------------------------------------------- the command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `genforge align LOSS` for one loss of `PREFERENCE_LOSSES`, which the command
+    registry sets as the parser's default `loss` first (`align.cli.ALIGN_COMMANDS`)."""
+    from .flags import add_length_arguments, add_run_arguments, add_shared_training_arguments
+
+    loss = parser.get_default("loss")
+    spec = PREFERENCE_LOSSES[loss]
+    reference = (
+        "The reference model's log-probabilities are computed once before training (with LoRA: the base, "
+        "adapters off). "
+        if spec.reference
+        else "No reference model is used. "
+    )
+    parser.description = (
+        f"Align a model to JSONL preference pairs with {loss}: {spec.summary}. Pairs are {{'prompt', 'chosen', "
+        "'rejected'} in plain text, or chat messages rendered with the model's chat template. "
+        f"{reference}Writes OUT/adapter (a PEFT adapter that `genforge generate --adapter` loads) or OUT/model "
+        "(--method full), metrics.jsonl with rewards, margins and accuracies per step, and preference.json with "
+        "the held-out scores before and after. Interrupted runs continue with --resume; under torchrun every rank "
+        "trains its slice of each batch."
+    )
+    parser.epilog = f"example: genforge align {loss} --model sft-model/ --data pairs.jsonl --out runs/{loss}"
+    add_run_arguments(parser, "JSONL preference pairs", PREFERENCE_METHODS)
+    knobs = parser.add_argument_group("the loss")
+    beta_help = {
+        "orpo": "the weight of the odds-ratio term (default 0.1)",
+        "simpo": "the reward scale (default 2.0)",
+    }.get(loss, "strength of the pull to the reference (the inverse temperature; default 0.1)")
+    knobs.add_argument("--beta", type=float, help=beta_help)
+    # Flags a loss does not take stay parseable but hidden, so the library's refusal (which
+    # names the loss that takes them) is what the user reads.
+    smoothing_help = {
+        "cdpo": "the assumed share of flipped labels, in (0, 0.5) (default 0.1)",
+        "robust": "the label-noise rate, in (0, 0.5) (default 0.1)",
+        "simpo": "optional label smoothing, in [0, 0.5)",
+    }
+    knobs.add_argument("--label-smoothing", type=float, help=smoothing_help.get(loss, argparse.SUPPRESS))
+    if loss == "simpo":
+        knobs.add_argument("--gamma", type=float, default=0.5, help="the target reward margin (default 0.5)")
+    knobs.add_argument(
+        "--reference-model",
+        help="a model directory (same tokenizer) to take as the reference" if spec.reference else argparse.SUPPRESS,
+    )
+    add_length_arguments(parser)
+    add_shared_training_arguments(parser, "pairs", "peak learning rate (default: 5e-5 for adapters, 1e-6 for full)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`genforge align LOSS`: train, report one line on stderr and the result as JSON on stdout."""
+    from ..console import console
+    from .flags import launch, training_fields
+
+    config = PreferenceConfig(
+        **training_fields(args),
+        loss=args.loss,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        gamma=getattr(args, "gamma", 0.5),
+        reference_model=args.reference_model,
+    )
+    result, context = launch(train_preferences, config, check_config, args.resume)
+    if context.is_main:
+
+        def scores(evaluation) -> str:
+            if not evaluation:
+                return "n/a"
+            return (
+                f"accuracy {evaluation['val_rewards/accuracies']:.1%}, margin {evaluation['val_rewards/margins']:+.3f}"
+            )
+
+        cut = f"; {result.truncated_pairs} prompts cut to fit" if result.truncated_pairs else ""
+        console.print(
+            f"{result.loss} ({result.method}): trained {result.trainable_parameters:,} of {result.total_parameters:,} "
+            f"parameters for {result.steps} steps on {result.train_pairs:,} pairs{cut}; held-out "
+            f"({result.held_out_pairs} pairs) {scores(result.before)} -> {scores(result.after)}; "
+            f"{result.tokens_per_s:,.0f} tok/s, peak RSS {result.peak_rss_mib:,.0f} MiB; wrote {result.output_dir}"
+        )
+        print(json.dumps(result.to_json()))
+    return 0
+
+
 __all__ = [
     "PREFERENCE_LOSSES",
     "PREFERENCE_METHODS",
@@ -560,9 +643,11 @@ __all__ = [
     "PreferenceLossSpec",
     "PreferenceObjective",
     "PreferenceResult",
+    "add_arguments",
     "check_config",
     "flatten_pairs",
     "pair_logprobs",
     "reference_logprobs",
+    "run",
     "train_preferences",
 ]

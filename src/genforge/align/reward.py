@@ -74,6 +74,11 @@ class RewardModel(nn.Module):
     def config(self) -> Config:
         return self.decoder.config
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder's blocks, where the trainer's gradient checkpointing wraps each forward."""
+        return self.decoder.blocks
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards (batch,) for `input_ids` (batch, seq), padded left or right (`attention_mask`
         1 for real tokens)."""
