@@ -9,9 +9,10 @@
 - `data`: preference pairs (prompt, chosen, rejected; plain text or chat messages) from JSONL,
   checked and tokenized with explicit length rules.
 - `preference`: the preference trainer (DPO, IPO, cDPO, hinge, robust DPO, ORPO, SimPO) over
-  the fine-tuning run's loop and methods; `genforge align` is its command (`cli`).
-
-The PPO and GRPO trainers and constitutional pairs are not built yet.
+  the fine-tuning run's loop and methods.
+- `reward_train`: the reward model trained on pairs (Bradley-Terry, margins, centring).
+- `kto`: KTO on unpaired desirable / undesirable completions.
+- `cli`: `genforge align {reward,dpo,...,kto,...}`, one registry entry per method.
 """
 
 from .data import (
@@ -23,6 +24,7 @@ from .data import (
     read_preference_records,
     tokenize_preference_record,
 )
+from .kto import KTOConfig, KTOError, KTOResult, train_kto
 from .logprobs import CompletionLogProbs, completion_logprobs, token_logprobs
 from .losses import (
     DPO_LOSS_TYPES,
@@ -55,8 +57,17 @@ from .reward import (
     pairwise_accuracy,
     score_sequences,
 )
+from .reward_train import RewardConfig, RewardResult, RewardTrainingError, train_reward_model
 
 __all__ = [
+    "train_reward_model",
+    "RewardTrainingError",
+    "RewardResult",
+    "RewardConfig",
+    "train_kto",
+    "KTOResult",
+    "KTOError",
+    "KTOConfig",
     "DPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
     "PREFERENCE_LOSSES",

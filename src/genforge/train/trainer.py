@@ -786,12 +786,15 @@ class Trainer:
     def _progress(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        from ..console import console
+
         progress = Progress(
             TextColumn("train"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
             TimeRemainingColumn(),
+            console=console,  # stderr: stdout carries the command's result
             disable=not (self.config.progress and self.distributed.is_main),
         )
 
