@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
 
-from .constrained import GrammarConstraint, JsonSchemaConstraint
+from .constrained import GrammarConstraint
 
 __all__ = [
     "ToolCallError",
@@ -405,27 +407,43 @@ def tool_call_constraint(
     count: int = 1,
 ) -> list[GrammarConstraint]:
     """``count`` logits processors (one per sequence: each keeps its own grammar state) that keep
-    the output inside :func:`tool_call_grammar`. Each tool's schema is first compiled alone
-    against the tokenizer, so that a schema no text satisfies is refused by the tool's name."""
+    the output inside :func:`tool_call_grammar`.
+
+    A compiled grammar is kept per tokenizer (the last 32 tool sets, choices and formats), and
+    each request's constraints start from a copy of it: agents send the same tools request
+    after request, and compiling costs some milliseconds each time, taken from the steps of
+    the requests already decoding."""
     if choice.mode == "none":
         return []
-    for tool in tools:
-        if choice.mode == "function" and tool.name != choice.name:
-            continue
+    grammar = tool_call_grammar(tools, choice, fmt, parallel=parallel, token_tags=_token_tags(tokenizer, fmt))
+    eos = None if eos_token_ids is None else tuple([eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
+    key = (grammar, eos)
+    with _COMPILED_LOCK:
         try:
-            JsonSchemaConstraint(tool.parameters, tokenizer, eos_token_ids=eos_token_ids)
+            compiled = _COMPILED.setdefault(tokenizer, OrderedDict())
+        except TypeError:  # not weak-referenceable: no cache
+            compiled = OrderedDict()
+        prototype = compiled.get(key)
+        if prototype is not None:
+            compiled.move_to_end(key)
+    if prototype is None:
+        what = f"tool calls ({choice.mode}{': ' + choice.name if choice.name else ''}, {fmt.name} format)"
+        try:
+            prototype = GrammarConstraint(
+                llguidance.LLMatcher.grammar_from_lark(grammar), tokenizer, what=what, eos_token_ids=eos
+            )
         except ValueError as err:
-            raise ToolCallError(
-                f"the parameters schema of {tool.name!r} cannot be used for constrained decoding: {_first_line(err)}"
-            ) from None
-    grammar = llguidance.LLMatcher.grammar_from_lark(
-        tool_call_grammar(tools, choice, fmt, parallel=parallel, token_tags=_token_tags(tokenizer, fmt))
-    )
-    what = f"tool calls ({choice.mode}{': ' + choice.name if choice.name else ''}, {fmt.name} format)"
-    try:
-        return [GrammarConstraint(grammar, tokenizer, what=what, eos_token_ids=eos_token_ids) for _ in range(count)]
-    except ValueError as err:
-        raise ToolCallError(f"the tools cannot be used for constrained decoding: {_first_line(err)}") from None
+            raise ToolCallError(f"the tools cannot be used for constrained decoding: {_first_line(err)}") from None
+        with _COMPILED_LOCK:
+            compiled[key] = prototype
+            while len(compiled) > 32:
+                compiled.popitem(last=False)
+    return [prototype.fresh() for _ in range(count)]
+
+
+# tokenizer -> {(grammar, eos ids): a compiled constraint that has seen nothing}, least recently used first.
+_COMPILED: weakref.WeakKeyDictionary[Any, OrderedDict] = weakref.WeakKeyDictionary()
+_COMPILED_LOCK = threading.Lock()
 
 
 def _first_line(message: Any) -> str:
