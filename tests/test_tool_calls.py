@@ -345,3 +345,13 @@ def test_local_chat_model_refuses_tools_its_template_cannot_render(tmp_path):
     model = LocalChatModel(tool_model_dir(tmp_path / "plain", tokenizer, context=128))
     with pytest.raises(ToolCallError, match="does not render tools"):
         model.chat([{"role": "user", "content": "hi"}], max_tokens=4, tools=[ADD], tool_choice="required")
+
+
+def test_constraints_of_one_request_and_the_next_share_the_compiled_grammar_not_their_state(hermes_tokens):
+    tools = check_tools(TOOLS)
+    first, second = tool_call_constraint(hermes_tokens, tools, ToolChoice("required"), HERMES, count=2)
+    [later] = tool_call_constraint(hermes_tokens, tools, ToolChoice("required"), HERMES)
+    assert len({id(c._initial) for c in (first, second, later)}) == 3
+    assert first._initial.consume_tokens(hermes_tokens.encode("<tool_call>\n{", add_special_tokens=False))
+    for untouched in (second, later):  # each starts from the beginning: "{" is not allowed first
+        assert not untouched._initial.deep_copy().consume_tokens(hermes_tokens.encode("{", add_special_tokens=False))
