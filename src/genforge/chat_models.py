@@ -137,6 +137,10 @@ class LocalChatModel(_CompleteFromChat):
     ) -> list[int]:
         """The conversation as the token ids the model continues."""
         if getattr(self.tokenizer, "chat_template", None):
+            if any(message.get("tool_calls") for message in messages):
+                from .generate.tool_calls import messages_for_template  # arguments as the template reads them
+
+                messages = messages_for_template(messages)
             text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tools=tools)
             return self.tokenizer.encode(text, add_special_tokens=False)
         if tools:
@@ -185,9 +189,10 @@ class LocalChatModel(_CompleteFromChat):
             from .generate.tool_calls import local_tool_reply
 
             ids = self.prompt_ids(messages, tools)
-            return local_tool_reply(
+            out = local_tool_reply(
                 self, ids, tools, tool_choice, self._params(ids, max_tokens, temperature, stop, seed)
             )
+            return Reply(out.content, out.tool_calls, out.finish_reason, out.completion_tokens)
         ids = self.prompt_ids(messages, tools)
         return self._decode(ids, 1, self._params(ids, max_tokens, temperature, stop, seed))[0]
 

@@ -41,6 +41,7 @@ makes an instance unsafe to call from two threads at once; build one per thread.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import weakref
@@ -163,6 +164,14 @@ class GrammarConstraint:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.what})"
+
+    def fresh(self) -> GrammarConstraint:
+        """A constraint over the same grammar that has seen no generation: for another sequence,
+        without compiling the grammar again (a copy of the start state, some microseconds)."""
+        other = copy.copy(self)
+        other._initial = self._initial.deep_copy()
+        other._memo = {}
+        return other
 
     # ----------------------------------------------------------------------------- per step
 

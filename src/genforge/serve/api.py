@@ -4,7 +4,9 @@ Routes follow the OpenAI REST reference, so any OpenAI client works against the 
 
 - ``GET /v1/models`` (and ``/v1/models/{id}``): the generation and embedding models served;
 - ``POST /v1/completions``: text (or token-id) prompts, ``n`` choices each;
-- ``POST /v1/chat/completions``: messages rendered with the model's chat template;
+- ``POST /v1/chat/completions``: messages rendered with the model's chat template; with
+  ``tools``, calls come back as ``message.tool_calls`` (``delta.tool_calls`` when streamed),
+  their arguments constrained to each function's schema (`generate.tool_calls`);
 - ``POST /v1/embeddings``: sentence embeddings from encoder models;
 - ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (vLLM's routes): serve a PEFT
   LoRA adapter over a generation model, or stop; requests then pick it by ``model`` as
@@ -53,7 +55,14 @@ from .errors import OpenAIError, bad, http_error_to_openai, internal_error, vali
 from .limits import RateLimit
 from .metrics import CONTENT_TYPE_LATEST, route_label
 from .payloads import CHAT, COMPLETION
-from .preparation import chat_prompt, completion_prompts, prepare, response_format_constraints
+from .preparation import (
+    chat_prompt,
+    completion_prompts,
+    prepare,
+    response_format_constraints,
+    tool_call_constraints,
+    tool_request,
+)
 from .runner import run
 from .schemas import (
     ChatCompletionRequest,
@@ -200,13 +209,18 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request, _: str = Depends(admit)):
         model, adapter = state.generation_target(body.model, body.lora)
         tokenizer = state.tokenizers[model]
-        prompt, text = chat_prompt(body, tokenizer, model)
+        tools = tool_request(body, tokenizer)
+        prompt, text = chat_prompt(body, tokenizer, model, tools)
         constraints = None
-        if body.response_format is not None:
+        if tools is not None and tools.choice.mode != "none":
+            constraints = await tool_call_constraints(tools, tokenizer, state.eos[model], body.n)
+        elif body.response_format is not None:
             constraints = await response_format_constraints(body.response_format, tokenizer, state.eos[model], body.n)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         prepared = prepare(model, body, [prompt], [text], logprobs, constraints, "messages", state.limits(model))
         prepared.adapter = adapter
+        if tools is not None and tools.choice.mode != "none":
+            prepared.tool_format = tools.format
         return await run(state, CHAT, prepared, request)
 
     @app.post("/v1/load_lora_adapter")

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..generate.tool_calls import ArgumentsDelta, ContentDelta, ToolCallParser, ToolCallStart, parse_tool_calls
 from .engine import RequestOutput
 from .errors import OpenAIError
 from .preparation import Prepared
@@ -30,6 +31,7 @@ __all__ = [
     "logprobs_payload",
     "prompt_logprobs_payload",
     "full_response",
+    "tool_call_deltas",
     "CHAT",
     "COMPLETION",
     "DONE_EVENT",
@@ -187,14 +189,15 @@ def full_response(kind: str, request_id: str, prepared: Prepared, choices: Seque
                 lp = {key: head[key] + lp[key] for key in lp}
         text = prompt_text + choice.text if prepared.echo else choice.text
         if kind == CHAT:
-            out.append(
-                {
-                    "index": index,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": lp,
-                    "finish_reason": choice.finish_reason,
-                }
-            )
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            finish_reason = choice.finish_reason
+            if prepared.tool_format is not None:
+                parsed = parse_tool_calls(text, prepared.tool_format)
+                message["content"] = parsed.content
+                if parsed.tool_calls:
+                    message["tool_calls"] = parsed.tool_calls
+                    finish_reason = _with_calls(finish_reason)
+            out.append({"index": index, "message": message, "logprobs": lp, "finish_reason": finish_reason})
         else:
             out.append({"index": index, "text": text, "logprobs": lp, "finish_reason": choice.finish_reason})
     return {
@@ -206,6 +209,40 @@ def full_response(kind: str, request_id: str, prepared: Prepared, choices: Seque
         "choices": out,
         "usage": usage(prepared, choices),
     }
+
+
+def _with_calls(finish_reason: str | None) -> str | None:
+    # A reply that ends by itself after making calls ends for them (OpenAI's "tool_calls");
+    # one cut by max_tokens stays "length".
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
+def tool_call_deltas(events) -> dict[str, Any]:
+    """A chat ``delta`` from tool-call parser events: ``content`` text, and ``tool_calls``
+    entries by ``index``, the first of each call with its ``id``, ``type`` and ``function.name``,
+    the others with ``function.arguments`` pieces (how the `openai` client joins them)."""
+    delta: dict[str, Any] = {}
+    calls: list[dict[str, Any]] = []
+    for event in events:
+        if isinstance(event, ContentDelta):
+            delta["content"] = delta.get("content", "") + event.text
+        elif isinstance(event, ToolCallStart):
+            calls.append(
+                {
+                    "index": event.index,
+                    "id": event.id,
+                    "type": "function",
+                    "function": {"name": event.name, "arguments": ""},
+                }
+            )
+        elif isinstance(event, ArgumentsDelta):
+            if calls and calls[-1]["index"] == event.index:
+                calls[-1]["function"]["arguments"] += event.text
+            else:
+                calls.append({"index": event.index, "function": {"arguments": event.text}})
+    if calls:
+        delta["tool_calls"] = calls
+    return delta
 
 
 class StreamChunks:
@@ -223,6 +260,12 @@ class StreamChunks:
         self.chunk_type = "chat.completion.chunk" if kind == CHAT else "text_completion"
         self.offsets = [len(prepared.prompt_texts[c.prompt_index]) for c in choices]  # text_offset of the next token
         self.echoed: set[int] = set()
+        # With tools, each choice's text goes through its own parser into content and calls.
+        self.parsers = (
+            [ToolCallParser(prepared.tool_format) for _ in choices]
+            if kind == CHAT and prepared.tool_format is not None
+            else None
+        )
 
     def _chunk(self, choice_list: list[dict]) -> str:
         usage_field = {"usage": None} if self.prepared.include_usage else {}
@@ -288,7 +331,15 @@ class StreamChunks:
         )
         if output.logprobs and self.kind != CHAT:
             self.offsets[index] += sum(len(t) for t in lp["tokens"])
-        if self.kind == CHAT:
+        if self.kind == CHAT and self.parsers is not None:
+            parser = self.parsers[index]
+            events = parser.feed(output.text) + (parser.finish() if output.finished else [])
+            entry["delta"] = tool_call_deltas(events)
+            if output.finished and parser.calls:
+                entry["finish_reason"] = _with_calls(entry["finish_reason"])
+            if not (entry["delta"] or output.finished or output.logprobs):
+                return  # everything new is held back until the parser can tell what it is
+        elif self.kind == CHAT:
             entry["delta"] = {"content": output.text} if output.text else {}
         else:
             entry["text"] = output.text

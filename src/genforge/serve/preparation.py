@@ -16,6 +16,17 @@ from typing import Any
 
 from ..generate.constrained import JsonSchemaConstraint
 from ..generate.sampling import SamplingParams
+from ..generate.tool_calls import (
+    FunctionTool,
+    ToolCallError,
+    ToolCallFormat,
+    ToolChoice,
+    check_tool_choice,
+    check_tools,
+    template_arguments,
+    tool_call_constraint,
+    tool_call_format,
+)
 from .errors import bad
 from .schemas import ChatCompletionRequest, CompletionRequest, ResponseFormat
 
@@ -25,6 +36,9 @@ __all__ = [
     "completion_prompts",
     "chat_prompt",
     "response_format_constraints",
+    "ToolRequest",
+    "tool_request",
+    "tool_call_constraints",
     "prepare",
     "decode_prompt",
 ]
@@ -47,6 +61,7 @@ class Prepared:
     echo: bool = False  # the response text (and logprobs) starts with the prompt's
     score_only: bool = False  # max_tokens 0 with echo: the one token generated is dropped
     adapter: str | None = None  # the LoRA adapter over `model` to run with; None: the base
+    tool_format: ToolCallFormat | None = None  # set: outputs are parsed into content and tool calls
 
 
 @dataclass(frozen=True)
@@ -99,15 +114,89 @@ def _message_dicts(body: ChatCompletionRequest) -> list[dict]:
                         f"messages[{i}].content[{j}]",
                     )
             content = "".join(part.text for part in content)
-        entry = {"role": message.role, "content": content or ""}
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.tool_calls:
+            # A turn of calls carries no text unless it has some (templates test `content`).
+            entry["content"] = content
+            entry["tool_calls"] = [_template_tool_call(call) for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
         if message.name is not None:
             entry["name"] = message.name
         messages.append(entry)
     return messages
 
 
-def chat_prompt(body: ChatCompletionRequest, tokenizer, model: str) -> tuple[list[int], str]:
-    """The prompt of a chat request, rendered with the model's chat template: ids and text."""
+def _template_tool_call(call) -> dict:
+    arguments = template_arguments(call.function.arguments)
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """A chat request's tools, checked, and what the model may do with them."""
+
+    tools: list[FunctionTool]
+    choice: ToolChoice
+    format: ToolCallFormat
+    parallel: bool
+
+    def template_tools(self) -> list[dict]:
+        return [tool.as_openai() for tool in self.tools]
+
+
+def tool_request(body: ChatCompletionRequest, tokenizer) -> ToolRequest | None:
+    """The request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` checked against each
+    other and the model's chat template; None when no tools are given."""
+    if body.tools is None:
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if getattr(body, name) is not None:
+                raise bad(f"{name} is only allowed when tools are given", name)
+        return None
+    try:
+        tools = check_tools([tool.model_dump(exclude_none=True) for tool in body.tools])
+        choice = check_tool_choice(
+            body.tool_choice if isinstance(body.tool_choice, str | None) else body.tool_choice.model_dump(), tools
+        )
+        fmt = tool_call_format(tokenizer)
+    except ToolCallError as err:
+        raise bad(str(err), err.param) from None
+    if choice.mode != "none" and body.response_format is not None and body.response_format.type != "text":
+        raise bad(
+            f"response_format {body.response_format.type!r} cannot be combined with tools (tool_choice "
+            f"{body.tool_choice or 'auto'!r}): tool calls have their own format; send one or the other, or "
+            'tool_choice "none"',
+            "response_format",
+        )
+    parallel = True if body.parallel_tool_calls is None else body.parallel_tool_calls
+    return ToolRequest(tools, choice, fmt, parallel)
+
+
+async def tool_call_constraints(request: ToolRequest, tokenizer, eos_token_ids: Sequence[int], count: int) -> list:
+    """``count`` tool-call grammar constraints, one per sequence; none for ``tool_choice: "none"``."""
+
+    def build():
+        return tool_call_constraint(
+            tokenizer,
+            request.tools,
+            request.choice,
+            request.format,
+            parallel=request.parallel,
+            eos_token_ids=eos_token_ids,
+            count=count,
+        )
+
+    try:  # compiling the grammar takes a while: not on the loop
+        return await asyncio.to_thread(build)
+    except ToolCallError as err:
+        raise bad(str(err), err.param) from None
+
+
+def chat_prompt(
+    body: ChatCompletionRequest, tokenizer, model: str, tools: ToolRequest | None = None
+) -> tuple[list[int], str]:
+    """The prompt of a chat request, rendered with the model's chat template (and ``tools``,
+    when given): ids and text."""
     if body.top_logprobs is not None and not body.logprobs:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     if (
@@ -122,7 +211,11 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer, model: str) -> tuple[lis
     if tokenizer.chat_template is None:
         raise bad(f"the model {model!r} has no chat template; use /v1/completions", "messages")
     try:
-        text = tokenizer.apply_chat_template(_message_dicts(body), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            _message_dicts(body),
+            add_generation_prompt=True,
+            tools=tools.template_tools() if tools is not None else None,
+        )
     except ValueError as err:  # ChatTemplateError: the template refused the conversation
         raise bad(f"the chat template cannot render these messages: {err}", "messages") from None
     return tokenizer.encode(text, add_special_tokens=False), text

@@ -19,6 +19,10 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "ContentPart",
+    "FunctionDefinition",
+    "MessageToolCall",
+    "NamedToolChoice",
+    "ToolDefinition",
     "EmbeddingRequest",
     "JsonSchemaFormat",
     "LoadLoraAdapterRequest",
@@ -105,11 +109,26 @@ class ContentPart(BaseModel):
     text: StrictStr | None = None
 
 
+class CalledFunction(_Schema):
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it back
+
+
+class MessageToolCall(_Schema):
+    """A call an earlier assistant turn made, sent back in the conversation."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # Only an assistant turn may come without content (OpenAI's rule; there it carries tool calls).
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: StrictStr | None = None  # a tool turn: the call it answers
 
     # The same rule in the published schema, for clients and fuzzers that read it.
     model_config = ConfigDict(
@@ -144,12 +163,38 @@ class ResponseFormat(_Schema):
     json_schema: JsonSchemaFormat | None = None
 
 
+class FunctionDefinition(_Schema):
+    name: NonEmptyStr
+    description: StrictStr | None = None
+    # A JSON schema of the arguments object; checked (and compiled) by generate.tool_calls.
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None  # accepted: arguments always follow the schema here
+
+
+class ToolDefinition(_Schema):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Schema):
+    name: NonEmptyStr
+
+
+class NamedToolChoice(_Schema):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
+    # OpenAI's limit: 128 tools.
+    tools: Annotated[list[ToolDefinition], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
 
 class EmbeddingRequest(_Schema):
