@@ -115,7 +115,7 @@ class SelfRefine:
         for attribute, names in variables.items():
             value = getattr(self, attribute)
             if isinstance(value, str):
-                value = PromptTemplate(value, variables=names, name=attribute.removesuffix("_template"))
+                value = PromptTemplate(value, name=attribute.removesuffix("_template"))
             elif not isinstance(value, PromptTemplate):
                 raise ValueError(f"{attribute} must be a PromptTemplate or a Jinja string")
             extra = set(value.required) - set(names)
