@@ -126,7 +126,9 @@ def test_model_steps_solve_game_of_24_from_scripted_replies():
         tuple(map(Fraction, (4, 4, 10))),
         tuple(map(Fraction, (6, 9, 13))),
     ]  # "4 + 9 = 14" has wrong arithmetic and "7 * 2" uses numbers not on the board: both dropped
-    result = tree_of_thoughts(game.root, propose, value, game.is_solution, beam_width=2, max_depth=3, key=lambda s: s.key)
+    result = tree_of_thoughts(
+        game.root, propose, value, game.is_solution, beam_width=2, max_depth=3, key=lambda s: s.key
+    )
     assert result.stop_reason == "solved" and _replay((4, 9, 10, 13), result.solution.steps)
     assert value([game.root]) == [60.0]  # three "sure" samples, each worth 20
     calls = len(model.calls)

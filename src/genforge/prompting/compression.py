@@ -30,6 +30,7 @@ budget: the baseline `benchmarks/prompt_compression.py` compares against.
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import re
@@ -230,19 +231,22 @@ def compress_prompt(
     if original <= budget:
         return CompressionResult(text, original, original, budget)
 
-    kept_text = "".join(s.text for s in segments if s.keep)
-    if segments and all(s.keep for s in segments) or count(kept_text) > budget:
-        raise CompressionError(
-            f"the kept regions alone are {count(kept_text)} tokens, over the budget of {budget}: raise the budget "
-            "or mark less as <keep>"
-        )
-
     words: list[_Word] = []
     position = 0
     for segment in segments:
         for match in _WORD.finditer(segment.text):
             words.append(_Word(position + match.start(), position + match.end(), segment.keep))
         position += len(segment.text)
+    # White space alone (a segment's trailing blank lines) is layout, never dropped.
+    droppable = [i for i, w in enumerate(words) if not w.keep and text[w.start : w.end].strip()]
+    # The shortest prompt compression can make: checked before the scorer's model runs.
+    floor = count(_assemble(text, words, set(droppable)))
+    if floor > budget:
+        raise CompressionError(
+            f"the kept regions alone are {floor} tokens, over the budget of {budget}: raise the budget "
+            "or mark less as <keep>"
+        )
+
     # Each token's surprisal goes to the word its first character falls in.
     starts = [w.start for w in words]
     totals = [0.0] * len(words)
@@ -259,39 +263,26 @@ def compress_prompt(
             # with its neighbour's score rather than staying for free.
             word.score = words[index - 1].score
 
-    # White space alone (a segment's trailing blank lines) is layout, never dropped.
-    droppable = [i for i, w in enumerate(words) if not w.keep and text[w.start : w.end].strip()]
     candidates = sorted(droppable, key=lambda i: (words[i].score, -i))
-    dropped: set[int] = set()
-    estimate = original
-    queue = iter(candidates)
     # Drop by estimate first (each word's own tokens), then recount exactly: joining words can
-    # merge or split tokens, so the estimate is only a guide.
-    for index in queue:
-        if estimate <= budget:
-            break
-        dropped.add(index)
-        estimate -= words[index].tokens
-    compressed = _assemble(text, words, dropped)
+    # merge or split tokens, so the estimate is only a guide. The floor above fits, so this ends.
+    taken, estimate = 0, original
+    while taken < len(candidates) and estimate > budget:
+        estimate -= words[candidates[taken]].tokens
+        taken += 1
+    compressed = _assemble(text, words, set(candidates[:taken]))
     tokens = count(compressed)
-    for index in queue:
-        if tokens <= budget:
-            break
-        dropped.add(index)
-        compressed = _assemble(text, words, dropped)
+    while tokens > budget and taken < len(candidates):
+        taken += 1
+        compressed = _assemble(text, words, set(candidates[:taken]))
         tokens = count(compressed)
-    if tokens > budget:  # every compressible word is gone and the layout still does not fit
-        raise CompressionError(
-            f"even with every compressible word dropped the prompt is {tokens} tokens, over the budget of {budget}"
-        )
+    dropped = candidates[:taken]
     return CompressionResult(
         compressed, original, tokens, budget, [text[words[i].start : words[i].end].strip() for i in sorted(dropped)]
     )
 
 
 def _word_at(starts: list[int], position: int) -> int | None:
-    import bisect
-
     index = bisect.bisect_right(starts, position) - 1
     return index if index >= 0 else None
 
