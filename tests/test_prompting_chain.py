@@ -19,6 +19,8 @@ from genforge.prompting import (
     TextParser,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds overhead
+
 
 def test_json_parser_finds_the_object_in_prose_or_a_fence_and_checks_the_schema():
     parser = JSONParser(schema={"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]})

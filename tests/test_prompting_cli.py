@@ -10,6 +10,8 @@ import pytest
 from genforge.prompting import PromptTemplateError
 from genforge.prompting.cli import add_commands
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds overhead
+
 
 def _run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="genforge")

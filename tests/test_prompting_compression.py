@@ -17,6 +17,8 @@ from genforge.prompting import (
     split_marked,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds overhead
+
 
 class WordScorer:
     """One token per word, with the surprisal given per word (5.0 for any other): exact tests."""
@@ -57,6 +59,8 @@ def test_drops_the_least_surprising_words_until_the_budget_fits():
     assert result.text == "Answer briefly.\ncat sat mat Zanzibar\nQuestion: where?"
     assert result.original_tokens == 12 and result.compressed_tokens == 8 and result.ratio == 1.5
     assert result.dropped_words == ["the", "on", "the", "near"]
+    joined = "".join(s.text for s in split_marked(PROMPT))
+    assert [joined[a:b].strip() for a, b in result.dropped_spans] == result.dropped_words
     tighter = compress_prompt(PROMPT, WordScorer(SCORES), budget=5)
     assert tighter.text == "Answer briefly.\nZanzibar\nQuestion: where?"
 

@@ -17,6 +17,8 @@ from genforge.prompting import (
     self_consistent_cot,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds overhead
+
 RATIONALES = [
     {
         "question": "Tom has 3 apples and buys 2 more. How many apples does he have?",

@@ -19,7 +19,7 @@ def _replay(numbers, steps):
     board = sorted(Fraction(n) for n in numbers)
     for step in steps:
         a, operator, b, result, left = _STEP.match(step).groups()
-        a, b, result = Fraction(a), Fraction(b), Fraction(result)
+        a, b, result = (Fraction(x.strip("()")) for x in (a, b, result))
         board.remove(a)
         board.remove(b)
         assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[operator] == result, step

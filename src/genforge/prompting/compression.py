@@ -184,14 +184,16 @@ class RandomScorer:
 
 @dataclass
 class CompressionResult:
-    """The compressed prompt, its length before and after (in the scorer's tokens) and which
-    words were dropped."""
+    """The compressed prompt, its length before and after (in the budget's tokens), and which
+    words were dropped: as text, and as (start, end) character spans of the original prompt
+    (its regions joined, markers removed), for showing or measuring what was lost."""
 
     text: str
     original_tokens: int
     compressed_tokens: int
     budget: int
     dropped_words: list[str] = field(default_factory=list)
+    dropped_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -276,9 +278,14 @@ def compress_prompt(
         taken += 1
         compressed = _assemble(text, words, set(candidates[:taken]))
         tokens = count(compressed)
-    dropped = candidates[:taken]
+    dropped = sorted(candidates[:taken])
     return CompressionResult(
-        compressed, original, tokens, budget, [text[words[i].start : words[i].end].strip() for i in sorted(dropped)]
+        compressed,
+        original,
+        tokens,
+        budget,
+        dropped_words=[text[words[i].start : words[i].end].strip() for i in dropped],
+        dropped_spans=[(words[i].start, words[i].end) for i in dropped],
     )
 
 

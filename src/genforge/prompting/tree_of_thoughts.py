@@ -320,14 +320,21 @@ def _show(number: Fraction) -> str:
     return str(number.numerator) if number.denominator == 1 else f"{number.numerator}/{number.denominator}"
 
 
+def _operand(number: Fraction) -> str:
+    """A number inside a step: a fraction in parentheses, so "8 / (1/3)" reads one way only."""
+    return _show(number) if number.denominator == 1 else f"({_show(number)})"
+
+
 def _combinations(a: Fraction, b: Fraction) -> list[tuple[str, Fraction]]:
-    """Every value one arithmetic step makes of a and b, with the step's text."""
-    results = [(f"{_show(a)} + {_show(b)}", a + b), (f"{_show(a)} * {_show(b)}", a * b)]
-    results += [(f"{_show(a)} - {_show(b)}", a - b), (f"{_show(b)} - {_show(a)}", b - a)]
+    """Every value one arithmetic step makes of a and b, with the step's text; the larger number
+    first, so the steps a person would write (13 - 9, not 9 - 13) are proposed first."""
+    a, b = max(a, b), min(a, b)
+    results = [(f"{_operand(a)} + {_operand(b)}", a + b), (f"{_operand(a)} * {_operand(b)}", a * b)]
+    results += [(f"{_operand(a)} - {_operand(b)}", a - b), (f"{_operand(b)} - {_operand(a)}", b - a)]
     if b != 0:
-        results.append((f"{_show(a)} / {_show(b)}", a / b))
+        results.append((f"{_operand(a)} / {_operand(b)}", a / b))
     if a != 0:
-        results.append((f"{_show(b)} / {_show(a)}", b / a))
+        results.append((f"{_operand(b)} / {_operand(a)}", b / a))
     return results
 
 
@@ -343,9 +350,8 @@ def _reachable(numbers: tuple[Fraction, ...], target: Fraction) -> bool:
     return False
 
 
-_PROPOSAL = re.compile(
-    r"(-?\d+(?:/\d+)?)\s*([-+*/x×÷])\s*(-?\d+(?:/\d+)?)\s*=\s*(-?\d+(?:/\d+)?)(?:\s*\(left:\s*([-\d/ ]*)\))?"
-)
+_NUMBER = r"\(?(-?\d+(?:/\d+)?)\)?"  # an integer or a fraction, a fraction maybe in parentheses
+_PROPOSAL = re.compile(_NUMBER + r"\s*([-+*/x×÷])\s*" + _NUMBER + r"\s*=\s*" + _NUMBER)
 _OPERATORS = {"+": "+", "-": "-", "*": "*", "x": "*", "×": "*", "/": "/", "÷": "/"}
 
 
@@ -431,7 +437,9 @@ class Game24:
             if value != Fraction(match.group(4)):
                 continue
             numbers = tuple(sorted([*remaining, value]))
-            step = f"{_show(a)} {operator} {_show(b)} = {_show(value)} (left: {' '.join(_show(n) for n in numbers)})"
+            step = (
+                f"{_operand(a)} {operator} {_operand(b)} = {_show(value)} (left: {' '.join(_show(n) for n in numbers)})"
+            )
             children.append(Game24State(numbers, (*state.steps, step)))
         return children
 
