@@ -63,7 +63,8 @@ def build_items(count: int, distractors: int, excluded: set[str], seed: int) -> 
         rng.shuffle(passages)
         words = first_sentence.split()
         # The question describes the module without naming it: the opening words of its sentence.
-        question = f"\nQuestion: Which module is described as: {' '.join(words[:8])}...?\nAnswer:"
+        description = " ".join(words[:8]).rstrip(".") + ("..." if len(words) > 8 else "")
+        question = f"\nQuestion: Which module is described as: {description}?\nAnswer:"
         items.append(
             {
                 "answer": name,
@@ -175,7 +176,7 @@ def markdown(result: dict) -> str:
         f"Scorer: a {scorer['parameters'] / 1e6:.2f}M-parameter Llama ({scorer['layers']} layers, hidden "
         f"{scorer['hidden']}, vocabulary {scorer['vocab']}) pretrained for {scorer['steps']} steps on "
         f"{scorer['corpus_bytes'] / 1e6:.1f} MB of standard-library source (final loss "
-        f"{scorer['final_train_loss']:.2f}).",
+        f"{scorer['final_train_loss']:.2f}, {scorer['seconds']:.0f}s to pretrain on this machine, not counted above).",
         f"Items: {result['items']} questions over module docstrings the scorer did not train on, each context the "
         f"supporting passage among {result['distractors']} others; instruction and question kept. Random: mean of "
         f"{result['random_seeds']} seeds at the same budgets.",
