@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 
 import pytest
@@ -42,6 +43,12 @@ def test_render_with_vars_files_and_json(tmp_path, capsys):
         _run(["prompt", "render", str(template), "--vars", "question=x"])
     with pytest.raises(ValueError, match="NAME=VALUE"):
         _run(["prompt", "render", str(template), "--vars", "question"])
+
+
+def test_render_reads_a_template_from_stdin(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello {{ who }}\n"))
+    assert _run(["prompt", "render", "-", "--vars", "who=you"]) == 0
+    assert capsys.readouterr().out == "Hello you\n"
 
 
 def test_compress_a_file_under_a_budget(tmp_path, capsys, text_model_dir):

@@ -38,7 +38,10 @@ def _variables(pairs: list[str] | None, json_source: str | None) -> dict:
 def cmd_render(args) -> int:
     from .templates import load_template
 
-    template = load_template(Path(args.template))
+    if args.template == "-":
+        template = load_template(sys.stdin.read(), name="stdin")
+    else:
+        template = load_template(Path(args.template))
     values = _variables(args.vars, args.vars_json)
     if args.messages:
         print(json.dumps(template.messages(**values), ensure_ascii=False, indent=2))
@@ -107,7 +110,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Render a template file (.yaml/.json spec, or text with optional front matter). A missing "
         "or undeclared variable is an error that names it.",
     )
-    render.add_argument("template", help="template file")
+    render.add_argument("template", help="template file, or - for stdin")
     render.add_argument("--vars", nargs="*", metavar="NAME=VALUE", help="variables (NAME=@FILE reads a file)")
     render.add_argument("--vars-json", default=None, help="variables as a JSON object, or a JSON file holding one")
     render.add_argument("--messages", action="store_true", help="print chat messages (JSON) instead of text")

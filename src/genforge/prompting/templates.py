@@ -186,7 +186,7 @@ def load_template(source: str | Path, *, name: str | None = None) -> PromptTempl
         except OSError:  # a string that cannot be a path (too long a name): it is a template
             path = None
     if path is not None:
-        if not path.is_file():
+        if not path.exists() or path.is_dir():  # not is_file(): a pipe such as /dev/stdin is readable too
             raise FileNotFoundError(f"no template file at {path}")
         text = path.read_text(encoding="utf-8")
         label = name or path.stem
