@@ -12,6 +12,7 @@ its flags, calls one library function and prints what happened:
     align                                    genforge/align/cli.py
     rag                                      genforge/rag/cli.py
     agent                                    genforge/agents/cli.py
+    prompt                                   genforge/prompting/cli.py
     serve, bench                             genforge/serve/cli.py
 
 Results go to stdout, everything else (progress, notes, errors) to stderr through
@@ -31,6 +32,7 @@ from .console import console, print_error
 from .evaluate import cli as evaluate_cli
 from .finetune import cli as finetune_cli
 from .generate import cli as generate_cli
+from .prompting import cli as prompting_cli
 from .quantize import cli as quantize_cli
 from .rag import cli as rag_cli
 from .serve import cli as serve_cli
@@ -47,6 +49,7 @@ SUBSYSTEMS = (
     quantize_cli,
     rag_cli,
     agents_cli,
+    prompting_cli,
     serve_cli,
 )
 
