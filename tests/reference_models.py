@@ -46,6 +46,19 @@ FAMILIES = {
             rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64),
         ),
     ),
+    "llama-linear-rope": (
+        transformers.LlamaConfig,
+        dict(_DECODER, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+    ),
+    # A trained context of 32 so that the rope-scaling tests run past it in a few dozen tokens.
+    "llama-dynamic-rope": (
+        transformers.LlamaConfig,
+        dict(
+            _DECODER,
+            max_position_embeddings=32,
+            rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+        ),
+    ),
     "llama-mqa-tied": (transformers.LlamaConfig, dict(_DECODER, num_key_value_heads=1, tie_word_embeddings=True)),
     "mistral": (transformers.MistralConfig, dict(_DECODER, sliding_window=5, head_dim=16)),
     "qwen2": (transformers.Qwen2Config, dict(_DECODER)),

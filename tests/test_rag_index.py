@@ -107,8 +107,8 @@ def test_hnsw_option_and_bad_kind():
     assert [round(s, 5) for _, s in flat.dense_search(q, 6)] == [round(s, 5) for _, s in hnsw.dense_search(q, 6)]
     with pytest.raises(RagIndexError, match="accepted: flat, hnsw, ivf"):
         HybridIndex.build(chunks, emb, dense="annoy")
-    with pytest.raises(RagIndexError, match="accepted: faiss, milvus"):
-        HybridIndex.build(chunks, emb, backend="qdrant")
+    with pytest.raises(RagIndexError, match="accepted: faiss, milvus, qdrant"):
+        HybridIndex.build(chunks, emb, backend="weaviate")
     with pytest.raises(RagIndexError, match="no chunks"):
         HybridIndex.build([], emb)
 

@@ -101,7 +101,9 @@ class LocalChatModel(_CompleteFromChat):
     Give a model directory (genforge or Hugging Face layout), or a loaded `model` with its
     `tokenizer`. Conversations are rendered with the tokenizer's chat template; a tokenizer
     without one takes a single user message as the raw prompt (a base model continuing text).
-    A prompt that leaves no room for `max_tokens` in the context is refused, never cut.
+    A prompt that leaves no room for `max_tokens` in the context is refused, never cut. The
+    context is `Config.max_context`; `context_limit` sets it (past the trained context only for
+    a model with dynamic RoPE scaling; a given `model`'s config is changed in place).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class LocalChatModel(_CompleteFromChat):
         eos_token_ids: Sequence[int] | None = None,
         device: str = "cpu",
         dtype: str | None = None,
+        context_limit: int | None = None,
     ) -> None:
         if directory is not None:
             from .loading import load_for_inference
@@ -122,7 +125,7 @@ class LocalChatModel(_CompleteFromChat):
                 raise ChatModelError(
                     f"{directory} is not a model directory (no config.json); pass a genforge or Hugging Face checkpoint"
                 )
-            loaded = load_for_inference(directory, dtype=dtype, device=device)
+            loaded = load_for_inference(directory, dtype=dtype, device=device, context_limit=context_limit)
             model, tokenizer, eos_token_ids = loaded.model, loaded.tokenizer, loaded.eos_token_ids
         if model is None or tokenizer is None:
             raise ChatModelError("LocalChatModel needs a model directory, or a loaded model and its tokenizer")
@@ -130,6 +133,8 @@ class LocalChatModel(_CompleteFromChat):
             raise ChatModelError(
                 f"the model is an encoder ({model.config.family}); replies need a causal language model"
             )
+        if context_limit is not None and model.config.context_limit != context_limit:
+            model.config = model.config.with_context_limit(context_limit)
         self.model, self.tokenizer, self.eos_token_ids = model, tokenizer, eos_token_ids
 
     def prompt_ids(
@@ -154,7 +159,7 @@ class LocalChatModel(_CompleteFromChat):
     def _params(self, ids: list[int], max_tokens: int, temperature: float, stop: Sequence[str], seed: int | None):
         from .generate.sampling import SamplingParams
 
-        context = self.model.config.max_position_embeddings
+        context = self.model.config.max_context  # past the trained context only under dynamic RoPE
         if len(ids) + max_tokens > context:
             raise ChatModelError(
                 f"the prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together over the model's "

@@ -23,7 +23,10 @@ class ConfigError(ValueError):
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 POSITIONS = ("rope", "learned")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "llama3", "yarn")
+# Scalings whose `factor` is required (>= 1). "ntk" (static NTK-aware) is genforge's own
+# name: Hugging Face has no such rope_type, so export writes it as the larger rope_theta it is.
+_FACTOR_ROPE_TYPES = ("linear", "ntk", "dynamic")
 
 
 @dataclass
@@ -42,6 +45,9 @@ class Config:
     num_kv_heads: int | None = None  # None: as many as query heads (MHA); 1: MQA; else GQA
     head_dim: int | None = None  # None: hidden_size // num_heads
     max_position_embeddings: int = 2048
+    # The longest sequence (prompt + generation) genforge runs this model on; None: see
+    # `max_context`. Past max_position_embeddings only under dynamic RoPE scaling.
+    context_limit: int | None = None
 
     # Block layout.
     causal: bool = True  # False: bidirectional encoder (BERT)
@@ -113,6 +119,11 @@ class Config:
         rope_type = self.rope_type
         if rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope_type {rope_type!r} is not supported; accepted: {', '.join(ROPE_TYPES)}")
+        if rope_type in _FACTOR_ROPE_TYPES:
+            factor = self.rope_scaling.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+                raise ConfigError(f"rope_type {rope_type!r} needs a numeric factor >= 1, got {factor!r}")
+        self._check_context_limit()
         if self.layer_types is not None:
             self.layer_types = tuple(self.layer_types)
             if len(self.layer_types) != self.num_layers or set(self.layer_types) - {"full", "sliding"}:
@@ -130,6 +141,36 @@ class Config:
     @property
     def rope_type(self) -> str:
         return (self.rope_scaling or {}).get("rope_type", "default")
+
+    @property
+    def max_context(self) -> int:
+        """Tokens (prompt plus generation) a sequence may reach: `context_limit` when set, else
+        the trained context `max_position_embeddings`, or `factor` times it under dynamic RoPE
+        scaling, whose frequencies adapt to the length (as transformers lets it run past the
+        trained context; `factor` x is the extended context the scaling is usually quoted at)."""
+        if self.context_limit is not None:
+            return self.context_limit
+        if self.rope_type == "dynamic":
+            return int(self.max_position_embeddings * self.rope_scaling["factor"])
+        return self.max_position_embeddings
+
+    def with_context_limit(self, tokens: int | None) -> Config:
+        """This config with `context_limit=tokens` (checked: ConfigError past what the model
+        can run)."""
+        return dataclasses.replace(self, context_limit=tokens)
+
+    def _check_context_limit(self) -> None:
+        limit = self.context_limit
+        if limit is None:
+            return
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"context_limit must be a positive number of tokens (None: the model's), got {limit!r}")
+        if limit > self.max_position_embeddings and self.rope_type != "dynamic":
+            raise ConfigError(
+                f"context_limit {limit} is past this model's trained context of {self.max_position_embeddings} "
+                f"tokens; only a model with dynamic RoPE scaling (rope_type 'dynamic', not {self.rope_type!r}) "
+                "runs past it"
+            )
 
     @property
     def rotary_dim(self) -> int:
@@ -408,6 +449,12 @@ _CAUSAL_LM_CLASS = {
 
 
 def _write_rope(cfg: Config) -> dict[str, Any]:
+    if cfg.rope_type == "ntk":
+        # Static NTK-aware scaling is plain RoPE with a larger base; written so, transformers
+        # computes the same frequencies (model.rope_frequencies).
+        dim = cfg.rotary_dim
+        theta = cfg.rope_theta * cfg.rope_scaling["factor"] ** (dim / (dim - 2))
+        return _write_rope(dataclasses.replace(cfg, rope_theta=theta, rope_scaling=None, hf_extra={}))
     params = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": cfg.rope_theta}
     if cfg.partial_rotary_factor != 1.0:
         params["partial_rotary_factor"] = cfg.partial_rotary_factor

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_model, read_generation_config
+from .checkpoint import load_model, read_config, read_generation_config
 from .generate.request import end_of_sequence_ids
 from .inference import pack_for_cpu_inference
 from .model import Transformer
@@ -45,15 +45,22 @@ def load_for_inference(
     device: str | torch.device = "cpu",
     adapter: str | Path | None = None,
     pack: bool = True,
+    context_limit: int | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face model directory (config.json, *.safetensors, tokenizer.json and an
     optional generation_config.json) for decoding, with a fine-tuned `adapter` directory put on
     it (see `load_packed_model`). The small files are read first, so that a broken one fails
     before the weights are loaded. `pack=False` leaves the packing
-    (`inference.pack_for_cpu_inference`) to the caller, who has something to do before it."""
+    (`inference.pack_for_cpu_inference`) to the caller, who has something to do before it.
+    `context_limit` caps prompt plus generation (`Config.context_limit`; past the trained
+    context only for a model with dynamic RoPE scaling), checked before the weights load."""
     generation_config = read_generation_config(directory)
     tokenizer = Tokenizer.from_dir(directory)
+    if context_limit is not None:
+        read_config(directory).with_context_limit(context_limit)  # a ConfigError now, not after the weights
     model = _load_adapted(directory, dtype, device, adapter)
+    if context_limit is not None:
+        model.config = model.config.with_context_limit(context_limit)
     if pack:
         model = pack_for_cpu_inference(model)
     eos = end_of_sequence_ids(model.config, tokenizer, generation_config.get("eos_token_id"))

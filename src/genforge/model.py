@@ -8,8 +8,9 @@ Mistral, Qwen, Gemma, Phi-3, Mixtral; Radford et al. 2019, Touvron et al. 2023, 
     block        pre-norm:  x + attn(norm(x)),  then  x + mlp(norm(x))
                  post-norm: norm(x + attn(x)),  then  norm(x + mlp(x))        (BERT)
     attention    scaled dot-product (Vaswani et al. 2017) through torch's fused SDPA kernel,
-                 MHA / GQA / MQA, RoPE (Su et al. 2021) or learned positions, causal or
-                 bidirectional, optional sliding window (Mistral) and q/k norm (Qwen3)
+                 MHA / GQA / MQA, RoPE (Su et al. 2021; linear, NTK-aware, dynamic NTK,
+                 Llama 3 or YaRN scaling) or learned positions, causal or bidirectional,
+                 optional sliding window (Mistral) and q/k norm (Qwen3)
     mlp          plain (GELU) or gated (SwiGLU / GeGLU, Shazeer 2020), or a mixture of
                  gated experts with top-k routing (Shazeer et al. 2017, Mixtral)
     head         final norm + linear to the vocabulary, tied or not to the embeddings
@@ -65,48 +66,103 @@ class Norm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE, Su et al. 2021) with long-context scaling.
 
-    Each pair of channels is rotated by an angle proportional to the position. Scaling
-    changes the per-channel frequencies: "linear" divides them all (position interpolation,
-    Chen et al. 2023), "llama3" divides only the low frequencies with a smooth ramp between,
-    and "yarn" (Peng et al. 2023) blends interpolated and original frequencies per channel and
-    rescales attention by `attention_factor`.
+    Each pair of channels is rotated by an angle proportional to the position, at a frequency
+    per channel pair. `rope_frequencies` gives those frequencies for the config's `rope_type`;
+    only dynamic NTK scaling depends on the sequence, and for it each row's frequencies are
+    recomputed from its own length once that passes `max_position_embeddings`.
     """
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        dim = config.rotary_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.attention_factor = 1.0
-        scaling = config.rope_scaling or {}
-        rope_type = config.rope_type
-        if rope_type == "linear":
-            inv_freq = inv_freq / scaling["factor"]
-        elif rope_type == "llama3":
-            inv_freq = _llama3_frequencies(inv_freq, scaling)
-        elif rope_type == "yarn":
-            inv_freq, self.attention_factor = _yarn_frequencies(inv_freq, dim, config)
+        self.config = config
+        inv_freq, self.attention_factor = rope_frequencies(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dynamic = config.rope_type == "dynamic"
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin tables (batch, seq, 1, rotary_dim) for integer `positions` (batch, seq),
         shaped to broadcast over the heads of (batch, seq, heads, head_dim) queries and keys."""
-        angles = positions[..., None].float() * self.inv_freq
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            # A row's length so far is its last position + 1 (positions count from its first
+            # real token, so padding does not lengthen it). Rows within the trained context keep
+            # the original frequencies, so only a long batch pays for the recomputation.
+            lengths = positions.amax(dim=-1) + 1
+            if int(lengths.max()) > self.config.max_position_embeddings:
+                inv_freq = rope_frequencies(self.config, lengths.cpu())[0].to(positions.device)[:, None, :]
+        angles = positions[..., None].float() * inv_freq
         angles = torch.cat((angles, angles), dim=-1)[:, :, None]
         return (angles.cos() * self.attention_factor).to(dtype), (angles.sin() * self.attention_factor).to(dtype)
 
 
-def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+def rope_frequencies(config: Config, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies (rotary_dim // 2 of them) of `config`'s RoPE and the factor its
+    cos and sin are scaled by, for the scaling its `rope_type` names (`_FREQUENCY_SCALINGS`).
+
+    lengths: (batch,) sequence lengths, read by dynamic scaling only; it then returns one row
+        of frequencies per length, (batch, rotary_dim // 2). None: the trained context.
+    """
+    return _FREQUENCY_SCALINGS[config.rope_type](config, config.rotary_dim, lengths)
+
+
+def _inverse_frequencies(base: float | torch.Tensor, dim: int) -> torch.Tensor:
+    """theta_i = base^(-2i / dim) for each channel pair i; a (batch,) tensor of bases gives
+    one row per base."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    if isinstance(base, torch.Tensor):
+        return 1.0 / (base.float()[:, None] ** exponents)
+    return 1.0 / (base**exponents)
+
+
+def _default_frequencies(config: Config, dim: int, lengths) -> tuple[torch.Tensor, float]:
+    return _inverse_frequencies(config.rope_theta, dim), 1.0
+
+
+def _linear_frequencies(config: Config, dim: int, lengths) -> tuple[torch.Tensor, float]:
+    # Position interpolation (Chen et al. 2023): every frequency divided by the factor, so
+    # factor x the trained context spans the angles the model was trained on.
+    return _inverse_frequencies(config.rope_theta, dim) / config.rope_scaling["factor"], 1.0
+
+
+def _ntk_base(config: Config, dim: int, alpha: float | torch.Tensor) -> float | torch.Tensor:
+    # NTK-aware scaling (bloc97, 2023): a larger base stretches the low frequencies by about
+    # alpha while the highest stays put; alpha^(dim / (dim - 2)) makes the lowest exactly alpha.
+    return config.rope_theta * alpha ** (dim / (dim - 2))
+
+
+def _ntk_frequencies(config: Config, dim: int, lengths) -> tuple[torch.Tensor, float]:
+    # Static NTK-aware scaling: one alpha (`factor`) whatever the length.
+    return _inverse_frequencies(_ntk_base(config, dim, config.rope_scaling["factor"]), dim), 1.0
+
+
+def _dynamic_frequencies(config: Config, dim: int, lengths) -> tuple[torch.Tensor, float]:
+    # Dynamic NTK scaling (emozilla, 2023): alpha grows with the length L once it passes the
+    # trained context C, alpha = factor * L / C - (factor - 1): 1 at C, `factor` at 2C - C / factor.
+    # Sequences that fit keep the original frequencies. float32, as transformers computes it.
+    if lengths is None:
+        return _default_frequencies(config, dim, lengths)
+    factor, context = config.rope_scaling["factor"], config.max_position_embeddings
+    alpha = factor * lengths.clamp(min=context).float() / context - (factor - 1)
+    return _inverse_frequencies(_ntk_base(config, dim, alpha), dim), 1.0
+
+
+def _llama3_frequencies(config: Config, dim: int, lengths) -> tuple[torch.Tensor, float]:
+    s = config.rope_scaling
+    inv_freq = _inverse_frequencies(config.rope_theta, dim)
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     context = s["original_max_position_embeddings"]
     wavelength = 2 * math.pi / inv_freq
     # Long wavelengths (low frequencies) are interpolated, short ones kept, and a linear ramp
     # in between avoids a discontinuity.
     smooth = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
-    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq, 1.0
 
 
-def _yarn_frequencies(inv_freq: torch.Tensor, dim: int, config: Config) -> tuple[torch.Tensor, float]:
+def _yarn_frequencies(config: Config, dim: int, lengths) -> tuple[torch.Tensor, float]:
+    # YaRN (Peng et al. 2023): interpolated and original frequencies blended per channel, and
+    # attention sharpened by `attention_factor`.
     s = config.rope_scaling
+    inv_freq = _inverse_frequencies(config.rope_theta, dim)
     original = s["original_max_position_embeddings"]
     factor = s.get("factor") or config.max_position_embeddings / original
 
@@ -133,6 +189,17 @@ def _yarn_frequencies(inv_freq: torch.Tensor, dim: int, config: Config) -> tuple
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (keep the original frequency), 0: interpolate
     return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention_factor)
+
+
+# rope_type -> (config, rotary_dim, lengths) -> (inverse frequencies, attention factor)
+_FREQUENCY_SCALINGS = {
+    "default": _default_frequencies,
+    "linear": _linear_frequencies,
+    "ntk": _ntk_frequencies,
+    "dynamic": _dynamic_frequencies,
+    "llama3": _llama3_frequencies,
+    "yarn": _yarn_frequencies,
+}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

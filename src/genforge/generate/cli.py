@@ -75,6 +75,17 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible samples")
 
 
+def _add_context_limit_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--context-limit",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="most tokens a prompt plus its generation may reach (default: the model's context; a model with "
+        "dynamic RoPE scaling defaults to factor x its trained context and may be given more)",
+    )
+
+
 def _add_kv_cache_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache-dtype",
@@ -114,7 +125,13 @@ def _sampling_params(args, generation_config: dict) -> SamplingParams:
 
 def _load(args) -> LoadedModel:
     with console.status(f"loading {args.model}"):
-        return load_for_inference(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+        return load_for_inference(
+            args.model,
+            dtype=args.dtype,
+            device=args.device,
+            adapter=args.adapter,
+            context_limit=getattr(args, "context_limit", None),
+        )
 
 
 def _check_strategy_flags(args) -> None:
@@ -367,6 +384,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_flags(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: a batch)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
+    _add_context_limit_flag(gen)
     _add_kv_cache_flag(gen)
     _add_sampling_flags(gen)
     strategy = gen.add_argument_group("decoding strategy")
@@ -463,6 +481,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_model_flags(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+    _add_context_limit_flag(chat)
     _add_kv_cache_flag(chat)
     _add_sampling_flags(chat)
     chat.set_defaults(func=cmd_chat)

@@ -114,7 +114,8 @@ class DecodeRequest:
         eos_token_ids: the ids that end a sequence, replacing the model config's, the
             tokenizer's and `generation_config`'s (`[]` for none); `params.stop_token_ids` are
             added either way.
-        context_length: the limit on prompt + new tokens (default: the model's context).
+        context_length: the limit on prompt + new tokens (default: the model's context,
+            `Config.max_context`: past `max_position_embeddings` only under dynamic RoPE scaling).
         kv_cache_dtype: what the strategies' KV caches store, one of `cache.KV_CACHE_DTYPES`:
             "auto" (keys and values in the model's dtype) or "int8" (int8 codes with an fp32
             scale per token and head; `cache.Int8ContiguousKVCache`).
@@ -166,7 +167,7 @@ class DecodeRequest:
             if value is not None and not (is_int(value) and 0 <= value <= most):
                 raise DecodeRequestError(f"{name} must be between 0 and {most}, got {value!r}")
 
-        context = config.max_position_embeddings if context_length is None else context_length
+        context = config.max_context if context_length is None else context_length
         longest = max(len(p) for p in prompts)
         new_tokens = params.max_new_tokens
         if new_tokens is None:  # until the context is full, as in the OpenAI API
@@ -198,7 +199,7 @@ class DecodeRequest:
     def check_model(self, model, role: str) -> None:
         """Refuse a second model of a strategy (a draft, an amateur) that is no causal genforge
         model or whose context cannot hold this request."""
-        self._check_fits(decoder_config(model, role).max_position_embeddings, role)
+        self._check_fits(decoder_config(model, role).max_context, role)
 
     def _check_fits(self, context: int, role: str) -> None:
         if self.capacity > context:

@@ -65,10 +65,14 @@ def cmd_index(args) -> int:
 
     if args.backend == "milvus" and not args.milvus_uri:
         raise ValueError("--backend milvus needs --milvus-uri: a local .db file (Milvus Lite) or http://host:19530")
+    if args.backend == "qdrant" and not args.qdrant_location:
+        raise ValueError("--backend qdrant needs --qdrant-location: a local directory (embedded) or http://host:6333")
     embedder = EncoderEmbedder(args.encoder, max_tokens=args.max_tokens)
     build = {"dense": args.dense}
-    if args.backend != "faiss":
-        build.update(backend=args.backend, milvus_uri=args.milvus_uri)
+    if args.backend == "milvus":
+        build.update(backend="milvus", milvus_uri=args.milvus_uri)
+    elif args.backend == "qdrant":
+        build.update(backend="qdrant", qdrant_location=args.qdrant_location)
     with console.status(f"indexing {', '.join(args.paths)}"):
         index, skipped = index_documents(args.paths, embedder, args.strategy, **build)
         index.save(args.index)
@@ -242,8 +246,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     index.add_argument("paths", nargs="+", help="files or folders")
     index.add_argument("--index", required=True, help="output index directory (written atomically)")
-    index.add_argument("--backend", choices=("faiss", "milvus"), default="faiss", help="vector store (default faiss)")
+    index.add_argument(
+        "--backend", choices=("faiss", "milvus", "qdrant"), default="faiss", help="vector store (default faiss)"
+    )
     index.add_argument("--milvus-uri", default=None, help="Milvus Lite .db file or server URI, for --backend milvus")
+    index.add_argument(
+        "--qdrant-location",
+        default=None,
+        help="a directory (Qdrant embedded mode) or server URL, for --backend qdrant; a secured server's key is "
+        "read from QDRANT_API_KEY",
+    )
     index.add_argument(
         "--dense", choices=("flat", "hnsw", "ivf"), default="flat", help="dense index kind (default flat, exact)"
     )

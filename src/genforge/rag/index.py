@@ -1,8 +1,9 @@
 """Indexes over chunks: BM25 (Robertson & Zaragoza 2009) through `bm25s`, and dense vectors in a
-vector store: FAISS (Johnson et al. 2017) in this process, or Milvus (Wang et al. 2021,
-"Milvus: A Purpose-Built Vector Data Management System") locally as Milvus Lite or on a server.
+vector store: FAISS (Johnson et al. 2017) in this process, Milvus (Wang et al. 2021,
+"Milvus: A Purpose-Built Vector Data Management System") locally as Milvus Lite or on a server,
+or Qdrant embedded (in memory or a directory) or on a server.
 
-Dense index kinds (the same three names for both backends):
+Dense index kinds (the same names for every backend; Qdrant has no `ivf`):
 
 - `flat`: exact inner product over unit vectors (cosine). Every query touches every vector.
 - `hnsw`: a hierarchical navigable small-world graph (Malkov & Yashunin 2018); approximate,
@@ -42,11 +43,12 @@ from .embedders import EncoderEmbedder as EncoderEmbedder  # docs/serving.md nam
 from .filters import Filters, check_filters, chunk_matches
 from .loaders import load_documents
 from .milvus import MilvusStore, check_uri
+from .qdrant import QdrantStore, check_location
 from .stores import DENSE_KINDS, IVF_POINTS_PER_LIST, FaissStore, RagIndexError, VectorStore
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # version 1 (no chunk ids) is converted on load
-BACKENDS = ("faiss", "milvus")
+BACKENDS = ("faiss", "milvus", "qdrant")
 MANIFEST = "manifest.json"
 # A filter passing at most this many chunks is answered by exact scoring of just those chunks.
 FILTERED_EXACT_LIMIT = 2048
@@ -89,6 +91,19 @@ def _open_milvus(spec: dict, token: str | None, create: dict | None = None) -> M
     return MilvusStore.open(
         spec["uri"],
         token=token,
+        collection=spec["collection"],
+        kind=spec["kind"],
+        dimension=spec["dimension"],
+        search_params=spec.get("search_params"),
+    )
+
+
+def _open_qdrant(spec: dict, api_key: str | None, create: dict | None = None) -> QdrantStore:
+    if create is not None:
+        return QdrantStore.create(spec["location"], api_key=api_key, collection=spec.get("collection"), **create)
+    return QdrantStore.open(
+        spec["location"],
+        api_key=api_key,
         collection=spec["collection"],
         kind=spec["kind"],
         dimension=spec["dimension"],
@@ -199,6 +214,9 @@ class HybridIndex:
         milvus_uri: str | None = None,
         milvus_token: str | None = None,
         milvus_collection: str | None = None,
+        qdrant_location: str | None = None,
+        qdrant_api_key: str | None = None,
+        qdrant_collection: str | None = None,
         file_hashes: dict[str, str] | None = None,
     ) -> HybridIndex:
         """Index chunks for BM25 and dense search.
@@ -208,7 +226,9 @@ class HybridIndex:
         each cell trains on >= 39 vectors, and `ivf_nprobe` to nlist/8. Fewer than 78 chunks (two
         cells of 39) fall back to exact search with a warning (`ivf_fallback=False` raises
         instead). Options are checked before anything is embedded. `backend="milvus"` keeps the vectors in Milvus at
-        `milvus_uri`: a path ending in `.db` (Milvus Lite, no server) or `http(s)://host:19530`."""
+        `milvus_uri`: a path ending in `.db` (Milvus Lite, no server) or `http(s)://host:19530`;
+        `backend="qdrant"` in Qdrant at `qdrant_location`: ":memory:", a directory (embedded, no
+        server) or `http(s)://host:6333`, with `qdrant_api_key` for a secured server."""
         if dense not in DENSE_KINDS:
             raise RagIndexError(f"dense index kind {dense!r} is not supported; accepted: {', '.join(DENSE_KINDS)}")
         if backend not in BACKENDS:
@@ -222,6 +242,15 @@ class HybridIndex:
             raise RagIndexError(f"hnsw_m (graph degree) must be >= 2, got {hnsw_m}")
         if backend == "milvus":
             check_uri(milvus_uri)
+        if backend == "qdrant":
+            if not qdrant_location:
+                raise RagIndexError(
+                    "backend='qdrant' needs qdrant_location: ':memory:', a local directory (embedded mode) "
+                    "or a server URL such as http://localhost:6333"
+                )
+            check_location(qdrant_location)
+            if dense == "ivf":
+                raise RagIndexError("Qdrant has no IVF index; use dense='flat' (exact) or dense='hnsw'")
         chunks = list(chunks)
         if not chunks:
             raise RagIndexError("no chunks to index; load and chunk at least one readable document first")
@@ -248,6 +277,17 @@ class HybridIndex:
         ids = np.arange(len(chunks), dtype=np.int64)
         if backend == "faiss":
             store = FaissStore.create(vectors, ids, dense, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist, ivf_nprobe=ivf_nprobe)
+        elif backend == "qdrant":
+            store = _open_qdrant(
+                {"location": qdrant_location, "collection": qdrant_collection},
+                qdrant_api_key,
+                create={"dimension": vectors.shape[1], "kind": dense, "hnsw_m": hnsw_m},
+            )
+            try:
+                store.add(ids, vectors, chunks)
+            except BaseException:
+                store.close()
+                raise
         else:
             store = _open_milvus(
                 {"uri": milvus_uri, "collection": milvus_collection},
@@ -557,8 +597,15 @@ class HybridIndex:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
     @classmethod
-    def load(cls, directory: str | Path, embedder: Embedder | str, milvus_token: str | None = None) -> HybridIndex:
-        """Load an index, refusing one whose vectors came from another embedding model."""
+    def load(
+        cls,
+        directory: str | Path,
+        embedder: Embedder | str,
+        milvus_token: str | None = None,
+        qdrant_api_key: str | None = None,
+    ) -> HybridIndex:
+        """Load an index, refusing one whose vectors came from another embedding model. A server
+        backend's secret (`milvus_token`, `qdrant_api_key`) is given here: it is never saved."""
         import bm25s
 
         directory = Path(directory)
@@ -596,11 +643,15 @@ class HybridIndex:
         spec = manifest["dense_store"]
         if spec["backend"] == "faiss":
             store = FaissStore.load(directory, spec)
+        elif spec["backend"] == "qdrant":
+            store = _open_qdrant(spec, qdrant_api_key)
         else:
             store = _open_milvus(spec, milvus_token)
-        if store.count() != len(chunks):
+        stored = store.count()
+        if stored != len(chunks):
+            store.close()  # an embedded store's file or directory is released for the next try
             raise RagIndexError(
-                f"{directory}: the {spec['backend']} vector store holds {store.count()} vectors but the index "
+                f"{directory}: the {spec['backend']} vector store holds {stored} vectors but the index "
                 f"has {len(chunks)} chunks; it was changed without saving this directory. Rebuild the index."
             )
         index = cls(
@@ -610,7 +661,8 @@ class HybridIndex:
         return index
 
     def close(self) -> None:
-        """Release the vector store's connection (a Milvus Lite database is closed)."""
+        """Release the vector store's connection (a Milvus Lite database or an embedded Qdrant
+        directory is closed)."""
         self.store.close()
 
 

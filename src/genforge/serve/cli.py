@@ -268,7 +268,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="token budget per step; longer prompts are prefilled in chunks (default 512)",
     )
     engine.add_argument(
-        "--max-model-len", type=int, default=None, help="context length served (default and maximum: the model's)"
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length served (default and maximum: the model's; a model with dynamic RoPE scaling "
+        "defaults to factor x its trained context and may be given more)",
     )
     engine.add_argument(
         "--no-prefix-caching", action="store_true", help="do not share KV blocks between requests with a common prefix"

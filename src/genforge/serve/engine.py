@@ -199,7 +199,10 @@ class Engine:
         self.adapters = adapters
         self._retiring: set[int] = set()
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, config
-        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        # No further than the model's context (`Config.max_context`), except that a model with
+        # dynamic RoPE scaling runs as far as it is told: its frequencies adapt to the length.
+        ceiling = max_model_len if max_model_len and config.rope_type == "dynamic" else config.max_context
+        self.max_model_len = min(max_model_len or config.max_context, ceiling)
         self.eos_token_ids = frozenset(end_of_sequence_ids(config, tokenizer, override=eos_token_ids))
         per_block = PagedKVCache.bytes_per_block(config, block_size, model.dtype, kv_cache_dtype)
         least = math.ceil(self.max_model_len / block_size)  # one sequence of the longest length must fit
