@@ -229,6 +229,8 @@ def test_unsupported_family_is_refused_with_the_supported_ones(tmp_path, capsys)
     assert "'mixtral' family" in err and "supported: llama, mistral, qwen2, qwen3, gemma, phi3, gpt2" in err
     with pytest.raises(ONNXExportError, match="3 experts"):
         export_onnx(tiny_model(num_experts=3), tmp_path / "m.onnx")
+    with pytest.raises(ONNXExportError, match="dynamic NTK"):
+        export_onnx(tiny_model(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), tmp_path / "m.onnx")
     assert not any(tmp_path.glob("*.onnx*"))
 
 
