@@ -381,3 +381,23 @@ def test_command_trains_and_writes_the_adapter(model_dir, tmp_path, capsys):
     assert set(result["reward_before"]) == {"reward", "rewards/exact_match/mean", "rewards/format_regex/mean"}
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all("kl" in m for m in metrics)
+
+
+def test_sampling_with_merged_adapters_restores_the_weights(model_dir):
+    from genforge.align.grpo import merged_for_sampling
+    from genforge.finetune.lora import LoraConfig, LoraLinear, apply_lora
+
+    model = apply_lora(load_model(model_dir), LoraConfig(target_modules=["qkv", "o", "gate_up", "down"])).eval()
+    randomize(model.named_parameters(), seed=2)
+    weights = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with merged_for_sampling(model):
+            assert all(layer.merged for layer in model.modules() if isinstance(layer, LoraLinear))
+            merged = model(ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    for name, parameter in model.named_parameters():
+        original, values = weights[name]
+        assert parameter is original and torch.equal(parameter, values), name
+    assert not any(layer.merged for layer in model.modules() if isinstance(layer, LoraLinear))

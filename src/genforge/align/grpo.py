@@ -318,7 +318,10 @@ class GRPOConfig:
     `group_advantages`. num_iterations: passes over each rollout (TRL's mu); minibatches:
     optimizer updates per pass; micro_batch_size: rows per forward pass (gradients accumulate;
     None: the whole minibatch). mask_truncated_completions: completions cut by
-    max_new_tokens take no part in the loss (DAPO). The training and LoRA fields mean what
+    max_new_tokens take no part in the loss (DAPO). merge_for_sampling: sample with each LoRA
+    layer's update added into a temporary copy of its weight (`merged_for_sampling`), one
+    product per layer instead of three; eval_max_new_tokens: the evaluation's limit (default
+    max_new_tokens). The training and LoRA fields mean what
     `finetune.run.FinetuneConfig`'s do; lr None takes `GRPO_LR[method]`.
     """
 
@@ -351,6 +354,7 @@ class GRPOConfig:
     device: str = "cpu"
     progress: bool = True
     eval_max_new_tokens: int | None = None
+    merge_for_sampling: bool = True
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -455,6 +459,33 @@ def completion_view(per_token: torch.Tensor, starts: torch.Tensor, width: int) -
     its last position and are masked by the caller. Gradients flow through the gather."""
     index = (starts[:, None] + torch.arange(width, device=per_token.device)[None]).clamp(max=per_token.shape[1] - 1)
     return per_token.gather(1, index.to(per_token.device))
+
+
+@contextlib.contextmanager
+def merged_for_sampling(model: nn.Module):
+    """Inside the block every plain LoRA layer computes with a temporary weight W + s B A in
+    place of W + its low-rank update (what PEFT's merge does, without touching W): sampling,
+    token by token, then pays one product per layer instead of three, which is most of a small
+    batch's cost. The adapted layers' weights are held twice while the block runs; on exit the
+    original weight tensors are put back as they were, bit for bit (an in-place merge and
+    unmerge would leave rounding in W). DoRA and QLoRA layers are left as they are."""
+    from ..finetune.lora import LoraLinear
+
+    swapped = []
+    try:
+        with torch.no_grad():
+            for layer in model.modules():
+                if type(layer) is LoraLinear and not layer.merged and not layer.disabled:
+                    original = layer.weight
+                    merged = original + layer.delta_weight().to(original.dtype)
+                    layer.weight = nn.Parameter(merged, requires_grad=False)
+                    layer.merged = True
+                    swapped.append((layer, original))
+        yield model
+    finally:
+        for layer, original in swapped:
+            layer.weight = original
+            layer.merged = False
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -589,14 +620,16 @@ class GRPOTrainer:
             if not greedy
             else (self.config.eval_max_new_tokens or self.config.max_new_tokens)
         )
-        rollout = generate_rollout(
-            self.model,
-            self.tokenizer,
-            [list(p.prompt_ids) for p in prompts],
-            samples,
-            self._sampling(seed, max_new, greedy),
-            eos_token_ids=self.eos_token_ids,
-        )
+        merging = merged_for_sampling(self.model) if self.config.merge_for_sampling else contextlib.nullcontext()
+        with merging:
+            rollout = generate_rollout(
+                self.model,
+                self.tokenizer,
+                [list(p.prompt_ids) for p in prompts],
+                samples,
+                self._sampling(seed, max_new, greedy),
+                eos_token_ids=self.eos_token_ids,
+            )
         eos = set(
             self.eos_token_ids or ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
         )
