@@ -427,6 +427,10 @@ def check_config(config: GRPOConfig) -> None:
 # ----------------------------------------------------------------------------------- results
 @dataclass
 class GRPOResult:
+    """What a run did: the adapter or model it wrote (None for a model passed in loaded), the
+    greedy rewards of the evaluation prompts before and after, the mean sampled reward of the
+    first and last steps, and its settings."""
+
     method: str
     output_dir: Path | None
     steps: int
@@ -1018,6 +1022,8 @@ def train_grpo(
         base_dir=base_dir,
     )
     summary_path = Path(config.out_dir) / "grpo.json"
+    if not resume and (trainer.checkpoint_dir.exists() or trainer.metrics_path.exists()):
+        raise GRPOError(f"{config.out_dir} already holds a GRPO run; pass resume=True to continue it")
     before = None
     if held:
         if resume and summary_path.is_file():
@@ -1025,8 +1031,6 @@ def train_grpo(
         else:
             before = trainer.evaluate()
     if not resume:
-        if trainer.checkpoint_dir.exists() or trainer.metrics_path.exists():
-            raise GRPOError(f"{config.out_dir} already holds a GRPO run; pass resume=True to continue it")
         Path(config.out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(summary_path, json.dumps({"reward_before": before}, indent=2))
     trainer.train(resume=resume)
