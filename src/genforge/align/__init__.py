@@ -12,6 +12,8 @@
   the fine-tuning run's loop and methods.
 - `reward_train`: the reward model trained on pairs (Bradley-Terry, margins, centring).
 - `kto`: KTO on unpaired desirable / undesirable completions.
+- `rollout`, `grpo`, `rewards`: online RL. Batched rollouts; GRPO with group-normalised
+  advantages; reward functions (exact match, format, a reward model, unit tests).
 - `cli`: `genforge align {reward,dpo,...,kto,...}`, one registry entry per method.
 """
 
@@ -23,6 +25,17 @@ from .data import (
     parse_preference_record,
     read_preference_records,
     tokenize_preference_record,
+)
+from .grpo import (
+    GRPOConfig,
+    GRPOError,
+    GRPOResult,
+    GRPOTrainer,
+    RewardFunction,
+    RewardFunctionError,
+    compute_rewards,
+    group_advantages,
+    train_grpo,
 )
 from .kto import KTOConfig, KTOError, KTOResult, train_kto
 from .logprobs import CompletionLogProbs, completion_logprobs, token_logprobs
@@ -58,8 +71,23 @@ from .reward import (
     score_sequences,
 )
 from .reward_train import RewardConfig, RewardResult, RewardTrainingError, train_reward_model
+from .rewards import exact_match_reward, extract_answer, format_reward, reward_model_reward, unit_test_reward
 
 __all__ = [
+    "unit_test_reward",
+    "reward_model_reward",
+    "format_reward",
+    "extract_answer",
+    "exact_match_reward",
+    "train_grpo",
+    "group_advantages",
+    "compute_rewards",
+    "RewardFunctionError",
+    "RewardFunction",
+    "GRPOTrainer",
+    "GRPOResult",
+    "GRPOError",
+    "GRPOConfig",
     "train_reward_model",
     "RewardTrainingError",
     "RewardResult",
