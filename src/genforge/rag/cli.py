@@ -119,6 +119,8 @@ def cmd_ask(args) -> int:
         mode="generative" if generator is not None else "extractive",
         max_sentences=args.max_sentences,
         search=_search_options(args),
+        unsupported=args.unsupported,
+        max_tokens=args.max_new_tokens,
         **({"min_confidence": args.min_confidence} if args.min_confidence is not None else {}),
     )
     answerer = Answerer(_retriever(args, generator), generator, config)
@@ -136,6 +138,13 @@ def cmd_ask(args) -> int:
         print(answer.render())
         if answer.unsupported:
             console.print(f"[yellow]{len(answer.unsupported)} sentence(s) not supported by their citations[/yellow]")
+        if answer.unsupported_action == "dropped":
+            console.print(f"[yellow]dropped {len(answer.removed)} unsupported sentence(s)[/yellow]")
+        elif answer.unsupported_action == "extractive_fallback":
+            console.print(
+                f"[yellow]the generated answer had unsupported sentences ({len(answer.removed)} replaced): "
+                "answered extractively from the best-supported passages[/yellow]"
+            )
     return 0
 
 
@@ -283,6 +292,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="best question-passage cosine under which the answer is 'not covered'",
+    )
+    ask.add_argument(
+        "--unsupported",
+        choices=("flag", "drop", "extractive"),
+        default="flag",
+        help="unsupported generated sentences: flag them (default), drop them, or fall back to an "
+        "extractive answer from the best-supported passages",
+    )
+    ask.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest generated answer, in tokens (default 256)"
     )
     ask.add_argument("--session", default=None, help="conversation name: follow-ups are rewritten from its history")
     ask.add_argument("--sessions-db", default=None, help="SQLite file of sessions (default: in the user cache)")
