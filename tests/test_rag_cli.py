@@ -100,6 +100,8 @@ def test_eval_reports_every_system(index_dir, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["retrieval"]["hybrid"]["mrr"] == 1.0
     assert result["answers"]["faithfulness"] == 1.0
+    # Quoted sentences are their own passages' claims; the answers are about the queries.
+    assert result["answers"]["claim_faithfulness"] == 1.0 and result["answers"]["answer_relevance"] > 0.3
 
 
 def test_bad_input_is_refused_before_loading(tmp_path, capsys):

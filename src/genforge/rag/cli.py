@@ -165,9 +165,15 @@ def cmd_eval(args) -> int:
     result = {"retrieval": table}
     if args.answers:
         from .answer import Answerer
+        from .answer_quality import AnswerEvaluator
 
         answerer = Answerer(retriever)
-        metrics = answer_metrics([answerer.ask(queries[q]) for q in qrels])
+        answers = [answerer.ask(queries[q]) for q in qrels]
+        metrics = answer_metrics(answers)
+        if any(a.covered for a in answers):
+            # Embedding-only relevance and support-checked claims: no model needed.
+            chunks = {c.chunk_id: c for c in retriever.index.chunks}
+            metrics.update(AnswerEvaluator(retriever.embedder).evaluate_answers(answers, chunks))
         print("\n" + format_table({"extractive answers": metrics}))
         result["answers"] = metrics
     if args.out:
@@ -325,6 +331,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     ev.add_argument("--rerank", default=None, metavar="late|DIR", help="also report hybrid + this re-ranker")
-    ev.add_argument("--answers", action="store_true", help="also answer each query: citation precision, faithfulness")
+    ev.add_argument(
+        "--answers",
+        action="store_true",
+        help="also answer each query: citation precision, faithfulness, answer relevance, claim faithfulness",
+    )
     ev.add_argument("--out", default=None, help="write the results as JSON")
     ev.set_defaults(func=cmd_eval)
