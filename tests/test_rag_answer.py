@@ -204,3 +204,79 @@ def test_openai_generator_through_the_official_client():
     assert path == "/v1/chat/completions"
     assert request["model"] == "m" and request["max_tokens"] == 9
     assert request["messages"] == [{"role": "user", "content": "where is the cache?"}]
+
+
+# -- what happens to unsupported sentences ------------------------------------------------------
+
+MIXED_REPLY = (
+    "Paged attention stores the key value cache in fixed size blocks [1]. "
+    "The dough must rise for two hours before baking [1]."
+)
+
+
+def mixed_answerer(retriever, policy, reply=MIXED_REPLY, **kw):
+    generator = FakeGenerator({"Question:": reply})
+    return Answerer(retriever, generator, loose(mode="generative", k=3, unsupported=policy, **kw))
+
+
+def test_flag_policy_keeps_and_marks_unsupported_sentences(retriever):
+    answer = mixed_answerer(retriever, "flag").ask("how does paged attention store the key value cache")
+    assert answer.unsupported_action == "flagged" and answer.removed == []
+    assert [s.supported for s in answer.sentences] == [True, False]
+    assert answer.text.count("(unsupported)") == 1
+    assert answer.to_dict()["unsupported_action"] == "flagged"
+
+
+def test_drop_policy_removes_unsupported_sentences(retriever):
+    answer = mixed_answerer(retriever, "drop").ask("how does paged attention store the key value cache")
+    assert answer.unsupported_action == "dropped" and answer.mode == "generative"
+    (kept,) = answer.sentences
+    assert kept.supported and kept.text.startswith("Paged attention stores")
+    assert [s.text for s in answer.removed] == ["The dough must rise for two hours before baking."]
+    assert "(unsupported)" not in answer.text and "dough" not in answer.text
+    data = answer.to_dict()
+    assert data["unsupported_action"] == "dropped" and data["removed_sentences"][0]["problem"] == "low support"
+
+
+def test_extractive_fallback_quotes_the_best_supported_passages(retriever):
+    answer = mixed_answerer(retriever, "extractive", max_sentences=2, fallback_passages=1).ask(
+        "how does paged attention store the key value cache"
+    )
+    assert answer.unsupported_action == "extractive_fallback" and answer.mode == "extractive"
+    # The generated sentences are kept aside, and every quoted one is supported by its passage.
+    assert [s.text for s in answer.removed][1].startswith("The dough")
+    assert answer.sentences and all(s.supported for s in answer.sentences)
+    # One passage allowed: the one that best supports what was generated (the paged-attention one).
+    (citation,) = answer.citations
+    assert citation.source == "paged.md" and "fixed size blocks" in answer.text
+
+
+def test_drop_with_nothing_supported_falls_back_to_extractive(retriever):
+    reply = "The dough must rise for two hours before baking [1]. It snows in July [2]."
+    answer = mixed_answerer(retriever, "drop", reply=reply).ask("how does paged attention store the key value cache")
+    assert answer.unsupported_action == "extractive_fallback" and len(answer.removed) == 2
+    assert answer.covered and all(s.supported for s in answer.sentences)
+
+
+def test_a_fully_supported_answer_is_left_alone(retriever):
+    reply = "Paged attention stores the key value cache in fixed size blocks [1]."
+    for policy in ("flag", "drop", "extractive"):
+        answer = mixed_answerer(retriever, policy, reply=reply).ask("how does paged attention store the cache")
+        assert answer.unsupported_action == "none" and answer.mode == "generative" and answer.removed == []
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="accepted: flag, drop, extractive"):
+        AnswerConfig(unsupported="rewrite")
+    with pytest.raises(ValueError, match="fallback_passages"):
+        AnswerConfig(fallback_passages=0)
+
+
+def test_memories_reach_the_generator_prompt_but_not_the_citations(retriever):
+    generator = FakeGenerator({"Question:": "Paged attention stores the key value cache in fixed size blocks [1]."})
+    answerer = Answerer(retriever, generator, loose(mode="generative", k=2))
+    answer = answerer.ask("how does paged attention store the cache", memories=["The user prefers short answers."])
+    prompt = generator.prompts[-1]
+    assert "What you remember about the user (do not cite):\n- The user prefers short answers." in prompt
+    assert prompt.index("prefers short") < prompt.index("Question:") and prompt.index("[2]") < prompt.index("prefers")
+    assert answer.memories == ["The user prefers short answers."] and [c.number for c in answer.citations] == [1]

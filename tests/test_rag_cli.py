@@ -100,6 +100,8 @@ def test_eval_reports_every_system(index_dir, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["retrieval"]["hybrid"]["mrr"] == 1.0
     assert result["answers"]["faithfulness"] == 1.0
+    # Quoted sentences are their own passages' claims; the answers are about the queries.
+    assert result["answers"]["claim_faithfulness"] == 1.0 and result["answers"]["answer_relevance"] > 0.3
 
 
 def test_bad_input_is_refused_before_loading(tmp_path, capsys):
@@ -250,3 +252,18 @@ def test_the_wheel_carries_every_doc(tmp_path):
     (wheel,) = tmp_path.glob("genforge-*.whl")
     shipped = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/data/share/genforge/docs/" in n}
     assert shipped == {p.name for p in (root / "docs").glob("*.md")}
+
+
+def test_ask_falls_back_to_an_extractive_answer_when_the_generator_is_unsupported(index_dir, text_model_dir, capsys):
+    # A random tiny model writes nothing the passages support: the answer is quoted instead.
+    common = ["--index", str(index_dir), "--model", str(text_model_dir), "--min-confidence", "0", "-k", "1"]
+    common += ["--max-new-tokens", "24"]
+    assert main(["rag", "ask", "how does paged attention work?", *common, "--unsupported", "extractive", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["unsupported_action"] == "extractive_fallback" and answer["mode"] == "extractive"
+    assert answer["removed_sentences"] and all(s["supported"] for s in answer["sentences"])
+    assert main(["rag", "ask", "how does paged attention work?", *common, "--unsupported", "extractive"]) == 0
+    shown = capsys.readouterr()
+    assert "[1]" in shown.out and "answered extractively from the best-supported" in " ".join(
+        (shown.out + shown.err).split()
+    )

@@ -17,6 +17,12 @@ words that occur in the chunk (a cheap guard against a fluent sentence with the 
 A sentence scoring under `support_threshold`, or citing nothing or a passage that was not
 given, is flagged as unsupported.
 
+What happens to unsupported sentences is a policy (`AnswerConfig.unsupported`): "flag" keeps
+them, marked; "drop" removes them; "extractive" replaces the generated answer by an extractive
+one quoted from the passages that best support what the generator wrote (a corrective step in
+the spirit of RARR, Gao et al. 2023, "Attributed Text Generation via Post-hoc Research and
+Revision", without a second model). `Answer.unsupported_action` says which happened.
+
 When retrieval confidence (the best cosine between the question and a retrieved chunk) is under
 `min_confidence`, the answer says the sources do not cover the question instead of guessing.
 The default threshold is calibrated on the seeds evaluation queries against off-topic
@@ -41,6 +47,9 @@ NOT_COVERED = "The indexed sources do not cover this question, so I will not gue
 DEFAULT_MIN_CONFIDENCE = 0.27
 DEFAULT_SUPPORT_THRESHOLD = 0.5
 ANSWER_MODES = ("extractive", "generative")
+UNSUPPORTED_POLICIES = ("flag", "drop", "extractive")
+# What `Answer.unsupported_action` can say: nothing to do, or which policy acted.
+UNSUPPORTED_ACTIONS = ("none", "flagged", "dropped", "extractive_fallback")
 
 GENERATIVE_PROMPT = """Answer the question using only the numbered passages below.
 After every sentence, cite the passage or passages that support it as [1], [2], etc.
@@ -226,6 +235,9 @@ class Answer:
     mode: str
     query: str = ""  # what was searched (a follow-up's rewrite; else the question)
     support_threshold: float = DEFAULT_SUPPORT_THRESHOLD  # the checker's, for citation precision
+    unsupported_action: str = "none"  # one of UNSUPPORTED_ACTIONS
+    removed: list[AnswerSentence] = field(default_factory=list)  # generated sentences dropped or replaced
+    memories: list[str] = field(default_factory=list)  # long-term memories shown to the generator
 
     @property
     def text(self) -> str:
@@ -255,8 +267,11 @@ class Answer:
             "covered": self.covered,
             "confidence": self.confidence,
             "mode": self.mode,
+            "unsupported_action": self.unsupported_action,
             "sentences": [asdict(s) for s in self.sentences],
             "citations": [asdict(c) for c in self.citations],
+            "removed_sentences": [asdict(s) for s in self.removed],
+            "memories": list(self.memories),
         }
 
 
@@ -362,6 +377,8 @@ class AnswerConfig:
     max_tokens: int = 256  # generative answers
     passage_chars: int = 1200  # of each passage in the generative prompt
     search: dict = field(default_factory=dict)  # extra Retriever.search options (fusion, rerank, ...)
+    unsupported: str = "flag"  # what to do with unsupported sentences: one of UNSUPPORTED_POLICIES
+    fallback_passages: int = 2  # passages the extractive fallback quotes from
 
     def __post_init__(self) -> None:
         if self.mode not in ANSWER_MODES:
@@ -372,6 +389,13 @@ class AnswerConfig:
             )
         if not 0.0 <= self.mmr_lambda <= 1.0:
             raise ValueError(f"mmr_lambda must be in [0, 1], got {self.mmr_lambda}")
+        if self.unsupported not in UNSUPPORTED_POLICIES:
+            raise ValueError(
+                f"unsupported-sentence policy {self.unsupported!r} is not supported; "
+                f"accepted: {', '.join(UNSUPPORTED_POLICIES)}"
+            )
+        if self.fallback_passages <= 0:
+            raise ValueError(f"fallback_passages must be positive, got {self.fallback_passages}")
 
 
 class Answerer:
@@ -393,13 +417,23 @@ class Answerer:
             )
         self.checker = checker or SupportChecker(retriever.embedder, self.config.support_threshold)
 
-    def _answer(self, question, sentences, citations, covered, confidence, query) -> Answer:
+    def _answer(self, question, sentences, citations, covered, confidence, query, mode=None) -> Answer:
         return Answer(
-            question, sentences, citations, covered, confidence, self.config.mode, query, self.checker.threshold
+            question,
+            sentences,
+            citations,
+            covered,
+            confidence,
+            mode or self.config.mode,
+            query,
+            self.checker.threshold,
         )
 
-    def ask(self, question: str, query: str | None = None) -> Answer:
-        """Answer `question`, retrieving with `query` (a rewritten follow-up) when given."""
+    def ask(self, question: str, query: str | None = None, memories: Sequence[str] = ()) -> Answer:
+        """Answer `question`, retrieving with `query` (a rewritten follow-up) when given.
+
+        `memories` (long-term memories about the user, `memory.LongTermMemory.recall`) are shown
+        to a generator as background it may use but not cite; the answer records them."""
         if not question or not question.strip():
             raise ValueError("the question is empty")
         query = (query or question).strip()
@@ -407,10 +441,37 @@ class Answerer:
         hits = self.retriever.search(query, k=cfg.k, **cfg.search)
         confidence = self.retriever.confidence(query, hits)
         if not hits or confidence < cfg.min_confidence:
-            return self._answer(question, [], [], False, confidence, query)
-        if cfg.mode == "extractive":
-            return self._extractive(question, query, hits, confidence)
-        return self._generative(question, query, hits, confidence)
+            answer = self._answer(question, [], [], False, confidence, query)
+        elif cfg.mode == "extractive":
+            answer = self._handle_unsupported(self._extractive(question, query, hits, confidence), hits)
+        else:
+            answer = self._handle_unsupported(self._generative(question, query, hits, confidence, memories), hits)
+        answer.memories = list(memories)
+        return answer
+
+    def _handle_unsupported(self, answer: Answer, hits: Sequence[Hit]) -> Answer:
+        """Apply the configured policy to an answer's unsupported sentences."""
+        policy = self.config.unsupported
+        bad = answer.unsupported
+        if not answer.covered or not bad:
+            return answer
+        if policy == "flag":
+            answer.unsupported_action = "flagged"
+            return answer
+        kept = [s for s in answer.sentences if s.supported]
+        if policy == "drop" and kept:
+            used = {n for s in kept for n in s.citations}
+            answer.sentences, answer.removed = kept, bad
+            answer.citations = [c for c in answer.citations if c.number in used]
+            answer.unsupported_action = "dropped"
+            return answer
+        # Extractive fallback (also what "drop" does when no sentence is left): quote the passages
+        # that best support what was generated, so the answer stays on what the generator meant.
+        support = [max((self.checker.score(s.text, h.chunk) for s in answer.sentences), default=0.0) for h in hits]
+        best = sorted(range(len(hits)), key=lambda i: (-support[i], i))[: self.config.fallback_passages]
+        fallback = self._extractive(answer.question, answer.query, [hits[i] for i in best], answer.confidence)
+        fallback.unsupported_action, fallback.removed = "extractive_fallback", list(answer.sentences)
+        return fallback
 
     def _extractive(self, question: str, query: str, hits: Sequence[Hit], confidence: float) -> Answer:
         cfg = self.config
@@ -423,7 +484,7 @@ class Answerer:
                     continue
                 candidates.append((rank, hit.chunk, s, e))
         if not candidates:
-            return self._answer(question, [], [], False, confidence, query)
+            return self._answer(question, [], [], False, confidence, query, "extractive")
         # Wrapped lines read as one sentence; the span still points at the exact source text.
         texts = [" ".join(c.text[s:e].split()) for _, c, s, e in candidates]
         vectors = self.checker.vectors(texts)
@@ -440,18 +501,28 @@ class Answerer:
                 citations.append(Citation.of(numbers[chunk.chunk_id], chunk))
             n = numbers[chunk.chunk_id]
             sentences.append(self.checker.check(texts[j], [n], {n: chunk}, span=(chunk.start + s, chunk.start + e)))
-        return self._answer(question, sentences, citations, True, confidence, query)
+        return self._answer(question, sentences, citations, True, confidence, query, "extractive")
 
-    def prompt(self, question: str, hits: Sequence[Hit]) -> str:
+    def prompt(self, question: str, hits: Sequence[Hit], memories: Sequence[str] = ()) -> str:
         blocks = []
         for n, h in enumerate(hits, 1):
             title = f" ({h.chunk.title})" if h.chunk.title else ""
             blocks.append(f"[{n}] {Path(h.chunk.source).name}{title}\n{h.chunk.text[: self.config.passage_chars]}")
-        return GENERATIVE_PROMPT.format(passages="\n\n".join(blocks), question=question)
+        prompt = GENERATIVE_PROMPT.format(passages="\n\n".join(blocks), question=question)
+        if memories:
+            # Background about the user, kept apart from the passages: it may shape the answer
+            # (what they already know, what they prefer) but is not a source to cite.
+            known = "\n".join(f"- {m}" for m in memories)
+            prompt = prompt.replace(
+                "\nQuestion:", f"\nWhat you remember about the user (do not cite):\n{known}\n\nQuestion:"
+            )
+        return prompt
 
-    def _generative(self, question: str, query: str, hits: Sequence[Hit], confidence: float) -> Answer:
+    def _generative(
+        self, question: str, query: str, hits: Sequence[Hit], confidence: float, memories: Sequence[str] = ()
+    ) -> Answer:
         cfg = self.config
-        reply = self.generator.complete(self.prompt(question, hits), max_tokens=cfg.max_tokens).strip()
+        reply = self.generator.complete(self.prompt(question, hits, memories), max_tokens=cfg.max_tokens).strip()
         if not reply or "NOT COVERED" in reply.upper():
             return self._answer(question, [], [], False, confidence, query)
         passages = {n: h.chunk for n, h in enumerate(hits, 1)}

@@ -123,6 +123,8 @@ def cmd_ask(args) -> int:
         mode="generative" if generator is not None else "extractive",
         max_sentences=args.max_sentences,
         search=_search_options(args),
+        unsupported=args.unsupported,
+        max_tokens=args.max_new_tokens,
         **({"min_confidence": args.min_confidence} if args.min_confidence is not None else {}),
     )
     answerer = Answerer(_retriever(args, generator), generator, config)
@@ -140,6 +142,13 @@ def cmd_ask(args) -> int:
         print(answer.render())
         if answer.unsupported:
             console.print(f"[yellow]{len(answer.unsupported)} sentence(s) not supported by their citations[/yellow]")
+        if answer.unsupported_action == "dropped":
+            console.print(f"[yellow]dropped {len(answer.removed)} unsupported sentence(s)[/yellow]")
+        elif answer.unsupported_action == "extractive_fallback":
+            console.print(
+                f"[yellow]the generated answer had unsupported sentences ({len(answer.removed)} replaced): "
+                "answered extractively from the best-supported passages[/yellow]"
+            )
     return 0
 
 
@@ -160,9 +169,15 @@ def cmd_eval(args) -> int:
     result = {"retrieval": table}
     if args.answers:
         from .answer import Answerer
+        from .answer_quality import AnswerEvaluator
 
         answerer = Answerer(retriever)
-        metrics = answer_metrics([answerer.ask(queries[q]) for q in qrels])
+        answers = [answerer.ask(queries[q]) for q in qrels]
+        metrics = answer_metrics(answers)
+        if any(a.covered for a in answers):
+            # Embedding-only relevance and support-checked claims: no model needed.
+            chunks = {c.chunk_id: c for c in retriever.index.chunks}
+            metrics.update(AnswerEvaluator(retriever.embedder).evaluate_answers(answers, chunks))
         print("\n" + format_table({"extractive answers": metrics}))
         result["answers"] = metrics
     if args.out:
@@ -296,6 +311,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="best question-passage cosine under which the answer is 'not covered'",
     )
+    ask.add_argument(
+        "--unsupported",
+        choices=("flag", "drop", "extractive"),
+        default="flag",
+        help="unsupported generated sentences: flag them (default), drop them, or fall back to an "
+        "extractive answer from the best-supported passages",
+    )
+    ask.add_argument(
+        "--max-new-tokens", type=int, default=256, help="longest generated answer, in tokens (default 256)"
+    )
     ask.add_argument("--session", default=None, help="conversation name: follow-ups are rewritten from its history")
     ask.add_argument("--sessions-db", default=None, help="SQLite file of sessions (default: in the user cache)")
     ask.add_argument("--json", action="store_true", help="print the answer, sentences, support and citations as JSON")
@@ -318,6 +343,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("-k", type=int, default=10, help="hits per query (default 10)")
     ev.add_argument("--rerank", default=None, metavar="late|DIR", help="also report hybrid + this re-ranker")
-    ev.add_argument("--answers", action="store_true", help="also answer each query: citation precision, faithfulness")
+    ev.add_argument(
+        "--answers",
+        action="store_true",
+        help="also answer each query: citation precision, faithfulness, answer relevance, claim faithfulness",
+    )
     ev.add_argument("--out", default=None, help="write the results as JSON")
     ev.set_defaults(func=cmd_eval)

@@ -9,7 +9,13 @@ follow-up with no pronoun ("and the memory cost?") gets the topic appended.
 
 Sessions live in one SQLite file (stdlib `sqlite3`): every turn's question, the standalone
 query it was rewritten to, the answer and its citations. `PRAGMA user_version` holds the schema
-version; a file written by a newer schema is refused rather than misread.
+version; a file written by a newer schema is refused rather than misread. Version 2 added the
+user a session belongs to (version 1 files are upgraded in place, their sessions owned by no
+user), so that `delete_user` can erase a user's conversations.
+
+Long-term memory across sessions is `memory.LongTermMemory`: `ask_in_session` recalls what it
+holds about the user into the answer, `memory.remember_session` stores a finished session's
+summary, and `forget_user` erases a user from both.
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ from pathlib import Path
 
 from .answer import Answer, content_words
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    user TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS turns (
     session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
@@ -162,6 +169,9 @@ class SessionStore:
             )
         with self.db:
             self.db.executescript(_SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(sessions)")}
+            if "user" not in columns:  # a version 1 file
+                self.db.execute("ALTER TABLE sessions ADD COLUMN user TEXT NOT NULL DEFAULT ''")
             self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self.db.execute("PRAGMA foreign_keys = ON")
 
@@ -174,8 +184,11 @@ class SessionStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def sessions(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT id FROM sessions ORDER BY created, id")]
+    def sessions(self, user: str | None = None) -> list[str]:
+        """Session ids, oldest first; only `user`'s when given."""
+        if user is None:
+            return [r[0] for r in self.db.execute("SELECT id FROM sessions ORDER BY created, id")]
+        return [r[0] for r in self.db.execute("SELECT id FROM sessions WHERE user = ? ORDER BY created, id", (user,))]
 
     def history(self, session_id: str) -> list[Turn]:
         rows = self.db.execute(
@@ -184,11 +197,16 @@ class SessionStore:
         )
         return [Turn(t, q, qq, a, bool(c), json.loads(cits)) for t, q, qq, a, c, cits in rows]
 
-    def add_turn(self, session_id: str, question: str, query: str, answer: Answer) -> Turn:
+    def add_turn(self, session_id: str, question: str, query: str, answer: Answer, user: str = "") -> Turn:
         if not session_id:
             raise ValueError("a session needs a non-empty name")
         with self.db:  # one transaction: the session row and its turn land together or not at all
-            self.db.execute("INSERT OR IGNORE INTO sessions (id, created) VALUES (?, ?)", (session_id, time.time()))
+            owner = self.db.execute("SELECT user FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if owner is not None and user and owner[0] != user:
+                raise ValueError(f"session {session_id!r} belongs to another user; use another session name")
+            self.db.execute(
+                "INSERT OR IGNORE INTO sessions (id, created, user) VALUES (?, ?, ?)", (session_id, time.time(), user)
+            )
             turn = self.db.execute(
                 "SELECT COALESCE(MAX(turn), 0) + 1 FROM turns WHERE session_id = ?", (session_id,)
             ).fetchone()[0]
@@ -216,10 +234,49 @@ class SessionStore:
             self.db.execute("DELETE FROM turns WHERE session_id = ?", (session_id,))
             self.db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
+    def delete_user(self, user: str) -> int:
+        """Delete every session of `user` and their turns; returns how many sessions. Deleted
+        content is overwritten (`secure_delete`) and the file vacuumed: without them, SQLite
+        leaves deleted rows readable in free pages (secure_delete is off in many builds)."""
+        if not user:
+            raise ValueError("delete_user needs a non-empty user id")
+        ids = self.sessions(user)
+        self.db.execute("PRAGMA secure_delete = ON")
+        with self.db:
+            for session_id in ids:
+                self.db.execute("DELETE FROM turns WHERE session_id = ?", (session_id,))
+            self.db.execute("DELETE FROM sessions WHERE user = ?", (user,))
+        self.db.execute("VACUUM")
+        return len(ids)
 
-def ask_in_session(store: SessionStore, session_id: str, question: str, answerer, generator=None) -> Answer:
-    """Rewrite the question from the session's history, answer it, and record the turn."""
+
+def ask_in_session(
+    store: SessionStore,
+    session_id: str,
+    question: str,
+    answerer,
+    generator=None,
+    memory=None,
+    user: str = "",
+    memory_k: int = 3,
+) -> Answer:
+    """Rewrite the question from the session's history, answer it, and record the turn. With a
+    `memory.LongTermMemory` and a `user`, the user's best `memory_k` memories for the question
+    are recalled into the answer (shown to a generator; listed in `Answer.memories`)."""
+    if memory is not None and not user:
+        raise ValueError("recalling long-term memory needs the user's id")
     query = rewrite_followup(question, store.history(session_id), generator)
-    answer = answerer.ask(question, query=query)
-    store.add_turn(session_id, question, query, answer)
+    memories = memory.context(user, query, memory_k) if memory is not None else []
+    answer = answerer.ask(question, query=query, memories=memories)
+    store.add_turn(session_id, question, query, answer, user)
     return answer
+
+
+def forget_user(user: str, memory=None, store: SessionStore | None = None) -> dict[str, int]:
+    """Erase `user` from long-term memory and from the session store (either may be None)."""
+    deleted = {"memory": 0, "sessions": 0}
+    if memory is not None:
+        deleted["memory"] = int(memory.delete_user(user))
+    if store is not None:
+        deleted["sessions"] = store.delete_user(user)
+    return deleted
