@@ -6,11 +6,20 @@ See docs/rag.md for the pipeline, the retrieval options and their measured quali
 
 from .answer import (
     NOT_COVERED,
+    UNSUPPORTED_POLICIES,
     Answer,
     AnswerConfig,
     Answerer,
     Citation,
     SupportChecker,
+)
+from .answer_quality import (
+    AnswerEvaluator,
+    JudgeClaimChecker,
+    SupportClaimChecker,
+    answer_relevance,
+    faithfulness,
+    split_claims,
 )
 from .chunking import (
     Chunk,
@@ -25,6 +34,7 @@ from .embedders import EmbeddingCache, EncoderEmbedder
 from .expand import Generator, GenforgeGenerator, OpenAIGenerator
 from .index import HybridIndex
 from .loaders import Document, load_documents
+from .memory import LongTermMemory, MemoryConfig, remember_session, summarize_session
 from .rerank import CrossEncoderReranker, LateInteractionReranker, TokenEmbedder, maxsim
 from .retrieve import (
     Hit,
@@ -37,10 +47,22 @@ from .retrieve import (
     reciprocal_rank_fusion,
     weighted_score_fusion,
 )
-from .sessions import SessionStore, ask_in_session, rewrite_followup
+from .sessions import SessionStore, ask_in_session, forget_user, rewrite_followup
 from .stores import RagIndexError
 
 __all__ = [
+    "forget_user",
+    "summarize_session",
+    "remember_session",
+    "MemoryConfig",
+    "LongTermMemory",
+    "split_claims",
+    "faithfulness",
+    "answer_relevance",
+    "SupportClaimChecker",
+    "JudgeClaimChecker",
+    "AnswerEvaluator",
+    "UNSUPPORTED_POLICIES",
     "NOT_COVERED",
     "Answer",
     "AnswerConfig",
