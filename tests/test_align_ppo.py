@@ -90,7 +90,9 @@ def test_whitening_matches_the_formula_with_the_unbiased_variance():
     variance = sum((v - mean) ** 2 for v in picked) / (len(picked) - 1)
     expected = (values - mean) / math.sqrt(variance + 1e-8) * mask
     torch.testing.assert_close(masked_whiten(values, mask), expected, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(masked_whiten(values, mask, shift_mean=False), (expected + mean) * mask, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        masked_whiten(values, mask, shift_mean=False), (expected + mean) * mask, atol=1e-6, rtol=0
+    )
     whitened = masked_whiten(values, mask)[mask.bool()]
     assert float(whitened.mean()) == pytest.approx(0.0, abs=1e-6)
     assert float(whitened.std()) == pytest.approx(1.0, abs=1e-6)
@@ -352,7 +354,9 @@ def test_bad_settings_and_inputs_are_refused_before_work(tmp_path):
     tokenizer = letters_tokenizer()
 
     def make(reward=target_share, prompts=PROMPTS, **changes):
-        settings = dict(out_dir=tmp_path, steps=1, prompts_per_step=4, minibatch_size=4, max_new_tokens=8, method="full")
+        settings = dict(
+            out_dir=tmp_path, steps=1, prompts_per_step=4, minibatch_size=4, max_new_tokens=8, method="full"
+        )
         settings |= changes
         return PPOTrainer(letters_model(), tokenizer, prompts, reward, PPOConfig(**settings))
 
@@ -377,8 +381,12 @@ def test_bad_settings_and_inputs_are_refused_before_work(tmp_path):
 
 def test_prompt_records_render_text_and_chat_and_keep_the_other_fields():
     tokenizer = letters_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}n{% endif %}"
-    records = prompt_records([{"prompt": "abc", "answer": "d"}, {"prompt": [{"role": "user", "content": "ab"}]}], tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}n{% endif %}"
+    )
+    records = prompt_records(
+        [{"prompt": "abc", "answer": "d"}, {"prompt": [{"role": "user", "content": "ab"}]}], tokenizer
+    )
     assert records[0].ids == tokenizer.encode("abc") and records[0].extras == {"answer": "d"}
     assert records[1].ids == tokenizer.encode("abn", add_special_tokens=False)
     with pytest.raises(PPOError, match="record 0: needs a 'prompt'"):
@@ -400,3 +408,57 @@ def test_reward_function_receives_the_fields_it_asks_for(tmp_path):
     record = PPOTrainer(letters_model(), tokenizer, prompts, reward, config).train_step()
     assert sorted(seen["answer"]) == ["x", "y"] and len(seen["ids"]) == 2
     assert record["reward"] == pytest.approx(sum(len(i) for i in seen["ids"]) / 2)
+
+
+# ==================================================================================== command
+def _ppo_command(*argv: str) -> int:
+    import argparse
+
+    from genforge.align.ppo import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return run(parser.parse_args(list(argv)))
+
+
+@pytest.fixture(scope="module")
+def letters_dirs(tmp_path_factory):
+    """A saved letters model, a reward model on the same tokenizer, and a prompt file."""
+    from genforge.align.reward import RewardModel
+    from genforge.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("ppo-cli")
+    tokenizer = letters_tokenizer()
+    model_dir = save_model(letters_model(), root / "model", tokenizer=tokenizer)
+    reward_dir = RewardModel(letters_model(seed=1)).save_pretrained(root / "reward", tokenizer=tokenizer)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ("abc", "dd", "mna", "ie", "f", "kj")))
+    return model_dir, reward_dir, prompts, root
+
+
+def test_command_trains_lora_with_a_reward_model_and_resumes(letters_dirs, capsys):
+    from safetensors.torch import load_file
+
+    model_dir, reward_dir, prompts, root = letters_dirs
+    out = root / "lora-run"
+    common = ["--model", str(model_dir), "--reward-model", str(reward_dir), "--data", str(prompts), "--out", str(out)]
+    knobs = ["--prompts-per-step", "4", "--minibatch-size", "2", "--max-new-tokens", "4", "--kl-target", "1"]
+    assert _ppo_command(*common, *knobs, "--steps", "1") == 0
+    assert _ppo_command(*common, *knobs, "--steps", "2", "--resume") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["settings"]["reward"] == str(reward_dir)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert set(load_file(out / "value_head.safetensors")) == {"score.weight", "score.bias"}
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+    assert json.loads((out / "ppo.json").read_text())["steps"] == 2
+
+
+def test_command_trains_all_weights_with_an_imported_reward_function(letters_dirs, capsys):
+    model_dir, _, prompts, root = letters_dirs
+    out = root / "full-run"
+    argv = ["--model", str(model_dir), "--reward", "test_align_ppo:target_share", "--data", str(prompts)]
+    argv += ["--out", str(out), "--method", "full", "--steps", "1", "--prompts-per-step", "2", "--minibatch-size", "2"]
+    assert _ppo_command(*argv, "--max-new-tokens", "3") == 0
+    assert (out / "model" / "config.json").is_file()
+    with pytest.raises(PPOError, match="cannot import module 'no_such_module'"):
+        _ppo_command(*argv[:2], "--reward", "no_such_module:f", *argv[4:])

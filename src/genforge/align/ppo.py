@@ -96,14 +96,12 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     variance = masked_mean((values - mean) ** 2, mask)
     if unbiased:
         if count < 2:
-            raise ValueError("an unbiased variance needs at least two masked entries; got " f"{int(count)}")
+            raise ValueError(f"an unbiased variance needs at least two masked entries; got {int(count)}")
         variance = variance * count / (count - 1)
     return variance
 
 
-def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(values - mean) / sqrt(var + eps) over the masked entries (unbiased variance); with
     shift_mean=False the mean is added back (rewards are rescaled, not centred). Entries
     outside the mask are returned as 0."""
@@ -962,10 +960,18 @@ class PPOTrainer:
                         config.temperature,
                     )
                     policy = ppo_policy_loss(
-                        new.logprobs, old.logprobs[index, :width], advantages[index, :width], part_mask, config.clip_range
+                        new.logprobs,
+                        old.logprobs[index, :width],
+                        advantages[index, :width],
+                        part_mask,
+                        config.clip_range,
                     )
                     value = ppo_value_loss(
-                        new.values, old.values[index, :width], returns[index, :width], part_mask, config.clip_range_value
+                        new.values,
+                        old.values[index, :width],
+                        returns[index, :width],
+                        part_mask,
+                        config.clip_range_value,
                     )
                     # Token sums over the whole minibatch's tokens: micro-batches add up to its mean.
                     loss = (policy.per_token.sum() + config.vf_coef * value.per_token.sum()) / tokens
@@ -1142,7 +1148,9 @@ class PPOTrainer:
         if changed:
             raise PPOError(f"cannot resume: settings the run's samples depend on changed ({'; '.join(changed)})")
         if int(state["step"]) > self.config.steps:
-            raise PPOError(f"cannot resume: the checkpoint is at step {state['step']}, beyond steps={self.config.steps}")
+            raise PPOError(
+                f"cannot resume: the checkpoint is at step {state['step']}, beyond steps={self.config.steps}"
+            )
         controller = kl_controller(self.config.kl_coef, self.config.kl_target, self.config.kl_horizon)
         controller.load_state_dict(state["controller"])
         # Everything read and checked: apply.
@@ -1159,3 +1167,197 @@ class PPOTrainer:
             atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
         return self.step
 
+
+# ========================================================================= from directories
+def _check_reward_tokenizer(reward_model_dir: Path, tokenizer: Tokenizer, model_dir: Path) -> None:
+    if not (reward_model_dir / "tokenizer.json").is_file():
+        return  # nothing to compare; the vocabulary sizes are compared when the trainer starts
+    other = Tokenizer.from_dir(reward_model_dir)
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise PPOError(
+            f"the reward model {reward_model_dir} has another tokenizer than {model_dir}; it scores the policy's "
+            "token ids, so both need one vocabulary"
+        )
+
+
+def train_ppo(
+    model_dir: str | Path,
+    data: str | Path,
+    config: PPOConfig,
+    reward: RewardFunction | None = None,
+    reward_model: str | Path | None = None,
+    resume: bool = False,
+) -> PPOResult:
+    """PPO on a Hugging Face model directory with the prompts of a JSONL file (see
+    `prompt_records`), rewarded by a callable or by the reward model in `reward_model` (one of
+    the two). Installs `config.method` (LoRA, DoRA: the reference is the base with the adapters
+    off; full: a second, frozen copy loaded from `model_dir`), trains, and writes into out_dir:
+    the adapter (`adapter/`, PEFT format) or the model (`model/`), `value_head.safetensors`,
+    checkpoints, metrics.jsonl, ppo_curves.png and ppo.json (the result)."""
+    from ..checkpoint import load_model
+    from ..finetune.lora import trainable_parameter_count
+    from ..finetune.run import METHODS, FinetuneConfig
+    from ..quantize.saved import read_quantization_config
+
+    check_config(config)
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise PPOError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    if read_quantization_config(model_dir) is not None:
+        raise PPOError(f"{model_dir} is a quantized model; run PPO on the floating-point model")
+    if (reward is None) == (reward_model is None):
+        raise PPOError("give one reward: a reward function or a reward model directory")
+    if reward_model is not None and not (Path(reward_model) / "config.json").is_file():
+        raise PPOError(f"reward model {reward_model} is not a Hugging Face model directory (no config.json)")
+    started = time.perf_counter()
+    tokenizer = Tokenizer.from_dir(model_dir)
+    prompts = read_prompts(data, tokenizer, config.chat_template)
+    if reward_model is not None:
+        _check_reward_tokenizer(Path(reward_model), tokenizer, model_dir)
+        reward = RewardModel.from_pretrained(reward_model, dtype=torch.float32)
+
+    model = load_model(model_dir, dtype=torch.float32)
+    method = METHODS[config.method]
+    finetune_config = FinetuneConfig(
+        model_dir=model_dir,
+        data=data,
+        out_dir=config.out_dir,
+        method=config.method,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        target_modules=config.target_modules,
+    )
+    torch.manual_seed(config.seed)  # the adapter's and the value head's initial weights
+    model = method.install(model, finetune_config, tokenizer)
+    reference = None
+    if config.method == "full":
+        model.requires_grad_(True)
+        reference = load_model(model_dir, dtype=torch.float32)
+    trainer = PPOTrainer(model, tokenizer, prompts, reward, config, reference=reference)
+    result = trainer.train(resume=resume)
+    output_dir = method.save(model, Path(config.out_dir) / method.output, tokenizer, str(model_dir))
+    with atomic_path(Path(config.out_dir) / "value_head.safetensors") as temporary:
+        save_file({n: p.detach().contiguous().cpu() for n, p in trainer.value_head.named_parameters()}, str(temporary))
+    result.output_dir = output_dir
+    result.trainable_parameters, result.total_parameters = trainable_parameter_count(model)
+    result.seconds = time.perf_counter() - started
+    result.settings = {
+        "method": config.method,
+        "lr": config.resolved_lr,
+        "kl_coef": config.kl_coef,
+        "kl_target": config.kl_target,
+        "reward": str(reward_model) if reward_model is not None else getattr(reward, "__name__", repr(reward)),
+        "prompts": len(prompts),
+    }
+    atomic_write_text(Path(config.out_dir) / "ppo.json", json.dumps(result.to_json(), indent=2))
+    return result
+
+
+# ============================================================================== the command
+def add_arguments(parser) -> None:
+    """The flags of `genforge align ppo` on `parser` (an argparse parser or subparser)."""
+    from ..finetune.cli import add_lora_arguments
+
+    parser.add_argument("--model", required=True, help="Hugging Face model directory (the SFT model)")
+    rewards = parser.add_mutually_exclusive_group(required=True)
+    rewards.add_argument(
+        "--reward-model",
+        help="a reward model directory (genforge align reward, or a transformers "
+        "...ForSequenceClassification with one label) with the policy's tokenizer",
+    )
+    rewards.add_argument(
+        "--reward",
+        help="a reward function: a name genforge.align.rewards defines, or 'package.module:function' taking "
+        "(prompts, completions, **fields) and returning one number per completion",
+    )
+    parser.add_argument("--data", required=True, help="JSONL prompts: {'prompt': text or chat messages, ...fields}")
+    parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics, the adapter or model")
+    parser.add_argument("--method", choices=PPO_METHODS, default="lora", help="what trains (default lora)")
+    ppo = parser.add_argument_group("PPO")
+    ppo.add_argument("--steps", type=int, default=100, help="PPO steps: a rollout and its updates each (default 100)")
+    ppo.add_argument("--prompts-per-step", type=int, default=16, help="prompts sampled per step (default 16)")
+    ppo.add_argument("--samples-per-prompt", type=int, default=1, help="completions per prompt (default 1)")
+    ppo.add_argument("--max-new-tokens", type=int, default=64, help="longest completion (default 64)")
+    ppo.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    ppo.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: off)")
+    ppo.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    ppo.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout (default 4)")
+    ppo.add_argument("--minibatch-size", type=int, default=8, help="samples per optimizer step (default 8)")
+    ppo.add_argument("--micro-batch-size", type=int, help="samples per forward pass (default: the minibatch)")
+    ppo.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient (start value if adaptive)")
+    ppo.add_argument("--kl-target", type=float, help="target KL in nats per sample: adapt kl_coef (Ziegler et al.)")
+    ppo.add_argument("--kl-horizon", type=float, default=10000.0, help="adaptive controller horizon in samples")
+    ppo.add_argument("--gamma", type=float, default=1.0, help="discount (default 1)")
+    ppo.add_argument("--lam", type=float, default=0.95, help="GAE lambda (default 0.95)")
+    ppo.add_argument("--clip-range", type=float, default=0.2, help="policy ratio clip epsilon (default 0.2)")
+    ppo.add_argument("--clip-range-value", type=float, default=0.2, help="value clip epsilon (default 0.2)")
+    ppo.add_argument("--vf-coef", type=float, default=0.1, help="value loss weight (default 0.1)")
+    ppo.add_argument("--no-whiten-advantages", action="store_true", help="use the raw advantages")
+    ppo.add_argument("--whiten-rewards", action="store_true", help="rescale per-token rewards before GAE")
+    ppo.add_argument("--missing-eos-penalty", type=float, help="subtracted from the score of an unfinished sample")
+    ppo.add_argument("--chat-template", help="a Jinja chat template file for chat-message prompts")
+    train = parser.add_argument_group("training")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-4 for adapters, 1e-5 for full)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument("--grad-clip", type=float, default=1.0, help="global gradient norm limit (default 1)")
+    train.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    train.add_argument("--seed", type=int, default=0, help="seeds the prompt order, sampling and minibatches")
+    train.add_argument("--device", default="cpu", help="cpu or cuda")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_lora_arguments(parser, "lora, dora", "layers to adapt (genforge or Hugging Face names); default: all")
+
+
+def run(args) -> int:
+    """`genforge align ppo`: parse, train, report (a one-line summary on stderr, JSON on stdout)."""
+    from ..console import console
+
+    chat_template = Path(args.chat_template).read_text(encoding="utf-8") if args.chat_template else None
+    config = PPOConfig(
+        out_dir=args.out,
+        steps=args.steps,
+        prompts_per_step=args.prompts_per_step,
+        samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        ppo_epochs=args.ppo_epochs,
+        minibatch_size=args.minibatch_size,
+        micro_batch_size=args.micro_batch_size,
+        kl_coef=args.kl_coef,
+        kl_target=args.kl_target,
+        kl_horizon=args.kl_horizon,
+        gamma=args.gamma,
+        lam=args.lam,
+        clip_range=args.clip_range,
+        clip_range_value=args.clip_range_value,
+        vf_coef=args.vf_coef,
+        whiten_advantages=not args.no_whiten_advantages,
+        whiten_rewards=args.whiten_rewards,
+        missing_eos_penalty=args.missing_eos_penalty,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        save_every=args.save_every,
+        seed=args.seed,
+        device=args.device,
+        method=args.method,
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        use_rslora=args.rslora,
+        target_modules=args.target_modules,
+        chat_template=chat_template,
+    )
+    check_config(config)
+    reward = resolve_reward(args.reward) if args.reward else None
+    result = train_ppo(args.model, args.data, config, reward, args.reward_model, resume=args.resume)
+    console.print(
+        f"ppo ({args.method}): {result.steps} steps, reward {result.reward_start:+.3f} -> {result.reward_end:+.3f}, "
+        f"KL {result.kl_start:.3f} -> {result.kl_end:.3f} nats/sample (kl_coef {result.kl_coef:.4f}); trained "
+        f"{result.trainable_parameters:,} of {result.total_parameters:,} parameters; wrote {result.output_dir}"
+    )
+    print(json.dumps(result.to_json()))
+    return 0
