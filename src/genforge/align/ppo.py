@@ -435,6 +435,14 @@ def _accepted_keywords(function: Callable) -> set[str] | None:
     return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _call_with_fields(function: Callable, prompts: list[str], completions: list[str], fields: dict[str, list]):
+    """function(prompts, completions, **the fields it takes) (all of them if it takes **kwargs)."""
+    accepted = _accepted_keywords(function)
+    if accepted is not None:
+        fields = {name: value for name, value in fields.items() if name in accepted}
+    return function(prompts, completions, **fields)
+
+
 def check_scores(values: Any, prompts: Sequence[str], completions: Sequence[str], source: str) -> torch.Tensor:
     """(rows,) float32 of what a reward returned, or an error naming the first bad sample."""
     if isinstance(values, torch.Tensor):
@@ -666,7 +674,7 @@ def check_config(config: PPOConfig) -> None:
         raise PPOError(f"clip_range_value must be > 0, got {config.clip_range_value}")
     if not (math.isfinite(config.vf_coef) and config.vf_coef >= 0):
         raise PPOError(f"vf_coef must be >= 0, got {config.vf_coef}")
-    if config.whiten_advantages and config.rows_per_step * 1 < 2:
+    if config.whiten_advantages and config.rows_per_step < 2:
         raise PPOError("whitening advantages needs at least two samples per step")
     if config.missing_eos_penalty is not None and not math.isfinite(config.missing_eos_penalty):
         raise PPOError(f"missing_eos_penalty must be a finite number, got {config.missing_eos_penalty}")
@@ -719,8 +727,8 @@ class PPOTrainer:
         extra field of the prompt records.
     reference: the model to stay near; None: the base with the adapters off where the model
         has LoRA layers, else a frozen copy of the model as it is now.
-    extra_metrics: f(prompts, completions, prompt_records) -> {name: number}, logged with each
-        step (e.g. a held-out true reward of the same samples).
+    extra_metrics: called like a reward function, on the same samples, -> {name: number}, logged
+        with each step (e.g. a true task reward that is not optimised).
     """
 
     def __init__(
@@ -732,7 +740,7 @@ class PPOTrainer:
         config: PPOConfig,
         reference: nn.Module | None = None,
         value_head: ValueHead | None = None,
-        extra_metrics: Callable[[list[str], list[str], list[PromptRecord]], Mapping[str, float]] | None = None,
+        extra_metrics: Callable[..., Mapping[str, float]] | None = None,
     ) -> None:
         check_config(config)
         if not prompts:
@@ -791,7 +799,6 @@ class PPOTrainer:
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
         self.metrics_path = self.out_dir / "metrics.jsonl"
-        self._reward_keywords = None if isinstance(reward, RewardModel) else _accepted_keywords(reward)
 
     # ------------------------------------------------------------------------ the schedule
     def prompt_batch(self, step: int) -> list[int]:
@@ -842,19 +849,23 @@ class PPOTrainer:
 
         return TokenScores(join("logprobs"), join("values"), join("entropy"))
 
+    @staticmethod
+    def _fields(rollout: Rollout, records: list[PromptRecord]) -> dict[str, list]:
+        """The keyword lists a reward function may take: the token ids and the records' fields."""
+        fields = {"completion_ids": rollout.completions, "prompt_ids": [r.ids for r in records]}
+        for name in {k for r in records for k in r.extras}:
+            fields[name] = [r.extras.get(name) for r in records]
+        return fields
+
     def _scores(self, rollout: Rollout, records: list[PromptRecord]) -> torch.Tensor:
         prompts = [r.text for r in records]
         if isinstance(self.reward, RewardModel):
             sequences = [r.ids + c for r, c in zip(records, rollout.completions)]
             scores = score_sequences(self.reward, sequences).cpu()
             return check_scores(scores, prompts, rollout.texts, "the reward model")
-        keywords = {"completion_ids": rollout.completions, "prompt_ids": [r.ids for r in records]}
-        for name in {k for r in records for k in r.extras}:
-            keywords[name] = [r.extras.get(name) for r in records]
-        if self._reward_keywords is not None:
-            keywords = {k: v for k, v in keywords.items() if k in self._reward_keywords}
         name = getattr(self.reward, "__name__", type(self.reward).__name__)
-        return check_scores(self.reward(prompts, list(rollout.texts), **keywords), prompts, rollout.texts, name)
+        values = _call_with_fields(self.reward, prompts, list(rollout.texts), self._fields(rollout, records))
+        return check_scores(values, prompts, rollout.texts, name)
 
     def train_step(self) -> dict:
         """Run PPO step `self.step` (rollout, scoring, updates, controller) and return its metrics."""
@@ -887,11 +898,10 @@ class PPOTrainer:
         ended = torch.tensor([reason != "length" for reason in rollout.finish_reasons])
         if config.missing_eos_penalty is not None:
             scores = torch.where(ended, scores, scores - config.missing_eos_penalty)
-        extra = (
-            dict(self.extra_metrics([r.text for r in records], list(rollout.texts), records))
-            if self.extra_metrics
-            else {}
-        )
+        extra = {}
+        if self.extra_metrics is not None:
+            fields = self._fields(rollout, records)
+            extra = dict(_call_with_fields(self.extra_metrics, [r.text for r in records], list(rollout.texts), fields))
 
         old = self._score(self.model, self.value_head, rollout, entropy=True)
         reference = self._reference_logprobs(rollout)
@@ -941,7 +951,7 @@ class PPOTrainer:
         for epoch in range(config.ppo_epochs):
             generator = torch.Generator().manual_seed(self._seed(self.step, 1 + epoch))
             order = torch.randperm(rollout.rows, generator=generator)
-            for start in range(0, rollout.rows - config.minibatch_size + 1, config.minibatch_size):
+            for start in range(0, rollout.rows, config.minibatch_size):  # a remainder is a smaller minibatch
                 minibatch = order[start : start + config.minibatch_size]
                 tokens = mask[minibatch.to(mask.device)].sum().clamp(min=1)
                 self.optimizer.zero_grad(set_to_none=True)
