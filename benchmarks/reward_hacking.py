@@ -17,7 +17,7 @@ Everything is made on the spot, nothing is downloaded:
 
 Both PPO runs (`genforge.align.ppo.PPOTrainer`, all weights, the same seed, prompts, learning
 rate and steps) optimise the proxy; one with kl_coef = 0, one with the adaptive KL controller
-(Ziegler et al. 2019; kl_coef 0.2 at the start, a target of 1 nat per sample, a horizon of 500
+(Ziegler et al. 2019; kl_coef 0.3 at the start, a target of 0.5 nat per sample, a horizon of 500
 samples, short enough for the controller to act within 40 steps). The true reward of the same samples is logged each step but never
 optimised. Writes benchmarks/results/reward_hacking.{json,md,png}.
 
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppo-steps", type=int, default=40)
     parser.add_argument("--prompts-per-step", type=int, default=32)
     parser.add_argument("--ppo-lr", type=float, default=1e-4)
-    parser.add_argument("--kl-coef", type=float, default=0.2, help="start value of the penalised run's kl_coef")
-    parser.add_argument("--kl-target", type=float, default=1.0, help="the penalised run's KL target (nats/sample)")
+    parser.add_argument("--kl-coef", type=float, default=0.3, help="start value of the penalised run's kl_coef")
+    parser.add_argument("--kl-target", type=float, default=0.5, help="the penalised run's KL target (nats/sample)")
     parser.add_argument("--kl-horizon", type=float, default=500.0, help="the adaptive controller's horizon (samples)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)

@@ -462,3 +462,13 @@ def test_command_trains_all_weights_with_an_imported_reward_function(letters_dir
     assert (out / "model" / "config.json").is_file()
     with pytest.raises(PPOError, match="cannot import module 'no_such_module'"):
         _ppo_command(*argv[:2], "--reward", "no_such_module:f", *argv[4:])
+
+
+def test_every_sample_trains_when_the_minibatch_does_not_divide_the_step(tmp_path):
+    config = PPOConfig(
+        out_dir=tmp_path, steps=1, prompts_per_step=5, minibatch_size=2, ppo_epochs=1, max_new_tokens=3, method="full"
+    )
+    trainer = PPOTrainer(letters_model(), letters_tokenizer(), PROMPTS, target_share, config)
+    trainer.train_step()
+    state = trainer.optimizer.state[trainer.value_head.score.weight]
+    assert int(state["step"]) == 3  # minibatches of 2, 2 and 1
