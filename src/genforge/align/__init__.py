@@ -12,8 +12,9 @@
   the fine-tuning run's loop and methods.
 - `reward_train`: the reward model trained on pairs (Bradley-Terry, margins, centring).
 - `kto`: KTO on unpaired desirable / undesirable completions.
-- `rollout`, `grpo`, `rewards`: online RL. Batched rollouts; GRPO with group-normalised
-  advantages; reward functions (exact match, format, a reward model, unit tests).
+- `rollout`, `ppo`, `grpo`, `rewards`: online RL. Batched rollouts; PPO with a value head, GAE
+  and an adaptive KL controller; GRPO with group-normalised advantages; reward functions
+  (exact match, format, a reward model, unit tests, or your own).
 - `cli`: `genforge align {reward,dpo,...,kto,...}`, one registry entry per method.
 """
 
@@ -52,6 +53,21 @@ from .losses import (
     reward_model_loss,
     simpo_loss,
 )
+from .ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOConfig,
+    PPOError,
+    PPOResult,
+    PPOTrainer,
+    ValueHead,
+    gae_advantages,
+    kl_penalized_rewards,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    train_ppo,
+)
 from .preference import (
     PREFERENCE_LOSSES,
     PREFERENCE_METHODS,
@@ -74,6 +90,19 @@ from .reward_train import RewardConfig, RewardResult, RewardTrainingError, train
 from .rewards import exact_match_reward, extract_answer, format_reward, reward_model_reward, unit_test_reward
 
 __all__ = [
+    "ValueHead",
+    "FixedKLController",
+    "AdaptiveKLController",
+    "ppo_value_loss",
+    "ppo_policy_loss",
+    "kl_penalized_rewards",
+    "masked_whiten",
+    "gae_advantages",
+    "train_ppo",
+    "PPOError",
+    "PPOResult",
+    "PPOTrainer",
+    "PPOConfig",
     "unit_test_reward",
     "reward_model_reward",
     "format_reward",

@@ -48,6 +48,7 @@ ALIGN_COMMANDS: dict[str, AlignCommand] = {
     "orpo": _preference("orpo", "ORPO: SFT plus an odds-ratio term, no reference model (Hong et al. 2024)"),
     "simpo": _preference("simpo", "SimPO: length-normalised margin, no reference model (Meng et al. 2024)"),
     "kto": AlignCommand("kto", "KTO on unpaired desirable / undesirable completions (Ethayarajh et al. 2024)"),
+    "ppo": AlignCommand("ppo", "PPO (RLHF): a value head, GAE and an adaptive KL penalty to the reference"),
     "grpo": AlignCommand(
         "grpo", "GRPO: group-normalised advantages from reward functions, no value model (Shao et al. 2024)"
     ),
@@ -58,7 +59,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge align` and its method subcommands to the top-level parser."""
     parser = sub.add_parser(
         "align",
-        help="align a model: reward models, DPO and its family, ORPO, SimPO, KTO, GRPO",
+        help="align a model: reward models, DPO and its family, ORPO, SimPO, KTO, PPO, GRPO",
         description="Align a model to preferences or a reward. Each method is a subcommand with its own flags "
         "(genforge align METHOD --help); all read a Hugging Face model directory and JSONL data, write a run "
         "directory with checkpoints and metrics.jsonl, show progress and continue with --resume.",

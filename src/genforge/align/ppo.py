@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
 import inspect
 import json
 import math
@@ -396,32 +395,14 @@ RewardFunction = Callable[..., Sequence[float]]
 
 
 def resolve_reward(spec: str) -> RewardFunction:
-    """A reward function named on the command line: "package.module:function" (any importable
-    callable), or a name that `genforge.align.rewards` defines."""
-    if ":" in spec:
-        module_name, _, attribute = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise PPOError(f"reward {spec!r}: cannot import module {module_name!r} ({err})") from None
-        function = getattr(module, attribute, None)
-        if not callable(function):
-            raise PPOError(f"reward {spec!r}: module {module_name!r} has no callable {attribute!r}")
-        return function
+    """A reward function named on the command line: one of `rewards.REWARD_SPECS`
+    (exact_match, format, reward_model, unit_tests) or "package.module:function"."""
+    from .rewards import reward_from_spec
+
     try:
-        rewards = importlib.import_module("genforge.align.rewards")
-    except ImportError:
-        raise PPOError(
-            f"reward {spec!r}: genforge.align.rewards is not available; name a function as 'module:function'"
-        ) from None
-    registry = getattr(rewards, "REWARD_FUNCTIONS", None) or getattr(rewards, "REWARDS", None)
-    function = registry.get(spec) if isinstance(registry, Mapping) else getattr(rewards, spec, None)
-    if not callable(function):
-        known = sorted(registry) if isinstance(registry, Mapping) else getattr(rewards, "__all__", [])
-        raise PPOError(
-            f"unknown reward {spec!r}; accepted: {', '.join(known) or 'none'}, or 'module:function' for your own"
-        )
-    return function
+        return reward_from_spec(spec)
+    except ValueError as err:
+        raise PPOError(str(err)) from None
 
 
 def _accepted_keywords(function: Callable) -> set[str] | None:

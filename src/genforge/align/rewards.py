@@ -30,6 +30,7 @@ column in the logs.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -334,8 +335,24 @@ def reward_from_spec(spec: str) -> RewardCallable:
         return reward_model_reward(argument, None)
     if name == "unit_tests":
         return unit_test_reward(argument or "tests")
+    if argument:
+        return _imported_reward(name, argument)
     accepted = "\n  ".join(REWARD_SPECS.values())
-    raise ValueError(f"unknown reward {spec!r}; accepted:\n  {accepted}")
+    raise ValueError(
+        f"unknown reward {spec!r}; accepted:\n  {accepted}\n  package.module:function: your own reward function"
+    )
+
+
+def _imported_reward(module_name: str, attribute: str) -> RewardCallable:
+    """`package.module:function`: a reward function of the user's own."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"reward {module_name}:{attribute}: cannot import module {module_name!r} ({err})") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise ValueError(f"reward {module_name}:{attribute}: module {module_name!r} has no callable {attribute!r}")
+    return function
 
 
 __all__ = [
