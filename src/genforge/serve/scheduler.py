@@ -54,6 +54,8 @@ class Sequence(Generic[State]):
     block_hashes: list[int] = field(default_factory=list)  # hash chain of its published full blocks
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at (first) admission
+    # Whether it has ever run: a resumed sequence's own blocks found again are not "cached prompt".
+    admitted: bool = False
     reuse_cached_prefix: bool = True  # False when every prompt position's logits are wanted
     # What its keys and values depend on besides its tokens (a LoRA adapter): blocks are shared
     # only between sequences of one root (blocks.block_hash).
@@ -152,6 +154,7 @@ class Scheduler(Generic[State]):
                 self.swapper.swap_in(seq)
             self.waiting.popleft()
             self.running.append(seq)
+            seq.admitted = True
             chunks.append(ScheduledChunk(seq, count))
             budget -= count
         return chunks
@@ -161,7 +164,7 @@ class Scheduler(Generic[State]):
         blocks, hashes = self.blocks.cached_prefix(seq.token_ids, len(seq.token_ids) - 1, seq.hash_root)
         seq.block_table, seq.block_hashes = blocks, hashes
         seq.num_computed = len(blocks) * self.blocks.block_size
-        if seq.num_cached_prompt == 0:
+        if not seq.admitted:
             seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt_tokens)
 
     def _reserve(self, seq: Sequence[State], count: int) -> bool:

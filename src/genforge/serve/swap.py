@@ -34,11 +34,11 @@ aborted or the space closed.
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import tempfile
 import time
+import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,7 +116,6 @@ class SwapSpace:
         }
         self._given_directory = Path(directory) if directory is not None else None
         self._directory: Path | None = None
-        self._names = itertools.count()
         self._cleanup = None
 
     # ------------------------------------------------------------------------ capacity
@@ -170,7 +169,8 @@ class SwapSpace:
             record.tensors = tensors
             self.host_used += size
         else:
-            record.path = self._spill_directory() / f"kv-{os.getpid()}-{next(self._names)}.pt"
+            # Unique across engines and processes sharing one directory.
+            record.path = self._spill_directory() / f"kv-{uuid.uuid4().hex}.pt"
             with atomic_path(record.path) as temporary:
                 torch.save(tensors, temporary)
             self.disk_used += size
