@@ -33,8 +33,9 @@ class Swapper(Protocol):
         """Copy the sequence's computed blocks away and return True, or return False to have
         it recomputed; its blocks are freed either way."""
 
-    def swap_in(self, seq) -> None:
-        """Copy its blocks back into the first of its (new) block table's blocks."""
+    def swap_in(self, seq, num_reused: int) -> None:
+        """Copy its blocks back into its (new) block table's, all but the first `num_reused`
+        (found again in the prefix cache)."""
 
     def holds(self, seq) -> bool: ...
 
@@ -139,19 +140,28 @@ class Scheduler(Generic[State]):
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             swapped = self.swapper is not None and self.swapper.holds(seq)
-            if not swapped and not seq.block_table and seq.reuse_cached_prefix:
+            if swapped and seq.reuse_cached_prefix:
+                # Blocks of its own still in the prefix cache (a shared prompt prefix, say) are
+                # taken back as they are, not copied into private duplicates.
+                seq.block_table, seq.block_hashes = self.blocks.cached_prefix(
+                    seq.token_ids, seq.num_computed, seq.hash_root
+                )
+            elif not seq.block_table and seq.reuse_cached_prefix:
                 self._take_cached_prefix(seq)
             count = min(seq.num_uncomputed, budget)
             if not self._reserve(seq, count):
                 # Wait for blocks to free up; later requests must not overtake it. The cached
                 # prefix blocks it just took go back (they stay in the prefix cache): held by
                 # waiting sequences, they could leave nothing free and nothing running. A
-                # swapped sequence took none, and keeps its computed count.
-                if not swapped:
+                # swapped sequence keeps its computed count.
+                if swapped:
+                    self.blocks.free(seq.block_table)
+                    seq.block_table, seq.block_hashes = [], []
+                else:
                     self._release(seq)
                 break
-            if swapped:  # back where it stopped: its computed blocks are copied into its new ones
-                self.swapper.swap_in(seq)
+            if swapped:  # back where it stopped: the rest of its computed blocks are copied in
+                self.swapper.swap_in(seq, len(seq.block_hashes))
             self.waiting.popleft()
             self.running.append(seq)
             seq.admitted = True

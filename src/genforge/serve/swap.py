@@ -82,7 +82,8 @@ class SwapCounters:
     swapped_in: int = 0
     spilled: int = 0  # of the swapped out, to disk
     bytes_out: int = 0
-    bytes_in: int = 0
+    bytes_in: int = 0  # copied back: blocks found again in the prefix cache are not
+    blocks_reused: int = 0  # swapped blocks found again in the prefix cache on resume
     seconds: float = 0.0  # spent copying, both ways, both tiers
 
 
@@ -182,9 +183,10 @@ class SwapSpace:
         self.counters.bytes_out += size
         self.counters.seconds += seconds
 
-    def swap_in(self, owner: object, blocks: list[int]) -> None:
-        """Copy the owner's blocks back into `blocks` (free blocks it now owns, at least as
-        many as it swapped out) and forget them here."""
+    def swap_in(self, owner: object, blocks: list[int], num_reused: int = 0) -> None:
+        """Copy the owner's blocks back into `blocks` (its new block table, at least as long as
+        what it swapped out) and forget them here. The first `num_reused` were found again in
+        the prefix cache and hold those contents already: they are not written."""
         record = self.records.pop(owner)
         start = time.perf_counter()
         if record.tensors is not None:
@@ -194,11 +196,16 @@ class SwapSpace:
             tensors = torch.load(record.path, weights_only=True)
             record.path.unlink()
             self.disk_used -= record.num_bytes
-        self._copy_in(tensors, blocks[: record.num_blocks])
+        num_reused = min(num_reused, record.num_blocks)
+        copied = record.num_blocks - num_reused
+        if copied:
+            self._copy_in([t[num_reused:] for t in tensors], blocks[num_reused : record.num_blocks])
         seconds = time.perf_counter() - start
-        self._measured("host" if record.path is None else "disk", seconds, record.num_blocks)
+        if copied:
+            self._measured("host" if record.path is None else "disk", seconds, copied)
         self.counters.swapped_in += 1
-        self.counters.bytes_in += record.num_bytes
+        self.counters.bytes_in += copied * self.bytes_per_block
+        self.counters.blocks_reused += num_reused
         self.counters.seconds += seconds
 
     def discard(self, owner: object) -> None:
@@ -301,8 +308,8 @@ class Preemptor:
             self.recomputes += 1
         return decision.swapped
 
-    def swap_in(self, seq) -> None:
-        self.space.swap_in(seq, seq.block_table)
+    def swap_in(self, seq, num_reused: int = 0) -> None:
+        self.space.swap_in(seq, seq.block_table, num_reused)
 
     def discard(self, seq) -> None:
         if self.space is not None:
