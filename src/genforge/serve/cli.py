@@ -106,6 +106,13 @@ def cmd_serve(args) -> int:
     }
     if args.max_model_len is not None:
         engine_options["max_model_len"] = args.max_model_len
+    for flag, value in (("--swap-space-gib", args.swap_space_gib), ("--swap-disk-gib", args.swap_disk_gib)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0 GiB, got {value}")
+    engine_options["preemption_mode"] = args.preemption_mode
+    engine_options["swap_space"] = int(args.swap_space_gib * 2**30)
+    engine_options["swap_disk_space"] = int(args.swap_disk_gib * 2**30)
+    engine_options["swap_dir"] = args.swap_dir
     if args.resident_kv_mib is not None:
         if args.resident_kv_mib < 0:
             raise ValueError(
@@ -292,6 +299,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "so decode steps read them without gathering blocks; grown as the batch needs and "
         "kept once grown (default: as much as the block pool; 0 turns them off and gathers "
         "blocks every step)",
+    )
+    engine.add_argument(
+        "--preemption-mode",
+        choices=("auto", "swap", "recompute"),
+        default="auto",
+        help="what a preempted sequence does: recompute (free its KV blocks, prefill again on resume), swap (copy "
+        "them to host memory and back) or auto (swap when the measured copy costs less than the prefill it "
+        "saves; default)",
+    )
+    engine.add_argument(
+        "--swap-space-gib",
+        type=float,
+        default=4.0,
+        help="host memory per model for swapped KV blocks (pinned on a GPU; default 4)",
+    )
+    engine.add_argument(
+        "--swap-disk-gib",
+        type=float,
+        default=0.0,
+        help="disk per model for swapped KV blocks when the host swap space is full (default 0: recompute instead)",
+    )
+    engine.add_argument(
+        "--swap-dir", default=None, help="directory for KV blocks spilled to disk (default: a temporary directory)"
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -21,6 +21,11 @@ Prefix caching keeps adapters apart: a sequence's block hashes start from its ad
 since its keys and values depend on the adapter. Adapters load and unload between steps; one
 unloaded while requests use it stops taking new requests at once and is freed when they end.
 
+Preemption either recomputes a sequence or swaps its KV blocks out to host memory (or disk)
+and back (`swap.py`; `preemption_mode`), chosen per preemption by measured cost. Every step's
+time and computed tokens are split into phases, prefill, decode, recompute, swap and
+schedule (`phases.py`), for the metrics and for that cost.
+
 `AsyncEngine` drives one `Engine` per served model from a background thread and hands the
 outputs to asyncio consumers, which is what the HTTP server needs.
 """
@@ -60,10 +65,12 @@ from ..generate.sampling import SamplingParams, greedy_next_token, make_generato
 from ..model import Transformer
 from .blocks import BlockManager
 from .paged_cache import PagedKVCache
+from .phases import PhaseCounters, StepClock, phase_of_position, position_phases
 from .resident import ResidentKV
 from .runs import cheapest_runs
 from .scheduler import ScheduledChunk, Scheduler
 from .scheduler import Sequence as CacheSequence
+from .swap import Preemptor, SwapCounters, SwapSpace, check_preemption_mode
 
 
 # ------------------------------------------------------------------------------ records
@@ -125,6 +132,10 @@ class EngineStats:
     preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    # Of the preemptions, those swapped out rather than recomputed; the swap space's counters.
+    swap_preemptions: int = 0
+    swap: SwapCounters | None = None
+    phases: PhaseCounters | None = None  # time and tokens per step phase (`phases.py`)
 
 
 @dataclass(eq=False)
@@ -146,6 +157,9 @@ class RequestState:
     # it depends only on the request, and reads the tokens so far from the step's context.
     processors: list[LogitsProcessor] | None = None
     adapter_id: int | None = None  # its LoRA adapter's id in the engine's MultiLora
+    # The most tokens it ever had computed: after a recompute preemption, positions below
+    # this are recomputed, not prefilled or decoded (phases.py).
+    computed_high: int = 0
 
 
 # A scheduler sequence as the engine runs it: tokens, blocks, and the request's state.
@@ -179,11 +193,24 @@ class Engine:
         resident_kv_memory: int | None = None,
         adapters: MultiLora | None = None,
         kv_cache_dtype: str = "auto",
+        preemption_mode: str = "auto",
+        swap_space: int = 4 << 30,
+        swap_disk_space: int = 0,
+        swap_dir=None,
     ) -> None:
         """`kv_cache_memory` bounds the block pool when `num_blocks` is not given. With
         `kv_cache_dtype="int8"` keys and values are stored as int8 codes with an fp32 scale per
         token and head (`cache.quantize_kv`), so that budget holds ~3.8x the blocks (head_dim
-        64) and as many more sequences; "auto" stores them in the model's dtype."""
+        64) and as many more sequences; "auto" stores them in the model's dtype.
+
+        `preemption_mode`: "recompute", "swap" or "auto" (swap when cheaper, `swap.Preemptor`).
+        `swap_space` bytes of host memory (pinned on a GPU) hold swapped blocks; past them, up to
+        `swap_disk_space` bytes spill to files in `swap_dir` (default: a temporary directory)."""
+        check_preemption_mode(preemption_mode)
+        if swap_space < 0 or swap_disk_space < 0:
+            raise ValueError(
+                f"swap_space and swap_disk_space must be >= 0 bytes, got {swap_space} and {swap_disk_space}"
+            )
         config = model.config
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
@@ -229,9 +256,21 @@ class Engine:
             if resident_kv_memory
             else None
         )
-        self.scheduler: Scheduler[RequestState] = Scheduler(
-            self.blocks, max_num_seqs, max_num_batched_tokens, on_release=self._on_release
+        self.phases = PhaseCounters()
+        self.swap_space = (
+            SwapSpace(self.cache, swap_space, swap_disk_space, swap_dir)
+            if preemption_mode != "recompute" and swap_space + swap_disk_space > 0
+            else None
         )
+        self.preemption_mode = preemption_mode if self.swap_space is not None else "recompute"
+        self.preemptor = Preemptor(
+            self.preemption_mode, self.swap_space, self.blocks, self.phases.prefill_seconds_per_token
+        )
+        self.scheduler: Scheduler[RequestState] = Scheduler(
+            self.blocks, max_num_seqs, max_num_batched_tokens, on_release=self._on_release, swapper=self.preemptor
+        )
+        # On a GPU the step's phases are timed at synchronization points (phases.py).
+        self._synchronize = model.device.type == "cuda"
         self._sequences: dict[str, EngineSequence] = {}
         # The processor list of the last batch of rows without per-request extras, and those
         # rows' states in order: the list depends only on which requests the rows are.
@@ -328,6 +367,12 @@ class Engine:
         """Stop every request and free its blocks; returns their final outputs."""
         return [output for request_id in list(self._sequences) if (output := self.abort(request_id)) is not None]
 
+    def close(self) -> None:
+        """Abort every request and delete any KV blocks spilled to disk."""
+        self.abort_all()
+        if self.swap_space is not None:
+            self.swap_space.close()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -343,15 +388,24 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            swap_preemptions=self.scheduler.num_swapped_out,
+            swap=None if self.swap_space is None else SwapCounters(**vars(self.swap_space.counters)),
+            phases=self.phases.snapshot(),
         )
 
     # ------------------------------------------------------------------------ step
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        # The step is timed in consecutive segments, each credited to its phases (phases.py).
+        clock = StepClock(self._now())
+        swap_seconds = self.swap_space.counters.seconds if self.swap_space is not None else 0.0
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
         resident = self._prepare_resident(chunks)
+        clock.lap(self._now())
+        if self.swap_space is not None:  # swaps happen while scheduling (preemption and resume)
+            clock.move(self.swap_space.counters.seconds - swap_seconds, "schedule", "swap")
         last_logits: list[tuple[ScheduledChunk, torch.Tensor]] = []
         singles = [c for c in chunks if c.num_tokens == 1]
         groups = ([singles] if singles else []) if resident else self._decode_groups(singles)
@@ -361,6 +415,7 @@ class Engine:
             for chunk, row in zip(group, logits):
                 if chunk.seq.state.prompt_logprobs is not None:
                     self._record_prompt_logprobs(chunk, row[None])
+            clock.lap(self._now(), self._phase_tokens(group))
         for chunk in chunks:
             if chunk.num_tokens > 1:
                 state: RequestState = chunk.seq.state
@@ -370,16 +425,46 @@ class Engine:
                 if state.prompt_logprobs is not None:
                     self._record_prompt_logprobs(chunk, logits)
                 last_logits.append((chunk, logits[-1]))
+                clock.lap(self._now(), self._phase_tokens([chunk]))
+        for phase, count in self._phase_tokens(chunks).items():
+            clock.tokens[phase] += count
+        # Each sampled row's time goes to the phase of the position it was sampled after.
+        sampled_phases = dict.fromkeys(clock.tokens, 0)
         for chunk in chunks:
-            seq = chunk.seq
+            seq, state = chunk.seq, chunk.seq.state
+            if chunk.completes:
+                last = seq.num_computed + chunk.num_tokens - 1
+                sampled_phases[phase_of_position(last, seq.num_prompt_tokens, state.computed_high)] += 1
             seq.num_computed += chunk.num_tokens
+            state.computed_high = max(state.computed_high, seq.num_computed)
             self.blocks.cache_full_blocks(
                 seq.token_ids, seq.block_table, seq.num_computed, seq.block_hashes, seq.hash_root
             )
+        clock.lap(self._now())
         completing = [(c.seq, logits) for c, logits in last_logits if c.seq.num_computed == len(c.seq.token_ids)]
         outputs = self._sample(completing) if completing else []
+        clock.lap(self._now(), sampled_phases)
         self._drop_retired_adapters()
+        end = self._now()
+        clock.lap(end)
+        self.phases.add_step(clock.seconds, clock.tokens, end - clock.start)
         return outputs
+
+    def _now(self) -> float:
+        if self._synchronize:
+            torch.cuda.synchronize(self.model.device)
+        return time.perf_counter()
+
+    @staticmethod
+    def _phase_tokens(chunks: list[ScheduledChunk]) -> dict[str, int]:
+        """The chunks' positions counted by phase: prefill, decode, recompute."""
+        total = {"prefill": 0, "decode": 0, "recompute": 0}
+        for chunk in chunks:
+            seq = chunk.seq
+            counts = position_phases(seq.num_computed, chunk.num_tokens, seq.num_prompt_tokens, seq.state.computed_high)
+            for phase, count in counts.items():
+                total[phase] += count
+        return total
 
     # -------------------------------------------------------------------- adapters
     def served_adapters(self) -> MultiLora:

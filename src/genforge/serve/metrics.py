@@ -4,7 +4,9 @@ Two kinds of numbers:
 
 - state read from the engine at scrape time (``AsyncEngine.stats``): running and waiting
   requests, KV-cache blocks in use, prefix-cache queries and hits, preemptions, and the
-  engine's own prompt and generation token totals. A custom collector reads them when
+  engine's own prompt and generation token totals, swap preemptions and bytes swapped, and
+  the engine's step time and computed tokens per phase (prefill, decode, recompute, swap,
+  schedule: `phases.py`) with the latest step's share of each. A custom collector reads them when
   Prometheus scrapes, so they are never stale and cost nothing between scrapes;
 - latency distributions observed by the API from each request's ``RequestOutput``
   timestamps: time to first token (TTFT), time per output token after the first (TPOT),
@@ -74,7 +76,40 @@ class _EngineCollector:
             ),
             "prompt": CounterMetricFamily("genforge_prompt_tokens", "Prompt tokens processed", labels=["model"]),
             "generation": CounterMetricFamily("genforge_generation_tokens", "Tokens generated", labels=["model"]),
+            "swapped": CounterMetricFamily(
+                "genforge_preemptions_swapped",
+                "Preemptions that swapped KV blocks out instead of recomputing",
+                labels=["model"],
+            ),
+            "swap_bytes": CounterMetricFamily(
+                "genforge_kv_swap_bytes",
+                "KV-cache bytes swapped, by direction (out, in)",
+                labels=["model", "direction"],
+            ),
+            "spills": CounterMetricFamily(
+                "genforge_kv_swap_disk_spills", "Swapped sequences written to disk", labels=["model"]
+            ),
+            "phase_seconds": CounterMetricFamily(
+                "genforge_engine_phase_seconds",
+                "Engine step time by phase (prefill, decode, recompute, swap, schedule)",
+                labels=["model", "phase"],
+            ),
+            "phase_tokens": CounterMetricFamily(
+                "genforge_engine_phase_tokens",
+                "Token positions the engine computed, by phase (prefill, decode, recompute)",
+                labels=["model", "phase"],
+            ),
+            "step_seconds": CounterMetricFamily("genforge_engine_step_seconds", "Engine step time", labels=["model"]),
+            "steps": CounterMetricFamily("genforge_engine_steps", "Engine steps that ran the model", labels=["model"]),
+            "mixed_steps": CounterMetricFamily(
+                "genforge_engine_mixed_steps", "Steps computing prompt tokens and decodes together", labels=["model"]
+            ),
         }
+        gauges["share"] = GaugeMetricFamily(
+            "genforge_engine_last_step_phase_share",
+            "Share of the latest step's time by phase",
+            labels=["model", "phase"],
+        )
         for model in self.models:
             s = self.engine.stats(model)
             gauges["running"].add_metric([model], s.running)
@@ -89,6 +124,20 @@ class _EngineCollector:
             counters["preemptions"].add_metric([model], s.preemptions)
             counters["prompt"].add_metric([model], s.prompt_tokens_total)
             counters["generation"].add_metric([model], s.generation_tokens_total)
+            counters["swapped"].add_metric([model], s.swap_preemptions)
+            if s.swap is not None:
+                counters["swap_bytes"].add_metric([model, "out"], s.swap.bytes_out)
+                counters["swap_bytes"].add_metric([model, "in"], s.swap.bytes_in)
+                counters["spills"].add_metric([model], s.swap.spilled)
+            if s.phases is not None:
+                for phase, seconds in s.phases.seconds.items():
+                    counters["phase_seconds"].add_metric([model, phase], seconds)
+                    gauges["share"].add_metric([model, phase], s.phases.last_step_share[phase])
+                for phase, tokens in s.phases.tokens.items():
+                    counters["phase_tokens"].add_metric([model, phase], tokens)
+                counters["step_seconds"].add_metric([model], s.phases.step_seconds)
+                counters["steps"].add_metric([model], s.phases.steps)
+                counters["mixed_steps"].add_metric([model], s.phases.mixed_steps)
         yield from gauges.values()
         yield from counters.values()
 

@@ -8,8 +8,10 @@ while blocks, budget and batch slots remain. A prompt longer than what is left o
 budget is prefilled in chunks over several steps (chunked prefill, Agrawal et al. 2023), so
 a long prompt never stalls the running decodes. When a running sequence needs a block and
 none is free, the most recently admitted sequence is preempted: its blocks are freed and it
-goes back to the front of the waiting queue to be recomputed later (vLLM's recompute
-preemption; with prefix caching most of it is found again).
+goes back to the front of the waiting queue. Either it is recomputed when it resumes (vLLM's
+recompute preemption; with prefix caching most of it is found again), or, with a `swapper`
+(`swap.Preemptor`), its computed blocks are first copied out and, on resume, copied back into
+fresh blocks, so it goes on where it stopped; the swapper decides which, per preemption.
 """
 
 from __future__ import annotations
@@ -17,11 +19,27 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from .blocks import BlockManager
 
 State = TypeVar("State")
+
+
+class Swapper(Protocol):
+    """What the scheduler asks of preemption by swapping (`swap.Preemptor`)."""
+
+    def swap_out(self, seq) -> bool:
+        """Copy the sequence's computed blocks away and return True, or return False to have
+        it recomputed; its blocks are freed either way."""
+
+    def swap_in(self, seq, num_reused: int) -> None:
+        """Copy its blocks back into its (new) block table's, all but the first `num_reused`
+        (found again in the prefix cache)."""
+
+    def holds(self, seq) -> bool: ...
+
+    def discard(self, seq) -> None: ...
 
 
 @dataclass(eq=False)
@@ -37,6 +55,8 @@ class Sequence(Generic[State]):
     block_hashes: list[int] = field(default_factory=list)  # hash chain of its published full blocks
     num_computed: int = 0  # tokens whose keys/values are in the cache
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at (first) admission
+    # Whether it has ever run: a resumed sequence's own blocks found again are not "cached prompt".
+    admitted: bool = False
     reuse_cached_prefix: bool = True  # False when every prompt position's logits are wanted
     # What its keys and values depend on besides its tokens (a LoRA adapter): blocks are shared
     # only between sequences of one root (blocks.block_hash).
@@ -66,6 +86,7 @@ class Scheduler(Generic[State]):
         max_num_seqs: int,
         max_num_batched_tokens: int,
         on_release: Callable[[Sequence[State]], None] | None = None,
+        swapper: Swapper | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
@@ -73,10 +94,12 @@ class Scheduler(Generic[State]):
         # Called whenever a sequence's blocks are freed (finish, abort, preemption), before
         # its state is reset, so that copies of its keys and values elsewhere go too.
         self.on_release = on_release
+        self.swapper = swapper
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence[State]] = deque()
         self.running: list[Sequence[State]] = []
         self.num_preemptions = 0
+        self.num_swapped_out = 0  # of the preemptions, those swapped rather than recomputed
 
     def add(self, seq: Sequence[State]) -> None:
         self.waiting.append(seq)
@@ -87,6 +110,8 @@ class Scheduler(Generic[State]):
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if self.swapper is not None:
+            self.swapper.discard(seq)
         self._release(seq)
 
     def has_work(self) -> bool:
@@ -114,17 +139,32 @@ class Scheduler(Generic[State]):
         # Then waiting sequences, in order, while there is room.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table and seq.reuse_cached_prefix:
+            swapped = self.swapper is not None and self.swapper.holds(seq)
+            if swapped and seq.reuse_cached_prefix:
+                # Blocks of its own still in the prefix cache (a shared prompt prefix, say) are
+                # taken back as they are, not copied into private duplicates.
+                seq.block_table, seq.block_hashes = self.blocks.cached_prefix(
+                    seq.token_ids, seq.num_computed, seq.hash_root
+                )
+            elif not seq.block_table and seq.reuse_cached_prefix:
                 self._take_cached_prefix(seq)
             count = min(seq.num_uncomputed, budget)
             if not self._reserve(seq, count):
                 # Wait for blocks to free up; later requests must not overtake it. The cached
                 # prefix blocks it just took go back (they stay in the prefix cache): held by
-                # waiting sequences, they could leave nothing free and nothing running.
-                self._release(seq)
+                # waiting sequences, they could leave nothing free and nothing running. A
+                # swapped sequence keeps its computed count.
+                if swapped:
+                    self.blocks.free(seq.block_table)
+                    seq.block_table, seq.block_hashes = [], []
+                else:
+                    self._release(seq)
                 break
+            if swapped:  # back where it stopped: the rest of its computed blocks are copied in
+                self.swapper.swap_in(seq, len(seq.block_hashes))
             self.waiting.popleft()
             self.running.append(seq)
+            seq.admitted = True
             chunks.append(ScheduledChunk(seq, count))
             budget -= count
         return chunks
@@ -134,7 +174,7 @@ class Scheduler(Generic[State]):
         blocks, hashes = self.blocks.cached_prefix(seq.token_ids, len(seq.token_ids) - 1, seq.hash_root)
         seq.block_table, seq.block_hashes = blocks, hashes
         seq.num_computed = len(blocks) * self.blocks.block_size
-        if seq.num_cached_prompt == 0:
+        if not seq.admitted:
             seq.num_cached_prompt = min(seq.num_computed, seq.num_prompt_tokens)
 
     def _reserve(self, seq: Sequence[State], count: int) -> bool:
@@ -147,7 +187,15 @@ class Scheduler(Generic[State]):
 
     def _preempt(self, seq: Sequence[State]) -> None:
         self.running.remove(seq)
-        self._release(seq)
+        if self.swapper is not None and self.swapper.swap_out(seq):
+            # Its keys and values wait elsewhere: the blocks go, its computed count stays.
+            if self.on_release is not None:
+                self.on_release(seq)
+            self.blocks.free(seq.block_table)
+            seq.block_table, seq.block_hashes = [], []
+            self.num_swapped_out += 1
+        else:
+            self._release(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
