@@ -203,10 +203,18 @@ _CARD = re.compile(r"[2-6](?<![0-9A-Za-z\-].)(?<![0-9][ \-].)(?:[ \-]?[0-9]){12,
 def find_credit_cards(text: str) -> Iterator[PatternMatch]:
     for match in _CARD.finditer(text):
         raw = match.group()
-        separators = {c for c in raw if not c.isdigit()}
-        digits = raw.replace(" ", "").replace("-", "")
-        if len(separators) <= 1 and luhn_valid(digits):
-            yield PatternMatch("CREDIT_CARD", match.start(), match.end(), 1.0, "pattern:credit_card")
+        if len({char for char in raw if not char.isdigit()}) > 1:
+            continue  # one separator style per number
+        # The longest run of whole groups that passes: "4111 1111 1111 1111 7" is the card and a 7.
+        groups = re.split(r"[ \-]", raw)
+        for count in range(len(groups), 0, -1):
+            digits = "".join(groups[:count])
+            if 13 <= len(digits) <= 19 and luhn_valid(digits):
+                end = match.start() + len(" ".join(groups[:count]))
+                yield PatternMatch("CREDIT_CARD", match.start(), end, 1.0, "pattern:credit_card")
+                break
+            if len(digits) < 13:
+                break
 
 
 _IBAN = re.compile(r"[A-Za-z](?<![A-Za-z0-9].)[A-Za-z][0-9]{2}(?: ?[A-Za-z0-9]){11,30}")
@@ -224,7 +232,10 @@ def _end_after_characters(raw: str, count: int) -> int | None:
 
 
 def find_ibans(text: str) -> Iterator[PatternMatch]:
-    for match in _IBAN.finditer(text):
+    position = 0
+    while (match := _IBAN.search(text, position)) is not None:
+        # A failed candidate may have run on into the next IBAN: look again from its next character.
+        position = match.start() + 1
         raw = match.group()
         length = IBAN_LENGTHS.get(raw[:2].upper())
         if length is None:
@@ -239,6 +250,7 @@ def find_ibans(text: str) -> Iterator[PatternMatch]:
             continue
         if iban_valid(raw[:end].replace(" ", "")):
             yield PatternMatch("IBAN", match.start(), stop, 1.0, "pattern:iban")
+            position = stop
 
 
 _IPV4 = re.compile(r"[0-9](?<![0-9.].)[0-9]{0,2}\.(?:[0-9]{1,3}\.){2}[0-9]{1,3}(?![0-9]|\.[0-9])")
