@@ -180,6 +180,22 @@ def _phone_spans(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, i
     return ()
 
 
+_SSN_SHAPE = re.compile(r"[0-9]{3}([ .\-])[0-9]{2}\1[0-9]{4}")
+_IPV4_SHAPE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_BLOCKS_OF_FOUR = re.compile(r"[0-9]{4}(?: [0-9]{4}){1,}(?: [0-9]{1,3})?")
+
+
+def _other_number_shape(number: str) -> bool:
+    """National-format numbers that some region's plan accepts but whose layout says they are
+    something else: an SSN's 3-2-4 groups, an IPv4 address, the blocks of four of an IBAN or a
+    card, or a bare run of 9 digits or fewer without the trunk prefix 0 (an ID, an amount)."""
+    if number.startswith("+"):
+        return False
+    if _SSN_SHAPE.fullmatch(number) or _IPV4_SHAPE.fullmatch(number) or _BLOCKS_OF_FOUR.fullmatch(number):
+        return True
+    return number.isdigit() and len(number) <= 9 and not number.startswith("0")
+
+
 def phone_recognizer(regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS) -> Recognizer:
     unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
     if unknown or not regions:
@@ -190,6 +206,8 @@ def phone_recognizer(regions: tuple[str, ...] = DEFAULT_PHONE_REGIONS) -> Recogn
     def find_phones(text: str) -> Iterator[PatternMatch]:
         for run in _PHONE_RUN.finditer(text):
             for start, end in _phone_spans(run.group(), regions):
+                if _other_number_shape(run.group()[start:end]):
+                    continue
                 yield PatternMatch("PHONE", run.start() + start, run.start() + end, 0.75, "pattern:phone")
 
     return find_phones
