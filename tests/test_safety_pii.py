@@ -100,6 +100,7 @@ def presidio():
     email_recognizer.tldextract = original
 
 
+@pytest.mark.slow
 def test_agrees_with_presidio_pattern_recognizers(presidio):
     """On the held-out texts without Unicode tricks, presidio's pattern recognizers (no NLP
     model: nlp_artifacts=None; its 'very weak' patterns below 0.3 left out) and ours: every
