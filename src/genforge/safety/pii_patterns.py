@@ -25,11 +25,12 @@ characters), and return spans in that text.
 from __future__ import annotations
 
 import calendar
+import hashlib
 import ipaddress
 import re
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 
 import phonenumbers
 from phonenumbers import Leniency, PhoneNumberMatcher
@@ -169,15 +170,31 @@ _PHONE_RUN = re.compile(
 DEFAULT_PHONE_REGIONS = ("US", "GB", "DE", "FR", "ES", "NL", "IT", "IN", "CA", "AU", "BR")
 
 
-@lru_cache(maxsize=4096)
+# Results of the phone matcher per candidate, keyed by a salted hash so that the cache of a
+# long-running server holds no phone numbers; cleared when full.
+_PHONE_CACHE: dict[bytes, tuple[tuple[int, int], ...]] = {}
+_PHONE_CACHE_SALT = secrets.token_bytes(16)
+_PHONE_CACHE_SIZE = 4096
+
+
 def _phone_spans(candidate: str, regions: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
     """(start, end) of the valid numbers `phonenumbers` finds in one candidate run, trying the
     regions in order (an international '+' number needs none) and keeping the first that finds any."""
+    digest = hashlib.blake2b(
+        f"{candidate}\0{','.join(regions)}".encode(), key=_PHONE_CACHE_SALT, digest_size=16
+    ).digest()
+    found = _PHONE_CACHE.get(digest)
+    if found is not None:
+        return found
+    found = ()
     for region in regions[:1] if candidate.lstrip("(").startswith("+") else regions:
         found = tuple((m.start, m.end) for m in PhoneNumberMatcher(candidate, region, leniency=Leniency.VALID))
         if found:
-            return found
-    return ()
+            break
+    if len(_PHONE_CACHE) >= _PHONE_CACHE_SIZE:
+        _PHONE_CACHE.clear()
+    _PHONE_CACHE[digest] = found
+    return found
 
 
 _SSN_SHAPE = re.compile(r"[0-9]{3}([ .\-])[0-9]{2}\1[0-9]{4}")
