@@ -100,6 +100,7 @@ def cmd_data_prepare(args) -> int:
         overwrite=args.overwrite,
         progress=True,
         max_documents=args.max_documents,
+        pii=_pii_redaction(args),
     )
     meta = result.meta
     docs = meta["documents"]
@@ -115,8 +116,33 @@ def cmd_data_prepare(args) -> int:
             f"  {split}: {info['documents']:,} documents, {info['tokens']:,} tokens in "
             f"{len(info['shards'])} {meta['dtype']} shard(s)"
         )
+    if meta["pii"] is not None:
+        pii = meta["pii"]
+        found = ", ".join(f"{n:,} {t}" for t, n in pii["redactions"].items()) or "none found"
+        console.print(f"  PII ({pii['style']}): {pii['documents_redacted']:,} documents redacted: {found}")
     console.print(f"wrote {result.out_dir} (meta.json, duplicates.jsonl, filtered.jsonl, tokenizer/)")
     return 0
+
+
+def _pii_redaction(args):
+    """The --redact-pii settings, or None; a --pii-* flag without --redact-pii is a mistake."""
+    from pathlib import Path
+
+    from .prepare import PIIRedaction
+
+    given = [flag for flag, value in (("--pii-style", args.pii_style), ("--pii-types", args.pii_types),
+             ("--pii-key-file", args.pii_key_file), ("--pii-ner-model", args.pii_ner_model)) if value is not None]  # fmt: skip
+    if not args.redact_pii:
+        if given:
+            raise ValueError(f"{', '.join(given)} take effect only with --redact-pii")
+        return None
+    key = Path(args.pii_key_file).read_bytes().strip() if args.pii_key_file else None
+    return PIIRedaction(
+        style=args.pii_style or "placeholder",
+        types=tuple(args.pii_types.split(",")) if args.pii_types else None,
+        key=key,
+        ner_model=args.pii_ner_model,
+    )
 
 
 def _training_data(args, tokenizer, seq_len_default: int = 256):
@@ -391,6 +417,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     dedup.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (more: finer estimates, slower)")
     dedup.add_argument("--shingle-size", type=int, default=5, help="words per shingle")
+    pii = prep.add_argument_group("personal data (genforge.safety.pii)")
+    pii.add_argument(
+        "--redact-pii",
+        action="store_true",
+        help="replace emails, phone numbers, card numbers, IBANs, IDs, dates of birth and addresses in each kept "
+        "document before deduplication; meta.json counts them per type",
+    )
+    pii.add_argument(
+        "--pii-style",
+        choices=("placeholder", "mask", "pseudonym"),
+        default=None,
+        help="placeholder (<EMAIL_1>; the default), mask (****) or pseudonym (consistent fake values)",
+    )
+    pii.add_argument("--pii-types", default=None, help="comma-separated PII types (default: all pattern types)")
+    pii.add_argument(
+        "--pii-key-file", default=None, help="key for --pii-style pseudonym (default: a random key per run)"
+    )
+    pii.add_argument(
+        "--pii-ner-model",
+        default=None,
+        metavar="DIR",
+        help="a BertForTokenClassification checkpoint to also redact names, organisations and places",
+    )
     prep.set_defaults(func=cmd_data_prepare)
 
     pretrain = sub.add_parser(

@@ -8,6 +8,11 @@ The pipeline, one document at a time (so corpora larger than memory stream throu
    A): length bounds, repetition (the share of duplicate lines and the share of words inside
    repeated word n-grams) and non-text content (the share of symbols among the visible
    characters). Each removal is counted under the first rule it failed.
+   **PII redaction** (optional, `PIIRedaction`): emails, phone numbers, card numbers, IBANs, IDs
+   and the other types of `genforge.safety.pii` are replaced (placeholder, mask or keyed
+   pseudonym) in each kept document before deduplication, so that documents that differ only
+   in personal data count as duplicates and no shard holds the originals; the report counts the
+   redactions per type.
 3. **Exact deduplication** by a content hash of the text (leading and trailing whitespace
    ignored).
 4. **Near-duplicate removal** with MinHash (Broder 1997) over word shingles and locality-
@@ -150,6 +155,33 @@ def symbol_ratio(text: str) -> float:
     if visible == 0:
         return 1.0
     return symbols / visible
+
+
+@dataclass
+class PIIRedaction:
+    """PII scrubbing of each kept document (`genforge.safety.pii`).
+
+    style: placeholder (<EMAIL_1>, numbered per document), mask (****) or pseudonym (a fake value
+        of the same type, the same for the same value across the whole corpus under `key`; a
+        random key per run when None). Reversible redaction keeps a vault of the originals,
+        which training data must not have, so it is refused.
+    types: PII types to redact (None: every pattern type, plus names with `ner_model`).
+    ner_model: a BertForTokenClassification directory for PERSON/ORGANIZATION/LOCATION.
+    """
+
+    style: str = "placeholder"
+    types: tuple[str, ...] | None = None
+    key: bytes | str | None = None
+    ner_model: str | None = None
+
+    STYLES = ("placeholder", "mask", "pseudonym")
+
+    def validate(self) -> None:
+        if self.style not in self.STYLES:
+            raise DataError(
+                f"PII style {self.style!r} is not available for training data; accepted: {', '.join(self.STYLES)} "
+                "(reversible redaction would keep the originals in a vault)"
+            )
 
 
 # ------------------------------------------------------------------------------------- dedup
@@ -326,6 +358,25 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+def _pii_redactor(pii: PIIRedaction | None):
+    """A fresh `Redactor` per document (placeholders are numbered per document) sharing one
+    detector and one key across the corpus, or None when PII is kept."""
+    if pii is None:
+        return None
+    pii.validate()
+    import secrets
+    from functools import partial
+
+    from ..safety.pii import PIIDetector, Redactor
+
+    try:
+        detector = PIIDetector(pii.types, ner=pii.ner_model)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    key = pii.key if pii.key is not None else secrets.token_bytes(32)
+    return partial(Redactor, pii.style, key=key, detector=detector)
+
+
 def prepare(
     sources: Sequence[str | os.PathLike],
     tokenizer_dir: str | os.PathLike,
@@ -343,6 +394,7 @@ def prepare(
     overwrite: bool = False,
     progress: bool = False,
     max_documents: int | None = None,
+    pii: PIIRedaction | None = None,
 ) -> PrepareResult:
     """Run the pipeline in the module docstring from `sources` to shards in `out_dir`.
 
@@ -351,6 +403,7 @@ def prepare(
         length (checked before the output is published), and `load_prepared` uses it by default.
     shard_tokens: tokens per shard file (the last one of a split is shorter).
     max_documents: stop reading after this many documents (a bounded, deterministic sample).
+    pii: redact personal data from each kept document (see `PIIRedaction`); None keeps it.
     Every option and source is checked, and the tokenizer loaded, before any document is read.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -367,6 +420,7 @@ def prepare(
         raise DataError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be >= 1 or None, got {max_documents}")
+    redactor = _pii_redactor(pii)  # checked (and a named-entity model loaded) before any document is read
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     files = resolve_sources(sources, extensions)
@@ -378,6 +432,8 @@ def prepare(
     counts = {"read": 0, "empty": 0, "exact_duplicates": 0, "near_duplicates": 0, "kept": 0}
     exact_seen: dict[bytes, str] = {}
     near_index = NearDuplicateIndex(dedup) if dedup.near else None
+    pii_counts: Counter[str] = Counter()
+    pii_documents = 0
 
     with staged_directory(out_dir) as staging:
         writers = {split: _ShardWriter(staging, split, dtype, shard_tokens) for split in ("train", "val")}
@@ -421,7 +477,14 @@ def prepare(
                     removed[failure] += 1
                     filtered_log.write(json.dumps({"id": doc.id, "rule": failure}) + "\n")
                     continue
-                key = content_key(doc.text)
+                text = doc.text
+                if redactor is not None:
+                    redaction = redactor().redact(text)
+                    if redaction.findings:
+                        pii_documents += 1
+                        pii_counts.update(redaction.counts)
+                        text = redaction.text
+                key = content_key(text)
                 if dedup.exact:
                     if key in exact_seen:
                         counts["exact_duplicates"] += 1
@@ -431,7 +494,7 @@ def prepare(
                         )
                         continue
                 if near_index is not None:
-                    match = near_index.check_and_add(doc.id, doc.text)
+                    match = near_index.check_and_add(doc.id, text)
                     if match is not None:
                         counts["near_duplicates"] += 1
                         duplicate_log.write(
@@ -445,13 +508,15 @@ def prepare(
                     exact_seen[key] = doc.id
                 counts["kept"] += 1
                 split = "val" if val_fraction > 0 and val_fraction_of(key, seed) < val_fraction else "train"
-                batch.append((split, doc.text))
+                batch.append((split, text))
                 if len(batch) >= batch_documents:
                     flush()
             flush()
             bar.update(task, completed=len(files), status=f"{counts['read']:,} read, {counts['kept']:,} kept")
 
         report = {"documents": counts, "filters": removed}
+        if pii is not None:
+            report["pii_redactions"] = dict(pii_counts)
         if counts["read"] == counts["empty"]:
             raise DataError(
                 f"the corpus is empty: {len(files)} file(s) gave {counts['read']} document(s), none with any text"
@@ -511,6 +576,15 @@ def prepare(
                 "settings": asdict(dedup),
                 "report": "duplicates.jsonl",
             },
+            "pii": None
+            if pii is None
+            else {
+                "style": pii.style,
+                "types": list(redactor.keywords["detector"].types),
+                "ner_model": pii.ner_model,
+                "documents_redacted": pii_documents,
+                "redactions": dict(pii_counts.most_common()),
+            },
             "sources": [str(f) for f in files] if len(files) <= 1000 else {"files": len(files)},
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -528,6 +602,7 @@ __all__ = [
     "token_dtype",
     "content_key",
     "val_fraction_of",
+    "PIIRedaction",
     "PrepareResult",
     "prepare",
     "META_FILE",
