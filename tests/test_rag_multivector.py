@@ -252,3 +252,25 @@ def test_hybrid_index_updates_and_round_trip_keep_tokens_in_step(hybrid_with_tok
     # A loaded index adds chunks' token vectors too.
     loaded.add(tiny_chunks()[-1:], embedder)
     assert list(loaded.multivector.ids) == list(loaded.ids)
+
+
+def test_cli_indexes_token_vectors_and_searches_by_maxsim(tmp_path, capsys, one_thread):
+    import json
+
+    from genforge.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "paging.md").write_text(
+        "# Paged attention\n\nPaged attention keeps the key-value cache in fixed-size blocks, like virtual memory pages.\n"
+    )
+    (corpus / "lora.md").write_text("# LoRA\n\nLoRA trains two small low-rank matrices beside each frozen weight.\n")
+    (corpus / "bread.txt").write_text("Knead the dough, let it rise for two hours and bake it in a hot oven.\n")
+    out = tmp_path / "idx"
+    assert main(["rag", "index", str(corpus), "--index", str(out), "--max-tokens", "128", "--multivector"]) == 0
+    assert (out / "multivector" / "multivector.json").is_file()
+    capsys.readouterr()
+    query = ["where is the key value cache kept", "--index", str(out), "-k", "1", "--json"]
+    assert main(["rag", "search", *query, "--mode", "multivector"]) == 0
+    hit = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert hit["source"].endswith("paging.md")
