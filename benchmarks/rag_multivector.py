@@ -49,7 +49,7 @@ from test_rag_evaluate import EVAL_QUERIES, SEEDS, item_id  # noqa: E402
 
 from genforge.rag import EncoderEmbedder, HybridIndex, Retriever, chunk_document, load_documents  # noqa: E402
 from genforge.rag.index import QueryCache, fit_bm25  # noqa: E402
-from genforge.rag.multivector import MultiVectorIndex  # noqa: E402
+from genforge.rag.multivector import DEFAULT_CANDIDATES, DEFAULT_NPROBE, MultiVectorIndex  # noqa: E402
 
 MULTIVECTOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 QUESTION_REPEATS = (0, 1, 2, 3)
@@ -182,7 +182,9 @@ def main() -> int:
         "BM25 (word forms)": dict(mode="sparse"),
         "dense": dict(mode="dense"),
         "hybrid weighted 0.5/0.5 (CLI default)": dict(mode="hybrid", fusion="weighted", multivector_weight=0.0),
-        "multivector, PLAID pruning (nprobe 4, 256 candidates)": dict(mode="multivector"),
+        f"multivector, PLAID pruning (nprobe {DEFAULT_NPROBE}, {DEFAULT_CANDIDATES} candidates)": dict(
+            mode="multivector"
+        ),
     }
     quality = {name: metrics(per_query(retriever, **opts)) for name, opts in systems.items()}
     for name, variant in variants.items():
@@ -238,7 +240,9 @@ def main() -> int:
         "hybrid weighted (dense + BM25)": lambda q: retriever.search(
             q, k=10, mode="hybrid", fusion="weighted", multivector_weight=0.0
         ),
-        "multivector, pruned": lambda q: retriever.search(q, k=10, mode="multivector"),
+        f"multivector, pruned (nprobe {DEFAULT_NPROBE}, {DEFAULT_CANDIDATES} candidates)": lambda q: retriever.search(
+            q, k=10, mode="multivector"
+        ),
         "multivector, exhaustive": lambda q: index.multivector_search(retriever.query_tokens(q), 10, exhaustive=True),
         "hybrid weighted + multivector": lambda q: retriever.search(
             q, k=10, mode="hybrid", fusion="weighted", multivector_weight=0.5

@@ -47,7 +47,7 @@ from .embedders import EncoderEmbedder as EncoderEmbedder  # docs/serving.md nam
 from .filters import Filters, check_filters, chunk_matches
 from .loaders import load_documents
 from .milvus import MilvusStore, check_uri
-from .multivector import MultiVectorIndex
+from .multivector import DEFAULT_CANDIDATES, DEFAULT_NPROBE, MultiVectorIndex
 from .qdrant import QdrantStore, check_location
 from .rerank import TokenEmbedder
 from .stores import DENSE_KINDS, IVF_POINTS_PER_LIST, FaissStore, RagIndexError, VectorStore
@@ -632,8 +632,8 @@ class HybridIndex:
         k: int,
         filters: Filters | None = None,
         *,
-        nprobe: int = 4,
-        candidates: int = 256,
+        nprobe: int = DEFAULT_NPROBE,
+        candidates: int = DEFAULT_CANDIDATES,
         exhaustive: bool = False,
     ) -> list[tuple[int, float]]:
         """(chunk position, MaxSim / query tokens) for the k best chunks by late interaction over

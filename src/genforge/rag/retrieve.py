@@ -64,7 +64,10 @@ _QUESTION_FILLER = frozenset(
 )
 MODES = ("dense", "sparse", "hybrid", "multivector")
 EXPANSIONS = ("prf", "hyde", "multi_query")
-DEFAULT_MULTIVECTOR_WEIGHT = 0.0
+# Hybrid's weight for MaxSim over token vectors beside dense and BM25 at 0.5 each (weighted
+# fusion), where the index has token vectors: chosen by 2-fold cross-validation on the seeds
+# queries (both folds chose 0.25 or 0.5; held-out recall@5 0.849 -> 0.858, MRR 0.873 -> 0.963).
+DEFAULT_MULTIVECTOR_WEIGHT = 0.25
 
 
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hashable]], k: int = 60) -> list[tuple[Hashable, float]]:
