@@ -69,6 +69,8 @@ def cmd_index(args) -> int:
         raise ValueError("--backend qdrant needs --qdrant-location: a local directory (embedded) or http://host:6333")
     embedder = EncoderEmbedder(args.encoder, max_tokens=args.max_tokens)
     build = {"dense": args.dense}
+    if args.multivector:
+        build.update(multivector=True, multivector_options={"bits": args.multivector_bits})
     if args.backend == "milvus":
         build.update(backend="milvus", milvus_uri=args.milvus_uri)
     elif args.backend == "qdrant":
@@ -199,7 +201,12 @@ def _index_flags(parser: argparse.ArgumentParser, required: bool = False) -> Non
 
 def _retrieval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=5, help="passages to return (default 5)")
-    parser.add_argument("--mode", choices=("hybrid", "dense", "sparse"), default="hybrid")
+    parser.add_argument(
+        "--mode",
+        choices=("hybrid", "dense", "sparse", "multivector"),
+        default="hybrid",
+        help="multivector: MaxSim over token vectors (an index built with --multivector)",
+    )
     parser.add_argument(
         "--fusion",
         choices=("weighted", "rrf"),
@@ -282,6 +289,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     index.add_argument("--max-tokens", type=int, default=None, help="embedding window in tokens (default: the model's)")
     index.add_argument("--encoder", default=None, help="encoder directory (default: the offline all-MiniLM-L6-v2)")
+    index.add_argument(
+        "--multivector",
+        action="store_true",
+        help="also index every chunk's token vectors (compressed) for ColBERT-style MaxSim search (--mode multivector)",
+    )
+    index.add_argument(
+        "--multivector-bits",
+        type=int,
+        choices=(1, 2, 4, 8),
+        default=2,
+        help="bits per dimension of each token's residual (default 2: about 6x the dense index on the seeds)",
+    )
     index.set_defaults(func=cmd_index)
 
     search = rag_sub.add_parser("search", help="ranked passages for a query")

@@ -19,6 +19,10 @@ documents can be added, replaced and deleted without rebuilding the dense index;
 re-fitted from the stored chunk texts after each change, because bm25s has no incremental add
 (its scores depend on corpus-wide document frequencies and the average length anyway).
 
+With `multivector=True` the index also keeps every chunk's token vectors, compressed, for
+ColBERT-style MaxSim search as a first stage (`multivector.py`); they follow every add, update
+and delete, and are saved in the index directory's `multivector/`.
+
 An index is a directory written atomically (built in a temporary sibling, then renamed into
 place) with a manifest naming the embedding model; loading it with a different model is
 refused, because vectors from two models live in unrelated spaces.
@@ -43,13 +47,16 @@ from .embedders import EncoderEmbedder as EncoderEmbedder  # docs/serving.md nam
 from .filters import Filters, check_filters, chunk_matches
 from .loaders import load_documents
 from .milvus import MilvusStore, check_uri
+from .multivector import DEFAULT_CANDIDATES, DEFAULT_NPROBE, MultiVectorIndex
 from .qdrant import QdrantStore, check_location
+from .rerank import TokenEmbedder
 from .stores import DENSE_KINDS, IVF_POINTS_PER_LIST, FaissStore, RagIndexError, VectorStore
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # version 1 (no chunk ids) is converted on load
 BACKENDS = ("faiss", "milvus", "qdrant")
 MANIFEST = "manifest.json"
+MULTIVECTOR_DIR = "multivector"
 # A filter passing at most this many chunks is answered by exact scoring of just those chunks.
 FILTERED_EXACT_LIMIT = 2048
 
@@ -136,6 +143,18 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def token_embedder_for(embedder: Embedder, max_tokens: int | None = None) -> TokenEmbedder:
+    """Token vectors from the encoder behind `embedder` (an `EncoderEmbedder`), with its window:
+    what a multi-vector index stores and what its queries are encoded with."""
+    encoder = getattr(embedder, "encoder", None)
+    if encoder is None:
+        raise RagIndexError(
+            f"multi-vector search needs token vectors, and embedder {embedder.name!r} has no encoder to give them; "
+            "use an EncoderEmbedder or pass token_embedder=..."
+        )
+    return TokenEmbedder(encoder, max_tokens=max_tokens)
+
+
 def _unit_rows(vectors: np.ndarray) -> np.ndarray:
     # Unit length makes inner product equal cosine similarity, whatever the model does.
     vectors = np.asarray(vectors, np.float32)
@@ -163,6 +182,8 @@ class HybridIndex:
         store: VectorStore | None = None,
         file_hashes: dict[str, str] | None = None,
         query_cache_size: int = 1024,
+        multivector: MultiVectorIndex | None = None,
+        token_embedder=None,
     ) -> None:
         import faiss
 
@@ -187,6 +208,10 @@ class HybridIndex:
         self._positions: dict[int, int] | None = None
         # The next id to hand out; it only grows, so a deleted chunk's id is never reused.
         self.next_id = int(self.ids.max()) + 1 if len(self.ids) else 0
+        # Token vectors for MaxSim first-stage search (None: not built); `token_embedder` encodes
+        # new chunks and queries for it (derived from the embedder on first need when None).
+        self.multivector = multivector
+        self.token_embedder = token_embedder
 
     @property
     def faiss_index(self):
@@ -218,6 +243,9 @@ class HybridIndex:
         qdrant_api_key: str | None = None,
         qdrant_collection: str | None = None,
         file_hashes: dict[str, str] | None = None,
+        multivector: bool = False,
+        multivector_options: Mapping[str, Any] | None = None,
+        token_embedder=None,
     ) -> HybridIndex:
         """Index chunks for BM25 and dense search.
 
@@ -228,7 +256,10 @@ class HybridIndex:
         instead). Options are checked before anything is embedded. `backend="milvus"` keeps the vectors in Milvus at
         `milvus_uri`: a path ending in `.db` (Milvus Lite, no server) or `http(s)://host:19530`;
         `backend="qdrant"` in Qdrant at `qdrant_location`: ":memory:", a directory (embedded, no
-        server) or `http(s)://host:6333`, with `qdrant_api_key` for a secured server."""
+        server) or `http(s)://host:6333`, with `qdrant_api_key` for a secured server.
+        `multivector=True` also indexes every chunk's token vectors for MaxSim search
+        (`MultiVectorIndex.from_token_vectors` options in `multivector_options`: compression,
+        bits, nlist), encoded by `token_embedder` (default: the embedder's own encoder)."""
         if dense not in DENSE_KINDS:
             raise RagIndexError(f"dense index kind {dense!r} is not supported; accepted: {', '.join(DENSE_KINDS)}")
         if backend not in BACKENDS:
@@ -254,6 +285,10 @@ class HybridIndex:
         chunks = list(chunks)
         if not chunks:
             raise RagIndexError("no chunks to index; load and chunk at least one readable document first")
+        if multivector_options and not multivector:
+            raise RagIndexError("multivector_options were given but multivector=False; pass multivector=True")
+        if multivector and token_embedder is None:
+            token_embedder = token_embedder_for(embedder)
         if ivf_nprobe is not None and ivf_nprobe < 1:
             raise RagIndexError(f"IVF nprobe must be >= 1, got {ivf_nprobe}")
         if dense == "ivf" and ivf_nlist is not None and not 1 <= ivf_nlist <= len(chunks):
@@ -275,6 +310,11 @@ class HybridIndex:
         misses = cache.misses
         vectors = _unit_rows(cache.embed([c.embedding_text for c in chunks], embedder))
         ids = np.arange(len(chunks), dtype=np.int64)
+        tokens = None
+        if multivector:  # before any vector store is opened, so a bad option leaves nothing behind
+            tokens = MultiVectorIndex.build(
+                [c.embedding_text for c in chunks], ids, token_embedder, **dict(multivector_options or {})
+            )
         if backend == "faiss":
             store = FaissStore.create(vectors, ids, dense, hnsw_m=hnsw_m, ivf_nlist=ivf_nlist, ivf_nprobe=ivf_nprobe)
         elif backend == "qdrant":
@@ -303,7 +343,16 @@ class HybridIndex:
             )
             store.add(ids, vectors, chunks)
         index = cls(
-            chunks, vectors, embedder.name, dense, fit_bm25(chunks), store=store, ids=ids, file_hashes=file_hashes
+            chunks,
+            vectors,
+            embedder.name,
+            dense,
+            fit_bm25(chunks),
+            store=store,
+            ids=ids,
+            file_hashes=file_hashes,
+            multivector=tokens,
+            token_embedder=token_embedder,
         )
         index.last_build_embedded = cache.misses - misses
         return index
@@ -352,8 +401,14 @@ class HybridIndex:
                 f"the embedder gives {vectors.shape[1]}-dim vectors; this index holds {self.embeddings.shape[1]}-dim"
             )
         ids = np.arange(self.next_id, self.next_id + len(chunks), dtype=np.int64)
+        tokens = None
+        if self.multivector is not None and chunks:
+            # Encoded before anything changes, so a failure leaves the index as it was.
+            tokens = self.tokens_for(embedder).documents([c.embedding_text for c in chunks])
         self.next_id += len(chunks)
         self.store.add(ids, vectors, chunks)
+        if tokens is not None:
+            self.multivector.add(tokens, ids)
         self.chunks.extend(chunks)
         self.embeddings = np.concatenate([self.embeddings, vectors]) if len(self.embeddings) else vectors
         self.ids = np.concatenate([self.ids, ids])
@@ -363,6 +418,8 @@ class HybridIndex:
         if not mask.any():
             return 0
         self.store.remove(self.ids[mask])
+        if self.multivector is not None:
+            self.multivector.remove(self.ids[mask])
         self.chunks = [c for c, gone in zip(self.chunks, mask) if not gone]
         self.embeddings, self.ids = self.embeddings[~mask], self.ids[~mask]
         return int(mask.sum())
@@ -559,6 +616,52 @@ class HybridIndex:
 
         return list(self.query_cache.get_or_compute(self.version, ("sparse", query, k, _filter_key(checked)), compute))
 
+    def tokens_for(self, embedder: Embedder | None = None) -> TokenEmbedder:
+        """The token embedder of the multi-vector index (made from `embedder`'s encoder, with the
+        index's token window, the first time one is needed)."""
+        if self.token_embedder is None:
+            if embedder is None:
+                raise RagIndexError("this index has no token embedder yet; pass the embedder it was built with")
+            max_tokens = self.multivector.max_tokens if self.multivector is not None else None
+            self.token_embedder = token_embedder_for(embedder, max_tokens)
+        return self.token_embedder
+
+    def multivector_search(
+        self,
+        query_tokens: np.ndarray,
+        k: int,
+        filters: Filters | None = None,
+        *,
+        nprobe: int = DEFAULT_NPROBE,
+        candidates: int = DEFAULT_CANDIDATES,
+        exhaustive: bool = False,
+    ) -> list[tuple[int, float]]:
+        """(chunk position, MaxSim / query tokens) for the k best chunks by late interaction over
+        their stored token vectors (see `MultiVectorIndex.search` for the pruning options)."""
+        if self.multivector is None:
+            raise RagIndexError(
+                "this index has no token vectors for multi-vector search; build it with multivector=True "
+                "(`genforge rag index --multivector`)"
+            )
+        checked = check_filters(filters)
+        q = np.asarray(query_tokens, np.float32)
+        key = ("multivector", q.tobytes(), q.shape, k, nprobe, candidates, exhaustive, _filter_key(checked))
+
+        def compute():
+            allowed = self.ids[self._allowed_positions(checked)] if checked is not None else None
+            found = self.multivector.search(
+                q,
+                min(k, len(self.chunks)),
+                nprobe=nprobe,
+                candidates=candidates,
+                exhaustive=exhaustive,
+                allowed=allowed,
+            )
+            # Divided by the query's length: the same order, on a cosine scale like the dense scores.
+            return [(self._position_of(i), s / len(q)) for i, s in found]
+
+        return list(self.query_cache.get_or_compute(self.version, key, compute))
+
     def cached(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """The query-result cache for callers (e.g. a retriever caching whole fused results):
         `compute()` runs once per key until the index changes."""
@@ -580,6 +683,8 @@ class HybridIndex:
             dense = self.store.save(tmp)
             if self.bm25 is not None:
                 self.bm25.save(str(tmp / "bm25"))
+            if self.multivector is not None:
+                self.multivector.write(tmp / MULTIVECTOR_DIR)
             (tmp / "chunks.jsonl").write_text(
                 "".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in self.chunks)
             )
@@ -592,6 +697,7 @@ class HybridIndex:
                 "chunks": len(self.chunks),
                 "next_id": self.next_id,
                 "file_hashes": self.file_hashes,
+                "multivector": self.multivector is not None,
             }
             # The manifest is written last: a directory without one is never a finished index.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -654,8 +760,24 @@ class HybridIndex:
                 f"{directory}: the {spec['backend']} vector store holds {stored} vectors but the index "
                 f"has {len(chunks)} chunks; it was changed without saving this directory. Rebuild the index."
             )
+        tokens = None
+        if manifest.get("multivector"):
+            tokens = MultiVectorIndex.load(directory / MULTIVECTOR_DIR)
+            if not np.array_equal(tokens.ids, ids):
+                store.close()
+                raise RagIndexError(
+                    f"{directory}: the token vectors name other chunks than the index; it is damaged. Rebuild the index."
+                )
         index = cls(
-            chunks, embeddings, model, kind, bm25, store=store, ids=ids, file_hashes=manifest.get("file_hashes")
+            chunks,
+            embeddings,
+            model,
+            kind,
+            bm25,
+            store=store,
+            ids=ids,
+            file_hashes=manifest.get("file_hashes"),
+            multivector=tokens,
         )
         index.next_id = max(index.next_id, int(manifest.get("next_id", 0)))
         return index
