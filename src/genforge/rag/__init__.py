@@ -35,6 +35,7 @@ from .expand import Generator, GenforgeGenerator, OpenAIGenerator
 from .index import HybridIndex
 from .loaders import Document, load_documents
 from .memory import LongTermMemory, MemoryConfig, remember_session, summarize_session
+from .multivector import MultiVectorIndex
 from .rerank import CrossEncoderReranker, LateInteractionReranker, TokenEmbedder, maxsim
 from .retrieve import (
     Hit,
@@ -51,6 +52,7 @@ from .sessions import SessionStore, ask_in_session, forget_user, rewrite_followu
 from .stores import RagIndexError
 
 __all__ = [
+    "MultiVectorIndex",
     "forget_user",
     "summarize_session",
     "remember_session",
