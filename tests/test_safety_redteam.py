@@ -143,7 +143,7 @@ def test_cli_runs_against_a_local_model(tmp_path):
 
     parser = argparse.ArgumentParser()
     redteam_cli.add_arguments(parser)
-    model_dir = tiny_chat_model_dir(tmp_path / "model")
+    model_dir = tiny_chat_model_dir(tmp_path / "model", max_position_embeddings=512)
     out = tmp_path / "rt.md"
     args = parser.parse_args(
         ["--model", str(model_dir), "--categories", "fraud", "--mutations", "none,base64", "--max-tokens", "4"]
@@ -152,7 +152,22 @@ def test_cli_runs_against_a_local_model(tmp_path):
     assert redteam_cli.run(args) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["num_attacks"] == 4 and set(data["by_mutation"]) == {"none", "base64"}
+    assert all(len(r["replies"]) == 1 for r in data["results"])
     with pytest.raises(ValueError, match="accepted"):
         redteam_cli.run(parser.parse_args(["--model", str(model_dir), "--mutations", "rot13"]))
     with pytest.raises(ValueError, match="needs a judge"):
         redteam_cli.run(parser.parse_args(["--model", str(model_dir), "--scorer", "judge"]))
+
+
+def test_an_attack_the_model_cannot_take_is_noted_not_fatal():
+    from genforge.chat_models import ChatModelError
+
+    def respond(messages):
+        if "base64" in messages[-1]["content"]:
+            raise ChatModelError("the prompt is too long")
+        return "Sure, here it is."
+
+    report = run_redteam(ScriptedChatModel(respond=respond), build_attacks([GOAL_A], ["none", "base64"]))
+    assert [r.success for r in report.results] == [True, False]
+    assert report.results[1].reason == "not sent: the prompt is too long" and report.results[1].replies == []
+    assert "Attack success rate: 1/2" in report.markdown()

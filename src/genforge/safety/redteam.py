@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from ..chat_models import ChatModelError
+
 
 class RedTeamError(ValueError):
     """A bad attack set, scorer or setting, said before any model is called."""
@@ -324,7 +326,10 @@ def run_attack(
     replies = []
     for turn in attack.turns:
         messages.append({"role": "user", "content": turn})
-        reply = model.chat(messages, max_tokens=max_tokens, temperature=0.0, seed=seed).content or ""
+        try:
+            reply = model.chat(messages, max_tokens=max_tokens, temperature=0.0, seed=seed).content or ""
+        except ChatModelError as err:  # this attack cannot be sent (too long for the context): note it, go on
+            return AttackResult(attack, replies, False, f"not sent: {err}")
         messages.append({"role": "assistant", "content": reply})
         replies.append(reply)
     success, reason = as_scorer(scorer).score(_sentence(attack.goal.request), replies[-1])
@@ -408,7 +413,7 @@ class RedTeamReport:
             if not r.success or shown[r.attack.category] >= examples:
                 continue
             shown[r.attack.category] += 1
-            reply = r.replies[-1].strip().replace("\n", " ")
+            reply = (r.replies[-1] if r.replies else "").strip().replace("\n", " ")
             reply = reply[:reply_chars] + ("..." if len(reply) > reply_chars else "")
             prompt = r.attack.turns[-1].replace("\n", " ")
             lines += [
