@@ -89,6 +89,7 @@ def test_masked_token_logprobs_equal_a_masked_loop():
         masked_token_logprobs(tiny_model(), ids, positions, mask_id)
 
 
+@pytest.mark.slow  # a 30,522-token tiny encoder for MiniLM's real tokenizer: about 5 s on 2 busy cores
 def test_crows_pairs_scores_only_shared_tokens():
     from genforge.encoder import default_encoder_path
     from genforge.tokenizer import Tokenizer
