@@ -14,6 +14,7 @@ its flags, calls one library function and prints what happened:
     agent                                    genforge/agents/cli.py
     prompt                                   genforge/prompting/cli.py
     safety                                   genforge/safety/cli.py
+    model-card                               genforge/safety/card_cli.py
     serve, bench                             genforge/serve/cli.py
 
 Results go to stdout, everything else (progress, notes, errors) to stderr through
@@ -36,6 +37,7 @@ from .generate import cli as generate_cli
 from .prompting import cli as prompting_cli
 from .quantize import cli as quantize_cli
 from .rag import cli as rag_cli
+from .safety import card_cli
 from .safety import cli as safety_cli
 from .serve import cli as serve_cli
 from .train import cli as train_cli
@@ -53,6 +55,7 @@ SUBSYSTEMS = (
     agents_cli,
     prompting_cli,
     safety_cli,
+    card_cli,
     serve_cli,
 )
 

@@ -40,6 +40,13 @@ SAFETY_COMMANDS: dict[str, SafetyCommand] = {
     "restore": SafetyCommand(
         "pii_cli", "put back what a reversible redaction replaced (needs its vault and key)", {"pii_action": "restore"}
     ),
+    "redteam": SafetyCommand(
+        "redteam_cli", "attack a model (templates x goals x mutations) and report attack success rates"
+    ),
+    "bias": SafetyCommand(
+        "bias_cli",
+        "measure bias: WEAT/SEAT effect sizes, CrowS-Pairs pseudo-log-likelihood, counterfactual log-likelihoods",
+    ),
 }
 
 
