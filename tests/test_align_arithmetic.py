@@ -158,3 +158,18 @@ def test_dpo_raises_held_out_accuracy(tmp_path):
     by_sum = report.details["accuracy_after_by_sum"], report.details["accuracy_before_by_sum"]
     assert by_sum[0]["overflowing"] > by_sum[1]["overflowing"]  # what DPO fixed
     assert json.loads((tmp_path / "dpo" / "report.json").read_text())["accuracy_after"] == report.accuracy_after
+
+
+def test_bad_pretraining_settings_are_refused_before_training(tmp_path):
+    task = AdditionTask(digits=3)
+    for settings, message in [
+        (PretrainSettings(steps=0), "steps must be a positive integer"),
+        (PretrainSettings(imitation_steps=-1), "imitation_steps must be an integer >= 0"),
+        (PretrainSettings(seq_len=12), "seq_len 12 is shorter than one 3-digit example"),
+        (PretrainSettings(overflow_rate=1.5), "overflow_rate must be in"),
+    ]:
+        with pytest.raises(AdditionTaskError, match=message):
+            pretrain_addition(tmp_path / "base", task, settings)
+    assert not (tmp_path / "base").exists()
+    with pytest.raises(AdditionTaskError, match="has no addition_task.json"):
+        read_task(tmp_path)

@@ -443,19 +443,22 @@ def held_out_kl(
         eos_token_ids=[tokenizer.eos_token_id],
     )
     total, tokens = 0.0, 0
-    for model in (policy, reference):
-        model.eval()
-    for start in range(0, rollout.rows, batch_size):
-        part = slice(start, start + batch_size)
-        sequences, attention = rollout.sequences[part], rollout.attention_mask[part]
-        # Position t predicts token t + 1: the predictors of completion tokens.
-        predicts = rollout.completion_mask[part][:, 1:].bool()
-        policy_logp = F.log_softmax(policy(sequences, attention_mask=attention).logits[:, :-1][predicts].float(), -1)
-        reference_logp = F.log_softmax(
-            reference(sequences, attention_mask=attention).logits[:, :-1][predicts].float(), -1
-        )
-        total += float((policy_logp.exp() * (policy_logp - reference_logp)).sum())
-        tokens += int(predicts.sum())
+    modes = [model.training for model in (policy, reference)]
+    policy.eval(), reference.eval()
+    try:
+        for start in range(0, rollout.rows, batch_size):
+            part = slice(start, start + batch_size)
+            sequences, attention = rollout.sequences[part], rollout.attention_mask[part]
+            # Position t predicts token t + 1: the predictors of completion tokens.
+            predicts = rollout.completion_mask[part][:, 1:].bool()
+            policy_logp, reference_logp = (
+                F.log_softmax(model(sequences, attention_mask=attention).logits[:, :-1][predicts].float(), -1)
+                for model in (policy, reference)
+            )
+            total += float((policy_logp.exp() * (policy_logp - reference_logp)).sum())
+            tokens += int(predicts.sum())
+    finally:
+        policy.train(modes[0]), reference.train(modes[1])
     return total / max(tokens, 1)
 
 
