@@ -213,15 +213,16 @@ def entailment_equivalence(entails: Callable[[str, str], bool]) -> Equivalence:
 
 def cluster_answers(answers: Sequence[str], equivalent: Equivalence) -> list[int]:
     """Cluster id of each answer: an answer joins the first cluster whose first member it is
-    `equivalent` to, or starts a new one (Kuhn et al.'s algorithm 1). Ids count from 0 in
-    order of first appearance."""
+    `equivalent` to, or starts a new one (Kuhn et al.'s algorithm 1). Identical texts are
+    one meaning without asking `equivalent` (an NLI call saved). Ids count from 0 in order
+    of first appearance."""
     if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
         raise MetricError("answers must be a sequence of answer texts (str)")
     representatives: list[str] = []
     labels = []
     for answer in answers:
         for cluster, representative in enumerate(representatives):
-            if equivalent(answer, representative):
+            if answer == representative or equivalent(answer, representative):
                 labels.append(cluster)
                 break
         else:
