@@ -507,16 +507,20 @@ class DPSGD:
         return (loss_total / examples if examples else 0.0), tokens, metrics
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict(), "sample_rate": self.sample_rate, **_as_dict(self.config)}
+        return {
+            "accountant_state": self.accountant.state_dict(),
+            "sample_rate": self.sample_rate,
+            **_as_dict(self.config),
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Take a checkpoint's accountant; refuse one from a run with another sample rate or δ (the
         ε would then mix guarantees that do not compose as reported)."""
-        if not isinstance(state, Mapping) or "accountant" not in state:
+        if not isinstance(state, Mapping) or "accountant_state" not in state:
             raise PrivacyError("the checkpoint holds no DP-SGD state; it was written by a run without DP-SGD")
         if state.get("delta") != self.config.delta:
             raise PrivacyError(f"the checkpoint's run used delta {state.get('delta')}; resume with the same delta")
-        self.accountant.load_state_dict(state["accountant"])
+        self.accountant.load_state_dict(state["accountant_state"])
 
     def report(self, brief: bool = False) -> dict:
         """The guarantee so far: ε (RDP) at δ, and the settings it depends on."""
