@@ -27,6 +27,7 @@ Attacks (genforge.safety.membership), each scored by ROC AUC and TPR at 1% FPR:
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -156,7 +157,9 @@ def main() -> int:
                 inside[k, half] = True
             shadow_losses = np.stack(
                 [
-                    sequence_losses(train(recipe, candidates[torch.from_numpy(inside[k])], 10 + k, noise)[0], candidates)
+                    sequence_losses(
+                        train(recipe, candidates[torch.from_numpy(inside[k])], 10 + k, noise)[0], candidates
+                    )
                     for k in range(args.shadows)
                 ]
             )
@@ -204,6 +207,13 @@ def main() -> int:
     return 0
 
 
+def _cell(attacks: dict, name: str, key: str, percent: bool = False) -> str:
+    if name not in attacks:
+        return "–"
+    value = attacks[name][key]
+    return f"{value:.1%}" if percent else f"{value:.3f}"
+
+
 def markdown(result: dict) -> str:
     setup = result["setup"]
     lines = [
@@ -220,13 +230,7 @@ def markdown(result: dict) -> str:
     ]
     for row in result["rows"]:
         attacks = row["attacks"]
-
-        def cell(name, key, percent=False):
-            if name not in attacks:
-                return "–"
-            value = attacks[name][key]
-            return f"{value:.1%}" if percent else f"{value:.3f}"
-
+        cell = functools.partial(_cell, attacks)
         epsilon = "∞" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
         sigma = "–" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.2f}"
         lines.append(

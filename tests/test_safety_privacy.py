@@ -358,3 +358,23 @@ def test_finetune_with_dp_lora_trains_adapters_only(tmp_path):
     assert summary["privacy"]["epsilon"] == pytest.approx(result.privacy["epsilon"])
     with pytest.raises(FinetuneError, match="packing off"):
         finetune(FinetuneConfig(out_dir=tmp_path / "packed", dp_noise_multiplier=1.0, packing=True, **settings))
+
+
+def test_pretrain_command_with_dp_flags(tmp_path, capsys):
+    from finetune_shared import tiny_chat_model_dir
+
+    from genforge.cli import main
+
+    model_dir = tiny_chat_model_dir(tmp_path / "base")
+    (tmp_path / "corpus.txt").write_text("the key value cache keeps past keys and values so decoding is fast. " * 40)
+    base = ["pretrain", "--model", str(model_dir), "--text", str(tmp_path / "corpus.txt"), "--seq-len", "16"]
+    base += ["--batch-size", "2", "--warmup", "0", "--eval-every", "0", "--save-every", "0", "--steps", "2"]
+    dp = ["--dp-noise", "1.5", "--dp-max-grad-norm", "0.5", "--dp-delta", "1e-3"]
+    assert main(base + ["--out", str(tmp_path / "run"), *dp]) == 0
+    assert "DP-SGD: (epsilon " in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epsilon"] > 0 for r in records if "loss" in r] == [True, True]
+    with pytest.raises(SystemExit):  # argparse refuses a negative multiplier
+        main(base + ["--out", str(tmp_path / "bad"), "--dp-noise", "-1"])
+    assert main(base + ["--out", str(tmp_path / "bad"), "--dp-noise", "1", "--dp-delta", "0.5"]) == 2
+    assert "not below 1 /" in capsys.readouterr().err
