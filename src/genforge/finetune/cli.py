@@ -9,6 +9,7 @@ import argparse
 import json
 
 from ..console import console
+from ..safety.privacy_cli import add_dp_arguments
 
 
 def cmd_finetune(args) -> int:
@@ -66,6 +67,9 @@ def cmd_finetune(args) -> int:
         ewc_strength=args.ewc_strength,
         save_fisher=args.save_fisher,
         fisher_examples=args.fisher_examples,
+        dp_noise_multiplier=args.dp_noise,
+        dp_max_grad_norm=args.dp_max_grad_norm,
+        dp_delta=args.dp_delta,
     )
     check_config(config)  # before a process group is joined or a file read
     context, config.device = init_distributed(args.device)
@@ -82,6 +86,11 @@ def cmd_finetune(args) -> int:
             f"held-out loss {before} -> {after} ({result.held_out_examples} examples); "
             f"{result.tokens_per_s:,.0f} tok/s, peak RSS {result.peak_rss_mib:,.0f} MiB"
         )
+        if result.privacy is not None:
+            console.print(
+                f"DP-SGD: (epsilon {result.privacy['epsilon']:.3f}, delta {result.privacy['delta']:g}) after "
+                f"{result.privacy['steps']} steps"
+            )
         print(json.dumps(result.to_json()))
     return 0
 
@@ -221,6 +230,7 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     continual.add_argument(
         "--fisher-examples", type=int, default=256, help="examples the per-example Fisher is averaged over (at most)"
     )
+    add_dp_arguments(parser)
     parser.set_defaults(func=cmd_finetune)
 
 

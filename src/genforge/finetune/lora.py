@@ -233,8 +233,28 @@ def lora_update(
 
     One product makes every part's h = A x (the A stacked); each part's B product then adds
     into its rows of the output as it is computed. The backward makes each part's gradients from
-    its own rows alone: a fused layer (q, k, v in one) costs what PEFT's separate layers do."""
+    its own rows alone: a fused layer (q, k, v in one) costs what PEFT's separate layers do.
+
+    Under torch.func transforms (DP-SGD's per-example gradients, `vmap(grad(...))`) the same
+    update is made of plain operations, which those transforms see through."""
+    if torch._C._are_functorch_transforms_active():
+        return _composable_lora_update(x, base_output, parts, a, b)
     return _LoraUpdate.apply(x, base_output, tuple(parts), len(a), *a, *b)
+
+
+def _composable_lora_update(x, base_output, parts, a, b) -> torch.Tensor:
+    hidden = x @ torch.cat(tuple(a)).t()
+    pieces, row, column = [], 0, 0
+    for (start, rows, scale), part_b in zip(parts, b, strict=True):
+        if start > row:  # rows without an adapter
+            pieces.append(base_output[..., row:start])
+        rank = part_b.shape[1]
+        update = (hidden[..., column : column + rank] @ part_b.t()) * scale
+        pieces.append(base_output[..., start : start + rows] + update)
+        row, column = start + rows, column + rank
+    if row < base_output.shape[-1]:
+        pieces.append(base_output[..., row:])
+    return torch.cat(pieces, dim=-1)
 
 
 class _LoraUpdate(torch.autograd.Function):

@@ -101,6 +101,10 @@ class FinetuneConfig:
         `ewc_data`, the earlier task's file(s) to compute the Fisher from on the loaded model,
         applied with `ewc_strength`; `save_fisher` writes `out_dir/fisher.safetensors` at the
         end, the Fisher over at most `fisher_examples` of this run's training examples.
+    dp_noise_multiplier: train with DP-SGD (`genforge.safety.privacy`): Poisson batches of
+        expected size batch_size x grad_accum, each example's gradient clipped to
+        `dp_max_grad_norm`, Gaussian noise of this multiplier; ε at `dp_delta` is reported.
+        One example per row (packing off).
     """
 
     model_dir: str | Path
@@ -157,6 +161,9 @@ class FinetuneConfig:
     ewc_strength: float = EWC_STRENGTH
     save_fisher: bool = False
     fisher_examples: int = 256
+    dp_noise_multiplier: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float = 1e-5
 
     def files(self) -> list[Path]:
         return as_paths(self.data)
@@ -375,6 +382,7 @@ class FinetuneResult:
     tokens_per_s: float
     peak_rss_mib: float
     seconds: float
+    privacy: dict | None = None  # DP-SGD runs: epsilon at delta and its settings
 
     @property
     def trainable_share(self) -> float:
@@ -423,6 +431,10 @@ def check_config(config: FinetuneConfig) -> None:
             f"{len(config.data_weights)} mixture weights for {len(config.files())} data files; give one per file"
         )
     check_continual(config)
+    if config.dp_noise_multiplier is not None and config.packing:
+        raise FinetuneError(
+            "DP-SGD protects one example per row; packed rows mix several, so leave packing off with DP"
+        )
 
 
 def _teacher_records(config: FinetuneConfig, records: list, path: Path, resume: bool) -> list:
@@ -532,7 +544,8 @@ def finetune(
         config.num_virtual_tokens if method.prompt else 0
     )
     seq_len = config.seq_len if config.seq_len is not None else min(1024, context)
-    packing = config.packing if config.packing is not None else not method.prompt
+    private = config.dp_noise_multiplier is not None
+    packing = config.packing if config.packing is not None else not (method.prompt or private)
     train, held_out = _examples(config, tokenizer, seq_len, out_dir, resume)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     rows = SFTRows(train, seq_len, pad_id, packing=packing)
@@ -548,6 +561,11 @@ def finetune(
     if config.teacher is not None and config.distill == "soft":
         teacher = load_model(config.teacher, dtype=torch.float32)
     ewc = _ewc_penalty(config, model, tokenizer, seq_len)
+    privacy = None
+    if private:
+        from ..safety.privacy import DPSGD, DPConfig
+
+        privacy = DPSGD(DPConfig(config.dp_noise_multiplier, config.dp_max_grad_norm, config.dp_delta))
     train_config = TrainConfig(
         out_dir=out_dir,
         max_steps=config.max_steps,
@@ -578,6 +596,7 @@ def finetune(
         distributed=distributed,
         teacher=teacher,
         regularizer=ewc,
+        privacy=privacy,
     )
     summary_path = out_dir / "finetune.json"
     before = None
@@ -616,6 +635,7 @@ def finetune(
         tokens_per_s=speed,
         peak_rss_mib=_peak_rss_mib(),
         seconds=time.perf_counter() - started,
+        privacy=result.privacy,
     )
     if trainer.distributed.is_main:
         atomic_write_text(summary_path, json.dumps(outcome.to_json(), indent=2))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..console import console
+from ..safety.privacy_cli import add_dp_arguments, dp_config
 
 
 def _fraction_or_off(value: str) -> float | None:
@@ -215,6 +216,7 @@ def cmd_pretrain(args) -> int:
     if args.init_weights:
         _refuse_quantized_start(args.model)
     config.validate()  # before the text is tokenized and the model built
+    private = dp_config(args)
     # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA) and take this rank's GPU.
     context, config.device = init_distributed(args.device)
     try:
@@ -222,9 +224,15 @@ def cmd_pretrain(args) -> int:
         train_data, val_data = _training_data(args, tokenizer)
         torch.manual_seed(args.seed)  # the same initial weights on every rank and every run
         model = load_model(args.model) if args.init_weights else Transformer(read_config(args.model))
-        result = Trainer(model, train_data, config, val_data=val_data, tokenizer=tokenizer, distributed=context).train(
-            resume=args.resume
+        privacy = None
+        if private is not None:
+            from ..safety.privacy import DPSGD
+
+            privacy = DPSGD(private)
+        trainer = Trainer(
+            model, train_data, config, val_data=val_data, tokenizer=tokenizer, distributed=context, privacy=privacy
         )
+        result = trainer.train(resume=args.resume)
     finally:
         destroy_distributed()
     if context.is_main:
@@ -233,6 +241,12 @@ def cmd_pretrain(args) -> int:
             f"trained to step {result.step}; val loss {final.get('val_loss', float('nan')):.4f}, "
             f"perplexity {final.get('val_ppl', float('nan')):.2f}; model in {result.export_dir}"
         )
+        if result.privacy is not None:
+            console.print(
+                f"DP-SGD: (epsilon {result.privacy['epsilon']:.3f}, delta {result.privacy['delta']:g}) after "
+                f"{result.privacy['steps']} steps at sample rate {result.privacy['sample_rate']:.4g}, noise "
+                f"multiplier {result.privacy['noise_multiplier']:g}, clipping norm {result.privacy['max_grad_norm']:g}"
+            )
     return 0
 
 
@@ -497,6 +511,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=0.15,
         help="masked LM (encoders): share of tokens chosen for prediction",
     )
+    add_dp_arguments(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
 
     size = sub.add_parser(

@@ -30,6 +30,12 @@ trainer of `genforge.align`): its batches are dicts of tensors with one row per 
 step's loss is the mean over the step's examples (`StepObjective.weight`), and the rest of the
 step (accumulation, clipping, schedule, checkpoints, resume, metrics) is this loop's.
 
+A `privacy` seam (`GradientPrivacy`; DP-SGD, Abadi et al. 2016, is
+`genforge.safety.privacy.DPSGD`) replaces how a step draws its batch and makes its gradient:
+per-example gradients, clipped and noised, in place of the batch's backward and the global
+clipping; the optimizer, schedule, checkpoints (which carry its accountant) and metrics stay
+this loop's.
+
 Under `torchrun` (see `distributed.py`) every rank draws the same global batch from the same
 sampler and trains on its own contiguous slice; each rank's loss is its share of the global
 token sum, scaled by the world size because DDP/FSDP average gradients, so the step equals
@@ -212,12 +218,40 @@ class StepObjective(Protocol):
         ...
 
 
+class GradientPrivacy(Protocol):
+    """A private way to make each step's gradient (see the module doc): it draws the step's
+    batches and leaves the step's gradient in the trainable parameters' `.grad`."""
+
+    def check(self, trainer: Trainer) -> None:
+        """Raise a ValueError if this trainer's setup is not covered, before any work."""
+        ...
+
+    def draw_batches(self, trainer: Trainer) -> list:
+        """The step's batches (each from `trainer.train_data.batch`), the same on every rank."""
+        ...
+
+    def backward(self, trainer: Trainer, batches: list) -> tuple[float, int, dict[str, float]]:
+        """Set `.grad` for the step: (its loss, its input tokens, metrics to log)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs (JSON-serialisable): the accountant's history."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def report(self) -> dict:
+        """The guarantee so far, for the run's result."""
+        ...
+
+
 @dataclass
 class TrainResult:
     step: int
     losses: list[tuple[int, float]]  # (step, training loss) for every step this call ran
     evals: list[dict]  # {"step", "val_loss", "val_ppl"}
     export_dir: Path | None
+    privacy: dict | None = None  # the `privacy` seam's report (DP-SGD: epsilon, delta, ...)
 
 
 class Trainer:
@@ -243,6 +277,8 @@ class Trainer:
 
     `objective`: a `StepObjective` that replaces the token-level loss and evaluation (not with a
     teacher, a masked-LM encoder or FSDP).
+
+    `privacy`: a `GradientPrivacy` (DP-SGD) that draws each step's batches and makes its gradient.
     """
 
     def __init__(
@@ -256,6 +292,7 @@ class Trainer:
         teacher: Transformer | None = None,
         regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
         objective: StepObjective | None = None,
+        privacy: GradientPrivacy | None = None,
     ) -> None:
         config.validate()
         if objective is not None and (teacher is not None or not model.config.causal or config.fsdp):
@@ -316,10 +353,13 @@ class Trainer:
         self.teacher = teacher
         self.regularizer = regularizer
         self.objective = objective
+        self.privacy = privacy
+        if privacy is not None:
+            privacy.check(self)
         self._distill_parts = [0.0, 0.0]  # a step's cross-entropy and KD shares (with a teacher), for the metrics
         if teacher is not None:
             teacher.to(self.device).eval().requires_grad_(False)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and privacy is None:  # per-example gradients run under vmap: plain linears
             # torch's CPU fp32 matmul is MKL's AVX2 code on AMD CPUs; oneDNN's is about twice as
             # fast on a step's products (docs/training.md). Same parameters, same state dict.
             for module in (model, teacher):
@@ -556,6 +596,8 @@ class Trainer:
         the global micro-batches (every rank passes the same ones) and each rank trains on its
         slice. The `regularizer` (if any) adds its penalty once per step."""
         self.engine.train()
+        if self.privacy is not None:
+            return self._update(*self.privacy.backward(self, batches))
         if self.objective is not None:
             step_loss, tokens, extra = self._objective_backward(batches)
             return self._update(step_loss, tokens, extra)
@@ -628,7 +670,8 @@ class Trainer:
         """The optimizer step after the step's backward passes: clipping, AdamW, the schedule."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_gradients(self.model, self.config.grad_clip)
+        # A private gradient is bounded per example already; clipping its noise too would only shrink it.
+        grad_norm = clip_gradients(self.model, None if self.privacy is not None else self.config.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -642,6 +685,8 @@ class Trainer:
 
     def _next_batches(self) -> list[torch.Tensor]:
         """The step's global micro-batches; every rank draws the same ones from its own sampler copy."""
+        if self.privacy is not None:
+            return self.privacy.draw_batches(self)
         return [self.train_data.batch(self.sampler.take(self.config.batch_size)) for _ in range(self.config.grad_accum)]
 
     @torch.no_grad()
@@ -761,7 +806,8 @@ class Trainer:
             if main:
                 save_model(self._plain_model(full), export_dir, self.tokenizer)
             barrier(self.distributed)
-        return TrainResult(step=self.step, losses=losses, evals=evals, export_dir=export_dir)
+        report = self.privacy.report() if self.privacy is not None else None
+        return TrainResult(step=self.step, losses=losses, evals=evals, export_dir=export_dir, privacy=report)
 
     def _full_state_dict(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
         """Every parameter whole (FSDP gathers the shards; a collective all ranks join): on CPU
@@ -873,6 +919,8 @@ class Trainer:
                 "config": {k: getattr(self.config, k) for k in self._resume_invariants()},
                 "world_size": self.distributed.world_size,
             }
+            if self.privacy is not None:
+                state["privacy"] = self.privacy.state_dict()
             (staging / "state.json").write_text(json.dumps(state, indent=2))
             for path in staging.iterdir():
                 _fsync(path)
@@ -955,10 +1003,17 @@ class Trainer:
         ]
         if changed:
             raise TrainError(f"cannot resume: settings that decide the data order changed ({'; '.join(changed)})")
+        if ("privacy" in state) != (self.privacy is not None):
+            raise TrainError(
+                f"cannot resume: checkpoint {directory} was written "
+                f"{'with' if 'privacy' in state else 'without'} DP-SGD; resume the same way"
+            )
         if int(state["step"]) > self.config.max_steps:
             raise TrainError(
                 f"cannot resume: checkpoint is at step {state['step']}, beyond max_steps={self.config.max_steps}"
             )
+        if self.privacy is not None:  # checks its own state before taking it
+            self.privacy.load_state_dict(state["privacy"])
         # Everything read and checked: apply.
         self.sampler.load_state_dict(state["sampler"])
         if fsdp:
@@ -1052,4 +1107,4 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-__all__ = ["PRECISIONS", "StepObjective", "TrainConfig", "TrainError", "TrainResult", "Trainer"]
+__all__ = ["PRECISIONS", "GradientPrivacy", "StepObjective", "TrainConfig", "TrainError", "TrainResult", "Trainer"]
