@@ -40,6 +40,9 @@ SAFETY_COMMANDS: dict[str, SafetyCommand] = {
     "restore": SafetyCommand(
         "pii_cli", "put back what a reversible redaction replaced (needs its vault and key)", {"pii_action": "restore"}
     ),
+    "mia": SafetyCommand(
+        "privacy_cli", "membership inference: how well an attacker tells training members from non-members"
+    ),
     "redteam": SafetyCommand(
         "redteam_cli", "attack a model (templates x goals x mutations) and report attack success rates"
     ),
