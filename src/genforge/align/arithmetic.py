@@ -23,8 +23,9 @@ reward training uses, Shao et al. 2024, "DeepSeekMath"). Nothing is downloaded:
   vocabulary (16 entries here) rather than estimated (k1/k3) from the sampled token alone.
 - `dpo_on_addition`: DPO on (correct > incorrect) pairs built from the base's own samples of
   training problems (`preference_pairs_from_samples`), trained by `align.preference`, and its
-  `AlignmentReport` (held-out accuracy before and after, the KL). Another method (GRPO) takes
-  the same base and reports through `evaluate_alignment`, which makes the same report.
+  `AlignmentReport` (held-out accuracy before and after, the KL).
+- `grpo_on_addition`: GRPO from the same base with `exact_match_reward` (`align.grpo`),
+  reported through the same `evaluate_alignment`.
 """
 
 from __future__ import annotations
@@ -692,6 +693,80 @@ def dpo_on_addition(
     }
     report = evaluate_alignment(
         "dpo",
+        base_dir,
+        result.output_dir,
+        task.problems("held_out", held_out),
+        time.perf_counter() - started,
+        details,
+        seed=settings.seed,
+    )
+    atomic_write_text(out_dir / "report.json", json.dumps(report.to_json(), indent=2))
+    return report
+
+
+@dataclass
+class GRPOSettings:
+    """GRPO on `prompts` training problems per run: `steps` steps of `prompts_per_step` prompts
+    with `samples_per_prompt` samples each at `temperature`, rewarded by `exact_match_reward`,
+    over `method` (default: every weight; LoRA barely moves a model this small), with the
+    k3 KL penalty `beta` to the base."""
+
+    prompts: int = 600
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    method: str = "full"
+    beta: float = 0.04
+    lr: float = 1e-4
+    steps: int = 30
+    seed: int = 0
+
+
+def grpo_on_addition(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    settings: GRPOSettings | None = None,
+    held_out: int = 500,
+    progress: bool = False,
+) -> AlignmentReport:
+    """GRPO on the addition task from a base made by `pretrain_addition`, with the exact-match
+    reward: the base samples groups of answers to training problems, the right ones are
+    reinforced against their group (`align.grpo`). Reports like `dpo_on_addition` and writes
+    the run under `out_dir/grpo/` and `out_dir/report.json`."""
+    from .grpo import GRPOConfig, train_grpo
+
+    settings = settings or GRPOSettings()
+    started = time.perf_counter()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    task = read_task(base_dir)
+    # Another stream than pretraining's: prompts the base was not trained on, still training-split.
+    problems = task.problems("train", settings.prompts, stream=2)
+    result = train_grpo(
+        base_dir,
+        [{"prompt": p.prompt} for p in problems],
+        exact_match_reward,
+        GRPOConfig(
+            out_dir=out_dir / "grpo",
+            method=settings.method,
+            prompts_per_step=settings.prompts_per_step,
+            samples_per_prompt=settings.samples_per_prompt,
+            max_new_tokens=task.digits + 2,  # the answer, one column wider, and <eos>
+            temperature=settings.temperature,
+            beta=settings.beta,
+            lr=settings.lr,
+            max_steps=settings.steps,
+            seed=settings.seed,
+            progress=progress,
+        ),
+    )
+    details = {
+        "settings": asdict(settings),
+        "first_step_reward": result.first_reward,
+        "last_step_reward": result.last_reward,
+        "steps": result.steps,
+    }
+    report = evaluate_alignment(
+        "grpo",
         base_dir,
         result.output_dir,
         task.problems("held_out", held_out),
