@@ -15,9 +15,28 @@
 - `rollout`, `ppo`, `grpo`, `rewards`: online RL. Batched rollouts; PPO with a value head, GAE
   and an adaptive KL controller; GRPO with group-normalised advantages; reward functions
   (exact match, format, a reward model, unit tests, or your own).
+- `arithmetic`: an embedded addition task where DPO and GRPO visibly work.
+- `constitutional`: critique-and-revise pairs from written principles (Bai et al. 2022).
 - `cli`: `genforge align {reward,dpo,...,kto,...}`, one registry entry per method.
 """
 
+from .arithmetic import (
+    AdditionProblem,
+    AdditionTask,
+    AlignmentReport,
+    DPOSettings,
+    GRPOSettings,
+    PretrainSettings,
+    addition_tokenizer,
+    dpo_on_addition,
+    evaluate_alignment,
+    exact_match_accuracy,
+    grpo_on_addition,
+    held_out_kl,
+    preference_pairs_from_samples,
+    pretrain_addition,
+)
+from .constitutional import CritiqueSettings, Principle, constitutional_pairs, load_principles, load_prompts
 from .data import (
     PreferenceDataError,
     PreferenceDataset,
@@ -90,6 +109,25 @@ from .reward_train import RewardConfig, RewardResult, RewardTrainingError, train
 from .rewards import exact_match_reward, extract_answer, format_reward, reward_model_reward, unit_test_reward
 
 __all__ = [
+    "load_prompts",
+    "load_principles",
+    "constitutional_pairs",
+    "Principle",
+    "CritiqueSettings",
+    "preference_pairs_from_samples",
+    "pretrain_addition",
+    "held_out_kl",
+    "grpo_on_addition",
+    "exact_match_accuracy",
+    "evaluate_alignment",
+    "dpo_on_addition",
+    "addition_tokenizer",
+    "PretrainSettings",
+    "GRPOSettings",
+    "DPOSettings",
+    "AlignmentReport",
+    "AdditionProblem",
+    "AdditionTask",
     "ValueHead",
     "FixedKLController",
     "AdaptiveKLController",

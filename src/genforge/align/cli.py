@@ -48,6 +48,9 @@ ALIGN_COMMANDS: dict[str, AlignCommand] = {
     "orpo": _preference("orpo", "ORPO: SFT plus an odds-ratio term, no reference model (Hong et al. 2024)"),
     "simpo": _preference("simpo", "SimPO: length-normalised margin, no reference model (Meng et al. 2024)"),
     "kto": AlignCommand("kto", "KTO on unpaired desirable / undesirable completions (Ethayarajh et al. 2024)"),
+    "critique": AlignCommand(
+        "constitutional", "constitutional AI: critique and revise answers by written principles into preference pairs"
+    ),
     "ppo": AlignCommand("ppo", "PPO (RLHF): a value head, GAE and an adaptive KL penalty to the reference"),
     "grpo": AlignCommand(
         "grpo", "GRPO: group-normalised advantages from reward functions, no value model (Shao et al. 2024)"
