@@ -7,9 +7,9 @@ base and reports the same `AlignmentReport`: greedy exact match on held-out prob
 after, and the mean per-token KL of the aligned model to the base on its own samples of
 held-out prompts (exact over the vocabulary).
 
-Methods (`METHODS`): DPO on (correct > incorrect) pairs from the base's own samples. A method
-is a function (base_dir, out_dir, args) -> AlignmentReport; GRPO with `exact_match_reward`
-joins as one more entry, ending with `arithmetic.evaluate_alignment` like `run_dpo`.
+Methods (`METHODS`): DPO on (correct > incorrect) pairs from the base's own samples, and GRPO
+with the exact-match reward on groups of the model's own samples. A method is a function
+(base_dir, out_dir, args) -> AlignmentReport ending with `arithmetic.evaluate_alignment`.
 
     python benchmarks/align_addition.py                 # 3 digits, a few minutes on a CPU
     python benchmarks/align_addition.py --digits 2      # the test's setting, under a minute
@@ -34,9 +34,11 @@ from genforge.align.arithmetic import (
     AdditionTask,
     AlignmentReport,
     DPOSettings,
+    GRPOSettings,
     PretrainSettings,
     accuracy_interval,
     dpo_on_addition,
+    grpo_on_addition,
     pretrain_addition,
     read_task,
 )
@@ -60,8 +62,13 @@ def run_dpo(base_dir: Path, out_dir: Path, args) -> AlignmentReport:
     return dpo_on_addition(base_dir, out_dir, settings, held_out=args.held_out)
 
 
-# method name -> (base_dir, out_dir, args) -> AlignmentReport. GRPO plugs in here.
-METHODS: dict[str, Callable[[Path, Path, argparse.Namespace], AlignmentReport]] = {"dpo": run_dpo}
+def run_grpo(base_dir: Path, out_dir: Path, args) -> AlignmentReport:
+    settings = GRPOSettings(steps=args.grpo_steps, lr=args.grpo_lr, seed=args.seed)
+    return grpo_on_addition(base_dir, out_dir, settings, held_out=args.held_out)
+
+
+# method name -> (base_dir, out_dir, args) -> AlignmentReport.
+METHODS: dict[str, Callable[[Path, Path, argparse.Namespace], AlignmentReport]] = {"dpo": run_dpo, "grpo": run_grpo}
 
 
 def markdown(result: dict) -> str:
@@ -112,7 +119,9 @@ def main() -> None:
     parser.add_argument("--dpo-prompts", type=int, default=DPOSettings.prompts)
     parser.add_argument("--dpo-steps", type=int, default=DPOSettings.steps)
     parser.add_argument("--dpo-lr", type=float, help="default: 3e-4 for 2 digits, 1e-4 for 3")
-    parser.add_argument("--beta", type=float, default=DPOSettings.beta)
+    parser.add_argument("--beta", type=float, default=DPOSettings.beta, help="DPO's beta")
+    parser.add_argument("--grpo-steps", type=int, default=GRPOSettings.steps)
+    parser.add_argument("--grpo-lr", type=float, default=GRPOSettings.lr)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: these models are per-op overhead)"

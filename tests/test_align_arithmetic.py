@@ -15,10 +15,12 @@ from genforge.align.arithmetic import (
     AdditionTask,
     AdditionTaskError,
     DPOSettings,
+    GRPOSettings,
     PretrainSettings,
     addition_tokenizer,
     dpo_on_addition,
     exact_match_reward,
+    grpo_on_addition,
     held_out_kl,
     parse_prompt,
     preference_pairs_from_samples,
@@ -143,21 +145,46 @@ def test_pairs_from_samples_prefer_the_sum(tmp_path, tokenizer):
 # 40.0% -> 71.0%, 56.0% -> 87.7% (+19.3, +25.0, +31.0, +31.7 points). The bar sits below the worst.
 DPO_MIN_GAIN = 0.12
 
+# GRPO's gain with GRPO_TEST_STEPS steps (lr 1e-3, 16 prompts x 8 samples a step, beta 0.04), measured
+# with seeds 0, 1, 2: MEASURED. The bar sits below the worst.
+GRPO_TEST_STEPS = 40
+GRPO_MIN_GAIN = 0.10
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The 2-digit base (learnt addition, then the buggy adder's habit), shared by DPO and GRPO."""
+    directory = tmp_path_factory.mktemp("addition") / "base"
+    return directory, pretrain_addition(directory, AdditionTask(digits=2), PretrainSettings())
+
 
 @pytest.mark.slow
-def test_dpo_raises_held_out_accuracy(tmp_path):
-    record = pretrain_addition(tmp_path / "base", AdditionTask(digits=2), PretrainSettings())
-    assert read_task(tmp_path / "base") == AdditionTask(digits=2)
+def test_dpo_raises_held_out_accuracy(base, tmp_path):
+    base_dir, record = base
+    assert read_task(base_dir) == AdditionTask(digits=2)
     # The buggy adder's habit took accuracy down from learnt addition to about the share of
     # sums that do not overflow: room for alignment.
     assert record["dev_accuracy_pretrained"] > 0.65 and 0.3 < record["dev_accuracy"] < 0.65
-    report = dpo_on_addition(tmp_path / "base", tmp_path / "dpo", DPOSettings(), held_out=300)
+    report = dpo_on_addition(base_dir, tmp_path / "dpo", DPOSettings(), held_out=300)
     assert 0.3 < report.accuracy_before < 0.65
     assert report.accuracy_after - report.accuracy_before >= DPO_MIN_GAIN
     assert 0 < report.kl_to_reference < 1.0
     by_sum = report.details["accuracy_after_by_sum"], report.details["accuracy_before_by_sum"]
     assert by_sum[0]["overflowing"] > by_sum[1]["overflowing"]  # what DPO fixed
     assert json.loads((tmp_path / "dpo" / "report.json").read_text())["accuracy_after"] == report.accuracy_after
+
+
+@pytest.mark.slow
+def test_grpo_with_the_exact_match_reward_raises_held_out_accuracy(base, tmp_path):
+    base_dir, _ = base
+    report = grpo_on_addition(base_dir, tmp_path / "grpo", GRPOSettings(steps=GRPO_TEST_STEPS, lr=1e-3), held_out=300)
+    assert 0.3 < report.accuracy_before < 0.65
+    assert report.accuracy_after - report.accuracy_before >= GRPO_MIN_GAIN
+    assert 0 < report.kl_to_reference < 1.0
+    # The reward the policy sampled rose over the run, and the held-out gain is on the overflowing sums.
+    assert report.details["last_step_reward"] > report.details["first_step_reward"]
+    by_sum = report.details["accuracy_after_by_sum"], report.details["accuracy_before_by_sum"]
+    assert by_sum[0]["overflowing"] > by_sum[1]["overflowing"]
 
 
 def test_bad_pretraining_settings_are_refused_before_training(tmp_path):

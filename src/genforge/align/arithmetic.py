@@ -717,8 +717,8 @@ class GRPOSettings:
     temperature: float = 1.0
     method: str = "full"
     beta: float = 0.04
-    lr: float = 1e-4
-    steps: int = 30
+    lr: float = 3e-4
+    steps: int = 100
     seed: int = 0
 
 
