@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 LONG_TEXT_CHARS = 4000
-WINDOW_CHARS = 1500
+WINDOW_CHARS = 1000
 CHUNK_ACTIONS = ("flag", "drop", "quote")
 HEADS_FILE = "injection_heads.json"
 TRAINING_FILE = "injection_train.jsonl"
@@ -80,12 +80,23 @@ class _Rule:
     name: str
     category: str
     pattern: re.Pattern
+    anchors: tuple[str, ...]  # literal pieces, one of which every match contains: a cheap prefilter
     strong: bool = True
     requires: re.Pattern | None = None  # a second pattern that must match somewhere in the same view
 
 
-def _rule(name: str, category: str, pattern: str, strong: bool = True, requires: str | None = None) -> _Rule:
-    return _Rule(name, category, re.compile(pattern), strong, re.compile(requires) if requires else None)
+def _rule(
+    name: str, category: str, pattern: str, anchors: tuple[str, ...], strong: bool = True, requires: str | None = None
+) -> _Rule:
+    return _Rule(name, category, re.compile(pattern), anchors, strong, re.compile(requires) if requires else None)
+
+
+# Substring tests run at memchr speed; a regex attempted at every position of a megabyte does
+# not, so a rule whose anchors are all absent is skipped.
+_NOUN_ANCHORS = (
+    "instruction", "directive", "direction", "rule", "guideline", "prompt", "order", "command", "programming",
+    "restriction", "constraint", "polic", "configuration", "safeguard", "filter", "guardrail", "training",
+)  # fmt: skip
 
 
 RULES = (
@@ -93,6 +104,7 @@ RULES = (
         "ignore_instructions",
         "instruction_override",
         rf"\b(?:{_OVERRIDE_VERB})\W+{_GAP}(?:{_PRIOR})\W+{_SHORT_GAP}(?:{_RULES_NOUN})\b",
+        _NOUN_ANCHORS,
     ),
     _rule(
         "instructions_void",
@@ -100,24 +112,28 @@ RULES = (
         rf"\b(?:previous|prior|earlier|above|old|your)\W+{_SHORT_GAP}(?:{_RULES_NOUN})\W+{_SHORT_GAP}"
         r"(?:are|were|is|have been)\W+(?:now\W+)?(?:void|cancelled|canceled|irrelevant|outdated|obsolete|a test|revoked|"
         r"no longer (?:apply|valid|relevant))",
+        ("void", "cancel", "irrelevant", "outdated", "obsolete", "a test", "revoked", "no longer"),
     ),
     _rule(
         "foreign_override",
         "instruction_override",
         r"\b(?:ignora|ignore[zs]?|olvida|oublie[zs]?|ignoriere|vergiss|ignorare|dimentica)\W+(?:todas?|toutes?|tous|alle|tutte|"
         r"las|les|die)\W+(?:\w+\W+){0,2}?(?:instrucciones|instructions|anweisungen|regeln|istruzioni|reglas|règles)",
+        ("instruc", "anweisung", "regeln", "istruzioni", "reglas", "règles"),
     ),
     _rule(
         "disable_safeguards",
         "instruction_override",
         r"\b(?:disable|turn off|switch off|remove|deactivate|bypass|drop|lift|cancel|override)\W+"
         rf"{_SHORT_GAP}(?:safety|safeguards|content (?:filter|filtering|policy)|restrictions|filters|guardrails|censorship)\b",
+        ("safety", "safeguard", "content ", "restriction", "filter", "guardrail", "censorship"),
     ),
     _rule(
         "priority_claim",
         "instruction_override",
         r"\b(?:supersedes?|overrides?|takes? priority over|replaces?)\W+(?:all|any|every|your)\W+"
         r"(?:other\W+|previous\W+|prior\W+)?(?:instructions?|rules|directives|orders)",
+        ("supersede", "override", "priority", "replace"),
     ),
     _rule(
         "jailbreak_persona",
@@ -126,6 +142,28 @@ RULES = (
         r"(?:no|without any|without|free of all|freed from(?: all)?|not bound by any) (?:rules|restrictions|limits|limitations|"
         r"filters|morals|ethics|ethical guidelines|content guidelines|policy|polic(?:y|ies))|never (?:refuses?|says? no)|"
         r"refuses? nothing|broken free|answers? (?:everything|any(?:thing| request| question))|stays? in (?:character|role))\b",
+        (
+            "dan",
+            "mode",
+            "jailbr",
+            "unfiltered",
+            "uncensored",
+            "unrestricted",
+            "rules",
+            "restriction",
+            "limit",
+            "filter",
+            "moral",
+            "ethic",
+            "polic",
+            "guideline",
+            "refuse",
+            "never say",
+            "broken free",
+            "answer",
+            "in character",
+            "in role",
+        ),
         requires=r"\b(?:you are|you're|act as|act like|pretend|role-?play|imagine you|play (?:a|the) (?:character|role)|"
         r"from now on|become|assume the persona|stay in (?:character|role)|you have two|respond twice|answer as|"
         r"simulate|channel|enable|activate|enter)\b",
@@ -135,6 +173,7 @@ RULES = (
         "roleplay_jailbreak",
         r"\b(?:act as|pretend to be|play|be)\W+my\W+(?:late|dead|deceased)\W+(?:grand(?:ma|mother|pa|father)|"
         r"mother|father|uncle|aunt)",
+        ("late", "dead", "deceased"),
     ),
     _rule(
         "reveal_prompt",
@@ -143,12 +182,14 @@ RULES = (
         r"summari[sz]e|encode|write (?:down|out)|give me|share)\W+"
         rf"{_GAP}your\W+{_SHORT_GAP}(?:system\W+|initial\W+|hidden\W+|secret\W+|original\W+|confidential\W+|"
         r"pre-?)?(?:prompt|instructions|rules|system message|configuration|directives|guidelines)\b",
+        ("prompt", "instructions", "rules", "system message", "configuration", "directives", "guidelines"),
     ),
     _rule(
         "repeat_above",
         "prompt_extraction",
         r"\b(?:repeat|print|output|copy|write down|show|display)\W+(?:all\W+|out\W+)?(?:the\W+)?(?:text|words|everything|"
         r"instructions|content|messages?|lines)\W+(?:\w+\W+){0,2}?(?:above|before (?:this|my first)|prior to)",
+        ("above", "before this", "before my first", "prior to"),
     ),
     _rule(
         "addressed_to_ai",
@@ -156,30 +197,35 @@ RULES = (
         rf"(?:\b(?:note|message|instructions?|notice|attention|reminder)\W+(?:to|for)\W+(?:the\W+|any\W+|all\W+)?"
         rf"(?:reading\W+|automated\W+)?(?:{_AI})\b|\bif you are an?\W+(?:{_AI})\b|\b(?:dear|hey|attention)\W+(?:{_AI})\b|"
         rf"\b(?:any|all|to the)\W+(?:{_AI})\W+(?:that\W+|who\W+)?(?:reads?|reading|processe?s?|processing|summari[sz]ing|browsing)\b)",
+        ("ai", "a.i.", "assistant", "chat", "llm", "model", "agent", "bot", "gpt"),
     ),
     _rule(
         "fake_system_marker",
         "indirect_injection",
         r"(?:\[(?:system|instructions? for the (?:model|ai|assistant))\]|<\|?im_start\|?>|<\|system\|>|"
         r"#{2,}\W*(?:new\W+)?system\W+(?:instructions|prompt)|<!--\W*(?:assistant|ai|system|to the assistant)\b)",
+        ("[system", "[instruction", "im_start", "<|system", "##", "<!--"),
     ),
     _rule(
         "exfiltration_link",
         "exfiltration",
         r"!\[[^\]\n]{0,100}\]\(https?://[^)\s]{1,200}\?[^)\s]{0,200}=|"
         r"\b(?:image|link|url|webhook)\W+(?:\w+\W+){0,3}?https?://\S{1,200}\?(?:q|d|data|log)=",
+        ("http",),
     ),
     _rule(
         "send_history",
         "exfiltration",
         r"\b(?:send|forward|email|exfiltrate|upload|post)\W+(?:\w+\W+){0,4}?(?:conversation|chat history|history|inbox|"
         r"passwords?|emails|private documents|files|personal (?:details|data))\b",
+        ("conversation", "history", "inbox", "password", "emails", "documents", "files", "personal"),
         strong=False,
     ),
     _rule(
         "new_instructions",
         "instruction_override",
         r"\b(?:new|updated|real|actual|true)\W+(?:system\W+)?(?:instructions|task|objective|priority)\b\W{0,3}(?:are|is|:)",
+        ("instructions", "task", "objective", "priority"),
         strong=False,
     ),
 )
@@ -249,7 +295,7 @@ def match_rules(revealed: Revealed, max_hits_per_rule: int = 3) -> list[RuleHit]
     # The normalised text is lower-cased once; leetspeak is a 1:1 translation of it, so the
     # quoted regions found in one hold for the other.
     lower = revealed.text.lower()
-    regions = _quoted_spans(lower)
+    regions: list[tuple[int, int]] | None = None  # found on the first hit: most texts have none
     views = [("text", lower)]
     if revealed.leet is not None:
         views.append(("leetspeak", revealed.leet))
@@ -257,6 +303,8 @@ def match_rules(revealed: Revealed, max_hits_per_rule: int = 3) -> list[RuleHit]
     seen: set[tuple[str, str]] = set()
     for view, text in views:
         for rule in RULES:
+            if not any(anchor in text for anchor in rule.anchors):
+                continue
             if rule.requires is not None and rule.requires.search(text) is None:
                 continue
             for n, match in enumerate(rule.pattern.finditer(text)):
@@ -266,6 +314,8 @@ def match_rules(revealed: Revealed, max_hits_per_rule: int = 3) -> list[RuleHit]
                 if (rule.name, match.group()) in seen:
                     continue
                 seen.add((rule.name, match.group()))
+                if regions is None:
+                    regions = _quoted_spans(lower)
                 quoted = view in ("text", "leetspeak") and _inside(match.span(), regions)
                 hits.append(RuleHit(rule.name, rule.category, view, match.group()[:200], quoted, rule.strong))
     return hits

@@ -10,10 +10,12 @@ base64, or in Unicode tag characters that render as nothing (the "ASCII smugglin
   overrides, tag characters), and look-alike letters from other scripts mapped to Latin
   (a small confusables table in the spirit of Unicode TR39) when the text is mostly Latin;
 - ``leet``: ``text`` lower-cased with leetspeak digits and symbols read as letters, built only
-  when enough words mix letters and digits;
+  when enough words mix letters and digits (judged on the first and last 20,000 characters);
 - ``payloads``: what base64 runs and tag-character runs decode to, when that is readable text.
 
-Everything is a single pass or a ``str.translate`` over the input, and every regex here is
+Runs of combining marks are first cut to 30 (Unicode's stream-safe format), because NFKC's
+canonical reordering is quadratic in a run's length (40,000 stacked marks took 7 s). After
+that, everything is a single pass over the input, and every regex here is
 free of nested quantifiers, so the cost is linear in the text's length (a megabyte takes
 milliseconds), whatever the text holds.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import string
 import unicodedata
@@ -50,8 +53,14 @@ CONFUSABLES = {
     **dict(zip("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧ", "ABEZHIKMNOPTYX")),
     **dict(zip("ıȷℓ", "ijl")),
 }
-_CONFUSABLE_TABLE = str.maketrans(CONFUSABLES)
-_STRIP_TABLE = str.maketrans({c: None for c in INVISIBLE_CHARACTERS})
+# Regexes rather than str.translate with a dict: translate looks every character of a
+# non-ASCII text up in the dict, several times slower on a megabyte than one regex pass.
+_CONFUSABLE_RUN = re.compile("[" + "".join(CONFUSABLES) + "]")
+_INVISIBLE_RUN = re.compile("[" + "".join(sorted(INVISIBLE_CHARACTERS)) + "]+")
+# Unicode's stream-safe format (UAX #15) allows at most 30 combining marks in a row; longer runs
+# only stack marks (a "Zalgo" flood), and NFKC's canonical reordering is quadratic in a run's length.
+_MAX_COMBINING_RUN = 30
+_LEET_SAMPLE = 20_000  # characters read from each end to decide whether a text is leetspeak
 # Leetspeak digits and symbols as the letters they stand for (one reading of each).
 _LEET_TABLE = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i"})
 _LEET_WORD = re.compile(r"\b(?=[a-z]{0,20}[0-9@$])(?=[0-9@$!]{0,20}[a-z])[a-z0-9@$!]{3,24}\b")
@@ -79,6 +88,21 @@ class Revealed:
             out.append(("leetspeak", self.leet))
         out += [(encoding, decoded) for encoding, decoded in self.payloads]
         return out
+
+
+@functools.cache
+def _combining_runs() -> re.Pattern:
+    """Runs of more than `_MAX_COMBINING_RUN` combining marks (non-zero canonical combining
+    class, from this Python's Unicode tables; built once, on first use)."""
+    ranges, start = [], None
+    for code in range(0x110000 + 1):
+        inside = code <= 0x10FFFF and unicodedata.combining(chr(code)) != 0
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            ranges.append(f"{re.escape(chr(start))}-{re.escape(chr(code - 1))}")
+            start = None
+    return re.compile(f"([{''.join(ranges)}]{{{_MAX_COMBINING_RUN}}})[{''.join(ranges)}]+")
 
 
 def _decode_tags(text: str) -> tuple[str, str]:
@@ -135,14 +159,19 @@ def reveal(text: str) -> Revealed:
     invisible = sum(visible.count(ch) for ch in INVISIBLE_CHARACTERS if ch in visible)
     if invisible:
         tricks["bidi_controls" if any(ch in visible for ch in _BIDI) else "zero_width"] = invisible
-        visible = visible.translate(_STRIP_TABLE)
-    normal = unicodedata.normalize("NFKC", visible)
-    if normal != visible:
+        visible = _INVISIBLE_RUN.sub("", visible)
+    if not visible.isascii():
+        capped = _combining_runs().sub(r"\1", visible)
+        if len(capped) != len(visible):
+            tricks["combining_flood"] = len(visible) - len(capped)
+            visible = capped
+    normal = visible if unicodedata.is_normalized("NFKC", visible) else unicodedata.normalize("NFKC", visible)
+    if normal is not visible:
         tricks["nfkc"] = 1  # NFKC changes lengths, so a count of changed characters is not defined
     # Counting with str.count keeps the pass in C: a Python loop over a megabyte takes a tenth of a second.
-    changed = sum(normal.count(ch) for ch in CONFUSABLES if ch in normal)
+    changed = len(_CONFUSABLE_RUN.findall(normal))
     if changed:
-        mapped = normal.translate(_CONFUSABLE_TABLE)
+        mapped = _CONFUSABLE_RUN.sub(lambda m: CONFUSABLES[m.group()], normal)
         lowered = mapped.lower()
         latin = sum(lowered.count(ch) for ch in string.ascii_lowercase)
         # Mostly-Latin text with foreign look-alikes is a trick; Russian or Greek prose is not,
@@ -152,12 +181,14 @@ def reveal(text: str) -> Revealed:
             normal = mapped
     lower = normal.lower()
     leet = None
-    leet_words = len(_LEET_WORD.findall(lower))
-    if leet_words and leet_words >= 0.2 * (leet_words + len(_WORD.findall(lower))):
+    sample = lower if len(lower) <= 2 * _LEET_SAMPLE else lower[:_LEET_SAMPLE] + " " + lower[-_LEET_SAMPLE:]
+    leet_words = len(_LEET_WORD.findall(sample))
+    if leet_words and leet_words >= 0.2 * (leet_words + len(_WORD.findall(sample))):
         leet = lower.translate(_LEET_TABLE)
         tricks["leetspeak"] = leet_words
     for decoded in _base64_payloads(visible):
-        payloads.append(("base64", unicodedata.normalize("NFKC", decoded).translate(_CONFUSABLE_TABLE)))
+        decoded = unicodedata.normalize("NFKC", decoded)
+        payloads.append(("base64", _CONFUSABLE_RUN.sub(lambda m: CONFUSABLES[m.group()], decoded)))
     if any(name == "base64" for name, _ in payloads):
         tricks["base64"] = sum(name == "base64" for name, _ in payloads)
     return Revealed(original=text, text=normal, leet=leet, payloads=payloads, tricks=tricks)
