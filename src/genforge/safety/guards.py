@@ -325,11 +325,14 @@ class OutputFilter:
         config = self.guards.config
         flags: list[list[str]] = [[] for _ in segments]
         if config.output:
+            # Each segment alone (so benign context cannot dilute it) and with the tail of what
+            # came before (so harm split over two segments is seen whole).
             windows, tail = [], self.released_tail
             for segment in segments:
-                windows.append(tail + segment)
+                windows += [segment, tail + segment]
                 tail = (tail + segment)[-_CONTEXT_CHARS:]
-            flags = self.guards.output_flags(windows)
+            pairs = self.guards.output_flags(windows)
+            flags = [sorted(set(pairs[2 * i]) | set(pairs[2 * i + 1])) for i in range(len(segments))]
         released = []
         for segment, found in zip(segments, flags):
             if found:

@@ -14,8 +14,9 @@ Each head has its own threshold, chosen by cross-validated F1; a text is flagged
 category reaches its threshold.
 
 Texts are normalised first (`obfuscation.reveal`: look-alike letters, zero-width characters),
-and a long text is scored window by window (`WINDOW_CHARS`, at most `MAX_WINDOWS` spread over
-it), each category taking its highest window, so harm late in a long text is not averaged away.
+and a text over `WINDOW_CHARS` is scored sentence by sentence (distinct sentences only, at most
+`MAX_WINDOWS` of them spread evenly over a longer text), each category taking its highest
+sentence, so one harmful sentence is not averaged away by the text around it.
 
 `openai_response` writes OpenAI's ``/v1/moderations`` body. OpenAI's subcategories
 (``violence/graphic``, ``self-harm/intent``, ``sexual/minors``, ...) and ``harassment`` are
@@ -25,6 +26,7 @@ not modelled: they are present with false and 0.0, so clients that read them sti
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,8 +69,10 @@ OPENAI_CATEGORIES = (
 MODEL_NAME = "genforge-moderation-minilm"
 HEADS_FILE = "moderation_heads.json"
 TRAINING_FILE = "moderation_train.jsonl"
-WINDOW_CHARS = 1000
-MAX_WINDOWS = 8
+WINDOW_CHARS = 300
+MAX_WINDOWS = 64
+_SHORT_SENTENCE = 24  # characters; shorter sentences are read with the next
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
 @dataclass
@@ -114,12 +118,29 @@ def load_moderation_set(path: str | Path | None = None) -> list[dict]:
 
 
 def _windows(text: str) -> list[str]:
+    """A text over `WINDOW_CHARS` as its distinct sentences (a longer one cut, a very short one
+    joined to the next), at most `MAX_WINDOWS` of them spread evenly over the text. One sentence
+    per window keeps a harmful sentence from being diluted by the benign text around it (a
+    sentence vector is a mean); repeated sentences are scored once."""
     if len(text) <= WINDOW_CHARS:
         return [text]
-    count = min(MAX_WINDOWS, -(-len(text) // WINDOW_CHARS))
-    last = len(text) - WINDOW_CHARS
-    starts = sorted({round(i * last / (count - 1)) for i in range(count)})
-    return [text[s : s + WINDOW_CHARS] for s in starts]
+    windows: dict[str, None] = {}
+    pending = ""
+    for sentence in _SENTENCE_BREAK.split(text):
+        sentence = f"{pending} {sentence}" if pending else sentence
+        pending = ""
+        if len(sentence) < _SHORT_SENTENCE:
+            pending = sentence
+            continue
+        for start in range(0, len(sentence), WINDOW_CHARS):
+            windows.setdefault(sentence[start : start + WINDOW_CHARS])
+    if pending:
+        windows.setdefault(pending)
+    distinct = list(windows)
+    if len(distinct) > MAX_WINDOWS:
+        step = (len(distinct) - 1) / (MAX_WINDOWS - 1)
+        distinct = [distinct[round(i * step)] for i in range(MAX_WINDOWS)]
+    return distinct
 
 
 class Moderator:
