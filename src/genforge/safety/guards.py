@@ -185,11 +185,7 @@ def pii_redactor(style: str = "placeholder", types: Sequence[str] | None = None)
 
     def redact(text: str) -> tuple[str, list[str]]:
         redaction = redact_pii(text, style=style, types=list(types) if types is not None else None)
-        kinds = [
-            str(getattr(f, "type", None) or getattr(f, "entity_type", None) or getattr(f, "kind", "PII"))
-            for f in redaction.findings
-        ]
-        return redaction.text, kinds
+        return redaction.text, [finding.type for finding in redaction.findings]
 
     return redact
 
