@@ -156,9 +156,10 @@ HOSTILE = {
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_a_megabyte_of_hostile_input_gets_a_clear_result_in_linear_time(rules_only, detector, name):
     text = HOSTILE[name]
-    start = time.perf_counter()
+    # CPU time of this process: the wall clock also counts whatever else the machine runs.
+    start = time.process_time()
     result = rules_only.scan(text)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert isinstance(result.flagged, bool)
     assert seconds < 1.0, f"{name}: {seconds:.2f} s for 1 MB"
     # With the classifier: a bounded amount of encoder work on top (two windows).

@@ -239,3 +239,16 @@ def test_guard_config_from_spec_and_file(tmp_path):
     path = path.rename(tmp_path / "guards.json")
     with pytest.raises(ValueError, match="input_action 'warn' is not supported; accepted: block, flag"):
         GuardConfig.from_file(path)
+
+
+def test_the_output_filter_with_the_real_pii_redactor():
+    pii = pytest.importorskip("genforge.safety.pii", reason="safety/pii.py is merged separately")
+    assert pii.redact_pii  # the entry point the guards import
+    from genforge.safety.guards import Guards
+
+    guards = Guards(GuardConfig(pii=True, hold_chars=24))
+    out = guards.output_filter()
+    pieces = [out.feed(piece) for piece in ("Write to ann.lee@", "example.com today. ", "Then rest.")]
+    released = "".join(pieces) + out.feed("", final=True)
+    assert "ann.lee@example.com" not in released and "<EMAIL_1>" in released
+    assert [e.found for e in out.events if e.guard == "pii"] == [["EMAIL"]]

@@ -298,8 +298,10 @@ class OutputFilter:
             if ends:
                 cut = ends[-1]  # the last boundary within the hold window
             elif len(buffer) - start >= hold:
-                space = buffer.rfind(" ", start + hold // 2, start + hold)
-                cut = space + 1 if space > start else start + hold
+                # No sentence end: cut after the last space, so a word (an email, a card number)
+                # is never split between two checks; a space-free run is cut at the limit.
+                space = buffer.rfind(" ", start, start + hold)
+                cut = space + 1 if space >= start else start + hold
             elif final:
                 cut = len(buffer)
             else:

@@ -70,7 +70,7 @@ MODEL_NAME = "genforge-moderation-minilm"
 HEADS_FILE = "moderation_heads.json"
 TRAINING_FILE = "moderation_train.jsonl"
 WINDOW_CHARS = 300
-MAX_WINDOWS = 64
+MAX_WINDOWS = 32
 _SHORT_SENTENCE = 24  # characters; shorter sentences are read with the next
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 
