@@ -23,6 +23,12 @@ one quoted from the passages that best support what the generator wrote (a corre
 the spirit of RARR, Gao et al. 2023, "Attributed Text Generation via Post-hoc Research and
 Revision", without a second model). `Answer.unsupported_action` says which happened.
 
+Retrieved passages can carry instructions meant for the model (indirect prompt injection,
+Greshake et al. 2023). With `AnswerConfig.injected_passages` set, each retrieved passage is
+screened (`safety.injection.screen_chunks`) and a flagged one is kept and recorded ("flag"),
+removed before answering ("drop"), or fenced as quoted data in the generative prompt ("quote");
+`Answer.injected` lists what was found and done.
+
 When retrieval confidence (the best cosine between the question and a retrieved chunk) is under
 `min_confidence`, the answer says the sources do not cover the question instead of guessing.
 The default threshold is calibrated on the seeds evaluation queries against off-topic
@@ -48,6 +54,7 @@ DEFAULT_MIN_CONFIDENCE = 0.27
 DEFAULT_SUPPORT_THRESHOLD = 0.5
 ANSWER_MODES = ("extractive", "generative")
 UNSUPPORTED_POLICIES = ("flag", "drop", "extractive")
+INJECTED_PASSAGE_POLICIES = ("off", "flag", "drop", "quote")
 # What `Answer.unsupported_action` can say: nothing to do, or which policy acted.
 UNSUPPORTED_ACTIONS = ("none", "flagged", "dropped", "extractive_fallback")
 
@@ -238,6 +245,7 @@ class Answer:
     unsupported_action: str = "none"  # one of UNSUPPORTED_ACTIONS
     removed: list[AnswerSentence] = field(default_factory=list)  # generated sentences dropped or replaced
     memories: list[str] = field(default_factory=list)  # long-term memories shown to the generator
+    injected: list[dict] = field(default_factory=list)  # passages the injection screen flagged, and what was done
 
     @property
     def text(self) -> str:
@@ -272,6 +280,7 @@ class Answer:
             "citations": [asdict(c) for c in self.citations],
             "removed_sentences": [asdict(s) for s in self.removed],
             "memories": list(self.memories),
+            "injected_passages": list(self.injected),
         }
 
 
@@ -379,6 +388,7 @@ class AnswerConfig:
     search: dict = field(default_factory=dict)  # extra Retriever.search options (fusion, rerank, ...)
     unsupported: str = "flag"  # what to do with unsupported sentences: one of UNSUPPORTED_POLICIES
     fallback_passages: int = 2  # passages the extractive fallback quotes from
+    injected_passages: str = "off"  # passages carrying instructions: one of INJECTED_PASSAGE_POLICIES
 
     def __post_init__(self) -> None:
         if self.mode not in ANSWER_MODES:
@@ -393,6 +403,11 @@ class AnswerConfig:
             raise ValueError(
                 f"unsupported-sentence policy {self.unsupported!r} is not supported; "
                 f"accepted: {', '.join(UNSUPPORTED_POLICIES)}"
+            )
+        if self.injected_passages not in INJECTED_PASSAGE_POLICIES:
+            raise ValueError(
+                f"injected-passage policy {self.injected_passages!r} is not supported; "
+                f"accepted: {', '.join(INJECTED_PASSAGE_POLICIES)}"
             )
         if self.fallback_passages <= 0:
             raise ValueError(f"fallback_passages must be positive, got {self.fallback_passages}")
@@ -439,6 +454,9 @@ class Answerer:
         query = (query or question).strip()
         cfg = self.config
         hits = self.retriever.search(query, k=cfg.k, **cfg.search)
+        injected: list[dict] = []
+        if cfg.injected_passages != "off" and hits:
+            hits, injected = self._screen(hits)
         confidence = self.retriever.confidence(query, hits)
         if not hits or confidence < cfg.min_confidence:
             answer = self._answer(question, [], [], False, confidence, query)
@@ -447,7 +465,31 @@ class Answerer:
         else:
             answer = self._handle_unsupported(self._generative(question, query, hits, confidence, memories), hits)
         answer.memories = list(memories)
+        answer.injected = injected
         return answer
+
+    def _screen(self, hits: Sequence[Hit]) -> tuple[list[Hit], list[dict]]:
+        """Indirect-injection screen of retrieved passages under the configured policy."""
+        from ..safety.injection import screen_chunks
+
+        kept, found = [], []
+        for hit, screened in zip(hits, screen_chunks([h.chunk.text for h in hits], self.config.injected_passages)):
+            if screened.action != "kept":
+                found.append(
+                    {
+                        "chunk_id": hit.chunk.chunk_id,
+                        "source": hit.chunk.source,
+                        "action": screened.action,
+                        "score": round(screened.result.score, 4),
+                        "categories": screened.result.categories,
+                    }
+                )
+            if screened.action == "dropped":
+                continue
+            if screened.action == "quoted":
+                hit.details["injection"] = "quoted"
+            kept.append(hit)
+        return kept, found
 
     def _handle_unsupported(self, answer: Answer, hits: Sequence[Hit]) -> Answer:
         """Apply the configured policy to an answer's unsupported sentences."""
@@ -507,7 +549,12 @@ class Answerer:
         blocks = []
         for n, h in enumerate(hits, 1):
             title = f" ({h.chunk.title})" if h.chunk.title else ""
-            blocks.append(f"[{n}] {Path(h.chunk.source).name}{title}\n{h.chunk.text[: self.config.passage_chars]}")
+            text = h.chunk.text[: self.config.passage_chars]
+            if h.details.get("injection") == "quoted":
+                from ..safety.injection import quote_as_data
+
+                text = quote_as_data(text, "passage")
+            blocks.append(f"[{n}] {Path(h.chunk.source).name}{title}\n{text}")
         prompt = GENERATIVE_PROMPT.format(passages="\n\n".join(blocks), question=question)
         if memories:
             # Background about the user, kept apart from the passages: it may shape the answer

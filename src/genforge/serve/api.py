@@ -12,7 +12,14 @@ Routes follow the OpenAI REST reference, so any OpenAI client works against the 
   LoRA adapter over a generation model, or stop; requests then pick it by ``model`` as
   ``base:adapter`` (or the adapter's own name, or a ``lora`` field), in the same batches as the
   base's requests (`finetune.multi_lora`);
+- ``POST /v1/moderations``: OpenAI's moderation endpoint, answered by genforge's moderation
+  heads (`safety.moderation`);
 - ``GET /health`` and ``GET /metrics`` (Prometheus).
+
+With ``guards`` (`safety.guards.GuardConfig`; ``genforge serve --guard input,output,pii``),
+prompts are scanned for injection before they run (blocked: a 400 with code
+``prompt_injection``), outputs are moderated as they stream (stopped: ``finish_reason:
+"content_filter"``) and PII is redacted from outputs and guard logs; see `guarding`.
 
 Streaming is server-sent events (one ``data: {json}`` chunk per engine step with new text,
 ending with ``data: [DONE]``); with ``stream_options.include_usage`` a last chunk carries
@@ -52,6 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..finetune.lora import LoraError
 from .embeddings import embeddings_response
 from .errors import OpenAIError, bad, http_error_to_openai, internal_error, validation_to_openai
+from .guarding import ServerGuards, moderation_response
 from .limits import RateLimit
 from .metrics import CONTENT_TYPE_LATEST, route_label
 from .payloads import CHAT, COMPLETION
@@ -92,6 +100,7 @@ def create_app(
     eos_token_ids: Mapping[str, Sequence[int]] | None = None,
     drain_timeout: float = 30.0,
     clock: Callable[[], float] = time.monotonic,
+    guards: Any = None,
 ) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an ``AsyncEngine``).
 
@@ -102,6 +111,8 @@ def create_app(
     address without keys). ``max_queue``: sequences in flight at once, running or waiting
     (None: unbounded). ``request_timeout``: seconds a request may take (None: no limit).
     ``max_model_len`` and ``eos_token_ids`` default to what each engine reports.
+    ``guards``: a `safety.guards.GuardConfig` (or a built `guarding.ServerGuards`) turning the
+    input, output and PII guards on; None: no guards.
     """
     state = ServerState.build(
         engine,
@@ -123,6 +134,9 @@ def create_app(
         # so by now in-flight requests have finished (or their clients have gone).
         state.draining = True
         await engine.shutdown(drain_timeout=drain_timeout)
+
+    if guards is not None:
+        state.guards = guards if isinstance(guards, ServerGuards) else ServerGuards(guards, state.metrics.registry)
 
     app = FastAPI(
         title="genforge",
@@ -200,14 +214,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, _: str = Depends(admit)):
         model, adapter = state.generation_target(body.model, body.lora)
+        events = await state.guards.check_request(body) if state.guards is not None else []
         prompts, texts = completion_prompts(body, state.tokenizers[model])
         prepared = prepare(model, body, prompts, texts, body.logprobs, None, "prompt", state.limits(model))
         prepared.echo, prepared.score_only, prepared.adapter = body.echo, body.max_tokens == 0, adapter
-        return await run(state, COMPLETION, prepared, request)
+        return await run(state, COMPLETION, prepared, request, events)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, _: str = Depends(admit)):
         model, adapter = state.generation_target(body.model, body.lora)
+        events = await state.guards.check_request(body) if state.guards is not None else []
         tokenizer = state.tokenizers[model]
         tools = tool_request(body, tokenizer)
         prompt, text = chat_prompt(body, tokenizer, model, tools)
@@ -221,7 +237,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         prepared.adapter = adapter
         if tools is not None and tools.choice.mode != "none":
             prepared.tool_format = tools.format
-        return await run(state, CHAT, prepared, request)
+        return await run(state, CHAT, prepared, request, events)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoraAdapterRequest, _: str = Depends(admit)):
@@ -247,6 +263,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         await state.engine.unload_adapter(model, name)
         state.metrics.http_requests.labels("/v1/unload_lora_adapter", "200").inc()
         return {"object": "lora_adapter", "id": f"{model}:{name}", "lora_name": name, "model": model, "deleted": True}
+
+    @app.post("/v1/moderations")
+    async def moderations(request: Request, _: str = Depends(admit)):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise bad("the request body is not valid JSON; send an object with an 'input'") from None
+        response = await moderation_response(body, state.guards, state.moderation_lock)
+        state.metrics.http_requests.labels("/v1/moderations", "200").inc()
+        return response
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, _: str = Depends(admit)):

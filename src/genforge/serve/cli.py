@@ -75,6 +75,20 @@ def _rates(text: str) -> list[float]:
     return rates
 
 
+def _guard_config(args):
+    """`--guard` and `--guard-config` -> a `GuardConfig` (None: no guards). The file's settings
+    come first; `--guard` adds guards to it."""
+    if not args.guard and not args.guard_config:
+        return None
+    from ..safety.guards import GuardConfig
+
+    config = GuardConfig.from_file(args.guard_config) if args.guard_config else GuardConfig()
+    if args.guard:
+        for name in GuardConfig.from_spec(args.guard).enabled:
+            setattr(config, name, True)
+    return config
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -96,6 +110,7 @@ def cmd_serve(args) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
     keys = _api_keys(args)
+    guards = _guard_config(args)
     engine_options = {
         "block_size": args.block_size,
         "num_blocks": args.num_blocks,
@@ -132,7 +147,10 @@ def cmd_serve(args) -> int:
             max_queue=args.max_queue,
             request_timeout=args.timeout,
             drain_timeout=args.drain_timeout,
+            guards=guards,
         )
+    if guards is not None:
+        console.print(f"guards on: {', '.join(guards.enabled) or 'none'} (report: x-genforge-guard header)")
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(
             f"[yellow]warning: listening on {args.host} without API keys: anyone who can reach the port "
@@ -259,6 +277,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="on shutdown, seconds to let in-flight requests finish (default 30)",
     )
     net.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    safety = serve.add_argument_group("safety guards (docs/safety.md)")
+    safety.add_argument(
+        "--guard",
+        default=None,
+        metavar="GUARDS",
+        help="comma-separated guards to turn on: input (prompt-injection scan: 400 on injection), output "
+        "(moderation while streaming: stops with finish_reason content_filter), pii (redact PII in outputs and logs)",
+    )
+    safety.add_argument(
+        "--guard-config",
+        default=None,
+        metavar="FILE",
+        help="guard settings as JSON, TOML or YAML: {guards: [...], input: {action: block|flag, threshold}, "
+        "output: {action, categories, thresholds}, pii: {style, types, redact_input}, hold_chars}",
+    )
     engine = serve.add_argument_group("engine")
     engine.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     engine.add_argument(

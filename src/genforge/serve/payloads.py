@@ -267,7 +267,7 @@ class StreamChunks:
             else None
         )
 
-    def _chunk(self, choice_list: list[dict]) -> str:
+    def _chunk(self, choice_list: list[dict], extra: dict | None = None) -> str:
         usage_field = {"usage": None} if self.prepared.include_usage else {}
         return sse(
             {
@@ -278,6 +278,7 @@ class StreamChunks:
                 "system_fingerprint": None,
                 "choices": choice_list,
                 **usage_field,
+                **(extra or {}),
             }
         )
 
@@ -296,9 +297,10 @@ class StreamChunks:
                     ]
                 )
 
-    def output(self, index: int, output: RequestOutput) -> Iterator[str]:
+    def output(self, index: int, output: RequestOutput, extra: dict | None = None) -> Iterator[str]:
         """The events for one engine output of choice ``index`` (as `Choice.add` returned it);
-        an output the server aborted raises a 503 `OpenAIError` instead."""
+        an output the server aborted raises a 503 `OpenAIError` instead. ``extra``: top-level
+        fields for the chunk carrying this output (the guards' report)."""
         prepared = self.prepared
         if prepared.echo and index not in self.echoed:
             # The prompt first, with its logprobs, which come with a choice's first output.
@@ -344,7 +346,7 @@ class StreamChunks:
         else:
             entry["text"] = output.text
         entry["logprobs"] = lp
-        yield self._chunk([entry])
+        yield self._chunk([entry], extra)
 
     def closing(self) -> Iterator[str]:
         """The usage chunk, when asked for (``stream_options.include_usage``)."""

@@ -12,17 +12,19 @@ runs for it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .engine import Request as EngineRequest
 from .engine import RequestOutput
 from .errors import OpenAIError, engine_error, internal_error
+from .guarding import GUARD_HEADER, StreamGuard, header_value, report
 from .metrics import route_label
 from .payloads import CHAT, DONE_EVENT, Choice, StreamChunks, full_response, sse
 from .preparation import Prepared
@@ -153,13 +155,20 @@ class RequestRun:
             self._queued = 0
         await self.fanout.aclose()
 
+    def stop(self, index: int) -> None:
+        """Stop one choice's engine request (a guard ended it); the others run on."""
+        self.fanout.tasks[index].cancel()
+
     def check_not_aborted(self) -> None:
         if any(c.finish_reason == "abort" for c in self.choices):
             raise OpenAIError(503, "the request was aborted by the server (shutting down); retry", "server_error")
 
 
-async def run(state: ServerState, kind: str, prepared: Prepared, request: Request) -> dict | Response:
-    """Run a prepared request and answer it: a whole body, or a stream of events."""
+async def run(
+    state: ServerState, kind: str, prepared: Prepared, request: Request, guard_events: Sequence[Any] = ()
+) -> dict | Response:
+    """Run a prepared request and answer it: a whole body, or a stream of events.
+    ``guard_events``: what the input guards did before (reported with the answer)."""
     sequences = len(prepared.params)
     if not state.queue.try_enter(sequences):
         raise OpenAIError(
@@ -185,21 +194,41 @@ async def run(state: ServerState, kind: str, prepared: Prepared, request: Reques
     finally:
         watcher.cancel()
     route = route_label(request)
+    guards = state.guards
     if not prepared.stream:
         await job.close()
         job.check_not_aborted()
+        events = list(guard_events)
+        if guards is not None and guards.filters_output:
+            events += await guards.filter_choices(job.choices)
         state.metrics.http_requests.labels(route, "200").inc()
-        return full_response(kind, job.request_id, prepared, job.choices, state.tokenizers[prepared.model])
+        body = full_response(kind, job.request_id, prepared, job.choices, state.tokenizers[prepared.model])
+        if guards is None:
+            return body
+        body["guard"] = report(events)
+        return JSONResponse(body, headers={GUARD_HEADER: header_value(events)})
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    stream_guard = None
+    if guards is not None:
+        headers[GUARD_HEADER] = header_value(guard_events)
+        if guards.filters_output:
+            stream_guard = guards.stream_guard(len(job.choices))
     return StreamingResponse(
-        _events(job, first, route),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        _events(job, first, route, stream_guard, list(guard_events)), media_type="text/event-stream", headers=headers
     )
 
 
-async def _events(job: RequestRun, first: tuple[int, RequestOutput], route: str) -> AsyncIterator[str]:
+async def _events(
+    job: RequestRun,
+    first: tuple[int, RequestOutput],
+    route: str,
+    guard: StreamGuard | None = None,
+    guard_events: list | None = None,
+) -> AsyncIterator[str]:
     """The events of a streamed response, from its first output on; errors once the headers
-    are sent are reported in-band, as an error event before ``[DONE]``."""
+    are sent are reported in-band, as an error event before ``[DONE]``. With a ``guard``, each
+    choice's text is held back until checked; the chunk that finishes a choice carries the
+    guards' report in a ``guard`` field."""
     state = job.state
     chunks = StreamChunks(job.kind, job.request_id, job.prepared, job.choices, state.tokenizers[job.prepared.model])
     try:
@@ -208,8 +237,12 @@ async def _events(job: RequestRun, first: tuple[int, RequestOutput], route: str)
         item = first
         while True:
             index, output = item
-            for event in chunks.output(index, job.record(index, output)):
-                yield event
+            if guard is None:
+                for event in chunks.output(index, job.record(index, output)):
+                    yield event
+            elif not guard.stopped(index):  # outputs already queued for a stopped choice are dropped
+                for event in await _guarded_output(job, chunks, guard, guard_events or [], index, output):
+                    yield event
             try:
                 async with asyncio.timeout_at(job.deadline):
                     item = await job.fanout.__anext__()
@@ -232,3 +265,23 @@ async def _events(job: RequestRun, first: tuple[int, RequestOutput], route: str)
     finally:
         await job.close()
     yield DONE_EVENT
+
+
+async def _guarded_output(
+    job: RequestRun, chunks: StreamChunks, guard: StreamGuard, guard_events: list, index: int, output: RequestOutput
+) -> list[str]:
+    """The events for one engine output after the output guards: released text only, and a
+    ``content_filter`` finish (and the engine request stopped) when a guard stops the choice."""
+    shown = job.record(index, output)
+    text, stopped, _ = await guard.feed(index, shown.text, shown.finished)
+    if stopped:
+        job.choices[index].finish_reason = "content_filter"
+        job.stop(index)
+        shown = dataclasses.replace(shown, text="", finished=True, finish_reason="content_filter")
+    else:
+        shown = dataclasses.replace(shown, text=text)
+    extra = None
+    if shown.finished:
+        events = guard_events + [e for e in guard.events if e.detail.get("choice") == index]
+        extra = {"guard": report(events)}
+    return list(chunks.output(index, shown, extra))

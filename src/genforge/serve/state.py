@@ -44,6 +44,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False  # set once the server stops: new requests get a 503
     embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    guards: Any = None  # a guarding.ServerGuards when safety guards are on (create_app's `guards`)
+    moderation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def build(
