@@ -1,6 +1,8 @@
 """Safety and privacy: guardrails, differential privacy in training, membership inference,
 red-teaming, bias measurement and model cards. See docs/safety.md.
 
+- `injection`, `moderation`, `guards`: prompt-injection and jailbreak detection, moderation
+  categories, and the guards `genforge serve --guard` runs on requests and responses.
 - `pii`, `pii_ner`: personal data found (validated patterns, an optional name model on
   genforge's BERT) and redacted (mask, placeholder, pseudonym, reversible with a vault).
 - `privacy`: DP-SGD (per-sample gradients, clipping, noise, Poisson sampling) and its RDP
@@ -12,6 +14,8 @@ red-teaming, bias measurement and model cards. See docs/safety.md.
 """
 
 from .bias import CLASSIC_TESTS, counterfactual_loglikelihoods, crows_pairs, run_association_test, weat
+from .guards import GuardConfig, Guards, OutputFilter, RedactingLogFilter
+from .injection import InjectionDetector, InjectionResult, quote_as_data, scan_injection, screen_chunks
 from .membership import (
     MembershipError,
     evaluate_attack,
@@ -21,6 +25,8 @@ from .membership import (
     sequence_losses,
 )
 from .model_card import build_model_card, write_model_card
+from .moderation import CATEGORIES, ModerationResult, Moderator, moderate
+from .obfuscation import reveal
 from .pii import (
     PII_TYPES,
     REDACTION_STYLES,
@@ -55,6 +61,20 @@ from .redteam import (
 )
 
 __all__ = [
+    "moderate",
+    "ModerationResult",
+    "Moderator",
+    "CATEGORIES",
+    "quote_as_data",
+    "screen_chunks",
+    "scan_injection",
+    "InjectionResult",
+    "InjectionDetector",
+    "reveal",
+    "RedactingLogFilter",
+    "OutputFilter",
+    "Guards",
+    "GuardConfig",
     "CLASSIC_TESTS",
     "DPSGD",
     "PII_TYPES",

@@ -40,6 +40,12 @@ SAFETY_COMMANDS: dict[str, SafetyCommand] = {
     "restore": SafetyCommand(
         "pii_cli", "put back what a reversible redaction replaced (needs its vault and key)", {"pii_action": "restore"}
     ),
+    "injection": SafetyCommand(
+        "guard_cli", "scan text for prompt injection and jailbreaks", {"guard_action": "injection"}
+    ),
+    "moderate": SafetyCommand(
+        "guard_cli", "moderate text: violence, self-harm, sexual, hate, illicit", {"guard_action": "moderate"}
+    ),
     "mia": SafetyCommand(
         "privacy_cli", "membership inference: how well an attacker tells training members from non-members"
     ),
