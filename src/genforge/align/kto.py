@@ -60,11 +60,11 @@ from ..jsonl import json_objects
 from ..quantize.saved import read_quantization_config
 from ..tokenizer import ChatTemplateError, Tokenizer
 from ..train.distributed import DistributedContext, all_reduce_sum
-from ..train.trainer import TrainConfig, Trainer
+from ..train.trainer import Trainer
 from .data import OVERFLOW_MODES, PreferenceDataError, parse_preference_record
 from .logprobs import completion_logprobs
 from .losses import PreferenceLoss, kto_loss
-from .preference import PREFERENCE_LR, PREFERENCE_METHODS, reference_logprobs
+from .preference import PREFERENCE_LR, PREFERENCE_METHODS, finetune_settings, reference_logprobs, train_settings
 
 REFERENCE_FILE = "reference_logps.safetensors"
 SUMMARY_FILE = "kto.json"
@@ -668,7 +668,7 @@ def train_kto(config: KTOConfig, resume: bool = False, distributed: DistributedC
     metrics.jsonl, loss_curve.png), `reference_logps.safetensors` and `kto.json`, the result.
     Under torchrun rank 0 writes the files."""
     from ..finetune.lora import trainable_parameter_count
-    from ..finetune.run import METHODS, FinetuneConfig, _peak_rss_mib
+    from ..finetune.run import METHODS, _peak_rss_mib
 
     check_config(config)
     started = time.perf_counter()
@@ -689,38 +689,12 @@ def train_kto(config: KTOConfig, resume: bool = False, distributed: DistributedC
 
     model = load_model(config.model_dir, dtype=torch.float32)
     torch.manual_seed(config.seed)  # the adapter's initial weights: the same in every run and on every rank
-    settings = FinetuneConfig(
-        model_dir=config.model_dir,
-        data=config.data,
-        out_dir=config.out_dir,
-        method=config.method,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        target_modules=config.target_modules,
-    )
+    settings = finetune_settings(config)
     model = method.install(model, settings, tokenizer)
     if config.method == "full":
         model.requires_grad_(True)
     trainable, total = trainable_parameter_count(model)
-    train_config = TrainConfig(
-        out_dir=out_dir,
-        max_steps=config.max_steps,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        lr=config.lr if config.lr is not None else PREFERENCE_LR[config.method],
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-        seed=config.seed,
-        gradient_checkpointing=config.gradient_checkpointing,
-        device=config.device,
-        progress=config.progress,
-        export=False,
-    )
+    train_config = train_settings(config, out_dir, PREFERENCE_LR[config.method])
     objective = KTOObjective(config.beta, config.desirable_weight, config.undesirable_weight, distributed)
     trainer = Trainer(
         model, rows, train_config, val_data=val_rows, tokenizer=tokenizer, distributed=distributed, objective=objective

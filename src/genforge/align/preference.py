@@ -347,8 +347,9 @@ class PreferenceResult:
         return record
 
 
-def _finetune_config(config: PreferenceConfig):
-    """The fine-tuning run's config, for its method installers and savers."""
+def finetune_settings(config):
+    """The fine-tuning run's config (method and LoRA knobs) of an alignment run's config, for
+    the method installers and savers. Preference, KTO and reward-model configs share the fields."""
     from ..finetune.run import FinetuneConfig
 
     return FinetuneConfig(
@@ -361,6 +362,28 @@ def _finetune_config(config: PreferenceConfig):
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
         target_modules=config.target_modules,
+    )
+
+
+def train_settings(config, out_dir: Path, default_lr: float) -> TrainConfig:
+    """The training loop's config of an alignment run's config (the loop's own fields, shared by
+    the preference, KTO and reward-model configs); `default_lr` where the run gives none."""
+    return TrainConfig(
+        out_dir=out_dir,
+        max_steps=config.max_steps,
+        batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
+        lr=config.lr if config.lr is not None else default_lr,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip,
+        eval_every=config.eval_every,
+        save_every=config.save_every,
+        seed=config.seed,
+        gradient_checkpointing=config.gradient_checkpointing,
+        device=config.device,
+        progress=config.progress,
+        export=False,
     )
 
 
@@ -467,27 +490,11 @@ def train_preferences(
 
     model = load_model(config.model_dir, dtype=torch.float32)
     torch.manual_seed(config.seed)  # the adapter's initial weights: the same in every run and on every rank
-    model = method.install(model, _finetune_config(config), tokenizer)
+    model = method.install(model, finetune_settings(config), tokenizer)
     if config.method == "full":
         model.requires_grad_(True)
     trainable, total = trainable_parameter_count(model)
-    train_config = TrainConfig(
-        out_dir=out_dir,
-        max_steps=config.max_steps,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        lr=config.lr if config.lr is not None else PREFERENCE_LR[config.method],
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-        seed=config.seed,
-        gradient_checkpointing=config.gradient_checkpointing,
-        device=config.device,
-        progress=config.progress,
-        export=False,
-    )
+    train_config = train_settings(config, out_dir, PREFERENCE_LR[config.method])
     objective = PreferenceObjective(config.loss, config.resolved_beta, config.resolved_label_smoothing, config.gamma)
     trainer = Trainer(
         model,

@@ -49,10 +49,10 @@ from ..jsonl import json_objects
 from ..quantize.saved import read_quantization_config
 from ..tokenizer import Tokenizer
 from ..train.distributed import DistributedContext
-from ..train.trainer import TrainConfig, Trainer
+from ..train.trainer import Trainer
 from .data import OVERFLOW_MODES, PreferenceDataError, PreferenceDataset, PreferenceRows, parse_preference_record
 from .losses import PreferenceLoss, reward_model_loss
-from .preference import flatten_pairs
+from .preference import finetune_settings, flatten_pairs, train_settings
 from .reward import SEQUENCE_CLASSIFIERS, RewardModel
 
 REWARD_METHODS = ("lora", "dora", "full")
@@ -288,22 +288,12 @@ def _load_reward_model(config: RewardConfig, tokenizer: Tokenizer) -> RewardMode
 
 
 def _install_method(model: RewardModel, config: RewardConfig, tokenizer: Tokenizer) -> RewardModel:
-    from ..finetune.run import METHODS, FinetuneConfig
+    from ..finetune.run import METHODS
 
     if config.method == "full":
         model.requires_grad_(True)
         return model
-    settings = FinetuneConfig(
-        model_dir=config.model_dir,
-        data=config.data,
-        out_dir=config.out_dir,
-        method=config.method,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        target_modules=config.target_modules,
-    )
+    settings = finetune_settings(config)
     torch.manual_seed(config.seed)  # the adapter's initial weights
     METHODS[config.method].install(model.decoder, settings, tokenizer)
     model.score.requires_grad_(True)  # the head is new: it always trains (PEFT's modules_to_save)
@@ -362,23 +352,7 @@ def train_reward_model(
         )
     model = _install_method(_load_reward_model(config, tokenizer), config, tokenizer)
     trainable, total = trainable_parameter_count(model)
-    train_config = TrainConfig(
-        out_dir=out_dir,
-        max_steps=config.max_steps,
-        batch_size=config.batch_size,
-        grad_accum=config.grad_accum,
-        lr=config.lr if config.lr is not None else REWARD_LR[config.method],
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip,
-        eval_every=config.eval_every,
-        save_every=config.save_every,
-        seed=config.seed,
-        gradient_checkpointing=config.gradient_checkpointing,
-        device=config.device,
-        progress=config.progress,
-        export=False,
-    )
+    train_config = train_settings(config, out_dir, REWARD_LR[config.method])
     trainer = Trainer(
         model,
         rows,
