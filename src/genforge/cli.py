@@ -16,6 +16,7 @@ its flags, calls one library function and prints what happened:
     safety                                   genforge/safety/cli.py
     model-card                               genforge/safety/card_cli.py
     serve, bench                             genforge/serve/cli.py
+    concepts                                 genforge/concepts/cli.py
 
 Results go to stdout, everything else (progress, notes, errors) to stderr through
 `genforge.console`.
@@ -30,6 +31,7 @@ import sys
 from . import quickstart
 from .agents import cli as agents_cli
 from .align import cli as align_cli
+from .concepts import cli as concepts_cli
 from .console import console, print_error
 from .evaluate import cli as evaluate_cli
 from .finetune import cli as finetune_cli
@@ -57,6 +59,7 @@ SUBSYSTEMS = (
     safety_cli,
     card_cli,
     serve_cli,
+    concepts_cli,
 )
 
 # Exit status of a command whose reader closed stdout early: 128 + SIGPIPE, as a shell reports

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+# A command's result when it is formatted text (tables, explanations): stdout, found at print time.
+stdout_console = Console(highlight=False, soft_wrap=True)
 
 
 def print_error(message: object) -> None:
