@@ -498,7 +498,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--precision",
         choices=("fp32", "bf16", "fp16"),
         default="fp32",
-        help="autocast dtype on CUDA (fp16 with a GradScaler); fp32 on CPU",
+        help="mixed precision: fp32 weights and optimizer, products under autocast in bf16, or in fp16 with "
+        "dynamic loss scaling (skipped steps are logged). Runs on CPU too, slowly unless the CPU has bf16 units",
     )
     pretrain.add_argument(
         "--fsdp",

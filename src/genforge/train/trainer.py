@@ -161,11 +161,6 @@ class TrainConfig:
             raise TrainError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
         if self.precision not in PRECISIONS:
             raise TrainError(f"precision {self.precision!r} is not supported; accepted: {', '.join(PRECISIONS)}")
-        if self.precision != "fp32" and torch.device(self.device).type != "cuda":
-            raise TrainError(
-                f"precision {self.precision!r} needs a CUDA device (bf16 matmul is very slow on CPU and fp16 "
-                "needs a GradScaler on GPU); use precision='fp32' on CPU"
-            )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise TrainError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.peak_flops is not None and self.peak_flops <= 0:
@@ -371,7 +366,9 @@ class Trainer:
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.adam_eps)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.sampler = ShuffleSampler(len(train_data), seed=config.seed)
-        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        # fp16's five exponent bits underflow small gradients: scale the loss up, and let the scaler
+        # skip the steps whose scaled gradients overflow (Micikevicius et al. 2018).
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.step = 0
 
     @staticmethod
@@ -674,8 +671,11 @@ class Trainer:
         grad_norm = clip_gradients(self.model, None if self.privacy is not None else self.config.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # The scaler lowers its scale only when it found inf/NaN gradients and skipped the update.
+            extra = extra | {"loss_scale": scale, "skipped": int(self.scaler.get_scale() < scale)}
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
