@@ -44,7 +44,9 @@ def make_trainer(out_dir, model=None, data=None, **overrides):
     settings.update(overrides)
     model = model if model is not None else tiny_model(dropout=0.1)  # dropout: RNG state must resume too
     data = data if data is not None else TokenDataset(corpus(), SEQ_LEN)
-    return Trainer(model, data, TrainConfig(**settings), val_data=TokenDataset(corpus(160, seed=1), SEQ_LEN))
+    sampler = settings.pop("sampler", None)
+    val_data = TokenDataset(corpus(160, seed=1), SEQ_LEN)
+    return Trainer(model, data, TrainConfig(**settings), val_data=val_data, sampler=sampler)
 
 
 CHILD = """

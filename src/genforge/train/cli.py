@@ -188,6 +188,23 @@ def _refuse_quantized_start(model_dir: str) -> None:
         )
 
 
+def _curriculum_sampler(args, config, train_data):
+    """`--curriculum SCHEDULE --difficulty rarity|MODEL_DIR`: easy training windows first."""
+    if args.curriculum is None:
+        return None
+    from ..checkpoint import load_model
+    from .curriculum import CurriculumSampler, loss_difficulty, rarity_difficulty
+
+    if args.difficulty == "rarity":
+        windows = [train_data.batch([i])[0] for i in range(len(train_data))]
+        difficulty = rarity_difficulty(windows, vocab_size=train_data.max_token_id + 1)
+    else:
+        console.print(f"scoring {len(train_data)} training windows with {args.difficulty} ...")
+        difficulty = loss_difficulty(load_model(args.difficulty), train_data)
+    total = config.max_steps * config.batch_size * config.grad_accum
+    return CurriculumSampler(difficulty, total, schedule=args.curriculum, start=args.curriculum_start, seed=config.seed)
+
+
 def cmd_pretrain(args) -> int:
     import torch
 
@@ -212,6 +229,9 @@ def cmd_pretrain(args) -> int:
         precision=args.precision,
         fsdp=args.fsdp,
         mlm_probability=args.mlm_probability,
+        label_smoothing=args.label_smoothing,
+        scheduled_sampling=args.scheduled_sampling,
+        scheduled_sampling_decay=args.scheduled_sampling_decay,
     )
     if args.init_weights:
         _refuse_quantized_start(args.model)
@@ -229,8 +249,16 @@ def cmd_pretrain(args) -> int:
             from ..safety.privacy import DPSGD
 
             privacy = DPSGD(private)
+        sampler = _curriculum_sampler(args, config, train_data)
         trainer = Trainer(
-            model, train_data, config, val_data=val_data, tokenizer=tokenizer, distributed=context, privacy=privacy
+            model,
+            train_data,
+            config,
+            val_data=val_data,
+            tokenizer=tokenizer,
+            distributed=context,
+            privacy=privacy,
+            sampler=sampler,
         )
         result = trainer.train(resume=args.resume)
     finally:
@@ -500,6 +528,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="fp32",
         help="mixed precision: fp32 weights and optimizer, products under autocast in bf16, or in fp16 with "
         "dynamic loss scaling (skipped steps are logged). Runs on CPU too, slowly unless the CPU has bf16 units",
+    )
+    regimen = pretrain.add_argument_group("curriculum and exposure bias (docs/training.md)")
+    regimen.add_argument(
+        "--curriculum",
+        choices=("competence", "linear", "baby_steps"),
+        help="draw easy windows first, opening the rest by this schedule over the first 80%% of the run",
+    )
+    regimen.add_argument(
+        "--difficulty",
+        default="rarity",
+        help="how hard a window is: 'rarity' (mean unigram surprisal of its tokens) or a model directory "
+        "(its loss under that smaller model) (default rarity)",
+    )
+    regimen.add_argument(
+        "--curriculum-start", type=float, default=0.2, help="share of the data open at the start (default 0.2)"
+    )
+    regimen.add_argument(
+        "--scheduled-sampling",
+        type=float,
+        default=0.0,
+        help="feed the model its own predictions instead of gold tokens with a probability rising to this "
+        "(Bengio et al. 2015; default 0: teacher forcing)",
+    )
+    regimen.add_argument(
+        "--scheduled-sampling-decay", choices=("linear", "exponential", "inverse_sigmoid"), default="linear"
+    )
+    regimen.add_argument(
+        "--label-smoothing", type=float, default=0.0, help="spread this much target mass over the vocabulary"
     )
     pretrain.add_argument(
         "--fsdp",

@@ -74,6 +74,8 @@ from .distributed import (
     rank_slice,
     wrap_model,
 )
+from .exposure import DECAYS as SCHEDULED_SAMPLING_DECAYS
+from .exposure import mix_in_predictions, own_token_probability
 from .losses import (
     DISTILLATION_KINDS,
     FUSED_CHUNK_ELEMENTS,
@@ -117,6 +119,10 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.0
+    # Scheduled sampling (train/exposure.py): the share of input tokens replaced by the model's own
+    # predictions rises from 0 to this by the last step, along `scheduled_sampling_decay`.
+    scheduled_sampling: float = 0.0
+    scheduled_sampling_decay: str = "linear"
     aux_loss_coef: float = 0.01  # MoE load balancing; Switch Transformer uses 1e-2
     eval_every: int = 0  # 0: evaluate only at the end (when there is validation data)
     eval_batches: int = 4
@@ -165,6 +171,13 @@ class TrainConfig:
             raise TrainError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise TrainError(f"peak_flops must be > 0 or None, got {self.peak_flops}")
+        if not 0.0 <= self.scheduled_sampling <= 1.0:
+            raise TrainError(f"scheduled_sampling must be in [0, 1], got {self.scheduled_sampling}")
+        if self.scheduled_sampling_decay not in SCHEDULED_SAMPLING_DECAYS:
+            raise TrainError(
+                f"scheduled_sampling_decay {self.scheduled_sampling_decay!r} is not supported; accepted: "
+                + ", ".join(SCHEDULED_SAMPLING_DECAYS)
+            )
         if not 0.0 < self.mlm_probability < 1.0:
             raise TrainError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}")
         if not isinstance(self.distill_alpha, (int, float)) or not 0.0 <= self.distill_alpha <= 1.0:
@@ -274,6 +287,9 @@ class Trainer:
     teacher, a masked-LM encoder or FSDP).
 
     `privacy`: a `GradientPrivacy` (DP-SGD) that draws each step's batches and makes its gradient.
+
+    `sampler`: what draws each batch's example indices (`take(n)`, `state_dict`, `load_state_dict`);
+    default a reshuffle per epoch, or a `curriculum.CurriculumSampler` (easy examples first).
     """
 
     def __init__(
@@ -288,6 +304,7 @@ class Trainer:
         regularizer: Callable[[torch.nn.Module], torch.Tensor] | None = None,
         objective: StepObjective | None = None,
         privacy: GradientPrivacy | None = None,
+        sampler=None,
     ) -> None:
         config.validate()
         if objective is not None and (teacher is not None or not model.config.causal or config.fsdp):
@@ -365,7 +382,7 @@ class Trainer:
         self.engine = wrap_model(self.model, self.distributed, fsdp=config.fsdp)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.adam_eps)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-        self.sampler = ShuffleSampler(len(train_data), seed=config.seed)
+        self.sampler = sampler if sampler is not None else ShuffleSampler(len(train_data), seed=config.seed)
         # fp16's five exponent bits underflow small gradients: scale the loss up, and let the scaler
         # skip the steps whose scaled gradients overflow (Micikevicius et al. 2018).
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
@@ -466,6 +483,8 @@ class Trainer:
         if self.teacher is not None:
             return self._distill_micro_loss(inputs, labels, total_tokens, document_ids)
         packed = {} if document_ids is None else {"document_ids": document_ids}
+        if self.config.scheduled_sampling and self.model.config.causal:
+            inputs = self._with_own_predictions(inputs, packed)
         with self._autocast():
             if self._fused_head:
                 # The wrapped forward (DDP) stops at the final hidden states; the head's
@@ -477,6 +496,20 @@ class Trainer:
                 output = self.engine(inputs, **packed)
                 loss = self._loss(output.logits, labels, self.config.label_smoothing) / total_tokens
             return self._with_router_loss(loss, output, labels, total_tokens)
+
+    @torch.no_grad()
+    def _with_own_predictions(self, inputs: torch.Tensor, packed: dict) -> torch.Tensor:
+        """Scheduled sampling's first pass: some gold inputs swapped for the model's predictions.
+        The draw is seeded by (seed, step, the batch's first ids), so a resumed run repeats it."""
+        probability = own_token_probability(
+            self.step, self.config.max_steps, self.config.scheduled_sampling, self.config.scheduled_sampling_decay
+        )
+        if probability == 0.0:
+            return inputs
+        with self._autocast():
+            predictions = self.engine(inputs, **packed).logits.argmax(-1)
+        seed = hash((self.config.seed, self.step, tuple(inputs[0, :4].tolist()))) % 2**62
+        return mix_in_predictions(inputs, predictions, probability, torch.Generator().manual_seed(seed))
 
     def _with_router_loss(self, loss: torch.Tensor, output, labels: torch.Tensor, total_tokens: int) -> torch.Tensor:
         """`loss` plus this micro-batch's share of the MoE load-balancing loss (if any)."""
