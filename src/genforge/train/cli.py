@@ -278,6 +278,55 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    import torch
+
+    from ..checkpoint import load_model, read_config
+    from ..model import Transformer
+    from . import TrainConfig
+    from .tune import parse_space, tune
+
+    space = parse_space(args.space)  # before any work
+    base = TrainConfig(
+        out_dir=args.out,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=0,
+        eval_every=0,
+        eval_batches=args.eval_batches,
+        seed=args.seed,
+        device=args.device,
+    )
+    base.validate()
+    train_data, val_data = _training_data(args, _optional_tokenizer(args), seq_len_default=128)
+
+    def build_model():
+        torch.manual_seed(args.seed)
+        return load_model(args.model) if args.init_weights else Transformer(read_config(args.model))
+
+    result = tune(
+        build_model,
+        train_data,
+        val_data,
+        base,
+        space,
+        trials=args.trials,
+        out_dir=args.out,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        prune=not args.no_prune,
+        progress=console.print,
+    )
+    pruned = sum(t["state"] == "pruned" for t in result.trials)
+    console.print(
+        f"{len(result.trials)} trials ({pruned} pruned); best val loss {result.best_value:.4f} with "
+        f"{result.best_params}; table in {result.out_dir / 'trials.md'}, config in {result.out_dir / 'best_config.json'}"
+    )
+    print(json.dumps({"best_params": result.best_params, "best_val_loss": result.best_value}))
+    return 0
+
+
 def cmd_size_chinchilla(args) -> int:
     from .sizing import chinchilla_optimal, training_flops
 
@@ -608,6 +657,42 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="print the predicted loss at these compute budgets",
     )
     fit.set_defaults(func=cmd_size_fit)
+    tune_parser = sub.add_parser(
+        "tune",
+        help="hyperparameter search with Optuna over short training runs, pruning bad trials",
+        description="Train the model (from its config, or its weights with --init-weights) for --steps steps per "
+        "trial with values drawn by Optuna's TPE sampler from --space, evaluate every --eval-every steps and stop "
+        "trials whose validation loss is worse than the median of earlier ones at the same step. Writes study.db "
+        "(resumable), trials.csv, trials.md and best_config.json to --out. Example: --space lr=log:1e-4:3e-3 "
+        "warmup_steps=int:0:20 batch_size=choice:4,8",
+    )
+    tune_parser.add_argument(
+        "--model", required=True, help="directory with config.json (and weights for --init-weights)"
+    )
+    tune_parser.add_argument("--init-weights", action="store_true", help="start every trial from the model's weights")
+    tune_parser.add_argument("--tokenizer", default=None, help="tokenizer directory for --text (default: --model)")
+    tune_parser.add_argument("--text", default=None, help="UTF-8 training text; the last --val-fraction is held out")
+    tune_parser.add_argument("--data", default=None, help="a `genforge data prepare` directory")
+    tune_parser.add_argument("--out", required=True, help="study directory (re-run to continue an interrupted search)")
+    tune_parser.add_argument(
+        "--space",
+        nargs="+",
+        required=True,
+        metavar="NAME=KIND:LOW:HIGH",
+        help="searched fields: KIND is float, log, int (LOW:HIGH) or choice (A,B,C)",
+    )
+    tune_parser.add_argument("--trials", type=int, default=20, help="trials in all (default 20)")
+    tune_parser.add_argument("--steps", type=int, default=100, help="training steps per trial (default 100)")
+    tune_parser.add_argument("--eval-every", type=int, default=20, help="steps between evaluations (default 20)")
+    tune_parser.add_argument("--eval-batches", type=int, default=4, help="validation batches per evaluation")
+    tune_parser.add_argument("--batch-size", type=int, default=8, help="default when not searched")
+    tune_parser.add_argument("--lr", type=float, default=3e-4, help="default when not searched")
+    tune_parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128 with --text)")
+    tune_parser.add_argument("--val-fraction", type=float, default=0.1, help="share of --text held out")
+    tune_parser.add_argument("--no-prune", action="store_true", help="run every trial to the end")
+    tune_parser.add_argument("--seed", type=int, default=0)
+    tune_parser.add_argument("--device", default="cpu")
+    tune_parser.set_defaults(func=cmd_tune)
     noise = size_sub.add_parser(
         "noise-scale",
         help="gradient noise scale (critical batch size) of a model on data",
