@@ -30,6 +30,7 @@ from .atomic import atomic_write_text
 __all__ = ["Tokenizer", "IncrementalDecoder", "TokenizerError", "ChatTemplateError"]
 
 TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"  # read when there is no tokenizer.json (Llama 2, T5)
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -110,19 +111,26 @@ class Tokenizer:
                 f"directory holding {_EXPECTED_FILES}"
             )
         tokenizer_file = path / TOKENIZER_FILE
-        if not tokenizer_file.is_file():
+        config = {}
+        if not tokenizer_file.is_file() and (path / SENTENCEPIECE_FILE).is_file():
+            from .spm import from_sentencepiece  # here: spm builds on this module
+
+            converted = from_sentencepiece(path / SENTENCEPIECE_FILE)
+            backend, config = converted.backend, converted.special_tokens_map
+        elif not tokenizer_file.is_file():
             names = sorted(p.name for p in path.iterdir())
             present = names[:8] + ([f"... {len(names) - 8} more"] if len(names) > 8 else [])
             raise FileNotFoundError(
                 f"genforge: no {TOKENIZER_FILE} in {str(path)!r} (found: {present or 'nothing'}); expected "
-                f"{_EXPECTED_FILES}. Slow-tokenizer files alone (vocab.txt, merges.txt, tokenizer.model) are not "
-                "read: convert them once with transformers' save_pretrained."
+                f"{_EXPECTED_FILES}, or a SentencePiece {SENTENCEPIECE_FILE}. Other slow-tokenizer files alone "
+                "(vocab.txt, merges.txt) are not read: convert them once with transformers' save_pretrained."
             )
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-        except Exception as err:  # the Rust parser raises a bare Exception
-            raise TokenizerError(f"genforge: {tokenizer_file} is not a valid tokenizers file: {err}") from err
-        config = _read_json(path / CONFIG_FILE)
+        else:
+            try:
+                backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+            except Exception as err:  # the Rust parser raises a bare Exception
+                raise TokenizerError(f"genforge: {tokenizer_file} is not a valid tokenizers file: {err}") from err
+        config = config | _read_json(path / CONFIG_FILE)
         # Legacy precedence, as in transformers: special_tokens_map.json overrides the config's special tokens
         # unless the config carries `added_tokens_decoder` (which every transformers>=4.34 save writes).
         if "added_tokens_decoder" not in config:

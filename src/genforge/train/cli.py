@@ -42,6 +42,9 @@ def _role_token(value: str) -> tuple[str, str]:
 def cmd_tokenizer_train(args) -> int:
     from .tokenizer_training import train_tokenizer
 
+    if args.kind in SENTENCEPIECE_KINDS:
+        return _train_sentencepiece(args)
+
     special = dict(args.special_token) if args.special_token else None
     result = train_tokenizer(
         files=args.sources,
@@ -63,6 +66,27 @@ def cmd_tokenizer_train(args) -> int:
         f"trained a {result.kind} tokenizer of {result.vocab_size} tokens (asked {result.requested_vocab_size}) "
         f"on {result.documents:,} documents ({result.characters:,} characters); saved to {result.path} "
         f"(tokenizer.json sha256 {result.sha256[:12]})"
+    )
+    return 0
+
+
+SENTENCEPIECE_KINDS = {"unigram": "unigram", "sentencepiece-bpe": "bpe"}
+
+
+def _train_sentencepiece(args) -> int:
+    from ..spm import train_sentencepiece
+    from .sources import iter_documents, resolve_sources
+
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
+        raise ValueError(f"{args.out} already exists and is not empty; choose a new directory or pass --overwrite")
+    documents = iter_documents(resolve_sources(args.sources, args.ext), text_field=args.text_field)
+    lines = (line for doc in documents for line in doc.text.splitlines() if line.strip())
+    tokenizer = train_sentencepiece(
+        lines, args.out, vocab_size=args.vocab_size, model_type=SENTENCEPIECE_KINDS[args.kind]
+    )
+    console.print(
+        f"trained a SentencePiece {SENTENCEPIECE_KINDS[args.kind]} tokenizer of {tokenizer.vocab_size} pieces "
+        f"(byte fallback on); saved tokenizer.model and tokenizer.json to {args.out}"
     )
     return 0
 
@@ -397,7 +421,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="tokenizer directory to write (refused if it exists and is not empty, unless --overwrite)",
     )
-    train.add_argument("--kind", choices=("bpe", "wordpiece"), default="bpe", help="tokenizer model")
+    train.add_argument(
+        "--kind",
+        choices=("bpe", "wordpiece", *SENTENCEPIECE_KINDS),
+        default="bpe",
+        help="tokenizer model; unigram and sentencepiece-bpe train with the sentencepiece library (byte fallback, "
+        "NFKC) and write its tokenizer.model beside tokenizer.json",
+    )
     train.add_argument(
         "--vocab-size",
         type=int,
