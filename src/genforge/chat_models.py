@@ -325,3 +325,41 @@ def tool_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(arguments, dict):
         raise ChatModelError(f"tool call {function.get('name')!r} has arguments that are not a JSON object: {raw!r}")
     return arguments
+
+
+def add_chat_model_arguments(parser) -> None:
+    """--model DIR (in process) or --endpoint URL [--endpoint-model NAME] [--api-key-env VAR]."""
+    parser.add_argument("--model", default=None, help="a genforge / Hugging Face chat model directory, run in process")
+    parser.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    parser.add_argument("--endpoint-model", default=None, help="the endpoint's model name (default: its only model)")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    parser.add_argument("--device", default="cpu", help="device for --model (default cpu)")
+
+
+def chat_model_from_args(args) -> ChatModel:
+    """The `ChatModel` the flags of `add_chat_model_arguments` name."""
+    import os
+
+    from .console import console
+
+    if bool(args.model) == bool(args.endpoint):
+        raise ValueError("give the model as either --model DIR (in process) or --endpoint URL (OpenAI-compatible)")
+    if args.model:
+        with console.status(f"loading {args.model}"):
+            return LocalChatModel(args.model, device=args.device)
+    import openai
+
+    client = openai.OpenAI(base_url=args.endpoint, api_key=os.environ.get(args.api_key_env) or "not-needed")
+    name = args.endpoint_model
+    if name is None:
+        try:
+            served = [m.id for m in client.models.list()]
+        except openai.APIError as err:
+            raise ConnectionError(f"cannot list the models of {args.endpoint}: {err}") from None
+        if len(served) != 1:
+            raise ValueError(
+                f"{args.endpoint} serves {len(served)} models ({', '.join(served[:10]) or 'none'}); "
+                "name one with --endpoint-model"
+            )
+        name = served[0]
+    return EndpointChatModel(name, client=client)

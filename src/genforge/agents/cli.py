@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 
 from rich.markup import escape
 
+from ..chat_models import add_chat_model_arguments, chat_model_from_args
 from ..console import console
 
 PREVIEW_CHARS = 400
@@ -60,32 +60,6 @@ def print_event(record: dict) -> None:
         )
 
 
-def _chat_model(args):
-    from ..chat_models import EndpointChatModel, LocalChatModel
-
-    if bool(args.model) == bool(args.endpoint):
-        raise ValueError("give the model as either --model DIR (in process) or --endpoint URL (OpenAI-compatible)")
-    if args.model:
-        with console.status(f"loading {args.model}"):
-            return LocalChatModel(args.model, device=args.device)
-    import openai
-
-    client = openai.OpenAI(base_url=args.endpoint, api_key=os.environ.get(args.api_key_env) or "not-needed")
-    name = args.endpoint_model
-    if name is None:
-        try:
-            served = [m.id for m in client.models.list()]
-        except openai.APIError as err:
-            raise ConnectionError(f"cannot list the models of {args.endpoint}: {err}") from None
-        if len(served) != 1:
-            raise ValueError(
-                f"{args.endpoint} serves {len(served)} models ({', '.join(served[:10]) or 'none'}); "
-                "name one with --endpoint-model"
-            )
-        name = served[0]
-    return EndpointChatModel(name, client=client)
-
-
 def _tool_options(args) -> dict:
     return dict(
         python_timeout_s=args.python_timeout,
@@ -115,7 +89,7 @@ def cmd_run(args) -> int:
         else:
             tools = []
         agent = Agent(
-            _chat_model(args),
+            chat_model_from_args(args),
             tools,
             system_prompt=args.system,
             max_steps=args.max_steps,
@@ -197,11 +171,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "run ends without an answer.",
     )
     run.add_argument("task", help="the task, in words ('-' reads it from stdin)")
-    run.add_argument("--model", default=None, help="a genforge / Hugging Face chat model directory, run in process")
-    run.add_argument("--endpoint", default=None, help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
-    run.add_argument("--endpoint-model", default=None, help="the endpoint's model name (default: its only model)")
-    run.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    run.add_argument("--device", default="cpu", help="device for --model (default cpu)")
+    add_chat_model_arguments(run)
     _tool_flags(run)
     run.add_argument("--trace", default=None, help="write the full trace here (JSON Lines, atomically)")
     run.add_argument("--max-steps", type=int, default=10, help="model calls at most (default 10)")

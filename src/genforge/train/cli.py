@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..chat_models import add_chat_model_arguments
 from ..console import console
 from ..safety.privacy_cli import add_dp_arguments, dp_config
 
@@ -302,6 +303,39 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_data_synthesize(args) -> int:
+    from ..chat_models import chat_model_from_args
+    from .synthetic import SelfInstructSettings, read_seed_tasks, self_instruct, write_tasks
+
+    seeds = read_seed_tasks(args.seeds)
+    settings = SelfInstructSettings(
+        num_tasks=args.num,
+        examples_per_prompt=args.examples_per_prompt,
+        near_duplicate=args.near_duplicate,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    settings.validate()
+    generator = chat_model_from_args(args)
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("self-instruct", total=settings.num_tasks)
+        tasks, report = self_instruct(
+            generator, seeds, settings, progress=lambda done, _: bar.update(task, completed=done)
+        )
+    write_tasks(tasks, report, args.out)
+    rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(report.rejected.items())) or "none"
+    console.print(
+        f"{report.generated} tasks from {report.requests} requests (rejected: {rejected}); distinct-2 "
+        f"{report.diversity.get('distinct-2', 0):.3f}; written to {args.out} (report beside it)"
+    )
+    if report.generated < settings.num_tasks:
+        console.print(f"[yellow]asked for {settings.num_tasks}; the request budget ran out first[/yellow]")
+    return 0
+
+
 def cmd_tune(args) -> int:
     import torch
 
@@ -563,6 +597,26 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     prep.set_defaults(func=cmd_data_prepare)
 
+    synth = data_sub.add_parser(
+        "synthesize",
+        help="self-instruct: grow instruction data from seed tasks with a generator model",
+        description="Self-instruct (Wang et al. 2023): show the generator a few seed and generated tasks, ask for a "
+        "new one, drop it when it fails the quality rules or nearly repeats a task in the pool (MinHash), then "
+        "let the generator answer it. Writes Alpaca-format JSONL (instruction, input, output) for genforge finetune "
+        "and OUT.report.json (rejections by reason, distinct-n, the most common first words).",
+    )
+    synth.add_argument("--seeds", required=True, help="JSONL seed tasks: instruction (required), input, output")
+    synth.add_argument("--out", required=True, help="JSONL file to write")
+    synth.add_argument("--num", type=int, default=100, help="new tasks to produce (default 100)")
+    synth.add_argument("--examples-per-prompt", type=int, default=6, help="tasks shown per request (default 6)")
+    synth.add_argument(
+        "--near-duplicate", type=float, default=0.7, help="word-bigram Jaccard at which a task is a repeat"
+    )
+    synth.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of new tasks")
+    synth.add_argument("--max-tokens", type=int, default=256, help="tokens per generated task and per answer")
+    synth.add_argument("--seed", type=int, default=0)
+    add_chat_model_arguments(synth)
+    synth.set_defaults(func=cmd_data_synthesize)
     pretrain = sub.add_parser(
         "pretrain",
         help="pretrain a model on text or prepared shards (torchrun for several)",
