@@ -16,16 +16,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binomtest
 
-from genforge.ops.routing import (
-    ROUTE_HEADER,
-    VERSION_HEADER,
-    Route,
-    Router,
-    RouteSpecError,
-    install_ops,
-    parse_route,
-    parse_routes,
-)
+from genforge.ops.routing import Route, Router, RouteSpecError, parse_route, parse_routes
+from genforge.ops.traffic import ROUTE_HEADER, VERSION_HEADER, install_ops
 from genforge.serve.api import create_app
 from genforge.serve.engine import AsyncEngine, Engine
 from genforge.tokenizer import Tokenizer
