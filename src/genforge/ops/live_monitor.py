@@ -9,7 +9,8 @@ set, per feature and test:
 
 - ``genforge_drift_p_value{feature, test}`` and ``genforge_drift_statistic{feature, test}``;
 - ``genforge_drift_alert{feature, test}``: 1 where the Holm-adjusted p-value is below alpha,
-  so that alerting on any of them keeps the false-alarm rate of one check at alpha;
+  so that alerting on any of them keeps the false-alarm rate of one check at alpha (PSI has
+  no alert gauge: its statistic is read against 0.1 / 0.25);
 - ``genforge_drift_detected``: 1 when any test alerts; ``genforge_drift_window_requests``,
   ``genforge_drift_reference_requests``, ``genforge_drift_checks_total`` and
   ``genforge_drift_last_check_timestamp_seconds``.
@@ -71,7 +72,7 @@ class LiveMonitor:
         min_window: int = 30,
         alpha: float = 0.05,
         embed: Callable[[Sequence[str]], Any] | None = None,
-        permutations: int = 200,
+        permutations: int = 1000,
         seed: int = 0,
         tokenize: Callable[[str], Sequence[int]] | None = None,
         background: bool = True,
@@ -198,7 +199,8 @@ class LiveMonitor:
             for test, adjusted in zip(report.tests, report.adjusted_p_values):
                 gauges["p_value"].labels(test.feature, test.test).set(test.p_value)
                 gauges["statistic"].labels(test.feature, test.test).set(test.statistic)
-                gauges["alert"].labels(test.feature, test.test).set(1.0 if adjusted < self.alpha else 0.0)
+                if adjusted is not None:  # PSI is outside the family: read its statistic
+                    gauges["alert"].labels(test.feature, test.test).set(1.0 if adjusted < self.alpha else 0.0)
             gauges["detected"].set(1.0 if report.drifted else 0.0)
             gauges["checks"].inc()
             gauges["last"].set(time.time())

@@ -42,10 +42,14 @@ def cmd_report(args) -> int:
         )
         written = write_drift_report(report, args.out, title=args.title)
     for test, adjusted in zip(report.tests, report.adjusted_p_values):
-        mark = "[red]DRIFT[/red]" if adjusted < args.alpha else "ok"
+        if adjusted is None:
+            mark = f"PSI {test.details['level']}"
+        else:
+            mark = "[red]DRIFT[/red]" if adjusted < args.alpha else "ok"
         console.print(f"{test.feature:24s} {test.test:15s} stat {test.statistic:10.4g}  p {test.p_value:.3g}  {mark}")
     verdict = "[red]drift detected[/red]" if report.drifted else "no drift detected"
-    console.print(f"{verdict} (alpha {args.alpha}, Holm over {len(report.tests)} tests); wrote {written[0]}")
+    family = sum(p is not None for p in report.adjusted_p_values)
+    console.print(f"{verdict} (alpha {args.alpha}, Holm over {family} tests); wrote {written[0]}")
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
     return 1 if args.fail_on_drift and report.drifted else 0
@@ -90,7 +94,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="minilm|none|DIR",
         help="prompt embeddings for the MMD test (default minilm, shipped offline; none skips the test)",
     )
-    report.add_argument("--permutations", type=int, default=200, help="permutations of the MMD and PSI tests")
+    report.add_argument(
+        "--permutations", type=int, default=1000, help="permutations of the MMD and PSI tests (default 1000)"
+    )
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--title", default="Drift report")
     report.add_argument("--fail-on-drift", action="store_true", help="exit with status 1 when drift is detected")

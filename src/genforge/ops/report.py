@@ -27,7 +27,7 @@ def feature_plot_png(name: str, reference: Sequence, current: Sequence) -> bytes
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(5.0, 2.8), dpi=100)
+    figure = Figure(figsize=(5.0, 2.8), dpi=80)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in list(reference) + list(current))
@@ -57,14 +57,18 @@ def _rows(report: DriftReport) -> list[dict]:
     rows = []
     for test, adjusted in zip(report.tests, report.adjusted_p_values):
         level = test.details.get("level")
+        if adjusted is None:
+            verdict = f"PSI {level}"
+        else:
+            verdict = "DRIFT" if adjusted < report.alpha else "ok"
         rows.append(
             {
                 "feature": test.feature,
                 "test": test.test,
                 "statistic": f"{test.statistic:.4g}",
                 "p": f"{test.p_value:.3g}",
-                "holm": f"{adjusted:.3g}",
-                "verdict": ("DRIFT" if adjusted < report.alpha else "ok") + (f" (PSI {level})" if level else ""),
+                "holm": "-" if adjusted is None else f"{adjusted:.3g}",
+                "verdict": verdict,
                 "n": f"{test.n_reference} / {test.n_current}",
             }
         )
@@ -75,7 +79,9 @@ def _summary(report: DriftReport, title: str) -> tuple[str, str]:
     verdict = "drift detected" if report.drifted else "no drift detected"
     alerts = ", ".join(f"{t.feature} ({t.test})" for t in report.alerts) or "none"
     return title, (
-        f"Verdict: **{verdict}** at alpha {report.alpha} with Holm's correction over {len(report.tests)} tests. "
+        f"Verdict: **{verdict}** at alpha {report.alpha} with Holm's correction over "
+        f"{sum(p is not None for p in report.adjusted_p_values)} tests (PSI is read by its level: above "
+        f"0.1 moderate, above 0.25 major). "
         f"Alerts: {alerts}."
     )
 
