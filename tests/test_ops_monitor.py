@@ -179,6 +179,7 @@ def test_monitor_report_writes_html_markdown_and_json_with_the_verdict(tmp_path)
         _run(["report", *common, "--out", str(tmp_path / "r.pdf")])
 
 
+@pytest.mark.slow
 def test_monitor_report_without_drift_says_so(tmp_path):
     reference = _write(tmp_path / "a.jsonl", [{"prompt": r["prompt"]} for r in _window(0, 80)])
     current = _write(tmp_path / "b.jsonl", [{"prompt": r["prompt"]} for r in _window(5, 80)])

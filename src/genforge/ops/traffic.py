@@ -341,6 +341,8 @@ class OpsMiddleware:
                 (b"content-length", str(len(raw)).encode())
             ]
 
+        keep_body = hub.log_text or hub.monitor is not None  # the reply text is wanted
+
         async def send_and_watch(message):
             if message["type"] == "http.response.start":
                 outcome.status = message["status"]
@@ -362,7 +364,7 @@ class OpsMiddleware:
                         outcome.response_id = found.group(1).decode()
                 if _STREAM_ERROR.search(piece):
                     outcome.stream_error = True
-                if len(outcome.body) + len(piece) <= _MAX_KEPT_BODY:
+                if keep_body and len(outcome.body) + len(piece) <= _MAX_KEPT_BODY:
                     outcome.body += piece
             await send(message)
 
