@@ -92,6 +92,7 @@ def _guard_config(args):
 def cmd_serve(args) -> int:
     import uvicorn
 
+    from ..ops.serving import install_from_args
     from .api import app_from_directories
     from .limits import parse_rate_limit
 
@@ -149,6 +150,12 @@ def cmd_serve(args) -> int:
             drain_timeout=args.drain_timeout,
             guards=guards,
         )
+    ops = install_from_args(app, args)  # routing, outcome log, drift monitor (genforge.ops)
+    if ops is not None:
+        for route in ops.router.routes.values() if ops.router else ():
+            console.print(f"route {route.describe()} (sticky per user or key)")
+        if ops.monitor is not None:
+            console.print(f"drift monitor on: every {args.monitor_every} requests, gauges genforge_drift_*")
     if guards is not None:
         console.print(f"guards on: {', '.join(guards.enabled) or 'none'} (report: x-genforge-guard header)")
     if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -208,6 +215,8 @@ def cmd_bench_serve(args) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge serve` and `bench` to the top-level parser."""
+    from ..ops.serving import add_serve_arguments
+
     serve = sub.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)",
@@ -356,6 +365,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     engine.add_argument(
         "--swap-dir", default=None, help="directory for KV blocks spilled to disk (default: a temporary directory)"
     )
+    add_serve_arguments(serve)  # --route, --outcome-log, --monitor*: genforge.ops
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmark commands.")

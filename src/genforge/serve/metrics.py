@@ -147,6 +147,9 @@ class ServerMetrics:
 
     def __init__(self, engine=None, models=(), registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        # Called as listener(model, output) for each finished sequence, in the request's own
+        # context (genforge.ops reads per-request outcomes this way).
+        self.finish_listeners: list = []
         if engine is not None:
             self.registry.register(_EngineCollector(engine, models))
         self.ttft = Histogram(
@@ -209,6 +212,8 @@ class ServerMetrics:
         self.finished.labels(model, output.finish_reason or "unknown").inc()
         self.request_prompt_tokens.labels(model).inc(output.prompt_tokens)
         self.request_generation_tokens.labels(model).inc(output.completion_tokens)
+        for listener in self.finish_listeners:
+            listener(model, output)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
