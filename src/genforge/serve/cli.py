@@ -94,6 +94,7 @@ def cmd_serve(args) -> int:
 
     from .api import app_from_directories
     from .limits import parse_rate_limit
+    from .playground import app_options as playground_options
 
     models = _named_dirs(args.model, "--model")
     loras = _lora_dirs(args.lora, list(models))
@@ -148,6 +149,7 @@ def cmd_serve(args) -> int:
             request_timeout=args.timeout,
             drain_timeout=args.drain_timeout,
             guards=guards,
+            **playground_options(args),
         )
     if guards is not None:
         console.print(f"guards on: {', '.join(guards.enabled) or 'none'} (report: x-genforge-guard header)")
@@ -356,6 +358,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     engine.add_argument(
         "--swap-dir", default=None, help="directory for KV blocks spilled to disk (default: a temporary directory)"
     )
+    from .playground import add_arguments as add_playground_arguments
+
+    add_playground_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmark commands.")
