@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ("chat", "rag", "tokens", "concepts")
+SHOTS = ("chat", "tools", "rag", "tokens", "concepts")
 
 
 def main() -> int:

@@ -134,6 +134,8 @@ def test_the_page_and_its_files_are_served_with_a_policy_that_loads_nothing_from
     assert "default-src 'none'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
     assert page.headers["x-content-type-options"] == "nosniff" and page.headers["referrer-policy"] == "no-referrer"
     assert page.text == (STATIC_DIR / "index.html").read_text()
+    head = client.head("/")
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-security-policy"] == policy
     for name, media_type in STATIC_FILES.items():
         response = client.get(f"/playground/{name}")
         assert response.status_code == 200 and response.headers["content-type"].startswith(media_type)
@@ -404,6 +406,19 @@ def _by_id(driver, element_id):
     return driver.find_element(By.ID, element_id)
 
 
+def _ready(driver, live) -> None:
+    """The page loaded with the key entered, for a test run alone as well as after the first."""
+    if driver.current_url != live.url + "/":
+        driver.get(live.url + "/")
+        _wait(driver, lambda d: d.find_element("css selector", "body[data-ready='true']"))
+    if _by_id(driver, "key-status").text != "key set for this tab":
+        _by_id(driver, "api-key").send_keys(KEY)
+        _by_id(driver, "key-set").click()
+    _wait(
+        driver, lambda d: [o.text for o in d.find_elements("css selector", "#model option")] == [MODEL], what="models"
+    )
+
+
 def _screenshot(driver, tmp_path, name):
     directory = Path(os.environ.get("GENFORGE_PLAYGROUND_SCREENSHOTS") or tmp_path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -449,6 +464,9 @@ def test_the_page_shows_the_missing_key_then_lists_the_models_once_the_key_is_en
 @browser
 @pytest.mark.slow
 def test_a_chat_reply_streams_into_the_page(live, driver, tmp_path):
+    _ready(driver, live)
+    _by_id(driver, "tab-chat").click()
+    _by_id(driver, "chat-clear").click()
     # A MutationObserver records every length the reply's text takes as chunks arrive.
     driver.execute_script(
         """
@@ -459,6 +477,7 @@ def test_a_chat_reply_streams_into_the_page(live, driver, tmp_path):
         }).observe(document.getElementById('transcript'), {childList: true, subtree: true, characterData: true});
         """
     )
+    _by_id(driver, "system").clear()
     _by_id(driver, "system").send_keys("You answer briefly.")
     for field, value in (("temperature", "1"), ("max-tokens", "40"), ("seed", "7")):
         _by_id(driver, field).clear()
@@ -488,19 +507,28 @@ def test_a_chat_reply_streams_into_the_page(live, driver, tmp_path):
     )
     assert text == expected.choices[0].message.content
     assert reply.get_attribute("data-finish") == expected.choices[0].finish_reason
+    _screenshot(driver, tmp_path, "chat")
 
 
 @browser
 @pytest.mark.slow
 def test_a_tool_call_is_shown_with_its_name_and_arguments(live, driver, tmp_path):
-    driver.find_element("css selector", "#panel-chat details summary").click()
+    _ready(driver, live)
+    _by_id(driver, "tab-chat").click()
+    _by_id(driver, "chat-clear").click()
+    driver.execute_script("document.querySelector('#panel-chat details').open = true")
+    _by_id(driver, "tools").clear()
     _by_id(driver, "tools").send_keys(json.dumps([WEATHER]))
     driver.execute_script("document.getElementById('tool-choice').value = 'required'")
-    _by_id(driver, "max-tokens").clear()
-    _by_id(driver, "max-tokens").send_keys("120")  # room for the whole call
+    # A seeded request with room for the whole call, whichever test ran before.
+    for field, value in (("temperature", "1"), ("max-tokens", "160"), ("seed", "11")):
+        _by_id(driver, field).clear()
+        _by_id(driver, field).send_keys(value)
+    replies = len(driver.find_elements("css selector", ".message.assistant"))
     _by_id(driver, "chat-input").send_keys("Is it warm in Paris?")
     _by_id(driver, "chat-send").click()
-    _wait(driver, lambda d: len(d.find_elements("css selector", ".message.assistant[data-finish]")) == 2, what="a call")
+    finished = ".message.assistant[data-finish]"
+    _wait(driver, lambda d: len(d.find_elements("css selector", finished)) == replies + 1, what="a call")
     reply = driver.find_elements("css selector", ".message.assistant")[-1]
     assert reply.get_attribute("data-finish") == "tool_calls"
     calls = reply.find_elements("css selector", ".tool-call")
@@ -509,14 +537,17 @@ def test_a_tool_call_is_shown_with_its_name_and_arguments(live, driver, tmp_path
         assert call.find_element("css selector", ".tool-name").text == "tool call: get_weather"
         arguments = json.loads(call.find_element("css selector", ".tool-arguments").text)
         jsonschema.validate(arguments, WEATHER["function"]["parameters"])
-    _screenshot(driver, tmp_path, "chat")
+    _screenshot(driver, tmp_path, "tools")
+    _by_id(driver, "tools").clear()  # later chats go without tools
     assert _page_errors(driver) == []
 
 
 @browser
 @pytest.mark.slow
 def test_a_question_over_the_documents_shows_its_linked_sources(live, driver, tmp_path):
+    _ready(driver, live)
     _by_id(driver, "tab-rag").click()
+    _by_id(driver, "rag-question").clear()
     _by_id(driver, "rag-question").send_keys("How does paged attention store the KV cache?")
     _by_id(driver, "rag-ask").click()
     _wait(driver, lambda d: d.find_elements("css selector", "#rag-sources .source"), what="the sources")
@@ -540,8 +571,10 @@ def test_a_question_over_the_documents_shows_its_linked_sources(live, driver, tm
 @browser
 @pytest.mark.slow
 def test_the_token_view_shows_ids_and_colours_tokens_by_probability(live, driver, tokenizer, tmp_path):
+    _ready(driver, live)
     _by_id(driver, "tab-tokens").click()
     prompt = 'print(json.dumps({"ok": true}))'
+    _by_id(driver, "tokens-prompt").clear()
     _by_id(driver, "tokens-prompt").send_keys(prompt)
     _by_id(driver, "tokens-max").clear()
     _by_id(driver, "tokens-max").send_keys("8")
@@ -572,12 +605,14 @@ def test_the_concepts_page_groups_and_filters_the_concept_map(live, driver, monk
     module = types.ModuleType("genforge.concepts")
     module.CONCEPTS = CONCEPTS
     monkeypatch.setitem(sys.modules, "genforge.concepts", module)  # the live server runs in this process
+    _ready(driver, live)
     _by_id(driver, "tab-concepts").click()
     _wait(driver, lambda d: d.find_elements("css selector", ".concept-group"), what="the concept table")
     groups = [g.get_attribute("textContent") for g in driver.find_elements("css selector", ".concept-group h2")]
     assert groups == [c["group"] for c in CONCEPTS]
     assert _by_id(driver, "concepts-count").text == "3 of 3 concepts"
     _screenshot(driver, tmp_path, "concepts")
+    _by_id(driver, "concepts-search").clear()
     _by_id(driver, "concepts-search").send_keys("low-rank")
     _wait(driver, lambda d: _by_id(d, "concepts-count").text == "1 of 3 concepts", what="the filter")
     (row,) = driver.find_elements("css selector", "tr.concept")
@@ -589,6 +624,7 @@ def test_the_concepts_page_groups_and_filters_the_concept_map(live, driver, monk
 @browser
 @pytest.mark.slow
 def test_a_wrong_key_shows_the_servers_error_on_the_request_that_needed_it(live, driver):
+    _ready(driver, live)
     _by_id(driver, "key-forget").click()
     _by_id(driver, "api-key").send_keys("wrong-key")
     _by_id(driver, "key-set").click()

@@ -191,12 +191,12 @@ def mount_playground(app: FastAPI, state, *, rag: RagService | None = None, page
         state.metrics.http_requests.labels(route, "200").inc()
 
     if page:
-
-        @app.get("/", include_in_schema=False)
+        # HEAD too: uptime checks and `curl -I` probe pages with it.
+        @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
         async def playground_page():
             return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 
-        @app.get("/playground/{name}", include_in_schema=False)
+        @app.api_route("/playground/{name}", methods=["GET", "HEAD"], include_in_schema=False)
         async def playground_file(name: str):
             if name not in STATIC_FILES:
                 raise OpenAIError(404, f"no playground file {name!r}", "not_found_error")
