@@ -106,9 +106,11 @@ class RagService:
     thread (it embeds on the CPU), one question at a time (its caches are not thread-safe)."""
 
     def __init__(self, retriever, config=None, source: str = "") -> None:
-        from ..rag.answer import AnswerConfig
+        from ..rag.answer import AnswerConfig, SupportChecker
 
         self.retriever, self.config = retriever, config or AnswerConfig()
+        # One checker for every question: it caches the vectors of the sentences it has scored.
+        self.checker = SupportChecker(retriever.embedder, self.config.support_threshold)
         self.source = source  # the index directory, shown in the 'no answer' hints
         self._lock = threading.Lock()
 
@@ -119,7 +121,7 @@ class RagService:
         config = self.config if k is None else dataclasses.replace(self.config, k=k)
         recorder = _RecordingRetriever(self.retriever)
         with self._lock:
-            answer = Answerer(recorder, config=config).ask(question)
+            answer = Answerer(recorder, config=config, checker=self.checker).ask(question)
         hits = {hit.chunk.chunk_id: hit for hit in recorder.hits or []}
         sources = []
         for citation in answer.citations:
