@@ -63,6 +63,7 @@ from .guarding import ServerGuards, moderation_response
 from .limits import RateLimit
 from .metrics import CONTENT_TYPE_LATEST, route_label
 from .payloads import CHAT, COMPLETION
+from .playground import mount_playground
 from .preparation import (
     chat_prompt,
     completion_prompts,
@@ -101,6 +102,8 @@ def create_app(
     drain_timeout: float = 30.0,
     clock: Callable[[], float] = time.monotonic,
     guards: Any = None,
+    playground: bool = True,
+    rag: Any = None,
 ) -> FastAPI:
     """Build the FastAPI app serving ``engine`` (an ``AsyncEngine``).
 
@@ -112,7 +115,8 @@ def create_app(
     (None: unbounded). ``request_timeout``: seconds a request may take (None: no limit).
     ``max_model_len`` and ``eos_token_ids`` default to what each engine reports.
     ``guards``: a `safety.guards.GuardConfig` (or a built `guarding.ServerGuards`) turning the
-    input, output and PII guards on; None: no guards.
+    input, output and PII guards on; None: no guards. ``playground``: serve the web page at
+    ``/``; ``rag``: a `playground.RagService` answering ``/v1/rag/answer`` (see `playground`).
     """
     state = ServerState.build(
         engine,
@@ -160,6 +164,7 @@ def create_app(
     )
     _add_error_handlers(app, state)
     _add_routes(app, state)
+    mount_playground(app, state, rag=rag, page=playground)
     return app
 
 

@@ -95,6 +95,7 @@ def cmd_serve(args) -> int:
     from ..ops.serving import install_from_args
     from .api import app_from_directories
     from .limits import parse_rate_limit
+    from .playground import app_options as playground_options
 
     models = _named_dirs(args.model, "--model")
     loras = _lora_dirs(args.lora, list(models))
@@ -149,6 +150,7 @@ def cmd_serve(args) -> int:
             request_timeout=args.timeout,
             drain_timeout=args.drain_timeout,
             guards=guards,
+            **playground_options(args),
         )
     ops = install_from_args(app, args)  # routing, outcome log, drift monitor (genforge.ops)
     if ops is not None:
@@ -216,6 +218,7 @@ def cmd_bench_serve(args) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `genforge serve` and `bench` to the top-level parser."""
     from ..ops.serving import add_serve_arguments
+    from .playground import add_arguments as add_playground_arguments
 
     serve = sub.add_parser(
         "serve",
@@ -366,6 +369,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--swap-dir", default=None, help="directory for KV blocks spilled to disk (default: a temporary directory)"
     )
     add_serve_arguments(serve)  # --route, --outcome-log, --monitor*: genforge.ops
+    add_playground_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmark commands.")
