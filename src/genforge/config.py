@@ -622,7 +622,10 @@ def _read_t5(hf):
         output_multiplier=d**-0.5 if scale else 1.0,
         tie_word_embeddings=hf.get("tie_word_embeddings", True) is not False,
         encoder_decoder=True,
-        decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id")),
+        # T5 starts its decoder from the pad token when config.json does not say.
+        decoder_start_token_id=(
+            hf["decoder_start_token_id"] if hf.get("decoder_start_token_id") is not None else hf.get("pad_token_id")
+        ),
     )
 
 

@@ -86,7 +86,7 @@ def forced_token_processors(
     return processors
 
 
-def check_encoder_decoder_strategy(config, strategy: str, options=None) -> None:
+def check_encoder_decoder_strategy(config, strategy: str, options=None, *, ensemble: bool = False) -> None:
     """Refuse, before any weights load, a strategy or option an encoder-decoder model (config)
     cannot decode with, naming it and why; nothing for a decoder-only config."""
     if not config.encoder_decoder:
@@ -96,7 +96,7 @@ def check_encoder_decoder_strategy(config, strategy: str, options=None) -> None:
             f"strategy {strategy!r} needs a decoder-only model, and {config.family} is an encoder-decoder model: "
             f"{_DECODER_ONLY_STRATEGIES[strategy]}. Use one of {', '.join(ENCODER_DECODER_STRATEGIES)}"
         )
-    if getattr(options, "ensemble", None) is not None:
+    if ensemble or getattr(options, "ensemble", None) is not None:
         raise EncoderDecoderUnsupported(
             f"an ensemble needs decoder-only models, and {config.family} is an encoder-decoder model: the "
             "ensembled models continue one shared token sequence"
