@@ -233,6 +233,7 @@ def test_t5_with_more_decoder_than_encoder_layers(tmp_path):
     reference.save_pretrained(tmp_path)
     model = load_model(tmp_path)
     assert (model.config.num_layers, model.config.num_decoder_layers) == (2, 3)
+    assert model.config.num_parameters() == sum(p.numel() for p in reference.parameters())
     ids, mask = padded(SOURCES, 0)
     decoder_ids = torch.tensor([[0, 6, 8, 10]] * len(SOURCES))
     with torch.no_grad():

@@ -236,7 +236,9 @@ class Config:
         per_layer = attn + mlp + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings or not self.causal else 2)
         if self.position == "learned":
-            embed += self.max_position_embeddings * d * (2 if self.encoder_decoder else 1)
+            embed += (self.max_position_embeddings + self.position_offset) * d * (2 if self.encoder_decoder else 1)
+        if self.position == "relative":  # a (bucket, head) table per stack
+            embed += 2 * self.relative_attention_num_buckets * self.num_heads
         if self.encoder_decoder:  # decoder layers add a cross-attention (q, k, v, o) and its norm
             cross = d * q + 2 * d * kv + q * d + d
             return self.num_layers * per_layer + self.num_decoder_layers * (per_layer + cross) + embed + 2 * d
