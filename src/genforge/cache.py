@@ -270,3 +270,77 @@ def make_kv_cache(
     if check_kv_cache_dtype(kv_cache_dtype) == "int8":
         return Int8ContiguousKVCache(config, batch_size, capacity, dtype, device)
     return ContiguousKVCache(config, batch_size, capacity, dtype, device)
+
+
+# ------------------------------------------------------------------- encoder-decoder caches
+class CrossAttentionCache:
+    """The keys and values each decoder layer's cross-attention reads, (batch, kv_heads,
+    source length, head_dim) per layer, with the source padding as an additive mask (batch,
+    1, 1, source length; None without padding).
+
+    They depend on the encoder output only, so they are computed once per input
+    (`seq2seq.EncoderDecoderTransformer.cross_attention_cache`) and read at every decode step;
+    `select` makes them follow the rows (beams) of the decoder's own cache.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor | None) -> None:
+        self.keys, self.values, self.mask = keys, values, mask
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer], self.values[layer]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) batch rows."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, rows)
+
+
+class EncoderDecoderCache:
+    """An encoder-decoder model's cache: the decoder's self-attention cache (a contiguous one,
+    `make_kv_cache`) and the `CrossAttentionCache` beside it.
+
+    It is a `KVCache` by delegation (the decoder's self-attention layers call `update` and
+    `advance` on it as a decoder-only model's layers would), so the decoding strategies that
+    grow, reorder and trim a decoder-only cache drive this one unchanged.
+    """
+
+    row_runs = None
+
+    def __init__(self, self_attention: ContiguousKVCache | Int8ContiguousKVCache, cross_attention: CrossAttentionCache):
+        if self_attention.batch_size != cross_attention.batch_size:
+            raise ValueError(
+                f"the self-attention cache has {self_attention.batch_size} rows but the cross-attention cache "
+                f"{cross_attention.batch_size}; both hold one row per decoded sequence"
+            )
+        self.self_attention, self.cross_attention = self_attention, cross_attention
+
+    @property
+    def length(self) -> int:
+        return self.self_attention.length
+
+    @property
+    def capacity(self) -> int:
+        return self.self_attention.capacity
+
+    @property
+    def batch_size(self) -> int:
+        return self.self_attention.batch_size
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.self_attention.update(layer, keys, values)
+
+    def advance(self, num_new: int) -> None:
+        self.self_attention.advance(num_new)
+
+    def crop(self, length: int) -> None:
+        self.self_attention.crop(length)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.self_attention.select(rows)
+        self.cross_attention.select(rows)

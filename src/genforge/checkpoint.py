@@ -7,6 +7,8 @@ family stores those as separate tensors (Llama's q_proj, k_proj, v_proj), the ru
 as parts concatenated along the output dimension; where it already fuses them (GPT-2's
 c_attn, Phi-3's qkv_proj) the rule is a rename. GPT-2 stores linear weights transposed (its
 `Conv1D`). The same rules drive loading and export, so a round trip is exact by construction.
+Encoder-decoder families (T5, BART, Marian) load into `seq2seq.EncoderDecoderTransformer`
+through the same rules; their cross-attention keys and values are one fused `kv` product.
 
 Weights are read with `safetensors` only; a directory holding nothing but pickled
 `pytorch_model.bin` files is refused, because unpickling can run arbitrary code.
@@ -14,6 +16,7 @@ Weights are read with `safetensors` only; a directory holding nothing but pickle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections import defaultdict
@@ -28,7 +31,8 @@ from torch import nn
 
 from .atomic import staged_directory
 from .config import SUPPORTED_FAMILIES, Config, ConfigError
-from .model import RotaryEmbedding, Transformer
+from .model import RotaryEmbedding, Transformer, sinusoidal_positions
+from .seq2seq import EncoderDecoderTransformer
 
 
 class CheckpointError(ValueError):
@@ -196,6 +200,88 @@ _BERT = _joined(
 
 _BERT_HEAD_BIAS, _BERT_DECODER_BIAS = "cls.predictions.bias", "cls.predictions.decoder.bias"
 
+
+# --------------------------------------------------- encoder-decoder weight maps (seq2seq.py)
+# Kept in one block so that other families' entries above merge without touching it.
+def kv_sizes(config: Config) -> tuple[int, ...]:
+    """Output rows of the key and value parts of a cross-attention's fused `kv` projection."""
+    kv = config.num_kv_heads * config.head_dim
+    return kv, kv
+
+
+def _t5_stack(stack: str) -> list[Rule]:
+    """One T5 stack: layer.0 self-attention, (decoder) layer.1 cross-attention, then the MLP
+    layer; the relative position bias lives in the first block only."""
+    block = f"{stack}.block.{{i}}.layer"
+    mlp = f"{block}.2" if stack == "decoder" else f"{block}.1"
+    rules = _joined("blocks.{i}.attn.qkv", [f"{block}.0.SelfAttention.{p}" for p in "qkv"], qkv_sizes)
+    rules += _joined(
+        "blocks.{i}.mlp.gate_up", [f"{mlp}.DenseReluDense.wi_0", f"{mlp}.DenseReluDense.wi_1"], gate_up_sizes
+    )
+    renames = {
+        "relative_bias.bias.weight": f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        "blocks.{i}.attn.o.weight": f"{block}.0.SelfAttention.o.weight",
+        "blocks.{i}.attn_norm.weight": f"{block}.0.layer_norm.weight",
+        "blocks.{i}.mlp.up.weight": f"{mlp}.DenseReluDense.wi.weight",
+        "blocks.{i}.mlp.down.weight": f"{mlp}.DenseReluDense.wo.weight",
+        "blocks.{i}.mlp_norm.weight": f"{mlp}.layer_norm.weight",
+        "final_norm.weight": f"{stack}.final_layer_norm.weight",
+    }
+    if stack == "decoder":
+        cross = f"{block}.1.EncDecAttention"
+        rules += _joined("blocks.{i}.cross_attn.kv", [f"{cross}.k", f"{cross}.v"], kv_sizes)
+        renames |= {
+            "blocks.{i}.cross_attn.q.weight": f"{cross}.q.weight",
+            "blocks.{i}.cross_attn.o.weight": f"{cross}.o.weight",
+            "blocks.{i}.cross_norm.weight": f"{block}.1.layer_norm.weight",
+        }
+    return [Rule(f"{stack}.{rule.gf}", rule.hf, rule.sizes) for rule in rules + _renames(renames)]
+
+
+_T5 = _renames({"embed_tokens.weight": "shared.weight", "lm_head.weight": "lm_head.weight"})
+_T5 += _t5_stack("encoder") + _t5_stack("decoder")
+
+
+def _bart_stack(stack: str) -> list[Rule]:
+    """One BART/Marian stack (Marian has no layernorm_embedding and computes its positions)."""
+    layer = f"model.{stack}.layers.{{i}}"
+    rules = _joined("blocks.{i}.attn.qkv", [f"{layer}.self_attn.{p}_proj" for p in "qkv"], qkv_sizes)
+    pairs = {
+        "embed_norm": f"model.{stack}.layernorm_embedding",
+        "blocks.{i}.attn.o": f"{layer}.self_attn.out_proj",
+        "blocks.{i}.attn_norm": f"{layer}.self_attn_layer_norm",
+        "blocks.{i}.mlp.up": f"{layer}.fc1",
+        "blocks.{i}.mlp.down": f"{layer}.fc2",
+        "blocks.{i}.mlp_norm": f"{layer}.final_layer_norm",
+    }
+    if stack == "decoder":
+        rules += _joined("blocks.{i}.cross_attn.kv", [f"{layer}.encoder_attn.{p}_proj" for p in "kv"], kv_sizes)
+        pairs |= {
+            "blocks.{i}.cross_attn.q": f"{layer}.encoder_attn.q_proj",
+            "blocks.{i}.cross_attn.o": f"{layer}.encoder_attn.out_proj",
+            "blocks.{i}.cross_norm": f"{layer}.encoder_attn_layer_norm",
+        }
+    rules += _renames(_with_bias(pairs) | {"embed_positions.weight": f"model.{stack}.embed_positions.weight"})
+    return [Rule(f"{stack}.{rule.gf}", rule.hf, rule.sizes) for rule in rules]
+
+
+_BART = _renames(
+    {
+        "embed_tokens.weight": "model.shared.weight",
+        "lm_head.weight": "lm_head.weight",
+        "final_logits_bias": "final_logits_bias",
+    }
+)
+_BART += _bart_stack("encoder") + _bart_stack("decoder")
+_SEQ2SEQ_WEIGHT_MAPS = {"t5": _T5, "bart": _BART, "marian": _BART}
+# Tensors their checkpoints carry that genforge does not load: the stacks' copies of the
+# shared embedding, Marian's sinusoidal tables (computed) and a cross-attention relative
+# bias that old T5 checkpoints stored and never used.
+_SEQ2SEQ_IGNORED = re.compile(
+    r"^(model\.)?(encoder|decoder)\.embed_tokens\.weight$|^model\.(encoder|decoder)\.embed_positions\.weight$"
+    r"|EncDecAttention\.relative_attention_bias\.weight$"
+)
+
 WEIGHT_MAPS: dict[str, list[Rule]] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -207,9 +293,10 @@ WEIGHT_MAPS: dict[str, list[Rule]] = {
     "gpt2": _GPT2,
     "bert": _BERT,
 }
+WEIGHT_MAPS |= _SEQ2SEQ_WEIGHT_MAPS
 # The base-model prefix of each family's CausalLM/MaskedLM checkpoints. Bare base-model
 # checkpoints (a `BertModel` such as all-MiniLM, a `GPT2Model`) store names without it.
-_BASE_PREFIX = {family: "model." for family in WEIGHT_MAPS} | {"gpt2": "transformer.", "bert": "bert."}
+_BASE_PREFIX = {family: "model." for family in WEIGHT_MAPS} | {"gpt2": "transformer.", "bert": "bert.", "t5": ""}
 # Tensors that some checkpoints carry and genforge has no use for.
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$|^bert\.pooler\.|^pooler\.|^cls\.|position_ids$)")
 
@@ -384,8 +471,12 @@ def _load(
     dtype = resolve_dtype(dtype, config.hf_extra, device)
     files = _weight_files(directory)
 
+    if config.family == "t5":
+        # transformers 5 writes tie_word_embeddings true into every T5 config.json and unties a
+        # head stored apart (v1.1, Flan-T5): the weights, not the flag, say which it is.
+        config = dataclasses.replace(config, tie_word_embeddings=not _stores_tensor(files, "lm_head.weight"))
     with torch.device("meta"):
-        model = Transformer(config)
+        model = build_model(config)
     if head_tensors is not None:
         model.lm_head = None
     bindings = _bindings(model)
@@ -421,7 +512,8 @@ def _load(
         "cls.predictions.decoder.bias",
         *head_names,
     }
-    unused = sorted(k for k in available if k not in known and not _IGNORED.search(k))
+    ignored = _SEQ2SEQ_IGNORED if config.encoder_decoder else _IGNORED
+    unused = sorted(k for k in available if k not in known and not ignored.search(k))
     if unused:
         raise CheckpointError(
             f"{directory} has tensors genforge's {config.family} weight map does not place: "
@@ -448,8 +540,27 @@ def _load(
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
-    model.rotary = RotaryEmbedding(config).to(device) if config.position == "rope" else None
+    if not config.encoder_decoder:
+        model.rotary = RotaryEmbedding(config).to(device) if config.position == "rope" else None
+    for module in model.modules():  # tables built on the meta device: compute them for real
+        table = getattr(module, "sinusoidal_table", None)
+        if table is not None:
+            module.sinusoidal_table = sinusoidal_positions(*table.shape).to(device)
     return model.eval(), head
+
+
+def _stores_tensor(files: list[Path], name: str) -> bool:
+    for file in files:
+        with safe_open(file, framework="pt") as reader:
+            if name in reader.keys():
+                return True
+    return False
+
+
+def build_model(config: Config) -> Transformer | EncoderDecoderTransformer:
+    """The genforge model of `config`: an `EncoderDecoderTransformer` for encoder-decoder
+    families, else a `Transformer`."""
+    return EncoderDecoderTransformer(config) if config.encoder_decoder else Transformer(config)
 
 
 def _refuse_quantized(directory: Path, config: Config) -> None:
@@ -475,7 +586,7 @@ def _refuse_quantized(directory: Path, config: Config) -> None:
 
 def _canonical(key: str, base: str) -> str:
     key = key.replace(".gamma", ".weight").replace(".beta", ".bias")  # pre-2019 BERT names
-    if key.startswith(base) or key.startswith("lm_head.") or key.startswith("cls."):
+    if key.startswith(base) or key.startswith("lm_head.") or key.startswith("cls.") or key == "final_logits_bias":
         return key
     return base + key
 
@@ -562,6 +673,11 @@ def save_model(
         hf_config.update(config_updates or {})
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        if config.encoder_decoder:  # what transformers' generate starts and forces the decoder with
+            generation.update(decoder_start_token_id=config.decoder_start_token_id, pad_token_id=config.pad_token_id)
+            for key in ("forced_bos_token_id", "forced_eos_token_id"):
+                if config.hf_extra.get(key) is not None:
+                    generation[key] = config.hf_extra[key]
         generation.update(generation_config or {})
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2))
         if tokenizer is not None:

@@ -3,7 +3,8 @@
 Every model family genforge runs is one `Config`: GPT-2, Llama 2/3, Mistral, Qwen2, Qwen3,
 Gemma, Phi-3, Mixtral and BERT differ in the fields below (norm kind, activation, position
 scheme, bias flags, key/value heads, window, experts), never in classes. A new family is a
-`from_hf` reader here plus a weight map in `checkpoint.py`.
+`from_hf` reader here plus a weight map in `checkpoint.py`. The encoder-decoder families (T5,
+BART, Marian; `seq2seq.py`) are configs too: `encoder_decoder` plus the fields of their block.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ class ConfigError(ValueError):
 
 
 NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-POSITIONS = ("rope", "learned")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+# "sinusoidal": the fixed table of Vaswani et al. 2017 (`model.sinusoidal_positions`);
+# "relative": T5's bucketed relative position bias, encoder-decoder models only.
+POSITIONS = ("rope", "learned", "sinusoidal", "relative")
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "llama3", "yarn")
 # Scalings whose `factor` is required (>= 1). "ntk" (static NTK-aware) is genforge's own
 # name: Hugging Face has no such rope_type, so export writes it as the larger rope_theta it is.
@@ -86,6 +89,18 @@ class Config:
     embedding_norm: bool = False  # BERT normalises the summed embeddings
     masked_lm_head: bool = False  # encoder with BertForMaskedLM's prediction head (cls.predictions)
 
+    # Encoder-decoder models (seq2seq.py: T5, BART, Marian). `num_layers` counts encoder
+    # layers there; `causal` stays True, for the decoder.
+    encoder_decoder: bool = False
+    num_decoder_layers: int | None = None  # None: as many as encoder layers
+    relative_attention_num_buckets: int = 32  # T5's relative position buckets
+    relative_attention_max_distance: int = 128  # distances past this share the last bucket
+    position_offset: int = 0  # BART's learned table starts at row 2 for position 0
+    attention_scale: float | None = None  # None: 1 / sqrt(head_dim); T5 scales by 1
+    output_multiplier: float = 1.0  # T5 v1.0 scales the decoder output by hidden_size ** -0.5
+    final_logits_bias: bool = False  # BART and Marian add a (vocab,) bias to the logits
+    decoder_start_token_id: int | None = None  # the first decoder input
+
     dropout: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -131,12 +146,39 @@ class Config:
                     f"layer_types must list 'full' or 'sliding' for each of the {self.num_layers} layers, "
                     f"got {self.layer_types}"
                 )
+        self._check_encoder_decoder()
         if self.masked_lm_head and self.causal:
             raise ConfigError("masked_lm_head is the head of a bidirectional encoder; a causal model has an LM head")
         if self.num_experts and not 0 < self.num_experts_per_token <= self.num_experts:
             raise ConfigError(
                 f"num_experts_per_token must be in 1..{self.num_experts}, got {self.num_experts_per_token}"
             )
+
+    def _check_encoder_decoder(self) -> None:
+        if not self.encoder_decoder:
+            if self.position == "relative":
+                raise ConfigError(
+                    "position='relative' (T5's bucketed bias) is built for encoder-decoder models only; "
+                    "a decoder-only model accepts rope, learned or sinusoidal"
+                )
+            return
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+        if not self.causal:
+            raise ConfigError("an encoder-decoder config keeps causal=True: its decoder is causal")
+        if self.position == "rope" or self.num_experts or self.sliding_window is not None or self.masked_lm_head:
+            raise ConfigError(
+                "encoder-decoder models take relative, learned or sinusoidal positions and a dense MLP, "
+                "without a sliding window or masked-LM head"
+            )
+
+    @property
+    def decoder_stack(self) -> Config:
+        """An encoder-decoder config as its decoder stack alone (`num_layers` = decoder layers):
+        what the decoder's self-attention KV cache is sized from."""
+        if not self.encoder_decoder:
+            return self
+        return dataclasses.replace(self, num_layers=self.num_decoder_layers, hf_extra=self.hf_extra)
 
     @property
     def rope_type(self) -> str:
@@ -194,7 +236,12 @@ class Config:
         per_layer = attn + mlp + 2 * d
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings or not self.causal else 2)
         if self.position == "learned":
-            embed += self.max_position_embeddings * d
+            embed += (self.max_position_embeddings + self.position_offset) * d * (2 if self.encoder_decoder else 1)
+        if self.position == "relative":  # a (bucket, head) table per stack
+            embed += 2 * self.relative_attention_num_buckets * self.num_heads
+        if self.encoder_decoder:  # decoder layers add a cross-attention (q, k, v, o) and its norm
+            cross = d * q + 2 * d * kv + q * d + d
+            return self.num_layers * per_layer + self.num_decoder_layers * (per_layer + cross) + embed + 2 * d
         return self.num_layers * per_layer + embed + d
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,6 +285,11 @@ class Config:
         writer = _HF_WRITERS.get(self.family)
         if writer is None:
             raise ConfigError(f"no Hugging Face export for family {self.family!r}")
+        if self.position == "sinusoidal" and not self.encoder_decoder:
+            raise ConfigError(
+                f"a decoder-only {self.family} model with sinusoidal positions has no Hugging Face counterpart "
+                "to export to (transformers' decoder-only families use RoPE or learned positions)"
+            )
         out = dict(self.hf_extra)
         out.update(writer(self))
         out.update(
@@ -412,6 +464,7 @@ def _activation(name: str) -> str:
         "gelu_new": "gelu_tanh",
         "gelu_pytorch_tanh": "gelu_tanh",
         "gelu_fast": "gelu_tanh",
+        "relu": "relu",
     }
     if name not in table:
         raise ConfigError(f"activation {name!r} is not supported; accepted: {', '.join(sorted(table))}")
@@ -434,7 +487,7 @@ SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
 
 
 # ---------------------------------------------------------------------------- family writers
-_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 _CAUSAL_LM_CLASS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -535,3 +588,159 @@ _HF_WRITERS = {
     )
     for family in _HF_READERS
 }
+
+
+# ------------------------------------------------ encoder-decoder families (seq2seq.py)
+# Kept in one block, after the decoder-only tables, so that other families' additions to the
+# tables above merge without touching it.
+def _read_t5(hf):
+    """T5 v1.0 (ReLU MLP, head tied and fed d_model ** -0.5 times the decoder output) and T5
+    v1.1 / Flan-T5 (gated-GELU MLP, untied head, no rescale); RMS norm without a mean, no
+    biases, no attention scaling, relative position buckets."""
+    projection = hf.get("feed_forward_proj", "relu")
+    gated = projection.startswith("gated-")
+    activation = "gelu_new" if projection == "gated-gelu" else projection.split("-")[-1]
+    d = hf["d_model"]
+    # transformers 5 writes `scale_decoder_outputs`; older files say it as tie_word_embeddings.
+    scale = hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True) is not False)
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=d,
+        num_layers=hf["num_layers"],
+        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        num_heads=hf["num_heads"],
+        head_dim=hf["d_kv"],
+        intermediate_size=hf["d_ff"],
+        # Relative positions have no table to run out of; this bounds generation's default length.
+        max_position_embeddings=hf.get("n_positions") or 512,
+        norm="rmsnorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+        activation=_activation(activation),
+        gated_mlp=gated,
+        position="relative",
+        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        attention_scale=1.0,
+        output_multiplier=d**-0.5 if scale else 1.0,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True) is not False,
+        encoder_decoder=True,
+        # T5 starts its decoder from the pad token when config.json does not say.
+        decoder_start_token_id=(
+            hf["decoder_start_token_id"] if hf.get("decoder_start_token_id") is not None else hf.get("pad_token_id")
+        ),
+    )
+
+
+def _bart_like(hf: dict[str, Any]) -> dict[str, Any]:
+    """The fields BART and Marian share: post-norm layers with biases, one head count and MLP
+    width for encoder and decoder, embeddings scaled by sqrt(d_model) under scale_embedding,
+    a final logits bias."""
+    for encoder_key, decoder_key in (
+        ("encoder_attention_heads", "decoder_attention_heads"),
+        ("encoder_ffn_dim", "decoder_ffn_dim"),
+    ):
+        if hf.get(encoder_key) != hf.get(decoder_key):
+            raise ConfigError(
+                f"{hf.get('model_type')} with {encoder_key}={hf.get(encoder_key)} but {decoder_key}={hf.get(decoder_key)} "
+                "is not supported; genforge builds encoder and decoder layers of one shape"
+            )
+    d = hf["d_model"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=d,
+        num_layers=hf["encoder_layers"],
+        num_decoder_layers=hf["decoder_layers"],
+        num_heads=hf["encoder_attention_heads"],
+        intermediate_size=hf["encoder_ffn_dim"],
+        max_position_embeddings=hf.get("max_position_embeddings", 1024),
+        post_norm=True,
+        norm="layernorm",
+        norm_eps=1e-5,  # torch's LayerNorm default, which both use
+        activation=_activation(hf.get("activation_function", "gelu")),
+        gated_mlp=False,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        embedding_multiplier=math.sqrt(d) if hf.get("scale_embedding", False) else 1.0,
+        final_logits_bias=True,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        encoder_decoder=True,
+        decoder_start_token_id=hf.get("decoder_start_token_id"),
+    )
+
+
+def _read_bart(hf):
+    # Learned positions from a table whose first two rows are unused (offset 2), and a
+    # LayerNorm on the summed embeddings of each stack (layernorm_embedding).
+    return {**_bart_like(hf), "position": "learned", "position_offset": 2, "embedding_norm": True}
+
+
+def _read_marian(hf):
+    vocab, decoder_vocab = hf["vocab_size"], hf.get("decoder_vocab_size") or hf["vocab_size"]
+    if decoder_vocab != vocab or hf.get("share_encoder_decoder_embeddings", True) is False:
+        raise ConfigError(
+            "Marian models with separate source and target vocabularies (share_encoder_decoder_embeddings "
+            "false, or decoder_vocab_size != vocab_size) are not supported; genforge shares one embedding"
+        )
+    return {**_bart_like(hf), "position": "sinusoidal"}
+
+
+def _write_seq2seq_common(cfg: Config) -> dict[str, Any]:
+    return dict(is_encoder_decoder=True, decoder_start_token_id=cfg.decoder_start_token_id)
+
+
+def _write_t5(cfg: Config) -> dict[str, Any]:
+    activation = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu", "gelu": "gelu"}[cfg.activation]
+    if cfg.gated_mlp and cfg.activation == "gelu":
+        raise ConfigError(
+            "a gated T5 MLP with exact GELU has no feed_forward_proj; transformers' gated-gelu is tanh GELU"
+        )
+    return dict(
+        _write_seq2seq_common(cfg),
+        d_model=cfg.hidden_size,
+        d_kv=cfg.head_dim,
+        d_ff=cfg.intermediate_size,
+        num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers,
+        num_heads=cfg.num_heads,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        layer_norm_epsilon=cfg.norm_eps,
+        feed_forward_proj=f"gated-{activation}" if cfg.gated_mlp else activation,
+        scale_decoder_outputs=cfg.output_multiplier != 1.0,
+        architectures=["T5ForConditionalGeneration"],
+    )
+
+
+def _write_bart_like(cfg: Config) -> dict[str, Any]:
+    return dict(
+        _write_seq2seq_common(cfg),
+        d_model=cfg.hidden_size,
+        encoder_layers=cfg.num_layers,
+        decoder_layers=cfg.num_decoder_layers,
+        encoder_attention_heads=cfg.num_heads,
+        decoder_attention_heads=cfg.num_heads,
+        encoder_ffn_dim=cfg.intermediate_size,
+        decoder_ffn_dim=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        activation_function={"gelu_tanh": "gelu_new"}.get(cfg.activation, cfg.activation),
+        scale_embedding=cfg.embedding_multiplier != 1.0,
+    )
+
+
+def _write_bart(cfg: Config) -> dict[str, Any]:
+    return dict(_write_bart_like(cfg), architectures=["BartForConditionalGeneration"])
+
+
+def _write_marian(cfg: Config) -> dict[str, Any]:
+    return dict(
+        _write_bart_like(cfg),
+        decoder_vocab_size=cfg.vocab_size,
+        share_encoder_decoder_embeddings=True,
+        architectures=["MarianMTModel"],
+    )
+
+
+_HF_READERS.update(t5=_read_t5, bart=_read_bart, marian=_read_marian)
+_HF_WRITERS.update(t5=_write_t5, bart=_write_bart, marian=_write_marian)
+SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))

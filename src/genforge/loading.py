@@ -24,6 +24,7 @@ from .generate.request import end_of_sequence_ids
 from .inference import pack_for_cpu_inference
 from .model import Transformer
 from .quantize.saved import QuantizedCheckpointError, is_quantized, load_quantized
+from .seq2seq import refuse_encoder_decoder
 from .tokenizer import Tokenizer
 
 __all__ = ["LoadedModel", "load_for_inference", "load_packed_model"]
@@ -83,6 +84,12 @@ def load_packed_model(
 def _load_adapted(directory, dtype, device, adapter) -> Transformer:
     if is_quantized(directory):
         return _load_quantized(directory, dtype, device, adapter)
+    if adapter is not None:
+        refuse_encoder_decoder(
+            read_config(directory),
+            "an adapter (--adapter)",
+            "genforge attaches adapters through the decoder-only families' layer names",
+        )
     if adapter is None:
         return load_model(directory, dtype=dtype, device=device)
     from .finetune.attach import adapter_kind, attach_adapter

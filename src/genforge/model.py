@@ -4,12 +4,12 @@ One module serves every family in `config.py`: decoder-only language models (GPT
 Mistral, Qwen, Gemma, Phi-3, Mixtral; Radford et al. 2019, Touvron et al. 2023, Jiang et al.
 2023/2024) and the BERT encoder (Devlin et al. 2019). The differences are config fields:
 
-    embeddings   tokens (+ learned positions) (+ segment types) (x multiplier) (+ norm)
+    embeddings   tokens (+ learned or sinusoidal positions) (+ segment types) (x multiplier) (+ norm)
     block        pre-norm:  x + attn(norm(x)),  then  x + mlp(norm(x))
                  post-norm: norm(x + attn(x)),  then  norm(x + mlp(x))        (BERT)
     attention    scaled dot-product (Vaswani et al. 2017) through torch's fused SDPA kernel,
                  MHA / GQA / MQA, RoPE (Su et al. 2021; linear, NTK-aware, dynamic NTK,
-                 Llama 3 or YaRN scaling) or learned positions, causal or bidirectional,
+                 Llama 3 or YaRN scaling), learned or sinusoidal positions, causal or bidirectional,
                  optional sliding window (Mistral) and q/k norm (Qwen3)
     mlp          plain (GELU) or gated (SwiGLU / GeGLU, Shazeer 2020), or a mixture of
                  gated experts with top-k routing (Shazeer et al. 2017, Mixtral)
@@ -20,6 +20,8 @@ passes (see `cache.py`). Its linear layers are plain `nn.Linear`, with queries, 
 in one product (`qkv`) and a gated MLP's gate and up in another (`gate_up`); whatever computes a
 linear layer differently (oneDNN, packed weights, adapters, quantized weights) is put in place
 afterwards by `swap.swap_linears`, under the same state-dict keys.
+
+Encoder-decoder models (T5, BART, Marian) are built from these pieces in `seq2seq.py`.
 """
 
 from __future__ import annotations
@@ -202,6 +204,20 @@ _FREQUENCY_SCALINGS = {
 }
 
 
+def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
+    """The fixed position table of the original transformer (Vaswani et al. 2017, section 3.5):
+    (num_positions, dim) float32, position p's row holding sin(p * w_i) in its first
+    ceil(dim / 2) channels and cos(p * w_i) in the rest, w_i = 10000 ** (-2i / dim). Sines
+    and cosines sit in two halves rather than interleaved, the layout Marian checkpoints were
+    trained with (transformers' MarianSinusoidalPositionalEmbedding). Computed in float64, as
+    the reference does, then rounded once."""
+    if num_positions < 0 or dim < 1:
+        raise ValueError(f"sinusoidal_positions needs num_positions >= 0 and dim >= 1, got {num_positions}, {dim}")
+    frequencies = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * frequencies
+    return torch.cat((angles.sin(), angles.cos()[:, : dim // 2]), dim=-1).float()
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -236,6 +252,7 @@ class Attention(nn.Module):
         self.q_norm = Norm(hd, "rmsnorm", config.norm_eps) if config.qk_norm else None
         self.k_norm = Norm(hd, "rmsnorm", config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        self.scale = config.attention_scale  # None: SDPA's 1 / sqrt(head_dim)
 
     def forward(
         self,
@@ -285,7 +302,9 @@ class Attention(nn.Module):
             # One new token per row: the query heads that share a key/value head become the
             # query rows of one attention over it, so each key is read once per group rather
             # than once per head (docs/model.md). The mask is the same for all of them.
-            out = F.scaled_dot_product_attention(q.reshape(batch, self.num_kv_heads, group, dim), k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(
+                q.reshape(batch, self.num_kv_heads, group, dim), k, v, attn_mask=mask, scale=self.scale
+            )
             return out.reshape(batch, heads, 1, dim)
         return F.scaled_dot_product_attention(
             q,
@@ -295,6 +314,7 @@ class Attention(nn.Module):
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.num_kv_heads != self.num_heads,
+            scale=self.scale,
         )
 
 
@@ -334,6 +354,7 @@ ACTIVATION_FUNCTIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
 }
 
 
@@ -462,6 +483,10 @@ class Transformer(nn.Module):
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, d) if config.position == "learned" else None
+        if config.position == "sinusoidal":  # computed, not learned: rebuilt on load, never saved
+            self.register_buffer(
+                "sinusoidal_table", sinusoidal_positions(config.max_position_embeddings, d), persistent=False
+            )
         self.embed_types = nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
         self.embed_norm = Norm(d, config.norm, config.norm_eps) if config.embedding_norm else None
         self.embed_dropout = config.dropout
@@ -547,10 +572,10 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
                 position_ids = torch.arange(past, past + seq, device=device).expand(batch, seq)
-        if config.position == "learned" and int(position_ids.max()) >= config.max_position_embeddings:
+        if config.position in ("learned", "sinusoidal") and int(position_ids.max()) >= config.max_position_embeddings:
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond this model's {config.max_position_embeddings} "
-                "learned positions; shorten the input"
+                f"{config.position} positions; shorten the input"
             )
 
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -558,6 +583,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(config.embedding_multiplier, dtype=x.dtype)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids)
+        if config.position == "sinusoidal":
+            x = x + self.sinusoidal_table[position_ids].to(x.dtype)
         if self.embed_types is not None:
             types = token_type_ids if token_type_ids is not None else torch.zeros_like(position_ids)
             x = x + self.embed_types(types)

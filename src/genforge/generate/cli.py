@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..cache import KV_CACHE_DTYPES
-from ..checkpoint import read_generation_config
+from ..checkpoint import read_config, read_generation_config
 from ..console import console
 from ..loading import LoadedModel, load_for_inference, load_packed_model
 from .beam import BeamOptions
@@ -20,6 +20,7 @@ from .contrastive import ContrastiveDecodingOptions, ContrastiveSearchOptions
 from .decode import STRATEGIES, SampleOptions, check_strategy, decode, decode_stream, encode_prompts
 from .ensemble import AVERAGES, ModelEnsemble
 from .sampling import SamplingParams
+from .seq2seq import check_encoder_decoder_strategy
 from .speculative import PromptLookupOptions, SpeculativeOptions
 from .watermark import Watermark
 
@@ -212,6 +213,7 @@ def cmd_generate(args) -> int:
     params = _sampling_params(args, read_generation_config(args.model))
     _check_strategy_flags(args)
     options = check_strategy(args.strategy, params, _strategy_options(args), len(args.prompt))
+    check_encoder_decoder_strategy(read_config(args.model), args.strategy, options, ensemble=bool(args.ensemble))
     loaded = _load(args)
     if args.strategy == "speculative":
         options = dataclasses.replace(
@@ -235,6 +237,7 @@ def cmd_generate(args) -> int:
         params,
         options,
         eos_token_ids=loaded.eos_token_ids,
+        generation_config=loaded.generation_config,
         kv_cache_dtype=args.kv_cache_dtype,
     )
     stats = outputs[0].stats
@@ -273,6 +276,7 @@ def _stream_samples(args, loaded: LoadedModel, prompts, params, options) -> int:
         params,
         options,
         eos_token_ids=loaded.eos_token_ids,
+        generation_config=loaded.generation_config,
         kv_cache_dtype=args.kv_cache_dtype,
     ):
         if len(prompts) == 1:

@@ -15,6 +15,10 @@ Strategies and their options (each checked when built):
     contrastive-decoding  ContrastiveDecodingOptions an expert against an amateur (Li et al. 2023)
     speculative           SpeculativeOptions         a draft model proposes, the model verifies
     prompt-lookup         PromptLookupOptions        drafts copied from the prompt
+
+An encoder-decoder model (`seq2seq.EncoderDecoderTransformer`: T5, BART, Marian) takes the
+prompts as its encoder's inputs and decodes with sample, beam and diverse-beam
+(`seq2seq.prepare_encoder_decoder`); the other strategies refuse it, saying why.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 
 from ..model import Transformer
+from ..seq2seq import EncoderDecoderTransformer
 from .beam import BeamOptions, run_beam_search
 from .constrained import ChoiceConstraint, JsonSchemaConstraint, RegexConstraint
 from .contrastive import (
@@ -40,6 +45,7 @@ from .generator import StreamEvent, continuation_text, generate, stream
 from .processors import LogitsProcessor
 from .request import DecodeRequest, DecodeRequestError, as_prompt_lists
 from .sampling import SamplingParams, make_generator
+from .seq2seq import prepare_encoder_decoder
 from .speculative import (
     PromptLookupOptions,
     SpeculativeOptions,
@@ -184,7 +190,7 @@ def decode(
     Returns the outputs in prompt order (beam search: `num_return_sequences` per prompt, best
     first).
     """
-    request, options, extra = _prepare(
+    model, request, options, extra = _prepare(
         strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config, kv_cache_dtype
     )
     if strategy == "sample":
@@ -197,7 +203,9 @@ def decode(
         # only when beam sampling draws the candidates (as in transformers).
         sampled = options.do_sample and not request.params.greedy
         generator = make_generator(request.params.seed, model.device) if sampled else None
-        beams = run_beam_search(model, request, dataclasses.replace(options, do_sample=sampled), generator=generator)
+        beams = run_beam_search(
+            model, request, dataclasses.replace(options, do_sample=sampled), processors=extra, generator=generator
+        )
         done = [
             (i, h.token_ids, h.text, h.finish_reason, {"score": h.score})
             for i, hypotheses in enumerate(beams)
@@ -234,14 +242,16 @@ def decode_stream(
     token; the request is checked here, before the first event is asked for."""
     if strategy != "sample":
         raise DecodeRequestError(f"only strategy 'sample' streams tokens; decode() returns {strategy!r}'s outputs")
-    request, _, extra = _prepare(
+    model, request, _, extra = _prepare(
         strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config, kv_cache_dtype
     )
     return stream(model, request, extra_processors=extra)
 
 
 def _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids, generation_config, kv_cache_dtype):
-    """The checked request, the strategy's options and the sample strategy's extra processors."""
+    """The model to decode with (an encoder-decoder model's bound decoder), the checked request,
+    the strategy's options and the extra processors (the sample strategy's constraints and
+    watermark; an encoder-decoder model's forced tokens)."""
     params = SamplingParams() if params is None else params
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -249,17 +259,30 @@ def _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids
         prompts = encode_prompts(tokenizer, prompts)
     prompts = as_prompt_lists(prompts)
     options = check_strategy(strategy, params, options, len(prompts))
-    request = DecodeRequest.resolve(
-        model,
-        prompts,
-        params,
-        tokenizer=tokenizer,
-        eos_token_ids=eos_token_ids,
-        generation_config=generation_config,
-        kv_cache_dtype=kv_cache_dtype,
-        role=_ROLES.get(strategy, "model"),
-    )
     extra: list[LogitsProcessor] = []
+    if isinstance(model, EncoderDecoderTransformer):
+        model, request, extra = prepare_encoder_decoder(
+            strategy,
+            model,
+            tokenizer,
+            prompts,
+            params,
+            options,
+            eos_token_ids=eos_token_ids,
+            generation_config=generation_config,
+            kv_cache_dtype=kv_cache_dtype,
+        )
+    else:
+        request = DecodeRequest.resolve(
+            model,
+            prompts,
+            params,
+            tokenizer=tokenizer,
+            eos_token_ids=eos_token_ids,
+            generation_config=generation_config,
+            kv_cache_dtype=kv_cache_dtype,
+            role=_ROLES.get(strategy, "model"),
+        )
     if strategy == "sample":
         if options.constrained and tokenizer is None:
             raise DecodeRequestError("output constraints need the tokenizer, to know each token's text")
@@ -274,4 +297,4 @@ def _prepare(strategy, model, tokenizer, prompts, params, options, eos_token_ids
             extra.append(ChoiceConstraint(options.choices, tokenizer, eos_token_ids=eos))
         if options.watermark is not None:
             extra.append(options.watermark)
-    return request, options, extra
+    return model, request, options, extra

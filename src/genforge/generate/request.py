@@ -222,7 +222,12 @@ class DecodeRequest:
 
     def kv_cache(self, model, batch_size: int, capacity: int) -> ContiguousKVCache | Int8ContiguousKVCache:
         """A contiguous KV cache for `model` (the request's, or a strategy's second model) of
-        `batch_size` rows and `capacity` positions, storing what `kv_cache_dtype` says."""
+        `batch_size` rows and `capacity` positions, storing what `kv_cache_dtype` says. A model
+        that makes its own cache (an encoder-decoder model's bound decoder,
+        `seq2seq.BoundDecoder.make_kv_cache`) is asked for it."""
+        make_own = getattr(model, "make_kv_cache", None)
+        if make_own is not None:
+            return make_own(batch_size, capacity, self.kv_cache_dtype)
         return make_kv_cache(
             model.config, batch_size, capacity, model.dtype, model.device, kv_cache_dtype=self.kv_cache_dtype
         )

@@ -304,11 +304,13 @@ def app_from_directories(
     Every generation model can serve LoRA adapters (a `MultiLora`, built before the model is
     packed for the CPU); ``loras`` (model name -> {adapter name -> PEFT adapter dir}) are
     loaded at start-up, each checked against its model before the server starts."""
+    from ..checkpoint import read_config
     from ..encoder import SentenceEncoder
     from ..finetune.multi_lora import MultiLora
     from ..inference import pack_for_cpu_inference
     from ..loading import load_for_inference
-    from .engine import AsyncEngine, Engine
+    from ..seq2seq import refuse_encoder_decoder
+    from .engine import ENGINE_WHY, AsyncEngine, Engine
 
     if not models:
         raise ValueError("serve at least one generation model")
@@ -320,6 +322,8 @@ def app_from_directories(
     for name, directory in {**models, **(embedding_models or {})}.items():
         if not (Path(directory) / "config.json").is_file():
             raise ValueError(f"model {name!r}: {directory} is not a model directory (no config.json)")
+    for name, directory in models.items():  # before any weights load
+        refuse_encoder_decoder(read_config(directory), f"serving model {name!r}", ENGINE_WHY)
     engines, tokenizers = {}, {}
     for name, directory in models.items():
         loaded = load_for_inference(directory, dtype=dtype, device=device, pack=False)

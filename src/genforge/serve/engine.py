@@ -63,6 +63,7 @@ from ..generate.request import (
 )
 from ..generate.sampling import SamplingParams, greedy_next_token, make_generator, sample_next_token, token_logprobs
 from ..model import Transformer
+from ..seq2seq import refuse_encoder_decoder
 from .blocks import BlockManager
 from .paged_cache import PagedKVCache
 from .phases import PhaseCounters, StepClock, phase_of_position, position_phases
@@ -174,6 +175,13 @@ FORWARD_PASS_SHARE = 1 / 3
 
 
 # ------------------------------------------------------------------------------- engine
+# Why the engine refuses an encoder-decoder model (seq2seq.py).
+ENGINE_WHY = (
+    "it schedules one growing token sequence per request over a paged KV cache, with no encoder pass or "
+    "cross-attention cache; decode it with `genforge generate` or genforge.generate.decode.decode"
+)
+
+
 class Engine:
     """Continuous batching over a paged KV cache for one model."""
 
@@ -217,6 +225,7 @@ class Engine:
                 f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}; got {kv_cache_dtype!r}"
             )
         self.kv_cache_dtype = kv_cache_dtype
+        refuse_encoder_decoder(config, "the serving engine", ENGINE_WHY)
         if not config.causal:
             raise ValueError("the engine serves causal language models; encoders are served by /v1/embeddings")
         if adapters is not None and adapters.model is not model:
