@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..console import console
+from ..ops.tracking import enable_tracking
 from ..safety.privacy_cli import add_dp_arguments, dp_config
 
 
@@ -513,6 +514,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_dp_arguments(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
+    enable_tracking(pretrain)
 
     size = sub.add_parser(
         "size",
