@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 
 import pytest
@@ -37,6 +38,7 @@ def _artifacts(client, run_id, path=None) -> set[str]:
     return {entry.path for entry in client.list_artifacts(run_id, path)}
 
 
+@pytest.mark.slow
 def test_pretrain_is_one_tracked_run_and_resume_continues_it(text_model_dir, store, tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text("the key value cache keeps past keys and values so decoding is fast. " * 40)
     run_dir = tmp_path / "run"
@@ -83,6 +85,7 @@ def test_pretrain_is_one_tracked_run_and_resume_continues_it(text_model_dir, sto
     assert "this run was tracked in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_finetune_logs_the_adapter_and_records_its_data_hash(store, tmp_path_factory, tmp_path):
     model_dir = tiny_chat_model_dir(tmp_path_factory.mktemp("base"))
     data = tmp_path / "sums.jsonl"
@@ -101,6 +104,7 @@ def test_finetune_logs_the_adapter_and_records_its_data_hash(store, tmp_path_fac
     assert entry["sha256"] == hashlib.sha256(data.read_bytes()).hexdigest() and entry["flag"] == "data"
 
 
+@pytest.mark.slow
 def test_an_alignment_command_logs_its_own_metrics(store, tmp_path_factory, tmp_path):
     model_dir = tiny_chat_model_dir(tmp_path_factory.mktemp("base"))
     pairs = tmp_path / "pairs.jsonl"
@@ -152,6 +156,19 @@ def test_without_mlflow_track_is_one_line_before_any_work(monkeypatch, text_mode
     assert main(["eval", "ab", "--a", str(tmp_path / "a.txt"), "--b", str(tmp_path / "a.txt"), "--track"]) == 2
     captured = capsys.readouterr()
     assert INSTALL_HINT in captured.err and captured.out == ""
+    # the registry in a folder needs no MLflow; one in MLflow says what to install
+    from factories import tiny_model
+
+    from genforge.checkpoint import save_model
+    from genforge.ops.registry import open_registry
+
+    folder = open_registry(str(tmp_path / "registry"))
+    folder.register("tiny", save_model(tiny_model(), tmp_path / "model"), aliases=["champion"])
+    assert (folder.fetch("tiny", alias="champion").path / "config.json").is_file()
+    with pytest.raises(
+        ValueError, match=re.escape(f"(MLflow's model registry) needs MLflow, which is not installed: {INSTALL_HINT}")
+    ):
+        open_registry(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 @pytest.mark.parametrize("command", [["pretrain"], ["finetune"], *(["align", m] for m in ALIGN_COMMANDS)])

@@ -377,13 +377,19 @@ class DirectoryRegistry:
 
 
 # ------------------------------------------------------------------------- MLflow registry
+def _local_artifact_dir(source: str) -> Path | None:
+    """The folder an artifact URI names when the artifact store is a local folder, else None."""
+    local = source[len("file://") :] if source.startswith("file://") else source
+    return Path(local) if not _URI.match(local) and Path(local).is_dir() else None
+
+
 class MlflowRegistry:
     """The registry in MLflow's model registry at a tracking URI (see the module doc)."""
 
     def __init__(self, uri: str) -> None:
         from .tracking import require_mlflow
 
-        require_mlflow()
+        require_mlflow(f"the registry at {uri} (MLflow's model registry)")
         from mlflow import MlflowClient
 
         self.uri = self.where = uri
@@ -454,9 +460,9 @@ class MlflowRegistry:
 
     def _local_files(self, version: ModelVersion) -> Path:
         source = version.source
-        local = source[len("file://") :] if source.startswith("file://") else source
-        if not _URI.match(local) and Path(local).is_dir():
-            return Path(local)
+        local = _local_artifact_dir(source)
+        if local is not None:
+            return local
         import mlflow
 
         key = hashlib.sha256(f"{self.uri}\0{source}".encode()).hexdigest()[:16]
@@ -468,8 +474,10 @@ class MlflowRegistry:
                         artifact_uri=source, dst_path=str(staging), tracking_uri=self.uri
                     )
                 )
-                for child in list(fetched.iterdir()) if fetched != staging else []:
-                    child.rename(staging / child.name)
+                if fetched != staging:  # MLflow fetches into staging/<last part of the source>
+                    for child in list(fetched.iterdir()):
+                        child.rename(staging / child.name)
+                    fetched.rmdir()
                 (staging / ".complete").write_text(source)
         return target
 

@@ -52,14 +52,12 @@ class TrackingError(ValueError):
     """Tracking that cannot start as asked (MLflow missing, a resumed run in another store)."""
 
 
-def require_mlflow():
+def require_mlflow(purpose: str = "experiment tracking (--track)"):
     """The mlflow module, or a TrackingError naming the extra that installs it."""
     try:
         import mlflow
     except ImportError:
-        raise TrackingError(
-            f"experiment tracking (--track) needs MLflow, which is not installed: {INSTALL_HINT}"
-        ) from None
+        raise TrackingError(f"{purpose} needs MLflow, which is not installed: {INSTALL_HINT}") from None
     return mlflow
 
 
@@ -219,8 +217,8 @@ def _tags(tags: Mapping[str, str]):
     return [RunTag(k, v) for k, v in tags.items()]
 
 
-def add_tracking_arguments(parser) -> None:
-    """--track [URI] and --experiment NAME."""
+def add_tracking_arguments(parser, resumable: bool = True) -> None:
+    """--track [URI] and --experiment NAME (`resumable`: the command continues runs with --resume)."""
     group = parser.add_argument_group(f"experiment tracking (MLflow; {INSTALL_HINT})")
     group.add_argument(
         "--track",
@@ -230,7 +228,8 @@ def add_tracking_arguments(parser) -> None:
         metavar="URI",
         help="log this run to MLflow: parameters, per-step metrics, the loss curve, config and resulting model; "
         "URI: any tracking URI (http://host:5000, sqlite:///mlflow.db); without one $MLFLOW_TRACKING_URI or "
-        f"a SQLite store in ./{DEFAULT_STORE_DIR}/. With --resume the same MLflow run continues",
+        f"a SQLite store in ./{DEFAULT_STORE_DIR}/"
+        + (". With --resume the same MLflow run continues" if resumable else ""),
     )
     group.add_argument(
         "--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment of the run (default {DEFAULT_EXPERIMENT})"
@@ -245,8 +244,14 @@ def enable_tracking(parser, run_dir_flag: str | None = "out") -> None:
     command = parser.get_default("func")
     if command is None:
         raise TypeError(f"{parser.prog}: set the command's func before enable_tracking")
-    add_tracking_arguments(parser)
-    parser.set_defaults(func=functools.partial(run_command, command, parser.prog, run_dir_flag))
+    add_tracking_arguments(parser, resumable=run_dir_flag is not None)
+    prog = parser.prog
+
+    @functools.wraps(command)  # `inspect.unwrap(args.func)` is the command itself
+    def tracked_command(args) -> int:
+        return run_command(command, prog, run_dir_flag, args)
+
+    parser.set_defaults(func=tracked_command)
 
 
 def run_command(command: Callable[[Any], int], prog: str, run_dir_flag: str | None, args) -> int:
