@@ -165,6 +165,7 @@ def test_a_run_directory_registers_with_its_lineage(text_model_dir, store, tmp_p
     (data,) = lineage["data"]
     assert data["path"] == str(corpus) and data["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(tracking_uri=store).get_run(run_id).data.tags["genforge.start_model"] == "registry:base/1"
     assert lineage["run_id"] == run_id and lineage["source"] == str(run_dir / "model")
     assert shown["kind"] == "model" and shown["aliases"] == ["canary"]
     assert registry_main(["list"]) == 0

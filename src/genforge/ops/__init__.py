@@ -7,4 +7,5 @@ directory or in MLflow's model registry; `registry:NAME@ALIAS` wherever a model 
 `lineage`: the record a training command leaves in its run directory (its command, inputs and
 their content hashes), which tracking logs and the registry reads.
 `hooks`: the seam through which the training loops and evaluation publish their metrics.
+`mlflow_store`: where runs go (the default local store) and the check that MLflow is installed.
 """

@@ -39,6 +39,7 @@ from typing import Any
 
 from ..atomic import atomic_write_text, staged_directory
 from .lineage import file_hashes, find_run_record
+from .mlflow_store import local_artifact_root, require_mlflow, tracked_run_id
 
 REF_PREFIX = "registry:"
 REGISTRY_ENV = "GENFORGE_REGISTRY"
@@ -168,8 +169,6 @@ def registrable_directory(directory: str | Path) -> tuple[Path, str]:
 def collect_lineage(directory: Path, kind: str, run_id: str | None = None) -> dict[str, Any]:
     """What produced `directory`: its run record's command, start model and data (with their
     content hashes), the adapter, the run id, and the SHA-256 of each of its files."""
-    from .tracking import tracked_run_id
-
     lineage: dict[str, Any] = {"source": str(directory.resolve()), "files": file_hashes(directory)}
     found = find_run_record([directory.parent, directory])
     record = found[1] if found else {}
@@ -387,8 +386,6 @@ class MlflowRegistry:
     """The registry in MLflow's model registry at a tracking URI (see the module doc)."""
 
     def __init__(self, uri: str) -> None:
-        from .tracking import require_mlflow
-
         require_mlflow(f"the registry at {uri} (MLflow's model registry)")
         from mlflow import MlflowClient
 
@@ -505,8 +502,6 @@ class MlflowRegistry:
                 raise RegistryError(f"--run-id {run_id}: no such MLflow run in {self.uri}") from None
             owner, artifact_path = run_id, f"registered/{name}"
         else:
-            from .tracking import local_artifact_root
-
             experiment = self.client.get_experiment_by_name(REGISTRY_EXPERIMENT)
             if experiment is None:
                 root = local_artifact_root(self.uri)

@@ -33,11 +33,19 @@ from ..atomic import atomic_write_text
 from ..console import console
 from .hooks import metric_listener
 from .lineage import RUN_RECORD, data_inputs, genforge_version, git_commit, plain_flags, write_run_record
+from .mlflow_store import (
+    DEFAULT_STORE_DIR,
+    INSTALL_HINT,
+    TRACKING_FILE,
+    TrackingError,
+    default_tracking_uri,
+    local_artifact_root,
+    require_mlflow,
+    tracked_run_id,
+)
+from .registry import REF_PREFIX, resolve_model_version
 
-INSTALL_HINT = "pip install 'genforge[ops]'"
-TRACKING_FILE = "mlflow_run.json"
 DEFAULT_EXPERIMENT = "genforge"
-DEFAULT_STORE_DIR = "mlruns"
 # MLflow's limits: a parameter value's length, and params / metrics per log_batch call.
 _PARAM_VALUE_LIMIT = 6000
 _PARAMS_PER_BATCH = 100
@@ -46,36 +54,6 @@ _METRICS_PER_BATCH = 1000
 # checkpoints (the registry and the model artifact carry the result) and the tracking pointer.
 _SKIPPED_DIRS = ("checkpoints",)
 _SKIPPED_FILES = (TRACKING_FILE,)
-
-
-class TrackingError(ValueError):
-    """Tracking that cannot start as asked (MLflow missing, a resumed run in another store)."""
-
-
-def require_mlflow(purpose: str = "experiment tracking (--track)"):
-    """The mlflow module, or a TrackingError naming the extra that installs it."""
-    try:
-        import mlflow
-    except ImportError:
-        raise TrackingError(f"{purpose} needs MLflow, which is not installed: {INSTALL_HINT}") from None
-    return mlflow
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns (an absolute URI)."""
-    configured = os.environ.get("MLFLOW_TRACKING_URI")
-    if configured:
-        return configured
-    return "sqlite:///" + str((Path.cwd() / DEFAULT_STORE_DIR / "mlflow.db").resolve())
-
-
-def local_artifact_root(uri: str) -> str | None:
-    """Where a local SQLite store keeps artifacts: `artifacts/` beside the database file (MLflow's
-    own default, ./mlruns of whatever directory a command runs in, scatters them). None for
-    other stores, whose server decides."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return str(Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts")
 
 
 def flatten_params(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -278,7 +256,7 @@ def run_command(command: Callable[[Any], int], prog: str, run_dir_flag: str | No
             write_run_record(run_dir, record)
         return code
     require_mlflow()  # before any work
-    run = _open_tracked_run(tracking, args, prog, run_dir, flags)
+    run = _open_tracked_run(tracking, args, prog, run_dir, flags, start_model)
     status, code = "FAILED", 1
     try:
         with metric_listener(run.log_record):
@@ -303,8 +281,6 @@ def _resolve_start_model(args) -> dict[str, Any] | None:
     value = getattr(args, "model", None)
     if not isinstance(value, str):
         return None
-    from .registry import REF_PREFIX, resolve_model_version
-
     if value.startswith(REF_PREFIX):
         version = resolve_model_version(value)
         args.model = str(version.path)
@@ -312,7 +288,9 @@ def _resolve_start_model(args) -> dict[str, Any] | None:
     return {"path": str(Path(value).resolve())}
 
 
-def _open_tracked_run(tracking: str, args, prog: str, run_dir: Path | None, flags: dict) -> TrackedRun:
+def _open_tracked_run(
+    tracking: str, args, prog: str, run_dir: Path | None, flags: dict, start_model: dict | None
+) -> TrackedRun:
     stored = None
     pointer = run_dir / TRACKING_FILE if run_dir is not None else None
     if pointer is not None and getattr(args, "resume", False) and pointer.is_file():
@@ -324,6 +302,8 @@ def _open_tracked_run(tracking: str, args, prog: str, run_dir: Path | None, flag
             )
     uri = stored["tracking_uri"] if stored else (tracking or default_tracking_uri())
     tags = {"genforge.version": genforge_version(), "genforge.command": prog}
+    if start_model is not None and start_model.get("registry"):
+        tags["genforge.start_model"] = f"registry:{start_model['registry']}"  # the version a reference named
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -352,15 +332,6 @@ def _log_outputs(run: TrackedRun, args, run_dir: Path | None, record: dict | Non
     out = getattr(args, "out", None)  # an evaluation's report file or folder
     if isinstance(out, str) and Path(out).exists():
         run.log_file(Path(out))
-
-
-def tracked_run_id(run_dir: str | Path) -> str | None:
-    """The MLflow run id a tracked run directory recorded (None when untracked)."""
-    path = Path(run_dir) / TRACKING_FILE
-    try:
-        return json.loads(path.read_text())["run_id"]
-    except (OSError, KeyError, json.JSONDecodeError):
-        return None
 
 
 __all__ = [
