@@ -127,6 +127,22 @@ def test_an_alignment_command_logs_its_own_metrics(store, tmp_path_factory, tmp_
     assert run.data.params["loss"] == "dpo" and "adapter" in _artifacts(client, run.info.run_id)
 
 
+@pytest.mark.slow
+def test_grpo_its_own_loop_publishes_through_the_same_seam(store, tmp_path_factory, tmp_path):
+    model_dir = tiny_chat_model_dir(tmp_path_factory.mktemp("base"))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(3)))
+    out = tmp_path / "grpo"
+    argv = ["align", "grpo", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--steps", "2"]
+    argv += ["--reward", "exact_match:answer", "--prompts-per-step", "2", "--num-generations", "2"]
+    assert main(argv + ["--max-new-tokens", "3", "--beta", "0.04", "--track", store]) == 0
+    run = _run_of(out, store)
+    client = MlflowClient(tracking_uri=store)
+    for name in ("reward", "kl", "completions/mean_length"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2]
+    assert {"adapter", "grpo.json", "genforge_run.json"} <= _artifacts(client, run.info.run_id)
+
+
 def test_eval_is_one_run_of_its_results_and_a_failure_is_marked(store, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("0\n1\n0\n1\n1\n0\n")
     (tmp_path / "b.txt").write_text("1\n1\n1\n1\n0\n1\n")
