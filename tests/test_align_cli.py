@@ -3,6 +3,8 @@ own flags; a new method plugs in with one entry."""
 
 from __future__ import annotations
 
+from inspect import unwrap
+
 import pytest
 
 from genforge.align import kto, preference, reward_train
@@ -22,13 +24,13 @@ def test_each_method_parses_to_its_module_with_its_own_knobs():
     parser = build_parser()
     common = ["--model", "m", "--data", "d.jsonl", "--out", "o"]
     args = parser.parse_args(["align", "simpo", *common, "--gamma", "0.8", "--beta", "2.5"])
-    assert (args.func, args.loss, args.gamma, args.beta) == (preference.run, "simpo", 0.8, 2.5)
+    assert (unwrap(args.func), args.loss, args.gamma, args.beta) == (preference.run, "simpo", 0.8, 2.5)
     args = parser.parse_args(["align", "cdpo", *common, "--label-smoothing", "0.2", "--reference-model", "r"])
     assert (args.loss, args.label_smoothing, args.reference_model) == ("cdpo", 0.2, "r")
     args = parser.parse_args(["align", "reward", *common, "--center-rewards-coefficient", "0.01", "--method", "full"])
-    assert (args.func, args.center_rewards_coefficient, args.method) == (reward_train.run, 0.01, "full")
+    assert (unwrap(args.func), args.center_rewards_coefficient, args.method) == (reward_train.run, 0.01, "full")
     args = parser.parse_args(["align", "kto", *common, "--desirable-weight", "1.5", "--resume", "--steps", "7"])
-    assert (args.func, args.desirable_weight, args.undesirable_weight, args.resume, args.steps) == (
+    assert (unwrap(args.func), args.desirable_weight, args.undesirable_weight, args.resume, args.steps) == (
         kto.run,
         1.5,
         1.0,
@@ -90,4 +92,4 @@ def test_one_registry_entry_adds_a_command(monkeypatch):
     """The hook other methods use: an entry naming a module with add_arguments and run."""
     monkeypatch.setitem(ALIGN_COMMANDS, "sigmoid", AlignCommand("preference", "DPO by another name", {"loss": "dpo"}))
     args = build_parser().parse_args(["align", "sigmoid", "--model", "m", "--data", "d", "--out", "o"])
-    assert args.func is preference.run and args.loss == "dpo"
+    assert unwrap(args.func) is preference.run and args.loss == "dpo"

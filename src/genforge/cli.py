@@ -16,6 +16,7 @@ its flags, calls one library function and prints what happened:
     safety                                   genforge/safety/cli.py
     model-card                               genforge/safety/card_cli.py
     serve, bench                             genforge/serve/cli.py
+    registry                                 genforge/ops/registry_cli.py
     monitor                                  genforge/ops/monitor_cli.py
     concepts                                 genforge/concepts/cli.py
 
@@ -37,7 +38,7 @@ from .console import console, print_error
 from .evaluate import cli as evaluate_cli
 from .finetune import cli as finetune_cli
 from .generate import cli as generate_cli
-from .ops import monitor_cli
+from .ops import monitor_cli, registry_cli
 from .prompting import cli as prompting_cli
 from .quantize import cli as quantize_cli
 from .rag import cli as rag_cli
@@ -61,6 +62,7 @@ SUBSYSTEMS = (
     safety_cli,
     card_cli,
     serve_cli,
+    registry_cli,
     monitor_cli,
     concepts_cli,
 )

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..ops.tracking import enable_tracking
+
 
 @dataclass(frozen=True)
 class AlignCommand:
@@ -75,6 +77,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         child.set_defaults(**command.defaults)
         module.add_arguments(child)
         child.set_defaults(func=module.run)
+        # critique writes a pairs file, not a run directory: tracked like an evaluation
+        enable_tracking(child, run_dir_flag=None if name == "critique" else "out")
 
 
 __all__ = ["ALIGN_COMMANDS", "AlignCommand", "add_commands"]

@@ -53,6 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..atomic import atomic_write_text, staged_directory
+from ..ops.hooks import publish_metrics
 from ..tokenizer import Tokenizer
 from .logprobs import completion_logprobs
 from .losses import GRPO_LOSS_TYPES, grpo_loss
@@ -862,6 +863,7 @@ class GRPOTrainer:
                 records.append(record)
                 with open(self.metrics_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
+                publish_metrics(record)
                 kl = f" kl {record['kl']:.4f}" if "kl" in record else ""
                 progress.update(
                     task,

@@ -65,6 +65,7 @@ from torch import nn
 
 from ..atomic import atomic_path, atomic_write_text, staged_directory
 from ..jsonl import json_objects
+from ..ops.hooks import publish_metrics
 from ..tokenizer import ChatTemplateError, Tokenizer
 from .logprobs import CHUNK_ELEMENTS, check_masks, token_logprobs
 from .reward import RewardModel, score_sequences
@@ -1015,6 +1016,7 @@ class PPOTrainer:
                 record = self.train_step()
                 with open(self.metrics_path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(record) + "\n")
+                publish_metrics(record)
                 status = f"reward {record['reward']:+.3f} kl {record['kl']:.3f} kl_coef {record['kl_coef']:.4f}"
                 progress.update(task, completed=self.step, status=status)
                 if self.config.save_every and self.step % self.config.save_every == 0:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 from ..console import console
 from ..generate.cli import add_model_flags
+from ..ops.hooks import publish_metrics
+from ..ops.registry import model_dir_argument
+from ..ops.tracking import enable_tracking
 
 
 def _read_lines(path: str, what: str) -> list[str]:
@@ -49,6 +52,14 @@ def cmd_eval_metrics(args) -> int:
     for name, entry in report.items():
         details = ", ".join(f"{k} {v:.4g}" for k, v in entry["details"].items() if isinstance(v, (int, float)))
         print(f"| {name} | {entry['score']:.4f} | {details} |")
+    # to a tracker (--track): each score, and its numeric details as METRIC.DETAIL
+    publish_metrics(
+        {
+            f"{name}{'.' + key if key else ''}": value
+            for name, entry in report.items()
+            for key, value in [("", entry["score"]), *entry["details"].items()]
+        }
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))
         console.print(f"[dim]wrote {args.out}[/dim]")
@@ -62,6 +73,9 @@ def cmd_eval_ppl(args) -> int:
     text = Path(args.text).read_text(encoding="utf-8")
     loaded = load_for_inference(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     result = perplexity_of_text(loaded.model, loaded.tokenizer, text, max_length=args.max_length, stride=args.stride)
+    publish_metrics(
+        {"perplexity": result.perplexity, "mean_nll": result.mean_nll, "scored_tokens": result.num_scored_tokens}
+    )
     print(
         json.dumps(
             {
@@ -113,6 +127,9 @@ def cmd_eval_harness(args) -> int:
         model, tokenizer, tasks, num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size
     )
     print(results_table(results))
+    publish_metrics(
+        {f"{task}.{metric}": value for task, result in results.items() for metric, value in result.metrics.items()}
+    )
     if args.out:
         json_path, md_path = write_results(results, args.out)
         console.print(f"[dim]wrote {json_path} and {md_path}[/dim]")
@@ -146,6 +163,7 @@ def cmd_eval_judge(args) -> int:
         battles = [Battle(r["model_a"], r["model_b"], r["winner"]) for r in rows]
     fit = bradley_terry if args.method == "bradley-terry" else elo_ratings
     ratings = fit(battles, bootstrap=args.bootstrap, seed=args.seed)
+    publish_metrics({f"rating.{model}": value for model, value in ratings.ratings.items()})
     print(f"| model | {args.method} rating | {'95% interval' if args.bootstrap else ''} |\n|---|---:|---|")
     for model in ratings.ranking():
         low_high = ratings.intervals.get(model) if ratings.intervals else None
@@ -217,6 +235,15 @@ def cmd_eval_ab(args) -> int:
     else:
         test = welch_t_test(a, b)
     interval = bootstrap_difference_ci(a, b, seed=args.seed)
+    publish_metrics(
+        {
+            "effect_b_minus_a": test.effect,
+            "statistic": test.statistic,
+            "p_value": test.p_value,
+            "n_a": len(a),
+            "n_b": len(b),
+        }
+    )
     print(
         json.dumps(
             {
@@ -255,6 +282,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     metrics.add_argument("--out", default=None, help="also write the full results (settings included) as JSON")
     metrics.set_defaults(func=cmd_eval_metrics)
+    enable_tracking(metrics, run_dir_flag=None)
     ppl = eval_sub.add_parser(
         "ppl",
         help="perplexity of a model over a text file",
@@ -265,13 +293,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--max-length", type=int, default=None, help="window length (default: the model's context)")
     ppl.add_argument("--stride", type=int, default=None, help="window step (default: half the window)")
     ppl.set_defaults(func=cmd_eval_ppl)
+    enable_tracking(ppl, run_dir_flag=None)
     harness = eval_sub.add_parser(
         "harness",
         help="run lm-evaluation-harness-style YAML tasks on a model",
         description="Run tasks written in lm-evaluation-harness's YAML conventions over "
         "local JSONL data; prints a Markdown table (see docs/evaluation.md).",
     )
-    harness.add_argument("--model", default=None, help="Hugging Face model directory, run in-process")
+    harness.add_argument(
+        "--model",
+        default=None,
+        type=model_dir_argument,
+        help="Hugging Face model directory (or registry:NAME@ALIAS), run in-process",
+    )
     harness.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16 or auto")
     harness.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     remote = harness.add_argument_group("a model behind an OpenAI-compatible server (genforge serve, vLLM, ...)")
@@ -287,6 +321,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     harness.add_argument("--batch-size", type=int, default=8, help="contexts scored per forward pass")
     harness.add_argument("--out", default=None, help="directory for results.json and results.md")
     harness.set_defaults(func=cmd_eval_harness)
+    enable_tracking(harness, run_dir_flag=None)
     judge = eval_sub.add_parser(
         "judge",
         help="ratings from pairwise judgments",
@@ -316,6 +351,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--human", default=None, help="JSONL with a human 'winner' per battle, same order: Cohen's kappa"
     )
     judge.set_defaults(func=cmd_eval_judge)
+    enable_tracking(judge, run_dir_flag=None)
     ab = eval_sub.add_parser(
         "ab",
         help="A/B test two systems' per-item scores",
@@ -337,3 +373,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     ab.add_argument("--seed", type=int, default=0)
     ab.set_defaults(func=cmd_eval_ab)
+    enable_tracking(ab, run_dir_flag=None)

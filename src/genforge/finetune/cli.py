@@ -9,6 +9,7 @@ import argparse
 import json
 
 from ..console import console
+from ..ops.tracking import enable_tracking
 from ..safety.privacy_cli import add_dp_arguments
 
 
@@ -232,6 +233,7 @@ def _add_finetune_command(sub: argparse._SubParsersAction) -> None:
     )
     add_dp_arguments(parser)
     parser.set_defaults(func=cmd_finetune)
+    enable_tracking(parser)
 
 
 def _merge_config(args, method: str | None):

@@ -15,6 +15,7 @@ from ..cache import KV_CACHE_DTYPES
 from ..checkpoint import read_config, read_generation_config
 from ..console import console
 from ..loading import LoadedModel, load_for_inference, load_packed_model
+from ..ops.registry import model_dir_argument
 from .beam import BeamOptions
 from .contrastive import ContrastiveDecodingOptions, ContrastiveSearchOptions
 from .decode import STRATEGIES, SampleOptions, check_strategy, decode, decode_stream, encode_prompts
@@ -28,11 +29,16 @@ from .watermark import Watermark
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """--model (required), --adapter, --dtype and --device: a model directory to run in-process."""
     parser.add_argument(
-        "--model", required=True, help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
+        "--model",
+        required=True,
+        type=model_dir_argument,
+        help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json), or registry:NAME@ALIAS / "
+        "registry:NAME/VERSION",
     )
     parser.add_argument(
         "--adapter",
         default=None,
+        type=model_dir_argument,
         help="an adapter directory (`genforge finetune`'s OUT/adapter, or PEFT's): LoRA, DoRA and IA3 are merged "
         "into the weights, prompt methods and bottleneck adapters run as loaded",
     )

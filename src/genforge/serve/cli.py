@@ -14,16 +14,23 @@ from ..console import console
 
 
 def _named_dirs(values: list[str], flag: str) -> dict[str, str]:
-    """`NAME=DIR` or `DIR` (named after the directory) -> {name: dir}, refusing duplicates."""
+    """`NAME=DIR` or `DIR` (named after the directory) -> {name: dir}, refusing duplicates. DIR
+    may be a registry reference, `registry:MODEL@ALIAS` or `registry:MODEL/VERSION` (named MODEL),
+    resolved here to the version's directory."""
+    from ..ops.registry import is_registry_ref, parse_ref, resolve_model_ref
+
     named: dict[str, str] = {}
     for value in values:
         name, sep, directory = value.partition("=")
         if not sep:
             name, directory = Path(value.rstrip("/")).name, value
+            if is_registry_ref(value):
+                name = parse_ref(value)[0]
         if not name or not directory:
             raise ValueError(f"{flag} takes DIR or NAME=DIR, got {value!r}")
         if name in named:
             raise ValueError(f"{flag}: the name {name!r} is given twice; name them apart with NAME=DIR")
+        directory = str(resolve_model_ref(directory))
         if not (Path(directory) / "config.json").is_file():
             raise ValueError(f"{flag} {value}: {directory} is not a model directory (no config.json)")
         named[name] = directory
@@ -33,6 +40,8 @@ def _named_dirs(values: list[str], flag: str) -> dict[str, str]:
 def _lora_dirs(values: list[str], models: list[str]) -> dict[str, dict[str, str]]:
     """`--lora [MODEL:]NAME=DIR` values -> {model: {adapter name: dir}}; MODEL may be left out
     when one model is served."""
+    from ..ops.registry import resolve_model_ref
+
     loras: dict[str, dict[str, str]] = {}
     for value in values:
         target, sep, directory = value.partition("=")
@@ -49,6 +58,7 @@ def _lora_dirs(values: list[str], models: list[str]) -> dict[str, dict[str, str]
             raise ValueError(f"--lora {value}: no served model is named {model!r}; served: {', '.join(models)}")
         if name in loras.get(model, {}):
             raise ValueError(f"--lora: the adapter name {name!r} is given twice for {model!r}")
+        directory = str(resolve_model_ref(directory))
         if not (Path(directory) / "adapter_config.json").is_file():
             raise ValueError(f"--lora {value}: {directory} is not a PEFT adapter directory (no adapter_config.json)")
         loras.setdefault(model, {})[name] = directory

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..chat_models import add_chat_model_arguments
 from ..console import console
+from ..ops.tracking import enable_tracking
 from ..safety.privacy_cli import add_dp_arguments, dp_config
 
 
@@ -703,6 +704,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     add_dp_arguments(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
+    enable_tracking(pretrain)
 
     size = sub.add_parser(
         "size",

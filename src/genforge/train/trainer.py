@@ -64,6 +64,7 @@ from ..atomic import atomic_path, atomic_write_text, staged_directory
 from ..checkpoint import save_model
 from ..model import Transformer
 from ..onednn import use_onednn
+from ..ops.hooks import publish_metrics
 from .data import ShuffleSampler, TokenDataset
 from .distributed import (
     DistributedContext,
@@ -1086,6 +1087,7 @@ class Trainer:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        publish_metrics(record)  # to a tracker, when a command subscribed one (`ops.tracking`)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records a killed run wrote after its last checkpoint, so the log has each step once."""
