@@ -1,0 +1,288 @@
+"""Tensor parallelism: every layer's matrices split across the processes of one group.
+
+Megatron-LM (Shoeybi et al. 2019) splits a transformer block so that each of its two halves
+needs one all-reduce forward and one backward: the first linear of attention (q/k/v) and of
+the MLP (gate/up) is split by output columns ("column parallel"), so each rank computes its
+own heads and its own slice of the intermediate activations with no communication, and the
+second linear (attention's output projection, the MLP's down projection) is split by input
+rows ("row parallel"), each rank producing a partial sum of the full output that one
+all-reduce completes. Norms, embeddings and the residual stream stay whole on every rank.
+The LM head of an untied model is split by vocabulary and its logits gathered.
+
+genforge builds the plans with `torch.distributed.tensor.parallel` (`ColwiseParallel`,
+`RowwiseParallel`) on a one-dimensional `DeviceMesh`, so the same code runs on CPU with gloo
+and on CUDA with NCCL.
+
+Fused weights. `model.py` computes q, k and v in one `qkv` product whose rows are laid out
+[q heads | k heads | v heads], and a gated MLP's gate and up in one `gate_up` product laid out
+[gate | up]. A plain column split of such a weight would hand rank 0 all of q and part of k.
+So before sharding, the rows are reordered so that each rank's contiguous share holds whole
+heads of each part: [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] and [gate_0 up_0 | gate_1 up_1 | ...].
+Each rank's attention then runs with num_heads / degree query heads and num_kv_heads / degree
+key/value heads (query head h of rank r still reads the key/value head of its own group), and
+its MLP with intermediate_size / degree channels. `full_state_dict` and `full_gradients` undo
+the reorder, so what they return has genforge's canonical layout and state-dict keys.
+
+A sharded model's `config` describes the heads its rank holds (`local_config`), so a KV cache
+built from it (`cache.make_kv_cache`) holds each rank's own heads; the whole model's config is
+`model.tensor_parallel.full_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import Config
+from ..model import MLP, Attention, MixtureOfExperts, Transformer
+
+
+class TensorParallelError(ValueError):
+    """A tensor-parallel setting that cannot work for this model."""
+
+
+@dataclass(frozen=True)
+class TensorParallelLayout:
+    """How a model was sharded: over `degree` ranks of `mesh`, from `full_config`."""
+
+    degree: int
+    full_config: Config
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh
+    vocab_parallel_head: bool  # the LM head split by vocabulary (untied models)
+
+
+def accepted_degrees(config: Config) -> list[int]:
+    """Every tensor-parallel degree that divides the query heads, the key/value heads and the
+    intermediate size of `config`."""
+    common = math.gcd(math.gcd(config.num_heads, config.num_kv_heads), config.intermediate_size)
+    return [d for d in range(1, common + 1) if common % d == 0]
+
+
+def check_tensor_parallel(config: Config, degree: int) -> None:
+    """Refuse a degree that would split a head or an MLP channel group unevenly, naming the
+    numbers that it does not divide and the degrees that do work."""
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+        raise TensorParallelError(f"the tensor-parallel degree must be a positive integer, got {degree!r}")
+    not_divided = [
+        f"{name} ({value})"
+        for name, value in (
+            ("num_heads", config.num_heads),
+            ("num_kv_heads", config.num_kv_heads),
+            ("intermediate_size", config.intermediate_size),
+        )
+        if value % degree
+    ]
+    if not_divided:
+        raise TensorParallelError(
+            f"tensor-parallel degree {degree} does not divide {', '.join(not_divided)} of this {config.family} model: "
+            f"each rank must hold whole heads and an equal share of the MLP; accepted degrees: "
+            f"{', '.join(map(str, accepted_degrees(config)))}"
+        )
+
+
+def local_config(config: Config, degree: int) -> Config:
+    """`config` as one rank of `degree` sees it: its share of the query and key/value heads
+    and of the MLP's intermediate size (head_dim and everything else unchanged)."""
+    check_tensor_parallel(config, degree)
+    return dataclasses.replace(
+        config,
+        num_heads=config.num_heads // degree,
+        num_kv_heads=config.num_kv_heads // degree,
+        head_dim=config.head_dim,
+        intermediate_size=config.intermediate_size // degree,
+    )
+
+
+def fused_row_order(part_sizes: tuple[int, ...], degree: int) -> torch.Tensor:
+    """The row permutation that turns a fused weight laid out [part_0 | part_1 | ...] into
+    [rank 0's share of every part | rank 1's share | ...], each part split in `degree` equal,
+    contiguous pieces. `fused_rows[order]` is the sharded layout; `argsort(order)` undoes it."""
+    starts = [sum(part_sizes[:i]) for i in range(len(part_sizes))]
+    order = []
+    for rank in range(degree):
+        for start, size in zip(starts, part_sizes):
+            share = size // degree
+            order.extend(range(start + rank * share, start + (rank + 1) * share))
+    return torch.tensor(order, dtype=torch.long)
+
+
+def _fused_layouts(model: Transformer, degree: int) -> dict[str, torch.Tensor]:
+    """Parameter name -> row order, for every fused weight and bias of `model`."""
+    config, hd = model.config, model.config.head_dim
+    qkv = fused_row_order((config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd), degree)
+    gate_up = fused_row_order((config.intermediate_size, config.intermediate_size), degree)
+    orders = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            for kind in ("weight", "bias"):
+                if getattr(module.qkv, kind, None) is not None:
+                    orders[f"{name}.qkv.{kind}"] = qkv
+        elif isinstance(module, MLP) and module.gate_up is not None:
+            for kind in ("weight", "bias"):
+                if getattr(module.gate_up, kind, None) is not None:
+                    orders[f"{name}.gate_up.{kind}"] = gate_up
+    return orders
+
+
+def _check_plain_linears(model: Transformer) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, Attention | MLP):
+            for child_name, child in module.named_children():
+                if child_name in ("qkv", "o", "gate_up", "up", "down") and type(child) is not nn.Linear:
+                    raise TensorParallelError(
+                        f"{name}.{child_name} is a {type(child).__name__}, not a plain nn.Linear: tensor parallelism "
+                        "splits floating-point weights; shard the model before packing, quantizing or wrapping "
+                        "it with adapters (merge LoRA/DoRA/IA3 first)"
+                    )
+
+
+def tensor_parallel_mesh(degree: int | None = None, device: str | torch.device = "cpu"):
+    """A one-dimensional DeviceMesh over the `degree` ranks (default: the whole world) of the
+    process group this process has joined (`distributed.init_distributed`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise TensorParallelError(
+            "tensor parallelism runs one process per shard: launch with torchrun (torchrun --nproc-per-node N ...) "
+            "and join the process group first (genforge.train.distributed.init_distributed)"
+        )
+    world = dist.get_world_size()
+    degree = world if degree is None else degree
+    if degree != world:
+        raise TensorParallelError(
+            f"tensor-parallel degree {degree} must equal the number of processes ({world}); genforge does not "
+            "combine tensor with data parallelism in one job"
+        )
+    return init_device_mesh(torch.device(device).type, (degree,), mesh_dim_names=("tp",))
+
+
+def parallelize_transformer(model: Transformer, mesh=None) -> Transformer:
+    """Shard `model` in place over the ranks of `mesh` (default: every process of the job);
+    every rank must hold the same weights beforehand (build with the same seed, or load the
+    same checkpoint). Returns the model, whose `config` is now the rank's `local_config` and
+    whose `tensor_parallel` attribute is the `TensorParallelLayout`.
+
+    The degree is checked against the heads and intermediate size before anything changes.
+    """
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise TensorParallelError("this model is already sharded for tensor parallelism")
+    if mesh is None:
+        mesh = tensor_parallel_mesh(device=model.device)
+    degree = mesh.size()
+    full_config = model.config
+    check_tensor_parallel(full_config, degree)
+    _check_plain_linears(model)
+
+    with torch.no_grad():
+        for name, order in _fused_layouts(model, degree).items():
+            parameter = model.get_parameter(name)
+            parameter.copy_(parameter[order.to(parameter.device)])
+
+    heads, kv_heads = full_config.num_heads // degree, full_config.num_kv_heads // degree
+    for block in model.blocks:
+        parallelize_module(block.attn, mesh, {"qkv": ColwiseParallel(), "o": RowwiseParallel()})
+        block.attn.num_heads, block.attn.num_kv_heads = heads, kv_heads
+        mlps = block.mlp.experts if isinstance(block.mlp, MixtureOfExperts) else [block.mlp]
+        for mlp in mlps:
+            first = "gate_up" if mlp.gate_up is not None else "up"
+            parallelize_module(mlp, mesh, {first: ColwiseParallel(), "down": RowwiseParallel()})
+        if block.attn.q_norm is not None:
+            # Each rank normalises only its own heads with the shared q/k norm weights, so
+            # their gradients are partial sums that must be added over the ranks.
+            for norm in (block.attn.q_norm, block.attn.k_norm):
+                _sum_gradient_over(norm.weight, mesh)
+
+    # The vocabulary projection is the largest matmul of a small model: split it by vocabulary
+    # rows and gather the logits. A tied head shares its weight with the embedding table, which
+    # stays whole, so it stays whole too (as does a vocabulary the degree does not divide).
+    vocab_parallel = (
+        model.lm_head is not None
+        and not full_config.tie_word_embeddings
+        and model.lm_transform is None
+        and full_config.vocab_size % degree == 0
+    )
+    if vocab_parallel:
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+
+    model.config = local_config(full_config, degree)
+    model.tensor_parallel = TensorParallelLayout(degree, full_config, mesh, vocab_parallel)
+    return model
+
+
+def _sum_gradient_over(parameter: nn.Parameter, mesh) -> None:
+    import torch.distributed._functional_collectives as funcol
+
+    parameter.register_hook(lambda grad: funcol.all_reduce(grad, "sum", mesh).wait())
+
+
+def _layout(model: Transformer) -> TensorParallelLayout:
+    layout = getattr(model, "tensor_parallel", None)
+    if layout is None:
+        raise TensorParallelError("this model is not sharded; call parallelize_transformer first")
+    return layout
+
+
+def _canonical(model: Transformer, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors (DTensors gathered) with the fused rows back in genforge's layout."""
+    from torch.distributed.tensor import DTensor
+
+    layout = _layout(model)
+    # The row orders depend on the whole model's head counts, not the rank's.
+    local = model.config
+    model.config = layout.full_config
+    try:
+        orders = _fused_layouts(model, layout.degree)
+    finally:
+        model.config = local
+    out = {}
+    for name, tensor in tensors.items():
+        whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if name in orders:
+            whole = whole[torch.argsort(orders[name]).to(whole.device)]
+        out[name] = whole.detach()
+    return out
+
+
+def full_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The whole model's weights under genforge's state-dict keys and layout, on every rank
+    (a collective: every rank of the mesh must call it). Load it into an unsharded
+    `Transformer(model.tensor_parallel.full_config)` or save it with `checkpoint.save_model`."""
+    return _canonical(model, dict(model.state_dict()))
+
+
+def full_gradients(model: Transformer) -> dict[str, torch.Tensor]:
+    """Each parameter's whole gradient, named and laid out as `full_state_dict` (a collective)."""
+    return _canonical(model, {name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+
+
+def unsharded_copy(model: Transformer) -> Transformer:
+    """A plain single-process `Transformer` with the sharded model's whole weights (a
+    collective), for saving or for comparing against."""
+    layout = _layout(model)
+    state = full_state_dict(model)
+    copy = Transformer(layout.full_config).to(device=model.device, dtype=model.dtype)
+    copy.load_state_dict(state)
+    return copy
+
+
+__all__ = [
+    "TensorParallelError",
+    "TensorParallelLayout",
+    "accepted_degrees",
+    "check_tensor_parallel",
+    "full_gradients",
+    "full_state_dict",
+    "fused_row_order",
+    "local_config",
+    "parallelize_transformer",
+    "tensor_parallel_mesh",
+    "unsharded_copy",
+]
