@@ -273,6 +273,56 @@ def unsharded_copy(model: Transformer) -> Transformer:
     return copy
 
 
+def load_tensor_parallel(
+    directory,
+    dtype=None,
+    device: str | torch.device = "cpu",
+    adapter=None,
+    context_limit: int | None = None,
+):
+    """`loading.load_for_inference` for one rank of a sharded decode under torchrun: the
+    model loaded whole (adapters merged), put in eval mode and sharded over every process of
+    the job by `parallelize_transformer`; not packed for the CPU, whose packed linears would
+    not split. Decoding then runs as usual on every rank with the same prompts: each rank's
+    KV cache holds its own heads, the logits are whole on every rank, and every rank picks the
+    same tokens. Join the process group first (`distributed.init_distributed`)."""
+    from ..checkpoint import read_config
+    from ..loading import load_for_inference
+
+    if dist.is_available() and dist.is_initialized():  # the degree is checked before the weights load
+        check_tensor_parallel(read_config(directory), dist.get_world_size())
+    loaded = load_for_inference(
+        directory, dtype=dtype, device=device, adapter=adapter, pack=False, context_limit=context_limit
+    )
+    parallelize_transformer(loaded.model.eval())
+    return loaded
+
+
+def run_tensor_parallel(work, device: str = "cpu"):
+    """Run `work(device)` as one rank of a torchrun job (joining and leaving the process group
+    around it), with standard output and error kept to rank 0 so the job prints once.
+    `device` is the one asked for; each rank gets its own ("cuda:<local rank>" on CUDA)."""
+    import contextlib
+    import io
+
+    from .distributed import destroy_distributed, init_distributed, launched_by_torchrun
+
+    if not launched_by_torchrun():
+        raise TensorParallelError(
+            "tensor parallelism runs one process per shard: launch with torchrun, e.g. "
+            "torchrun --nproc-per-node 2 -m genforge.cli generate --tensor-parallel ..."
+        )
+    context, rank_device = init_distributed(device)
+    try:
+        if context.is_main:
+            return work(rank_device)
+        # Progress and notes too: an error still surfaces, printed after the context ends.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return work(rank_device)
+    finally:
+        destroy_distributed()
+
+
 __all__ = [
     "TensorParallelError",
     "TensorParallelLayout",
@@ -281,8 +331,10 @@ __all__ = [
     "full_gradients",
     "full_state_dict",
     "fused_row_order",
+    "load_tensor_parallel",
     "local_config",
     "parallelize_transformer",
+    "run_tensor_parallel",
     "tensor_parallel_mesh",
     "unsharded_copy",
 ]
