@@ -221,20 +221,24 @@ class PipelineRunner:
     def is_last(self) -> bool:
         return self.module.is_last
 
-    def step(self, input_ids: torch.Tensor) -> float:
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> float:
         """Forward and backward over `input_ids` (batch, seq), the causal LM loss scoring each
-        position against the next token; gradients accumulate into this stage's parameters.
-        Every rank passes the same batch (only the first stage reads the ids, only the last the
-        labels). Returns the batch's mean loss on every rank."""
+        position against the next label (`labels`, default the ids; IGNORE_INDEX where a
+        token does not count); gradients accumulate into this stage's parameters. Every rank
+        passes the same batch (the first stage reads the ids, the last the labels). Returns
+        the batch's token-mean loss on every rank."""
         batch = input_ids.shape[0]
         check_pipeline(self.module.config, self.num_stages, batch, self.microbatches, self.schedule_name)
+        labels = (input_ids if labels is None else labels).to(self.device)
+        if labels.shape != input_ids.shape:
+            raise PipelineError(f"labels have shape {tuple(labels.shape)}; expected the ids' {tuple(input_ids.shape)}")
         input_ids = input_ids.to(self.device)
-        self._loss.batch_targets = max(count_target_tokens(input_ids), 1)
+        self._loss.batch_targets = max(count_target_tokens(labels), 1)
         losses: list[torch.Tensor] = []
         if self.is_first:
             self.schedule.step(input_ids)
         elif self.is_last:
-            self.schedule.step(target=input_ids, losses=losses)
+            self.schedule.step(target=labels, losses=losses)
         else:
             self.schedule.step()
         if self._tied_group is not None and (self.is_first or self.is_last):

@@ -263,6 +263,34 @@ def full_gradients(model: Transformer) -> dict[str, torch.Tensor]:
     return _canonical(model, {name: p.grad for name, p in model.named_parameters() if p.grad is not None})
 
 
+def clip_gradients(model: Transformer, max_norm: float | None) -> float:
+    """Clip a sharded model's global gradient norm to `max_norm` (None: measure only), as
+    `optim.clip_gradients` does for a whole one; returns the norm before clipping, the same on
+    every rank. A sharded gradient's squared norm is summed over the ranks, a replicated one
+    (norms, embeddings) counted once."""
+    from torch.distributed.tensor import DTensor
+
+    layout = _layout(model)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    locals_ = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    sharded = [isinstance(g, DTensor) and any(p.is_shard() for p in g.placements) for g in grads]
+    device = locals_[0].device
+    squares = torch.zeros(2, dtype=torch.float32, device=device)
+    for local, is_sharded in zip(locals_, sharded):
+        squares[0 if is_sharded else 1] += local.float().square().sum()
+    split = squares[:1].clone()
+    dist.all_reduce(split, group=layout.mesh.get_group())
+    norm = torch.sqrt(split[0] + squares[1])
+    if max_norm is not None:
+        # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6), never up.
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for local in locals_:
+            local.mul_(scale.to(local.dtype))
+    return float(norm)
+
+
 def unsharded_copy(model: Transformer) -> Transformer:
     """A plain single-process `Transformer` with the sharded model's whole weights (a
     collective), for saving or for comparing against."""
@@ -328,6 +356,7 @@ __all__ = [
     "TensorParallelLayout",
     "accepted_degrees",
     "check_tensor_parallel",
+    "clip_gradients",
     "full_gradients",
     "full_state_dict",
     "fused_row_order",

@@ -129,6 +129,7 @@ class TrainConfig:
     progress: bool = True
     export: bool = True  # write the final model as a Hugging Face directory
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    fsdp_cpu_offload: bool = False  # with fsdp: keep the shards and the optimizer state in host memory
     # Masked LM (encoders): the share of tokens chosen, the [MASK] id (default: the
     # tokenizer's), and ids never chosen (default: the tokenizer's special tokens).
     mlm_probability: float = 0.15
@@ -166,6 +167,8 @@ class TrainConfig:
                 f"precision {self.precision!r} needs a CUDA device (bf16 matmul is very slow on CPU and fp16 "
                 "needs a GradScaler on GPU); use precision='fp32' on CPU"
             )
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise TrainError("fsdp_cpu_offload keeps FSDP's shards in host memory; it needs fsdp=True")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise TrainError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.peak_flops is not None and self.peak_flops <= 0:
@@ -367,7 +370,7 @@ class Trainer:
                     use_onednn(module)
         # The module the step calls: the model itself, its DDP wrapper, or the model sharded
         # in place by FSDP. `self.model` stays the plain module (checkpointing, evaluation).
-        self.engine = wrap_model(self.model, self.distributed, fsdp=config.fsdp)
+        self.engine = wrap_model(self.model, self.distributed, fsdp=config.fsdp, cpu_offload=config.fsdp_cpu_offload)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.adam_eps)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.sampler = ShuffleSampler(len(train_data), seed=config.seed)
