@@ -1,6 +1,6 @@
 """Pipeline parallelism on CPU with gloo, two processes (two stages) spawned by the test: with
 the GPipe and the 1F1B schedule, the loss and every stage's gradients equal the single-process
-model on the whole batch within 1e-5, and so do the weights after an AdamW step, for a
+model on the whole batch within 1e-5, and so do the weights after an SGD step, for a
 Llama-style model and for a GPT-2-style one whose tied embedding table lives on both the first
 and the last stage. The stages run one after another in one process give the whole model's
 logits; splits and micro-batch counts that cannot work are refused with the accepted values."""
@@ -15,7 +15,6 @@ from factories import tiny_encoder, tiny_model
 
 from genforge.train.distributed import destroy_distributed, init_distributed
 from genforge.train.losses import causal_lm_loss
-from genforge.train.optim import build_optimizer
 from genforge.train.pipeline import (
     PipelineError,
     PipelineRunner,
@@ -71,12 +70,13 @@ def _equal_to_one_process(rank, world, port):
                 for parameter_name, parameter in stage_parameters.items():
                     # A tied head's copy on the last stage carries the table's whole gradient.
                     twin = reference_parameters.get(parameter_name, reference_parameters.get("embed_tokens.weight"))
-                    torch.testing.assert_close(parameter.grad, twin.grad, rtol=0, atol=1e-5, msg=f"{what} {parameter_name}")
-                for optimizer in (
-                    build_optimizer(reference, 1e-2, 0.1, (0.9, 0.95), 1e-8),
-                    build_optimizer(runner.module, 1e-2, 0.1, (0.9, 0.95), 1e-8),
-                ):
-                    optimizer.step()
+                    torch.testing.assert_close(
+                        parameter.grad, twin.grad, rtol=0, atol=1e-5, msg=f"{what} {parameter_name}"
+                    )
+                # SGD: an update linear in the gradient (AdamW's first step would magnify
+                # rounding differences in near-zero gradients to the size of the learning rate).
+                for module in (reference, runner.module):
+                    torch.optim.SGD(module.parameters(), lr=0.5).step()
                 for parameter_name, parameter in stage_parameters.items():
                     twin = reference_parameters.get(parameter_name, reference_parameters.get("embed_tokens.weight"))
                     torch.testing.assert_close(parameter, twin, rtol=0, atol=1e-5, msg=f"{what} {parameter_name} step")

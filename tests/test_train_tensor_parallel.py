@@ -1,6 +1,5 @@
 """Tensor parallelism on CPU with gloo, two processes spawned by the test: the sharded model's
-logits, one training step's gradients (gathered) and the weights after an AdamW step with
-global-norm clipping equal the single-process model within 1e-5, for GQA, biased/tied/learned
+logits, one training step's gradients (gathered) and the weights after a clipped SGD step equal the single-process model within 1e-5, for GQA, biased/tied/learned
 positions, q/k norm and mixture-of-experts layouts; `genforge generate --tensor-parallel` under
 torchrun gives the tokens of one process. Bad degrees are refused before any work."""
 
@@ -17,7 +16,6 @@ from factories import tiny_model
 from genforge.config import Config
 from genforge.train.distributed import destroy_distributed, init_distributed
 from genforge.train.losses import causal_lm_loss
-from genforge.train.optim import build_optimizer
 from genforge.train.optim import clip_gradients as clip_whole
 from genforge.train.tensor_parallel import (
     TensorParallelError,
@@ -99,9 +97,10 @@ def _equal_to_one_process(rank, world, port):
             # A clip small enough to bite, so the norm and the scaling are both exercised.
             reference_norm, sharded_norm = clip_whole(reference, 0.05), clip_gradients(sharded, 0.05)
             assert abs(reference_norm - sharded_norm) <= 1e-5 * max(1.0, reference_norm), name
+            # SGD: an update linear in the gradient. AdamW's first step, lr * g / (|g| + eps),
+            # turns a 1e-8 difference in a near-zero gradient into one of order lr.
             for model in (reference, sharded):
-                optimizer = build_optimizer(model, 1e-2, 0.1, (0.9, 0.95), 1e-8)
-                optimizer.step()
+                torch.optim.SGD(model.parameters(), lr=0.5).step()
             _assert_close_dicts(full_state_dict(sharded), dict(reference.state_dict()), f"{name} weights after a step")
 
         # The gathered copy is a plain model with the same outputs.
@@ -137,7 +136,9 @@ def test_degrees_that_split_a_head_or_the_mlp_are_refused():
     config = tiny_model().config  # 4 query heads, 2 key/value heads, intermediate 48
     assert accepted_degrees(config) == [1, 2]
     check_tensor_parallel(config, 2)
-    with pytest.raises(TensorParallelError, match=r"degree 4 does not divide num_kv_heads \(2\) of .*accepted degrees: 1, 2$"):
+    with pytest.raises(
+        TensorParallelError, match=r"degree 4 does not divide num_kv_heads \(2\) of .*accepted degrees: 1, 2$"
+    ):
         check_tensor_parallel(config, 4)
     odd = Config(**(config.to_dict() | dict(intermediate_size=50, num_heads=6, num_kv_heads=6, head_dim=8)))
     with pytest.raises(TensorParallelError, match=r"num_heads \(6\), num_kv_heads \(6\), intermediate_size \(50\)"):
