@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU with gloo, two processes spawned by the test: the sharded model's
-logits, one training step's gradients (gathered) and the weights after a clipped SGD step equal the single-process model within 1e-5, for GQA, biased/tied/learned
-positions, q/k norm and mixture-of-experts layouts; `genforge generate --tensor-parallel` under
+logits, one training step's gradients (gathered), the clipped global norm and the weights after
+an SGD step equal the single-process model within 1e-5, for GQA, biased/tied/learned positions,
+q/k norm and mixture-of-experts layouts, and with sequence parallelism; `genforge generate --tensor-parallel` under
 torchrun gives the tokens of one process. Bad degrees are refused before any work."""
 
 import os
@@ -42,11 +43,16 @@ GPT2_LIKE = dict(
     position="learned",
     tie_word_embeddings=True,
 )
+# name -> (config overrides, sequence parallel)
 LAYOUTS = {
-    "gqa": dict(),  # 4 query heads over 2 key/value heads, SwiGLU, untied vocabulary-parallel head
-    "gpt2": GPT2_LIKE,  # biases in every linear, a tied head (kept whole), learned positions
-    "qk_norm": dict(qk_norm=True, num_kv_heads=4, qkv_bias=True),
-    "moe": dict(num_experts=4, num_experts_per_token=2),
+    "gqa": (dict(), False),  # 4 query heads over 2 key/value heads, SwiGLU, untied vocabulary-parallel head
+    "gpt2": (GPT2_LIKE, False),  # biases in every linear, a tied head (kept whole), learned positions
+    "qk_norm": (dict(qk_norm=True, num_kv_heads=4, qkv_bias=True), False),
+    "moe": (dict(num_experts=4, num_experts_per_token=2), False),
+    # The residual stream and the blocks' norms split by position (11 positions: unevenly).
+    "gqa+sp": (dict(), True),
+    "gemma+sp": (dict(family="gemma", norm_weight_offset=1.0, embedding_multiplier=4.0), True),
+    "gpt2+sp": (GPT2_LIKE, True),
 }
 
 
@@ -74,12 +80,12 @@ def _equal_to_one_process(rank, world, port):
     """Every rank builds the single-process reference itself and compares against it."""
     _join(rank, world, port)
     try:
-        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-        for name, overrides in LAYOUTS.items():
+        ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+        for name, (overrides, sequence_parallel) in LAYOUTS.items():
             reference, sharded = tiny_model(**overrides), tiny_model(**overrides)
-            parallelize_transformer(sharded)
+            parallelize_transformer(sharded, sequence_parallel=sequence_parallel)
             assert sharded.config.num_heads == reference.config.num_heads // world, name
-            assert sharded.tensor_parallel.vocab_parallel_head == (name != "gpt2")
+            assert sharded.tensor_parallel.vocab_parallel_head == (not name.startswith("gpt2"))
 
             # Logits, then one training step: loss, backward, clipping, AdamW.
             for model in (reference, sharded):
@@ -116,6 +122,8 @@ def _equal_to_one_process(rank, world, port):
         _assert_close_dicts(dict(mqa.state_dict()), before, "refused model untouched")
         with pytest.raises(TensorParallelError, match="must equal the number of processes"):
             tensor_parallel_mesh(degree=1)
+        with pytest.raises(TensorParallelError, match="mixture-of-experts router"):
+            parallelize_transformer(tiny_model(num_experts=4), sequence_parallel=True)
     finally:
         destroy_distributed()
 

@@ -54,6 +54,7 @@ class TensorParallelLayout:
     full_config: Config
     mesh: object  # torch.distributed.device_mesh.DeviceMesh
     vocab_parallel_head: bool  # the LM head split by vocabulary (untied models)
+    sequence_parallel: bool = False  # the residual stream and the blocks' norms split by position
 
 
 def accepted_degrees(config: Config) -> list[int]:
@@ -161,25 +162,49 @@ def tensor_parallel_mesh(degree: int | None = None, device: str | torch.device =
     return init_device_mesh(torch.device(device).type, (degree,), mesh_dim_names=("tp",))
 
 
-def parallelize_transformer(model: Transformer, mesh=None) -> Transformer:
+def parallelize_transformer(model: Transformer, mesh=None, sequence_parallel: bool = False) -> Transformer:
     """Shard `model` in place over the ranks of `mesh` (default: every process of the job);
     every rank must hold the same weights beforehand (build with the same seed, or load the
     same checkpoint). Returns the model, whose `config` is now the rank's `local_config` and
     whose `tensor_parallel` attribute is the `TensorParallelLayout`.
 
+    sequence_parallel (Korthikanti et al. 2022): between the blocks' linears, the residual
+    stream and the blocks' norms are split by sequence position instead of repeated on every
+    rank, so each rank stores 1/degree of those activations. The row-parallel linears then end
+    in a reduce-scatter instead of an all-reduce and the column-parallel ones start with an
+    all-gather: the same bytes moved. For training (a decode step's one position does not
+    split), and not with mixture-of-experts layers, whose router sees all tokens at once.
+
     The degree is checked against the heads and intermediate size before anything changes.
     """
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     if getattr(model, "tensor_parallel", None) is not None:
         raise TensorParallelError("this model is already sharded for tensor parallelism")
+    if sequence_parallel and model.config.num_experts:
+        raise TensorParallelError(
+            "sequence parallelism splits the tokens between the blocks' linears; a mixture-of-experts router "
+            "needs them all: leave sequence_parallel off for this model"
+        )
     if mesh is None:
         mesh = tensor_parallel_mesh(device=model.device)
     degree = mesh.size()
     full_config = model.config
     check_tensor_parallel(full_config, degree)
     _check_plain_linears(model)
+    # Column-parallel linears take the rank's sequence share and gather it; row-parallel ones
+    # reduce-scatter their partial sums back into sequence shares.
+    if sequence_parallel:
+        column = lambda: ColwiseParallel(input_layouts=Shard(1))  # noqa: E731
+        row = lambda: RowwiseParallel(output_layouts=Shard(1), use_local_output=False)  # noqa: E731
+    else:
+        column, row = ColwiseParallel, RowwiseParallel
 
     with torch.no_grad():
         for name, order in _fused_layouts(model, degree).items():
@@ -188,12 +213,17 @@ def parallelize_transformer(model: Transformer, mesh=None) -> Transformer:
 
     heads, kv_heads = full_config.num_heads // degree, full_config.num_kv_heads // degree
     for block in model.blocks:
-        parallelize_module(block.attn, mesh, {"qkv": ColwiseParallel(), "o": RowwiseParallel()})
+        parallelize_module(block.attn, mesh, {"qkv": column(), "o": row()})
         block.attn.num_heads, block.attn.num_kv_heads = heads, kv_heads
         mlps = block.mlp.experts if isinstance(block.mlp, MixtureOfExperts) else [block.mlp]
         for mlp in mlps:
             first = "gate_up" if mlp.gate_up is not None else "up"
-            parallelize_module(mlp, mesh, {first: ColwiseParallel(), "down": RowwiseParallel()})
+            parallelize_module(mlp, mesh, {first: column(), "down": row()})
+        if sequence_parallel:
+            parallelize_module(block, mesh, {"attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel()})
+            for norm in (block.attn_norm, block.mlp_norm):
+                for parameter in norm.parameters():
+                    _replicate_gradient(parameter, mesh)
         if block.attn.q_norm is not None:
             # Each rank normalises only its own heads with the shared q/k norm weights, so
             # their gradients are partial sums that must be added over the ranks.
@@ -212,9 +242,40 @@ def parallelize_transformer(model: Transformer, mesh=None) -> Transformer:
     if vocab_parallel:
         parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
 
+    if sequence_parallel:
+        _split_sequence_around_blocks(model, mesh)
+
     model.config = local_config(full_config, degree)
-    model.tensor_parallel = TensorParallelLayout(degree, full_config, mesh, vocab_parallel)
+    model.tensor_parallel = TensorParallelLayout(degree, full_config, mesh, vocab_parallel, sequence_parallel)
     return model
+
+
+def _split_sequence_around_blocks(model: Transformer, mesh) -> None:
+    """The embeddings' output (whole on every rank) enters the first block as this rank's
+    share of the positions; the last block's output is gathered whole again for the final norm
+    and the head. Backward, the gradients take the opposite collectives."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def split(module, args):
+        hidden = DTensor.from_local(args[0], mesh, [Replicate()], run_check=False)
+        return (hidden.redistribute(mesh, [Shard(1)]), *args[1:])
+
+    def gather(module, args, output):
+        return output.redistribute(mesh, [Replicate()]).to_local()
+
+    model.blocks[0].register_forward_pre_hook(split)
+    model.blocks[-1].register_forward_hook(gather)
+
+
+def _replicate_gradient(parameter: nn.Parameter, mesh) -> None:
+    """A norm weight applied to each rank's share of the positions gets a partial gradient
+    from each rank; sum it once here, so the optimizer and the clipping see whole gradients."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def whole(grad):
+        return grad.redistribute(mesh, [Replicate()]) if isinstance(grad, DTensor) else grad
+
+    parameter.register_hook(whole)
 
 
 def _sum_gradient_over(parameter: nn.Parameter, mesh) -> None:
