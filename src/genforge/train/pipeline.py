@@ -184,7 +184,8 @@ class _BatchMeanLoss:
 class PipelineRunner:
     """This process's stage of a pipeline over every process of the job, and the schedule that
     drives it. Every rank builds the same whole `model` (same seed or checkpoint) and keeps only
-    its stage (`module`); `step` runs one forward and backward over a batch.
+    its stage (`module`): drop the caller's reference to `model` and the other stages' layers
+    are freed. `step` runs one forward and backward over a batch.
 
     schedule: "gpipe" or "1f1b". microbatches: how many pieces each batch is cut into.
     """

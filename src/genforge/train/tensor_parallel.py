@@ -10,8 +10,9 @@ all-reduce completes. Norms, embeddings and the residual stream stay whole on ev
 The LM head of an untied model is split by vocabulary and its logits gathered.
 
 genforge builds the plans with `torch.distributed.tensor.parallel` (`ColwiseParallel`,
-`RowwiseParallel`) on a one-dimensional `DeviceMesh`, so the same code runs on CPU with gloo
-and on CUDA with NCCL.
+`RowwiseParallel`, `SequenceParallel`) on a one-dimensional `DeviceMesh`, so the same code runs
+on CPU with gloo and on CUDA with NCCL. Sequence parallelism (Korthikanti et al. 2022, optional)
+also splits the residual stream and the blocks' norms by position between the linears.
 
 Fused weights. `model.py` computes q, k and v in one `qkv` product whose rows are laid out
 [q heads | k heads | v heads], and a gated MLP's gate and up in one `gate_up` product laid out
