@@ -134,6 +134,13 @@ def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, single):
     assert_same_run(out, *single)
 
 
+@pytest.mark.slow
+def test_fsdp_with_cpu_offload_matches_one_process(tmp_path, single):
+    """Shards and AdamW state kept in host memory (CPUOffloadPolicy): the same curve and weights."""
+    run_ranks(tmp_path / "offload", fsdp=True, fsdp_cpu_offload=True)
+    assert_same_run(tmp_path / "offload", *single)
+
+
 def _masked_rank_main(rank, world, port, out_dir):
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
@@ -172,7 +179,20 @@ def test_distributed_settings_are_checked_before_work(tmp_path):
         )
     with pytest.raises(TrainError, match="torchrun"):
         build_trainer(tmp_path, fsdp=True)
+    with pytest.raises(TrainError, match="fsdp_cpu_offload .* needs fsdp=True"):
+        build_trainer(tmp_path, fsdp_cpu_offload=True)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_pretrain_cpu_offload_needs_fsdp(text_model_dir, tmp_path, capsys):
+    from genforge.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("a few words " * 20)
+    flags = ["pretrain", "--model", str(text_model_dir), "--text", str(text), "--out", str(tmp_path / "run")]
+    assert main([*flags, "--steps", "1", "--warmup", "0", "--fsdp-cpu-offload"]) == 2
+    assert "needs fsdp=True" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_torchrun_environment_is_checked(monkeypatch):

@@ -131,6 +131,12 @@ def _sampling_params(args, generation_config: dict) -> SamplingParams:
 
 
 def _load(args) -> LoadedModel:
+    if getattr(args, "tensor_parallel", False):
+        from ..train.tensor_parallel import load_tensor_parallel
+
+        return load_tensor_parallel(
+            args.model, dtype=args.dtype, device=args.device, adapter=args.adapter, context_limit=args.context_limit
+        )
     with console.status(f"loading {args.model}"):
         return load_for_inference(
             args.model,
@@ -215,6 +221,17 @@ def _strategy_options(args):
 
 
 def cmd_generate(args) -> int:
+    if args.tensor_parallel:
+        from ..train.tensor_parallel import run_tensor_parallel
+
+        def generate_on(device) -> int:
+            return _generate(argparse.Namespace(**{**vars(args), "device": device}))
+
+        return run_tensor_parallel(generate_on, args.device)
+    return _generate(args)
+
+
+def _generate(args) -> int:
     # Everything that can be checked without the weights is, before they are loaded.
     params = _sampling_params(args, read_generation_config(args.model))
     _check_strategy_flags(args)
@@ -396,6 +413,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     _add_context_limit_flag(gen)
     _add_kv_cache_flag(gen)
+    gen.add_argument(
+        "--tensor-parallel",
+        action="store_true",
+        help="under torchrun, shard the model's heads and MLP over the job's processes (torchrun --nproc-per-node N "
+        "-m genforge.cli generate --tensor-parallel ...); the degree must divide the heads and intermediate size",
+    )
     _add_sampling_flags(gen)
     strategy = gen.add_argument_group("decoding strategy")
     strategy.add_argument(

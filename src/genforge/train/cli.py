@@ -254,6 +254,7 @@ def cmd_pretrain(args) -> int:
         device=args.device,
         precision=args.precision,
         fsdp=args.fsdp,
+        fsdp_cpu_offload=args.fsdp_cpu_offload,
         mlm_probability=args.mlm_probability,
         label_smoothing=args.label_smoothing,
         scheduled_sampling=args.scheduled_sampling,
@@ -695,6 +696,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--fsdp",
         action="store_true",
         help="under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP",
+    )
+    pretrain.add_argument(
+        "--fsdp-cpu-offload",
+        action="store_true",
+        help="with --fsdp: keep the parameter shards, gradients and AdamW state in host memory, the optimizer "
+        "step on the CPU (saves device memory, costs host-device copies; benchmarks/results/offload.md)",
     )
     pretrain.add_argument(
         "--mlm-probability",

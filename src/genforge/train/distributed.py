@@ -101,15 +101,29 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, context: DistributedContext, fsdp: bool = False) -> nn.Module:
+def wrap_model(
+    model: nn.Module, context: DistributedContext, fsdp: bool = False, cpu_offload: bool = False
+) -> nn.Module:
     """The module the training step calls: `model` itself for one process, a
     DistributedDataParallel wrapper around it, or (fsdp=True) `model` sharded in place with
-    FSDP2's `fully_shard`, one unit per transformer block plus the root."""
+    FSDP2's `fully_shard`, one unit per transformer block plus the root.
+
+    cpu_offload (FSDP only; ZeRO-Offload, Ren et al. 2021): each rank's shard of the
+    parameters, their gradients and so the optimizer state live in host memory; a unit's
+    parameters are copied to the device for its forward and backward only, the gradients
+    copied back, and the optimizer step runs on the CPU. Device memory then holds little more
+    than the activations and one unit's gathered weights, paid for with host-device copies
+    and a CPU optimizer step."""
+    if cpu_offload and not fsdp:
+        raise DistributedError("cpu_offload moves FSDP's parameter shards to host memory; it needs fsdp=True")
     if not context.enabled:
         return model
     device = next(model.parameters()).device
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+        # pin_memory speeds up host-device copies; there are none to speed up on a CPU device.
+        policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
 
         # fully_shard shards whatever each rank holds; make every rank hold rank 0's weights
         # first, as DDP's constructor does.
@@ -117,8 +131,8 @@ def wrap_model(model: nn.Module, context: DistributedContext, fsdp: bool = False
             for tensor in list(model.parameters()) + list(model.buffers()):
                 dist.broadcast(tensor.data, src=0)
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, offload_policy=policy)
+        fully_shard(model, offload_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel
 

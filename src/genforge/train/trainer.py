@@ -136,6 +136,7 @@ class TrainConfig:
     progress: bool = True
     export: bool = True  # write the final model as a Hugging Face directory
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    fsdp_cpu_offload: bool = False  # with fsdp: keep the shards and the optimizer state in host memory
     # Masked LM (encoders): the share of tokens chosen, the [MASK] id (default: the
     # tokenizer's), and ids never chosen (default: the tokenizer's special tokens).
     mlm_probability: float = 0.15
@@ -168,6 +169,8 @@ class TrainConfig:
             raise TrainError(f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps})")
         if self.precision not in PRECISIONS:
             raise TrainError(f"precision {self.precision!r} is not supported; accepted: {', '.join(PRECISIONS)}")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise TrainError("fsdp_cpu_offload keeps FSDP's shards in host memory; it needs fsdp=True")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise TrainError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.peak_flops is not None and self.peak_flops <= 0:
@@ -380,7 +383,7 @@ class Trainer:
                     use_onednn(module)
         # The module the step calls: the model itself, its DDP wrapper, or the model sharded
         # in place by FSDP. `self.model` stays the plain module (checkpointing, evaluation).
-        self.engine = wrap_model(self.model, self.distributed, fsdp=config.fsdp)
+        self.engine = wrap_model(self.model, self.distributed, fsdp=config.fsdp, cpu_offload=config.fsdp_cpu_offload)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.betas, config.adam_eps)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
         self.sampler = sampler if sampler is not None else ShuffleSampler(len(train_data), seed=config.seed)
