@@ -13,105 +13,71 @@ red-teaming, bias measurement and model cards. See docs/safety.md.
 - `model_card`: a Hugging Face model card from a model directory and its run records.
 """
 
-from .bias import CLASSIC_TESTS, counterfactual_loglikelihoods, crows_pairs, run_association_test, weat
-from .guards import GuardConfig, Guards, OutputFilter, RedactingLogFilter
-from .injection import InjectionDetector, InjectionResult, quote_as_data, scan_injection, screen_chunks
-from .membership import (
-    MembershipError,
-    evaluate_attack,
-    lira_scores,
-    membership_inference,
-    plot_roc,
-    sequence_losses,
-)
-from .model_card import build_model_card, write_model_card
-from .moderation import CATEGORIES, ModerationResult, Moderator, moderate
-from .obfuscation import reveal
-from .pii import (
-    PII_TYPES,
-    REDACTION_STYLES,
-    Finding,
-    PIIDetector,
-    Redaction,
-    Redactor,
-    Vault,
-    detect_pii,
-    redact_pii,
-    restore,
-)
-from .privacy import (
-    DPSGD,
-    DPConfig,
-    PrivacyError,
-    RDPAccountant,
-    gdp_epsilon,
-    noise_multiplier_for_epsilon,
-    per_sample_gradients,
-)
-from .redteam import (
-    AllOf,
-    Attack,
-    Goal,
-    JudgeScorer,
-    RedTeamReport,
-    RefusalScorer,
-    Scorer,
-    build_attacks,
-    run_redteam,
-)
+import importlib
 
-__all__ = [
-    "moderate",
-    "ModerationResult",
-    "Moderator",
-    "CATEGORIES",
-    "quote_as_data",
-    "screen_chunks",
-    "scan_injection",
-    "InjectionResult",
-    "InjectionDetector",
-    "reveal",
-    "RedactingLogFilter",
-    "OutputFilter",
-    "Guards",
-    "GuardConfig",
-    "CLASSIC_TESTS",
-    "DPSGD",
-    "PII_TYPES",
-    "REDACTION_STYLES",
-    "AllOf",
-    "Attack",
-    "DPConfig",
-    "Finding",
-    "Goal",
-    "JudgeScorer",
-    "MembershipError",
-    "PIIDetector",
-    "PrivacyError",
-    "RDPAccountant",
-    "RedTeamReport",
-    "Redaction",
-    "Redactor",
-    "RefusalScorer",
-    "Scorer",
-    "Vault",
-    "build_attacks",
-    "build_model_card",
-    "counterfactual_loglikelihoods",
-    "crows_pairs",
-    "detect_pii",
-    "evaluate_attack",
-    "gdp_epsilon",
-    "lira_scores",
-    "membership_inference",
-    "noise_multiplier_for_epsilon",
-    "per_sample_gradients",
-    "plot_roc",
-    "redact_pii",
-    "restore",
-    "run_association_test",
-    "run_redteam",
-    "sequence_losses",
-    "weat",
-    "write_model_card",
-]
+# Each public name and its module, imported on first use: `genforge serve` and the training
+# commands load the guards or DP-SGD alone, not the attacks' scipy and matplotlib.
+_EXPORTS = {
+    "CLASSIC_TESTS": "bias",
+    "counterfactual_loglikelihoods": "bias",
+    "crows_pairs": "bias",
+    "run_association_test": "bias",
+    "weat": "bias",
+    "GuardConfig": "guards",
+    "Guards": "guards",
+    "OutputFilter": "guards",
+    "RedactingLogFilter": "guards",
+    "InjectionDetector": "injection",
+    "InjectionResult": "injection",
+    "quote_as_data": "injection",
+    "scan_injection": "injection",
+    "screen_chunks": "injection",
+    "MembershipError": "membership",
+    "evaluate_attack": "membership",
+    "lira_scores": "membership",
+    "membership_inference": "membership",
+    "plot_roc": "membership",
+    "sequence_losses": "membership",
+    "build_model_card": "model_card",
+    "write_model_card": "model_card",
+    "CATEGORIES": "moderation",
+    "ModerationResult": "moderation",
+    "Moderator": "moderation",
+    "moderate": "moderation",
+    "reveal": "obfuscation",
+    "PII_TYPES": "pii",
+    "REDACTION_STYLES": "pii",
+    "Finding": "pii",
+    "PIIDetector": "pii",
+    "Redaction": "pii",
+    "Redactor": "pii",
+    "Vault": "pii",
+    "detect_pii": "pii",
+    "redact_pii": "pii",
+    "restore": "pii",
+    "DPSGD": "privacy",
+    "DPConfig": "privacy",
+    "PrivacyError": "privacy",
+    "RDPAccountant": "privacy",
+    "gdp_epsilon": "privacy",
+    "noise_multiplier_for_epsilon": "privacy",
+    "per_sample_gradients": "privacy",
+    "AllOf": "redteam",
+    "Attack": "redteam",
+    "Goal": "redteam",
+    "JudgeScorer": "redteam",
+    "RedTeamReport": "redteam",
+    "RefusalScorer": "redteam",
+    "Scorer": "redteam",
+    "build_attacks": "redteam",
+    "run_redteam": "redteam",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
