@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
-from vision_shared import classifier16  # noqa: F401
 
 from genforge.vision import metrics
+from genforge.vision.classifier import DigitClassifier
 from genforge.vision.cli import VISION_KINDS, add_commands, read_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,9 +68,12 @@ def test_sample_writes_a_grid_and_refuses_what_the_model_cannot_do(trained, tmp_
         _run(["sample", "--model", str(tmp_path), "--out", str(tmp_path / "x.png")])
 
 
-def test_eval_prints_a_table_and_writes_json(trained, tmp_path, capsys, monkeypatch, classifier16):  # noqa: F811
+def test_eval_prints_a_table_and_writes_json(trained, tmp_path, capsys, monkeypatch):
     vae, gan = trained
-    monkeypatch.setattr(metrics, "digits_classifier", lambda size: classifier16)
+    # The plumbing, not the numbers: an untrained classifier spares training the real one here.
+    torch.manual_seed(0)
+    stand_in = DigitClassifier().eval()
+    monkeypatch.setattr(metrics, "digits_classifier", lambda size: stand_in)
     assert _run(["eval", "--model", str(vae), "--num", "50"]) == 0
     table = capsys.readouterr().out
     assert "negative_elbo" in table and "fid" in table and "inception_score" in table
@@ -94,3 +99,26 @@ def test_ask_is_refused_for_models_that_answer_nothing(trained, tmp_path):
     (tmp_path / "not.png").write_text("text")
     with pytest.raises(ValueError, match="not an image"):
         read_image(tmp_path / "not.png")
+
+
+class _MeanFeatures(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)
+
+
+def test_a_folder_of_images_trains_and_needs_a_feature_net_for_fid(tmp_path):
+    for label, value in (("dark", 30), ("light", 220)):
+        for index in range(6):
+            pixels = np.full((8, 8), value, dtype=np.uint8)
+            pixels[index, :] = 255 - value  # one stripe per image, so images differ
+            (tmp_path / "images" / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, "L").save(tmp_path / "images" / label / f"{index}.png")
+    model = tmp_path / "vae"
+    _run(["train", "vae", "--data", str(tmp_path / "images"), "--size", "8", "--out", str(model), "--epochs", "1"])
+    assert json.loads((model / "vision.json").read_text())["class_names"] == ["dark", "light"]
+    with pytest.raises(ValueError, match="needs a feature network"):
+        _run(["eval", "--model", str(model), "--num", "10"])
+    torch.jit.save(torch.jit.script(_MeanFeatures()), str(tmp_path / "features.pt"))
+    assert _run(["eval", "--model", str(model), "--num", "10", "--feature-net", str(tmp_path / "features.pt")]) == 0
+    report = json.loads((model / "eval.json").read_text())
+    assert report["fid"] >= 0 and "inception_score" not in report and report["negative_elbo"] > 0

@@ -135,7 +135,7 @@ class DCGAN(nn.Module):
         self, num: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Images in [0, 1]. A conditional model draws `labels` (default: the classes in turn)."""
-        labels = self._labels(num, labels)
+        labels = self.labels_for(num, labels)
         noise = torch.randn((num, self.config.noise_dim), generator=generator)
         was_training = self.generator.training
         self.generator.eval()
@@ -143,7 +143,9 @@ class DCGAN(nn.Module):
         self.generator.train(was_training)
         return (images + 1) / 2
 
-    def _labels(self, num: int, labels: torch.Tensor | None) -> torch.Tensor | None:
+    def labels_for(self, num: int, labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The checked labels of `num` samples: None when unconditional, the classes in turn
+        when none are given."""
         if not self.config.conditional:
             if labels is not None:
                 raise ValueError("this GAN is unconditional: it cannot sample chosen classes")
@@ -196,7 +198,8 @@ def discriminator_loss(
         between = (mix * real + (1 - mix) * fake).requires_grad_(True)
         (grad,) = torch.autograd.grad(discriminator(between, labels).sum(), between, create_graph=True)
         return loss + training.penalty_weight * (grad.flatten(1).norm(dim=1) - 1).square().mean()
-    real = real.requires_grad_(training.penalty == "r1")
+    if training.penalty == "r1":
+        real = real.detach().requires_grad_(True)
     real_logits = discriminator(real, labels)
     fake_logits = discriminator(fake, labels)
     loss = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, training.label_smoothing))
@@ -348,7 +351,7 @@ def evaluate_command(model_dir: Path, args: argparse.Namespace) -> dict[str, flo
     settings = read_settings(model_dir, "gan")
     model = load_gan(model_dir)
     samples = model.sample(args.num, generator=torch.Generator().manual_seed(args.seed))
-    wanted = model._labels(args.num, None)
+    wanted = model.labels_for(args.num)
     return saved_model_sample_report(settings, samples, wanted, feature_net_path=args.feature_net)
 
 
