@@ -129,3 +129,19 @@ def bpe_model(bpe_tokenizer, tmp_path_factory):
     model = Transformer(config)
     directory = save_model(model, tmp_path_factory.mktemp("bpe") / "model", tokenizer=bpe_tokenizer)
     return load_model(directory)
+
+
+# The vision tests share the digits at 16x16 and the digits classifier, trained once per session
+# (about 20 s) into a temporary cache.
+@pytest.fixture(scope="session")
+def digits16():
+    from genforge.vision.data import load_digits
+
+    return load_digits(16)
+
+
+@pytest.fixture(scope="session")
+def classifier16(tmp_path_factory):
+    from genforge.vision.classifier import digits_classifier
+
+    return digits_classifier(16, cache_dir=tmp_path_factory.mktemp("vision_cache"))

@@ -2,13 +2,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from vision_shared import classifier16, digits16  # noqa: F401
 
 from genforge.vision.classifier import accuracy, digits_classifier
 from genforge.vision.data import ImageDataError, load_digits, load_image_folder, save_grid
 
 
-def test_digits_split_is_fixed_stratified_and_in_range(digits16):  # noqa: F811
+def test_digits_split_is_fixed_stratified_and_in_range(digits16):
     assert (len(digits16.train), len(digits16.test)) == (1437, 360)
     assert digits16.train.images.shape[1:] == (1, 16, 16)
     assert 0.0 <= digits16.train.images.min() and digits16.train.images.max() <= 1.0
@@ -65,7 +64,7 @@ def test_grid_png_has_one_cell_per_image(tmp_path):
 
 
 @pytest.mark.slow
-def test_classifier_reads_the_test_split_and_is_cached(digits16, classifier16, tmp_path_factory):  # noqa: F811
+def test_classifier_reads_the_test_split_and_is_cached(digits16, classifier16, tmp_path_factory):
     assert accuracy(classifier16, digits16.test.images, digits16.test.labels) >= 0.95
     assert classifier16.embed(digits16.test.images[:5]).shape == (5, 128)
     cache = next(tmp_path_factory.getbasetemp().glob("vision_cache*"))

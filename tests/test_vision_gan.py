@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from vision_shared import digits16  # noqa: F401
 
 from genforge.vision.gan import (
     DCGAN,
@@ -99,7 +98,7 @@ def test_spectral_norm_keeps_discriminator_weights_near_unit_norm():
     assert not hasattr(unnormalised.discriminator.body[0], "parametrizations")
 
 
-def test_each_player_lowers_its_loss_against_the_other_frozen(digits16):  # noqa: F811
+def test_each_player_lowers_its_loss_against_the_other_frozen(digits16):
     torch.manual_seed(0)
     real = digits16.train.images[:64] * 2 - 1
     labels = digits16.train.labels[:64]
@@ -128,7 +127,7 @@ def test_each_player_lowers_its_loss_against_the_other_frozen(digits16):  # noqa
     assert g_losses[-1] < g_losses[0] - 0.3
 
 
-def test_train_gan_records_finite_losses_and_keeps_a_moving_average(digits16):  # noqa: F811
+def test_train_gan_records_finite_losses_and_keeps_a_moving_average(digits16):
     images = digits16.train.images[:128]
     model, history = train_gan(images, None, GANConfig(hidden=8, noise_dim=16), GANTraining(steps=5, progress=False))
     assert [entry["step"] for entry in history] == [0, 4]

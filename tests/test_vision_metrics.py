@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from torchmetrics.image.fid import _compute_fid
-from vision_shared import classifier16, digits16  # noqa: F401
 
 from genforge.vision.metrics import (
     conditional_accuracy,
@@ -98,7 +97,7 @@ def test_mode_coverage_counts_classes_and_kl_to_uniform():
         mode_coverage(torch.tensor([0, 10]))
 
 
-def test_digit_metrics_separate_real_digits_from_noise(classifier16, digits16):  # noqa: F811
+def test_digit_metrics_separate_real_digits_from_noise(classifier16, digits16):
     test, train = digits16.test, digits16.train
     assert conditional_accuracy(classifier16, test.images, test.labels) > 0.9
     assert conditional_accuracy(classifier16, test.images, (test.labels + 1) % 10) < 0.1

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
-from vision_shared import digits16  # noqa: F401
 
 from genforge.vision.data import resize
 from genforge.vision.vae import (
@@ -70,7 +69,7 @@ def test_bad_configs_and_inputs_are_refused():
         model.decode(torch.rand(2, 4, 4, 4))
 
 
-def test_a_few_epochs_lower_the_loss(digits16):  # noqa: F811
+def test_a_few_epochs_lower_the_loss(digits16):
     images = resize(digits16.train.images[:256], 8)
     training = VAETraining(epochs=4, batch_size=32, lr=1e-2, progress=False)
     _, losses = train_vae(images, VAEConfig(size=8, hidden=8), training)
@@ -103,7 +102,7 @@ def test_saved_vae_reloads_to_identical_outputs_with_its_figures(tmp_path):
 
 
 @pytest.mark.slow
-def test_brief_training_beats_an_untrained_vae_on_the_test_split(digits16):  # noqa: F811
+def test_brief_training_beats_an_untrained_vae_on_the_test_split(digits16):
     train, test = resize(digits16.train.images, 8), resize(digits16.test.images, 8)
     config = VAEConfig(size=8, hidden=16)
     untrained = held_out_negative_elbo(ConvVAE(config), test)

@@ -15,6 +15,7 @@ its flags, calls one library function and prints what happened:
     prompt                                   genforge/prompting/cli.py
     safety                                   genforge/safety/cli.py
     model-card                               genforge/safety/card_cli.py
+    vision                                   genforge/vision/cli.py
     serve, bench                             genforge/serve/cli.py
     registry                                 genforge/ops/registry_cli.py
     monitor                                  genforge/ops/monitor_cli.py
@@ -46,6 +47,7 @@ from .safety import card_cli
 from .safety import cli as safety_cli
 from .serve import cli as serve_cli
 from .train import cli as train_cli
+from .vision import cli as vision_cli
 
 # In the order `genforge --help` lists them.
 SUBSYSTEMS = (
@@ -61,6 +63,7 @@ SUBSYSTEMS = (
     prompting_cli,
     safety_cli,
     card_cli,
+    vision_cli,
     serve_cli,
     registry_cli,
     monitor_cli,
