@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu")  # quick_gelu: CLIP's x * sigmoid(1.702 x)
 POSITIONS = ("rope", "learned")
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "llama3", "yarn")
 # Scalings whose `factor` is required (>= 1). "ntk" (static NTK-aware) is genforge's own
@@ -412,6 +412,7 @@ def _activation(name: str) -> str:
         "gelu_new": "gelu_tanh",
         "gelu_pytorch_tanh": "gelu_tanh",
         "gelu_fast": "gelu_tanh",
+        "quick_gelu": "quick_gelu",
     }
     if name not in table:
         raise ConfigError(f"activation {name!r} is not supported; accepted: {', '.join(sorted(table))}")
@@ -434,7 +435,7 @@ SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
 
 
 # ---------------------------------------------------------------------------- family writers
-_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
 _CAUSAL_LM_CLASS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",

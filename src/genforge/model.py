@@ -334,6 +334,8 @@ ACTIVATION_FUNCTIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    # CLIP's sigmoid approximation of GELU (Radford et al. 2021), which its weights were trained with.
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
 
