@@ -174,7 +174,7 @@ def test_ask_checks_the_image_and_question(tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_short_training_run_learns_all_stages(digits16):
+def test_a_short_training_run_learns_all_stages(digits16):  # noqa: F811
     torch.manual_seed(0)
     vision = ClipVisionEncoder(
         ClipConfig(vocab_size=8, eos_token_id=3, vision_width=16, vision_mlp=32, vision_layers=1)

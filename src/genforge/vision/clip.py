@@ -166,6 +166,26 @@ class ClipConfig:
         )
 
 
+def clip_init(tower: Transformer, projection: nn.Linear) -> None:
+    """CLIP's initialisation (the paper's released code), in place of the Transformer's GPT-2
+    one: attention and MLP weights scaled by the width and depth. With GPT-2's N(0, 0.02)
+    everywhere a small tower starts with nearly the same embedding for every input, and
+    contrastive training sits at chance for many steps before it finds a direction."""
+    config = tower.config
+    width, layers = config.hidden_size, config.num_layers
+    attention_std, fc_std = width**-0.5, (2 * width) ** -0.5
+    output_std = width**-0.5 * (2 * layers) ** -0.5
+    with torch.no_grad():
+        tower.embed_tokens.weight.normal_(std=0.02)
+        tower.embed_positions.weight.normal_(std=0.01)
+        for block in tower.blocks:
+            block.attn.qkv.weight.normal_(std=attention_std)
+            block.attn.o.weight.normal_(std=output_std)
+            block.mlp.up.weight.normal_(std=fc_std)
+            block.mlp.down.weight.normal_(std=output_std)
+        projection.weight.normal_(std=width**-0.5)
+
+
 class ClipVisionEncoder(nn.Module):
     """Patch embedding + ViT (genforge Transformer, bidirectional) + projection."""
 
@@ -176,6 +196,7 @@ class ClipVisionEncoder(nn.Module):
         self.patch_embed = nn.Conv2d(config.channels, width, config.patch_size, stride=config.patch_size, bias=False)
         self.tower = Transformer(config.vision_config())
         self.projection = nn.Linear(width, config.projection_dim, bias=False)
+        clip_init(self.tower, self.projection)
 
     def check_images(self, images: torch.Tensor) -> None:
         config = self.config
@@ -211,6 +232,7 @@ class ClipTextEncoder(nn.Module):
         self.tower = Transformer(config.text_config())
         self.tower.lm_head = None  # an encoder: the pooled state is projected, never turned into logits
         self.projection = nn.Linear(config.text_width, config.projection_dim, bias=False)
+        clip_init(self.tower, self.projection)
 
     def pooled_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Where each row is read: the first end-of-text token, or (configs whose eos_token_id
@@ -486,20 +508,41 @@ def train_clip(
     return ClipTrainResult(model=model, losses=losses, seconds=time.perf_counter() - start)
 
 
-def caption_tokenizer(texts: Sequence[str], extra_special_tokens: Sequence[str] = ()):
-    """A lowercase WordPiece tokenizer (genforge's tokenizer training) over `texts`: with
-    captions made from a few templates and class names, every word gets its own token.
-    Encoding adds [CLS] before and [SEP] after, the start and end tokens CLIP reads."""
-    from ..train.tokenizer_training import train_tokenizer
+CAPTION_SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
 
-    return train_tokenizer(
-        list(texts),
-        kind="wordpiece",
-        vocab_size=4096,
-        min_frequency=1,
-        extra_special_tokens=extra_special_tokens,
-        allow_smaller_vocab=True,
-    ).tokenizer
+
+def caption_tokenizer(texts: Sequence[str], extra_special_tokens: Sequence[str] = ()):
+    """A lowercase word-level tokenizer (the `tokenizers` library) over `texts`: captions made
+    from a few templates and class names need no sub-words, and one token per word keeps the
+    text tower's job (and the decoder's answers) one step each. BERT's normalisation and
+    pre-tokenisation split words and punctuation; encoding adds [CLS] before and [SEP] after,
+    the start and end tokens CLIP reads; words never seen become [UNK]. The special tokens
+    come first, then the words in sorted order, so the same texts always give the same ids."""
+    import tokenizers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    from ..tokenizer import Tokenizer
+
+    normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=None)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    words = sorted(
+        {word for text in texts for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text))}
+        - set(CAPTION_SPECIAL_TOKENS.values())
+        - set(extra_special_tokens)
+    )
+    if not words:
+        raise ClipError("no words to build a tokenizer from; give captions with text")
+    specials = [*CAPTION_SPECIAL_TOKENS.values(), *extra_special_tokens]
+    vocab = {token: index for index, token in enumerate([*specials, *words])}
+    backend = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.normalizer, backend.pre_tokenizer = normalizer, splitter
+    backend.decoder = decoders.WordPiece(cleanup=True)  # words joined by spaces, " ," -> ","
+    backend.add_special_tokens(specials)
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    config = {**CAPTION_SPECIAL_TOKENS, "extra_special_tokens": list(extra_special_tokens), "do_lower_case": True}
+    return Tokenizer(backend, config)
 
 
 # ------------------------------------------------------------------------------- save and load

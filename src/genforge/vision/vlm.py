@@ -203,22 +203,34 @@ def build_conversations(
     `image_slots`, the prompt's marker is widened to that many slots; with None, the caption is
     written in the marker's place (the text-only pretraining of the decoder)."""
     rng = torch.Generator().manual_seed(seed)
+    templates = torch.randint(len(CAPTION_TEMPLATES), (len(labels), len(questions), 2), generator=rng).tolist()
+    encoded: dict[tuple, list[int]] = {}  # a few dozen distinct texts: render and encode each once
+
+    def once(make, *args) -> list[int]:
+        key = (make.__name__, *args)
+        if key not in encoded:
+            encoded[key] = make(*args)
+        return encoded[key]
+
+    def image_prompt(question: str) -> list[int]:
+        return expand_image_markers(prompt_ids(tokenizer, question), image_token_id, image_slots)
+
+    def text_prompt(question: str, described: str) -> list[int]:
+        return prompt_ids(tokenizer, question, image_text=described)
+
+    def reply_ids(reply: str) -> list[int]:
+        return tokenizer.encode(f"{reply} {END_TOKEN}", add_special_tokens=False)
+
     prompts, answers, index = [], [], []
     for image, label in enumerate(labels):
-        for question in questions:
-            template = CAPTION_TEMPLATES[int(torch.randint(len(CAPTION_TEMPLATES), (1,), generator=rng))]
-            name = class_names[label]
+        name = class_names[label]
+        for number, question in enumerate(questions):
+            answer_template, context_template = (CAPTION_TEMPLATES[t] for t in templates[image][number])
             if image_slots is None:
-                described = caption(
-                    name, CAPTION_TEMPLATES[int(torch.randint(len(CAPTION_TEMPLATES), (1,), generator=rng))]
-                )
-                prompt = prompt_ids(tokenizer, question, image_text=described)
+                prompts.append(once(text_prompt, question, caption(name, context_template)))
             else:
-                prompt = expand_image_markers(prompt_ids(tokenizer, question), image_token_id, image_slots)
-            prompts.append(prompt)
-            answers.append(
-                tokenizer.encode(f"{answer_text(question, name, template)} {END_TOKEN}", add_special_tokens=False)
-            )
+                prompts.append(once(image_prompt, question))
+            answers.append(once(reply_ids, answer_text(question, name, answer_template)))
             index.append(image)
     return Conversations(prompts, answers, index)
 
