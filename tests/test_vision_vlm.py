@@ -197,3 +197,46 @@ def test_a_short_training_run_learns_all_stages(digits16):  # noqa: F811
     assert not any(isinstance(m, LoraLinear) for m in result.model.modules())  # adapters merged at the end
     replies = answer(result.model, result.tokenizer, digits16.test.images[:4], DIGIT_QUESTION)
     assert len(replies) == 4
+
+
+def _kind_parser(kind):
+    import argparse
+
+    parser = argparse.ArgumentParser()  # no conflict_handler: a kind's flags must not clash with each other
+    for flag, default in (("--data", "digits"), ("--out", ""), ("--size", 16), ("--seed", 0)):
+        parser.add_argument(flag, default=default, type=type(default))
+    parser.add_argument("--channels", type=int, default=None)
+    parser.add_argument("--labels", default=None)
+    kind.add_train_arguments(parser)
+    return parser
+
+
+def test_vlm_flags_keep_their_own_lr_and_name_clip_flags_apart():
+    from genforge.vision.clip_cli import VLM_KIND
+
+    args = _kind_parser(VLM_KIND).parse_args(["--lr", "0.01", "--clip-lr", "0.002", "--clip-epochs", "3"])
+    assert (args.lr, args.clip_lr, args.clip_epochs, args.clip) == (0.01, 0.002, 3, None)
+
+
+@pytest.mark.slow
+def test_vlm_kind_trains_on_a_saved_clip_evaluates_and_answers(tmp_path, digits16):  # noqa: F811
+    from genforge.vision.clip import ClipModel, caption_tokenizer, save_clip
+    from genforge.vision.clip_cli import VLM_KIND
+    from genforge.vision.data import CAPTION_TEMPLATES, caption
+
+    names = ("seven", "three")
+    for name in names:  # a folder of images labelled by sub-folder: five sevens, five threes
+        picks = digits16.train.images[digits16.train.labels == DIGIT_NAMES.index(name)][:5]
+        for index, image in enumerate(picks):
+            save_grid(image[None], tmp_path / "data" / name / f"{index}.png", scale=1)
+    clip_tokenizer = caption_tokenizer([caption(n, t) for n in names for t in CAPTION_TEMPLATES])
+    clip = ClipModel(ClipConfig(vocab_size=clip_tokenizer.vocab_size, eos_token_id=3, vision_width=16, vision_mlp=32))
+    save_clip(clip, clip_tokenizer, tmp_path / "clip", {"size": 16, "channels": 1})
+    args = _kind_parser(VLM_KIND).parse_args(
+        ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "vlm"), "--clip", str(tmp_path / "clip")]
+        + ["--hidden", "16", "--batch-size", "8", "--pretrain-steps", "3", "--stage1-steps", "2", "--stage2-steps", "2"]
+    )
+    out = VLM_KIND.train(args)
+    metrics = VLM_KIND.evaluate(out, args)
+    assert set(metrics) == {"digit_accuracy", "caption_accuracy"}
+    assert isinstance(VLM_KIND.ask(out, torch.rand(1, 16, 16), DIGIT_QUESTION), str)

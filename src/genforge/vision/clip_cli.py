@@ -36,15 +36,18 @@ from .vlm import answer, caption_accuracy, digit_accuracy, load_vlm, prepare_ima
 
 
 # --------------------------------------------------------------------------------------- CLIP
-def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--patch", type=int, default=4, help="ViT patch side in pixels (divides --size)")
-    parser.add_argument("--width", type=int, default=64, help="width of both towers and of the joint embedding")
-    parser.add_argument("--layers", type=int, default=2, help="transformer layers per tower")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads per layer")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=64, help="pairs per contrastive batch")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--jitter", type=int, default=1, help="random shift augmentation, in pixels (0: none)")
+def add_clip_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """CLIP's training flags; `prefix` ("clip-") names them for the VLM command, which trains a
+    CLIP first when it is given none and has its own --lr and --batch-size."""
+    flag = f"--{prefix}"
+    parser.add_argument(f"{flag}patch", type=int, default=4, help="ViT patch side in pixels (divides --size)")
+    parser.add_argument(f"{flag}width", type=int, default=64, help="width of both towers and of the joint embedding")
+    parser.add_argument(f"{flag}layers", type=int, default=2, help="transformer layers per tower")
+    parser.add_argument(f"{flag}heads", type=int, default=4, help="attention heads per layer")
+    parser.add_argument(f"{flag}epochs", type=int, default=40)
+    parser.add_argument(f"{flag}batch-size", type=int, default=64, help="pairs per contrastive batch")
+    parser.add_argument(f"{flag}lr", type=float, default=3e-3)
+    parser.add_argument(f"{flag}jitter", type=int, default=1, help="random shift augmentation, in pixels (0: none)")
 
 
 def _split(args: argparse.Namespace) -> ImageSplit:
@@ -75,27 +78,34 @@ def clip_metrics(model: ClipModel, tokenizer, test: ImageSet, seed: int = 0) -> 
     return metrics
 
 
-def train_clip_command(args: argparse.Namespace) -> Path:
+def train_clip_command(args: argparse.Namespace, prefix: str = "") -> Path:
     split = _split(args)
+    prefix = prefix.replace("-", "_")
+    flags = argparse.Namespace(
+        **{
+            name: getattr(args, prefix + name)
+            for name in ("patch", "width", "layers", "heads", "epochs", "batch_size", "lr", "jitter")
+        }
+    )
     names = split.train.class_names
     tokenizer = caption_tokenizer([caption(name, template) for name in names for template in CAPTION_TEMPLATES])
     context = 2 + max(
         len(tokenizer.encode(caption(n, t), add_special_tokens=False)) for n in names for t in CAPTION_TEMPLATES
     )
-    width = args.width
+    width = flags.width
     config = ClipConfig(
         vocab_size=tokenizer.vocab_size,
         eos_token_id=tokenizer.token_to_id("[SEP]"),
         image_size=split.train.size,
-        patch_size=args.patch,
+        patch_size=flags.patch,
         channels=split.train.channels,
         vision_width=width,
-        vision_layers=args.layers,
-        vision_heads=args.heads,
+        vision_layers=flags.layers,
+        vision_heads=flags.heads,
         vision_mlp=2 * width,
         text_width=width,
-        text_layers=args.layers,
-        text_heads=args.heads,
+        text_layers=flags.layers,
+        text_heads=flags.heads,
         text_mlp=2 * width,
         text_context=context,
         projection_dim=width,
@@ -108,10 +118,10 @@ def train_clip_command(args: argparse.Namespace) -> Path:
         split.train.images,
         split.train.labels,
         captions,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        jitter=args.jitter,
+        epochs=flags.epochs,
+        batch_size=flags.batch_size,
+        lr=flags.lr,
+        jitter=flags.jitter,
         seed=args.seed,
         progress=lambda epoch, total, loss: console.print(f"epoch {epoch}/{total}  loss {loss:.3f}"),
     )
@@ -156,15 +166,17 @@ def add_vlm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage2-steps", type=int, default=300, help="projector + LoRA steps on instructions")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
-    # CLIP's flags, used when --clip is not given.
-    add_clip_arguments(parser)
+    # CLIP's flags (--clip-epochs, ...), used when --clip is not given.
+    add_clip_arguments(parser, prefix="clip-")
 
 
 def train_vlm_command(args: argparse.Namespace) -> Path:
     split = _split(args)
     if args.clip is None:
         console.print("no --clip given: training the image encoder (CLIP) first")
-        clip_dir = train_clip_command(argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / "clip")}))
+        clip_dir = train_clip_command(
+            argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / "clip")}), prefix="clip-"
+        )
     else:
         clip_dir = Path(args.clip)
     clip, _, clip_settings = load_clip(clip_dir)
