@@ -109,7 +109,7 @@ def main() -> None:
         "# CLIP and the LLaVA-style VLM on the digits",
         "",
         f"`python benchmarks/vision_multimodal.py` (seed {args.seed}; {len(split.test)} test images at 16x16; "
-        f"{record['machine']['cores']} cores, {record['machine']['threads']} torch threads, shared with other work, "
+        f"{record['machine']['cores']} cores, torch threads: {record['machine']['threads']}; shared with other work, "
         "so times are indicative).",
         "",
         "| model | metric | value | training time |",

@@ -31,6 +31,9 @@ from genforge.vision.clip import (
 from genforge.vision.clip_cli import CLIP_KIND, caption_table
 from genforge.vision.data import CAPTION_TEMPLATES, DIGIT_NAMES, caption
 
+# Tiny models are per-op overhead: one intra-op thread is faster on shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _tiny_hf_clip(tmp_path, eos: int, channels: int = 3):
     from transformers import CLIPConfig, CLIPModel

@@ -34,6 +34,9 @@ from genforge.vision.vlm import (
     vlm_tokenizer,
 )
 
+# Tiny models are per-op overhead: one intra-op thread is faster on shared cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLIP = ClipConfig(
     vocab_size=8, eos_token_id=3, image_size=8, patch_size=4, vision_width=16, vision_mlp=32, vision_layers=1
 )

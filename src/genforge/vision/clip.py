@@ -376,6 +376,8 @@ def similarity_logits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, log
 def encode_texts(tokenizer, texts: Sequence[str], context: int, pad_id: int) -> torch.Tensor:
     """Right-padded ids `[N, context]` with the tokenizer's start and end tokens; a text that
     does not fit is refused rather than cut (cutting would drop the end token CLIP reads)."""
+    if not texts:
+        raise ClipError("no texts to encode; give at least one")
     rows = tokenizer.encode_batch(list(texts))
     longest = max(rows, key=len)
     if len(longest) > context:
