@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 NORMS = ("rmsnorm", "layernorm")
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "quick_gelu")  # quick_gelu: CLIP's x * sigmoid(1.702 x)
 # "sinusoidal": the fixed table of Vaswani et al. 2017 (`model.sinusoidal_positions`);
 # "relative": T5's bucketed relative position bias, encoder-decoder models only.
 POSITIONS = ("rope", "learned", "sinusoidal", "relative")
@@ -465,6 +465,7 @@ def _activation(name: str) -> str:
         "gelu_pytorch_tanh": "gelu_tanh",
         "gelu_fast": "gelu_tanh",
         "relu": "relu",
+        "quick_gelu": "quick_gelu",
     }
     if name not in table:
         raise ConfigError(f"activation {name!r} is not supported; accepted: {', '.join(sorted(table))}")
@@ -487,7 +488,13 @@ SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
 
 
 # ---------------------------------------------------------------------------- family writers
-_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_HF_ACTIVATION = {
+    "silu": "silu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+    "relu": "relu",
+    "quick_gelu": "quick_gelu",
+}
 _CAUSAL_LM_CLASS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",

@@ -355,6 +355,8 @@ ACTIVATION_FUNCTIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    # CLIP's sigmoid approximation of GELU (Radford et al. 2021), which its weights were trained with.
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
 
