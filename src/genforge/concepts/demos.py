@@ -55,21 +55,21 @@ def kv_cache() -> None:
     from ..cache import make_kv_cache
 
     model = _tiny_decoder(num_layers=4)
-    ids = torch.randint(0, 96, (1, 128))
+    ids = torch.randint(0, 96, (1, 96))
     with torch.no_grad():
         start = time.perf_counter()
-        for length in range(96, 128):
+        for length in range(80, 96):
             full = model(ids[:, : length + 1]).logits[:, -1]
         uncached = time.perf_counter() - start
-        cache = make_kv_cache(model.config, batch_size=1, capacity=128)
-        model(ids[:, :96], cache=cache)
+        cache = make_kv_cache(model.config, batch_size=1, capacity=96)
+        model(ids[:, :80], cache=cache)
         start = time.perf_counter()
-        for length in range(96, 128):
+        for length in range(80, 96):
             step = model(ids[:, length : length + 1], cache=cache).logits[:, -1]
         cached = time.perf_counter() - start
     difference = (full - step).abs().max().item()
     console.print(
-        f"32 decode steps: re-running the prefix {uncached * 1e3:.1f} ms, with the cache {cached * 1e3:.1f} ms"
+        f"16 decode steps: re-running the prefix {uncached * 1e3:.1f} ms, with the cache {cached * 1e3:.1f} ms"
     )
     console.print(f"last step's logits differ by {difference:.2e} (floating-point noise)")
 
@@ -120,7 +120,10 @@ def attention_masks() -> None:
     # A left-padded row: two pad tokens, then three real ones whose positions start at 0.
     padded_positions = torch.tensor([[0, 0, 0, 1, 2]])
     valid = torch.tensor([[False, False, True, True, True]])
-    show("causal + padding (2 pads on the left)", build_attention_mask(padded_positions, padded_positions, valid, True, None))
+    show(
+        "causal + padding (2 pads on the left)",
+        build_attention_mask(padded_positions, padded_positions, valid, True, None),
+    )
     console.print("  (no query reads a pad; the pads' own rows are placeholders whose outputs are ignored)")
     show("sliding window of 2", build_attention_mask(positions, positions, None, causal=True, window=2))
 
@@ -130,9 +133,15 @@ def gqa_cache_bytes() -> None:
     from ..cache import kv_cache_bytes_per_token
     from ..config import Config
 
-    shape = dict(family="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=14336)
+    shape = dict(
+        family="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=14336
+    )
     console.print("a Llama-3-8B-shaped model (32 layers, 32 query heads of 128), fp16 cache:")
-    for label, kv_heads in (("multi-head, 32 KV heads", 32), ("grouped-query, 8 KV heads", 8), ("multi-query, 1 KV head", 1)):
+    for label, kv_heads in (
+        ("multi-head, 32 KV heads", 32),
+        ("grouped-query, 8 KV heads", 8),
+        ("multi-query, 1 KV head", 1),
+    ):
         config = Config(**shape, num_kv_heads=kv_heads)
         fp16 = kv_cache_bytes_per_token(config, torch.float16)
         int8 = kv_cache_bytes_per_token(config, torch.float16, "int8")
@@ -182,7 +191,9 @@ def lora() -> None:
         unmerge_lora(model)
         unmerged = model(ids).logits
     trainable, total = trainable_parameter_count(model)
-    console.print(f"rank 4 on the attention projections: {trainable:,} of {total:,} parameters train ({trainable / total:.1%})")
+    console.print(
+        f"rank 4 on the attention projections: {trainable:,} of {total:,} parameters train ({trainable / total:.1%})"
+    )
     console.print(f"merged into W: logits differ by {(merged - adapted).abs().max().item():.1e}")
     console.print(f"unmerged again: logits differ by {(unmerged - adapted).abs().max().item():.1e}")
 
@@ -197,8 +208,18 @@ def int_quantization() -> None:
     fp16_bytes = weight.numel() * 2
     rows = [
         ("int8 per row", quantize_int8(weight), dequantize_int8, lambda g: g.codes.numel() + g.scale.numel() * 4),
-        ("int4 group 128", quantize_int4(weight, 128), dequantize_int4, lambda g: g.codes.numel() // 2 + g.scales.numel() * 4 + g.zeros.numel()),
-        ("nf4 block 64 + double", quantize_nf4(weight), dequantize_nf4, lambda g: g.codes.numel() + g.absmax.numel() + g.nested_absmax.numel() * 4 + 4),
+        (
+            "int4 group 128",
+            quantize_int4(weight, 128),
+            dequantize_int4,
+            lambda g: g.codes.numel() // 2 + g.scales.numel() * 4 + g.zeros.numel(),
+        ),
+        (
+            "nf4 block 64 + double",
+            quantize_nf4(weight),
+            dequantize_nf4,
+            lambda g: g.codes.numel() + g.absmax.numel() + g.nested_absmax.numel() * 4 + 4,
+        ),
     ]
     console.print(f"a 256x512 weight, fp16 {fp16_bytes / 1024:.0f} KiB")
     for label, grid, dequantize, size in rows:
@@ -220,7 +241,9 @@ def pruning() -> None:
         result, _ = prune_magnitude(model, sparsity)
         with torch.no_grad():
             change = (model(ids).logits - reference).abs().mean().item()
-        console.print(f"  magnitude {sparsity:.0%}: {result.zero_fraction:.0%} of the selected weights zero, mean |logit change| {change:.3f}")
+        console.print(
+            f"  magnitude {sparsity:.0%}: {result.zero_fraction:.0%} of the selected weights zero, mean |logit change| {change:.3f}"
+        )
     model = _tiny_decoder()
     result = prune_n_m(model, 2, 4)[0]
     with torch.no_grad():
@@ -236,9 +259,13 @@ def temperature_top_k() -> None:
     context = DecodeContext(torch.zeros(1, 1, dtype=torch.long), prompt_length=1)
     console.print("six tokens, the model's own probabilities at T=1")
     for t in (0.5, 1.0, 2.0):
-        console.print(f"  temperature {t:.1f}: " + _probabilities(Temperature(t)(logits.clone(), context).softmax(-1)[0].tolist()))
+        console.print(
+            f"  temperature {t:.1f}: " + _probabilities(Temperature(t)(logits.clone(), context).softmax(-1)[0].tolist())
+        )
     for k in (1, 3):
-        console.print(f"  top_k {k}:         " + _probabilities(TopK(k)(logits.clone(), context).softmax(-1)[0].tolist()))
+        console.print(
+            f"  top_k {k}:         " + _probabilities(TopK(k)(logits.clone(), context).softmax(-1)[0].tolist())
+        )
 
 
 def repetition_penalty() -> None:
@@ -250,9 +277,15 @@ def repetition_penalty() -> None:
     context = DecodeContext(so_far, prompt_length=0)
     console.print("logits [2.0, 1.5, 1.0, -0.5]; the text so far holds token 0 three times and token 3 once")
     penalized = RepetitionPenalty(1.5)(logits.clone(), context)[0].tolist()
-    console.print("  repetition penalty 1.5 (divide positive, multiply negative): " + "  ".join(f"{v:+.2f}" for v in penalized))
-    penalized = PresenceFrequencyPenalty(presence_penalty=0.5, frequency_penalty=0.3)(logits.clone(), context)[0].tolist()
-    console.print("  presence 0.5 + frequency 0.3 per occurrence:                " + "  ".join(f"{v:+.2f}" for v in penalized))
+    console.print(
+        "  repetition penalty 1.5 (divide positive, multiply negative): " + "  ".join(f"{v:+.2f}" for v in penalized)
+    )
+    penalized = PresenceFrequencyPenalty(presence_penalty=0.5, frequency_penalty=0.3)(logits.clone(), context)[
+        0
+    ].tolist()
+    console.print(
+        "  presence 0.5 + frequency 0.3 per occurrence:                " + "  ".join(f"{v:+.2f}" for v in penalized)
+    )
 
 
 def beam_vs_greedy() -> None:
@@ -295,7 +328,11 @@ def speculative() -> None:
     prompt = [3, 14, 15, 92, 65]
     greedy = SamplingParams(temperature=0, max_new_tokens=16)
     expected = generate(target, [prompt], greedy)[0].token_ids
-    for label, draft in (("the target itself", target), ("a lightly perturbed copy", close_draft), ("an unrelated model", unrelated_draft)):
+    for label, draft in (
+        ("the target itself", target),
+        ("a lightly perturbed copy", close_draft),
+        ("an unrelated model", unrelated_draft),
+    ):
         result = speculative_generate(target, draft, prompt, greedy, num_draft_tokens=4)
         stats = result.stats
         console.print(
@@ -333,7 +370,9 @@ def perplexity() -> None:
         model = _tiny_decoder(vocab_size=vocab_size)
         ids = torch.randint(0, vocab_size, (200,))
         result = measure(model, ids, show_progress=False)
-        console.print(f"  vocabulary {vocab_size:5d}: perplexity {result.perplexity:8.1f}  (uniform guessing: {vocab_size})")
+        console.print(
+            f"  vocabulary {vocab_size:5d}: perplexity {result.perplexity:8.1f}  (uniform guessing: {vocab_size})"
+        )
     console.print("a trained model's perplexity on real text is far lower: it is choosing among few likely tokens")
 
 
@@ -406,7 +445,9 @@ def ab_test() -> None:
     for n in (200, 2000, 20000):
         result = two_proportion_ztest(round(0.50 * n), n, round(0.54 * n), n)
         low, high = result.confidence_interval
-        console.print(f"  {n:6d} per arm: z = {result.statistic:+.2f}  p = {result.p_value:.3f}  95% CI of the lift [{low:+.3f}, {high:+.3f}]")
+        console.print(
+            f"  {n:6d} per arm: z = {result.statistic:+.2f}  p = {result.p_value:.3f}  95% CI of the lift [{low:+.3f}, {high:+.3f}]"
+        )
     needed = sample_size_two_proportions(0.50, 0.54, power=0.8)
     console.print(f"to detect 50% -> 54% with 80% power at alpha 0.05: {needed.n_per_arm:,} per arm")
 
@@ -442,7 +483,13 @@ def pii() -> None:
 
 def dp_sgd() -> None:
     """DP-SGD's step: per-example gradients, each clipped to norm C, summed, plus Gaussian noise."""
-    from ..safety.privacy import add_gaussian_noise, causal_example_loss, clip_and_sum, per_sample_gradients, per_sample_norms
+    from ..safety.privacy import (
+        add_gaussian_noise,
+        causal_example_loss,
+        clip_and_sum,
+        per_sample_gradients,
+        per_sample_norms,
+    )
 
     model = _tiny_decoder(num_layers=1)
     ids = torch.randint(0, 96, (4, 16))
@@ -454,7 +501,9 @@ def dp_sgd() -> None:
     noisy_norm = torch.sqrt(sum((value**2).sum() for value in noisy.values())).item()
     console.print("  per-example gradient norms: " + "  ".join(f"{n:.2f}" for n in norms.tolist()))
     console.print(f"  each clipped to 1.0 and summed: norm {clipped_norm:.2f} (at most 4 x 1.0)")
-    console.print(f"  + N(0, (1.1 x 1.0)^2) per coordinate, / 4: norm {noisy_norm:.2f}: the noise dominates a small batch")
+    console.print(
+        f"  + N(0, (1.1 x 1.0)^2) per coordinate, / 4: norm {noisy_norm:.2f}: the noise dominates a small batch"
+    )
     console.print("  no single example can move the step by more than C, and the noise hides whether it was there")
 
 
@@ -468,7 +517,9 @@ def drift() -> None:
     shifted = (torch.randn(120, 8, generator=generator) + torch.tensor([0.6] + [0.0] * 7)).numpy()
     for label, current in (("same distribution", same), ("mean shifted by 0.6 in one dimension", shifted)):
         test = mmd_permutation_test(reference, current, permutations=300)
-        console.print(f"  {label:38s} MMD^2 = {test.statistic:+.4f}  p = {test.p_value:.3f}  drift: {test.p_value < test.alpha}")
+        console.print(
+            f"  {label:38s} MMD^2 = {test.statistic:+.4f}  p = {test.p_value:.3f}  drift: {test.p_value < test.alpha}"
+        )
 
 
 def canary_routing() -> None:
@@ -482,9 +533,13 @@ def canary_routing() -> None:
     again = {u: before.assign("chat", user=u).version for u in users}
     ramped = {u: after.assign("chat", user=u).version for u in users}
     share = sum(v == "v2" for v in first.values()) / len(users)
-    console.print(f"  weights 0.9/0.1: {share:.1%} of 2,000 users on the canary v2; same version on a second request: {first == again}")
+    console.print(
+        f"  weights 0.9/0.1: {share:.1%} of 2,000 users on the canary v2; same version on a second request: {first == again}"
+    )
     moved_back = sum(first[u] == "v2" and ramped[u] == "v1" for u in users)
-    console.print(f"  ramped to 0.7/0.3: {sum(v == 'v2' for v in ramped.values()) / len(users):.1%} on v2; users moved from v2 back to v1: {moved_back}")
+    console.print(
+        f"  ramped to 0.7/0.3: {sum(v == 'v2' for v in ramped.values()) / len(users):.1%} on v2; users moved from v2 back to v1: {moved_back}"
+    )
 
 
 def model_merging() -> None:
@@ -493,13 +548,31 @@ def model_merging() -> None:
 
     math_vector = torch.tensor([0.9, 0.0, -0.4, 0.05, 0.3])
     code_vector = torch.tensor([0.8, 0.6, 0.5, -0.02, 0.0])
-    console.print(f"  task vector A             {_signed(math_vector)}\n  task vector B             {_signed(code_vector)}")
+    console.print(
+        f"  task vector A             {_signed(math_vector)}\n  task vector B             {_signed(code_vector)}"
+    )
     added = task_arithmetic([math_vector, code_vector], [0.5, 0.5])
     console.print("  task arithmetic 0.5A+0.5B " + _signed(added))
     console.print("  TIES density 0.6         " + _signed(ties([math_vector, code_vector], [1.0, 1.0], density=0.6)))
-    console.print("    (the smallest entries trimmed; in the third place the signs disagree and the larger mass, +, wins)")
+    console.print(
+        "    (the smallest entries trimmed; in the third place the signs disagree and the larger mass, +, wins)"
+    )
     console.print("  SLERP t=0.5              " + _signed(slerp(math_vector, code_vector, 0.5)))
 
 
 def _signed(values: torch.Tensor) -> str:
     return "[" + ", ".join(f"{value:+.2f}" for value in values.tolist()) + "]"
+
+
+def chinchilla() -> None:
+    """Compute-optimal model and data sizes for a few FLOP budgets, by the 20-tokens rule and the fitted law."""
+    from ..train.sizing import chinchilla_optimal, training_flops
+
+    console.print(f"C = 6·N·D: a 7B model on 2T tokens costs {training_flops(7e9, 2e12):.1e} FLOPs")
+    for flops in (1e18, 1e21, 5.76e23):
+        rule = chinchilla_optimal(flops, method="rule")
+        fit = chinchilla_optimal(flops, method="fit")
+        console.print(
+            f"  {flops:.1e} FLOPs: rule {rule.parameters / 1e6:10,.0f}M params x {rule.tokens / 1e9:8,.1f}B tokens;"
+            f"  fitted law {fit.parameters / 1e6:10,.0f}M x {fit.tokens / 1e9:8,.1f}B (loss {fit.predicted_loss:.2f})"
+        )
