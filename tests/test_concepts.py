@@ -1,6 +1,9 @@
 """The concept map stays true: everything it names exists, and the command shows and runs it."""
 
 import inspect
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,18 @@ def test_every_demo_runs_and_prints(name, capsys):
     getattr(demos, name)()
     printed = capsys.readouterr().out
     assert len(printed.strip().splitlines()) >= 2, printed
+
+
+@pytest.mark.slow  # collects the test files that parametrised ids point into
+def test_parametrised_test_ids_name_collected_cases():
+    # check_concept finds the test function; a case id ("test_x[gpt2]") must also be one pytest collects.
+    with_cases = sorted({test for concept in CONCEPTS for test in concept.tests if "[" in test})
+    files = sorted({test.partition("::")[0] for test in with_cases})
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])},
+    ).stdout.split()
+    assert [test for test in with_cases if test not in collected] == []
