@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..console import console
+from .clip_cli import CLIP_KIND, VLM_KIND
 from .gan import GAN_KIND
 from .kinds import MODEL_CONFIG, VisionKind, read_kind
 from .vae import VAE_KIND
@@ -27,6 +28,8 @@ from .vae import VAE_KIND
 VISION_KINDS: dict[str, VisionKind] = {
     "vae": VAE_KIND,
     "gan": GAN_KIND,
+    "clip": CLIP_KIND,
+    "vlm": VLM_KIND,
 }
 
 
