@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vision_shared import digits16  # noqa: F401
 
 from genforge.vision.clip import (
     ClipConfig,
@@ -137,7 +136,7 @@ def _tiny_config(tokenizer, **overrides) -> ClipConfig:
     return ClipConfig(**{**fields, **overrides})
 
 
-def test_a_short_training_run_lowers_the_loss(digits16):  # noqa: F811
+def test_a_short_training_run_lowers_the_loss(digits16):
     tokenizer = _digits_tokenizer()
     torch.manual_seed(0)
     model = ClipModel(_tiny_config(tokenizer))

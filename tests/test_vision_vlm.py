@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vision_shared import digits16  # noqa: F401
 
 from genforge.config import Config
 from genforge.finetune.lora import LoraLinear
@@ -177,7 +176,7 @@ def test_ask_checks_the_image_and_question(tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_short_training_run_learns_all_stages(digits16):  # noqa: F811
+def test_a_short_training_run_learns_all_stages(digits16):
     torch.manual_seed(0)
     vision = ClipVisionEncoder(
         ClipConfig(vocab_size=8, eos_token_id=3, vision_width=16, vision_mlp=32, vision_layers=1)
@@ -222,7 +221,7 @@ def test_vlm_flags_keep_their_own_lr_and_name_clip_flags_apart():
 
 
 @pytest.mark.slow
-def test_vlm_kind_trains_on_a_saved_clip_evaluates_and_answers(tmp_path, digits16):  # noqa: F811
+def test_vlm_kind_trains_on_a_saved_clip_evaluates_and_answers(tmp_path, digits16):
     from genforge.vision.clip import ClipModel, caption_tokenizer, save_clip
     from genforge.vision.clip_cli import VLM_KIND
     from genforge.vision.data import CAPTION_TEMPLATES, caption
