@@ -52,7 +52,10 @@ def _list(args: argparse.Namespace) -> int:
         table.add_column(column, overflow="fold")
     for concept in concepts:
         table.add_row(concept.group, concept.id, concept.name, concept.code[0], concept.reference)
-    stdout_console.print(table, width=max(stdout_console.width, 150))
+    from rich.console import Console
+
+    # Piped output has no terminal width to follow: 160 columns keep a row to a line or two.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
     return 0
 
 
