@@ -57,6 +57,9 @@ class Rule:
     hf: tuple[str, ...]
     sizes: Callable[[Config], tuple[int, ...]] | None = None
     transpose: bool = False
+    # Rows stored in another order than genforge's (BLOOM's per-head interleaved q/k/v):
+    # genforge's row r is Hugging Face's row `row_order(config)[r]`.
+    row_order: Callable[[Config], torch.Tensor] | None = None
 
 
 def _renames(pairs: dict[str, str]) -> list[Rule]:
@@ -196,6 +199,40 @@ _BERT = _joined(
 
 _BERT_HEAD_BIAS, _BERT_DECODER_BIAS = "cls.predictions.bias", "cls.predictions.decoder.bias"
 
+
+def bloom_qkv_order(config: Config) -> torch.Tensor:
+    """BLOOM's fused query_key_value stores its rows per head, [heads, (q, k, v), head_dim];
+    genforge's `qkv` stores [(q, k, v), heads, head_dim]. The Hugging Face row of each
+    genforge row."""
+    heads, dim = config.num_heads, config.head_dim
+    return torch.arange(heads * 3 * dim).view(heads, 3, dim).transpose(0, 1).reshape(-1)
+
+
+_BLOOM_LAYER = "transformer.h.{i}"
+_BLOOM = [
+    Rule(
+        f"blocks.{{i}}.attn.qkv.{kind}",
+        (f"{_BLOOM_LAYER}.self_attention.query_key_value.{kind}",),
+        None,
+        False,
+        bloom_qkv_order,
+    )
+    for kind in ("weight", "bias")
+] + _renames(
+    {"embed_tokens.weight": "transformer.word_embeddings.weight", "lm_head.weight": "lm_head.weight"}
+    | _with_bias(
+        {
+            "embed_norm": "transformer.word_embeddings_layernorm",
+            "blocks.{i}.attn_norm": f"{_BLOOM_LAYER}.input_layernorm",
+            "blocks.{i}.attn.o": f"{_BLOOM_LAYER}.self_attention.dense",
+            "blocks.{i}.mlp_norm": f"{_BLOOM_LAYER}.post_attention_layernorm",
+            "blocks.{i}.mlp.up": f"{_BLOOM_LAYER}.mlp.dense_h_to_4h",
+            "blocks.{i}.mlp.down": f"{_BLOOM_LAYER}.mlp.dense_4h_to_h",
+            "final_norm": "transformer.ln_f",
+        }
+    )
+)
+
 WEIGHT_MAPS: dict[str, list[Rule]] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -209,7 +246,9 @@ WEIGHT_MAPS: dict[str, list[Rule]] = {
 }
 # The base-model prefix of each family's CausalLM/MaskedLM checkpoints. Bare base-model
 # checkpoints (a `BertModel` such as all-MiniLM, a `GPT2Model`) store names without it.
+WEIGHT_MAPS |= {"bloom": _BLOOM}
 _BASE_PREFIX = {family: "model." for family in WEIGHT_MAPS} | {"gpt2": "transformer.", "bert": "bert."}
+_BASE_PREFIX |= {"bloom": "transformer."}
 # Tensors that some checkpoints carry and genforge has no use for.
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$|^bert\.pooler\.|^pooler\.|^cls\.|position_ids$)")
 
@@ -220,6 +259,7 @@ class _Binding:
     hf: tuple[str, ...]
     sizes: tuple[int, ...] | None  # rows of each part, where there are several
     transpose: bool
+    row_order: torch.Tensor | None = None  # Rule.row_order for this config
 
 
 def _bindings(model: Transformer, buffers: Sequence[str] = ()) -> list[_Binding]:
@@ -235,7 +275,8 @@ def _bindings(model: Transformer, buffers: Sequence[str] = ()) -> list[_Binding]
             match = pattern.match(name)
             if match:
                 hf = tuple(part.format(**match.groupdict()) for part in rule.hf)
-                bound[name] = _Binding(name, hf, rule.sizes(config) if rule.sizes else None, rule.transpose)
+                order = rule.row_order(config) if rule.row_order else None
+                bound[name] = _Binding(name, hf, rule.sizes(config) if rule.sizes else None, rule.transpose, order)
     missing = set(names) - set(bound)
     if missing:  # a genforge bug, not a user error: the weight map forgot a parameter
         raise AssertionError(f"weight map for {config.family} does not cover {sorted(missing)}")
@@ -506,7 +547,8 @@ def _joined_tensor(binding: _Binding, pieces: dict[str, torch.Tensor], expected:
                 f"{' (stored transposed, as GPT-2 Conv1D weights are)' if binding.transpose else ''}"
             )
         parts.append(tensor)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return joined if binding.row_order is None else joined[binding.row_order]
 
 
 # ---------------------------------------------------------------------------------- export
@@ -518,7 +560,10 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     params = dict(model.named_parameters())
     tensors = {}
     for binding in _bindings(model):
-        parts = params[binding.gf].detach().split(binding.sizes or len(params[binding.gf]))
+        param = params[binding.gf].detach()
+        if binding.row_order is not None:  # back to Hugging Face's row order (a copy, not a view)
+            param = param[torch.argsort(binding.row_order.to(param.device))]
+        parts = param.split(binding.sizes or len(param))
         for name, tensor in zip(binding.hf, parts, strict=True):
             tensors[name] = tensor.t() if binding.transpose else tensor
     return tensors

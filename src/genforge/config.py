@@ -23,6 +23,7 @@ class ConfigError(ValueError):
 NORMS = ("rmsnorm", "layernorm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 POSITIONS = ("rope", "learned")
+POSITIONS += ("alibi",)  # linear biases on attention scores (Press et al. 2022): BLOOM
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "llama3", "yarn")
 # Scalings whose `factor` is required (>= 1). "ntk" (static NTK-aware) is genforge's own
 # name: Hugging Face has no such rope_type, so export writes it as the larger rope_theta it is.
@@ -165,7 +166,8 @@ class Config:
             return
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"context_limit must be a positive number of tokens (None: the model's), got {limit!r}")
-        if limit > self.max_position_embeddings and self.rope_type != "dynamic":
+        # ALiBi has no trained position table; it is made to run past its training length.
+        if limit > self.max_position_embeddings and self.rope_type != "dynamic" and self.position != "alibi":
             raise ConfigError(
                 f"context_limit {limit} is past this model's trained context of {self.max_position_embeddings} "
                 f"tokens; only a model with dynamic RoPE scaling (rope_type 'dynamic', not {self.rope_type!r}) "
@@ -418,6 +420,56 @@ def _activation(name: str) -> str:
     return table[name]
 
 
+# ------------------------------------------------------------------------------------ BLOOM
+def _read_bloom(hf):
+    # BLOOM (BigScience 2022): ALiBi, LayerNorm on the embeddings, plain GELU(tanh) MLP with
+    # 4x width, biases everywhere, head tied to the embeddings.
+    if hf.get("apply_residual_connection_post_layernorm"):
+        raise ConfigError(
+            "BLOOM with apply_residual_connection_post_layernorm=true is not supported; accepted: false "
+            "(the residual is the block input, as in every released BLOOM checkpoint)"
+        )
+    d = hf.get("hidden_size") or hf["n_embed"]
+    heads = hf.get("n_head") or hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=d,
+        num_layers=hf.get("n_layer") or hf["num_hidden_layers"],
+        num_heads=heads,
+        intermediate_size=4 * d,
+        # ALiBi has no trained table: this is only the context genforge lets a sequence reach.
+        max_position_embeddings=hf.get("seq_length") or 2048,
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation="gelu_tanh",
+        gated_mlp=False,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        position="alibi",
+        embedding_norm=True,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def _write_bloom(cfg: Config) -> dict[str, Any]:
+    if cfg.intermediate_size != 4 * cfg.hidden_size or cfg.num_kv_heads != cfg.num_heads:
+        raise ConfigError(
+            "a BLOOM export needs intermediate_size = 4 x hidden_size and as many key/value heads as query heads; "
+            f"got {cfg.intermediate_size} and {cfg.num_kv_heads} of {cfg.num_heads}"
+        )
+    return dict(
+        hidden_size=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        layer_norm_epsilon=cfg.norm_eps,
+        seq_length=cfg.max_position_embeddings,
+        apply_residual_connection_post_layernorm=False,
+        slow_but_exact=False,
+        pretraining_tp=1,
+    )
+
+
 _HF_READERS = {
     "llama": _read_llama,
     "mistral": _read_mistral,
@@ -429,6 +481,7 @@ _HF_READERS = {
     "gpt2": _read_gpt2,
     "bert": _read_bert,
 }
+_HF_READERS |= {"bloom": _read_bloom}
 
 SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
 
@@ -446,6 +499,7 @@ _CAUSAL_LM_CLASS = {
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertForMaskedLM",
 }
+_CAUSAL_LM_CLASS |= {"bloom": "BloomForCausalLM"}
 
 
 def _write_rope(cfg: Config) -> dict[str, Any]:
@@ -535,3 +589,4 @@ _HF_WRITERS = {
     )
     for family in _HF_READERS
 }
+_HF_WRITERS |= {"bloom": _with_architecture(_write_bloom)}

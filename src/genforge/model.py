@@ -216,6 +216,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+# ---------------------------------------------------------------------------------- ALiBi
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022), float32 (num_heads,).
+
+    For n a power of two the slopes are the geometric sequence 2^(-8/n), 2^(-16/n), ...,
+    2^(-8). Otherwise the n' = largest power of two below n heads take that sequence for n',
+    and the remaining n - n' heads take every other slope of the sequence for 2n' (the odd
+    terms), which interleave between the first ones, as the paper's code and BLOOM do.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"ALiBi needs a positive number of heads, got {num_heads!r}")
+
+    def geometric(n: int) -> torch.Tensor:
+        # ratio and first term both 2^(-8/n)
+        return torch.pow(torch.tensor(2.0 ** (-8.0 / n)), torch.arange(1, n + 1, dtype=torch.float32))
+
+    base = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = geometric(base)
+    if base != num_heads:
+        slopes = torch.cat((slopes, geometric(2 * base)[0::2][: num_heads - base]))
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """The additive ALiBi bias (batch or 1, heads, queries, keys): -slope x distance, the
+    distance counted in token positions (padding is not counted, as `position_ids` are not).
+
+    BLOOM adds slope x key position; that differs from this only by a constant per query row,
+    which softmax ignores, and this form keeps the bias near zero for long sequences."""
+    distance = (key_positions[:, None, None, :] - query_positions[:, None, :, None]).float()
+    return slopes.to(distance.device)[None, :, None, None] * distance
+
+
 # ------------------------------------------------------------------------------- attention
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA, Ainslie et al. 2023).
@@ -603,9 +636,10 @@ class Transformer(nn.Module):
         else:
             key_valid, key_positions = None, torch.arange(past + seq, device=device)[None]
         masks = {}
+        alibi = config.position == "alibi"
         for window in {config.window_of_layer(i) for i in range(config.num_layers)}:
             window_matters = window is not None and past + seq > window
-            if not padded and not window_matters:
+            if not padded and not window_matters and not alibi:
                 if not config.causal or seq == 1:
                     masks[window] = (None, False)
                     continue
@@ -618,6 +652,9 @@ class Transformer(nn.Module):
             # An additive float mask, made once per forward: SDPA would convert a boolean one
             # again in every layer.
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill_(~allowed, float("-inf"))
+            if alibi:
+                # ALiBi: one bias per head on top of the mask (batch, heads, queries, keys).
+                bias = bias + alibi_bias(alibi_slopes(config.num_heads), position_ids, key_positions).to(self.dtype)
             masks[window] = (bias, False)
         return masks
 
