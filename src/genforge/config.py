@@ -28,6 +28,7 @@ ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "llama3", "yarn")
 # Scalings whose `factor` is required (>= 1). "ntk" (static NTK-aware) is genforge's own
 # name: Hugging Face has no such rope_type, so export writes it as the larger rope_theta it is.
 _FACTOR_ROPE_TYPES = ("linear", "ntk", "dynamic")
+ROUTERS = ("topk", "switch")  # mixture-of-experts routing: Mixtral's top-k, Switch's top-1 with capacity
 
 
 @dataclass
@@ -80,6 +81,16 @@ class Config:
     # Mixture of experts (Mixtral). 0 experts: dense MLP.
     num_experts: int = 0
     num_experts_per_token: int = 2
+    # Switch routing (Fedus et al. 2022): router="switch" sends each token to one expert
+    # (num_experts_per_token=1), at most `expert_capacity` tokens per expert and sequence, or
+    # ceil(expert_capacity_factor x seq / num_experts); neither: no limit. Tokens over capacity
+    # are dropped (the residual carries them). Jitter multiplies the router input by
+    # U(1 - noise, 1 + noise) in training; the z-loss (ST-MoE) is added with its coefficient.
+    router: str = "topk"
+    expert_capacity: int | None = None
+    expert_capacity_factor: float | None = None
+    router_jitter_noise: float = 0.0
+    router_z_loss_coef: float = 0.0
 
     # Embeddings and head.
     tie_word_embeddings: bool = False
@@ -138,6 +149,31 @@ class Config:
             raise ConfigError(
                 f"num_experts_per_token must be in 1..{self.num_experts}, got {self.num_experts_per_token}"
             )
+
+        self._check_switch()
+
+    def _check_switch(self) -> None:
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router={self.router!r} is not supported; accepted: {', '.join(ROUTERS)}")
+        if self.router != "switch":
+            return
+        if not self.num_experts or self.num_experts_per_token != 1:
+            raise ConfigError(
+                "router='switch' routes each token to one expert: it needs num_experts > 0 and "
+                f"num_experts_per_token=1, got {self.num_experts} and {self.num_experts_per_token}"
+            )
+        if self.expert_capacity is not None and self.expert_capacity_factor is not None:
+            raise ConfigError("give expert_capacity (tokens) or expert_capacity_factor, not both")
+        capacity = self.expert_capacity
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ConfigError(f"expert_capacity must be a positive number of tokens, got {capacity!r}")
+        factor = self.expert_capacity_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0):
+            raise ConfigError(f"expert_capacity_factor must be a number > 0, got {factor!r}")
+        if not 0 <= self.router_jitter_noise < 1:
+            raise ConfigError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}")
+        if self.router_z_loss_coef < 0:
+            raise ConfigError(f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef!r}")
 
     @property
     def rope_type(self) -> str:
@@ -240,6 +276,11 @@ class Config:
         writer = _HF_WRITERS.get(self.family)
         if writer is None:
             raise ConfigError(f"no Hugging Face export for family {self.family!r}")
+        if self.router != "topk":
+            raise ConfigError(
+                f"router={self.router!r} has no transformers decoder-only architecture to export to (a {self.family} "
+                "config would load with top-k routing and give other logits); keep the training checkpoint instead"
+            )
         out = dict(self.hf_extra)
         out.update(writer(self))
         out.update(

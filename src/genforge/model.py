@@ -403,8 +403,16 @@ class MixtureOfExperts(nn.Module):
         self.top_k = config.num_experts_per_token
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+        self.switch = config.router == "switch"
+        if self.switch:
+            self.expert_capacity, self.capacity_factor = config.expert_capacity, config.expert_capacity_factor
+            self.jitter_noise = config.router_jitter_noise
+            # Tokens seen and tokens dropped (over capacity) since the last `dropped_token_share`.
+            self.seen_tokens, self.dropped_tokens = 0, torch.zeros((), dtype=torch.long)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.switch:
+            return self._switch_forward(x)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         router_logits = self.router(tokens)
@@ -417,6 +425,104 @@ class MixtureOfExperts(nn.Module):
             expert_out = self.experts[expert_index](tokens[token_rows])
             out.index_add_(0, token_rows, expert_out * weights[token_rows, slot, None])
         return out.view(shape), router_logits
+
+    # ---------------------------------------------------------------- Switch routing
+    def _switch_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, hidden = x.shape
+        router_input = x
+        if self.training and self.jitter_noise:
+            # Multiplicative jitter on the router's input only (Fedus et al. 2022, sec. 2.4).
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            router_input = x * noise
+        router = self.router
+        if type(router) is nn.Linear:
+            # The router in float32 whatever the model's dtype ("selective precision", Switch sec. 2.4).
+            router_logits = F.linear(router_input.float(), router.weight.float())
+        else:  # a swapped-in linear (quantized, adapted) computes in its own way
+            router_logits = router(router_input).float()
+        routing = switch_route(router_logits, self.capacity(seq))
+        tokens = x.reshape(-1, hidden)
+        expert = routing.expert.reshape(-1)
+        kept = routing.kept.reshape(-1)
+        scale = routing.probability.reshape(-1).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        # A dropped token gets no expert output: the block's residual carries it on unchanged.
+        for expert_index in expert[kept].unique().tolist():
+            rows = torch.where(kept & (expert == expert_index))[0]
+            out.index_add_(0, rows, self.experts[expert_index](tokens[rows]) * scale[rows, None])
+        self.seen_tokens += kept.numel()
+        self.dropped_tokens = self.dropped_tokens.to(kept.device) + (~kept).sum().detach()
+        return out.view(batch, seq, hidden), router_logits.reshape(-1, router_logits.shape[-1])
+
+    def capacity(self, seq: int) -> int | None:
+        """Tokens each expert takes from one sequence of `seq` tokens: `expert_capacity`, or
+        ceil(capacity_factor x seq / experts); None: no limit."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * seq / len(self.experts))
+
+
+@dataclass
+class SwitchRouting:
+    """Top-1 routing of (batch, seq) tokens (Fedus et al. 2022)."""
+
+    expert: torch.Tensor  # (batch, seq) the expert of highest probability, chosen before capacity
+    probability: torch.Tensor  # (batch, seq) its router probability; the expert's output is scaled by it
+    kept: torch.Tensor  # (batch, seq) bool, False for tokens past their expert's capacity (dropped)
+
+
+def switch_route(router_logits: torch.Tensor, capacity: int | None) -> SwitchRouting:
+    """Switch routing from router logits (batch, seq, experts).
+
+    Each token goes to its most probable expert. Capacity is counted per sequence, in token
+    order: the first `capacity` tokens of a row that choose an expert are kept, later ones are
+    dropped (None: none are). The output is scaled by the raw top-1 probability, not 1, so the
+    router is trained through the outputs as well as through the auxiliary losses.
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    probability, expert = probs.max(dim=-1)
+    if capacity is None:
+        return SwitchRouting(expert, probability, torch.ones_like(expert, dtype=torch.bool))
+    # A token's priority is how many tokens of its row chose its expert up to and including it.
+    chosen = F.one_hot(expert, router_logits.shape[-1])
+    priority = chosen.cumsum(dim=-2).gather(-1, expert[..., None]).squeeze(-1)
+    return SwitchRouting(expert, probability, priority <= capacity)
+
+
+def switch_load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, groups: int = 1) -> torch.Tensor:
+    """The Switch Transformer's auxiliary loss (Fedus et al. 2022, eqs. 4-6): num_experts x
+    sum_i f_i x P_i, with f_i the share of tokens whose top-1 expert is i (before capacity) and
+    P_i the mean router probability of i, both over each group's tokens and averaged over the
+    `groups` (the batch rows; each layer's logits are (groups x seq, experts), and the layers'
+    tokens of one row form one group, as transformers' `load_balancing_loss_func` counts them).
+    1 when routing is uniform."""
+    logits = torch.cat([layer.float().reshape(groups, -1, num_experts) for layer in router_logits], dim=1)
+    probs = torch.softmax(logits, dim=-1)
+    routed = F.one_hot(probs.argmax(dim=-1), num_experts).float().mean(dim=1)  # (groups, experts)
+    return num_experts * (routed * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): the mean over tokens of
+    logsumexp(logits)^2, which keeps router logits small and the softmax stable."""
+    logits = torch.cat([layer.float().reshape(-1, layer.shape[-1]) for layer in router_logits])
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def dropped_token_share(model: nn.Module, reset: bool = True) -> float | None:
+    """The share of tokens Switch layers dropped (over capacity) since the last reset, over
+    all its Switch layers; None for a model without Switch routing."""
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts) and m.switch]
+    seen = sum(layer.seen_tokens for layer in layers)
+    if not layers or seen == 0:
+        return None
+    dropped = sum(int(layer.dropped_tokens) for layer in layers)
+    if reset:
+        for layer in layers:
+            layer.seen_tokens, layer.dropped_tokens = 0, torch.zeros((), dtype=torch.long)
+    return dropped / seen
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
