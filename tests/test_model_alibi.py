@@ -139,3 +139,22 @@ def test_bloom_config_reads_and_refuses():
                 apply_residual_connection_post_layernorm=True,
             )
         )
+
+
+def test_bloom_linear_parts_carry_the_row_order(hf_model_dir):
+    from genforge.checkpoint import hf_linear_parts, load_model
+
+    model = load_model(hf_model_dir("bloom")[1])
+    parts = hf_linear_parts(model)
+    qkv = parts["blocks.0.attn.qkv"]
+    assert qkv.names == ("transformer.h.0.self_attention.query_key_value",)
+    assert torch.equal(qkv.row_order, bloom_qkv_order(model.config))
+    assert parts["blocks.0.attn.o"].row_order is None
+
+
+def test_onnx_export_refuses_alibi(tmp_path):
+    pytest.importorskip("onnx")
+    from genforge.quantize.onnx_export import ONNXExportError, export_onnx
+
+    with pytest.raises(ONNXExportError, match="ALiBi attention biases"):
+        export_onnx(tiny_model(position="alibi").eval(), tmp_path / "model.onnx")

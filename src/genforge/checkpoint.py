@@ -6,7 +6,8 @@ product (`qkv`), and a gated MLP's gate and up projections in another (`gate_up`
 family stores those as separate tensors (Llama's q_proj, k_proj, v_proj), the rule lists them
 as parts concatenated along the output dimension; where it already fuses them (GPT-2's
 c_attn, Phi-3's qkv_proj) the rule is a rename. GPT-2 stores linear weights transposed (its
-`Conv1D`). The same rules drive loading and export, so a round trip is exact by construction.
+`Conv1D`), and BLOOM interleaves its fused query_key_value per head (a rule's `row_order`).
+The same rules drive loading and export, so a round trip is exact by construction.
 
 Weights are read with `safetensors` only; a directory holding nothing but pickled
 `pytorch_model.bin` files is refused, because unpickling can run arbitrary code.
@@ -292,6 +293,9 @@ class LinearParts:
     names: tuple[str, ...]
     sizes: tuple[int, ...]
     transposed: bool
+    # BLOOM's query_key_value: genforge's output row r is Hugging Face's row row_order[r]
+    # (an adapter's B matrix exported under the Hugging Face name needs its rows put back).
+    row_order: torch.Tensor | None = None
 
 
 def hf_linear_parts(model: Transformer, kinds: tuple[type[nn.Module], ...] = (nn.Linear,)) -> dict[str, LinearParts]:
@@ -313,7 +317,7 @@ def hf_linear_parts(model: Transformer, kinds: tuple[type[nn.Module], ...] = (nn
             rule = rules[f"{name}.weight"]
             binding = _Binding(rule.gf, rule.hf, None, rule.transpose)
         names = tuple(hf.removesuffix(".weight") for hf in binding.hf)
-        layers[name] = LinearParts(names, binding.sizes or (module.out_features,), binding.transpose)
+        layers[name] = LinearParts(names, binding.sizes or (module.out_features,), binding.transpose, binding.row_order)
     return layers
 
 
@@ -555,8 +559,9 @@ def _joined_tensor(binding: _Binding, pieces: dict[str, torch.Tensor], expected:
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """`model`'s weights under their Hugging Face names and in Hugging Face's layout: fused
     projections split into their parts (`qkv` into q_proj, k_proj, v_proj), GPT-2's Conv1D
-    weights transposed. The tensors are detached views of the parameters, not copies; a head
-    tied to the embeddings appears once, as the embedding."""
+    weights transposed. The tensors are detached views of the parameters, not copies (except
+    where rows are reordered, BLOOM's query_key_value); a head tied to the embeddings appears
+    once, as the embedding."""
     params = dict(model.named_parameters())
     tensors = {}
     for binding in _bindings(model):

@@ -1,7 +1,7 @@
 """Architecture as data.
 
 Every model family genforge runs is one `Config`: GPT-2, Llama 2/3, Mistral, Qwen2, Qwen3,
-Gemma, Phi-3, Mixtral and BERT differ in the fields below (norm kind, activation, position
+Gemma, Phi-3, Mixtral, BERT and BLOOM differ in the fields below (norm kind, activation, position
 scheme, bias flags, key/value heads, window, experts), never in classes. A new family is a
 `from_hf` reader here plus a weight map in `checkpoint.py`.
 """

@@ -9,10 +9,12 @@ Mistral, Qwen, Gemma, Phi-3, Mixtral; Radford et al. 2019, Touvron et al. 2023, 
                  post-norm: norm(x + attn(x)),  then  norm(x + mlp(x))        (BERT)
     attention    scaled dot-product (Vaswani et al. 2017) through torch's fused SDPA kernel,
                  MHA / GQA / MQA, RoPE (Su et al. 2021; linear, NTK-aware, dynamic NTK,
-                 Llama 3 or YaRN scaling) or learned positions, causal or bidirectional,
+                 Llama 3 or YaRN scaling), learned positions or ALiBi's per-head linear
+                 biases (Press et al. 2022; BLOOM), causal or bidirectional,
                  optional sliding window (Mistral) and q/k norm (Qwen3)
     mlp          plain (GELU) or gated (SwiGLU / GeGLU, Shazeer 2020), or a mixture of
-                 gated experts with top-k routing (Shazeer et al. 2017, Mixtral)
+                 experts with top-k routing (Shazeer et al. 2017, Mixtral) or Switch top-1
+                 routing with an expert capacity (Fedus et al. 2022)
     head         final norm + linear to the vocabulary, tied or not to the embeddings
 
 The model keeps no state between calls: keys and values live in the cache object the caller
