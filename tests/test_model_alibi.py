@@ -158,3 +158,20 @@ def test_onnx_export_refuses_alibi(tmp_path):
 
     with pytest.raises(ONNXExportError, match="ALiBi attention biases"):
         export_onnx(tiny_model(position="alibi").eval(), tmp_path / "model.onnx")
+
+
+def test_mpt_config_reads_and_refuses_what_it_does_not_model():
+    base = dict(model_type="mpt", vocab_size=10, d_model=8, n_layers=1, n_heads=2)
+    config = Config.from_hf(base)
+    assert (config.position, config.norm_bias, config.intermediate_size, config.activation) == (
+        "alibi",
+        False,
+        32,
+        "gelu",
+    )
+    with pytest.raises(ConfigError, match=r"attn_config.clip_qkv=6.0 is not supported; accepted: None"):
+        Config.from_hf(base | {"attn_config": {"clip_qkv": 6.0}})
+    with pytest.raises(ConfigError, match=r"attn_config.alibi=False is not supported"):
+        Config.from_hf(base | {"attn_config": {"alibi": False}})
+    with pytest.raises(ConfigError, match=r"expansion_ratio=2 is not supported; accepted: 4"):
+        Config.from_hf(base | {"expansion_ratio": 2})

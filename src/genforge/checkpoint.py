@@ -247,9 +247,24 @@ WEIGHT_MAPS: dict[str, list[Rule]] = {
 }
 # The base-model prefix of each family's CausalLM/MaskedLM checkpoints. Bare base-model
 # checkpoints (a `BertModel` such as all-MiniLM, a `GPT2Model`) store names without it.
-WEIGHT_MAPS |= {"bloom": _BLOOM}
+_MPT_LAYER = "transformer.blocks.{i}"
+# MPT's fused Wqkv is already [q, k, v]; its norms have no bias.
+_MPT = _renames(
+    {
+        "embed_tokens.weight": "transformer.wte.weight",
+        "lm_head.weight": "lm_head.weight",
+        "blocks.{i}.attn_norm.weight": f"{_MPT_LAYER}.norm_1.weight",
+        "blocks.{i}.attn.qkv.weight": f"{_MPT_LAYER}.attn.Wqkv.weight",
+        "blocks.{i}.attn.o.weight": f"{_MPT_LAYER}.attn.out_proj.weight",
+        "blocks.{i}.mlp_norm.weight": f"{_MPT_LAYER}.norm_2.weight",
+        "blocks.{i}.mlp.up.weight": f"{_MPT_LAYER}.ffn.up_proj.weight",
+        "blocks.{i}.mlp.down.weight": f"{_MPT_LAYER}.ffn.down_proj.weight",
+        "final_norm.weight": "transformer.norm_f.weight",
+    }
+)
+WEIGHT_MAPS |= {"bloom": _BLOOM, "mpt": _MPT}
 _BASE_PREFIX = {family: "model." for family in WEIGHT_MAPS} | {"gpt2": "transformer.", "bert": "bert."}
-_BASE_PREFIX |= {"bloom": "transformer."}
+_BASE_PREFIX |= {"bloom": "transformer.", "mpt": "transformer."}
 # Tensors that some checkpoints carry and genforge has no use for.
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$|^bert\.pooler\.|^pooler\.|^cls\.|position_ids$)")
 

@@ -57,6 +57,7 @@ class Config:
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
     norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as (w - 1)
+    norm_bias: bool = True  # False: LayerNorm without a bias (MPT)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys before RoPE
     activation: str = "silu"
     gated_mlp: bool = True  # SwiGLU/GeGLU (Shazeer 2020) versus a plain two-layer MLP
@@ -511,6 +512,70 @@ def _write_bloom(cfg: Config) -> dict[str, Any]:
     )
 
 
+# -------------------------------------------------------------------------------------- MPT
+# MPT attention options genforge does not model, and the value it accepts for each.
+_MPT_ATTENTION_DEFAULTS = {
+    "alibi": True,
+    "clip_qkv": None,
+    "softmax_scale": None,
+    "qk_ln": False,
+    "prefix_lm": False,
+    "attn_uses_sequence_id": False,
+}
+
+
+def _read_mpt(hf):
+    # MPT (MosaicML 2023) as transformers' MptForCausalLM runs it: ALiBi with the default
+    # maximum bias 8 (the same slopes as BLOOM's), LayerNorm without biases, no linear
+    # biases, exact-GELU MLP of expansion_ratio x width, fused Wqkv in q, k, v order, tied head.
+    attention = dict(hf.get("attn_config") or {})
+    for key, accepted in _MPT_ATTENTION_DEFAULTS.items():
+        if attention.get(key, accepted) != accepted:
+            raise ConfigError(f"MPT with attn_config.{key}={attention[key]!r} is not supported; accepted: {accepted!r}")
+    if attention.get("alibi_bias_max", 8) != 8:
+        raise ConfigError(f"MPT with alibi_bias_max={attention['alibi_bias_max']!r} is not supported; accepted: 8")
+    # transformers' MptMLP is 4 x wide whatever the config says, so 4 is what loads there.
+    for key, accepted in (("logit_scale", None), ("embedding_fraction", 1.0), ("expansion_ratio", 4)):
+        if hf.get(key, accepted) != accepted:
+            raise ConfigError(f"MPT with {key}={hf[key]!r} is not supported; accepted: {accepted!r}")
+    d = hf["d_model"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=d,
+        num_layers=hf["n_layers"],
+        num_heads=hf["n_heads"],
+        intermediate_size=4 * d,
+        max_position_embeddings=hf.get("max_seq_len", 2048),
+        norm="layernorm",
+        norm_bias=False,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation="gelu",
+        gated_mlp=False,
+        position="alibi",
+        tie_word_embeddings=True,
+    )
+
+
+def _write_mpt(cfg: Config) -> dict[str, Any]:
+    if cfg.intermediate_size != 4 * cfg.hidden_size or cfg.num_kv_heads != cfg.num_heads or not cfg.tie_word_embeddings:
+        raise ConfigError(
+            "an MPT export needs intermediate_size = 4 x hidden_size, as many key/value heads as query "
+            f"heads and a tied head; got {cfg.intermediate_size}, {cfg.num_kv_heads} of {cfg.num_heads}, "
+            f"tie_word_embeddings={cfg.tie_word_embeddings}"
+        )
+    attention = dict(cfg.hf_extra.get("attn_config") or {}) | _MPT_ATTENTION_DEFAULTS | {"alibi_bias_max": 8}
+    return dict(
+        d_model=cfg.hidden_size,
+        n_heads=cfg.num_heads,
+        n_layers=cfg.num_layers,
+        expansion_ratio=4,
+        max_seq_len=cfg.max_position_embeddings,
+        layer_norm_epsilon=cfg.norm_eps,
+        no_bias=True,
+        attn_config=attention,
+    )
+
+
 _HF_READERS = {
     "llama": _read_llama,
     "mistral": _read_mistral,
@@ -522,7 +587,7 @@ _HF_READERS = {
     "gpt2": _read_gpt2,
     "bert": _read_bert,
 }
-_HF_READERS |= {"bloom": _read_bloom}
+_HF_READERS |= {"bloom": _read_bloom, "mpt": _read_mpt}
 
 SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
 
@@ -540,7 +605,7 @@ _CAUSAL_LM_CLASS = {
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertForMaskedLM",
 }
-_CAUSAL_LM_CLASS |= {"bloom": "BloomForCausalLM"}
+_CAUSAL_LM_CLASS |= {"bloom": "BloomForCausalLM", "mpt": "MptForCausalLM"}
 
 
 def _write_rope(cfg: Config) -> dict[str, Any]:
@@ -630,4 +695,4 @@ _HF_WRITERS = {
     )
     for family in _HF_READERS
 }
-_HF_WRITERS |= {"bloom": _with_architecture(_write_bloom)}
+_HF_WRITERS |= {"bloom": _with_architecture(_write_bloom), "mpt": _with_architecture(_write_mpt)}

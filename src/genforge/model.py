@@ -46,11 +46,12 @@ class Norm(nn.Module):
     as an offset from one (`weight_offset=1`).
     """
 
-    def __init__(self, size: int, kind: str, eps: float, weight_offset: float = 0.0) -> None:
+    def __init__(self, size: int, kind: str, eps: float, weight_offset: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         self.kind, self.eps, self.weight_offset = kind, eps, weight_offset
         self.weight = nn.Parameter(torch.full((size,), 1.0 - weight_offset))
-        self.bias = nn.Parameter(torch.zeros(size)) if kind == "layernorm" else None
+        # LayerNorm has a bias unless the family drops it (MPT); RMSNorm never has one.
+        self.bias = nn.Parameter(torch.zeros(size)) if kind == "layernorm" and bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
@@ -545,7 +546,9 @@ class Block(nn.Module):
 
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
-        norm = lambda: Norm(config.hidden_size, config.norm, config.norm_eps, config.norm_weight_offset)  # noqa: E731
+        norm = lambda: Norm(  # noqa: E731
+            config.hidden_size, config.norm, config.norm_eps, config.norm_weight_offset, config.norm_bias
+        )
         self.post_norm = config.post_norm
         self.attn_norm = norm()
         self.attn = Attention(config, layer)
@@ -604,12 +607,18 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, d) if config.position == "learned" else None
         self.embed_types = nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
-        self.embed_norm = Norm(d, config.norm, config.norm_eps) if config.embedding_norm else None
+        self.embed_norm = (
+            Norm(d, config.norm, config.norm_eps, bias=config.norm_bias) if config.embedding_norm else None
+        )
         self.embed_dropout = config.dropout
         self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         # Post-norm encoders end on a normed residual; pre-norm decoders need one more norm.
-        self.final_norm = None if config.post_norm else Norm(d, config.norm, config.norm_eps, config.norm_weight_offset)
+        self.final_norm = (
+            None
+            if config.post_norm
+            else Norm(d, config.norm, config.norm_eps, config.norm_weight_offset, config.norm_bias)
+        )
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if config.causal else None
         # BERT's masked-LM head (BertForMaskedLM's `cls.predictions`): dense + activation +
         # LayerNorm, then a vocabulary projection with its own bias, tied to the embeddings.
