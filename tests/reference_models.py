@@ -84,6 +84,26 @@ FAMILIES = {
         dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2),
     ),
 }
+# BLOOM: ALiBi with 6 heads, so that the slopes' interleaved non-power-of-two branch is used.
+FAMILIES |= {
+    "bloom": (
+        transformers.BloomConfig,
+        dict(vocab_size=VOCAB, hidden_size=72, n_layer=2, n_head=6, bos_token_id=1, eos_token_id=2),
+    ),
+    # MPT: ALiBi too, bias-free LayerNorms, exact GELU; 6 heads as above.
+    "mpt": (
+        transformers.MptConfig,
+        dict(
+            vocab_size=VOCAB,
+            d_model=72,
+            n_layers=2,
+            n_heads=6,
+            max_seq_len=256,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+}
 
 
 def build(name: str, seed: int = 0, dtype=torch.float32):

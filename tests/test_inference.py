@@ -12,7 +12,7 @@ from genforge.inference import SMALL_PRODUCT_MULTIPLY_ADDS, PackedLinear, can_pa
 pytestmark = pytest.mark.skipif(not can_pack(torch.nn.Linear(2, 2)), reason="needs oneDNN (x86 CPU build of torch)")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3", "mixtral", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "phi3", "mixtral", "gemma", "bloom", "mpt"])
 def test_packed_model_matches_unpacked(family, hf_model_dir):
     directory = hf_model_dir(family)[1]
     plain, packed = load_model(directory), pack_for_cpu_inference(load_model(directory))

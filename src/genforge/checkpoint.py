@@ -6,7 +6,8 @@ product (`qkv`), and a gated MLP's gate and up projections in another (`gate_up`
 family stores those as separate tensors (Llama's q_proj, k_proj, v_proj), the rule lists them
 as parts concatenated along the output dimension; where it already fuses them (GPT-2's
 c_attn, Phi-3's qkv_proj) the rule is a rename. GPT-2 stores linear weights transposed (its
-`Conv1D`). The same rules drive loading and export, so a round trip is exact by construction.
+`Conv1D`), and BLOOM interleaves its fused query_key_value per head (a rule's `row_order`).
+The same rules drive loading and export, so a round trip is exact by construction.
 Encoder-decoder families (T5, BART, Marian) load into `seq2seq.EncoderDecoderTransformer`
 through the same rules; their cross-attention keys and values are one fused `kv` product.
 
@@ -61,6 +62,9 @@ class Rule:
     hf: tuple[str, ...]
     sizes: Callable[[Config], tuple[int, ...]] | None = None
     transpose: bool = False
+    # Rows stored in another order than genforge's (BLOOM's per-head interleaved q/k/v):
+    # genforge's row r is Hugging Face's row `row_order(config)[r]`.
+    row_order: Callable[[Config], torch.Tensor] | None = None
 
 
 def _renames(pairs: dict[str, str]) -> list[Rule]:
@@ -282,6 +286,40 @@ _SEQ2SEQ_IGNORED = re.compile(
     r"|EncDecAttention\.relative_attention_bias\.weight$"
 )
 
+
+def bloom_qkv_order(config: Config) -> torch.Tensor:
+    """BLOOM's fused query_key_value stores its rows per head, [heads, (q, k, v), head_dim];
+    genforge's `qkv` stores [(q, k, v), heads, head_dim]. The Hugging Face row of each
+    genforge row."""
+    heads, dim = config.num_heads, config.head_dim
+    return torch.arange(heads * 3 * dim).view(heads, 3, dim).transpose(0, 1).reshape(-1)
+
+
+_BLOOM_LAYER = "transformer.h.{i}"
+_BLOOM = [
+    Rule(
+        f"blocks.{{i}}.attn.qkv.{kind}",
+        (f"{_BLOOM_LAYER}.self_attention.query_key_value.{kind}",),
+        None,
+        False,
+        bloom_qkv_order,
+    )
+    for kind in ("weight", "bias")
+] + _renames(
+    {"embed_tokens.weight": "transformer.word_embeddings.weight", "lm_head.weight": "lm_head.weight"}
+    | _with_bias(
+        {
+            "embed_norm": "transformer.word_embeddings_layernorm",
+            "blocks.{i}.attn_norm": f"{_BLOOM_LAYER}.input_layernorm",
+            "blocks.{i}.attn.o": f"{_BLOOM_LAYER}.self_attention.dense",
+            "blocks.{i}.mlp_norm": f"{_BLOOM_LAYER}.post_attention_layernorm",
+            "blocks.{i}.mlp.up": f"{_BLOOM_LAYER}.mlp.dense_h_to_4h",
+            "blocks.{i}.mlp.down": f"{_BLOOM_LAYER}.mlp.dense_4h_to_h",
+            "final_norm": "transformer.ln_f",
+        }
+    )
+)
+
 WEIGHT_MAPS: dict[str, list[Rule]] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -296,7 +334,24 @@ WEIGHT_MAPS: dict[str, list[Rule]] = {
 WEIGHT_MAPS |= _SEQ2SEQ_WEIGHT_MAPS
 # The base-model prefix of each family's CausalLM/MaskedLM checkpoints. Bare base-model
 # checkpoints (a `BertModel` such as all-MiniLM, a `GPT2Model`) store names without it.
+_MPT_LAYER = "transformer.blocks.{i}"
+# MPT's fused Wqkv is already [q, k, v]; its norms have no bias.
+_MPT = _renames(
+    {
+        "embed_tokens.weight": "transformer.wte.weight",
+        "lm_head.weight": "lm_head.weight",
+        "blocks.{i}.attn_norm.weight": f"{_MPT_LAYER}.norm_1.weight",
+        "blocks.{i}.attn.qkv.weight": f"{_MPT_LAYER}.attn.Wqkv.weight",
+        "blocks.{i}.attn.o.weight": f"{_MPT_LAYER}.attn.out_proj.weight",
+        "blocks.{i}.mlp_norm.weight": f"{_MPT_LAYER}.norm_2.weight",
+        "blocks.{i}.mlp.up.weight": f"{_MPT_LAYER}.ffn.up_proj.weight",
+        "blocks.{i}.mlp.down.weight": f"{_MPT_LAYER}.ffn.down_proj.weight",
+        "final_norm.weight": "transformer.norm_f.weight",
+    }
+)
+WEIGHT_MAPS |= {"bloom": _BLOOM, "mpt": _MPT}
 _BASE_PREFIX = {family: "model." for family in WEIGHT_MAPS} | {"gpt2": "transformer.", "bert": "bert.", "t5": ""}
+_BASE_PREFIX |= {"bloom": "transformer.", "mpt": "transformer."}
 # Tensors that some checkpoints carry and genforge has no use for.
 _IGNORED = re.compile(r"(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$|^bert\.pooler\.|^pooler\.|^cls\.|position_ids$)")
 
@@ -307,6 +362,7 @@ class _Binding:
     hf: tuple[str, ...]
     sizes: tuple[int, ...] | None  # rows of each part, where there are several
     transpose: bool
+    row_order: torch.Tensor | None = None  # Rule.row_order for this config
 
 
 def _bindings(model: Transformer, buffers: Sequence[str] = ()) -> list[_Binding]:
@@ -322,7 +378,8 @@ def _bindings(model: Transformer, buffers: Sequence[str] = ()) -> list[_Binding]
             match = pattern.match(name)
             if match:
                 hf = tuple(part.format(**match.groupdict()) for part in rule.hf)
-                bound[name] = _Binding(name, hf, rule.sizes(config) if rule.sizes else None, rule.transpose)
+                order = rule.row_order(config) if rule.row_order else None
+                bound[name] = _Binding(name, hf, rule.sizes(config) if rule.sizes else None, rule.transpose, order)
     missing = set(names) - set(bound)
     if missing:  # a genforge bug, not a user error: the weight map forgot a parameter
         raise AssertionError(f"weight map for {config.family} does not cover {sorted(missing)}")
@@ -338,6 +395,9 @@ class LinearParts:
     names: tuple[str, ...]
     sizes: tuple[int, ...]
     transposed: bool
+    # BLOOM's query_key_value: genforge's output row r is Hugging Face's row row_order[r]
+    # (an adapter's B matrix exported under the Hugging Face name needs its rows put back).
+    row_order: torch.Tensor | None = None
 
 
 def hf_linear_parts(model: Transformer, kinds: tuple[type[nn.Module], ...] = (nn.Linear,)) -> dict[str, LinearParts]:
@@ -359,7 +419,7 @@ def hf_linear_parts(model: Transformer, kinds: tuple[type[nn.Module], ...] = (nn
             rule = rules[f"{name}.weight"]
             binding = _Binding(rule.gf, rule.hf, None, rule.transpose)
         names = tuple(hf.removesuffix(".weight") for hf in binding.hf)
-        layers[name] = LinearParts(names, binding.sizes or (module.out_features,), binding.transpose)
+        layers[name] = LinearParts(names, binding.sizes or (module.out_features,), binding.transpose, binding.row_order)
     return layers
 
 
@@ -617,19 +677,24 @@ def _joined_tensor(binding: _Binding, pieces: dict[str, torch.Tensor], expected:
                 f"{' (stored transposed, as GPT-2 Conv1D weights are)' if binding.transpose else ''}"
             )
         parts.append(tensor)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    joined = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return joined if binding.row_order is None else joined[binding.row_order]
 
 
 # ---------------------------------------------------------------------------------- export
 def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """`model`'s weights under their Hugging Face names and in Hugging Face's layout: fused
     projections split into their parts (`qkv` into q_proj, k_proj, v_proj), GPT-2's Conv1D
-    weights transposed. The tensors are detached views of the parameters, not copies; a head
-    tied to the embeddings appears once, as the embedding."""
+    weights transposed. The tensors are detached views of the parameters, not copies (except
+    where rows are reordered, BLOOM's query_key_value); a head tied to the embeddings appears
+    once, as the embedding."""
     params = dict(model.named_parameters())
     tensors = {}
     for binding in _bindings(model):
-        parts = params[binding.gf].detach().split(binding.sizes or len(params[binding.gf]))
+        param = params[binding.gf].detach()
+        if binding.row_order is not None:  # back to Hugging Face's row order (a copy, not a view)
+            param = param[torch.argsort(binding.row_order.to(param.device))]
+        parts = param.split(binding.sizes or len(param))
         for name, tensor in zip(binding.hf, parts, strict=True):
             tensors[name] = tensor.t() if binding.transpose else tensor
     return tensors

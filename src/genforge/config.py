@@ -1,7 +1,7 @@
 """Architecture as data.
 
 Every model family genforge runs is one `Config`: GPT-2, Llama 2/3, Mistral, Qwen2, Qwen3,
-Gemma, Phi-3, Mixtral and BERT differ in the fields below (norm kind, activation, position
+Gemma, Phi-3, Mixtral, BERT and BLOOM differ in the fields below (norm kind, activation, position
 scheme, bias flags, key/value heads, window, experts), never in classes. A new family is a
 `from_hf` reader here plus a weight map in `checkpoint.py`. The encoder-decoder families (T5,
 BART, Marian; `seq2seq.py`) are configs too: `encoder_decoder` plus the fields of their block.
@@ -26,10 +26,12 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "quick_gelu")  # quick_gelu:
 # "sinusoidal": the fixed table of Vaswani et al. 2017 (`model.sinusoidal_positions`);
 # "relative": T5's bucketed relative position bias, encoder-decoder models only.
 POSITIONS = ("rope", "learned", "sinusoidal", "relative")
+POSITIONS += ("alibi",)  # linear biases on attention scores (Press et al. 2022): BLOOM
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "llama3", "yarn")
 # Scalings whose `factor` is required (>= 1). "ntk" (static NTK-aware) is genforge's own
 # name: Hugging Face has no such rope_type, so export writes it as the larger rope_theta it is.
 _FACTOR_ROPE_TYPES = ("linear", "ntk", "dynamic")
+ROUTERS = ("topk", "switch")  # mixture-of-experts routing: Mixtral's top-k, Switch's top-1 with capacity
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Config:
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
     norm_weight_offset: float = 0.0  # Gemma stores RMSNorm weights as (w - 1)
+    norm_bias: bool = True  # False: LayerNorm without a bias (MPT)
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys before RoPE
     activation: str = "silu"
     gated_mlp: bool = True  # SwiGLU/GeGLU (Shazeer 2020) versus a plain two-layer MLP
@@ -82,6 +85,16 @@ class Config:
     # Mixture of experts (Mixtral). 0 experts: dense MLP.
     num_experts: int = 0
     num_experts_per_token: int = 2
+    # Switch routing (Fedus et al. 2022): router="switch" sends each token to one expert
+    # (num_experts_per_token=1), at most `expert_capacity` tokens per expert and sequence, or
+    # ceil(expert_capacity_factor x seq / num_experts); neither: no limit. Tokens over capacity
+    # are dropped (the residual carries them). Jitter multiplies the router input by
+    # U(1 - noise, 1 + noise) in training; the z-loss (ST-MoE) is added with its coefficient.
+    router: str = "topk"
+    expert_capacity: int | None = None
+    expert_capacity_factor: float | None = None
+    router_jitter_noise: float = 0.0
+    router_z_loss_coef: float = 0.0
 
     # Embeddings and head.
     tie_word_embeddings: bool = False
@@ -154,6 +167,31 @@ class Config:
                 f"num_experts_per_token must be in 1..{self.num_experts}, got {self.num_experts_per_token}"
             )
 
+        self._check_switch()
+
+    def _check_switch(self) -> None:
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router={self.router!r} is not supported; accepted: {', '.join(ROUTERS)}")
+        if self.router != "switch":
+            return
+        if not self.num_experts or self.num_experts_per_token != 1:
+            raise ConfigError(
+                "router='switch' routes each token to one expert: it needs num_experts > 0 and "
+                f"num_experts_per_token=1, got {self.num_experts} and {self.num_experts_per_token}"
+            )
+        if self.expert_capacity is not None and self.expert_capacity_factor is not None:
+            raise ConfigError("give expert_capacity (tokens) or expert_capacity_factor, not both")
+        capacity = self.expert_capacity
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ConfigError(f"expert_capacity must be a positive number of tokens, got {capacity!r}")
+        factor = self.expert_capacity_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0):
+            raise ConfigError(f"expert_capacity_factor must be a number > 0, got {factor!r}")
+        if not 0 <= self.router_jitter_noise < 1:
+            raise ConfigError(f"router_jitter_noise must be in [0, 1), got {self.router_jitter_noise!r}")
+        if self.router_z_loss_coef < 0:
+            raise ConfigError(f"router_z_loss_coef must be >= 0, got {self.router_z_loss_coef!r}")
+
     def _check_encoder_decoder(self) -> None:
         if not self.encoder_decoder:
             if self.position == "relative":
@@ -207,7 +245,8 @@ class Config:
             return
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ConfigError(f"context_limit must be a positive number of tokens (None: the model's), got {limit!r}")
-        if limit > self.max_position_embeddings and self.rope_type != "dynamic":
+        # ALiBi has no trained position table; it is made to run past its training length.
+        if limit > self.max_position_embeddings and self.rope_type != "dynamic" and self.position != "alibi":
             raise ConfigError(
                 f"context_limit {limit} is past this model's trained context of {self.max_position_embeddings} "
                 f"tokens; only a model with dynamic RoPE scaling (rope_type 'dynamic', not {self.rope_type!r}) "
@@ -289,6 +328,11 @@ class Config:
             raise ConfigError(
                 f"a decoder-only {self.family} model with sinusoidal positions has no Hugging Face counterpart "
                 "to export to (transformers' decoder-only families use RoPE or learned positions)"
+            )
+        if self.router != "topk":
+            raise ConfigError(
+                f"router={self.router!r} has no transformers decoder-only architecture to export to (a {self.family} "
+                "config would load with top-k routing and give other logits); keep the training checkpoint instead"
             )
         out = dict(self.hf_extra)
         out.update(writer(self))
@@ -472,6 +516,120 @@ def _activation(name: str) -> str:
     return table[name]
 
 
+# ------------------------------------------------------------------------------------ BLOOM
+def _read_bloom(hf):
+    # BLOOM (BigScience 2022): ALiBi, LayerNorm on the embeddings, plain GELU(tanh) MLP with
+    # 4x width, biases everywhere, head tied to the embeddings.
+    if hf.get("apply_residual_connection_post_layernorm"):
+        raise ConfigError(
+            "BLOOM with apply_residual_connection_post_layernorm=true is not supported; accepted: false "
+            "(the residual is the block input, as in every released BLOOM checkpoint)"
+        )
+    d = hf.get("hidden_size") or hf["n_embed"]
+    heads = hf.get("n_head") or hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=d,
+        num_layers=hf.get("n_layer") or hf["num_hidden_layers"],
+        num_heads=heads,
+        intermediate_size=4 * d,
+        # ALiBi has no trained table: this is only the context genforge lets a sequence reach.
+        max_position_embeddings=hf.get("seq_length") or 2048,
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation="gelu_tanh",
+        gated_mlp=False,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        position="alibi",
+        embedding_norm=True,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def _write_bloom(cfg: Config) -> dict[str, Any]:
+    if cfg.intermediate_size != 4 * cfg.hidden_size or cfg.num_kv_heads != cfg.num_heads:
+        raise ConfigError(
+            "a BLOOM export needs intermediate_size = 4 x hidden_size and as many key/value heads as query heads; "
+            f"got {cfg.intermediate_size} and {cfg.num_kv_heads} of {cfg.num_heads}"
+        )
+    return dict(
+        hidden_size=cfg.hidden_size,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        layer_norm_epsilon=cfg.norm_eps,
+        seq_length=cfg.max_position_embeddings,
+        apply_residual_connection_post_layernorm=False,
+        slow_but_exact=False,
+        pretraining_tp=1,
+    )
+
+
+# -------------------------------------------------------------------------------------- MPT
+# MPT attention options genforge does not model, and the value it accepts for each.
+_MPT_ATTENTION_DEFAULTS = {
+    "alibi": True,
+    "clip_qkv": None,
+    "softmax_scale": None,
+    "qk_ln": False,
+    "prefix_lm": False,
+    "attn_uses_sequence_id": False,
+}
+
+
+def _read_mpt(hf):
+    # MPT (MosaicML 2023) as transformers' MptForCausalLM runs it: ALiBi with the default
+    # maximum bias 8 (the same slopes as BLOOM's), LayerNorm without biases, no linear
+    # biases, exact-GELU MLP of expansion_ratio x width, fused Wqkv in q, k, v order, tied head.
+    attention = dict(hf.get("attn_config") or {})
+    for key, accepted in _MPT_ATTENTION_DEFAULTS.items():
+        if attention.get(key, accepted) != accepted:
+            raise ConfigError(f"MPT with attn_config.{key}={attention[key]!r} is not supported; accepted: {accepted!r}")
+    if attention.get("alibi_bias_max", 8) != 8:
+        raise ConfigError(f"MPT with alibi_bias_max={attention['alibi_bias_max']!r} is not supported; accepted: 8")
+    # transformers' MptMLP is 4 x wide whatever the config says, so 4 is what loads there.
+    for key, accepted in (("logit_scale", None), ("embedding_fraction", 1.0), ("expansion_ratio", 4)):
+        if hf.get(key, accepted) != accepted:
+            raise ConfigError(f"MPT with {key}={hf[key]!r} is not supported; accepted: {accepted!r}")
+    d = hf["d_model"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=d,
+        num_layers=hf["n_layers"],
+        num_heads=hf["n_heads"],
+        intermediate_size=4 * d,
+        max_position_embeddings=hf.get("max_seq_len", 2048),
+        norm="layernorm",
+        norm_bias=False,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation="gelu",
+        gated_mlp=False,
+        position="alibi",
+        tie_word_embeddings=True,
+    )
+
+
+def _write_mpt(cfg: Config) -> dict[str, Any]:
+    if cfg.intermediate_size != 4 * cfg.hidden_size or cfg.num_kv_heads != cfg.num_heads or not cfg.tie_word_embeddings:
+        raise ConfigError(
+            "an MPT export needs intermediate_size = 4 x hidden_size, as many key/value heads as query "
+            f"heads and a tied head; got {cfg.intermediate_size}, {cfg.num_kv_heads} of {cfg.num_heads}, "
+            f"tie_word_embeddings={cfg.tie_word_embeddings}"
+        )
+    attention = dict(cfg.hf_extra.get("attn_config") or {}) | _MPT_ATTENTION_DEFAULTS | {"alibi_bias_max": 8}
+    return dict(
+        d_model=cfg.hidden_size,
+        n_heads=cfg.num_heads,
+        n_layers=cfg.num_layers,
+        expansion_ratio=4,
+        max_seq_len=cfg.max_position_embeddings,
+        layer_norm_epsilon=cfg.norm_eps,
+        no_bias=True,
+        attn_config=attention,
+    )
+
+
 _HF_READERS = {
     "llama": _read_llama,
     "mistral": _read_mistral,
@@ -483,6 +641,7 @@ _HF_READERS = {
     "gpt2": _read_gpt2,
     "bert": _read_bert,
 }
+_HF_READERS |= {"bloom": _read_bloom, "mpt": _read_mpt}
 
 SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
 
@@ -506,6 +665,7 @@ _CAUSAL_LM_CLASS = {
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertForMaskedLM",
 }
+_CAUSAL_LM_CLASS |= {"bloom": "BloomForCausalLM", "mpt": "MptForCausalLM"}
 
 
 def _write_rope(cfg: Config) -> dict[str, Any]:
@@ -751,3 +911,4 @@ def _write_marian(cfg: Config) -> dict[str, Any]:
 _HF_READERS.update(t5=_read_t5, bart=_read_bart, marian=_read_marian)
 _HF_WRITERS.update(t5=_write_t5, bart=_write_bart, marian=_write_marian)
 SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
+_HF_WRITERS |= {"bloom": _with_architecture(_write_bloom), "mpt": _with_architecture(_write_mpt)}

@@ -9,10 +9,12 @@ Mistral, Qwen, Gemma, Phi-3, Mixtral; Radford et al. 2019, Touvron et al. 2023, 
                  post-norm: norm(x + attn(x)),  then  norm(x + mlp(x))        (BERT)
     attention    scaled dot-product (Vaswani et al. 2017) through torch's fused SDPA kernel,
                  MHA / GQA / MQA, RoPE (Su et al. 2021; linear, NTK-aware, dynamic NTK,
-                 Llama 3 or YaRN scaling), learned or sinusoidal positions, causal or bidirectional,
+                 Llama 3 or YaRN scaling), learned or sinusoidal positions or ALiBi's per-head linear
+                 biases (Press et al. 2022; BLOOM), causal or bidirectional,
                  optional sliding window (Mistral) and q/k norm (Qwen3)
     mlp          plain (GELU) or gated (SwiGLU / GeGLU, Shazeer 2020), or a mixture of
-                 gated experts with top-k routing (Shazeer et al. 2017, Mixtral)
+                 experts with top-k routing (Shazeer et al. 2017, Mixtral) or Switch top-1
+                 routing with an expert capacity (Fedus et al. 2022)
     head         final norm + linear to the vocabulary, tied or not to the embeddings
 
 The model keeps no state between calls: keys and values live in the cache object the caller
@@ -46,11 +48,12 @@ class Norm(nn.Module):
     as an offset from one (`weight_offset=1`).
     """
 
-    def __init__(self, size: int, kind: str, eps: float, weight_offset: float = 0.0) -> None:
+    def __init__(self, size: int, kind: str, eps: float, weight_offset: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         self.kind, self.eps, self.weight_offset = kind, eps, weight_offset
         self.weight = nn.Parameter(torch.full((size,), 1.0 - weight_offset))
-        self.bias = nn.Parameter(torch.zeros(size)) if kind == "layernorm" else None
+        # LayerNorm has a bias unless the family drops it (MPT); RMSNorm never has one.
+        self.bias = nn.Parameter(torch.zeros(size)) if kind == "layernorm" and bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
@@ -232,6 +235,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+# ---------------------------------------------------------------------------------- ALiBi
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022), float32 (num_heads,).
+
+    For n a power of two the slopes are the geometric sequence 2^(-8/n), 2^(-16/n), ...,
+    2^(-8). Otherwise the n' = largest power of two below n heads take that sequence for n',
+    and the remaining n - n' heads take every other slope of the sequence for 2n' (the odd
+    terms), which interleave between the first ones, as the paper's code and BLOOM do.
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"ALiBi needs a positive number of heads, got {num_heads!r}")
+
+    def geometric(n: int) -> torch.Tensor:
+        # ratio and first term both 2^(-8/n)
+        return torch.pow(torch.tensor(2.0 ** (-8.0 / n)), torch.arange(1, n + 1, dtype=torch.float32))
+
+    base = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = geometric(base)
+    if base != num_heads:
+        slopes = torch.cat((slopes, geometric(2 * base)[0::2][: num_heads - base]))
+    return slopes
+
+
+def alibi_bias(slopes: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+    """The additive ALiBi bias (batch or 1, heads, queries, keys): -slope x distance, the
+    distance counted in token positions (padding is not counted, as `position_ids` are not).
+
+    BLOOM adds slope x key position; that differs from this only by a constant per query row,
+    which softmax ignores, and this form keeps the bias near zero for long sequences."""
+    distance = (key_positions[:, None, None, :] - query_positions[:, None, :, None]).float()
+    return slopes.to(distance.device)[None, :, None, None] * distance
+
+
 # ------------------------------------------------------------------------------- attention
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (GQA, Ainslie et al. 2023).
@@ -393,8 +429,16 @@ class MixtureOfExperts(nn.Module):
         self.top_k = config.num_experts_per_token
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(config.num_experts))
+        self.switch = config.router == "switch"
+        if self.switch:
+            self.expert_capacity, self.capacity_factor = config.expert_capacity, config.expert_capacity_factor
+            self.jitter_noise = config.router_jitter_noise
+            # Tokens seen and tokens dropped (over capacity) since the last `dropped_token_share`.
+            self.seen_tokens, self.dropped_tokens = 0, torch.zeros((), dtype=torch.long)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.switch:
+            return self._switch_forward(x)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         router_logits = self.router(tokens)
@@ -407,6 +451,104 @@ class MixtureOfExperts(nn.Module):
             expert_out = self.experts[expert_index](tokens[token_rows])
             out.index_add_(0, token_rows, expert_out * weights[token_rows, slot, None])
         return out.view(shape), router_logits
+
+    # ---------------------------------------------------------------- Switch routing
+    def _switch_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq, hidden = x.shape
+        router_input = x
+        if self.training and self.jitter_noise:
+            # Multiplicative jitter on the router's input only (Fedus et al. 2022, sec. 2.4).
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            router_input = x * noise
+        router = self.router
+        if type(router) is nn.Linear:
+            # The router in float32 whatever the model's dtype ("selective precision", Switch sec. 2.4).
+            router_logits = F.linear(router_input.float(), router.weight.float())
+        else:  # a swapped-in linear (quantized, adapted) computes in its own way
+            router_logits = router(router_input).float()
+        routing = switch_route(router_logits, self.capacity(seq))
+        tokens = x.reshape(-1, hidden)
+        expert = routing.expert.reshape(-1)
+        kept = routing.kept.reshape(-1)
+        scale = routing.probability.reshape(-1).to(x.dtype)
+        out = torch.zeros_like(tokens)
+        # A dropped token gets no expert output: the block's residual carries it on unchanged.
+        for expert_index in expert[kept].unique().tolist():
+            rows = torch.where(kept & (expert == expert_index))[0]
+            out.index_add_(0, rows, self.experts[expert_index](tokens[rows]) * scale[rows, None])
+        self.seen_tokens += kept.numel()
+        self.dropped_tokens = self.dropped_tokens.to(kept.device) + (~kept).sum().detach()
+        return out.view(batch, seq, hidden), router_logits.reshape(-1, router_logits.shape[-1])
+
+    def capacity(self, seq: int) -> int | None:
+        """Tokens each expert takes from one sequence of `seq` tokens: `expert_capacity`, or
+        ceil(capacity_factor x seq / experts); None: no limit."""
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * seq / len(self.experts))
+
+
+@dataclass
+class SwitchRouting:
+    """Top-1 routing of (batch, seq) tokens (Fedus et al. 2022)."""
+
+    expert: torch.Tensor  # (batch, seq) the expert of highest probability, chosen before capacity
+    probability: torch.Tensor  # (batch, seq) its router probability; the expert's output is scaled by it
+    kept: torch.Tensor  # (batch, seq) bool, False for tokens past their expert's capacity (dropped)
+
+
+def switch_route(router_logits: torch.Tensor, capacity: int | None) -> SwitchRouting:
+    """Switch routing from router logits (batch, seq, experts).
+
+    Each token goes to its most probable expert. Capacity is counted per sequence, in token
+    order: the first `capacity` tokens of a row that choose an expert are kept, later ones are
+    dropped (None: none are). The output is scaled by the raw top-1 probability, not 1, so the
+    router is trained through the outputs as well as through the auxiliary losses.
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    probability, expert = probs.max(dim=-1)
+    if capacity is None:
+        return SwitchRouting(expert, probability, torch.ones_like(expert, dtype=torch.bool))
+    # A token's priority is how many tokens of its row chose its expert up to and including it.
+    chosen = F.one_hot(expert, router_logits.shape[-1])
+    priority = chosen.cumsum(dim=-2).gather(-1, expert[..., None]).squeeze(-1)
+    return SwitchRouting(expert, probability, priority <= capacity)
+
+
+def switch_load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, groups: int = 1) -> torch.Tensor:
+    """The Switch Transformer's auxiliary loss (Fedus et al. 2022, eqs. 4-6): num_experts x
+    sum_i f_i x P_i, with f_i the share of tokens whose top-1 expert is i (before capacity) and
+    P_i the mean router probability of i, both over each group's tokens and averaged over the
+    `groups` (the batch rows; each layer's logits are (groups x seq, experts), and the layers'
+    tokens of one row form one group, as transformers' `load_balancing_loss_func` counts them).
+    1 when routing is uniform."""
+    logits = torch.cat([layer.float().reshape(groups, -1, num_experts) for layer in router_logits], dim=1)
+    probs = torch.softmax(logits, dim=-1)
+    routed = F.one_hot(probs.argmax(dim=-1), num_experts).float().mean(dim=1)  # (groups, experts)
+    return num_experts * (routed * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+def router_z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE's router z-loss (Zoph et al. 2022, eq. 5): the mean over tokens of
+    logsumexp(logits)^2, which keeps router logits small and the softmax stable."""
+    logits = torch.cat([layer.float().reshape(-1, layer.shape[-1]) for layer in router_logits])
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def dropped_token_share(model: nn.Module, reset: bool = True) -> float | None:
+    """The share of tokens Switch layers dropped (over capacity) since the last reset, over
+    all its Switch layers; None for a model without Switch routing."""
+    layers = [m for m in model.modules() if isinstance(m, MixtureOfExperts) and m.switch]
+    seen = sum(layer.seen_tokens for layer in layers)
+    if not layers or seen == 0:
+        return None
+    dropped = sum(int(layer.dropped_tokens) for layer in layers)
+    if reset:
+        for layer in layers:
+            layer.seen_tokens, layer.dropped_tokens = 0, torch.zeros((), dtype=torch.long)
+    return dropped / seen
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int) -> torch.Tensor:
@@ -427,7 +569,9 @@ class Block(nn.Module):
 
     def __init__(self, config: Config, layer: int) -> None:
         super().__init__()
-        norm = lambda: Norm(config.hidden_size, config.norm, config.norm_eps, config.norm_weight_offset)  # noqa: E731
+        norm = lambda: Norm(  # noqa: E731
+            config.hidden_size, config.norm, config.norm_eps, config.norm_weight_offset, config.norm_bias
+        )
         self.post_norm = config.post_norm
         self.attn_norm = norm()
         self.attn = Attention(config, layer)
@@ -490,12 +634,18 @@ class Transformer(nn.Module):
                 "sinusoidal_table", sinusoidal_positions(config.max_position_embeddings, d), persistent=False
             )
         self.embed_types = nn.Embedding(config.type_vocab_size, d) if config.type_vocab_size else None
-        self.embed_norm = Norm(d, config.norm, config.norm_eps) if config.embedding_norm else None
+        self.embed_norm = (
+            Norm(d, config.norm, config.norm_eps, bias=config.norm_bias) if config.embedding_norm else None
+        )
         self.embed_dropout = config.dropout
         self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         # Post-norm encoders end on a normed residual; pre-norm decoders need one more norm.
-        self.final_norm = None if config.post_norm else Norm(d, config.norm, config.norm_eps, config.norm_weight_offset)
+        self.final_norm = (
+            None
+            if config.post_norm
+            else Norm(d, config.norm, config.norm_eps, config.norm_weight_offset, config.norm_bias)
+        )
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False) if config.causal else None
         # BERT's masked-LM head (BertForMaskedLM's `cls.predictions`): dense + activation +
         # LayerNorm, then a vocabulary projection with its own bias, tied to the embeddings.
@@ -632,9 +782,10 @@ class Transformer(nn.Module):
         else:
             key_valid, key_positions = None, torch.arange(past + seq, device=device)[None]
         masks = {}
+        alibi = config.position == "alibi"
         for window in {config.window_of_layer(i) for i in range(config.num_layers)}:
             window_matters = window is not None and past + seq > window
-            if not padded and not window_matters:
+            if not padded and not window_matters and not alibi:
                 if not config.causal or seq == 1:
                     masks[window] = (None, False)
                     continue
@@ -647,6 +798,9 @@ class Transformer(nn.Module):
             # An additive float mask, made once per forward: SDPA would convert a boolean one
             # again in every layer.
             bias = torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill_(~allowed, float("-inf"))
+            if alibi:
+                # ALiBi: one bias per head on top of the mask (batch, heads, queries, keys).
+                bias = bias + alibi_bias(alibi_slopes(config.num_heads), position_ids, key_positions).to(self.dtype)
             masks[window] = (bias, False)
         return masks
 

@@ -279,6 +279,8 @@ def _check_config(config: Config) -> None:
         problems.append("an encoder layout (bidirectional, post-norm or a masked-LM head)")
     if config.type_vocab_size or config.embedding_norm:
         problems.append("segment embeddings or an embedding norm")
+    if config.position == "alibi":
+        problems.append("ALiBi attention biases (not written into the graph)")
     if config.rope_type == "dynamic":
         problems.append("dynamic NTK RoPE scaling (frequencies recomputed from each row's length at run time)")
     if problems:

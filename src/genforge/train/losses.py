@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..model import ModelOutput, load_balancing_loss
+from ..model import ModelOutput, load_balancing_loss, router_z_loss, switch_load_balancing_loss
 from ..onednn import available as onednn_available
 from ..onednn import matmul_nt
 
@@ -532,10 +532,21 @@ def distillation_loss(
 
 
 def moe_auxiliary_loss(output: ModelOutput, config) -> torch.Tensor | None:
-    """The load-balancing loss of a mixture-of-experts model's routers, or None without experts."""
+    """The load-balancing loss of a mixture-of-experts model's routers, or None without experts.
+    Switch routing counts it per batch row (`switch_load_balancing_loss`)."""
     if not config.num_experts or not output.router_logits:
         return None
+    if config.router == "switch":
+        return switch_load_balancing_loss(output.router_logits, config.num_experts, output.hidden_states.shape[0])
     return load_balancing_loss(output.router_logits, config.num_experts, config.num_experts_per_token)
+
+
+def moe_router_z_loss(output: ModelOutput, config) -> torch.Tensor | None:
+    """`router_z_loss_coef` x the router z-loss (ST-MoE, Zoph et al. 2022), or None where the
+    coefficient is 0 or the model has no experts."""
+    if not config.num_experts or not output.router_logits or not config.router_z_loss_coef:
+        return None
+    return config.router_z_loss_coef * router_z_loss(output.router_logits)
 
 
 __all__ = [
@@ -550,5 +561,6 @@ __all__ = [
     "mask_tokens",
     "masked_lm_loss",
     "moe_auxiliary_loss",
+    "moe_router_z_loss",
     "shift_labels",
 ]

@@ -62,7 +62,7 @@ from safetensors.torch import save_model as save_weights
 
 from ..atomic import atomic_path, atomic_write_text, staged_directory
 from ..checkpoint import save_model
-from ..model import Transformer
+from ..model import Transformer, dropped_token_share
 from ..onednn import use_onednn
 from ..ops.hooks import publish_metrics
 from .data import ShuffleSampler, TokenDataset
@@ -89,6 +89,7 @@ from .losses import (
     mask_tokens,
     masked_lm_loss,
     moe_auxiliary_loss,
+    moe_router_z_loss,
     shift_labels,
 )
 from .optim import build_optimizer, build_scheduler, clip_gradients
@@ -520,7 +521,9 @@ class Trainer:
         aux = moe_auxiliary_loss(output, self.model.config)
         if aux is None:
             return loss
-        return loss + self.config.aux_loss_coef * aux * (self._count_targets(labels) / total_tokens)
+        z_loss = moe_router_z_loss(output, self.model.config)  # Switch/ST-MoE: its own coefficient, in the config
+        router_loss = self.config.aux_loss_coef * aux + (z_loss if z_loss is not None else 0.0)
+        return loss + router_loss * (self._count_targets(labels) / total_tokens)
 
     def _distill_micro_loss(
         self, inputs: torch.Tensor, labels: torch.Tensor, total_tokens: int, document_ids: torch.Tensor | None
@@ -643,6 +646,7 @@ class Trainer:
         share = rank_slice(pairs[0][0].shape[0], self.distributed)
         step_loss = 0.0
         self._distill_parts = [0.0, 0.0]  # cross-entropy and KD shares, for the metrics
+        dropped_token_share(self.model)  # forget tokens counted outside this step (evaluation)
         for micro, (inputs, labels, documents) in enumerate(pairs):
             last = micro == len(pairs) - 1
             inputs, labels = inputs[share].to(self.device), labels[share].to(self.device)
@@ -665,6 +669,9 @@ class Trainer:
         # Throughput counts every input token of the global batch, as tokens/s and MFU are usually reported.
         tokens = sum(inputs.numel() for inputs, _, _ in pairs)
         extra = dict(zip(("ce_loss", "kd_loss"), parts)) if self.teacher is not None else {}
+        dropped = dropped_token_share(self.model)  # Switch routing: tokens over an expert's capacity
+        if dropped is not None:
+            extra["dropped_tokens"] = dropped
         return self._update(step_loss, tokens, extra)
 
     def _objective_backward(self, batches: list[dict]) -> tuple[float, int, dict[str, float]]:
