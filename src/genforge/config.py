@@ -643,8 +643,6 @@ _HF_READERS = {
 }
 _HF_READERS |= {"bloom": _read_bloom, "mpt": _read_mpt}
 
-SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
-
 
 # ---------------------------------------------------------------------------- family writers
 _HF_ACTIVATION = {
@@ -910,5 +908,5 @@ def _write_marian(cfg: Config) -> dict[str, Any]:
 
 _HF_READERS.update(t5=_read_t5, bart=_read_bart, marian=_read_marian)
 _HF_WRITERS.update(t5=_write_t5, bart=_write_bart, marian=_write_marian)
-SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))
 _HF_WRITERS |= {"bloom": _with_architecture(_write_bloom), "mpt": _with_architecture(_write_mpt)}
+SUPPORTED_FAMILIES = tuple(sorted(_HF_READERS))  # every family above, decoder-only and encoder-decoder
