@@ -44,8 +44,6 @@ NOT_YET_IMPLEMENTED = {
     "vlm_projection",
     "fid",
     # architecture (issue 21)
-    "alibi",
-    "switch_routing",
     "sparse_attention",
     "early_exit",
 }

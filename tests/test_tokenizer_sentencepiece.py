@@ -10,8 +10,8 @@ import pytest
 import sentencepiece
 
 from genforge.quickstart import stdlib_source_files
-from genforge.spm import from_sentencepiece, train_sentencepiece
 from genforge.tokenizer import Tokenizer, TokenizerError
+from genforge.train.tokenizer_training import train_sentencepiece
 
 CASES = [
     "Hello world",
@@ -105,7 +105,7 @@ def test_a_directory_with_only_tokenizer_model_loads(trained, tmp_path):
 def test_not_a_model_file_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x00 not a protobuf")
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
-        from_sentencepiece(tmp_path / "tokenizer.model")
+        Tokenizer.from_sentencepiece(tmp_path / "tokenizer.model")
 
 
 def test_tokenizer_train_command_unigram(tmp_path, capsys):

@@ -1,10 +1,11 @@
-"""SentencePiece models (Kudo & Richardson 2018) as genforge tokenizers.
+"""SentencePiece models (Kudo & Richardson 2018) rebuilt in `tokenizers`.
 
 A SentencePiece `.model` file (Llama 2, T5, Mistral, Gemma ship one) is a protobuf of pieces with
 scores and types, the segmentation algorithm (unigram language model, Kudo 2018, or BPE), and
-how text is normalised first. `from_sentencepiece` reads it with the `sentencepiece` library's own
-protobuf definition and rebuilds the same tokenizer in `tokenizers`, so genforge encodes with one
-engine whatever the source. `train_sentencepiece` trains one with the library.
+how text is normalised first. `sentencepiece_backend` reads it with the `sentencepiece` library's
+own protobuf definition and rebuilds the same tokenizer in `tokenizers`, so genforge encodes with
+one engine whatever the source (`Tokenizer.from_sentencepiece` wraps it;
+`train.tokenizer_training.train_sentencepiece` trains one with the library).
 
 How the spec maps onto `tokenizers`:
   normaliser   the precompiled character map (NFKC and friends), then, with
@@ -18,21 +19,21 @@ How the spec maps onto `tokenizers`:
 
 from __future__ import annotations
 
-import io
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers
 
-from .tokenizer import SENTENCEPIECE_FILE as SPM_FILE
-from .tokenizer import Tokenizer, TokenizerError
-
 META = "▁"
+SPM_FILE = "tokenizer.model"
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _UNIGRAM, _BPE = 1, 2
 MODEL_TYPES = {"unigram": _UNIGRAM, "bpe": _BPE}
+
+
+class SentencePieceError(ValueError):
+    """A file that is not a SentencePiece model genforge can rebuild; the message says why."""
 
 
 def read_model_proto(path: str | os.PathLike):
@@ -43,18 +44,19 @@ def read_model_proto(path: str | os.PathLike):
     try:
         proto.ParseFromString(data)
     except Exception as err:  # protobuf raises its own DecodeError
-        raise TokenizerError(f"{path} is not a SentencePiece model file ({err})") from None
+        raise SentencePieceError(f"{path} is not a SentencePiece model file ({err})") from None
     if not proto.pieces:
-        raise TokenizerError(f"{path} holds no pieces; is it a SentencePiece .model file?")
+        raise SentencePieceError(f"{path} holds no pieces; is it a SentencePiece .model file?")
     return proto
 
 
-def from_sentencepiece(path: str | os.PathLike) -> Tokenizer:
-    """A genforge `Tokenizer` that encodes and decodes as the SentencePiece model at `path`."""
+def sentencepiece_backend(path: str | os.PathLike) -> tuple[tokenizers.Tokenizer, dict]:
+    """A `tokenizers` tokenizer that encodes and decodes as the SentencePiece model at `path`,
+    and its special tokens by role (bos_token, eos_token, unk_token, pad_token)."""
     proto = read_model_proto(path)
     trainer, spec = proto.trainer_spec, proto.normalizer_spec
     if trainer.model_type not in (_UNIGRAM, _BPE):
-        raise TokenizerError(
+        raise SentencePieceError(
             f"{path}: SentencePiece model type {trainer.model_type} (word or char) is not supported; "
             "accepted: unigram, bpe"
         )
@@ -92,10 +94,8 @@ def from_sentencepiece(path: str | os.PathLike) -> Tokenizer:
         "eos_token": _piece(pieces, trainer.eos_id),
         "unk_token": _piece(pieces, unk_id),
         "pad_token": _piece(pieces, trainer.pad_id),
-        "clean_up_tokenization_spaces": False,
-        "tokenizer_class": "TokenizersBackend",
     }
-    return Tokenizer(backend, {key: value for key, value in config.items() if value is not None})
+    return backend, {key: value for key, value in config.items() if value is not None}
 
 
 def _piece(pieces, index: int) -> str | None:
@@ -128,45 +128,3 @@ def _merges(pieces) -> list[tuple[str, str]]:
                 found.append((merged_rank, rank[left], rank[right], left, right))
     found.sort()
     return [(left, right) for *_, left, right in found]
-
-
-def train_sentencepiece(
-    texts: Iterable[str],
-    out_dir: str | os.PathLike,
-    vocab_size: int = 8000,
-    model_type: str = "unigram",
-    byte_fallback: bool = True,
-    character_coverage: float = 0.9995,
-    **options,
-) -> Tokenizer:
-    """Train a SentencePiece model with the library and write `tokenizer.model` plus the
-    equivalent `tokenizer.json` to `out_dir` (written whole, then renamed into place).
-
-    `options` go to `SentencePieceTrainer.train` as they are, e.g. Llama 2's settings:
-    normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True."""
-    import sentencepiece
-
-    from .atomic import staged_directory
-
-    if model_type not in MODEL_TYPES:
-        raise TokenizerError(f"unknown SentencePiece model type {model_type!r}; accepted: {', '.join(MODEL_TYPES)}")
-    buffer = io.BytesIO()
-    try:
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts),
-            model_writer=buffer,
-            vocab_size=vocab_size,
-            model_type=model_type,
-            byte_fallback=byte_fallback,
-            character_coverage=character_coverage,
-            minloglevel=2,
-            **({"pad_id": 3} | options),
-        )
-    except RuntimeError as err:  # the trainer's own message says what to change (e.g. vocab too large)
-        raise TokenizerError(f"SentencePiece training failed: {err}") from None
-    out_dir = Path(out_dir)
-    with staged_directory(out_dir) as staging:
-        (staging / SPM_FILE).write_bytes(buffer.getvalue())
-        tokenizer = from_sentencepiece(staging / SPM_FILE)
-        tokenizer.save(staging)
-    return tokenizer

@@ -26,11 +26,12 @@ import jinja2.utils
 import tokenizers
 
 from .atomic import atomic_write_text
+from .spm import SPM_FILE, SentencePieceError, sentencepiece_backend
 
 __all__ = ["Tokenizer", "IncrementalDecoder", "TokenizerError", "ChatTemplateError"]
 
 TOKENIZER_FILE = "tokenizer.json"
-SENTENCEPIECE_FILE = "tokenizer.model"  # read when there is no tokenizer.json (Llama 2, T5)
+SENTENCEPIECE_FILE = SPM_FILE  # read when there is no tokenizer.json (Llama 2, T5)
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -102,6 +103,17 @@ class Tokenizer:
     # ----------------------------------------------------------------------------------------- loading
 
     @classmethod
+    def from_sentencepiece(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer of a SentencePiece `.model` file (unigram or BPE), encoding and decoding
+        as the `sentencepiece` library does (see `genforge.spm`)."""
+        try:
+            backend, special_tokens = sentencepiece_backend(path)
+        except SentencePieceError as err:
+            raise TokenizerError(str(err)) from None
+        config = special_tokens | {"clean_up_tokenization_spaces": False, "tokenizer_class": "TokenizersBackend"}
+        return cls(backend, config)
+
+    @classmethod
     def from_dir(cls, path: str | os.PathLike) -> Tokenizer:
         """Load a tokenizer directory as `AutoTokenizer.from_pretrained(path)` would (files only, no hub)."""
         path = Path(path)
@@ -113,9 +125,7 @@ class Tokenizer:
         tokenizer_file = path / TOKENIZER_FILE
         config = {}
         if not tokenizer_file.is_file() and (path / SENTENCEPIECE_FILE).is_file():
-            from .spm import from_sentencepiece  # here: spm builds on this module
-
-            converted = from_sentencepiece(path / SENTENCEPIECE_FILE)
+            converted = Tokenizer.from_sentencepiece(path / SENTENCEPIECE_FILE)
             backend, config = converted.backend, converted.special_tokens_map
         elif not tokenizer_file.is_file():
             names = sorted(p.name for p in path.iterdir())

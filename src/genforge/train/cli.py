@@ -76,8 +76,8 @@ SENTENCEPIECE_KINDS = {"unigram": "unigram", "sentencepiece-bpe": "bpe"}
 
 
 def _train_sentencepiece(args) -> int:
-    from ..spm import train_sentencepiece
     from .sources import iter_documents, resolve_sources
+    from .tokenizer_training import train_sentencepiece
 
     if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.overwrite:
         raise ValueError(f"{args.out} already exists and is not empty; choose a new directory or pass --overwrite")

@@ -20,6 +20,7 @@ written atomically.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ..atomic import staged_directory
+from ..spm import MODEL_TYPES, SPM_FILE
 from ..tokenizer import Tokenizer
 from .data import DataError
 from .sources import DEFAULT_EXTENSIONS, iter_documents, resolve_sources
@@ -316,11 +318,54 @@ def train_tokenizer(
     )
 
 
+def train_sentencepiece(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 8000,
+    model_type: str = "unigram",
+    byte_fallback: bool = True,
+    character_coverage: float = 0.9995,
+    **options,
+) -> Tokenizer:
+    """Train a SentencePiece model with the library and write `tokenizer.model` plus the
+    equivalent `tokenizer.json` to `out_dir` (written whole, then renamed into place).
+
+    `options` go to `SentencePieceTrainer.train` as they are, e.g. Llama 2's settings:
+    normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True."""
+    import sentencepiece
+
+    if model_type not in MODEL_TYPES:
+        raise TokenizerTrainingError(
+            f"unknown SentencePiece model type {model_type!r}; accepted: {', '.join(MODEL_TYPES)}"
+        )
+    buffer = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            minloglevel=2,
+            **({"pad_id": 3} | options),
+        )
+    except RuntimeError as err:  # the trainer's own message says what to change (e.g. vocab too large)
+        raise TokenizerTrainingError(f"SentencePiece training failed: {err}") from None
+    out_dir = Path(out_dir)
+    with staged_directory(out_dir) as staging:
+        (staging / SPM_FILE).write_bytes(buffer.getvalue())
+        tokenizer = Tokenizer.from_sentencepiece(staging / SPM_FILE)
+        tokenizer.save(staging)
+    return tokenizer
+
+
 __all__ = [
     "KINDS",
     "DEFAULT_SPECIAL_TOKENS",
     "TokenizerTrainingError",
     "TrainedTokenizer",
     "train_tokenizer",
+    "train_sentencepiece",
     "tokenizer_sha256",
 ]
