@@ -109,10 +109,14 @@ def test_trainer_with_scheduled_sampling_learns_and_logs(tmp_path):
     trainer = make_trainer(tmp_path, data=pattern, max_steps=16, eval_every=0, scheduled_sampling=0.5)
     trainer.train()
     records = [json.loads(line) for line in Path(tmp_path, "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r and "eval_loss" not in r]
-    assert losses[-1] < 0.8 * losses[0]
+    steps = [r for r in records if "loss" in r and "eval_loss" not in r]
+    assert steps[-1]["loss"] < 0.8 * steps[0]["loss"]
+    probabilities = [r["own_token_probability"] for r in steps]
+    assert probabilities[0] == 0.0 and probabilities == sorted(probabilities) and probabilities[-1] > 0.4
     with pytest.raises(TrainError, match="scheduled_sampling must be in"):
         make_trainer(tmp_path / "bad", scheduled_sampling=1.5)
+    with pytest.raises(TrainError, match="not supported with"):
+        make_trainer(tmp_path / "bad", scheduled_sampling=0.5, model=factories.tiny_encoder())
 
 
 def test_pretrain_command_takes_a_curriculum_and_scheduled_sampling(text_model_dir, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Mixed precision on CPU (slow but the same code path as CUDA): bf16 autocast and fp16 with a
 dynamic loss scaler follow the fp32 loss curve; the scaler skips overflowing steps, shrinks the
-scale, grows it back, and resumes exactly."""
+scale and grows it back."""
 
 import json
 from pathlib import Path

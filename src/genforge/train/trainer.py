@@ -312,6 +312,11 @@ class Trainer:
         sampler=None,
     ) -> None:
         config.validate()
+        if config.scheduled_sampling and (teacher is not None or not model.config.causal or objective is not None):
+            raise TrainError(
+                "scheduled sampling feeds a causal model its own next-token predictions; it is not supported with "
+                "a teacher (distillation), a masked-LM encoder or a custom objective"
+            )
         if objective is not None and (teacher is not None or not model.config.causal or config.fsdp):
             raise TrainError(
                 "a custom objective trains a causal decoder without a teacher, under a single process or DDP; "
@@ -488,7 +493,7 @@ class Trainer:
         if self.teacher is not None:
             return self._distill_micro_loss(inputs, labels, total_tokens, document_ids)
         packed = {} if document_ids is None else {"document_ids": document_ids}
-        if self.config.scheduled_sampling and self.model.config.causal:
+        if self.config.scheduled_sampling:
             inputs = self._with_own_predictions(inputs, packed)
         with self._autocast():
             if self._fused_head:
@@ -672,6 +677,10 @@ class Trainer:
         dropped = dropped_token_share(self.model)  # Switch routing: tokens over an expert's capacity
         if dropped is not None:
             extra["dropped_tokens"] = dropped
+        if self.config.scheduled_sampling:
+            extra["own_token_probability"] = own_token_probability(
+                self.step, self.config.max_steps, self.config.scheduled_sampling, self.config.scheduled_sampling_decay
+            )
         return self._update(step_loss, tokens, extra)
 
     def _objective_backward(self, batches: list[dict]) -> tuple[float, int, dict[str, float]]:
