@@ -576,3 +576,73 @@ def chinchilla() -> None:
             f"  {flops:.1e} FLOPs: rule {rule.parameters / 1e6:10,.0f}M params x {rule.tokens / 1e9:8,.1f}B tokens;"
             f"  fitted law {fit.parameters / 1e6:10,.0f}M x {fit.tokens / 1e9:8,.1f}B (loss {fit.predicted_loss:.2f})"
         )
+
+
+def fid_real_vs_noise() -> None:
+    """FID separates real digits from damaged and fake ones, even on an untrained feature net."""
+    from ..vision.classifier import DigitClassifier
+    from ..vision.data import load_digits
+    from ..vision.metrics import fid_from_images
+
+    split = load_digits(16)
+    torch.manual_seed(0)
+    # Random conv features already carry the images' statistics; a trained net sharpens them.
+    net = DigitClassifier().eval()
+    real = split.train.images[:300]
+    spread = net.embed(real).std(0).clamp_min(1e-8)  # an untrained net's features are tiny: rescale them
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return net.embed(images) / spread
+
+    generator = torch.Generator().manual_seed(0)
+    blurred = torch.nn.functional.avg_pool2d(real, 3, stride=1, padding=1)
+    candidates = {
+        "other real digits (test split)": split.test.images[:300],
+        "the same digits, blurred": blurred,
+        "the same digits + noise 0.3": (real + 0.3 * torch.randn(real.shape, generator=generator)).clamp(0, 1),
+        "uniform noise": torch.rand(real.shape, generator=generator),
+    }
+    console.print("FID against 300 real training digits (features: an untrained 128-d conv net, rescaled)")
+    for name, images in candidates.items():
+        console.print(f"  {name:32s} {fid_from_images(real, images, features):8.1f}")
+    console.print("lower is closer; two real sets are not 0 because 300 images only estimate mean and covariance")
+
+
+def clip_infonce() -> None:
+    """Symmetric InfoNCE is low only when each image is closest to its own caption, and the
+    temperature decides how sharply."""
+    import math
+
+    from ..vision.clip import clip_loss
+
+    torch.manual_seed(0)
+    pairs = 8
+    images = torch.randn(pairs, 32)
+    captions = images + 0.3 * torch.randn(pairs, 32)  # each caption near its own image
+    shuffled = captions[torch.randperm(pairs)]
+    console.print(f"{pairs} pairs; chance level is ln {pairs} = {math.log(pairs):.3f}")
+    for temperature in (1.0, 0.07, 0.01):
+        scale = torch.tensor(math.log(1 / temperature))
+        matched, mismatched = clip_loss(images, captions, scale).item(), clip_loss(images, shuffled, scale).item()
+        console.print(f"  temperature {temperature:4}: matched pairs {matched:7.3f}   shuffled pairs {mismatched:7.3f}")
+    console.print("a lower temperature rewards the right pairing more and punishes the wrong one harder")
+
+
+def vlm_image_slots() -> None:
+    """A LLaVA-style prompt: one <image> marker widened to one slot per patch, whose token
+    embeddings are replaced by the projected patch features."""
+    from ..vision.vlm import expand_image_markers, make_projector, splice_image_features
+
+    image_token, patches, vision_width, lm_width = 99, 4, 16, 8
+    prompt = [5, image_token, 7, 8]  # <|user|> <image> which digit ... as ids
+    ids = expand_image_markers(prompt, image_token, patches)
+    console.print(f"  prompt ids {prompt} -> {ids}")
+    torch.manual_seed(0)
+    projector = make_projector("mlp", vision_width, lm_width)
+    patch_features = torch.randn(1, patches, vision_width)  # the frozen image encoder's output
+    token_embeds = torch.zeros(1, len(ids), lm_width)  # stand-in for the decoder's embedding lookup
+    with torch.no_grad():
+        spliced = splice_image_features(token_embeds, torch.tensor([ids]), image_token, projector(patch_features))
+    filled = [int(row.abs().sum() > 0) for row in spliced[0]]
+    console.print(f"  positions holding image features: {filled}")
+    console.print("the decoder then runs on these embeddings; every text position is unchanged")
