@@ -125,13 +125,17 @@ def load_image_folder(
     opened = [Image.open(path) for path, _ in files]
     modes = {"L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB" for image in opened}
     if channels is None and len(modes) > 1:
-        raise ImageDataError(f"{root} mixes grayscale and colour images; pass channels=1 or 3 to convert them all")
+        raise ImageDataError(
+            f"{root} mixes grayscale and colour images; pass channels=1 or 3 (--channels) to convert them all"
+        )
     mode = {1: "L", 3: "RGB"}[channels] if channels else modes.pop()
     sizes = {image.size for image in opened}
     if size is None:
         if len(sizes) > 1:
             shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:4])
-            raise ImageDataError(f"{root} holds images of {len(sizes)} sizes ({shown}); pass a size to resize them")
+            raise ImageDataError(
+                f"{root} holds images of {len(sizes)} sizes ({shown}); pass a size (--size) to resize them"
+            )
         width, height = sizes.pop()
         if width != height:
             raise ImageDataError(f"images are {width}x{height}; pass a size to resize them to a square")
