@@ -39,7 +39,7 @@ from torch import nn
 
 from .cache import CrossAttentionCache, EncoderDecoderCache, make_kv_cache
 from .config import Config
-from .model import Block, ModelOutput, Norm, build_attention_mask, sinusoidal_positions
+from .model import Block, ModelOutput, Norm, Transformer, build_attention_mask, sinusoidal_positions
 
 __all__ = [
     "BoundDecoder",
@@ -259,15 +259,8 @@ class EncoderDecoderTransformer(nn.Module):
         self.final_logits_bias = (
             nn.Parameter(torch.zeros(1, config.vocab_size), requires_grad=False) if config.final_logits_bias else None
         )
-        self.apply(self._init_weights)
+        self.apply(Transformer._init_weights)
         self.tie_weights()
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -71,17 +71,17 @@ class ABComparison:
         return out
 
 
+def _compared(route, baseline, version, metric, a: Sequence[float], b: Sequence[float]) -> ABComparison:
+    """The comparison's counts and means, before its test is run."""
+    return ABComparison(route, baseline, version, metric, len(a), len(b), _average(a), _average(b))
+
+
+def _average(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _rate(route, baseline, version, metric, a: Sequence[bool], b: Sequence[bool]) -> ABComparison:
-    comparison = ABComparison(
-        route,
-        baseline,
-        version,
-        metric,
-        len(a),
-        len(b),
-        sum(a) / len(a) if a else None,
-        sum(b) / len(b) if b else None,
-    )
+    comparison = _compared(route, baseline, version, metric, a, b)
     if not a or not b:
         comparison.skipped = "no outcomes on one side"
         return comparison
@@ -90,16 +90,7 @@ def _rate(route, baseline, version, metric, a: Sequence[bool], b: Sequence[bool]
 
 
 def _mean(route, baseline, version, metric, a: Sequence[float], b: Sequence[float]) -> ABComparison:
-    comparison = ABComparison(
-        route,
-        baseline,
-        version,
-        metric,
-        len(a),
-        len(b),
-        sum(a) / len(a) if a else None,
-        sum(b) / len(b) if b else None,
-    )
+    comparison = _compared(route, baseline, version, metric, a, b)
     try:
         comparison.result = welch_t_test(a, b)
     except MetricError as err:  # too few values, or both constant
