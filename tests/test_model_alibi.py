@@ -175,3 +175,13 @@ def test_mpt_config_reads_and_refuses_what_it_does_not_model():
         Config.from_hf(base | {"attn_config": {"alibi": False}})
     with pytest.raises(ConfigError, match=r"expansion_ratio=2 is not supported; accepted: 4"):
         Config.from_hf(base | {"expansion_ratio": 2})
+
+
+def test_lora_on_blooms_reordered_qkv_is_refused_with_the_layers_that_work(hf_model_dir):
+    from genforge.checkpoint import load_model
+    from genforge.finetune.lora import LoraConfig, LoraError, apply_lora
+
+    with pytest.raises(LoraError, match="query_key_value is not supported yet"):
+        apply_lora(load_model(hf_model_dir("bloom")[1]), LoraConfig(r=2, target_modules=["query_key_value"]))
+    model = apply_lora(load_model(hf_model_dir("bloom")[1]), LoraConfig(r=2, target_modules=["dense_h_to_4h"]))
+    assert any("lora" in name for name, _ in model.named_parameters())

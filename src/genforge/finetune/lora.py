@@ -595,6 +595,14 @@ def plan_lora_parts(
         start = 0
         for hf_name, rows in zip(layout.names, layout.sizes, strict=True):
             matched = _targeted(config, genforge_name, hf_name)
+            if matched and layout.row_order is not None:
+                # PEFT's adapter rows follow the checkpoint's order, genforge's the model's (BLOOM's
+                # per-head query_key_value); saving them as they are would load wrong in PEFT.
+                raise LoraError(
+                    f"a LoRA on {hf_name} is not supported yet: this {model.config.family} layer stores its rows "
+                    "in another order than genforge's; target the other linear layers (e.g. dense, dense_h_to_4h, "
+                    "dense_4h_to_h)"
+                )
             if matched:
                 used.update(matched)
                 r, alpha = config.rank_and_alpha(hf_name, genforge_name)
