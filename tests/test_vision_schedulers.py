@@ -15,6 +15,9 @@ from genforge.vision.schedulers import (
 
 diffusers = pytest.importorskip("diffusers")
 
+# Tiny models are all per-op overhead: one intra-op thread is faster (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 1e-6
 
 CONFIGS = [
@@ -96,18 +99,29 @@ def test_ddim_step_matches_diffusers(settings, eta, count):
         _close(ours.step(model_output, timestep, sample, eta=eta, noise=noise), expected)
     timestep = int(ours.timesteps[0])
     expected = theirs.step(
-        model_output, timestep, sample, eta=eta, use_clipped_model_output=True, generator=torch.Generator().manual_seed(3)
+        model_output,
+        timestep,
+        sample,
+        eta=eta,
+        use_clipped_model_output=True,
+        generator=torch.Generator().manual_seed(3),
     )
     got = ours.step(
-        model_output, timestep, sample, eta=eta, use_clipped_model_output=True, generator=torch.Generator().manual_seed(3)
+        model_output,
+        timestep,
+        sample,
+        eta=eta,
+        use_clipped_model_output=True,
+        generator=torch.Generator().manual_seed(3),
     )
     _close(got, expected.prev_sample)
 
 
 def test_full_ddpm_chain_matches_diffusers():
     """Ten ancestral steps in a row with a fixed 'model' keep matching (errors do not grow)."""
-    ours, theirs = DDPMScheduler(beta_schedule="squaredcos_cap_v2"), diffusers.DDPMScheduler(
-        beta_schedule="squaredcos_cap_v2"
+    ours, theirs = (
+        DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
     )
     ours.set_timesteps(10)
     theirs.set_timesteps(10)

@@ -16,6 +16,9 @@ from genforge.vision.unet import (
 
 diffusers = pytest.importorskip("diffusers")
 
+# Tiny models are all per-op overhead: one intra-op thread is faster (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOLERANCE = 1e-4
 
 LAYOUTS = {
@@ -83,8 +86,15 @@ def test_loads_a_diffusers_checkpoint_and_matches_its_outputs(tmp_path, layout, 
 
 
 def test_export_to_diffusers_round_trips():
-    ours = UNet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=3, layers_per_block=1,
-                down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    ours = UNet(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        num_class_embeds=3,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
     reference = diffusers.UNet2DModel(**{k: v for k, v in ours.config.to_dict().items()}).eval()
     reference.load_state_dict(to_diffusers_state_dict(ours.state_dict()))
     sample = torch.randn(2, 1, 8, 8)
@@ -105,8 +115,15 @@ def test_bad_configs_and_inputs_are_refused():
         UNetConfig(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"))
     with pytest.raises(UNetConfigError, match="time_embedding_type"):
         UNetConfig.from_diffusers({"time_embedding_type": "fourier"})
-    model = UNet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=3, layers_per_block=1,
-                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    model = UNet(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        num_class_embeds=3,
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
     with pytest.raises(ValueError, match="class_labels"):
         model(torch.zeros(1, 1, 8, 8), 3)
     with pytest.raises(ValueError, match="divisible"):

@@ -96,6 +96,7 @@ def make_betas(config: ScheduleConfig) -> torch.Tensor:
     if config.beta_schedule == "sigmoid":
         ramp = torch.linspace(-6, 6, steps)
         return torch.sigmoid(ramp) * (config.beta_end - config.beta_start) + config.beta_start
+
     # Cosine: betas from the ratio of consecutive alpha_bar values, capped so the last step
     # does not destroy the signal in one go (Nichol & Dhariwal 2021, eq. 17). In float64 Python
     # arithmetic, then float32, as the reference computes it.

@@ -141,9 +141,7 @@ class ResidualBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding added (or as scale and shift) between, and
     a 1x1 convolution on the shortcut when the width changes."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, config: UNetConfig, output_scale: float = 1.0
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, config: UNetConfig, output_scale: float = 1.0) -> None:
         super().__init__()
         self.scale_shift = config.resnet_time_scale_shift == "scale_shift"
         self.norm1 = nn.GroupNorm(config.norm_num_groups, in_channels, eps=config.norm_eps)
