@@ -25,6 +25,7 @@ Timings on a shared machine are noisy: compare the ratio measured within one run
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import statistics
 import sys
@@ -255,8 +256,8 @@ def part_speed(args) -> None:
     ours = load_diffusers_unet(directory)
     schedule = ScheduleConfig(**DIGITS_SCHEDULE)
     pipelines = {
-        "ddpm": diffusers.DDPMPipeline(reference, diffusers.DDPMScheduler(**schedule.to_dict())),
-        "ddim": diffusers.DDIMPipeline(reference, diffusers.DDIMScheduler(**schedule.to_dict())),
+        "ddpm": diffusers.DDPMPipeline(reference, reference_scheduler(diffusers.DDPMScheduler, schedule)),
+        "ddim": diffusers.DDIMPipeline(reference, reference_scheduler(diffusers.DDIMScheduler, schedule)),
     }
     for pipeline in pipelines.values():
         pipeline.set_progress_bar_config(disable=True)
@@ -272,11 +273,16 @@ def part_speed(args) -> None:
             pipeline = pipelines[sampler]
             with torch.inference_mode():
                 if sampler == "ddim":
-                    pipeline(batch_size=args.batch, num_inference_steps=steps, eta=0.0, output_type="np")
+                    pipeline(
+                        batch_size=args.batch,
+                        num_inference_steps=steps,
+                        eta=0.0,
+                        use_clipped_model_output=True,
+                        output_type="np",
+                    )
                 else:
                     pipeline(batch_size=args.batch, num_inference_steps=steps, output_type="np")
 
-        # Same outputs first: one DDIM (deterministic) step chain from the same noise.
         times = {"genforge": [], "diffusers": []}
         run_genforge(), run_diffusers()  # warm-up
         for _ in range(args.repeats):
@@ -311,6 +317,13 @@ def part_speed(args) -> None:
     )
 
 
+def reference_scheduler(cls, schedule: ScheduleConfig):
+    """diffusers' scheduler `cls` with the settings of `schedule` it takes (DDPM has no
+    `set_alpha_to_one`, DDIM no `variance_type`)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{key: value for key, value in schedule.to_dict().items() if key in accepted})
+
+
 def check_same_samples(ours: UNet, reference, schedule: ScheduleConfig) -> float:
     """Largest difference between genforge's and diffusers' DDIM samples from the same noise."""
     import diffusers
@@ -319,11 +332,12 @@ def check_same_samples(ours: UNet, reference, schedule: ScheduleConfig) -> float
     with torch.inference_mode():
         mine = sample_diffusion(ours, schedule, (4, 1, 16, 16), sampler="ddim", steps=10, generator=generator)
         noise = torch.randn((4, 1, 16, 16), generator=torch.Generator().manual_seed(7))
-        scheduler = diffusers.DDIMScheduler(**schedule.to_dict())
+        scheduler = reference_scheduler(diffusers.DDIMScheduler, schedule)
         scheduler.set_timesteps(10)
         theirs = noise
         for timestep in scheduler.timesteps:
-            theirs = scheduler.step(reference(theirs, timestep).sample, timestep, theirs).prev_sample
+            output = reference(theirs, timestep).sample
+            theirs = scheduler.step(output, timestep, theirs, use_clipped_model_output=True).prev_sample
     return (mine - theirs).abs().max().item()
 
 

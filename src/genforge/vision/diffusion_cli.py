@@ -104,7 +104,7 @@ def build_unet(channels: int, side: int, width: int, layers_per_block: int, num_
             layers_per_block=layers_per_block,
             down_block_types=down,
             up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
-            attention_head_dim=max(8, widths[-1] // 4),
+            attention_head_dim=16 if widths[-1] % 16 == 0 else None,  # else one head
             norm_num_groups=groups,
             num_class_embeds=num_classes + 1 if num_classes else None,
         )
