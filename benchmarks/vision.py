@@ -102,11 +102,15 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             f"## Sampling speed (batch {speed['batch']}, {speed['image_size']}x{speed['image_size']}, "
-            f"UNet {speed['parameters'] / 1e6:.2f} M parameters, same weights and scheduler)",
+            f"UNet {speed['parameters'] / 1e6:.2f} M parameters, {speed['threads']} thread, same weights and scheduler)",
             "",
             "| sampler | steps | genforge images/s | diffusers images/s | ratio |",
             "|---|---|---|---|---|",
         ]
+        lines.insert(
+            len(lines) - 2,
+            f"DDIM samples of the two from the same noise differ by at most {speed['max_output_difference']:.1e}.\n",
+        )
         for row in speed["rows"]:
             lines.append(
                 f"| {row['sampler']} | {row['steps']} | {row['genforge_images_per_s']:.2f} | "
