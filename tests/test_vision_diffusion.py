@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from vision_shared import classifier16, digits16  # noqa: F401  (session fixtures)
 
 from genforge.vision import diffusion_cli
 from genforge.vision.diffusion import (
@@ -82,7 +81,7 @@ def test_loss_is_the_noise_mse_and_drops_labels_to_the_null_class():
     assert torch.isclose(loss, expected, atol=1e-6)
 
 
-def test_training_lowers_the_loss_and_keeps_an_average(digits16):  # noqa: F811
+def test_training_lowers_the_loss_and_keeps_an_average(digits16):
     model = tiny_unet()
     images = F.interpolate(digits16.train.images[:128], size=8, mode="area")
     settings = TrainSettings(epochs=3, batch_size=32, learning_rate=3e-3, warmup_steps=2, ema_decay=0.9)
@@ -128,7 +127,7 @@ class PixelShuffleAutoencoder:
         return F.pixel_shuffle(latents / 3, 2)
 
 
-def test_latent_space_scales_latents_to_unit_variance_and_decodes_back(digits16):  # noqa: F811
+def test_latent_space_scales_latents_to_unit_variance_and_decodes_back(digits16):
     space = LatentSpace(PixelShuffleAutoencoder())
     latents = space.fit_scale(digits16.train.images[:64])
     assert latents.shape == (64, 4, 8, 8)
@@ -172,7 +171,7 @@ def test_vision_kind_trains_saves_samples_and_refuses_guidance_when_unconditiona
         diffusion_cli.KIND.sample(out, 3, 2.0, 0)
 
 
-def test_conditional_kind_evaluates_accuracy_per_guidance_scale(tmp_path, monkeypatch, classifier16):  # noqa: F811
+def test_conditional_kind_evaluates_accuracy_per_guidance_scale(tmp_path, monkeypatch, classifier16):
     out = tmp_path / "cond"
     args = _parser().parse_args(
         ["--out", str(out), "--epochs", "1", "--batch-size", "512", "--width", "8", "--timesteps", "20"]
@@ -186,6 +185,16 @@ def test_conditional_kind_evaluates_accuracy_per_guidance_scale(tmp_path, monkey
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
     images = diffusion_cli.sample_images(out, 4, 2.0, 0, sampler="ddpm", steps=4)
     assert images.shape == (4, 1, 16, 16)
+    # Through `genforge vision`: a class and guidance are accepted, and eval adds FID and IS.
+    from genforge.cli import main
+
+    grid = tmp_path / "sevens.png"
+    flags = ["--guidance", "3", "--class", "7", "--sampler", "ddim", "--steps", "3", "--num", "4"]
+    assert main(["vision", "sample", "--model", str(out), *flags, "--out", str(grid)]) == 0
+    assert grid.is_file()
+    monkeypatch.setattr("genforge.vision.metrics.classifier_for", lambda config: classifier16)
+    full = diffusion_cli.KIND.evaluate(out, argparse.Namespace(per_class=1, steps=2, guidance_scales=(3.0,), num=20))
+    assert {"fid", "inception_score", "conditional_accuracy"} <= set(full)
 
 
 def test_latent_diffusion_trains_and_samples_through_an_autoencoder(tmp_path, monkeypatch):

@@ -18,19 +18,25 @@ import inspect
 import json
 from pathlib import Path
 
+import torch
+
 from ..atomic import atomic_write_text
 from ..console import console
+from . import diffusion_cli
 from .clip_cli import CLIP_KIND, VLM_KIND
 from .gan import GAN_KIND
 from .kinds import MODEL_CONFIG, VisionKind, read_kind
-from .vae import VAE_KIND
+from .vae import VAE_KIND, load_vae
 
 VISION_KINDS: dict[str, VisionKind] = {
     "vae": VAE_KIND,
     "gan": GAN_KIND,
+    "ddpm": diffusion_cli.KIND,
     "clip": CLIP_KIND,
     "vlm": VLM_KIND,
 }
+# Latent diffusion (`vision train ddpm --latent-vae DIR`) diffuses in a trained VAE's latents.
+diffusion_cli.AUTOENCODER_LOADERS["vae"] = load_vae
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +71,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--columns", type=int, default=None, help="grid columns (default: a square grid)")
     sample.add_argument("--out", required=True, help="the PNG grid to write")
+    diffusion = sample.add_argument_group("diffusion models")
+    diffusion_cli.add_sample_arguments(diffusion)
     sample.set_defaults(func=cmd_sample)
 
     evaluate = commands.add_parser(
@@ -128,11 +136,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     settings = json.loads((Path(args.model) / MODEL_CONFIG).read_text())
     check_sampling_request(settings, args.guidance, args.class_index)
     extra = {}
-    if args.class_index is not None:
+    if args.class_index is not None and kind is not diffusion_cli.KIND:
         if "class_index" not in inspect.signature(kind.sample).parameters:
             raise ValueError(f"{kind.name} models do not take --class")
         extra["class_index"] = args.class_index
-    images = kind.sample(Path(args.model), args.num, args.guidance, args.seed, **extra)
+    if kind is diffusion_cli.KIND:
+        labels = torch.full((args.num,), args.class_index) if args.class_index is not None else None
+        images = diffusion_cli.sample_images(
+            args.model, args.num, args.guidance, args.seed, args.sampler, args.steps, args.eta, labels=labels
+        )
+    else:
+        images = kind.sample(Path(args.model), args.num, args.guidance, args.seed, **extra)
     path = save_grid(images, args.out, columns=args.columns)
     print(path)
     return 0

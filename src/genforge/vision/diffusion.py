@@ -305,6 +305,7 @@ class DiffusionModel:
     class_names: tuple[str, ...] | None = None
     latent: dict | None = None
     training: dict | None = None
+    source: dict | None = None  # data, size, channels, labels_csv: how to rebuild its test split
 
     @property
     def is_conditional(self) -> bool:
@@ -312,6 +313,7 @@ class DiffusionModel:
 
 
 DIFFUSION_KIND = "ddpm"
+SOURCE_KEYS = ("data", "size", "channels", "labels_csv")
 
 
 def save_diffusion_model(model: DiffusionModel, directory: str | Path) -> None:
@@ -319,6 +321,8 @@ def save_diffusion_model(model: DiffusionModel, directory: str | Path) -> None:
     `model.safetensors`, written into a staged directory that replaces `directory` at once."""
     settings = {
         "kind": DIFFUSION_KIND,
+        **(model.source or {}),
+        "conditional": model.is_conditional,
         "unet": model.unet.config.to_dict(),
         "schedule": model.schedule.to_dict(),
         "image_size": model.image_size,
@@ -349,4 +353,5 @@ def load_diffusion_model(directory: str | Path) -> DiffusionModel:
         class_names=tuple(names) if names else None,
         latent=settings.get("latent"),
         training=settings.get("training"),
+        source={key: settings[key] for key in SOURCE_KEYS if key in settings} or None,
     )

@@ -10,6 +10,7 @@ keyed by the `kind` in DIR's `vision.json`: each loader returns an object with
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from .diffusion import (
     to_model_space,
     train_diffusion,
 )
-from .kinds import VisionKind, read_kind
+from .kinds import MODEL_CONFIG, VisionKind, read_kind
 from .schedulers import DDPMScheduler, ScheduleConfig
 from .unet import UNet, UNetConfig
 
@@ -114,7 +115,13 @@ def build_unet(channels: int, side: int, width: int, layers_per_block: int, num_
 def train(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     size = getattr(args, "size", 16)
-    split = load_images(getattr(args, "data", "digits"), size=size)
+    source = {
+        "data": getattr(args, "data", "digits"),
+        "size": size,
+        "channels": getattr(args, "channels", None),
+        "labels_csv": getattr(args, "labels", None),
+    }
+    split = load_images(source["data"], size=size, channels=source["channels"], labels_csv=source["labels_csv"])
     conditional = not args.unconditional and len(split.train.class_names) > 1
     schedule = ScheduleConfig(
         num_train_timesteps=args.timesteps,
@@ -166,6 +173,7 @@ def train(args: argparse.Namespace) -> Path:
         split.train.class_names if conditional else None,
         latent,
         training,
+        source,
     )
     save_diffusion_model(model, out)
     return out
@@ -235,6 +243,14 @@ def evaluate(model_dir: Path, args: argparse.Namespace) -> dict[str, float]:
         images = sample_images(model_dir, 10 * per_class, None, 0, "ddim", steps)
         predicted = classifier.predict(images).argmax(-1)
         metrics["classes_covered"] = float(predicted.unique().numel())
+    num = getattr(args, "num", None)
+    if num:  # `genforge vision eval`: FID, IS and coverage of `num` samples, as for the other kinds
+        from .metrics import saved_model_sample_report
+
+        settings = json.loads((Path(model_dir) / MODEL_CONFIG).read_text())
+        wanted = torch.arange(num) % len(model.class_names) if model.is_conditional else None
+        images = sample_images(model_dir, num, None, getattr(args, "seed", 0), "ddim", steps, labels=wanted)
+        metrics |= saved_model_sample_report(settings, images, wanted, getattr(args, "feature_net", None))
     return metrics
 
 
