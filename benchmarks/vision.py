@@ -11,6 +11,9 @@ earlier part wrote) and plots under benchmarks/results/vision/:
 - `--part train`: a class-conditional DDPM on the digits at 16x16 (cosine schedule, epsilon
   prediction, label dropout 0.15, EMA), trained with genforge's `train_diffusion`; the model
   directory is saved to `--model-dir` and the training time recorded.
+- `--part fid`: FID and Inception Score of that model's samples (`--per-class` of each digit, DDIM)
+  at guidance 0, 1 and 3 against the test split, beside the VAE's and GANs' from
+  results/vision_quality.json, all with the same digits-classifier features.
 - `--part guidance`: from that model, `--per-class` samples of each digit at guidance scales
   0, 1, 2, 3, 5, 8 (DDIM, `--steps` steps), labelled by the digits classifier: conditional
   accuracy per scale (plot), and one sample grid per scale (a row per digit).
@@ -18,6 +21,7 @@ earlier part wrote) and plots under benchmarks/results/vision/:
     python benchmarks/vision.py --part speed
     python benchmarks/vision.py --part train --model-dir /tmp/genforge_ddpm_digits16
     python benchmarks/vision.py --part guidance --model-dir /tmp/genforge_ddpm_digits16
+    python benchmarks/vision.py --part fid --model-dir /tmp/genforge_ddpm_digits16 --per-class 100 --steps 25
 
 Timings on a shared machine are noisy: compare the ratio measured within one run.
 """
@@ -139,6 +143,18 @@ def markdown(result: dict) -> str:
         for row in guidance["rows"]:
             lines.append(f"| {row['scale']:g} | {row['accuracy']:.3f} | {row['classes_covered']} |")
         lines += ["", "![accuracy vs guidance](vision/guidance_accuracy.png)"]
+    if "fid" in result:
+        fid = result["fid"]
+        lines += [
+            "",
+            f"## FID against the test split ({fid['samples']} samples per model, digits-classifier features; "
+            f"DDPM sampled with {fid['sampler']} {fid['steps']} steps)",
+            "",
+            "| model | FID | Inception Score |",
+            "|---|---|---|",
+        ]
+        for row in fid["rows"]:
+            lines.append(f"| {row['model']} | {row['fid']:.1f} | {row['inception_score']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +240,49 @@ def part_guidance(args) -> None:
             }
         }
     )
+
+
+FID_SCALES = (0.0, 1.0, 3.0)
+
+
+def part_fid(args) -> None:
+    from genforge.vision.data import load_digits
+    from genforge.vision.metrics import fid_from_images, inception_score
+
+    torch.set_num_threads(args.threads)
+    model = load_diffusion_model(args.model_dir)
+    classifier = digits_classifier(16)
+    reference = load_digits(16).test.images
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    rows = []
+    for scale in FID_SCALES:
+        generator = torch.Generator().manual_seed(args.seed)
+        samples = sample_diffusion(
+            model.unet,
+            model.schedule,
+            (len(labels), 1, 16, 16),
+            labels,
+            scale,
+            args.sampler,
+            args.steps,
+            0.0,
+            generator,
+        )
+        images = to_images(samples)
+        score, _ = inception_score(classifier.predict(images), 10)
+        rows.append(
+            {
+                "model": f"DDPM, guidance {scale:g}",
+                "fid": fid_from_images(images, reference, classifier.embed),
+                "inception_score": score,
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    quality = RESULTS / "vision_quality.json"
+    if quality.is_file():
+        for entry in json.loads(quality.read_text()).get("rows", []):
+            rows.append({"model": entry["model"], "fid": entry["fid"], "inception_score": entry["inception_score"]})
+    merge_results({"fid": {"samples": len(labels), "sampler": args.sampler, "steps": args.steps, "rows": rows}})
 
 
 def plot_accuracy(rows: list[dict], path: Path) -> None:
@@ -347,7 +406,7 @@ def check_same_samples(ours: UNet, reference, schedule: ScheduleConfig) -> float
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("speed", "train", "guidance"), required=True)
+    parser.add_argument("--part", choices=("speed", "train", "guidance", "fid"), required=True)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp/genforge_ddpm_digits16"))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
@@ -363,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scratch", default="/tmp/genforge_vision_speed_unet")
     args = parser.parse_args(argv)
-    {"speed": part_speed, "train": part_train, "guidance": part_guidance}[args.part](args)
+    {"speed": part_speed, "train": part_train, "guidance": part_guidance, "fid": part_fid}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,6 @@ DEMOS = sorted(
 # Remove an id here when its map entry arrives; the test below fails if an id listed here is
 # already mapped, so this list can only shrink.
 NOT_YET_IMPLEMENTED = {
-    # generative vision (issue 20): diffusion and classifier-free guidance
-    "diffusion",
-    "cfg",
     # architecture (issue 21)
     "sparse_attention",
     "early_exit",
