@@ -238,32 +238,30 @@ def banded_attention(
     # key c * chunk - before.
     k_chunks = k_padded.unfold(2, span, chunk).transpose(-1, -2)
     v_chunks = v_padded.unfold(2, span, chunk).transpose(-1, -2)
-    scores = torch.matmul(q_chunks, k_chunks.transpose(-1, -2)) * scale  # (b, h, chunks, chunk, span)
-
     query_pos = torch.arange(padded_n, device=q.device).view(num_chunks, chunk, 1)
     key_pos = (torch.arange(num_chunks, device=q.device) * chunk - before).view(num_chunks, 1, 1) + torch.arange(
         span, device=q.device
     )
     offset = query_pos - key_pos
-    in_band = (offset.abs() < window) if not causal else (offset >= 0) & (offset < window)
-    in_band &= (key_pos >= 0) & (key_pos < n)
+    allowed = (offset.abs() < window) if not causal else (offset >= 0) & (offset < window)
+    allowed &= (key_pos >= 0) & (key_pos < n)
     if global_tokens:
-        # Global keys inside the band are counted by the band; the rest come as extra columns.
-        in_band &= key_pos >= global_tokens
-    scores = scores.masked_fill(~in_band, float("-inf"))
-    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # half precision sums in float32
-    if global_tokens:
+        # The global keys go in front of every chunk's band (a band key that is also global is
+        # masked there, so it counts once).
         g = min(global_tokens, n)
-        global_scores = torch.matmul(q_chunks, k[:, :, :g].transpose(-1, -2)[:, :, None]) * scale
-        global_ok = torch.ones(num_chunks, chunk, g, dtype=torch.bool, device=q.device)
+        allowed &= key_pos >= g
+        global_allowed = torch.ones(num_chunks, chunk, g, dtype=torch.bool, device=q.device)
         if causal:
-            global_ok = torch.arange(g, device=q.device) <= query_pos
-        global_scores = global_scores.masked_fill(~global_ok, float("-inf"))
-        weights = torch.softmax(torch.cat((global_scores, scores), dim=-1), dim=-1, dtype=softmax_dtype).to(q.dtype)
-        out = torch.matmul(weights[..., :g], v[:, :, :g][:, :, None]) + torch.matmul(weights[..., g:], v_chunks)
-    else:
-        weights = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
-        out = torch.matmul(weights, v_chunks)
+            global_allowed = torch.arange(g, device=q.device) <= query_pos
+        allowed = torch.cat((global_allowed, allowed), dim=-1)
+        expand = (batch, heads, num_chunks, g, dim)
+        k_chunks = torch.cat((k[:, :, None, :g].expand(expand), k_chunks), dim=3)
+        v_chunks = torch.cat((v[:, :, None, :g].expand(expand), v_chunks), dim=3)
+    scores = torch.matmul(q_chunks * scale, k_chunks.transpose(-1, -2))  # (b, h, chunks, chunk, keys)
+    scores.masked_fill_(~allowed, float("-inf"))
+    # Half precision sums its softmax in float32; float32 and float64 stay as they are.
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
+    out = torch.matmul(weights, v_chunks)
     out = out.reshape(batch, heads, padded_n, dim)[:, :, :n]
     if global_tokens and not causal:
         # Global queries see every key: a few full rows.
