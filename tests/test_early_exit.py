@@ -153,3 +153,22 @@ def test_bad_input_is_refused():
         layer_losses(tiny_encoder(), torch.randint(0, 64, (1, 5)))
     with pytest.raises(EarlyExitError, match="2 non-negative numbers"):
         EarlyExitObjective(2, weights=[1.0, -1.0])
+
+
+def test_cli_generate_early_exit(text_model_dir, capsys):
+    from genforge.checkpoint import load_model
+    from genforge.cli import main
+    from genforge.tokenizer import Tokenizer
+
+    argv = ["generate", "--model", str(text_model_dir), "--prompt", "the cache", "--max-new-tokens", "6"]
+    assert main([*argv, "--early-exit", "1.0"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    tokenizer = Tokenizer.from_dir(text_model_dir)
+    model = load_model(text_model_dir)
+    full = generate(
+        model, [tokenizer.encode("the cache")], SamplingParams(temperature=0.0, max_new_tokens=6), tokenizer=tokenizer
+    )[0]
+    assert printed == full.text  # padded vocabulary rows (the fixture's most likely logits) never chosen
+    assert main([*argv, "--early-exit", "1.5"]) == 2
+    assert main([*argv, "--early-exit", "0.5", "--strategy", "beam"]) == 2
+    assert "does not combine with --strategy beam" in capsys.readouterr().err

@@ -217,6 +217,7 @@ def early_exit_generate(
     measure: str = "max_prob",
     min_layers: int = 1,
     eos_token_ids: Sequence[int] = (),
+    vocab_limit: int | None = None,
 ) -> EarlyExitResult:
     """Greedy decoding of one prompt where each new token leaves the decoder at the first layer
     (from `min_layers` on) whose shared-head confidence reaches `threshold`.
@@ -224,7 +225,9 @@ def early_exit_generate(
     The prompt runs through every layer (it fills the cache); each later token runs layer by
     layer and, on exiting, fills the skipped layers' keys and values from its exit state
     (`propagate_kv`). `threshold` is in (0, 1]; 1.0 never exits (a probability of exactly 1 is
-    rounding, not certainty), so the tokens are the full model's greedy ones.
+    rounding, not certainty), so the tokens are the full model's greedy ones. `vocab_limit`:
+    ids at or past it are never chosen nor counted in the confidence (an embedding table padded
+    past the tokenizer's vocabulary).
     """
     check_model(model)
     ids = torch.as_tensor(prompt, dtype=torch.long).flatten()[None].to(model.device)
@@ -240,21 +243,29 @@ def early_exit_generate(
     confidence(torch.zeros(2), measure)  # checks the measure's name before any work
     model.eval()
     cache = ContiguousKVCache(model.config, 1, ids.shape[1] + max_new_tokens, model.dtype, model.device)
-    logits = model(ids, cache=cache, logits_to_keep=1).logits[:, -1]
+    logits = _limited(model(ids, cache=cache, logits_to_keep=1).logits[:, -1], vocab_limit)
     result = EarlyExitResult(tokens=[], num_layers=num_layers)
     stops = set(eos_token_ids)
     token = int(logits.argmax(dim=-1))
     result.tokens.append(token)
     result.layers_used.append(num_layers)
     while len(result.tokens) < max_new_tokens and token not in stops:
-        logits, used = _decode_step(model, token, cache, threshold, measure, min_layers)
+        logits, used = _decode_step(model, token, cache, threshold, measure, min_layers, vocab_limit)
         token = int(logits.argmax(dim=-1))
         result.tokens.append(token)
         result.layers_used.append(used)
     return result
 
 
-def _decode_step(model: Transformer, token: int, cache, threshold: float, measure: str, min_layers: int):
+def _limited(logits: torch.Tensor, vocab_limit: int | None) -> torch.Tensor:
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    return logits.index_fill(-1, torch.arange(vocab_limit, logits.shape[-1], device=logits.device), float("-inf"))
+
+
+def _decode_step(
+    model: Transformer, token: int, cache, threshold: float, measure: str, min_layers: int, vocab_limit=None
+):
     """One token through the layers until it exits: (its next-token logits (1, vocab), layers run)."""
     past = cache.length
     positions = torch.tensor([[past]], device=model.device)
@@ -268,14 +279,14 @@ def _decode_step(model: Transformer, token: int, cache, threshold: float, measur
         last = layer == num_layers - 1
         if last or threshold >= 1 or layer + 1 < min_layers:
             continue
-        logits = exit_logits(model, x[:, -1])
+        logits = _limited(exit_logits(model, x[:, -1]), vocab_limit)
         if float(confidence(logits, measure)) >= threshold:
             for skipped in range(layer + 1, num_layers):
                 propagate_kv(model, skipped, x, rope, cache)
             cache.advance(1)
             return logits, layer + 1
     cache.advance(1)
-    return exit_logits(model, x[:, -1]), num_layers
+    return _limited(exit_logits(model, x[:, -1]), vocab_limit), num_layers
 
 
 def greedy_agreement(a: Sequence[int], b: Sequence[int]) -> float:
