@@ -150,11 +150,19 @@ def test_model_with_pattern_trains_and_decodes_through_the_cache(pattern):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
-def test_model_banded_path_equals_mask_path_and_padding():
+def test_model_banded_path_equals_mask_path_and_padding(monkeypatch):
+    import genforge.model
+
+    calls = []
+    kernel = genforge.model.banded_attention
+    monkeypatch.setattr(genforge.model, "banded_attention", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     model = tiny_model(attention_pattern={"kind": "longformer", "window": 6, "global_tokens": 2}).eval()
     ids = torch.randint(0, 64, (1, 25))
     with torch.no_grad():
         banded = model(ids).logits  # no cache, no padding: the kernel
+        assert len(calls) == 2  # once per layer
+        model(ids, position_ids=torch.arange(3, 28)[None])  # shifted positions: the mask
+        assert len(calls) == 2
         cache = ContiguousKVCache(model.config, 1, 25)
         masked = model(ids, cache=cache).logits  # with a cache: the mask
         # A left-padded row gets the logits of the row alone (positions count real tokens).

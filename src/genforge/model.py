@@ -636,7 +636,9 @@ class Transformer(nn.Module):
         config = self.config
         plan = banded_plan(config.attention_pattern, config.causal)
         if plan is not None and banded and not padded and not (self.training and config.dropout):
-            return plan, False
+            # The kernel counts positions from 0 along the row (global tokens are the first ones).
+            if bool((position_ids == torch.arange(position_ids.shape[-1], device=position_ids.device)).all()):
+                return plan, False
         allowed = build_attention_mask(position_ids, key_positions, key_valid, config.causal, None)
         allowed = allowed & pattern_mask(config.attention_pattern, position_ids, key_positions, config.causal)[:, None]
         if document_ids is not None:
