@@ -49,7 +49,7 @@ from genforge.train import TokenDataset, TrainConfig, Trainer
 from genforge.train.tokenizer_training import train_tokenizer
 
 SEQ_LEN = 128
-THRESHOLDS = (1.0, 0.95, 0.9, 0.8, 0.6, 0.4)
+THRESHOLDS = (1.0, 0.9, 0.8, 0.6, 0.4, 0.3, 0.2)
 
 
 def corpus(corpus_bytes: int, vocab: int):
@@ -105,16 +105,16 @@ def evaluate(model: Transformer, held_out: list[int], args) -> list[dict]:
         per_layer = layer_losses(model, torch.tensor(windows)).tolist()
     rows = []
     full_tokens = None
-    for threshold in THRESHOLDS:
+    for threshold in args.thresholds:
         ppl_sum, layers_sum = 0.0, 0.0
         for window in windows:
-            ppl, layers = early_exit_perplexity(model, window, threshold)
+            ppl, layers = early_exit_perplexity(model, window, threshold, min_layers=args.min_layers)
             ppl_sum, layers_sum = ppl_sum + torch.log(torch.tensor(ppl)).item(), layers_sum + layers
         # Decode each prompt at this threshold and at 1.0 back to back, so both see the same load.
         outputs, used, seconds, full_seconds = [], [], 0.0, 0.0
         for prompt in prompts:
             started = time.perf_counter()
-            result = early_exit_generate(model, prompt, args.new_tokens, threshold)
+            result = early_exit_generate(model, prompt, args.new_tokens, threshold, min_layers=args.min_layers)
             seconds += time.perf_counter() - started
             started = time.perf_counter()
             early_exit_generate(model, prompt, args.new_tokens, 1.0)
@@ -155,7 +155,8 @@ def markdown(result: dict) -> str:
         f"{SEQ_LEN}) on {result['corpus_files']} standard-library files ({result['train_tokens']:,} tokens). "
         f"Perplexity over {settings['ppl_windows']} held-out windows of {SEQ_LEN} tokens; greedy decoding of "
         f"{settings['prompts']} held-out prompts of {settings['prompt_tokens']} tokens, {settings['new_tokens']} new "
-        "tokens each. Confidence: max softmax probability of the shared head.",
+        "tokens each. Confidence: max softmax probability of the shared head, checked from layer "
+        f"{settings['min_layers']} on.",
         "",
     ]
     for name, block in result["models"].items():
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", default=list(THRESHOLDS), help="1.0 (the full model) first"
+    )
+    parser.add_argument("--min-layers", type=int, default=1, help="layers every token runs before it may exit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true", help="skip the model trained on the last-layer loss")
@@ -201,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.steps, args.layers, args.ppl_windows, args.prompts, args.prompt_tokens, args.new_tokens) < 1:
         parser.error("steps, layers, ppl-windows, prompts, prompt-tokens and new-tokens must be >= 1")
+    if args.thresholds[0] != 1.0 or not all(0 < t <= 1 for t in args.thresholds):
+        parser.error("thresholds lie in (0, 1] and start with 1.0, the full model every other is compared with")
+    if not 1 <= args.min_layers <= args.layers:
+        parser.error(f"min-layers must be in 1..{args.layers}")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tokenizer, train_ids, held_out, num_files = corpus(args.corpus_bytes, args.vocab)
