@@ -119,6 +119,11 @@ class Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
 
+    # Sparse attention (sparse_attention.py): None for dense attention, else a pattern dict
+    # such as {"kind": "longformer", "window": 128, "global_tokens": 4}. genforge's own key in
+    # config.json ("attention_pattern"); transformers ignores it.
+    attention_pattern: dict[str, Any] | None = None
+
     # The config.json this was read from, kept so export writes back what it did not model.
     hf_extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -162,6 +167,8 @@ class Config:
         self._check_encoder_decoder()
         if self.masked_lm_head and self.causal:
             raise ConfigError("masked_lm_head is the head of a bidirectional encoder; a causal model has an LM head")
+        if self.attention_pattern is not None:
+            self._check_attention_pattern()
         if self.num_experts and not 0 < self.num_experts_per_token <= self.num_experts:
             raise ConfigError(
                 f"num_experts_per_token must be in 1..{self.num_experts}, got {self.num_experts_per_token}"
@@ -217,6 +224,26 @@ class Config:
         if not self.encoder_decoder:
             return self
         return dataclasses.replace(self, num_layers=self.num_decoder_layers, hf_extra=self.hf_extra)
+
+    def _check_attention_pattern(self) -> None:
+        # Imported here: sparse_attention needs torch, which reading a config.json does not.
+        from .sparse_attention import PatternError, check_pattern
+
+        if self.position == "alibi" or self.encoder_decoder:
+            raise ConfigError(
+                "attention_pattern runs on decoder-only and encoder models without ALiBi (the banded kernel and the "
+                f"pattern masks carry no position bias); this config has position={self.position!r}"
+                + (" and is an encoder-decoder" if self.encoder_decoder else "")
+            )
+        if self.sliding_window is not None:
+            raise ConfigError(
+                "attention_pattern and sliding_window both restrict attention; use the pattern "
+                '{"kind": "local", "window": W} instead of sliding_window'
+            )
+        try:
+            self.attention_pattern = check_pattern(self.attention_pattern)
+        except PatternError as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def rope_type(self) -> str:
@@ -304,6 +331,7 @@ class Config:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
+            attention_pattern=hf.get("attention_pattern"),
             hf_extra=dict(hf),
         )
         return cls(**common, **fields)
@@ -348,6 +376,10 @@ class Config:
         # them could contradict what the writer wrote. A quantization_config describes the
         # weights a checkpoint was read from, not this architecture: whoever writes quantized
         # weights adds its own (quantize.saved).
+        if self.attention_pattern is not None:
+            out["attention_pattern"] = dict(self.attention_pattern)
+        else:
+            out.pop("attention_pattern", None)
         for stale in ("transformers_version", "rope_theta", "rope_scaling", "torch_dtype", "quantization_config"):
             out.pop(stale, None)
         return out

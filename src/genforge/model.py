@@ -37,6 +37,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import Config
+from .sparse_attention import BandedAttention, banded_attention, banded_plan, pattern_mask
 
 
 # ---------------------------------------------------------------------------------- norms
@@ -332,6 +333,8 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def _attend(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        if isinstance(mask, BandedAttention):  # a sparse pattern's band, computed alone
+            return banded_attention(q, k, v, mask.window, mask.causal, mask.global_tokens)
         batch, heads, seq, dim = q.shape
         group = heads // self.num_kv_heads
         if seq == 1 and group > 1 and not (is_causal or self.training) and (mask is None or mask.shape[1] == 1):
@@ -746,7 +749,7 @@ class Transformer(nn.Module):
             x = F.dropout(x, self.embed_dropout, training=True)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
 
-        masks = self._masks(attention_mask, position_ids, past, seq, device, document_ids)
+        masks = self._masks(attention_mask, position_ids, past, seq, device, document_ids, banded=cache is None)
         router_logits: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             mask, is_causal = masks[config.window_of_layer(i)]
@@ -764,7 +767,9 @@ class Transformer(nn.Module):
             logits = self.lm_head(head_input)
         return ModelOutput(logits=logits, hidden_states=x, router_logits=router_logits)
 
-    def _masks(self, attention_mask, position_ids, past: int, seq: int, device, document_ids=None) -> dict:
+    def _masks(
+        self, attention_mask, position_ids, past: int, seq: int, device, document_ids=None, banded=False
+    ) -> dict:
         """The (mask, is_causal) pair for each distinct window in the model.
 
         The common cases need no mask tensor at all: an unpadded prompt is plain causal
@@ -783,6 +788,9 @@ class Transformer(nn.Module):
             key_valid, key_positions = None, torch.arange(past + seq, device=device)[None]
         masks = {}
         alibi = config.position == "alibi"
+        if config.attention_pattern is not None:  # no sliding window then (config checks)
+            masks[None] = self._sparse_mask(position_ids, key_positions, key_valid, padded, document_ids, banded)
+            return masks
         for window in {config.window_of_layer(i) for i in range(config.num_layers)}:
             window_matters = window is not None and past + seq > window
             if not padded and not window_matters and not alibi:
@@ -803,6 +811,25 @@ class Transformer(nn.Module):
                 bias = bias + alibi_bias(alibi_slopes(config.num_heads), position_ids, key_positions).to(self.dtype)
             masks[window] = (bias, False)
         return masks
+
+    # --------------------------------------------------------- sparse patterns (sparse_attention.py)
+    def _sparse_mask(self, position_ids, key_positions, key_valid, padded: bool, document_ids, banded: bool):
+        """The (mask, is_causal) pair of `config.attention_pattern`: the banded kernel's plan for
+        a whole unpadded sequence without a cache (it has no dropout), else the pattern's mask."""
+        config = self.config
+        plan = banded_plan(config.attention_pattern, config.causal)
+        if plan is not None and banded and not padded and not (self.training and config.dropout):
+            # The kernel counts positions from 0 along the row (global tokens are the first ones).
+            if bool((position_ids == torch.arange(position_ids.shape[-1], device=position_ids.device)).all()):
+                return plan, False
+        allowed = build_attention_mask(position_ids, key_positions, key_valid, config.causal, None)
+        allowed = allowed & pattern_mask(config.attention_pattern, position_ids, key_positions, config.causal)[:, None]
+        if document_ids is not None:
+            allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+        if key_valid is not None:  # as build_attention_mask: a padding query sees everything
+            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        return bias.masked_fill_(~allowed, float("-inf")), False
 
 
 def document_positions(document_ids: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,52 @@ def _check_strategy_flags(args) -> None:
         raise ValueError(f"{given[0]} applies to --strategy sample")
     if args.json_schema and not Path(args.json_schema).is_file():
         raise ValueError(f"--json-schema {args.json_schema} is not a file")
+    if args.early_exit is not None:
+        _check_early_exit_flags(args, given)
+
+
+# ------------------------------------------------------------------ early exit (early_exit.py)
+def _check_early_exit_flags(args, constraints: list[str]) -> None:
+    others = [
+        flag
+        for flag, used in (
+            (f"--strategy {args.strategy}", args.strategy != "sample"),
+            ("--temperature > 0", bool(args.temperature)),
+            ("--watermark", args.watermark is not None),
+            ("--ensemble", bool(args.ensemble)),
+            ("--stop", bool(args.stop)),
+            (constraints[0] if constraints else "", bool(constraints)),
+        )
+        if used
+    ]
+    if others:
+        raise ValueError(f"--early-exit decodes greedily token by token; it does not combine with {', '.join(others)}")
+    if not 0 < args.early_exit <= 1:
+        raise ValueError(f"--early-exit takes a confidence threshold in (0, 1] (1: never exit), got {args.early_exit}")
+
+
+def _early_exit_samples(args, loaded: LoadedModel, prompts) -> int:
+    from ..early_exit import early_exit_generate
+    from .generator import continuation_text
+
+    for index, prompt in enumerate(prompts):
+        result = early_exit_generate(
+            loaded.model,
+            prompt,
+            args.max_new_tokens,
+            args.early_exit,
+            measure=args.early_exit_measure,
+            min_layers=args.early_exit_min_layers,
+            eos_token_ids=loaded.eos_token_ids,
+            vocab_limit=loaded.tokenizer.vocab_size,
+        )
+        console.print(
+            f"[dim]{len(result.tokens)} tokens, {result.average_layers:.2f} of {result.num_layers} layers per "
+            "token on average[/dim]"
+        )
+        text = continuation_text(loaded.tokenizer, prompt, result.tokens)
+        print(text if len(prompts) == 1 else json.dumps({"prompt": args.prompt[index], "completion": text}))
+    return 0
 
 
 def _strategy_options(args):
@@ -250,6 +296,8 @@ def _generate(args) -> int:
         ensemble = ModelEnsemble([loaded.model, *others], args.ensemble_weights, args.ensemble_average)
         options = dataclasses.replace(options, ensemble=ensemble)
     prompts = encode_prompts(loaded.tokenizer, args.prompt, chat=args.chat)
+    if args.early_exit is not None:
+        return _early_exit_samples(args, loaded, prompts)
     if args.strategy == "sample":
         return _stream_samples(args, loaded, prompts, params, options)
     outputs = decode(
@@ -505,6 +553,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="probability",
         help="mix the probabilities, or average the log-probabilities (a product of experts)",
     )
+    early = gen.add_argument_group(
+        "early exit (CALM, Schuster et al. 2022): greedy, each token leaves at a confident layer"
+    )
+    early.add_argument(
+        "--early-exit",
+        type=float,
+        default=None,
+        metavar="THRESHOLD",
+        help="exit a token at the first layer whose shared-head confidence reaches this (0..1; 1 never exits)",
+    )
+    early.add_argument(
+        "--early-exit-measure", choices=("max_prob", "margin"), default="max_prob", help="confidence measure"
+    )
+    early.add_argument("--early-exit-min-layers", type=int, default=1, help="run at least this many layers")
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser(
