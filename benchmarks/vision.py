@@ -253,7 +253,7 @@ def part_fid(args) -> None:
     model = load_diffusion_model(args.model_dir)
     classifier = digits_classifier(16)
     reference = load_digits(16).test.images
-    labels = torch.arange(10).repeat_interleave(args.per_class)
+    labels = torch.arange(10).repeat(args.per_class)  # classes interleaved: IS splits must each hold all ten
     rows = []
     for scale in FID_SCALES:
         generator = torch.Generator().manual_seed(args.seed)
