@@ -62,16 +62,17 @@ def test_encode_and_decode_equal_the_sentencepiece_library(trained):
     assert tokenizer.vocab_size == reference.get_piece_size()
 
 
+@pytest.mark.parametrize("trained", ["unigram", "bpe-llama2"], indirect=True)  # T5 has no byte fallback
 def test_byte_fallback_spells_unseen_characters_as_bytes(trained):
     name, _, tokenizer = trained
-    if name == "unigram-t5":
-        pytest.skip("trained without byte fallback, as T5 is")
     ids = tokenizer.encode("東", add_special_tokens=False)
     pieces = tokenizer.convert_ids_to_tokens(ids)
     assert [p for p in pieces if p.startswith("<0x")] == ["<0xE6>", "<0x9D>", "<0xB1>"]
     assert tokenizer.decode(ids) == "東"
 
 
+# transformers' SentencePiece converters assume T5's or Llama's settings, so those two are compared.
+@pytest.mark.parametrize("trained", ["unigram-t5", "bpe-llama2"], indirect=True)
 def test_transformers_reads_the_same_ids(trained, tmp_path):
     """transformers converts the same .model file; its T5 conversion equals the library, and its
     Llama conversion too except at leading spaces, where it drops the dummy prefix (the library
@@ -79,8 +80,6 @@ def test_transformers_reads_the_same_ids(trained, tmp_path):
     from transformers import AutoTokenizer
 
     name, out, tokenizer = trained
-    if name == "unigram":
-        pytest.skip("transformers' SentencePiece converters assume T5's or Llama's settings")
     shutil.copy(out / "tokenizer.model", tmp_path / "tokenizer.model")
     cls = "T5Tokenizer" if name == "unigram-t5" else "LlamaTokenizer"
     config = {"tokenizer_class": cls, "extra_ids": 0, "add_bos_token": False, "legacy": False}
