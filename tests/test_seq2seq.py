@@ -301,6 +301,17 @@ def test_the_serving_engine_refuses_an_encoder_decoder_model(family):
         app_from_directories({"m": str(directory)})
 
 
+def test_early_exit_and_tensor_parallelism_refuse_an_encoder_decoder_model(family):
+    from genforge.early_exit import early_exit_generate
+    from genforge.train.tensor_parallel import check_tensor_parallel
+
+    _, _, model = family("t5")
+    with pytest.raises(EncoderDecoderUnsupported, match="early exit needs a decoder-only model"):
+        early_exit_generate(model, [5, 6, 7], 2, 0.5)
+    with pytest.raises(EncoderDecoderUnsupported, match="tensor parallelism needs a decoder-only model"):
+        check_tensor_parallel(model.config, 1)
+
+
 def test_streamed_sampling_is_seeded_and_stops_where_decode_does(family):
     _, directory, model = family("marian")
     params = SamplingParams(temperature=0.8, top_k=20, seed=3, max_new_tokens=8)

@@ -31,6 +31,7 @@ import torch
 
 from .cache import ContiguousKVCache
 from .model import Transformer, apply_rope
+from .seq2seq import refuse_encoder_decoder
 from .train.losses import causal_lm_loss
 
 CONFIDENCE_MEASURES = ("max_prob", "margin")
@@ -44,6 +45,7 @@ def check_model(model: Transformer) -> None:
     """Raise an EarlyExitError unless `model` is a pre-norm causal decoder with a plain LM head
     (the head the intermediate layers share)."""
     config = model.config
+    refuse_encoder_decoder(config, "early exit", "it reads the intermediate layers of one decoder stack")
     if not config.causal or model.lm_head is None:
         raise EarlyExitError(f"early exit needs a causal decoder with an LM head; {config.family} is an encoder")
     if config.post_norm or model.final_norm is None or model.lm_transform is not None:

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..config import Config
 from ..model import MLP, Attention, MixtureOfExperts, Transformer
+from ..seq2seq import refuse_encoder_decoder
 
 
 class TensorParallelError(ValueError):
@@ -70,6 +71,7 @@ def check_tensor_parallel(config: Config, degree: int) -> None:
     numbers that it does not divide and the degrees that do work."""
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise TensorParallelError(f"the tensor-parallel degree must be a positive integer, got {degree!r}")
+    refuse_encoder_decoder(config, "tensor parallelism", "its plan splits one decoder stack's attention and MLP")
     not_divided = [
         f"{name} ({value})"
         for name, value in (
