@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from finetune_base import train_quietly
 from machine import describe, write_results
 
 from genforge.config import Config
 from genforge.model import Transformer
 from genforge.quickstart import stdlib_source_files
-from genforge.train import TokenDataset, TrainConfig, Trainer
+from genforge.train import TokenDataset
 from genforge.train.tokenizer_training import train_tokenizer
 
 
@@ -67,18 +67,7 @@ def tiny_decoder(position: str, vocab: int, train_len: int, hidden: int, layers:
 
 
 def train(model: Transformer, ids: list[int], train_len: int, steps: int, seed: int) -> float:
-    with tempfile.TemporaryDirectory(prefix="alibi-bench-") as scratch:
-        config = TrainConfig(
-            out_dir=Path(scratch),
-            max_steps=steps,
-            batch_size=16,
-            lr=3e-3,
-            warmup_steps=max(1, steps // 20),
-            seed=seed,
-            progress=False,
-            export=False,
-        )
-        result = Trainer(model, TokenDataset(ids, train_len), config).train()
+    result, _ = train_quietly(model, TokenDataset(ids, train_len), steps, lr=3e-3, seed=seed)
     return result.losses[-1][1]
 
 

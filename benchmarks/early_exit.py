@@ -27,11 +27,11 @@ At each threshold (max-prob confidence), per model:
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from finetune_base import train_quietly
 from machine import describe, write_results
 
 from genforge.config import Config
@@ -45,7 +45,7 @@ from genforge.early_exit import (
 )
 from genforge.model import Transformer
 from genforge.quickstart import stdlib_source_files
-from genforge.train import TokenDataset, TrainConfig, Trainer
+from genforge.train import TokenDataset
 from genforge.train.tokenizer_training import train_tokenizer
 
 SEQ_LEN = 128
@@ -79,22 +79,8 @@ def train(tokenizer, train_ids, args, multi_layer: bool) -> tuple[Transformer, d
     model = Transformer(config)
     data = TokenDataset(train_ids, SEQ_LEN)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="early-exit-run-") as scratch:
-        train_config = TrainConfig(
-            out_dir=Path(scratch),
-            max_steps=args.steps,
-            batch_size=16,
-            lr=1e-2,
-            warmup_steps=max(1, args.steps // 20),
-            seed=args.seed,
-            progress=False,
-            export=False,
-        )
-        if multi_layer:
-            objective = EarlyExitObjective(args.layers)
-            result = Trainer(model, LanguageModelRows(data), train_config, objective=objective).train()
-        else:
-            result = Trainer(model, data, train_config).train()
+    rows, objective = (LanguageModelRows(data), EarlyExitObjective(args.layers)) if multi_layer else (data, None)
+    result, _ = train_quietly(model, rows, args.steps, lr=1e-2, seed=args.seed, objective=objective)
     return model.eval(), {"final_train_loss": result.losses[-1][1], "seconds": time.perf_counter() - started}
 
 

@@ -41,6 +41,26 @@ def add_base_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=200)
 
 
+def train_quietly(model: Transformer, data, steps: int, lr: float, seed: int, objective=None, **fields):
+    """Train `model` on `data` for `steps` (batch 16, warm-up over the first 5%) in a scratch
+    directory, without progress bars or export: (the TrainResult, the metrics.jsonl records)."""
+    with tempfile.TemporaryDirectory(prefix="benchmark-run-") as scratch:
+        config = TrainConfig(
+            out_dir=Path(scratch),
+            max_steps=steps,
+            batch_size=16,
+            lr=lr,
+            warmup_steps=max(1, steps // 20),
+            seed=seed,
+            progress=False,
+            export=False,
+            **fields,
+        )
+        result = Trainer(model, data, config, objective=objective).train()
+        records = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
+    return result, records
+
+
 def pretrain_base(
     directory: Path,
     corpus_bytes: int = 1_500_000,
@@ -76,18 +96,7 @@ def pretrain_base(
     )
     torch.manual_seed(seed)
     model = Transformer(config)
-    with tempfile.TemporaryDirectory(prefix="pretrain-run-") as scratch:
-        train_config = TrainConfig(
-            out_dir=Path(scratch),
-            max_steps=steps,
-            batch_size=16,
-            lr=1e-2,
-            warmup_steps=max(1, steps // 20),
-            seed=seed,
-            progress=False,
-            export=False,
-        )
-        result = Trainer(model, TokenDataset(ids, SEQ_LEN), train_config).train()
+    result, _ = train_quietly(model, TokenDataset(ids, SEQ_LEN), steps, lr=1e-2, seed=seed)
     save_model(model, directory, tokenizer)
     record = {
         "parameters": config.num_parameters(),

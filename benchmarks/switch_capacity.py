@@ -13,19 +13,18 @@ perplexity. The data and tokenizer are those of `alibi_extrapolation.py`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from alibi_extrapolation import stdlib_tokens
+from finetune_base import train_quietly
 from machine import describe, write_results
 
 from genforge.config import Config
 from genforge.model import MixtureOfExperts, Transformer, dropped_token_share
-from genforge.train import TokenDataset, TrainConfig, Trainer
+from genforge.train import TokenDataset
 
 FACTORS = (1.0, 1.25, 2.0)
 
@@ -94,20 +93,8 @@ def main() -> None:
     runs = {}
     for name, aux_coef in (("balanced", 0.01), ("unbalanced", 0.0)):
         model = switch_decoder(vocab, args.seq_len, args.hidden, args.layers, args.experts, args.seed)
-        with tempfile.TemporaryDirectory(prefix="switch-bench-") as scratch:
-            config = TrainConfig(
-                out_dir=Path(scratch),
-                max_steps=args.steps,
-                batch_size=16,
-                lr=3e-3,
-                warmup_steps=max(1, args.steps // 20),
-                seed=args.seed,
-                progress=False,
-                export=False,
-                aux_loss_coef=aux_coef,
-            )
-            result = Trainer(model, TokenDataset(train_ids, args.seq_len), config).train()
-            records = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
+        data = TokenDataset(train_ids, args.seq_len)
+        result, records = train_quietly(model, data, args.steps, lr=3e-3, seed=args.seed, aux_loss_coef=aux_coef)
         train_dropped = [r["dropped_tokens"] for r in records if "dropped_tokens" in r]
         by_factor = {}
         for factor in FACTORS:
