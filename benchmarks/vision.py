@@ -194,6 +194,15 @@ def part_train(args) -> None:
     print(json.dumps({k: v for k, v in training.items() if k != "losses"}, indent=2))
 
 
+def digit_samples(model, labels: torch.Tensor, scale: float, args) -> torch.Tensor:
+    """16x16 digits of `labels` at guidance `scale`, from the same seeded noise for every scale."""
+    generator = torch.Generator().manual_seed(args.seed)
+    samples = sample_diffusion(
+        model.unet, model.schedule, (len(labels), 1, 16, 16), labels, scale, args.sampler, args.steps, 0.0, generator
+    )
+    return to_images(samples)
+
+
 def part_guidance(args) -> None:
     torch.set_num_threads(args.threads)
     model = load_diffusion_model(args.model_dir)
@@ -202,20 +211,8 @@ def part_guidance(args) -> None:
     rows = []
     PLOTS.mkdir(parents=True, exist_ok=True)
     for scale in GUIDANCE_SCALES:
-        generator = torch.Generator().manual_seed(args.seed)
         start = time.perf_counter()
-        samples = sample_diffusion(
-            model.unet,
-            model.schedule,
-            (len(labels), 1, 16, 16),
-            labels,
-            scale,
-            args.sampler,
-            args.steps,
-            0.0,
-            generator,
-        )
-        images = to_images(samples)
+        images = digit_samples(model, labels, scale, args)
         predicted = classifier.predict(images).argmax(-1)
         row = {
             "scale": scale,
@@ -256,19 +253,7 @@ def part_fid(args) -> None:
     labels = torch.arange(10).repeat(args.per_class)  # classes interleaved: IS splits must each hold all ten
     rows = []
     for scale in FID_SCALES:
-        generator = torch.Generator().manual_seed(args.seed)
-        samples = sample_diffusion(
-            model.unet,
-            model.schedule,
-            (len(labels), 1, 16, 16),
-            labels,
-            scale,
-            args.sampler,
-            args.steps,
-            0.0,
-            generator,
-        )
-        images = to_images(samples)
+        images = digit_samples(model, labels, scale, args)
         score, _ = inception_score(classifier.predict(images), 10)
         rows.append(
             {
